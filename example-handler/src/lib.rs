@@ -1,0 +1,133 @@
+//! The example hotswap app.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /` | a greeting with the handler's name and version |
+//! | `GET /download?size=N&rate=R` | `N` bytes (default 1 MiB) where byte `i` is `i mod 256`, throttled to about `R` bytes per second (unthrottled without `rate`) |
+//! | `POST /upload` | the request body's byte count and SHA-256, streamed (never buffered) |
+//! | `GET /health` | `ok` |
+//!
+//! The version comes from `EXAMPLE_HANDLER_VERSION` at build time (default: the crate's
+//! version), so two builds can be told apart:
+//!
+//! ```sh
+//! EXAMPLE_HANDLER_VERSION=2.0.0 cargo build -p example-handler
+//! ```
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream;
+use handler_api::{export_handler, Body, IntoResponse, Request, Response};
+use http::{header, HeaderValue, Method, StatusCode};
+use sha2::{Digest, Sha256};
+
+/// This build's name.
+pub const NAME: &str = "example-handler";
+
+/// This build's version.
+pub const VERSION: &str = match option_env!("EXAMPLE_HANDLER_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// Size of one download chunk.
+const CHUNK: usize = 64 * 1024;
+
+/// `CHUNK + 256` bytes of the download pattern, so any chunk starting at offset `i` is
+/// `PATTERN[i % 256..][..len]`.
+static PATTERN: [u8; CHUNK + 256] = {
+    let mut p = [0u8; CHUNK + 256];
+    let mut i = 0;
+    while i < p.len() {
+        p[i] = i as u8;
+        i += 1;
+    }
+    p
+};
+
+/// The app: routes a request.
+pub async fn app(req: Request) -> Response {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => format!("hello from {NAME}\nversion={VERSION}\n").into_response(),
+        (&Method::GET, "/health") => "ok\n".into_response(),
+        (&Method::GET, "/download") => download(req.uri().query().unwrap_or("")),
+        (&Method::POST, "/upload") => upload(req.into_body()).await,
+        (_, "/" | "/health" | "/download" | "/upload") => {
+            (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response()
+        }
+        _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+    }
+}
+
+fn query_u64(query: &str, key: &str) -> Result<Option<u64>, String> {
+    for pair in query.split('&') {
+        if let Some((k, v)) = pair.split_once('=') {
+            if k == key {
+                return v.parse().map(Some).map_err(|_| format!("{key} must be a whole number, got {v:?}\n"));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Streams `size` bytes of the pattern, at most `rate` bytes per second.
+fn download(query: &str) -> Response {
+    let (size, rate) = match (query_u64(query, "size"), query_u64(query, "rate")) {
+        (Ok(size), Ok(rate)) => (size.unwrap_or(1 << 20), rate.filter(|r| *r > 0)),
+        (Err(e), _) | (_, Err(e)) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    struct State {
+        sent: u64,
+        started: Instant,
+    }
+    let chunks = stream::unfold(State { sent: 0, started: Instant::now() }, move |mut s| async move {
+        if s.sent >= size {
+            return None;
+        }
+        let mut len = (size - s.sent).min(CHUNK as u64);
+        if let Some(rate) = rate {
+            // Send what the rate allows so far; otherwise wait until the next chunk is due.
+            let due = |bytes: u64| Duration::from_secs_f64(bytes as f64 / rate as f64);
+            let elapsed = s.started.elapsed();
+            let allowed = (elapsed.as_secs_f64() * rate as f64) as u64;
+            if allowed <= s.sent {
+                let step = len.min(rate.div_ceil(50).max(1)); // about 50 chunks per second
+                handler_api::sleep(due(s.sent + step).saturating_sub(elapsed)).await;
+                len = step;
+            } else {
+                len = len.min(allowed - s.sent);
+            }
+        }
+        let offset = (s.sent % 256) as usize;
+        let chunk = Bytes::from_static(&PATTERN[offset..offset + len as usize]);
+        s.sent += len;
+        Some((Ok::<_, std::convert::Infallible>(chunk), s))
+    });
+    let mut res = Response::new(Body::sized_stream(size, chunks));
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    res
+}
+
+/// Hashes the upload as it streams in.
+async fn upload(mut body: Body) -> Response {
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    while let Some(chunk) = body.chunk().await {
+        match chunk {
+            Ok(bytes) => {
+                total += bytes.len() as u64;
+                hasher.update(&bytes);
+            }
+            Err(e) => {
+                tracing::warn!(received = total, "upload failed: {e}");
+                return (StatusCode::BAD_REQUEST, format!("upload failed after {total} bytes: {e}\n")).into_response();
+            }
+        }
+    }
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    tracing::info!(bytes = total, "upload received");
+    format!("bytes={total}\nsha256={digest}\n").into_response()
+}
+
+export_handler!(name: NAME, version: VERSION, handler: app);

@@ -1,0 +1,262 @@
+//! [`Body`]: the streaming body of requests and responses.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_core::Stream;
+use http_body::{Frame, SizeHint};
+
+use crate::abi::{self, FfiHostBody, FfiPoll, FfiStr};
+use crate::{host, BoxError};
+
+/// A streaming HTTP body, used for both requests and responses.
+///
+/// A request's body arrives from the client chunk by chunk as you poll it: a 1 GiB upload is
+/// never held in memory unless you collect it. A response body is either complete
+/// ([`Body::from`] a string or bytes), empty, or a [`Stream`] of chunks that the host polls
+/// as the client reads, so a slow client slows the stream instead of filling memory.
+///
+/// # Example
+///
+/// ```
+/// use handler_api::{Body, Request, Response};
+///
+/// // Count the bytes of an upload without buffering it.
+/// async fn count(req: Request) -> Response {
+///     let mut body = req.into_body();
+///     let mut total = 0usize;
+///     while let Some(chunk) = body.chunk().await {
+///         match chunk {
+///             Ok(bytes) => total += bytes.len(),
+///             Err(e) => return Response::new(Body::from(format!("upload failed: {e}"))),
+///         }
+///     }
+///     Response::new(Body::from(format!("{total} bytes\n")))
+/// }
+/// ```
+pub struct Body {
+    kind: Kind,
+}
+
+pub(crate) enum Kind {
+    Empty,
+    Full(Bytes),
+    Stream { stream: Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>, exact_len: Option<u64> },
+    Host(HostBody),
+}
+
+impl Body {
+    /// A body with no bytes.
+    pub fn empty() -> Body {
+        Body { kind: Kind::Empty }
+    }
+
+    /// A body that yields the items of `stream` as chunks. An `Err` item aborts the response
+    /// (the client sees a broken connection, never a truncated body that looks complete).
+    pub fn from_stream<S, E>(stream: S) -> Body
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        Body { kind: Kind::Stream { stream: Box::pin(MapErr(stream)), exact_len: None } }
+    }
+
+    /// Like [`Body::from_stream`], for a stream that yields exactly `len` bytes in total; the
+    /// response gets a `Content-Length` instead of chunked encoding.
+    pub fn sized_stream<S, E>(len: u64, stream: S) -> Body
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        Body { kind: Kind::Stream { stream: Box::pin(MapErr(stream)), exact_len: Some(len) } }
+    }
+
+    /// The next chunk, `None` at the end.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a chunk is only taken out of the body when this future completes.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, BoxError>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_chunk(cx)).await
+    }
+
+    /// Reads the whole body into memory. Use it for small bodies only.
+    pub async fn collect(mut self) -> Result<Bytes, BoxError> {
+        let mut all = Vec::new();
+        while let Some(chunk) = self.chunk().await {
+            all.extend_from_slice(&chunk?);
+        }
+        Ok(all.into())
+    }
+
+    /// The exact length, when known in advance.
+    pub fn exact_len(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Empty => Some(0),
+            Kind::Full(b) => Some(b.len() as u64),
+            Kind::Stream { exact_len, .. } => *exact_len,
+            Kind::Host(h) => h.exact_len,
+        }
+    }
+
+    pub(crate) fn from_kind(kind: Kind) -> Body {
+        Body { kind }
+    }
+
+    pub(crate) fn into_kind(self) -> Kind {
+        self.kind
+    }
+
+    pub(crate) fn from_host(body: FfiHostBody) -> Body {
+        let exact_len = (body.exact_len != u64::MAX).then_some(body.exact_len);
+        Body { kind: Kind::Host(HostBody { handle: body.handle, exact_len }) }
+    }
+
+    pub(crate) fn poll_chunk(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, BoxError>>> {
+        match &mut self.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(_) => match std::mem::replace(&mut self.kind, Kind::Empty) {
+                Kind::Full(b) if !b.is_empty() => Poll::Ready(Some(Ok(b))),
+                _ => Poll::Ready(None),
+            },
+            Kind::Stream { stream, .. } => stream.as_mut().poll_next(cx),
+            Kind::Host(h) => h.poll_chunk(cx),
+        }
+    }
+}
+
+impl Default for Body {
+    fn default() -> Body {
+        Body::empty()
+    }
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Empty => "empty",
+            Kind::Full(_) => "full",
+            Kind::Stream { .. } => "stream",
+            Kind::Host(_) => "request",
+        };
+        f.debug_struct("Body").field("kind", &kind).field("exact_len", &self.exact_len()).finish()
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Body {
+        Body { kind: Kind::Full(b) }
+    }
+}
+impl From<Vec<u8>> for Body {
+    fn from(v: Vec<u8>) -> Body {
+        Bytes::from(v).into()
+    }
+}
+impl From<String> for Body {
+    fn from(s: String) -> Body {
+        Bytes::from(s).into()
+    }
+}
+impl From<&'static str> for Body {
+    fn from(s: &'static str) -> Body {
+        Bytes::from_static(s.as_bytes()).into()
+    }
+}
+impl From<&'static [u8]> for Body {
+    fn from(s: &'static [u8]) -> Body {
+        Bytes::from_static(s).into()
+    }
+}
+impl From<()> for Body {
+    fn from(_: ()) -> Body {
+        Body::empty()
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, Kind::Empty)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.exact_len().map(SizeHint::with_exact).unwrap_or_default()
+    }
+}
+
+impl Stream for Body {
+    type Item = Result<Bytes, BoxError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.poll_chunk(cx)
+    }
+}
+
+struct MapErr<S>(S);
+
+impl<S, E> Stream for MapErr<S>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: Into<BoxError>,
+{
+    type Item = Result<Bytes, BoxError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // SAFETY: structural pinning of the only field; MapErr never moves it.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        inner.poll_next(cx).map(|o| o.map(|r| r.map_err(Into::into)))
+    }
+}
+
+/// A request body still owned by the host; chunks are copied out as they are polled.
+pub(crate) struct HostBody {
+    handle: *mut core::ffi::c_void,
+    exact_len: Option<u64>,
+}
+
+// SAFETY: the handle is an exclusively owned host object (hyper's `Incoming`, which is Send);
+// the host's functions on it may be called from any thread of the generation.
+unsafe impl Send for HostBody {}
+
+impl HostBody {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        if self.handle.is_null() {
+            return Poll::Ready(None);
+        }
+        let waker = abi::waker::lend(cx.waker());
+        let mut chunk = FfiStr::EMPTY;
+        // SAFETY: `handle` is live (not yet dropped) and `waker`/`chunk` outlive the call.
+        let r = unsafe { (host().body_poll)(self.handle, &waker, &mut chunk) };
+        match r {
+            FfiPoll::PENDING => Poll::Pending,
+            FfiPoll::READY if chunk.ptr.is_null() => Poll::Ready(None),
+            // SAFETY: the host keeps the chunk valid until the next call on this body; it is
+            // copied right here.
+            FfiPoll::READY => Poll::Ready(Some(Ok(Bytes::copy_from_slice(unsafe { chunk.as_bytes() })))),
+            _ => Poll::Ready(Some(Err("the client's request body failed (connection broken)".into()))),
+        }
+    }
+}
+
+impl Drop for HostBody {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            // SAFETY: the handle is released exactly once, here.
+            unsafe { (host().body_drop)(self.handle) };
+        }
+    }
+}

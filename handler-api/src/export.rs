@@ -1,0 +1,355 @@
+//! The plugin's side of the C ABI, instantiated by [`export_handler!`](crate::export_handler).
+//!
+//! Every `extern "C"` function here catches panics: a panic becomes `PANICKED` (or `ERROR`)
+//! for the host, after the panic hook installed by `init` has sent its message to the host's
+//! log. Nothing unwinds across the boundary.
+
+use std::ffi::c_void;
+use std::fmt::Display;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Uri, Version};
+
+use crate::abi::{self, FfiBody, FfiPoll, FfiRequest, FfiResponseFuture, FfiStr, HostApi, ABI_VERSION};
+use crate::body::Kind;
+use crate::{host, log, Body, Handler, Request, Response, HOST};
+
+/// The compiler that built this crate.
+pub const RUSTC: &str = env!("HANDLER_API_RUSTC");
+
+fn write_error(sink: *mut c_void, text: &str) {
+    if let Some(host) = crate::try_host() {
+        // SAFETY: `sink` is the host's error sink passed to this call; `text` outlives it.
+        unsafe { (host.error_write)(sink, FfiStr::new(text.as_bytes())) };
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "non-string panic payload"
+    }
+}
+
+/// `init` of the declaration: records the host's table, routes panics and `tracing` events to
+/// the host's log, then runs the author's hook.
+///
+/// # Safety
+/// `host` must point at a `HostApi` that stays valid until `shutdown` has returned.
+pub unsafe fn init(
+    host: *const HostApi,
+    sink: *mut c_void,
+    hook: impl FnOnce(*mut c_void) -> FfiPoll,
+) -> FfiPoll {
+    if host.is_null() {
+        return FfiPoll::ERROR;
+    }
+    // SAFETY: the caller guarantees `host` is valid for the plugin's lifetime.
+    let table: &'static HostApi = unsafe { &*host };
+    HOST.store(host as *mut HostApi, Ordering::Release);
+    if table.abi_version != ABI_VERSION {
+        write_error(
+            sink,
+            &format!("host speaks ABI version {}, this plugin ABI version {ABI_VERSION}", table.abi_version),
+        );
+        return FfiPoll::ERROR;
+    }
+    let installed = catch_unwind(|| {
+        // std's default hook captures backtraces (which pin the library when RUST_BACKTRACE is
+        // set) and asks for the current thread; this one only formats and forwards.
+        std::panic::set_hook(Box::new(|info| {
+            let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+            let message = panic_message(info.payload());
+            log::emit(host_table(), 1, "panic", &format!("plugin panicked{location}: {message}"));
+        }));
+        // Fails only if the author installed a subscriber of their own; theirs then wins.
+        let _ = tracing::subscriber::set_global_default(log::HostSubscriber::new(table));
+    });
+    if installed.is_err() {
+        write_error(sink, "installing the panic hook or log bridge panicked");
+        return FfiPoll::PANICKED;
+    }
+    hook(sink)
+}
+
+fn host_table() -> &'static HostApi {
+    host()
+}
+
+/// Runs an author's fallible hook (init or readiness), reporting its error or panic.
+pub fn run_fallible<E: Display>(sink: *mut c_void, hook: impl FnOnce() -> Result<(), E>) -> FfiPoll {
+    match catch_unwind(AssertUnwindSafe(hook)) {
+        Ok(Ok(())) => FfiPoll::READY,
+        Ok(Err(e)) => {
+            write_error(sink, &e.to_string());
+            FfiPoll::ERROR
+        }
+        Err(payload) => {
+            write_error(sink, &format!("panicked: {}", panic_message(&*payload)));
+            FfiPoll::PANICKED
+        }
+    }
+}
+
+/// Runs the author's shutdown hook, if any; a panic is logged by the hook and swallowed.
+pub fn run_shutdown(hook: impl FnOnce()) {
+    let _ = catch_unwind(AssertUnwindSafe(hook));
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// `handle` of the declaration: turns the host's request into an `http::Request`, calls the
+/// handler and returns its future.
+///
+/// # Safety
+/// `request` must point at a valid `FfiRequest` whose strings stay valid during this call.
+pub unsafe fn handle<H: Handler>(handler: &H, request: *const FfiRequest) -> FfiResponseFuture {
+    let future = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: forwarded from the caller.
+        let request = unsafe { &*request };
+        // Take the body first, so it goes back to the host even if the rest is invalid.
+        let body = Body::from_host(abi::FfiHostBody { handle: request.body.handle, exact_len: request.body.exact_len });
+        // SAFETY: forwarded from the caller.
+        match unsafe { build_request(request, body) } {
+            Ok(req) => handler.call(req),
+            Err(e) => Box::pin(std::future::ready(bad_request(e))) as ResponseFuture,
+        }
+    }))
+    .ok();
+    let state = Box::into_raw(Box::new(future)) as *mut c_void;
+    FfiResponseFuture { state, poll: poll_response, drop: drop_response }
+}
+
+fn bad_request(reason: String) -> Response {
+    let mut res = Response::new(Body::from(format!("bad request: {reason}\n")));
+    *res.status_mut() = http::StatusCode::BAD_REQUEST;
+    res
+}
+
+unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
+    // SAFETY (whole function): the host keeps every string of `r` valid during `handle`.
+    let method = Method::from_bytes(unsafe { r.method.as_bytes() }).map_err(|e| e.to_string())?;
+    let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(unsafe { r.uri.as_bytes() })).map_err(|e| e.to_string())?;
+    let version = match r.version {
+        9 => Version::HTTP_09,
+        10 => Version::HTTP_10,
+        20 => Version::HTTP_2,
+        30 => Version::HTTP_3,
+        _ => Version::HTTP_11,
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    let headers: &[abi::FfiHeader] = if r.headers_len == 0 || r.headers.is_null() {
+        &[]
+    } else {
+        unsafe { std::slice::from_raw_parts(r.headers, r.headers_len) }
+    };
+    let map = req.headers_mut();
+    map.reserve(headers.len());
+    for h in headers {
+        let name = HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
+        let value = HeaderValue::from_bytes(unsafe { h.value.as_bytes() }).map_err(|e| e.to_string())?;
+        map.append(name, value);
+    }
+    Ok(req)
+}
+
+unsafe extern "C" fn poll_response(state: *mut c_void, waker: *const abi::FfiWaker, out: *mut c_void) -> FfiPoll {
+    // SAFETY: `state` is the box made in `handle`, exclusively ours until `drop_response`.
+    let slot = unsafe { &mut *(state as *mut Option<ResponseFuture>) };
+    let Some(future) = slot.as_mut() else {
+        return FfiPoll::PANICKED; // the handler panicked earlier (or was polled after completion)
+    };
+    // SAFETY: the host keeps `waker` valid for this call.
+    let waker = unsafe { abi::waker::borrow(waker) };
+    let mut cx = Context::from_waker(&waker);
+    match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx))) {
+        Ok(Poll::Pending) => FfiPoll::PENDING,
+        Ok(Poll::Ready(response)) => {
+            *slot = None;
+            catch_unwind(AssertUnwindSafe(|| describe(response, out))).unwrap_or(FfiPoll::PANICKED)
+        }
+        Err(_) => {
+            // Dropping a future that panicked may panic again; contain that too.
+            let _ = catch_unwind(AssertUnwindSafe(|| *slot = None));
+            FfiPoll::PANICKED
+        }
+    }
+}
+
+unsafe extern "C" fn drop_response(state: *mut c_void) {
+    let _ = catch_unwind(|| {
+        // SAFETY: the host calls this exactly once with the box made in `handle`.
+        drop(unsafe { Box::from_raw(state as *mut Option<ResponseFuture>) });
+    });
+}
+
+/// Hands the finished response to the host through its `response_*` functions.
+fn describe(response: Response, out: *mut c_void) -> FfiPoll {
+    let host = host();
+    let (parts, body) = response.into_parts();
+    // SAFETY (all calls below): `out` is the host's response slot for this poll, and every
+    // string passed outlives its call.
+    if unsafe { (host.response_set_status)(out, parts.status.as_u16()) } != FfiPoll::READY {
+        return FfiPoll::ERROR;
+    }
+    for (name, value) in &parts.headers {
+        let (n, v) = (FfiStr::new(name.as_str().as_bytes()), FfiStr::new(value.as_bytes()));
+        if unsafe { (host.response_append_header)(out, n, v) } != FfiPoll::READY {
+            return FfiPoll::ERROR;
+        }
+    }
+    let exact_len = body.exact_len().unwrap_or(u64::MAX);
+    match body.into_kind() {
+        Kind::Empty => unsafe { (host.response_set_full_body)(out, FfiStr::EMPTY) },
+        Kind::Full(bytes) => unsafe { (host.response_set_full_body)(out, FfiStr::new(&bytes)) },
+        kind => {
+            let state = Box::into_raw(Box::new(Some(Body::from_kind(kind)))) as *mut c_void;
+            let body = FfiBody { state, poll_chunk: poll_body, drop: drop_body, exact_len };
+            unsafe { (host.response_set_stream_body)(out, body) }
+        }
+    }
+    FfiPoll::READY
+}
+
+unsafe extern "C" fn poll_body(state: *mut c_void, waker: *const abi::FfiWaker, sink: *mut c_void) -> FfiPoll {
+    // SAFETY: `state` is the box made in `describe`, exclusively ours until `drop_body`.
+    let slot = unsafe { &mut *(state as *mut Option<Body>) };
+    let Some(body) = slot.as_mut() else {
+        return FfiPoll::PANICKED;
+    };
+    // SAFETY: the host keeps `waker` valid for this call.
+    let waker = unsafe { abi::waker::borrow(waker) };
+    let mut cx = Context::from_waker(&waker);
+    match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *body).poll_chunk(&mut cx))) {
+        Ok(Poll::Pending) => FfiPoll::PENDING,
+        Ok(Poll::Ready(None)) => FfiPoll::READY,
+        Ok(Poll::Ready(Some(Ok(chunk)))) => {
+            // SAFETY: `sink` is the host's chunk sink for this poll; `chunk` outlives the call.
+            unsafe { (host().chunk_push)(sink, FfiStr::new(&chunk)) };
+            FfiPoll::READY
+        }
+        Ok(Poll::Ready(Some(Err(e)))) => {
+            log::emit(host(), 1, "handler_api::body", &format!("response body failed: {e}"));
+            FfiPoll::ERROR
+        }
+        Err(_) => {
+            let _ = catch_unwind(AssertUnwindSafe(|| *slot = None));
+            FfiPoll::PANICKED
+        }
+    }
+}
+
+unsafe extern "C" fn drop_body(state: *mut c_void) {
+    let _ = catch_unwind(|| {
+        // SAFETY: the host calls this exactly once with the box made in `describe`.
+        drop(unsafe { Box::from_raw(state as *mut Option<Body>) });
+    });
+}
+
+/// Generates the plugin's declaration: the one symbol the host looks up.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __optional_hook {
+    () => {
+        None
+    };
+    ($ready:path) => {{
+        unsafe extern "C" fn ready(sink: *mut ::core::ffi::c_void) -> $crate::abi::FfiPoll {
+            $crate::__private::run_fallible(sink, $ready)
+        }
+        Some(ready as unsafe extern "C" fn(*mut ::core::ffi::c_void) -> $crate::abi::FfiPoll)
+    }};
+}
+
+/// Exports an async handler as a hotswap plugin, with its name and semantic version.
+///
+/// Put it once in the crate root of a `cdylib`. The handler is any
+/// `async fn(Request) -> impl IntoResponse`. Optional hooks, all plain functions:
+///
+/// - `init: fn() -> Result<(), E>` runs once when the host loads the plugin, before any
+///   request; an `Err` (or a panic, or taking longer than the host's init timeout) refuses
+///   the plugin and the previous version keeps serving.
+/// - `ready: fn() -> Result<(), E>` is checked after `init`, before the plugin gets traffic.
+/// - `shutdown: fn()` runs once after the last request has ended, before the library is
+///   unloaded.
+///
+/// # Example
+///
+/// ```
+/// use handler_api::{export_handler, Request};
+///
+/// async fn hello(_req: Request) -> &'static str {
+///     "hello\n"
+/// }
+///
+/// fn warm_up() -> Result<(), String> {
+///     Ok(())
+/// }
+///
+/// export_handler!(name: "hello", version: "1.0.0", handler: hello, init: warm_up);
+/// ```
+#[macro_export]
+macro_rules! export_handler {
+    (
+        name: $name:expr,
+        version: $version:expr,
+        handler: $handler:path
+        $(, init: $init:path)?
+        $(, ready: $ready:path)?
+        $(, shutdown: $shutdown:path)?
+        $(,)?
+    ) => {
+        #[unsafe(no_mangle)]
+        #[allow(non_upper_case_globals)]
+        #[doc(hidden)]
+        pub static hotswap_plugin_declaration: $crate::abi::PluginDeclaration = $crate::abi::PluginDeclaration {
+            header: $crate::abi::DeclarationHeader::CURRENT,
+            name: $crate::abi::FfiStr::from_static($name),
+            version: $crate::abi::FfiStr::from_static($version),
+            rustc: $crate::abi::FfiStr::from_static($crate::__private::RUSTC),
+            init: {
+                unsafe extern "C" fn init(
+                    host: *const $crate::abi::HostApi,
+                    sink: *mut ::core::ffi::c_void,
+                ) -> $crate::abi::FfiPoll {
+                    // SAFETY: the host passes a table valid until shutdown.
+                    unsafe {
+                        $crate::__private::init(host, sink, |_sink| {
+                            $( return $crate::__private::run_fallible(_sink, $init); )?
+                            #[allow(unreachable_code)]
+                            $crate::abi::FfiPoll::READY
+                        })
+                    }
+                }
+                init
+            },
+            ready: $crate::__optional_hook!($($ready)?),
+            handle: {
+                unsafe extern "C" fn handle(
+                    request: *const $crate::abi::FfiRequest,
+                ) -> $crate::abi::FfiResponseFuture {
+                    // SAFETY: the host passes a request valid for this call.
+                    unsafe { $crate::__private::handle(&$handler, request) }
+                }
+                handle
+            },
+            shutdown: {
+                unsafe extern "C" fn shutdown() {
+                    $crate::__private::run_shutdown(|| { $( $shutdown(); )? });
+                }
+                shutdown
+            },
+        };
+    };
+}

@@ -1,0 +1,127 @@
+//! Write request handlers for **hotswap**, the HTTP server that swaps its handler while it runs.
+//!
+//! A handler is ordinary async Rust over the [`http`] crate's types: it takes a [`Request`]
+//! whose body streams in from the client and returns anything that implements
+//! [`IntoResponse`], such as a [`Response`] whose body streams out. One
+//! [`export_handler!`] line turns the crate into a plugin that hotswap loads, and replaces
+//! without a restart when a new build appears.
+//!
+//! ```
+//! use handler_api::{export_handler, Body, IntoResponse, Request, Response};
+//! use http::{Method, StatusCode};
+//!
+//! async fn app(req: Request) -> Response {
+//!     match (req.method(), req.uri().path()) {
+//!         (&Method::GET, "/") => "hello from a plugin\n".into_response(),
+//!         (&Method::POST, "/echo") => Response::new(req.into_body()),
+//!         _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+//!     }
+//! }
+//!
+//! export_handler!(name: "hello", version: "1.0.0", handler: app);
+//! ```
+//!
+//! with, in `Cargo.toml`:
+//!
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib"]
+//! ```
+//!
+//! # What runs where
+//!
+//! The host owns the sockets, the runtime and the threads. Your code runs on threads that
+//! belong to your plugin's *generation* (one loaded copy of the library), and the host joins
+//! them before it unloads the library, so `thread_local!`, `tracing` and
+//! `std::thread::current()` are safe to use. Do not start threads or a runtime yourself:
+//! use [`sleep`] for timers and [`spawn_blocking`] for blocking work such as file reads.
+//!
+//! Each request runs on the generation that was current when it started, until its response
+//! body has ended, even if a newer build has been swapped in since. Global state (statics,
+//! `OnceLock`s) belongs to one generation: a new build starts with fresh statics.
+//!
+//! # Errors and panics
+//!
+//! A panic in a handler becomes a `500 Internal Server Error` and an error line in the host's
+//! log; a panic (or an `Err` chunk) while a body streams aborts that one response, so the
+//! client sees a broken transfer rather than a truncated body that looks complete. Other
+//! requests and the host are unaffected.
+//!
+//! # Logging
+//!
+//! Use `tracing` as usual: events reach the host's log tagged with the plugin's name and
+//! version.
+//!
+//! # Under the hood
+//!
+//! Only `extern "C"` functions and `#[repr(C)]` data (module [`abi`]) cross between plugin and
+//! host, so a plugin built by another compiler version works. The host checks the ABI
+//! version and a fingerprint of every boundary type's layout before it calls anything.
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod abi;
+mod body;
+#[doc(hidden)]
+pub mod export;
+mod log;
+mod response;
+mod services;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+pub use body::Body;
+pub use response::IntoResponse;
+pub use services::{sleep, spawn_blocking, BlockingError, JoinHandle, Sleep};
+
+#[doc(hidden)]
+pub use export as __private;
+
+/// An HTTP request with a streaming [`Body`].
+pub type Request<B = Body> = http::Request<B>;
+
+/// An HTTP response with a streaming [`Body`].
+pub type Response<B = Body> = http::Response<B>;
+
+/// A boxed error, as carried by body chunks.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Something that can handle requests: implemented for every
+/// `async fn(Request) -> impl IntoResponse` (and closures of that shape) that is
+/// `Send + Sync + 'static`.
+///
+/// The bounds exist because the host may run requests on several threads at once and keeps
+/// the handler for as long as the plugin is loaded.
+pub trait Handler: Send + Sync + 'static {
+    /// Starts handling `req`.
+    fn call(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>>;
+}
+
+impl<F, Fut, R> Handler for F
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoResponse,
+{
+    fn call(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+        let fut = self(req);
+        Box::pin(async move { fut.await.into_response() })
+    }
+}
+
+/// The host's table of services, set by `init`.
+static HOST: AtomicPtr<abi::HostApi> = AtomicPtr::new(std::ptr::null_mut());
+
+fn try_host() -> Option<&'static abi::HostApi> {
+    let ptr = HOST.load(Ordering::Acquire);
+    // SAFETY: set once by `init` to a table the host keeps valid until after `shutdown`.
+    (!ptr.is_null()).then(|| unsafe { &*ptr })
+}
+
+#[track_caller]
+fn host() -> &'static abi::HostApi {
+    try_host().expect("handler-api used outside a plugin loaded by the hotswap host")
+}

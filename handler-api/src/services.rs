@@ -1,0 +1,192 @@
+//! Services the host lends to plugins: timers and blocking work.
+//!
+//! A plugin has no runtime of its own (its copy of tokio would have no reactor), so it asks
+//! the host for these. They run on threads that belong to the plugin's generation, which the
+//! host joins before it unloads the library.
+
+use std::ffi::c_void;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::abi::{self, FfiJob, FfiPoll};
+use crate::host;
+
+/// Waits until `duration` has elapsed, on the host's timer.
+///
+/// # Example
+///
+/// ```
+/// # async fn f() {
+/// use std::time::Duration;
+/// handler_api::sleep(Duration::from_millis(20)).await;
+/// # }
+/// ```
+///
+/// # Panics
+/// When polled outside a request of a plugin loaded by hotswap (in a unit test, say).
+pub fn sleep(duration: Duration) -> Sleep {
+    Sleep { duration, handle: std::ptr::null_mut() }
+}
+
+/// Future returned by [`sleep`].
+#[derive(Debug)]
+pub struct Sleep {
+    duration: Duration,
+    handle: *mut c_void,
+}
+
+// SAFETY: the handle is an exclusively owned host timer (tokio's `Sleep`, which is Send).
+unsafe impl Send for Sleep {}
+// SAFETY: `&Sleep` exposes nothing; all access goes through `&mut`/`Pin<&mut>`.
+unsafe impl Sync for Sleep {}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.handle.is_null() {
+            let nanos = u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX);
+            // SAFETY: a plain call into the host's table.
+            self.handle = unsafe { (host().sleep_new)(nanos) };
+            assert!(!self.handle.is_null(), "handler_api::sleep polled outside the hotswap host's runtime");
+        }
+        let waker = abi::waker::lend(cx.waker());
+        // SAFETY: the handle is live; `waker` outlives the call.
+        match unsafe { (host().sleep_poll)(self.handle, &waker) } {
+            FfiPoll::PENDING => Poll::Pending,
+            _ => Poll::Ready(()),
+        }
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            // SAFETY: released exactly once.
+            unsafe { (host().sleep_drop)(self.handle) };
+        }
+    }
+}
+
+/// Runs blocking work (file I/O, heavy computation) on the host's blocking pool, so it does
+/// not stall the threads that serve requests.
+///
+/// # Example
+///
+/// ```
+/// # async fn f() -> Result<(), handler_api::BlockingError> {
+/// let text = handler_api::spawn_blocking(|| std::fs::read_to_string("/etc/hostname")).await?;
+/// # let _ = text; Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`BlockingError`] if `f` panicked (the panic is logged) or the host could not run it.
+pub fn spawn_blocking<F, T>(f: F) -> JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let shared = Arc::new(Job::<F, T> { work: Mutex::new(Some(f)), result: Mutex::new(None) });
+    let job = FfiJob {
+        state: Arc::into_raw(shared.clone()) as *mut c_void,
+        run: run_job::<F, T>,
+        release: release_job::<F, T>,
+    };
+    // SAFETY: a plain call into the host's table; the job's functions uphold FfiJob's contract.
+    let handle = unsafe { (host().blocking_spawn)(job) };
+    JoinHandle { handle, shared }
+}
+
+/// The error of a [`spawn_blocking`] job that did not return a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockingError(&'static str);
+
+impl std::fmt::Display for BlockingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+impl std::error::Error for BlockingError {}
+
+struct Job<F, T> {
+    work: Mutex<Option<F>>,
+    result: Mutex<Option<Result<T, BlockingError>>>,
+}
+
+unsafe extern "C" fn run_job<F: FnOnce() -> T, T>(state: *mut c_void) {
+    // SAFETY: `state` is the Arc handed to the host in `spawn_blocking`, not yet released.
+    let job = unsafe { &*(state as *const Job<F, T>) };
+    let work = job.work.lock().ok().and_then(|mut w| w.take());
+    if let Some(work) = work {
+        let result = catch_unwind(AssertUnwindSafe(work)).map_err(|_| BlockingError("the blocking job panicked"));
+        if let Ok(mut slot) = job.result.lock() {
+            *slot = Some(result);
+        }
+    }
+}
+
+unsafe extern "C" fn release_job<F, T>(state: *mut c_void) {
+    // Dropping F or T could panic; that must not unwind into the host.
+    let _ = catch_unwind(|| {
+        // SAFETY: the host releases its reference exactly once.
+        drop(unsafe { Arc::from_raw(state as *const Job<F, T>) });
+    });
+}
+
+/// Future returned by [`spawn_blocking`]; resolves to the job's value.
+pub struct JoinHandle<T> {
+    handle: *mut c_void,
+    shared: Arc<dyn JobResult<T>>,
+}
+
+trait JobResult<T>: Send + Sync {
+    fn take(&self) -> Option<Result<T, BlockingError>>;
+}
+impl<F: Send, T: Send> JobResult<T> for Job<F, T> {
+    fn take(&self) -> Option<Result<T, BlockingError>> {
+        self.result.lock().ok()?.take()
+    }
+}
+
+// SAFETY: the handle is an exclusively owned host task handle (tokio's JoinHandle, Send).
+unsafe impl<T: Send> Send for JoinHandle<T> {}
+// SAFETY: `&JoinHandle` exposes nothing.
+unsafe impl<T: Send> Sync for JoinHandle<T> {}
+
+impl<T> std::fmt::Debug for JoinHandle<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinHandle").finish_non_exhaustive()
+    }
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = Result<T, BlockingError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.handle.is_null() {
+            return Poll::Ready(Err(BlockingError("the host could not run the blocking job")));
+        }
+        let waker = abi::waker::lend(cx.waker());
+        // SAFETY: the handle is live; `waker` outlives the call.
+        match unsafe { (host().blocking_poll)(self.handle, &waker) } {
+            FfiPoll::PENDING => Poll::Pending,
+            FfiPoll::READY => Poll::Ready(
+                self.shared.take().unwrap_or(Err(BlockingError("the blocking job's result was already taken"))),
+            ),
+            _ => Poll::Ready(Err(BlockingError("the host's blocking task failed"))),
+        }
+    }
+}
+
+impl<T> Drop for JoinHandle<T> {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            // SAFETY: released exactly once.
+            unsafe { (host().blocking_drop)(self.handle) };
+        }
+    }
+}

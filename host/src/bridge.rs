@@ -1,0 +1,466 @@
+//! The host's side of the C ABI: the services in [`HostApi`], and adapters that turn a
+//! plugin's response future and body into ordinary Rust futures and `http_body::Body`s.
+//!
+//! Every `extern "C"` function here is host code called by the plugin. None may unwind (a
+//! panic escaping an `extern "C"` function aborts the process), so each body that calls into
+//! tokio or hyper runs inside `catch_unwind`.
+
+use std::ffi::c_void;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use handler_api::abi::{
+    self, FfiBody, FfiHeader, FfiHostBody, FfiJob, FfiPoll, FfiRequest, FfiResponseFuture, FfiStr, FfiWaker,
+    HostApi, PluginDeclaration,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// Host data behind [`HostApi::context`]: who is logging.
+pub struct PluginContext {
+    pub label: String,
+}
+
+/// Builds the service table lent to one generation.
+pub fn host_api(context: *const PluginContext, max_log_level: u32) -> HostApi {
+    HostApi {
+        abi_version: abi::ABI_VERSION,
+        max_log_level,
+        context: context as *const c_void,
+        log,
+        error_write,
+        body_poll,
+        body_drop,
+        response_set_status,
+        response_append_header,
+        response_set_full_body,
+        response_set_stream_body,
+        chunk_push,
+        sleep_new,
+        sleep_poll,
+        sleep_drop,
+        blocking_spawn,
+        blocking_poll,
+        blocking_drop,
+    }
+}
+
+/// The host's most verbose enabled level, in the ABI's numbering.
+pub fn max_log_level() -> u32 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => 1,
+        LevelFilter::WARN => 2,
+        LevelFilter::INFO => 3,
+        LevelFilter::DEBUG => 4,
+        _ => 5,
+    }
+}
+
+unsafe extern "C" fn log(context: *const c_void, level: u32, target: FfiStr, message: FfiStr) {
+    let _ = catch_unwind(|| {
+        // SAFETY: `context` is the generation's PluginContext, alive as long as its table.
+        let plugin = unsafe { &(*(context as *const PluginContext)).label };
+        // SAFETY: the plugin keeps both strings valid for this call.
+        let (target, message) = unsafe { (target.to_string_lossy(), message.to_string_lossy()) };
+        match level {
+            1 => tracing::error!(target: "plugin", %plugin, %target, "{message}"),
+            2 => tracing::warn!(target: "plugin", %plugin, %target, "{message}"),
+            3 => tracing::info!(target: "plugin", %plugin, %target, "{message}"),
+            4 => tracing::debug!(target: "plugin", %plugin, %target, "{message}"),
+            _ => tracing::trace!(target: "plugin", %plugin, %target, "{message}"),
+        }
+    });
+}
+
+unsafe extern "C" fn error_write(sink: *mut c_void, text: FfiStr) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: error sinks are always `&mut String` owned by the caller of init/ready.
+        let sink = unsafe { &mut *(sink as *mut String) };
+        // SAFETY: the plugin keeps `text` valid for this call.
+        sink.push_str(&unsafe { text.to_string_lossy() });
+    }));
+}
+
+// ---------------------------------------------------------------------------------------
+// Request bodies
+
+/// A request body lent to the plugin: hyper's `Incoming` plus the chunk last handed out,
+/// which must stay valid until the next poll.
+struct RequestBody {
+    incoming: Incoming,
+    current: Bytes,
+}
+
+unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, chunk: *mut FfiStr) -> FfiPoll {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `body` is a live RequestBody handed to the plugin in `call`; the plugin
+        // polls it from one thread at a time (it holds it by `&mut`).
+        let body = unsafe { &mut *(body as *mut RequestBody) };
+        // SAFETY: the plugin keeps `waker` valid for this call.
+        let waker = unsafe { abi::waker::borrow(waker) };
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            match Pin::new(&mut body.incoming).poll_frame(&mut cx) {
+                Poll::Pending => return FfiPoll::PENDING,
+                Poll::Ready(None) => {
+                    // SAFETY: `chunk` is the plugin's out-parameter.
+                    unsafe { *chunk = FfiStr::EMPTY };
+                    return FfiPoll::READY;
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue }; // trailers are not passed on
+                    if data.is_empty() {
+                        continue;
+                    }
+                    body.current = data;
+                    // SAFETY: as above; `current` stays untouched until the next poll.
+                    unsafe { *chunk = FfiStr::new(&body.current) };
+                    return FfiPoll::READY;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!("request body failed: {e}");
+                    return FfiPoll::ERROR;
+                }
+            }
+        }
+    }))
+    .unwrap_or(FfiPoll::ERROR)
+}
+
+unsafe extern "C" fn body_drop(body: *mut c_void) {
+    // SAFETY: the plugin releases each body exactly once.
+    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(body as *mut RequestBody) }));
+}
+
+// ---------------------------------------------------------------------------------------
+// Responses
+
+/// Where the plugin describes its response, during the poll that completes its future.
+#[derive(Default)]
+struct ResponseSlot {
+    status: Option<StatusCode>,
+    headers: HeaderMap,
+    body: Option<ResponseBody>,
+    error: Option<String>,
+}
+
+unsafe extern "C" fn response_set_status(response: *mut c_void, status: u16) -> FfiPoll {
+    // SAFETY: `response` is the slot passed to this poll.
+    let slot = unsafe { &mut *(response as *mut ResponseSlot) };
+    match StatusCode::from_u16(status) {
+        Ok(s) => {
+            slot.status = Some(s);
+            FfiPoll::READY
+        }
+        Err(_) => {
+            slot.error = Some(format!("invalid status code {status}"));
+            FfiPoll::ERROR
+        }
+    }
+}
+
+unsafe extern "C" fn response_append_header(response: *mut c_void, name: FfiStr, value: FfiStr) -> FfiPoll {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `response` is the slot passed to this poll; the strings live for this call.
+        let (slot, name, value) = unsafe { (&mut *(response as *mut ResponseSlot), name.as_bytes(), value.as_bytes()) };
+        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            (Ok(n), Ok(v)) => {
+                slot.headers.append(n, v);
+                FfiPoll::READY
+            }
+            _ => {
+                slot.error = Some(format!("invalid header {:?}", String::from_utf8_lossy(name)));
+                FfiPoll::ERROR
+            }
+        }
+    }))
+    .unwrap_or(FfiPoll::ERROR)
+}
+
+unsafe extern "C" fn response_set_full_body(response: *mut c_void, body: FfiStr) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `response` is the slot passed to this poll; `body` lives for this call.
+        let slot = unsafe { &mut *(response as *mut ResponseSlot) };
+        slot.body = Some(ResponseBody::Full(Some(Bytes::copy_from_slice(unsafe { body.as_bytes() }))));
+    }));
+}
+
+unsafe extern "C" fn response_set_stream_body(response: *mut c_void, body: FfiBody) {
+    // SAFETY: `response` is the slot passed to this poll.
+    let slot = unsafe { &mut *(response as *mut ResponseSlot) };
+    slot.body = Some(ResponseBody::Plugin(PluginBody { ffi: body, finished: false }));
+}
+
+unsafe extern "C" fn chunk_push(sink: *mut c_void, data: FfiStr) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `sink` is the `Option<Bytes>` passed to this poll_chunk; `data` lives for it.
+        let sink = unsafe { &mut *(sink as *mut Option<Bytes>) };
+        *sink = Some(Bytes::copy_from_slice(unsafe { data.as_bytes() }));
+    }));
+}
+
+/// Starts a request in the plugin. Must run on a thread of the plugin's generation.
+pub fn call(declaration: &PluginDeclaration, request: http::Request<Incoming>) -> PluginCall {
+    let (parts, incoming) = request.into_parts();
+    let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
+    let body = Box::into_raw(Box::new(RequestBody { incoming, current: Bytes::new() })) as *mut c_void;
+    let headers: Vec<FfiHeader> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| FfiHeader { name: FfiStr::new(n.as_str().as_bytes()), value: FfiStr::new(v.as_bytes()) })
+        .collect();
+    let absolute;
+    let uri = match parts.uri.scheme() {
+        None => parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        Some(_) => {
+            absolute = parts.uri.to_string();
+            &absolute
+        }
+    };
+    let version = match parts.version {
+        http::Version::HTTP_09 => 9,
+        http::Version::HTTP_10 => 10,
+        http::Version::HTTP_2 => 20,
+        http::Version::HTTP_3 => 30,
+        _ => 11,
+    };
+    let ffi = FfiRequest {
+        method: FfiStr::new(parts.method.as_str().as_bytes()),
+        uri: FfiStr::new(uri.as_bytes()),
+        version,
+        headers: headers.as_ptr(),
+        headers_len: headers.len(),
+        body: FfiHostBody { handle: body, exact_len },
+    };
+    // SAFETY: the declaration was checked at load; `ffi` and everything it borrows outlive the
+    // call; the body handle passes to the plugin, which releases it through `body_drop`.
+    let future = unsafe { (declaration.handle)(&ffi) };
+    PluginCall { ffi: future }
+}
+
+/// Why a plugin call produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("the handler panicked")]
+    Panicked,
+    #[error("the handler returned an invalid response: {0}")]
+    Invalid(String),
+}
+
+/// The plugin's response future, as a Rust future. Dropping it drops the plugin's state.
+pub struct PluginCall {
+    ffi: FfiResponseFuture,
+}
+
+// SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
+// exclusively by this value.
+unsafe impl Send for PluginCall {}
+
+impl Future for PluginCall {
+    type Output = Result<http::Response<ResponseBody>, CallError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let waker = abi::waker::lend(cx.waker());
+        let mut slot = ResponseSlot::default();
+        // SAFETY: the state is live until drop; waker and slot outlive the call.
+        let r = unsafe { (self.ffi.poll)(self.ffi.state, &waker, &mut slot as *mut ResponseSlot as *mut c_void) };
+        match r {
+            FfiPoll::PENDING => Poll::Pending,
+            FfiPoll::READY => {
+                let mut response = http::Response::new(slot.body.unwrap_or(ResponseBody::Full(None)));
+                *response.status_mut() = slot.status.unwrap_or(StatusCode::OK);
+                *response.headers_mut() = slot.headers;
+                Poll::Ready(Ok(response))
+            }
+            FfiPoll::PANICKED => Poll::Ready(Err(CallError::Panicked)),
+            _ => Poll::Ready(Err(CallError::Invalid(slot.error.unwrap_or_else(|| "unknown error".into())))),
+        }
+    }
+}
+
+impl Drop for PluginCall {
+    fn drop(&mut self) {
+        // SAFETY: released exactly once.
+        unsafe { (self.ffi.drop)(self.ffi.state) };
+    }
+}
+
+/// A response body: complete, or streamed from the plugin.
+pub enum ResponseBody {
+    Full(Option<Bytes>),
+    Plugin(PluginBody),
+}
+
+/// Why a plugin's body stream ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the response body panicked mid-stream")]
+    Panicked,
+    #[error("the response body failed mid-stream")]
+    Failed,
+    #[error("the response was aborted: {0}")]
+    Aborted(&'static str),
+}
+
+/// A streaming body produced by the plugin.
+pub struct PluginBody {
+    ffi: FfiBody,
+    finished: bool,
+}
+
+// SAFETY: the plugin's body is `Send`; the state is owned exclusively by this value.
+unsafe impl Send for PluginBody {}
+// SAFETY: `&PluginBody` only reads `exact_len` and `finished`.
+unsafe impl Sync for PluginBody {}
+
+impl Drop for PluginBody {
+    fn drop(&mut self) {
+        // SAFETY: released exactly once.
+        unsafe { (self.ffi.drop)(self.ffi.state) };
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Plugin(body) => {
+                if body.finished {
+                    return Poll::Ready(None);
+                }
+                let waker = abi::waker::lend(cx.waker());
+                let mut sink: Option<Bytes> = None;
+                // SAFETY: the state is live until drop; waker and sink outlive the call.
+                let r = unsafe {
+                    (body.ffi.poll_chunk)(body.ffi.state, &waker, &mut sink as *mut Option<Bytes> as *mut c_void)
+                };
+                match r {
+                    FfiPoll::PENDING => Poll::Pending,
+                    FfiPoll::READY => match sink {
+                        Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                        None => {
+                            body.finished = true;
+                            Poll::Ready(None)
+                        }
+                    },
+                    FfiPoll::PANICKED => {
+                        body.finished = true;
+                        Poll::Ready(Some(Err(BodyError::Panicked)))
+                    }
+                    _ => {
+                        body.finished = true;
+                        Poll::Ready(Some(Err(BodyError::Failed)))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+            ResponseBody::Plugin(b) => b.finished || b.ffi.exact_len == 0,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Plugin(b) if b.ffi.exact_len != u64::MAX => SizeHint::with_exact(b.ffi.exact_len),
+            ResponseBody::Plugin(_) => SizeHint::default(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Timers and blocking work
+
+unsafe extern "C" fn sleep_new(nanos: u64) -> *mut c_void {
+    catch_unwind(|| {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return std::ptr::null_mut();
+        }
+        Box::into_raw(Box::new(tokio::time::sleep(Duration::from_nanos(nanos)))) as *mut c_void
+    })
+    .unwrap_or(std::ptr::null_mut())
+}
+
+unsafe extern "C" fn sleep_poll(sleep: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+    catch_unwind(|| {
+        // SAFETY: `sleep` is a live boxed Sleep from `sleep_new`; it never moves out of its
+        // box until `sleep_drop`, so pinning it in place is sound.
+        let sleep = unsafe { Pin::new_unchecked(&mut *(sleep as *mut tokio::time::Sleep)) };
+        // SAFETY: the plugin keeps `waker` valid for this call.
+        let waker = unsafe { abi::waker::borrow(waker) };
+        match sleep.poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(()) => FfiPoll::READY,
+            Poll::Pending => FfiPoll::PENDING,
+        }
+    })
+    .unwrap_or(FfiPoll::READY)
+}
+
+unsafe extern "C" fn sleep_drop(sleep: *mut c_void) {
+    // SAFETY: released exactly once.
+    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(sleep as *mut tokio::time::Sleep) }));
+}
+
+/// A job handed over by the plugin; its `release` runs when this is dropped, whether or not
+/// the job ran.
+struct Job(FfiJob);
+
+// SAFETY: handler-api only builds jobs from `Send` closures and results.
+unsafe impl Send for Job {}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // SAFETY: FfiJob's contract: release exactly once, after run.
+        unsafe { (self.0.release)(self.0.state) };
+    }
+}
+
+unsafe extern "C" fn blocking_spawn(job: FfiJob) -> *mut c_void {
+    let job = Job(job);
+    catch_unwind(AssertUnwindSafe(move || {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return std::ptr::null_mut(); // `job` drops here: released without running
+        };
+        let task = runtime.spawn_blocking(move || {
+            let job = job; // capture the whole Job (Send), not its raw fields
+            // SAFETY: run at most once, before `release` (which runs when `job` drops).
+            unsafe { (job.0.run)(job.0.state) };
+        });
+        Box::into_raw(Box::new(task)) as *mut c_void
+    }))
+    .unwrap_or(std::ptr::null_mut())
+}
+
+unsafe extern "C" fn blocking_poll(task: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+    catch_unwind(|| {
+        // SAFETY: `task` is a live boxed JoinHandle from `blocking_spawn`.
+        let task = unsafe { &mut *(task as *mut tokio::task::JoinHandle<()>) };
+        // SAFETY: the plugin keeps `waker` valid for this call.
+        let waker = unsafe { abi::waker::borrow(waker) };
+        match Pin::new(task).poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(Ok(())) => FfiPoll::READY,
+            Poll::Ready(Err(_)) => FfiPoll::ERROR,
+            Poll::Pending => FfiPoll::PENDING,
+        }
+    })
+    .unwrap_or(FfiPoll::ERROR)
+}
+
+unsafe extern "C" fn blocking_drop(task: *mut c_void) {
+    // SAFETY: released exactly once.
+    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
+}

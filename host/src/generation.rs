@@ -1,0 +1,463 @@
+//! Generations: one loaded copy of a plugin, with the threads that run its code.
+//!
+//! ## Why every generation has its own threads
+//!
+//! Plugin code that uses `thread_local!` with a destructor (tracing does), or
+//! `std::thread::current()`, ties the library to every thread it ran on: glibc keeps the
+//! library mapped until those threads exit, or calls into it when they do. tokio's worker
+//! threads never exit. So each generation gets its own tokio runtime, built by the host (with
+//! a working reactor and timer), and plugin code runs only on that runtime's threads: the
+//! connections it serves, the timers and blocking jobs it asks for. When the generation's
+//! last request has ended, its runtime is shut down, its threads are joined (running their
+//! TLS destructors while the library is still mapped), and only then is the library closed.
+//! The `server` module keeps connections on the threads of the generation they are served by
+//! and moves them to the new one at a request boundary, so no request pays for a hop between
+//! threads.
+//!
+//! ## Lifecycle
+//!
+//! [`Generation::load`] copies the file to a private shadow path, opens it, checks its
+//! declaration, starts its runtime, runs its `init` (bounded by a timeout) and readiness
+//! check. Requests hold an `Arc<Generation>`; when the last one goes, `Drop` hands the parts
+//! to the reaper thread, which runs the plugin's shutdown hook, joins the threads, closes the
+//! library, deletes the shadow file and checks `/proc/self/maps`.
+
+use std::cell::Cell;
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use handler_api::abi::{FfiPoll, HostApi, PluginDeclaration};
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::{self, PluginContext};
+use crate::loader::{self, Library, LoadError, ShadowDir};
+
+thread_local! {
+    /// The generation whose runtime owns this thread (0: none).
+    static THREAD_GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The id of the generation whose runtime owns the calling thread, or 0.
+pub fn thread_generation() -> u64 {
+    THREAD_GENERATION.with(Cell::get)
+}
+
+/// The name of every thread of generation `id` (also how `/proc` finds stragglers).
+fn thread_name(id: u64) -> String {
+    format!("hs-gen{id}")
+}
+
+/// Why a candidate plugin did not become a generation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GenerationError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("cannot start the plugin's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{plugin}: init failed: {reason}")]
+    InitFailed { plugin: String, reason: String },
+    #[error("{plugin}: init panicked: {reason}")]
+    InitPanicked { plugin: String, reason: String },
+    #[error("{plugin}: init did not return within {timeout:?} (the library stays loaded while it runs)")]
+    InitTimeout { plugin: String, timeout: Duration },
+    #[error("{plugin}: readiness check failed: {reason}")]
+    NotReady { plugin: String, reason: String },
+}
+
+/// How generations are loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Worker threads of each generation's runtime.
+    pub worker_threads: usize,
+    /// How long `init` and the readiness check may take, each.
+    pub init_timeout: Duration,
+    /// How long unloading waits for the plugin's shutdown hook and for its threads to exit.
+    pub unload_timeout: Duration,
+    /// Where shadow copies go.
+    pub shadow: Arc<ShadowDir>,
+}
+
+/// One loaded copy of a plugin and the runtime whose threads run its code.
+pub struct Generation {
+    id: u64,
+    name: String,
+    version: String,
+    source: PathBuf,
+    shadow: PathBuf,
+    loaded_at: Instant,
+    handle: tokio::runtime::Handle,
+    in_flight: AtomicUsize,
+    superseded: CancellationToken,
+    aborted: CancellationToken,
+    initialized: bool,
+    unload_timeout: Duration,
+    // Taken by `Drop`, which hands them to the reaper. The table and context must outlive
+    // every call into the library, so they leave together with it.
+    library: ManuallyDrop<Library>,
+    runtime: ManuallyDrop<tokio::runtime::Runtime>,
+    api: ManuallyDrop<Box<HostApi>>,
+    context: ManuallyDrop<Box<PluginContext>>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("id", &self.id)
+            .field("plugin", &self.label())
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A raw pointer that may cross to a generation thread for one call.
+struct SendPtr<T>(*const T);
+// SAFETY: used only to pass the HostApi (Sync, immutable) and error sinks that the sending
+// side keeps alive and does not touch until the receiving call has returned.
+unsafe impl<T> Send for SendPtr<T> {}
+
+impl Generation {
+    /// Loads `source` as generation `id`: see the module docs. On error nothing of the
+    /// candidate stays behind (except a library whose init never returned, which cannot be
+    /// unloaded while its code runs).
+    pub async fn load(source: &Path, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
+        let shadow = options.shadow.copy_in(source, id)?;
+        let opened = {
+            let shadow = shadow.clone();
+            // SAFETY: the operator chose this file as a plugin; opening it runs its
+            // initialisers, which is what loading a plugin means.
+            tokio::task::spawn_blocking(move || unsafe { Library::open(&shadow) }).await
+        };
+        let library = match opened {
+            Ok(Ok(library)) => library,
+            Ok(Err(e)) => {
+                let _ = std::fs::remove_file(&shadow);
+                return Err(e.into());
+            }
+            Err(join) => {
+                let _ = std::fs::remove_file(&shadow);
+                return Err(GenerationError::Runtime(std::io::Error::other(join.to_string())));
+            }
+        };
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.worker_threads.max(1))
+            .thread_name(thread_name(id))
+            .on_thread_start(move || THREAD_GENERATION.with(|g| g.set(id)))
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                drop(library.close());
+                let _ = std::fs::remove_file(&shadow);
+                return Err(GenerationError::Runtime(e));
+            }
+        };
+        let context = Box::new(PluginContext { label: format!("{}@{}", library.name, library.version) });
+        let api = Box::new(bridge::host_api(&*context, bridge::max_log_level()));
+        live_generations().fetch_add(1, Ordering::SeqCst);
+        let mut generation = Generation {
+            id,
+            name: library.name.clone(),
+            version: library.version.clone(),
+            source: source.to_path_buf(),
+            shadow,
+            loaded_at: Instant::now(),
+            handle: runtime.handle().clone(),
+            in_flight: AtomicUsize::new(0),
+            superseded: CancellationToken::new(),
+            aborted: CancellationToken::new(),
+            initialized: false,
+            unload_timeout: options.unload_timeout,
+            library: ManuallyDrop::new(library),
+            runtime: ManuallyDrop::new(runtime),
+            api: ManuallyDrop::new(api),
+            context: ManuallyDrop::new(context),
+        };
+        // On any error below, `generation` drops and the reaper unloads it.
+        let plugin = generation.label();
+        let init = generation.declaration().init;
+        let api = SendPtr(&**generation.api as *const HostApi);
+        let (outcome, reason) = generation
+            .run_hook(options.init_timeout, move |sink| {
+                let api = api;
+                // SAFETY: the table lives as long as the generation; `sink` is a live String.
+                unsafe { init(api.0, sink) }
+            })
+            .await
+            .ok_or_else(|| GenerationError::InitTimeout { plugin: plugin.clone(), timeout: options.init_timeout })?;
+        match outcome {
+            FfiPoll::READY => generation.initialized = true,
+            FfiPoll::PANICKED => return Err(GenerationError::InitPanicked { plugin, reason }),
+            _ => return Err(GenerationError::InitFailed { plugin, reason }),
+        }
+        if let Some(ready) = generation.declaration().ready {
+            let (outcome, reason) = generation
+                .run_hook(options.init_timeout, move |sink| {
+                    // SAFETY: `init` succeeded; `sink` is a live String.
+                    unsafe { ready(sink) }
+                })
+                .await
+                .ok_or_else(|| GenerationError::NotReady {
+                    plugin: plugin.clone(),
+                    reason: format!("no answer within {:?}", options.init_timeout),
+                })?;
+            if outcome != FfiPoll::READY {
+                return Err(GenerationError::NotReady { plugin, reason });
+            }
+        }
+        Ok(Arc::new(generation))
+    }
+
+    /// Runs an init-like hook on a thread of this generation, with a timeout. `None` on
+    /// timeout; otherwise the outcome and whatever the plugin wrote to the error sink.
+    async fn run_hook(
+        &self,
+        timeout: Duration,
+        hook: impl FnOnce(*mut std::ffi::c_void) -> FfiPoll + Send + 'static,
+    ) -> Option<(FfiPoll, String)> {
+        let task = self.handle.spawn_blocking(move || {
+            let mut sink = String::new();
+            let outcome = hook(&mut sink as *mut String as *mut std::ffi::c_void);
+            (outcome, sink)
+        });
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(result)) => Some(result),
+            Ok(Err(join)) => Some((FfiPoll::PANICKED, join.to_string())),
+            Err(_) => None,
+        }
+    }
+
+    /// This generation's number, unique in the process, starting at 1.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// `name@version`, as the plugin declares them.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
+    /// The plugin's declared version.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The file it was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// When it was loaded.
+    pub fn loaded_at(&self) -> Instant {
+        self.loaded_at
+    }
+
+    /// The checked declaration; valid while `self` is.
+    pub fn declaration(&self) -> &PluginDeclaration {
+        self.library.declaration()
+    }
+
+    /// The runtime whose threads run this generation's code.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    /// Requests (with their response bodies) in progress on this generation.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn in_flight_counter(&self) -> &AtomicUsize {
+        &self.in_flight
+    }
+
+    /// Cancelled when a newer generation has become current.
+    pub fn superseded(&self) -> &CancellationToken {
+        &self.superseded
+    }
+
+    /// Cancelled when the responses still running here must be cut off (drain timeout).
+    pub fn aborted(&self) -> &CancellationToken {
+        &self.aborted
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // SAFETY: each field is taken exactly once, here, and never used again.
+        let retired = unsafe {
+            Retired {
+                id: self.id,
+                label: self.label(),
+                shadow: std::mem::take(&mut self.shadow),
+                initialized: self.initialized,
+                timeout: self.unload_timeout,
+                library: ManuallyDrop::take(&mut self.library),
+                runtime: ManuallyDrop::take(&mut self.runtime),
+                api: ManuallyDrop::take(&mut self.api),
+                context: ManuallyDrop::take(&mut self.context),
+            }
+        };
+        // This may run on one of the generation's own threads (the last request ended
+        // there), which cannot join itself: the reaper thread does the unloading.
+        reaper().send(Retired::into_message(retired));
+    }
+}
+
+/// What is left of a generation once nothing can call into it any more.
+struct Retired {
+    id: u64,
+    label: String,
+    shadow: PathBuf,
+    initialized: bool,
+    timeout: Duration,
+    library: Library,
+    runtime: tokio::runtime::Runtime,
+    api: Box<HostApi>,
+    context: Box<PluginContext>,
+}
+
+impl Retired {
+    fn into_message(self) -> Message {
+        Message::Retire(Box::new(self))
+    }
+
+    /// Shutdown hook, join threads, close, delete, verify.
+    fn unload(self) {
+        let started = Instant::now();
+        let Retired { id, label, shadow, initialized, timeout, library, runtime, api, context } = self;
+        if initialized {
+            let shutdown = library.declaration().shutdown;
+            let (done_tx, done_rx) = mpsc::channel();
+            runtime.spawn_blocking(move || {
+                // SAFETY: init succeeded and no request is running any more.
+                unsafe { shutdown() };
+                let _ = done_tx.send(());
+            });
+            if done_rx.recv_timeout(timeout).is_err() {
+                tracing::warn!(generation = id, plugin = %label, "shutdown hook did not return within {timeout:?}");
+            }
+        }
+        runtime.shutdown_timeout(timeout);
+        let stragglers = live_threads(&thread_name(id));
+        if stragglers > 0 {
+            // Code of the library is still running (an init or blocking job that never
+            // returns): closing it would pull the code out from under that thread.
+            tracing::warn!(
+                generation = id,
+                plugin = %label,
+                threads = stragglers,
+                "threads of the old generation are still running plugin code; its library stays loaded (leaked)"
+            );
+            std::mem::forget((library, api, context));
+            LEAKED.fetch_add(1, Ordering::Relaxed);
+        } else {
+            if let Err(e) = library.close() {
+                tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
+            }
+            drop((api, context));
+        }
+        let _ = std::fs::remove_file(&shadow);
+        if loader::is_mapped(&shadow) {
+            STILL_MAPPED.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                generation = id,
+                plugin = %label,
+                shadow = %shadow.display(),
+                "generation closed but its library is STILL MAPPED (see /proc/self/maps)"
+            );
+        } else if stragglers == 0 {
+            UNMAPPED.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(generation = id, plugin = %label, elapsed = ?started.elapsed(), "generation unloaded and unmapped");
+        }
+        live_generations().fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts threads of this process named `name` (Linux `comm`, at most 15 bytes).
+fn live_threads(name: &str) -> usize {
+    let name = &name.as_bytes()[..name.len().min(15)];
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read(t.path().join("comm")).is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) == name))
+        .count()
+}
+
+static UNMAPPED: AtomicU64 = AtomicU64::new(0);
+static STILL_MAPPED: AtomicU64 = AtomicU64::new(0);
+static LEAKED: AtomicU64 = AtomicU64::new(0);
+
+/// Unload outcomes so far: (unmapped, still mapped, leaked because threads were stuck).
+pub fn unload_counts() -> (u64, u64, u64) {
+    (UNMAPPED.load(Ordering::Relaxed), STILL_MAPPED.load(Ordering::Relaxed), LEAKED.load(Ordering::Relaxed))
+}
+
+fn live_generations() -> &'static AtomicUsize {
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    &LIVE
+}
+
+/// Generations loaded and not yet fully unloaded.
+pub fn resident_generations() -> usize {
+    live_generations().load(Ordering::SeqCst)
+}
+
+enum Message {
+    Retire(Box<Retired>),
+    Flush(mpsc::Sender<()>),
+}
+
+struct Reaper(Mutex<mpsc::Sender<Message>>);
+
+impl Reaper {
+    fn send(&self, message: Message) {
+        let sender = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(mpsc::SendError(Message::Retire(r))) = sender.send(message) {
+            // The reaper thread is gone (it cannot panic in normal operation): unload here.
+            r.unload();
+        }
+    }
+}
+
+fn reaper() -> &'static Reaper {
+    static REAPER: OnceLock<Reaper> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Message>();
+        let spawned = std::thread::Builder::new().name("hs-reaper".into()).spawn(move || {
+            for message in rx {
+                match message {
+                    Message::Retire(r) => r.unload(),
+                    Message::Flush(done) => drop(done.send(())),
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the reaper thread ({e}); generations will be unloaded inline");
+        }
+        Reaper(Mutex::new(tx))
+    })
+}
+
+/// Waits until every generation has been unloaded, or `timeout` passes. Returns whether all
+/// were.
+pub fn wait_all_unloaded(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (tx, rx) = mpsc::channel();
+        reaper().send(Message::Flush(tx));
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = rx.recv_timeout(left);
+        if resident_generations() == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,88 @@
+//! The registry: which generation is current, and which older ones are still draining.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::generation::{Generation, GenerationError, LoadOptions};
+
+/// The current generation and the history of resident ones.
+pub struct Registry {
+    current: ArcSwap<Generation>,
+    resident: Mutex<Vec<Weak<Generation>>>,
+    next_id: AtomicU64,
+    options: LoadOptions,
+    drain_timeout: Duration,
+}
+
+impl Registry {
+    /// Loads the first generation from `plugin`; the server does not start without one.
+    pub async fn start(plugin: &Path, options: LoadOptions, drain_timeout: Duration) -> Result<Registry, GenerationError> {
+        let first = Generation::load(plugin, 1, &options).await?;
+        tracing::info!(generation = 1, plugin = %first.label(), file = %plugin.display(), "plugin loaded");
+        Ok(Registry {
+            resident: Mutex::new(vec![Arc::downgrade(&first)]),
+            current: ArcSwap::new(first),
+            next_id: AtomicU64::new(2),
+            options,
+            drain_timeout,
+        })
+    }
+
+    /// The generation new requests go to.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Loads `plugin` as a candidate and, if it passes every check, makes it current in one
+    /// atomic step. On error the current generation keeps serving.
+    pub async fn load_and_swap(&self, plugin: &Path) -> Result<Arc<Generation>, GenerationError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let candidate = Generation::load(plugin, id, &self.options).await?;
+        self.swap(candidate.clone());
+        Ok(candidate)
+    }
+
+    /// Makes `next` current; the old generation drains (bounded by the drain timeout).
+    pub fn swap(&self, next: Arc<Generation>) {
+        let old = self.current.swap(next.clone());
+        {
+            let mut resident = self.resident.lock().unwrap_or_else(PoisonError::into_inner);
+            resident.retain(|g| g.strong_count() > 0);
+            resident.push(Arc::downgrade(&next));
+        }
+        tracing::info!(
+            from = %old.label(), from_generation = old.id(), to = %next.label(), to_generation = next.id(),
+            "swapped: new requests go to generation {}", next.id()
+        );
+        old.superseded().cancel();
+        let old = Arc::downgrade(&old);
+        let timeout = self.drain_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(old) = old.upgrade() {
+                tracing::warn!(
+                    generation = old.id(), plugin = %old.label(), in_flight = old.in_flight(),
+                    "drain timeout ({timeout:?}) reached: aborting the generation's remaining responses"
+                );
+                old.aborted().cancel();
+            }
+        });
+    }
+
+    /// Generations still loaded (current first is not guaranteed).
+    pub fn resident(&self) -> Vec<Arc<Generation>> {
+        let resident = self.resident.lock().unwrap_or_else(PoisonError::into_inner);
+        resident.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Cuts off every response still in progress, on every generation.
+    pub fn abort_all(&self) {
+        for generation in self.resident() {
+            generation.aborted().cancel();
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! The HTTP server: accepting connections, serving them on the threads of the current
+//! generation, and moving them to a newer generation at a request boundary.
+//!
+//! ## Where a connection runs
+//!
+//! The listener lives on the host's own runtime. Each accepted socket is handed to the
+//! current generation's runtime, which registers it with its own reactor and serves it with
+//! hyper (HTTP/1.1 with keep-alive, or HTTP/2 with prior knowledge, detected per
+//! connection). The plugin is polled inline on that connection's task: a request costs no
+//! hop between threads.
+//!
+//! When a newer generation becomes current, every connection of the old one is told
+//! (`Generation::superseded`). A connection with no HTTP/1 request in progress moves at once:
+//! its task ends on the old runtime and the same hyper connection future is spawned on the
+//! new one, where the socket re-registers with the new reactor on its next poll
+//! ([`MigratingStream`]). A connection busy with a response (a long download) finishes it on
+//! the old generation and moves right after. No client reconnects and nothing is closed.
+//!
+//! HTTP/2 streams are spawned by hyper through [`StreamExecutor`] onto the runtime of the
+//! generation the stream was routed to, so a stream in progress never holds its connection
+//! back from moving.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::bridge::{self, BodyError, ResponseBody};
+use crate::generation::{thread_generation, Generation};
+use crate::registry::Registry;
+
+/// State shared by the accept loop and every connection.
+pub struct Server {
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    connections: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl Server {
+    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Arc<Server> {
+        Arc::new(Server { registry, shutdown, connections: AtomicUsize::new(0), all_closed: Notify::new() })
+    }
+
+    /// Accepts connections until shutdown is requested.
+    pub async fn accept_loop(self: &Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = self.shutdown.cancelled() => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.hand_over(stream, peer),
+                Err(e) => {
+                    // Typically EMFILE: wait instead of spinning; the backlog keeps the rest.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tracing::info!("stopped accepting connections");
+    }
+
+    fn hand_over(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
+        };
+        let generation = self.registry.current();
+        let conn = Arc::new(ConnState {
+            generation: ArcSwap::new(generation.clone()),
+            h1_in_flight: AtomicUsize::new(0),
+            next_stream: Mutex::new(None),
+        });
+        let server = self.clone();
+        generation.handle().spawn(async move {
+            // Now on the generation's runtime: register the socket with its reactor.
+            let io = match MigratingStream::new(std_stream, conn.clone()) {
+                Ok(io) => io,
+                Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
+            };
+            let future = serve(io, conn.clone(), server.clone());
+            ConnTask::new(future, conn, server).await;
+        });
+    }
+
+    /// Waits until every connection has closed, or `timeout` passes; returns whether all did.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.all_closed.notified();
+                if self.connections.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// Per-connection state, shared by its task, its socket, its service and its executor.
+struct ConnState {
+    /// The generation whose runtime serves this connection now.
+    generation: ArcSwap<Generation>,
+    /// HTTP/1 requests in progress (polled inline, so they pin the connection to its
+    /// generation until their response ends).
+    h1_in_flight: AtomicUsize,
+    /// The generation chosen by the service for the HTTP/2 stream hyper is about to spawn.
+    next_stream: Mutex<Option<Arc<Generation>>>,
+}
+
+type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The hyper connection, with graceful shutdown wired in; movable between runtimes.
+fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>) -> ConnFuture {
+    Box::pin(async move {
+        let _open = OpenConnection::new(&server);
+        let builder = auto::Builder::new(StreamExecutor { conn: conn.clone() });
+        let connection = builder.serve_connection(TokioIo::new(io), PluginService { conn });
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            r = connection.as_mut() => r,
+            () = server.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!("connection ended with an error: {e}");
+        }
+    })
+}
+
+/// Counts open connections for the drain at shutdown.
+struct OpenConnection(Arc<Server>);
+
+impl OpenConnection {
+    fn new(server: &Arc<Server>) -> OpenConnection {
+        server.connections.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(server.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// Drives a connection on one generation's runtime until it ends, must be cut off (drain
+/// timeout), or can move to a newer generation.
+struct ConnTask {
+    connection: Option<ConnFuture>,
+    conn: Arc<ConnState>,
+    generation: Arc<Generation>,
+    superseded: Pin<Box<WaitForCancellationFutureOwned>>,
+    aborted: Pin<Box<WaitForCancellationFutureOwned>>,
+    server: Arc<Server>,
+}
+
+impl ConnTask {
+    fn new(connection: ConnFuture, conn: Arc<ConnState>, server: Arc<Server>) -> ConnTask {
+        let generation = conn.generation.load_full();
+        ConnTask {
+            connection: Some(connection),
+            superseded: Box::pin(generation.superseded().clone().cancelled_owned()),
+            aborted: Box::pin(generation.aborted().clone().cancelled_owned()),
+            generation,
+            conn,
+            server,
+        }
+    }
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(connection) = this.connection.as_mut() else { return Poll::Ready(()) };
+        if connection.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        // Checked after every poll of the connection: that is when an HTTP/1 response may
+        // just have ended.
+        let idle = this.conn.h1_in_flight.load(Ordering::Acquire) == 0;
+        if this.superseded.as_mut().poll(cx).is_ready() && idle {
+            let next = this.server.registry.current();
+            if next.id() != this.generation.id() {
+                if let Some(connection) = this.connection.take() {
+                    this.conn.generation.store(next.clone());
+                    let task = ConnTask::new(connection, this.conn.clone(), this.server.clone());
+                    next.handle().spawn(task);
+                }
+                return Poll::Ready(());
+            }
+        }
+        if this.aborted.as_mut().poll(cx).is_ready() && !idle {
+            tracing::warn!(
+                generation = this.generation.id(),
+                plugin = %this.generation.label(),
+                "drain timeout: aborting a response still in progress"
+            );
+            this.connection = None; // drops the response, on this generation's thread
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+/// A TCP stream that re-registers with the reactor of whichever generation's runtime polls
+/// it, so its connection can move between runtimes.
+struct MigratingStream {
+    io: Option<TcpStream>,
+    /// Keeps the reactor `io` is registered with alive until it re-registers.
+    registered: Arc<Generation>,
+    conn: Arc<ConnState>,
+}
+
+impl MigratingStream {
+    fn new(stream: std::net::TcpStream, conn: Arc<ConnState>) -> io::Result<MigratingStream> {
+        let registered = conn.generation.load_full();
+        Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), registered, conn })
+    }
+
+    fn io(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        if self.registered.id() != thread_generation() {
+            let target = self.conn.generation.load_full();
+            if target.id() != thread_generation() {
+                return Err(io::Error::other("connection polled outside its generation's runtime"));
+            }
+            let io = self.io.take().ok_or_else(|| io::Error::other("connection lost while moving"))?;
+            // Deregister from the old reactor (still alive: `registered` holds it) and
+            // register with this runtime's.
+            self.io = Some(TcpStream::from_std(io.into_std()?)?);
+            self.registered = target;
+        }
+        self.io.as_mut().map(Pin::new).ok_or_else(|| io::Error::other("connection lost while moving"))
+    }
+}
+
+impl AsyncRead for MigratingStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for MigratingStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Spawns hyper's HTTP/2 stream tasks on the runtime of the generation each stream was
+/// routed to, cut off if that generation's drain times out.
+#[derive(Clone)]
+struct StreamExecutor {
+    conn: Arc<ConnState>,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        // hyper calls the service and then, at once, spawns the stream: the generation the
+        // service picked is waiting in `next_stream`.
+        let generation = self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match generation {
+            Some(generation) => {
+                let aborted = generation.aborted().clone();
+                generation.handle().spawn(async move {
+                    tokio::select! {
+                        _ = future => {}
+                        () = aborted.cancelled() => tracing::warn!("drain timeout: aborting an HTTP/2 stream"),
+                    }
+                });
+            }
+            None => drop(tokio::spawn(future)),
+        }
+    }
+}
+
+/// Routes each request to the plugin of the connection's generation.
+#[derive(Clone)]
+struct PluginService {
+    conn: Arc<ConnState>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for PluginService {
+    type Response = Response<HostBody>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<HostBody>, std::convert::Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let generation = self.conn.generation.load_full();
+        let h1 = request.version() < http::Version::HTTP_2;
+        if !h1 {
+            *self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation.clone());
+        }
+        let guard = RequestGuard::new(generation, h1.then(|| self.conn.clone()));
+        Box::pin(respond(request, guard))
+    }
+}
+
+async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Response<HostBody>, std::convert::Infallible> {
+    let generation = &guard.generation;
+    let started = Instant::now();
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    if thread_generation() != generation.id() {
+        // Never expected: plugin code must only run on its generation's threads.
+        tracing::error!(generation = generation.id(), "request polled outside its generation's runtime");
+        return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, guard));
+    }
+    let response = match bridge::call(generation.declaration(), request).await {
+        Ok(response) => {
+            tracing::debug!(
+                %method, %path, status = response.status().as_u16(), generation = generation.id(),
+                elapsed = ?started.elapsed(), "request"
+            );
+            response.map(|body| HostBody { body, _guard: guard })
+        }
+        Err(e) => {
+            tracing::error!(%method, %path, generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, guard)
+        }
+    };
+    Ok(response)
+}
+
+fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody> {
+    let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
+    let mut response = Response::new(HostBody { body: ResponseBody::Full(Some(Bytes::from(text))), _guard: guard });
+    *response.status_mut() = status;
+    response
+}
+
+/// Holds a request's generation (and, for HTTP/1, its connection's place) until its response
+/// body is dropped.
+struct RequestGuard {
+    generation: Arc<Generation>,
+    h1: Option<Arc<ConnState>>,
+}
+
+impl RequestGuard {
+    fn new(generation: Arc<Generation>, h1: Option<Arc<ConnState>>) -> RequestGuard {
+        generation.in_flight_counter().fetch_add(1, Ordering::Relaxed);
+        if let Some(conn) = &h1 {
+            conn.h1_in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+        RequestGuard { generation, h1 }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.generation.in_flight_counter().fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = &self.h1 {
+            conn.h1_in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A response body together with the generation it came from. Field order matters: the
+/// plugin's body is dropped (running plugin code) before the generation is released.
+pub struct HostBody {
+    body: ResponseBody,
+    _guard: RequestGuard,
+}
+
+impl http_body::Body for HostBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            let generation = &this._guard.generation;
+            tracing::error!(generation = generation.id(), plugin = %generation.label(), "{e}; response aborted");
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
