@@ -1,1 +1,210 @@
+//! Shared machinery of the integration tests: building the real artifacts with cargo, and
+//! running the real `hotswap` binary on an ephemeral loopback port.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
+}
+
+/// Runs `cargo build --release` for `packages` with extra environment; panics with cargo's
+/// output on failure.
+pub fn cargo_build(packages: &[&str], env: &[(&str, &str)]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace()).args(["build", "--release", "--quiet"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("cannot run cargo");
+    assert!(out.status.success(), "cargo build {packages:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Paths of the release artifacts every test uses, built once per test process.
+pub struct Artifacts {
+    pub hotswap: PathBuf,
+    pub example: PathBuf,
+    pub faulty: PathBuf,
+    pub wrong_abi: PathBuf,
+}
+
+pub fn artifacts() -> &'static Artifacts {
+    static BUILT: OnceLock<Artifacts> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let _lock = build_lock();
+        cargo_build(&["hotswap", "example-handler", "fixture-faulty", "fixture-wrong-abi"], &[]);
+        let release = target_dir().join("release");
+        Artifacts {
+            hotswap: release.join("hotswap"),
+            example: release.join("libexample_handler.so"),
+            faulty: release.join("libfixture_faulty.so"),
+            wrong_abi: release.join("libfixture_wrong_abi.so"),
+        }
+    })
+}
+
+/// Serialises builds in this process (variants of one crate overwrite each other's output).
+pub fn build_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds the example handler with `EXAMPLE_HANDLER_VERSION=version` and copies the library
+/// to a stable path of its own (cached per version).
+pub fn example_version(version: &str) -> PathBuf {
+    static CACHE: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    if let Some((_, p)) = CACHE.lock().unwrap().iter().find(|(v, _)| v == version) {
+        return p.clone();
+    }
+    artifacts();
+    let _lock = build_lock();
+    cargo_build(&["example-handler"], &[("EXAMPLE_HANDLER_VERSION", version)]);
+    let dir = target_dir().join("it-plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dest = dir.join(format!("libexample_handler-{version}.so"));
+    std::fs::copy(target_dir().join("release/libexample_handler.so"), &dest).unwrap();
+    // Put the default build back for tests that use `artifacts().example`.
+    cargo_build(&["example-handler"], &[]);
+    CACHE.lock().unwrap().push((version.to_owned(), dest.clone()));
+    dest
+}
+
+/// A running `hotswap` process; killed on drop if still running.
+pub struct Host {
+    child: Child,
+    pub addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Host {
+    /// Starts `hotswap serve` on 127.0.0.1:0 with `args` added, and waits until it listens.
+    pub fn serve(args: &[&str]) -> Host {
+        Host::try_serve(args).unwrap_or_else(|log| panic!("hotswap did not start:\n{log}"))
+    }
+
+    /// Like `serve`, but returns the log if the process exits before listening.
+    pub fn try_serve(args: &[&str]) -> Result<Host, String> {
+        let mut child = Command::new(&artifacts().hotswap)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info,hotswap=debug,plugin=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start hotswap");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(rest.trim().to_owned());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => Ok(Host { child, addr, log }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                Err(log.lock().unwrap().clone())
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Resident set size in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Distinct plugin shadow copies mapped into the process.
+    pub fn mapped_plugins(&self) -> Vec<String> {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).unwrap_or_default();
+        let mut libs: Vec<String> = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5).map(str::to_owned))
+            .filter(|p| p.contains("/hotswap-") && p.contains(".so"))
+            .collect();
+        libs.sort();
+        libs.dedup();
+        libs
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Byte `i` of the example handler's download pattern is `i mod 256`: checks `chunk`, which
+/// starts at offset `at`.
+pub fn is_pattern(chunk: &[u8], at: u64) -> bool {
+    chunk.iter().enumerate().all(|(i, b)| *b == ((at + i as u64) % 256) as u8)
+}

@@ -1,0 +1,189 @@
+//! The core issue: serving through the C ABI, streaming both ways, HTTP/2, refusals, panics,
+//! graceful shutdown.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hotswap_tests::{artifacts, is_pattern, Host};
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1024 * 1024;
+
+fn example() -> Host {
+    Host::serve(&["--plugin", artifacts().example.to_str().unwrap()])
+}
+
+#[tokio::test]
+async fn greets_with_name_and_version() {
+    let host = example();
+    let body = reqwest::get(host.url("/")).await.unwrap().text().await.unwrap();
+    assert!(body.contains("hello from example-handler"), "{body}");
+    assert!(body.contains("version=0.1.0"), "{body}");
+    let health = reqwest::get(host.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn downloads_256_mib_byte_exact() {
+    let host = example();
+    let size = 256 * MIB;
+    let response = reqwest::get(host.url(&format!("/download?size={size}"))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.content_length(), Some(size));
+    let mut stream = response.bytes_stream();
+    let mut at = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        assert!(is_pattern(&chunk, at), "byte mismatch in the chunk at offset {at}");
+        at += chunk.len() as u64;
+    }
+    assert_eq!(at, size);
+}
+
+#[tokio::test]
+async fn streams_a_256_mib_upload_without_buffering_it() {
+    let host = example();
+    // Warm up, then take the idle RSS.
+    reqwest::get(host.url("/")).await.unwrap();
+    let idle = host.rss();
+
+    let size = 256 * MIB;
+    let chunk = 256 * 1024;
+    let (digest_tx, digest_rx) = std::sync::mpsc::channel();
+    let body = futures_util::stream::unfold((0u64, Sha256::new(), 0x2545_f491_4f6c_dd1du64, digest_tx), move |(sent, mut hasher, mut x, tx)| async move {
+        if sent >= size {
+            let _ = tx.send(hasher.finalize());
+            return None;
+        }
+        // Non-repeating content (xorshift), so a digest match means every byte arrived.
+        let mut buf = Vec::with_capacity(chunk);
+        while buf.len() < chunk {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            buf.extend_from_slice(&x.to_le_bytes());
+        }
+        hasher.update(&buf);
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), (sent + chunk as u64, hasher, x, tx)))
+    });
+
+    let pid_rss = {
+        let pid = host.pid();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(kb) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()) {
+                    peak = peak.max(kb * 1024);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        (stop, sampler)
+    };
+    let response = reqwest::Client::new()
+        .post(host.url("/upload"))
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    let text = response.text().await.unwrap();
+    pid_rss.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = pid_rss.1.join().unwrap();
+
+    let expected: String = digest_rx.recv().unwrap().iter().map(|b| format!("{b:02x}")).collect();
+    assert!(text.contains(&format!("bytes={size}")), "{text}");
+    assert!(text.contains(&format!("sha256={expected}")), "{text}");
+    assert!(peak < idle + 64 * MIB, "RSS peaked at {} MiB, idle was {} MiB", peak / MIB, idle / MIB);
+}
+
+#[tokio::test]
+async fn serves_http2_with_prior_knowledge() {
+    let host = example();
+    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let response = client.get(host.url("/")).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert!(response.text().await.unwrap().contains("hello from example-handler"));
+    // A streamed body over HTTP/2 too.
+    let response = client.get(host.url("/download?size=3000000")).send().await.unwrap();
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes.len(), 3_000_000);
+    assert!(is_pattern(&bytes, 0));
+}
+
+#[test]
+fn refuses_a_plugin_with_another_abi_version_naming_both() {
+    let log = match Host::try_serve(&["--plugin", artifacts().wrong_abi.to_str().unwrap()]) {
+        Ok(_) => panic!("a plugin declaring ABI version 999 was served"),
+        Err(log) => log,
+    };
+    assert!(log.contains("plugin ABI version 999"), "{log}");
+    assert!(log.contains("host ABI version 1"), "{log}");
+}
+
+#[tokio::test]
+async fn a_handler_panic_is_a_500_and_the_next_request_is_served() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    let client = reqwest::Client::new();
+    let response = client.get(host.url("/panic")).send().await.unwrap();
+    assert_eq!(response.status(), 500);
+    let response = client.get(host.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "fine\n");
+    assert!(host.wait_for_log("handler panic on purpose", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.log().contains("answered 500"), "{}", host.log());
+}
+
+#[tokio::test]
+async fn a_body_panic_aborts_only_that_response() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    // A second client with its own connection, mid-conversation while the body panics.
+    let other = reqwest::Client::new();
+    assert_eq!(other.get(host.url("/")).send().await.unwrap().status(), 200);
+
+    let response = reqwest::get(host.url("/panic-body")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let expected = response.content_length().unwrap();
+    let mut stream = response.bytes_stream();
+    let mut received = 0u64;
+    let mut failed = false;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => received += c.len() as u64,
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the aborted body ended cleanly after {received} of {expected} bytes");
+    assert!(received < expected);
+    assert_eq!(other.get(host.url("/")).send().await.unwrap().text().await.unwrap(), "fine\n");
+    assert_eq!(reqwest::get(host.url("/")).await.unwrap().status(), 200);
+    assert!(host.wait_for_log("body panic on purpose", Duration::from_secs(5)), "{}", host.log());
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_slow_download_finish_then_exits_0() {
+    let mut host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap(), "--drain-timeout", "20s"]);
+    let size = 2_000_000u64;
+    let response = reqwest::get(host.url(&format!("/download?size={size}&rate=1000000"))).await.unwrap();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.signal("TERM");
+    let bytes = response.bytes().await.expect("the download was cut off by SIGTERM");
+    assert_eq!(bytes.len() as u64, size);
+    assert!(is_pattern(&bytes, 0));
+    assert!(started.elapsed() >= Duration::from_millis(1500), "throttling did not apply");
+    let code = tokio::task::spawn_blocking(move || {
+        let code = host.wait_exit(Duration::from_secs(15));
+        (code, host.log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0), "{}", code.1);
+    assert!(code.1.contains("generation unloaded and unmapped"), "{}", code.1);
+}

@@ -1,0 +1,4 @@
+//! Integration tests: each builds the real plugins with cargo, starts the real `hotswap`
+//! binary on an ephemeral loopback port and talks HTTP to it with a real client.
+
+mod core;
