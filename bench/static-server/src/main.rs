@@ -1,0 +1,143 @@
+//! `static-server`: the baseline for benchmarking hotswap.
+//!
+//! It serves the example handler's routes from a plain hyper server. The handler is compiled
+//! in, so there is no dlopen, no C ABI, no generations and no connection migration. Apart from
+//! that it serves the same way `hotswap serve` does. It accepts on a current_thread runtime
+//! and serves each connection on a multi-thread runtime with `--workers` threads, using
+//! hyper-util's auto builder (HTTP/1.1 keep-alive, HTTP/2 prior knowledge) and TCP_NODELAY.
+//! Any difference between the two servers is therefore what the plugin design costs.
+//!
+//! Why it installs the host's service table: the handler still uses handler-api services
+//! (`handler_api::sleep` for throttled downloads). These look up the table a plugin is given
+//! in `init`. Linked as an rlib, the handler shares this process's handler-api. So at startup
+//! the real host table (`hotswap::bridge::host_api`) is installed by calling the declaration's
+//! `init` once, on a thread of the serving runtime as hotswap does. From then on, requests
+//! never cross the C ABI: `example_handler::app` is called as an ordinary Rust function.
+
+use std::convert::Infallible;
+use std::ffi::c_void;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use handler_api::abi::{FfiPoll, HostApi};
+use handler_api::Body;
+use hotswap::bridge::{self, PluginContext};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The example handler, compiled in and served without hotswap: the benchmark baseline.
+#[derive(Debug, Parser)]
+#[command(name = "static-server", version)]
+struct Args {
+    /// Address to listen on. Port 0 picks a free port; the log says which.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+
+    /// Worker threads serving connections (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    // Installed before the handler's `init`. Its own attempt to install a global subscriber
+    // (meant for a separate cdylib) then fails, so its events come straight here.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let serving = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .thread_name("static-worker")
+        .enable_all()
+        .build()?;
+    let accepting = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    accepting.block_on(async {
+        install_host_table(serving.handle()).await?;
+        let listener = TcpListener::bind(args.listen).await?;
+        tracing::info!(workers, "listening on http://{}", listener.local_addr()?);
+        accept_loop(listener, serving.handle()).await
+    })?;
+    serving.shutdown_timeout(Duration::from_secs(1));
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Gives handler-api the host's service table, through the handler's `init`, as hotswap does
+/// for a freshly loaded plugin.
+async fn install_host_table(serving: &Handle) -> Result<(), BoxError> {
+    let label = format!("{}@{} (static)", example_handler::NAME, example_handler::VERSION);
+    let context: &'static PluginContext = Box::leak(Box::new(PluginContext { label }));
+    let api: &'static HostApi = Box::leak(Box::new(bridge::host_api(context, bridge::max_log_level())));
+    let (outcome, reason) = serving
+        .spawn_blocking(move || {
+            let mut reason = String::new();
+            let init = example_handler::hotswap_plugin_declaration.init;
+            // SAFETY: `api` and the context it points to are leaked, so they stay valid for the
+            // rest of the process (`shutdown` is never called). The sink is a live `String`,
+            // which is what the host's `error_write` expects.
+            let outcome = unsafe { init(api, &mut reason as *mut String as *mut c_void) };
+            (outcome, reason)
+        })
+        .await?;
+    if outcome != FfiPoll::READY {
+        return Err(format!("the example handler's init failed: {reason}").into());
+    }
+    Ok(())
+}
+
+/// Hands each connection to the serving runtime until SIGTERM or SIGINT.
+async fn accept_loop(listener: TcpListener, serving: &Handle) -> Result<(), BoxError> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                match stream.into_std() {
+                    Ok(stream) => drop(serving.spawn(serve(stream))),
+                    Err(e) => tracing::debug!("dropping connection: {e}"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    tracing::info!("received a signal: shutting down");
+    Ok(())
+}
+
+/// Serves one connection, on the serving runtime (whose reactor the socket joins here).
+async fn serve(stream: std::net::TcpStream) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => return tracing::debug!("dropping connection: {e}"),
+    };
+    let service = service_fn(|req: http::Request<Incoming>| async move {
+        let req = req.map(|body| Body::from_stream(body.into_data_stream()));
+        Ok::<_, Infallible>(example_handler::app(req).await)
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!("connection ended with an error: {e}");
+    }
+}
