@@ -125,6 +125,11 @@ impl Generation {
     /// unloaded while its code runs).
     pub async fn load(source: &Path, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
         let shadow = options.shadow.copy_in(source, id)?;
+        // Check the private copy, which cannot change under us, not the source file.
+        if let Err(e) = loader::check_complete(&shadow) {
+            let _ = std::fs::remove_file(&shadow);
+            return Err(e.into());
+        }
         let opened = {
             let shadow = shadow.clone();
             // SAFETY: the operator chose this file as a plugin; opening it runs its

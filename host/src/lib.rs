@@ -13,7 +13,10 @@
 
 pub mod bridge;
 pub mod cli;
+pub mod dev;
 pub mod generation;
 pub mod loader;
 pub mod registry;
+pub mod run;
 pub mod server;
+pub mod watch;

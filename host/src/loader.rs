@@ -17,6 +17,9 @@ pub enum LoadError {
     /// The dynamic loader refused the file.
     #[error("{path}: not a loadable shared library ({reason})")]
     Open { path: PathBuf, reason: String },
+    /// The file is an ELF image cut short: still being written, or truncated.
+    #[error("{path}: incomplete file: {len} bytes, but its ELF headers say it ends at byte {needed} (still being written, or truncated)")]
+    Incomplete { path: PathBuf, len: u64, needed: u64 },
     /// The library loads but exports no declaration.
     #[error(
         "{path}: not a hotswap plugin: it exports no `{symbol}` symbol (export one with handler_api::export_handler!)"
@@ -165,6 +168,28 @@ impl Drop for ShadowDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Checks that an ELF file is as long as its own headers say, so that a file still being
+/// written is never handed to `dlopen` (whose mappings past the end of a file fault on
+/// access). Linkers write the section header table last, at the end of the file, so its end
+/// is where the file must end. Written by hand: it is 15 lines of reading three header fields,
+/// not worth an ELF-parsing dependency. Files that are not 64-bit little-endian ELF pass
+/// (`dlopen` refuses them with its own message); files shorter than a header fail.
+pub fn check_complete(path: &Path) -> Result<(), LoadError> {
+    let bytes = fs::read(path).map_err(|e| LoadError::Open { path: path.to_path_buf(), reason: e.to_string() })?;
+    let len = bytes.len() as u64;
+    let incomplete = |needed| Err(LoadError::Incomplete { path: path.to_path_buf(), len, needed });
+    if bytes.len() < 64 {
+        return if bytes.is_empty() || b"\x7fELF".starts_with(&bytes[..bytes.len().min(4)]) { incomplete(64) } else { Ok(()) };
+    }
+    if &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
+        return Ok(());
+    }
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes([bytes[o], bytes[o + 1]]));
+    let shoff = u64::from_le_bytes(bytes[0x28..0x30].try_into().unwrap_or_default());
+    let needed = shoff.saturating_add(u16_at(0x3a).saturating_mul(u16_at(0x3c)));
+    if needed > len { incomplete(needed) } else { Ok(()) }
 }
 
 /// Whether `/proc/self/maps` still lists `path`: the real test that `dlclose` unmapped it.

@@ -1,6 +1,8 @@
 //! The registry: which generation is current, and which older ones are still draining.
 
-use std::path::Path;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
@@ -9,6 +11,11 @@ use arc_swap::ArcSwap;
 
 use crate::generation::{Generation, GenerationError, LoadOptions};
 
+/// No candidate could be loaded at startup.
+#[derive(Debug, thiserror::Error)]
+#[error("no loadable plugin{}", .0.iter().map(|r| format!("\n  - {r}")).collect::<String>())]
+pub struct StartError(pub Vec<String>);
+
 /// The current generation and the history of resident ones.
 pub struct Registry {
     current: ArcSwap<Generation>,
@@ -16,20 +23,66 @@ pub struct Registry {
     next_id: AtomicU64,
     options: LoadOptions,
     drain_timeout: Duration,
+    refusals: Mutex<VecDeque<Refusal>>,
 }
 
+/// A candidate that was not swapped in, and why.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub file: PathBuf,
+    pub reason: String,
+    pub at: SystemTime,
+}
+
+/// How many refusals the registry remembers.
+const REFUSALS_KEPT: usize = 32;
+
 impl Registry {
-    /// Loads the first generation from `plugin`; the server does not start without one.
-    pub async fn start(plugin: &Path, options: LoadOptions, drain_timeout: Duration) -> Result<Registry, GenerationError> {
-        let first = Generation::load(plugin, 1, &options).await?;
-        tracing::info!(generation = 1, plugin = %first.label(), file = %plugin.display(), "plugin loaded");
-        Ok(Registry {
-            resident: Mutex::new(vec![Arc::downgrade(&first)]),
-            current: ArcSwap::new(first),
-            next_id: AtomicU64::new(2),
-            options,
-            drain_timeout,
-        })
+    /// Loads the first generation from the first of `candidates` that loads; the server
+    /// does not start without one. The error lists every refusal.
+    pub async fn start(candidates: &[PathBuf], options: LoadOptions, drain_timeout: Duration) -> Result<Registry, StartError> {
+        let mut refusals = Vec::new();
+        let mut next_id = 1;
+        for plugin in candidates {
+            match Generation::load(plugin, next_id, &options).await {
+                Ok(first) => {
+                    tracing::info!(generation = first.id(), plugin = %first.label(), file = %plugin.display(), "plugin loaded");
+                    for r in &refusals {
+                        tracing::warn!("refused: {r}");
+                    }
+                    return Ok(Registry {
+                        resident: Mutex::new(vec![Arc::downgrade(&first)]),
+                        current: ArcSwap::new(first),
+                        next_id: AtomicU64::new(next_id + 1),
+                        options,
+                        drain_timeout,
+                        refusals: Mutex::new(VecDeque::new()),
+                    });
+                }
+                Err(e) => refusals.push(e.to_string()),
+            }
+            next_id += 1;
+        }
+        Err(StartError(refusals))
+    }
+
+    /// Logs and records that `file` was not swapped in.
+    pub fn refuse(&self, file: &Path, reason: &str) {
+        let current = self.current();
+        tracing::warn!(
+            file = %file.display(),
+            "refused plugin candidate: {reason}; generation {} ({}) keeps serving", current.id(), current.label()
+        );
+        let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        if refusals.len() == REFUSALS_KEPT {
+            refusals.pop_front();
+        }
+        refusals.push_back(Refusal { file: file.to_path_buf(), reason: reason.to_owned(), at: SystemTime::now() });
+    }
+
+    /// Recent refusals, oldest first.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.refusals.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
     }
 
     /// The generation new requests go to.

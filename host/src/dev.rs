@@ -1,0 +1,168 @@
+//! `hotswap dev`: live reload while developing a plugin.
+//!
+//! Finds the package and its local path dependencies with `cargo metadata`, watches their
+//! sources, runs `cargo build` on a change and swaps the new build in when it succeeds. The
+//! compiler's diagnostics go straight to the terminal; a failed build leaves the previous
+//! generation serving.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use notify::{RecursiveMode, Watcher};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::DevArgs;
+use crate::registry::Registry;
+
+/// Quiet time after a source change before building (editors write in bursts).
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let dirs = source_dirs(&args.package).await?;
+    tracing::info!(package = %args.package, "building");
+    let artifact = build(&args.package, args.release).await?.context("the first build failed (errors above); fix them and run again")?;
+    let package = args.package.clone();
+    let release = args.release;
+    crate::run::serve(&args.host, vec![artifact], move |registry, shutdown| rebuild_loop(package, release, dirs, registry, shutdown)).await
+}
+
+/// Directories of the package and of every local package it depends on by path.
+async fn source_dirs(package: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let out = tokio::process::Command::new(cargo())
+        .args(["metadata", "--format-version", "1"])
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .context("cannot run cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed: run `hotswap dev` inside the plugin's cargo workspace");
+    }
+    let meta: Value = serde_json::from_slice(&out.stdout).context("cannot parse cargo metadata")?;
+    // Local packages (no registry source) by name, with their directory and path deps.
+    let mut local: HashMap<&str, (PathBuf, Vec<PathBuf>)> = HashMap::new();
+    for p in meta["packages"].as_array().into_iter().flatten() {
+        if !p["source"].is_null() {
+            continue;
+        }
+        let (Some(name), Some(manifest)) = (p["name"].as_str(), p["manifest_path"].as_str()) else { continue };
+        let dir = Path::new(manifest).parent().map(Path::to_path_buf).unwrap_or_default();
+        let deps = p["dependencies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["path"].as_str().map(PathBuf::from))
+            .collect();
+        local.insert(name, (dir, deps));
+    }
+    let Some((dir, _)) = local.get(package) else {
+        bail!("no package `{package}` in this cargo workspace (give --package NAME)");
+    };
+    let by_dir: HashMap<PathBuf, &str> = local.iter().map(|(n, (d, _))| (d.clone(), *n)).collect();
+    let mut seen = HashSet::new();
+    let mut queue = VecDeque::from([dir.clone()]);
+    while let Some(dir) = queue.pop_front() {
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
+        if let Some((_, deps)) = by_dir.get(&dir).and_then(|n| local.get(n)) {
+            queue.extend(deps.iter().cloned());
+        }
+    }
+    let mut dirs: Vec<PathBuf> = seen.into_iter().collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Builds `package`; `Ok(None)` when the build failed (its diagnostics were printed).
+async fn build(package: &str, release: bool) -> anyhow::Result<Option<PathBuf>> {
+    let mut cmd = tokio::process::Command::new(cargo());
+    cmd.args(["build", "-p", package, "--message-format=json-render-diagnostics"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot run cargo build")?;
+    let stdout = child.stdout.take().context("cargo's output")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut artifact = None;
+    while let Some(line) = lines.next_line().await? {
+        let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
+        if message["reason"] == "compiler-artifact" && message["target"]["name"].as_str().map(|n| n.replace('-', "_")) == Some(package.replace('-', "_")) {
+            let so = message["filenames"].as_array().into_iter().flatten().filter_map(Value::as_str).find(|f| f.ends_with(".so"));
+            if let Some(so) = so {
+                artifact = Some(PathBuf::from(so));
+            }
+        }
+    }
+    let status = child.wait().await?;
+    if !status.success() {
+        return Ok(None);
+    }
+    match artifact {
+        Some(a) => Ok(Some(a)),
+        None => bail!("`{package}` built, but produced no .so: set crate-type = [\"cdylib\"] in its [lib] section"),
+    }
+}
+
+async fn rebuild_loop(package: String, release: bool, dirs: Vec<PathBuf>, registry: Arc<Registry>, shutdown: CancellationToken) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let relevant = event.kind.is_create() || event.kind.is_modify() || event.kind.is_remove();
+        let source = event.paths.iter().any(|p| {
+            !p.components().any(|c| c.as_os_str() == "target")
+                && p.extension().is_some_and(|e| e == "rs" || e == "toml")
+        });
+        if relevant && source {
+            let _ = tx.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => return tracing::error!("cannot watch the sources ({e}); live reload is off"),
+    };
+    for dir in &dirs {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::Recursive) {
+            tracing::warn!(dir = %dir.display(), "cannot watch: {e}");
+        }
+    }
+    tracing::info!(package = %package, dirs = ?dirs, "watching sources for changes");
+    loop {
+        tokio::select! {
+            Some(()) = rx.recv() => {}
+            () = shutdown.cancelled() => return,
+        }
+        // Debounce: wait until the burst of writes is over.
+        loop {
+            tokio::select! {
+                Some(()) = rx.recv() => continue,
+                () = tokio::time::sleep(DEBOUNCE) => break,
+                () = shutdown.cancelled() => return,
+            }
+        }
+        tracing::info!(package = %package, "sources changed: rebuilding");
+        match build(&package, release).await {
+            Ok(Some(artifact)) => match registry.load_and_swap(&artifact).await {
+                Ok(generation) => tracing::info!(generation = generation.id(), plugin = %generation.label(), "rebuilt and swapped in"),
+                Err(e) => registry.refuse(&artifact, &e.to_string()),
+            },
+            Ok(None) => {
+                let current = registry.current();
+                tracing::warn!("build failed (compiler errors above); generation {} ({}) keeps serving", current.id(), current.label());
+            }
+            Err(e) => tracing::warn!("build failed: {e:#}"),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The serving lifecycle shared by `hotswap serve` and `hotswap dev`: load the first
+//! generation, listen, run the swap triggers, drain on SIGTERM/SIGINT, unload, exit.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::HostArgs;
+use crate::generation::{self, LoadOptions};
+use crate::loader::ShadowDir;
+use crate::registry::Registry;
+use crate::server::Server;
+
+/// Serves until SIGTERM or SIGINT. `candidates` are tried in order for the first generation;
+/// `triggers` runs beside the server and swaps in new generations (file watcher, dev
+/// rebuilds) until the token is cancelled.
+pub async fn serve<T, F>(args: &HostArgs, candidates: Vec<PathBuf>, triggers: T) -> anyhow::Result<()>
+where
+    T: FnOnce(Arc<Registry>, CancellationToken) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
+    let options = LoadOptions {
+        worker_threads: args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        init_timeout: args.init_timeout,
+        unload_timeout: Duration::from_secs(5),
+        shadow: shadow.clone(),
+    };
+    let registry = Arc::new(Registry::start(&candidates, options, args.drain_timeout).await?);
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    let triggers = tokio::spawn(triggers(registry.clone(), shutdown.clone()));
+    let server = Server::new(registry.clone(), shutdown.clone());
+    server.accept_loop(listener).await;
+    let _ = triggers.await;
+
+    tracing::info!(connections = server.connections(), "draining (up to {:?})", args.drain_timeout);
+    if !server.drained(args.drain_timeout).await {
+        tracing::warn!(connections = server.connections(), "drain timeout reached: aborting responses still in progress");
+        registry.abort_all();
+        server.drained(Duration::from_secs(2)).await;
+    }
+    drop(server);
+    drop(registry);
+    let unloaded = tokio::task::spawn_blocking(|| generation::wait_all_unloaded(Duration::from_secs(15))).await?;
+    if !unloaded {
+        tracing::warn!(resident = generation::resident_generations(), "some generations were not unloaded before exit");
+    }
+    drop(shadow);
+    tracing::info!("shut down");
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("received {name}: shutting down gracefully");
+        shutdown.cancel();
+    });
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! Watching the plugin directory and turning file changes into swaps.
+//!
+//! Files arrive in many ways, and each must end in exactly one load of a complete file:
+//!
+//! - renamed into place (atomic): loaded at once;
+//! - written in place (`cp` over a file, a slow writer): loaded when the writer closes it,
+//!   and only if the ELF image is as long as its headers say (`loader::check_complete`); a
+//!   file that stays incomplete for [`GIVE_UP_AFTER`] is refused as truncated;
+//! - replaced with a new inode (what `cargo build` does): like a rename;
+//! - editor and temporary files, names that are not `*.so`: ignored;
+//! - a plugin file removed: logged; the current generation keeps serving;
+//! - the directory removed and created again: watched again once it is back.
+//!
+//! Events coalesce: the loop drains everything pending before it loads, loads one candidate
+//! at a time, and among complete candidates the most recently modified wins. SIGHUP rescans
+//! the directory. Every refusal is logged with the file and the exact reason, and recorded in
+//! the registry.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::generation::GenerationError;
+use crate::loader::LoadError;
+use crate::registry::Registry;
+
+/// A file written in place is loaded this long after its last change even if no close event
+/// arrives (writers that keep the file open, or mmap it).
+const SETTLE: Duration = Duration::from_millis(300);
+/// A file that stays incomplete, unchanged, this long is refused as truncated.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
+
+/// Where plugins come from: every `*.so` in a directory, or one file of it.
+#[derive(Debug, Clone)]
+pub struct PluginSource {
+    pub dir: PathBuf,
+    /// Only this file name (`--plugin PATH`), or any plugin name (`--plugin-dir DIR`).
+    pub only: Option<std::ffi::OsString>,
+}
+
+impl PluginSource {
+    pub fn directory(dir: PathBuf) -> PluginSource {
+        PluginSource { dir, only: None }
+    }
+
+    pub fn file(path: &Path) -> PluginSource {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        PluginSource { dir, only: path.file_name().map(OsStr::to_os_string) }
+    }
+
+    /// Whether a file of this name may be a plugin.
+    fn accepts(&self, name: &OsStr) -> bool {
+        if let Some(only) = &self.only {
+            return name == only;
+        }
+        let name = name.to_string_lossy();
+        !name.starts_with('.') && !name.starts_with('#') && !name.ends_with('~') && name.ends_with(".so")
+    }
+
+    fn plugin_path(&self, path: &Path) -> Option<PathBuf> {
+        let name = path.file_name()?;
+        (path.parent() == Some(self.dir.as_path()) || path.parent().is_some_and(|p| same_dir(p, &self.dir)))
+            .then_some(())
+            .filter(|()| self.accepts(name))
+            .map(|()| self.dir.join(name))
+    }
+
+    /// Plugin files now in the directory, newest first.
+    pub fn scan(&self) -> Vec<(PathBuf, Identity)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut files: Vec<(PathBuf, Identity)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| self.accepts(&e.file_name()))
+            .filter_map(|e| Some((e.path(), Identity::of(&e.path())?)))
+            .collect();
+        files.sort_by(|a, b| b.1.modified.cmp(&a.1.modified));
+        files
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// What distinguishes one version of a file from the next: a rename or `cargo build` changes
+/// the inode, a write in place the size or modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: SystemTime,
+}
+
+impl Identity {
+    pub fn of(path: &Path) -> Option<Identity> {
+        let m = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+        Some(Identity { dev: m.dev(), ino: m.ino(), len: m.len(), modified: m.modified().ok()? })
+    }
+}
+
+/// A file that has changed and not yet been loaded or refused.
+#[derive(Debug)]
+struct Pending {
+    /// Complete as far as the writer is concerned (renamed in, or closed after writing).
+    closed: bool,
+    last_event: Instant,
+    /// When it was first found incomplete, and as what.
+    incomplete_since: Option<(Instant, Identity)>,
+}
+
+/// Why the loop woke up.
+enum Trigger {
+    Fs(notify::Result<notify::Event>),
+    Rescan(&'static str),
+}
+
+/// Watches `source` and swaps in new plugins until `shutdown`.
+pub async fn run(source: PluginSource, registry: Arc<Registry>, shutdown: CancellationToken) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let fs_tx = tx.clone();
+    let mut watcher = match notify::recommended_watcher(move |event| {
+        let _ = fs_tx.send(Trigger::Fs(event));
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!("cannot watch {} ({e}); new plugins are picked up on SIGHUP only", source.dir.display());
+            return sighup_only(source, registry, shutdown, tx, rx).await;
+        }
+    };
+    spawn_sighup(tx.clone(), shutdown.clone());
+
+    let mut watching = false;
+    let mut handled: HashMap<PathBuf, Identity> = HashMap::new();
+    // What is serving already counts as handled. (Scoped: holding the Arc would keep that
+    // generation resident for as long as the watcher runs.)
+    {
+        let current = registry.current();
+        if let Some(id) = Identity::of(current.source()) {
+            handled.insert(current.source().to_path_buf(), id);
+        }
+    }
+    let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
+    let mut rescan: Option<&'static str> = None;
+
+    loop {
+        if !watching {
+            watching = watcher.watch(&source.dir, RecursiveMode::NonRecursive).is_ok();
+            if watching {
+                tracing::info!(dir = %source.dir.display(), "watching for new plugin builds");
+                rescan.get_or_insert("directory (re)appeared");
+            }
+        }
+        let tick = if !pending.is_empty() || !watching { Duration::from_millis(50) } else { Duration::from_secs(3600) };
+        let first = tokio::select! {
+            t = rx.recv() => t,
+            () = tokio::time::sleep(tick) => None,
+            () = shutdown.cancelled() => return,
+        };
+        // Coalesce: take everything that has arrived.
+        let mut triggers: Vec<Trigger> = first.into_iter().collect();
+        while let Ok(t) = rx.try_recv() {
+            triggers.push(t);
+        }
+        for trigger in triggers {
+            match trigger {
+                Trigger::Rescan(why) => rescan = Some(why),
+                Trigger::Fs(Err(e)) => tracing::warn!("watch error: {e}"),
+                Trigger::Fs(Ok(event)) => {
+                    if event.paths.iter().any(|p| p == &source.dir) && matches!(event.kind, EventKind::Remove(_)) {
+                        tracing::warn!(dir = %source.dir.display(), "plugin directory removed; the current generation keeps serving");
+                        let _ = watcher.unwatch(&source.dir);
+                        watching = false;
+                    }
+                    note_event(&source, &event, &mut pending);
+                }
+            }
+        }
+        if !watching && source.dir.is_dir() {
+            continue; // re-watch first, then rescan
+        }
+        if let Some(why) = rescan.take() {
+            let mut found = false;
+            for (path, identity) in source.scan() {
+                if handled.get(&path) != Some(&identity) {
+                    found = true;
+                    pending.entry(path).or_insert(Pending { closed: true, last_event: Instant::now(), incomplete_since: None });
+                }
+            }
+            if !found && why == "SIGHUP" {
+                let current = registry.current();
+                tracing::info!(
+                    dir = %source.dir.display(),
+                    "SIGHUP: no new plugin file; generation {} ({}) keeps serving", current.id(), current.label()
+                );
+            }
+        }
+        if let Some(path) = pick(&mut pending, &handled) {
+            attempt(&path, &registry, &mut pending, &mut handled).await;
+        }
+    }
+}
+
+fn note_event(source: &PluginSource, event: &notify::Event, pending: &mut HashMap<PathBuf, Pending>) {
+    for path in &event.paths {
+        let Some(path) = source.plugin_path(path) else { continue };
+        match event.kind {
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) if !path.exists() => {
+                pending.remove(&path);
+                tracing::info!(file = %path.display(), "plugin file removed; the current generation keeps serving");
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Create(_)
+            | EventKind::Modify(_) => {
+                // A file renamed into place is complete; a created or modified one is
+                // complete once its writer closes it (or after SETTLE without changes).
+                let closed = matches!(
+                    event.kind,
+                    EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Modify(ModifyKind::Name(_))
+                );
+                let entry = pending.entry(path).or_insert(Pending {
+                    closed,
+                    last_event: Instant::now(),
+                    incomplete_since: None,
+                });
+                entry.closed = closed || (entry.closed && !matches!(event.kind, EventKind::Modify(ModifyKind::Data(_))));
+                entry.last_event = Instant::now();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The newest pending file that is ready to load; drops pending files that vanished or are
+/// what is already handled.
+fn pick(pending: &mut HashMap<PathBuf, Pending>, handled: &HashMap<PathBuf, Identity>) -> Option<PathBuf> {
+    pending.retain(|path, _| Identity::of(path).is_some_and(|id| handled.get(path) != Some(&id)));
+    pending
+        .iter()
+        .filter(|(_, p)| p.closed || p.last_event.elapsed() >= SETTLE)
+        .filter_map(|(path, _)| Some((path.clone(), Identity::of(path)?)))
+        .max_by_key(|(_, id)| id.modified)
+        .map(|(path, _)| path)
+}
+
+async fn attempt(
+    path: &Path,
+    registry: &Registry,
+    pending: &mut HashMap<PathBuf, Pending>,
+    handled: &mut HashMap<PathBuf, Identity>,
+) {
+    let Some(identity) = Identity::of(path) else { return };
+    match registry.load_and_swap(path).await {
+        Ok(_) => {
+            pending.remove(path);
+            handled.insert(path.to_path_buf(), identity);
+            // Older candidates lose to the one just loaded.
+            pending.retain(|p, _| Identity::of(p).is_some_and(|id| id.modified > identity.modified));
+        }
+        Err(GenerationError::Load(LoadError::Incomplete { len, needed, .. })) => {
+            let Some(entry) = pending.get_mut(path) else { return };
+            entry.closed = false; // wait for the writer
+            match entry.incomplete_since {
+                Some((since, seen)) if seen == identity && since.elapsed() >= GIVE_UP_AFTER => {
+                    let reason = format!(
+                        "incomplete file: {len} bytes, but its ELF headers say it ends at byte {needed}; unchanged for {GIVE_UP_AFTER:?}, so it is truncated"
+                    );
+                    registry.refuse(path, &reason);
+                    pending.remove(path);
+                    handled.insert(path.to_path_buf(), identity);
+                }
+                Some((_, seen)) if seen == identity => {}
+                _ => {
+                    tracing::debug!(file = %path.display(), len, needed, "plugin file still incomplete; waiting for the writer");
+                    entry.incomplete_since = Some((Instant::now(), identity));
+                    entry.last_event = Instant::now();
+                }
+            }
+        }
+        Err(e) => {
+            registry.refuse(path, &e.to_string());
+            pending.remove(path);
+            handled.insert(path.to_path_buf(), identity);
+        }
+    }
+}
+
+fn spawn_sighup(tx: mpsc::UnboundedSender<Trigger>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("cannot install the SIGHUP handler: {e}"),
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = hup.recv() => {
+                    tracing::info!("SIGHUP: rescanning the plugin directory");
+                    if tx.send(Trigger::Rescan("SIGHUP")).is_err() { return; }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Fallback when the OS watcher cannot start: swap on SIGHUP only.
+async fn sighup_only(
+    source: PluginSource,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tx: mpsc::UnboundedSender<Trigger>,
+    mut rx: mpsc::UnboundedReceiver<Trigger>,
+) {
+    spawn_sighup(tx, shutdown.clone());
+    let mut handled = HashMap::new();
+    loop {
+        tokio::select! {
+            Some(_) = rx.recv() => {
+                let mut pending = HashMap::new();
+                for (path, _) in source.scan() {
+                    pending.insert(path, Pending { closed: true, last_event: Instant::now(), incomplete_since: None });
+                }
+                if let Some(path) = pick(&mut pending, &handled) {
+                    attempt(&path, &registry, &mut pending, &mut handled).await;
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
