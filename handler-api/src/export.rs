@@ -265,10 +265,10 @@ macro_rules! __optional_hook {
         None
     };
     ($ready:path) => {{
-        unsafe extern "C" fn ready(sink: *mut ::core::ffi::c_void) -> $crate::abi::FfiPoll {
+        unsafe extern "C" fn __hotswap_ready(sink: *mut ::core::ffi::c_void) -> $crate::abi::FfiPoll {
             $crate::__private::run_fallible(sink, $ready)
         }
-        Some(ready as unsafe extern "C" fn(*mut ::core::ffi::c_void) -> $crate::abi::FfiPoll)
+        Some(__hotswap_ready as unsafe extern "C" fn(*mut ::core::ffi::c_void) -> $crate::abi::FfiPoll)
     }};
 }
 
@@ -319,7 +319,7 @@ macro_rules! export_handler {
             version: $crate::abi::FfiStr::from_static($version),
             rustc: $crate::abi::FfiStr::from_static($crate::__private::RUSTC),
             init: {
-                unsafe extern "C" fn init(
+                unsafe extern "C" fn __hotswap_init(
                     host: *const $crate::abi::HostApi,
                     sink: *mut ::core::ffi::c_void,
                 ) -> $crate::abi::FfiPoll {
@@ -332,23 +332,23 @@ macro_rules! export_handler {
                         })
                     }
                 }
-                init
+                __hotswap_init
             },
             ready: $crate::__optional_hook!($($ready)?),
             handle: {
-                unsafe extern "C" fn handle(
+                unsafe extern "C" fn __hotswap_handle(
                     request: *const $crate::abi::FfiRequest,
                 ) -> $crate::abi::FfiResponseFuture {
                     // SAFETY: the host passes a request valid for this call.
                     unsafe { $crate::__private::handle(&$handler, request) }
                 }
-                handle
+                __hotswap_handle
             },
             shutdown: {
-                unsafe extern "C" fn shutdown() {
+                unsafe extern "C" fn __hotswap_shutdown() {
                     $crate::__private::run_shutdown(|| { $( $shutdown(); )? });
                 }
-                shutdown
+                __hotswap_shutdown
             },
         };
     };

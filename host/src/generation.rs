@@ -347,8 +347,16 @@ impl Retired {
                 tracing::warn!(generation = id, plugin = %label, "shutdown hook did not return within {timeout:?}");
             }
         }
+        let joining = Instant::now();
         runtime.shutdown_timeout(timeout);
-        let stragglers = live_threads(&thread_name(id));
+        // A joined thread can linger in /proc for a moment while the kernel finishes its exit
+        // (pthread_join returns when the tid is cleared, before the task is reaped): wait for
+        // those. A thread still there after the timeout is stuck in plugin code.
+        let mut stragglers = live_threads(&thread_name(id));
+        while stragglers > 0 && joining.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(2));
+            stragglers = live_threads(&thread_name(id));
+        }
         if stragglers > 0 {
             // Code of the library is still running (an init or blocking job that never
             // returns): closing it would pull the code out from under that thread.

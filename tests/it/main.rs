@@ -2,3 +2,4 @@
 //! binary on an ephemeral loopback port and talks HTTP to it with a real client.
 
 mod core;
+mod swap;

@@ -38,19 +38,21 @@ pub struct Artifacts {
     pub example: PathBuf,
     pub faulty: PathBuf,
     pub wrong_abi: PathBuf,
+    pub tls: PathBuf,
 }
 
 pub fn artifacts() -> &'static Artifacts {
     static BUILT: OnceLock<Artifacts> = OnceLock::new();
     BUILT.get_or_init(|| {
         let _lock = build_lock();
-        cargo_build(&["hotswap", "example-handler", "fixture-faulty", "fixture-wrong-abi"], &[]);
+        cargo_build(&["hotswap", "example-handler", "fixture-faulty", "fixture-wrong-abi", "fixture-tls"], &[]);
         let release = target_dir().join("release");
         Artifacts {
             hotswap: release.join("hotswap"),
             example: release.join("libexample_handler.so"),
             faulty: release.join("libfixture_faulty.so"),
             wrong_abi: release.join("libfixture_wrong_abi.so"),
+            tls: release.join("libfixture_tls.so"),
         }
     })
 }
@@ -64,21 +66,55 @@ pub fn build_lock() -> std::sync::MutexGuard<'static, ()> {
 /// Builds the example handler with `EXAMPLE_HANDLER_VERSION=version` and copies the library
 /// to a stable path of its own (cached per version).
 pub fn example_version(version: &str) -> PathBuf {
+    variant("example-handler", "EXAMPLE_HANDLER_VERSION", version)
+}
+
+/// Builds `package` with `var=value` in the environment (read by `option_env!`) and copies
+/// the library to a path of its own; cached per variant. Puts the default build back.
+pub fn variant(package: &str, var: &str, value: &str) -> PathBuf {
     static CACHE: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
-    if let Some((_, p)) = CACHE.lock().unwrap().iter().find(|(v, _)| v == version) {
+    let key = format!("{package}-{value}");
+    if let Some((_, p)) = CACHE.lock().unwrap().iter().find(|(k, _)| *k == key) {
         return p.clone();
     }
     artifacts();
     let _lock = build_lock();
-    cargo_build(&["example-handler"], &[("EXAMPLE_HANDLER_VERSION", version)]);
+    cargo_build(&[package], &[(var, value)]);
     let dir = target_dir().join("it-plugins");
     std::fs::create_dir_all(&dir).unwrap();
-    let dest = dir.join(format!("libexample_handler-{version}.so"));
-    std::fs::copy(target_dir().join("release/libexample_handler.so"), &dest).unwrap();
-    // Put the default build back for tests that use `artifacts().example`.
-    cargo_build(&["example-handler"], &[]);
-    CACHE.lock().unwrap().push((version.to_owned(), dest.clone()));
+    let lib = format!("lib{}.so", package.replace('-', "_"));
+    let dest = dir.join(format!("{key}.so"));
+    std::fs::copy(target_dir().join("release").join(&lib), &dest).unwrap();
+    cargo_build(&[package], &[]);
+    CACHE.lock().unwrap().push((key, dest.clone()));
     dest
+}
+
+/// A fresh directory under the target dir (left for inspection; cleaned by `cargo clean`).
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = target_dir().join("it-tmp").join(format!("{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Puts `src` at `dest` atomically: copy to a hidden temporary name, then rename.
+pub fn place_by_rename(src: &Path, dest: &Path) {
+    let tmp = dest.with_file_name(format!(".{}.tmp", dest.file_name().unwrap().to_string_lossy()));
+    std::fs::copy(src, &tmp).unwrap();
+    std::fs::rename(&tmp, dest).unwrap();
+}
+
+/// Writes `src` over `dest` in place (same inode), as `cp` does.
+pub fn place_by_cp(src: &Path, dest: &Path) {
+    std::fs::copy(src, dest).unwrap();
+}
+
+/// The `version=` line of the example handler's greeting.
+pub fn version_in(greeting: &str) -> Option<String> {
+    greeting.lines().find_map(|l| l.strip_prefix("version=")).map(str::to_owned)
 }
 
 /// A running `hotswap` process; killed on drop if still running.
