@@ -116,15 +116,21 @@ async fn build(package: &str, release: bool) -> anyhow::Result<Option<PathBuf>> 
     }
 }
 
+/// A `.rs` or `.toml` file inside a watched package, not in its build output.
+fn is_source(dirs: &[PathBuf], path: &Path) -> bool {
+    let in_package = dirs.iter().filter_map(|d| path.strip_prefix(d).ok()).any(|rel| {
+        !rel.components().any(|c| c.as_os_str() == "target" || c.as_os_str().to_string_lossy().starts_with('.'))
+    });
+    in_package && path.extension().is_some_and(|e| e == "rs" || e == "toml")
+}
+
 async fn rebuild_loop(package: String, release: bool, dirs: Vec<PathBuf>, registry: Arc<Registry>, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watched = dirs.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         let relevant = event.kind.is_create() || event.kind.is_modify() || event.kind.is_remove();
-        let source = event.paths.iter().any(|p| {
-            !p.components().any(|c| c.as_os_str() == "target")
-                && p.extension().is_some_and(|e| e == "rs" || e == "toml")
-        });
+        let source = event.paths.iter().any(|p| is_source(&watched, p));
         if relevant && source {
             let _ = tx.send(());
         }

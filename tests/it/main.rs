@@ -2,4 +2,6 @@
 //! binary on an ephemeral loopback port and talks HTTP to it with a real client.
 
 mod core;
+mod candidates;
+mod dev;
 mod swap;

@@ -132,8 +132,20 @@ impl Host {
 
     /// Like `serve`, but returns the log if the process exits before listening.
     pub fn try_serve(args: &[&str]) -> Result<Host, String> {
-        let mut child = Command::new(&artifacts().hotswap)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+        let mut full = vec!["serve", "--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Host::start(&full, None, &[], Duration::from_secs(30))
+    }
+
+    /// Runs `hotswap ARGS` (in `cwd`, if given) and waits up to `startup` until it listens;
+    /// returns the log if it does not.
+    pub fn start(args: &[&str], cwd: Option<&Path>, env: &[(&str, &Path)], startup: Duration) -> Result<Host, String> {
+        let mut cmd = Command::new(&artifacts().hotswap);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", "info,hotswap=debug,plugin=debug")
             .stdin(Stdio::null())
@@ -155,7 +167,7 @@ impl Host {
                 log.push('\n');
             }
         });
-        match rx.recv_timeout(Duration::from_secs(30)) {
+        match rx.recv_timeout(startup) {
             Ok(addr) => Ok(Host { child, addr, log }),
             Err(_) => {
                 let _ = child.kill();

@@ -1,0 +1,112 @@
+//! Bad candidates are refused with a reason while the current version keeps serving; a slow
+//! writer is waited for.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, version_in, Host};
+
+fn system_libz() -> PathBuf {
+    ["/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib64/libz.so.1", "/usr/lib/libz.so.1"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("no system libz to use as a shared library that is not a plugin")
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> PathBuf {
+    std::fs::write(path, bytes).unwrap();
+    path.to_path_buf()
+}
+
+#[tokio::test]
+async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
+    let v1 = example_version("1.0.0");
+    let v2 = example_version("2.0.0");
+    let init_error = variant("fixture-init", "FIXTURE_INIT", "error");
+    let init_panic = variant("fixture-init", "FIXTURE_INIT", "panic");
+    let init_hang = variant("fixture-init", "FIXTURE_INIT", "hang");
+
+    let dir = temp_dir("candidates");
+    let scratch = temp_dir("candidates-src");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let host = Arc::new(Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--init-timeout", "1s"]));
+
+    // Probe all along: every answer must come from v1 until the slow writer's v2 completes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(AtomicU64::new(0));
+    let prober = {
+        let (host, stop, answers) = (host.clone(), stop.clone(), answers.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let text = client.get(host.url("/")).send().await.expect("request failed").text().await.unwrap();
+                assert_eq!(version_in(&text).as_deref(), Some("1.0.0"), "{text}");
+                answers.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    let real = std::fs::read(&v2).unwrap();
+    let mut random = vec![0u8; 8192];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in random.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        ("empty.so", write_file(&scratch.join("empty"), b""), "incomplete file: 0 bytes"),
+        ("random.so", write_file(&scratch.join("random"), &random), "not a loadable shared library"),
+        ("truncated.so", write_file(&scratch.join("truncated"), &real[..real.len() / 2]), "so it is truncated"),
+        ("libz.so", system_libz(), "not a hotswap plugin"),
+        ("wrong-abi.so", artifacts().wrong_abi.clone(), "plugin ABI version 999, host ABI version 1"),
+        ("init-error.so", init_error, "init failed: fixture: init refuses on purpose"),
+        ("init-panic.so", init_panic, "init panicked: panicked: fixture: init panics on purpose"),
+        ("init-hang.so", init_hang, "init did not return within 1s"),
+    ];
+    for (name, source, reason) in &cases {
+        place_by_rename(source, &dir.join(name));
+        let expected = format!("refused plugin candidate: ");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = host.log();
+            if log.lines().any(|l| l.contains(&expected) && l.contains(reason) && l.contains(name)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} was not refused with {reason:?}:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(!host.log().contains("swapped:"), "a bad candidate was swapped in:\n{}", host.log());
+
+    // A slow writer: v2 written in place in small pieces. Never refused, loaded once complete.
+    let slow = dir.join("slow.so");
+    let mut file = std::fs::File::create(&slow).unwrap();
+    for piece in real.chunks(real.len() / 40 + 1) {
+        file.write_all(piece).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    prober.await.expect("an answer did not come from v1 while bad candidates arrived");
+    assert!(answers.load(Ordering::Relaxed) > 50);
+    drop(file);
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = client.get(host.url("/")).send().await.unwrap().text().await.unwrap();
+        if version_in(&text).as_deref() == Some("2.0.0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slowly written v2 was not swapped in:\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = host.log();
+    assert!(!log.lines().any(|l| l.contains("refused") && l.contains("slow.so")), "{log}");
+}

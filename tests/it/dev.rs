@@ -1,0 +1,85 @@
+//! `hotswap dev`: live reload of a crate's sources.
+
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{temp_dir, workspace, Host};
+
+async fn wait_for_answer(host: &Host, want: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(host.url("/")).send().await {
+            last = response.text().await.unwrap_or_default();
+            if last.contains(want) {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no answer containing {want:?} within {timeout:?} (last: {last:?})\n{}", host.log());
+}
+
+#[tokio::test]
+async fn dev_mode_rebuilds_on_change_and_keeps_serving_through_a_syntax_error() {
+    // A temporary copy of the example handler, as its own cargo workspace.
+    let dir = temp_dir("dev");
+    let root = workspace();
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::copy(root.join("example-handler/src/lib.rs"), dir.join("src/lib.rs")).unwrap();
+    std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            r#"[package]
+name = "devapp"
+version = "0.1.0"
+edition = "2021"
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+handler-api = {{ path = "{}" }}
+bytes = "1"
+http = "1"
+futures-util = {{ version = "0.3", default-features = false, features = ["std"] }}
+sha2 = "0.10"
+tracing = "0.1"
+
+[workspace]
+"#,
+            root.join("handler-api").display()
+        ),
+    )
+    .unwrap();
+    let target = root.join("target/it-dev");
+    let args = ["dev", "--package", "devapp", "--listen", "127.0.0.1:0"];
+    let cwd = dir.clone();
+    let host = tokio::task::spawn_blocking(move || {
+        Host::start(&args, Some(&cwd), &[("CARGO_TARGET_DIR", target.as_path())], Duration::from_secs(300))
+    })
+        .await
+        .unwrap()
+        .unwrap_or_else(|log| panic!("hotswap dev did not start:\n{log}"));
+    wait_for_answer(&host, "hello from example-handler", Duration::from_secs(10)).await;
+    let pid = host.pid();
+
+    let source = dir.join("src/lib.rs");
+    let original = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, original.replace("hello from", "howdy from")).unwrap();
+    wait_for_answer(&host, "howdy from example-handler", Duration::from_secs(120)).await;
+    assert_eq!(host.pid(), pid);
+    assert!(host.log().contains("rebuilt and swapped in"), "{}", host.log());
+
+    std::fs::write(&source, original.replace("hello from", "howdy from") + "\nfn broken( {\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !host.log().contains("build failed") {
+        assert!(Instant::now() < deadline, "the broken build was not reported:\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = host.log();
+    assert!(log.contains("error"), "the compiler's errors were not shown:\n{log}");
+    assert!(log.contains("keeps serving"), "{log}");
+    wait_for_answer(&host, "howdy from example-handler", Duration::from_secs(5)).await;
+}
