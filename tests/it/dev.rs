@@ -53,7 +53,7 @@ tracing = "0.1"
         ),
     )
     .unwrap();
-    let target = root.join("target/it-dev");
+    let target = hotswap_tests::target_dir().join("it-dev");
     let args = ["dev", "--package", "devapp", "--listen", "127.0.0.1:0"];
     let cwd = dir.clone();
     let host = tokio::task::spawn_blocking(move || {
