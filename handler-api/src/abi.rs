@@ -465,14 +465,4 @@ pub mod waker {
         // SAFETY: BORROWED's functions only read `ffi`, which the caller keeps valid.
         ManuallyDrop::new(unsafe { Waker::from_raw(RawWaker::new(ffi as *const (), &BORROWED)) })
     }
-
-    /// Takes ownership of an owned `FfiWaker` (such as one returned by its `clone`).
-    ///
-    /// # Safety
-    /// `ffi` must be an owned waker, and not be used or released elsewhere afterwards.
-    pub unsafe fn adopt(ffi: FfiWaker) -> Waker {
-        let boxed = Box::into_raw(Box::new(ffi));
-        // SAFETY: OWNED's functions release the boxed FfiWaker exactly once.
-        unsafe { Waker::from_raw(RawWaker::new(boxed as *const (), &OWNED)) }
-    }
 }

@@ -379,7 +379,7 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
                 %method, %path, status = response.status().as_u16(), generation = generation.id(),
                 elapsed = ?started.elapsed(), "request"
             );
-            response.map(|body| HostBody { body, _guard: guard })
+            response.map(|body| HostBody { body, guard: guard })
         }
         Err(e) => {
             tracing::error!(%method, %path, generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
@@ -391,7 +391,7 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
 
 fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody> {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
-    let mut response = Response::new(HostBody { body: ResponseBody::Full(Some(Bytes::from(text))), _guard: guard });
+    let mut response = Response::new(HostBody { body: ResponseBody::Full(Some(Bytes::from(text))), guard: guard });
     *response.status_mut() = status;
     response
 }
@@ -426,7 +426,7 @@ impl Drop for RequestGuard {
 /// plugin's body is dropped (running plugin code) before the generation is released.
 pub struct HostBody {
     body: ResponseBody,
-    _guard: RequestGuard,
+    guard: RequestGuard,
 }
 
 impl http_body::Body for HostBody {
@@ -437,7 +437,7 @@ impl http_body::Body for HostBody {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         if let Poll::Ready(Some(Err(e))) = &polled {
-            let generation = &this._guard.generation;
+            let generation = &this.guard.generation;
             tracing::error!(generation = generation.id(), plugin = %generation.label(), "{e}; response aborted");
         }
         polled

@@ -167,7 +167,13 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, shutdown: Cancel
                 rescan.get_or_insert("directory (re)appeared");
             }
         }
-        let tick = if !pending.is_empty() || !watching { Duration::from_millis(50) } else { Duration::from_secs(3600) };
+        let tick = if rescan.is_some() {
+            Duration::ZERO // a rescan is due: do not wait for an event that may never come
+        } else if !pending.is_empty() || !watching {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_secs(3600)
+        };
         let first = tokio::select! {
             t = rx.recv() => t,
             () = tokio::time::sleep(tick) => None,

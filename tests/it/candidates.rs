@@ -29,6 +29,7 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
     let init_error = variant("fixture-init", "FIXTURE_INIT", "error");
     let init_panic = variant("fixture-init", "FIXTURE_INIT", "panic");
     let init_hang = variant("fixture-init", "FIXTURE_INIT", "hang");
+    let not_ready = variant("fixture-init", "FIXTURE_INIT", "notready");
 
     let dir = temp_dir("candidates");
     let scratch = temp_dir("candidates-src");
@@ -69,6 +70,7 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
         ("init-error.so", init_error, "init failed: fixture: init refuses on purpose"),
         ("init-panic.so", init_panic, "init panicked: panicked: fixture: init panics on purpose"),
         ("init-hang.so", init_hang, "init did not return within 1s"),
+        ("not-ready.so", not_ready, "readiness check failed: fixture: not ready on purpose"),
     ];
     for (name, source, reason) in &cases {
         place_by_rename(source, &dir.join(name));

@@ -187,3 +187,14 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_0() {
     assert_eq!(code.0, Some(0), "{}", code.1);
     assert!(code.1.contains("generation unloaded and unmapped"), "{}", code.1);
 }
+
+#[tokio::test]
+async fn blocking_work_runs_on_the_hosts_pool_and_its_panics_are_errors() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    let text = reqwest::get(host.url("/blocking")).await.unwrap().text().await.unwrap();
+    assert_eq!(text, "42 on another thread: true\n");
+    let text = reqwest::get(host.url("/blocking-panic")).await.unwrap().text().await.unwrap();
+    assert_eq!(text, "error: the blocking job panicked\n");
+    assert!(host.wait_for_log("blocking job panic", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(reqwest::get(host.url("/")).await.unwrap().status(), 200);
+}

@@ -2,11 +2,11 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use hotswap_tests::{artifacts, example_version, is_pattern, place_by_cp, place_by_rename, temp_dir, version_in, Host};
+use hotswap_tests::{artifacts, example_version, is_pattern, log_time, place_by_cp, place_by_rename, temp_dir, version_in, Host};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -87,52 +87,55 @@ async fn two_hundred_swaps_under_keep_alive_load_lose_nothing() {
     place_by_rename(&builds[0], &dir.join("app.so"));
     let host = Arc::new(serve_dir(&dir, &[]));
 
-    // The test's timeline of placements: (when, version index).
-    let timeline = Arc::new(Mutex::new(vec![(Instant::now(), 0usize)]));
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for _ in 0..8 {
-        let (host, timeline, stop, served) = (host.clone(), timeline.clone(), stop.clone(), served.clone());
+        let (host, stop, served) = (host.clone(), stop.clone(), served.clone());
         clients.push(tokio::spawn(async move {
             let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
-            let mut stale = Vec::new();
+            let mut answers = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                let sent = Instant::now();
+                let sent = SystemTime::now();
                 let response = client.get(host.url("/")).send().await.expect("request failed during swaps");
                 assert_eq!(response.status(), 200);
                 let answered = version_in(&response.text().await.unwrap()).unwrap();
-                let received = Instant::now();
+                answers.push((sent, SystemTime::now(), answered));
                 served.fetch_add(1, Ordering::Relaxed);
-                // Current at some moment during the request: placed before `received`, and not
-                // replaced by two later placements before `sent` (the host may lag the file
-                // system by one swap, never by two).
-                let timeline = timeline.lock().unwrap();
-                let last_before_sent = timeline.iter().rposition(|(t, _)| *t <= sent).unwrap_or(0);
-                let allowed: Vec<usize> = timeline[last_before_sent.saturating_sub(1)..]
-                    .iter()
-                    .filter(|(t, _)| *t <= received)
-                    .map(|(_, v)| *v)
-                    .collect();
-                if !allowed.iter().any(|v| versions[*v] == answered) {
-                    stale.push(answered);
-                }
             }
-            stale
+            answers
         }));
     }
     for i in 1..=200 {
-        let v = i % versions.len();
-        place_by_rename(&builds[v], &dir.join("app.so"));
-        timeline.lock().unwrap().push((Instant::now(), v));
+        place_by_rename(&builds[i % versions.len()], &dir.join("app.so"));
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
+    let mut answers = Vec::new();
     for c in clients {
-        let stale = c.await.expect("a client failed");
-        assert!(stale.is_empty(), "answers from versions not current during the request: {stale:?}");
+        answers.extend(c.await.expect("a client failed"));
     }
+
+    // The host's own timeline: when each version became current (the log line follows the
+    // atomic swap within microseconds; allow 5 ms for the log to be written).
+    let log = host.log();
+    let mut timeline = vec![(std::time::UNIX_EPOCH, "1.0.0".to_owned())];
+    for line in log.lines().filter(|l| l.contains("swapped: new requests go to")) {
+        let to = line.split(" to=example-handler@").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
+        timeline.push((log_time(line).expect("log line without a timestamp"), to.to_owned()));
+    }
+    let slack = Duration::from_millis(5);
+    let stale: Vec<_> = answers
+        .iter()
+        .filter(|(sent, received, version)| {
+            // Current at some moment in [sent, received]: the one current at `sent`, or any
+            // that became current before `received`.
+            let at_sent = timeline.iter().rposition(|(t, _)| *t <= *sent).unwrap_or(0);
+            !timeline[at_sent..].iter().any(|(t, v)| v == version && *t <= *received + slack)
+        })
+        .collect();
+    assert!(stale.is_empty(), "{} answers from versions not current during their request, e.g. {:?}", stale.len(), stale.first());
     assert!(served.load(Ordering::Relaxed) > 1000, "too few requests to mean anything");
     let last = versions[200 % versions.len()];
     assert_eq!(version(&reqwest::Client::new(), &host).await, last);
@@ -184,4 +187,55 @@ async fn thread_locals_tracing_and_thread_current_survive_100_swaps_and_shutdown
     let code = tokio::task::spawn_blocking(move || (host.wait_exit(Duration::from_secs(20)), host.log())).await.unwrap();
     assert_eq!(code.0, Some(0), "hotswap crashed or hung at shutdown:\n{}", code.1);
     assert!(!code.1.contains("STILL MAPPED"), "{}", code.1);
+}
+
+#[tokio::test]
+async fn sighup_file_removal_and_a_recreated_directory() {
+    let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
+    let dir = temp_dir("swap-dir");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let host = serve_dir(&dir, &[]);
+    let client = reqwest::Client::new();
+
+    host.signal("HUP");
+    assert!(host.wait_for_log("SIGHUP: no new plugin file", Duration::from_secs(5)), "{}", host.log());
+
+    std::fs::remove_file(dir.join("app.so")).unwrap();
+    assert!(host.wait_for_log("plugin file removed", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(version(&client, &host).await, "1.0.0");
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(host.wait_for_log("plugin directory removed", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(version(&client, &host).await, "1.0.0");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Editor and temporary files are ignored.
+    std::fs::write(dir.join(".app.so.swp"), b"not a plugin").unwrap();
+    std::fs::write(dir.join("notes.txt~"), b"not a plugin").unwrap();
+    place_by_rename(&v2, &dir.join("app.so"));
+    let placed = Instant::now();
+    while version(&client, &host).await != "2.0.0" {
+        assert!(placed.elapsed() < Duration::from_secs(5), "v2 not picked up in the re-created directory\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!host.log().contains("refused"), "{}", host.log());
+}
+
+#[tokio::test]
+async fn the_drain_timeout_cuts_off_an_old_generation_and_unloads_it() {
+    let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
+    let dir = temp_dir("swap-drain");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let host = serve_dir(&dir, &["--drain-timeout", "1s"]);
+    // 8 MiB at 1 MiB/s would take 8 s; the old generation may only stream for 1 s more.
+    let download = reqwest::get(host.url(&format!("/download?size={}&rate={}", 8 * MIB, MIB))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    place_by_rename(&v2, &dir.join("app.so"));
+    let started = Instant::now();
+    let result = download.bytes().await;
+    assert!(result.is_err(), "the old generation's download was not cut off");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(host.wait_for_log("drain timeout", Duration::from_secs(5)), "{}", host.log());
+    let mapped = wait_mapped(&host, 1, Duration::from_secs(5)).await;
+    assert_eq!(mapped.len(), 1, "v1 still mapped after its drain timeout: {mapped:?}\n{}", host.log());
+    assert_eq!(version(&reqwest::Client::new(), &host).await, "2.0.0");
 }

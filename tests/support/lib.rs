@@ -256,3 +256,23 @@ impl Drop for Host {
 pub fn is_pattern(chunk: &[u8], at: u64) -> bool {
     chunk.iter().enumerate().all(|(i, b)| *b == ((at + i as u64) % 256) as u8)
 }
+
+/// Parses the UTC timestamp that starts a log line (`2026-11-24T15:56:34.659029Z`).
+pub fn log_time(line: &str) -> Option<std::time::SystemTime> {
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, min) = (t.next()?.parse::<u64>().ok()?, t.next()?.parse::<u64>().ok()?);
+    let secs: f64 = t.next()?.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe - 719_468) as u64;
+    let nanos = ((days * 86_400 + h * 3600 + min * 60) as f64 + secs) * 1e9;
+    Some(std::time::UNIX_EPOCH + Duration::from_nanos(nanos as u64))
+}
