@@ -202,25 +202,20 @@ impl Future for ConnTask {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        // Before reading the next request: a request that arrives together with the news of
+        // a swap must go to the new generation.
+        if this.try_move(cx) {
+            return Poll::Ready(());
+        }
         let Some(connection) = this.connection.as_mut() else { return Poll::Ready(()) };
         if connection.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        // Checked after every poll of the connection: that is when an HTTP/1 response may
-        // just have ended.
-        let idle = this.conn.h1_in_flight.load(Ordering::Acquire) == 0;
-        if this.superseded.as_mut().poll(cx).is_ready() && idle {
-            let next = this.server.registry.current();
-            if next.id() != this.generation.id() {
-                if let Some(connection) = this.connection.take() {
-                    this.conn.generation.store(next.clone());
-                    let task = ConnTask::new(connection, this.conn.clone(), this.server.clone());
-                    next.handle().spawn(task);
-                }
-                return Poll::Ready(());
-            }
+        // And after: an HTTP/1 response may just have ended.
+        if this.try_move(cx) {
+            return Poll::Ready(());
         }
-        if this.aborted.as_mut().poll(cx).is_ready() && !idle {
+        if this.aborted.as_mut().poll(cx).is_ready() && this.conn.h1_in_flight.load(Ordering::Acquire) > 0 {
             tracing::warn!(
                 generation = this.generation.id(),
                 plugin = %this.generation.label(),
@@ -230,6 +225,24 @@ impl Future for ConnTask {
             return Poll::Ready(());
         }
         Poll::Pending
+    }
+}
+
+impl ConnTask {
+    /// Moves the connection to the current generation if this one was superseded and no
+    /// HTTP/1 request is in progress. Returns whether it moved.
+    fn try_move(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.superseded.as_mut().poll(cx).is_pending() || self.conn.h1_in_flight.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let next = self.server.registry.current();
+        if next.id() == self.generation.id() {
+            return false;
+        }
+        let Some(connection) = self.connection.take() else { return false };
+        self.conn.generation.store(next.clone());
+        next.handle().spawn(ConnTask::new(connection, self.conn.clone(), self.server.clone()));
+        true
     }
 }
 
