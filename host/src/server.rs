@@ -380,7 +380,8 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
 async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Response<HostBody>, std::convert::Infallible> {
     let generation = &guard.generation;
     let started = Instant::now();
-    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    // For the log lines below; cloning a Uri bumps a reference count, it does not allocate.
+    let (method, uri) = (request.method().clone(), request.uri().clone());
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), "request polled outside its generation's runtime");
@@ -389,13 +390,13 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
     let response = match bridge::call(generation.declaration(), request).await {
         Ok(response) => {
             tracing::debug!(
-                %method, %path, status = response.status().as_u16(), generation = generation.id(),
+                %method, path = uri.path(), status = response.status().as_u16(), generation = generation.id(),
                 elapsed = ?started.elapsed(), "request"
             );
             response.map(|body| HostBody { body, guard: guard })
         }
         Err(e) => {
-            tracing::error!(%method, %path, generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
+            tracing::error!(%method, path = uri.path(), generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, guard)
         }
     };
