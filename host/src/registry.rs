@@ -42,8 +42,7 @@ impl Registry {
     /// does not start without one. The error lists every refusal.
     pub async fn start(candidates: &[PathBuf], options: LoadOptions, drain_timeout: Duration) -> Result<Registry, StartError> {
         let mut refusals = Vec::new();
-        let mut next_id = 1;
-        for plugin in candidates {
+        for (next_id, plugin) in (1..).zip(candidates) {
             match Generation::load(plugin, next_id, &options).await {
                 Ok(first) => {
                     tracing::info!(generation = first.id(), plugin = %first.label(), file = %plugin.display(), "plugin loaded");
@@ -61,7 +60,6 @@ impl Registry {
                 }
                 Err(e) => refusals.push(e.to_string()),
             }
-            next_id += 1;
         }
         Err(StartError(refusals))
     }

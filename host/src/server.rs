@@ -393,7 +393,7 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
                 %method, path = uri.path(), status = response.status().as_u16(), generation = generation.id(),
                 elapsed = ?started.elapsed(), "request"
             );
-            response.map(|body| HostBody { body, guard: guard })
+            response.map(|body| HostBody { body, guard })
         }
         Err(e) => {
             tracing::error!(%method, path = uri.path(), generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
@@ -405,7 +405,7 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
 
 fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody> {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
-    let mut response = Response::new(HostBody { body: ResponseBody::Full(Some(Bytes::from(text))), guard: guard });
+    let mut response = Response::new(HostBody { body: ResponseBody::Full(Some(Bytes::from(text))), guard });
     *response.status_mut() = status;
     response
 }

@@ -86,7 +86,7 @@ impl PluginSource {
             .filter(|e| self.accepts(&e.file_name()))
             .filter_map(|e| Some((e.path(), Identity::of(&e.path())?)))
             .collect();
-        files.sort_by(|a, b| b.1.modified.cmp(&a.1.modified));
+        files.sort_by_key(|f| std::cmp::Reverse(f.1.modified));
         files
     }
 }

@@ -74,11 +74,11 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
     ];
     for (name, source, reason) in &cases {
         place_by_rename(source, &dir.join(name));
-        let expected = format!("refused plugin candidate: ");
+        let expected = "refused plugin candidate: ";
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let log = host.log();
-            if log.lines().any(|l| l.contains(&expected) && l.contains(reason) && l.contains(name)) {
+            if log.lines().any(|l| l.contains(expected) && l.contains(reason) && l.contains(name)) {
                 break;
             }
             assert!(Instant::now() < deadline, "{name} was not refused with {reason:?}:\n{log}");
