@@ -390,13 +390,13 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
     let response = match bridge::call(generation.declaration(), request).await {
         Ok(response) => {
             tracing::debug!(
-                %method, path = uri.path(), status = response.status().as_u16(), generation = generation.id(),
+                %method, path = %uri.path(), status = response.status().as_u16(), generation = generation.id(),
                 elapsed = ?started.elapsed(), "request"
             );
             response.map(|body| HostBody { body, guard })
         }
         Err(e) => {
-            tracing::error!(%method, path = uri.path(), generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
+            tracing::error!(%method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, guard)
         }
     };

@@ -21,6 +21,8 @@ async fn greets_with_name_and_version() {
     assert!(body.contains("version=0.1.0"), "{body}");
     let health = reqwest::get(host.url("/health")).await.unwrap();
     assert_eq!(health.status(), 200);
+    // One line per request at debug level.
+    assert!(host.wait_for_log("request method=GET path=/health status=200", Duration::from_secs(5)), "{}", host.log());
 }
 
 #[tokio::test]
@@ -98,6 +100,10 @@ async fn streams_a_256_mib_upload_without_buffering_it() {
     assert!(text.contains(&format!("bytes={size}")), "{text}");
     assert!(text.contains(&format!("sha256={expected}")), "{text}");
     assert!(peak < idle + 64 * MIB, "RSS peaked at {} MiB, idle was {} MiB", peak / MIB, idle / MIB);
+    // The plugin's own `tracing` event, in the host's log, tagged with its name and version.
+    assert!(host.wait_for_log("upload received", Duration::from_secs(5)), "{}", host.log());
+    let line = host.log().lines().find(|l| l.contains("upload received")).unwrap().to_owned();
+    assert!(line.contains("plugin=example-handler@0.1.0") && line.contains(&format!("bytes={size}")), "{line}");
 }
 
 #[tokio::test]
@@ -135,6 +141,12 @@ async fn a_handler_panic_is_a_500_and_the_next_request_is_served() {
     assert_eq!(response.text().await.unwrap(), "fine\n");
     assert!(host.wait_for_log("handler panic on purpose", Duration::from_secs(5)), "{}", host.log());
     assert!(host.log().contains("answered 500"), "{}", host.log());
+    // Reported through the host's log by the plugin's hook, not by std's default hook
+    // (which would print "thread '...' panicked at").
+    let log = host.log();
+    let line = log.lines().find(|l| l.contains("handler panic on purpose")).unwrap();
+    assert!(line.contains("plugin panicked at") && line.contains("plugin=fixture-faulty@0.1.0"), "{line}");
+    assert!(!log.contains("thread '"), "{log}");
 }
 
 #[tokio::test]
