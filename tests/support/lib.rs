@@ -47,12 +47,21 @@ pub fn artifacts() -> &'static Artifacts {
         let _lock = build_lock();
         cargo_build(&["hotswap", "example-handler", "fixture-faulty", "fixture-wrong-abi", "fixture-tls"], &[]);
         let release = target_dir().join("release");
+        // Private copies: hosts watch the file they serve, and other tests rebuild variants
+        // of these crates in target/release.
+        let dir = target_dir().join("it-plugins");
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = |lib: &str| {
+            let dest = dir.join(lib);
+            std::fs::copy(release.join(lib), &dest).unwrap();
+            dest
+        };
         Artifacts {
             hotswap: release.join("hotswap"),
-            example: release.join("libexample_handler.so"),
-            faulty: release.join("libfixture_faulty.so"),
-            wrong_abi: release.join("libfixture_wrong_abi.so"),
-            tls: release.join("libfixture_tls.so"),
+            example: copy("libexample_handler.so"),
+            faulty: copy("libfixture_faulty.so"),
+            wrong_abi: copy("libfixture_wrong_abi.so"),
+            tls: copy("libfixture_tls.so"),
         }
     })
 }
