@@ -448,6 +448,16 @@ pub mod waker {
         FfiWaker { data: waker as *const Waker as *const c_void, vtable: &NATIVE }
     }
 
+    /// Whether `ffi` is a waker of this side that made a round trip (as opposed to one the
+    /// other side created itself).
+    ///
+    /// # Safety
+    /// `ffi` must point at a valid `FfiWaker`.
+    pub unsafe fn is_native(ffi: *const FfiWaker) -> bool {
+        // SAFETY: the caller guarantees `ffi` is valid.
+        core::ptr::eq(unsafe { (*ffi).vtable }, &NATIVE)
+    }
+
     /// Views a waker lent by the other side as a std `Waker`, valid while `ffi` is.
     ///
     /// # Safety

@@ -9,7 +9,8 @@ use std::ffi::c_void;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -96,6 +97,37 @@ unsafe extern "C" fn error_write(sink: *mut c_void, text: FfiStr) {
 struct RequestBody {
     incoming: Incoming,
     current: Bytes,
+    /// A waker the plugin made itself, parked here instead of inside hyper (see
+    /// [`PluginWakerProxy`]).
+    plugin_waker: Option<Arc<Mutex<Option<Waker>>>>,
+    proxy: Option<Waker>,
+}
+
+/// What hyper gets instead of a waker the plugin made itself (`FuturesUnordered` and the like
+/// make their own). hyper and h2 keep the last waker in state the *connection* owns, and the
+/// connection may have moved to a newer generation, or outlive this one: a plugin waker woken
+/// or dropped there would run plugin code on the wrong threads, or after `dlclose`. The proxy
+/// is host code; it wakes the plugin's waker on the generation's own runtime, and the plugin's
+/// waker is dropped there too (in `body_poll` or `body_drop`).
+struct PluginWakerProxy {
+    generation: tokio::runtime::Handle,
+    slot: Weak<Mutex<Option<Waker>>>,
+}
+
+impl std::task::Wake for PluginWakerProxy {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(slot) = self.slot.upgrade() else { return };
+        self.generation.spawn(async move {
+            let waker = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        });
+    }
 }
 
 unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, chunk: *mut FfiStr) -> FfiPoll {
@@ -104,8 +136,28 @@ unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, chunk:
         // polls it from one thread at a time (it holds it by `&mut`).
         let body = unsafe { &mut *(body as *mut RequestBody) };
         // SAFETY: the plugin keeps `waker` valid for this call.
+        let native = unsafe { abi::waker::is_native(waker) };
+        // SAFETY: as above.
         let waker = unsafe { abi::waker::borrow(waker) };
-        let mut cx = Context::from_waker(&waker);
+        let waker: &Waker = if native {
+            &waker
+        } else {
+            // Park a clone of the plugin's waker here (on this generation's thread) and give
+            // hyper the proxy.
+            let slot = body.plugin_waker.get_or_insert_with(|| Arc::new(Mutex::new(None))).clone();
+            let mut parked = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            if !parked.as_ref().is_some_and(|w| w.will_wake(&waker)) {
+                *parked = Some((*waker).clone());
+            }
+            drop(parked);
+            body.proxy.get_or_insert_with(|| {
+                Waker::from(Arc::new(PluginWakerProxy {
+                    generation: tokio::runtime::Handle::current(),
+                    slot: Arc::downgrade(&slot),
+                }))
+            })
+        };
+        let mut cx = Context::from_waker(waker);
         loop {
             match Pin::new(&mut body.incoming).poll_frame(&mut cx) {
                 Poll::Pending => return FfiPoll::PENDING,
@@ -135,8 +187,15 @@ unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, chunk:
 }
 
 unsafe extern "C" fn body_drop(body: *mut c_void) {
-    // SAFETY: the plugin releases each body exactly once.
-    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(body as *mut RequestBody) }));
+    let _ = catch_unwind(|| {
+        // SAFETY: the plugin releases each body exactly once.
+        let body = unsafe { Box::from_raw(body as *mut RequestBody) };
+        // Drop the parked plugin waker here, on the generation's thread; the proxy hyper may
+        // still hold then finds an empty slot.
+        if let Some(slot) = &body.plugin_waker {
+            drop(slot.lock().unwrap_or_else(PoisonError::into_inner).take());
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -210,7 +269,8 @@ unsafe extern "C" fn chunk_push(sink: *mut c_void, data: FfiStr) {
 pub fn call(declaration: &PluginDeclaration, request: http::Request<Incoming>) -> PluginCall {
     let (parts, incoming) = request.into_parts();
     let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
-    let body = Box::into_raw(Box::new(RequestBody { incoming, current: Bytes::new() })) as *mut c_void;
+    let body = Box::into_raw(Box::new(RequestBody { incoming, current: Bytes::new(), plugin_waker: None, proxy: None }))
+        as *mut c_void;
     let headers: Vec<FfiHeader> = parts
         .headers
         .iter()

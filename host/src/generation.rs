@@ -200,16 +200,21 @@ impl Generation {
             _ => return Err(GenerationError::InitFailed { plugin, reason }),
         }
         if let Some(ready) = generation.declaration().ready {
-            let (outcome, reason) = generation
+            let outcome_and_reason = generation
                 .run_hook(options.init_timeout, move |sink| {
                     // SAFETY: `init` succeeded; `sink` is a live String.
                     unsafe { ready(sink) }
                 })
-                .await
-                .ok_or_else(|| GenerationError::NotReady {
-                    plugin: plugin.clone(),
+                .await;
+            let Some((outcome, reason)) = outcome_and_reason else {
+                // `ready` is still running: the shutdown hook must not run beside it. Its
+                // thread keeps the library loaded (see `Retired::unload`).
+                generation.initialized = false;
+                return Err(GenerationError::NotReady {
+                    plugin,
                     reason: format!("no answer within {:?}", options.init_timeout),
-                })?;
+                });
+            };
             if outcome != FfiPoll::READY {
                 return Err(GenerationError::NotReady { plugin, reason });
             }

@@ -210,3 +210,15 @@ async fn blocking_work_runs_on_the_hosts_pool_and_its_panics_are_errors() {
     assert!(host.wait_for_log("blocking job panic", Duration::from_secs(5)), "{}", host.log());
     assert_eq!(reqwest::get(host.url("/")).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_body_read_under_the_plugins_own_waker_streams_over_http1_and_http2() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    let size = 8 * MIB as usize;
+    for client in [reqwest::Client::new(), reqwest::Client::builder().http2_prior_knowledge().build().unwrap()] {
+        let chunks = futures_util::stream::iter((0..size / 65536).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 65536]))));
+        let response = client.post(host.url("/count-unordered")).body(reqwest::Body::wrap_stream(chunks)).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), format!("{size}\n"));
+    }
+    assert!(!host.log().contains("ERROR"), "{}", host.log());
+}
