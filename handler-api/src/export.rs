@@ -68,7 +68,7 @@ pub unsafe fn init(
         std::panic::set_hook(Box::new(|info| {
             let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
             let message = panic_message(info.payload());
-            log::emit(host_table(), 1, "panic", &format!("plugin panicked{location}: {message}"));
+            log::emit(crate::host(), 1, "panic", &format!("plugin panicked{location}: {message}"));
         }));
         // Fails only if the author installed a subscriber of their own; theirs then wins.
         let _ = tracing::subscriber::set_global_default(log::HostSubscriber::new(table));
@@ -78,10 +78,6 @@ pub unsafe fn init(
         return FfiPoll::PANICKED;
     }
     hook(sink)
-}
-
-fn host_table() -> &'static HostApi {
-    host()
 }
 
 /// Runs an author's fallible hook (init or readiness), reporting its error or panic.

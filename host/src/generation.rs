@@ -314,7 +314,7 @@ impl Drop for Generation {
         };
         // This may run on one of the generation's own threads (the last request ended
         // there), which cannot join itself: the reaper thread does the unloading.
-        reaper().send(Retired::into_message(retired));
+        reaper().send(Message::Retire(Box::new(retired)));
     }
 }
 
@@ -332,10 +332,6 @@ struct Retired {
 }
 
 impl Retired {
-    fn into_message(self) -> Message {
-        Message::Retire(Box::new(self))
-    }
-
     /// Shutdown hook, join threads, close, delete, verify.
     fn unload(self) {
         let started = Instant::now();

@@ -70,12 +70,11 @@ impl PluginSource {
         !name.starts_with('.') && !name.starts_with('#') && !name.ends_with('~') && name.ends_with(".so")
     }
 
+    /// The path of a plugin file this source serves, if `path` (from an event) is one.
     fn plugin_path(&self, path: &Path) -> Option<PathBuf> {
-        let name = path.file_name()?;
-        (path.parent() == Some(self.dir.as_path()) || path.parent().is_some_and(|p| same_dir(p, &self.dir)))
-            .then_some(())
-            .filter(|()| self.accepts(name))
-            .map(|()| self.dir.join(name))
+        let (name, parent) = (path.file_name()?, path.parent()?);
+        let in_dir = parent == self.dir || same_dir(parent, &self.dir);
+        (in_dir && self.accepts(name)).then(|| self.dir.join(name))
     }
 
     /// Plugin files now in the directory, newest first.
