@@ -137,7 +137,8 @@ pub struct FfiHeader {
 #[repr(C)]
 #[derive(Debug)]
 pub struct FfiHostBody {
-    /// Opaque host handle.
+    /// Opaque host handle; null when the request has no body (the plugin then neither polls
+    /// nor drops it).
     pub handle: *mut c_void,
     /// Exact length if known (`Content-Length`), else `u64::MAX`.
     pub exact_len: u64,

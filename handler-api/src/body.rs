@@ -109,6 +109,9 @@ impl Body {
     }
 
     pub(crate) fn from_host(body: FfiHostBody) -> Body {
+        if body.handle.is_null() {
+            return Body::empty();
+        }
         let exact_len = (body.exact_len != u64::MAX).then_some(body.exact_len);
         Body { kind: Kind::Host(HostBody { handle: body.handle, exact_len }) }
     }

@@ -4,6 +4,7 @@
 //! for the host, after the panic hook installed by `init` has sent its message to the host's
 //! log. Nothing unwinds across the boundary.
 
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt::Display;
 use std::future::Future;
@@ -13,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 
 use crate::abi::{self, FfiBody, FfiPoll, FfiRequest, FfiResponseFuture, FfiStr, HostApi, ABI_VERSION};
 use crate::body::Kind;
@@ -100,7 +101,15 @@ pub fn run_shutdown(hook: impl FnOnce()) {
     let _ = catch_unwind(AssertUnwindSafe(hook));
 }
 
-type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
+/// A request in progress in the plugin: the state behind an [`FfiResponseFuture`].
+enum Call<F> {
+    /// The handler's future.
+    Running(F),
+    /// Answered without the handler (the request could not be rebuilt).
+    Answered(Response),
+    /// Finished, or the handler panicked.
+    Done,
+}
 
 /// `handle` of the declaration: turns the host's request into an `http::Request`, calls the
 /// handler and returns its future.
@@ -108,26 +117,43 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
 /// # Safety
 /// `request` must point at a valid `FfiRequest` whose strings stay valid during this call.
 pub unsafe fn handle<H: Handler>(handler: &H, request: *const FfiRequest) -> FfiResponseFuture {
-    let future = catch_unwind(AssertUnwindSafe(|| {
+    let call = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: forwarded from the caller.
         let request = unsafe { &*request };
         // Take the body first, so it goes back to the host even if the rest is invalid.
         let body = Body::from_host(abi::FfiHostBody { handle: request.body.handle, exact_len: request.body.exact_len });
         // SAFETY: forwarded from the caller.
         match unsafe { build_request(request, body) } {
-            Ok(req) => handler.call(req),
-            Err(e) => Box::pin(std::future::ready(bad_request(e))) as ResponseFuture,
+            Ok(req) => Call::Running(handler.call(req)),
+            Err(e) => Call::Answered(bad_request(e)),
         }
     }))
-    .ok();
-    let state = Box::into_raw(Box::new(future)) as *mut c_void;
-    FfiResponseFuture { state, poll: poll_response, drop: drop_response }
+    .unwrap_or(Call::Done);
+    // One allocation per request: the future lives in this box, which never moves, until the
+    // host drops it.
+    let state = Box::into_raw(Box::new(call)) as *mut c_void;
+    FfiResponseFuture { state, poll: poll_response::<H::Future>, drop: drop_response::<H::Future> }
 }
 
 fn bad_request(reason: String) -> Response {
     let mut res = Response::new(Body::from(format!("bad request: {reason}\n")));
     *res.status_mut() = http::StatusCode::BAD_REQUEST;
     res
+}
+
+thread_local! {
+    /// The header map of this thread's last response, emptied, for its next request (what
+    /// hyper does too): two allocations fewer per request. Generation threads are joined
+    /// before the library unloads, so this destructor always runs in time.
+    static SPARE_HEADERS: Cell<Option<HeaderMap>> = const { Cell::new(None) };
+}
+
+/// Keeps `headers` for the next request on this thread, unless it grew unusually large.
+fn recycle(mut headers: HeaderMap) {
+    if headers.capacity() <= 64 {
+        headers.clear();
+        SPARE_HEADERS.set(Some(headers));
+    }
 }
 
 unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
@@ -150,43 +176,59 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     } else {
         unsafe { std::slice::from_raw_parts(r.headers, r.headers_len) }
     };
-    let map = req.headers_mut();
+    let mut map = SPARE_HEADERS.take().unwrap_or_default();
     map.reserve(headers.len());
     for h in headers {
         let name = HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
         let value = HeaderValue::from_bytes(unsafe { h.value.as_bytes() }).map_err(|e| e.to_string())?;
         map.append(name, value);
     }
+    *req.headers_mut() = map;
     Ok(req)
 }
 
-unsafe extern "C" fn poll_response(state: *mut c_void, waker: *const abi::FfiWaker, out: *mut c_void) -> FfiPoll {
+unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
+    state: *mut c_void,
+    waker: *const abi::FfiWaker,
+    out: *mut c_void,
+) -> FfiPoll {
     // SAFETY: `state` is the box made in `handle`, exclusively ours until `drop_response`.
-    let slot = unsafe { &mut *(state as *mut Option<ResponseFuture>) };
-    let Some(future) = slot.as_mut() else {
-        return FfiPoll::PANICKED; // the handler panicked earlier (or was polled after completion)
+    let call = unsafe { &mut *(state as *mut Call<F>) };
+    let response = match call {
+        Call::Running(future) => {
+            // SAFETY: the future sits in a box that is never moved, and is dropped in place.
+            let future = unsafe { Pin::new_unchecked(future) };
+            // SAFETY: the host keeps `waker` valid for this call.
+            let waker = unsafe { abi::waker::borrow(waker) };
+            let mut cx = Context::from_waker(&waker);
+            match catch_unwind(AssertUnwindSafe(|| future.poll(&mut cx))) {
+                Ok(Poll::Pending) => return FfiPoll::PENDING,
+                Ok(Poll::Ready(response)) => response,
+                Err(_) => {
+                    // Dropping a future that panicked may panic again; contain that too.
+                    let _ = catch_unwind(AssertUnwindSafe(|| *call = Call::Done));
+                    return FfiPoll::PANICKED;
+                }
+            }
+        }
+        Call::Answered(_) => match std::mem::replace(call, Call::Done) {
+            Call::Answered(response) => response,
+            _ => unreachable!("matched above"),
+        },
+        // The handler panicked earlier (or was polled after completion).
+        Call::Done => return FfiPoll::PANICKED,
     };
-    // SAFETY: the host keeps `waker` valid for this call.
-    let waker = unsafe { abi::waker::borrow(waker) };
-    let mut cx = Context::from_waker(&waker);
-    match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx))) {
-        Ok(Poll::Pending) => FfiPoll::PENDING,
-        Ok(Poll::Ready(response)) => {
-            *slot = None;
-            catch_unwind(AssertUnwindSafe(|| describe(response, out))).unwrap_or(FfiPoll::PANICKED)
-        }
-        Err(_) => {
-            // Dropping a future that panicked may panic again; contain that too.
-            let _ = catch_unwind(AssertUnwindSafe(|| *slot = None));
-            FfiPoll::PANICKED
-        }
-    }
+    let finished = catch_unwind(AssertUnwindSafe(|| {
+        *call = Call::Done;
+        describe(response, out)
+    }));
+    finished.unwrap_or(FfiPoll::PANICKED)
 }
 
-unsafe extern "C" fn drop_response(state: *mut c_void) {
+unsafe extern "C" fn drop_response<F>(state: *mut c_void) {
     let _ = catch_unwind(|| {
         // SAFETY: the host calls this exactly once with the box made in `handle`.
-        drop(unsafe { Box::from_raw(state as *mut Option<ResponseFuture>) });
+        drop(unsafe { Box::from_raw(state as *mut Call<F>) });
     });
 }
 
@@ -205,6 +247,7 @@ fn describe(response: Response, out: *mut c_void) -> FfiPoll {
             return FfiPoll::ERROR;
         }
     }
+    recycle(parts.headers);
     let exact_len = body.exact_len().unwrap_or(u64::MAX);
     match body.into_kind() {
         Kind::Empty => unsafe { (host.response_set_full_body)(out, FfiStr::EMPTY) },

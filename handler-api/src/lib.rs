@@ -72,6 +72,7 @@ mod services;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicPtr, Ordering};
+use std::task::{Context, Poll};
 
 pub use body::Body;
 pub use response::IntoResponse;
@@ -96,8 +97,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The bounds exist because the host may run requests on several threads at once and keeps
 /// the handler for as long as the plugin is loaded.
 pub trait Handler: Send + Sync + 'static {
+    /// The future [`call`](Handler::call) returns.
+    type Future: Future<Output = Response> + Send + 'static;
+
     /// Starts handling `req`.
-    fn call(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>>;
+    fn call(&self, req: Request) -> Self::Future;
 }
 
 impl<F, Fut, R> Handler for F
@@ -106,9 +110,30 @@ where
     Fut: Future<Output = R> + Send + 'static,
     R: IntoResponse,
 {
-    fn call(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send>> {
-        let fut = self(req);
-        Box::pin(async move { fut.await.into_response() })
+    type Future = HandlerFuture<Fut>;
+
+    fn call(&self, req: Request) -> Self::Future {
+        HandlerFuture { inner: self(req) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a handler function: its output, turned into a [`Response`].
+    pub struct HandlerFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, R> Future for HandlerFuture<F>
+where
+    F: Future<Output = R>,
+    R: IntoResponse,
+{
+    type Output = Response;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        self.project().inner.poll(cx).map(IntoResponse::into_response)
     }
 }
 

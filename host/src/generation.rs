@@ -25,7 +25,7 @@
 use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -91,8 +91,8 @@ pub struct Generation {
     loaded_at: Instant,
     handle: tokio::runtime::Handle,
     in_flight: AtomicUsize,
-    superseded: CancellationToken,
-    aborted: CancellationToken,
+    superseded: Signal,
+    aborted: Signal,
     initialized: bool,
     unload_timeout: Duration,
     // Taken by `Drop`, which hands them to the reaper. The table and context must outlive
@@ -173,8 +173,8 @@ impl Generation {
             loaded_at: Instant::now(),
             handle: runtime.handle().clone(),
             in_flight: AtomicUsize::new(0),
-            superseded: CancellationToken::new(),
-            aborted: CancellationToken::new(),
+            superseded: Signal::default(),
+            aborted: Signal::default(),
             initialized: false,
             unload_timeout: options.unload_timeout,
             library: ManuallyDrop::new(library),
@@ -285,14 +285,39 @@ impl Generation {
         &self.in_flight
     }
 
-    /// Cancelled when a newer generation has become current.
-    pub fn superseded(&self) -> &CancellationToken {
+    /// Raised when a newer generation has become current.
+    pub fn superseded(&self) -> &Signal {
         &self.superseded
     }
 
-    /// Cancelled when the responses still running here must be cut off (drain timeout).
-    pub fn aborted(&self) -> &CancellationToken {
+    /// Raised when the responses still running here must be cut off (drain timeout).
+    pub fn aborted(&self) -> &Signal {
         &self.aborted
+    }
+}
+
+/// A one-way event about a generation. Connections look at it on every poll, so checking
+/// it is one atomic load (a `CancellationToken` takes a lock); the token wakes whoever
+/// waits for it.
+#[derive(Default)]
+pub struct Signal {
+    raised: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Signal {
+    pub fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// The token cancelled when the signal is raised, to wait on.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
     }
 }
 

@@ -109,7 +109,7 @@ impl Registry {
             from = %old.label(), from_generation = old.id(), to = %next.label(), to_generation = next.id(),
             "swapped: new requests go to generation {}", next.id()
         );
-        old.superseded().cancel();
+        old.superseded().raise();
         let old = Arc::downgrade(&old);
         let timeout = self.drain_timeout;
         tokio::spawn(async move {
@@ -119,7 +119,7 @@ impl Registry {
                     generation = old.id(), plugin = %old.label(), in_flight = old.in_flight(),
                     "drain timeout ({timeout:?}) reached: aborting the generation's remaining responses"
                 );
-                old.aborted().cancel();
+                old.aborted().raise();
             }
         });
     }
@@ -133,7 +133,7 @@ impl Registry {
     /// Cuts off every response still in progress, on every generation.
     pub fn abort_all(&self) {
         for generation in self.resident() {
-            generation.aborted().cancel();
+            generation.aborted().raise();
         }
     }
 }

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -178,9 +178,12 @@ struct ConnTask {
     connection: Option<ConnFuture>,
     conn: Arc<ConnState>,
     generation: Arc<Generation>,
-    superseded: Pin<Box<WaitForCancellationFutureOwned>>,
-    aborted: Pin<Box<WaitForCancellationFutureOwned>>,
     server: Arc<Server>,
+    /// Wake this task when its generation is superseded or aborted. They are polled only when
+    /// the task's waker changes (in practice once); every poll reads the signals' flags.
+    superseded: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    aborted: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    registered: Option<Waker>,
 }
 
 impl ConnTask {
@@ -188,12 +191,26 @@ impl ConnTask {
         let generation = conn.generation.load_full();
         ConnTask {
             connection: Some(connection),
-            superseded: Box::pin(generation.superseded().clone().cancelled_owned()),
-            aborted: Box::pin(generation.aborted().clone().cancelled_owned()),
+            superseded: Some(Box::pin(generation.superseded().token().clone().cancelled_owned())),
+            aborted: Some(Box::pin(generation.aborted().token().clone().cancelled_owned())),
+            registered: None,
             generation,
             conn,
             server,
         }
+    }
+
+    /// Makes sure a raised signal wakes this task.
+    fn register(&mut self, cx: &mut Context<'_>) {
+        if self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return;
+        }
+        for wait in [&mut self.superseded, &mut self.aborted] {
+            if wait.as_mut().is_some_and(|w| w.as_mut().poll(cx).is_ready()) {
+                *wait = None;
+            }
+        }
+        self.registered = Some(cx.waker().clone());
     }
 }
 
@@ -202,9 +219,10 @@ impl Future for ConnTask {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        this.register(cx);
         // Before reading the next request: a request that arrives together with the news of
         // a swap must go to the new generation.
-        if this.try_move(cx) {
+        if this.try_move() {
             return Poll::Ready(());
         }
         let Some(connection) = this.connection.as_mut() else { return Poll::Ready(()) };
@@ -212,10 +230,10 @@ impl Future for ConnTask {
             return Poll::Ready(());
         }
         // And after: an HTTP/1 response may just have ended.
-        if this.try_move(cx) {
+        if this.try_move() {
             return Poll::Ready(());
         }
-        if this.aborted.as_mut().poll(cx).is_ready() && this.conn.h1_in_flight.load(Ordering::Acquire) > 0 {
+        if this.generation.aborted().is_raised() && this.conn.h1_in_flight.load(Ordering::Acquire) > 0 {
             tracing::warn!(
                 generation = this.generation.id(),
                 plugin = %this.generation.label(),
@@ -231,8 +249,8 @@ impl Future for ConnTask {
 impl ConnTask {
     /// Moves the connection to the current generation if this one was superseded and no
     /// HTTP/1 request is in progress. Returns whether it moved.
-    fn try_move(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.superseded.as_mut().poll(cx).is_pending() || self.conn.h1_in_flight.load(Ordering::Acquire) > 0 {
+    fn try_move(&mut self) -> bool {
+        if !self.generation.superseded().is_raised() || self.conn.h1_in_flight.load(Ordering::Acquire) > 0 {
             return false;
         }
         let next = self.server.registry.current();
@@ -342,7 +360,7 @@ where
         let generation = self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner).take();
         match generation {
             Some(generation) => {
-                let aborted = generation.aborted().clone();
+                let aborted = generation.aborted().token().clone();
                 generation.handle().spawn(async move {
                     tokio::select! {
                         _ = future => {}
