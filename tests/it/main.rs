@@ -4,4 +4,5 @@
 mod core;
 mod candidates;
 mod dev;
+mod bench;
 mod swap;

@@ -1,0 +1,145 @@
+//! `hotswap-bench`: the benchmark suite behind `bench/run.sh`.
+//!
+//! It starts, on 127.0.0.1 only, hotswap serving the example handler as a plugin, the static
+//! baseline (the same handler compiled into the same hyper setup) and the Node cluster anchor,
+//! drives them with wrk and with its own clients, and writes the results into BENCHMARKS.md.
+//! Every section is bounded in time and count; rounds alternate between servers so that drift
+//! on a noisy machine hits all of them, and the report gives medians and ratios.
+
+mod anchor;
+mod proc;
+mod report;
+mod sections;
+mod swap;
+mod wrk;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use clap::Parser;
+
+/// Benchmarks hotswap against a static hyper server and the Node cluster anchor.
+#[derive(Debug, Parser)]
+#[command(name = "hotswap-bench")]
+struct Args {
+    /// Seconds instead of minutes: one short round of everything, to check that the suite runs
+    /// (its figures mean nothing).
+    #[arg(long)]
+    smoke: bool,
+    /// The hotswap binary.
+    #[arg(long)]
+    hotswap: PathBuf,
+    /// The static baseline binary.
+    #[arg(long)]
+    static_server: PathBuf,
+    /// Two builds of the example handler that answer with different versions.
+    #[arg(long, num_args = 2, required = true)]
+    plugins: Vec<PathBuf>,
+    /// The versions those two builds answer with, in the same order.
+    #[arg(long, num_args = 2, required = true)]
+    versions: Vec<String>,
+    /// A writable copy of the Node cluster anchor (../shared/anchors/node-cluster); without it,
+    /// or without node, the anchor is left out.
+    #[arg(long)]
+    anchor: Option<PathBuf>,
+    /// Also run the anchor's own reload benchmark (bench.sh) for its reload figures.
+    #[arg(long)]
+    anchor_reloads: bool,
+    /// Scratch directory (plugin directory, logs).
+    #[arg(long)]
+    work: PathBuf,
+    /// The report to write (its part between the result markers is replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// The command that ran the suite, for the report.
+    #[arg(long, default_value = "bench/run.sh")]
+    entry: String,
+}
+
+/// How long and how much each section runs.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub hello_rounds: usize,
+    pub hello_time: Duration,
+    pub connections: u32,
+    pub download_rounds: usize,
+    pub download_time: Duration,
+    pub download_size: u64,
+    pub download_connections: u32,
+    pub latency_swaps: usize,
+    pub load_rounds: usize,
+    pub load_time: Duration,
+    pub swap_every: Duration,
+    pub slow_size: u64,
+    pub slow_rate: u64,
+    pub slow_swaps: usize,
+    pub slow_first: Duration,
+    pub slow_spacing: Duration,
+    pub memory_points: [u64; 3],
+}
+
+impl Params {
+    fn full() -> Params {
+        Params {
+            hello_rounds: 3,
+            hello_time: Duration::from_secs(10),
+            connections: 32,
+            download_rounds: 3,
+            download_time: Duration::from_secs(5),
+            download_size: 64 << 20,
+            download_connections: 4,
+            latency_swaps: 100,
+            load_rounds: 2,
+            load_time: Duration::from_secs(10),
+            swap_every: Duration::from_millis(100),
+            slow_size: 20_000_000,
+            slow_rate: 1_000_000,
+            slow_swaps: 5,
+            slow_first: Duration::from_secs(2),
+            slow_spacing: Duration::from_secs(3),
+            memory_points: [10, 100, 1000],
+        }
+    }
+
+    fn smoke() -> Params {
+        Params {
+            hello_rounds: 1,
+            hello_time: Duration::from_secs(1),
+            download_rounds: 1,
+            download_time: Duration::from_secs(1),
+            download_size: 8 << 20,
+            latency_swaps: 5,
+            load_rounds: 1,
+            load_time: Duration::from_secs(1),
+            slow_size: 1_000_000,
+            slow_rate: 1_000_000,
+            slow_swaps: 2,
+            slow_first: Duration::from_millis(300),
+            slow_spacing: Duration::from_millis(300),
+            memory_points: [2, 5, 10],
+            ..Params::full()
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(args.plugins.len() == 2 && args.versions.len() == 2, "give two plugins and two versions");
+    ensure!(args.versions[0] != args.versions[1], "the two builds must answer with different versions");
+    let params = if args.smoke { Params::smoke() } else { Params::full() };
+    std::fs::create_dir_all(&args.work)?;
+    let builds = [0, 1].map(|i| swap::Build { file: args.plugins[i].clone(), version: args.versions[i].clone() });
+    let setup = sections::Setup {
+        hotswap: args.hotswap,
+        static_server: args.static_server,
+        builds,
+        anchor: args.anchor.filter(|_| anchor::node_available()),
+        work: args.work,
+    };
+    let results = sections::run_all(&setup, &params, args.anchor_reloads && !args.smoke)?;
+    let text = report::render(&results, &params, args.smoke, &args.entry);
+    report::write(&args.out, &text)?;
+    eprintln!("== results written to {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! The servers under test, as child processes: start, find their port, read their memory.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A server process, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Server {
+    pub name: &'static str,
+    pub port: u16,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `command` with stderr and stdout in `log`; waits until `ready(log text)` gives
+    /// the port (or the process exits, or 20 s pass).
+    pub fn start(
+        name: &'static str,
+        mut command: Command,
+        log: PathBuf,
+        ready: impl Fn(&str) -> Option<u16>,
+    ) -> Result<Server> {
+        let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        command.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        let child = command.spawn().with_context(|| format!("cannot start {name}: {command:?}"))?;
+        let mut server = Server { name, port: 0, child, log };
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&server.log).unwrap_or_default();
+            if let Some(port) = ready(&text) {
+                server.port = port;
+                eprintln!("== {name} listening on 127.0.0.1:{port} (pid {})", server.pid());
+                return Ok(server);
+            }
+            if let Some(status) = server.child.try_wait()? {
+                bail!("{name} exited at startup ({status}):\n{text}");
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("{name} did not start listening within 20 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process and its children (the Node cluster's workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.pid()];
+        pids.extend(children(self.pid()));
+        pids
+    }
+
+    /// Resident memory of the process and its children, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.pids().into_iter().filter_map(rss_kib).sum()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        signal(self.pid(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The port in a `listening on http://127.0.0.1:PORT` log line (hotswap, static-server).
+pub fn listening_port(log: &str) -> Option<u16> {
+    let rest = &log[log.find("listening on http://127.0.0.1:")? + "listening on http://127.0.0.1:".len()..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// A port that was free a moment ago, for servers that cannot pick their own (Node).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) else { return Vec::new() };
+    text.split_whitespace().filter_map(|p| p.parse().ok()).flat_map(|p| std::iter::once(p).chain(children(p))).collect()
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches(" kB").trim().parse().ok()
+}
+
+/// Distinct files under `dir` mapped into `pid` (hotswap's private copies of plugins).
+pub fn mapped_under(pid: u32, dir: &Path) -> usize {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return 0 };
+    let dir = dir.to_string_lossy();
+    let mut files: Vec<&str> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(|p| p.starts_with(&*dir)).collect();
+    files.sort_unstable();
+    files.dedup();
+    files.len()
+}
+
+/// Open file descriptors of `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}

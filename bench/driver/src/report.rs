@@ -1,0 +1,271 @@
+//! BENCHMARKS.md: the results of the last run, between two markers, so that the analysis
+//! written around them survives a new run.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::sections::Results;
+use crate::{wrk, Params};
+
+const BEGIN: &str = "<!-- results:begin (written by bench/run.sh; edit outside the markers) -->";
+const END: &str = "<!-- results:end -->";
+
+/// Replaces the part between the markers of `path`, or creates the file.
+pub fn write(path: &Path, results: &str) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let block = format!("{BEGIN}\n{results}{END}");
+    let text = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => format!("{}{block}{}", &old[..b], &old[e + END.len()..]),
+        _ => format!("# Benchmarks\n\nWritten by `bench/run.sh`.\n\n{block}\n"),
+    };
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// The `p`-th percentile (nearest rank) in milliseconds.
+fn percentile_ms(v: &[Duration], p: f64) -> f64 {
+    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    if ms.is_empty() {
+        return f64::NAN;
+    }
+    ms.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * ms.len() as f64).ceil().max(1.0) as usize;
+    ms[rank.min(ms.len()) - 1]
+}
+
+fn med(runs: &[wrk::Run], f: impl Fn(&wrk::Run) -> f64) -> f64 {
+    median(runs.iter().map(f).collect())
+}
+
+fn failures(runs: &[wrk::Run]) -> u64 {
+    runs.iter().map(|r| r.failures).sum()
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout }).lines().next().unwrap_or("").trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} CPUs ({cpu}), {} {}", sh("uname", &["-s"]), sh("uname", &["-r"]))
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+pub fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> String {
+    let mut o = String::new();
+    let w = &mut o;
+    let hello = |name: &str| r.hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let dl = |name: &str| r.download.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let rps = |name: &str| med(hello(name), |x| x.rps);
+    let (hot_rps, static_rps, node_rps) = (rps("hotswap"), rps("static"), rps("node-cluster"));
+    let stream = med(dl("hotswap"), |x| x.mib_per_s) / med(dl("static"), |x| x.mib_per_s);
+    let swap_p50 = percentile_ms(&r.latency.first_answer, 50.0);
+    let load_failures = failures(&r.load.swapping);
+    let slow_ok = r.slow.received == r.slow.size && r.slow.checksum_ok && r.slow.error.is_none();
+    let mem = |swaps: u64| r.memory.iter().find(|m| m.swaps == swaps);
+    let [first_point, _, last_point] = p.memory_points;
+
+    let _ = writeln!(w, "## Last run\n");
+    if smoke {
+        let _ = writeln!(w, "**Smoke run** (`{entry}`): seconds per section, to check that the suite works; its figures mean nothing.\n");
+    }
+    let commit = sh("git", &["rev-parse", "--short", "HEAD"]);
+    let _ = writeln!(w, "- Date: {}; commit {commit}", sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let _ = writeln!(w, "- Machine: {}", machine());
+    let _ = writeln!(w, "- Tools: {}, node {}", sh("wrk", &["-v"]).split(" [").next().unwrap_or("wrk"), sh("node", &["--version"]));
+    let _ = writeln!(w, "- Command: `{entry}`; everything on 127.0.0.1, wrk on the same cores as the servers.");
+    if let Some(note) = &r.anchor_note {
+        let _ = writeln!(w, "- {note}.");
+    }
+
+    let _ = writeln!(w, "\n### Targets\n\n| target | measured | |\n|---|---|---|");
+    let _ = writeln!(w, "| hello world ≥ 0.95 × static | {:.3} × static | {} |", hot_rps / static_rps, verdict(hot_rps / static_rps >= 0.95));
+    if node_rps.is_finite() {
+        let _ = writeln!(w, "| hello world ≥ 1.5 × Node cluster | {:.2} × Node cluster | {} |", hot_rps / node_rps, verdict(hot_rps / node_rps >= 1.5));
+    }
+    let _ = writeln!(w, "| streaming ≥ 0.98 × static | {stream:.3} × static | {} |", verdict(stream >= 0.98));
+    let _ = writeln!(w, "| swap latency p50 < 5 ms | {swap_p50:.2} ms | {} |", verdict(swap_p50 < 5.0));
+    let _ = writeln!(w, "| no failed request with a swap every {:?} | {load_failures} failed | {} |", p.swap_every, verdict(load_failures == 0));
+    let _ = writeln!(w, "| throttled download across {} swaps intact | {} | {} |", p.slow_swaps, if slow_ok { "byte-exact" } else { "broken" }, verdict(slow_ok));
+    if let (Some(a), Some(b)) = (mem(first_point), mem(last_point)) {
+        let growth = (b.rss_kib as f64 - a.rss_kib as f64) / 1024.0;
+        let _ = writeln!(
+            w,
+            "| RSS after {last_point} swaps within 5 MiB of after {first_point}, one library mapped | {growth:+.1} MiB, {} mapped | {} |",
+            b.mapped,
+            verdict(growth.abs() <= 5.0 && b.mapped == 1)
+        );
+    }
+
+    let _ = writeln!(w, "\n### a. Hello world\n");
+    let _ = writeln!(w, "Median of {} rounds of {:?} per server, rounds alternating between servers.\n", p.hello_rounds, p.hello_time);
+    let _ = writeln!(w, "| server | req/s | p50 ms | p99 ms | failed | req/s vs static | rounds (req/s) |\n|---|---|---|---|---|---|---|");
+    for (name, runs) in &r.hello {
+        let rounds: Vec<String> = runs.iter().map(|x| format!("{:.0}", x.rps)).collect();
+        let _ = writeln!(
+            w,
+            "| {name} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {} |",
+            med(runs, |x| x.rps),
+            med(runs, |x| x.p50_ms),
+            med(runs, |x| x.p99_ms),
+            failures(runs),
+            med(runs, |x| x.rps) / static_rps,
+            rounds.join(", ")
+        );
+    }
+    let _ = writeln!(w, "\nCommands:");
+    for c in &r.hello_commands {
+        let _ = writeln!(w, "- `{c}`");
+    }
+
+    let _ = writeln!(w, "\n### b. Streaming download (no throttle)\n");
+    let _ = writeln!(w, "Median of {} rounds of `{}`.\n", p.download_rounds, r.download_command);
+    let _ = writeln!(w, "| server | MiB/s | p50 ms per download | failed | vs static |\n|---|---|---|---|---|");
+    for (name, runs) in &r.download {
+        let _ = writeln!(
+            w,
+            "| {name} | {:.0} | {:.1} | {} | {:.3} |",
+            med(runs, |x| x.mib_per_s),
+            med(runs, |x| x.p50_ms),
+            failures(runs),
+            med(runs, |x| x.mib_per_s) / med(dl("static"), |x| x.mib_per_s)
+        );
+    }
+
+    let _ = writeln!(w, "\n### c. Swap latency\n");
+    let _ = writeln!(
+        w,
+        "{} swaps on an idle host: a complete build is copied beside the plugin directory, then renamed into it; \
+         the clock starts at the rename. New requests poll `GET /` back to back, each on a fresh connection.\n",
+        r.latency.first_answer.len()
+    );
+    let _ = writeln!(w, "| | p50 ms | p99 ms | max ms |\n|---|---|---|---|");
+    for (what, v) in [("rename → first answer from the new version", &r.latency.first_answer), ("rename → old generation unmapped", &r.latency.old_unmapped)] {
+        let _ = writeln!(w, "| hotswap: {what} | {:.2} | {:.2} | {:.2} |", percentile_ms(v, 50.0), percentile_ms(v, 99.0), percentile_ms(v, 100.0));
+    }
+    if let Some(a) = &r.anchor_reloads {
+        for anchor in &a.anchors {
+            for (prefix, what) in [("4 reload->first new", "reload → first new answer"), ("4 reload->all workers", "reload → all workers new")] {
+                let _ = writeln!(w, "| {anchor} (anchor): {what}, ms med(min-max) | {} | | |", a.get(prefix, anchor).unwrap_or("n/a"));
+            }
+        }
+    }
+
+    let _ = writeln!(w, "\n### d. Under load, with swaps\n");
+    let _ = writeln!(
+        w,
+        "`{}`, {} rounds each, alternating: without swaps, and with a rename every {:?} \
+         ({} renames, {} swaps logged by the host).\n",
+        r.load.command, p.load_rounds, p.swap_every, r.load.renames, r.load.swaps_logged
+    );
+    let _ = writeln!(w, "| | req/s | p99 ms | failed |\n|---|---|---|---|");
+    let _ = writeln!(w, "| hotswap, no swaps | {:.0} | {:.3} | {} |", med(&r.load.steady, |x| x.rps), med(&r.load.steady, |x| x.p99_ms), failures(&r.load.steady));
+    let _ = writeln!(w, "| hotswap, a swap every {:?} | {:.0} | {:.3} | {} |", p.swap_every, med(&r.load.swapping, |x| x.rps), med(&r.load.swapping, |x| x.p99_ms), load_failures);
+    if let Some(a) = &r.anchor_reloads {
+        for anchor in &a.anchors {
+            let get = |k: &str| a.get(k, anchor).unwrap_or("n/a").to_owned();
+            let _ = writeln!(
+                w,
+                "| {anchor} (anchor), a reload every 2 s | {} | {} | {} non-2xx, socket errors c/r/w/t {} |",
+                get("2 load req/s"),
+                get("2 load latency p99"),
+                get("2 load non-2xx"),
+                get("2 load socket errors")
+            );
+        }
+    }
+
+    let _ = writeln!(w, "\n### e. A throttled download across swaps\n");
+    let s = &r.slow;
+    let _ = writeln!(
+        w,
+        "`GET /download?size={}&rate={}` on hotswap while {} swaps happen ({:?} in, then every {:?}).\n",
+        s.size, p.slow_rate, p.slow_swaps, p.slow_first, p.slow_spacing
+    );
+    let _ = writeln!(w, "| | result | version answered to new requests before each swap, and 1 s after the last |\n|---|---|---|");
+    let _ = writeln!(
+        w,
+        "| hotswap | HTTP {}, {}/{} B, checksum {}, {:.1} s{} | {} |",
+        s.status,
+        s.received,
+        s.size,
+        if s.checksum_ok { "OK" } else { "MISMATCH" },
+        s.elapsed.as_secs_f64(),
+        s.error.as_deref().map(|e| format!(", error: {e}")).unwrap_or_default(),
+        s.versions.join(", ")
+    );
+    if let Some(a) = &r.anchor_reloads {
+        for anchor in &a.anchors {
+            let get = |k: &str| a.get(k, anchor).unwrap_or("n/a").to_owned();
+            let _ = writeln!(w, "| {anchor} (anchor), same download, 5 reloads | {} | {} |", get("3 download"), get("3 version served"));
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\nSwap latency during the download (rename → first new answer): {}.",
+        s.swap_latency.iter().map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(", ")
+    );
+
+    let _ = writeln!(w, "\n### f. Memory\n");
+    let _ = writeln!(w, "Resident memory at steady state, after the hello-world rounds:\n");
+    let _ = writeln!(w, "| server | processes | RSS MiB |\n|---|---|---|");
+    for (name, kib, procs) in &r.rss_kib {
+        let _ = writeln!(w, "| {name} | {procs} | {:.1} |", *kib as f64 / 1024.0);
+    }
+    if let Some(a) = &r.anchor_reloads {
+        for anchor in &a.anchors {
+            let _ = writeln!(w, "| {anchor} (anchor's own figure) | | {} |", a.get("5 RSS", anchor).unwrap_or("n/a"));
+        }
+    }
+    let _ = writeln!(w, "\nA fresh hotswap swapped back and forth between two builds (each swap waits for the first new answer; each point after the old generations have unloaded and 100 requests):\n");
+    let _ = writeln!(w, "| swaps | RSS MiB | plugin libraries mapped | open fds |\n|---|---|---|---|");
+    for m in &r.memory {
+        let _ = writeln!(w, "| {} | {:.1} | {} | {} |", m.swaps, m.rss_kib as f64 / 1024.0, m.mapped, m.fds);
+    }
+    if let Some(a) = &r.anchor_reloads {
+        let _ = writeln!(w, "\nAnchor figures come from its own script, run in the same session: `{}`.", a.command);
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_new_run_replaces_only_the_results() {
+        let path = std::env::temp_dir().join(format!("hotswap-bench-report-{}.md", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        super::write(&path, "first\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("# Title\n\nanalysis before\n\n{}\nanalysis after\n", text.trim_start_matches("# Benchmarks\n"))).unwrap();
+        super::write(&path, "second\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(text.contains("analysis before") && text.contains("analysis after") && text.contains("second\n"), "{text}");
+        assert!(!text.contains("first"), "{text}");
+    }
+}

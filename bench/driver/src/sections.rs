@@ -1,0 +1,360 @@
+//! The measurements, one function per section of the report.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::proc::{self, Server};
+use crate::swap::{Build, Client, Swapper};
+use crate::{anchor, wrk, Params};
+
+/// What the suite runs.
+pub struct Setup {
+    pub hotswap: PathBuf,
+    pub static_server: PathBuf,
+    pub builds: [Build; 2],
+    pub anchor: Option<PathBuf>,
+    pub work: PathBuf,
+}
+
+/// Everything measured, for the report.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub hello: Vec<(&'static str, Vec<wrk::Run>)>,
+    pub hello_commands: Vec<String>,
+    pub rss_kib: Vec<(&'static str, u64, usize)>,
+    pub download: Vec<(&'static str, Vec<wrk::Run>)>,
+    pub download_command: String,
+    pub latency: Latency,
+    pub load: Load,
+    pub slow: Slow,
+    pub memory: Vec<MemoryPoint>,
+    pub anchor_reloads: Option<anchor::Summary>,
+    pub anchor_note: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Latency {
+    /// Rename to first answer from the new version, per swap.
+    pub first_answer: Vec<Duration>,
+    /// Rename to the old generation unmapped (every request on the new version), per swap.
+    pub old_unmapped: Vec<Duration>,
+}
+
+#[derive(Debug, Default)]
+pub struct Load {
+    pub command: String,
+    pub steady: Vec<wrk::Run>,
+    pub swapping: Vec<wrk::Run>,
+    pub renames: u64,
+    pub swaps_logged: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Slow {
+    pub size: u64,
+    pub received: u64,
+    pub status: u16,
+    pub checksum_ok: bool,
+    pub elapsed: Duration,
+    pub error: Option<String>,
+    /// Version answered to a new request before each swap, and one second after the last.
+    pub versions: Vec<String>,
+    pub swap_latency: Vec<Duration>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryPoint {
+    pub swaps: u64,
+    pub rss_kib: u64,
+    pub mapped: usize,
+    pub fds: usize,
+}
+
+pub fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> Result<Results> {
+    let mut results = Results::default();
+    if setup.anchor.is_none() {
+        results.anchor_note = Some("Node.js or the anchor copy is missing: the anchor was left out".into());
+    }
+    {
+        let (hot, mut swapper) = start_hotswap(setup, "hotswap")?;
+        let stat = start_static(setup)?;
+        let node = setup.anchor.as_deref().map(anchor::start_cluster).transpose()?;
+        let mut servers: Vec<&Server> = vec![&hot, &stat];
+        servers.extend(node.as_ref());
+
+        hello(&servers, params, &mut results)?;
+        std::thread::sleep(Duration::from_secs(1));
+        for s in &servers {
+            results.rss_kib.push((s.name, s.rss_kib(), s.pids().len()));
+        }
+        download(&[&hot, &stat], params, &mut results)?;
+        drop(node);
+        drop(stat);
+
+        results.latency = latency(&hot, &mut swapper, setup, params)?;
+        results.load = load(&hot, &mut swapper, params)?;
+        results.slow = slow_download(&hot, &mut swapper, params)?;
+        let log = hot.log_text();
+        drop(hot);
+        check_log(&log)?;
+    }
+    {
+        let (hot, mut swapper) = start_hotswap(setup, "hotswap-memory")?;
+        results.memory = memory(&hot, &mut swapper, setup, params)?;
+        let log = hot.log_text();
+        drop(hot);
+        check_log(&log)?;
+    }
+    if anchor_reloads {
+        if let Some(dir) = &setup.anchor {
+            results.anchor_reloads = Some(anchor::run_reload_bench(dir)?);
+        }
+    }
+    Ok(results)
+}
+
+fn shadow_dir(setup: &Setup, name: &str) -> PathBuf {
+    setup.work.join(name).join("shadow")
+}
+
+fn start_hotswap(setup: &Setup, name: &'static str) -> Result<(Server, Swapper)> {
+    let root = setup.work.join(name);
+    let _ = std::fs::remove_dir_all(&root);
+    let (plugins, staging) = (root.join("plugins"), root.join("staging"));
+    std::fs::create_dir_all(&plugins)?;
+    std::fs::create_dir_all(&staging)?;
+    let swapper = Swapper::new(setup.builds.clone(), &plugins, &staging);
+    swapper.install_first()?;
+    let mut cmd = Command::new(&setup.hotswap);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin-dir"])
+        .arg(&plugins)
+        .arg("--shadow-dir")
+        .arg(shadow_dir(setup, name))
+        .env_remove("RUST_LOG")
+        .env_remove("HOTSWAP_LOG");
+    let server = Server::start("hotswap", cmd, root.join("host.log"), proc::listening_port)?;
+    Ok((server, swapper))
+}
+
+fn start_static(setup: &Setup) -> Result<Server> {
+    let mut cmd = Command::new(&setup.static_server);
+    cmd.args(["--listen", "127.0.0.1:0"]).env_remove("RUST_LOG");
+    Server::start("static", cmd, setup.work.join("static.log"), proc::listening_port)
+}
+
+/// Warnings and errors in a host log mean something went wrong during a section.
+fn check_log(log: &str) -> Result<()> {
+    let bad: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(10).collect();
+    ensure!(bad.is_empty(), "the host logged warnings or errors:\n{}", bad.join("\n"));
+    Ok(())
+}
+
+/// a. Hello world: every server, the same wrk settings, rounds alternating.
+fn hello(servers: &[&Server], params: &Params, results: &mut Results) -> Result<()> {
+    for s in servers {
+        ensure!(Client::new().version(&s.url("/")).is_some(), "{} does not answer GET /", s.name);
+        wrk::run(params.connections, Duration::from_secs(1), &s.url("/"))?; // warm-up
+        results.hello.push((s.name, Vec::new()));
+        results.hello_commands.push(wrk::command_line(params.connections, params.hello_time, &s.url("/")));
+    }
+    for round in 1..=params.hello_rounds {
+        for (i, s) in servers.iter().enumerate() {
+            eprintln!("== hello round {round}: {}", s.name);
+            let run = wrk::run(params.connections, params.hello_time, &s.url("/"))?;
+            results.hello[i].1.push(run);
+        }
+    }
+    Ok(())
+}
+
+/// b. Streaming downloads, no throttle.
+fn download(servers: &[&Server], params: &Params, results: &mut Results) -> Result<()> {
+    let path = format!("/download?size={}", params.download_size);
+    results.download_command = wrk::command_line(params.download_connections, params.download_time, &format!("http://127.0.0.1:PORT{path}"));
+    results.download = servers.iter().map(|s| (s.name, Vec::new())).collect();
+    for round in 1..=params.download_rounds {
+        for (i, s) in servers.iter().enumerate() {
+            eprintln!("== download round {round}: {}", s.name);
+            let run = wrk::run(params.download_connections, params.download_time, &s.url(&path))?;
+            results.download[i].1.push(run);
+        }
+    }
+    Ok(())
+}
+
+/// Waits (bounded) until exactly one plugin library is mapped; returns when that was true.
+fn wait_one_mapped(server: &Server, shadow: &Path, timeout: Duration) -> Result<Instant> {
+    let started = Instant::now();
+    loop {
+        let mapped = proc::mapped_under(server.pid(), shadow);
+        if mapped == 1 {
+            return Ok(Instant::now());
+        }
+        if started.elapsed() > timeout {
+            bail!("{mapped} plugin libraries still mapped after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// c. Swap latency: rename to first new answer, and to the old generation unmapped.
+fn latency(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) -> Result<Latency> {
+    eprintln!("== swap latency: {} swaps", params.latency_swaps);
+    let client = Client::new();
+    let shadow = shadow_dir(setup, "hotswap");
+    let mut latency = Latency::default();
+    for _ in 0..params.latency_swaps {
+        let version = swapper.prepare()?.version.clone();
+        let renamed = swapper.publish()?;
+        loop {
+            if client.version(&hot.url("/")).as_deref() == Some(version.as_str()) {
+                latency.first_answer.push(renamed.elapsed());
+                break;
+            }
+            ensure!(renamed.elapsed() < Duration::from_secs(5), "version {version} not served 5 s after the rename");
+        }
+        let unmapped = wait_one_mapped(hot, &shadow, Duration::from_secs(5))?;
+        latency.old_unmapped.push(unmapped - renamed);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(latency)
+}
+
+fn swaps_logged(server: &Server) -> u64 {
+    server.log_text().matches("swapped: new requests go to generation").count() as u64
+}
+
+/// d. Throughput and failures with a swap every `swap_every`, against the same load without.
+fn load(hot: &Server, swapper: &mut Swapper, params: &Params) -> Result<Load> {
+    let url = hot.url("/");
+    let mut load = Load { command: wrk::command_line(params.connections, params.load_time, &url), ..Load::default() };
+    let before = swaps_logged(hot);
+    for round in 1..=params.load_rounds {
+        eprintln!("== load round {round}: no swaps");
+        load.steady.push(wrk::run(params.connections, params.load_time, &url)?);
+        eprintln!("== load round {round}: a swap every {:?}", params.swap_every);
+        let (run, renames) = std::thread::scope(|scope| -> Result<(wrk::Run, u64)> {
+            let wrk = scope.spawn(|| wrk::run(params.connections, params.load_time, &url));
+            let started = Instant::now();
+            let mut renames = 0;
+            // Leave the last interval free of swaps, so the run ends on a settled version.
+            while started.elapsed() + params.swap_every * 2 < params.load_time {
+                swapper.prepare()?;
+                let due = started + params.swap_every * (renames as u32 + 1);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                swapper.publish()?;
+                renames += 1;
+            }
+            let run = wrk.join().map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+            Ok((run, renames))
+        })?;
+        load.swapping.push(run);
+        load.renames += renames;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    load.swaps_logged = swaps_logged(hot) - before;
+    Ok(load)
+}
+
+/// e. A throttled download across swaps: it must finish byte-exact on its version while new
+/// requests get each new one.
+fn slow_download(hot: &Server, swapper: &mut Swapper, params: &Params) -> Result<Slow> {
+    eprintln!("== throttled download of {} B at {} B/s across {} swaps", params.slow_size, params.slow_rate, params.slow_swaps);
+    let url = hot.url(&format!("/download?size={}&rate={}", params.slow_size, params.slow_rate));
+    let client = Client::new();
+    let mut slow = Slow { size: params.slow_size, ..Slow::default() };
+    let expected = pattern_digest(params.slow_size);
+    std::thread::scope(|scope| -> Result<()> {
+        let download = scope.spawn(|| {
+            let agent = ureq::AgentBuilder::new().timeout_read(Duration::from_secs(10)).build();
+            let started = Instant::now();
+            let response = agent.get(&url).call().map_err(|e| e.to_string())?;
+            let status = response.status();
+            let mut reader = response.into_reader();
+            let (mut hasher, mut received, mut buf) = (Sha256::new(), 0u64, vec![0; 1 << 16]);
+            let error = loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => break None,
+                    Ok(n) => {
+                        hasher.update(&buf[..n]);
+                        received += n as u64;
+                    }
+                    Err(e) => break Some(e.to_string()),
+                }
+            };
+            Ok::<_, String>((status, received, hasher.finalize().to_vec(), started.elapsed(), error))
+        });
+        let started = Instant::now();
+        for i in 0..params.slow_swaps {
+            let due = started + params.slow_first + params.slow_spacing * i as u32;
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            slow.versions.push(client.version(&hot.url("/")).unwrap_or_else(|| "(failed)".into()));
+            slow.swap_latency.push(swapper.swap(&client, &hot.url("/"), Duration::from_secs(5))?);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        slow.versions.push(client.version(&hot.url("/")).unwrap_or_else(|| "(failed)".into()));
+        match download.join().map_err(|_| anyhow::anyhow!("download thread panicked"))? {
+            Ok((status, received, digest, elapsed, error)) => {
+                slow.status = status;
+                slow.received = received;
+                slow.checksum_ok = digest == expected;
+                slow.elapsed = elapsed;
+                slow.error = error;
+            }
+            Err(e) => slow.error = Some(e),
+        }
+        Ok(())
+    })?;
+    Ok(slow)
+}
+
+/// SHA-256 of the example handler's download body: byte i is i mod 256.
+fn pattern_digest(size: u64) -> Vec<u8> {
+    let block: Vec<u8> = (0..=255u8).cycle().take(1 << 16).collect();
+    let mut hasher = Sha256::new();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        hasher.update(&block[..n]);
+        left -= n as u64;
+    }
+    hasher.finalize().to_vec()
+}
+
+/// f. Memory and mapped libraries after many swaps, on a fresh host.
+fn memory(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) -> Result<Vec<MemoryPoint>> {
+    let client = Client::new();
+    let shadow = shadow_dir(setup, "hotswap-memory");
+    let url = hot.url("/");
+    let mut points = Vec::new();
+    let mut measure = |swaps: u64| -> Result<()> {
+        for _ in 0..100 {
+            client.version(&url).context("GET / failed")?;
+        }
+        wait_one_mapped(hot, &shadow, Duration::from_secs(5))?;
+        std::thread::sleep(Duration::from_millis(300));
+        points.push(MemoryPoint {
+            swaps,
+            rss_kib: hot.rss_kib(),
+            mapped: proc::mapped_under(hot.pid(), &shadow),
+            fds: proc::open_fds(hot.pid()),
+        });
+        Ok(())
+    };
+    measure(0)?;
+    let mut done = 0;
+    for point in params.memory_points {
+        eprintln!("== memory: swapping up to {point}");
+        while done < point {
+            swapper.swap(&client, &url, Duration::from_secs(5))?;
+            done += 1;
+        }
+        measure(done)?;
+    }
+    Ok(points)
+}

@@ -1,0 +1,84 @@
+//! Swapping plugins the way a deploy does: a complete file renamed into the watched directory.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// One build of the example handler and the version it answers with.
+#[derive(Debug, Clone)]
+pub struct Build {
+    pub file: PathBuf,
+    pub version: String,
+}
+
+/// Alternates two builds into `dir/example.so`.
+pub struct Swapper {
+    builds: [Build; 2],
+    staging: PathBuf,
+    target: PathBuf,
+    next: usize,
+    prepared: Option<usize>,
+    pub swaps: u64,
+}
+
+impl Swapper {
+    /// `staging` must be on the same filesystem as `dir` (rename is atomic only there).
+    pub fn new(builds: [Build; 2], dir: &Path, staging: &Path) -> Swapper {
+        Swapper { builds, staging: staging.join("example.so"), target: dir.join("example.so"), next: 1, prepared: None, swaps: 0 }
+    }
+
+    /// Puts the first build in place, before the host starts.
+    pub fn install_first(&self) -> Result<&Build> {
+        std::fs::copy(&self.builds[0].file, &self.target).with_context(|| format!("cannot copy to {}", self.target.display()))?;
+        Ok(&self.builds[0])
+    }
+
+    /// Copies the next build next to the directory (not timed: a deploy copies first).
+    pub fn prepare(&mut self) -> Result<&Build> {
+        let i = self.next;
+        std::fs::copy(&self.builds[i].file, &self.staging).with_context(|| format!("cannot copy to {}", self.staging.display()))?;
+        self.prepared = Some(i);
+        Ok(&self.builds[i])
+    }
+
+    /// Renames the prepared file into the directory; returns when that happened.
+    pub fn publish(&mut self) -> Result<Instant> {
+        let Some(i) = self.prepared.take() else { bail!("nothing prepared") };
+        std::fs::rename(&self.staging, &self.target).context("rename into the plugin directory")?;
+        let at = Instant::now();
+        self.next = 1 - i;
+        self.swaps += 1;
+        Ok(at)
+    }
+
+    /// Prepares, publishes and waits for the first answer from the new version, polling on a
+    /// fresh connection each time. Returns the time from the rename to that answer.
+    pub fn swap(&mut self, client: &Client, url: &str, timeout: Duration) -> Result<Duration> {
+        let version = self.prepare()?.version.clone();
+        let at = self.publish()?;
+        loop {
+            if client.version(url).as_deref() == Some(version.as_str()) {
+                return Ok(at.elapsed());
+            }
+            if at.elapsed() > timeout {
+                bail!("version {version} not served {timeout:?} after the rename");
+            }
+        }
+    }
+}
+
+/// An HTTP client that opens a fresh connection per request, as a new visitor would.
+pub struct Client(ureq::Agent);
+
+impl Client {
+    pub fn new() -> Client {
+        Client(ureq::AgentBuilder::new().max_idle_connections(0).timeout(Duration::from_secs(2)).build())
+    }
+
+    /// The `version=` line of `GET url`, or None if the request failed.
+    pub fn version(&self, url: &str) -> Option<String> {
+        let body = self.0.get(url).call().ok()?.into_string().ok()?;
+        body.lines().find_map(|l| l.strip_prefix("version=")).map(|v| v.split_whitespace().next().unwrap_or("").to_owned())
+    }
+}

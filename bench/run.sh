@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The hotswap benchmark suite: hotswap against a static hyper server with the same handler
+# compiled in, and against the Node cluster anchor (../shared/anchors/node-cluster), in one run.
+# Writes the results into BENCHMARKS.md (between its result markers). Loopback only; every
+# section is bounded; a full run takes about 8 minutes, of which the anchor's own reload
+# benchmark is about 3.
+#
+#   bench/run.sh                 full run: builds in release mode, installs wrk if missing,
+#                                runs everything, rewrites BENCHMARKS.md
+#   bench/run.sh --smoke         seconds per section: checks that the suite works
+#
+# Options (mostly for the test suite's smoke run):
+#   --out FILE                   write FILE instead of BENCHMARKS.md
+#   --work DIR                   scratch directory (default target/bench)
+#   --no-build                   use the release binaries already in the target directory
+#   --plugins A.so B.so          two example-handler builds instead of building them; with
+#   --versions VA VB             the versions they answer with
+#   --no-anchor-reloads          skip the anchor's own reload benchmark (3 minutes)
+# Environment: HOTSWAP_ANCHOR (default ../shared/anchors/node-cluster), CARGO_TARGET_DIR.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+target=${CARGO_TARGET_DIR:-$root/target}
+out=$root/BENCHMARKS.md
+work=$target/bench
+smoke=() build=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() entry="bench/run.sh $*"
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --smoke) smoke=(--smoke) anchor_reloads=() ;;
+        --out) out=$2; shift ;;
+        --work) work=$2; shift ;;
+        --no-build) build=0 ;;
+        --plugins) plugins=("$2" "$3"); shift 2 ;;
+        --versions) versions=("$2" "$3"); shift 2 ;;
+        --no-anchor-reloads) anchor_reloads=() ;;
+        -h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown option $1 (see bench/run.sh --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+mkdir -p "$work"
+
+if ! command -v wrk >/dev/null; then
+    echo "== installing wrk (Debian package)" >&2
+    sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq >&2 && "${sudo[@]}" apt-get install -y -qq wrk >&2
+fi
+
+if [[ $build -eq 1 ]]; then
+    echo "== building (release)" >&2
+    cargo build --release -p hotswap -p static-server -p hotswap-bench >&2
+fi
+if [[ ${#plugins[@]} -eq 0 ]]; then
+    # Two builds of the example handler that answer with different versions, to swap between.
+    mkdir -p "$work/builds"
+    for v in bench-a bench-b; do
+        EXAMPLE_HANDLER_VERSION=$v cargo build --release -p example-handler >&2
+        cp "$target/release/libexample_handler.so" "$work/builds/$v.so"
+    done
+    cargo build --release -p example-handler >&2 # put the default build back
+    plugins=("$work/builds/bench-a.so" "$work/builds/bench-b.so") versions=(bench-a bench-b)
+fi
+
+# A private copy of the anchor: its scripts write version.txt and results/ next to themselves.
+anchor=()
+anchor_src=${HOTSWAP_ANCHOR:-$root/../shared/anchors/node-cluster}
+if [[ -f $anchor_src/server.js ]] && command -v node >/dev/null; then
+    mkdir -p "$work/anchor"
+    (cd "$anchor_src" && tar --exclude=node_modules --exclude=results --exclude=.pm2 -cf - .) | (cd "$work/anchor" && tar -xf -)
+    if [[ ${#anchor_reloads[@]} -gt 0 && ! -x $work/anchor/node_modules/.bin/pm2 ]]; then
+        echo "== installing the anchor's PM2 (npm ci)" >&2
+        (cd "$work/anchor" && npm ci --no-audit --no-fund >&2) || echo "== npm ci failed: the PM2 anchor is left out" >&2
+    fi
+    anchor=(--anchor "$work/anchor")
+else
+    echo "== no Node.js or no anchor at $anchor_src: the anchor is left out" >&2
+fi
+
+exec "$target/release/hotswap-bench" "${smoke[@]}" "${anchor_reloads[@]}" "${anchor[@]}" \
+    --hotswap "$target/release/hotswap" --static-server "$target/release/static-server" \
+    --plugins "${plugins[@]}" --versions "${versions[@]}" \
+    --work "$work/run" --out "$out" --entry "$entry"
