@@ -26,7 +26,7 @@ use core::mem::{align_of, offset_of, size_of};
 
 /// Version of this ABI. Bumped on any change that is not purely additive at the end of
 /// [`HostApi`].
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// First bytes of every [`DeclarationHeader`].
 pub const MAGIC: [u8; 8] = *b"HOTSWAP\0";
@@ -194,6 +194,18 @@ pub struct FfiResponseFuture {
     pub drop: unsafe extern "C" fn(state: *mut c_void),
 }
 
+/// Bytes the plugin lends to the host: readable until the host calls `release`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FfiLent {
+    /// The bytes, owned by `state`.
+    pub data: FfiStr,
+    /// Plugin-owned state that keeps `data` alive.
+    pub state: *mut c_void,
+    /// Releases `state`; called exactly once.
+    pub release: unsafe extern "C" fn(state: *mut c_void),
+}
+
 /// A unit of blocking work, run by the host on a thread of the plugin's generation.
 #[repr(C)]
 #[derive(Debug)]
@@ -240,6 +252,10 @@ pub struct HostApi {
     pub response_set_stream_body: unsafe extern "C" fn(response: *mut c_void, body: FfiBody),
     /// Delivers one body chunk (copied) from inside [`FfiBody::poll_chunk`].
     pub chunk_push: unsafe extern "C" fn(sink: *mut c_void, data: FfiStr),
+    /// Delivers one body chunk without copying it, from inside [`FfiBody::poll_chunk`]. The
+    /// host reads `chunk.data` until it calls `chunk.release`, exactly once, on a thread of the
+    /// plugin's generation, while the library is still loaded.
+    pub chunk_lend: unsafe extern "C" fn(sink: *mut c_void, chunk: FfiLent),
 
     /// Starts a timer of `nanos` nanoseconds; null if called outside the host's runtime.
     pub sleep_new: unsafe extern "C" fn(nanos: u64) -> *mut c_void,
@@ -352,11 +368,12 @@ pub const LAYOUT_FINGERPRINT: u64 = fingerprint! {
     FfiRequest { method, uri, version, headers, headers_len, body }
     FfiBody { state, poll_chunk, drop, exact_len }
     FfiResponseFuture { state, poll, drop }
+    FfiLent { data, state, release }
     FfiJob { state, run, release }
     HostApi {
         abi_version, max_log_level, context, log, error_write, body_poll, body_drop,
         response_set_status, response_append_header, response_set_full_body,
-        response_set_stream_body, chunk_push, sleep_new, sleep_poll, sleep_drop,
+        response_set_stream_body, chunk_push, chunk_lend, sleep_new, sleep_poll, sleep_drop,
         blocking_spawn, blocking_poll, blocking_drop
     }
     DeclarationHeader { magic, abi_version, reserved, layout_fingerprint }

@@ -273,9 +273,19 @@ unsafe extern "C" fn poll_body(state: *mut c_void, waker: *const abi::FfiWaker, 
     match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *body).poll_chunk(&mut cx))) {
         Ok(Poll::Pending) => FfiPoll::PENDING,
         Ok(Poll::Ready(None)) => FfiPoll::READY,
-        Ok(Poll::Ready(Some(Ok(chunk)))) => {
+        Ok(Poll::Ready(Some(Ok(chunk)))) if chunk.len() < LEND_FROM => {
             // SAFETY: `sink` is the host's chunk sink for this poll; `chunk` outlives the call.
             unsafe { (host().chunk_push)(sink, FfiStr::new(&chunk)) };
+            FfiPoll::READY
+        }
+        Ok(Poll::Ready(Some(Ok(chunk)))) => {
+            // The bytes stay where they are (moving a `Bytes` does not move its data) until the
+            // host releases the box that owns them.
+            let data = FfiStr::new(&chunk);
+            let state = Box::into_raw(Box::new(chunk)) as *mut c_void;
+            // SAFETY: `sink` is the host's chunk sink for this poll; `state` keeps `data` alive
+            // until `release_chunk`.
+            unsafe { (host().chunk_lend)(sink, abi::FfiLent { data, state, release: release_chunk }) };
             FfiPoll::READY
         }
         Ok(Poll::Ready(Some(Err(e)))) => {
@@ -287,6 +297,17 @@ unsafe extern "C" fn poll_body(state: *mut c_void, waker: *const abi::FfiWaker, 
             FfiPoll::PANICKED
         }
     }
+}
+
+/// Chunks from this size on are lent to the host rather than copied: below it, a copy costs
+/// less than the box and the release call.
+const LEND_FROM: usize = 16 * 1024;
+
+unsafe extern "C" fn release_chunk(state: *mut c_void) {
+    let _ = catch_unwind(|| {
+        // SAFETY: the host calls this exactly once with the box made in `poll_body`.
+        drop(unsafe { Box::from_raw(state as *mut Bytes) });
+    });
 }
 
 unsafe extern "C" fn drop_body(state: *mut c_void) {

@@ -16,13 +16,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use handler_api::abi::{
-    self, FfiBody, FfiHeader, FfiHostBody, FfiJob, FfiPoll, FfiRequest, FfiResponseFuture, FfiStr, FfiWaker,
-    HostApi, PluginDeclaration,
+    self, FfiBody, FfiHeader, FfiHostBody, FfiJob, FfiLent, FfiPoll, FfiRequest, FfiResponseFuture, FfiStr,
+    FfiWaker, HostApi,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use smallvec::SmallVec;
+
+use crate::generation::{thread_generation, Generation};
 
 /// Host data behind [`HostApi::context`]: who is logging.
 pub struct PluginContext {
@@ -44,6 +46,7 @@ pub fn host_api(context: *const PluginContext, max_log_level: u32) -> HostApi {
         response_set_full_body,
         response_set_stream_body,
         chunk_push,
+        chunk_lend,
         sleep_new,
         sleep_poll,
         sleep_drop,
@@ -218,8 +221,9 @@ fn recycle(mut headers: HeaderMap) {
 }
 
 /// Where the plugin describes its response, during the poll that completes its future.
-#[derive(Default)]
 struct ResponseSlot {
+    /// Lent to a streaming body, which must keep the library loaded.
+    generation: Arc<Generation>,
     status: Option<StatusCode>,
     headers: HeaderMap,
     body: Option<ResponseBody>,
@@ -270,19 +274,83 @@ unsafe extern "C" fn response_set_full_body(response: *mut c_void, body: FfiStr)
 unsafe extern "C" fn response_set_stream_body(response: *mut c_void, body: FfiBody) {
     // SAFETY: `response` is the slot passed to this poll.
     let slot = unsafe { &mut *(response as *mut ResponseSlot) };
-    slot.body = Some(ResponseBody::Plugin(PluginBody { ffi: body, finished: false }));
+    slot.body = Some(ResponseBody::Plugin(PluginBody { ffi: body, finished: false, generation: slot.generation.clone() }));
+}
+
+/// Where the plugin puts the chunk it produces, during one `poll_chunk`.
+struct ChunkSink<'a> {
+    chunk: Option<Bytes>,
+    generation: &'a Arc<Generation>,
 }
 
 unsafe extern "C" fn chunk_push(sink: *mut c_void, data: FfiStr) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `sink` is the `Option<Bytes>` passed to this poll_chunk; `data` lives for it.
-        let sink = unsafe { &mut *(sink as *mut Option<Bytes>) };
-        *sink = Some(Bytes::copy_from_slice(unsafe { data.as_bytes() }));
+        // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk; `data` lives for it.
+        let sink = unsafe { &mut *(sink as *mut ChunkSink) };
+        sink.chunk = Some(Bytes::copy_from_slice(unsafe { data.as_bytes() }));
     }));
 }
 
+unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
+    // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk.
+    let sink = unsafe { &mut *(sink as *mut ChunkSink) };
+    let lent = Lent { chunk, generation: sink.generation.clone() };
+    sink.chunk = Some(Bytes::from_owner(lent));
+}
+
+/// A body chunk that stays in the plugin's memory: it keeps its generation (so the library)
+/// alive, and hands the release back to the plugin on one of the generation's threads.
+struct Lent {
+    chunk: FfiLent,
+    generation: Arc<Generation>,
+}
+
+// SAFETY: the bytes are immutable and owned by the plugin's `state` (a `Bytes`, which is
+// Send) until `release`; `Drop` runs `release` only on the generation's own threads.
+unsafe impl Send for Lent {}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `data` stays valid until `release`, which only `Drop` calls.
+        unsafe { self.chunk.data.as_bytes() }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let release = Release(self.chunk.state, self.chunk.release);
+        if thread_generation() == self.generation.id() {
+            release.run();
+        } else {
+            // Usually hyper drops a chunk right after writing it, on the response's thread. A
+            // connection that moved to a newer generation with the chunk still queued drops it
+            // elsewhere; plugin code runs only on its generation's threads, so send it there
+            // (the task holds the generation, so its runtime is still up).
+            let generation = self.generation.clone();
+            self.generation.handle().spawn(async move {
+                release.run();
+                drop(generation);
+            });
+        }
+    }
+}
+
+/// A lent chunk's release function and state.
+struct Release(*mut c_void, unsafe extern "C" fn(*mut c_void));
+
+// SAFETY: the state is an owned `Bytes` in the plugin, which is Send.
+unsafe impl Send for Release {}
+
+impl Release {
+    fn run(self) {
+        // SAFETY: called exactly once per lent chunk, on a thread of its generation, while the
+        // library is loaded (the caller holds the generation).
+        unsafe { (self.1)(self.0) }
+    }
+}
+
 /// Starts a request in the plugin. Must run on a thread of the plugin's generation.
-pub fn call(declaration: &PluginDeclaration, request: http::Request<Incoming>) -> PluginCall {
+pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>) -> PluginCall {
     let (parts, incoming) = request.into_parts();
     let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
     // A request without a body (most GETs) costs no allocation for one.
@@ -322,10 +390,10 @@ pub fn call(declaration: &PluginDeclaration, request: http::Request<Incoming>) -
     };
     // SAFETY: the declaration was checked at load; `ffi` and everything it borrows outlive the
     // call; the body handle passes to the plugin, which releases it through `body_drop`.
-    let future = unsafe { (declaration.handle)(&ffi) };
+    let future = unsafe { (generation.declaration().handle)(&ffi) };
     drop(headers);
     recycle(parts.headers);
-    PluginCall { ffi: future }
+    PluginCall { ffi: future, generation: generation.clone() }
 }
 
 /// Why a plugin call produced no response.
@@ -340,6 +408,7 @@ pub enum CallError {
 /// The plugin's response future, as a Rust future. Dropping it drops the plugin's state.
 pub struct PluginCall {
     ffi: FfiResponseFuture,
+    generation: Arc<Generation>,
 }
 
 // SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
@@ -351,7 +420,13 @@ impl Future for PluginCall {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let waker = abi::waker::lend(cx.waker());
-        let mut slot = ResponseSlot { headers: SPARE_HEADERS.take().unwrap_or_default(), ..ResponseSlot::default() };
+        let mut slot = ResponseSlot {
+            generation: self.generation.clone(),
+            status: None,
+            headers: SPARE_HEADERS.take().unwrap_or_default(),
+            body: None,
+            error: None,
+        };
         // SAFETY: the state is live until drop; waker and slot outlive the call.
         let r = unsafe { (self.ffi.poll)(self.ffi.state, &waker, &mut slot as *mut ResponseSlot as *mut c_void) };
         match r {
@@ -399,6 +474,8 @@ pub enum BodyError {
 pub struct PluginBody {
     ffi: FfiBody,
     finished: bool,
+    /// For the chunks it lends, which keep the library loaded until hyper is done with them.
+    generation: Arc<Generation>,
 }
 
 // SAFETY: the plugin's body is `Send`; the state is owned exclusively by this value.
@@ -425,14 +502,14 @@ impl http_body::Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 let waker = abi::waker::lend(cx.waker());
-                let mut sink: Option<Bytes> = None;
+                let mut sink = ChunkSink { chunk: None, generation: &body.generation };
                 // SAFETY: the state is live until drop; waker and sink outlive the call.
                 let r = unsafe {
-                    (body.ffi.poll_chunk)(body.ffi.state, &waker, &mut sink as *mut Option<Bytes> as *mut c_void)
+                    (body.ffi.poll_chunk)(body.ffi.state, &waker, &mut sink as *mut ChunkSink as *mut c_void)
                 };
                 match r {
                     FfiPoll::PENDING => Poll::Pending,
-                    FfiPoll::READY => match sink {
+                    FfiPoll::READY => match sink.chunk {
                         Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
                         None => {
                             body.finished = true;

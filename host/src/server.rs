@@ -405,7 +405,7 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
         tracing::error!(generation = generation.id(), "request polled outside its generation's runtime");
         return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, guard));
     }
-    let response = match bridge::call(generation.declaration(), request).await {
+    let response = match bridge::call(generation, request).await {
         Ok(response) => {
             tracing::debug!(
                 %method, path = %uri.path(), status = response.status().as_u16(), generation = generation.id(),
