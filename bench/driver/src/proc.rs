@@ -63,6 +63,11 @@ impl Server {
         self.pids().into_iter().filter_map(rss_kib).sum()
     }
 
+    /// CPU time (user + system) used so far by the process and its children, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().filter_map(cpu_ticks).sum::<u64>() as f64 / CLOCK_TICKS_PER_SECOND
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -105,6 +110,16 @@ pub fn signal(pid: u32, name: &str) {
 fn children(pid: u32) -> Vec<u32> {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) else { return Vec::new() };
     text.split_whitespace().filter_map(|p| p.parse().ok()).flat_map(|p| std::iter::once(p).chain(children(p))).collect()
+}
+
+/// `USER_HZ`, which Linux fixes at 100 for /proc.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields 14 and 15 (utime, stime) follow it.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

@@ -123,18 +123,29 @@ pub fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> String {
     }
 
     let _ = writeln!(w, "\n### a. Hello world\n");
-    let _ = writeln!(w, "Median of {} rounds of {:?} per server, rounds alternating between servers.\n", p.hello_rounds, p.hello_time);
-    let _ = writeln!(w, "| server | req/s | p50 ms | p99 ms | failed | req/s vs static | rounds (req/s) |\n|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "Median of {} rounds of {:?} per server; rounds alternate between servers, in reverse order every other round. \
+         Server CPU is user + system time of the server's processes during the round, per request.\n",
+        p.hello_rounds, p.hello_time
+    );
+    let _ = writeln!(
+        w,
+        "| server | req/s | p50 ms | p99 ms | failed | req/s vs static | server CPU µs/request | CPU vs static | rounds (req/s) |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    let static_cpu = med(hello("static"), |x| x.server_cpu_us);
     for (name, runs) in &r.hello {
         let rounds: Vec<String> = runs.iter().map(|x| format!("{:.0}", x.rps)).collect();
         let _ = writeln!(
             w,
-            "| {name} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {} |",
+            "| {name} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {:.2} | {:.2} | {} |",
             med(runs, |x| x.rps),
             med(runs, |x| x.p50_ms),
             med(runs, |x| x.p99_ms),
             failures(runs),
             med(runs, |x| x.rps) / static_rps,
+            med(runs, |x| x.server_cpu_us),
+            med(runs, |x| x.server_cpu_us) / static_cpu,
             rounds.join(", ")
         );
     }
@@ -145,15 +156,18 @@ pub fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> String {
 
     let _ = writeln!(w, "\n### b. Streaming download (no throttle)\n");
     let _ = writeln!(w, "Median of {} rounds of `{}`.\n", p.download_rounds, r.download_command);
-    let _ = writeln!(w, "| server | MiB/s | p50 ms per download | failed | vs static |\n|---|---|---|---|---|");
+    let _ = writeln!(w, "| server | MiB/s | p50 ms per download | failed | vs static | server CPU ms/download | rounds (MiB/s) |\n|---|---|---|---|---|---|---|");
     for (name, runs) in &r.download {
+        let rounds: Vec<String> = runs.iter().map(|x| format!("{:.0}", x.mib_per_s)).collect();
         let _ = writeln!(
             w,
-            "| {name} | {:.0} | {:.1} | {} | {:.3} |",
+            "| {name} | {:.0} | {:.1} | {} | {:.3} | {:.2} | {} |",
             med(runs, |x| x.mib_per_s),
             med(runs, |x| x.p50_ms),
             failures(runs),
-            med(runs, |x| x.mib_per_s) / med(dl("static"), |x| x.mib_per_s)
+            med(runs, |x| x.mib_per_s) / med(dl("static"), |x| x.mib_per_s),
+            med(runs, |x| x.server_cpu_us) / 1000.0,
+            rounds.join(", ")
         );
     }
 

@@ -163,9 +163,10 @@ fn hello(servers: &[&Server], params: &Params, results: &mut Results) -> Result<
         results.hello_commands.push(wrk::command_line(params.connections, params.hello_time, &s.url("/")));
     }
     for round in 1..=params.hello_rounds {
-        for (i, s) in servers.iter().enumerate() {
+        for i in round_order(servers.len(), round) {
+            let s = servers[i];
             eprintln!("== hello round {round}: {}", s.name);
-            let run = wrk::run(params.connections, params.hello_time, &s.url("/"))?;
+            let run = measured(s, || wrk::run(params.connections, params.hello_time, &s.url("/")))?;
             results.hello[i].1.push(run);
         }
     }
@@ -178,13 +179,32 @@ fn download(servers: &[&Server], params: &Params, results: &mut Results) -> Resu
     results.download_command = wrk::command_line(params.download_connections, params.download_time, &format!("http://127.0.0.1:PORT{path}"));
     results.download = servers.iter().map(|s| (s.name, Vec::new())).collect();
     for round in 1..=params.download_rounds {
-        for (i, s) in servers.iter().enumerate() {
+        for i in round_order(servers.len(), round) {
+            let s = servers[i];
             eprintln!("== download round {round}: {}", s.name);
-            let run = wrk::run(params.download_connections, params.download_time, &s.url(&path))?;
+            let run = measured(s, || wrk::run(params.download_connections, params.download_time, &s.url(&path)))?;
             results.download[i].1.push(run);
         }
     }
     Ok(())
+}
+
+/// Servers in order on odd rounds and in reverse on even ones, so that going first (or last)
+/// favours none of them.
+fn round_order(servers: usize, round: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..servers).collect();
+    if round % 2 == 0 {
+        order.reverse();
+    }
+    order
+}
+
+/// Runs `load` and adds the server's CPU time per request.
+fn measured(server: &Server, load: impl FnOnce() -> Result<wrk::Run>) -> Result<wrk::Run> {
+    let before = server.cpu_seconds();
+    let mut run = load()?;
+    run.server_cpu_us = (server.cpu_seconds() - before) * 1e6 / run.requests.max(1) as f64;
+    Ok(run)
 }
 
 /// Waits (bounded) until exactly one plugin library is mapped; returns when that was true.

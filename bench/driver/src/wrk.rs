@@ -15,6 +15,8 @@ pub struct Run {
     pub mib_per_s: f64,
     /// Non-2xx/3xx answers plus socket errors (connect, read, write, timeout).
     pub failures: u64,
+    /// CPU time the server used during the run, per request, in microseconds.
+    pub server_cpu_us: f64,
 }
 
 /// The exact command line, for the report.
