@@ -24,7 +24,7 @@ cd "$root"
 target=${CARGO_TARGET_DIR:-$root/target}
 out=$root/BENCHMARKS.md
 work=$target/bench
-smoke=() build=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() entry="bench/run.sh $*"
+smoke=() build=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() entry="bench/run.sh${*:+ $*}"
 while [[ $# -gt 0 ]]; do
     case $1 in
         --smoke) smoke=(--smoke) anchor_reloads=() ;;

@@ -221,9 +221,9 @@ fn recycle(mut headers: HeaderMap) {
 }
 
 /// Where the plugin describes its response, during the poll that completes its future.
-struct ResponseSlot {
-    /// Lent to a streaming body, which must keep the library loaded.
-    generation: Arc<Generation>,
+struct ResponseSlot<'g> {
+    /// Cloned into a streaming body, which must keep the library loaded.
+    generation: &'g Arc<Generation>,
     status: Option<StatusCode>,
     headers: HeaderMap,
     body: Option<ResponseBody>,
@@ -251,6 +251,9 @@ unsafe extern "C" fn response_append_header(response: *mut c_void, name: FfiStr,
         let (slot, name, value) = unsafe { (&mut *(response as *mut ResponseSlot), name.as_bytes(), value.as_bytes()) };
         match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
             (Ok(n), Ok(v)) => {
+                if slot.headers.capacity() == 0 {
+                    slot.headers = SPARE_HEADERS.take().unwrap_or_default();
+                }
                 slot.headers.append(n, v);
                 FfiPoll::READY
             }
@@ -292,10 +295,12 @@ unsafe extern "C" fn chunk_push(sink: *mut c_void, data: FfiStr) {
 }
 
 unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
-    // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk.
-    let sink = unsafe { &mut *(sink as *mut ChunkSink) };
-    let lent = Lent { chunk, generation: sink.generation.clone() };
-    sink.chunk = Some(Bytes::from_owner(lent));
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk.
+        let sink = unsafe { &mut *(sink as *mut ChunkSink) };
+        let lent = Lent { chunk, generation: sink.generation.clone() };
+        sink.chunk = Some(Bytes::from_owner(lent));
+    }));
 }
 
 /// A body chunk that stays in the plugin's memory: it keeps its generation (so the library)
@@ -350,7 +355,7 @@ impl Release {
 }
 
 /// Starts a request in the plugin. Must run on a thread of the plugin's generation.
-pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>) -> PluginCall {
+pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>) -> PluginCall<'_> {
     let (parts, incoming) = request.into_parts();
     let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
     // A request without a body (most GETs) costs no allocation for one.
@@ -393,7 +398,7 @@ pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>) -> P
     let future = unsafe { (generation.declaration().handle)(&ffi) };
     drop(headers);
     recycle(parts.headers);
-    PluginCall { ffi: future, generation: generation.clone() }
+    PluginCall { ffi: future, generation }
 }
 
 /// Why a plugin call produced no response.
@@ -406,34 +411,27 @@ pub enum CallError {
 }
 
 /// The plugin's response future, as a Rust future. Dropping it drops the plugin's state.
-pub struct PluginCall {
+pub struct PluginCall<'g> {
     ffi: FfiResponseFuture,
-    generation: Arc<Generation>,
+    generation: &'g Arc<Generation>,
 }
 
 // SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
 // exclusively by this value.
-unsafe impl Send for PluginCall {}
+unsafe impl Send for PluginCall<'_> {}
 
-impl Future for PluginCall {
+impl Future for PluginCall<'_> {
     type Output = Result<http::Response<ResponseBody>, CallError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let waker = abi::waker::lend(cx.waker());
-        let mut slot = ResponseSlot {
-            generation: self.generation.clone(),
-            status: None,
-            headers: SPARE_HEADERS.take().unwrap_or_default(),
-            body: None,
-            error: None,
-        };
+        // The header map comes from `SPARE_HEADERS` at the first header, if there is one.
+        let mut slot =
+            ResponseSlot { generation: self.generation, status: None, headers: HeaderMap::new(), body: None, error: None };
         // SAFETY: the state is live until drop; waker and slot outlive the call.
         let r = unsafe { (self.ffi.poll)(self.ffi.state, &waker, &mut slot as *mut ResponseSlot as *mut c_void) };
         match r {
-            FfiPoll::PENDING => {
-                SPARE_HEADERS.set(Some(slot.headers)); // untouched: still empty
-                Poll::Pending
-            }
+            FfiPoll::PENDING => Poll::Pending,
             FfiPoll::READY => {
                 let mut response = http::Response::new(slot.body.unwrap_or(ResponseBody::Full(None)));
                 *response.status_mut() = slot.status.unwrap_or(StatusCode::OK);
@@ -446,7 +444,7 @@ impl Future for PluginCall {
     }
 }
 
-impl Drop for PluginCall {
+impl Drop for PluginCall<'_> {
     fn drop(&mut self) {
         // SAFETY: released exactly once.
         unsafe { (self.ffi.drop)(self.ffi.state) };

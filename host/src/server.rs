@@ -405,7 +405,8 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
         tracing::error!(generation = generation.id(), "request polled outside its generation's runtime");
         return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, guard));
     }
-    let response = match bridge::call(generation, request).await {
+    let called = bridge::call(generation, request).await;
+    let response = match called {
         Ok(response) => {
             tracing::debug!(
                 %method, path = %uri.path(), status = response.status().as_u16(), generation = generation.id(),

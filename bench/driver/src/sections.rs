@@ -193,6 +193,7 @@ fn download(servers: &[&Server], params: &Params, results: &mut Results) -> Resu
 /// favours none of them.
 fn round_order(servers: usize, round: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..servers).collect();
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; the workspace supports 1.83
     if round % 2 == 0 {
         order.reverse();
     }
@@ -229,15 +230,8 @@ fn latency(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) 
     let shadow = shadow_dir(setup, "hotswap");
     let mut latency = Latency::default();
     for _ in 0..params.latency_swaps {
-        let version = swapper.prepare()?.version.clone();
-        let renamed = swapper.publish()?;
-        loop {
-            if client.version(&hot.url("/")).as_deref() == Some(version.as_str()) {
-                latency.first_answer.push(renamed.elapsed());
-                break;
-            }
-            ensure!(renamed.elapsed() < Duration::from_secs(5), "version {version} not served 5 s after the rename");
-        }
+        let (renamed, first_answer) = swapper.swap(&client, &hot.url("/"), Duration::from_secs(5))?;
+        latency.first_answer.push(first_answer);
         let unmapped = wait_one_mapped(hot, &shadow, Duration::from_secs(5))?;
         latency.old_unmapped.push(unmapped - renamed);
         std::thread::sleep(Duration::from_millis(20));
@@ -314,7 +308,7 @@ fn slow_download(hot: &Server, swapper: &mut Swapper, params: &Params) -> Result
             let due = started + params.slow_first + params.slow_spacing * i as u32;
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
             slow.versions.push(client.version(&hot.url("/")).unwrap_or_else(|| "(failed)".into()));
-            slow.swap_latency.push(swapper.swap(&client, &hot.url("/"), Duration::from_secs(5))?);
+            slow.swap_latency.push(swapper.swap(&client, &hot.url("/"), Duration::from_secs(5))?.1);
         }
         std::thread::sleep(Duration::from_secs(1));
         slow.versions.push(client.version(&hot.url("/")).unwrap_or_else(|| "(failed)".into()));

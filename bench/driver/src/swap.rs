@@ -53,13 +53,14 @@ impl Swapper {
     }
 
     /// Prepares, publishes and waits for the first answer from the new version, polling on a
-    /// fresh connection each time. Returns the time from the rename to that answer.
-    pub fn swap(&mut self, client: &Client, url: &str, timeout: Duration) -> Result<Duration> {
+    /// fresh connection each time. Returns when the rename happened and how long after it the
+    /// first new answer came.
+    pub fn swap(&mut self, client: &Client, url: &str, timeout: Duration) -> Result<(Instant, Duration)> {
         let version = self.prepare()?.version.clone();
         let at = self.publish()?;
         loop {
             if client.version(url).as_deref() == Some(version.as_str()) {
-                return Ok(at.elapsed());
+                return Ok((at, at.elapsed()));
             }
             if at.elapsed() > timeout {
                 bail!("version {version} not served {timeout:?} after the rename");
