@@ -17,6 +17,7 @@ use anyhow::{bail, Context as _};
 use notify::{RecursiveMode, Watcher};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +33,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let artifact = build(&args.package, args.release).await?.context("the first build failed (errors above); fix them and run again")?;
     let package = args.package.clone();
     let release = args.release;
-    crate::run::serve(&args.host, vec![artifact], move |registry, shutdown| rebuild_loop(package, release, dirs, registry, shutdown)).await
+    crate::run::serve(&args.host, vec![artifact], move |registry, hangup, shutdown| {
+        rebuild_loop(package, release, dirs, registry, hangup, shutdown)
+    }).await
 }
 
 /// Directories of the package and of every local package it depends on by path.
@@ -124,7 +127,14 @@ fn is_source(dirs: &[PathBuf], path: &Path) -> bool {
     in_package && path.extension().is_some_and(|e| e == "rs" || e == "toml")
 }
 
-async fn rebuild_loop(package: String, release: bool, dirs: Vec<PathBuf>, registry: Arc<Registry>, shutdown: CancellationToken) {
+async fn rebuild_loop(
+    package: String,
+    release: bool,
+    dirs: Vec<PathBuf>,
+    registry: Arc<Registry>,
+    mut hangup: Signal,
+    shutdown: CancellationToken,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let watched = dirs.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -148,6 +158,7 @@ async fn rebuild_loop(package: String, release: bool, dirs: Vec<PathBuf>, regist
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {}
+            Some(()) = hangup.recv() => tracing::info!("SIGHUP: rebuilding"),
             () = shutdown.cancelled() => return,
         }
         // Debounce: wait until the burst of writes is over.

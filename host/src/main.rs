@@ -58,5 +58,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --plugin PATH or --plugin-dir DIR"),
     };
-    hotswap::run::serve(&args.host, candidates, move |registry, shutdown| watch::run(source, registry, shutdown)).await
+    hotswap::run::serve(&args.host, candidates, move |registry, hangup, shutdown| {
+        watch::run(source, registry, hangup, shutdown)
+    }).await
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::HostArgs;
@@ -19,12 +19,17 @@ use crate::server::Server;
 
 /// Serves until SIGTERM or SIGINT. `candidates` are tried in order for the first generation;
 /// `triggers` runs beside the server and swaps in new generations (file watcher, dev
-/// rebuilds) until the token is cancelled.
+/// rebuilds; SIGHUP arrives on the given stream) until the token is cancelled.
 pub async fn serve<T, F>(args: &HostArgs, candidates: Vec<PathBuf>, triggers: T) -> anyhow::Result<()>
 where
-    T: FnOnce(Arc<Registry>, CancellationToken) -> F,
+    T: FnOnce(Arc<Registry>, Signal, CancellationToken) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    // Every signal handler is in place before anything can be signalled about: a SIGHUP
+    // that arrived before its handler would terminate the process (the default action).
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
     let options = LoadOptions {
         worker_threads: args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -34,11 +39,8 @@ where
     };
     let registry = Arc::new(Registry::start(&candidates, options, args.drain_timeout).await?);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
     tracing::info!("listening on http://{}", listener.local_addr()?);
-
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
-    let triggers = tokio::spawn(triggers(registry.clone(), shutdown.clone()));
     let server = Server::new(registry.clone(), shutdown.clone());
     server.accept_loop(listener).await;
     let _ = triggers.await;

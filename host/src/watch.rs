@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
+use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -131,7 +132,8 @@ enum Trigger {
 }
 
 /// Watches `source` and swaps in new plugins until `shutdown`.
-pub async fn run(source: PluginSource, registry: Arc<Registry>, shutdown: CancellationToken) {
+/// `hangup` delivers SIGHUP, which rescans the directory.
+pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let fs_tx = tx.clone();
     let mut watcher = match notify::recommended_watcher(move |event| {
@@ -140,10 +142,10 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, shutdown: Cancel
         Ok(w) => w,
         Err(e) => {
             tracing::error!("cannot watch {} ({e}); new plugins are picked up on SIGHUP only", source.dir.display());
-            return sighup_only(source, registry, shutdown, tx, rx).await;
+            return sighup_only(source, registry, hangup, shutdown, tx, rx).await;
         }
     };
-    spawn_sighup(tx.clone(), shutdown.clone());
+    spawn_sighup(tx.clone(), hangup, shutdown.clone());
 
     let mut watching = false;
     let mut handled: HashMap<PathBuf, Identity> = HashMap::new();
@@ -307,12 +309,7 @@ async fn attempt(
     }
 }
 
-fn spawn_sighup(tx: mpsc::UnboundedSender<Trigger>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => return tracing::warn!("cannot install the SIGHUP handler: {e}"),
-    };
+fn spawn_sighup(tx: mpsc::UnboundedSender<Trigger>, mut hup: Signal, shutdown: CancellationToken) {
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -330,11 +327,12 @@ fn spawn_sighup(tx: mpsc::UnboundedSender<Trigger>, shutdown: CancellationToken)
 async fn sighup_only(
     source: PluginSource,
     registry: Arc<Registry>,
+    hangup: Signal,
     shutdown: CancellationToken,
     tx: mpsc::UnboundedSender<Trigger>,
     mut rx: mpsc::UnboundedReceiver<Trigger>,
 ) {
-    spawn_sighup(tx, shutdown.clone());
+    spawn_sighup(tx, hangup, shutdown.clone());
     let mut handled = HashMap::new();
     loop {
         tokio::select! {
