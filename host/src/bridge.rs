@@ -10,6 +10,7 @@ use std::ffi::c_void;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -102,6 +103,10 @@ unsafe extern "C" fn error_write(sink: *mut c_void, text: FfiStr) {
 struct RequestBody {
     incoming: Incoming,
     current: Bytes,
+    /// How many more bytes the client may send (`--max-body-size`).
+    allowed: u64,
+    /// Raised when the client sent more: the host answers 413.
+    too_large: Arc<AtomicBool>,
     /// A waker the plugin made itself, parked here instead of inside hyper (see
     /// [`PluginWakerProxy`]).
     plugin_waker: Option<Arc<Mutex<Option<Waker>>>>,
@@ -176,6 +181,11 @@ unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, chunk:
                     if data.is_empty() {
                         continue;
                     }
+                    let Some(allowed) = body.allowed.checked_sub(data.len() as u64) else {
+                        body.too_large.store(true, Ordering::Release);
+                        return FfiPoll::ERROR;
+                    };
+                    body.allowed = allowed;
                     body.current = data;
                     // SAFETY: as above; `current` stays untouched until the next poll.
                     unsafe { *chunk = FfiStr::new(&body.current) };
@@ -354,16 +364,27 @@ impl Release {
     }
 }
 
-/// Starts a request in the plugin. Must run on a thread of the plugin's generation.
-pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>) -> PluginCall<'_> {
+/// Starts a request in the plugin. Must run on a thread of the plugin's generation. A body
+/// longer than `max_body_size` fails, for the plugin, where it crosses the limit; see
+/// [`PluginCall::body_limit`].
+pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>, max_body_size: u64) -> PluginCall<'_> {
     let (parts, incoming) = request.into_parts();
     let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
     // A request without a body (most GETs) costs no allocation for one.
+    let mut too_large = None;
     let body = if incoming.is_end_stream() {
         std::ptr::null_mut()
     } else {
-        Box::into_raw(Box::new(RequestBody { incoming, current: Bytes::new(), plugin_waker: None, proxy: None }))
-            as *mut c_void
+        let flag = too_large.insert(Arc::new(AtomicBool::new(false))).clone();
+        let body = RequestBody {
+            incoming,
+            current: Bytes::new(),
+            allowed: max_body_size,
+            too_large: flag,
+            plugin_waker: None,
+            proxy: None,
+        };
+        Box::into_raw(Box::new(body)) as *mut c_void
     };
     // Borrowed views of the headers; on the stack for any usual request.
     let mut headers = SmallVec::<[FfiHeader; 16]>::new();
@@ -398,7 +419,7 @@ pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>) -> P
     let future = unsafe { (generation.declaration().handle)(&ffi) };
     drop(headers);
     recycle(parts.headers);
-    PluginCall { ffi: future, generation }
+    PluginCall { ffi: future, generation, too_large }
 }
 
 /// Why a plugin call produced no response.
@@ -414,11 +435,20 @@ pub enum CallError {
 pub struct PluginCall<'g> {
     ffi: FfiResponseFuture,
     generation: &'g Arc<Generation>,
+    too_large: Option<Arc<AtomicBool>>,
 }
 
 // SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
 // exclusively by this value.
 unsafe impl Send for PluginCall<'_> {}
+
+impl PluginCall<'_> {
+    /// For a request with a body: the flag raised if the client sent more than the body
+    /// size limit.
+    pub fn body_limit(&self) -> Option<Arc<AtomicBool>> {
+        self.too_large.clone()
+    }
+}
 
 impl Future for PluginCall<'_> {
     type Output = Result<http::Response<ResponseBody>, CallError>;

@@ -55,9 +55,59 @@ pub struct HostArgs {
     pub workers: Option<usize>,
 
     /// Directory for the private shadow copies of plugins (a 0700 subdirectory is created
-    /// there and removed at exit). Default: the system's temporary directory.
+    /// there and removed at exit; ones left by a crashed host are removed at start).
+    /// Default: the system's temporary directory.
     #[arg(long, value_name = "DIR")]
     pub shadow_dir: Option<PathBuf>,
+
+    /// The most generations that may be loaded at once: the current one and those still
+    /// draining. When a swap would exceed it, the oldest draining generation's remaining
+    /// responses are cut off and it unloads.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_generations: u64,
+
+    #[command(flatten)]
+    pub limits: HttpLimits,
+}
+
+/// What one client may cost the server.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "HTTP limits")]
+pub struct HttpLimits {
+    /// How long a client may take to send a request's head (request line and headers),
+    /// counted from its first byte, or from the connection's start for the first request. A
+    /// slower client (slowloris) is disconnected.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// How long a keep-alive connection may sit idle between requests before it is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// The largest request head (request line and headers) accepted; a larger one is
+    /// answered 431. At least 8KiB. Examples: 16KiB, 1MiB.
+    #[arg(long, default_value = "64KiB", value_parser = parse_header_size)]
+    pub max_header_size: u64,
+
+    /// The largest request body accepted. A larger declared Content-Length is answered 413
+    /// without calling the plugin; a streamed body that grows past it is cut off and answered
+    /// 413. Examples: 64MiB, 1GiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub max_body_size: u64,
+
+    /// The most connections served at once. Further clients wait in the listen backlog until
+    /// a connection closes; none is refused or reset.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<bytesize::ByteSize>().map(|size| size.as_u64())
+}
+
+fn parse_header_size(text: &str) -> Result<u64, String> {
+    // hyper reads request heads into a buffer of at least 8 KiB.
+    parse_size(text).and_then(|size| if size >= 8192 { Ok(size) } else { Err("must be at least 8KiB".into()) })
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +138,17 @@ pub struct ServeArgs {
     /// rescans the directory.
     #[arg(long, value_name = "DIR")]
     pub plugin_dir: Option<PathBuf>,
+
+    /// Load plugins even from a file or directory that someone other than this host's user
+    /// (or root) may write, with a warning at every load. Without it such plugins are refused.
+    #[arg(long)]
+    pub insecure_plugin_dir: bool,
+
+    /// Only load plugins whose SHA-256 is listed in FILE (one digest per line, or the output
+    /// of sha256sum). Others are refused, with their digest in the log. FILE is read again at
+    /// every load.
+    #[arg(long, value_name = "FILE")]
+    pub trusted_digests: Option<PathBuf>,
 
     #[command(flatten)]
     pub host: HostArgs,

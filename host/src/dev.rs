@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::DevArgs;
 use crate::registry::Registry;
+use crate::trust::Trust;
 
 /// Quiet time after a source change before building (editors write in bursts).
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -33,7 +34,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let artifact = build(&args.package, args.release).await?.context("the first build failed (errors above); fix them and run again")?;
     let package = args.package.clone();
     let release = args.release;
-    crate::run::serve(&args.host, vec![artifact], move |registry, hangup, shutdown| {
+    // What dev mode loads is what it has just built itself, in the user's own workspace.
+    let trust = Trust { own_build: true, ..Trust::default() };
+    crate::run::serve(&args.host, trust, vec![artifact], move |registry, hangup, shutdown| {
         rebuild_loop(package, release, dirs, registry, hangup, shutdown)
     }).await
 }

@@ -33,7 +33,9 @@ use handler_api::abi::{FfiPoll, HostApi, PluginDeclaration};
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{self, PluginContext};
+use crate::budget::BudgetError;
 use crate::loader::{self, Library, LoadError, ShadowDir};
+use crate::trust::{Trust, TrustError};
 
 thread_local! {
     /// The generation whose runtime owns this thread (0: none).
@@ -56,6 +58,10 @@ fn thread_name(id: u64) -> String {
 pub enum GenerationError {
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
     #[error("cannot start the plugin's runtime: {0}")]
     Runtime(std::io::Error),
     #[error("{plugin}: init failed: {reason}")]
@@ -79,6 +85,8 @@ pub struct LoadOptions {
     pub unload_timeout: Duration,
     /// Where shadow copies go.
     pub shadow: Arc<ShadowDir>,
+    /// Which plugin files may be loaded.
+    pub trust: Trust,
 }
 
 /// One loaded copy of a plugin and the runtime whose threads run its code.
@@ -87,6 +95,8 @@ pub struct Generation {
     name: String,
     version: String,
     source: PathBuf,
+    /// SHA-256 of the loaded bytes, when a trusted digest list asked for it.
+    digest: Option<String>,
     shadow: PathBuf,
     loaded_at: Instant,
     handle: tokio::runtime::Handle,
@@ -124,12 +134,14 @@ impl Generation {
     /// candidate stays behind (except a library whose init never returned, which cannot be
     /// unloaded while its code runs).
     pub async fn load(source: &Path, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
-        let shadow = options.shadow.copy_in(source, id)?;
-        // Check the private copy, which cannot change under us, not the source file.
-        if let Err(e) = loader::check_complete(&shadow) {
-            let _ = std::fs::remove_file(&shadow);
-            return Err(e.into());
-        }
+        options.trust.check_source(source)?;
+        // Everything below works on these bytes, which cannot change under us: the
+        // completeness check, the digest, and the private copy that is loaded.
+        let bytes = std::fs::read(source).map_err(|e| LoadError::Read { path: source.to_path_buf(), source: e })?;
+        loader::check_complete(source, &bytes)?;
+        let digest = options.trust.check_digest(source, &bytes)?;
+        let shadow = options.shadow.write(source, &bytes, id)?;
+        drop(bytes);
         let opened = {
             let shadow = shadow.clone();
             // SAFETY: the operator chose this file as a plugin; opening it runs its
@@ -169,6 +181,7 @@ impl Generation {
             name: library.name.clone(),
             version: library.version.clone(),
             source: source.to_path_buf(),
+            digest,
             shadow,
             loaded_at: Instant::now(),
             handle: runtime.handle().clone(),
@@ -259,6 +272,11 @@ impl Generation {
     /// The file it was loaded from.
     pub fn source(&self) -> &Path {
         &self.source
+    }
+
+    /// SHA-256 of the loaded library, when `--trusted-digests` is in use.
+    pub fn digest(&self) -> Option<&str> {
+        self.digest.as_deref()
     }
 
     /// When it was loaded.

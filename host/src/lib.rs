@@ -2,21 +2,29 @@
 //!
 //! | module | holds |
 //! |---|---|
+//! | [`trust`] | which plugin files may be loaded: owners, modes, trusted digests |
 //! | [`loader`] | shadow copies, `dlopen`, the declaration check |
 //! | [`bridge`] | the host's side of the C ABI: services lent to plugins, response adapters |
 //! | [`generation`] | one loaded plugin and its threads; unloading and the `/proc/self/maps` check |
 //! | [`registry`] | the current generation, the atomic swap, draining |
 //! | [`server`] | accepting, serving and moving connections between generations |
+//! | [`limits`] | header read and idle timeouts, kept apart from any generation's runtime |
+//! | [`budget`] | what repeated loading consumes (keys, maps, fds), and refusing before it runs out |
+//! | [`sys`] | the few libc calls the host makes |
 //! | [`cli`] | the command line |
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bridge;
+pub mod budget;
 pub mod cli;
 pub mod dev;
 pub mod generation;
+pub mod limits;
 pub mod loader;
 pub mod registry;
 pub mod run;
 pub mod server;
+pub mod sys;
+pub mod trust;
 pub mod watch;

@@ -4,6 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::{Mutex, PoisonError};
 
 use handler_api::abi::{self, DeclarationHeader, PluginDeclaration};
 
@@ -11,9 +12,12 @@ use handler_api::abi::{self, DeclarationHeader, PluginDeclaration};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    /// The file could not be read or copied.
-    #[error("cannot copy {path} to the shadow directory {shadow_dir}: {source}")]
-    Copy { path: PathBuf, shadow_dir: PathBuf, source: std::io::Error },
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The private copy could not be written.
+    #[error("cannot write the private copy of {path} into the shadow directory {shadow_dir}: {source}{hint}")]
+    Shadow { path: PathBuf, shadow_dir: PathBuf, source: std::io::Error, hint: &'static str },
     /// The dynamic loader refused the file.
     #[error("{path}: not a loadable shared library ({reason})")]
     Open { path: PathBuf, reason: String },
@@ -123,27 +127,40 @@ impl Library {
     }
 }
 
-/// Where a generation's private copy of its library lives.
+/// Where generations' private copies of their libraries live: a directory only this host
+/// uses (mode 0700), removed at exit.
 ///
 /// Each copy has a unique path: `dlopen` caches by path (and by inode), so loading the user's
 /// file directly, or reusing a path, would hand back the old, still-mapped library; and `cp`
-/// over a mapped file would corrupt running code.
+/// over a mapped file would corrupt running code. The directory holds a lock file, locked
+/// for as long as the host runs, so that the next host can tell the directory of a crashed
+/// one from a live one, and remove it.
 #[derive(Debug)]
 pub struct ShadowDir {
     dir: PathBuf,
+    lock: Mutex<fs::File>,
 }
 
+/// Shadow directories are named `hotswap-<pid>-<n>`.
+const SHADOW_PREFIX: &str = "hotswap-";
+const LOCK_FILE: &str = ".lock";
+
 impl ShadowDir {
-    /// Creates a private directory (mode 0700) for this process's shadow copies.
+    /// Creates a private directory in `base` (default: the system's temporary directory),
+    /// first removing any a crashed host left there.
     pub fn create(base: Option<&Path>) -> std::io::Result<ShadowDir> {
-        use std::os::unix::fs::DirBuilderExt;
         let base = base.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("hotswap-{}", std::process::id()));
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?; // a stale one from a previous process with our pid
+        fs::create_dir_all(&base)?;
+        remove_stale(&base);
+        for n in 0.. {
+            let dir = base.join(format!("{SHADOW_PREFIX}{}-{n}", std::process::id()));
+            match create_private(&dir) {
+                Ok(lock) => return Ok(ShadowDir { dir, lock: Mutex::new(lock) }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => continue,
+                Err(e) => return Err(e),
+            }
         }
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        Ok(ShadowDir { dir })
+        unreachable!("the loop returns")
     }
 
     /// The directory.
@@ -151,16 +168,40 @@ impl ShadowDir {
         &self.dir
     }
 
-    /// Copies `source` to a fresh path for generation `id`.
-    pub fn copy_in(&self, source: &Path, id: u64) -> Result<PathBuf, LoadError> {
+    /// Writes `bytes` (the plugin file `source`) to a fresh path for generation `id`.
+    /// If the directory has vanished (a temporary-file cleaner), it is created again.
+    pub fn write(&self, source: &Path, bytes: &[u8], id: u64) -> Result<PathBuf, LoadError> {
+        use std::io::{ErrorKind, Write as _};
+        use std::os::unix::fs::OpenOptionsExt;
         let stem = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin.so".into());
         let shadow = self.dir.join(format!("g{id}-{stem}"));
-        fs::copy(source, &shadow).map_err(|source_err| LoadError::Copy {
-            path: source.to_path_buf(),
-            shadow_dir: self.dir.clone(),
-            source: source_err,
-        })?;
-        Ok(shadow)
+        // create_new: never follow a link or reuse a file someone else put there.
+        let write = || fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&shadow)?.write_all(bytes);
+        let written = match write() {
+            Err(e) if e.kind() == ErrorKind::NotFound => self.recreate().and_then(|()| write()),
+            other => other,
+        };
+        written.map(|()| shadow.clone()).map_err(|source_err| {
+            let _ = fs::remove_file(&shadow);
+            let hint = match source_err.kind() {
+                ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+                    " (the disk is full: free space there, or give --shadow-dir on another file system)"
+                }
+                ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::NotADirectory => {
+                    " (make it a directory this host can write, or give another --shadow-dir)"
+                }
+                _ => "",
+            };
+            LoadError::Shadow { path: source.to_path_buf(), shadow_dir: self.dir.clone(), source: source_err, hint }
+        })
+    }
+
+    /// Creates the directory again after it was removed under us.
+    fn recreate(&self) -> std::io::Result<()> {
+        let lock = create_private(&self.dir)?;
+        tracing::warn!(dir = %self.dir.display(), "the shadow directory was removed by someone else; created it again");
+        *self.lock.lock().unwrap_or_else(PoisonError::into_inner) = lock;
+        Ok(())
     }
 }
 
@@ -170,14 +211,46 @@ impl Drop for ShadowDir {
     }
 }
 
+/// Creates `dir` with mode 0700 (whatever the umask) and returns its lock file, locked.
+fn create_private(dir: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new().mode(0o700).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    let lock = fs::File::create(dir.join(LOCK_FILE))?;
+    lock.lock()?;
+    Ok(lock)
+}
+
+/// Removes the shadow directories of hosts that are no longer running: ours by owner and
+/// name, with a lock file nobody holds (a live host holds its own for as long as it runs).
+fn remove_stale(base: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir(base) else { return };
+    let uid = crate::sys::effective_uid();
+    for entry in entries.filter_map(Result::ok) {
+        let dir = entry.path();
+        let ours = entry.file_name().to_string_lossy().starts_with(SHADOW_PREFIX)
+            && fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if !ours {
+            continue;
+        }
+        let Ok(lock) = fs::File::open(dir.join(LOCK_FILE)) else { continue };
+        if lock.try_lock().is_ok() {
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(dir = %dir.display(), "removed the shadow directory of a host that is no longer running"),
+                Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove a stale shadow directory: {e}"),
+            }
+        }
+    }
+}
+
 /// Checks that an ELF file is as long as its own headers say, so that a file still being
 /// written is never handed to `dlopen` (whose mappings past the end of a file fault on
 /// access). Linkers write the section header table last, at the end of the file, so its end
 /// is where the file must end. Written by hand: it is 15 lines of reading three header fields,
 /// not worth an ELF-parsing dependency. Files that are not 64-bit little-endian ELF pass
 /// (`dlopen` refuses them with its own message); files shorter than a header fail.
-pub fn check_complete(path: &Path) -> Result<(), LoadError> {
-    let bytes = fs::read(path).map_err(|e| LoadError::Open { path: path.to_path_buf(), reason: e.to_string() })?;
+pub fn check_complete(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     let len = bytes.len() as u64;
     let incomplete = |needed| Err(LoadError::Incomplete { path: path.to_path_buf(), len, needed });
     if bytes.len() < 64 {

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use hotswap::cli::{Cli, Command, ServeArgs};
+use hotswap::trust::Trust;
 use hotswap::watch::{self, PluginSource};
 
 fn main() -> ExitCode {
@@ -58,7 +59,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --plugin PATH or --plugin-dir DIR"),
     };
-    hotswap::run::serve(&args.host, candidates, move |registry, hangup, shutdown| {
+    let trust = Trust { insecure: args.insecure_plugin_dir, digests: args.trusted_digests.clone(), own_build: false };
+    hotswap::run::serve(&args.host, trust, candidates, move |registry, hangup, shutdown| {
         watch::run(source, registry, hangup, shutdown)
     }).await
 }

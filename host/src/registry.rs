@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::budget;
 use crate::generation::{Generation, GenerationError, LoadOptions};
 
 /// No candidate could be loaded at startup.
@@ -23,6 +24,8 @@ pub struct Registry {
     next_id: AtomicU64,
     options: LoadOptions,
     drain_timeout: Duration,
+    /// The most generations loaded at once (`--max-generations`).
+    max_generations: u64,
     refusals: Mutex<VecDeque<Refusal>>,
 }
 
@@ -40,7 +43,12 @@ const REFUSALS_KEPT: usize = 32;
 impl Registry {
     /// Loads the first generation from the first of `candidates` that loads; the server
     /// does not start without one. The error lists every refusal.
-    pub async fn start(candidates: &[PathBuf], options: LoadOptions, drain_timeout: Duration) -> Result<Registry, StartError> {
+    pub async fn start(
+        candidates: &[PathBuf],
+        options: LoadOptions,
+        drain_timeout: Duration,
+        max_generations: u64,
+    ) -> Result<Registry, StartError> {
         let mut refusals = Vec::new();
         for (next_id, plugin) in (1..).zip(candidates) {
             match Generation::load(plugin, next_id, &options).await {
@@ -55,6 +63,7 @@ impl Registry {
                         next_id: AtomicU64::new(next_id + 1),
                         options,
                         drain_timeout,
+                        max_generations,
                         refusals: Mutex::new(VecDeque::new()),
                     });
                 }
@@ -91,6 +100,7 @@ impl Registry {
     /// Loads `plugin` as a candidate and, if it passes every check, makes it current in one
     /// atomic step. On error the current generation keeps serving.
     pub async fn load_and_swap(&self, plugin: &Path) -> Result<Arc<Generation>, GenerationError> {
+        budget::check_before_load()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let candidate = Generation::load(plugin, id, &self.options).await?;
         self.swap(candidate.clone());
@@ -100,16 +110,18 @@ impl Registry {
     /// Makes `next` current; the old generation drains (bounded by the drain timeout).
     pub fn swap(&self, next: Arc<Generation>) {
         let old = self.current.swap(next.clone());
-        {
+        let resident = {
             let mut resident = self.resident.lock().unwrap_or_else(PoisonError::into_inner);
             resident.retain(|g| g.strong_count() > 0);
             resident.push(Arc::downgrade(&next));
-        }
+            resident.iter().filter_map(Weak::upgrade).collect::<Vec<_>>()
+        };
         tracing::info!(
             from = %old.label(), from_generation = old.id(), to = %next.label(), to_generation = next.id(),
             "swapped: new requests go to generation {}", next.id()
         );
         old.superseded().raise();
+        self.enforce_max_generations(resident);
         let old = Arc::downgrade(&old);
         let timeout = self.drain_timeout;
         tokio::spawn(async move {
@@ -122,6 +134,22 @@ impl Registry {
                 old.aborted().raise();
             }
         });
+    }
+
+    /// Cuts off the oldest draining generations while more than `--max-generations` are
+    /// loaded (not counting those already cut off, which are on their way out).
+    fn enforce_max_generations(&self, mut resident: Vec<Arc<Generation>>) {
+        resident.retain(|g| !g.aborted().is_raised());
+        resident.sort_by_key(|g| g.id());
+        let excess = (resident.len() as u64).saturating_sub(self.max_generations);
+        for oldest in resident.iter().take(excess as usize) {
+            tracing::warn!(
+                generation = oldest.id(), plugin = %oldest.label(), in_flight = oldest.in_flight(),
+                "more than {} generations loaded (--max-generations): aborting the oldest one's remaining responses",
+                self.max_generations
+            );
+            oldest.aborted().raise();
+        }
     }
 
     /// Generations still loaded (current first is not guaranteed).

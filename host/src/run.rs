@@ -15,12 +15,13 @@ use crate::cli::HostArgs;
 use crate::generation::{self, LoadOptions};
 use crate::loader::ShadowDir;
 use crate::registry::Registry;
+use crate::trust::Trust;
 use crate::server::Server;
 
 /// Serves until SIGTERM or SIGINT. `candidates` are tried in order for the first generation;
 /// `triggers` runs beside the server and swaps in new generations (file watcher, dev
 /// rebuilds; SIGHUP arrives on the given stream) until the token is cancelled.
-pub async fn serve<T, F>(args: &HostArgs, candidates: Vec<PathBuf>, triggers: T) -> anyhow::Result<()>
+pub async fn serve<T, F>(args: &HostArgs, trust: Trust, candidates: Vec<PathBuf>, triggers: T) -> anyhow::Result<()>
 where
     T: FnOnce(Arc<Registry>, Signal, CancellationToken) -> F,
     F: Future<Output = ()> + Send + 'static,
@@ -36,12 +37,14 @@ where
         init_timeout: args.init_timeout,
         unload_timeout: Duration::from_secs(5),
         shadow: shadow.clone(),
+        trust,
     };
-    let registry = Arc::new(Registry::start(&candidates, options, args.drain_timeout).await?);
+    reserve_file_descriptors(args.limits.max_connections);
+    let registry = Arc::new(Registry::start(&candidates, options, args.drain_timeout, args.max_generations).await?);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    let server = Server::new(registry.clone(), shutdown.clone());
+    let server = Server::new(registry.clone(), args.limits.clone(), shutdown.clone());
     server.accept_loop(listener).await;
     let _ = triggers.await;
 
@@ -60,6 +63,24 @@ where
     drop(shadow);
     tracing::info!("shut down");
     Ok(())
+}
+
+/// File descriptors the host needs besides one per connection: listeners, the watcher,
+/// generations' runtimes, logs.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft limit on open files so that `max_connections` fit (many systems start
+/// processes at 1024), or warns that they cannot.
+fn reserve_file_descriptors(max_connections: u64) {
+    let wanted = max_connections.saturating_add(FD_RESERVE);
+    match crate::sys::raise_open_files_limit(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            "--max-connections {max_connections} needs about {wanted} file descriptors, but the limit is {limit}: \
+             lower --max-connections, or raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read or raise the open files limit: {e}"),
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {

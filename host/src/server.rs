@@ -32,41 +32,69 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::bridge::{self, BodyError, ResponseBody};
 use crate::generation::{thread_generation, Generation};
+use crate::cli::HttpLimits;
+use crate::limits::{Activity, Expiry, Sweeper};
 use crate::registry::Registry;
 
 /// State shared by the accept loop and every connection.
 pub struct Server {
     registry: Arc<Registry>,
     shutdown: CancellationToken,
+    limits: HttpLimits,
+    sweeper: Arc<Sweeper>,
+    /// One permit per connection that may be open at once.
+    slots: Arc<Semaphore>,
     connections: AtomicUsize,
     all_closed: Notify,
 }
 
 impl Server {
-    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Arc<Server> {
-        Arc::new(Server { registry, shutdown, connections: AtomicUsize::new(0), all_closed: Notify::new() })
+    /// A server for `registry`'s generations. The timeout sweeper runs on the calling runtime
+    /// (the host's own) until `shutdown`.
+    pub fn new(registry: Arc<Registry>, limits: HttpLimits, shutdown: CancellationToken) -> Arc<Server> {
+        let sweeper = Sweeper::new(limits.header_read_timeout, limits.idle_timeout);
+        tokio::spawn(sweeper.clone().run(shutdown.clone()));
+        let slots = Arc::new(Semaphore::new(usize::try_from(limits.max_connections).unwrap_or(Semaphore::MAX_PERMITS)));
+        Arc::new(Server {
+            registry,
+            shutdown,
+            limits,
+            sweeper,
+            slots,
+            connections: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+        })
     }
 
-    /// Accepts connections until shutdown is requested.
+    /// Accepts connections until shutdown is requested. At `--max-connections`, it stops
+    /// accepting until one closes: further clients wait in the listen backlog.
     pub async fn accept_loop(self: &Arc<Self>, listener: TcpListener) {
         loop {
+            let slot = tokio::select! {
+                s = self.slots.clone().acquire_owned() => s,
+                () = self.shutdown.cancelled() => break,
+            };
+            let Ok(slot) = slot else { break }; // the semaphore is never closed
+            if self.slots.available_permits() == 0 {
+                tracing::debug!(max = self.limits.max_connections, "connection limit reached: new clients wait in the backlog");
+            }
             let accepted = tokio::select! {
                 r = listener.accept() => r,
                 () = self.shutdown.cancelled() => break,
             };
             match accepted {
-                Ok((stream, peer)) => self.hand_over(stream, peer),
+                Ok((stream, peer)) => self.hand_over(stream, peer, slot),
                 Err(e) => {
                     // Typically EMFILE: wait instead of spinning; the backlog keeps the rest.
                     tracing::warn!("accept failed: {e}");
@@ -77,7 +105,7 @@ impl Server {
         tracing::info!("stopped accepting connections");
     }
 
-    fn hand_over(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    fn hand_over(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
         let std_stream = match stream.into_std() {
             Ok(s) => s,
@@ -88,7 +116,10 @@ impl Server {
             generation: ArcSwap::new(generation.clone()),
             h1_in_flight: AtomicUsize::new(0),
             next_stream: Mutex::new(None),
+            activity: self.sweeper.track(),
+            max_body_size: self.limits.max_body_size,
         });
+        let open = OpenConnection::new(self, slot);
         let server = self.clone();
         generation.handle().spawn(async move {
             // Now on the generation's runtime: register the socket with its reactor.
@@ -96,7 +127,7 @@ impl Server {
                 Ok(io) => io,
                 Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
             };
-            let future = serve(io, conn.clone(), server.clone());
+            let future = serve(io, conn.clone(), server.clone(), open);
             ConnTask::new(future, conn, server).await;
         });
     }
@@ -130,15 +161,23 @@ struct ConnState {
     h1_in_flight: AtomicUsize,
     /// The generation chosen by the service for the HTTP/2 stream hyper is about to spawn.
     next_stream: Mutex<Option<Arc<Generation>>>,
+    /// For the header read and idle timeouts.
+    activity: Arc<Activity>,
+    max_body_size: u64,
 }
 
 type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The hyper connection, with graceful shutdown wired in; movable between runtimes.
-fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>) -> ConnFuture {
+fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>, open: OpenConnection) -> ConnFuture {
     Box::pin(async move {
-        let _open = OpenConnection::new(&server);
-        let builder = auto::Builder::new(StreamExecutor { conn: conn.clone() });
+        let _open = open;
+        let mut builder = auto::Builder::new(StreamExecutor { conn: conn.clone() });
+        // hyper answers a request head larger than its read buffer with 431 (HTTP/1), and
+        // h2 one larger than the advertised header list size.
+        let max_header_size = usize::try_from(server.limits.max_header_size).unwrap_or(usize::MAX);
+        builder.http1().max_buf_size(max_header_size);
+        builder.http2().max_header_list_size(u32::try_from(max_header_size).unwrap_or(u32::MAX));
         let connection = builder.serve_connection(TokioIo::new(io), PluginService { conn });
         tokio::pin!(connection);
         let result = tokio::select! {
@@ -154,20 +193,24 @@ fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>) -> Conn
     })
 }
 
-/// Counts open connections for the drain at shutdown.
-struct OpenConnection(Arc<Server>);
+/// An open connection: counted for the drain at shutdown, and holding one of the
+/// `--max-connections` slots until it closes.
+struct OpenConnection {
+    server: Arc<Server>,
+    _slot: OwnedSemaphorePermit,
+}
 
 impl OpenConnection {
-    fn new(server: &Arc<Server>) -> OpenConnection {
+    fn new(server: &Arc<Server>, slot: OwnedSemaphorePermit) -> OpenConnection {
         server.connections.fetch_add(1, Ordering::SeqCst);
-        OpenConnection(server.clone())
+        OpenConnection { server: server.clone(), _slot: slot }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        if self.0.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.all_closed.notify_waiters();
+        if self.server.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.server.all_closed.notify_waiters();
         }
     }
 }
@@ -210,6 +253,7 @@ impl ConnTask {
                 *wait = None;
             }
         }
+        self.conn.activity.wake_on_expiry(cx.waker());
         self.registered = Some(cx.waker().clone());
     }
 }
@@ -220,6 +264,15 @@ impl Future for ConnTask {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         this.register(cx);
+        if let Some(why) = this.conn.activity.expired() {
+            let why = match why {
+                Expiry::HeaderRead => "the request head did not arrive within the header read timeout",
+                Expiry::Idle => "idle for the idle timeout",
+            };
+            tracing::debug!("closing a connection: {why}");
+            this.connection = None;
+            return Poll::Ready(());
+        }
         // Before reading the next request: a request that arrives together with the news of
         // a swap must go to the new generation.
         if this.try_move() {
@@ -297,10 +350,16 @@ impl MigratingStream {
 
 impl AsyncRead for MigratingStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().io() {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = match this.io() {
             Ok(io) => io.poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        if buf.filled().len() > before {
+            this.conn.activity.received();
         }
+        polled
     }
 }
 
@@ -390,7 +449,7 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
         if !h1 {
             *self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation.clone());
         }
-        let guard = RequestGuard::new(generation, h1.then(|| self.conn.clone()));
+        let guard = RequestGuard::new(generation, self.conn.clone(), h1);
         Box::pin(respond(request, guard))
     }
 }
@@ -405,7 +464,20 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
         tracing::error!(generation = generation.id(), "request polled outside its generation's runtime");
         return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, guard));
     }
-    let called = bridge::call(generation, request).await;
+    let max_body_size = guard.conn.max_body_size;
+    if request.body().size_hint().lower() > max_body_size {
+        tracing::debug!(%method, path = %uri.path(), max_body_size, "request body too large: answered 413");
+        return Ok(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard));
+    }
+    let call = bridge::call(generation, request, max_body_size);
+    let too_large = call.body_limit();
+    let called = call.await;
+    if too_large.is_some_and(|flag| flag.load(Ordering::Acquire)) {
+        // The plugin's answer to a body cut short is moot: the client sent too much.
+        tracing::debug!(%method, path = %uri.path(), max_body_size, "request body grew too large: answered 413");
+        drop(called);
+        return Ok(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard));
+    }
     let response = match called {
         Ok(response) => {
             tracing::debug!(
@@ -433,25 +505,28 @@ fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody>
 /// body is dropped.
 struct RequestGuard {
     generation: Arc<Generation>,
-    h1: Option<Arc<ConnState>>,
+    conn: Arc<ConnState>,
+    h1: bool,
 }
 
 impl RequestGuard {
-    fn new(generation: Arc<Generation>, h1: Option<Arc<ConnState>>) -> RequestGuard {
+    fn new(generation: Arc<Generation>, conn: Arc<ConnState>, h1: bool) -> RequestGuard {
         generation.in_flight_counter().fetch_add(1, Ordering::Relaxed);
-        if let Some(conn) = &h1 {
+        conn.activity.request_started();
+        if h1 {
             conn.h1_in_flight.fetch_add(1, Ordering::AcqRel);
         }
-        RequestGuard { generation, h1 }
+        RequestGuard { generation, conn, h1 }
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.generation.in_flight_counter().fetch_sub(1, Ordering::Relaxed);
-        if let Some(conn) = &self.h1 {
-            conn.h1_in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.h1 {
+            self.conn.h1_in_flight.fetch_sub(1, Ordering::AcqRel);
         }
+        self.conn.activity.request_ended();
     }
 }
 

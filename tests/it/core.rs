@@ -44,7 +44,7 @@ async fn downloads_256_mib_byte_exact() {
 
 #[tokio::test]
 async fn streams_a_256_mib_upload_without_buffering_it() {
-    let host = example();
+    let host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap(), "--max-body-size", "1GiB"]);
     // Warm up, then take the idle RSS.
     reqwest::get(host.url("/")).await.unwrap();
     let idle = host.rss();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use hotswap_tests::{artifacts, example_version, is_pattern, log_time, place_by_cp, place_by_rename, temp_dir, version_in, Host};
+use hotswap_tests::{artifacts, example_version, is_pattern, log_time, place_by_cp, place_by_rename, private_dir, temp_dir, version_in, Host};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -209,7 +209,7 @@ async fn sighup_file_removal_and_a_recreated_directory() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(host.wait_for_log("plugin directory removed", Duration::from_secs(5)), "{}", host.log());
     assert_eq!(version(&client, &host).await, "1.0.0");
-    std::fs::create_dir_all(&dir).unwrap();
+    private_dir(&dir);
     // Editor and temporary files are ignored.
     std::fs::write(dir.join(".app.so.swp"), b"not a plugin").unwrap();
     std::fs::write(dir.join("notes.txt~"), b"not a plugin").unwrap();

@@ -2,6 +2,7 @@
 //! running the real `hotswap` binary on an ephemeral loopback port.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -49,11 +50,10 @@ pub fn artifacts() -> &'static Artifacts {
         let release = target_dir().join("release");
         // Private copies: hosts watch the file they serve, and other tests rebuild variants
         // of these crates in target/release.
-        let dir = target_dir().join("it-plugins");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = private_dir(&target_dir().join("it-plugins"));
         let copy = |lib: &str| {
             let dest = dir.join(lib);
-            std::fs::copy(release.join(lib), &dest).unwrap();
+            copy_private(&release.join(lib), &dest);
             dest
         };
         Artifacts {
@@ -89,11 +89,10 @@ pub fn variant(package: &str, var: &str, value: &str) -> PathBuf {
     artifacts();
     let _lock = build_lock();
     cargo_build(&[package], &[(var, value)]);
-    let dir = target_dir().join("it-plugins");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = private_dir(&target_dir().join("it-plugins"));
     let lib = format!("lib{}.so", package.replace('-', "_"));
     let dest = dir.join(format!("{key}.so"));
-    std::fs::copy(target_dir().join("release").join(&lib), &dest).unwrap();
+    copy_private(&target_dir().join("release").join(&lib), &dest);
     cargo_build(&[package], &[]);
     CACHE.lock().unwrap().push((key, dest.clone()));
     dest
@@ -105,20 +104,33 @@ pub fn temp_dir(name: &str) -> PathBuf {
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = target_dir().join("it-tmp").join(format!("{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    private_dir(&dir)
+}
+
+/// Creates `dir` (if needed) writable by its owner only, whatever the umask: the host
+/// refuses plugins from a directory others may write.
+pub fn private_dir(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir.to_path_buf()
+}
+
+/// Copies `src` to `dest` (in place, if `dest` exists), writable by its owner only.
+pub fn copy_private(src: &Path, dest: &Path) {
+    std::fs::copy(src, dest).unwrap();
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// Puts `src` at `dest` atomically: copy to a hidden temporary name, then rename.
 pub fn place_by_rename(src: &Path, dest: &Path) {
     let tmp = dest.with_file_name(format!(".{}.tmp", dest.file_name().unwrap().to_string_lossy()));
-    std::fs::copy(src, &tmp).unwrap();
+    copy_private(src, &tmp);
     std::fs::rename(&tmp, dest).unwrap();
 }
 
 /// Writes `src` over `dest` in place (same inode), as `cp` does.
 pub fn place_by_cp(src: &Path, dest: &Path) {
-    std::fs::copy(src, dest).unwrap();
+    copy_private(src, dest);
 }
 
 /// The `version=` line of the example handler's greeting.

@@ -1,0 +1,160 @@
+//! Resource budgets for a process that loads plugins forever.
+//!
+//! Unloading a generation gives back its threads, its mappings and nearly all its memory
+//! (BENCHMARKS.md has the figures over 2000 swaps). One thing it cannot give back: a plugin
+//! whose own copy of std calls `std::thread::current()` (directly, through the default panic
+//! hook, or through crates that name threads) creates a pthread key with a destructor inside
+//! the plugin, and never deletes it. glibc has 1024 keys per process; when they run out, the
+//! next `thread::current()` anywhere in the process aborts it ("out of TLS keys").
+//!
+//! So before every load the host checks what is left of each budget that repeated loading
+//! draws on, warns when one runs low, and refuses the load while the process can still serve
+//! on the generation it has. A restart (which a supervisor can do gracefully: see README)
+//! gives everything back.
+
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+use crate::sys;
+
+/// One resource, as much of it as is in use now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub resource: Resource,
+    pub used: u64,
+    pub limit: u64,
+}
+
+/// What repeated loading draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    /// pthread thread-specific-data keys (glibc: 1024 per process, leaked by plugins).
+    ThreadKeys,
+    /// Memory mappings (`vm.max_map_count`): each loaded library maps several.
+    MemoryMaps,
+    /// Open file descriptors (the soft `RLIMIT_NOFILE`).
+    FileDescriptors,
+}
+
+impl Resource {
+    /// Left free when a load is refused: what the host itself still needs to serve and to
+    /// unload (a thread starting, a runtime's epoll and event fds, a few mappings).
+    fn reserve(self) -> u64 {
+        match self {
+            Resource::ThreadKeys => 32,
+            Resource::MemoryMaps => 1024,
+            Resource::FileDescriptors => 64,
+        }
+    }
+
+    fn what_to_do(self) -> &'static str {
+        match self {
+            Resource::ThreadKeys => {
+                "the plugin leaks one pthread key per load (its std's thread::current()); restart the host to reclaim them"
+            }
+            Resource::MemoryMaps => "old generations may still be mapped (see /proc/PID/maps); raise vm.max_map_count or restart",
+            Resource::FileDescriptors => "close connections, lower --max-connections, or raise the open files limit (ulimit -n)",
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Resource::ThreadKeys => "pthread keys",
+            Resource::MemoryMaps => "memory mappings",
+            Resource::FileDescriptors => "file descriptors",
+        })
+    }
+}
+
+impl Usage {
+    fn free(&self) -> u64 {
+        self.limit.saturating_sub(self.used)
+    }
+
+    /// Whether a load must be refused.
+    fn exhausted(&self) -> bool {
+        self.free() <= self.resource.reserve()
+    }
+
+    /// Whether to warn: three quarters used.
+    fn low(&self) -> bool {
+        self.used.saturating_mul(4) >= self.limit.saturating_mul(3)
+    }
+}
+
+impl fmt::Display for Usage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} of {} {} in use", self.used, self.limit, self.resource)
+    }
+}
+
+/// A load refused because a budget would run out.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "budget exhausted: {usage}, and {reserve} are kept for the host to go on serving; no further plugin is loaded: {hint}",
+    reserve = usage.resource.reserve(),
+    hint = usage.resource.what_to_do()
+)]
+pub struct BudgetError {
+    pub usage: Usage,
+}
+
+/// What is in use now, for each budget that can be measured here.
+pub fn usage() -> Vec<Usage> {
+    let mut all = Vec::with_capacity(3);
+    let keys = sys::lowest_free_thread_key().unwrap_or(sys::THREAD_KEYS_MAX);
+    all.push(Usage { resource: Resource::ThreadKeys, used: keys, limit: sys::THREAD_KEYS_MAX });
+    let maps = std::fs::read_to_string("/proc/self/maps").map(|m| m.lines().count() as u64);
+    let max_maps = std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok());
+    if let (Ok(used), Some(limit)) = (maps, max_maps) {
+        all.push(Usage { resource: Resource::MemoryMaps, used, limit });
+    }
+    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64);
+    if let (Ok(used), Ok((limit, _))) = (fds, sys::open_files_limit()) {
+        all.push(Usage { resource: Resource::FileDescriptors, used, limit });
+    }
+    all
+}
+
+/// Checks every budget before a load: warns about those running low, and refuses the load
+/// if one is exhausted.
+pub fn check_before_load() -> Result<(), BudgetError> {
+    let all = usage();
+    if let Some(usage) = all.iter().find(|u| u.exhausted()) {
+        return Err(BudgetError { usage: *usage });
+    }
+    for usage in all.iter().filter(|u| u.low()) {
+        tracing::warn!(
+            "budget running low: {usage}; loads are refused when {} are left ({})",
+            usage.resource.reserve(),
+            usage.resource.what_to_do()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_is_exhausted_at_its_reserve_and_low_at_three_quarters() {
+        let at = |used| Usage { resource: Resource::ThreadKeys, used, limit: 1024 };
+        assert!(!at(700).low());
+        assert!(at(768).low() && !at(768).exhausted());
+        assert!(!at(991).exhausted());
+        assert!(at(992).exhausted());
+        assert!(at(1024).exhausted());
+    }
+
+    #[test]
+    fn usage_is_measured_in_this_process() {
+        let all = usage();
+        let keys = all.iter().find(|u| u.resource == Resource::ThreadKeys).expect("thread keys measured");
+        assert!(keys.used < keys.limit);
+        assert!(all.iter().any(|u| u.resource == Resource::MemoryMaps && u.used > 10));
+    }
+}

@@ -1,0 +1,141 @@
+//! Which plugin files the host agrees to load.
+//!
+//! Loading a plugin runs its code with the host's privileges, so a plugin is only as
+//! trustworthy as the places it comes from. Like sshd's StrictModes, the host refuses a plugin
+//! file, or the directory it is in, that is writable by group or others or owned by a user
+//! other than the host's or root: anyone who can write there can replace the code the host
+//! runs. `--insecure-plugin-dir` loads such files anyway, with a warning at every load.
+//!
+//! With `--trusted-digests FILE`, only plugins whose SHA-256 is listed in FILE are loaded.
+//! The digest is taken of the very bytes that are loaded (the private copy), and the list is
+//! read again at every load, so adding a digest takes effect without a restart.
+
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::sys;
+
+/// Why a plugin file was not trusted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustError {
+    #[error(
+        "{path}: the {what} is writable by {who} (mode {mode:04o}), so someone else could replace the plugin: \
+         run `chmod go-w {path}`, or pass --insecure-plugin-dir to accept the risk"
+    )]
+    Writable { path: PathBuf, what: &'static str, who: &'static str, mode: u32 },
+    #[error(
+        "{path}: the {what} is owned by uid {owner}, neither this host's user (uid {host}) nor root, so that user could \
+         replace the plugin: run `chown {host} {path}`, or pass --insecure-plugin-dir to accept the risk"
+    )]
+    Owner { path: PathBuf, what: &'static str, owner: u32, host: u32 },
+    #[error("{path}: cannot check who may write the {what}: {source}")]
+    Stat { path: PathBuf, what: &'static str, source: std::io::Error },
+    #[error(
+        "{path}: SHA-256 {digest} is not in the trusted digests file {list}; if this build is meant to run, \
+         add its digest there (`sha256sum {path} >> {list}`)"
+    )]
+    UnknownDigest { path: PathBuf, digest: String, list: PathBuf },
+    #[error("cannot read the trusted digests file {list}: {reason}")]
+    DigestList { list: PathBuf, reason: String },
+}
+
+/// The host's rules for plugin files.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// Load from insecure places anyway (with a warning).
+    pub insecure: bool,
+    /// Only load plugins whose SHA-256 is listed in this file.
+    pub digests: Option<PathBuf>,
+    /// Skip the ownership and mode checks: `hotswap dev` loads what it has just built itself.
+    pub own_build: bool,
+}
+
+impl Trust {
+    /// Checks that `plugin` and its directory are writable only by this host's user or root.
+    /// With `insecure`, a failed check is logged as a warning and the load goes on.
+    pub fn check_source(&self, plugin: &Path) -> Result<(), TrustError> {
+        if self.own_build {
+            return Ok(());
+        }
+        let dir = match plugin.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let checked = check_writers(dir, "plugin directory").and_then(|()| check_writers(plugin, "plugin file"));
+        match checked {
+            Err(e) if self.insecure => {
+                tracing::warn!("loading an insecure plugin (--insecure-plugin-dir): {e}");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// With a digest list, checks that the SHA-256 of `bytes` (the plugin as it will be
+    /// loaded) is on it. Returns the digest, in hex, when it was computed.
+    pub fn check_digest(&self, plugin: &Path, bytes: &[u8]) -> Result<Option<String>, TrustError> {
+        let Some(list) = &self.digests else { return Ok(None) };
+        let digest = sha256_hex(bytes);
+        if trusted_digests(list, self.insecure)?.iter().any(|d| d == &digest) {
+            Ok(Some(digest))
+        } else {
+            Err(TrustError::UnknownDigest { path: plugin.to_path_buf(), digest, list: list.clone() })
+        }
+    }
+}
+
+/// Refuses `path` if anyone but this host's user or root may write it.
+fn check_writers(path: &Path, what: &'static str) -> Result<(), TrustError> {
+    let meta = std::fs::metadata(path).map_err(|source| TrustError::Stat { path: path.to_path_buf(), what, source })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 { "others" } else { "its group" };
+        return Err(TrustError::Writable { path: path.to_path_buf(), what, who, mode });
+    }
+    let host = sys::effective_uid();
+    if meta.uid() != host && meta.uid() != 0 {
+        return Err(TrustError::Owner { path: path.to_path_buf(), what, owner: meta.uid(), host });
+    }
+    Ok(())
+}
+
+/// The digests listed in `list`: one per line, either bare hex or `sha256sum` output
+/// (`<hex>  <file>`); blank lines and `#` comments are skipped. The list is held to the same
+/// rules as plugin files: whoever can write it decides what runs.
+fn trusted_digests(list: &Path, insecure: bool) -> Result<Vec<String>, TrustError> {
+    let refused = |reason: String| TrustError::DigestList { list: list.to_path_buf(), reason };
+    if let Err(e) = check_writers(list, "trusted digests file") {
+        if !insecure {
+            return Err(refused(e.to_string()));
+        }
+        tracing::warn!("using an insecure trusted digests file (--insecure-plugin-dir): {e}");
+    }
+    let text = std::fs::read_to_string(list).map_err(|e| refused(e.to_string()))?;
+    let mut digests = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let hex = line.split_whitespace().next().unwrap_or_default().to_ascii_lowercase();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(refused(format!("line {}: `{line}` is not a SHA-256 digest (64 hex digits)", n + 1)));
+        }
+        digests.push(hex);
+    }
+    Ok(digests)
+}
+
+/// The SHA-256 of `bytes`, in lowercase hex (as `sha256sum` prints it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().fold(String::with_capacity(64), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
