@@ -123,6 +123,7 @@ pub fn usage() -> Vec<Usage> {
 /// if one is exhausted.
 pub fn check_before_load() -> Result<(), BudgetError> {
     let all = usage();
+    tracing::debug!(budgets = %all.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "before loading");
     if let Some(usage) = all.iter().find(|u| u.exhausted()) {
         return Err(BudgetError { usage: *usage });
     }

@@ -16,7 +16,7 @@ pub fn open_files_limit() -> io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
+    Ok((limit.rlim_cur, limit.rlim_max))
 }
 
 /// Raises the soft limit on open file descriptors to `wanted`, or to the hard limit if that is
@@ -27,7 +27,7 @@ pub fn raise_open_files_limit(wanted: u64) -> io::Result<u64> {
     if target <= soft {
         return Ok(soft);
     }
-    let limit = libc::rlimit { rlim_cur: target as libc::rlim_t, rlim_max: hard as libc::rlim_t };
+    let limit = libc::rlimit { rlim_cur: target, rlim_max: hard };
     // SAFETY: `limit` is a valid rlimit; raising the soft limit up to the hard one is allowed
     // for any process.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
