@@ -83,10 +83,11 @@ pub unsafe fn init(
 
 /// Runs an author's fallible hook (init or readiness), reporting its error or panic.
 pub fn run_fallible<E: Display>(sink: *mut c_void, hook: impl FnOnce() -> Result<(), E>) -> FfiPoll {
-    match catch_unwind(AssertUnwindSafe(hook)) {
-        Ok(Ok(())) => FfiPoll::READY,
-        Ok(Err(e)) => {
-            write_error(sink, &e.to_string());
+    // The error is formatted inside catch_unwind too: its Display is the author's code.
+    match catch_unwind(AssertUnwindSafe(|| hook().err().map(|e| e.to_string()))) {
+        Ok(None) => FfiPoll::READY,
+        Ok(Some(error)) => {
+            write_error(sink, &error);
             FfiPoll::ERROR
         }
         Err(payload) => {
@@ -96,9 +97,14 @@ pub fn run_fallible<E: Display>(sink: *mut c_void, hook: impl FnOnce() -> Result
     }
 }
 
-/// Runs the author's shutdown hook, if any; a panic is logged by the hook and swallowed.
+/// Runs the author's shutdown hook, if any. A panic is reported to the host's log (by the
+/// panic hook, then here) and swallowed: the library is unloaded either way.
 pub fn run_shutdown(hook: impl FnOnce()) {
-    let _ = catch_unwind(AssertUnwindSafe(hook));
+    if catch_unwind(AssertUnwindSafe(hook)).is_err() {
+        if let Some(host) = crate::try_host() {
+            log::emit(host, 2, "shutdown", "the shutdown hook panicked; the plugin is unloaded anyway");
+        }
+    }
 }
 
 /// A request in progress in the plugin: the state behind an [`FfiResponseFuture`].

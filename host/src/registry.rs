@@ -102,6 +102,7 @@ impl Registry {
     pub async fn load_and_swap(&self, plugin: &Path) -> Result<Arc<Generation>, GenerationError> {
         budget::check_before_load()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(generation = id, file = %plugin.display(), "loading a candidate");
         let candidate = Generation::load(plugin, id, &self.options).await?;
         self.swap(candidate.clone());
         Ok(candidate)

@@ -498,6 +498,11 @@ fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody>
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
     let mut response = Response::new(HostBody { body: ResponseBody::Full(Some(Bytes::from(text))), guard });
     *response.status_mut() = status;
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body is not wanted: close rather than read it to keep the
+        // connection alive.
+        response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
     response
 }
 

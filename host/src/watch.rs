@@ -219,9 +219,17 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, 
             }
         }
         if let Some(path) = pick(&mut pending, &handled) {
-            attempt(&path, &registry, &mut pending, &mut handled).await;
+            tokio::select! {
+                () = attempt(&path, &registry, &mut pending, &mut handled) => {}
+                () = shutdown.cancelled() => return abandon(&path),
+            }
         }
     }
+}
+
+/// Shutdown came while `path` was being loaded: it is dropped (and unloaded) unserved.
+fn abandon(path: &Path) {
+    tracing::info!(file = %path.display(), "shutting down: the plugin being loaded is abandoned");
 }
 
 fn note_event(source: &PluginSource, event: &notify::Event, pending: &mut HashMap<PathBuf, Pending>) {
@@ -342,7 +350,10 @@ async fn sighup_only(
                     pending.insert(path, Pending { closed: true, last_event: Instant::now(), incomplete_since: None });
                 }
                 if let Some(path) = pick(&mut pending, &handled) {
-                    attempt(&path, &registry, &mut pending, &mut handled).await;
+                    tokio::select! {
+                        () = attempt(&path, &registry, &mut pending, &mut handled) => {}
+                        () = shutdown.cancelled() => return abandon(&path),
+                    }
                 }
             }
             () = shutdown.cancelled() => return,

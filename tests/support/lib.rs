@@ -166,8 +166,14 @@ impl Host {
         if let Some(cwd) = cwd {
             cmd.current_dir(cwd);
         }
+        cmd.args(args);
+        Host::start_command(cmd, startup)
+    }
+
+    /// Runs `cmd`, which must end up as the `hotswap` process itself (a wrapper has to `exec`
+    /// it), and waits up to `startup` until it listens; returns the log if it does not.
+    pub fn start_command(mut cmd: Command, startup: Duration) -> Result<Host, String> {
         let mut child = cmd
-            .args(args)
             .env("RUST_LOG", "info,hotswap=debug,plugin=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -245,6 +251,29 @@ impl Host {
         libs.sort();
         libs.dedup();
         libs
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+    }
+
+    /// Waits (bounded, blocking) until the process maps exactly `n` plugin libraries; returns
+    /// what it maps then.
+    pub fn wait_mapped(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mapped = self.mapped_plugins();
+            if mapped.len() == n || Instant::now() > deadline {
+                return mapped;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log.lock().unwrap().matches(needle).count()
     }
 
     pub fn signal(&self, sig: &str) {
