@@ -4,6 +4,8 @@
 mod core;
 mod candidates;
 mod dev;
+mod faults;
 mod bench;
 mod limits;
 mod swap;
+mod trust;

@@ -1,0 +1,222 @@
+//! Faults: handlers and hooks that never return or panic, a shadow directory that cannot be
+//! written or is full, signal storms, shutdown in the middle of a swap, and the budgets that
+//! keep a process that swaps forever from running out.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, version_in, Host};
+
+const MIB: u64 = 1024 * 1024;
+
+fn init_fixture(mode: &str) -> std::path::PathBuf {
+    variant("fixture-init", "FIXTURE_INIT", mode)
+}
+
+async fn version(host: &Host) -> String {
+    let text = reqwest::get(host.url("/")).await.unwrap().text().await.unwrap();
+    version_in(&text).unwrap_or(text)
+}
+
+/// Waits (without blocking the runtime) for `n` plugin libraries mapped.
+async fn wait_mapped(host: &Host, n: usize, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mapped = host.mapped_plugins();
+        if mapped.len() == n || Instant::now() > deadline {
+            return mapped;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_response_that_never_ends_is_aborted_by_the_drain_timeout_and_its_generation_unloads() {
+    let dir = temp_dir("fault-hang");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--drain-timeout", "1s"]);
+    let hung = tokio::spawn(reqwest::get(host.url("/hang")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), hung).await.expect("the hung request was never aborted");
+    assert!(outcome.unwrap().is_err(), "a request that never ends got an answer");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mapped = wait_mapped(&host, 1, Duration::from_secs(5)).await;
+    assert_eq!(mapped.len(), 1, "the hung generation stayed mapped: {mapped:?}\n{}", host.log());
+    assert_eq!(version(&host).await, "1.0.0");
+}
+
+#[tokio::test]
+async fn a_shutdown_hook_that_panics_or_hangs_does_not_stop_the_host() {
+    let dir = temp_dir("fault-shutdown");
+    place_by_rename(&init_fixture("shutdown-panic"), &dir.join("app.so"));
+    let mut host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    reqwest::get(host.url("/")).await.unwrap();
+
+    // Panics: reported, and the library is unloaded anyway.
+    place_by_rename(&init_fixture("shutdown-hang"), &dir.join("app.so"));
+    assert!(host.wait_for_log("the shutdown hook panicked; the plugin is unloaded anyway", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("generation=1 plugin=fixture-init@0.1.0 elapsed", Duration::from_secs(5)), "{}", host.log());
+
+    // Hangs: after the unload timeout the host gives up on it, keeps its library (its code is
+    // still running) and goes on serving.
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    assert!(host.wait_for_log("shutdown hook did not return within", Duration::from_secs(10)), "{}", host.log());
+    assert!(host.wait_for_log("its library stays loaded (leaked)", Duration::from_secs(10)), "{}", host.log());
+    assert_eq!(version(&host).await, "1.0.0");
+
+    // And it still shuts down cleanly.
+    host.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || host.wait_exit(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn an_unwritable_shadow_directory_refuses_the_candidate_and_is_created_again_once_possible() {
+    let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
+    let dir = temp_dir("fault-shadow");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let base = temp_dir("fault-shadow-base");
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--shadow-dir", base.to_str().unwrap()]);
+    let private = base.join(format!("hotswap-{}-0", host.pid()));
+
+    // Something replaced the shadow directory with a file: no copy can be written there.
+    std::fs::remove_dir_all(&private).unwrap();
+    std::fs::write(&private, b"in the way").unwrap();
+    place_by_rename(&v2, &dir.join("app.so"));
+    assert!(host.wait_for_log("cannot write the private copy", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.log().contains("keeps serving"), "{}", host.log());
+    assert_eq!(version(&host).await, "1.0.0");
+
+    // Gone altogether (a temporary-file cleaner): created again, and the swap goes through.
+    std::fs::remove_file(&private).unwrap();
+    place_by_rename(&v2, &dir.join("app.so"));
+    assert!(host.wait_for_log("created it again", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("new requests go to generation", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(version(&host).await, "2.0.0");
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_the_candidate_and_the_current_version_keeps_serving() {
+    let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
+    let dir = temp_dir("fault-full");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let base = temp_dir("fault-full-base");
+    // A file system with room for one copy of the plugin, not two: a tmpfs mounted in a mount
+    // namespace of the host's own (unshare), invisible to the rest of the machine.
+    let size = std::fs::metadata(&v1).unwrap().len() * 3 / 2;
+    let script = r#"mount -t tmpfs -o size="$1" hotswap-test "$2" && shift 2 && exec "$@""#;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--map-root-user", "sh", "-c", script, "sh"]).arg(size.to_string()).arg(&base).arg(&artifacts().hotswap);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin-dir"]).arg(&dir).arg("--shadow-dir").arg(&base);
+    let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| {
+        panic!("cannot start hotswap on a small tmpfs (needs unshare and user namespaces):\n{log}")
+    });
+    assert_eq!(version(&host).await, "1.0.0");
+
+    place_by_rename(&v2, &dir.join("app.so"));
+    assert!(host.wait_for_log("the disk is full", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.log().contains("keeps serving"), "{}", host.log());
+    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.mapped_plugins().len(), 1);
+}
+
+#[tokio::test]
+async fn a_sighup_storm_loads_a_new_build_once_and_the_host_keeps_serving() {
+    let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
+    let dir = temp_dir("fault-hup");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    let pid = host.pid().to_string();
+    place_by_rename(&v2, &dir.join("app.so"));
+    // 500 SIGHUPs as fast as `kill` can send them, in 5 processes.
+    let storms: Vec<_> = (0..5)
+        .map(|_| {
+            let script = format!("for i in $(seq 100); do kill -HUP {pid} || exit 1; done");
+            Command::new("sh").args(["-c", &script]).spawn().unwrap()
+        })
+        .collect();
+    for mut storm in storms {
+        assert!(storm.wait().unwrap().success(), "the host died during the SIGHUP storm:\n{}", host.log());
+    }
+    assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(version(&host).await, "2.0.0");
+    assert_eq!(host.log_count("swapped: new requests go to"), 1, "one new build, one swap:\n{}", host.log());
+    assert_eq!(host.mapped_plugins().len(), 1);
+}
+
+#[tokio::test]
+async fn sigterm_during_a_swap_exits_cleanly_with_nothing_left_mapped_or_on_disk() {
+    let dir = temp_dir("fault-term");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let base = temp_dir("fault-term-base");
+    let mut host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--shadow-dir", base.to_str().unwrap()]);
+    // A download in progress, and a candidate whose init takes 1.5 s.
+    let download = reqwest::get(host.url(&format!("/download?size={}&rate={}", 2 * MIB, 4 * MIB))).await.unwrap();
+    place_by_rename(&init_fixture("slow"), &dir.join("app.so"));
+    assert!(host.wait_for_log("loading a candidate", Duration::from_secs(5)), "{}", host.log());
+    host.signal("TERM");
+    // The download in progress still finishes.
+    assert_eq!(download.bytes().await.unwrap().len() as u64, 2 * MIB);
+    let (code, log) = tokio::task::spawn_blocking(move || (host.wait_exit(Duration::from_secs(20)), host.log())).await.unwrap();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("the plugin being loaded is abandoned"), "{log}");
+    assert!(!log.contains("swapped:"), "swapped in after SIGTERM:\n{log}");
+    assert!(!log.contains("STILL MAPPED") && !log.contains("leaked"), "{log}");
+    let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
+    assert!(left.is_empty(), "left in the shadow base: {left:?}");
+}
+
+#[tokio::test]
+async fn a_plugin_that_leaks_thread_keys_is_refused_before_the_process_runs_out() {
+    let dir = temp_dir("fault-keys");
+    let leaky = init_fixture("leak-keys");
+    place_by_rename(&leaky, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    // Each load leaks 100 of the process's 1024 keys: the ninth or tenth must be refused.
+    let mut refused = false;
+    for _ in 0..12 {
+        let swaps = host.log_count("swapped: new requests go to");
+        place_by_rename(&leaky, &dir.join("app.so"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while host.log_count("swapped: new requests go to") == swaps && !host.log().contains("budget exhausted") {
+            assert!(Instant::now() < deadline, "neither swapped nor refused:\n{}", host.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if host.log().contains("budget exhausted") {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "never refused:\n{}", host.log());
+    assert!(host.log().contains("budget running low"), "no early warning:\n{}", host.log());
+    assert!(host.log().contains("pthread keys in use"), "{}", host.log());
+    // The host is alive and serving on the generation it had.
+    let answer = reqwest::get(host.url("/")).await.unwrap().text().await.unwrap();
+    assert_eq!(answer, "init fixture\n");
+}
+
+#[tokio::test]
+async fn beyond_max_generations_the_oldest_draining_generation_is_cut_off() {
+    let (v1, v2, v3) = (example_version("1.0.0"), example_version("2.0.0"), example_version("3.0.0"));
+    let dir = temp_dir("fault-maxgen");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--max-generations", "2", "--drain-timeout", "120s"]);
+    let slow = format!("/download?size={}&rate={}", 64 * MIB, MIB);
+    let on_v1 = reqwest::get(host.url(&slow)).await.unwrap();
+    place_by_rename(&v2, &dir.join("app.so"));
+    assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
+    let mut on_v2 = reqwest::get(host.url(&slow)).await.unwrap();
+
+    // A third generation: v1, the oldest still draining, is cut off; v2 goes on streaming.
+    place_by_rename(&v3, &dir.join("app.so"));
+    let cut = tokio::time::timeout(Duration::from_secs(5), on_v1.bytes()).await.expect("v1's download was not cut off");
+    assert!(cut.is_err(), "v1's download completed");
+    assert!(host.log().contains("more than 2 generations loaded (--max-generations)"), "{}", host.log());
+    let mapped = wait_mapped(&host, 2, Duration::from_secs(5)).await;
+    assert_eq!(mapped.len(), 2, "{mapped:?}\n{}", host.log());
+    assert!(on_v2.chunk().await.unwrap().is_some(), "v2's download was cut off too");
+    assert_eq!(version(&host).await, "3.0.0");
+}
