@@ -142,11 +142,21 @@ impl Generation {
         let digest = options.trust.check_digest(source, &bytes)?;
         let shadow = options.shadow.write(source, &bytes, id)?;
         drop(bytes);
-        let opened = {
+        // The library's initialisers run on a thread of their own that exits right after:
+        // thread-locals they create are destroyed while the library is still loaded, and
+        // pin no host thread to it.
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let spawned = {
             let shadow = shadow.clone();
-            // SAFETY: the operator chose this file as a plugin; opening it runs its
-            // initialisers, which is what loading a plugin means.
-            tokio::task::spawn_blocking(move || unsafe { Library::open(&shadow) }).await
+            std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || {
+                // SAFETY: the operator chose this file as a plugin; opening it runs its
+                // initialisers, which is what loading a plugin means.
+                let _ = opened_tx.send(unsafe { Library::open(&shadow) });
+            })
+        };
+        let opened = match spawned {
+            Ok(_) => opened.await.map_err(|_| std::io::Error::other("the thread opening the library died")),
+            Err(e) => Err(e),
         };
         let library = match opened {
             Ok(Ok(library)) => library,
@@ -154,9 +164,9 @@ impl Generation {
                 let _ = std::fs::remove_file(&shadow);
                 return Err(e.into());
             }
-            Err(join) => {
+            Err(e) => {
                 let _ = std::fs::remove_file(&shadow);
-                return Err(GenerationError::Runtime(std::io::Error::other(join.to_string())));
+                return Err(GenerationError::Runtime(e));
             }
         };
         let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -475,8 +485,18 @@ impl Reaper {
     fn send(&self, message: Message) {
         let sender = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(mpsc::SendError(Message::Retire(r))) = sender.send(message) {
-            // The reaper thread is gone (it cannot panic in normal operation): unload here.
-            r.unload();
+            // The reaper thread is gone (it cannot panic in normal operation). Unload on a
+            // thread of its own: this may be one of the generation's threads, which cannot
+            // join itself.
+            let id = r.id;
+            let slot = Arc::new(Mutex::new(Some(r)));
+            let theirs = slot.clone();
+            let unload = move || theirs.lock().ok().and_then(|mut r| r.take()).map(|r| r.unload());
+            if let Err(e) = std::thread::Builder::new().name("hs-unload".into()).spawn(unload) {
+                tracing::error!(generation = id, "cannot start a thread to unload the generation ({e}); it stays loaded");
+                // Dropping it here would close the library under threads that may run it.
+                std::mem::forget(slot.lock().ok().and_then(|mut r| r.take()));
+            }
         }
     }
 }
