@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{self, PluginContext};
 use crate::budget::BudgetError;
-use crate::loader::{self, Library, LoadError, ShadowDir};
+use crate::loader::{self, Identity, Library, LoadError, ShadowDir};
 use crate::trust::{Trust, TrustError};
 
 thread_local! {
@@ -95,6 +95,8 @@ pub struct Generation {
     name: String,
     version: String,
     source: PathBuf,
+    /// Which version of the source file was loaded.
+    identity: Option<Identity>,
     /// SHA-256 of the loaded bytes, when a trusted digest list asked for it.
     digest: Option<String>,
     shadow: PathBuf,
@@ -137,7 +139,7 @@ impl Generation {
         options.trust.check_source(source)?;
         // Everything below works on these bytes, which cannot change under us: the
         // completeness check, the digest, and the private copy that is loaded.
-        let bytes = std::fs::read(source).map_err(|e| LoadError::Read { path: source.to_path_buf(), source: e })?;
+        let (bytes, identity) = loader::read_plugin(source)?;
         loader::check_complete(source, &bytes)?;
         let digest = options.trust.check_digest(source, &bytes)?;
         let shadow = options.shadow.write(source, &bytes, id)?;
@@ -191,6 +193,7 @@ impl Generation {
             name: library.name.clone(),
             version: library.version.clone(),
             source: source.to_path_buf(),
+            identity,
             digest,
             shadow,
             loaded_at: Instant::now(),
@@ -282,6 +285,11 @@ impl Generation {
     /// The file it was loaded from.
     pub fn source(&self) -> &Path {
         &self.source
+    }
+
+    /// Which version of the source file was loaded (device, inode, length, modification time).
+    pub fn identity(&self) -> Option<Identity> {
+        self.identity
     }
 
     /// SHA-256 of the loaded library, when `--trusted-digests` is in use.

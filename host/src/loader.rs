@@ -127,6 +127,30 @@ impl Library {
     }
 }
 
+/// What distinguishes one version of a file from the next: a rename or `cargo build` changes
+/// the inode, a write in place the size or modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    pub modified: std::time::SystemTime,
+}
+
+impl Identity {
+    pub fn of(path: &Path) -> Option<Identity> {
+        Identity::from_metadata(&fs::metadata(path).ok()?)
+    }
+
+    pub fn from_metadata(m: &fs::Metadata) -> Option<Identity> {
+        use std::os::unix::fs::MetadataExt;
+        if !m.is_file() {
+            return None;
+        }
+        Some(Identity { dev: m.dev(), ino: m.ino(), len: m.len(), modified: m.modified().ok()? })
+    }
+}
+
 /// Where generations' private copies of their libraries live: a directory only this host
 /// uses (mode 0700), removed at exit.
 ///
@@ -242,6 +266,20 @@ fn remove_stale(base: &Path) {
             }
         }
     }
+}
+
+/// Reads a plugin file, and what version of the file it was (from the open file itself, so
+/// the two always match).
+pub fn read_plugin(path: &Path) -> Result<(Vec<u8>, Option<Identity>), LoadError> {
+    use std::io::Read as _;
+    let read = || -> std::io::Result<_> {
+        let mut file = fs::File::open(path)?;
+        let identity = Identity::from_metadata(&file.metadata()?);
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok((bytes, identity))
+    };
+    read().map_err(|source| LoadError::Read { path: path.to_path_buf(), source })
 }
 
 /// Checks that an ELF file is as long as its own headers say, so that a file still being

@@ -20,10 +20,9 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
@@ -32,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::generation::GenerationError;
-use crate::loader::LoadError;
+use crate::loader::{Identity, LoadError};
 use crate::registry::Registry;
 
 /// A file written in place is loaded this long after its last change even if no close event
@@ -98,23 +97,6 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// What distinguishes one version of a file from the next: a rename or `cargo build` changes
-/// the inode, a write in place the size or modification time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    modified: SystemTime,
-}
-
-impl Identity {
-    pub fn of(path: &Path) -> Option<Identity> {
-        let m = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
-        Some(Identity { dev: m.dev(), ino: m.ino(), len: m.len(), modified: m.modified().ok()? })
-    }
-}
-
 /// A file that has changed and not yet been loaded or refused.
 #[derive(Debug)]
 struct Pending {
@@ -152,8 +134,9 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, 
     // What is serving already counts as handled. (Scoped: holding the Arc would keep that
     // generation resident for as long as the watcher runs.)
     {
+        // As it was when loaded: a file replaced since then is a new candidate.
         let current = registry.current();
-        if let Some(id) = Identity::of(current.source()) {
+        if let Some(id) = current.identity() {
             handled.insert(current.source().to_path_buf(), id);
         }
     }
@@ -283,7 +266,9 @@ async fn attempt(
 ) {
     let Some(identity) = Identity::of(path) else { return };
     match registry.load_and_swap(path).await {
-        Ok(_) => {
+        Ok(generation) => {
+            // What was loaded, which may be newer than what was seen before loading.
+            let identity = generation.identity().unwrap_or(identity);
             pending.remove(path);
             handled.insert(path.to_path_buf(), identity);
             // Older candidates lose to the one just loaded.
