@@ -5,4 +5,5 @@ mod core;
 mod candidates;
 mod dev;
 mod bench;
+mod soak;
 mod swap;
