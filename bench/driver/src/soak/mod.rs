@@ -11,7 +11,7 @@
 //!    closed or broken connection is seen, never retried away), and throttled downloads one
 //!    after another, each spanning many swaps and checked byte by byte. After `--warm-up-ms`
 //!    (the first swaps grow RSS: glibc gives each new generation's threads an arena) the
-//!    host's RSS is the reference.
+//!    host's RSS is the reference; it is sampled about ten times more during the load.
 //! 3. **End**: everything stops and every client closes its connection; the driver waits
 //!    (bounded) for the last build to serve, for the old generations to be unmapped and for
 //!    the host's fds to return to the baseline, then stops the host.
@@ -168,9 +168,18 @@ fn apply_load(args: &Args, server: &Server, swapper: &mut Swapper, summary: &mut
         let clients: Vec<_> = (0..args.clients).map(|_| scope.spawn(move || load::client(port, versions, stop, started))).collect();
         let downloads = scope.spawn(move || load::downloads(port, args.download_size, args.download_rate, deadline, renames));
 
-        load::sleep_until(started + Duration::from_millis(args.warm_up_ms), stop);
+        let warmed_up = started + Duration::from_millis(args.warm_up_ms);
+        load::sleep_until(warmed_up, stop);
         summary.rss_warm_kib = server.rss_kib();
         summary.fds_during = proc::open_fds(server.pid());
+        // RSS through the load, about ten samples, to tell a plateau from a slope.
+        let step = (deadline - warmed_up).div_f64(10.0).max(Duration::from_secs(1));
+        let mut next = warmed_up + step;
+        while next < deadline && !stop.load(Ordering::Relaxed) {
+            load::sleep_until(next, stop);
+            summary.rss_during_kib.push(server.rss_kib());
+            next += step;
+        }
         load::sleep_until(deadline, stop);
         stop.store(true, Ordering::Relaxed);
         summary.elapsed = started.elapsed();

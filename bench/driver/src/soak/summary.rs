@@ -25,6 +25,8 @@ pub struct Summary {
     pub downloads: Vec<Download>,
     /// Host RSS after the warm-up, with the load running.
     pub rss_warm_kib: u64,
+    /// Host RSS sampled through the rest of the load.
+    pub rss_during_kib: Vec<u64>,
     /// Host RSS at the end: load stopped, old generations unloaded.
     pub rss_end_kib: u64,
     /// Host fds with no client connected, after the first swaps and before the load.
@@ -150,6 +152,17 @@ fn signed_mib(from_kib: u64, to_kib: u64) -> f64 {
     mib(to_kib) - mib(from_kib)
 }
 
+/// `min-max` of `values` with `decimals` (just the value if they are all equal).
+fn range(values: &[f64], decimals: usize) -> String {
+    if values.is_empty() {
+        return "-".into();
+    }
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = (format!("{min:.decimals$}"), format!("{max:.decimals$}"));
+    if lo == hi { lo } else { format!("{lo}-{hi}") }
+}
+
 /// What changed between two fd censuses (`socket +2, pipe -1`), or None if nothing did.
 fn census_diff(before: &Census, after: &Census) -> Option<String> {
     let mut kinds: Vec<&String> = before.keys().chain(after.keys()).collect();
@@ -189,12 +202,14 @@ impl fmt::Display for Summary {
         writeln!(f, "swaps      {} renames, {} swaps logged by the host", self.renames, self.swaps_logged)?;
         let bytes: u64 = self.downloads.iter().map(|d| d.received).sum();
         let exact = self.downloads.iter().filter(|d| d.exact).count();
-        let spans: Vec<String> = self.downloads.iter().map(|d| format!("{:.1} s/{}", d.elapsed.as_secs_f64(), d.swaps)).collect();
+        let secs: Vec<f64> = self.downloads.iter().map(|d| d.elapsed.as_secs_f64()).collect();
+        let renames: Vec<f64> = self.downloads.iter().map(|d| d.swaps as f64).collect();
         writeln!(
             f,
-            "downloads  {} ({exact} byte-exact), {bytes} B in all; each took s/renames meanwhile: {}",
+            "downloads  {} ({exact} byte-exact), {bytes} B in all; each {} s long, across {} renames",
             self.downloads.len(),
-            spans.join(", ")
+            range(&secs, 1),
+            range(&renames, 0)
         )?;
         writeln!(
             f,
@@ -203,6 +218,8 @@ impl fmt::Display for Summary {
             mib(self.rss_end_kib),
             signed_mib(self.rss_warm_kib, self.rss_end_kib)
         )?;
+        let during: Vec<String> = self.rss_during_kib.iter().map(|k| format!("{:.1}", mib(*k))).collect();
+        writeln!(f, "RSS        through the load, MiB: {}", during.join(", "))?;
         writeln!(
             f,
             "fds        {} without clients before, {} with all clients connected, {} after",
@@ -274,6 +291,13 @@ mod tests {
         fails_only("libraries", |s| s.mapped_end = 0);
         fails_only("fds", |s| *s.fds_after.get_mut("socket").unwrap() += 1);
         fails_only("log", |s| s.log_problems = Some("WARN generation still mapped".into()));
+    }
+
+    #[test]
+    fn ranges_collapse_when_equal() {
+        assert_eq!(range(&[5.01, 4.98], 1), "5.0");
+        assert_eq!(range(&[49.0, 51.0, 50.0], 0), "49-51");
+        assert_eq!(range(&[], 0), "-");
     }
 
     #[test]
