@@ -21,6 +21,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+source "$root/bench/lib.sh"
 target=${CARGO_TARGET_DIR:-$root/target}
 out=$root/BENCHMARKS.md
 work=$target/bench
@@ -53,12 +54,7 @@ if [[ $build -eq 1 ]]; then
 fi
 if [[ ${#plugins[@]} -eq 0 ]]; then
     # Two builds of the example handler that answer with different versions, to swap between.
-    mkdir -p "$work/builds"
-    for v in bench-a bench-b; do
-        EXAMPLE_HANDLER_VERSION=$v cargo build --release -p example-handler >&2
-        cp "$target/release/libexample_handler.so" "$work/builds/$v.so"
-    done
-    cargo build --release -p example-handler >&2 # put the default build back
+    build_example_versions "$target" "$work/builds" bench-a bench-b
     plugins=("$work/builds/bench-a.so" "$work/builds/bench-b.so") versions=(bench-a bench-b)
 fi
 

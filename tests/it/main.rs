@@ -1,11 +1,12 @@
 //! Integration tests: each builds the real plugins with cargo, starts the real `hotswap`
 //! binary on an ephemeral loopback port and talks HTTP to it with a real client.
 
-mod core;
+mod bench;
 mod candidates;
+mod core;
 mod dev;
 mod faults;
-mod bench;
 mod limits;
+mod soak;
 mod swap;
 mod trust;

@@ -5,11 +5,15 @@
 //! drives them with wrk and with its own clients, and writes the results into BENCHMARKS.md.
 //! Every section is bounded in time and count; rounds alternate between servers so that drift
 //! on a noisy machine hits all of them, and the report gives medians and ratios.
+//!
+//! `hotswap-bench soak` is the soak run behind `bench/soak.sh` (see [`soak`]).
 
 mod anchor;
+mod conn;
 mod proc;
 mod report;
 mod sections;
+mod soak;
 mod swap;
 mod wrk;
 
@@ -17,11 +21,26 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-/// Benchmarks hotswap against a static hyper server and the Node cluster anchor.
+/// Benchmarks hotswap against a static hyper server and the Node cluster anchor
+/// (`hotswap-bench soak --help` for the soak run).
 #[derive(Debug, Parser)]
-#[command(name = "hotswap-bench")]
+#[command(name = "hotswap-bench", args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    suite: Option<Args>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Soak(soak::Args),
+}
+
+/// The benchmark suite's options.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Seconds instead of minutes: one short round of everything, to check that the suite runs
     /// (its figures mean nothing).
@@ -124,7 +143,14 @@ impl Params {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    match Cli::parse() {
+        Cli { command: Some(Command::Soak(args)), .. } => soak::main(args),
+        Cli { suite: Some(args), .. } => suite(args),
+        Cli { command: None, suite: None } => unreachable!("clap requires the suite's options without a subcommand"),
+    }
+}
+
+fn suite(args: Args) -> Result<()> {
     ensure!(args.plugins.len() == 2 && args.versions.len() == 2, "give two plugins and two versions");
     ensure!(args.versions[0] != args.versions[1], "the two builds must answer with different versions");
     let params = if args.smoke { Params::smoke() } else { Params::full() };

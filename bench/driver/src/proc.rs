@@ -1,5 +1,6 @@
 //! The servers under test, as child processes: start, find their port, read their memory.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -140,4 +141,44 @@ pub fn mapped_under(pid: u32, dir: &Path) -> usize {
 /// Open file descriptors of `pid`.
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Open file descriptors of `pid` by kind: what each links to, with inode numbers dropped
+/// (`socket`, `pipe`, `anon_inode:[eventpoll]`, or a path), so that two censuses compare.
+pub fn fd_census(pid: u32) -> BTreeMap<String, usize> {
+    let mut census = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return census };
+    for entry in dir.flatten() {
+        // An fd closed between listing and reading is simply not counted.
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        *census.entry(fd_kind(&target.to_string_lossy())).or_insert(0) += 1;
+    }
+    census
+}
+
+/// `socket:[1234]` -> `socket`; anything else as it is.
+fn fd_kind(target: &str) -> String {
+    match target.split_once(":[") {
+        Some((kind, rest)) if rest.trim_end_matches(']').bytes().all(|b| b.is_ascii_digit()) => kind.to_owned(),
+        _ => target.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_kinds_drop_inode_numbers_only() {
+        assert_eq!(fd_kind("socket:[299363]"), "socket");
+        assert_eq!(fd_kind("pipe:[300157]"), "pipe");
+        assert_eq!(fd_kind("anon_inode:[eventpoll]"), "anon_inode:[eventpoll]");
+        assert_eq!(fd_kind("/tmp/x/host.log"), "/tmp/x/host.log");
+    }
+
+    #[test]
+    fn a_census_of_this_process_counts_its_fds() {
+        let census = fd_census(std::process::id());
+        assert!(census.values().sum::<usize>() >= 3, "{census:?}");
+    }
 }

@@ -118,23 +118,30 @@ pub fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> Result<R
     Ok(results)
 }
 
+/// Where [`hotswap_in`] has the host put its shadow copies of plugins.
 fn shadow_dir(setup: &Setup, name: &str) -> PathBuf {
     setup.work.join(name).join("shadow")
 }
 
 fn start_hotswap(setup: &Setup, name: &'static str) -> Result<(Server, Swapper)> {
-    let root = setup.work.join(name);
-    let _ = std::fs::remove_dir_all(&root);
+    hotswap_in(&setup.hotswap, &setup.builds, &setup.work.join(name))
+}
+
+/// Starts `hotswap serve` at its default log level on a fresh `root`: the first build in
+/// `root/plugins` (watched), shadow copies in `root/shadow` (see [`shadow_dir`]), the log in
+/// `root/host.log`; the swapper stages its builds in `root/staging`.
+pub fn hotswap_in(hotswap: &Path, builds: &[Build; 2], root: &Path) -> Result<(Server, Swapper)> {
+    let _ = std::fs::remove_dir_all(root);
     let (plugins, staging) = (root.join("plugins"), root.join("staging"));
-    std::fs::create_dir_all(&plugins)?;
-    std::fs::create_dir_all(&staging)?;
-    let swapper = Swapper::new(setup.builds.clone(), &plugins, &staging);
+    std::fs::create_dir_all(&plugins).with_context(|| format!("cannot create {}", plugins.display()))?;
+    std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    let swapper = Swapper::new(builds.clone(), &plugins, &staging);
     swapper.install_first()?;
-    let mut cmd = Command::new(&setup.hotswap);
+    let mut cmd = Command::new(hotswap);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin-dir"])
         .arg(&plugins)
         .arg("--shadow-dir")
-        .arg(shadow_dir(setup, name))
+        .arg(root.join("shadow"))
         .env_remove("RUST_LOG")
         .env_remove("HOTSWAP_LOG");
     let server = Server::start("hotswap", cmd, root.join("host.log"), proc::listening_port)?;
@@ -148,7 +155,7 @@ fn start_static(setup: &Setup) -> Result<Server> {
 }
 
 /// Warnings and errors in a host log mean something went wrong during a section.
-fn check_log(log: &str) -> Result<()> {
+pub fn check_log(log: &str) -> Result<()> {
     let bad: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(10).collect();
     ensure!(bad.is_empty(), "the host logged warnings or errors:\n{}", bad.join("\n"));
     Ok(())
@@ -209,7 +216,7 @@ fn measured(server: &Server, load: impl FnOnce() -> Result<wrk::Run>) -> Result<
 }
 
 /// Waits (bounded) until exactly one plugin library is mapped; returns when that was true.
-fn wait_one_mapped(server: &Server, shadow: &Path, timeout: Duration) -> Result<Instant> {
+pub fn wait_one_mapped(server: &Server, shadow: &Path, timeout: Duration) -> Result<Instant> {
     let started = Instant::now();
     loop {
         let mapped = proc::mapped_under(server.pid(), shadow);
@@ -239,7 +246,8 @@ fn latency(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) 
     Ok(latency)
 }
 
-fn swaps_logged(server: &Server) -> u64 {
+/// Swaps the host has logged so far.
+pub fn swaps_logged(server: &Server) -> u64 {
     server.log_text().matches("swapped: new requests go to generation").count() as u64
 }
 
