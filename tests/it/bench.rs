@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use hotswap_tests::{build_lock, cargo_build, example_version, target_dir, temp_dir, workspace};
+use hotswap_tests::{build_lock, cargo_build, example_version, heavy_lock, target_dir, temp_dir, workspace};
 
 #[test]
 fn the_benchmark_smoke_run_writes_every_table() {
@@ -14,6 +14,7 @@ fn the_benchmark_smoke_run_writes_every_table() {
     let (a, b) = (example_version("bench-a"), example_version("bench-b"));
     let dir = temp_dir("bench");
     let report = dir.join("BENCHMARKS.md");
+    let _heavy = heavy_lock();
     let out = Command::new("bash")
         .arg(workspace().join("bench/run.sh"))
         .args(["--smoke", "--no-build", "--plugins"])

@@ -6,13 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use hotswap_tests::{build_lock, cargo_build, example_version, target_dir, temp_dir, workspace};
+use hotswap_tests::{build_lock, cargo_build, example_version, heavy_lock, target_dir, temp_dir, workspace};
 
 /// The checks the soak prints, one `check NAME ok|FAILED (...)` line each.
 const CHECKS: [&str; 7] = ["requests", "swaps", "downloads", "rss", "libraries", "fds", "log"];
 
 /// Runs `bench/soak.sh --no-build` on two example builds with `args` added.
 fn soak(plugins: [&Path; 2], args: &[&str]) -> Output {
+    let _heavy = heavy_lock();
     Command::new("bash")
         .arg(workspace().join("bench/soak.sh"))
         .args(["--no-build", "--plugins"])

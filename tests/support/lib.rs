@@ -66,6 +66,13 @@ pub fn artifacts() -> &'static Artifacts {
     })
 }
 
+/// Serialises the tests that load the machine on purpose (the benchmark smoke run, the soak),
+/// so that at most one of them runs beside the timing-sensitive tests.
+pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Serialises builds in this process (variants of one crate overwrite each other's output).
 pub fn build_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
