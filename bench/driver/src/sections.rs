@@ -200,8 +200,7 @@ fn download(servers: &[&Server], params: &Params, results: &mut Results) -> Resu
 /// favours none of them.
 fn round_order(servers: usize, round: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..servers).collect();
-    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; the workspace supports 1.83
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         order.reverse();
     }
     order
