@@ -105,7 +105,7 @@ pub struct BudgetError {
 /// What is in use now, for each budget that can be measured here.
 pub fn usage() -> Vec<Usage> {
     let mut all = Vec::with_capacity(3);
-    let keys = sys::lowest_free_thread_key().unwrap_or(sys::THREAD_KEYS_MAX);
+    let keys = sys::thread_keys_in_use().unwrap_or(sys::THREAD_KEYS_MAX);
     all.push(Usage { resource: Resource::ThreadKeys, used: keys, limit: sys::THREAD_KEYS_MAX });
     let maps = std::fs::read_to_string("/proc/self/maps").map(|m| m.lines().count() as u64);
     let max_maps = std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok());

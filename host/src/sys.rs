@@ -36,24 +36,68 @@ pub fn raise_open_files_limit(wanted: u64) -> io::Result<u64> {
     Ok(target)
 }
 
-/// The lowest free pthread thread-specific-data key, found by creating one and deleting it
-/// at once.
+/// How many pthread thread-specific-data keys are in use, measured as the lowest free key
+/// above 0: creating keys until one above 0 comes back, then deleting them.
 ///
-/// glibc hands out the lowest free index of a table of `PTHREAD_KEYS_MAX` (1024) and keys
-/// are never returned by code that leaks them (a plugin's copy of std leaks one per library
-/// copy: see `budget`), so this is how many keys are in use, give or take holes left by keys
-/// that were deleted. `None` when none is free.
-pub fn lowest_free_thread_key() -> Option<u64> {
-    let mut key: libc::pthread_key_t = 0;
-    // SAFETY: `key` is writable; no destructor is registered, so the key may be deleted at
-    // once without running anything.
-    if unsafe { libc::pthread_key_create(&mut key, None) } != 0 {
-        return None;
+/// glibc hands out the lowest free index of a table of `PTHREAD_KEYS_MAX` (1024), and keys
+/// leaked by plugins are never deleted (see `budget`), so the table fills from the bottom.
+/// Key 0 is special: Rust's std uses 0 as "not created yet", so when glibc gives it key 0 it
+/// takes another and frees 0 again. Key 0 therefore stays free in a Rust process however
+/// full the table is, and a probe that stopped at it would always read 0. `None` when no key
+/// is free.
+pub fn thread_keys_in_use() -> Option<u64> {
+    let mut created = Vec::with_capacity(2);
+    let mut found = None;
+    while created.len() < 2 {
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is writable; no destructor is registered, so the key may be deleted
+        // without running anything.
+        if unsafe { libc::pthread_key_create(&mut key, None) } != 0 {
+            break;
+        }
+        created.push(key);
+        if key != 0 {
+            found = Some(u64::from(key));
+            break;
+        }
     }
-    // SAFETY: `key` was created just above and has never been used.
-    unsafe { libc::pthread_key_delete(key) };
-    Some(u64::from(key))
+    for key in created {
+        // SAFETY: created just above and never used.
+        unsafe { libc::pthread_key_delete(key) };
+    }
+    found
 }
 
 /// How many thread-specific-data keys a process may have (glibc's `PTHREAD_KEYS_MAX`).
 pub const THREAD_KEYS_MAX: u64 = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_held_are_counted_although_key_0_stays_free() {
+        // Leave key 0 free, as Rust's std does.
+        let mut zero = 0;
+        // SAFETY: no destructor; deleted at once.
+        unsafe {
+            libc::pthread_key_create(&mut zero, None);
+            libc::pthread_key_delete(zero);
+        }
+        let before = thread_keys_in_use().expect("a free key");
+        let mut held: Vec<libc::pthread_key_t> = Vec::new();
+        for _ in 0..3 {
+            let mut key = 0;
+            // SAFETY: no destructor; deleted below.
+            assert_eq!(unsafe { libc::pthread_key_create(&mut key, None) }, 0);
+            held.push(key);
+        }
+        let during = thread_keys_in_use();
+        for key in held {
+            // SAFETY: created above, deleted once.
+            unsafe { libc::pthread_key_delete(key) };
+        }
+        // Key 0 went to one of the three; the other two are above `before`.
+        assert!(during.is_some_and(|n| n >= before + 2), "{before} -> {during:?}");
+    }
+}
