@@ -7,6 +7,7 @@
 //! on a noisy machine hits all of them, and the report gives medians and ratios.
 
 mod anchor;
+mod generations;
 mod proc;
 mod report;
 mod sections;
@@ -124,6 +125,10 @@ impl Params {
 }
 
 fn main() -> Result<()> {
+    // `hotswap-bench generations ...`: what repeated loading costs (bench/generations.sh).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "generations") {
+        return generations::main(std::env::args_os().skip(1));
+    }
     let args = Args::parse();
     ensure!(args.plugins.len() == 2 && args.versions.len() == 2, "give two plugins and two versions");
     ensure!(args.versions[0] != args.versions[1], "the two builds must answer with different versions");
