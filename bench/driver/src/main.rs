@@ -6,10 +6,12 @@
 //! Every section is bounded in time and count; rounds alternate between servers so that drift
 //! on a noisy machine hits all of them, and the report gives medians and ratios.
 //!
-//! `hotswap-bench soak` is the soak run behind `bench/soak.sh` (see [`soak`]).
+//! `hotswap-bench soak` is the soak run behind `bench/soak.sh` (see [`soak`]);
+//! `hotswap-bench generations` measures repeated loading for `bench/generations.sh`.
 
 mod anchor;
 mod conn;
+mod generations;
 mod proc;
 mod report;
 mod sections;
@@ -36,7 +38,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The soak run behind bench/soak.sh.
     Soak(soak::Args),
+    /// What repeated loading costs per generation, behind bench/generations.sh.
+    Generations(generations::Args),
 }
 
 /// The benchmark suite's options.
@@ -145,6 +150,7 @@ impl Params {
 fn main() -> Result<()> {
     match Cli::parse() {
         Cli { command: Some(Command::Soak(args)), .. } => soak::main(args),
+        Cli { command: Some(Command::Generations(args)), .. } => generations::main(args),
         Cli { suite: Some(args), .. } => suite(args),
         Cli { command: None, suite: None } => unreachable!("clap requires the suite's options without a subcommand"),
     }
