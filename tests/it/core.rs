@@ -140,7 +140,7 @@ async fn a_handler_panic_is_a_500_and_the_next_request_is_served() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "fine\n");
     assert!(host.wait_for_log("handler panic on purpose", Duration::from_secs(5)), "{}", host.log());
-    assert!(host.log().contains("answered 500"), "{}", host.log());
+    assert!(host.wait_for_log("answered 500", Duration::from_secs(5)), "{}", host.log());
     // Reported through the host's log by the plugin's hook, not by std's default hook
     // (which would print "thread '...' panicked at").
     let log = host.log();

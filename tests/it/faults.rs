@@ -214,7 +214,7 @@ async fn beyond_max_generations_the_oldest_draining_generation_is_cut_off() {
     place_by_rename(&v3, &dir.join("app.so"));
     let cut = tokio::time::timeout(Duration::from_secs(5), on_v1.bytes()).await.expect("v1's download was not cut off");
     assert!(cut.is_err(), "v1's download completed");
-    assert!(host.log().contains("more than 2 generations loaded (--max-generations)"), "{}", host.log());
+    assert!(host.wait_for_log("more than 2 generations loaded (--max-generations)", Duration::from_secs(5)), "{}", host.log());
     let mapped = wait_mapped(&host, 2, Duration::from_secs(5)).await;
     assert_eq!(mapped.len(), 2, "{mapped:?}\n{}", host.log());
     assert!(on_v2.chunk().await.unwrap().is_some(), "v2's download was cut off too");

@@ -145,7 +145,7 @@ async fn oversized_heads_get_431_and_oversized_bodies_413() {
     streamed.write_all(b"1\r\nx\r\n0\r\n\r\n").unwrap();
     let response = read_head(&mut streamed);
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
-    assert!(host.log().contains("request body grew too large"), "{}", host.log());
+    assert!(host.wait_for_log("request body grew too large", Duration::from_secs(5)), "{}", host.log());
 
     // Exactly at the limit: served.
     let response = client.post(host.url("/upload")).body(vec![7u8; MIB as usize]).send().await.unwrap();

@@ -67,7 +67,7 @@ async fn swap_during_download(place: fn(&Path, &Path)) {
     assert_eq!(reader.await.unwrap(), size);
     let mapped = wait_mapped(&host, 1, Duration::from_secs(5)).await;
     assert_eq!(mapped.len(), 1, "v1 still mapped after its download ended: {mapped:?}\n{}", host.log());
-    assert!(host.log().contains("generation unloaded and unmapped generation=1"), "{}", host.log());
+    assert!(host.wait_for_log("generation unloaded and unmapped generation=1", Duration::from_secs(5)), "{}", host.log());
 }
 
 #[tokio::test]
