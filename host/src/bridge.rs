@@ -167,6 +167,9 @@ unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, chunk:
                 }))
             })
         };
+        if body.too_large.load(Ordering::Relaxed) {
+            return FfiPoll::ERROR; // past the limit: nothing more is read
+        }
         let mut cx = Context::from_waker(waker);
         loop {
             match Pin::new(&mut body.incoming).poll_frame(&mut cx) {
@@ -429,6 +432,10 @@ pub enum CallError {
     Panicked,
     #[error("the handler returned an invalid response: {0}")]
     Invalid(String),
+    /// The client sent a body longer than the limit; whatever the plugin answered to the
+    /// body cut short is moot.
+    #[error("the request body is larger than --max-body-size")]
+    BodyTooLarge,
 }
 
 /// The plugin's response future, as a Rust future. Dropping it drops the plugin's state.
@@ -442,14 +449,6 @@ pub struct PluginCall<'g> {
 // exclusively by this value.
 unsafe impl Send for PluginCall<'_> {}
 
-impl PluginCall<'_> {
-    /// For a request with a body: the flag raised if the client sent more than the body
-    /// size limit.
-    pub fn body_limit(&self) -> Option<Arc<AtomicBool>> {
-        self.too_large.clone()
-    }
-}
-
 impl Future for PluginCall<'_> {
     type Output = Result<http::Response<ResponseBody>, CallError>;
 
@@ -460,6 +459,9 @@ impl Future for PluginCall<'_> {
             ResponseSlot { generation: self.generation, status: None, headers: HeaderMap::new(), body: None, error: None };
         // SAFETY: the state is live until drop; waker and slot outlive the call.
         let r = unsafe { (self.ffi.poll)(self.ffi.state, &waker, &mut slot as *mut ResponseSlot as *mut c_void) };
+        if r != FfiPoll::PENDING && self.too_large.as_ref().is_some_and(|flag| flag.load(Ordering::Acquire)) {
+            return Poll::Ready(Err(CallError::BodyTooLarge)); // `slot` and its body drop here
+        }
         match r {
             FfiPoll::PENDING => Poll::Pending,
             FfiPoll::READY => {

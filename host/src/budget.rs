@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 
 use crate::sys;
 
@@ -74,11 +75,6 @@ impl Usage {
         self.limit.saturating_sub(self.used)
     }
 
-    /// Whether a load must be refused.
-    fn exhausted(&self) -> bool {
-        self.free() <= self.resource.reserve()
-    }
-
     /// Whether to warn: three quarters used.
     fn low(&self) -> bool {
         self.used.saturating_mul(4) >= self.limit.saturating_mul(3)
@@ -94,12 +90,15 @@ impl fmt::Display for Usage {
 /// A load refused because a budget would run out.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "budget exhausted: {usage}, and {reserve} are kept for the host to go on serving; no further plugin is loaded: {hint}",
+    "budget exhausted: {usage}, and {reserve} are kept for the host to go on serving{cost}; no further plugin is loaded: {hint}",
     reserve = usage.resource.reserve(),
+    cost = if *per_load > 0 { format!(" plus {per_load} for the load (what one load has taken)") } else { String::new() },
     hint = usage.resource.what_to_do()
 )]
 pub struct BudgetError {
     pub usage: Usage,
+    /// What one load has been seen to take of this resource.
+    pub per_load: u64,
 }
 
 /// What is in use now, for each budget that can be measured here.
@@ -119,22 +118,59 @@ pub fn usage() -> Vec<Usage> {
     all
 }
 
-/// Checks every budget before a load: warns about those running low, and refuses the load
-/// if one is exhausted.
-pub fn check_before_load() -> Result<(), BudgetError> {
-    let all = usage();
-    tracing::debug!(budgets = %all.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "before loading");
-    if let Some(usage) = all.iter().find(|u| u.exhausted()) {
-        return Err(BudgetError { usage: *usage });
+/// The budgets as seen across loads: how many pthread keys one load has cost, so that a load
+/// is refused while there is still room for it (a plugin may leak more than the reserve).
+#[derive(Debug, Default)]
+pub struct Budget {
+    inner: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// Keys in use just before the last load that went through.
+    keys_before_last_load: Option<u64>,
+    /// The most keys one generation has taken, from one load to the next.
+    keys_per_load: u64,
+}
+
+impl Budget {
+    /// Checks every budget before a load: warns about those running low, and refuses the
+    /// load if one would leave less than its reserve. Call [`Budget::loaded`] with the
+    /// returned reading once the load has gone through.
+    pub fn check_before_load(&self) -> Result<Reading, BudgetError> {
+        let all = usage();
+        tracing::debug!(budgets = %all.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "before loading");
+        let mut seen = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let keys = all.iter().find(|u| u.resource == Resource::ThreadKeys).map(|u| u.used);
+        if let (Some(now), Some(before)) = (keys, seen.keys_before_last_load) {
+            seen.keys_per_load = seen.keys_per_load.max(now.saturating_sub(before));
+        }
+        for usage in &all {
+            let cost = if usage.resource == Resource::ThreadKeys { seen.keys_per_load } else { 0 };
+            if usage.free() <= usage.resource.reserve() + cost {
+                return Err(BudgetError { usage: *usage, per_load: cost });
+            }
+        }
+        for usage in all.iter().filter(|u| u.low()) {
+            tracing::warn!(
+                "budget running low: {usage}; loads are refused when {} are left ({})",
+                usage.resource.reserve(),
+                usage.resource.what_to_do()
+            );
+        }
+        Ok(Reading { keys })
     }
-    for usage in all.iter().filter(|u| u.low()) {
-        tracing::warn!(
-            "budget running low: {usage}; loads are refused when {} are left ({})",
-            usage.resource.reserve(),
-            usage.resource.what_to_do()
-        );
+
+    /// A load checked with `reading` went through.
+    pub fn loaded(&self, reading: Reading) {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).keys_before_last_load = reading.keys;
     }
-    Ok(())
+}
+
+/// What [`Budget::check_before_load`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading {
+    keys: Option<u64>,
 }
 
 #[cfg(test)]
@@ -142,13 +178,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_budget_is_exhausted_at_its_reserve_and_low_at_three_quarters() {
+    fn a_budget_is_low_at_three_quarters_and_out_at_its_reserve() {
         let at = |used| Usage { resource: Resource::ThreadKeys, used, limit: 1024 };
         assert!(!at(700).low());
-        assert!(at(768).low() && !at(768).exhausted());
-        assert!(!at(991).exhausted());
-        assert!(at(992).exhausted());
-        assert!(at(1024).exhausted());
+        assert!(at(768).low());
+        assert!(at(991).free() > Resource::ThreadKeys.reserve());
+        assert!(at(992).free() <= Resource::ThreadKeys.reserve());
     }
 
     #[test]

@@ -74,13 +74,14 @@ pub struct HostArgs {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "HTTP limits")]
 pub struct HttpLimits {
-    /// How long a client may take to send a request's head (request line and headers),
-    /// counted from its first byte, or from the connection's start for the first request. A
-    /// slower client (slowloris) is disconnected.
+    /// How long an HTTP/1 client may take to send a request's head (request line and
+    /// headers), counted from its first byte, or from the connection's start for the first
+    /// request. A slower client (slowloris) is disconnected.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
-    /// How long a keep-alive connection may sit idle between requests before it is closed.
+    /// How long a keep-alive connection may sit idle (no request in progress, nothing
+    /// received or sent) before it is closed. For HTTP/2 it is the only timeout.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
@@ -90,8 +91,9 @@ pub struct HttpLimits {
     pub max_header_size: u64,
 
     /// The largest request body accepted. A larger declared Content-Length is answered 413
-    /// without calling the plugin; a streamed body that grows past it is cut off and answered
-    /// 413. Examples: 64MiB, 1GiB.
+    /// without calling the plugin; a streamed body that grows past it fails for the plugin
+    /// where it crosses the limit, and is answered 413 (unless the plugin had already started
+    /// its response, which is then cut off). Examples: 64MiB, 1GiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub max_body_size: u64,
 

@@ -125,6 +125,24 @@ impl std::fmt::Debug for Generation {
     }
 }
 
+/// A plugin file copied to its private path, after every check that needs only its bytes.
+struct Copied {
+    shadow: PathBuf,
+    identity: Option<Identity>,
+    digest: Option<String>,
+}
+
+/// Reads `source` once, checks who may write it, that it is complete and (with a digest
+/// list) trusted, and writes those same bytes to a fresh private path. Blocking.
+fn private_copy(source: &Path, id: u64, options: &LoadOptions) -> Result<Copied, GenerationError> {
+    let file = loader::read_plugin(source)?;
+    options.trust.check_source(source, &file.metadata, file.real_path.as_deref())?;
+    loader::check_complete(source, &file.bytes)?;
+    let digest = options.trust.check_digest(source, &file.bytes)?;
+    let shadow = options.shadow.write(source, &file.bytes, id)?;
+    Ok(Copied { shadow, identity: Identity::from_metadata(&file.metadata), digest })
+}
+
 /// A raw pointer that may cross to a generation thread for one call.
 struct SendPtr<T>(*const T);
 // SAFETY: used only to pass the HostApi (Sync, immutable) and error sinks that the sending
@@ -136,29 +154,30 @@ impl Generation {
     /// candidate stays behind (except a library whose init never returned, which cannot be
     /// unloaded while its code runs).
     pub async fn load(source: &Path, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
-        options.trust.check_source(source)?;
-        // Everything below works on these bytes, which cannot change under us: the
-        // completeness check, the digest, and the private copy that is loaded.
-        let (bytes, identity) = loader::read_plugin(source)?;
-        loader::check_complete(source, &bytes)?;
-        let digest = options.trust.check_digest(source, &bytes)?;
-        let shadow = options.shadow.write(source, &bytes, id)?;
-        drop(bytes);
-        // The library's initialisers run on a thread of their own that exits right after:
-        // thread-locals they create are destroyed while the library is still loaded, and
-        // pin no host thread to it.
-        let (opened_tx, opened) = tokio::sync::oneshot::channel();
-        let spawned = {
-            let shadow = shadow.clone();
-            std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || {
-                // SAFETY: the operator chose this file as a plugin; opening it runs its
-                // initialisers, which is what loading a plugin means.
-                let _ = opened_tx.send(unsafe { Library::open(&shadow) });
-            })
+        // File work (read, hash, write the copy) stays off the host's runtime thread, which
+        // accepts connections and keeps their timeouts.
+        let prepared = {
+            let (source, options) = (source.to_path_buf(), options.clone());
+            tokio::task::spawn_blocking(move || private_copy(&source, id, &options)).await
         };
-        let opened = match spawned {
-            Ok(_) => opened.await.map_err(|_| std::io::Error::other("the thread opening the library died")),
-            Err(e) => Err(e),
+        let Copied { shadow, identity, digest } =
+            prepared.map_err(|join| GenerationError::Runtime(std::io::Error::other(join.to_string())))??;
+        // The library's initialisers run on a thread of their own, joined before the library
+        // is used: thread-locals they create are destroyed while the library is loaded, and
+        // pin no host thread to it. If this load is abandoned meanwhile, the library is
+        // closed after that thread has exited.
+        let opened = {
+            let shadow = shadow.clone();
+            // SAFETY: the operator chose this file as a plugin; opening it runs its
+            // initialisers, which is what loading a plugin means.
+            let opening = std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || unsafe { Library::open(&shadow) });
+            match opening {
+                Ok(thread) => tokio::task::spawn_blocking(move || thread.join())
+                    .await
+                    .map_err(|join| std::io::Error::other(join.to_string()))
+                    .and_then(|joined| joined.map_err(|_| std::io::Error::other("opening the library panicked"))),
+                Err(e) => Err(e),
+            }
         };
         let library = match opened {
             Ok(Ok(library)) => library,
@@ -226,6 +245,9 @@ impl Generation {
             _ => return Err(GenerationError::InitFailed { plugin, reason }),
         }
         if let Some(ready) = generation.declaration().ready {
+            // Until `ready` returns, the shutdown hook must not run beside it, even if this
+            // load is abandoned (shutdown) while it runs.
+            generation.initialized = false;
             let outcome_and_reason = generation
                 .run_hook(options.init_timeout, move |sink| {
                     // SAFETY: `init` succeeded; `sink` is a live String.
@@ -233,14 +255,14 @@ impl Generation {
                 })
                 .await;
             let Some((outcome, reason)) = outcome_and_reason else {
-                // `ready` is still running: the shutdown hook must not run beside it. Its
-                // thread keeps the library loaded (see `Retired::unload`).
-                generation.initialized = false;
+                // `ready` is still running: its thread keeps the library loaded (see
+                // `Retired::unload`), and the shutdown hook is not run.
                 return Err(GenerationError::NotReady {
                     plugin,
                     reason: format!("no answer within {:?}", options.init_timeout),
                 });
             };
+            generation.initialized = true;
             if outcome != FfiPoll::READY {
                 return Err(GenerationError::NotReady { plugin, reason });
             }

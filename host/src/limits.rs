@@ -5,56 +5,54 @@
 //! next (`server`): a sleep made on an old runtime fails once that runtime shuts down. So the
 //! host keeps time itself: every connection has an [`Activity`] it updates with a few atomic
 //! operations, and one [`Sweeper`] task on the host's own runtime, which lives as long as the
-//! process, closes connections that have sat too long:
+//! process, expires connections that have sat too long:
 //!
-//! - *header read timeout*: the first byte of a request arrived, and the request has not
-//!   reached the plugin since (a slowloris client sending its head a byte at a time);
-//! - *idle timeout*: no request in progress and nothing received since the last one ended.
+//! - *header read timeout* (HTTP/1): a new connection, or bytes of a next request, and no
+//!   request has reached the plugin since (a slowloris client sending its head a byte at a
+//!   time, or one that connects and says nothing);
+//! - *idle timeout*: no request in progress, and nothing received or sent since.
 //!
 //! A connection with a request in progress (a long download, an upload) is never timed out
-//! here; the drain timeout bounds those on old generations. Time is read from a coarse clock
-//! the sweeper advances, so the per-request cost is a few atomic operations and no syscall.
+//! here; the drain timeout bounds those on old generations. The connection's task has the
+//! last word: it closes an expired connection only if no request has started since.
 
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-/// Milliseconds since the process's first use of the clock, advanced by the sweeper.
-static COARSE_NOW_MS: AtomicU64 = AtomicU64::new(0);
-
-fn epoch() -> Instant {
+/// Milliseconds since the process first asked (a vDSO clock read, no syscall).
+fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-fn coarse_now() -> u64 {
-    COARSE_NOW_MS.load(Ordering::Relaxed)
-}
-
-/// The top bit of an activity word: the connection has received bytes of a request that has
-/// not reached the plugin yet. The other bits: when that phase began, on the coarse clock.
+/// The top bit of an activity word: the connection owes the head of a request that has not
+/// reached the plugin yet. The other bits: when that phase began.
 const READING_HEAD: u64 = 1 << 63;
 
 /// Why a connection was closed by the sweeper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expiry {
-    HeaderRead,
-    Idle,
+    HeaderRead = 1,
+    Idle = 2,
 }
 
 /// What one connection has been doing, as far as timeouts care.
 #[derive(Debug)]
 pub struct Activity {
-    /// `READING_HEAD` or not, plus the coarse time that phase began.
+    /// `READING_HEAD` or not, plus the time that phase began.
     phase: AtomicU64,
     /// Requests (HTTP/1 or HTTP/2 streams) in progress, responses included.
     requests: AtomicUsize,
-    expired: OnceLock<Expiry>,
+    /// HTTP/2: its control frames (pings, window updates) are not request heads.
+    http2: AtomicBool,
+    /// An [`Expiry`] the sweeper found, for the connection's task to act on; 0 for none.
+    expired: AtomicU8,
     /// Woken when the connection expires.
     waker: Mutex<Option<Waker>>,
 }
@@ -64,36 +62,62 @@ impl Activity {
         Activity {
             // A new connection owes its first request's head: one that never sends anything
             // is cut off by the header read timeout.
-            phase: AtomicU64::new(READING_HEAD | coarse_now()),
+            phase: AtomicU64::new(READING_HEAD | now_ms()),
             requests: AtomicUsize::new(0),
-            expired: OnceLock::new(),
+            http2: AtomicBool::new(false),
+            expired: AtomicU8::new(0),
             waker: Mutex::new(None),
         }
     }
 
+    /// The connection speaks HTTP/2: from now on only the idle timeout applies.
+    pub fn is_http2(&self) {
+        self.http2.store(true, Ordering::Relaxed);
+        self.phase.store(now_ms(), Ordering::Relaxed);
+    }
+
     /// Bytes arrived from the client.
     pub fn received(&self) {
+        if self.requests.load(Ordering::Relaxed) > 0 {
+            return;
+        }
         let phase = self.phase.load(Ordering::Relaxed);
-        if phase & READING_HEAD == 0 && self.requests.load(Ordering::Relaxed) == 0 {
-            self.phase.store(READING_HEAD | coarse_now(), Ordering::Relaxed);
+        if self.http2.load(Ordering::Relaxed) {
+            self.phase.store(now_ms(), Ordering::Relaxed);
+        } else if phase & READING_HEAD == 0 {
+            self.phase.store(READING_HEAD | now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes went out to the client: hyper may still be writing a response whose body has
+    /// already ended (and with it the request), to a client that reads slowly.
+    pub fn sent(&self) {
+        if self.requests.load(Ordering::Relaxed) == 0 && self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
+            self.phase.store(now_ms(), Ordering::Relaxed);
         }
     }
 
     /// A request reached the plugin.
     pub fn request_started(&self) {
         self.requests.fetch_add(1, Ordering::AcqRel);
+        self.phase.store(now_ms(), Ordering::Relaxed);
     }
 
     /// A request's response ended (or was dropped).
     pub fn request_ended(&self) {
-        if self.requests.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.phase.store(coarse_now(), Ordering::Relaxed);
-        }
+        // The stamp first: a sweeper that sees no request in progress sees this time too.
+        self.phase.store(now_ms(), Ordering::Relaxed);
+        self.requests.fetch_sub(1, Ordering::Release);
     }
 
-    /// Whether the sweeper has expired this connection, and why.
-    pub fn expired(&self) -> Option<Expiry> {
-        self.expired.get().copied()
+    /// Takes what the sweeper found, if it still holds: `None` when nothing expired, or when
+    /// a request has started since (the sweeper looks again later).
+    pub fn take_expiry(&self) -> Option<Expiry> {
+        let found = self.expired.swap(0, Ordering::AcqRel);
+        if found == 0 || self.requests.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(if found == Expiry::HeaderRead as u8 { Expiry::HeaderRead } else { Expiry::Idle })
     }
 
     /// Wake `waker` when the connection expires.
@@ -102,14 +126,13 @@ impl Activity {
     }
 
     fn expire(&self, why: Expiry) {
-        if self.expired.set(why).is_ok() {
-            if let Some(waker) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                waker.wake();
-            }
+        self.expired.store(why as u8, Ordering::Release);
+        if let Some(waker) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            waker.wake_by_ref();
         }
     }
 
-    /// Whether this connection has outlived a timeout at coarse time `now`.
+    /// Whether this connection has outlived a timeout at time `now`.
     fn check(&self, now: u64, header_read: u64, idle: u64) -> Option<Expiry> {
         if self.requests.load(Ordering::Acquire) > 0 {
             return None;
@@ -133,7 +156,6 @@ pub struct Sweeper {
 
 impl Sweeper {
     pub fn new(header_read: Duration, idle: Duration) -> Arc<Sweeper> {
-        COARSE_NOW_MS.store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
         Arc::new(Sweeper { header_read, idle, tracked: Mutex::new(Vec::new()) })
     }
 
@@ -155,14 +177,12 @@ impl Sweeper {
                 _ = ticks.tick() => {}
                 () = shutdown.cancelled() => return,
             }
-            let now = epoch().elapsed().as_millis() as u64;
-            COARSE_NOW_MS.store(now, Ordering::Relaxed);
+            let now = now_ms();
             let mut expired = Vec::new();
             self.tracked.lock().unwrap_or_else(PoisonError::into_inner).retain(|weak| {
                 let Some(activity) = weak.upgrade() else { return false };
                 if let Some(why) = activity.check(now, header_read, idle) {
                     expired.push((activity, why));
-                    return false;
                 }
                 true
             });

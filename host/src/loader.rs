@@ -268,16 +268,25 @@ fn remove_stale(base: &Path) {
     }
 }
 
-/// Reads a plugin file, and what version of the file it was (from the open file itself, so
-/// the two always match).
-pub fn read_plugin(path: &Path) -> Result<(Vec<u8>, Option<Identity>), LoadError> {
+/// A plugin file as read: its bytes, and what the open file was (so the two always match).
+pub struct PluginFile {
+    pub bytes: Vec<u8>,
+    pub metadata: fs::Metadata,
+    /// Where the opened file really is (symbolic links resolved), if the kernel says.
+    pub real_path: Option<PathBuf>,
+}
+
+/// Reads a plugin file through one open file descriptor.
+pub fn read_plugin(path: &Path) -> Result<PluginFile, LoadError> {
     use std::io::Read as _;
+    use std::os::fd::AsRawFd as _;
     let read = || -> std::io::Result<_> {
         let mut file = fs::File::open(path)?;
-        let identity = Identity::from_metadata(&file.metadata()?);
-        let mut bytes = Vec::new();
+        let metadata = file.metadata()?;
+        let real_path = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok();
+        let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
         file.read_to_end(&mut bytes)?;
-        Ok((bytes, identity))
+        Ok(PluginFile { bytes, metadata, real_path })
     };
     read().map_err(|source| LoadError::Read { path: path.to_path_buf(), source })
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::budget;
+use crate::budget::Budget;
 use crate::generation::{Generation, GenerationError, LoadOptions};
 
 /// No candidate could be loaded at startup.
@@ -26,6 +26,7 @@ pub struct Registry {
     drain_timeout: Duration,
     /// The most generations loaded at once (`--max-generations`).
     max_generations: u64,
+    budget: Budget,
     refusals: Mutex<VecDeque<Refusal>>,
 }
 
@@ -64,6 +65,7 @@ impl Registry {
                         options,
                         drain_timeout,
                         max_generations,
+                        budget: Budget::default(),
                         refusals: Mutex::new(VecDeque::new()),
                     });
                 }
@@ -100,10 +102,11 @@ impl Registry {
     /// Loads `plugin` as a candidate and, if it passes every check, makes it current in one
     /// atomic step. On error the current generation keeps serving.
     pub async fn load_and_swap(&self, plugin: &Path) -> Result<Arc<Generation>, GenerationError> {
-        budget::check_before_load()?;
+        let reading = self.budget.check_before_load()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(generation = id, file = %plugin.display(), "loading a candidate");
         let candidate = Generation::load(plugin, id, &self.options).await?;
+        self.budget.loaded(reading);
         self.swap(candidate.clone());
         Ok(candidate)
     }

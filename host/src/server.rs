@@ -42,7 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::bridge::{self, BodyError, ResponseBody};
+use crate::bridge::{self, BodyError, CallError, ResponseBody};
 use crate::generation::{thread_generation, Generation};
 use crate::cli::HttpLimits;
 use crate::limits::{Activity, Expiry, Sweeper};
@@ -66,7 +66,8 @@ impl Server {
     pub fn new(registry: Arc<Registry>, limits: HttpLimits, shutdown: CancellationToken) -> Arc<Server> {
         let sweeper = Sweeper::new(limits.header_read_timeout, limits.idle_timeout);
         tokio::spawn(sweeper.clone().run(shutdown.clone()));
-        let slots = Arc::new(Semaphore::new(usize::try_from(limits.max_connections).unwrap_or(Semaphore::MAX_PERMITS)));
+        let max = usize::try_from(limits.max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        let slots = Arc::new(Semaphore::new(max));
         Arc::new(Server {
             registry,
             shutdown,
@@ -178,6 +179,9 @@ fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>, open: O
             Ok(http2) => http2,
             Err(e) => return tracing::debug!("connection ended before its first request: {e}"),
         };
+        if http2 {
+            conn.activity.is_http2();
+        }
         let max_header_size = usize::try_from(server.limits.max_header_size).unwrap_or(usize::MAX);
         let service = PluginService { conn: conn.clone() };
         // Both answer a request head over the limit with 431 (h2: over the advertised header
@@ -305,7 +309,7 @@ impl Future for ConnTask {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         this.register(cx);
-        if let Some(why) = this.conn.activity.expired() {
+        if let Some(why) = this.conn.activity.take_expiry() {
             let why = match why {
                 Expiry::HeaderRead => "the request head did not arrive within the header read timeout",
                 Expiry::Idle => "idle for the idle timeout",
@@ -376,6 +380,14 @@ impl MigratingStream {
         Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), replay: Vec::new(), replayed: 0, registered, conn })
     }
 
+    /// Notes bytes written, for the idle timeout.
+    fn wrote(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.conn.activity.sent();
+        }
+        polled
+    }
+
     fn io(&mut self) -> io::Result<Pin<&mut TcpStream>> {
         if self.registered.id() != thread_generation() {
             let target = self.conn.generation.load_full();
@@ -415,10 +427,12 @@ impl AsyncRead for MigratingStream {
 
 impl AsyncWrite for MigratingStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut().io() {
+        let this = self.get_mut();
+        let polled = match this.io() {
             Ok(io) => io.poll_write(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        this.wrote(polled)
     }
 
     fn poll_write_vectored(
@@ -426,10 +440,12 @@ impl AsyncWrite for MigratingStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().io() {
+        let this = self.get_mut();
+        let polled = match this.io() {
             Ok(io) => io.poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        this.wrote(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -519,16 +535,12 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
         tracing::debug!(%method, path = %uri.path(), max_body_size, "request body too large: answered 413");
         return Ok(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard));
     }
-    let call = bridge::call(generation, request, max_body_size);
-    let too_large = call.body_limit();
-    let called = call.await;
-    if too_large.is_some_and(|flag| flag.load(Ordering::Acquire)) {
-        // The plugin's answer to a body cut short is moot: the client sent too much.
-        tracing::debug!(%method, path = %uri.path(), max_body_size, "request body grew too large: answered 413");
-        drop(called);
-        return Ok(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard));
-    }
+    let called = bridge::call(generation, request, max_body_size).await;
     let response = match called {
+        Err(CallError::BodyTooLarge) => {
+            tracing::debug!(%method, path = %uri.path(), max_body_size, "request body grew too large: answered 413");
+            error_response(StatusCode::PAYLOAD_TOO_LARGE, guard)
+        }
         Ok(response) => {
             tracing::debug!(
                 %method, path = %uri.path(), status = response.status().as_u16(), generation = generation.id(),
@@ -546,11 +558,12 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
 
 fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody> {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
+    let h1 = guard.h1;
     let mut response = Response::new(HostBody { body: ResponseBody::Full(Some(Bytes::from(text))), guard });
     *response.status_mut() = status;
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
+    if status == StatusCode::PAYLOAD_TOO_LARGE && h1 {
         // The rest of the body is not wanted: close rather than read it to keep the
-        // connection alive.
+        // connection alive. (HTTP/2 resets just the stream.)
         response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }
     response

@@ -13,6 +13,8 @@
 #![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
+use std::fs::Metadata;
+use std::io::Read as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -57,17 +59,23 @@ pub struct Trust {
 }
 
 impl Trust {
-    /// Checks that `plugin` and its directory are writable only by this host's user or root.
-    /// With `insecure`, a failed check is logged as a warning and the load goes on.
-    pub fn check_source(&self, plugin: &Path) -> Result<(), TrustError> {
+    /// Checks that the plugin file (`file`: the metadata of the file as opened) and the
+    /// directory it really is in (`real_path`: symbolic links resolved) are writable only by
+    /// this host's user or root. With `insecure`, a failed check is logged as a warning and
+    /// the load goes on.
+    pub fn check_source(&self, plugin: &Path, file: &Metadata, real_path: Option<&Path>) -> Result<(), TrustError> {
         if self.own_build {
             return Ok(());
         }
-        let dir = match plugin.parent() {
+        let dir = match real_path.unwrap_or(plugin).parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let checked = check_writers(dir, "plugin directory").and_then(|()| check_writers(plugin, "plugin file"));
+        let dir_meta = std::fs::metadata(dir)
+            .map_err(|source| TrustError::Stat { path: dir.to_path_buf(), what: "plugin directory", source });
+        let checked = dir_meta
+            .and_then(|meta| check_writers(dir, &meta, "plugin directory"))
+            .and_then(|()| check_writers(plugin, file, "plugin file"));
         match checked {
             Err(e) if self.insecure => {
                 tracing::warn!("loading an insecure plugin (--insecure-plugin-dir): {e}");
@@ -82,7 +90,7 @@ impl Trust {
     pub fn check_digest(&self, plugin: &Path, bytes: &[u8]) -> Result<Option<String>, TrustError> {
         let Some(list) = &self.digests else { return Ok(None) };
         let digest = sha256_hex(bytes);
-        if trusted_digests(list, self.insecure)?.iter().any(|d| d == &digest) {
+        if trusted_digests(list)?.iter().any(|d| d == &digest) {
             Ok(Some(digest))
         } else {
             Err(TrustError::UnknownDigest { path: plugin.to_path_buf(), digest, list: list.clone() })
@@ -90,12 +98,16 @@ impl Trust {
     }
 }
 
-/// Refuses `path` if anyone but this host's user or root may write it.
-fn check_writers(path: &Path, what: &'static str) -> Result<(), TrustError> {
-    let meta = std::fs::metadata(path).map_err(|source| TrustError::Stat { path: path.to_path_buf(), what, source })?;
+/// Refuses `path` (whose metadata is `meta`) if anyone but this host's user or root may
+/// write it.
+fn check_writers(path: &Path, meta: &Metadata, what: &'static str) -> Result<(), TrustError> {
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
-        let who = if mode & 0o002 != 0 { "others" } else { "its group" };
+        let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+            (true, true) => "its group and others",
+            (false, true) => "others",
+            _ => "its group",
+        };
         return Err(TrustError::Writable { path: path.to_path_buf(), what, who, mode });
     }
     let host = sys::effective_uid();
@@ -108,15 +120,15 @@ fn check_writers(path: &Path, what: &'static str) -> Result<(), TrustError> {
 /// The digests listed in `list`: one per line, either bare hex or `sha256sum` output
 /// (`<hex>  <file>`); blank lines and `#` comments are skipped. The list is held to the same
 /// rules as plugin files: whoever can write it decides what runs.
-fn trusted_digests(list: &Path, insecure: bool) -> Result<Vec<String>, TrustError> {
+fn trusted_digests(list: &Path) -> Result<Vec<String>, TrustError> {
     let refused = |reason: String| TrustError::DigestList { list: list.to_path_buf(), reason };
-    if let Err(e) = check_writers(list, "trusted digests file") {
-        if !insecure {
-            return Err(refused(e.to_string()));
-        }
-        tracing::warn!("using an insecure trusted digests file (--insecure-plugin-dir): {e}");
-    }
-    let text = std::fs::read_to_string(list).map_err(|e| refused(e.to_string()))?;
+    // Checked on the file as opened. No --insecure-plugin-dir here: the list is what guards
+    // an insecure plugin directory.
+    let mut file = std::fs::File::open(list).map_err(|e| refused(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| refused(e.to_string()))?;
+    check_writers(list, &meta, "trusted digests file").map_err(|e| refused(e.to_string()))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(|e| refused(e.to_string()))?;
     let mut digests = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();

@@ -186,6 +186,9 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, 
             continue; // re-watch first, then rescan
         }
         if let Some(why) = rescan.take() {
+            if why == "SIGHUP" {
+                forget_refusals(&registry, &mut handled);
+            }
             let mut found = false;
             for (path, identity) in source.scan() {
                 if handled.get(&path) != Some(&identity) {
@@ -213,6 +216,15 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, 
 /// Shutdown came while `path` was being loaded: it is dropped (and unloaded) unserved.
 fn abandon(path: &Path) {
     tracing::info!(file = %path.display(), "shutting down: the plugin being loaded is abandoned");
+}
+
+/// Files refused earlier, and newer than what serves, get another chance on SIGHUP: what was
+/// wrong may have been fixed in place (`chmod go-w`, a digest added to the trusted list,
+/// disk space freed) without a new file to notice.
+fn forget_refusals(registry: &Registry, handled: &mut HashMap<PathBuf, Identity>) {
+    let current = registry.current();
+    let Some(serving) = current.identity() else { return };
+    handled.retain(|path, id| (path == current.source() && *id == serving) || id.modified < serving.modified);
 }
 
 fn note_event(source: &PluginSource, event: &notify::Event, pending: &mut HashMap<PathBuf, Pending>) {

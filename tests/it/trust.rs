@@ -50,19 +50,36 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
     std::fs::copy(&v2, &other).unwrap();
     chmod(&other, 0o666);
     std::fs::rename(&other, dir.join("app.so")).unwrap();
-    assert!(host.wait_for_log("plugin file is writable by others (mode 0666)", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("plugin file is writable by its group and others (mode 0666)", Duration::from_secs(5)), "{}", host.log());
     assert_eq!(version(&host).await, "1.0.0");
+    // Fixed in place, as the message says; SIGHUP tries it again.
+    chmod(&dir.join("app.so"), 0o644);
+    host.signal("HUP");
+    assert!(host.wait_for_log("swapped: new requests go to", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(version(&host).await, "2.0.0");
 
     // A file owned by another user (only root can make one).
     if std::fs::metadata(&dir).unwrap().uid() == 0 {
         let foreign = dir.join(".foreign.tmp");
-        std::fs::copy(&v2, &foreign).unwrap();
+        std::fs::copy(&v1, &foreign).unwrap();
         chmod(&foreign, 0o755);
         std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
         std::fs::rename(&foreign, dir.join("app.so")).unwrap();
         assert!(host.wait_for_log("owned by uid 4242", Duration::from_secs(5)), "{}", host.log());
-        assert_eq!(version(&host).await, "1.0.0");
+        assert_eq!(version(&host).await, "2.0.0");
     }
+
+    // A link in the directory to a file in a directory others may write: that directory is
+    // what is checked.
+    let elsewhere = temp_dir("trust-elsewhere");
+    chmod(&elsewhere, 0o777);
+    std::fs::copy(&v1, elsewhere.join("app.so")).unwrap();
+    chmod(&elsewhere.join("app.so"), 0o755);
+    let link = dir.join(".link.tmp");
+    std::os::unix::fs::symlink(elsewhere.join("app.so"), &link).unwrap();
+    std::fs::rename(&link, dir.join("app.so")).unwrap();
+    assert!(host.wait_for_log("plugin directory is writable by its group and others (mode 0777)", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(version(&host).await, "2.0.0");
 }
 
 #[tokio::test]
@@ -82,9 +99,9 @@ async fn only_builds_with_a_trusted_digest_are_loaded() {
     assert!(host.wait_for_log(&format!("SHA-256 {v2_digest} is not in the trusted digests file"), Duration::from_secs(5)), "{}", host.log());
     assert_eq!(version(&host).await, "1.0.0");
 
-    // Listed (the file is read again at each load): the same build now loads.
+    // Listed (the file is read again at each load): SIGHUP tries the refused build again.
     std::fs::write(&list, format!("{}\n{v2_digest}\n", sha256_hex(&v1))).unwrap();
-    place_by_rename(&v2, &dir.join("app.so"));
+    host.signal("HUP");
     assert!(host.wait_for_log("new requests go to generation", Duration::from_secs(5)), "{}", host.log());
     assert_eq!(version(&host).await, "2.0.0");
 }
@@ -101,6 +118,12 @@ fn shadow_copies_live_in_a_private_directory_and_a_crashed_hosts_is_removed() {
     let private = base.join(format!("hotswap-{}-0", first.pid()));
     assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o700);
     assert!(first.mapped_plugins().iter().all(|lib| lib.starts_with(private.to_str().unwrap())), "{:?}", first.mapped_plugins());
+
+    // A second host sharing the base leaves the live one's directory alone.
+    let neighbour = Host::serve(&args);
+    assert!(private.exists(), "a live host's shadow directory was removed by another host");
+    assert_eq!(first.mapped_plugins().len(), 1);
+    drop(neighbour);
 
     // Killed without a chance to clean up: its directory stays behind...
     first.signal("KILL");
