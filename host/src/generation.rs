@@ -132,15 +132,20 @@ struct Copied {
     digest: Option<String>,
 }
 
-/// Reads `source` once, checks who may write it, that it is complete and (with a digest
-/// list) trusted, and writes those same bytes to a fresh private path. Blocking.
+/// Opens `source` once, checks who may write it, copies it to a fresh private path, and
+/// checks the copy: complete, and (with a digest list) trusted. Blocking.
 fn private_copy(source: &Path, id: u64, options: &LoadOptions) -> Result<Copied, GenerationError> {
-    let file = loader::read_plugin(source)?;
+    let mut file = loader::open_plugin(source)?;
     options.trust.check_source(source, &file.metadata, file.real_path.as_deref())?;
-    loader::check_complete(source, &file.bytes)?;
-    let digest = options.trust.check_digest(source, &file.bytes)?;
-    let shadow = options.shadow.write(source, &file.bytes, id)?;
-    Ok(Copied { shadow, identity: Identity::from_metadata(&file.metadata), digest })
+    let copy = options.shadow.copy(source, &mut file.file, id, options.trust.wants_digest())?;
+    let checked = loader::check_complete(source, &copy.head, copy.len)
+        .map_err(GenerationError::from)
+        .and_then(|()| Ok(options.trust.check_digest(source, copy.sha256.as_deref())?));
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&copy.shadow);
+        return Err(e);
+    }
+    Ok(Copied { shadow: copy.shadow, identity: Identity::from_metadata(&file.metadata), digest: copy.sha256 })
 }
 
 /// A raw pointer that may cross to a generation thread for one call.

@@ -192,31 +192,39 @@ impl ShadowDir {
         &self.dir
     }
 
-    /// Writes `bytes` (the plugin file `source`) to a fresh path for generation `id`.
-    /// If the directory has vanished (a temporary-file cleaner), it is created again.
-    pub fn write(&self, source: &Path, bytes: &[u8], id: u64) -> Result<PathBuf, LoadError> {
-        use std::io::{ErrorKind, Write as _};
+    /// Copies the opened plugin file `source` (at `path`) to a fresh path for generation
+    /// `id`, streaming (a plugin is never held in memory whole), and returns what the copy
+    /// holds: its length, its first bytes (for the completeness check) and, with `hash`, its
+    /// SHA-256. If the directory has vanished (a temporary-file cleaner), it is created again.
+    pub fn copy(&self, path: &Path, source: &mut fs::File, id: u64, hash: bool) -> Result<Copy, LoadError> {
+        use std::io::ErrorKind;
         use std::os::unix::fs::OpenOptionsExt;
-        let stem = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin.so".into());
+        let stem = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin.so".into());
         let shadow = self.dir.join(format!("g{id}-{stem}"));
         // create_new: never follow a link or reuse a file someone else put there.
-        let write = || fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&shadow)?.write_all(bytes);
-        let written = match write() {
-            Err(e) if e.kind() == ErrorKind::NotFound => self.recreate().and_then(|()| write()),
+        let create = || fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&shadow);
+        let created = match create() {
+            Err(e) if e.kind() == ErrorKind::NotFound => self.recreate().and_then(|()| create()),
             other => other,
         };
-        written.map(|()| shadow.clone()).map_err(|source_err| {
+        let copied = created.map_err(Failed::Write).and_then(|mut out| stream(source, &mut out, hash));
+        copied.map(|(len, head, sha256)| Copy { shadow: shadow.clone(), len, head, sha256 }).map_err(|failed| {
             let _ = fs::remove_file(&shadow);
-            let hint = match source_err.kind() {
-                ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
-                    " (the disk is full: free space there, or give --shadow-dir on another file system)"
+            match failed {
+                Failed::Read(source) => LoadError::Read { path: path.to_path_buf(), source },
+                Failed::Write(source) => {
+                    let hint = match source.kind() {
+                        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+                            " (the disk is full: free space there, or give --shadow-dir on another file system)"
+                        }
+                        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::NotADirectory => {
+                            " (make it a directory this host can write, or give another --shadow-dir)"
+                        }
+                        _ => "",
+                    };
+                    LoadError::Shadow { path: path.to_path_buf(), shadow_dir: self.dir.clone(), source, hint }
                 }
-                ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::NotADirectory => {
-                    " (make it a directory this host can write, or give another --shadow-dir)"
-                }
-                _ => "",
-            };
-            LoadError::Shadow { path: source.to_path_buf(), shadow_dir: self.dir.clone(), source: source_err, hint }
+            }
         })
     }
 
@@ -268,37 +276,77 @@ fn remove_stale(base: &Path) {
     }
 }
 
-/// A plugin file as read: its bytes, and what the open file was (so the two always match).
+/// A plugin file opened for loading, with what the open file is (so checks and copy always
+/// concern the same file).
 pub struct PluginFile {
-    pub bytes: Vec<u8>,
+    pub file: fs::File,
     pub metadata: fs::Metadata,
     /// Where the opened file really is (symbolic links resolved), if the kernel says.
     pub real_path: Option<PathBuf>,
 }
 
-/// Reads a plugin file through one open file descriptor.
-pub fn read_plugin(path: &Path) -> Result<PluginFile, LoadError> {
-    use std::io::Read as _;
+/// Opens a plugin file.
+pub fn open_plugin(path: &Path) -> Result<PluginFile, LoadError> {
     use std::os::fd::AsRawFd as _;
-    let read = || -> std::io::Result<_> {
-        let mut file = fs::File::open(path)?;
+    let open = || -> std::io::Result<_> {
+        let file = fs::File::open(path)?;
         let metadata = file.metadata()?;
         let real_path = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok();
-        let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
-        file.read_to_end(&mut bytes)?;
-        Ok(PluginFile { bytes, metadata, real_path })
+        Ok(PluginFile { file, metadata, real_path })
     };
-    read().map_err(|source| LoadError::Read { path: path.to_path_buf(), source })
+    open().map_err(|source| LoadError::Read { path: path.to_path_buf(), source })
 }
 
-/// Checks that an ELF file is as long as its own headers say, so that a file still being
+/// A private copy, as written.
+pub struct Copy {
+    pub shadow: PathBuf,
+    pub len: u64,
+    /// The first bytes (up to an ELF header's 64).
+    pub head: Vec<u8>,
+    /// SHA-256 of the copy, in lowercase hex, when asked for.
+    pub sha256: Option<String>,
+}
+
+enum Failed {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// Copies `from` to `to` in 64 KiB steps; returns the length, the first 64 bytes and the
+/// SHA-256 (with `hash`).
+fn stream(from: &mut fs::File, to: &mut fs::File, hash: bool) -> Result<(u64, Vec<u8>, Option<String>), Failed> {
+    use sha2::Digest as _;
+    use std::io::{ErrorKind, Read as _, Write as _};
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut len, mut head, mut hasher) = (0u64, Vec::with_capacity(64), hash.then(sha2::Sha256::new));
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Failed::Read(e)),
+        };
+        let chunk = &buf[..n];
+        if head.len() < 64 {
+            head.extend_from_slice(&chunk[..chunk.len().min(64 - head.len())]);
+        }
+        if let Some(hasher) = hasher.as_mut() {
+            hasher.update(chunk);
+        }
+        to.write_all(chunk).map_err(Failed::Write)?;
+        len += n as u64;
+    }
+    Ok((len, head, hasher.map(|h| crate::trust::hex(&h.finalize()))))
+}
+
+/// Checks that an ELF file (`bytes`: its first 64 bytes or more; `len`: its length) is as
+/// long as its own headers say, so that a file still being
 /// written is never handed to `dlopen` (whose mappings past the end of a file fault on
 /// access). Linkers write the section header table last, at the end of the file, so its end
 /// is where the file must end. Written by hand: it is 15 lines of reading three header fields,
 /// not worth an ELF-parsing dependency. Files that are not 64-bit little-endian ELF pass
 /// (`dlopen` refuses them with its own message); files shorter than a header fail.
-pub fn check_complete(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
-    let len = bytes.len() as u64;
+pub fn check_complete(path: &Path, bytes: &[u8], len: u64) -> Result<(), LoadError> {
     let incomplete = |needed| Err(LoadError::Incomplete { path: path.to_path_buf(), len, needed });
     if bytes.len() < 64 {
         return if bytes.is_empty() || b"\x7fELF".starts_with(&bytes[..bytes.len().min(4)]) { incomplete(64) } else { Ok(()) };

@@ -18,7 +18,6 @@ use std::io::Read as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 
 use crate::sys;
 
@@ -85,15 +84,20 @@ impl Trust {
         }
     }
 
-    /// With a digest list, checks that the SHA-256 of `bytes` (the plugin as it will be
-    /// loaded) is on it. Returns the digest, in hex, when it was computed.
-    pub fn check_digest(&self, plugin: &Path, bytes: &[u8]) -> Result<Option<String>, TrustError> {
-        let Some(list) = &self.digests else { return Ok(None) };
-        let digest = sha256_hex(bytes);
-        if trusted_digests(list)?.iter().any(|d| d == &digest) {
-            Ok(Some(digest))
+    /// Whether loads need the SHA-256 of the plugin.
+    pub fn wants_digest(&self) -> bool {
+        self.digests.is_some()
+    }
+
+    /// With a digest list, checks that `digest` (the SHA-256 of the plugin as it will be
+    /// loaded, in hex) is on it.
+    pub fn check_digest(&self, plugin: &Path, digest: Option<&str>) -> Result<(), TrustError> {
+        let Some(list) = &self.digests else { return Ok(()) };
+        let digest = digest.unwrap_or_default();
+        if trusted_digests(list)?.iter().any(|d| d == digest) {
+            Ok(())
         } else {
-            Err(TrustError::UnknownDigest { path: plugin.to_path_buf(), digest, list: list.clone() })
+            Err(TrustError::UnknownDigest { path: plugin.to_path_buf(), digest: digest.to_owned(), list: list.clone() })
         }
     }
 }
@@ -144,9 +148,9 @@ fn trusted_digests(list: &Path) -> Result<Vec<String>, TrustError> {
     Ok(digests)
 }
 
-/// The SHA-256 of `bytes`, in lowercase hex (as `sha256sum` prints it).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().fold(String::with_capacity(64), |mut hex, b| {
+/// Bytes in lowercase hex (as `sha256sum` prints a digest).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut hex, b| {
         let _ = write!(hex, "{b:02x}");
         hex
     })
