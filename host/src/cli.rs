@@ -37,7 +37,8 @@ pub enum Command {
 /// Options shared by `serve` and `dev`.
 #[derive(Debug, Args)]
 pub struct HostArgs {
-    /// Address to listen on. Port 0 picks a free port; the log says which.
+    /// Address to listen on. Port 0 picks a free port; the log says which. Under systemd
+    /// socket activation (LISTEN_FDS), the socket passed in is used instead.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 

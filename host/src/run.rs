@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,12 @@ where
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    // The socket first: one passed by systemd is taken before anything else opens a file, and
+    // a port in use fails the start before any plugin is loaded.
+    let listener = match crate::sys::inherited_listener().context("cannot use the socket passed by the service manager")? {
+        Some(inherited) => TcpListener::from_std(inherited)?,
+        None => TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?,
+    };
     let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
     let options = LoadOptions {
         worker_threads: args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -41,11 +48,12 @@ where
     };
     reserve_file_descriptors(args.limits.max_connections);
     let registry = Arc::new(Registry::start(&candidates, options, args.drain_timeout, args.max_generations).await?);
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
     tracing::info!("listening on http://{}", listener.local_addr()?);
+    notify_service_manager(&[NotifyState::Ready]);
     let server = Server::new(registry.clone(), args.limits.clone(), shutdown.clone());
     server.accept_loop(listener).await;
+    notify_service_manager(&[NotifyState::Stopping]);
     let _ = triggers.await;
 
     tracing::info!(connections = server.connections(), "draining (up to {:?})", args.drain_timeout);
@@ -63,6 +71,13 @@ where
     drop(shadow);
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`, when `NOTIFY_SOCKET` is set) where the service stands.
+fn notify_service_manager(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");
+    }
 }
 
 /// File descriptors the host needs besides one per connection: listeners, the watcher,

@@ -1,5 +1,5 @@
-//! The few process facts the host needs from libc, as safe functions. Every `unsafe` call to
-//! libc in the host is here.
+//! The few things the host needs from the operating system below std, as safe functions:
+//! every `unsafe` call to libc in the host, and the adoption of a socket systemd passed in.
 
 use std::io;
 
@@ -66,6 +66,26 @@ pub fn thread_keys_in_use() -> Option<u64> {
         unsafe { libc::pthread_key_delete(key) };
     }
     found
+}
+
+/// The listening socket a service manager passed in (systemd socket activation: `LISTEN_FDS`
+/// and `LISTEN_PID` naming this process), if any. Only the first is used; more are an error.
+pub fn inherited_listener() -> io::Result<Option<std::net::TcpListener>> {
+    use std::os::fd::FromRawFd as _;
+    let mut fds = sd_notify::listen_fds()?;
+    let Some(fd) = fds.next() else { return Ok(None) };
+    if fds.len() > 0 {
+        return Err(io::Error::other(format!("{} sockets passed (LISTEN_FDS); hotswap serves one", fds.len() + 1)));
+    }
+    // SAFETY: the service manager passed this descriptor to this process (LISTEN_PID is our
+    // pid) for it to own, and nothing else in the process has taken it: `listen_fds` hands
+    // each out once, at startup.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // A socket that is not a bound TCP socket (a Unix socket, a datagram one) fails here.
+    let addr = listener.local_addr().map_err(|e| io::Error::other(format!("the socket passed in fd {fd} is not a TCP listener: {e}")))?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(%addr, "using the listening socket passed by the service manager (LISTEN_FDS)");
+    Ok(Some(listener))
 }
 
 /// How many thread-specific-data keys a process may have (glibc's `PTHREAD_KEYS_MAX`).

@@ -9,4 +9,5 @@ mod faults;
 mod limits;
 mod soak;
 mod swap;
+mod systemd;
 mod trust;

@@ -1,0 +1,73 @@
+//! systemd integration: readiness notification (`Type=notify`) and socket activation.
+
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use hotswap_tests::{artifacts, temp_dir, Host};
+
+/// The next notification on `socket`, as text.
+fn next_notification(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("no notification within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let socket_path = temp_dir("notify").join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut cmd = Command::new(&artifacts().hotswap);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin"]).arg(&artifacts().example).env("NOTIFY_SOCKET", &socket_path);
+    let mut host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+
+    // READY=1 once it serves: by then a request is answered.
+    assert!(next_notification(&socket).lines().any(|l| l == "READY=1"));
+    let mut probe = std::net::TcpStream::connect(&host.addr).unwrap();
+    std::io::Write::write_all(&mut probe, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut probe, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    host.signal("TERM");
+    assert!(next_notification(&socket).lines().any(|l| l == "STOPPING=1"));
+    assert_eq!(host.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn serves_on_a_socket_passed_by_socket_activation() {
+    // What systemd does for hotswap.socket: bind, then pass the socket as fd 3 with
+    // LISTEN_FDS=1 and LISTEN_PID set to the service's pid.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    // $$ is the shell's pid, which `exec` hands to hotswap.
+    cmd.args(["-c", r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@""#])
+        .arg(&artifacts().hotswap)
+        // --listen names a port that is never bound: the passed socket wins.
+        .args(["serve", "--listen", "127.0.0.1:1", "--plugin"])
+        .arg(&artifacts().example);
+    // SAFETY: only async-signal-safe calls between fork and exec. dup2 onto fd 3 clears
+    // close-on-exec on the copy; if the socket already is fd 3, dup2 does nothing, so the
+    // flag is cleared by hand.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) == 0 } else { libc::dup2(fd, 3) == 3 };
+            if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
+    let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    assert_eq!(host.addr, addr.to_string(), "it did not serve on the passed socket:\n{}", host.log());
+    assert!(host.log().contains("using the listening socket passed by the service manager"), "{}", host.log());
+    drop(listener); // the host holds its own copy
+    let mut probe = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut probe, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut probe, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
