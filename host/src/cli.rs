@@ -18,6 +18,15 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 
+    /// A configuration file (TOML) with any of the options below; flags given on the command
+    /// line override it. deploy/hotswap.toml in the repository is an annotated example.
+    #[arg(long, global = true, value_name = "FILE", env = "HOTSWAP_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Log format: text (for people) or json (one object per line, for log collectors).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
     /// Log level: error, warn, info (startup, swaps, refusals), debug (one line per request)
     /// or trace. RUST_LOG, if set, takes precedence and accepts per-module filters.
     #[arg(long, global = true, default_value = "info", env = "HOTSWAP_LOG")]
@@ -27,10 +36,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve HTTP with a plugin as the request handler, swapping in new builds as they appear.
+    // A flag given twice takes its last value: the configuration file's settings come first.
+    #[command(args_override_self = true)]
     Serve(ServeArgs),
     /// Develop a plugin with live reload: rebuild it with cargo when its sources change and
     /// swap the new build in. A failed build prints the compiler's errors and the previous
     /// build keeps serving. Run it in the plugin's cargo workspace.
+    #[command(args_override_self = true)]
     Dev(DevArgs),
 }
 
@@ -104,7 +116,7 @@ pub struct HttpLimits {
     pub max_connections: u64,
 }
 
-fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, String> {
     text.parse::<bytesize::ByteSize>().map(|size| size.as_u64())
 }
 

@@ -12,12 +12,14 @@
 //! | [`budget`] | what repeated loading consumes (keys, maps, fds), and refusing before it runs out |
 //! | [`sys`] | the few libc calls the host makes |
 //! | [`cli`] | the command line |
+//! | [`config`] | the configuration file, turned into command-line flags |
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bridge;
 pub mod budget;
 pub mod cli;
+pub mod config;
 pub mod dev;
 pub mod generation;
 pub mod limits;

@@ -7,8 +7,15 @@ use hotswap::trust::Trust;
 use hotswap::watch::{self, PluginSource};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    let args = match hotswap::config::apply(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("hotswap: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
+    init_logging(&cli.log_level, &cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => run(serve(args)),
         Command::Dev(args) => run(hotswap::dev::run(args)),
@@ -23,7 +30,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     // A bare level applies to hotswap and its plugins; dependencies (hyper, h2) stay at info.
@@ -31,11 +38,12 @@ fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&directives))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 /// The host's own runtime: accepting, signals, swaps. Plugin code never runs on it.

@@ -3,6 +3,7 @@
 
 mod bench;
 mod candidates;
+mod config;
 mod core;
 mod dev;
 mod faults;

@@ -194,7 +194,9 @@ impl Host {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(rest.trim().to_owned());
+                    // Text logs end the line there; JSON logs close a string.
+                    let addr = rest.split(|c: char| c.is_whitespace() || c == '"').next().unwrap_or_default();
+                    let _ = tx.send(addr.to_owned());
                 }
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);

@@ -1,0 +1,227 @@
+//! The configuration file (`--config hotswap.toml`): every `serve` option, with the
+//! command line taking precedence.
+//!
+//! The file is turned into command-line flags placed before the user's own, and clap lets a
+//! later flag override an earlier one: so there is one parser, one set of defaults and one
+//! `--help` for both. Before that, every value is checked here so that an invalid file is
+//! refused naming its key, not a flag the user never typed. `deploy/hotswap.toml` is an
+//! annotated example.
+
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("invalid configuration file {path}: `{key}`: {reason}")]
+    Value { path: PathBuf, key: &'static str, reason: String },
+}
+
+/// `hotswap.toml`. Keys are the long flags' names with `_` for `-`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<String>,
+    plugin: Option<PathBuf>,
+    plugin_dir: Option<PathBuf>,
+    insecure_plugin_dir: Option<bool>,
+    trusted_digests: Option<PathBuf>,
+    drain_timeout: Option<String>,
+    init_timeout: Option<String>,
+    workers: Option<u64>,
+    shadow_dir: Option<PathBuf>,
+    max_generations: Option<u64>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Limits {
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_header_size: Option<String>,
+    max_body_size: Option<String>,
+    max_connections: Option<u64>,
+}
+
+/// Finds `--config FILE` (or `--config=FILE`) in `args` and returns the arguments with the
+/// file's settings inserted right after the subcommand, where the user's own flags, which
+/// come later, override them. Without `--config`, `args` come back unchanged.
+pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+    let Some(path) = config_path(&args) else { return Ok(args) };
+    let Some(at) = args.iter().position(|a| a == "serve" || a == "dev") else { return Ok(args) };
+    let serve = args[at] == "serve";
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+    let file: File =
+        toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.clone(), message: e.to_string() })?;
+    let flags = file.into_flags(&path, serve, &args[at + 1..])?;
+    let mut merged = args[..=at].to_vec();
+    merged.extend(flags);
+    merged.extend_from_slice(&args[at + 1..]);
+    Ok(merged)
+}
+
+fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == "--config" {
+            return iter.next().map(PathBuf::from);
+        }
+        if let Some(path) = arg.to_str().and_then(|a| a.strip_prefix("--config=")) {
+            return Some(PathBuf::from(path));
+        }
+    }
+    None
+}
+
+impl File {
+    /// The flags this file stands for. `user` are the user's own arguments after the
+    /// subcommand: a plugin source given there replaces the file's (they would conflict).
+    fn into_flags(self, path: &Path, serve: bool, user: &[OsString]) -> Result<Vec<OsString>, ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Value { path: path.to_path_buf(), key, reason };
+        let mut flags = Flags::default();
+        if let Some(listen) = self.listen {
+            listen.parse::<SocketAddr>().map_err(|e| invalid("listen", format!("`{listen}` is not an address:port ({e})")))?;
+            flags.value("--listen", listen);
+        }
+        for (key, value) in [
+            ("drain_timeout", self.drain_timeout),
+            ("init_timeout", self.init_timeout),
+            ("header_read_timeout", self.limits.header_read_timeout),
+            ("idle_timeout", self.limits.idle_timeout),
+        ] {
+            if let Some(value) = value {
+                humantime::parse_duration(&value).map_err(|e| invalid(key, format!("`{value}` is not a duration like 30s or 500ms ({e})")))?;
+                flags.value(&format!("--{}", key.replace('_', "-")), value);
+            }
+        }
+        for (key, value) in [("max_header_size", self.limits.max_header_size), ("max_body_size", self.limits.max_body_size)] {
+            if let Some(value) = value {
+                crate::cli::parse_size(&value).map_err(|e| invalid(key, format!("`{value}` is not a size like 64KiB or 1GiB ({e})")))?;
+                flags.value(&format!("--{}", key.replace('_', "-")), value);
+            }
+        }
+        for (key, value, min) in [
+            ("workers", self.workers, 1),
+            ("max_generations", self.max_generations, 2),
+            ("max_connections", self.limits.max_connections, 1),
+        ] {
+            if let Some(value) = value {
+                if value < min {
+                    return Err(invalid(key, format!("{value} is below the minimum, {min}")));
+                }
+                flags.value(&format!("--{}", key.replace('_', "-")), value.to_string());
+            }
+        }
+        if let Some(dir) = self.shadow_dir {
+            flags.path("--shadow-dir", dir);
+        }
+        if let Some(level) = self.log_level {
+            flags.value("--log-level", level);
+        }
+        if let Some(format) = self.log_format {
+            if format != "text" && format != "json" {
+                return Err(invalid("log_format", format!("`{format}`: use \"text\" or \"json\"")));
+            }
+            flags.value("--log-format", format);
+        }
+        if !serve {
+            return Ok(flags.0); // `dev` builds its own plugin: the plugin keys are for `serve`
+        }
+        if self.plugin.is_some() && self.plugin_dir.is_some() {
+            return Err(invalid("plugin_dir", "give `plugin` or `plugin_dir`, not both".into()));
+        }
+        let user_gave_source = user.iter().any(|a| {
+            let a = a.to_string_lossy();
+            a == "--plugin" || a == "--plugin-dir" || a.starts_with("--plugin=") || a.starts_with("--plugin-dir=")
+        });
+        if !user_gave_source {
+            if let Some(plugin) = self.plugin {
+                flags.path("--plugin", plugin);
+            }
+            if let Some(dir) = self.plugin_dir {
+                flags.path("--plugin-dir", dir);
+            }
+        }
+        if self.insecure_plugin_dir == Some(true) {
+            flags.0.push("--insecure-plugin-dir".into());
+        }
+        if let Some(list) = self.trusted_digests {
+            flags.path("--trusted-digests", list);
+        }
+        Ok(flags.0)
+    }
+}
+
+#[derive(Default)]
+struct Flags(Vec<OsString>);
+
+impl Flags {
+    fn value(&mut self, flag: &str, value: String) {
+        self.0.push(format!("{flag}={value}").into());
+    }
+
+    fn path(&mut self, flag: &str, path: PathBuf) {
+        let mut arg = OsString::from(format!("{flag}="));
+        arg.push(path);
+        self.0.push(arg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    fn with_file(text: &str, cli: &[&str]) -> Result<Vec<String>, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("hotswap-config-test-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hotswap.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut full = vec!["hotswap", "serve", "--config", path.to_str().unwrap()];
+        full.extend_from_slice(cli);
+        let merged = apply(args(&full));
+        let _ = std::fs::remove_dir_all(&dir);
+        merged.map(|a| a.into_iter().map(|a| a.to_string_lossy().into_owned()).collect())
+    }
+
+    #[test]
+    fn settings_come_before_the_users_flags() {
+        let merged = with_file("listen = \"0.0.0.0:80\"\n[limits]\nmax_body_size = \"1MiB\"\n", &["--listen", "127.0.0.1:0"]).unwrap();
+        let listen_file = merged.iter().position(|a| a == "--listen=0.0.0.0:80").unwrap();
+        let listen_user = merged.iter().position(|a| a == "--listen").unwrap();
+        assert!(listen_file < listen_user);
+        assert!(merged.contains(&"--max-body-size=1MiB".to_owned()));
+    }
+
+    #[test]
+    fn an_invalid_file_names_the_key() {
+        let unknown = with_file("listn = \"0.0.0.0:80\"\n", &[]).unwrap_err().to_string();
+        assert!(unknown.contains("unknown field `listn`"), "{unknown}");
+        let duration = with_file("drain_timeout = \"soon\"\n", &[]).unwrap_err().to_string();
+        assert!(duration.contains("`drain_timeout`") && duration.contains("soon"), "{duration}");
+        let size = with_file("[limits]\nmax_body_size = 12\n", &[]).unwrap_err().to_string();
+        assert!(size.contains("max_body_size"), "{size}");
+    }
+
+    #[test]
+    fn the_users_plugin_source_replaces_the_files() {
+        let merged = with_file("plugin_dir = \"/srv/plugins\"\n", &["--plugin", "app.so"]).unwrap();
+        assert!(!merged.iter().any(|a| a.starts_with("--plugin-dir")), "{merged:?}");
+    }
+}
