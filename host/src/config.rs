@@ -56,7 +56,7 @@ struct Limits {
     max_connections: Option<u64>,
 }
 
-/// Finds `--config FILE` (or `--config=FILE`) in `args` and returns the arguments with the
+/// Finds `--config FILE` (or `--config=FILE`, or `HOTSWAP_CONFIG`) and returns the arguments with the
 /// file's settings inserted right after the subcommand, where the user's own flags, which
 /// come later, override them. Without `--config`, `args` come back unchanged.
 pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
@@ -73,6 +73,7 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
     Ok(merged)
 }
 
+/// `--config FILE` from the arguments, else `HOTSWAP_CONFIG` from the environment.
 fn config_path(args: &[OsString]) -> Option<PathBuf> {
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
@@ -83,7 +84,7 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
             return Some(PathBuf::from(path));
         }
     }
-    None
+    std::env::var_os("HOTSWAP_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
 impl File {

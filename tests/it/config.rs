@@ -34,6 +34,13 @@ async fn the_file_sets_options_and_flags_override_it() {
     assert!(line.starts_with('{') && line.contains("\"level\":\"INFO\""), "not a JSON log line: {line}");
     drop(host);
 
+    // Named by the environment instead.
+    let mut cmd = Command::new(&artifacts().hotswap);
+    cmd.arg("serve").env("HOTSWAP_CONFIG", &file);
+    let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    assert_eq!(upload_status(&host, 2048).await, 413, "HOTSWAP_CONFIG was not read");
+    drop(host);
+
     // The same file, with a flag that overrides it.
     let mut cmd = Command::new(&artifacts().hotswap);
     cmd.args(["serve", "--config"]).arg(&file).args(["--max-body-size", "1MiB"]);
