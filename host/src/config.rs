@@ -190,7 +190,10 @@ mod tests {
     }
 
     fn with_file(text: &str, cli: &[&str]) -> Result<Vec<String>, ConfigError> {
-        let dir = std::env::temp_dir().join(format!("hotswap-config-test-{}-{}", std::process::id(), text.len()));
+        // One directory per call: tests run in parallel.
+        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("hotswap-config-test-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("hotswap.toml");
         std::fs::write(&path, text).unwrap();

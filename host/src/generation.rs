@@ -148,6 +148,21 @@ fn private_copy(source: &Path, id: u64, options: &LoadOptions) -> Result<Copied,
     Ok(Copied { shadow: copy.shadow, identity: Identity::from_metadata(&file.metadata), digest: copy.sha256 })
 }
 
+/// Opens the private copy on a thread of its own, joined before the library is used: the
+/// thread-locals its initialisers create are destroyed while the library is loaded, and pin
+/// no host thread to it. If the load is abandoned meanwhile, the library is closed (on the
+/// blocking pool) only after that thread has exited.
+async fn open_library(shadow: &Path) -> Result<Library, GenerationError> {
+    let failed = |reason: String| GenerationError::Runtime(std::io::Error::other(reason));
+    let path = shadow.to_path_buf();
+    // SAFETY: the operator chose this file as a plugin; opening it runs its initialisers,
+    // which is what loading a plugin means.
+    let opening = std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || unsafe { Library::open(&path) });
+    let thread = opening.map_err(GenerationError::Runtime)?;
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| failed(e.to_string()))?;
+    Ok(joined.map_err(|_| failed("opening the library panicked".into()))??)
+}
+
 /// A raw pointer that may cross to a generation thread for one call.
 struct SendPtr<T>(*const T);
 // SAFETY: used only to pass the HostApi (Sync, immutable) and error sinks that the sending
@@ -167,32 +182,11 @@ impl Generation {
         };
         let Copied { shadow, identity, digest } =
             prepared.map_err(|join| GenerationError::Runtime(std::io::Error::other(join.to_string())))??;
-        // The library's initialisers run on a thread of their own, joined before the library
-        // is used: thread-locals they create are destroyed while the library is loaded, and
-        // pin no host thread to it. If this load is abandoned meanwhile, the library is
-        // closed after that thread has exited.
-        let opened = {
-            let shadow = shadow.clone();
-            // SAFETY: the operator chose this file as a plugin; opening it runs its
-            // initialisers, which is what loading a plugin means.
-            let opening = std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || unsafe { Library::open(&shadow) });
-            match opening {
-                Ok(thread) => tokio::task::spawn_blocking(move || thread.join())
-                    .await
-                    .map_err(|join| std::io::Error::other(join.to_string()))
-                    .and_then(|joined| joined.map_err(|_| std::io::Error::other("opening the library panicked"))),
-                Err(e) => Err(e),
-            }
-        };
-        let library = match opened {
-            Ok(Ok(library)) => library,
-            Ok(Err(e)) => {
-                let _ = std::fs::remove_file(&shadow);
-                return Err(e.into());
-            }
+        let library = match open_library(&shadow).await {
+            Ok(library) => library,
             Err(e) => {
                 let _ = std::fs::remove_file(&shadow);
-                return Err(GenerationError::Runtime(e));
+                return Err(e);
             }
         };
         let runtime = match tokio::runtime::Builder::new_multi_thread()

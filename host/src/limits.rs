@@ -100,7 +100,12 @@ impl Activity {
     /// A request reached the plugin.
     pub fn request_started(&self) {
         self.requests.fetch_add(1, Ordering::AcqRel);
-        self.phase.store(now_ms(), Ordering::Relaxed);
+        // The head has arrived. No time is needed (a request in progress never expires, and
+        // `request_ended` stamps the phase), so no clock is read here.
+        let phase = self.phase.load(Ordering::Relaxed);
+        if phase & READING_HEAD != 0 {
+            self.phase.store(phase & !READING_HEAD, Ordering::Relaxed);
+        }
     }
 
     /// A request's response ended (or was dropped).
@@ -113,6 +118,10 @@ impl Activity {
     /// Takes what the sweeper found, if it still holds: `None` when nothing expired, or when
     /// a request has started since (the sweeper looks again later).
     pub fn take_expiry(&self) -> Option<Expiry> {
+        // Every poll of the connection asks: a plain load, and a swap only when there is news.
+        if self.expired.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let found = self.expired.swap(0, Ordering::AcqRel);
         if found == 0 || self.requests.load(Ordering::Acquire) > 0 {
             return None;

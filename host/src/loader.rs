@@ -176,15 +176,16 @@ impl ShadowDir {
         let base = base.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&base)?;
         remove_stale(&base);
-        for n in 0.. {
+        // Another host of the same pid (in another pid namespace) may hold `-0`.
+        let mut n = 0;
+        loop {
             let dir = base.join(format!("{SHADOW_PREFIX}{}-{n}", std::process::id()));
             match create_private(&dir) {
                 Ok(lock) => return Ok(ShadowDir { dir, lock: Mutex::new(lock) }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => n += 1,
                 Err(e) => return Err(e),
             }
         }
-        unreachable!("the loop returns")
     }
 
     /// The directory.

@@ -234,7 +234,7 @@ async fn sniff_http2(io: &mut MigratingStream) -> io::Result<bool> {
         }
         len += n;
     }
-    io.replay = seen[..len].to_vec();
+    io.replay = Bytes::copy_from_slice(&seen[..len]);
     Ok(seen[..len] == *H2_PREFACE)
 }
 
@@ -367,8 +367,7 @@ impl ConnTask {
 struct MigratingStream {
     io: Option<TcpStream>,
     /// Bytes already read from the socket (by [`sniff_http2`]) to be read again first.
-    replay: Vec<u8>,
-    replayed: usize,
+    replay: Bytes,
     /// Keeps the reactor `io` is registered with alive until it re-registers.
     registered: Arc<Generation>,
     conn: Arc<ConnState>,
@@ -377,7 +376,7 @@ struct MigratingStream {
 impl MigratingStream {
     fn new(stream: std::net::TcpStream, conn: Arc<ConnState>) -> io::Result<MigratingStream> {
         let registered = conn.generation.load_full();
-        Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), replay: Vec::new(), replayed: 0, registered, conn })
+        Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), replay: Bytes::new(), registered, conn })
     }
 
     /// Notes bytes written, for the idle timeout.
@@ -407,10 +406,9 @@ impl MigratingStream {
 impl AsyncRead for MigratingStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.replayed < this.replay.len() {
-            let n = buf.remaining().min(this.replay.len() - this.replayed);
-            buf.put_slice(&this.replay[this.replayed..this.replayed + n]);
-            this.replayed += n;
+        if !this.replay.is_empty() {
+            let n = buf.remaining().min(this.replay.len());
+            buf.put_slice(&this.replay.split_to(n));
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

@@ -5,29 +5,12 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, version_in, Host};
+use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host};
 
 const MIB: u64 = 1024 * 1024;
 
 fn init_fixture(mode: &str) -> std::path::PathBuf {
     variant("fixture-init", "FIXTURE_INIT", mode)
-}
-
-async fn version(host: &Host) -> String {
-    let text = reqwest::get(host.url("/")).await.unwrap().text().await.unwrap();
-    version_in(&text).unwrap_or(text)
-}
-
-/// Waits (without blocking the runtime) for `n` plugin libraries mapped.
-async fn wait_mapped(host: &Host, n: usize, timeout: Duration) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mapped = host.mapped_plugins();
-        if mapped.len() == n || Instant::now() > deadline {
-            return mapped;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -42,9 +25,9 @@ async fn a_response_that_never_ends_is_aborted_by_the_drain_timeout_and_its_gene
     let outcome = tokio::time::timeout(Duration::from_secs(10), hung).await.expect("the hung request was never aborted");
     assert!(outcome.unwrap().is_err(), "a request that never ends got an answer");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let mapped = wait_mapped(&host, 1, Duration::from_secs(5)).await;
+    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
     assert_eq!(mapped.len(), 1, "the hung generation stayed mapped: {mapped:?}\n{}", host.log());
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
 }
 
 #[tokio::test]
@@ -64,7 +47,7 @@ async fn a_shutdown_hook_that_panics_or_hangs_does_not_stop_the_host() {
     place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
     assert!(host.wait_for_log("shutdown hook did not return within", Duration::from_secs(10)), "{}", host.log());
     assert!(host.wait_for_log("its library stays loaded (leaked)", Duration::from_secs(10)), "{}", host.log());
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
 
     // And it still shuts down cleanly.
     host.signal("TERM");
@@ -87,14 +70,14 @@ async fn an_unwritable_shadow_directory_refuses_the_candidate_and_is_created_aga
     place_by_rename(&v2, &dir.join("app.so"));
     assert!(host.wait_for_log("cannot write the private copy", Duration::from_secs(5)), "{}", host.log());
     assert!(host.log().contains("keeps serving"), "{}", host.log());
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
 
     // Gone altogether (a temporary-file cleaner): created again, and the swap goes through.
     std::fs::remove_file(&private).unwrap();
     place_by_rename(&v2, &dir.join("app.so"));
     assert!(host.wait_for_log("created it again", Duration::from_secs(5)), "{}", host.log());
     assert!(host.wait_for_log("new requests go to generation", Duration::from_secs(5)), "{}", host.log());
-    assert_eq!(version(&host).await, "2.0.0");
+    assert_eq!(host.version().await, "2.0.0");
 }
 
 #[tokio::test]
@@ -119,12 +102,12 @@ async fn a_full_disk_refuses_the_candidate_and_the_current_version_keeps_serving
     let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| {
         panic!("cannot start hotswap on a small tmpfs (needs unshare and user namespaces):\n{log}")
     });
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
 
     place_by_rename(&v2, &dir.join("app.so"));
     assert!(host.wait_for_log("the disk is full", Duration::from_secs(5)), "{}", host.log());
     assert!(host.log().contains("keeps serving"), "{}", host.log());
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
     assert_eq!(host.mapped_plugins().len(), 1);
 }
 
@@ -148,7 +131,7 @@ async fn a_sighup_storm_loads_a_new_build_once_and_the_host_keeps_serving() {
     }
     assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(version(&host).await, "2.0.0");
+    assert_eq!(host.version().await, "2.0.0");
     assert_eq!(host.log_count("swapped: new requests go to"), 1, "one new build, one swap:\n{}", host.log());
     assert_eq!(host.mapped_plugins().len(), 1);
 }
@@ -223,8 +206,8 @@ async fn beyond_max_generations_the_oldest_draining_generation_is_cut_off() {
     let cut = tokio::time::timeout(Duration::from_secs(5), on_v1.bytes()).await.expect("v1's download was not cut off");
     assert!(cut.is_err(), "v1's download completed");
     assert!(host.wait_for_log("more than 2 generations loaded (--max-generations)", Duration::from_secs(5)), "{}", host.log());
-    let mapped = wait_mapped(&host, 2, Duration::from_secs(5)).await;
+    let mapped = host.wait_mapped(2, Duration::from_secs(5)).await;
     assert_eq!(mapped.len(), 2, "{mapped:?}\n{}", host.log());
     assert!(on_v2.chunk().await.unwrap().is_some(), "v2's download was cut off too");
-    assert_eq!(version(&host).await, "3.0.0");
+    assert_eq!(host.version().await, "3.0.0");
 }

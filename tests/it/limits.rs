@@ -214,7 +214,7 @@ async fn a_client_that_vanishes_mid_download_or_mid_upload_frees_its_generation(
     assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
     assert_eq!(host.mapped_plugins().len(), 2, "v1 should still be streaming");
     drop(download);
-    let mapped = wait_mapped(&host, 1).await;
+    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
     assert_eq!(mapped.len(), 1, "v1 stayed mapped after its client vanished: {mapped:?}\n{}", host.log());
 
     // An upload on v2 that stalls, then its client vanishes after v3 arrives.
@@ -228,21 +228,8 @@ async fn a_client_that_vanishes_mid_download_or_mid_upload_frees_its_generation(
     assert_eq!(host.mapped_plugins().len(), 2, "v2 should still be receiving the upload");
     upload.abort();
     drop(tx);
-    let mapped = wait_mapped(&host, 1).await;
+    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
     assert_eq!(mapped.len(), 1, "v2 stayed mapped after its uploading client vanished: {mapped:?}\n{}", host.log());
-}
-
-/// Waits up to 5 s, without blocking the runtime (the client's connections must close), for
-/// `n` plugin libraries mapped.
-async fn wait_mapped(host: &Host, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let mapped = host.mapped_plugins();
-        if mapped.len() == n || Instant::now() > deadline {
-            return mapped;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn tokio_stream_from<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {

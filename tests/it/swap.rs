@@ -16,30 +16,13 @@ fn serve_dir(dir: &Path, extra: &[&str]) -> Host {
     Host::serve(&args)
 }
 
-async fn version(client: &reqwest::Client, host: &Host) -> String {
-    let text = client.get(host.url("/")).send().await.unwrap().text().await.unwrap();
-    version_in(&text).unwrap_or_else(|| panic!("no version in {text:?}"))
-}
-
-/// Waits (bounded) until the host has exactly `n` plugin libraries mapped.
-async fn wait_mapped(host: &Host, n: usize, timeout: Duration) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mapped = host.mapped_plugins();
-        if mapped.len() == n || Instant::now() > deadline {
-            return mapped;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn swap_during_download(place: fn(&Path, &Path)) {
     let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
     let dir = temp_dir("swap-dl");
     place_by_rename(&v1, &dir.join("app.so"));
     let host = serve_dir(&dir, &[]);
     let client = reqwest::Client::new();
-    assert_eq!(version(&client, &host).await, "1.0.0");
+    assert_eq!(host.version_via(&client).await, "1.0.0");
 
     // 32 MiB at 8 MiB/s: about four seconds, on v1 from start to end (v2 must be serving
     // within two).
@@ -58,14 +41,14 @@ async fn swap_during_download(place: fn(&Path, &Path)) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     place(&v2, &dir.join("app.so"));
     let swapped = Instant::now();
-    while version(&client, &host).await != "2.0.0" {
+    while host.version_via(&client).await != "2.0.0" {
         assert!(swapped.elapsed() < Duration::from_secs(2), "v2 not served 2 s after it was placed\n{}", host.log());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mapped = host.mapped_plugins();
     assert!(mapped.iter().any(|m| m.contains("/g1-")), "v1 must stay mapped while its download runs: {mapped:?}\n{}", host.log());
     assert_eq!(reader.await.unwrap(), size);
-    let mapped = wait_mapped(&host, 1, Duration::from_secs(5)).await;
+    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
     assert_eq!(mapped.len(), 1, "v1 still mapped after its download ended: {mapped:?}\n{}", host.log());
     assert!(host.wait_for_log("generation unloaded and unmapped generation=1", Duration::from_secs(5)), "{}", host.log());
 }
@@ -141,10 +124,10 @@ async fn two_hundred_swaps_under_keep_alive_load_lose_nothing() {
     assert!(stale.is_empty(), "{} answers from versions not current during their request, e.g. {:?}", stale.len(), stale.first());
     assert!(served.load(Ordering::Relaxed) > 1000, "too few requests to mean anything");
     let last = versions[200 % versions.len()];
-    assert_eq!(version(&reqwest::Client::new(), &host).await, last);
+    assert_eq!(host.version().await, last);
     let swaps = host.log().matches("swapped: new requests go to").count();
     assert!(swaps >= 100, "only {swaps} swaps happened");
-    let mapped = wait_mapped(&host, 1, Duration::from_secs(10)).await;
+    let mapped = host.wait_mapped(1, Duration::from_secs(10)).await;
     let log = host.log();
     assert_eq!(mapped.len(), 1, "plugin libraries still mapped: {mapped:?}\n{}", log.lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n"));
     assert!(!log.contains("STILL MAPPED"), "{log}");
@@ -180,7 +163,7 @@ async fn thread_locals_tracing_and_thread_current_survive_100_swaps_and_shutdown
     for c in clients {
         assert!(c.await.unwrap() > 0);
     }
-    let mapped = wait_mapped(&host, 1, Duration::from_secs(10)).await;
+    let mapped = host.wait_mapped(1, Duration::from_secs(10)).await;
     assert_eq!(mapped.len(), 1, "old generations still mapped: {mapped:?}");
     let unloaded = host.log().matches("generation unloaded and unmapped").count();
     assert!(unloaded >= 50, "only {unloaded} generations unloaded\n{}", host.log());
@@ -205,18 +188,18 @@ async fn sighup_file_removal_and_a_recreated_directory() {
 
     std::fs::remove_file(dir.join("app.so")).unwrap();
     assert!(host.wait_for_log("plugin file removed", Duration::from_secs(5)), "{}", host.log());
-    assert_eq!(version(&client, &host).await, "1.0.0");
+    assert_eq!(host.version_via(&client).await, "1.0.0");
 
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(host.wait_for_log("plugin directory removed", Duration::from_secs(5)), "{}", host.log());
-    assert_eq!(version(&client, &host).await, "1.0.0");
+    assert_eq!(host.version_via(&client).await, "1.0.0");
     private_dir(&dir);
     // Editor and temporary files are ignored.
     std::fs::write(dir.join(".app.so.swp"), b"not a plugin").unwrap();
     std::fs::write(dir.join("notes.txt~"), b"not a plugin").unwrap();
     place_by_rename(&v2, &dir.join("app.so"));
     let placed = Instant::now();
-    while version(&client, &host).await != "2.0.0" {
+    while host.version_via(&client).await != "2.0.0" {
         assert!(placed.elapsed() < Duration::from_secs(5), "v2 not picked up in the re-created directory\n{}", host.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -238,7 +221,7 @@ async fn the_drain_timeout_cuts_off_an_old_generation_and_unloads_it() {
     assert!(result.is_err(), "the old generation's download was not cut off");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(host.wait_for_log("drain timeout", Duration::from_secs(5)), "{}", host.log());
-    let mapped = wait_mapped(&host, 1, Duration::from_secs(5)).await;
+    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
     assert_eq!(mapped.len(), 1, "v1 still mapped after its drain timeout: {mapped:?}\n{}", host.log());
-    assert_eq!(version(&reqwest::Client::new(), &host).await, "2.0.0");
+    assert_eq!(host.version().await, "2.0.0");
 }

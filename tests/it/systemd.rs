@@ -16,6 +16,16 @@ fn next_notification(socket: &UnixDatagram) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// `GET /health` on a connection of its own; the whole response.
+fn health(addr: impl std::net::ToSocketAddrs) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut probe = std::net::TcpStream::connect(addr).unwrap();
+    probe.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    probe.read_to_string(&mut response).unwrap();
+    response
+}
+
 #[test]
 fn tells_systemd_when_it_is_ready_and_when_it_stops() {
     let socket_path = temp_dir("notify").join("notify.sock");
@@ -27,10 +37,7 @@ fn tells_systemd_when_it_is_ready_and_when_it_stops() {
 
     // READY=1 once it serves: by then a request is answered.
     assert!(next_notification(&socket).lines().any(|l| l == "READY=1"));
-    let mut probe = std::net::TcpStream::connect(&host.addr).unwrap();
-    std::io::Write::write_all(&mut probe, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    std::io::Read::read_to_string(&mut probe, &mut response).unwrap();
+    let response = health(&host.addr);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
     host.signal("TERM");
@@ -65,9 +72,6 @@ fn serves_on_a_socket_passed_by_socket_activation() {
     assert_eq!(host.addr, addr.to_string(), "it did not serve on the passed socket:\n{}", host.log());
     assert!(host.log().contains("using the listening socket passed by the service manager"), "{}", host.log());
     drop(listener); // the host holds its own copy
-    let mut probe = std::net::TcpStream::connect(addr).unwrap();
-    std::io::Write::write_all(&mut probe, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    std::io::Read::read_to_string(&mut probe, &mut response).unwrap();
+    let response = health(addr);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }

@@ -5,16 +5,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use hotswap_tests::{example_version, place_by_rename, temp_dir, version_in, Host};
+use hotswap_tests::{example_version, place_by_rename, temp_dir, Host};
 use sha2::{Digest, Sha256};
 
 fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-async fn version(host: &Host) -> String {
-    let text = reqwest::get(host.url("/")).await.unwrap().text().await.unwrap();
-    version_in(&text).unwrap_or(text)
 }
 
 fn sha256_hex(path: &Path) -> String {
@@ -35,7 +30,7 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
 
     // With --insecure-plugin-dir it serves, warning at every load.
     let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--insecure-plugin-dir"]);
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
     place_by_rename(&v2, &dir.join("app.so"));
     assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
     assert_eq!(host.log_count("loading an insecure plugin (--insecure-plugin-dir)"), 2, "{}", host.log());
@@ -51,12 +46,12 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
     chmod(&other, 0o666);
     std::fs::rename(&other, dir.join("app.so")).unwrap();
     assert!(host.wait_for_log("plugin file is writable by its group and others (mode 0666)", Duration::from_secs(5)), "{}", host.log());
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
     // Fixed in place, as the message says; SIGHUP tries it again.
     chmod(&dir.join("app.so"), 0o644);
     host.signal("HUP");
     assert!(host.wait_for_log("swapped: new requests go to", Duration::from_secs(5)), "{}", host.log());
-    assert_eq!(version(&host).await, "2.0.0");
+    assert_eq!(host.version().await, "2.0.0");
 
     // A file owned by another user (only root can make one).
     if std::fs::metadata(&dir).unwrap().uid() == 0 {
@@ -66,7 +61,7 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
         std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
         std::fs::rename(&foreign, dir.join("app.so")).unwrap();
         assert!(host.wait_for_log("owned by uid 4242", Duration::from_secs(5)), "{}", host.log());
-        assert_eq!(version(&host).await, "2.0.0");
+        assert_eq!(host.version().await, "2.0.0");
     }
 
     // A link in the directory to a file in a directory others may write: that directory is
@@ -79,7 +74,7 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
     std::os::unix::fs::symlink(elsewhere.join("app.so"), &link).unwrap();
     std::fs::rename(&link, dir.join("app.so")).unwrap();
     assert!(host.wait_for_log("plugin directory is writable by its group and others (mode 0777)", Duration::from_secs(5)), "{}", host.log());
-    assert_eq!(version(&host).await, "2.0.0");
+    assert_eq!(host.version().await, "2.0.0");
 }
 
 #[tokio::test]
@@ -91,19 +86,19 @@ async fn only_builds_with_a_trusted_digest_are_loaded() {
     // sha256sum's format, with a comment.
     std::fs::write(&list, format!("# builds we ship\n{}  app-1.0.0.so\n", sha256_hex(&v1))).unwrap();
     let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--trusted-digests", list.to_str().unwrap()]);
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
 
     // An unlisted build: refused with its digest; v1 keeps serving.
     let v2_digest = sha256_hex(&v2);
     place_by_rename(&v2, &dir.join("app.so"));
     assert!(host.wait_for_log(&format!("SHA-256 {v2_digest} is not in the trusted digests file"), Duration::from_secs(5)), "{}", host.log());
-    assert_eq!(version(&host).await, "1.0.0");
+    assert_eq!(host.version().await, "1.0.0");
 
     // Listed (the file is read again at each load): SIGHUP tries the refused build again.
     std::fs::write(&list, format!("{}\n{v2_digest}\n", sha256_hex(&v1))).unwrap();
     host.signal("HUP");
     assert!(host.wait_for_log("new requests go to generation", Duration::from_secs(5)), "{}", host.log());
-    assert_eq!(version(&host).await, "2.0.0");
+    assert_eq!(host.version().await, "2.0.0");
 }
 
 #[test]

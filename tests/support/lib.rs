@@ -267,6 +267,31 @@ impl Host {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).expect("hotswap is not running").count()
     }
 
+    /// Waits (bounded, without blocking the runtime: the test's own connections must be able
+    /// to close) until the process maps exactly `n` plugin libraries; returns what it maps then.
+    pub async fn wait_mapped(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mapped = self.mapped_plugins();
+            if mapped.len() == n || Instant::now() > deadline {
+                return mapped;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The version `GET /` answers with (the example handler's `version=` line), or the whole
+    /// answer if it names none; asked on a new connection.
+    pub async fn version(&self) -> String {
+        self.version_via(&reqwest::Client::new()).await
+    }
+
+    /// Like [`Host::version`], asked through `client` (whose kept-alive connections it reuses).
+    pub async fn version_via(&self, client: &reqwest::Client) -> String {
+        let text = client.get(self.url("/")).send().await.unwrap().text().await.unwrap();
+        version_in(&text).unwrap_or(text)
+    }
+
     /// How many log lines contain `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log.lock().unwrap().matches(needle).count()
