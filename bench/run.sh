@@ -54,8 +54,8 @@ if [[ $build -eq 1 ]]; then
 fi
 if [[ ${#plugins[@]} -eq 0 ]]; then
     # Two builds of the example handler that answer with different versions, to swap between.
-    build_example_versions "$target" "$work/builds" bench-a bench-b
-    plugins=("$work/builds/bench-a.so" "$work/builds/bench-b.so") versions=(bench-a bench-b)
+    build_example_versions "$target" "$work/builds" 1.0.0+bench-a 1.0.0+bench-b
+    plugins=("$work/builds/1.0.0+bench-a.so" "$work/builds/1.0.0+bench-b.so") versions=(1.0.0+bench-a 1.0.0+bench-b)
 fi
 
 # A private copy of the anchor: its scripts write version.txt and results/ next to themselves.

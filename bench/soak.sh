@@ -46,8 +46,8 @@ if [[ $build -eq 1 ]]; then
 fi
 if [[ ${#plugins[@]} -eq 0 ]]; then
     # Two builds of the example handler that answer with different versions, to swap between.
-    build_example_versions "$target" "$work/builds" soak-a soak-b
-    plugins=("$work/builds/soak-a.so" "$work/builds/soak-b.so") versions=(soak-a soak-b)
+    build_example_versions "$target" "$work/builds" 1.0.0+soak-a 1.0.0+soak-b
+    plugins=("$work/builds/1.0.0+soak-a.so" "$work/builds/1.0.0+soak-b.so") versions=(1.0.0+soak-a 1.0.0+soak-b)
 fi
 
 exec "$target/release/hotswap-bench" soak --hotswap "$target/release/hotswap" \

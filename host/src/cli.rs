@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
+use crate::admin::AdminAddr;
+
 /// An HTTP server that swaps its request handler while it runs.
 ///
 /// The handler is a plugin: a cdylib built against the handler-api crate. hotswap loads it
@@ -44,6 +46,85 @@ pub enum Command {
     /// build keeps serving. Run it in the plugin's cargo workspace.
     #[command(args_override_self = true)]
     Dev(DevArgs),
+    #[command(flatten)]
+    Admin(AdminCommand),
+}
+
+/// The commands that talk to a running host's admin API.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Show what serves: the current generation, those still draining (in-flight requests,
+    /// open streams, bytes sent, age), the history of generations and recent refusals.
+    #[command(args_override_self = true)]
+    Status(AdminClientArgs),
+    /// Read the plugin directory again and swap in the build that should serve (retrying
+    /// builds refused before). Exits non-zero, with the reason, if it was refused.
+    #[command(args_override_self = true)]
+    Reload(AdminClientArgs),
+    /// Go back to the version served before the current one, and pin it (newer builds are
+    /// not swapped in until `hotswap unpin`).
+    #[command(args_override_self = true)]
+    Rollback(AdminClientArgs),
+    /// Serve VERSION (a build of it in the plugin directory, or a kept copy of an earlier
+    /// generation) and hold it against newer builds until `hotswap unpin`.
+    #[command(args_override_self = true)]
+    Pin {
+        /// A semantic version, like 1.4.2 (matches 1.4.2+anything unless build metadata is given).
+        version: String,
+        #[command(flatten)]
+        client: AdminClientArgs,
+    },
+    /// Lift the pin: the highest version serves again (swapped in now if it is not serving).
+    #[command(args_override_self = true)]
+    Unpin(AdminClientArgs),
+}
+
+impl AdminCommand {
+    /// How to reach the host.
+    pub fn client(&self) -> &AdminClientArgs {
+        match self {
+            AdminCommand::Status(args)
+            | AdminCommand::Reload(args)
+            | AdminCommand::Rollback(args)
+            | AdminCommand::Unpin(args)
+            | AdminCommand::Pin { client: args, .. } => args,
+        }
+    }
+}
+
+/// How the admin commands reach the host.
+#[derive(Debug, Clone, Args)]
+pub struct AdminClientArgs {
+    /// The host's admin API: a Unix socket path, or address:port. Default: the host's own
+    /// default (/run/hotswap/admin.sock as root, else $XDG_RUNTIME_DIR/hotswap/admin.sock).
+    #[arg(long, value_name = "SOCKET|ADDR", env = "HOTSWAP_ADMIN")]
+    pub admin: Option<AdminAddr>,
+
+    /// A file holding the bearer token the host was given (--admin-token-file).
+    #[arg(long, value_name = "FILE", env = "HOTSWAP_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Print the API's JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The admin API's listener.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Admin API")]
+pub struct AdminArgs {
+    /// Where the admin API (status, reload, rollback, pin, metrics) listens: a Unix socket
+    /// path (mode 0600, answering only this user and root), an address:port, or `off`.
+    /// Default: /run/hotswap/admin.sock as root, else $XDG_RUNTIME_DIR/hotswap/admin.sock
+    /// (or /tmp/hotswap-UID/admin.sock); if that default is taken by another host, the API
+    /// is disabled with a warning.
+    #[arg(long, value_name = "SOCKET|ADDR|off", env = "HOTSWAP_ADMIN")]
+    pub admin: Option<AdminAddr>,
+
+    /// A file holding a bearer token that every admin request must carry
+    /// (`Authorization: Bearer TOKEN`). Required when --admin is a non-loopback address.
+    #[arg(long, value_name = "FILE", env = "HOTSWAP_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Options shared by `serve` and `dev`.
@@ -81,6 +162,9 @@ pub struct HostArgs {
 
     #[command(flatten)]
     pub limits: HttpLimits,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// What one client may cost the server.

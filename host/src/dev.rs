@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DevArgs;
+use crate::builds::PluginSource;
 use crate::registry::Registry;
 use crate::trust::Trust;
 
@@ -36,7 +37,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
-    crate::run::serve(&args.host, trust, vec![artifact], move |registry, hangup, shutdown| {
+    crate::run::serve(&args.host, trust, PluginSource::file(&artifact), move |registry, hangup, shutdown| {
         rebuild_loop(package, release, dirs, registry, hangup, shutdown)
     }).await
 }
@@ -176,7 +177,7 @@ async fn rebuild_loop(
         match build(&package, release).await {
             Ok(Some(artifact)) => match registry.load_and_swap(&artifact).await {
                 Ok(generation) => tracing::info!(generation = generation.id(), plugin = %generation.label(), "rebuilt and swapped in"),
-                Err(e) => registry.refuse(&artifact, &e.to_string()),
+                Err(e) => registry.refuse(&artifact, e.kind(), &e.to_string(), None),
             },
             Ok(None) => {
                 let current = registry.current();

@@ -16,8 +16,8 @@
 //!
 //! ## Lifecycle
 //!
-//! [`Generation::load`] copies the file to a private shadow path, opens it, checks its
-//! declaration, starts its runtime, runs its `init` (bounded by a timeout) and readiness
+//! [`Candidate::open`] copies the file to a private shadow path, opens it and checks its
+//! declaration; [`Candidate::start`] starts its runtime, runs its `init` (bounded by a timeout) and readiness
 //! check. Requests hold an `Arc<Generation>`; when the last one goes, `Drop` hands the parts
 //! to the reaper thread, which runs the plugin's shutdown hook, joins the threads, closes the
 //! library, deletes the shadow file and checks `/proc/self/maps`.
@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bridge::{self, PluginContext};
 use crate::budget::BudgetError;
 use crate::loader::{self, Identity, Library, LoadError, ShadowDir};
+use crate::metrics::{GenerationStats, Unloaded};
 use crate::trust::{Trust, TrustError};
 
 thread_local! {
@@ -74,6 +75,30 @@ pub enum GenerationError {
     NotReady { plugin: String, reason: String },
 }
 
+impl GenerationError {
+    /// What kind of refusal this is, as a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GenerationError::Load(e) => match e {
+                LoadError::Read { .. } => "unreadable",
+                LoadError::Shadow { .. } => "shadow_dir",
+                LoadError::Open { .. } => "not_a_library",
+                LoadError::Incomplete { .. } => "incomplete",
+                LoadError::NotAPlugin { .. } | LoadError::BadMagic { .. } => "not_a_plugin",
+                LoadError::AbiVersion { .. } | LoadError::Layout { .. } => "abi_mismatch",
+                LoadError::Version { .. } => "bad_version",
+            },
+            GenerationError::Untrusted(_) => "untrusted",
+            GenerationError::Budget(_) => "budget",
+            GenerationError::Runtime(_) => "runtime",
+            GenerationError::InitFailed { .. } => "init_failed",
+            GenerationError::InitPanicked { .. } => "init_panicked",
+            GenerationError::InitTimeout { .. } => "init_timeout",
+            GenerationError::NotReady { .. } => "not_ready",
+        }
+    }
+}
+
 /// How generations are loaded.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -93,16 +118,17 @@ pub struct LoadOptions {
 pub struct Generation {
     id: u64,
     name: String,
-    version: String,
+    version: semver::Version,
     source: PathBuf,
     /// Which version of the source file was loaded.
-    identity: Option<Identity>,
+    identity: Identity,
     /// SHA-256 of the loaded bytes, when a trusted digest list asked for it.
     digest: Option<String>,
     shadow: PathBuf,
     loaded_at: Instant,
     handle: tokio::runtime::Handle,
     in_flight: AtomicUsize,
+    stats: Arc<GenerationStats>,
     superseded: Signal,
     aborted: Signal,
     initialized: bool,
@@ -128,16 +154,20 @@ impl std::fmt::Debug for Generation {
 /// A plugin file copied to its private path, after every check that needs only its bytes.
 struct Copied {
     shadow: PathBuf,
-    identity: Option<Identity>,
+    identity: Identity,
     digest: Option<String>,
 }
 
 /// Opens `source` once, checks who may write it, copies it to a fresh private path, and
 /// checks the copy: complete, and (with a digest list) trusted. Blocking.
-fn private_copy(source: &Path, id: u64, options: &LoadOptions) -> Result<Copied, GenerationError> {
+fn private_copy(source: &Path, options: &LoadOptions) -> Result<Copied, GenerationError> {
     let mut file = loader::open_plugin(source)?;
+    let identity = Identity::from_metadata(&file.metadata).ok_or_else(|| LoadError::Read {
+        path: source.to_path_buf(),
+        source: std::io::Error::other("not a regular file"),
+    })?;
     options.trust.check_source(source, &file.metadata, file.real_path.as_deref())?;
-    let copy = options.shadow.copy(source, &mut file.file, id, options.trust.wants_digest())?;
+    let copy = options.shadow.copy(source, &mut file.file, options.trust.wants_digest())?;
     let checked = loader::check_complete(source, &copy.head, copy.len)
         .map_err(GenerationError::from)
         .and_then(|()| Ok(options.trust.check_digest(source, copy.sha256.as_deref())?));
@@ -145,50 +175,75 @@ fn private_copy(source: &Path, id: u64, options: &LoadOptions) -> Result<Copied,
         let _ = std::fs::remove_file(&copy.shadow);
         return Err(e);
     }
-    Ok(Copied { shadow: copy.shadow, identity: Identity::from_metadata(&file.metadata), digest: copy.sha256 })
+    Ok(Copied { shadow: copy.shadow, identity, digest: copy.sha256 })
 }
 
-/// Opens the private copy on a thread of its own, joined before the library is used: the
-/// thread-locals its initialisers create are destroyed while the library is loaded, and pin
-/// no host thread to it. If the load is abandoned meanwhile, the library is closed (on the
-/// blocking pool) only after that thread has exited.
-async fn open_library(shadow: &Path) -> Result<Library, GenerationError> {
-    let failed = |reason: String| GenerationError::Runtime(std::io::Error::other(reason));
-    let path = shadow.to_path_buf();
-    // SAFETY: the operator chose this file as a plugin; opening it runs its initialisers,
-    // which is what loading a plugin means.
-    let opening = std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || unsafe { Library::open(&path) });
-    let thread = opening.map_err(GenerationError::Runtime)?;
-    let joined = tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| failed(e.to_string()))?;
-    Ok(joined.map_err(|_| failed("opening the library panicked".into()))??)
+/// A plugin build copied, opened and its declaration checked: of its code, only the
+/// library's initialisers have run. [`Candidate::start`] makes it a generation; dropping it
+/// closes the library and deletes the copy.
+pub struct Candidate {
+    source: PathBuf,
+    shadow: PathBuf,
+    identity: Identity,
+    digest: Option<String>,
+    /// Taken by `start`.
+    library: Option<Library>,
 }
 
-/// A raw pointer that may cross to a generation thread for one call.
-struct SendPtr<T>(*const T);
-// SAFETY: used only to pass the HostApi (Sync, immutable) and error sinks that the sending
-// side keeps alive and does not touch until the receiving call has returned.
-unsafe impl<T> Send for SendPtr<T> {}
+impl std::fmt::Debug for Candidate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Candidate").field("source", &self.source).field("version", &self.version()).finish_non_exhaustive()
+    }
+}
 
-impl Generation {
-    /// Loads `source` as generation `id`: see the module docs. On error nothing of the
-    /// candidate stays behind (except a library whose init never returned, which cannot be
-    /// unloaded while its code runs).
-    pub async fn load(source: &Path, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
+impl Candidate {
+    /// Copies `source` to a private path, checks it (trust, completeness, digest), opens the
+    /// copy and checks its declaration (ABI, layout, semantic version).
+    pub async fn open(source: &Path, options: &LoadOptions) -> Result<Candidate, GenerationError> {
         // File work (read, hash, write the copy) stays off the host's runtime thread, which
         // accepts connections and keeps their timeouts.
         let prepared = {
             let (source, options) = (source.to_path_buf(), options.clone());
-            tokio::task::spawn_blocking(move || private_copy(&source, id, &options)).await
+            tokio::task::spawn_blocking(move || private_copy(&source, &options)).await
         };
         let Copied { shadow, identity, digest } =
             prepared.map_err(|join| GenerationError::Runtime(std::io::Error::other(join.to_string())))??;
-        let library = match open_library(&shadow).await {
-            Ok(library) => library,
+        match open_library(&shadow).await {
+            Ok(library) => Ok(Candidate { source: source.to_path_buf(), shadow, identity, digest, library: Some(library) }),
             Err(e) => {
                 let _ = std::fs::remove_file(&shadow);
-                return Err(e);
+                Err(e)
             }
-        };
+        }
+    }
+
+    /// The plugin's declared name.
+    pub fn name(&self) -> &str {
+        self.library.as_ref().map_or("", |l| &l.name)
+    }
+
+    /// The plugin's declared version.
+    pub fn version(&self) -> &semver::Version {
+        static NONE: semver::Version = semver::Version::new(0, 0, 0);
+        self.library.as_ref().map_or(&NONE, |l| &l.version)
+    }
+
+    /// The file it was copied from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Which version of the source file was copied.
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    /// Starts it as generation `id`: its runtime, `init` (bounded by a timeout) and
+    /// readiness check. On error nothing of it stays behind (except a library whose init
+    /// never returned, which cannot be unloaded while its code runs).
+    pub async fn start(mut self, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
+        let library = self.library.take().expect("a candidate is started once");
+        let shadow = std::mem::take(&mut self.shadow);
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.worker_threads.max(1))
             .thread_name(thread_name(id))
@@ -210,13 +265,14 @@ impl Generation {
             id,
             name: library.name.clone(),
             version: library.version.clone(),
-            source: source.to_path_buf(),
-            identity,
-            digest,
+            source: std::mem::take(&mut self.source),
+            identity: self.identity,
+            digest: self.digest.take(),
             shadow,
             loaded_at: Instant::now(),
             handle: runtime.handle().clone(),
             in_flight: AtomicUsize::new(0),
+            stats: Arc::default(),
             superseded: Signal::default(),
             aborted: Signal::default(),
             initialized: false,
@@ -268,6 +324,45 @@ impl Generation {
         }
         Ok(Arc::new(generation))
     }
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        if let Some(library) = self.library.take() {
+            if let Err(e) = library.close() {
+                tracing::warn!(file = %self.source.display(), "dlclose of a candidate failed: {e}");
+            }
+            let _ = std::fs::remove_file(&self.shadow);
+        }
+    }
+}
+
+/// Opens the private copy on a thread of its own, joined before the library is used: the
+/// thread-locals its initialisers create are destroyed while the library is loaded, and pin
+/// no host thread to it. If the load is abandoned meanwhile, the library is closed (on the
+/// blocking pool) only after that thread has exited.
+async fn open_library(shadow: &Path) -> Result<Library, GenerationError> {
+    let failed = |reason: String| GenerationError::Runtime(std::io::Error::other(reason));
+    let path = shadow.to_path_buf();
+    // SAFETY: the operator chose this file as a plugin; opening it runs its initialisers,
+    // which is what loading a plugin means.
+    let opening = std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || unsafe { Library::open(&path) });
+    let thread = opening.map_err(GenerationError::Runtime)?;
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| failed(e.to_string()))?;
+    Ok(joined.map_err(|_| failed("opening the library panicked".into()))??)
+}
+
+/// A raw pointer that may cross to a generation thread for one call.
+struct SendPtr<T>(*const T);
+// SAFETY: used only to pass the HostApi (Sync, immutable) and error sinks that the sending
+// side keeps alive and does not touch until the receiving call has returned.
+unsafe impl<T> Send for SendPtr<T> {}
+
+impl Generation {
+    /// Loads `source` as generation `id`: [`Candidate::open`], then [`Candidate::start`].
+    pub async fn load(source: &Path, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
+        Candidate::open(source, options).await?.start(id, options).await
+    }
 
     /// Runs an init-like hook on a thread of this generation, with a timeout. `None` on
     /// timeout; otherwise the outcome and whatever the plugin wrote to the error sink.
@@ -298,9 +393,24 @@ impl Generation {
         format!("{}@{}", self.name, self.version)
     }
 
+    /// The plugin's declared name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The plugin's declared version.
-    pub fn version(&self) -> &str {
+    pub fn version(&self) -> &semver::Version {
         &self.version
+    }
+
+    /// Its counters: requests by status, streams, bytes sent, how it was unloaded.
+    pub fn stats(&self) -> &Arc<GenerationStats> {
+        &self.stats
+    }
+
+    /// Its private copy (deleted when it unloads).
+    pub fn shadow(&self) -> &Path {
+        &self.shadow
     }
 
     /// The file it was loaded from.
@@ -309,7 +419,7 @@ impl Generation {
     }
 
     /// Which version of the source file was loaded (device, inode, length, modification time).
-    pub fn identity(&self) -> Option<Identity> {
+    pub fn identity(&self) -> Identity {
         self.identity
     }
 
@@ -385,6 +495,7 @@ impl Drop for Generation {
             Retired {
                 id: self.id,
                 label: self.label(),
+                stats: self.stats.clone(),
                 shadow: std::mem::take(&mut self.shadow),
                 initialized: self.initialized,
                 timeout: self.unload_timeout,
@@ -404,6 +515,7 @@ impl Drop for Generation {
 struct Retired {
     id: u64,
     label: String,
+    stats: Arc<GenerationStats>,
     shadow: PathBuf,
     initialized: bool,
     timeout: Duration,
@@ -417,7 +529,7 @@ impl Retired {
     /// Shutdown hook, join threads, close, delete, verify.
     fn unload(self) {
         let started = Instant::now();
-        let Retired { id, label, shadow, initialized, timeout, library, runtime, api, context } = self;
+        let Retired { id, label, stats, shadow, initialized, timeout, library, runtime, api, context } = self;
         if initialized {
             let shutdown = library.declaration().shutdown;
             let (done_tx, done_rx) = mpsc::channel();
@@ -451,6 +563,7 @@ impl Retired {
             );
             std::mem::forget((library, api, context));
             LEAKED.fetch_add(1, Ordering::Relaxed);
+            stats.set_unloaded(Unloaded::Leaked);
         } else {
             if let Err(e) = library.close() {
                 tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
@@ -460,6 +573,7 @@ impl Retired {
         let _ = std::fs::remove_file(&shadow);
         if loader::is_mapped(&shadow) {
             STILL_MAPPED.fetch_add(1, Ordering::Relaxed);
+            stats.set_unloaded(if stragglers > 0 { Unloaded::Leaked } else { Unloaded::StillMapped });
             tracing::warn!(
                 generation = id,
                 plugin = %label,
@@ -468,6 +582,7 @@ impl Retired {
             );
         } else if stragglers == 0 {
             UNMAPPED.fetch_add(1, Ordering::Relaxed);
+            stats.set_unloaded(Unloaded::Unmapped);
             tracing::info!(generation = id, plugin = %label, elapsed = ?started.elapsed(), "generation unloaded and unmapped");
         }
         live_generations().fetch_sub(1, Ordering::SeqCst);

@@ -4,6 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use handler_api::abi::{self, DeclarationHeader, PluginDeclaration};
@@ -42,6 +43,11 @@ pub enum LoadError {
         "{path}: boundary layout fingerprint {plugin:#018x} differs from the host's {host:#018x} (both ABI version {version}): rebuild the plugin against the handler-api of this host"
     )]
     Layout { path: PathBuf, plugin: u64, host: u64, version: u32 },
+    /// The declared version is not a semantic version, so it cannot be ordered.
+    #[error(
+        "{path}: plugin `{name}` declares version `{version}`, which is not a semantic version ({reason}): declare one like 1.4.2 in export_handler!"
+    )]
+    Version { path: PathBuf, name: String, version: String, reason: semver::Error },
 }
 
 /// A plugin library mapped into the process, whose declaration has been checked.
@@ -53,7 +59,7 @@ pub struct Library {
     declaration: NonNull<PluginDeclaration>,
     library: libloading::Library,
     pub name: String,
-    pub version: String,
+    pub version: semver::Version,
     pub rustc: String,
 }
 
@@ -112,6 +118,7 @@ impl Library {
         // SAFETY: the declaration's strings point into the library's static data.
         let (name, version, rustc) =
             unsafe { (decl.name.to_string_lossy(), decl.version.to_string_lossy(), decl.rustc.to_string_lossy()) };
+        let version = semver::Version::parse(&version).map_err(|reason| LoadError::Version { path, name: name.clone(), version, reason })?;
         Ok(Library { declaration, library, name, version, rustc })
     }
 
@@ -142,6 +149,12 @@ impl Identity {
         Identity::from_metadata(&fs::metadata(path).ok()?)
     }
 
+    /// An identity with only a modification time, for unit tests of ordering rules.
+    #[cfg(test)]
+    pub fn for_tests(modified: std::time::SystemTime) -> Identity {
+        Identity { dev: 0, ino: modified.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()), len: 0, modified }
+    }
+
     pub fn from_metadata(m: &fs::Metadata) -> Option<Identity> {
         use std::os::unix::fs::MetadataExt;
         if !m.is_file() {
@@ -163,11 +176,15 @@ impl Identity {
 pub struct ShadowDir {
     dir: PathBuf,
     lock: Mutex<fs::File>,
+    /// Numbers the copies: every load gets a path never used before (dlopen caches by path).
+    copies: AtomicU64,
 }
 
 /// Shadow directories are named `hotswap-<pid>-<n>`.
 const SHADOW_PREFIX: &str = "hotswap-";
 const LOCK_FILE: &str = ".lock";
+/// Where the bytes of recent generations are kept for rollbacks.
+const KEPT_DIR: &str = "kept";
 
 impl ShadowDir {
     /// Creates a private directory in `base` (default: the system's temporary directory),
@@ -181,7 +198,7 @@ impl ShadowDir {
         loop {
             let dir = base.join(format!("{SHADOW_PREFIX}{}-{n}", std::process::id()));
             match create_private(&dir) {
-                Ok(lock) => return Ok(ShadowDir { dir, lock: Mutex::new(lock) }),
+                Ok(lock) => return Ok(ShadowDir { dir, lock: Mutex::new(lock), copies: AtomicU64::new(1) }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => n += 1,
                 Err(e) => return Err(e),
             }
@@ -193,15 +210,15 @@ impl ShadowDir {
         &self.dir
     }
 
-    /// Copies the opened plugin file `source` (at `path`) to a fresh path for generation
-    /// `id`, streaming (a plugin is never held in memory whole), and returns what the copy
+    /// Copies the opened plugin file `source` (at `path`) to a fresh path, streaming (a plugin is never held in memory whole), and returns what the copy
     /// holds: its length, its first bytes (for the completeness check) and, with `hash`, its
     /// SHA-256. If the directory has vanished (a temporary-file cleaner), it is created again.
-    pub fn copy(&self, path: &Path, source: &mut fs::File, id: u64, hash: bool) -> Result<Copy, LoadError> {
+    pub fn copy(&self, path: &Path, source: &mut fs::File, hash: bool) -> Result<Copy, LoadError> {
         use std::io::ErrorKind;
         use std::os::unix::fs::OpenOptionsExt;
         let stem = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin.so".into());
-        let shadow = self.dir.join(format!("g{id}-{stem}"));
+        let n = self.copies.fetch_add(1, Ordering::Relaxed);
+        let shadow = self.dir.join(format!("c{n}-{stem}"));
         // create_new: never follow a link or reuse a file someone else put there.
         let create = || fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&shadow);
         let created = match create() {
@@ -227,6 +244,20 @@ impl ShadowDir {
                 }
             }
         })
+    }
+
+    /// Keeps the bytes of a loaded copy for a later rollback, as a hard link in `kept/`
+    /// (the copy itself is deleted when its generation unloads). Returns the link's path.
+    pub fn keep(&self, shadow: &Path) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let kept = self.dir.join(KEPT_DIR);
+        match fs::DirBuilder::new().mode(0o700).create(&kept) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let link = kept.join(shadow.file_name().unwrap_or(shadow.as_os_str()));
+        fs::hard_link(shadow, &link)?;
+        Ok(link)
     }
 
     /// Creates the directory again after it was removed under us.
@@ -306,6 +337,14 @@ pub struct Copy {
     pub head: Vec<u8>,
     /// SHA-256 of the copy, in lowercase hex, when asked for.
     pub sha256: Option<String>,
+}
+
+/// SHA-256 of the file at `path`, in lowercase hex, read in 64 KiB steps. Blocking.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut fs::File::open(path)?, &mut hasher)?;
+    Ok(crate::trust::hex(&hasher.finalize()))
 }
 
 enum Failed {

@@ -16,14 +16,18 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     init_logging(&cli.log_level, &cli.log_format);
+    let server = !matches!(cli.command, Command::Admin(_));
     let result = match cli.command {
         Command::Serve(args) => run(serve(args)),
         Command::Dev(args) => run(hotswap::dev::run(args)),
+        Command::Admin(command) => run(hotswap::client::run(command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            if server {
+                tracing::error!("{e:#}");
+            }
             eprintln!("hotswap: error: {e:#}");
             ExitCode::FAILURE
         }
@@ -57,18 +61,18 @@ fn run(main: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::R
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (source, candidates) = match (&args.plugin, &args.plugin_dir) {
-        (Some(file), _) => (PluginSource::file(file), vec![file.clone()]),
-        (None, Some(dir)) => {
-            let source = PluginSource::directory(dir.clone());
-            let candidates: Vec<_> = source.scan().into_iter().map(|(path, _)| path).collect();
-            anyhow::ensure!(!candidates.is_empty(), "no plugin (*.so) in {}: put a build there first", dir.display());
-            (source, candidates)
-        }
+    let source = match (&args.plugin, &args.plugin_dir) {
+        (Some(file), _) => PluginSource::file(file),
+        (None, Some(dir)) => PluginSource::directory(dir.clone()),
         (None, None) => anyhow::bail!("give --plugin PATH or --plugin-dir DIR"),
     };
+    anyhow::ensure!(
+        !source.scan().is_empty(),
+        "no plugin file at {}: put a build there first",
+        args.plugin.as_ref().unwrap_or(&source.dir).display()
+    );
     let trust = Trust { insecure: args.insecure_plugin_dir, digests: args.trusted_digests.clone(), own_build: false };
-    hotswap::run::serve(&args.host, trust, candidates, move |registry, hangup, shutdown| {
+    hotswap::run::serve(&args.host, trust, source.clone(), move |registry, hangup, shutdown| {
         watch::run(source, registry, hangup, shutdown)
     }).await
 }

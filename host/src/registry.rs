@@ -1,21 +1,68 @@
-//! The registry: which generation is current, and which older ones are still draining.
+//! The registry: which generation is current, which older ones are still draining, and every
+//! change of the current one (a new build, a reload, a pin, a rollback), one at a time.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use semver::Version;
+use serde::Serialize;
 
 use crate::budget::Budget;
-use crate::generation::{Generation, GenerationError, LoadOptions};
+use crate::builds::{self, Build, Builds, Pin, PluginSource, Serving};
+use crate::generation::{Candidate, Generation, GenerationError, LoadOptions};
+use crate::history::{self, History, Record};
+use crate::loader::{Identity, LoadError};
+use crate::metrics::Events;
 
 /// No candidate could be loaded at startup.
 #[derive(Debug, thiserror::Error)]
 #[error("no loadable plugin{}", .0.iter().map(|r| format!("\n  - {r}")).collect::<String>())]
 pub struct StartError(pub Vec<String>);
+
+/// A change that could not even be tried.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("no build of version {version} is known (in {dir} or kept from earlier generations); known versions: {known}")]
+    UnknownVersion { version: Version, dir: PathBuf, known: String },
+    #[error("nothing to roll back to: no earlier generation served a version other than {current}")]
+    NothingToRollBackTo { current: Version },
+}
+
+/// A generation, as the admin API shows it in an outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Brief {
+    pub generation: u64,
+    pub name: String,
+    pub version: String,
+    pub file: PathBuf,
+}
+
+impl Brief {
+    fn of(generation: &Generation) -> Brief {
+        Brief {
+            generation: generation.id(),
+            name: generation.name().to_owned(),
+            version: generation.version().to_string(),
+            file: generation.source().to_path_buf(),
+        }
+    }
+}
+
+/// What a change did. A reload, pin, rollback or unpin answers with this once the swap has
+/// happened or was refused.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// A new generation is current. `refused` lists builds tried before it.
+    Swapped { from: Brief, to: Brief, refused: Vec<String> },
+    /// Nothing better to serve (or it serves already).
+    Unchanged { serving: Brief, reason: String },
+    /// Every build that should have served was refused; `serving` keeps serving.
+    Refused { serving: Brief, refused: Vec<String> },
+}
 
 /// The current generation and the history of resident ones.
 pub struct Registry {
@@ -27,71 +74,95 @@ pub struct Registry {
     /// The most generations loaded at once (`--max-generations`).
     max_generations: u64,
     budget: Budget,
-    refusals: Mutex<VecDeque<Refusal>>,
+    source: PluginSource,
+    builds: Mutex<Builds>,
+    pin: Mutex<Option<Pin>>,
+    history: History,
+    events: Arc<Events>,
+    /// Changes are made one at a time (the watcher, SIGHUP and the admin API all change).
+    changing: tokio::sync::Mutex<()>,
 }
 
-/// A candidate that was not swapped in, and why.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub file: PathBuf,
-    pub reason: String,
-    pub at: SystemTime,
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
-
-/// How many refusals the registry remembers.
-const REFUSALS_KEPT: usize = 32;
 
 impl Registry {
-    /// Loads the first generation from the first of `candidates` that loads; the server
-    /// does not start without one. The error lists every refusal.
+    /// Reads every build in `source` and starts the one that should serve (the highest
+    /// version; see `builds`), falling back to the next on failure. The server does not start
+    /// without one; the error lists every refusal.
     pub async fn start(
-        candidates: &[PathBuf],
+        source: PluginSource,
         options: LoadOptions,
         drain_timeout: Duration,
         max_generations: u64,
     ) -> Result<Registry, StartError> {
-        let mut refusals = Vec::new();
-        for (next_id, plugin) in (1..).zip(candidates) {
-            match Generation::load(plugin, next_id, &options).await {
+        let registry = |first: Arc<Generation>, builds: Builds, history: History| Registry {
+            resident: Mutex::new(vec![Arc::downgrade(&first)]),
+            current: ArcSwap::new(first),
+            next_id: AtomicU64::new(2),
+            options: options.clone(),
+            drain_timeout,
+            max_generations,
+            budget: Budget::default(),
+            source: source.clone(),
+            builds: Mutex::new(builds),
+            pin: Mutex::new(None),
+            history,
+            events: Arc::default(),
+            changing: tokio::sync::Mutex::new(()),
+        };
+        let (history, mut builds, mut refusals) = (History::default(), Builds::default(), Vec::new());
+        // Every build is read; the best so far stays open, so the one that serves is not
+        // loaded twice.
+        let mut best: Option<Candidate> = None;
+        for (file, _) in source.scan() {
+            match Candidate::open(&file, &options).await {
+                Ok(candidate) => {
+                    builds.insert(build_of(&candidate));
+                    if builds.better_than(None, None).first().is_some_and(|b| b.file == file) {
+                        best = Some(candidate);
+                    }
+                }
+                Err(e) => {
+                    history.refused(history::refusal(&file, None, None, e.to_string()), e.kind());
+                    refusals.push(e.to_string());
+                }
+            }
+        }
+        for build in builds.better_than(None, None) {
+            let candidate = match best.take() {
+                Some(c) if c.source() == build.file => Ok(c),
+                _ => Candidate::open(&build.file, &options).await,
+            };
+            let started = match candidate {
+                Ok(candidate) => candidate.start(1, &options).await,
+                Err(e) => Err(e),
+            };
+            match started {
                 Ok(first) => {
-                    tracing::info!(generation = first.id(), plugin = %first.label(), file = %plugin.display(), "plugin loaded");
+                    tracing::info!(generation = first.id(), plugin = %first.label(), file = %build.file.display(), "plugin loaded");
                     for r in &refusals {
                         tracing::warn!("refused: {r}");
                     }
-                    return Ok(Registry {
-                        resident: Mutex::new(vec![Arc::downgrade(&first)]),
-                        current: ArcSwap::new(first),
-                        next_id: AtomicU64::new(next_id + 1),
-                        options,
-                        drain_timeout,
-                        max_generations,
-                        budget: Budget::default(),
-                        refusals: Mutex::new(VecDeque::new()),
-                    });
+                    let registry = registry(first.clone(), builds, history);
+                    registry.record_swap(&first);
+                    return Ok(registry);
                 }
-                Err(e) => refusals.push(e.to_string()),
+                Err(e) => {
+                    history.refused(
+                        history::refusal(&build.file, Some(build.name.clone()), Some(build.version.clone()), e.to_string()),
+                        e.kind(),
+                    );
+                    builds.mark_refused(&build.file);
+                    refusals.push(e.to_string());
+                }
             }
         }
-        Err(StartError(refusals))
-    }
-
-    /// Logs and records that `file` was not swapped in.
-    pub fn refuse(&self, file: &Path, reason: &str) {
-        let current = self.current();
-        tracing::warn!(
-            file = %file.display(),
-            "refused plugin candidate: {reason}; generation {} ({}) keeps serving", current.id(), current.label()
-        );
-        let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
-        if refusals.len() == REFUSALS_KEPT {
-            refusals.pop_front();
+        if refusals.is_empty() {
+            refusals.push(format!("no plugin file in {}", source.dir.display()));
         }
-        refusals.push_back(Refusal { file: file.to_path_buf(), reason: reason.to_owned(), at: SystemTime::now() });
-    }
-
-    /// Recent refusals, oldest first.
-    pub fn refusals(&self) -> Vec<Refusal> {
-        self.refusals.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
+        Err(StartError(refusals))
     }
 
     /// The generation new requests go to.
@@ -99,23 +170,275 @@ impl Registry {
         self.current.load_full()
     }
 
-    /// Loads `plugin` as a candidate and, if it passes every check, makes it current in one
-    /// atomic step. On error the current generation keeps serving.
-    pub async fn load_and_swap(&self, plugin: &Path) -> Result<Arc<Generation>, GenerationError> {
+    /// The pin in force, if any.
+    pub fn pin(&self) -> Option<Pin> {
+        lock(&self.pin).clone()
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// Where plugins come from.
+    pub fn source(&self) -> &PluginSource {
+        &self.source
+    }
+
+    /// Every build known in the plugin directory, highest version first.
+    pub fn builds(&self) -> Vec<Build> {
+        let mut all: Vec<Build> = lock(&self.builds).all().cloned().collect();
+        all.sort_by(|a, b| b.version.cmp_precedence(&a.version).then(b.identity.modified.cmp(&a.identity.modified)));
+        all
+    }
+
+    /// Logs and records that `file` was not swapped in; `kind` labels the refusal in metrics.
+    pub fn refuse(&self, file: &Path, kind: &'static str, reason: &str, build: Option<&Build>) {
+        let current = self.current();
+        tracing::warn!(
+            file = %file.display(),
+            "refused plugin candidate: {reason}; generation {} ({}) keeps serving", current.id(), current.label()
+        );
+        let (name, version) = build.map(|b| (b.name.clone(), b.version.clone())).unzip();
+        self.history.refused(history::refusal(file, name, version, reason.to_owned()), kind);
+    }
+
+    /// Builds refused before get another chance at the next change (SIGHUP).
+    pub fn forget_refusals(&self) {
+        lock(&self.builds).forget_refusals();
+    }
+
+    /// A new or changed file in the plugin directory (the watcher): reads its declaration and
+    /// swaps it in if it should serve (see `builds`). A file still being written comes back
+    /// as `LoadError::Incomplete`, unrecorded: the watcher waits for its writer. Other errors
+    /// have been recorded.
+    pub async fn offer(&self, file: &Path) -> Result<Outcome, GenerationError> {
+        let _changing = self.changing.lock().await;
+        let current = self.current();
+        let Some(identity) = Identity::of(file) else {
+            return Ok(self.unchanged(format!("{} is gone", file.display())));
+        };
+        if current.source() == file && current.identity() == identity {
+            return Ok(self.unchanged("it serves already".into()));
+        }
+        let known = lock(&self.builds).get(file, identity).cloned();
+        let (build, held) = match known {
+            Some(build) => (build, None),
+            None => {
+                let candidate = match self.open(file).await {
+                    Ok(candidate) => candidate,
+                    Err(e) => {
+                        if !matches!(e, GenerationError::Load(LoadError::Incomplete { .. })) {
+                            self.refuse(file, e.kind(), &e.to_string(), None);
+                        }
+                        return Err(e);
+                    }
+                };
+                let build = build_of(&candidate);
+                lock(&self.builds).insert(build.clone());
+                (build, Some(candidate))
+            }
+        };
+        let outcome = self.converge(held).await;
+        if let Outcome::Unchanged { .. } = outcome {
+            let current = self.current();
+            let reason = builds::why_not(&build, &serving(&current), self.pin().as_ref());
+            tracing::info!(file = %file.display(), "{reason}");
+            return Ok(self.unchanged(reason));
+        }
+        Ok(outcome)
+    }
+
+    /// Reads the plugin directory again, retries builds refused before (what was wrong may
+    /// have been fixed in place), and swaps in the build that should serve, if it is not
+    /// serving. Answers once that has happened or was refused.
+    pub async fn reload(&self) -> Outcome {
+        let _changing = self.changing.lock().await;
+        lock(&self.builds).forget_refusals();
+        let mut refused = Vec::new();
+        for (file, identity) in self.source.scan() {
+            if lock(&self.builds).get(&file, identity).is_some() || self.current().identity() == identity {
+                continue;
+            }
+            match self.open(&file).await {
+                Ok(candidate) => lock(&self.builds).insert(build_of(&candidate)),
+                Err(e) => {
+                    self.refuse(&file, e.kind(), &e.to_string(), None);
+                    refused.push(e.to_string());
+                }
+            }
+        }
+        match self.converge(None).await {
+            Outcome::Swapped { from, to, refused: more } => {
+                refused.extend(more);
+                Outcome::Swapped { from, to, refused }
+            }
+            Outcome::Refused { serving, refused: more } => {
+                refused.extend(more);
+                Outcome::Refused { serving, refused }
+            }
+            unchanged if refused.is_empty() => unchanged,
+            _ => Outcome::Refused { serving: Brief::of(&self.current()), refused },
+        }
+    }
+
+    /// Serves `version` (a build of it from the plugin directory, or a kept copy of an
+    /// earlier generation) and holds it: newer builds are not swapped in until `unpin`.
+    pub async fn pin_version(&self, version: Version) -> Result<Outcome, ChangeError> {
+        let _changing = self.changing.lock().await;
+        self.switch_to(Pin { version, by: "pin" }, None).await
+    }
+
+    /// Goes back to the version served before the current one (its kept copy, or a build of
+    /// it in the plugin directory), and pins it.
+    pub async fn rollback(&self) -> Result<Outcome, ChangeError> {
+        let _changing = self.changing.lock().await;
+        let current = self.current();
+        let previous = self
+            .history
+            .previous(current.id(), current.version())
+            .ok_or_else(|| ChangeError::NothingToRollBackTo { current: current.version().clone() })?;
+        let version = previous.version.clone().unwrap_or_else(|| current.version().clone());
+        self.switch_to(Pin { version, by: "rollback" }, previous.kept).await
+    }
+
+    /// Lifts the pin: the highest version serves again (swapped in now if it is not serving).
+    pub async fn unpin(&self) -> Outcome {
+        let _changing = self.changing.lock().await;
+        if let Some(pin) = lock(&self.pin).take() {
+            tracing::info!(version = %pin.version, "unpinned: the highest version serves again");
+        }
+        self.converge(None).await
+    }
+
+    /// Loads `file` and swaps it in whatever its version (`hotswap dev`: the build just made).
+    pub async fn load_and_swap(&self, file: &Path) -> Result<Arc<Generation>, GenerationError> {
+        let _changing = self.changing.lock().await;
+        let candidate = self.open(file).await?;
+        lock(&self.builds).insert(build_of(&candidate));
+        self.start_and_swap(candidate).await
+    }
+
+    fn unchanged(&self, reason: String) -> Outcome {
+        Outcome::Unchanged { serving: Brief::of(&self.current()), reason }
+    }
+
+    /// Opens `file` as a candidate, within the budget.
+    async fn open(&self, file: &Path) -> Result<Candidate, GenerationError> {
         let reading = self.budget.check_before_load()?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(generation = id, file = %plugin.display(), "loading a candidate");
-        let candidate = Generation::load(plugin, id, &self.options).await?;
+        tracing::debug!(file = %file.display(), "loading a candidate");
+        let candidate = Candidate::open(file, &self.options).await?;
         self.budget.loaded(reading);
-        self.swap(candidate.clone());
         Ok(candidate)
     }
 
+    /// Swaps in the best build that should replace the current one, trying the next on
+    /// failure. `held` is a candidate already open (used if it is the one chosen).
+    async fn converge(&self, mut held: Option<Candidate>) -> Outcome {
+        let mut refused = Vec::new();
+        loop {
+            let current = self.current();
+            let pin = self.pin();
+            let best = {
+                let mut builds = lock(&self.builds);
+                builds.prune();
+                builds.better_than(Some(&serving(&current)), pin.as_ref()).into_iter().next()
+            };
+            let Some(best) = best else {
+                return if refused.is_empty() {
+                    self.unchanged(format!("{} serves and no build should replace it", current.label()))
+                } else {
+                    Outcome::Refused { serving: Brief::of(&current), refused }
+                };
+            };
+            let candidate = match held.take() {
+                Some(c) if c.source() == best.file && c.identity() == best.identity => Ok(c),
+                _ => self.open(&best.file).await,
+            };
+            match self.try_start(candidate, &best.file, Some(&best)).await {
+                Ok(next) => return Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused },
+                Err(reason) => refused.push(reason),
+            }
+        }
+    }
+
+    /// Serves a build matching `pin` (trying `kept` first), then sets the pin.
+    async fn switch_to(&self, pin: Pin, kept: Option<PathBuf>) -> Result<Outcome, ChangeError> {
+        let current = self.current();
+        if pin.matches(current.version()) {
+            tracing::info!(version = %pin.version, by = pin.by, "pinned: {} serves already", current.label());
+            let reason = format!("{} serves already; version {} is now pinned", current.label(), pin.version);
+            *lock(&self.pin) = Some(pin);
+            return Ok(self.unchanged(reason));
+        }
+        let mut sources: Vec<PathBuf> = kept.into_iter().collect();
+        let mut in_dir: Vec<Build> = lock(&self.builds).all().filter(|b| pin.matches(&b.version)).cloned().collect();
+        in_dir.sort_by_key(|b| std::cmp::Reverse(b.identity.modified));
+        sources.extend(in_dir.into_iter().map(|b| b.file));
+        sources.extend(self.history.copies_of(|v| pin.matches(v)).into_iter().map(|(_, kept)| kept));
+        sources.dedup();
+        if sources.is_empty() {
+            let mut known: Vec<Version> = lock(&self.builds).all().map(|b| b.version.clone()).collect();
+            known.extend(self.history.copies_of(|_| true).into_iter().map(|(v, _)| v));
+            known.sort_by(|a, b| b.cmp_precedence(a));
+            known.dedup();
+            let known = if known.is_empty() { "none".into() } else { known.iter().map(Version::to_string).collect::<Vec<_>>().join(", ") };
+            return Err(ChangeError::UnknownVersion { version: pin.version, dir: self.source.dir.clone(), known });
+        }
+        let mut refused = Vec::new();
+        for file in sources {
+            let candidate = self.open(&file).await;
+            let build = match &candidate {
+                Ok(c) if !pin.matches(c.version()) => continue, // changed since it was read
+                Ok(c) => Some(build_of(c)),
+                Err(_) => None,
+            };
+            match self.try_start(candidate, &file, build.as_ref()).await {
+                Ok(next) => {
+                    tracing::info!(version = %pin.version, by = pin.by, "pinned: {} serves", next.label());
+                    *lock(&self.pin) = Some(pin);
+                    return Ok(Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused });
+                }
+                Err(reason) => refused.push(reason),
+            }
+        }
+        Ok(Outcome::Refused { serving: Brief::of(&current), refused })
+    }
+
+    /// Starts an opened candidate (of `file`) and swaps it in; on failure records the
+    /// refusal (and marks the build refused) and returns the reason.
+    async fn try_start(
+        &self,
+        candidate: Result<Candidate, GenerationError>,
+        file: &Path,
+        build: Option<&Build>,
+    ) -> Result<Arc<Generation>, String> {
+        let started = match candidate {
+            Ok(candidate) => self.start_and_swap(candidate).await,
+            Err(e) => Err(e),
+        };
+        started.map_err(|e| {
+            lock(&self.builds).mark_refused(file);
+            self.refuse(file, e.kind(), &e.to_string(), build);
+            e.to_string()
+        })
+    }
+
+    async fn start_and_swap(&self, candidate: Candidate) -> Result<Arc<Generation>, GenerationError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let next = candidate.start(id, &self.options).await?;
+        self.swap(next.clone());
+        Ok(next)
+    }
+
     /// Makes `next` current; the old generation drains (bounded by the drain timeout).
-    pub fn swap(&self, next: Arc<Generation>) {
+    fn swap(&self, next: Arc<Generation>) {
         let old = self.current.swap(next.clone());
         let resident = {
-            let mut resident = self.resident.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut resident = lock(&self.resident);
             resident.retain(|g| g.strong_count() > 0);
             resident.push(Arc::downgrade(&next));
             resident.iter().filter_map(Weak::upgrade).collect::<Vec<_>>()
@@ -124,10 +447,13 @@ impl Registry {
             from = %old.label(), from_generation = old.id(), to = %next.label(), to_generation = next.id(),
             "swapped: new requests go to generation {}", next.id()
         );
+        self.events.swaps.fetch_add(1, Ordering::Relaxed);
         old.superseded().raise();
+        self.record_swap(&next);
         self.enforce_max_generations(resident);
         let old = Arc::downgrade(&old);
         let timeout = self.drain_timeout;
+        let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             if let Some(old) = old.upgrade() {
@@ -135,9 +461,44 @@ impl Registry {
                     generation = old.id(), plugin = %old.label(), in_flight = old.in_flight(),
                     "drain timeout ({timeout:?}) reached: aborting the generation's remaining responses"
                 );
+                events.aborted_by_drain_timeout.fetch_add(old.in_flight() as u64, Ordering::Relaxed);
                 old.aborted().raise();
             }
         });
+    }
+
+    /// Adds `next` to the history, keeps a copy of its bytes for a rollback, and computes its
+    /// SHA-256 off the swap path (unless the trusted-digest check already did).
+    fn record_swap(&self, next: &Arc<Generation>) {
+        let kept = match self.options.shadow.keep(next.shadow()) {
+            Ok(kept) => Some(kept),
+            Err(e) => {
+                tracing::warn!(generation = next.id(), "cannot keep a copy of the build for a rollback: {e}");
+                None
+            }
+        };
+        let record = Record {
+            generation: Some(next.id()),
+            name: Some(next.name().to_owned()),
+            version: Some(next.version().clone()),
+            file: next.source().to_path_buf(),
+            sha256: Arc::default(),
+            at: SystemTime::now(),
+            refused: None,
+            stats: Some(next.stats().clone()),
+            kept: kept.clone(),
+        };
+        match next.digest() {
+            Some(digest) => drop(record.sha256.set(digest.to_owned())),
+            None => {
+                let (slot, path) = (record.sha256.clone(), kept.unwrap_or_else(|| next.shadow().to_path_buf()));
+                tokio::task::spawn_blocking(move || match crate::loader::sha256_file(&path) {
+                    Ok(digest) => drop(slot.set(digest)),
+                    Err(e) => tracing::warn!(file = %path.display(), "cannot compute the SHA-256 of a loaded build: {e}"),
+                });
+            }
+        }
+        self.history.swapped_in(record);
     }
 
     /// Cuts off the oldest draining generations while more than `--max-generations` are
@@ -152,14 +513,16 @@ impl Registry {
                 "more than {} generations loaded (--max-generations): aborting the oldest one's remaining responses",
                 self.max_generations
             );
+            self.events.aborted_by_generation_cap.fetch_add(oldest.in_flight() as u64, Ordering::Relaxed);
             oldest.aborted().raise();
         }
     }
 
-    /// Generations still loaded (current first is not guaranteed).
+    /// Generations still loaded, oldest first.
     pub fn resident(&self) -> Vec<Arc<Generation>> {
-        let resident = self.resident.lock().unwrap_or_else(PoisonError::into_inner);
-        resident.iter().filter_map(Weak::upgrade).collect()
+        let mut resident: Vec<_> = lock(&self.resident).iter().filter_map(Weak::upgrade).collect();
+        resident.sort_by_key(|g| g.id());
+        resident
     }
 
     /// Cuts off every response still in progress, on every generation.
@@ -168,4 +531,24 @@ impl Registry {
             generation.aborted().raise();
         }
     }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.history.remove_copies();
+    }
+}
+
+fn build_of(candidate: &Candidate) -> Build {
+    Build {
+        file: candidate.source().to_path_buf(),
+        identity: candidate.identity(),
+        name: candidate.name().to_owned(),
+        version: candidate.version().clone(),
+        refused: false,
+    }
+}
+
+fn serving(current: &Generation) -> Serving<'_> {
+    Serving { name: current.name(), version: current.version(), modified: Some(current.identity().modified) }
 }

@@ -2,7 +2,6 @@
 //! generation, listen, run the swap triggers, drain on SIGTERM/SIGINT, unload, exit.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,8 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminAddr, AdminListener};
+use crate::builds::PluginSource;
 use crate::cli::HostArgs;
 use crate::generation::{self, LoadOptions};
 use crate::loader::ShadowDir;
@@ -19,10 +20,10 @@ use crate::registry::Registry;
 use crate::trust::Trust;
 use crate::server::Server;
 
-/// Serves until SIGTERM or SIGINT. `candidates` are tried in order for the first generation;
-/// `triggers` runs beside the server and swaps in new generations (file watcher, dev
+/// Serves until SIGTERM or SIGINT, starting with the build of `source` that should serve
+/// (see `builds`); `triggers` runs beside the server and swaps in new generations (file watcher, dev
 /// rebuilds; SIGHUP arrives on the given stream) until the token is cancelled.
-pub async fn serve<T, F>(args: &HostArgs, trust: Trust, candidates: Vec<PathBuf>, triggers: T) -> anyhow::Result<()>
+pub async fn serve<T, F>(args: &HostArgs, trust: Trust, source: PluginSource, triggers: T) -> anyhow::Result<()>
 where
     T: FnOnce(Arc<Registry>, Signal, CancellationToken) -> F,
     F: Future<Output = ()> + Send + 'static,
@@ -38,6 +39,10 @@ where
         Some(inherited) => TcpListener::from_std(inherited)?,
         None => TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?,
     };
+    let admin = {
+        let addr = args.admin.admin.clone().unwrap_or_else(|| AdminAddr::Unix(admin::default_socket()));
+        AdminListener::bind(&addr, args.admin.admin_token_file.as_deref(), args.admin.admin.is_some()).await?
+    };
     let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
     let options = LoadOptions {
         worker_threads: args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -47,8 +52,11 @@ where
         trust,
     };
     reserve_file_descriptors(args.limits.max_connections);
-    let registry = Arc::new(Registry::start(&candidates, options, args.drain_timeout, args.max_generations).await?);
+    let registry = Arc::new(Registry::start(source, options, args.drain_timeout, args.max_generations).await?);
     let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
+    if let Some(admin) = admin {
+        admin.spawn(registry.clone(), shutdown.clone());
+    }
     tracing::info!("listening on http://{}", listener.local_addr()?);
     notify_service_manager(&[NotifyState::Ready]);
     let server = Server::new(registry.clone(), args.limits.clone(), shutdown.clone());

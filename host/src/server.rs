@@ -518,20 +518,27 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
     }
 }
 
+/// Answers a request and counts it (status, and time until the response head).
 async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Response<HostBody>, std::convert::Infallible> {
-    let generation = &guard.generation;
     let started = Instant::now();
+    let response = answer(request, guard, started).await;
+    response.body().guard.generation.stats().record(response.status().as_u16(), started.elapsed());
+    Ok(response)
+}
+
+async fn answer(request: Request<Incoming>, guard: RequestGuard, started: Instant) -> Response<HostBody> {
+    let generation = &guard.generation;
     // For the log lines below; cloning a Uri bumps a reference count, it does not allocate.
     let (method, uri) = (request.method().clone(), request.uri().clone());
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), "request polled outside its generation's runtime");
-        return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, guard));
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, guard);
     }
     let max_body_size = guard.conn.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
         tracing::debug!(%method, path = %uri.path(), max_body_size, "request body too large: answered 413");
-        return Ok(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard));
+        return error_response(StatusCode::PAYLOAD_TOO_LARGE, guard);
     }
     let called = bridge::call(generation, request, max_body_size).await;
     let response = match called {
@@ -544,20 +551,20 @@ async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Resp
                 %method, path = %uri.path(), status = response.status().as_u16(), generation = generation.id(),
                 elapsed = ?started.elapsed(), "request"
             );
-            response.map(|body| HostBody { body, guard })
+            response.map(|body| HostBody::new(body, guard))
         }
         Err(e) => {
             tracing::error!(%method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, guard)
         }
     };
-    Ok(response)
+    response
 }
 
 fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody> {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
     let h1 = guard.h1;
-    let mut response = Response::new(HostBody { body: ResponseBody::Full(Some(Bytes::from(text))), guard });
+    let mut response = Response::new(HostBody::new(ResponseBody::Full(Some(Bytes::from(text))), guard));
     *response.status_mut() = status;
     if status == StatusCode::PAYLOAD_TOO_LARGE && h1 {
         // The rest of the body is not wanted: close rather than read it to keep the
@@ -603,6 +610,19 @@ pub struct HostBody {
     guard: RequestGuard,
 }
 
+impl HostBody {
+    fn new(body: ResponseBody, guard: RequestGuard) -> HostBody {
+        guard.generation.stats().stream_started();
+        HostBody { body, guard }
+    }
+}
+
+impl Drop for HostBody {
+    fn drop(&mut self) {
+        self.guard.generation.stats().stream_ended();
+    }
+}
+
 impl http_body::Body for HostBody {
     type Data = Bytes;
     type Error = BodyError;
@@ -610,9 +630,17 @@ impl http_body::Body for HostBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            let generation = &this.guard.generation;
-            tracing::error!(generation = generation.id(), plugin = %generation.label(), "{e}; response aborted");
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.guard.generation.stats().sent(data.len());
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let generation = &this.guard.generation;
+                tracing::error!(generation = generation.id(), plugin = %generation.label(), "{e}; response aborted");
+            }
+            _ => {}
         }
         polled
     }

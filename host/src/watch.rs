@@ -19,7 +19,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +29,7 @@ use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::builds::PluginSource;
 use crate::generation::GenerationError;
 use crate::loader::{Identity, LoadError};
 use crate::registry::Registry;
@@ -39,63 +39,6 @@ use crate::registry::Registry;
 const SETTLE: Duration = Duration::from_millis(300);
 /// A file that stays incomplete, unchanged, this long is refused as truncated.
 pub const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
-
-/// Where plugins come from: every `*.so` in a directory, or one file of it.
-#[derive(Debug, Clone)]
-pub struct PluginSource {
-    pub dir: PathBuf,
-    /// Only this file name (`--plugin PATH`), or any plugin name (`--plugin-dir DIR`).
-    pub only: Option<std::ffi::OsString>,
-}
-
-impl PluginSource {
-    pub fn directory(dir: PathBuf) -> PluginSource {
-        PluginSource { dir, only: None }
-    }
-
-    pub fn file(path: &Path) -> PluginSource {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        PluginSource { dir, only: path.file_name().map(OsStr::to_os_string) }
-    }
-
-    /// Whether a file of this name may be a plugin.
-    fn accepts(&self, name: &OsStr) -> bool {
-        if let Some(only) = &self.only {
-            return name == only;
-        }
-        let name = name.to_string_lossy();
-        !name.starts_with('.') && !name.starts_with('#') && !name.ends_with('~') && name.ends_with(".so")
-    }
-
-    /// The path of a plugin file this source serves, if `path` (from an event) is one.
-    fn plugin_path(&self, path: &Path) -> Option<PathBuf> {
-        let (name, parent) = (path.file_name()?, path.parent()?);
-        let in_dir = parent == self.dir || same_dir(parent, &self.dir);
-        (in_dir && self.accepts(name)).then(|| self.dir.join(name))
-    }
-
-    /// Plugin files now in the directory, newest first.
-    pub fn scan(&self) -> Vec<(PathBuf, Identity)> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
-        let mut files: Vec<(PathBuf, Identity)> = entries
-            .filter_map(Result::ok)
-            .filter(|e| self.accepts(&e.file_name()))
-            .filter_map(|e| Some((e.path(), Identity::of(&e.path())?)))
-            .collect();
-        files.sort_by_key(|f| std::cmp::Reverse(f.1.modified));
-        files
-    }
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
 
 /// A file that has changed and not yet been loaded or refused.
 #[derive(Debug)]
@@ -136,9 +79,7 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, 
     {
         // As it was when loaded: a file replaced since then is a new candidate.
         let current = registry.current();
-        if let Some(id) = current.identity() {
-            handled.insert(current.source().to_path_buf(), id);
-        }
+        handled.insert(current.source().to_path_buf(), current.identity());
     }
     let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
     let mut rescan: Option<&'static str> = None;
@@ -222,8 +163,9 @@ fn abandon(path: &Path) {
 /// wrong may have been fixed in place (`chmod go-w`, a digest added to the trusted list,
 /// disk space freed) without a new file to notice.
 fn forget_refusals(registry: &Registry, handled: &mut HashMap<PathBuf, Identity>) {
+    registry.forget_refusals();
     let current = registry.current();
-    let Some(serving) = current.identity() else { return };
+    let serving = current.identity();
     handled.retain(|path, id| (path == current.source() && *id == serving) || id.modified < serving.modified);
 }
 
@@ -277,14 +219,11 @@ async fn attempt(
     handled: &mut HashMap<PathBuf, Identity>,
 ) {
     let Some(identity) = Identity::of(path) else { return };
-    match registry.load_and_swap(path).await {
-        Ok(generation) => {
-            // What was loaded, which may be newer than what was seen before loading.
-            let identity = generation.identity().unwrap_or(identity);
+    match registry.offer(path).await {
+        Ok(_) => {
+            // Swapped in, or read and not chosen (a lower version, a pin): either way handled.
             pending.remove(path);
             handled.insert(path.to_path_buf(), identity);
-            // Older candidates lose to the one just loaded.
-            pending.retain(|p, _| Identity::of(p).is_some_and(|id| id.modified > identity.modified));
         }
         Err(GenerationError::Load(LoadError::Incomplete { len, needed, .. })) => {
             let Some(entry) = pending.get_mut(path) else { return };
@@ -294,7 +233,7 @@ async fn attempt(
                     let reason = format!(
                         "incomplete file: {len} bytes, but its ELF headers say it ends at byte {needed}; unchanged for {GIVE_UP_AFTER:?}, so it is truncated"
                     );
-                    registry.refuse(path, &reason);
+                    registry.refuse(path, "incomplete", &reason, None);
                     pending.remove(path);
                     handled.insert(path.to_path_buf(), identity);
                 }
@@ -306,8 +245,8 @@ async fn attempt(
                 }
             }
         }
-        Err(e) => {
-            registry.refuse(path, &e.to_string());
+        Err(_) => {
+            // Refused, and recorded as such by the registry.
             pending.remove(path);
             handled.insert(path.to_path_buf(), identity);
         }

@@ -11,7 +11,7 @@ fn the_benchmark_smoke_run_writes_every_table() {
         let _lock = build_lock();
         cargo_build(&["hotswap", "static-server", "hotswap-bench"], &[]);
     }
-    let (a, b) = (example_version("bench-a"), example_version("bench-b"));
+    let (a, b) = (example_version("1.0.0+bench-a"), example_version("1.0.0+bench-b"));
     let dir = temp_dir("bench");
     let report = dir.join("BENCHMARKS.md");
     let _heavy = heavy_lock();
@@ -19,7 +19,7 @@ fn the_benchmark_smoke_run_writes_every_table() {
         .arg(workspace().join("bench/run.sh"))
         .args(["--smoke", "--no-build", "--plugins"])
         .args([&a, &b])
-        .args(["--versions", "bench-a", "bench-b", "--out"])
+        .args(["--versions", "1.0.0+bench-a", "1.0.0+bench-b", "--out"])
         .arg(&report)
         .arg("--work")
         .arg(dir.join("work"))

@@ -33,7 +33,7 @@ fn built() -> [PathBuf; 2] {
         let _lock = build_lock();
         cargo_build(&["hotswap", "hotswap-bench"], &[]);
     }
-    [example_version("bench-a"), example_version("bench-b")]
+    [example_version("1.0.0+bench-a"), example_version("1.0.0+bench-b")]
 }
 
 fn check_line<'a>(summary: &'a str, name: &str) -> &'a str {
@@ -45,7 +45,7 @@ fn check_line<'a>(summary: &'a str, name: &str) -> &'a str {
 fn a_ten_second_soak_passes_every_check() {
     let [a, b] = built();
     // 3 MB at 1 MB/s: two downloads fit in the 10 s, the second started after the first.
-    let out = soak([&a, &b], &["--versions", "bench-a", "bench-b", "--seconds", "10", "--download-size", "3000000"]);
+    let out = soak([&a, &b], &["--versions", "1.0.0+bench-a", "1.0.0+bench-b", "--seconds", "10", "--download-size", "3000000"]);
     let (summary, log) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the soak failed:\n{summary}\n{log}");
     for name in CHECKS {
@@ -69,7 +69,7 @@ fn a_soak_that_sees_a_wrong_answer_fails_and_names_the_checks() {
     let [a, b] = built();
     // The second build is declared with a version it does not answer with: each of its
     // answers is a failed request, and that version is never seen.
-    let out = soak([&a, &b], &["--versions", "bench-a", "bench-c", "--seconds", "2", "--warm-up-ms", "1000", "--clients", "4", "--download-size", "500000"]);
+    let out = soak([&a, &b], &["--versions", "1.0.0+bench-a", "1.0.0+bench-c", "--seconds", "2", "--warm-up-ms", "1000", "--clients", "4", "--download-size", "500000"]);
     let (summary, log) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "the soak passed:\n{summary}\n{log}");
     assert!(log.contains("soak failed: requests, swaps"), "{log}");

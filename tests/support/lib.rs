@@ -150,6 +150,16 @@ pub struct Host {
     child: Child,
     pub addr: String,
     log: Arc<Mutex<String>>,
+    /// The admin API's socket.
+    pub admin: PathBuf,
+}
+
+/// What a `hotswap` admin command printed, and how it exited.
+#[derive(Debug)]
+pub struct CommandOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Host {
@@ -180,6 +190,18 @@ impl Host {
     /// Runs `cmd`, which must end up as the `hotswap` process itself (a wrapper has to `exec`
     /// it), and waits up to `startup` until it listens; returns the log if it does not.
     pub fn start_command(mut cmd: Command, startup: Duration) -> Result<Host, String> {
+        // Each host its own admin socket (the default path is one per user), unless the test
+        // chose one. Short, under /tmp: socket paths are limited to 107 bytes.
+        let admin = match cmd.get_envs().find(|(k, _)| *k == "HOTSWAP_ADMIN").and_then(|(_, v)| v) {
+            Some(chosen) => PathBuf::from(chosen),
+            None => {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = std::env::temp_dir().join(format!("hotswap-it-{}-{n}.sock", std::process::id()));
+                cmd.env("HOTSWAP_ADMIN", &path);
+                path
+            }
+        };
         let mut child = cmd
             .env("RUST_LOG", "info,hotswap=debug,plugin=debug")
             .stdin(Stdio::null())
@@ -204,7 +226,7 @@ impl Host {
             }
         });
         match rx.recv_timeout(startup) {
-            Ok(addr) => Ok(Host { child, addr, log }),
+            Ok(addr) => Ok(Host { child, addr, log, admin }),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -212,6 +234,25 @@ impl Host {
                 Err(log.lock().unwrap().clone())
             }
         }
+    }
+
+    /// Runs `hotswap ARGS` (an admin command) against this host's admin socket.
+    pub fn command(&self, args: &[&str]) -> CommandOutput {
+        let out = Command::new(&artifacts().hotswap).args(args).env("HOTSWAP_ADMIN", &self.admin).output().unwrap();
+        CommandOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs an admin command with `--json` and parses what it printed.
+    pub fn command_json(&self, args: &[&str]) -> (i32, serde_json::Value) {
+        let mut full = args.to_vec();
+        full.push("--json");
+        let out = self.command(&full);
+        let value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("hotswap {args:?} --json printed no JSON ({e}): {out:?}"));
+        (out.code, value)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -319,6 +360,7 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.admin);
     }
 }
 

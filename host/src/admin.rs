@@ -1,0 +1,436 @@
+//! The admin API: JSON endpoints to see and change what serves, and Prometheus metrics, on a
+//! listener of its own (never the public port).
+//!
+//! | endpoint | does |
+//! |---|---|
+//! | `GET /status` | the current generation, every resident one, the history, recent refusals, builds known |
+//! | `POST /reload` | reads the plugin directory again and swaps in the build that should serve |
+//! | `POST /rollback` | goes back to the version served before the current one, and pins it |
+//! | `POST /pin` `{"version": "1.2.0"}` | serves that version and holds it against newer builds |
+//! | `DELETE /pin` | lifts the pin: the highest version serves again |
+//! | `GET /metrics` | Prometheus text format |
+//!
+//! A change answers once the swap has happened or was refused: 200 with `"outcome":
+//! "swapped"` or `"unchanged"`, 409 with `"outcome": "refused"` and the reasons. A request the
+//! API cannot act on gets a 4xx with `{"error": "..."}`.
+//!
+//! ## Who may call it
+//!
+//! By default it listens on a Unix socket of mode 0600, and answers only clients of this
+//! host's user (or root), checked with `SO_PEERCRED`. On TCP it must be given a token file
+//! unless it listens on a loopback address; with a token file, every request must carry
+//! `Authorization: Bearer <token>`.
+
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::history::State;
+use crate::registry::{ChangeError, Outcome, Registry};
+
+/// Where the admin API listens (`--admin`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddr {
+    /// A Unix socket (mode 0600).
+    Unix(PathBuf),
+    /// A TCP address (a token is required unless it is a loopback address).
+    Tcp(SocketAddr),
+    /// No admin API.
+    Off,
+}
+
+impl FromStr for AdminAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<AdminAddr, String> {
+        if text == "off" {
+            return Ok(AdminAddr::Off);
+        }
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(AdminAddr::Tcp(addr));
+        }
+        let path = text.strip_prefix("unix:").unwrap_or(text);
+        if path.is_empty() || !(path.contains('/') || path.ends_with(".sock")) {
+            return Err(format!(
+                "`{text}` is neither an address:port (127.0.0.1:9090) nor a socket path (/run/hotswap/admin.sock), nor `off`"
+            ));
+        }
+        Ok(AdminAddr::Unix(PathBuf::from(path)))
+    }
+}
+
+impl std::fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            AdminAddr::Tcp(addr) => write!(f, "http://{addr}"),
+            AdminAddr::Off => f.write_str("off"),
+        }
+    }
+}
+
+/// The default admin socket: `/run/hotswap/admin.sock` for root (systemd's
+/// `RuntimeDirectory=hotswap`), else `$XDG_RUNTIME_DIR/hotswap/admin.sock`, else
+/// `/tmp/hotswap-<uid>/admin.sock`. The `status`, `reload`, … commands look there too.
+pub fn default_socket() -> PathBuf {
+    let uid = crate::sys::effective_uid();
+    if uid == 0 {
+        return PathBuf::from("/run/hotswap/admin.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("hotswap/admin.sock"),
+        None => std::env::temp_dir().join(format!("hotswap-{uid}/admin.sock")),
+    }
+}
+
+/// Reads a bearer token from `path` (surrounding whitespace is not part of it).
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+    let token = text.trim().to_owned();
+    anyhow::ensure!(!token.is_empty(), "the admin token file {} is empty: put a long random string in it", path.display());
+    Ok(token)
+}
+
+/// A bound admin listener, not yet serving.
+pub struct AdminListener {
+    listener: Listener,
+    token: Option<String>,
+    addr: AdminAddr,
+}
+
+enum Listener {
+    Unix(UnixListener, SocketFile),
+    Tcp(TcpListener),
+}
+
+/// Removes the socket file when the host exits.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl AdminListener {
+    /// Binds `addr`. `explicit`: the operator chose it; a busy default socket only disables
+    /// the API (with a warning) instead of failing the start.
+    pub async fn bind(addr: &AdminAddr, token_file: Option<&Path>, explicit: bool) -> anyhow::Result<Option<AdminListener>> {
+        let token = token_file.map(read_token).transpose()?;
+        let listener = match addr {
+            AdminAddr::Off => return Ok(None),
+            AdminAddr::Tcp(tcp) => {
+                anyhow::ensure!(
+                    tcp.ip().is_loopback() || token.is_some(),
+                    "the admin API on {tcp} would be reachable from other machines without a token: \
+                     give --admin-token-file FILE (a file holding a long random string), or listen on 127.0.0.1"
+                );
+                let listener = TcpListener::bind(tcp).await.with_context(|| format!("cannot listen for the admin API on {tcp}"))?;
+                Listener::Tcp(listener)
+            }
+            AdminAddr::Unix(path) => match bind_unix(path).await {
+                Ok(listener) => listener,
+                Err(e) if !explicit => {
+                    tracing::warn!("admin API disabled: {e:#}");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let addr = match &listener {
+            Listener::Tcp(l) => AdminAddr::Tcp(l.local_addr()?),
+            Listener::Unix(..) => addr.clone(),
+        };
+        Ok(Some(AdminListener { listener, token, addr }))
+    }
+
+    /// Serves the API until `shutdown`.
+    pub fn spawn(self, registry: Arc<Registry>, shutdown: CancellationToken) {
+        tracing::info!(
+            token = self.token.is_some(),
+            "admin API on {} (status, reload, rollback, pin, metrics)", self.addr
+        );
+        let api = Arc::new(Api { registry, token: self.token, started: SystemTime::now() });
+        tokio::spawn(async move {
+            match self.listener {
+                Listener::Tcp(listener) => loop {
+                    tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => serve_connection(stream, api.clone(), true, shutdown.clone()),
+                            Err(e) => tracing::warn!("admin API: accept failed: {e}"),
+                        },
+                        () = shutdown.cancelled() => return,
+                    }
+                },
+                Listener::Unix(listener, _file) => loop {
+                    tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => {
+                                let allowed = stream.peer_cred().is_ok_and(|c| c.uid() == 0 || c.uid() == crate::sys::effective_uid());
+                                serve_connection(stream, api.clone(), allowed, shutdown.clone());
+                            }
+                            Err(e) => tracing::warn!("admin API: accept failed: {e}"),
+                        },
+                        () = shutdown.cancelled() => return,
+                    }
+                },
+            }
+        });
+    }
+}
+
+/// Binds a Unix socket of mode 0600 at `path`, creating its directory (0700) if needed, and
+/// replacing a socket file nobody listens on (left by a crashed host).
+async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(dir)
+            .with_context(|| format!("cannot create {} for the admin socket", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another hotswap host answers on the admin socket {}: give this one another --admin (or --admin off)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale admin socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen for the admin API on {}", path.display()))?;
+    let file = SocketFile(path.to_path_buf());
+    // Connections made before this are still checked by their peer's uid.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make the admin socket {} private", path.display()))?;
+    Ok(Listener::Unix(listener, file))
+}
+
+struct Api {
+    registry: Arc<Registry>,
+    token: Option<String>,
+    started: SystemTime,
+}
+
+/// Serves one admin connection until it closes or the host shuts down (an admin client must
+/// not keep the registry, and so a generation, alive past the drain).
+fn serve_connection<S>(stream: S, api: Arc<Api>, allowed: bool, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |request| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.handle(request, allowed).await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        tokio::select! {
+            served = connection => if let Err(e) = served {
+                tracing::debug!("admin API connection: {e}");
+            },
+            () = shutdown.cancelled() => {}
+        }
+    });
+}
+
+/// The largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+impl Api {
+    async fn handle(&self, request: Request<Incoming>, allowed: bool) -> Response<Full<Bytes>> {
+        if !allowed {
+            return error(StatusCode::FORBIDDEN, "the admin socket answers only this host's user and root");
+        }
+        if let Some(token) = &self.token {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes())) {
+                let mut response = error(StatusCode::UNAUTHORIZED, "a valid `Authorization: Bearer <token>` header is required (the token is in the host's --admin-token-file)");
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                return response;
+            }
+        }
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let registry = &self.registry;
+        match (method, path.as_str()) {
+            (Method::GET, "/status") => json_response(StatusCode::OK, &status(registry, self.started)),
+            (Method::GET, "/metrics") => {
+                let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render(registry))));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            (Method::POST, "/reload") => outcome(registry.reload().await),
+            (Method::POST, "/rollback") => changed(registry.rollback().await),
+            (Method::POST, "/pin") => {
+                let version = match read_version(request).await {
+                    Ok(version) => version,
+                    Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+                };
+                changed(registry.pin_version(version).await)
+            }
+            (Method::DELETE, "/pin") => outcome(registry.unpin().await),
+            (_, "/status" | "/metrics" | "/reload" | "/rollback" | "/pin") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, &format!("{} does not take {}", path, request.method()))
+            }
+            _ => error(StatusCode::NOT_FOUND, &format!("no endpoint {path}: try GET /status, GET /metrics, POST /reload, POST /rollback, POST or DELETE /pin")),
+        }
+    }
+}
+
+/// The `version` of a `POST /pin` body.
+async fn read_version(request: Request<Incoming>) -> Result<semver::Version, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PinRequest {
+        version: String,
+    }
+    let body = Limited::new(request.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("cannot read the request body: {e}"))?
+        .to_bytes();
+    let pin: PinRequest = serde_json::from_slice(&body)
+        .map_err(|e| format!("the body must be JSON like {{\"version\": \"1.2.0\"}}: {e}"))?;
+    semver::Version::parse(&pin.version).map_err(|e| format!("`{}` is not a semantic version like 1.2.0: {e}", pin.version))
+}
+
+fn changed(result: Result<Outcome, ChangeError>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(o) => outcome(o),
+        Err(e @ ChangeError::UnknownVersion { .. }) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ ChangeError::NothingToRollBackTo { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
+}
+
+fn outcome(outcome: Outcome) -> Response<Full<Bytes>> {
+    let status = match outcome {
+        Outcome::Refused { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::OK,
+    };
+    json_response(status, &outcome)
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json_response(status, &json!({ "error": message }))
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_vec_pretty(body).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+    text.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn age(at: SystemTime) -> f64 {
+    SystemTime::now().duration_since(at).map_or(0.0, |d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+/// `GET /status`.
+fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
+    let current = registry.current();
+    let history = registry.history().records();
+    let sha256_of = |id: u64| history.iter().find(|r| r.generation == Some(id)).and_then(|r| r.sha256.get().cloned());
+    let loaded_at = |id: u64| history.iter().find(|r| r.generation == Some(id)).map(|r| r.at);
+    let resident: Vec<_> = registry
+        .resident()
+        .iter()
+        .map(|g| {
+            let at = loaded_at(g.id()).unwrap_or(started);
+            json!({
+                "generation": g.id(),
+                "name": g.name(),
+                "version": g.version().to_string(),
+                "state": if g.id() == current.id() { "current" } else { "draining" },
+                "file": g.source(),
+                "in_flight": g.in_flight(),
+                "streams": g.stats().streams(),
+                "bytes_sent": g.stats().bytes_sent(),
+                "requests": g.stats().requests(),
+                "loaded_at": rfc3339(at),
+                "age_seconds": age(at),
+            })
+        })
+        .collect();
+    let records: Vec<_> = history
+        .iter()
+        .rev()
+        .map(|r| {
+            let state = r.state(current.id());
+            json!({
+                "generation": r.generation,
+                "name": r.name,
+                "version": r.version.as_ref().map(ToString::to_string),
+                "file": r.file,
+                "sha256": r.sha256.get(),
+                "at": rfc3339(r.at),
+                "state": state.as_str(),
+                "reason": match &state { State::Refused(reason) => Some(reason), _ => None },
+                "requests": r.requests(),
+            })
+        })
+        .collect();
+    let refusals: Vec<_> = history
+        .iter()
+        .rev()
+        .filter_map(|r| {
+            let reason = r.refused.as_ref()?;
+            Some(json!({ "file": r.file, "version": r.version.as_ref().map(ToString::to_string), "at": rfc3339(r.at), "reason": reason }))
+        })
+        .take(10)
+        .collect();
+    let builds: Vec<_> = registry
+        .builds()
+        .iter()
+        .map(|b| json!({ "file": b.file, "name": b.name, "version": b.version.to_string(), "refused": b.refused }))
+        .collect();
+    json!({
+        "pid": std::process::id(),
+        "host_version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": age(started),
+        "plugin_source": registry.source().dir,
+        "current": {
+            "generation": current.id(),
+            "name": current.name(),
+            "version": current.version().to_string(),
+            "file": current.source(),
+            "sha256": sha256_of(current.id()),
+            "loaded_at": loaded_at(current.id()).map(rfc3339),
+        },
+        "pin": registry.pin().map(|p| json!({ "version": p.version.to_string(), "by": p.by })),
+        "resident": resident,
+        "history": records,
+        "refusals": refusals,
+        "builds": builds,
+    })
+}

@@ -1,0 +1,267 @@
+//! The generation history: every build that became current, and every one refused, most
+//! recent last, bounded. What `GET /status` shows, what a rollback goes back to, and (through
+//! per-version totals that outlive the records) what `/metrics` counts.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::SystemTime;
+
+use semver::Version;
+
+use crate::metrics::{GenerationStats, StatusTotals, Unloaded};
+
+/// How many records are kept.
+pub const RECORDS_KEPT: usize = 32;
+/// How many of the latest generations keep a copy of their bytes for a rollback.
+pub const COPIES_KEPT: usize = 4;
+
+/// One history entry.
+#[derive(Clone)]
+pub struct Record {
+    /// The generation's id; `None` for a refused build.
+    pub generation: Option<u64>,
+    /// As declared, if the build got that far.
+    pub name: Option<String>,
+    pub version: Option<Version>,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// SHA-256 of its bytes, once computed (off the swap path).
+    pub sha256: Arc<OnceLock<String>>,
+    /// When it was loaded, or refused.
+    pub at: SystemTime,
+    /// Why it was refused.
+    pub refused: Option<String>,
+    /// The generation's counters (for a generation).
+    pub stats: Option<Arc<GenerationStats>>,
+    /// A private copy of its bytes, kept for a rollback.
+    pub kept: Option<PathBuf>,
+}
+
+/// Where a history entry stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Current,
+    Draining,
+    Unloaded,
+    /// Closed but still mapped: reported as a bug.
+    StillMapped,
+    /// Left loaded because its threads were stuck in plugin code.
+    Leaked,
+    Refused(String),
+}
+
+impl State {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            State::Current => "current",
+            State::Draining => "draining",
+            State::Unloaded => "unloaded",
+            State::StillMapped => "still-mapped",
+            State::Leaked => "leaked",
+            State::Refused(_) => "refused",
+        }
+    }
+}
+
+impl Record {
+    /// Where it stands, given the id of the current generation.
+    pub fn state(&self, current: u64) -> State {
+        if let Some(reason) = &self.refused {
+            return State::Refused(reason.clone());
+        }
+        match self.stats.as_ref().and_then(|s| s.unloaded()) {
+            Some(Unloaded::Unmapped) => State::Unloaded,
+            Some(Unloaded::StillMapped) => State::StillMapped,
+            Some(Unloaded::Leaked) => State::Leaked,
+            None if self.generation == Some(current) => State::Current,
+            None => State::Draining,
+        }
+    }
+
+    /// Requests it has answered.
+    pub fn requests(&self) -> u64 {
+        self.stats.as_ref().map_or(0, |s| s.requests())
+    }
+}
+
+/// The bounded history, and the totals of records that have left it.
+#[derive(Default)]
+pub struct History {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    records: VecDeque<Record>,
+    /// Request figures of generations whose records were dropped, by (version, status).
+    retired: BTreeMap<(String, String), StatusTotals>,
+    refusals: BTreeMap<&'static str, u64>,
+}
+
+impl History {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a generation that has just become current. Only the latest [`COPIES_KEPT`]
+    /// generations keep their copy; older copies are deleted.
+    pub fn swapped_in(&self, record: Record) {
+        let mut inner = self.lock();
+        inner.push(record);
+        let mut copies = 0;
+        for old in inner.records.iter_mut().rev() {
+            if old.kept.is_some() {
+                copies += 1;
+                if copies > COPIES_KEPT {
+                    remove_copy(old.kept.take());
+                }
+            }
+        }
+    }
+
+    /// Records a refused build; `reason_label` is its low-cardinality kind, for metrics.
+    pub fn refused(&self, record: Record, reason_label: &'static str) {
+        let mut inner = self.lock();
+        *inner.refusals.entry(reason_label).or_default() += 1;
+        inner.push(record);
+    }
+
+    /// Every record, oldest first.
+    pub fn records(&self) -> Vec<Record> {
+        self.lock().records.iter().cloned().collect()
+    }
+
+    /// Refusals so far, by kind.
+    pub fn refusals_by_reason(&self) -> Vec<(&'static str, u64)> {
+        self.lock().refusals.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// Requests by (version, status): retired totals plus every record's live counters.
+    pub fn totals_by_version(&self) -> BTreeMap<(String, String), StatusTotals> {
+        let inner = self.lock();
+        let mut totals = inner.retired.clone();
+        for record in &inner.records {
+            add_record(&mut totals, record);
+        }
+        totals
+    }
+
+    /// The most recent generation before `current` with another version, that still has a
+    /// copy of its bytes or whose version a build in the plugin directory has.
+    pub fn previous(&self, current: u64, current_version: &Version) -> Option<Record> {
+        let inner = self.lock();
+        inner
+            .records
+            .iter()
+            .rev()
+            .filter(|r| r.generation.is_some_and(|id| id < current))
+            .find(|r| r.version.as_ref().is_some_and(|v| v != current_version))
+            .cloned()
+    }
+
+    /// Kept copies of generations with `version`, newest first.
+    pub fn copies_of(&self, matches: impl Fn(&Version) -> bool) -> Vec<(Version, PathBuf)> {
+        let inner = self.lock();
+        inner
+            .records
+            .iter()
+            .rev()
+            .filter_map(|r| Some((r.version.clone().filter(|v| matches(v))?, r.kept.clone()?)))
+            .collect()
+    }
+
+    /// Deletes every kept copy (at exit).
+    pub fn remove_copies(&self) {
+        for record in self.lock().records.iter_mut() {
+            remove_copy(record.kept.take());
+        }
+    }
+}
+
+impl Inner {
+    fn push(&mut self, record: Record) {
+        if self.records.len() == RECORDS_KEPT {
+            if let Some(mut oldest) = self.records.pop_front() {
+                add_record(&mut self.retired, &oldest);
+                remove_copy(oldest.kept.take());
+            }
+        }
+        self.records.push_back(record);
+    }
+}
+
+fn add_record(totals: &mut BTreeMap<(String, String), StatusTotals>, record: &Record) {
+    let (Some(stats), Some(version)) = (&record.stats, &record.version) else { return };
+    for (status, figures) in stats.by_status() {
+        let status = status.map_or_else(|| "other".to_owned(), |code| code.to_string());
+        totals.entry((version.to_string(), status)).or_default().add(&figures);
+    }
+}
+
+fn remove_copy(path: Option<PathBuf>) {
+    if let Some(path) = path {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// A refusal record for `file`.
+pub fn refusal(file: &Path, name: Option<String>, version: Option<Version>, reason: String) -> Record {
+    Record {
+        generation: None,
+        name,
+        version,
+        file: file.to_path_buf(),
+        sha256: Arc::default(),
+        at: SystemTime::now(),
+        refused: Some(reason),
+        stats: None,
+        kept: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(id: u64, version: &str) -> Record {
+        Record {
+            generation: Some(id),
+            name: Some("app".into()),
+            version: Some(Version::parse(version).unwrap()),
+            file: PathBuf::from("app.so"),
+            sha256: Arc::default(),
+            at: SystemTime::now(),
+            refused: None,
+            stats: Some(Arc::default()),
+            kept: None,
+        }
+    }
+
+    #[test]
+    fn counters_survive_records_leaving_the_history() {
+        let history = History::default();
+        let first = generation(1, "1.0.0");
+        first.stats.as_ref().unwrap().record(200, std::time::Duration::from_millis(1));
+        history.swapped_in(first);
+        for id in 2..=(RECORDS_KEPT as u64 + 5) {
+            history.swapped_in(generation(id, "2.0.0"));
+        }
+        assert_eq!(history.records().len(), RECORDS_KEPT);
+        let totals = history.totals_by_version();
+        assert_eq!(totals[&("1.0.0".to_owned(), "200".to_owned())].count, 1);
+    }
+
+    #[test]
+    fn previous_skips_the_current_version() {
+        let history = History::default();
+        history.swapped_in(generation(1, "1.0.0"));
+        history.swapped_in(generation(2, "2.0.0"));
+        history.swapped_in(generation(3, "2.0.0"));
+        let previous = history.previous(3, &Version::parse("2.0.0").unwrap()).unwrap();
+        assert_eq!(previous.generation, Some(1));
+        assert!(history.previous(1, &Version::parse("1.0.0").unwrap()).is_none());
+    }
+}

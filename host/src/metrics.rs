@@ -1,0 +1,314 @@
+//! What the host counts, and its Prometheus exposition (`GET /metrics` on the admin listener).
+//!
+//! Requests are counted per generation in plain atomics ([`GenerationStats`]): a request
+//! costs a few relaxed additions, with no lock and no label lookup. A scrape reads them
+//! through the [`Collector`] interface of `prometheus-client`, which does the text format,
+//! and sums by version: the figures of generations that have left the history are folded
+//! into per-version totals first (`history`), so counters never go back.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+
+use crate::registry::Registry;
+
+/// Upper bounds of the latency histogram's buckets, in seconds.
+pub const BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// The same bounds in nanoseconds, for the hot path.
+const BUCKET_NANOS: [u64; 16] = {
+    let mut nanos = [0u64; 16];
+    let mut i = 0;
+    while i < 16 {
+        nanos[i] = (BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    nanos
+};
+
+/// Status codes 100..=599 have a slot each; anything else (hyper allows up to 999) shares one.
+const STATUS_SLOTS: usize = 501;
+const OTHER_STATUS: usize = 500;
+
+/// Requests answered with one status code: how many, and how long they took until the
+/// response head was ready.
+#[derive(Default)]
+pub struct StatusStats {
+    count: AtomicU64,
+    nanos: AtomicU64,
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; 17],
+}
+
+/// A snapshot of [`StatusStats`], also what retired generations are summed into.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatusTotals {
+    pub count: u64,
+    pub seconds: f64,
+    pub buckets: [u64; 17],
+}
+
+impl StatusTotals {
+    pub fn add(&mut self, other: &StatusTotals) {
+        self.count += other.count;
+        self.seconds += other.seconds;
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+    }
+}
+
+/// How a generation's unloading ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unloaded {
+    /// Closed, and gone from `/proc/self/maps`.
+    Unmapped,
+    /// Closed, but still in `/proc/self/maps`: a bug to report.
+    StillMapped,
+    /// Not closed: threads were still running plugin code.
+    Leaked,
+}
+
+/// Counters of one generation, shared by the generation, its requests and its history
+/// record (which outlives it).
+pub struct GenerationStats {
+    by_status: [OnceLock<Box<StatusStats>>; STATUS_SLOTS],
+    /// Response bodies being sent.
+    streams: AtomicUsize,
+    bytes_sent: AtomicU64,
+    /// 0 while loaded; then 1 + the `Unloaded` variant.
+    unloaded: AtomicU8,
+}
+
+impl Default for GenerationStats {
+    fn default() -> Self {
+        GenerationStats {
+            by_status: std::array::from_fn(|_| OnceLock::new()),
+            streams: AtomicUsize::new(0),
+            bytes_sent: AtomicU64::new(0),
+            unloaded: AtomicU8::new(0),
+        }
+    }
+}
+
+impl GenerationStats {
+    /// Counts a request answered with `status` whose response head was ready after `elapsed`.
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        let slot = match status {
+            100..=599 => usize::from(status - 100),
+            _ => OTHER_STATUS,
+        };
+        let stats = self.by_status[slot].get_or_init(Box::default);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = BUCKET_NANOS.iter().position(|&bound| nanos <= bound).unwrap_or(BUCKET_NANOS.len());
+        stats.count.fetch_add(1, Ordering::Relaxed);
+        stats.nanos.fetch_add(nanos, Ordering::Relaxed);
+        stats.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stream_started(&self) {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stream_ended(&self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn sent(&self, bytes: usize) {
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Response bodies being sent now.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+
+    /// Response body bytes handed to the connection.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.by_status.iter().filter_map(OnceLock::get).map(|s| s.count.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Per status code (`None`: outside 100..=599), what has been counted.
+    pub fn by_status(&self) -> impl Iterator<Item = (Option<u16>, StatusTotals)> + '_ {
+        self.by_status.iter().enumerate().filter_map(|(slot, stats)| {
+            let stats = stats.get()?;
+            let code = (slot != OTHER_STATUS).then(|| slot as u16 + 100);
+            let totals = StatusTotals {
+                count: stats.count.load(Ordering::Relaxed),
+                seconds: stats.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+                buckets: std::array::from_fn(|i| stats.buckets[i].load(Ordering::Relaxed)),
+            };
+            Some((code, totals))
+        })
+    }
+
+    pub fn set_unloaded(&self, how: Unloaded) {
+        self.unloaded.store(how as u8 + 1, Ordering::Release);
+    }
+
+    /// How unloading ended, once it has.
+    pub fn unloaded(&self) -> Option<Unloaded> {
+        match self.unloaded.load(Ordering::Acquire) {
+            1 => Some(Unloaded::Unmapped),
+            2 => Some(Unloaded::StillMapped),
+            3 => Some(Unloaded::Leaked),
+            _ => None,
+        }
+    }
+}
+
+/// Host-wide events, by kind.
+#[derive(Debug, Default)]
+pub struct Events {
+    pub swaps: AtomicU64,
+    /// Responses cut off because their generation's drain timeout passed.
+    pub aborted_by_drain_timeout: AtomicU64,
+    /// Responses cut off because too many generations were loaded (`--max-generations`).
+    pub aborted_by_generation_cap: AtomicU64,
+}
+
+/// The `/metrics` collector: reads the registry at every scrape.
+pub struct Metrics(pub Arc<Registry>);
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let registry = &self.0;
+        let by_version = registry.history().totals_by_version();
+
+        let mut requests = encoder.encode_descriptor(
+            "hotswap_requests",
+            "Requests answered, by plugin version and status code",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((version, status), totals) in &by_version {
+            let labels = [("version", version.as_str()), ("status", status.as_str())];
+            ConstCounter::new(totals.count).encode(requests.encode_family(&labels)?)?;
+        }
+
+        let mut latency = encoder.encode_descriptor(
+            "hotswap_request_duration_seconds",
+            "Time from a request's arrival until its response head was ready, by plugin version and status code",
+            None,
+            MetricType::Histogram,
+        )?;
+        for ((version, status), totals) in &by_version {
+            let labels = [("version", version.as_str()), ("status", status.as_str())];
+            let buckets: Vec<(f64, u64)> =
+                BUCKETS.iter().copied().chain([f64::INFINITY]).zip(totals.buckets).collect();
+            latency.encode_family(&labels)?.encode_histogram::<NoLabelSet>(totals.seconds, totals.count, &buckets, None)?;
+        }
+
+        let resident = registry.resident();
+        let mut in_flight = encoder.encode_descriptor(
+            "hotswap_in_flight_requests",
+            "Requests in progress (until their response body ends), per resident generation",
+            None,
+            MetricType::Gauge,
+        )?;
+        for generation in &resident {
+            let (id, version) = (generation.id().to_string(), generation.version().to_string());
+            let labels = [("generation", id.as_str()), ("version", version.as_str())];
+            ConstGauge::new(generation.in_flight() as i64).encode(in_flight.encode_family(&labels)?)?;
+        }
+
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64| {
+            ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+        };
+        gauge(&mut encoder, "hotswap_resident_generations", "Generations loaded: the current one and those draining", crate::generation::resident_generations() as i64)?;
+
+        let events = registry.events();
+        let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64| {
+            ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
+        };
+        counter(&mut encoder, "hotswap_swaps", "Swaps: a new generation became current", events.swaps.load(Ordering::Relaxed))?;
+
+        let mut refusals = encoder.encode_descriptor(
+            "hotswap_refusals",
+            "Plugin builds refused instead of swapped in, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, count) in registry.history().refusals_by_reason() {
+            ConstCounter::new(count).encode(refusals.encode_family(&[("reason", reason)])?)?;
+        }
+
+        let (unmapped, still_mapped, leaked) = crate::generation::unload_counts();
+        let mut unloads = encoder.encode_descriptor(
+            "hotswap_unloads",
+            "Generations unloaded, by result: unmapped (gone from /proc/self/maps), still_mapped (a bug), leaked (threads stuck in plugin code)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, count) in [("unmapped", unmapped), ("still_mapped", still_mapped), ("leaked", leaked)] {
+            ConstCounter::new(count).encode(unloads.encode_family(&[("result", result)])?)?;
+        }
+
+        let mut aborted = encoder.encode_descriptor(
+            "hotswap_aborted_responses",
+            "Responses cut off before they ended, by cause: drain_timeout (their generation was replaced longer than --drain-timeout ago), generation_cap (--max-generations)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cause, count) in [
+            ("drain_timeout", events.aborted_by_drain_timeout.load(Ordering::Relaxed)),
+            ("generation_cap", events.aborted_by_generation_cap.load(Ordering::Relaxed)),
+        ] {
+            ConstCounter::new(count).encode(aborted.encode_family(&[("cause", cause)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The text a scrape gets (Prometheus text format 0.0.4).
+pub fn render(registry: &Arc<Registry>) -> String {
+    let mut exposition = prometheus_client::registry::Registry::default();
+    exposition.register_collector(Box::new(Metrics(registry.clone())));
+    let mut text = String::new();
+    // Writing into a String cannot fail; an encoder error would be a bug in a label.
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, &exposition) {
+        tracing::error!("cannot encode the metrics: {e}");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_land_in_their_status_and_bucket() {
+        let stats = GenerationStats::default();
+        stats.record(200, Duration::from_micros(80));
+        stats.record(200, Duration::from_millis(3));
+        stats.record(503, Duration::from_secs(60));
+        stats.record(799, Duration::ZERO);
+        let all: Vec<_> = stats.by_status().collect();
+        assert_eq!(all.len(), 3);
+        let ok = &all.iter().find(|(code, _)| *code == Some(200)).unwrap().1;
+        assert_eq!(ok.count, 2);
+        assert_eq!(ok.buckets[0], 1, "80 µs is under the first bound");
+        assert_eq!(ok.buckets[5], 1, "3 ms is in (2.5 ms, 5 ms]");
+        let unavailable = &all.iter().find(|(code, _)| *code == Some(503)).unwrap().1;
+        assert_eq!(unavailable.buckets[16], 1, "a minute is past the last bound");
+        assert!(all.iter().any(|(code, t)| code.is_none() && t.count == 1));
+        assert_eq!(stats.requests(), 4);
+    }
+}
