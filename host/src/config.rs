@@ -44,7 +44,19 @@ struct File {
     log_format: Option<String>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    admin: Admin,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Admin {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+/// The subcommands that talk to the admin API: only the `[admin]` keys apply to them.
+const ADMIN_COMMANDS: [&str; 5] = ["status", "reload", "rollback", "pin", "unpin"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,12 +73,16 @@ struct Limits {
 /// come later, override them. Without `--config`, `args` come back unchanged.
 pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
     let Some(path) = config_path(&args) else { return Ok(args) };
-    let Some(at) = args.iter().position(|a| a == "serve" || a == "dev") else { return Ok(args) };
-    let serve = args[at] == "serve";
+    let commands = ["serve", "dev"].into_iter().chain(ADMIN_COMMANDS);
+    let Some(at) = args.iter().position(|a| commands.clone().any(|c| a == c)) else { return Ok(args) };
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
     let file: File =
         toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.clone(), message: e.to_string() })?;
-    let flags = file.into_flags(&path, serve, &args[at + 1..])?;
+    let flags = if ADMIN_COMMANDS.iter().any(|c| args[at] == *c) {
+        file.admin.into_flags(&path)?
+    } else {
+        file.into_flags(&path, args[at] == "serve", &args[at + 1..])?
+    };
     let mut merged = args[..=at].to_vec();
     merged.extend(flags);
     merged.extend_from_slice(&args[at + 1..]);
@@ -92,7 +108,7 @@ impl File {
     /// subcommand: a plugin source given there replaces the file's (they would conflict).
     fn into_flags(self, path: &Path, serve: bool, user: &[OsString]) -> Result<Vec<OsString>, ConfigError> {
         let invalid = |key: &'static str, reason: String| ConfigError::Value { path: path.to_path_buf(), key, reason };
-        let mut flags = Flags::default();
+        let mut flags = Flags(self.admin.into_flags(path)?);
         if let Some(listen) = self.listen {
             listen.parse::<SocketAddr>().map_err(|e| invalid("listen", format!("`{listen}` is not an address:port ({e})")))?;
             flags.value("--listen", listen);
@@ -166,6 +182,23 @@ impl File {
     }
 }
 
+impl Admin {
+    /// `--admin` and `--admin-token-file`, for `serve`, `dev` and the admin commands alike.
+    fn into_flags(self, path: &Path) -> Result<Vec<OsString>, ConfigError> {
+        let mut flags = Flags::default();
+        if let Some(listen) = self.listen {
+            listen
+                .parse::<crate::admin::AdminAddr>()
+                .map_err(|reason| ConfigError::Value { path: path.to_path_buf(), key: "admin.listen", reason })?;
+            flags.value("--admin", listen);
+        }
+        if let Some(token_file) = self.token_file {
+            flags.path("--admin-token-file", token_file);
+        }
+        Ok(flags.0)
+    }
+}
+
 #[derive(Default)]
 struct Flags(Vec<OsString>);
 
@@ -221,6 +254,20 @@ mod tests {
         assert!(duration.contains("`drain_timeout`") && duration.contains("soon"), "{duration}");
         let size = with_file("[limits]\nmax_body_size = 12\n", &[]).unwrap_err().to_string();
         assert!(size.contains("max_body_size"), "{size}");
+    }
+
+    #[test]
+    fn admin_commands_take_only_the_admin_keys() {
+        let dir = std::env::temp_dir().join(format!("hotswap-config-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hotswap.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:80\"\n[admin]\nlisten = \"/run/x/admin.sock\"\n").unwrap();
+        let merged = apply(args(&["hotswap", "status", "--config", path.to_str().unwrap()])).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(merged[2], "--admin=/run/x/admin.sock", "{merged:?}");
+        assert!(!merged.iter().any(|a| a.to_string_lossy().starts_with("--listen")), "{merged:?}");
+        let bad = with_file("[admin]\nlisten = \"nowhere\"\n", &[]).unwrap_err().to_string();
+        assert!(bad.contains("`admin.listen`"), "{bad}");
     }
 
     #[test]

@@ -69,6 +69,8 @@ fn the_annotated_example_config_is_valid() {
     let mut cmd = Command::new(&artifacts().hotswap);
     // Its plugin directory and listen address are examples: the test's own override them.
     cmd.args(["serve", "--config"]).arg(&example).arg("--plugin").arg(&artifacts().example).args(["--listen", "127.0.0.1:0"]);
+    let admin = std::env::temp_dir().join(format!("hotswap-it-example-config-{}.sock", std::process::id()));
+    cmd.arg("--admin").arg(&admin);
     let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("deploy/hotswap.toml: {log}"));
     assert!(host.log().contains("plugin loaded"), "{}", host.log());
 }

@@ -8,6 +8,7 @@ mod core;
 mod dev;
 mod faults;
 mod limits;
+mod operations;
 mod soak;
 mod swap;
 mod systemd;

@@ -1,0 +1,303 @@
+//! Production operations: versions, pins, rollback, the admin API and its CLI, metrics.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host};
+use serde_json::Value;
+
+const MIB: u64 = 1024 * 1024;
+
+fn serve_dir(dir: &Path, extra: &[&str]) -> Host {
+    let mut args = vec!["--plugin-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Host::serve(&args)
+}
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Waits (bounded) until `GET /` answers `version`.
+async fn wait_version(host: &Host, version: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host.version().await != version {
+        assert!(Instant::now() < deadline, "{version} not served within 5 s:\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_highest_version_serves_and_a_pin_holds_against_newer_builds() {
+    let (v1, v2, v3) = (example_version("1.0.0"), example_version("2.0.0"), example_version("3.0.0"));
+    let dir = temp_dir("versions");
+    // 2.0.0 is the older file: still, the highest version serves.
+    place_by_rename(&v2, &dir.join("app-2.so"));
+    std::thread::sleep(Duration::from_millis(20));
+    place_by_rename(&v1, &dir.join("app-1.so"));
+    let host = serve_dir(&dir, &[]);
+    assert_eq!(host.version().await, "2.0.0");
+    let mode = std::fs::metadata(&host.admin).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the admin socket must be private");
+
+    // A lower version, newer on disk, does not replace it.
+    place_by_rename(&v1, &dir.join("app-1-again.so"));
+    assert!(host.wait_for_log("is lower than 2.0.0, which serves", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(host.version().await, "2.0.0");
+
+    // Pinned, it serves; the answer comes once the swap is done.
+    let (code, pinned) = host.command_json(&["pin", "1.0.0"]);
+    assert_eq!(code, 0, "{pinned}");
+    assert_eq!(pinned["outcome"], "swapped", "{pinned}");
+    assert_eq!(pinned["to"]["version"], "1.0.0", "{pinned}");
+    assert_eq!(host.version().await, "1.0.0");
+
+    // A newer build does not replace a pinned version.
+    place_by_rename(&v3, &dir.join("app-3.so"));
+    assert!(host.wait_for_log("version 1.0.0 is pinned", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(host.version().await, "1.0.0");
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["pin"]["version"], "1.0.0", "{status}");
+    assert_eq!(status["pin"]["by"], "pin", "{status}");
+    let versions: Vec<&str> = status["builds"].as_array().unwrap().iter().filter_map(|b| b["version"].as_str()).collect();
+    assert_eq!(versions.first(), Some(&"3.0.0"), "{status}");
+
+    // An unknown version: a 4xx, a message naming what is known, a non-zero exit.
+    let unknown = host.command(&["pin", "9.9.9"]);
+    assert_ne!(unknown.code, 0);
+    assert!(unknown.stderr.contains("no build of version 9.9.9") && unknown.stderr.contains("3.0.0, 2.0.0, 1.0.0"), "{unknown:?}");
+    let invalid = host.command(&["pin", "latest"]);
+    assert_ne!(invalid.code, 0);
+    assert!(invalid.stderr.contains("not a semantic version"), "{invalid:?}");
+
+    // Unpinned, the highest version serves at once; the tables say so.
+    let unpin = host.command(&["unpin"]);
+    assert_eq!(unpin.code, 0, "{unpin:?}");
+    assert!(unpin.stdout.starts_with("swapped: example-handler 1.0.0"), "{unpin:?}");
+    assert!(unpin.stdout.contains("-> example-handler 3.0.0"), "{unpin:?}");
+    assert_eq!(host.version().await, "3.0.0");
+    let table = host.command(&["status"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    for expected in ["serving example-handler 3.0.0", "not pinned", "resident generations", "IN FLIGHT", "history (newest first)"] {
+        assert!(table.stdout.contains(expected), "{expected:?} not in:\n{}", table.stdout);
+    }
+    let unchanged = host.command_json(&["reload"]);
+    assert_eq!(unchanged.0, 0);
+    assert_eq!(unchanged.1["outcome"], "unchanged", "{}", unchanged.1);
+}
+
+#[tokio::test]
+async fn rollback_returns_to_the_previous_version_even_after_its_file_was_replaced() {
+    let (v1, v2, v3) = (example_version("1.0.0"), example_version("2.0.0"), example_version("3.0.0"));
+    let dir = temp_dir("rollback");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let host = serve_dir(&dir, &[]);
+    assert_eq!(host.version().await, "1.0.0");
+    let nothing = host.command(&["rollback"]);
+    assert_ne!(nothing.code, 0);
+    assert!(nothing.stderr.contains("nothing to roll back to"), "{nothing:?}");
+
+    // A good but unwanted deploy over the same file: 1.0.0's bytes are gone from the directory.
+    place_by_rename(&v2, &dir.join("app.so"));
+    wait_version(&host, "2.0.0").await;
+    for _ in 0..5 {
+        assert_eq!(host.version().await, "2.0.0");
+    }
+    let (code, rolled) = host.command_json(&["rollback"]);
+    assert_eq!(code, 0, "{rolled}");
+    assert_eq!((rolled["outcome"].as_str(), rolled["from"]["version"].as_str(), rolled["to"]["version"].as_str()), (Some("swapped"), Some("2.0.0"), Some("1.0.0")), "{rolled}");
+    assert_eq!(host.version().await, "1.0.0");
+
+    // It is the very build that served before, and it stays: rollback pins.
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["pin"]["by"], "rollback", "{status}");
+    let v1_sha = sha256_hex(&v1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = status;
+    while status["current"]["sha256"].is_null() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = host.command_json(&["status"]).1;
+    }
+    assert_eq!(status["current"]["sha256"], v1_sha.as_str(), "{status}");
+    let history = status["history"].as_array().unwrap();
+    let states: Vec<(u64, &str)> = history.iter().map(|r| (r["generation"].as_u64().unwrap(), r["state"].as_str().unwrap())).collect();
+    assert_eq!(states[0], (3, "current"), "{status}");
+    assert!(states.iter().any(|s| s.0 == 2), "{status}");
+    let second = history.iter().find(|r| r["generation"] == 2).unwrap();
+    assert!(second["requests"].as_u64().unwrap() >= 5, "{second}");
+    assert_eq!(second["sha256"], sha256_hex(&v2).as_str(), "{second}");
+    place_by_rename(&v3, &dir.join("app.so"));
+    assert!(host.wait_for_log("version 1.0.0 is pinned (by rollback)", Duration::from_secs(5)), "{}", host.log());
+    assert_eq!(host.version().await, "1.0.0");
+}
+
+#[tokio::test]
+async fn a_bad_deploy_is_refused_and_the_previous_version_keeps_serving() {
+    let v1 = example_version("1.0.0");
+    let init_error = variant("fixture-init", "FIXTURE_INIT", "error");
+    let dir = temp_dir("bad-deploy");
+    place_by_rename(&v1, &dir.join("app.so"));
+    let host = serve_dir(&dir, &[]);
+
+    place_by_rename(&init_error, &dir.join("next.so"));
+    assert!(host.wait_for_log("refused plugin candidate", Duration::from_secs(10)), "{}", host.log());
+    assert_eq!(host.version().await, "1.0.0");
+    let (_, status) = host.command_json(&["status"]);
+    let refusal = &status["refusals"][0];
+    assert!(refusal["reason"].as_str().unwrap().contains("init failed: fixture: init refuses on purpose"), "{status}");
+    assert!(refusal["file"].as_str().unwrap().ends_with("next.so"), "{status}");
+    assert_eq!(status["history"][0]["state"], "refused", "{status}");
+    assert_eq!(status["current"]["version"], "1.0.0", "{status}");
+
+    // `reload` tries again, answers once refused, and says why.
+    std::fs::write(dir.join("garbage.so"), b"not an ELF file at all").unwrap();
+    let reload = host.command(&["reload"]);
+    assert_ne!(reload.code, 0, "{reload:?}");
+    assert!(reload.stderr.contains("refused:") && reload.stderr.contains("init failed"), "{reload:?}");
+    assert!(reload.stderr.contains("garbage.so"), "{reload:?}");
+    assert!(reload.stderr.contains("example-handler 1.0.0 (generation 1) keeps serving"), "{reload:?}");
+    assert_eq!(host.version().await, "1.0.0");
+}
+
+/// A GET on the admin API, with `token` as the bearer token.
+async fn admin_get(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// The value of the metric line starting with `series ` (name and labels), or 0.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn metrics_and_status_follow_requests_swaps_refusals_and_unloads_behind_a_token() {
+    let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
+    let dir = temp_dir("metrics");
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let plugins = temp_dir("metrics-plugins");
+    place_by_rename(&v1, &plugins.join("app.so"));
+    let tcp = ["--admin", "127.0.0.1:0", "--admin-token-file", token_file.to_str().unwrap()];
+    let mut args = vec!["--drain-timeout", "1s"];
+    args.extend_from_slice(&tcp);
+    let host = serve_dir(&plugins, &args);
+    let log = host.log();
+    let admin = log.split("admin API on ").nth(1).and_then(|r| r.split_whitespace().next()).expect("no admin address logged").to_owned();
+    let url = |path: &str| format!("{admin}{path}");
+
+    // The token is required, and checked.
+    assert_eq!(admin_get(&url("/metrics"), None).await.0, 401);
+    assert_eq!(admin_get(&url("/metrics"), Some("wrong")).await.0, 401);
+    let addr = admin.trim_start_matches("http://");
+    let no_token = host.command(&["status", "--admin", addr]);
+    assert_ne!(no_token.code, 0);
+    assert!(no_token.stderr.contains("Bearer"), "{no_token:?}");
+    let with_token = host.command(&["status", "--admin", addr, "--admin-token-file", token_file.to_str().unwrap()]);
+    assert_eq!(with_token.code, 0, "{with_token:?}");
+
+    let token = Some("s3cret-token");
+    let (code, before) = admin_get(&url("/metrics"), token).await;
+    assert_eq!(code, 200);
+    let ok = r#"hotswap_requests_total{version="1.0.0",status="200"}"#;
+    let not_found = r#"hotswap_requests_total{version="1.0.0",status="404"}"#;
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        assert_eq!(client.get(host.url("/")).send().await.unwrap().status(), 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(client.get(host.url("/nope")).send().await.unwrap().status(), 404);
+    }
+    let (_, after) = admin_get(&url("/metrics"), token).await;
+    assert_eq!(metric(&after, ok) - metric(&before, ok), 20.0, "{after}");
+    assert_eq!(metric(&after, not_found) - metric(&before, not_found), 3.0, "{after}");
+    let histogram = r#"hotswap_request_duration_seconds_count{version="1.0.0",status="200"}"#;
+    assert_eq!(metric(&after, histogram), metric(&after, ok), "{after}");
+    let inf = r#"hotswap_request_duration_seconds_bucket{version="1.0.0",status="200",le="+Inf"}"#;
+    assert_eq!(metric(&after, inf), metric(&after, ok), "{after}");
+
+    // A download in progress: in flight, streaming, bytes counted; then a swap whose old
+    // generation outlives the drain timeout and is cut off, then unloaded.
+    let size = 16 * MIB;
+    let download = client.get(host.url(&format!("/download?size={size}&rate={}", 2 * MIB))).send().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, during) = admin_get(&url("/metrics"), token).await;
+    assert_eq!(metric(&during, r#"hotswap_in_flight_requests{generation="1",version="1.0.0"}"#), 1.0, "{during}");
+    let (_, status) = admin_get(&url("/status"), token).await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    let first = &status["resident"][0];
+    assert_eq!((first["in_flight"].as_u64(), first["streams"].as_u64()), (Some(1), Some(1)), "{status}");
+    assert!(first["bytes_sent"].as_u64().unwrap() > 0 && first["age_seconds"].as_f64().unwrap() > 0.0, "{status}");
+
+    place_by_rename(&v2, &plugins.join("app.so"));
+    wait_version(&host, "2.0.0").await;
+    let (_, at_swap) = admin_get(&url("/metrics"), token).await;
+    std::fs::write(plugins.join("garbage.so"), b"garbage").unwrap();
+    assert!(host.wait_for_log("not a loadable shared library", Duration::from_secs(5)), "{}", host.log());
+    assert!(download.bytes().await.is_err(), "the download outlived the drain timeout");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, text) = admin_get(&url("/metrics"), token).await;
+        if metric(&text, r#"hotswap_unloads_total{result="unmapped"}"#) >= 1.0 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(metric(&metrics, "hotswap_swaps_total"), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, r#"hotswap_refusals_total{reason="not_a_library"}"#), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, r#"hotswap_aborted_responses_total{cause="drain_timeout"}"#), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, r#"hotswap_unloads_total{result="unmapped"}"#), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, r#"hotswap_unloads_total{result="still_mapped"}"#), 0.0, "{metrics}");
+    assert_eq!(metric(&metrics, "hotswap_resident_generations"), 1.0, "{metrics}");
+    // Version 1.0.0's counts outlive its generation (the download counts as a 200 too).
+    assert!(metric(&at_swap, ok) > metric(&after, ok), "{at_swap}");
+    assert_eq!(metric(&metrics, ok), metric(&at_swap, ok), "{metrics}");
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_what_it_cannot_act_on() {
+    let dir = temp_dir("admin-errors");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "t").unwrap();
+    let plugin = artifacts().example.to_str().unwrap();
+
+    // Reachable from other machines without a token: refused at startup, saying what to do.
+    let open = Host::try_serve(&["--plugin", plugin, "--admin", "0.0.0.0:0"]).err().expect("served an open admin API");
+    assert!(open.contains("without a token") && open.contains("--admin-token-file"), "{open}");
+
+    let host = Host::serve(&["--plugin", plugin, "--admin", "127.0.0.1:0", "--admin-token-file", token_file.to_str().unwrap()]);
+    let log = host.log();
+    let admin = log.split("admin API on ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_owned();
+    let client = reqwest::Client::new();
+    let send = |request: reqwest::RequestBuilder| async move {
+        let response = request.bearer_auth("t").send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        (status, body)
+    };
+    let (status, body) = send(client.post(format!("{admin}/pin")).body("{not json")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("must be JSON"), "{body}");
+    let (status, body) = send(client.post(format!("{admin}/pin")).body(r#"{"version": "2"}"#)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = send(client.post(format!("{admin}/pin")).body(r#"{"version": "4.5.6"}"#)).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("no build of version 4.5.6"), "{body}");
+    let (status, _) = send(client.get(format!("{admin}/pin"))).await;
+    assert_eq!(status, 405);
+    let (status, _) = send(client.get(format!("{admin}/nothing"))).await;
+    assert_eq!(status, 404);
+    let (status, body) = send(client.delete(format!("{admin}/pin"))).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("unchanged")), "{body}");
+    let (status, body) = send(client.post(format!("{admin}/rollback"))).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nothing to roll back to"), "{body}");
+}
