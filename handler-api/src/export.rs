@@ -341,7 +341,13 @@ macro_rules! __optional_hook {
 /// Exports an async handler as a hotswap plugin, with its name and semantic version.
 ///
 /// Put it once in the crate root of a `cdylib`. The handler is any
-/// `async fn(Request) -> impl IntoResponse`. Optional hooks, all plain functions:
+/// `async fn(Request) -> impl IntoResponse`.
+///
+/// `version` must be a [semantic version](https://semver.org) (`1.4.2`, `2.0.0-rc.1`,
+/// `1.4.2+build.7`): the host orders builds by it, serves the highest, and refuses a build
+/// whose version it cannot parse. `env!("CARGO_PKG_VERSION")` is a good choice.
+///
+/// Optional hooks, all plain functions:
 ///
 /// - `init: fn() -> Result<(), E>` runs once when the host loads the plugin, before any
 ///   request; an `Err` (or a panic, or taking longer than the host's init timeout) refuses

@@ -207,6 +207,9 @@ async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
             .create(dir)
             .with_context(|| format!("cannot create {} for the admin socket", dir.display()))?;
     }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        check_socket_dir(dir)?;
+    }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             anyhow::bail!(
@@ -222,6 +225,32 @@ async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot make the admin socket {} private", path.display()))?;
     Ok(Listener::Unix(listener, file))
+}
+
+/// The socket's directory must be ours (or root's), and others may not replace files in it:
+/// otherwise someone could put their own socket in our place and collect the commands (and
+/// the token) meant for this host. World-writable sticky directories such as /tmp are fine.
+fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("cannot use {} for the admin socket", dir.display()))?;
+    let uid = crate::sys::effective_uid();
+    anyhow::ensure!(
+        meta.uid() == uid || meta.uid() == 0,
+        "the admin socket's directory {} belongs to user {}, not to this host's user ({uid}) or root: \
+         someone else could replace the socket; give --admin a path in a directory of your own",
+        dir.display(),
+        meta.uid()
+    );
+    let (writable_by_others, sticky) = (meta.mode() & 0o022 != 0, meta.mode() & 0o1000 != 0);
+    anyhow::ensure!(
+        !writable_by_others || sticky,
+        "the admin socket's directory {} is writable by others (mode {:04o}), who could replace the socket: \
+         run `chmod go-w {}`, or give --admin a path in a private directory",
+        dir.display(),
+        meta.mode() & 0o7777,
+        dir.display()
+    );
+    Ok(())
 }
 
 struct Api {
