@@ -28,18 +28,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::history::State;
@@ -116,8 +117,30 @@ pub struct AdminListener {
 }
 
 enum Listener {
-    Unix(UnixListener, SocketFile),
+    /// The socket file is removed when the listener goes.
+    Unix(UnixListener, #[allow(dead_code)] SocketFile),
     Tcp(TcpListener),
+}
+
+/// An accepted admin connection.
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+impl Listener {
+    /// The next connection, and whether its client may use the API: on the Unix socket, only
+    /// this host's user and root (`SO_PEERCRED`); on TCP, whoever has the token.
+    async fn accept(&self) -> std::io::Result<(Stream, bool)> {
+        match self {
+            Listener::Tcp(listener) => Ok((Stream::Tcp(listener.accept().await?.0), true)),
+            Listener::Unix(listener, _) => {
+                let (stream, _) = listener.accept().await?;
+                let allowed = stream.peer_cred().is_ok_and(|c| c.uid() == 0 || c.uid() == crate::sys::effective_uid());
+                Ok((Stream::Unix(stream), allowed))
+            }
+        }
+    }
 }
 
 /// Removes the socket file when the host exits.
@@ -168,29 +191,28 @@ impl AdminListener {
             "admin API on {} (status, reload, rollback, pin, metrics)", self.addr
         );
         let api = Arc::new(Api { registry, token: self.token, started: SystemTime::now() });
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let listener = self.listener;
         tokio::spawn(async move {
-            match self.listener {
-                Listener::Tcp(listener) => loop {
-                    tokio::select! {
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => serve_connection(stream, api.clone(), true, shutdown.clone()),
-                            Err(e) => tracing::warn!("admin API: accept failed: {e}"),
-                        },
-                        () = shutdown.cancelled() => return,
+            loop {
+                // Admin clients are few: a cap keeps them from using up the descriptors the
+                // public server needs.
+                let slot = tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot,
+                    () = shutdown.cancelled() => return,
+                };
+                let Ok(slot) = slot else { return };
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = shutdown.cancelled() => return,
+                };
+                match accepted {
+                    Ok((stream, allowed)) => serve_connection(stream, api.clone(), allowed, slot, shutdown.clone()),
+                    Err(e) => {
+                        tracing::warn!("admin API: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await; // EMFILE and friends
                     }
-                },
-                Listener::Unix(listener, _file) => loop {
-                    tokio::select! {
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => {
-                                let allowed = stream.peer_cred().is_ok_and(|c| c.uid() == 0 || c.uid() == crate::sys::effective_uid());
-                                serve_connection(stream, api.clone(), allowed, shutdown.clone());
-                            }
-                            Err(e) => tracing::warn!("admin API: accept failed: {e}"),
-                        },
-                        () = shutdown.cancelled() => return,
-                    }
-                },
+                }
             }
         });
     }
@@ -207,10 +229,14 @@ async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
             .create(dir)
             .with_context(|| format!("cannot create {} for the admin socket", dir.display()))?;
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        check_socket_dir(dir)?;
-    }
-    if path.exists() {
+    check_socket_dir(socket_dir(path))?;
+    if let Ok(existing) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        anyhow::ensure!(
+            existing.file_type().is_socket(),
+            "{} exists and is not a socket: give --admin a path where nothing is yet",
+            path.display()
+        );
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             anyhow::bail!(
                 "another hotswap host answers on the admin socket {}: give this one another --admin (or --admin off)",
@@ -227,10 +253,15 @@ async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
     Ok(Listener::Unix(listener, file))
 }
 
+/// The directory a socket path is in (`.` for a bare file name).
+pub fn socket_dir(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// The socket's directory must be ours (or root's), and others may not replace files in it:
 /// otherwise someone could put their own socket in our place and collect the commands (and
 /// the token) meant for this host. World-writable sticky directories such as /tmp are fine.
-fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(dir).with_context(|| format!("cannot use {} for the admin socket", dir.display()))?;
     let uid = crate::sys::effective_uid();
@@ -259,25 +290,47 @@ struct Api {
     started: SystemTime,
 }
 
-/// Serves one admin connection until it closes or the host shuts down (an admin client must
-/// not keep the registry, and so a generation, alive past the drain).
-fn serve_connection<S>(stream: S, api: Arc<Api>, allowed: bool, shutdown: CancellationToken)
+/// The most admin connections served at once; more wait in the backlog.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one admin connection may last (a change waits for loads bounded by the init
+/// timeout; this only stops a client that never goes away).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+
+fn serve_connection(stream: Stream, api: Arc<Api>, allowed: bool, slot: OwnedSemaphorePermit, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let _slot = slot;
+        match stream {
+            Stream::Unix(s) => serve_one(s, api, allowed, shutdown).await,
+            Stream::Tcp(s) => serve_one(s, api, allowed, shutdown).await,
+        }
+    });
+}
+
+/// Serves one request on a connection, until it is answered or the host shuts down (an admin
+/// client must not keep the registry, and so a generation, alive past the drain).
+async fn serve_one<S>(stream: S, api: Arc<Api>, allowed: bool, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::spawn(async move {
-        let service = hyper::service::service_fn(move |request| {
-            let api = api.clone();
-            async move { Ok::<_, Infallible>(api.handle(request, allowed).await) }
-        });
-        let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-        tokio::select! {
-            served = connection => if let Err(e) = served {
-                tracing::debug!("admin API connection: {e}");
-            },
-            () = shutdown.cancelled() => {}
-        }
+    let service = hyper::service::service_fn(move |request| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(api.handle(request, allowed).await) }
     });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        served = tokio::time::timeout(CONNECTION_LIFETIME, connection) => match served {
+            Ok(Err(e)) => tracing::debug!("admin API connection: {e}"),
+            Err(_) => tracing::debug!("admin API connection open for {CONNECTION_LIFETIME:?}: closed"),
+            Ok(Ok(())) => {}
+        },
+        () = shutdown.cancelled() => {}
+    }
 }
 
 /// The largest request body the API reads.
@@ -289,12 +342,14 @@ impl Api {
             return error(StatusCode::FORBIDDEN, "the admin socket answers only this host's user and root");
         }
         if let Some(token) = &self.token {
+            // The scheme name is case-insensitive (RFC 9110, 11.1).
             let given = request
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map_or("", |(_, token)| token.trim());
             if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes())) {
                 let mut response = error(StatusCode::UNAUTHORIZED, "a valid `Authorization: Bearer <token>` header is required (the token is in the host's --admin-token-file)");
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
@@ -323,8 +378,15 @@ impl Api {
                 changed(registry.pin_version(version).await)
             }
             (Method::DELETE, "/pin") => outcome(registry.unpin().await),
-            (_, "/status" | "/metrics" | "/reload" | "/rollback" | "/pin") => {
-                error(StatusCode::METHOD_NOT_ALLOWED, &format!("{} does not take {}", path, request.method()))
+            (method, "/status" | "/metrics" | "/reload" | "/rollback" | "/pin") => {
+                let allow = match path.as_str() {
+                    "/status" | "/metrics" => "GET",
+                    "/pin" => "POST, DELETE",
+                    _ => "POST",
+                };
+                let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{path} takes {allow}, not {method}"));
+                response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                response
             }
             _ => error(StatusCode::NOT_FOUND, &format!("no endpoint {path}: try GET /status, GET /metrics, POST /reload, POST /rollback, POST or DELETE /pin")),
         }
@@ -389,6 +451,7 @@ fn age(at: SystemTime) -> f64 {
 fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
     let current = registry.current();
     let history = registry.history().records();
+    let refused = registry.history().refusals();
     let sha256_of = |id: u64| history.iter().find(|r| r.generation == Some(id)).and_then(|r| r.sha256.get().cloned());
     let loaded_at = |id: u64| history.iter().find(|r| r.generation == Some(id)).map(|r| r.at);
     let resident: Vec<_> = registry
@@ -411,9 +474,10 @@ fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
             })
         })
         .collect();
-    let records: Vec<_> = history
-        .iter()
-        .rev()
+    let mut entries: Vec<_> = history.iter().chain(&refused).collect();
+    entries.sort_by_key(|r| std::cmp::Reverse(r.at));
+    let records: Vec<_> = entries
+        .into_iter()
         .map(|r| {
             let state = r.state(current.id());
             json!({
@@ -429,7 +493,7 @@ fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
             })
         })
         .collect();
-    let refusals: Vec<_> = history
+    let refusals: Vec<_> = refused
         .iter()
         .rev()
         .filter_map(|r| {
@@ -456,7 +520,7 @@ fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
             "sha256": sha256_of(current.id()),
             "loaded_at": loaded_at(current.id()).map(rfc3339),
         },
-        "pin": registry.pin().map(|p| json!({ "version": p.version.to_string(), "by": p.by })),
+        "pin": registry.pin().map(|p| json!({ "name": p.name, "version": p.version.to_string(), "by": p.by.to_string() })),
         "resident": resident,
         "history": records,
         "refusals": refusals,

@@ -34,19 +34,37 @@ pub struct Build {
     pub refused: bool,
 }
 
-/// A version the operator chose, by `pin` or `rollback`.
+/// A version of a plugin the operator chose, by `pin` or `rollback`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pin {
+    pub name: String,
     pub version: Version,
-    /// `"pin"` or `"rollback"`: what set it.
-    pub by: &'static str,
+    pub by: PinnedBy,
+}
+
+/// What set a pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinnedBy {
+    Pin,
+    Rollback,
+}
+
+impl std::fmt::Display for PinnedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PinnedBy::Pin => "pin",
+            PinnedBy::Rollback => "rollback",
+        })
+    }
 }
 
 impl Pin {
-    /// Whether a build of `version` satisfies the pin: the same precedence, and the same build
-    /// metadata if the pin names any (`1.2.0` matches `1.2.0+abc`; `1.2.0+abc` only itself).
-    pub fn matches(&self, version: &Version) -> bool {
-        version.cmp_precedence(&self.version) == Ordering::Equal
+    /// Whether a build of plugin `name` at `version` satisfies the pin: the same plugin, the
+    /// same precedence, and the same build metadata if the pin names any (`1.2.0` matches
+    /// `1.2.0+abc`; `1.2.0+abc` only itself).
+    pub fn matches(&self, name: &str, version: &Version) -> bool {
+        name == self.name
+            && version.cmp_precedence(&self.version) == Ordering::Equal
             && (self.version.build.is_empty() || version.build == self.version.build)
     }
 }
@@ -57,14 +75,14 @@ pub struct Serving<'a> {
     pub name: &'a str,
     pub version: &'a Version,
     /// When the file it was loaded from was last modified.
-    pub modified: Option<SystemTime>,
+    pub modified: SystemTime,
 }
 
 /// Whether `build` should replace `serving` (see the module docs).
 pub fn replaces(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> bool {
-    let newer_file = serving.modified.is_none_or(|m| build.identity.modified > m);
+    let newer_file = build.identity.modified > serving.modified;
     match pin {
-        Some(pin) => pin.matches(&build.version) && (!pin.matches(serving.version) || newer_file),
+        Some(pin) => pin.matches(&build.name, &build.version) && (!pin.matches(serving.name, serving.version) || newer_file),
         None if build.name != serving.name => newer_file,
         None => match build.version.cmp_precedence(serving.version) {
             Ordering::Greater => true,
@@ -77,7 +95,7 @@ pub fn replaces(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> bool
 /// Why `build` does not replace `serving`, for the log and the admin API.
 pub fn why_not(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> String {
     match pin {
-        Some(pin) if !pin.matches(&build.version) => format!(
+        Some(pin) if !pin.matches(&build.name, &build.version) => format!(
             "{}@{} is not served: version {} is pinned (by {}); `hotswap unpin` serves the highest version again",
             build.name, build.version, pin.version, pin.by
         ),
@@ -138,7 +156,7 @@ impl Builds {
             .filter(|b| !b.refused)
             .filter(|b| match serving {
                 Some(serving) => replaces(b, serving, pin),
-                None => pin.is_none_or(|pin| pin.matches(&b.version)),
+                None => pin.is_none_or(|pin| pin.matches(&b.name, &b.version)),
             })
             .cloned()
             .collect();
@@ -223,7 +241,7 @@ mod tests {
     }
 
     fn serving(b: &Build) -> Serving<'_> {
-        Serving { name: &b.name, version: &b.version, modified: Some(b.identity.modified) }
+        Serving { name: &b.name, version: &b.version, modified: b.identity.modified }
     }
 
     #[test]
@@ -241,11 +259,12 @@ mod tests {
     #[test]
     fn a_pin_holds_against_newer_versions() {
         let v1 = build("app", "1.0.0", 100);
-        let pin = Pin { version: Version::parse("1.0.0").unwrap(), by: "pin" };
+        let pin = Pin { name: "app".into(), version: Version::parse("1.0.0").unwrap(), by: PinnedBy::Pin };
         assert!(!replaces(&build("app", "2.0.0", 0), &serving(&v1), Some(&pin)));
         assert!(replaces(&build("app", "1.0.0+rebuilt", 0), &serving(&v1), Some(&pin)));
-        let exact = Pin { version: Version::parse("1.0.0+a").unwrap(), by: "pin" };
-        assert!(!exact.matches(&Version::parse("1.0.0+b").unwrap()));
+        assert!(!replaces(&build("other", "1.0.0", 0), &serving(&v1), Some(&pin)), "another plugin at the pinned version");
+        let exact = Pin { name: "app".into(), version: Version::parse("1.0.0+a").unwrap(), by: PinnedBy::Rollback };
+        assert!(!exact.matches("app", &Version::parse("1.0.0+b").unwrap()));
     }
 
     #[test]
@@ -256,7 +275,7 @@ mod tests {
         }
         let order: Vec<String> = builds.better_than(None, None).iter().map(|b| format!("{}@{}", b.name, b.version)).collect();
         assert_eq!(order, ["app@2.0.0", "app@1.5.0", "app@1.0.0", "old@9.0.0"]);
-        let pin = Pin { version: Version::parse("1.5.0").unwrap(), by: "pin" };
+        let pin = Pin { name: "app".into(), version: Version::parse("1.5.0").unwrap(), by: PinnedBy::Pin };
         assert_eq!(builds.better_than(None, Some(&pin)).len(), 1);
     }
 }

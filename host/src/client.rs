@@ -61,8 +61,18 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
 async fn call(addr: &AdminAddr, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Bytes)> {
     let unreachable = || format!("cannot reach the admin API at {addr}: is hotswap serving, with this --admin?");
     match addr {
-        AdminAddr::Unix(path_) => {
-            let stream = tokio::net::UnixStream::connect(path_).await.with_context(unreachable)?;
+        AdminAddr::Unix(socket) => {
+            // Only talk (and send a token) to a socket this user or root serves, in a
+            // directory no one else could have put it in.
+            admin::check_socket_dir(admin::socket_dir(socket))?;
+            let stream = tokio::net::UnixStream::connect(socket).await.with_context(unreachable)?;
+            let server = stream.peer_cred().context("cannot tell who serves the admin socket")?.uid();
+            let me = crate::sys::effective_uid();
+            anyhow::ensure!(
+                server == me || server == 0,
+                "the admin socket {} is served by user {server}, not by you ({me}) or root: refusing to talk to it",
+                socket.display()
+            );
             exchange(stream, token, method, path, body).await
         }
         AdminAddr::Tcp(tcp) => {

@@ -328,11 +328,18 @@ impl Candidate {
 
 impl Drop for Candidate {
     fn drop(&mut self) {
-        if let Some(library) = self.library.take() {
+        let Some(library) = self.library.take() else { return };
+        let (source, shadow) = (std::mem::take(&mut self.source), std::mem::take(&mut self.shadow));
+        // dlclose runs the library's finalisers: on the blocking pool, not the host's thread.
+        let close = move || {
             if let Err(e) = library.close() {
-                tracing::warn!(file = %self.source.display(), "dlclose of a candidate failed: {e}");
+                tracing::warn!(file = %source.display(), "dlclose of a candidate failed: {e}");
             }
-            let _ = std::fs::remove_file(&self.shadow);
+            let _ = std::fs::remove_file(&shadow);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(close)),
+            Err(_) => close(),
         }
     }
 }

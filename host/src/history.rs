@@ -1,6 +1,10 @@
 //! The generation history: every build that became current, and every one refused, most
-//! recent last, bounded. What `GET /status` shows, what a rollback goes back to, and (through
-//! per-version totals that outlive the records) what `/metrics` counts.
+//! recent last, each list bounded. What `GET /status` shows, what a rollback goes back to, and
+//! (through per-version totals that outlive the records) what `/metrics` counts.
+//!
+//! Generations and refusals are kept apart, so that a stream of refusals never pushes out the
+//! record of a generation; and a generation's record leaves only once it has unloaded, when
+//! its counters are final and can be folded into the per-version totals.
 
 #![forbid(unsafe_code)]
 
@@ -13,7 +17,8 @@ use semver::Version;
 
 use crate::metrics::{GenerationStats, StatusTotals, Unloaded};
 
-/// How many records are kept.
+/// How many generation records, and how many refusals, are kept (a generation still loaded
+/// is never dropped, so there may be more of those for a while).
 pub const RECORDS_KEPT: usize = 32;
 /// How many of the latest generations keep a copy of their bytes for a rollback.
 pub const COPIES_KEPT: usize = 4;
@@ -95,7 +100,10 @@ pub struct History {
 
 #[derive(Default)]
 struct Inner {
+    /// Generations, oldest first.
     records: VecDeque<Record>,
+    /// Refused builds, oldest first.
+    refused: VecDeque<Record>,
     /// Request figures of generations whose records were dropped, by (version, status).
     retired: BTreeMap<(String, String), StatusTotals>,
     refusals: BTreeMap<&'static str, u64>,
@@ -110,7 +118,8 @@ impl History {
     /// generations keep their copy; older copies are deleted.
     pub fn swapped_in(&self, record: Record) {
         let mut inner = self.lock();
-        inner.push(record);
+        inner.records.push_back(record);
+        inner.evict();
         let mut copies = 0;
         for old in inner.records.iter_mut().rev() {
             if old.kept.is_some() {
@@ -126,12 +135,22 @@ impl History {
     pub fn refused(&self, record: Record, reason_label: &'static str) {
         let mut inner = self.lock();
         *inner.refusals.entry(reason_label).or_default() += 1;
-        inner.push(record);
+        if inner.refused.len() == RECORDS_KEPT {
+            inner.refused.pop_front();
+        }
+        inner.refused.push_back(record);
     }
 
-    /// Every record, oldest first.
+    /// Every generation record, oldest first.
     pub fn records(&self) -> Vec<Record> {
-        self.lock().records.iter().cloned().collect()
+        let mut inner = self.lock();
+        inner.evict();
+        inner.records.iter().cloned().collect()
+    }
+
+    /// Refused builds, oldest first.
+    pub fn refusals(&self) -> Vec<Record> {
+        self.lock().refused.iter().cloned().collect()
     }
 
     /// Refusals so far, by kind.
@@ -149,8 +168,8 @@ impl History {
         totals
     }
 
-    /// The most recent generation before `current` with another version, that still has a
-    /// copy of its bytes or whose version a build in the plugin directory has.
+    /// The most recent generation before `current` with another version: what a rollback
+    /// goes back to.
     pub fn previous(&self, current: u64, current_version: &Version) -> Option<Record> {
         let inner = self.lock();
         inner
@@ -162,14 +181,15 @@ impl History {
             .cloned()
     }
 
-    /// Kept copies of generations with `version`, newest first.
-    pub fn copies_of(&self, matches: impl Fn(&Version) -> bool) -> Vec<(Version, PathBuf)> {
+    /// Kept copies of generations whose name and version `matches`, newest first.
+    pub fn copies_of(&self, matches: impl Fn(&str, &Version) -> bool) -> Vec<(Version, PathBuf)> {
         let inner = self.lock();
         inner
             .records
             .iter()
             .rev()
-            .filter_map(|r| Some((r.version.clone().filter(|v| matches(v))?, r.kept.clone()?)))
+            .filter(|r| matches!((&r.name, &r.version), (Some(name), Some(version)) if matches(name, version)))
+            .filter_map(|r| Some((r.version.clone()?, r.kept.clone()?)))
             .collect()
     }
 
@@ -182,22 +202,25 @@ impl History {
 }
 
 impl Inner {
-    fn push(&mut self, record: Record) {
-        if self.records.len() == RECORDS_KEPT {
-            if let Some(mut oldest) = self.records.pop_front() {
-                add_record(&mut self.retired, &oldest);
-                remove_copy(oldest.kept.take());
+    /// Drops the oldest records of unloaded generations beyond [`RECORDS_KEPT`], folding their
+    /// (final) counters into the totals.
+    fn evict(&mut self) {
+        while self.records.len() > RECORDS_KEPT {
+            let Some(at) = self.records.iter().position(|r| r.stats.as_ref().is_some_and(|s| s.unloaded().is_some())) else {
+                return; // all still loaded: they stay until they unload
+            };
+            if let Some(mut gone) = self.records.remove(at) {
+                add_record(&mut self.retired, &gone);
+                remove_copy(gone.kept.take());
             }
         }
-        self.records.push_back(record);
     }
 }
 
 fn add_record(totals: &mut BTreeMap<(String, String), StatusTotals>, record: &Record) {
     let (Some(stats), Some(version)) = (&record.stats, &record.version) else { return };
     for (status, figures) in stats.by_status() {
-        let status = status.map_or_else(|| "other".to_owned(), |code| code.to_string());
-        totals.entry((version.to_string(), status)).or_default().add(&figures);
+        totals.entry((version.to_string(), status.to_string())).or_default().add(&figures);
     }
 }
 
@@ -245,13 +268,33 @@ mod tests {
         let history = History::default();
         let first = generation(1, "1.0.0");
         first.stats.as_ref().unwrap().record(200, std::time::Duration::from_millis(1));
+        let first_stats = first.stats.clone().unwrap();
         history.swapped_in(first);
         for id in 2..=(RECORDS_KEPT as u64 + 5) {
             history.swapped_in(generation(id, "2.0.0"));
         }
+        assert_eq!(history.records()[0].generation, Some(1), "a loaded generation's record stays");
+        first_stats.set_unloaded(Unloaded::Unmapped);
+        for id in 2..=6 {
+            let stats = history.records().iter().find(|r| r.generation == Some(id)).unwrap().stats.clone().unwrap();
+            stats.set_unloaded(Unloaded::Unmapped);
+        }
         assert_eq!(history.records().len(), RECORDS_KEPT);
+        assert_ne!(history.records()[0].generation, Some(1));
         let totals = history.totals_by_version();
         assert_eq!(totals[&("1.0.0".to_owned(), "200".to_owned())].count, 1);
+    }
+
+    #[test]
+    fn refusals_never_push_out_generations() {
+        let history = History::default();
+        history.swapped_in(generation(1, "1.0.0"));
+        for _ in 0..100 {
+            history.refused(refusal(Path::new("bad.so"), None, None, "bad".into()), "not_a_library");
+        }
+        assert_eq!(history.records().len(), 1);
+        assert_eq!(history.refusals().len(), RECORDS_KEPT);
+        assert_eq!(history.refusals_by_reason(), vec![("not_a_library", 100)]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The registry: which generation is current, which older ones are still draining, and every
 //! change of the current one (a new build, a reload, a pin, a rollback), one at a time.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -11,7 +12,7 @@ use semver::Version;
 use serde::Serialize;
 
 use crate::budget::Budget;
-use crate::builds::{self, Build, Builds, Pin, PluginSource, Serving};
+use crate::builds::{self, Build, Builds, Pin, PinnedBy, PluginSource, Serving};
 use crate::generation::{Candidate, Generation, GenerationError, LoadOptions};
 use crate::history::{self, History, Record};
 use crate::loader::{Identity, LoadError};
@@ -64,6 +65,9 @@ pub enum Outcome {
     Refused { serving: Brief, refused: Vec<String> },
 }
 
+/// How long after a swap the build's SHA-256 is computed.
+const HASH_DELAY: Duration = Duration::from_secs(1);
+
 /// The current generation and the history of resident ones.
 pub struct Registry {
     current: ArcSwap<Generation>,
@@ -76,6 +80,9 @@ pub struct Registry {
     budget: Budget,
     source: PluginSource,
     builds: Mutex<Builds>,
+    /// Files that could not be read as builds, as they were then: a reload tries them again
+    /// (what was wrong may have been fixed in place) but reports only new failures.
+    unreadable: Mutex<HashMap<PathBuf, Identity>>,
     pin: Mutex<Option<Pin>>,
     history: History,
     events: Arc<Events>,
@@ -107,6 +114,7 @@ impl Registry {
             budget: Budget::default(),
             source: source.clone(),
             builds: Mutex::new(builds),
+            unreadable: Mutex::default(),
             pin: Mutex::new(None),
             history,
             events: Arc::default(),
@@ -190,7 +198,9 @@ impl Registry {
 
     /// Every build known in the plugin directory, highest version first.
     pub fn builds(&self) -> Vec<Build> {
-        let mut all: Vec<Build> = lock(&self.builds).all().cloned().collect();
+        let mut builds = lock(&self.builds);
+        builds.prune();
+        let mut all: Vec<Build> = builds.all().cloned().collect();
         all.sort_by(|a, b| b.version.cmp_precedence(&a.version).then(b.identity.modified.cmp(&a.identity.modified)));
         all
     }
@@ -204,11 +214,6 @@ impl Registry {
         );
         let (name, version) = build.map(|b| (b.name.clone(), b.version.clone())).unzip();
         self.history.refused(history::refusal(file, name, version, reason.to_owned()), kind);
-    }
-
-    /// Builds refused before get another chance at the next change (SIGHUP).
-    pub fn forget_refusals(&self) {
-        lock(&self.builds).forget_refusals();
     }
 
     /// A new or changed file in the plugin directory (the watcher): reads its declaration and
@@ -232,6 +237,7 @@ impl Registry {
                     Ok(candidate) => candidate,
                     Err(e) => {
                         if !matches!(e, GenerationError::Load(LoadError::Incomplete { .. })) {
+                            lock(&self.unreadable).insert(file.to_path_buf(), identity);
                             self.refuse(file, e.kind(), &e.to_string(), None);
                         }
                         return Err(e);
@@ -264,10 +270,19 @@ impl Registry {
                 continue;
             }
             match self.open(&file).await {
-                Ok(candidate) => lock(&self.builds).insert(build_of(&candidate)),
+                Ok(candidate) => {
+                    lock(&self.unreadable).remove(&file);
+                    lock(&self.builds).insert(build_of(&candidate));
+                }
+                Err(GenerationError::Load(LoadError::Incomplete { .. })) => {
+                    tracing::debug!(file = %file.display(), "reload: still being written; the watcher loads it once complete");
+                }
                 Err(e) => {
-                    self.refuse(&file, e.kind(), &e.to_string(), None);
-                    refused.push(e.to_string());
+                    let known = lock(&self.unreadable).insert(file.clone(), identity) == Some(identity);
+                    if !known {
+                        self.refuse(&file, e.kind(), &e.to_string(), None);
+                        refused.push(e.to_string());
+                    }
                 }
             }
         }
@@ -289,7 +304,8 @@ impl Registry {
     /// earlier generation) and holds it: newer builds are not swapped in until `unpin`.
     pub async fn pin_version(&self, version: Version) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
-        self.switch_to(Pin { version, by: "pin" }, None).await
+        let name = self.current().name().to_owned();
+        self.switch_to(Pin { name, version, by: PinnedBy::Pin }, None).await
     }
 
     /// Goes back to the version served before the current one (its kept copy, or a build of
@@ -301,8 +317,10 @@ impl Registry {
             .history
             .previous(current.id(), current.version())
             .ok_or_else(|| ChangeError::NothingToRollBackTo { current: current.version().clone() })?;
-        let version = previous.version.clone().unwrap_or_else(|| current.version().clone());
-        self.switch_to(Pin { version, by: "rollback" }, previous.kept).await
+        let Record { name: Some(name), version: Some(version), kept, .. } = previous else {
+            return Err(ChangeError::NothingToRollBackTo { current: current.version().clone() });
+        };
+        self.switch_to(Pin { name, version, by: PinnedBy::Rollback }, kept).await
     }
 
     /// Lifts the pin: the highest version serves again (swapped in now if it is not serving).
@@ -368,21 +386,26 @@ impl Registry {
     /// Serves a build matching `pin` (trying `kept` first), then sets the pin.
     async fn switch_to(&self, pin: Pin, kept: Option<PathBuf>) -> Result<Outcome, ChangeError> {
         let current = self.current();
-        if pin.matches(current.version()) {
-            tracing::info!(version = %pin.version, by = pin.by, "pinned: {} serves already", current.label());
+        if pin.matches(current.name(), current.version()) {
+            tracing::info!(version = %pin.version, by = %pin.by, "pinned: {} serves already", current.label());
             let reason = format!("{} serves already; version {} is now pinned", current.label(), pin.version);
             *lock(&self.pin) = Some(pin);
             return Ok(self.unchanged(reason));
         }
         let mut sources: Vec<PathBuf> = kept.into_iter().collect();
-        let mut in_dir: Vec<Build> = lock(&self.builds).all().filter(|b| pin.matches(&b.version)).cloned().collect();
+        let mut in_dir: Vec<Build> = {
+            let mut builds = lock(&self.builds);
+            builds.prune();
+            builds.all().filter(|b| pin.matches(&b.name, &b.version)).cloned().collect()
+        };
         in_dir.sort_by_key(|b| std::cmp::Reverse(b.identity.modified));
         sources.extend(in_dir.into_iter().map(|b| b.file));
-        sources.extend(self.history.copies_of(|v| pin.matches(v)).into_iter().map(|(_, kept)| kept));
-        sources.dedup();
+        sources.extend(self.history.copies_of(|name, v| pin.matches(name, v)).into_iter().map(|(_, kept)| kept));
+        let mut seen = HashSet::new();
+        sources.retain(|source| seen.insert(source.clone()));
         if sources.is_empty() {
             let mut known: Vec<Version> = lock(&self.builds).all().map(|b| b.version.clone()).collect();
-            known.extend(self.history.copies_of(|_| true).into_iter().map(|(v, _)| v));
+            known.extend(self.history.copies_of(|_, _| true).into_iter().map(|(v, _)| v));
             known.sort_by(|a, b| b.cmp_precedence(a));
             known.dedup();
             let known = if known.is_empty() { "none".into() } else { known.iter().map(Version::to_string).collect::<Vec<_>>().join(", ") };
@@ -392,13 +415,13 @@ impl Registry {
         for file in sources {
             let candidate = self.open(&file).await;
             let build = match &candidate {
-                Ok(c) if !pin.matches(c.version()) => continue, // changed since it was read
+                Ok(c) if !pin.matches(c.name(), c.version()) => continue, // changed since it was read
                 Ok(c) => Some(build_of(c)),
                 Err(_) => None,
             };
             match self.try_start(candidate, &file, build.as_ref()).await {
                 Ok(next) => {
-                    tracing::info!(version = %pin.version, by = pin.by, "pinned: {} serves", next.label());
+                    tracing::info!(version = %pin.version, by = %pin.by, "pinned: {} serves", next.label());
                     *lock(&self.pin) = Some(pin);
                     return Ok(Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused });
                 }
@@ -456,7 +479,7 @@ impl Registry {
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
-            if let Some(old) = old.upgrade() {
+            if let Some(old) = old.upgrade().filter(|old| !old.aborted().is_raised()) {
                 tracing::warn!(
                     generation = old.id(), plugin = %old.label(), in_flight = old.in_flight(),
                     "drain timeout ({timeout:?}) reached: aborting the generation's remaining responses"
@@ -491,10 +514,17 @@ impl Registry {
         match next.digest() {
             Some(digest) => drop(record.sha256.set(digest.to_owned())),
             None => {
+                // Hashing a build takes milliseconds of CPU: not while the new generation
+                // takes its first requests.
                 let (slot, path) = (record.sha256.clone(), kept.unwrap_or_else(|| next.shadow().to_path_buf()));
-                tokio::task::spawn_blocking(move || match crate::loader::sha256_file(&path) {
-                    Ok(digest) => drop(slot.set(digest)),
-                    Err(e) => tracing::warn!(file = %path.display(), "cannot compute the SHA-256 of a loaded build: {e}"),
+                tokio::spawn(async move {
+                    tokio::time::sleep(HASH_DELAY).await;
+                    let hashed = tokio::task::spawn_blocking(move || crate::loader::sha256_file(&path).map_err(|e| (path, e))).await;
+                    match hashed {
+                        Ok(Ok(digest)) => drop(slot.set(digest)),
+                        Ok(Err((path, e))) => tracing::debug!(file = %path.display(), "cannot compute the SHA-256 of a loaded build: {e}"),
+                        Err(_) => {}
+                    }
                 });
             }
         }
@@ -533,12 +563,6 @@ impl Registry {
     }
 }
 
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.history.remove_copies();
-    }
-}
-
 fn build_of(candidate: &Candidate) -> Build {
     Build {
         file: candidate.source().to_path_buf(),
@@ -550,5 +574,5 @@ fn build_of(candidate: &Candidate) -> Build {
 }
 
 fn serving(current: &Generation) -> Serving<'_> {
-    Serving { name: current.name(), version: current.version(), modified: Some(current.identity().modified) }
+    Serving { name: current.name(), version: current.version(), modified: current.identity().modified }
 }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::builds::PluginSource;
 use crate::generation::GenerationError;
 use crate::loader::{Identity, LoadError};
-use crate::registry::Registry;
+use crate::registry::{Outcome, Registry};
 
 /// A file written in place is loaded this long after its last change even if no close event
 /// arrives (writers that keep the file open, or mmap it).
@@ -67,7 +67,7 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, 
         Ok(w) => w,
         Err(e) => {
             tracing::error!("cannot watch {} ({e}); new plugins are picked up on SIGHUP only", source.dir.display());
-            return sighup_only(source, registry, hangup, shutdown, tx, rx).await;
+            return sighup_only(registry, hangup, shutdown, tx, rx).await;
         }
     };
     spawn_sighup(tx.clone(), hangup, shutdown.clone());
@@ -128,21 +128,21 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, 
         }
         if let Some(why) = rescan.take() {
             if why == "SIGHUP" {
-                forget_refusals(&registry, &mut handled);
-            }
-            let mut found = false;
-            for (path, identity) in source.scan() {
-                if handled.get(&path) != Some(&identity) {
-                    found = true;
-                    pending.entry(path).or_insert(Pending { closed: true, last_event: Instant::now(), incomplete_since: None });
+                // The same as `hotswap reload`: read everything again, retry refused builds.
+                tokio::select! {
+                    outcome = registry.reload() => log_reload(&outcome),
+                    () = shutdown.cancelled() => return,
                 }
-            }
-            if !found && why == "SIGHUP" {
-                let current = registry.current();
-                tracing::info!(
-                    dir = %source.dir.display(),
-                    "SIGHUP: no new plugin file; generation {} ({}) keeps serving", current.id(), current.label()
-                );
+                for (path, identity) in source.scan() {
+                    pending.remove(&path);
+                    handled.insert(path, identity);
+                }
+            } else {
+                for (path, identity) in source.scan() {
+                    if handled.get(&path) != Some(&identity) {
+                        pending.entry(path).or_insert(Pending { closed: true, last_event: Instant::now(), incomplete_since: None });
+                    }
+                }
             }
         }
         if let Some(path) = pick(&mut pending, &handled) {
@@ -159,14 +159,18 @@ fn abandon(path: &Path) {
     tracing::info!(file = %path.display(), "shutting down: the plugin being loaded is abandoned");
 }
 
-/// Files refused earlier, and newer than what serves, get another chance on SIGHUP: what was
-/// wrong may have been fixed in place (`chmod go-w`, a digest added to the trusted list,
-/// disk space freed) without a new file to notice.
-fn forget_refusals(registry: &Registry, handled: &mut HashMap<PathBuf, Identity>) {
-    registry.forget_refusals();
-    let current = registry.current();
-    let serving = current.identity();
-    handled.retain(|path, id| (path == current.source() && *id == serving) || id.modified < serving.modified);
+/// Says what a SIGHUP did.
+fn log_reload(outcome: &Outcome) {
+    match outcome {
+        Outcome::Unchanged { serving, .. } => tracing::info!(
+            "SIGHUP: no new plugin file; generation {} ({}@{}) keeps serving", serving.generation, serving.name, serving.version
+        ),
+        Outcome::Swapped { to, .. } => tracing::info!("SIGHUP: swapped in generation {} ({}@{})", to.generation, to.name, to.version),
+        Outcome::Refused { serving, refused } => tracing::warn!(
+            "SIGHUP: refused ({}); generation {} ({}@{}) keeps serving",
+            refused.join("; "), serving.generation, serving.name, serving.version
+        ),
+    }
 }
 
 fn note_event(source: &PluginSource, event: &notify::Event, pending: &mut HashMap<PathBuf, Pending>) {
@@ -269,7 +273,6 @@ fn spawn_sighup(tx: mpsc::UnboundedSender<Trigger>, mut hup: Signal, shutdown: C
 
 /// Fallback when the OS watcher cannot start: swap on SIGHUP only.
 async fn sighup_only(
-    source: PluginSource,
     registry: Arc<Registry>,
     hangup: Signal,
     shutdown: CancellationToken,
@@ -277,21 +280,12 @@ async fn sighup_only(
     mut rx: mpsc::UnboundedReceiver<Trigger>,
 ) {
     spawn_sighup(tx, hangup, shutdown.clone());
-    let mut handled = HashMap::new();
     loop {
         tokio::select! {
-            Some(_) = rx.recv() => {
-                let mut pending = HashMap::new();
-                for (path, _) in source.scan() {
-                    pending.insert(path, Pending { closed: true, last_event: Instant::now(), incomplete_since: None });
-                }
-                if let Some(path) = pick(&mut pending, &handled) {
-                    tokio::select! {
-                        () = attempt(&path, &registry, &mut pending, &mut handled) => {}
-                        () = shutdown.cancelled() => return abandon(&path),
-                    }
-                }
-            }
+            Some(_) = rx.recv() => tokio::select! {
+                outcome = registry.reload() => log_reload(&outcome),
+                () = shutdown.cancelled() => return,
+            },
             () = shutdown.cancelled() => return,
         }
     }
