@@ -118,7 +118,7 @@ pub struct AdminListener {
 
 enum Listener {
     /// The socket file is removed when the listener goes.
-    Unix(UnixListener, #[allow(dead_code)] SocketFile),
+    Unix { listener: UnixListener, _file: SocketFile },
     Tcp(TcpListener),
 }
 
@@ -134,7 +134,7 @@ impl Listener {
     async fn accept(&self) -> std::io::Result<(Stream, bool)> {
         match self {
             Listener::Tcp(listener) => Ok((Stream::Tcp(listener.accept().await?.0), true)),
-            Listener::Unix(listener, _) => {
+            Listener::Unix { listener, .. } => {
                 let (stream, _) = listener.accept().await?;
                 let allowed = stream.peer_cred().is_ok_and(|c| c.uid() == 0 || c.uid() == crate::sys::effective_uid());
                 Ok((Stream::Unix(stream), allowed))
@@ -179,7 +179,7 @@ impl AdminListener {
         };
         let addr = match &listener {
             Listener::Tcp(l) => AdminAddr::Tcp(l.local_addr()?),
-            Listener::Unix(..) => addr.clone(),
+            Listener::Unix { .. } => addr.clone(),
         };
         Ok(Some(AdminListener { listener, token, addr }))
     }
@@ -250,7 +250,7 @@ async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
     // Connections made before this are still checked by their peer's uid.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot make the admin socket {} private", path.display()))?;
-    Ok(Listener::Unix(listener, file))
+    Ok(Listener::Unix { listener, _file: file })
 }
 
 /// The directory a socket path is in (`.` for a bare file name).

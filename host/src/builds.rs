@@ -78,28 +78,46 @@ pub struct Serving<'a> {
     pub modified: SystemTime,
 }
 
-/// Whether `build` should replace `serving` (see the module docs).
-pub fn replaces(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> bool {
-    let newer_file = build.identity.modified > serving.modified;
+/// Why a build does not replace the one serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotServed {
+    /// Another version (or plugin) is pinned.
+    Pinned,
+    /// A lower version of the plugin serving.
+    Lower,
+    /// Not newer on disk than what serves (at an equal version, or of another plugin).
+    NotNewer,
+}
+
+/// The rule (see the module docs): whether `build` should replace `serving`, or why not.
+pub fn verdict(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> Result<(), NotServed> {
+    let newer_file = if build.identity.modified > serving.modified { Ok(()) } else { Err(NotServed::NotNewer) };
     match pin {
-        Some(pin) => pin.matches(&build.name, &build.version) && (!pin.matches(serving.name, serving.version) || newer_file),
+        Some(pin) if !pin.matches(&build.name, &build.version) => Err(NotServed::Pinned),
+        Some(pin) if pin.matches(serving.name, serving.version) => newer_file,
+        Some(_) => Ok(()),
         None if build.name != serving.name => newer_file,
         None => match build.version.cmp_precedence(serving.version) {
-            Ordering::Greater => true,
+            Ordering::Greater => Ok(()),
             Ordering::Equal => newer_file,
-            Ordering::Less => false,
+            Ordering::Less => Err(NotServed::Lower),
         },
     }
 }
 
+/// Whether `build` should replace `serving`.
+pub fn replaces(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> bool {
+    verdict(build, serving, pin).is_ok()
+}
+
 /// Why `build` does not replace `serving`, for the log and the admin API.
 pub fn why_not(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> String {
-    match pin {
-        Some(pin) if !pin.matches(&build.name, &build.version) => format!(
+    match (verdict(build, serving, pin), pin) {
+        (Err(NotServed::Pinned), Some(pin)) => format!(
             "{}@{} is not served: version {} is pinned (by {}); `hotswap unpin` serves the highest version again",
             build.name, build.version, pin.version, pin.by
         ),
-        None if build.name == serving.name && build.version.cmp_precedence(serving.version) == Ordering::Less => format!(
+        (Err(NotServed::Lower), _) => format!(
             "{}@{} is not served: it is lower than {}, which serves; `hotswap pin {}` serves it",
             build.name, build.version, serving.version, build.version
         ),

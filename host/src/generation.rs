@@ -186,7 +186,9 @@ pub struct Candidate {
     shadow: PathBuf,
     identity: Identity,
     digest: Option<String>,
-    /// Taken by `start`.
+    name: String,
+    version: semver::Version,
+    /// Taken by `start` (or `Drop`).
     library: Option<Library>,
 }
 
@@ -209,7 +211,15 @@ impl Candidate {
         let Copied { shadow, identity, digest } =
             prepared.map_err(|join| GenerationError::Runtime(std::io::Error::other(join.to_string())))??;
         match open_library(&shadow).await {
-            Ok(library) => Ok(Candidate { source: source.to_path_buf(), shadow, identity, digest, library: Some(library) }),
+            Ok(library) => Ok(Candidate {
+                source: source.to_path_buf(),
+                shadow,
+                identity,
+                digest,
+                name: library.name.clone(),
+                version: library.version.clone(),
+                library: Some(library),
+            }),
             Err(e) => {
                 let _ = std::fs::remove_file(&shadow);
                 Err(e)
@@ -219,13 +229,12 @@ impl Candidate {
 
     /// The plugin's declared name.
     pub fn name(&self) -> &str {
-        self.library.as_ref().map_or("", |l| &l.name)
+        &self.name
     }
 
     /// The plugin's declared version.
     pub fn version(&self) -> &semver::Version {
-        static NONE: semver::Version = semver::Version::new(0, 0, 0);
-        self.library.as_ref().map_or(&NONE, |l| &l.version)
+        &self.version
     }
 
     /// The file it was copied from.
@@ -242,7 +251,10 @@ impl Candidate {
     /// readiness check. On error nothing of it stays behind (except a library whose init
     /// never returned, which cannot be unloaded while its code runs).
     pub async fn start(mut self, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
-        let library = self.library.take().expect("a candidate is started once");
+        let Some(library) = self.library.take() else {
+            // Only `Drop` takes it otherwise: unreachable while `self` is alive.
+            return Err(GenerationError::Runtime(std::io::Error::other("the candidate was already started")));
+        };
         let shadow = std::mem::take(&mut self.shadow);
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.worker_threads.max(1))
@@ -258,13 +270,13 @@ impl Candidate {
                 return Err(GenerationError::Runtime(e));
             }
         };
-        let context = Box::new(PluginContext { label: format!("{}@{}", library.name, library.version) });
+        let context = Box::new(PluginContext { label: format!("{}@{}", self.name, self.version) });
         let api = Box::new(bridge::host_api(&*context, bridge::max_log_level()));
         live_generations().fetch_add(1, Ordering::SeqCst);
         let mut generation = Generation {
             id,
-            name: library.name.clone(),
-            version: library.version.clone(),
+            name: std::mem::take(&mut self.name),
+            version: self.version.clone(),
             source: std::mem::take(&mut self.source),
             identity: self.identity,
             digest: self.digest.take(),
