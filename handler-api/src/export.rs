@@ -165,7 +165,6 @@ fn recycle(mut headers: HeaderMap) {
 unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     // SAFETY (whole function): the host keeps every string of `r` valid during `handle`.
     let method = Method::from_bytes(unsafe { r.method.as_bytes() }).map_err(|e| e.to_string())?;
-    let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(unsafe { r.uri.as_bytes() })).map_err(|e| e.to_string())?;
     let version = match r.version {
         9 => Version::HTTP_09,
         10 => Version::HTTP_10,
@@ -173,20 +172,39 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
         30 => Version::HTTP_3,
         _ => Version::HTTP_11,
     };
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = version;
     let headers: &[abi::FfiHeader] = if r.headers_len == 0 || r.headers.is_null() {
         &[]
     } else {
         unsafe { std::slice::from_raw_parts(r.headers, r.headers_len) }
     };
+    // The target and the header values must be copied out of the host's memory. They share
+    // one copy: one allocation (two once it is shared) instead of one each. The root path
+    // needs none.
+    let target = unsafe { r.uri.as_bytes() };
+    let root = target == b"/";
+    let mut text = {
+        let values = headers.iter().map(|h| unsafe { h.value.as_bytes() });
+        let mut text = Vec::with_capacity(if root { 0 } else { target.len() } + values.clone().map(<[u8]>::len).sum::<usize>());
+        if !root {
+            text.extend_from_slice(target);
+        }
+        values.for_each(|v| text.extend_from_slice(v));
+        Bytes::from(text)
+    };
+    let uri = if root {
+        Uri::from_static("/")
+    } else {
+        Uri::from_maybe_shared(text.split_to(target.len())).map_err(|e| e.to_string())?
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
     let mut map = SPARE_HEADERS.take().unwrap_or_default();
     map.reserve(headers.len());
     for h in headers {
         let name = HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
-        let value = HeaderValue::from_bytes(unsafe { h.value.as_bytes() }).map_err(|e| e.to_string())?;
+        let value = HeaderValue::from_maybe_shared(text.split_to(h.value.len)).map_err(|e| e.to_string())?;
         map.append(name, value);
     }
     *req.headers_mut() = map;

@@ -5,7 +5,7 @@
 //! panic escaping an `extern "C"` function aborts the process), so each body that calls into
 //! tokio or hyper runs inside `catch_unwind`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -262,21 +262,61 @@ unsafe extern "C" fn response_append_header(response: *mut c_void, name: FfiStr,
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `response` is the slot passed to this poll; the strings live for this call.
         let (slot, name, value) = unsafe { (&mut *(response as *mut ResponseSlot), name.as_bytes(), value.as_bytes()) };
-        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-            (Ok(n), Ok(v)) => {
+        let header = HeaderName::from_bytes(name).ok().and_then(|n| RECENT_VALUES.with_borrow_mut(|recent| recent.value(&n, value)).map(|v| (n, v)));
+        match header {
+            Some((n, v)) => {
                 if slot.headers.capacity() == 0 {
                     slot.headers = SPARE_HEADERS.take().unwrap_or_default();
                 }
                 slot.headers.append(n, v);
                 FfiPoll::READY
             }
-            _ => {
+            None => {
                 slot.error = Some(format!("invalid header {:?}", String::from_utf8_lossy(name)));
                 FfiPoll::ERROR
             }
         }
     }))
     .unwrap_or(FfiPoll::ERROR)
+}
+
+thread_local! {
+    static RECENT_VALUES: RefCell<RecentValues> = const { RefCell::new(RecentValues { entries: Vec::new(), next: 0 }) };
+}
+
+/// The values of headers that repeat from one response to the next (`content-type` above
+/// all) that this thread has copied lately. Reusing one costs a comparison and a reference
+/// count, where a new value is validated, and copied into an allocation of its own.
+struct RecentValues {
+    entries: Vec<(HeaderName, HeaderValue)>,
+    /// Where the next new entry goes, once full.
+    next: usize,
+}
+
+impl RecentValues {
+    const CAPACITY: usize = 8;
+
+    /// The header value for `bytes`, or `None` if they are not a valid value.
+    fn value(&mut self, name: &HeaderName, bytes: &[u8]) -> Option<HeaderValue> {
+        use http::header::*;
+        // Only names whose values are few and not secret: a cookie or a location is
+        // neither, and would push out those that are.
+        let repeats = [CONTENT_TYPE, CACHE_CONTROL, CONTENT_ENCODING, VARY, SERVER, X_CONTENT_TYPE_OPTIONS];
+        if !repeats.contains(name) {
+            return HeaderValue::from_bytes(bytes).ok();
+        }
+        if let Some((_, value)) = self.entries.iter().find(|(n, v)| n == name && v.as_bytes() == bytes) {
+            return Some(value.clone());
+        }
+        let value = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(bytes)).ok()?;
+        if self.entries.len() < Self::CAPACITY {
+            self.entries.push((name.clone(), value.clone()));
+        } else {
+            self.entries[self.next] = (name.clone(), value.clone());
+            self.next = (self.next + 1) % Self::CAPACITY;
+        }
+        Some(value)
+    }
 }
 
 unsafe extern "C" fn response_set_full_body(response: *mut c_void, body: FfiStr) {
@@ -370,7 +410,7 @@ impl Release {
 /// Starts a request in the plugin. Must run on a thread of the plugin's generation. A body
 /// longer than `max_body_size` fails, for the plugin, where it crosses the limit; see
 /// [`PluginCall::body_limit`].
-pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>, max_body_size: u64) -> PluginCall<'_> {
+pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_size: u64) -> PluginCall {
     let (parts, incoming) = request.into_parts();
     let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
     // A request without a body (most GETs) costs no allocation for one.
@@ -422,7 +462,7 @@ pub fn call(generation: &Arc<Generation>, request: http::Request<Incoming>, max_
     let future = unsafe { (generation.declaration().handle)(&ffi) };
     drop(headers);
     recycle(parts.headers);
-    PluginCall { ffi: future, generation, too_large }
+    PluginCall { ffi: future, too_large }
 }
 
 /// Why a plugin call produced no response.
@@ -438,25 +478,23 @@ pub enum CallError {
     BodyTooLarge,
 }
 
-/// The plugin's response future, as a Rust future. Dropping it drops the plugin's state.
-pub struct PluginCall<'g> {
+/// The plugin's response future. Dropping it drops the plugin's state.
+pub struct PluginCall {
     ffi: FfiResponseFuture,
-    generation: &'g Arc<Generation>,
     too_large: Option<Arc<AtomicBool>>,
 }
 
 // SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
 // exclusively by this value.
-unsafe impl Send for PluginCall<'_> {}
+unsafe impl Send for PluginCall {}
 
-impl Future for PluginCall<'_> {
-    type Output = Result<http::Response<ResponseBody>, CallError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+impl PluginCall {
+    /// Polls the plugin's future, on a thread of `generation`, the one it was called on
+    /// (whose streaming bodies keep it loaded).
+    pub fn poll(&mut self, cx: &mut Context<'_>, generation: &Arc<Generation>) -> Poll<Result<http::Response<ResponseBody>, CallError>> {
         let waker = abi::waker::lend(cx.waker());
         // The header map comes from `SPARE_HEADERS` at the first header, if there is one.
-        let mut slot =
-            ResponseSlot { generation: self.generation, status: None, headers: HeaderMap::new(), body: None, error: None };
+        let mut slot = ResponseSlot { generation, status: None, headers: HeaderMap::new(), body: None, error: None };
         // SAFETY: the state is live until drop; waker and slot outlive the call.
         let r = unsafe { (self.ffi.poll)(self.ffi.state, &waker, &mut slot as *mut ResponseSlot as *mut c_void) };
         if r != FfiPoll::PENDING && self.too_large.as_ref().is_some_and(|flag| flag.load(Ordering::Acquire)) {
@@ -476,7 +514,7 @@ impl Future for PluginCall<'_> {
     }
 }
 
-impl Drop for PluginCall<'_> {
+impl Drop for PluginCall {
     fn drop(&mut self) {
         // SAFETY: released exactly once.
         unsafe { (self.ffi.drop)(self.ffi.state) };

@@ -25,15 +25,14 @@
 use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use handler_api::abi::{FfiPoll, HostApi, PluginDeclaration};
-use tokio_util::sync::CancellationToken;
-
 use crate::bridge::{self, PluginContext};
 use crate::budget::BudgetError;
+use crate::latch::Latch;
 use crate::loader::{self, Identity, Library, LoadError, ShadowDir};
 use crate::metrics::{GenerationStats, Unloaded};
 use crate::trust::{Trust, TrustError};
@@ -127,10 +126,9 @@ pub struct Generation {
     shadow: PathBuf,
     loaded_at: Instant,
     handle: tokio::runtime::Handle,
-    in_flight: AtomicUsize,
     stats: Arc<GenerationStats>,
-    superseded: Signal,
-    aborted: Signal,
+    superseded: Latch,
+    aborted: Latch,
     initialized: bool,
     unload_timeout: Duration,
     // Taken by `Drop`, which hands them to the reaper. The table and context must outlive
@@ -283,10 +281,9 @@ impl Candidate {
             shadow,
             loaded_at: Instant::now(),
             handle: runtime.handle().clone(),
-            in_flight: AtomicUsize::new(0),
             stats: Arc::default(),
-            superseded: Signal::default(),
-            aborted: Signal::default(),
+            superseded: Latch::new(),
+            aborted: Latch::new(),
             initialized: false,
             unload_timeout: options.unload_timeout,
             library: ManuallyDrop::new(library),
@@ -464,46 +461,17 @@ impl Generation {
 
     /// Requests (with their response bodies) in progress on this generation.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn in_flight_counter(&self) -> &AtomicUsize {
-        &self.in_flight
+        self.stats.in_flight()
     }
 
     /// Raised when a newer generation has become current.
-    pub fn superseded(&self) -> &Signal {
+    pub fn superseded(&self) -> &Latch {
         &self.superseded
     }
 
     /// Raised when the responses still running here must be cut off (drain timeout).
-    pub fn aborted(&self) -> &Signal {
+    pub fn aborted(&self) -> &Latch {
         &self.aborted
-    }
-}
-
-/// A one-way event about a generation. Connections look at it on every poll, so checking
-/// it is one atomic load (a `CancellationToken` takes a lock); the token wakes whoever
-/// waits for it.
-#[derive(Default)]
-pub struct Signal {
-    raised: AtomicBool,
-    token: CancellationToken,
-}
-
-impl Signal {
-    pub fn raise(&self) {
-        self.raised.store(true, Ordering::Release);
-        self.token.cancel();
-    }
-
-    pub fn is_raised(&self) -> bool {
-        self.raised.load(Ordering::Acquire)
-    }
-
-    /// The token cancelled when the signal is raised, to wait on.
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
     }
 }
 

@@ -13,6 +13,7 @@
 //! | [`admin`] | the admin API (status, reload, rollback, pin, metrics) on its own listener |
 //! | [`client`] | the `status`, `reload`, `rollback`, `pin` and `unpin` commands |
 //! | [`server`] | accepting, serving and moving connections between generations |
+//! | [`latch`] | one-way events (superseded, aborted, shutting down) cheap to check on every poll |
 //! | [`limits`] | header read and idle timeouts, kept apart from any generation's runtime |
 //! | [`budget`] | what repeated loading consumes (keys, maps, fds), and refusing before it runs out |
 //! | [`sys`] | the few libc calls the host makes |
@@ -31,6 +32,7 @@ pub mod config;
 pub mod dev;
 pub mod generation;
 pub mod history;
+pub mod latch;
 pub mod limits;
 pub mod loader;
 pub mod metrics;

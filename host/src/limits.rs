@@ -5,7 +5,13 @@
 //! next (`server`): a sleep made on an old runtime fails once that runtime shuts down. So the
 //! host keeps time itself: every connection has an [`Activity`] it updates with a few atomic
 //! operations, and one [`Sweeper`] task on the host's own runtime, which lives as long as the
-//! process, expires connections that have sat too long:
+//! process, expires connections that have sat too long.
+//!
+//! Connections read no clock. They count what happens; the sweeper reads the clock once per
+//! tick and times each connection from the tick at which it first saw the count where it is
+//! now. It sees a change at most one tick after it happened, so a connection expires between
+//! one timeout and one timeout plus a tick after its last activity, never before. The
+//! timeouts:
 //!
 //! - *header read timeout* (HTTP/1): a new connection, or bytes of a next request, and no
 //!   request has reached the plugin since (a slowloris client sending its head a byte at a
@@ -32,7 +38,7 @@ fn now_ms() -> u64 {
 }
 
 /// The top bit of an activity word: the connection owes the head of a request that has not
-/// reached the plugin yet. The other bits: when that phase began.
+/// reached the plugin yet. The other bits count changes of phase and activity.
 const READING_HEAD: u64 = 1 << 63;
 
 /// Why a connection was closed by the sweeper.
@@ -45,7 +51,8 @@ pub enum Expiry {
 /// What one connection has been doing, as far as timeouts care.
 #[derive(Debug)]
 pub struct Activity {
-    /// `READING_HEAD` or not, plus the time that phase began.
+    /// `READING_HEAD` or not, plus a count of changes: a phase that begins, or activity that
+    /// restarts the idle timer. The sweeper times the connection from when it sees a change.
     phase: AtomicU64,
     /// Requests (HTTP/1 or HTTP/2 streams) in progress, responses included.
     requests: AtomicUsize,
@@ -62,7 +69,7 @@ impl Activity {
         Activity {
             // A new connection owes its first request's head: one that never sends anything
             // is cut off by the header read timeout.
-            phase: AtomicU64::new(READING_HEAD | now_ms()),
+            phase: AtomicU64::new(READING_HEAD),
             requests: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
             expired: AtomicU8::new(0),
@@ -73,7 +80,14 @@ impl Activity {
     /// The connection speaks HTTP/2: from now on only the idle timeout applies.
     pub fn is_http2(&self) {
         self.http2.store(true, Ordering::Relaxed);
-        self.phase.store(now_ms(), Ordering::Relaxed);
+        self.changed(false);
+    }
+
+    /// Notes a change, in the phase that reads the head of a request or not. Two threads
+    /// racing here (HTTP/2 streams) may count one change instead of two: still a change.
+    fn changed(&self, reading_head: bool) {
+        let count = self.phase.load(Ordering::Relaxed).wrapping_add(1) & !READING_HEAD;
+        self.phase.store(count | if reading_head { READING_HEAD } else { 0 }, Ordering::Relaxed);
     }
 
     /// Bytes arrived from the client.
@@ -81,11 +95,12 @@ impl Activity {
         if self.requests.load(Ordering::Relaxed) > 0 {
             return;
         }
-        let phase = self.phase.load(Ordering::Relaxed);
         if self.http2.load(Ordering::Relaxed) {
-            self.phase.store(now_ms(), Ordering::Relaxed);
-        } else if phase & READING_HEAD == 0 {
-            self.phase.store(READING_HEAD | now_ms(), Ordering::Relaxed);
+            self.changed(false);
+        } else if self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
+            // The head of a next request begins; its bytes that follow do not restart the
+            // timer (a slowloris client sends one at a time).
+            self.changed(true);
         }
     }
 
@@ -93,15 +108,15 @@ impl Activity {
     /// already ended (and with it the request), to a client that reads slowly.
     pub fn sent(&self) {
         if self.requests.load(Ordering::Relaxed) == 0 && self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
-            self.phase.store(now_ms(), Ordering::Relaxed);
+            self.changed(false);
         }
     }
 
     /// A request reached the plugin.
     pub fn request_started(&self) {
         self.requests.fetch_add(1, Ordering::AcqRel);
-        // The head has arrived. No time is needed (a request in progress never expires, and
-        // `request_ended` stamps the phase), so no clock is read here.
+        // The head has arrived. Nothing to count: a request in progress never expires, and
+        // `request_ended` counts a change.
         let phase = self.phase.load(Ordering::Relaxed);
         if phase & READING_HEAD != 0 {
             self.phase.store(phase & !READING_HEAD, Ordering::Relaxed);
@@ -110,8 +125,8 @@ impl Activity {
 
     /// A request's response ended (or was dropped).
     pub fn request_ended(&self) {
-        // The stamp first: a sweeper that sees no request in progress sees this time too.
-        self.phase.store(now_ms(), Ordering::Relaxed);
+        // The change first: a sweeper that sees no request in progress sees it too.
+        self.changed(false);
         self.requests.fetch_sub(1, Ordering::Release);
     }
 
@@ -141,13 +156,18 @@ impl Activity {
         }
     }
 
-    /// Whether this connection has outlived a timeout at time `now`.
-    fn check(&self, now: u64, header_read: u64, idle: u64) -> Option<Expiry> {
+    /// Whether this connection has outlived a timeout at time `now`; `seen` is what the
+    /// sweeper saw of it before.
+    fn check(&self, seen: &mut Seen, now: u64, header_read: u64, idle: u64) -> Option<Expiry> {
         if self.requests.load(Ordering::Acquire) > 0 {
             return None;
         }
         let phase = self.phase.load(Ordering::Relaxed);
-        let since = now.saturating_sub(phase & !READING_HEAD);
+        if phase != seen.phase {
+            *seen = Seen { phase, since: now };
+            return None;
+        }
+        let since = now.saturating_sub(seen.since);
         if phase & READING_HEAD != 0 {
             (since >= header_read).then_some(Expiry::HeaderRead)
         } else {
@@ -156,11 +176,17 @@ impl Activity {
     }
 }
 
+/// What the sweeper last saw of a connection: its activity word, and since when.
+struct Seen {
+    phase: u64,
+    since: u64,
+}
+
 /// Watches every open connection's [`Activity`] and expires those past a timeout.
 pub struct Sweeper {
     header_read: Duration,
     idle: Duration,
-    tracked: Mutex<Vec<Weak<Activity>>>,
+    tracked: Mutex<Vec<(Weak<Activity>, Seen)>>,
 }
 
 impl Sweeper {
@@ -171,7 +197,8 @@ impl Sweeper {
     /// The activity record of a new connection, watched until it is dropped.
     pub fn track(&self) -> Arc<Activity> {
         let activity = Arc::new(Activity::new());
-        self.tracked.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::downgrade(&activity));
+        let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now_ms() };
+        self.tracked.lock().unwrap_or_else(PoisonError::into_inner).push((Arc::downgrade(&activity), seen));
         activity
     }
 
@@ -188,9 +215,9 @@ impl Sweeper {
             }
             let now = now_ms();
             let mut expired = Vec::new();
-            self.tracked.lock().unwrap_or_else(PoisonError::into_inner).retain(|weak| {
+            self.tracked.lock().unwrap_or_else(PoisonError::into_inner).retain_mut(|(weak, seen)| {
                 let Some(activity) = weak.upgrade() else { return false };
-                if let Some(why) = activity.check(now, header_read, idle) {
+                if let Some(why) = activity.check(seen, now, header_read, idle) {
                     expired.push((activity, why));
                 }
                 true
@@ -200,5 +227,54 @@ impl Sweeper {
                 activity.expire(why);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: u64 = 1_000;
+    const IDLE: u64 = 5_000;
+
+    fn watched(activity: &Activity, at: u64) -> Seen {
+        Seen { phase: activity.phase.load(Ordering::Relaxed), since: at }
+    }
+
+    #[test]
+    fn the_head_is_timed_from_the_connection_start_whatever_trickles_in() {
+        let a = Activity::new();
+        let mut seen = watched(&a, 0);
+        a.received(); // a slowloris byte
+        assert_eq!(a.check(&mut seen, 999, HEAD, IDLE), None);
+        a.received();
+        assert_eq!(a.check(&mut seen, 1_000, HEAD, IDLE), Some(Expiry::HeaderRead));
+    }
+
+    #[test]
+    fn idle_is_timed_from_the_tick_that_saw_the_last_activity() {
+        let a = Activity::new();
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        assert_eq!(a.check(&mut seen, 60_000, HEAD, IDLE), None, "a request in progress never expires");
+        a.request_ended();
+        assert_eq!(a.check(&mut seen, 60_100, HEAD, IDLE), None, "the change is seen here");
+        assert_eq!(a.check(&mut seen, 65_099, HEAD, IDLE), None);
+        a.sent(); // the rest of the response went out
+        assert_eq!(a.check(&mut seen, 65_100, HEAD, IDLE), None);
+        assert_eq!(a.check(&mut seen, 70_100, HEAD, IDLE), Some(Expiry::Idle));
+    }
+
+    #[test]
+    fn a_next_request_head_starts_the_header_timer() {
+        let a = Activity::new();
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        a.request_ended();
+        assert_eq!(a.check(&mut seen, 10, HEAD, IDLE), None);
+        a.received();
+        assert_eq!(a.check(&mut seen, 20, HEAD, IDLE), None);
+        assert_eq!(a.check(&mut seen, 1_019, HEAD, IDLE), None);
+        assert_eq!(a.check(&mut seen, 1_020, HEAD, IDLE), Some(Expiry::HeaderRead));
     }
 }

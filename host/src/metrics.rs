@@ -73,8 +73,10 @@ struct Shard {
     /// Status codes claimed (0: free), and their figures.
     codes: [std::sync::atomic::AtomicU16; SLOTS],
     slots: [StatusStats; SLOTS],
-    /// Response bodies started minus ended on this thread (may go negative: a body can end
-    /// on another thread than it started on).
+    /// Requests started minus ended on this thread, responses included (may go negative: a
+    /// request can end on another thread than it started on).
+    in_flight: std::sync::atomic::AtomicI64,
+    /// Response bodies started minus ended on this thread (may go negative, likewise).
     streams: std::sync::atomic::AtomicI64,
     bytes_sent: AtomicU64,
 }
@@ -164,6 +166,21 @@ impl GenerationStats {
                 totals.buckets[bucket] += 1;
             }
         }
+    }
+
+    /// A request reached the generation; it is in flight until its response body ends.
+    pub fn request_started(&self) {
+        self.shard().in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request_ended(&self) {
+        self.shard().in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Requests (with their response bodies) in progress.
+    pub fn in_flight(&self) -> usize {
+        let open: i64 = self.shards.iter().map(|s| s.in_flight.load(Ordering::Relaxed)).sum();
+        usize::try_from(open).unwrap_or(0)
     }
 
     pub fn stream_started(&self) {

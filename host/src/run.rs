@@ -15,6 +15,7 @@ use crate::admin::{self, AdminAddr, AdminListener};
 use crate::builds::PluginSource;
 use crate::cli::HostArgs;
 use crate::generation::{self, LoadOptions};
+use crate::latch::Latch;
 use crate::loader::ShadowDir;
 use crate::registry::Registry;
 use crate::trust::Trust;
@@ -30,8 +31,9 @@ where
 {
     // Every signal handler is in place before anything can be signalled about: a SIGHUP
     // that arrived before its handler would terminate the process (the default action).
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
+    let latch = Arc::new(Latch::new());
+    let shutdown = latch.token().clone();
+    spawn_signal_handler(latch.clone())?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     // The socket first: one passed by systemd is taken before anything else opens a file, and
     // a port in use fails the start before any plugin is loaded.
@@ -59,7 +61,7 @@ where
     }
     tracing::info!("listening on http://{}", listener.local_addr()?);
     notify_service_manager(&[NotifyState::Ready]);
-    let server = Server::new(registry.clone(), args.limits.clone(), shutdown.clone());
+    let server = Server::new(registry.clone(), args.limits.clone(), latch);
     server.accept_loop(listener).await;
     notify_service_manager(&[NotifyState::Stopping]);
     let _ = triggers.await;
@@ -106,7 +108,7 @@ fn reserve_file_descriptors(max_connections: u64) {
     }
 }
 
-fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+fn spawn_signal_handler(shutdown: Arc<Latch>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     tokio::spawn(async move {
@@ -115,7 +117,7 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
             _ = int.recv() => "SIGINT",
         };
         tracing::info!("received {name}: shutting down gracefully");
-        shutdown.cancel();
+        shutdown.raise();
     });
     Ok(())
 }

@@ -40,10 +40,11 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::bridge::{self, BodyError, CallError, ResponseBody};
+use crate::bridge::{self, BodyError, CallError, PluginCall, ResponseBody};
 use crate::generation::{thread_generation, Generation};
+use crate::latch::Latch;
 use crate::cli::HttpLimits;
 use crate::limits::{Activity, Expiry, Sweeper};
 use crate::registry::Registry;
@@ -51,7 +52,7 @@ use crate::registry::Registry;
 /// State shared by the accept loop and every connection.
 pub struct Server {
     registry: Arc<Registry>,
-    shutdown: CancellationToken,
+    shutdown: Arc<Latch>,
     limits: HttpLimits,
     sweeper: Arc<Sweeper>,
     /// One permit per connection that may be open at once.
@@ -63,9 +64,9 @@ pub struct Server {
 impl Server {
     /// A server for `registry`'s generations. The timeout sweeper runs on the calling runtime
     /// (the host's own) until `shutdown`.
-    pub fn new(registry: Arc<Registry>, limits: HttpLimits, shutdown: CancellationToken) -> Arc<Server> {
+    pub fn new(registry: Arc<Registry>, limits: HttpLimits, shutdown: Arc<Latch>) -> Arc<Server> {
         let sweeper = Sweeper::new(limits.header_read_timeout, limits.idle_timeout);
-        tokio::spawn(sweeper.clone().run(shutdown.clone()));
+        tokio::spawn(sweeper.clone().run(shutdown.token().clone()));
         let max = usize::try_from(limits.max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max));
         Arc::new(Server {
@@ -85,7 +86,7 @@ impl Server {
         loop {
             let slot = tokio::select! {
                 s = self.slots.clone().acquire_owned() => s,
-                () = self.shutdown.cancelled() => break,
+                () = self.shutdown.token().cancelled() => break,
             };
             let Ok(slot) = slot else { break }; // the semaphore is never closed
             if self.slots.available_permits() == 0 {
@@ -93,7 +94,7 @@ impl Server {
             }
             let accepted = tokio::select! {
                 r = listener.accept() => r,
-                () = self.shutdown.cancelled() => break,
+                () = self.shutdown.token().cancelled() => break,
             };
             match accepted {
                 Ok((stream, peer)) => self.hand_over(stream, peer, slot),
@@ -202,14 +203,15 @@ fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>, open: O
 }
 
 /// Runs a hyper connection to its end; on shutdown, lets it finish what it has started.
-async fn drive<C>(connection: C, shutdown: &CancellationToken) -> Result<(), C::Error>
+async fn drive<C>(connection: C, shutdown: &Latch) -> Result<(), C::Error>
 where
     C: GracefulConnection,
 {
     tokio::pin!(connection);
     tokio::select! {
+        biased; // the connection first: it is what is usually ready
         r = connection.as_mut() => r,
-        () = shutdown.cancelled() => {
+        () = shutdown.raised() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -505,63 +507,120 @@ struct PluginService {
 impl hyper::service::Service<Request<Incoming>> for PluginService {
     type Response = Response<HostBody>;
     type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<HostBody>, std::convert::Infallible>> + Send>>;
+    type Future = Respond;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, request: Request<Incoming>) -> Respond {
         let generation = self.conn.generation.load_full();
         let h1 = request.version() < http::Version::HTTP_2;
         if !h1 {
             *self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation.clone());
         }
         let guard = RequestGuard::new(generation, self.conn.clone(), h1);
-        Box::pin(respond(request, guard))
+        Respond { state: Answering::Start { request, guard } }
     }
 }
 
-/// Answers a request and counts it (status, and time until the response head).
-async fn respond(request: Request<Incoming>, guard: RequestGuard) -> Result<Response<HostBody>, std::convert::Infallible> {
-    let started = Instant::now();
-    let response = answer(request, guard, started).await;
-    response.body().guard.generation.stats().record(response.status().as_u16(), started.elapsed());
-    Ok(response)
+/// Answers one request: calls the plugin at the first poll, on the generation's thread, then
+/// polls its response future; counts the request (status, and time until the response head).
+///
+/// A named future rather than an `async fn`'s: hyper keeps it in place, where a boxed one
+/// would cost an allocation per request (over a kilobyte, past glibc's fast bins).
+struct Respond {
+    state: Answering,
 }
 
-async fn answer(request: Request<Incoming>, guard: RequestGuard, started: Instant) -> Response<HostBody> {
+enum Answering {
+    Start { request: Request<Incoming>, guard: RequestGuard },
+    Calling(Calling),
+    /// The response was handed to hyper.
+    Done,
+}
+
+/// A request in the plugin's hands.
+struct Calling {
+    call: PluginCall,
+    guard: RequestGuard,
+    started: Instant,
+    /// For the log lines; cloning them bumps reference counts, it does not allocate.
+    method: http::Method,
+    uri: http::Uri,
+}
+
+impl Future for Respond {
+    type Output = Result<Response<HostBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Answering::Start { .. } = this.state {
+            if let Answering::Start { request, guard } = std::mem::replace(&mut this.state, Answering::Done) {
+                match start(request, guard) {
+                    Ok(calling) => this.state = Answering::Calling(calling),
+                    Err(response) => return Poll::Ready(Ok(response)),
+                }
+            }
+        }
+        // `Done` is never polled: hyper drops a future once it has its response.
+        let Answering::Calling(calling) = &mut this.state else { return Poll::Pending };
+        let Poll::Ready(called) = calling.call.poll(cx, &calling.guard.generation) else { return Poll::Pending };
+        let Answering::Calling(calling) = std::mem::replace(&mut this.state, Answering::Done) else { return Poll::Pending };
+        Poll::Ready(Ok(calling.finish(called)))
+    }
+}
+
+/// Checks what the host checks before the plugin sees a request, and calls the plugin; or
+/// answers right away.
+fn start(request: Request<Incoming>, guard: RequestGuard) -> Result<Calling, Response<HostBody>> {
+    let started = Instant::now();
     let generation = &guard.generation;
-    // For the log lines below; cloning a Uri bumps a reference count, it does not allocate.
-    let (method, uri) = (request.method().clone(), request.uri().clone());
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), "request polled outside its generation's runtime");
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, guard);
+        return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, guard, started));
     }
     let max_body_size = guard.conn.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
-        tracing::debug!(%method, path = %uri.path(), max_body_size, "request body too large: answered 413");
-        return error_response(StatusCode::PAYLOAD_TOO_LARGE, guard);
+        tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
+        return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard, started));
     }
-    let called = bridge::call(generation, request, max_body_size).await;
-    let response = match called {
-        Err(CallError::BodyTooLarge) => {
-            tracing::debug!(%method, path = %uri.path(), max_body_size, "request body grew too large: answered 413");
-            error_response(StatusCode::PAYLOAD_TOO_LARGE, guard)
+    let (method, uri) = (request.method().clone(), request.uri().clone());
+    let call = bridge::call(generation, request, max_body_size);
+    Ok(Calling { call, guard, started, method, uri })
+}
+
+impl Calling {
+    /// The response to hand to hyper, once the plugin's future has completed.
+    fn finish(self, called: Result<Response<ResponseBody>, CallError>) -> Response<HostBody> {
+        let Calling { call, guard, started, method, uri } = self;
+        drop(call); // the plugin's future state, released before anything else happens
+        let generation = &guard.generation;
+        match called {
+            Ok(response) => {
+                tracing::debug!(
+                    %method, path = %uri.path(), status = response.status().as_u16(), generation = generation.id(),
+                    elapsed = ?started.elapsed(), "request"
+                );
+                counted(response.map(|body| HostBody::new(body, guard)), started)
+            }
+            Err(CallError::BodyTooLarge) => {
+                let max_body_size = guard.conn.max_body_size;
+                tracing::debug!(%method, path = %uri.path(), max_body_size, "request body grew too large: answered 413");
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, guard, started)
+            }
+            Err(e) => {
+                tracing::error!(%method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, guard, started)
+            }
         }
-        Ok(response) => {
-            tracing::debug!(
-                %method, path = %uri.path(), status = response.status().as_u16(), generation = generation.id(),
-                elapsed = ?started.elapsed(), "request"
-            );
-            response.map(|body| HostBody::new(body, guard))
-        }
-        Err(e) => {
-            tracing::error!(%method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), "{e}; answered 500");
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, guard)
-        }
-    };
+    }
+}
+
+/// Counts a response whose head is ready, in its generation's figures.
+fn counted(response: Response<HostBody>, started: Instant) -> Response<HostBody> {
+    response.body().guard.generation.stats().record(response.status().as_u16(), started.elapsed());
     response
 }
 
-fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody> {
+fn error_response(status: StatusCode, guard: RequestGuard, started: Instant) -> Response<HostBody> {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
     let h1 = guard.h1;
     let mut response = Response::new(HostBody::new(ResponseBody::Full(Some(Bytes::from(text))), guard));
@@ -571,7 +630,7 @@ fn error_response(status: StatusCode, guard: RequestGuard) -> Response<HostBody>
         // connection alive. (HTTP/2 resets just the stream.)
         response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }
-    response
+    counted(response, started)
 }
 
 /// Holds a request's generation (and, for HTTP/1, its connection's place) until its response
@@ -584,7 +643,7 @@ struct RequestGuard {
 
 impl RequestGuard {
     fn new(generation: Arc<Generation>, conn: Arc<ConnState>, h1: bool) -> RequestGuard {
-        generation.in_flight_counter().fetch_add(1, Ordering::Relaxed);
+        generation.stats().request_started();
         conn.activity.request_started();
         if h1 {
             conn.h1_in_flight.fetch_add(1, Ordering::AcqRel);
@@ -595,7 +654,7 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.generation.in_flight_counter().fetch_sub(1, Ordering::Relaxed);
+        self.generation.stats().request_ended();
         if self.h1 {
             self.conn.h1_in_flight.fetch_sub(1, Ordering::AcqRel);
         }

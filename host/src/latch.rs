@@ -1,0 +1,97 @@
+//! [`Latch`]: a one-way event (a generation superseded or aborted, the host shutting down)
+//! that busy connections can look at on every poll.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// Raised once, never lowered. Checking it is one atomic load, where a `CancellationToken`
+/// takes a lock; the token is still there for whoever wants to wait the usual way.
+#[derive(Default)]
+pub struct Latch {
+    raised: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Latch {
+    pub fn new() -> Latch {
+        Latch::default()
+    }
+
+    pub fn raise(&self) {
+        // The flag first: a task woken by the token sees it.
+        self.raised.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// The token cancelled when the latch is raised.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Completes when the latch is raised. Meant to be polled beside a connection on each of
+    /// its polls: while the task's waker stays the same, a poll is one atomic load.
+    pub fn raised(&self) -> Raised<'_> {
+        Raised { latch: self, wait: None, registered: None }
+    }
+}
+
+/// The future of [`Latch::raised`].
+pub struct Raised<'a> {
+    latch: &'a Latch,
+    /// Registered with the token whenever the task's waker changes (in practice, once).
+    wait: Option<Pin<Box<WaitForCancellationFuture<'a>>>>,
+    registered: Option<Waker>,
+}
+
+impl Future for Raised<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.latch.is_raised() {
+            return Poll::Ready(());
+        }
+        if this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let token = &this.latch.token;
+        let wait = this.wait.get_or_insert_with(|| Box::pin(token.cancelled()));
+        if wait.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.registered = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_waiting_task_wakes_when_raised() {
+        let latch = Arc::new(Latch::new());
+        let waiter = tokio::spawn({
+            let latch = latch.clone();
+            async move { latch.raised().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        latch.raise();
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("no panic");
+        assert!(latch.is_raised() && latch.token().is_cancelled());
+        latch.raised().await; // already raised: at once
+    }
+}
