@@ -123,22 +123,23 @@ enum Call<F> {
 /// # Safety
 /// `request` must point at a valid `FfiRequest` whose strings stay valid during this call.
 pub unsafe fn handle<H: Handler>(handler: &H, request: *const FfiRequest) -> FfiResponseFuture {
-    let call = catch_unwind(AssertUnwindSafe(|| {
+    // One allocation per request: the future lives in this box, which never moves, until the
+    // host drops it. It is made first so that the future is built in place, not moved in.
+    let state: *mut Call<H::Future> = Box::into_raw(Box::new(Call::Done));
+    // SAFETY: just allocated, and ours alone until handed to the host below.
+    let call = unsafe { &mut *state };
+    let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: forwarded from the caller.
         let request = unsafe { &*request };
         // Take the body first, so it goes back to the host even if the rest is invalid.
         let body = Body::from_host(abi::FfiHostBody { handle: request.body.handle, exact_len: request.body.exact_len });
         // SAFETY: forwarded from the caller.
-        match unsafe { build_request(request, body) } {
+        *call = match unsafe { build_request(request, body) } {
             Ok(req) => Call::Running(handler.call(req)),
             Err(e) => Call::Answered(bad_request(e)),
-        }
-    }))
-    .unwrap_or(Call::Done);
-    // One allocation per request: the future lives in this box, which never moves, until the
-    // host drops it.
-    let state = Box::into_raw(Box::new(call)) as *mut c_void;
-    FfiResponseFuture { state, poll: poll_response::<H::Future>, drop: drop_response::<H::Future> }
+        };
+    })); // a panic leaves `Done`, which answers PANICKED
+    FfiResponseFuture { state: state as *mut c_void, poll: poll_response::<H::Future>, drop: drop_response::<H::Future> }
 }
 
 fn bad_request(reason: String) -> Response {

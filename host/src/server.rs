@@ -516,24 +516,22 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
             *self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation.clone());
         }
         let guard = RequestGuard::new(generation, self.conn.clone(), h1);
-        Respond { state: Answering::Start { request, guard } }
+        match start(request, guard) {
+            Ok(calling) => Respond::Calling(calling),
+            Err(response) => Respond::Answered(Some(response)),
+        }
     }
 }
 
-/// Answers one request: calls the plugin at the first poll, on the generation's thread, then
-/// polls its response future; counts the request (status, and time until the response head).
+/// Answers one request: the plugin's response future, turned into the response for hyper;
+/// counts the request (status, and time until the response head).
 ///
 /// A named future rather than an `async fn`'s: hyper keeps it in place, where a boxed one
 /// would cost an allocation per request (over a kilobyte, past glibc's fast bins).
-struct Respond {
-    state: Answering,
-}
-
-enum Answering {
-    Start { request: Request<Incoming>, guard: RequestGuard },
+enum Respond {
     Calling(Calling),
-    /// The response was handed to hyper.
-    Done,
+    /// Answered by the host, or taken by hyper.
+    Answered(Option<Response<HostBody>>),
 }
 
 /// A request in the plugin's hands.
@@ -551,30 +549,29 @@ impl Future for Respond {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if let Answering::Start { .. } = this.state {
-            if let Answering::Start { request, guard } = std::mem::replace(&mut this.state, Answering::Done) {
-                match start(request, guard) {
-                    Ok(calling) => this.state = Answering::Calling(calling),
-                    Err(response) => return Poll::Ready(Ok(response)),
-                }
+        if let Respond::Calling(calling) = this {
+            let Poll::Ready(called) = calling.call.poll(cx, &calling.guard.generation) else { return Poll::Pending };
+            if let Respond::Calling(calling) = std::mem::replace(this, Respond::Answered(None)) {
+                return Poll::Ready(Ok(calling.finish(called)));
             }
         }
-        // `Done` is never polled: hyper drops a future once it has its response.
-        let Answering::Calling(calling) = &mut this.state else { return Poll::Pending };
-        let Poll::Ready(called) = calling.call.poll(cx, &calling.guard.generation) else { return Poll::Pending };
-        let Answering::Calling(calling) = std::mem::replace(&mut this.state, Answering::Done) else { return Poll::Pending };
-        Poll::Ready(Ok(calling.finish(called)))
+        // hyper never polls a future again once it has its response.
+        match this {
+            Respond::Answered(response) => response.take().map_or(Poll::Pending, |r| Poll::Ready(Ok(r))),
+            Respond::Calling(_) => Poll::Pending,
+        }
     }
 }
 
-/// Checks what the host checks before the plugin sees a request, and calls the plugin; or
-/// answers right away.
+/// Checks what the host checks before the plugin sees a request, and hands the request to
+/// the plugin (on the generation's thread: hyper calls the service from the connection's
+/// task, which runs on the runtime of the generation it loaded); or answers right away.
 fn start(request: Request<Incoming>, guard: RequestGuard) -> Result<Calling, Response<HostBody>> {
     let started = Instant::now();
     let generation = &guard.generation;
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
-        tracing::error!(generation = generation.id(), "request polled outside its generation's runtime");
+        tracing::error!(generation = generation.id(), "request received outside its generation's runtime");
         return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, guard, started));
     }
     let max_body_size = guard.conn.max_body_size;
