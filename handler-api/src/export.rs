@@ -11,6 +11,7 @@ use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -123,8 +124,8 @@ enum Call<F> {
 /// # Safety
 /// `request` must point at a valid `FfiRequest` whose strings stay valid during this call.
 pub unsafe fn handle<H: Handler>(handler: &H, request: *const FfiRequest) -> FfiResponseFuture {
-    // One allocation per request: the future lives in this box, which never moves, until the
-    // host drops it. It is made first so that the future is built in place, not moved in.
+    // The future lives in this box, which never moves, until the host drops it. The box is made
+    // first, and the future written into it, sparing a move or two of a large value.
     let state: *mut Call<H::Future> = Box::into_raw(Box::new(Call::Done));
     // SAFETY: just allocated, and ours alone until handed to the host below.
     let call = unsafe { &mut *state };
@@ -179,21 +180,23 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
         unsafe { std::slice::from_raw_parts(r.headers, r.headers_len) }
     };
     // The target and the header values must be copied out of the host's memory. They share
-    // one copy: one allocation (two once it is shared) instead of one each. The root path
-    // needs none.
+    // one copy: one allocation (two once it is shared) instead of one each. As with hyper's
+    // own header values, which share its read buffer, a value kept after the request keeps
+    // that copy alive. The root path needs none.
     let target = unsafe { r.uri.as_bytes() };
     let root = target == b"/";
+    let values = || headers.iter().map(|h| unsafe { h.value.as_bytes() });
     let mut text = {
-        let values = headers.iter().map(|h| unsafe { h.value.as_bytes() });
-        let mut text = Vec::with_capacity(if root { 0 } else { target.len() } + values.clone().map(<[u8]>::len).sum::<usize>());
+        let mut text = Vec::with_capacity(if root { 0 } else { target.len() } + values().map(<[u8]>::len).sum::<usize>());
         if !root {
             text.extend_from_slice(target);
         }
-        values.for_each(|v| text.extend_from_slice(v));
+        values().for_each(|v| text.extend_from_slice(v));
         Bytes::from(text)
     };
     let uri = if root {
-        Uri::from_static("/")
+        static ROOT: OnceLock<Uri> = OnceLock::new();
+        ROOT.get_or_init(|| Uri::from_static("/")).clone()
     } else {
         Uri::from_maybe_shared(text.split_to(target.len())).map_err(|e| e.to_string())?
     };
@@ -203,9 +206,9 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     *req.version_mut() = version;
     let mut map = SPARE_HEADERS.take().unwrap_or_default();
     map.reserve(headers.len());
-    for h in headers {
+    for (h, v) in headers.iter().zip(values()) {
         let name = HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
-        let value = HeaderValue::from_maybe_shared(text.split_to(h.value.len)).map_err(|e| e.to_string())?;
+        let value = HeaderValue::from_maybe_shared(text.split_to(v.len())).map_err(|e| e.to_string())?;
         map.append(name, value);
     }
     *req.headers_mut() = map;

@@ -295,14 +295,12 @@ struct RecentValues {
 
 impl RecentValues {
     const CAPACITY: usize = 8;
+    /// Longer values are not kept.
+    const LONGEST: usize = 128;
 
     /// The header value for `bytes`, or `None` if they are not a valid value.
     fn value(&mut self, name: &HeaderName, bytes: &[u8]) -> Option<HeaderValue> {
-        use http::header::*;
-        // Only names whose values are few and not secret: a cookie or a location is
-        // neither, and would push out those that are.
-        let repeats = [CONTENT_TYPE, CACHE_CONTROL, CONTENT_ENCODING, VARY, SERVER, X_CONTENT_TYPE_OPTIONS];
-        if !repeats.contains(name) {
+        if !REPEATING.contains(name) || bytes.len() > Self::LONGEST {
             return HeaderValue::from_bytes(bytes).ok();
         }
         if let Some((_, value)) = self.entries.iter().find(|(n, v)| n == name && v.as_bytes() == bytes) {
@@ -318,6 +316,13 @@ impl RecentValues {
         Some(value)
     }
 }
+
+/// The response headers whose values [`RecentValues`] keeps: few distinct values, none of
+/// them secret (a cookie or a location is neither, and would push out those that are).
+const REPEATING: [HeaderName; 6] = {
+    use http::header::*;
+    [CONTENT_TYPE, CACHE_CONTROL, CONTENT_ENCODING, VARY, SERVER, X_CONTENT_TYPE_OPTIONS]
+};
 
 unsafe extern "C" fn response_set_full_body(response: *mut c_void, body: FfiStr) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
@@ -408,8 +413,8 @@ impl Release {
 }
 
 /// Starts a request in the plugin. Must run on a thread of the plugin's generation. A body
-/// longer than `max_body_size` fails, for the plugin, where it crosses the limit; see
-/// [`PluginCall::body_limit`].
+/// longer than `max_body_size` fails, for the plugin, where it crosses the limit, and the
+/// call then ends in [`CallError::BodyTooLarge`].
 pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_size: u64) -> PluginCall {
     let (parts, incoming) = request.into_parts();
     let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
@@ -462,7 +467,7 @@ pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_
     let future = unsafe { (generation.declaration().handle)(&ffi) };
     drop(headers);
     recycle(parts.headers);
-    PluginCall { ffi: future, too_large }
+    PluginCall { ffi: future, too_large, generation: generation.id() }
 }
 
 /// Why a plugin call produced no response.
@@ -482,6 +487,8 @@ pub enum CallError {
 pub struct PluginCall {
     ffi: FfiResponseFuture,
     too_large: Option<Arc<AtomicBool>>,
+    /// The generation the call was made on: the one to poll it with.
+    generation: u64,
 }
 
 // SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
@@ -492,6 +499,7 @@ impl PluginCall {
     /// Polls the plugin's future, on a thread of `generation`, the one it was called on
     /// (whose streaming bodies keep it loaded).
     pub fn poll(&mut self, cx: &mut Context<'_>, generation: &Arc<Generation>) -> Poll<Result<http::Response<ResponseBody>, CallError>> {
+        debug_assert_eq!(generation.id(), self.generation, "a plugin call polled with another generation");
         let waker = abi::waker::lend(cx.waker());
         // The header map comes from `SPARE_HEADERS` at the first header, if there is one.
         let mut slot = ResponseSlot { generation, status: None, headers: HeaderMap::new(), body: None, error: None };

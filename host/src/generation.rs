@@ -30,6 +30,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use handler_api::abi::{FfiPoll, HostApi, PluginDeclaration};
+
 use crate::bridge::{self, PluginContext};
 use crate::budget::BudgetError;
 use crate::latch::Latch;

@@ -33,7 +33,8 @@ impl Latch {
         self.raised.load(Ordering::Acquire)
     }
 
-    /// The token cancelled when the latch is raised.
+    /// The token cancelled when the latch is raised. Only [`Latch::raise`] may cancel it (or
+    /// `raised` would miss it); hand out child tokens to whoever needs one to cancel.
     pub fn token(&self) -> &CancellationToken {
         &self.token
     }

@@ -9,9 +9,9 @@
 //!
 //! Connections read no clock. They count what happens; the sweeper reads the clock once per
 //! tick and times each connection from the tick at which it first saw the count where it is
-//! now. It sees a change at most one tick after it happened, so a connection expires between
-//! one timeout and one timeout plus a tick after its last activity, never before. The
-//! timeouts:
+//! now. That tick comes after the activity, so a connection never expires early; it expires
+//! at most about two ticks late (one to see the activity, one to see the timeout pass), and a
+//! tick is a quarter of the shortest timeout, at most a second. The timeouts:
 //!
 //! - *header read timeout* (HTTP/1): a new connection, or bytes of a next request, and no
 //!   request has reached the plugin since (a slowloris client sending its head a byte at a

@@ -32,7 +32,8 @@ where
     // Every signal handler is in place before anything can be signalled about: a SIGHUP
     // that arrived before its handler would terminate the process (the default action).
     let latch = Arc::new(Latch::new());
-    let shutdown = latch.token().clone();
+    // Only the latch may cancel: its flag, which connections read, must be raised first.
+    let shutdown = latch.token().child_token();
     spawn_signal_handler(latch.clone())?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     // The socket first: one passed by systemd is taken before anything else opens a file, and

@@ -6,8 +6,8 @@
 //! The listener lives on the host's own runtime. Each accepted socket is handed to the
 //! current generation's runtime, which registers it with its own reactor and serves it with
 //! hyper (HTTP/1.1 with keep-alive, or HTTP/2 with prior knowledge, detected per
-//! connection). The plugin is polled inline on that connection's task: a request costs no
-//! hop between threads.
+//! connection). An HTTP/1 request is handed to the plugin, and its response polled, inline on
+//! that connection's task: a request costs no hop between threads.
 //!
 //! When a newer generation becomes current, every connection of the old one is told
 //! (`Generation::superseded`). A connection with no HTTP/1 request in progress moves at once:
@@ -17,8 +17,8 @@
 //! the old generation and moves right after. No client reconnects and nothing is closed.
 //!
 //! HTTP/2 streams are spawned by hyper through [`StreamExecutor`] onto the runtime of the
-//! generation the stream was routed to, so a stream in progress never holds its connection
-//! back from moving.
+//! generation the stream was routed to, and the plugin sees the request there, so a stream in
+//! progress never holds its connection (or its other streams) back.
 
 use std::future::Future;
 use std::io;
@@ -43,9 +43,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::bridge::{self, BodyError, CallError, PluginCall, ResponseBody};
+use crate::cli::HttpLimits;
 use crate::generation::{thread_generation, Generation};
 use crate::latch::Latch;
-use crate::cli::HttpLimits;
 use crate::limits::{Activity, Expiry, Sweeper};
 use crate::registry::Registry;
 
@@ -270,7 +270,7 @@ struct ConnTask {
     generation: Arc<Generation>,
     server: Arc<Server>,
     /// Wake this task when its generation is superseded or aborted. They are polled only when
-    /// the task's waker changes (in practice once); every poll reads the signals' flags.
+    /// the task's waker changes (in practice once); every poll reads the latches' flags.
     superseded: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     aborted: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     registered: Option<Waker>,
@@ -290,7 +290,7 @@ impl ConnTask {
         }
     }
 
-    /// Makes sure a raised signal wakes this task.
+    /// Makes sure a raised latch wakes this task.
     fn register(&mut self, cx: &mut Context<'_>) {
         if self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             return;
@@ -516,10 +516,12 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
             *self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation.clone());
         }
         let guard = RequestGuard::new(generation, self.conn.clone(), h1);
-        match start(request, guard) {
-            Ok(calling) => Respond::Calling(calling),
-            Err(response) => Respond::Answered(Some(response)),
+        if !h1 {
+            // The stream's own task calls the plugin: the connection's task serves every
+            // stream, and must not wait for one.
+            return Respond::Starting(Some((request, guard)));
         }
+        Respond::start(request, guard)
     }
 }
 
@@ -529,12 +531,15 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
 /// A named future rather than an `async fn`'s: hyper keeps it in place, where a boxed one
 /// would cost an allocation per request (over a kilobyte, past glibc's fast bins).
 enum Respond {
+    /// An HTTP/2 request, handed to the plugin at the first poll, on the stream's task.
+    Starting(Option<(Request<Incoming>, RequestGuard)>),
     Calling(Calling),
     /// Answered by the host, or taken by hyper.
     Answered(Option<Response<HostBody>>),
 }
 
-/// A request in the plugin's hands.
+/// A request in the plugin's hands. Field order matters: the plugin's state (`call`) is
+/// dropped before the generation its code lives in can be released (`guard`).
 struct Calling {
     call: PluginCall,
     guard: RequestGuard,
@@ -544,28 +549,43 @@ struct Calling {
     uri: http::Uri,
 }
 
+impl Respond {
+    fn start(request: Request<Incoming>, guard: RequestGuard) -> Respond {
+        match start(request, guard) {
+            Ok(calling) => Respond::Calling(calling),
+            Err(response) => Respond::Answered(Some(response)),
+        }
+    }
+}
+
 impl Future for Respond {
     type Output = Result<Response<HostBody>, std::convert::Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        if let Respond::Starting(starting) = this {
+            if let Some((request, guard)) = starting.take() {
+                *this = Respond::start(request, guard);
+            }
+        }
         if let Respond::Calling(calling) = this {
             let Poll::Ready(called) = calling.call.poll(cx, &calling.guard.generation) else { return Poll::Pending };
             if let Respond::Calling(calling) = std::mem::replace(this, Respond::Answered(None)) {
                 return Poll::Ready(Ok(calling.finish(called)));
             }
         }
-        // hyper never polls a future again once it has its response.
         match this {
             Respond::Answered(response) => response.take().map_or(Poll::Pending, |r| Poll::Ready(Ok(r))),
-            Respond::Calling(_) => Poll::Pending,
+            // Not reached: a future that completed is dropped by hyper, not polled again.
+            Respond::Starting(_) | Respond::Calling(_) => Poll::Pending,
         }
     }
 }
 
 /// Checks what the host checks before the plugin sees a request, and hands the request to
-/// the plugin (on the generation's thread: hyper calls the service from the connection's
-/// task, which runs on the runtime of the generation it loaded); or answers right away.
+/// the plugin; or answers right away. Runs on a thread of the request's generation: the
+/// connection's task (HTTP/1), which runs on the runtime of the generation it loaded, or the
+/// stream's task (HTTP/2), spawned on the runtime of the generation it was routed to.
 fn start(request: Request<Incoming>, guard: RequestGuard) -> Result<Calling, Response<HostBody>> {
     let started = Instant::now();
     let generation = &guard.generation;

@@ -106,10 +106,10 @@ pub struct Params {
 impl Params {
     fn full() -> Params {
         Params {
-            hello_rounds: 3,
+            hello_rounds: 5,
             hello_time: Duration::from_secs(10),
             connections: 32,
-            download_rounds: 3,
+            download_rounds: 5,
             download_time: Duration::from_secs(5),
             download_size: 64 << 20,
             download_connections: 4,
