@@ -703,3 +703,32 @@ unsafe extern "C" fn blocking_drop(task: *mut c_void) {
     // SAFETY: released exactly once.
     let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::{CONTENT_TYPE, SET_COOKIE};
+
+    #[test]
+    fn repeated_values_are_shared_and_others_copied() {
+        let mut recent = RecentValues { entries: Vec::new(), next: 0 };
+        let first = recent.value(&CONTENT_TYPE, b"text/plain").expect("valid");
+        let again = recent.value(&CONTENT_TYPE, b"text/plain").expect("valid");
+        assert_eq!(first, again);
+        assert_eq!(first.as_bytes().as_ptr(), again.as_bytes().as_ptr(), "the same bytes, shared");
+        assert_eq!(recent.entries.len(), 1);
+
+        // Never kept: another name, a secret, a long value, an invalid one.
+        assert!(recent.value(&SET_COOKIE, b"session=secret").is_some());
+        assert!(recent.value(&CONTENT_TYPE, &[b'a'; 200]).is_some());
+        assert!(recent.value(&CONTENT_TYPE, b"bad\r\nvalue").is_none());
+        assert_eq!(recent.entries.len(), 1);
+
+        // Full: the oldest entries make room.
+        for i in 0..RecentValues::CAPACITY {
+            recent.value(&CONTENT_TYPE, format!("type/{i}").as_bytes());
+        }
+        assert_eq!(recent.entries.len(), RecentValues::CAPACITY);
+        assert!(recent.entries.iter().all(|(_, v)| v != "text/plain"));
+    }
+}
