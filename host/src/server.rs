@@ -551,7 +551,7 @@ struct Calling {
 
 impl Respond {
     fn start(request: Request<Incoming>, guard: RequestGuard) -> Respond {
-        match start(request, guard) {
+        match hand_to_plugin(request, guard) {
             Ok(calling) => Respond::Calling(calling),
             Err(response) => Respond::Answered(Some(response)),
         }
@@ -586,7 +586,7 @@ impl Future for Respond {
 /// the plugin; or answers right away. Runs on a thread of the request's generation: the
 /// connection's task (HTTP/1), which runs on the runtime of the generation it loaded, or the
 /// stream's task (HTTP/2), spawned on the runtime of the generation it was routed to.
-fn start(request: Request<Incoming>, guard: RequestGuard) -> Result<Calling, Response<HostBody>> {
+fn hand_to_plugin(request: Request<Incoming>, guard: RequestGuard) -> Result<Calling, Response<HostBody>> {
     let started = Instant::now();
     let generation = &guard.generation;
     if thread_generation() != generation.id() {
