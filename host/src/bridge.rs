@@ -467,7 +467,7 @@ pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_
     let future = unsafe { (generation.declaration().handle)(&ffi) };
     drop(headers);
     recycle(parts.headers);
-    PluginCall { ffi: future, too_large, generation: generation.id() }
+    PluginCall { ffi: future, too_large, generation: generation.id(), request_line: Some((parts.method, parts.uri)) }
 }
 
 /// Why a plugin call produced no response.
@@ -489,6 +489,8 @@ pub struct PluginCall {
     too_large: Option<Arc<AtomicBool>>,
     /// The generation the call was made on: the one to poll it with.
     generation: u64,
+    /// The request's method and target, for the log (moved here, not cloned).
+    request_line: Option<(http::Method, http::Uri)>,
 }
 
 // SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
@@ -496,6 +498,11 @@ pub struct PluginCall {
 unsafe impl Send for PluginCall {}
 
 impl PluginCall {
+    /// Releases the plugin's state, and gives back the request's method and target.
+    pub fn finish(mut self) -> (http::Method, http::Uri) {
+        self.request_line.take().unwrap_or_default()
+    }
+
     /// Polls the plugin's future, on a thread of `generation`, the one it was called on
     /// (whose streaming bodies keep it loaded).
     pub fn poll(&mut self, cx: &mut Context<'_>, generation: &Arc<Generation>) -> Poll<Result<http::Response<ResponseBody>, CallError>> {

@@ -544,9 +544,6 @@ struct Calling {
     call: PluginCall,
     guard: RequestGuard,
     started: Instant,
-    /// For the log lines; cloning them bumps reference counts, it does not allocate.
-    method: http::Method,
-    uri: http::Uri,
 }
 
 impl Respond {
@@ -599,16 +596,15 @@ fn hand_to_plugin(request: Request<Incoming>, guard: RequestGuard) -> Result<Cal
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
         return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard, started));
     }
-    let (method, uri) = (request.method().clone(), request.uri().clone());
     let call = bridge::call(generation, request, max_body_size);
-    Ok(Calling { call, guard, started, method, uri })
+    Ok(Calling { call, guard, started })
 }
 
 impl Calling {
     /// The response to hand to hyper, once the plugin's future has completed.
     fn finish(self, called: Result<Response<ResponseBody>, CallError>) -> Response<HostBody> {
-        let Calling { call, guard, started, method, uri } = self;
-        drop(call); // the plugin's future state, released before anything else happens
+        let Calling { call, guard, started } = self;
+        let (method, uri) = call.finish(); // the plugin's state goes first
         let generation = &guard.generation;
         match called {
             Ok(response) => {
