@@ -381,7 +381,7 @@ pub const LAYOUT_FINGERPRINT: u64 = fingerprint! {
 };
 
 pub mod waker {
-    //! Conversions between `std::task::Waker` and [`FfiWaker`](super::FfiWaker).
+    //! Conversions between `std::task::Waker` and [`super::FfiWaker`].
     //!
     //! Both sides compile this module, each into its own copy with its own vtable addresses.
     //! A waker that makes a round trip (host → plugin → host) is unwrapped back to the

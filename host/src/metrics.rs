@@ -99,7 +99,7 @@ impl Shard {
     }
 }
 
-/// A snapshot of [`StatusStats`], also what retired generations are summed into.
+/// A snapshot of one status code's figures, also what retired generations are summed into.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StatusTotals {
     pub count: u64,

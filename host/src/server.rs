@@ -13,10 +13,10 @@
 //! (`Generation::superseded`). A connection with no HTTP/1 request in progress moves at once:
 //! its task ends on the old runtime and the same hyper connection future is spawned on the
 //! new one, where the socket re-registers with the new reactor on its next poll
-//! ([`MigratingStream`]). A connection busy with a response (a long download) finishes it on
+//! (`MigratingStream`). A connection busy with a response (a long download) finishes it on
 //! the old generation and moves right after. No client reconnects and nothing is closed.
 //!
-//! HTTP/2 streams are spawned by hyper through [`StreamExecutor`] onto the runtime of the
+//! HTTP/2 streams are spawned by hyper through `StreamExecutor` onto the runtime of the
 //! generation the stream was routed to, and the plugin sees the request there, so a stream in
 //! progress never holds its connection (or its other streams) back.
 
@@ -521,7 +521,7 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
             // stream, and must not wait for one.
             return Respond::Starting(Some((request, guard)));
         }
-        Respond::start(request, guard)
+        hand_to_plugin(request, guard)
     }
 }
 
@@ -546,15 +546,6 @@ struct Calling {
     started: Instant,
 }
 
-impl Respond {
-    fn start(request: Request<Incoming>, guard: RequestGuard) -> Respond {
-        match hand_to_plugin(request, guard) {
-            Ok(calling) => Respond::Calling(calling),
-            Err(response) => Respond::Answered(Some(response)),
-        }
-    }
-}
-
 impl Future for Respond {
     type Output = Result<Response<HostBody>, std::convert::Infallible>;
 
@@ -562,7 +553,7 @@ impl Future for Respond {
         let this = self.get_mut();
         if let Respond::Starting(starting) = this {
             if let Some((request, guard)) = starting.take() {
-                *this = Respond::start(request, guard);
+                *this = hand_to_plugin(request, guard);
             }
         }
         if let Respond::Calling(calling) = this {
@@ -583,21 +574,21 @@ impl Future for Respond {
 /// the plugin; or answers right away. Runs on a thread of the request's generation: the
 /// connection's task (HTTP/1), which runs on the runtime of the generation it loaded, or the
 /// stream's task (HTTP/2), spawned on the runtime of the generation it was routed to.
-fn hand_to_plugin(request: Request<Incoming>, guard: RequestGuard) -> Result<Calling, Response<HostBody>> {
+fn hand_to_plugin(request: Request<Incoming>, guard: RequestGuard) -> Respond {
     let started = Instant::now();
     let generation = &guard.generation;
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), "request received outside its generation's runtime");
-        return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, guard, started));
+        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, guard, started)));
     }
     let max_body_size = guard.conn.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
-        return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard, started));
+        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard, started)));
     }
     let call = bridge::call(generation, request, max_body_size);
-    Ok(Calling { call, guard, started })
+    Respond::Calling(Calling { call, guard, started })
 }
 
 impl Calling {
