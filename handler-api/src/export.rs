@@ -11,7 +11,6 @@ use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -195,8 +194,7 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
         Bytes::from(text)
     };
     let uri = if root {
-        static ROOT: OnceLock<Uri> = OnceLock::new();
-        ROOT.get_or_init(|| Uri::from_static("/")).clone()
+        Uri::default() // "/", built without parsing
     } else {
         Uri::from_maybe_shared(text.split_to(target.len())).map_err(|e| e.to_string())?
     };

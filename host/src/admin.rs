@@ -57,6 +57,13 @@ pub enum AdminAddr {
     Off,
 }
 
+impl Default for AdminAddr {
+    /// The socket at [`default_socket`].
+    fn default() -> AdminAddr {
+        AdminAddr::Unix(default_socket())
+    }
+}
+
 impl FromStr for AdminAddr {
     type Err = String;
 
@@ -153,10 +160,13 @@ impl Drop for SocketFile {
 }
 
 impl AdminListener {
-    /// Binds `addr`. `explicit`: the operator chose it; a busy default socket only disables
-    /// the API (with a warning) instead of failing the start.
-    pub async fn bind(addr: &AdminAddr, token_file: Option<&Path>, explicit: bool) -> anyhow::Result<Option<AdminListener>> {
+    /// Binds the address the operator chose, or the default socket. A busy default socket
+    /// only disables the API (with a warning); a chosen address that cannot be bound fails
+    /// the start.
+    pub async fn bind(chosen: Option<&AdminAddr>, token_file: Option<&Path>) -> anyhow::Result<Option<AdminListener>> {
         let token = token_file.map(read_token).transpose()?;
+        let explicit = chosen.is_some();
+        let addr = &chosen.cloned().unwrap_or_default();
         let listener = match addr {
             AdminAddr::Off => return Ok(None),
             AdminAddr::Tcp(tcp) => {
@@ -222,14 +232,15 @@ impl AdminListener {
 /// replacing a socket file nobody listens on (left by a crashed host).
 async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+    let dir = socket_dir(path);
+    if !dir.exists() {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
             .create(dir)
             .with_context(|| format!("cannot create {} for the admin socket", dir.display()))?;
     }
-    check_socket_dir(socket_dir(path))?;
+    check_socket_dir(dir)?;
     if let Ok(existing) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         anyhow::ensure!(
@@ -452,13 +463,12 @@ fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
     let current = registry.current();
     let history = registry.history().records();
     let refused = registry.history().refusals();
-    let sha256_of = |id: u64| history.iter().find(|r| r.generation == Some(id)).and_then(|r| r.sha256.get().cloned());
-    let loaded_at = |id: u64| history.iter().find(|r| r.generation == Some(id)).map(|r| r.at);
+    let record_of = |id: u64| history.iter().find(|r| r.generation == Some(id));
     let resident: Vec<_> = registry
         .resident()
         .iter()
         .map(|g| {
-            let at = loaded_at(g.id()).unwrap_or(started);
+            let at = record_of(g.id()).map_or(started, |r| r.at);
             json!({
                 "generation": g.id(),
                 "name": g.name(),
@@ -517,8 +527,8 @@ fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
             "name": current.name(),
             "version": current.version().to_string(),
             "file": current.source(),
-            "sha256": sha256_of(current.id()),
-            "loaded_at": loaded_at(current.id()).map(rfc3339),
+            "sha256": record_of(current.id()).and_then(|r| r.sha256.get()),
+            "loaded_at": record_of(current.id()).map(|r| rfc3339(r.at)),
         },
         "pin": registry.pin().map(|p| json!({ "name": p.name, "version": p.version.to_string(), "by": p.by.to_string() })),
         "resident": resident,

@@ -467,7 +467,14 @@ pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_
     let future = unsafe { (generation.declaration().handle)(&ffi) };
     drop(headers);
     recycle(parts.headers);
-    PluginCall { ffi: future, too_large, generation: generation.id(), request_line: Some((parts.method, parts.uri)) }
+    PluginCall {
+        ffi: future,
+        too_large,
+        #[cfg(debug_assertions)]
+        generation: generation.id(),
+        method: parts.method,
+        uri: parts.uri,
+    }
 }
 
 /// Why a plugin call produced no response.
@@ -487,10 +494,12 @@ pub enum CallError {
 pub struct PluginCall {
     ffi: FfiResponseFuture,
     too_large: Option<Arc<AtomicBool>>,
-    /// The generation the call was made on: the one to poll it with.
+    /// The generation the call was made on: the one to poll it with (checked in debug builds).
+    #[cfg(debug_assertions)]
     generation: u64,
     /// The request's method and target, for the log (moved here, not cloned).
-    request_line: Option<(http::Method, http::Uri)>,
+    method: http::Method,
+    uri: http::Uri,
 }
 
 // SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
@@ -500,13 +509,15 @@ unsafe impl Send for PluginCall {}
 impl PluginCall {
     /// Releases the plugin's state, and gives back the request's method and target.
     pub fn finish(mut self) -> (http::Method, http::Uri) {
-        self.request_line.take().unwrap_or_default()
+        // Both defaults are constants: taking costs no allocation.
+        (std::mem::take(&mut self.method), std::mem::take(&mut self.uri))
     }
 
     /// Polls the plugin's future, on a thread of `generation`, the one it was called on
     /// (whose streaming bodies keep it loaded).
     pub fn poll(&mut self, cx: &mut Context<'_>, generation: &Arc<Generation>) -> Poll<Result<http::Response<ResponseBody>, CallError>> {
-        debug_assert_eq!(generation.id(), self.generation, "a plugin call polled with another generation");
+        #[cfg(debug_assertions)]
+        assert_eq!(generation.id(), self.generation, "a plugin call polled with another generation");
         let waker = abi::waker::lend(cx.waker());
         // The header map comes from `SPARE_HEADERS` at the first header, if there is one.
         let mut slot = ResponseSlot { generation, status: None, headers: HeaderMap::new(), body: None, error: None };

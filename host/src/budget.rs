@@ -75,6 +75,11 @@ impl Usage {
         self.limit.saturating_sub(self.used)
     }
 
+    /// Whether a load that takes `cost` more would eat into the reserve.
+    fn exhausted(&self, cost: u64) -> bool {
+        self.free() <= self.resource.reserve() + cost
+    }
+
     /// Whether to warn: three quarters used.
     fn low(&self) -> bool {
         self.used.saturating_mul(4) >= self.limit.saturating_mul(3)
@@ -147,7 +152,7 @@ impl Budget {
         }
         for usage in &all {
             let cost = if usage.resource == Resource::ThreadKeys { seen.keys_per_load } else { 0 };
-            if usage.free() <= usage.resource.reserve() + cost {
+            if usage.exhausted(cost) {
                 return Err(BudgetError { usage: *usage, per_load: cost });
             }
         }
@@ -182,8 +187,11 @@ mod tests {
         let at = |used| Usage { resource: Resource::ThreadKeys, used, limit: 1024 };
         assert!(!at(700).low());
         assert!(at(768).low());
-        assert!(at(991).free() > Resource::ThreadKeys.reserve());
-        assert!(at(992).free() <= Resource::ThreadKeys.reserve());
+        assert!(!at(991).exhausted(0));
+        assert!(at(992).exhausted(0));
+        // A load known to take keys needs room for them too.
+        assert!(at(991).exhausted(1));
+        assert!(!at(990).exhausted(1));
     }
 
     #[test]

@@ -211,6 +211,11 @@ impl PluginSource {
         PluginSource { dir, only: path.file_name().map(OsStr::to_os_string) }
     }
 
+    /// The file (`--plugin`) or directory (`--plugin-dir`) builds are taken from.
+    pub fn location(&self) -> PathBuf {
+        self.only.as_ref().map_or_else(|| self.dir.clone(), |name| self.dir.join(name))
+    }
+
     /// Whether a file of this name may be a plugin.
     pub fn accepts(&self, name: &OsStr) -> bool {
         if let Some(only) = &self.only {

@@ -204,7 +204,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     text.parse::<bytesize::ByteSize>().map(|size| size.as_u64())
 }
 
-fn parse_header_size(text: &str) -> Result<u64, String> {
+pub fn parse_header_size(text: &str) -> Result<u64, String> {
     // hyper reads request heads into a buffer of at least 8 KiB.
     parse_size(text).and_then(|size| if size >= 8192 { Ok(size) } else { Err("must be at least 8KiB".into()) })
 }

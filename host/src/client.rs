@@ -19,7 +19,7 @@ use crate::cli::AdminCommand;
 /// Runs one admin command.
 pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
     let args = command.client().clone();
-    let addr = args.admin.unwrap_or_else(|| AdminAddr::Unix(admin::default_socket()));
+    let addr = args.admin.unwrap_or_default();
     let token = args.admin_token_file.as_deref().map(admin::read_token).transpose()?;
     let (method, path, body) = match &command {
         AdminCommand::Status(_) => (Method::GET, "/status", None),

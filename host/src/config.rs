@@ -124,9 +124,15 @@ impl File {
                 flags.value(&format!("--{}", key.replace('_', "-")), value);
             }
         }
-        for (key, value) in [("max_header_size", self.limits.max_header_size), ("max_body_size", self.limits.max_body_size)] {
+        // The flags' own parsers, so that the file accepts exactly what the flags do.
+        type Parse = fn(&str) -> Result<u64, String>;
+        let sizes = [
+            ("max_header_size", self.limits.max_header_size, crate::cli::parse_header_size as Parse),
+            ("max_body_size", self.limits.max_body_size, crate::cli::parse_size),
+        ];
+        for (key, value, parse) in sizes {
             if let Some(value) = value {
-                crate::cli::parse_size(&value).map_err(|e| invalid(key, format!("`{value}` is not a size like 64KiB or 1GiB ({e})")))?;
+                parse(&value).map_err(|e| invalid(key, format!("`{value}` is not a size like 64KiB or 1GiB ({e})")))?;
                 flags.value(&format!("--{}", key.replace('_', "-")), value);
             }
         }

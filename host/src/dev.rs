@@ -175,10 +175,12 @@ async fn rebuild_loop(
         }
         tracing::info!(package = %package, "sources changed: rebuilding");
         match build(&package, release).await {
-            Ok(Some(artifact)) => match registry.load_and_swap(&artifact).await {
-                Ok(generation) => tracing::info!(generation = generation.id(), plugin = %generation.label(), "rebuilt and swapped in"),
-                Err(e) => registry.refuse(&artifact, e.kind(), &e.to_string(), None),
-            },
+            Ok(Some(artifact)) => {
+                // A refusal is logged and recorded by the registry.
+                if let Ok(generation) = registry.load_and_swap(&artifact).await {
+                    tracing::info!(generation = generation.id(), plugin = %generation.label(), "rebuilt and swapped in");
+                }
+            }
             Ok(None) => {
                 let current = registry.current();
                 tracing::warn!("build failed (compiler errors above); generation {} ({}) keeps serving", current.id(), current.label());

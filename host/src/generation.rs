@@ -254,7 +254,6 @@ impl Candidate {
             // Only `Drop` takes it otherwise: unreachable while `self` is alive.
             return Err(GenerationError::Runtime(std::io::Error::other("the candidate was already started")));
         };
-        let shadow = std::mem::take(&mut self.shadow);
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.worker_threads.max(1))
             .thread_name(thread_name(id))
@@ -264,11 +263,11 @@ impl Candidate {
         {
             Ok(rt) => rt,
             Err(e) => {
-                drop(library.close());
-                let _ = std::fs::remove_file(&shadow);
+                self.library = Some(library); // dropping `self` closes it and deletes the copy
                 return Err(GenerationError::Runtime(e));
             }
         };
+        let shadow = std::mem::take(&mut self.shadow);
         let context = Box::new(PluginContext { label: format!("{}@{}", self.name, self.version) });
         let api = Box::new(bridge::host_api(&*context, bridge::max_log_level()));
         live_generations().fetch_add(1, Ordering::SeqCst);
@@ -305,32 +304,33 @@ impl Candidate {
             .await
             .ok_or_else(|| GenerationError::InitTimeout { plugin: plugin.clone(), timeout: options.init_timeout })?;
         match outcome {
-            FfiPoll::READY => generation.initialized = true,
+            FfiPoll::READY => {}
             FfiPoll::PANICKED => return Err(GenerationError::InitPanicked { plugin, reason }),
             _ => return Err(GenerationError::InitFailed { plugin, reason }),
         }
-        if let Some(ready) = generation.declaration().ready {
-            // Until `ready` returns, the shutdown hook must not run beside it, even if this
-            // load is abandoned (shutdown) while it runs.
-            generation.initialized = false;
-            let outcome_and_reason = generation
-                .run_hook(options.init_timeout, move |sink| {
-                    // SAFETY: `init` succeeded; `sink` is a live String.
-                    unsafe { ready(sink) }
-                })
-                .await;
-            let Some((outcome, reason)) = outcome_and_reason else {
-                // `ready` is still running: its thread keeps the library loaded (see
-                // `Retired::unload`), and the shutdown hook is not run.
-                return Err(GenerationError::NotReady {
-                    plugin,
-                    reason: format!("no answer within {:?}", options.init_timeout),
-                });
-            };
+        // The shutdown hook may run at unload once `init` has succeeded and `ready`, if any,
+        // has returned: never beside `ready`, even if this load is abandoned while it runs.
+        let Some(ready) = generation.declaration().ready else {
             generation.initialized = true;
-            if outcome != FfiPoll::READY {
-                return Err(GenerationError::NotReady { plugin, reason });
-            }
+            return Ok(Arc::new(generation));
+        };
+        let outcome_and_reason = generation
+            .run_hook(options.init_timeout, move |sink| {
+                // SAFETY: `init` succeeded; `sink` is a live String.
+                unsafe { ready(sink) }
+            })
+            .await;
+        let Some((outcome, reason)) = outcome_and_reason else {
+            // `ready` is still running: its thread keeps the library loaded (see
+            // `Retired::unload`), and the shutdown hook is not run.
+            return Err(GenerationError::NotReady {
+                plugin,
+                reason: format!("no answer within {:?}", options.init_timeout),
+            });
+        };
+        generation.initialized = true;
+        if outcome != FfiPoll::READY {
+            return Err(GenerationError::NotReady { plugin, reason });
         }
         Ok(Arc::new(generation))
     }
@@ -376,11 +376,6 @@ struct SendPtr<T>(*const T);
 unsafe impl<T> Send for SendPtr<T> {}
 
 impl Generation {
-    /// Loads `source` as generation `id`: [`Candidate::open`], then [`Candidate::start`].
-    pub async fn load(source: &Path, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
-        Candidate::open(source, options).await?.start(id, options).await
-    }
-
     /// Runs an init-like hook on a thread of this generation, with a timeout. `None` on
     /// timeout; otherwise the outcome and whatever the plugin wrote to the error sink.
     async fn run_hook(

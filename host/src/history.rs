@@ -192,13 +192,6 @@ impl History {
             .filter_map(|r| Some((r.version.clone()?, r.kept.clone()?)))
             .collect()
     }
-
-    /// Deletes every kept copy (at exit).
-    pub fn remove_copies(&self) {
-        for record in self.lock().records.iter_mut() {
-            remove_copy(record.kept.take());
-        }
-    }
 }
 
 impl Inner {

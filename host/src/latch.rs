@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Raised once, never lowered. Checking it is one atomic load, where a `CancellationToken`
 /// takes a lock; the token is still there for whoever wants to wait the usual way.
@@ -42,15 +42,34 @@ impl Latch {
     /// Completes when the latch is raised. Meant to be polled beside a connection on each of
     /// its polls: while the task's waker stays the same, a poll is one atomic load.
     pub fn raised(&self) -> Raised<'_> {
-        Raised { latch: self, wait: None, registered: None }
+        Raised { latch: self, waiter: self.waiter(), registered: None }
+    }
+
+    /// What a task that checks [`Latch::is_raised`] itself registers its waker with, to be
+    /// woken when the latch is raised.
+    pub fn waiter(&self) -> Waiter {
+        Waiter(Some(Box::pin(self.token.clone().cancelled_owned())))
+    }
+}
+
+/// Wakes a task when its latch is raised; see [`Latch::waiter`].
+pub struct Waiter(Option<Pin<Box<WaitForCancellationFutureOwned>>>);
+
+impl Waiter {
+    /// Makes sure the task of `cx` is woken when the latch is raised. Registering takes the
+    /// token's lock: call it when the task's waker has changed, not on every poll.
+    pub fn register(&mut self, cx: &mut Context<'_>) {
+        if self.0.as_mut().is_some_and(|wait| wait.as_mut().poll(cx).is_ready()) {
+            self.0 = None; // raised: nothing more to wait for
+        }
     }
 }
 
 /// The future of [`Latch::raised`].
 pub struct Raised<'a> {
     latch: &'a Latch,
-    /// Registered with the token whenever the task's waker changes (in practice, once).
-    wait: Option<Pin<Box<WaitForCancellationFuture<'a>>>>,
+    waiter: Waiter,
+    /// The waker last registered (in practice, the only one).
     registered: Option<Waker>,
 }
 
@@ -62,15 +81,14 @@ impl Future for Raised<'_> {
         if this.latch.is_raised() {
             return Poll::Ready(());
         }
-        if this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            return Poll::Pending;
+        if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            this.waiter.register(cx);
+            this.registered = Some(cx.waker().clone());
+            // Raised while registering: the flag is set before the token is cancelled.
+            if this.latch.is_raised() {
+                return Poll::Ready(());
+            }
         }
-        let token = &this.latch.token;
-        let wait = this.wait.get_or_insert_with(|| Box::pin(token.cancelled()));
-        if wait.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        this.registered = Some(cx.waker().clone());
         Poll::Pending
     }
 }

@@ -90,6 +90,13 @@ impl Activity {
         self.phase.store(count | if reading_head { READING_HEAD } else { 0 }, Ordering::Relaxed);
     }
 
+    /// Whether an HTTP/1 request is in progress: polled inline on the connection's task, it
+    /// pins the connection to its generation until its response ends. (A connection speaks
+    /// one protocol for its whole life.)
+    pub fn http1_busy(&self) -> bool {
+        !self.http2.load(Ordering::Relaxed) && self.requests.load(Ordering::Acquire) > 0
+    }
+
     /// Bytes arrived from the client.
     pub fn received(&self) {
         if self.requests.load(Ordering::Relaxed) > 0 {

@@ -4,7 +4,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use hotswap::cli::{Cli, Command, ServeArgs};
 use hotswap::trust::Trust;
-use hotswap::watch::{self, PluginSource};
+use hotswap::builds::PluginSource;
+use hotswap::watch;
 
 fn main() -> ExitCode {
     let args = match hotswap::config::apply(std::env::args_os().collect()) {
@@ -66,11 +67,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(dir)) => PluginSource::directory(dir.clone()),
         (None, None) => anyhow::bail!("give --plugin PATH or --plugin-dir DIR"),
     };
-    anyhow::ensure!(
-        !source.scan().is_empty(),
-        "no plugin file at {}: put a build there first",
-        args.plugin.as_ref().unwrap_or(&source.dir).display()
-    );
     let trust = Trust { insecure: args.insecure_plugin_dir, digests: args.trusted_digests.clone(), own_build: false };
     hotswap::run::serve(&args.host, trust, source.clone(), move |registry, hangup, shutdown| {
         watch::run(source, registry, hangup, shutdown)

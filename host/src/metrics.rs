@@ -312,41 +312,48 @@ impl Collector for Metrics {
         };
         counter(&mut encoder, "hotswap_swaps", "Swaps: a new generation became current", events.swaps.load(Ordering::Relaxed))?;
 
-        let mut refusals = encoder.encode_descriptor(
+        labelled_counters(
+            &mut encoder,
             "hotswap_refusals",
             "Plugin builds refused instead of swapped in, by reason",
-            None,
-            MetricType::Counter,
+            "reason",
+            registry.history().refusals_by_reason(),
         )?;
-        for (reason, count) in registry.history().refusals_by_reason() {
-            ConstCounter::new(count).encode(refusals.encode_family(&[("reason", reason)])?)?;
-        }
-
         let (unmapped, still_mapped, leaked) = crate::generation::unload_counts();
-        let mut unloads = encoder.encode_descriptor(
+        labelled_counters(
+            &mut encoder,
             "hotswap_unloads",
             "Generations unloaded, by result: unmapped (gone from /proc/self/maps), still_mapped (a bug), leaked (threads stuck in plugin code)",
-            None,
-            MetricType::Counter,
+            "result",
+            [("unmapped", unmapped), ("still_mapped", still_mapped), ("leaked", leaked)],
         )?;
-        for (result, count) in [("unmapped", unmapped), ("still_mapped", still_mapped), ("leaked", leaked)] {
-            ConstCounter::new(count).encode(unloads.encode_family(&[("result", result)])?)?;
-        }
-
-        let mut aborted = encoder.encode_descriptor(
+        labelled_counters(
+            &mut encoder,
             "hotswap_aborted_responses",
             "Responses cut off before they ended, by cause: drain_timeout (their generation was replaced longer than --drain-timeout ago), generation_cap (--max-generations)",
-            None,
-            MetricType::Counter,
+            "cause",
+            [
+                ("drain_timeout", events.aborted_by_drain_timeout.load(Ordering::Relaxed)),
+                ("generation_cap", events.aborted_by_generation_cap.load(Ordering::Relaxed)),
+            ],
         )?;
-        for (cause, count) in [
-            ("drain_timeout", events.aborted_by_drain_timeout.load(Ordering::Relaxed)),
-            ("generation_cap", events.aborted_by_generation_cap.load(Ordering::Relaxed)),
-        ] {
-            ConstCounter::new(count).encode(aborted.encode_family(&[("cause", cause)])?)?;
-        }
         Ok(())
     }
+}
+
+/// A counter family with one label, one series per value of it.
+fn labelled_counters<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl IntoIterator<Item = (&'a str, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, count) in series {
+        ConstCounter::new(count).encode(family.encode_family(&[(label, value)])?)?;
+    }
+    Ok(())
 }
 
 /// The text a scrape gets (Prometheus text format 0.0.4).

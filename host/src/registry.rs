@@ -168,7 +168,7 @@ impl Registry {
             }
         }
         if refusals.is_empty() {
-            refusals.push(format!("no plugin file in {}", source.dir.display()));
+            refusals.push(format!("no plugin file at {}: put a build there first", source.location().display()));
         }
         Err(StartError(refusals))
     }
@@ -233,19 +233,8 @@ impl Registry {
         let (build, held) = match known {
             Some(build) => (build, None),
             None => {
-                let candidate = match self.open(file).await {
-                    Ok(candidate) => candidate,
-                    Err(e) => {
-                        if !matches!(e, GenerationError::Load(LoadError::Incomplete { .. })) {
-                            lock(&self.unreadable).insert(file.to_path_buf(), identity);
-                            self.refuse(file, e.kind(), &e.to_string(), None);
-                        }
-                        return Err(e);
-                    }
-                };
-                let build = build_of(&candidate);
-                lock(&self.builds).insert(build.clone());
-                (build, Some(candidate))
+                let candidate = self.read_build(file, identity).await.map_err(|(e, _)| e)?;
+                (build_of(&candidate), Some(candidate))
             }
         };
         let outcome = self.converge(held).await;
@@ -261,6 +250,14 @@ impl Registry {
     /// Reads the plugin directory again, retries builds refused before (what was wrong may
     /// have been fixed in place), and swaps in the build that should serve, if it is not
     /// serving. Answers once that has happened or was refused.
+    /// Whether the file at `path`, as `identity`, has been read: it is a known build, was
+    /// refused, or is what serves.
+    pub fn has_read(&self, path: &Path, identity: Identity) -> bool {
+        lock(&self.builds).get(path, identity).is_some()
+            || lock(&self.unreadable).get(path) == Some(&identity)
+            || self.current().identity() == identity
+    }
+
     pub async fn reload(&self) -> Outcome {
         let _changing = self.changing.lock().await;
         lock(&self.builds).forget_refusals();
@@ -269,18 +266,13 @@ impl Registry {
             if lock(&self.builds).get(&file, identity).is_some() || self.current().identity() == identity {
                 continue;
             }
-            match self.open(&file).await {
-                Ok(candidate) => {
-                    lock(&self.unreadable).remove(&file);
-                    lock(&self.builds).insert(build_of(&candidate));
-                }
-                Err(GenerationError::Load(LoadError::Incomplete { .. })) => {
+            match self.read_build(&file, identity).await {
+                Ok(_) => {}
+                Err((GenerationError::Load(LoadError::Incomplete { .. }), _)) => {
                     tracing::debug!(file = %file.display(), "reload: still being written; the watcher loads it once complete");
                 }
-                Err(e) => {
-                    let known = lock(&self.unreadable).insert(file.clone(), identity) == Some(identity);
-                    if !known {
-                        self.refuse(&file, e.kind(), &e.to_string(), None);
+                Err((e, recorded)) => {
+                    if recorded {
                         refused.push(e.to_string());
                     }
                 }
@@ -332,12 +324,36 @@ impl Registry {
         self.converge(None).await
     }
 
+    /// Opens `file` (found as `identity`) and adds it to the builds. A failure, other than a
+    /// file still being written, is recorded as a refusal unless this same file was refused
+    /// before; the error comes back with whether it was recorded.
+    async fn read_build(&self, file: &Path, identity: Identity) -> Result<Candidate, (GenerationError, bool)> {
+        match self.open(file).await {
+            Ok(candidate) => {
+                lock(&self.unreadable).remove(file);
+                lock(&self.builds).insert(build_of(&candidate));
+                Ok(candidate)
+            }
+            Err(e @ GenerationError::Load(LoadError::Incomplete { .. })) => Err((e, false)),
+            Err(e) => {
+                let new = lock(&self.unreadable).insert(file.to_path_buf(), identity) != Some(identity);
+                if new {
+                    self.refuse(file, e.kind(), &e.to_string(), None);
+                }
+                Err((e, new))
+            }
+        }
+    }
+
     /// Loads `file` and swaps it in whatever its version (`hotswap dev`: the build just made).
-    pub async fn load_and_swap(&self, file: &Path) -> Result<Arc<Generation>, GenerationError> {
+    /// A refusal is logged and recorded, as any other; the error is its reason.
+    pub async fn load_and_swap(&self, file: &Path) -> Result<Arc<Generation>, String> {
         let _changing = self.changing.lock().await;
-        let candidate = self.open(file).await?;
-        lock(&self.builds).insert(build_of(&candidate));
-        self.start_and_swap(candidate).await
+        let candidate = self.open(file).await;
+        if let Ok(candidate) = &candidate {
+            lock(&self.builds).insert(build_of(candidate));
+        }
+        self.try_start(candidate, file, None).await
     }
 
     fn unchanged(&self, reason: String) -> Outcome {
@@ -404,11 +420,13 @@ impl Registry {
         let mut seen = HashSet::new();
         sources.retain(|source| seen.insert(source.clone()));
         if sources.is_empty() {
-            let mut known: Vec<Version> = lock(&self.builds).all().map(|b| b.version.clone()).collect();
+            let mut known: std::collections::BTreeSet<Version> = lock(&self.builds).all().map(|b| b.version.clone()).collect();
             known.extend(self.history.copies_of(|_, _| true).into_iter().map(|(v, _)| v));
-            known.sort_by(|a, b| b.cmp_precedence(a));
-            known.dedup();
-            let known = if known.is_empty() { "none".into() } else { known.iter().map(Version::to_string).collect::<Vec<_>>().join(", ") };
+            let known = if known.is_empty() {
+                "none".into()
+            } else {
+                known.iter().rev().map(Version::to_string).collect::<Vec<_>>().join(", ") // highest first
+            };
             return Err(ChangeError::UnknownVersion { version: pin.version, dir: self.source.dir.clone(), known });
         }
         let mut refused = Vec::new();

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminAddr, AdminListener};
+use crate::admin::AdminListener;
 use crate::builds::PluginSource;
 use crate::cli::HostArgs;
 use crate::generation::{self, LoadOptions};
@@ -42,10 +42,7 @@ where
         Some(inherited) => TcpListener::from_std(inherited)?,
         None => TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?,
     };
-    let admin = {
-        let addr = args.admin.admin.clone().unwrap_or_else(|| AdminAddr::Unix(admin::default_socket()));
-        AdminListener::bind(&addr, args.admin.admin_token_file.as_deref(), args.admin.admin.is_some()).await?
-    };
+    let admin = AdminListener::bind(args.admin.admin.as_ref(), args.admin.admin_token_file.as_deref()).await?;
     let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
     let options = LoadOptions {
         worker_threads: args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),

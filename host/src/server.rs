@@ -40,12 +40,11 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::bridge::{self, BodyError, CallError, PluginCall, ResponseBody};
 use crate::cli::HttpLimits;
 use crate::generation::{thread_generation, Generation};
-use crate::latch::Latch;
+use crate::latch::{Latch, Waiter};
 use crate::limits::{Activity, Expiry, Sweeper};
 use crate::registry::Registry;
 
@@ -117,7 +116,6 @@ impl Server {
         let generation = self.registry.current();
         let conn = Arc::new(ConnState {
             generation: ArcSwap::new(generation.clone()),
-            h1_in_flight: AtomicUsize::new(0),
             next_stream: Mutex::new(None),
             activity: self.sweeper.track(),
             max_body_size: self.limits.max_body_size,
@@ -159,9 +157,6 @@ impl Server {
 struct ConnState {
     /// The generation whose runtime serves this connection now.
     generation: ArcSwap<Generation>,
-    /// HTTP/1 requests in progress (polled inline, so they pin the connection to its
-    /// generation until their response ends).
-    h1_in_flight: AtomicUsize,
     /// The generation chosen by the service for the HTTP/2 stream hyper is about to spawn.
     next_stream: Mutex<Option<Arc<Generation>>>,
     /// For the header read and idle timeouts.
@@ -271,8 +266,8 @@ struct ConnTask {
     server: Arc<Server>,
     /// Wake this task when its generation is superseded or aborted. They are polled only when
     /// the task's waker changes (in practice once); every poll reads the latches' flags.
-    superseded: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    aborted: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    superseded: Waiter,
+    aborted: Waiter,
     registered: Option<Waker>,
 }
 
@@ -281,8 +276,8 @@ impl ConnTask {
         let generation = conn.generation.load_full();
         ConnTask {
             connection: Some(connection),
-            superseded: Some(Box::pin(generation.superseded().token().clone().cancelled_owned())),
-            aborted: Some(Box::pin(generation.aborted().token().clone().cancelled_owned())),
+            superseded: generation.superseded().waiter(),
+            aborted: generation.aborted().waiter(),
             registered: None,
             generation,
             conn,
@@ -295,11 +290,8 @@ impl ConnTask {
         if self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             return;
         }
-        for wait in [&mut self.superseded, &mut self.aborted] {
-            if wait.as_mut().is_some_and(|w| w.as_mut().poll(cx).is_ready()) {
-                *wait = None;
-            }
-        }
+        self.superseded.register(cx);
+        self.aborted.register(cx);
         self.conn.activity.wake_on_expiry(cx.waker());
         self.registered = Some(cx.waker().clone());
     }
@@ -333,7 +325,7 @@ impl Future for ConnTask {
         if this.try_move() {
             return Poll::Ready(());
         }
-        if this.generation.aborted().is_raised() && this.conn.h1_in_flight.load(Ordering::Acquire) > 0 {
+        if this.generation.aborted().is_raised() && this.conn.activity.http1_busy() {
             tracing::warn!(
                 generation = this.generation.id(),
                 plugin = %this.generation.label(),
@@ -350,7 +342,7 @@ impl ConnTask {
     /// Moves the connection to the current generation if this one was superseded and no
     /// HTTP/1 request is in progress. Returns whether it moved.
     fn try_move(&mut self) -> bool {
-        if !self.generation.superseded().is_raised() || self.conn.h1_in_flight.load(Ordering::Acquire) > 0 {
+        if !self.generation.superseded().is_raised() || self.conn.activity.http1_busy() {
             return false;
         }
         let next = self.server.registry.current();
@@ -485,11 +477,12 @@ where
         let generation = self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner).take();
         match generation {
             Some(generation) => {
-                let aborted = generation.aborted().token().clone();
-                generation.handle().spawn(async move {
+                let runtime = generation.handle().clone();
+                runtime.spawn(async move {
                     tokio::select! {
+                        biased; // the stream first: it is what is usually ready
                         _ = future => {}
-                        () = aborted.cancelled() => tracing::warn!("drain timeout: aborting an HTTP/2 stream"),
+                        () = generation.aborted().raised() => tracing::warn!("drain timeout: aborting an HTTP/2 stream"),
                     }
                 });
             }
@@ -649,9 +642,6 @@ impl RequestGuard {
     fn new(generation: Arc<Generation>, conn: Arc<ConnState>, h1: bool) -> RequestGuard {
         generation.stats().request_started();
         conn.activity.request_started();
-        if h1 {
-            conn.h1_in_flight.fetch_add(1, Ordering::AcqRel);
-        }
         RequestGuard { generation, conn, h1 }
     }
 }
@@ -659,9 +649,6 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.generation.stats().request_ended();
-        if self.h1 {
-            self.conn.h1_in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
         self.conn.activity.request_ended();
     }
 }

@@ -70,22 +70,46 @@ pub fn thread_keys_in_use() -> Option<u64> {
 
 /// The listening socket a service manager passed in (systemd socket activation: `LISTEN_FDS`
 /// and `LISTEN_PID` naming this process), if any. Only the first is used; more are an error.
+/// The socket is handed out once: later calls find none.
 pub fn inherited_listener() -> io::Result<Option<std::net::TcpListener>> {
     use std::os::fd::FromRawFd as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // `sd_notify::listen_fds` leaves the environment as it is, so it would name the same
+    // descriptors again: two owners of one fd. This flag makes the first call the only one.
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::AcqRel) {
+        return Ok(None);
+    }
     let mut fds = sd_notify::listen_fds()?;
     let Some(fd) = fds.next() else { return Ok(None) };
     if fds.len() > 0 {
         return Err(io::Error::other(format!("{} sockets passed (LISTEN_FDS); hotswap serves one", fds.len() + 1)));
     }
+    if !is_listening_stream(fd) {
+        return Err(io::Error::other(format!("the socket passed in fd {fd} is not a listening stream (TCP) socket")));
+    }
     // SAFETY: the service manager passed this descriptor to this process (LISTEN_PID is our
-    // pid) for it to own, and nothing else in the process has taken it: `listen_fds` hands
-    // each out once, at startup.
+    // pid) for it to own, and nothing else in the process has taken it: only this function
+    // reads LISTEN_FDS, and `TAKEN` lets it do so once.
     let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-    // A socket that is not a bound TCP socket (a Unix socket, a datagram one) fails here.
+    // A listening stream socket that is not TCP (a Unix socket) fails here.
     let addr = listener.local_addr().map_err(|e| io::Error::other(format!("the socket passed in fd {fd} is not a TCP listener: {e}")))?;
     listener.set_nonblocking(true)?;
     tracing::info!(%addr, "using the listening socket passed by the service manager (LISTEN_FDS)");
     Ok(Some(listener))
+}
+
+/// Whether `fd` is a stream socket that is listening.
+fn is_listening_stream(fd: std::os::fd::RawFd) -> bool {
+    let option = |name| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are valid for writes of an int, as both options return;
+        // `getsockopt` on a descriptor that is not a socket fails without touching them.
+        let ok = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut value as *mut libc::c_int).cast(), &mut len) } == 0;
+        ok.then_some(value)
+    };
+    option(libc::SO_TYPE) == Some(libc::SOCK_STREAM) && option(libc::SO_ACCEPTCONN) == Some(1)
 }
 
 /// How many thread-specific-data keys a process may have (glibc's `PTHREAD_KEYS_MAX`).

@@ -29,7 +29,7 @@ use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::builds::PluginSource;
+use crate::builds::PluginSource;
 use crate::generation::GenerationError;
 use crate::loader::{Identity, LoadError};
 use crate::registry::{Outcome, Registry};
@@ -133,15 +133,14 @@ pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, 
                     outcome = registry.reload() => log_reload(&outcome),
                     () = shutdown.cancelled() => return,
                 }
-                for (path, identity) in source.scan() {
+            }
+            for (path, identity) in source.scan() {
+                if registry.has_read(&path, identity) {
                     pending.remove(&path);
                     handled.insert(path, identity);
-                }
-            } else {
-                for (path, identity) in source.scan() {
-                    if handled.get(&path) != Some(&identity) {
-                        pending.entry(path).or_insert(Pending { closed: true, last_event: Instant::now(), incomplete_since: None });
-                    }
+                } else if handled.get(&path) != Some(&identity) {
+                    // New since, or still being written: taken like any other event.
+                    pending.entry(path).or_insert(Pending { closed: true, last_event: Instant::now(), incomplete_since: None });
                 }
             }
         }
@@ -229,7 +228,7 @@ async fn attempt(
             pending.remove(path);
             handled.insert(path.to_path_buf(), identity);
         }
-        Err(GenerationError::Load(LoadError::Incomplete { len, needed, .. })) => {
+        Err(e @ GenerationError::Load(LoadError::Incomplete { len, needed, .. })) => {
             let Some(entry) = pending.get_mut(path) else { return };
             entry.closed = false; // wait for the writer
             match entry.incomplete_since {
@@ -237,7 +236,7 @@ async fn attempt(
                     let reason = format!(
                         "incomplete file: {len} bytes, but its ELF headers say it ends at byte {needed}; unchanged for {GIVE_UP_AFTER:?}, so it is truncated"
                     );
-                    registry.refuse(path, "incomplete", &reason, None);
+                    registry.refuse(path, e.kind(), &reason, None);
                     pending.remove(path);
                     handled.insert(path.to_path_buf(), identity);
                 }

@@ -180,10 +180,20 @@ async fn admin_get(url: &str, token: Option<&str>) -> (u16, String) {
 }
 
 /// The value of the metric line starting with `series ` (name and labels), or 0.
+/// A series' value in a scrape, 0 if it is not there (yet).
 fn metric(text: &str, series: &str) -> f64 {
+    find_metric(text, series).unwrap_or(0.0)
+}
+
+/// A series that must be in the scrape.
+fn required_metric(text: &str, series: &str) -> f64 {
+    find_metric(text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+fn find_metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+        .map(|v| v.trim().parse().unwrap())
 }
 
 #[tokio::test]
@@ -263,7 +273,7 @@ async fn metrics_and_status_follow_requests_swaps_refusals_and_unloads_behind_a_
     assert_eq!(metric(&metrics, r#"hotswap_refusals_total{reason="not_a_library"}"#), 1.0, "{metrics}");
     assert_eq!(metric(&metrics, r#"hotswap_aborted_responses_total{cause="drain_timeout"}"#), 1.0, "{metrics}");
     assert_eq!(metric(&metrics, r#"hotswap_unloads_total{result="unmapped"}"#), 1.0, "{metrics}");
-    assert_eq!(metric(&metrics, r#"hotswap_unloads_total{result="still_mapped"}"#), 0.0, "{metrics}");
+    assert_eq!(required_metric(&metrics, r#"hotswap_unloads_total{result="still_mapped"}"#), 0.0, "{metrics}");
     assert_eq!(metric(&metrics, "hotswap_resident_generations"), 1.0, "{metrics}");
     // Version 1.0.0's counts outlive its generation (the download counts as a 200 too).
     assert!(metric(&at_swap, ok) > metric(&after, ok), "{at_swap}");

@@ -191,8 +191,11 @@ impl Host {
     /// it), and waits up to `startup` until it listens; returns the log if it does not.
     pub fn start_command(mut cmd: Command, startup: Duration) -> Result<Host, String> {
         // Each host its own admin socket (the default path is one per user), unless the test
-        // chose one. Short, under /tmp: socket paths are limited to 107 bytes.
-        let admin = match cmd.get_envs().find(|(k, _)| *k == "HOTSWAP_ADMIN").and_then(|(_, v)| v) {
+        // chose one (`--admin /path`, or HOTSWAP_ADMIN). Short, under /tmp: socket paths are
+        // limited to 107 bytes.
+        let flag = cmd.get_args().skip_while(|a| *a != "--admin").nth(1).filter(|v| Path::new(v).is_absolute());
+        let env = cmd.get_envs().find(|(k, _)| *k == "HOTSWAP_ADMIN").and_then(|(_, v)| v);
+        let admin = match flag.or(env) {
             Some(chosen) => PathBuf::from(chosen),
             None => {
                 static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
