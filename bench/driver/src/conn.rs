@@ -103,7 +103,10 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    /// A server that answers each of `responses` to one request on one connection, then closes.
+    /// A server that answers each of `responses` to one request on one connection, then closes
+    /// its side. It closes with a FIN, never a reset: it goes on reading until the client has
+    /// gone, because closing a socket with unread input (the client's next request) makes the
+    /// kernel send RST, which the client may see as "connection reset" instead of the close.
     fn serve(responses: &'static [&'static str]) -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -118,6 +121,9 @@ mod tests {
                 }
                 writer.write_all(response.as_bytes()).unwrap();
             }
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+            // Until the client closes (or resets, when the test ends): errors here are moot.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
         });
         port
     }
