@@ -484,12 +484,13 @@ impl Registry {
             resident.push(Arc::downgrade(&next));
             resident.iter().filter_map(Weak::upgrade).collect::<Vec<_>>()
         };
+        // Kept-alive connections move on before anything that may block (the log's write).
+        old.superseded().raise();
         tracing::info!(
             from = %old.label(), from_generation = old.id(), to = %next.label(), to_generation = next.id(),
             "swapped: new requests go to generation {}", next.id()
         );
         self.events.swaps.fetch_add(1, Ordering::Relaxed);
-        old.superseded().raise();
         self.record_swap(&next);
         self.enforce_max_generations(resident);
         let old = Arc::downgrade(&old);

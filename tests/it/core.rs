@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hotswap_tests::{artifacts, is_pattern, Host};
+use hotswap_tests::{artifacts, is_pattern, Host, WAIT};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1024 * 1024;
@@ -22,7 +22,7 @@ async fn greets_with_name_and_version() {
     let health = reqwest::get(host.url("/health")).await.unwrap();
     assert_eq!(health.status(), 200);
     // One line per request at debug level.
-    assert!(host.wait_for_log("request method=GET path=/health status=200", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("request method=GET path=/health status=200", WAIT), "{}", host.log());
 }
 
 #[tokio::test]
@@ -101,7 +101,7 @@ async fn streams_a_256_mib_upload_without_buffering_it() {
     assert!(text.contains(&format!("sha256={expected}")), "{text}");
     assert!(peak < idle + 64 * MIB, "RSS peaked at {} MiB, idle was {} MiB", peak / MIB, idle / MIB);
     // The plugin's own `tracing` event, in the host's log, tagged with its name and version.
-    assert!(host.wait_for_log("upload received", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("upload received", WAIT), "{}", host.log());
     let line = host.log().lines().find(|l| l.contains("upload received")).unwrap().to_owned();
     assert!(line.contains("plugin=example-handler@0.1.0") && line.contains(&format!("bytes={size}")), "{line}");
 }
@@ -139,8 +139,8 @@ async fn a_handler_panic_is_a_500_and_the_next_request_is_served() {
     let response = client.get(host.url("/")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "fine\n");
-    assert!(host.wait_for_log("handler panic on purpose", Duration::from_secs(5)), "{}", host.log());
-    assert!(host.wait_for_log("answered 500", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("handler panic on purpose", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("answered 500", WAIT), "{}", host.log());
     // Reported through the host's log by the plugin's hook, not by std's default hook
     // (which would print "thread '...' panicked at").
     let log = host.log();
@@ -175,7 +175,7 @@ async fn a_body_panic_aborts_only_that_response() {
     assert!(received < expected);
     assert_eq!(other.get(host.url("/")).send().await.unwrap().text().await.unwrap(), "fine\n");
     assert_eq!(reqwest::get(host.url("/")).await.unwrap().status(), 200);
-    assert!(host.wait_for_log("body panic on purpose", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("body panic on purpose", WAIT), "{}", host.log());
 }
 
 #[tokio::test]
@@ -207,7 +207,7 @@ async fn blocking_work_runs_on_the_hosts_pool_and_its_panics_are_errors() {
     assert_eq!(text, "42 on another thread: true\n");
     let text = reqwest::get(host.url("/blocking-panic")).await.unwrap().text().await.unwrap();
     assert_eq!(text, "error: the blocking job panicked\n");
-    assert!(host.wait_for_log("blocking job panic", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("blocking job panic", WAIT), "{}", host.log());
     assert_eq!(reqwest::get(host.url("/")).await.unwrap().status(), 200);
 }
 

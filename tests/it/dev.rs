@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{temp_dir, workspace, Host};
+use hotswap_tests::{temp_dir, workspace, Host, WAIT};
 
 async fn wait_for_answer(host: &Host, want: &str, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
@@ -70,7 +70,7 @@ tracing = "0.1"
     std::fs::write(&source, original.replace("hello from", "howdy from")).unwrap();
     wait_for_answer(&host, "howdy from example-handler", Duration::from_secs(120)).await;
     assert_eq!(host.pid(), pid);
-    assert!(host.wait_for_log("rebuilt and swapped in", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("rebuilt and swapped in", WAIT), "{}", host.log());
 
     std::fs::write(&source, original.replace("hello from", "howdy from") + "\nfn broken( {\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);

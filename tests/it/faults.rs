@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host};
+use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host, WAIT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -19,13 +19,13 @@ async fn a_response_that_never_ends_is_aborted_by_the_drain_timeout_and_its_gene
     place_by_rename(&artifacts().faulty, &dir.join("app.so"));
     let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--drain-timeout", "1s"]);
     let hung = tokio::spawn(reqwest::get(host.url("/hang")));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.wait_in_flight(1).await;
     place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
     let started = Instant::now();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), hung).await.expect("the hung request was never aborted");
+    let outcome = tokio::time::timeout(WAIT, hung).await.expect("the hung request was never aborted");
     assert!(outcome.unwrap().is_err(), "a request that never ends got an answer");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
+    let mapped = host.wait_mapped(1, WAIT).await;
     assert_eq!(mapped.len(), 1, "the hung generation stayed mapped: {mapped:?}\n{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
 }
@@ -39,14 +39,14 @@ async fn a_shutdown_hook_that_panics_or_hangs_does_not_stop_the_host() {
 
     // Panics: reported, and the library is unloaded anyway.
     place_by_rename(&init_fixture("shutdown-hang"), &dir.join("app.so"));
-    assert!(host.wait_for_log("the shutdown hook panicked; the plugin is unloaded anyway", Duration::from_secs(5)), "{}", host.log());
-    assert!(host.wait_for_log("generation=1 plugin=fixture-init@0.1.0 elapsed", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("the shutdown hook panicked; the plugin is unloaded anyway", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("generation=1 plugin=fixture-init@0.1.0 elapsed", WAIT), "{}", host.log());
 
     // Hangs: after the unload timeout the host gives up on it, keeps its library (its code is
     // still running) and goes on serving.
     place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
-    assert!(host.wait_for_log("shutdown hook did not return within", Duration::from_secs(10)), "{}", host.log());
-    assert!(host.wait_for_log("its library stays loaded (leaked)", Duration::from_secs(10)), "{}", host.log());
+    assert!(host.wait_for_log("shutdown hook did not return within", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("its library stays loaded (leaked)", WAIT), "{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
 
     // And it still shuts down cleanly.
@@ -68,15 +68,15 @@ async fn an_unwritable_shadow_directory_refuses_the_candidate_and_is_created_aga
     std::fs::remove_dir_all(&private).unwrap();
     std::fs::write(&private, b"in the way").unwrap();
     place_by_rename(&v2, &dir.join("app.so"));
-    assert!(host.wait_for_log("cannot write the private copy", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("cannot write the private copy", WAIT), "{}", host.log());
     assert!(host.log().contains("keeps serving"), "{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
 
     // Gone altogether (a temporary-file cleaner): created again, and the swap goes through.
     std::fs::remove_file(&private).unwrap();
     place_by_rename(&v2, &dir.join("app.so"));
-    assert!(host.wait_for_log("created it again", Duration::from_secs(5)), "{}", host.log());
-    assert!(host.wait_for_log("new requests go to generation", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("created it again", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("new requests go to generation", WAIT), "{}", host.log());
     assert_eq!(host.version().await, "2.0.0");
 }
 
@@ -105,7 +105,7 @@ async fn a_full_disk_refuses_the_candidate_and_the_current_version_keeps_serving
     assert_eq!(host.version().await, "1.0.0");
 
     place_by_rename(&v2, &dir.join("app.so"));
-    assert!(host.wait_for_log("the disk is full", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("the disk is full", WAIT), "{}", host.log());
     assert!(host.log().contains("keeps serving"), "{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
     assert_eq!(host.mapped_plugins().len(), 1);
@@ -129,7 +129,7 @@ async fn a_sighup_storm_loads_a_new_build_once_and_the_host_keeps_serving() {
     for mut storm in storms {
         assert!(storm.wait().unwrap().success(), "the host died during the SIGHUP storm:\n{}", host.log());
     }
-    assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("new requests go to generation 2", WAIT), "{}", host.log());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(host.version().await, "2.0.0");
     assert_eq!(host.log_count("swapped: new requests go to"), 1, "one new build, one swap:\n{}", host.log());
@@ -142,10 +142,10 @@ async fn sigterm_during_a_swap_exits_cleanly_with_nothing_left_mapped_or_on_disk
     place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
     let base = temp_dir("fault-term-base");
     let mut host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--shadow-dir", base.to_str().unwrap()]);
-    // A download in progress, and a candidate whose init takes 1.5 s.
+    // A download in progress, and a candidate whose init takes 4 s.
     let download = reqwest::get(host.url(&format!("/download?size={}&rate={}", 2 * MIB, 4 * MIB))).await.unwrap();
     place_by_rename(&init_fixture("slow"), &dir.join("app.so"));
-    assert!(host.wait_for_log("loading a candidate", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("loading a candidate", WAIT), "{}", host.log());
     host.signal("TERM");
     // The download in progress still finishes.
     assert_eq!(download.bytes().await.unwrap().len() as u64, 2 * MIB);
@@ -198,15 +198,15 @@ async fn beyond_max_generations_the_oldest_draining_generation_is_cut_off() {
     let slow = format!("/download?size={}&rate={}", 64 * MIB, MIB);
     let on_v1 = reqwest::get(host.url(&slow)).await.unwrap();
     place_by_rename(&v2, &dir.join("app.so"));
-    assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("new requests go to generation 2", WAIT), "{}", host.log());
     let mut on_v2 = reqwest::get(host.url(&slow)).await.unwrap();
 
     // A third generation: v1, the oldest still draining, is cut off; v2 goes on streaming.
     place_by_rename(&v3, &dir.join("app.so"));
     let cut = tokio::time::timeout(Duration::from_secs(5), on_v1.bytes()).await.expect("v1's download was not cut off");
     assert!(cut.is_err(), "v1's download completed");
-    assert!(host.wait_for_log("more than 2 generations loaded (--max-generations)", Duration::from_secs(5)), "{}", host.log());
-    let mapped = host.wait_mapped(2, Duration::from_secs(5)).await;
+    assert!(host.wait_for_log("more than 2 generations loaded (--max-generations)", WAIT), "{}", host.log());
+    let mapped = host.wait_mapped(2, WAIT).await;
     assert_eq!(mapped.len(), 2, "{mapped:?}\n{}", host.log());
     assert!(on_v2.chunk().await.unwrap().is_some(), "v2's download was cut off too");
     assert_eq!(host.version().await, "3.0.0");

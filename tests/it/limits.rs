@@ -5,7 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, Host};
+use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, Host, WAIT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -106,7 +106,7 @@ fn an_idle_keep_alive_connection_is_closed_but_a_long_download_is_not() {
     assert!(rest.is_empty());
     assert!(waited < Duration::from_secs(4), "idle connection stayed open {waited:?}");
     assert!(waited >= Duration::from_millis(500), "closed after only {waited:?}");
-    assert!(host.wait_for_log("idle for the idle timeout", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("idle for the idle timeout", WAIT), "{}", host.log());
 
     // A response in progress is not idle: 3 MiB at 1 MiB/s takes 3 s.
     let mut busy = connect(&host);
@@ -168,7 +168,7 @@ async fn oversized_heads_get_431_and_oversized_bodies_413() {
     streamed.write_all(b"1\r\nx\r\n0\r\n\r\n").unwrap();
     let response = read_head(&mut streamed);
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
-    assert!(host.wait_for_log("request body grew too large", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("request body grew too large", WAIT), "{}", host.log());
 
     // Exactly at the limit: served.
     let response = client.post(host.url("/upload")).body(vec![7u8; MIB as usize]).send().await.unwrap();
@@ -211,10 +211,10 @@ async fn a_client_that_vanishes_mid_download_or_mid_upload_frees_its_generation(
     // A download on v1 (64 MiB at 1 MiB/s), abandoned after v2 arrives.
     let download = reqwest::get(host.url(&format!("/download?size={}&rate={}", 64 * MIB, MIB))).await.unwrap();
     place_by_rename(&v2, &dir.join("app.so"));
-    assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("new requests go to generation 2", WAIT), "{}", host.log());
     assert_eq!(host.mapped_plugins().len(), 2, "v1 should still be streaming");
     drop(download);
-    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
+    let mapped = host.wait_mapped(1, WAIT).await;
     assert_eq!(mapped.len(), 1, "v1 stayed mapped after its client vanished: {mapped:?}\n{}", host.log());
 
     // An upload on v2 that stalls, then its client vanishes after v3 arrives.
@@ -222,13 +222,13 @@ async fn a_client_that_vanishes_mid_download_or_mid_upload_frees_its_generation(
     let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
     let upload = tokio::spawn(reqwest::Client::new().post(host.url("/upload")).body(body).send());
     tx.send(Ok(bytes::Bytes::from(vec![1u8; 64 * 1024]))).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.wait_in_flight(1).await;
     place_by_rename(&v3, &dir.join("app.so"));
-    assert!(host.wait_for_log("new requests go to generation 3", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("new requests go to generation 3", WAIT), "{}", host.log());
     assert_eq!(host.mapped_plugins().len(), 2, "v2 should still be receiving the upload");
     upload.abort();
     drop(tx);
-    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
+    let mapped = host.wait_mapped(1, WAIT).await;
     assert_eq!(mapped.len(), 1, "v2 stayed mapped after its uploading client vanished: {mapped:?}\n{}", host.log());
 }
 

@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host};
+use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host, WAIT};
 use serde_json::Value;
 
 const MIB: u64 = 1024 * 1024;
@@ -22,7 +22,7 @@ fn sha256_hex(path: &Path) -> String {
 
 /// Waits (bounded) for a log line containing every one of `parts`.
 async fn wait_for_line(host: &Host, parts: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + WAIT;
     while !host.log().lines().any(|line| parts.iter().all(|p| line.contains(p))) {
         assert!(Instant::now() < deadline, "no log line with {parts:?}:\n{}", host.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -31,9 +31,9 @@ async fn wait_for_line(host: &Host, parts: &[&str]) {
 
 /// Waits (bounded) until `GET /` answers `version`.
 async fn wait_version(host: &Host, version: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + WAIT;
     while host.version().await != version {
-        assert!(Instant::now() < deadline, "{version} not served within 5 s:\n{}", host.log());
+        assert!(Instant::now() < deadline, "{version} not served within {WAIT:?}:\n{}", host.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -138,7 +138,7 @@ async fn rollback_returns_to_the_previous_version_even_after_its_file_was_replac
     assert!(second["requests"].as_u64().unwrap() >= 5, "{second}");
     assert_eq!(second["sha256"], sha256_hex(&v2).as_str(), "{second}");
     place_by_rename(&v3, &dir.join("app.so"));
-    assert!(host.wait_for_log("version 1.0.0 is pinned (by rollback)", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("version 1.0.0 is pinned (by rollback)", WAIT), "{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
 }
 
@@ -259,7 +259,7 @@ async fn metrics_and_status_follow_requests_swaps_refusals_and_unloads_behind_a_
     wait_version(&host, "2.0.0").await;
     let (_, at_swap) = admin_get(&url("/metrics"), token).await;
     std::fs::write(plugins.join("garbage.so"), b"garbage").unwrap();
-    assert!(host.wait_for_log("not a loadable shared library", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("not a loadable shared library", WAIT), "{}", host.log());
     assert!(download.bytes().await.is_err(), "the download outlived the drain timeout");
     let deadline = Instant::now() + Duration::from_secs(10);
     let metrics = loop {

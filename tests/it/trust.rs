@@ -5,7 +5,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use hotswap_tests::{example_version, place_by_rename, temp_dir, Host};
+use hotswap_tests::{example_version, place_by_rename, temp_dir, Host, WAIT};
 use sha2::{Digest, Sha256};
 
 fn chmod(path: &Path, mode: u32) {
@@ -32,7 +32,7 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
     let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--insecure-plugin-dir"]);
     assert_eq!(host.version().await, "1.0.0");
     place_by_rename(&v2, &dir.join("app.so"));
-    assert!(host.wait_for_log("new requests go to generation 2", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("new requests go to generation 2", WAIT), "{}", host.log());
     assert_eq!(host.log_count("loading an insecure plugin (--insecure-plugin-dir)"), 2, "{}", host.log());
     drop(host);
 
@@ -45,12 +45,12 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
     std::fs::copy(&v2, &other).unwrap();
     chmod(&other, 0o666);
     std::fs::rename(&other, dir.join("app.so")).unwrap();
-    assert!(host.wait_for_log("plugin file is writable by its group and others (mode 0666)", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("plugin file is writable by its group and others (mode 0666)", WAIT), "{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
     // Fixed in place, as the message says; SIGHUP tries it again.
     chmod(&dir.join("app.so"), 0o644);
     host.signal("HUP");
-    assert!(host.wait_for_log("swapped: new requests go to", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("swapped: new requests go to", WAIT), "{}", host.log());
     assert_eq!(host.version().await, "2.0.0");
 
     // A file owned by another user (only root can make one).
@@ -60,7 +60,7 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
         chmod(&foreign, 0o755);
         std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
         std::fs::rename(&foreign, dir.join("app.so")).unwrap();
-        assert!(host.wait_for_log("owned by uid 4242", Duration::from_secs(5)), "{}", host.log());
+        assert!(host.wait_for_log("owned by uid 4242", WAIT), "{}", host.log());
         assert_eq!(host.version().await, "2.0.0");
     }
 
@@ -73,7 +73,7 @@ async fn plugins_others_may_write_are_refused_unless_insecure_is_asked_for() {
     let link = dir.join(".link.tmp");
     std::os::unix::fs::symlink(elsewhere.join("app.so"), &link).unwrap();
     std::fs::rename(&link, dir.join("app.so")).unwrap();
-    assert!(host.wait_for_log("plugin directory is writable by its group and others (mode 0777)", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("plugin directory is writable by its group and others (mode 0777)", WAIT), "{}", host.log());
     assert_eq!(host.version().await, "2.0.0");
 }
 
@@ -91,13 +91,13 @@ async fn only_builds_with_a_trusted_digest_are_loaded() {
     // An unlisted build: refused with its digest; v1 keeps serving.
     let v2_digest = sha256_hex(&v2);
     place_by_rename(&v2, &dir.join("app.so"));
-    assert!(host.wait_for_log(&format!("SHA-256 {v2_digest} is not in the trusted digests file"), Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log(&format!("SHA-256 {v2_digest} is not in the trusted digests file"), WAIT), "{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
 
     // Listed (the file is read again at each load): SIGHUP tries the refused build again.
     std::fs::write(&list, format!("{}\n{v2_digest}\n", sha256_hex(&v1))).unwrap();
     host.signal("HUP");
-    assert!(host.wait_for_log("new requests go to generation", Duration::from_secs(5)), "{}", host.log());
+    assert!(host.wait_for_log("new requests go to generation", WAIT), "{}", host.log());
     assert_eq!(host.version().await, "2.0.0");
 }
 

@@ -8,6 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// How long a test waits for something the host should do soon (a swap, an unload, a log
+/// line). Generous, because a loaded CI machine can be slow; free when it comes sooner. An
+/// assertion about how fast something happens states its own bound.
+pub const WAIT: Duration = Duration::from_secs(30);
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
@@ -90,16 +95,20 @@ pub fn example_version(version: &str) -> PathBuf {
 pub fn variant(package: &str, var: &str, value: &str) -> PathBuf {
     static CACHE: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
     let key = format!("{package}-{value}");
-    if let Some((_, p)) = CACHE.lock().unwrap().iter().find(|(k, _)| *k == key) {
-        return p.clone();
+    let cached = || CACHE.lock().unwrap().iter().find(|(k, _)| *k == key).map(|(_, p)| p.clone());
+    if let Some(p) = cached() {
+        return p;
     }
     artifacts();
     let _lock = build_lock();
+    if let Some(p) = cached() {
+        return p; // built by another test while this one waited for the lock
+    }
     cargo_build(&[package], &[(var, value)]);
     let dir = private_dir(&target_dir().join("it-plugins"));
     let lib = format!("lib{}.so", package.replace('-', "_"));
     let dest = dir.join(format!("{key}.so"));
-    copy_private(&target_dir().join("release").join(&lib), &dest);
+    place_by_rename(&target_dir().join("release").join(&lib), &dest);
     cargo_build(&[package], &[]);
     CACHE.lock().unwrap().push((key, dest.clone()));
     dest
@@ -218,14 +227,17 @@ impl Host {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Into the log first: a test that has the address may look for this line.
+                {
+                    let mut log = sink.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
                 if let Some(rest) = line.split("listening on http://").nth(1) {
                     // Text logs end the line there; JSON logs close a string.
                     let addr = rest.split(|c: char| c.is_whitespace() || c == '"').next().unwrap_or_default();
                     let _ = tx.send(addr.to_owned());
                 }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
         });
         match rx.recv_timeout(startup) {
@@ -320,6 +332,21 @@ impl Host {
             if mapped.len() == n || Instant::now() > deadline {
                 return mapped;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded by [`WAIT`]) until the admin API counts `n` requests in flight, over
+    /// all resident generations.
+    pub async fn wait_in_flight(&self, n: u64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (_, status) = self.command_json(&["status"]);
+            let resident = status["resident"].as_array().cloned().unwrap_or_default();
+            if resident.iter().filter_map(|g| g["in_flight"].as_u64()).sum::<u64>() == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never {n} requests in flight: {status}\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -12,6 +12,10 @@ use crate::proc::{self, Server};
 use crate::swap::{Build, Client, Swapper};
 use crate::{anchor, wrk, Params};
 
+/// How long a swap (or the unload after it) may take before the run gives up: far beyond
+/// the milliseconds one takes, so that only a broken swap, never a busy machine, stops it.
+const SWAP_WAIT: Duration = Duration::from_secs(30);
+
 /// What the suite runs.
 pub struct Setup {
     pub hotswap: PathBuf,
@@ -236,9 +240,9 @@ fn latency(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) 
     let shadow = shadow_dir(setup, "hotswap");
     let mut latency = Latency::default();
     for _ in 0..params.latency_swaps {
-        let (renamed, first_answer) = swapper.swap(&client, &hot.url("/"), Duration::from_secs(5))?;
+        let (renamed, first_answer) = swapper.swap(&client, &hot.url("/"), SWAP_WAIT)?;
         latency.first_answer.push(first_answer);
-        let unmapped = wait_one_mapped(hot, &shadow, Duration::from_secs(5))?;
+        let unmapped = wait_one_mapped(hot, &shadow, SWAP_WAIT)?;
         latency.old_unmapped.push(unmapped - renamed);
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -315,7 +319,7 @@ fn slow_download(hot: &Server, swapper: &mut Swapper, params: &Params) -> Result
             let due = started + params.slow_first + params.slow_spacing * i as u32;
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
             slow.versions.push(client.version(&hot.url("/")).unwrap_or_else(|| "(failed)".into()));
-            slow.swap_latency.push(swapper.swap(&client, &hot.url("/"), Duration::from_secs(5))?.1);
+            slow.swap_latency.push(swapper.swap(&client, &hot.url("/"), SWAP_WAIT)?.1);
         }
         std::thread::sleep(Duration::from_secs(1));
         slow.versions.push(client.version(&hot.url("/")).unwrap_or_else(|| "(failed)".into()));
@@ -357,7 +361,7 @@ fn memory(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) -
         for _ in 0..100 {
             client.version(&url).context("GET / failed")?;
         }
-        wait_one_mapped(hot, &shadow, Duration::from_secs(5))?;
+        wait_one_mapped(hot, &shadow, SWAP_WAIT)?;
         std::thread::sleep(Duration::from_millis(300));
         points.push(MemoryPoint {
             swaps,
@@ -372,7 +376,7 @@ fn memory(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) -
     for point in params.memory_points {
         eprintln!("== memory: swapping up to {point}");
         while done < point {
-            swapper.swap(&client, &url, Duration::from_secs(5))?;
+            swapper.swap(&client, &url, SWAP_WAIT)?;
             done += 1;
         }
         measure(done)?;
