@@ -97,6 +97,42 @@ async fn the_highest_version_serves_and_a_pin_holds_against_newer_builds() {
     assert_eq!(unchanged.1["outcome"], "unchanged", "{}", unchanged.1);
 }
 
+/// Runs `hotswap ARGS` as user `nobody` (65534), through util-linux's `setpriv`.
+fn command_as_nobody(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&artifacts().hotswap)
+        .args(args)
+        .env_remove("HOTSWAP_ADMIN")
+        .output()
+        .expect("cannot run setpriv (util-linux)")
+}
+
+#[tokio::test]
+async fn the_admin_socket_answers_only_its_user_and_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: acting as another user takes root");
+        return;
+    }
+    let host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap()]);
+    let socket = host.admin.to_str().unwrap();
+
+    // The socket's mode keeps other users out.
+    let out = command_as_nobody(&["status", "--admin", socket]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot reach the admin API"), "{out:?}");
+
+    // Should the mode be loosened, the host still refuses them, by their credentials.
+    std::fs::set_permissions(&host.admin, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = command_as_nobody(&["status", "--admin", socket]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr.contains("403") && stderr.contains("answers only this host's user and root"), "{stderr}");
+    // Root still gets its answer.
+    assert_eq!(host.command(&["status"]).code, 0);
+}
+
 #[tokio::test]
 async fn rollback_returns_to_the_previous_version_even_after_its_file_was_replaced() {
     let (v1, v2, v3) = (example_version("1.0.0"), example_version("2.0.0"), example_version("3.0.0"));
