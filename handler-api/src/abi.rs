@@ -128,7 +128,8 @@ pub struct FfiWaker {
 pub struct FfiHeader {
     /// Header name (lowercase).
     pub name: FfiStr,
-    /// Header value bytes.
+    /// Header value bytes: always a valid field value (bytes `http::HeaderValue` accepts),
+    /// which the plugin may rely on without checking again.
     pub value: FfiStr,
 }
 

@@ -262,8 +262,7 @@ unsafe extern "C" fn response_append_header(response: *mut c_void, name: FfiStr,
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `response` is the slot passed to this poll; the strings live for this call.
         let (slot, name, value) = unsafe { (&mut *(response as *mut ResponseSlot), name.as_bytes(), value.as_bytes()) };
-        let header = HeaderName::from_bytes(name).ok().and_then(|n| RECENT_VALUES.with_borrow_mut(|recent| recent.value(&n, value)).map(|v| (n, v)));
-        match header {
+        match RECENT_HEADERS.with_borrow_mut(|recent| recent.header(name, value)) {
             Some((n, v)) => {
                 if slot.headers.capacity() == 0 {
                     slot.headers = SPARE_HEADERS.take().unwrap_or_default();
@@ -281,43 +280,48 @@ unsafe extern "C" fn response_append_header(response: *mut c_void, name: FfiStr,
 }
 
 thread_local! {
-    static RECENT_VALUES: RefCell<RecentValues> = const { RefCell::new(RecentValues { entries: Vec::new(), next: 0 }) };
+    static RECENT_HEADERS: RefCell<RecentHeaders> = const { RefCell::new(RecentHeaders { entries: Vec::new(), next: 0 }) };
 }
 
-/// The values of headers that repeat from one response to the next (`content-type` above
-/// all) that this thread has copied lately. Reusing one costs a comparison and a reference
-/// count, where a new value is validated, and copied into an allocation of its own.
-struct RecentValues {
+/// The headers that repeat from one response to the next (`content-type` above all) that
+/// this thread has parsed lately, found by their bytes. Reusing one costs two comparisons and
+/// a reference count, where a new one is parsed, validated, and its value copied into an
+/// allocation of its own.
+struct RecentHeaders {
     entries: Vec<(HeaderName, HeaderValue)>,
     /// Where the next new entry goes, once full.
     next: usize,
 }
 
-impl RecentValues {
+impl RecentHeaders {
     const CAPACITY: usize = 8;
     /// Longer values are not kept.
     const LONGEST: usize = 128;
 
-    /// The header value for `bytes`, or `None` if they are not a valid value.
-    fn value(&mut self, name: &HeaderName, bytes: &[u8]) -> Option<HeaderValue> {
-        if !REPEATING.contains(name) || bytes.len() > Self::LONGEST {
-            return HeaderValue::from_bytes(bytes).ok();
+    /// The header for these bytes, or `None` if they are not a valid name and value.
+    fn header(&mut self, name: &[u8], value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+        if let Some((n, v)) = self.entries.iter().find(|(n, v)| n.as_str().as_bytes() == name && v.as_bytes() == value) {
+            return Some((n.clone(), v.clone()));
         }
-        if let Some((_, value)) = self.entries.iter().find(|(n, v)| n == name && v.as_bytes() == bytes) {
-            return Some(value.clone());
+        let name = HeaderName::from_bytes(name).ok()?;
+        if !REPEATING.contains(&name) || value.len() > Self::LONGEST {
+            return Some((name, HeaderValue::from_bytes(value).ok()?));
         }
-        let value = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(bytes)).ok()?;
+        if let Some((_, v)) = self.entries.iter().find(|(n, v)| *n == name && v.as_bytes() == value) {
+            return Some((name, v.clone())); // the name spelled in capitals
+        }
+        let value = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value)).ok()?;
         if self.entries.len() < Self::CAPACITY {
             self.entries.push((name.clone(), value.clone()));
         } else {
             self.entries[self.next] = (name.clone(), value.clone());
             self.next = (self.next + 1) % Self::CAPACITY;
         }
-        Some(value)
+        Some((name, value))
     }
 }
 
-/// The response headers whose values [`RecentValues`] keeps: few distinct values, none of
+/// The response headers [`RecentHeaders`] keeps: few distinct values, none of
 /// them secret (a cookie or a location is neither, and would push out those that are).
 const REPEATING: [HeaderName; 6] = {
     use http::header::*;
@@ -728,25 +732,29 @@ mod tests {
     use http::header::{CONTENT_TYPE, SET_COOKIE};
 
     #[test]
-    fn repeated_values_are_shared_and_others_copied() {
-        let mut recent = RecentValues { entries: Vec::new(), next: 0 };
-        let first = recent.value(&CONTENT_TYPE, b"text/plain").expect("valid");
-        let again = recent.value(&CONTENT_TYPE, b"text/plain").expect("valid");
+    fn repeated_headers_are_shared_and_others_copied() {
+        let mut recent = RecentHeaders { entries: Vec::new(), next: 0 };
+        let (name, first) = recent.header(b"content-type", b"text/plain").expect("valid");
+        let (_, again) = recent.header(b"content-type", b"text/plain").expect("valid");
+        assert_eq!(name, CONTENT_TYPE);
         assert_eq!(first, again);
         assert_eq!(first.as_bytes().as_ptr(), again.as_bytes().as_ptr(), "the same bytes, shared");
         assert_eq!(recent.entries.len(), 1);
 
-        // Never kept: another name, a secret, a long value, an invalid one.
-        assert!(recent.value(&SET_COOKIE, b"session=secret").is_some());
-        assert!(recent.value(&CONTENT_TYPE, &[b'a'; 200]).is_some());
-        assert!(recent.value(&CONTENT_TYPE, b"bad\r\nvalue").is_none());
+        // Never kept: another name, a secret, a long value, an invalid one. A name is found
+        // by its bytes only once parsed: another spelling is parsed, and still valid.
+        assert!(recent.header(b"set-cookie", b"session=secret").is_some());
+        assert!(recent.header(b"content-type", &[b'a'; 200]).is_some());
+        assert!(recent.header(b"content-type", b"bad\r\nvalue").is_none());
+        assert!(recent.header(b"bad name", b"text/plain").is_none());
+        assert_eq!(recent.header(b"Content-Type", b"text/plain").map(|(n, _)| n), Some(CONTENT_TYPE));
         assert_eq!(recent.entries.len(), 1);
 
         // Full: the oldest entries make room.
-        for i in 0..RecentValues::CAPACITY {
-            recent.value(&CONTENT_TYPE, format!("type/{i}").as_bytes());
+        for i in 0..RecentHeaders::CAPACITY {
+            recent.header(b"content-type", format!("type/{i}").as_bytes());
         }
-        assert_eq!(recent.entries.len(), RecentValues::CAPACITY);
+        assert_eq!(recent.entries.len(), RecentHeaders::CAPACITY);
         assert!(recent.entries.iter().all(|(_, v)| v != "text/plain"));
     }
 }
