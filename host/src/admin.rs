@@ -344,6 +344,11 @@ where
     }
 }
 
+/// Every endpoint, with the methods it takes (as in an `Allow` header): what the answers to a
+/// wrong method or an unknown path list. `Api::handle` routes them.
+const ENDPOINTS: [(&str, &str); 5] =
+    [("/status", "GET"), ("/metrics", "GET"), ("/reload", "POST"), ("/rollback", "POST"), ("/pin", "POST, DELETE")];
+
 /// The largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -389,17 +394,17 @@ impl Api {
                 changed(registry.pin_version(version).await)
             }
             (Method::DELETE, "/pin") => outcome(registry.unpin().await),
-            (method, "/status" | "/metrics" | "/reload" | "/rollback" | "/pin") => {
-                let allow = match path.as_str() {
-                    "/status" | "/metrics" => "GET",
-                    "/pin" => "POST, DELETE",
-                    _ => "POST",
-                };
-                let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{path} takes {allow}, not {method}"));
-                response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
-                response
-            }
-            _ => error(StatusCode::NOT_FOUND, &format!("no endpoint {path}: try GET /status, GET /metrics, POST /reload, POST /rollback, POST or DELETE /pin")),
+            (method, path) => match ENDPOINTS.iter().find(|(endpoint, _)| *endpoint == path) {
+                Some((_, allow)) => {
+                    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{path} takes {allow}, not {method}"));
+                    response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                    response
+                }
+                None => {
+                    let known = ENDPOINTS.iter().map(|(path, allow)| format!("{allow} {path}")).collect::<Vec<_>>();
+                    error(StatusCode::NOT_FOUND, &format!("no endpoint {path}: try {}", known.join("; ")))
+                }
+            },
         }
     }
 }

@@ -41,7 +41,7 @@ fn the_benchmark_smoke_run_writes_every_table() {
     ] {
         assert!(text.contains(heading), "{heading:?} missing from the report:\n{text}");
     }
-    for row in ["| hotswap | ", "| static | ", "| hotswap: rename → first answer", "| hotswap, a swap every", "checksum OK"] {
+    for row in ["| hotswap | ", "| static | ", "× static (paired rounds: ", "| hotswap: rename → first answer", "| hotswap, a swap every", "checksum OK"] {
         assert!(text.contains(row), "{row:?} missing from the report:\n{text}");
     }
     // The memory table reaches the last checkpoint.

@@ -351,10 +351,12 @@ async fn the_admin_api_refuses_what_it_cannot_act_on() {
     let (status, body) = send(client.post(format!("{admin}/pin")).body(r#"{"version": "4.5.6"}"#)).await;
     assert_eq!(status, 404, "{body}");
     assert!(body["error"].as_str().unwrap().contains("no build of version 4.5.6"), "{body}");
-    let (status, _) = send(client.get(format!("{admin}/pin"))).await;
-    assert_eq!(status, 405);
-    let (status, _) = send(client.get(format!("{admin}/nothing"))).await;
+    let wrong_method = client.get(format!("{admin}/pin")).bearer_auth("t").send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST, DELETE");
+    let (status, body) = send(client.get(format!("{admin}/nothing"))).await;
     assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("try GET /status; GET /metrics; POST /reload"), "{body}");
     let (status, body) = send(client.delete(format!("{admin}/pin"))).await;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("unchanged")), "{body}");
     let (status, body) = send(client.post(format!("{admin}/rollback"))).await;
