@@ -729,7 +729,7 @@ unsafe extern "C" fn blocking_drop(task: *mut c_void) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header::{CONTENT_TYPE, SET_COOKIE};
+    use http::header::CONTENT_TYPE;
 
     #[test]
     fn repeated_headers_are_shared_and_others_copied() {
