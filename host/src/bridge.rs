@@ -438,7 +438,8 @@ pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_
         };
         Box::into_raw(Box::new(body)) as *mut c_void
     };
-    // Borrowed views of the headers; on the stack for any usual request.
+    // Borrowed views of the headers; on the stack for any usual request. Only the bytes of
+    // `HeaderValue`s may go here: the ABI promises plugins valid values (`FfiHeader::value`).
     let mut headers = SmallVec::<[FfiHeader; 16]>::new();
     headers.extend(
         parts.headers.iter().map(|(n, v)| FfiHeader { name: FfiStr::new(n.as_str().as_bytes()), value: FfiStr::new(v.as_bytes()) }),
