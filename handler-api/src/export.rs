@@ -207,7 +207,8 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     for (h, v) in headers.iter().zip(values()) {
         let name = HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
         // SAFETY: the ABI promises valid field values (the host passes `http::HeaderValue`s'
-        // bytes), and these are those bytes, copied. (Debug builds check all the same.)
+        // bytes), and these are those bytes, copied. (Debug builds check all the same: a
+        // broken promise panics there, and the request is answered 500.)
         let value = unsafe { HeaderValue::from_maybe_shared_unchecked(text.split_to(v.len())) };
         map.append(name, value);
     }
