@@ -204,12 +204,13 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     *req.version_mut() = version;
     let mut map = SPARE_HEADERS.take().unwrap_or_default();
     map.reserve(headers.len());
-    for (h, v) in headers.iter().zip(values()) {
+    for h in headers {
         let name = HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
+        let len = unsafe { h.value.as_bytes() }.len();
         // SAFETY: the ABI promises valid field values (the host passes `http::HeaderValue`s'
         // bytes), and these are those bytes, copied. (Debug builds check all the same: a
         // broken promise panics there, and the request is answered 500.)
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(text.split_to(v.len())) };
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(text.split_to(len)) };
         map.append(name, value);
     }
     *req.headers_mut() = map;

@@ -43,7 +43,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::history::State;
 use crate::registry::{ChangeError, Outcome, Registry};
 
 /// Where the admin API listens (`--admin`).
@@ -494,7 +493,6 @@ fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
     let records: Vec<_> = entries
         .into_iter()
         .map(|r| {
-            let state = r.state(current.id());
             json!({
                 "generation": r.generation,
                 "name": r.name,
@@ -502,8 +500,8 @@ fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
                 "file": r.file,
                 "sha256": r.sha256.get(),
                 "at": rfc3339(r.at),
-                "state": state.as_str(),
-                "reason": match &state { State::Refused(reason) => Some(reason), _ => None },
+                "state": r.state(current.id()).as_str(),
+                "reason": r.refused,
                 "requests": r.requests(),
             })
         })
@@ -511,10 +509,7 @@ fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
     let refusals: Vec<_> = refused
         .iter()
         .rev()
-        .filter_map(|r| {
-            let reason = r.refused.as_ref()?;
-            Some(json!({ "file": r.file, "version": r.version.as_ref().map(ToString::to_string), "at": rfc3339(r.at), "reason": reason }))
-        })
+        .map(|r| json!({ "file": r.file, "version": r.version.as_ref().map(ToString::to_string), "at": rfc3339(r.at), "reason": r.refused }))
         .take(10)
         .collect();
     let builds: Vec<_> = registry

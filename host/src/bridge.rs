@@ -300,15 +300,14 @@ impl RecentHeaders {
 
     /// The header for these bytes, or `None` if they are not a valid name and value.
     fn header(&mut self, name: &[u8], value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
-        if let Some((n, v)) = self.entries.iter().find(|(n, v)| n.as_str().as_bytes() == name && v.as_bytes() == value) {
+        // Names compare ignoring case, as `HeaderName::from_bytes` would parse them.
+        let found = self.entries.iter().find(|(n, v)| n.as_str().as_bytes().eq_ignore_ascii_case(name) && v.as_bytes() == value);
+        if let Some((n, v)) = found {
             return Some((n.clone(), v.clone()));
         }
         let name = HeaderName::from_bytes(name).ok()?;
         if !REPEATING.contains(&name) || value.len() > Self::LONGEST {
             return Some((name, HeaderValue::from_bytes(value).ok()?));
-        }
-        if let Some((_, v)) = self.entries.iter().find(|(n, v)| *n == name && v.as_bytes() == value) {
-            return Some((name, v.clone())); // the name spelled in capitals
         }
         let value = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value)).ok()?;
         if self.entries.len() < Self::CAPACITY {
@@ -418,8 +417,9 @@ impl Release {
 
 /// Starts a request in the plugin. Must run on a thread of the plugin's generation. A body
 /// longer than `max_body_size` fails, for the plugin, where it crosses the limit, and the
-/// call then ends in [`CallError::BodyTooLarge`].
-pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_size: u64) -> PluginCall {
+/// call then ends in [`CallError::BodyTooLarge`]. Gives back the request's method and target
+/// (moved, not cloned), for the log.
+pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_size: u64) -> (PluginCall, http::Method, http::Uri) {
     let (parts, incoming) = request.into_parts();
     let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
     // A request without a body (most GETs) costs no allocation for one.
@@ -472,14 +472,13 @@ pub fn call(generation: &Generation, request: http::Request<Incoming>, max_body_
     let future = unsafe { (generation.declaration().handle)(&ffi) };
     drop(headers);
     recycle(parts.headers);
-    PluginCall {
+    let call = PluginCall {
         ffi: future,
         too_large,
         #[cfg(debug_assertions)]
         generation: generation.id(),
-        method: parts.method,
-        uri: parts.uri,
-    }
+    };
+    (call, parts.method, parts.uri)
 }
 
 /// Why a plugin call produced no response.
@@ -502,9 +501,6 @@ pub struct PluginCall {
     /// The generation the call was made on: the one to poll it with (checked in debug builds).
     #[cfg(debug_assertions)]
     generation: u64,
-    /// The request's method and target, for the log (moved here, not cloned).
-    method: http::Method,
-    uri: http::Uri,
 }
 
 // SAFETY: the plugin's future is `Send` (handler-api requires it); the state is owned
@@ -512,12 +508,6 @@ pub struct PluginCall {
 unsafe impl Send for PluginCall {}
 
 impl PluginCall {
-    /// Releases the plugin's state, and gives back the request's method and target.
-    pub fn finish(mut self) -> (http::Method, http::Uri) {
-        // Both defaults are constants: taking costs no allocation.
-        (std::mem::take(&mut self.method), std::mem::take(&mut self.uri))
-    }
-
     /// Polls the plugin's future, on a thread of `generation`, the one it was called on
     /// (whose streaming bodies keep it loaded).
     pub fn poll(&mut self, cx: &mut Context<'_>, generation: &Arc<Generation>) -> Poll<Result<http::Response<ResponseBody>, CallError>> {

@@ -181,13 +181,15 @@ impl Builds {
         let newest_name = better.iter().max_by_key(|b| b.identity.modified).map(|b| b.name.clone());
         better.sort_by(|a, b| {
             let ours = |x: &Build| Some(&x.name) == newest_name.as_ref();
-            ours(b)
-                .cmp(&ours(a))
-                .then_with(|| b.version.cmp_precedence(&a.version))
-                .then_with(|| b.identity.modified.cmp(&a.identity.modified))
+            ours(b).cmp(&ours(a)).then_with(|| highest_first(a, b))
         });
         better
     }
+}
+
+/// The order of builds of one plugin: the highest version first, then the newest file.
+pub fn highest_first(a: &Build, b: &Build) -> Ordering {
+    b.version.cmp_precedence(&a.version).then_with(|| b.identity.modified.cmp(&a.identity.modified))
 }
 
 /// Where plugins come from: every `*.so` in a directory, or one file of it.

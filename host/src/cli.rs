@@ -228,13 +228,15 @@ pub struct DevArgs {
 pub struct ServeArgs {
     /// The plugin library (.so) to serve. It is copied to a private shadow path and loaded
     /// from there; the file itself is never mapped, so it may be replaced at any time: a new
-    /// build written or renamed over it is swapped in.
+    /// build written or renamed over it is swapped in unless it is a lower version (see
+    /// --plugin-dir).
     #[arg(long, value_name = "PATH")]
     pub plugin: Option<PathBuf>,
 
-    /// A directory of plugin builds (*.so). The most recently modified one that loads is
-    /// served; any new or changed file is validated and swapped in, newest first. SIGHUP
-    /// rescans the directory.
+    /// A directory of plugin builds (*.so). The highest version that loads is served (a
+    /// rebuild of it, newer on disk, too; a build of another plugin if newer on disk); a new
+    /// or changed file is validated and swapped in if it should serve, and a lower version
+    /// never replaces a higher one unless pinned (`hotswap pin`). SIGHUP rescans the directory.
     #[arg(long, value_name = "DIR")]
     pub plugin_dir: Option<PathBuf>,
 

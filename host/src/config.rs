@@ -55,8 +55,11 @@ struct Admin {
     token_file: Option<PathBuf>,
 }
 
-/// The subcommands that talk to the admin API: only the `[admin]` keys apply to them.
-const ADMIN_COMMANDS: [&str; 5] = ["status", "reload", "rollback", "pin", "unpin"];
+/// Whether `arg` names a subcommand that talks to the admin API: only the `[admin]` keys
+/// apply to those.
+fn is_admin_command(arg: &OsString) -> bool {
+    arg.to_str().is_some_and(<crate::cli::AdminCommand as clap::Subcommand>::has_subcommand)
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,12 +76,11 @@ struct Limits {
 /// come later, override them. Without `--config`, `args` come back unchanged.
 pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
     let Some(path) = config_path(&args) else { return Ok(args) };
-    let commands = ["serve", "dev"].into_iter().chain(ADMIN_COMMANDS);
-    let Some(at) = args.iter().position(|a| commands.clone().any(|c| a == c)) else { return Ok(args) };
+    let Some(at) = args.iter().position(|a| a == "serve" || a == "dev" || is_admin_command(a)) else { return Ok(args) };
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
     let file: File =
         toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.clone(), message: e.to_string() })?;
-    let flags = if ADMIN_COMMANDS.iter().any(|c| args[at] == *c) {
+    let flags = if is_admin_command(&args[at]) {
         file.admin.into_flags(&path)?
     } else {
         file.into_flags(&path, args[at] == "serve", &args[at + 1..])?

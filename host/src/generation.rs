@@ -546,7 +546,6 @@ impl Retired {
             );
             std::mem::forget((library, api, context));
             LEAKED.fetch_add(1, Ordering::Relaxed);
-            stats.set_unloaded(Unloaded::Leaked);
         } else {
             if let Err(e) = library.close() {
                 tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
@@ -554,9 +553,14 @@ impl Retired {
             drop((api, context));
         }
         let _ = std::fs::remove_file(&shadow);
-        if loader::is_mapped(&shadow) {
+        let mapped = loader::is_mapped(&shadow);
+        stats.set_unloaded(match (stragglers > 0, mapped) {
+            (true, _) => Unloaded::Leaked,
+            (false, true) => Unloaded::StillMapped,
+            (false, false) => Unloaded::Unmapped,
+        });
+        if mapped {
             STILL_MAPPED.fetch_add(1, Ordering::Relaxed);
-            stats.set_unloaded(if stragglers > 0 { Unloaded::Leaked } else { Unloaded::StillMapped });
             tracing::warn!(
                 generation = id,
                 plugin = %label,
@@ -565,7 +569,6 @@ impl Retired {
             );
         } else if stragglers == 0 {
             UNMAPPED.fetch_add(1, Ordering::Relaxed);
-            stats.set_unloaded(Unloaded::Unmapped);
             tracing::info!(generation = id, plugin = %label, elapsed = ?started.elapsed(), "generation unloaded and unmapped");
         }
         live_generations().fetch_sub(1, Ordering::SeqCst);

@@ -55,7 +55,8 @@ pub enum State {
     StillMapped,
     /// Left loaded because its threads were stuck in plugin code.
     Leaked,
-    Refused(String),
+    /// Refused: the reason is the record's `refused`.
+    Refused,
 }
 
 impl State {
@@ -66,7 +67,7 @@ impl State {
             State::Unloaded => "unloaded",
             State::StillMapped => "still-mapped",
             State::Leaked => "leaked",
-            State::Refused(_) => "refused",
+            State::Refused => "refused",
         }
     }
 }
@@ -74,8 +75,8 @@ impl State {
 impl Record {
     /// Where it stands, given the id of the current generation.
     pub fn state(&self, current: u64) -> State {
-        if let Some(reason) = &self.refused {
-            return State::Refused(reason.clone());
+        if self.refused.is_some() {
+            return State::Refused;
         }
         match self.stats.as_ref().and_then(|s| s.unloaded()) {
             Some(Unloaded::Unmapped) => State::Unloaded,

@@ -40,9 +40,10 @@ impl Latch {
     }
 
     /// Completes when the latch is raised. Meant to be polled beside a connection on each of
-    /// its polls: while the task's waker stays the same, a poll is one atomic load.
+    /// its polls: while the task's waker stays the same, a poll is one atomic load. Nothing is
+    /// allocated or locked until its first poll.
     pub fn raised(&self) -> Raised<'_> {
-        Raised { latch: self, waiter: self.waiter(), registered: None }
+        Raised { latch: self, waiter: None, registered: None }
     }
 
     /// What a task that checks [`Latch::is_raised`] itself registers its waker with, to be
@@ -68,7 +69,8 @@ impl Waiter {
 /// The future of [`Latch::raised`].
 pub struct Raised<'a> {
     latch: &'a Latch,
-    waiter: Waiter,
+    /// Made at the first poll that registers.
+    waiter: Option<Waiter>,
     /// The waker last registered (in practice, the only one).
     registered: Option<Waker>,
 }
@@ -82,7 +84,7 @@ impl Future for Raised<'_> {
             return Poll::Ready(());
         }
         if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            this.waiter.register(cx);
+            this.waiter.get_or_insert_with(|| this.latch.waiter()).register(cx);
             this.registered = Some(cx.waker().clone());
             // Raised while registering: the flag is set before the token is cancelled.
             if this.latch.is_raised() {

@@ -130,18 +130,13 @@ pub enum Unloaded {
 
 /// Counters of one generation, shared by the generation, its requests and its history
 /// record (which outlives it).
+#[derive(Default)]
 pub struct GenerationStats {
     shards: [Shard; SHARDS],
     /// Status codes beyond what the shards' slots hold (rare: a plugin using many codes).
     more: std::sync::Mutex<std::collections::BTreeMap<u16, StatusTotals>>,
     /// 0 while loaded; then 1 + the `Unloaded` variant.
     unloaded: AtomicU8,
-}
-
-impl Default for GenerationStats {
-    fn default() -> Self {
-        GenerationStats { shards: Default::default(), more: Default::default(), unloaded: AtomicU8::new(0) }
-    }
 }
 
 impl GenerationStats {
@@ -301,16 +296,21 @@ impl Collector for Metrics {
             ConstGauge::new(generation.in_flight() as i64).encode(in_flight.encode_family(&labels)?)?;
         }
 
-        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64| {
-            ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
-        };
-        gauge(&mut encoder, "hotswap_resident_generations", "Generations loaded: the current one and those draining", crate::generation::resident_generations() as i64)?;
+        let resident_generations = crate::generation::resident_generations() as i64;
+        ConstGauge::new(resident_generations).encode(encoder.encode_descriptor(
+            "hotswap_resident_generations",
+            "Generations loaded: the current one and those draining",
+            None,
+            MetricType::Gauge,
+        )?)?;
 
         let events = registry.events();
-        let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64| {
-            ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
-        };
-        counter(&mut encoder, "hotswap_swaps", "Swaps: a new generation became current", events.swaps.load(Ordering::Relaxed))?;
+        ConstCounter::new(events.swaps.load(Ordering::Relaxed)).encode(encoder.encode_descriptor(
+            "hotswap_swaps",
+            "Swaps: a new generation became current",
+            None,
+            MetricType::Counter,
+        )?)?;
 
         labelled_counters(
             &mut encoder,

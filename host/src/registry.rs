@@ -201,7 +201,7 @@ impl Registry {
         let mut builds = lock(&self.builds);
         builds.prune();
         let mut all: Vec<Build> = builds.all().cloned().collect();
-        all.sort_by(|a, b| b.version.cmp_precedence(&a.version).then(b.identity.modified.cmp(&a.identity.modified)));
+        all.sort_by(builds::highest_first);
         all
     }
 
@@ -247,23 +247,26 @@ impl Registry {
         Ok(outcome)
     }
 
-    /// Reads the plugin directory again, retries builds refused before (what was wrong may
-    /// have been fixed in place), and swaps in the build that should serve, if it is not
-    /// serving. Answers once that has happened or was refused.
     /// Whether the file at `path`, as `identity`, has been read: it is a known build, was
     /// refused, or is what serves.
     pub fn has_read(&self, path: &Path, identity: Identity) -> bool {
-        lock(&self.builds).get(path, identity).is_some()
-            || lock(&self.unreadable).get(path) == Some(&identity)
-            || self.current().identity() == identity
+        self.is_known(path, identity) || lock(&self.unreadable).get(path) == Some(&identity)
     }
 
+    /// Whether the file at `path`, as `identity`, is a known build or what serves.
+    fn is_known(&self, path: &Path, identity: Identity) -> bool {
+        lock(&self.builds).get(path, identity).is_some() || self.current().identity() == identity
+    }
+
+    /// Reads the plugin directory again, retries builds refused before (what was wrong may
+    /// have been fixed in place), and swaps in the build that should serve, if it is not
+    /// serving. Answers once that has happened or was refused.
     pub async fn reload(&self) -> Outcome {
         let _changing = self.changing.lock().await;
         lock(&self.builds).forget_refusals();
         let mut refused = Vec::new();
         for (file, identity) in self.source.scan() {
-            if lock(&self.builds).get(&file, identity).is_some() || self.current().identity() == identity {
+            if self.is_known(&file, identity) {
                 continue;
             }
             match self.read_build(&file, identity).await {
@@ -305,11 +308,9 @@ impl Registry {
     pub async fn rollback(&self) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
         let current = self.current();
-        let previous = self
-            .history
-            .previous(current.id(), current.version())
-            .ok_or_else(|| ChangeError::NothingToRollBackTo { current: current.version().clone() })?;
-        let Record { name: Some(name), version: Some(version), kept, .. } = previous else {
+        // The previous generation's record: a generation's always has a name and a version.
+        let Some(Record { name: Some(name), version: Some(version), kept, .. }) = self.history.previous(current.id(), current.version())
+        else {
             return Err(ChangeError::NothingToRollBackTo { current: current.version().clone() });
         };
         self.switch_to(Pin { name, version, by: PinnedBy::Rollback }, kept).await

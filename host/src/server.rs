@@ -504,17 +504,13 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
 
     fn call(&self, request: Request<Incoming>) -> Respond {
         let generation = self.conn.generation.load_full();
-        let h1 = request.version() < http::Version::HTTP_2;
-        if !h1 {
-            *self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation.clone());
+        if request.version() < http::Version::HTTP_2 {
+            return hand_to_plugin(request, RequestGuard::new(generation, self.conn.clone(), true));
         }
-        let guard = RequestGuard::new(generation, self.conn.clone(), h1);
-        if !h1 {
-            // The stream's own task calls the plugin: the connection's task serves every
-            // stream, and must not wait for one.
-            return Respond::Starting(Some((request, guard)));
-        }
-        hand_to_plugin(request, guard)
+        // The stream's own task calls the plugin: the connection's task serves every stream,
+        // and must not wait for one.
+        *self.conn.next_stream.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation.clone());
+        Respond::Starting(Some((request, RequestGuard::new(generation, self.conn.clone(), false))))
     }
 }
 
@@ -537,6 +533,9 @@ struct Calling {
     call: PluginCall,
     guard: RequestGuard,
     started: Instant,
+    /// The request's method and target, for the log.
+    method: http::Method,
+    uri: http::Uri,
 }
 
 impl Future for Respond {
@@ -580,15 +579,15 @@ fn hand_to_plugin(request: Request<Incoming>, guard: RequestGuard) -> Respond {
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
         return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, guard, started)));
     }
-    let call = bridge::call(generation, request, max_body_size);
-    Respond::Calling(Calling { call, guard, started })
+    let (call, method, uri) = bridge::call(generation, request, max_body_size);
+    Respond::Calling(Calling { call, guard, started, method, uri })
 }
 
 impl Calling {
     /// The response to hand to hyper, once the plugin's future has completed.
     fn finish(self, called: Result<Response<ResponseBody>, CallError>) -> Response<HostBody> {
-        let Calling { call, guard, started } = self;
-        let (method, uri) = call.finish(); // the plugin's state goes first
+        let Calling { call, guard, started, method, uri } = self;
+        drop(call); // the plugin's state goes first
         let generation = &guard.generation;
         match called {
             Ok(response) => {

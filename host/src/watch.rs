@@ -12,7 +12,8 @@
 //! - the directory removed and created again: watched again once it is back.
 //!
 //! Events coalesce: the loop drains everything pending before it loads, loads one candidate
-//! at a time, and among complete candidates the most recently modified wins. SIGHUP rescans
+//! at a time, the most recently modified complete candidate first; whether it serves is the
+//! registry's rule (see `builds`). SIGHUP rescans
 //! the directory. Every refusal is logged with the file and the exact reason, and recorded in
 //! the registry.
 
