@@ -104,7 +104,7 @@ impl Registry {
         drain_timeout: Duration,
         max_generations: u64,
     ) -> Result<Registry, StartError> {
-        let registry = |first: Arc<Generation>, builds: Builds, history: History| Registry {
+        let registry = |first: Arc<Generation>, builds: Builds, unreadable, history: History| Registry {
             resident: Mutex::new(vec![Arc::downgrade(&first)]),
             current: ArcSwap::new(first),
             next_id: AtomicU64::new(2),
@@ -114,17 +114,20 @@ impl Registry {
             budget: Budget::default(),
             source: source.clone(),
             builds: Mutex::new(builds),
-            unreadable: Mutex::default(),
+            unreadable: Mutex::new(unreadable),
             pin: Mutex::new(None),
             history,
             events: Arc::default(),
             changing: tokio::sync::Mutex::new(()),
         };
         let (history, mut builds, mut refusals) = (History::default(), Builds::default(), Vec::new());
+        // What could not be read, as `read_build` keeps it: the watcher's first scan then
+        // finds it read, and does not refuse (and record) it a second time.
+        let mut unreadable = HashMap::new();
         // Every build is read; the best so far stays open, so the one that serves is not
         // loaded twice.
         let mut best: Option<Candidate> = None;
-        for (file, _) in source.scan() {
+        for (file, identity) in source.scan() {
             match Candidate::open(&file, &options).await {
                 Ok(candidate) => {
                     builds.insert(build_of(&candidate));
@@ -135,6 +138,9 @@ impl Registry {
                 Err(e) => {
                     history.refused(history::refusal(&file, None, None, e.to_string()), e.kind());
                     refusals.push(e.to_string());
+                    if !matches!(e, GenerationError::Load(LoadError::Incomplete { .. })) {
+                        unreadable.insert(file, identity);
+                    }
                 }
             }
         }
@@ -153,7 +159,7 @@ impl Registry {
                     for r in &refusals {
                         tracing::warn!("refused: {r}");
                     }
-                    let registry = registry(first.clone(), builds, history);
+                    let registry = registry(first.clone(), builds, unreadable, history);
                     registry.record_swap(&first);
                     return Ok(registry);
                 }

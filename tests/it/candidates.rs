@@ -116,3 +116,18 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
     let log = host.log();
     assert!(!log.lines().any(|l| l.contains("refused") && l.contains("slow.so")), "{log}");
 }
+
+#[tokio::test]
+async fn a_build_refused_at_start_is_refused_once() {
+    let dir = temp_dir("candidates-start");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    write_file(&dir.join("garbage.so"), b"not a library at all");
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    // The watcher's first scan finds the file already read: it is not offered again.
+    assert!(host.wait_for_log("watching for new plugin builds", WAIT), "{}", host.log());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lines = host.log().lines().filter(|l| l.contains("garbage.so")).count();
+    assert_eq!(lines, 1, "refused more than once:\n{}", host.log());
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["refusals"].as_array().map(Vec::len), Some(1), "{status}");
+}
