@@ -103,16 +103,7 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
     assert!(answers.load(Ordering::Relaxed) > 50);
     file.write_all(last).unwrap();
     drop(file);
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = client.get(host.url("/")).send().await.unwrap().text().await.unwrap();
-        if version_in(&text).as_deref() == Some("2.0.0") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slowly written v2 was not swapped in:\n{}", host.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    host.wait_version("2.0.0").await;
     let log = host.log();
     assert!(!log.lines().any(|l| l.contains("refused") && l.contains("slow.so")), "{log}");
 }

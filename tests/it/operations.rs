@@ -1,39 +1,20 @@
 //! Production operations: versions, pins, rollback, the admin API and its CLI, metrics.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host, WAIT};
 use serde_json::Value;
 
+use crate::trust::sha256_hex;
+
 const MIB: u64 = 1024 * 1024;
-
-fn serve_dir(dir: &Path, extra: &[&str]) -> Host {
-    let mut args = vec!["--plugin-dir", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Host::serve(&args)
-}
-
-fn sha256_hex(path: &Path) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(std::fs::read(path).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Waits (bounded) for a log line containing every one of `parts`.
 async fn wait_for_line(host: &Host, parts: &[&str]) {
     let deadline = Instant::now() + WAIT;
     while !host.log().lines().any(|line| parts.iter().all(|p| line.contains(p))) {
         assert!(Instant::now() < deadline, "no log line with {parts:?}:\n{}", host.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits (bounded) until `GET /` answers `version`.
-async fn wait_version(host: &Host, version: &str) {
-    let deadline = Instant::now() + WAIT;
-    while host.version().await != version {
-        assert!(Instant::now() < deadline, "{version} not served within {WAIT:?}:\n{}", host.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -46,7 +27,7 @@ async fn the_highest_version_serves_and_a_pin_holds_against_newer_builds() {
     place_by_rename(&v2, &dir.join("app-2.so"));
     std::thread::sleep(Duration::from_millis(20));
     place_by_rename(&v1, &dir.join("app-1.so"));
-    let host = serve_dir(&dir, &[]);
+    let host = Host::serve_dir(&dir, &[]);
     assert_eq!(host.version().await, "2.0.0");
     let mode = std::fs::metadata(&host.admin).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the admin socket must be private");
@@ -144,7 +125,7 @@ async fn rollback_returns_to_the_previous_version_even_after_its_file_was_replac
     let (v1, v2, v3) = (example_version("1.0.0"), example_version("2.0.0"), example_version("3.0.0"));
     let dir = temp_dir("rollback");
     place_by_rename(&v1, &dir.join("app.so"));
-    let host = serve_dir(&dir, &[]);
+    let host = Host::serve_dir(&dir, &[]);
     assert_eq!(host.version().await, "1.0.0");
     let nothing = host.command(&["rollback"]);
     assert_ne!(nothing.code, 0);
@@ -152,7 +133,7 @@ async fn rollback_returns_to_the_previous_version_even_after_its_file_was_replac
 
     // A good but unwanted deploy over the same file: 1.0.0's bytes are gone from the directory.
     place_by_rename(&v2, &dir.join("app.so"));
-    wait_version(&host, "2.0.0").await;
+    host.wait_version("2.0.0").await;
     for _ in 0..5 {
         assert_eq!(host.version().await, "2.0.0");
     }
@@ -165,7 +146,7 @@ async fn rollback_returns_to_the_previous_version_even_after_its_file_was_replac
     let (_, status) = host.command_json(&["status"]);
     assert_eq!(status["pin"]["by"], "rollback", "{status}");
     let v1_sha = sha256_hex(&v1);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + WAIT;
     let mut status = status;
     while status["current"]["sha256"].is_null() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -190,10 +171,10 @@ async fn a_bad_deploy_is_refused_and_the_previous_version_keeps_serving() {
     let init_error = variant("fixture-init", "FIXTURE_INIT", "error");
     let dir = temp_dir("bad-deploy");
     place_by_rename(&v1, &dir.join("app.so"));
-    let host = serve_dir(&dir, &[]);
+    let host = Host::serve_dir(&dir, &[]);
 
     place_by_rename(&init_error, &dir.join("next.so"));
-    assert!(host.wait_for_log("refused plugin candidate", Duration::from_secs(10)), "{}", host.log());
+    assert!(host.wait_for_log("refused plugin candidate", WAIT), "{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
     let (_, status) = host.command_json(&["status"]);
     let refusal = &status["refusals"][0];
@@ -221,7 +202,6 @@ async fn admin_get(url: &str, token: Option<&str>) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
-/// The value of the metric line starting with `series ` (name and labels), or 0.
 /// A series' value in a scrape, 0 if it is not there (yet).
 fn metric(text: &str, series: &str) -> f64 {
     find_metric(text, series).unwrap_or(0.0)
@@ -249,9 +229,8 @@ async fn metrics_and_status_follow_requests_swaps_refusals_and_unloads_behind_a_
     let tcp = ["--admin", "127.0.0.1:0", "--admin-token-file", token_file.to_str().unwrap()];
     let mut args = vec!["--drain-timeout", "1s"];
     args.extend_from_slice(&tcp);
-    let host = serve_dir(&plugins, &args);
-    let log = host.log();
-    let admin = log.split("admin API on ").nth(1).and_then(|r| r.split_whitespace().next()).expect("no admin address logged").to_owned();
+    let host = Host::serve_dir(&plugins, &args);
+    let admin = host.admin_url();
     let url = |path: &str| format!("{admin}{path}");
 
     // The token is required, and checked.
@@ -286,7 +265,7 @@ async fn metrics_and_status_follow_requests_swaps_refusals_and_unloads_behind_a_
 
     // A download in progress: in flight, streaming, bytes counted; then a swap whose old
     // generation outlives the drain timeout and is cut off, then unloaded.
-    let size = 16 * MIB;
+    let size = 64 * MIB;
     let download = client.get(host.url(&format!("/download?size={size}&rate={}", 2 * MIB))).send().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, during) = admin_get(&url("/metrics"), token).await;
@@ -298,12 +277,12 @@ async fn metrics_and_status_follow_requests_swaps_refusals_and_unloads_behind_a_
     assert!(first["bytes_sent"].as_u64().unwrap() > 0 && first["age_seconds"].as_f64().unwrap() > 0.0, "{status}");
 
     place_by_rename(&v2, &plugins.join("app.so"));
-    wait_version(&host, "2.0.0").await;
+    host.wait_version("2.0.0").await;
     let (_, at_swap) = admin_get(&url("/metrics"), token).await;
     std::fs::write(plugins.join("garbage.so"), b"garbage").unwrap();
     assert!(host.wait_for_log("not a loadable shared library", WAIT), "{}", host.log());
     assert!(download.bytes().await.is_err(), "the download outlived the drain timeout");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + WAIT;
     let metrics = loop {
         let (_, text) = admin_get(&url("/metrics"), token).await;
         if metric(&text, r#"hotswap_unloads_total{result="unmapped"}"#) >= 1.0 || Instant::now() > deadline {
@@ -340,8 +319,7 @@ async fn the_admin_api_refuses_what_it_cannot_act_on() {
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
 
     let host = Host::serve(&["--plugin", plugin, "--admin", "127.0.0.1:0", "--admin-token-file", token_file.to_str().unwrap()]);
-    let log = host.log();
-    let admin = log.split("admin API on ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_owned();
+    let admin = host.admin_url();
     let client = reqwest::Client::new();
     let send = |request: reqwest::RequestBuilder| async move {
         let response = request.bearer_auth("t").send().await.unwrap();

@@ -10,17 +10,11 @@ use hotswap_tests::{artifacts, example_version, is_pattern, log_time, place_by_c
 
 const MIB: u64 = 1024 * 1024;
 
-fn serve_dir(dir: &Path, extra: &[&str]) -> Host {
-    let mut args = vec!["--plugin-dir", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Host::serve(&args)
-}
-
 async fn swap_during_download(place: fn(&Path, &Path)) {
     let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
     let dir = temp_dir("swap-dl");
     place_by_rename(&v1, &dir.join("app.so"));
-    let host = serve_dir(&dir, &[]);
+    let host = Host::serve_dir(&dir, &[]);
     let client = reqwest::Client::new();
     assert_eq!(host.version_via(&client).await, "1.0.0");
 
@@ -71,7 +65,7 @@ async fn two_hundred_swaps_under_keep_alive_load_lose_nothing() {
     let builds: Vec<_> = versions.iter().map(|v| example_version(v)).collect();
     let dir = temp_dir("swap-load");
     place_by_rename(&builds[0], &dir.join("app.so"));
-    let host = Arc::new(serve_dir(&dir, &[]));
+    let host = Arc::new(Host::serve_dir(&dir, &[]));
 
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
@@ -126,11 +120,7 @@ async fn two_hundred_swaps_under_keep_alive_load_lose_nothing() {
     assert!(stale.is_empty(), "{} answers from versions not current during their request, e.g. {:?}", stale.len(), stale.first());
     assert!(served.load(Ordering::Relaxed) > 1000, "too few requests to mean anything");
     let last = versions[200 % versions.len()];
-    let deadline = Instant::now() + WAIT;
-    while host.version().await != last {
-        assert!(Instant::now() < deadline, "the last build placed, {last}, never served\n{}", host.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    host.wait_version(last).await;
     // Renames that arrive while a build loads are merged: fewer swaps than renames on a slow
     // machine, but never few.
     let swaps = host.log().matches("swapped: new requests go to").count();
@@ -146,7 +136,7 @@ async fn thread_locals_tracing_and_thread_current_survive_100_swaps_and_shutdown
     let dir = temp_dir("swap-tls");
     let tls = &artifacts().tls;
     place_by_rename(tls, &dir.join("tls.so"));
-    let host = Arc::new(serve_dir(&dir, &["--drain-timeout", "5s"]));
+    let host = Arc::new(Host::serve_dir(&dir, &["--drain-timeout", "5s"]));
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -188,7 +178,7 @@ async fn sighup_file_removal_and_a_recreated_directory() {
     let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
     let dir = temp_dir("swap-dir");
     place_by_rename(&v1, &dir.join("app.so"));
-    let host = serve_dir(&dir, &[]);
+    let host = Host::serve_dir(&dir, &[]);
     let client = reqwest::Client::new();
 
     host.signal("HUP");
@@ -219,7 +209,7 @@ async fn the_drain_timeout_cuts_off_an_old_generation_and_unloads_it() {
     let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
     let dir = temp_dir("swap-drain");
     place_by_rename(&v1, &dir.join("app.so"));
-    let host = serve_dir(&dir, &["--drain-timeout", "1s"]);
+    let host = Host::serve_dir(&dir, &["--drain-timeout", "1s"]);
     // 8 MiB at 1 MiB/s would take 8 s; the old generation may only stream for 1 s more.
     let download = reqwest::get(host.url(&format!("/download?size={}&rate={}", 8 * MIB, MIB))).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;

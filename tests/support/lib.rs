@@ -159,7 +159,9 @@ pub struct Host {
     child: Child,
     pub addr: String,
     log: Arc<Mutex<String>>,
-    /// The admin API's socket.
+    /// The admin API's socket: the path the test gave with `--admin /abs/path` (or
+    /// HOTSWAP_ADMIN), else one of its own. A test that gives a TCP address or a relative path
+    /// must not use `command`, `command_json` or `wait_in_flight`.
     pub admin: PathBuf,
 }
 
@@ -172,6 +174,13 @@ pub struct CommandOutput {
 }
 
 impl Host {
+    /// Serves the plugin directory `dir`, with `extra` arguments.
+    pub fn serve_dir(dir: &Path, extra: &[&str]) -> Host {
+        let mut args = vec!["--plugin-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Host::serve(&args)
+    }
+
     /// Starts `hotswap serve` on 127.0.0.1:0 with `args` added, and waits until it listens.
     pub fn serve(args: &[&str]) -> Host {
         Host::try_serve(args).unwrap_or_else(|log| panic!("hotswap did not start:\n{log}"))
@@ -349,6 +358,22 @@ impl Host {
             assert!(Instant::now() < deadline, "never {n} requests in flight: {status}\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Waits (bounded by [`WAIT`]) until `GET /` answers `version`.
+    pub async fn wait_version(&self, version: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.version().await != version {
+            assert!(Instant::now() < deadline, "{version} not served within {WAIT:?}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The address `http://…` of the admin API when the host was given a TCP one.
+    pub fn admin_url(&self) -> String {
+        let log = self.log();
+        let at = log.split("admin API on ").nth(1).and_then(|r| r.split_whitespace().next());
+        at.expect("no admin address logged").to_owned()
     }
 
     /// The version `GET /` answers with (the example handler's `version=` line), or the whole

@@ -144,7 +144,7 @@ fn measure(args: &Args, name: &str, file: &Path) -> Result<Run> {
     let mut swapper = Swapper::new([build("a"), build("b")], &plugins, &staging);
     swapper.install_first()?;
     let mut cmd = Command::new(&args.hotswap);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--log-level", "debug", "--drain-timeout"])
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin", "off", "--log-level", "debug", "--drain-timeout"])
         .arg(format!("{}ms", args.drain_timeout_ms))
         .arg("--plugin-dir")
         .arg(&plugins)

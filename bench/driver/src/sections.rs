@@ -9,12 +9,8 @@ use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::proc::{self, Server};
-use crate::swap::{Build, Client, Swapper};
+use crate::swap::{Build, Client, Swapper, SWAP_WAIT};
 use crate::{anchor, wrk, Params};
-
-/// How long a swap (or the unload after it) may take before the run gives up: far beyond
-/// the milliseconds one takes, so that only a broken swap, never a busy machine, stops it.
-const SWAP_WAIT: Duration = Duration::from_secs(30);
 
 /// What the suite runs.
 pub struct Setup {
@@ -142,7 +138,8 @@ pub fn hotswap_in(hotswap: &Path, builds: &[Build; 2], root: &Path) -> Result<(S
     let swapper = Swapper::new(builds.clone(), &plugins, &staging);
     swapper.install_first()?;
     let mut cmd = Command::new(hotswap);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin-dir"])
+    // No admin API: none is used, and the default socket may belong to another host.
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin", "off", "--plugin-dir"])
         .arg(&plugins)
         .arg("--shadow-dir")
         .arg(root.join("shadow"))
@@ -240,7 +237,7 @@ fn latency(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) 
     let shadow = shadow_dir(setup, "hotswap");
     let mut latency = Latency::default();
     for _ in 0..params.latency_swaps {
-        let (renamed, first_answer) = swapper.swap(&client, &hot.url("/"), SWAP_WAIT)?;
+        let (renamed, first_answer) = swapper.swap(&client, &hot.url("/"))?;
         latency.first_answer.push(first_answer);
         let unmapped = wait_one_mapped(hot, &shadow, SWAP_WAIT)?;
         latency.old_unmapped.push(unmapped - renamed);
@@ -319,7 +316,7 @@ fn slow_download(hot: &Server, swapper: &mut Swapper, params: &Params) -> Result
             let due = started + params.slow_first + params.slow_spacing * i as u32;
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
             slow.versions.push(client.version(&hot.url("/")).unwrap_or_else(|| "(failed)".into()));
-            slow.swap_latency.push(swapper.swap(&client, &hot.url("/"), SWAP_WAIT)?.1);
+            slow.swap_latency.push(swapper.swap(&client, &hot.url("/"))?.1);
         }
         std::thread::sleep(Duration::from_secs(1));
         slow.versions.push(client.version(&hot.url("/")).unwrap_or_else(|| "(failed)".into()));
@@ -376,7 +373,7 @@ fn memory(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) -
     for point in params.memory_points {
         eprintln!("== memory: swapping up to {point}");
         while done < point {
-            swapper.swap(&client, &url, SWAP_WAIT)?;
+            swapper.swap(&client, &url)?;
             done += 1;
         }
         measure(done)?;

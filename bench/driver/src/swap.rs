@@ -5,6 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+/// How long a swap (or the unload after it) may take before the run gives up: far beyond
+/// the milliseconds one takes, so that only a broken swap, never a busy machine, stops it.
+pub const SWAP_WAIT: Duration = Duration::from_secs(30);
+
 /// One build of the example handler and the version it answers with.
 #[derive(Debug, Clone)]
 pub struct Build {
@@ -52,18 +56,18 @@ impl Swapper {
         Ok(at)
     }
 
-    /// Prepares, publishes and waits for the first answer from the new version, polling on a
-    /// fresh connection each time. Returns when the rename happened and how long after it the
-    /// first new answer came.
-    pub fn swap(&mut self, client: &Client, url: &str, timeout: Duration) -> Result<(Instant, Duration)> {
+    /// Prepares, publishes and waits (up to [`SWAP_WAIT`]) for the first answer from the new
+    /// version, polling on a fresh connection each time. Returns when the rename happened and
+    /// how long after it the first new answer came.
+    pub fn swap(&mut self, client: &Client, url: &str) -> Result<(Instant, Duration)> {
         let version = self.prepare()?.version.clone();
         let at = self.publish()?;
         loop {
             if client.version(url).as_deref() == Some(version.as_str()) {
                 return Ok((at, at.elapsed()));
             }
-            if at.elapsed() > timeout {
-                bail!("version {version} not served {timeout:?} after the rename");
+            if at.elapsed() > SWAP_WAIT {
+                bail!("version {version} not served {SWAP_WAIT:?} after the rename");
             }
         }
     }
