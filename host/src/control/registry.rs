@@ -7,16 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use semver::Version;
 use serde::Serialize;
 
-use crate::budget::Budget;
-use crate::builds::{self, Build, Builds, Pin, PinnedBy, PluginSource, Serving};
-use crate::generation::{Candidate, Generation, GenerationError, LoadOptions};
-use crate::history::{self, History, Record};
-use crate::loader::{Identity, LoadError};
-use crate::metrics::Events;
+use crate::control::builds::{self, Build, Builds, Pin, PinnedBy, PluginSource, Serving};
+use crate::control::history::{self, History, Record};
+use crate::plugin::budget::Budget;
+use crate::plugin::loader::{Identity, LoadError};
+use crate::plugin::{Candidate, Current, Generation, GenerationError, LoadOptions};
 
 /// No candidate could be loaded at startup.
 #[derive(Debug, thiserror::Error)]
@@ -65,12 +63,24 @@ pub enum Outcome {
     Refused { serving: Brief, refused: Vec<String> },
 }
 
+/// Host-wide events, by kind.
+#[derive(Debug, Default)]
+pub struct Events {
+    /// Swaps: a new generation became current.
+    pub swaps: AtomicU64,
+    /// Responses cut off because their generation's drain timeout passed.
+    pub aborted_by_drain_timeout: AtomicU64,
+    /// Responses cut off because too many generations were loaded (`--max-generations`).
+    pub aborted_by_generation_cap: AtomicU64,
+}
+
+
 /// How long after a swap the build's SHA-256 is computed.
 const HASH_DELAY: Duration = Duration::from_secs(1);
 
 /// The current generation and the history of resident ones.
 pub struct Registry {
-    current: ArcSwap<Generation>,
+    current: Arc<Current>,
     resident: Mutex<Vec<Weak<Generation>>>,
     next_id: AtomicU64,
     options: LoadOptions,
@@ -106,7 +116,7 @@ impl Registry {
     ) -> Result<Registry, StartError> {
         let registry = |first: Arc<Generation>, builds: Builds, unreadable, history: History| Registry {
             resident: Mutex::new(vec![Arc::downgrade(&first)]),
-            current: ArcSwap::new(first),
+            current: Arc::new(Current::new(first)),
             next_id: AtomicU64::new(2),
             options: options.clone(),
             drain_timeout,
@@ -181,7 +191,12 @@ impl Registry {
 
     /// The generation new requests go to.
     pub fn current(&self) -> Arc<Generation> {
-        self.current.load_full()
+        self.current.load()
+    }
+
+    /// The cell the server reads the current generation from.
+    pub fn serving(&self) -> Arc<Current> {
+        self.current.clone()
     }
 
     /// The pin in force, if any.
@@ -354,7 +369,7 @@ impl Registry {
 
     /// Loads `file` and swaps it in whatever its version (`hotswap dev`: the build just made).
     /// A refusal is logged and recorded, as any other; the error is its reason.
-    pub async fn load_and_swap(&self, file: &Path) -> Result<Arc<Generation>, String> {
+    pub async fn load_and_swap(&self, file: &Path) -> Result<Arc<Generation>, GenerationError> {
         let _changing = self.changing.lock().await;
         let candidate = self.open(file).await;
         if let Ok(candidate) = &candidate {
@@ -401,7 +416,7 @@ impl Registry {
             };
             match self.try_start(candidate, &best.file, Some(&best)).await {
                 Ok(next) => return Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused },
-                Err(reason) => refused.push(reason),
+                Err(e) => refused.push(e.to_string()),
             }
         }
     }
@@ -450,28 +465,27 @@ impl Registry {
                     *lock(&self.pin) = Some(pin);
                     return Ok(Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused });
                 }
-                Err(reason) => refused.push(reason),
+                Err(e) => refused.push(e.to_string()),
             }
         }
         Ok(Outcome::Refused { serving: Brief::of(&current), refused })
     }
 
     /// Starts an opened candidate (of `file`) and swaps it in; on failure records the
-    /// refusal (and marks the build refused) and returns the reason.
+    /// refusal (and marks the build refused).
     async fn try_start(
         &self,
         candidate: Result<Candidate, GenerationError>,
         file: &Path,
         build: Option<&Build>,
-    ) -> Result<Arc<Generation>, String> {
+    ) -> Result<Arc<Generation>, GenerationError> {
         let started = match candidate {
             Ok(candidate) => self.start_and_swap(candidate).await,
             Err(e) => Err(e),
         };
-        started.map_err(|e| {
+        started.inspect_err(|e| {
             lock(&self.builds).mark_refused(file);
             self.refuse(file, e.kind(), &e.to_string(), build);
-            e.to_string()
         })
     }
 
@@ -545,7 +559,7 @@ impl Registry {
                 let (slot, path) = (record.sha256.clone(), kept.unwrap_or_else(|| next.shadow().to_path_buf()));
                 tokio::spawn(async move {
                     tokio::time::sleep(HASH_DELAY).await;
-                    let hashed = tokio::task::spawn_blocking(move || crate::loader::sha256_file(&path).map_err(|e| (path, e))).await;
+                    let hashed = tokio::task::spawn_blocking(move || crate::plugin::loader::sha256_file(&path).map_err(|e| (path, e))).await;
                     match hashed {
                         Ok(Ok(digest)) => drop(slot.set(digest)),
                         Ok(Err((path, e))) => tracing::debug!(file = %path.display(), "cannot compute the SHA-256 of a loaded build: {e}"),

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use semver::Version;
 
-use crate::metrics::{GenerationStats, StatusTotals, Unloaded};
+use crate::plugin::stats::{GenerationStats, StatusTotals, Unloaded};
 
 /// How many generation records, and how many refusals, are kept (a generation still loaded
 /// is never dropped, so there may be more of those for a while).

@@ -58,7 +58,7 @@ struct Admin {
 /// Whether `arg` names a subcommand that talks to the admin API: only the `[admin]` keys
 /// apply to those.
 fn is_admin_command(arg: &OsString) -> bool {
-    arg.to_str().is_some_and(<crate::cli::AdminCommand as clap::Subcommand>::has_subcommand)
+    arg.to_str().is_some_and(<crate::cmd::cli::AdminCommand as clap::Subcommand>::has_subcommand)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,8 +129,8 @@ impl File {
         // The flags' own parsers, so that the file accepts exactly what the flags do.
         type Parse = fn(&str) -> Result<u64, String>;
         let sizes = [
-            ("max_header_size", self.limits.max_header_size, crate::cli::parse_header_size as Parse),
-            ("max_body_size", self.limits.max_body_size, crate::cli::parse_size),
+            ("max_header_size", self.limits.max_header_size, crate::cmd::cli::parse_header_size as Parse),
+            ("max_body_size", self.limits.max_body_size, crate::cmd::cli::parse_size),
         ];
         for (key, value, parse) in sizes {
             if let Some(value) = value {
@@ -196,7 +196,7 @@ impl Admin {
         let mut flags = Flags::default();
         if let Some(listen) = self.listen {
             listen
-                .parse::<crate::admin::AdminAddr>()
+                .parse::<crate::control::admin::AdminAddr>()
                 .map_err(|reason| ConfigError::Value { path: path.to_path_buf(), key: "admin.listen", reason })?;
             flags.value("--admin", listen);
         }

@@ -13,8 +13,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::admin::{self, AdminAddr};
-use crate::cli::AdminCommand;
+use crate::control::admin::{self, AdminAddr};
+use crate::cmd::cli::AdminCommand;
 
 /// Runs one admin command.
 pub async fn run(command: AdminCommand) -> anyhow::Result<()> {

@@ -21,7 +21,7 @@ use std::time::SystemTime;
 
 use semver::Version;
 
-use crate::loader::Identity;
+use crate::plugin::loader::Identity;
 
 /// A plugin file whose declaration has been read.
 #[derive(Debug, Clone)]

@@ -21,10 +21,10 @@ use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::DevArgs;
-use crate::builds::PluginSource;
-use crate::registry::Registry;
-use crate::trust::Trust;
+use crate::cmd::cli::DevArgs;
+use crate::control::builds::PluginSource;
+use crate::control::registry::Registry;
+use crate::plugin::trust::Trust;
 
 /// Quiet time after a source change before building (editors write in bursts).
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -37,7 +37,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
-    crate::run::serve(&args.host, trust, PluginSource::file(&artifact), move |registry, hangup, shutdown| {
+    crate::cmd::serve::serve(&args.host, trust, PluginSource::file(&artifact), move |registry, hangup, shutdown| {
         rebuild_loop(package, release, dirs, registry, hangup, shutdown)
     }).await
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::admin::AdminAddr;
+use crate::control::admin::AdminAddr;
+use crate::serve::Limits;
 
 /// An HTTP server that swaps its request handler while it runs.
 ///
@@ -198,6 +199,19 @@ pub struct HttpLimits {
     /// a connection closes; none is refused or reset.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
+}
+
+impl HttpLimits {
+    /// The server's limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_header_size: self.max_header_size,
+            max_body_size: self.max_body_size,
+            max_connections: self.max_connections,
+        }
+    }
 }
 
 pub fn parse_size(text: &str) -> Result<u64, String> {

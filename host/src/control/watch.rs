@@ -30,10 +30,10 @@ use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::builds::PluginSource;
-use crate::generation::GenerationError;
-use crate::loader::{Identity, LoadError};
-use crate::registry::{Outcome, Registry};
+use crate::control::builds::PluginSource;
+use crate::plugin::GenerationError;
+use crate::plugin::loader::{Identity, LoadError};
+use crate::control::registry::{Outcome, Registry};
 
 /// A file written in place is loaded this long after its last change even if no close event
 /// arrives (writers that keep the file open, or mmap it).

@@ -43,7 +43,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::{ChangeError, Outcome, Registry};
+use crate::control::registry::{ChangeError, Outcome, Registry};
 
 /// Where the admin API listens (`--admin`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,7 +376,7 @@ impl Api {
         match (method, path.as_str()) {
             (Method::GET, "/status") => json_response(StatusCode::OK, &status(registry, self.started)),
             (Method::GET, "/metrics") => {
-                let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render(registry))));
+                let mut response = Response::new(Full::new(Bytes::from(crate::control::metrics::render(registry))));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -1,22 +1,11 @@
-//! What the host counts, and its Prometheus exposition (`GET /metrics` on the admin listener).
+//! A generation's counters: requests by status code with their latency, in-flight requests
+//! and streams, bytes sent, and how its unloading ended.
 //!
-//! Requests are counted per generation in plain atomics ([`GenerationStats`]): a request
-//! costs a few relaxed additions, with no lock and no label lookup. A scrape reads them
-//! through the [`Collector`] interface of `prometheus-client`, which does the text format,
-//! and sums by version: the figures of generations that have left the history are folded
-//! into per-version totals first (`history`), so counters never go back.
+//! A request costs a few relaxed additions in plain atomics, with no lock and no label
+//! lookup; the Prometheus exposition (`control::metrics`) reads them at a scrape.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
-
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
-
-use crate::registry::Registry;
 
 /// Upper bounds of the latency histogram's buckets, in seconds.
 pub const BUCKETS: [f64; 16] =
@@ -233,139 +222,6 @@ impl GenerationStats {
             _ => None,
         }
     }
-}
-
-/// Host-wide events, by kind.
-#[derive(Debug, Default)]
-pub struct Events {
-    pub swaps: AtomicU64,
-    /// Responses cut off because their generation's drain timeout passed.
-    pub aborted_by_drain_timeout: AtomicU64,
-    /// Responses cut off because too many generations were loaded (`--max-generations`).
-    pub aborted_by_generation_cap: AtomicU64,
-}
-
-/// The `/metrics` collector: reads the registry at every scrape.
-pub struct Metrics(pub Arc<Registry>);
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
-    }
-}
-
-impl Collector for Metrics {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let registry = &self.0;
-        let by_version = registry.history().totals_by_version();
-
-        let mut requests = encoder.encode_descriptor(
-            "hotswap_requests",
-            "Requests answered, by plugin version and status code",
-            None,
-            MetricType::Counter,
-        )?;
-        for ((version, status), totals) in &by_version {
-            let labels = [("version", version.as_str()), ("status", status.as_str())];
-            ConstCounter::new(totals.count).encode(requests.encode_family(&labels)?)?;
-        }
-
-        let mut latency = encoder.encode_descriptor(
-            "hotswap_request_duration_seconds",
-            "Time from a request's arrival until its response head was ready, by plugin version and status code",
-            None,
-            MetricType::Histogram,
-        )?;
-        for ((version, status), totals) in &by_version {
-            let labels = [("version", version.as_str()), ("status", status.as_str())];
-            let buckets: Vec<(f64, u64)> =
-                BUCKETS.iter().copied().chain([f64::INFINITY]).zip(totals.buckets).collect();
-            latency.encode_family(&labels)?.encode_histogram::<NoLabelSet>(totals.seconds, totals.count, &buckets, None)?;
-        }
-
-        let resident = registry.resident();
-        let mut in_flight = encoder.encode_descriptor(
-            "hotswap_in_flight_requests",
-            "Requests in progress (until their response body ends), per resident generation",
-            None,
-            MetricType::Gauge,
-        )?;
-        for generation in &resident {
-            let (id, version) = (generation.id().to_string(), generation.version().to_string());
-            let labels = [("generation", id.as_str()), ("version", version.as_str())];
-            ConstGauge::new(generation.in_flight() as i64).encode(in_flight.encode_family(&labels)?)?;
-        }
-
-        let resident_generations = crate::generation::resident_generations() as i64;
-        ConstGauge::new(resident_generations).encode(encoder.encode_descriptor(
-            "hotswap_resident_generations",
-            "Generations loaded: the current one and those draining",
-            None,
-            MetricType::Gauge,
-        )?)?;
-
-        let events = registry.events();
-        ConstCounter::new(events.swaps.load(Ordering::Relaxed)).encode(encoder.encode_descriptor(
-            "hotswap_swaps",
-            "Swaps: a new generation became current",
-            None,
-            MetricType::Counter,
-        )?)?;
-
-        labelled_counters(
-            &mut encoder,
-            "hotswap_refusals",
-            "Plugin builds refused instead of swapped in, by reason",
-            "reason",
-            registry.history().refusals_by_reason(),
-        )?;
-        let (unmapped, still_mapped, leaked) = crate::generation::unload_counts();
-        labelled_counters(
-            &mut encoder,
-            "hotswap_unloads",
-            "Generations unloaded, by result: unmapped (gone from /proc/self/maps), still_mapped (a bug), leaked (threads stuck in plugin code)",
-            "result",
-            [("unmapped", unmapped), ("still_mapped", still_mapped), ("leaked", leaked)],
-        )?;
-        labelled_counters(
-            &mut encoder,
-            "hotswap_aborted_responses",
-            "Responses cut off before they ended, by cause: drain_timeout (their generation was replaced longer than --drain-timeout ago), generation_cap (--max-generations)",
-            "cause",
-            [
-                ("drain_timeout", events.aborted_by_drain_timeout.load(Ordering::Relaxed)),
-                ("generation_cap", events.aborted_by_generation_cap.load(Ordering::Relaxed)),
-            ],
-        )?;
-        Ok(())
-    }
-}
-
-/// A counter family with one label, one series per value of it.
-fn labelled_counters<'a>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    label: &str,
-    series: impl IntoIterator<Item = (&'a str, u64)>,
-) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (value, count) in series {
-        ConstCounter::new(count).encode(family.encode_family(&[(label, value)])?)?;
-    }
-    Ok(())
-}
-
-/// The text a scrape gets (Prometheus text format 0.0.4).
-pub fn render(registry: &Arc<Registry>) -> String {
-    let mut exposition = prometheus_client::registry::Registry::default();
-    exposition.register_collector(Box::new(Metrics(registry.clone())));
-    let mut text = String::new();
-    // Writing into a String cannot fail; an encoder error would be a bug in a label.
-    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, &exposition) {
-        tracing::error!("cannot encode the metrics: {e}");
-    }
-    text
 }
 
 #[cfg(test)]

@@ -60,7 +60,6 @@ pub struct Library {
     library: libloading::Library,
     pub name: String,
     pub version: semver::Version,
-    pub rustc: String,
 }
 
 // SAFETY: `declaration` points at immutable static data inside the library, which `Library`
@@ -116,10 +115,9 @@ impl Library {
         // with our layout, in static memory that lives as long as `library`.
         let decl = unsafe { declaration.as_ref() };
         // SAFETY: the declaration's strings point into the library's static data.
-        let (name, version, rustc) =
-            unsafe { (decl.name.to_string_lossy(), decl.version.to_string_lossy(), decl.rustc.to_string_lossy()) };
+        let (name, version) = unsafe { (decl.name.to_string_lossy(), decl.version.to_string_lossy()) };
         let version = semver::Version::parse(&version).map_err(|reason| LoadError::Version { path, name: name.clone(), version, reason })?;
-        Ok(Library { declaration, library, name, version, rustc })
+        Ok(Library { declaration, library, name, version })
     }
 
     /// The checked declaration, valid while `self` is.
@@ -129,8 +127,8 @@ impl Library {
     }
 
     /// Closes the library.
-    pub fn close(self) -> Result<(), String> {
-        self.library.close().map_err(|e| e.to_string())
+    pub fn close(self) -> Result<(), libloading::Error> {
+        self.library.close()
     }
 }
 
@@ -203,11 +201,6 @@ impl ShadowDir {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.dir
     }
 
     /// Copies the opened plugin file `source` (at `path`) to a fresh path, streaming (a plugin is never held in memory whole), and returns what the copy
@@ -344,7 +337,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut fs::File::open(path)?, &mut hasher)?;
-    Ok(crate::trust::hex(&hasher.finalize()))
+    Ok(crate::plugin::trust::hex(&hasher.finalize()))
 }
 
 enum Failed {
@@ -376,7 +369,7 @@ fn stream(from: &mut fs::File, to: &mut fs::File, hash: bool) -> Result<(u64, Ve
         to.write_all(chunk).map_err(Failed::Write)?;
         len += n as u64;
     }
-    Ok((len, head, hasher.map(|h| crate::trust::hex(&h.finalize()))))
+    Ok((len, head, hasher.map(|h| crate::plugin::trust::hex(&h.finalize()))))
 }
 
 /// Checks that an ELF file (`bytes`: its first 64 bytes or more; `len`: its length) is as

@@ -2,7 +2,7 @@
 //!
 //! hyper can time out a slow request head itself, but only with a timer whose sleeps belong
 //! to one tokio runtime, and a connection here moves from one generation's runtime to the
-//! next (`server`): a sleep made on an old runtime fails once that runtime shuts down. So the
+//! next (`serve`): a sleep made on an old runtime fails once that runtime shuts down. So the
 //! host keeps time itself: every connection has an [`Activity`] it updates with a few atomic
 //! operations, and one [`Sweeper`] task on the host's own runtime, which lives as long as the
 //! process, expires connections that have sat too long.
@@ -30,6 +30,21 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+
+/// What one client may cost the server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long an HTTP/1 client may take to send a request head.
+    pub header_read_timeout: Duration,
+    /// How long a connection may sit idle.
+    pub idle_timeout: Duration,
+    /// The largest request head accepted (431 beyond).
+    pub max_header_size: u64,
+    /// The largest request body accepted (413 beyond).
+    pub max_body_size: u64,
+    /// The most connections served at once.
+    pub max_connections: u64,
+}
 
 /// Milliseconds since the process first asked (a vDSO clock read, no syscall).
 fn now_ms() -> u64 {

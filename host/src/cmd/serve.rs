@@ -11,15 +11,16 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::AdminListener;
-use crate::builds::PluginSource;
-use crate::cli::HostArgs;
-use crate::generation::{self, LoadOptions};
+use crate::control::admin::AdminListener;
+use crate::control::builds::PluginSource;
+use crate::cmd::cli::HostArgs;
+use crate::plugin::reaper;
+use crate::plugin::LoadOptions;
 use crate::latch::Latch;
-use crate::loader::ShadowDir;
-use crate::registry::Registry;
-use crate::trust::Trust;
-use crate::server::Server;
+use crate::plugin::loader::ShadowDir;
+use crate::control::registry::Registry;
+use crate::plugin::trust::Trust;
+use crate::serve::Server;
 
 /// Serves until SIGTERM or SIGINT, starting with the build of `source` that should serve
 /// (see `builds`); `triggers` runs beside the server and swaps in new generations (file watcher, dev
@@ -59,7 +60,7 @@ where
     }
     tracing::info!("listening on http://{}", listener.local_addr()?);
     notify_service_manager(&[NotifyState::Ready]);
-    let server = Server::new(registry.clone(), args.limits.clone(), latch);
+    let server = Server::new(registry.serving(), args.limits.limits(), latch);
     server.accept_loop(listener).await;
     notify_service_manager(&[NotifyState::Stopping]);
     let _ = triggers.await;
@@ -72,9 +73,9 @@ where
     }
     drop(server);
     drop(registry);
-    let unloaded = tokio::task::spawn_blocking(|| generation::wait_all_unloaded(Duration::from_secs(15))).await?;
+    let unloaded = tokio::task::spawn_blocking(|| reaper::wait_all_unloaded(Duration::from_secs(15))).await?;
     if !unloaded {
-        tracing::warn!(resident = generation::resident_generations(), "some generations were not unloaded before exit");
+        tracing::warn!(resident = reaper::resident_generations(), "some generations were not unloaded before exit");
     }
     drop(shadow);
     tracing::info!("shut down");

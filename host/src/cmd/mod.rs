@@ -1,0 +1,90 @@
+//! The command line: clap arguments ([`cli`]), the configuration file ([`config`]), the
+//! admin commands ([`client`]), the development loop ([`dev`]) and the serving lifecycle
+//! ([`serve`]). The only place `anyhow` is used: everything below returns typed errors, and
+//! here they become messages for the terminal and the log.
+
+#![forbid(unsafe_code)]
+
+pub(crate) mod cli;
+pub(crate) mod client;
+pub(crate) mod config;
+pub(crate) mod dev;
+pub(crate) mod serve;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use crate::control::builds::PluginSource;
+use crate::control::watch;
+use crate::plugin::trust::Trust;
+use cli::{Cli, Command, ServeArgs};
+
+/// Runs the command line: parses it (with the configuration file), and runs the command.
+pub fn main() -> ExitCode {
+    let args = match config::apply(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("hotswap: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
+    init_logging(&cli.log_level, &cli.log_format);
+    let server = !matches!(cli.command, Command::Admin(_));
+    let result = match cli.command {
+        Command::Serve(args) => run(serve_command(args)),
+        Command::Dev(args) => run(dev::run(args)),
+        Command::Admin(command) => run(client::run(command)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if server {
+                tracing::error!("{e:#}");
+            }
+            eprintln!("hotswap: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str, format: &str) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    // A bare level applies to hotswap and its plugins; dependencies (hyper, h2) stay at info.
+    let directives = if level.contains('=') { level.to_owned() } else { format!("info,hotswap={level},plugin={level}") };
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&directives))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+/// The host's own runtime: accepting, signals, swaps. Plugin code never runs on it.
+fn run(main: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("hs-main")
+        .build()
+        .context("cannot start the host runtime")?;
+    runtime.block_on(main)
+}
+
+/// `hotswap serve`: the plugin source from the flags, the file watcher as the swap trigger.
+async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
+    let source = match (&args.plugin, &args.plugin_dir) {
+        (Some(file), _) => PluginSource::file(file),
+        (None, Some(dir)) => PluginSource::directory(dir.clone()),
+        (None, None) => anyhow::bail!("give --plugin PATH or --plugin-dir DIR"),
+    };
+    let trust = Trust { insecure: args.insecure_plugin_dir, digests: args.trusted_digests.clone(), own_build: false };
+    serve::serve(&args.host, trust, source.clone(), move |registry, hangup, shutdown| {
+        watch::run(source, registry, hangup, shutdown)
+    }).await
+}

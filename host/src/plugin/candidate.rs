@@ -1,0 +1,326 @@
+//! Loading: a plugin file becomes a [`Candidate`] (copied to a private path, checked,
+//! opened, its declaration checked) and then a [`Generation`] (its runtime started, `init`
+//! and the readiness check run, each under a timeout).
+
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use handler_api::abi::{FfiPoll, HostApi};
+
+use crate::latch::Latch;
+use crate::plugin::budget::BudgetError;
+use crate::plugin::generation::{self, Generation};
+use crate::plugin::loader::{self, Identity, Library, LoadError, ShadowDir};
+use crate::plugin::reaper::{self, thread_name};
+use crate::plugin::services::{self, PluginContext};
+use crate::plugin::table;
+use crate::plugin::trust::{Trust, TrustError};
+
+/// Why a candidate plugin did not become a generation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GenerationError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
+    #[error("cannot start the plugin's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{plugin}: init failed: {reason}")]
+    InitFailed { plugin: String, reason: String },
+    #[error("{plugin}: init panicked: {reason}")]
+    InitPanicked { plugin: String, reason: String },
+    #[error("{plugin}: init did not return within {timeout:?} (the library stays loaded while it runs)")]
+    InitTimeout { plugin: String, timeout: Duration },
+    #[error("{plugin}: readiness check failed: {reason}")]
+    NotReady { plugin: String, reason: String },
+}
+
+impl GenerationError {
+    /// What kind of refusal this is, as a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GenerationError::Load(e) => match e {
+                LoadError::Read { .. } => "unreadable",
+                LoadError::Shadow { .. } => "shadow_dir",
+                LoadError::Open { .. } => "not_a_library",
+                LoadError::Incomplete { .. } => "incomplete",
+                LoadError::NotAPlugin { .. } | LoadError::BadMagic { .. } => "not_a_plugin",
+                LoadError::AbiVersion { .. } | LoadError::Layout { .. } => "abi_mismatch",
+                LoadError::Version { .. } => "bad_version",
+            },
+            GenerationError::Untrusted(_) => "untrusted",
+            GenerationError::Budget(_) => "budget",
+            GenerationError::Runtime(_) => "runtime",
+            GenerationError::InitFailed { .. } => "init_failed",
+            GenerationError::InitPanicked { .. } => "init_panicked",
+            GenerationError::InitTimeout { .. } => "init_timeout",
+            GenerationError::NotReady { .. } => "not_ready",
+        }
+    }
+}
+
+/// How generations are loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Worker threads of each generation's runtime.
+    pub worker_threads: usize,
+    /// How long `init` and the readiness check may take, each.
+    pub init_timeout: Duration,
+    /// How long unloading waits for the plugin's shutdown hook and for its threads to exit.
+    pub unload_timeout: Duration,
+    /// Where shadow copies go.
+    pub shadow: Arc<ShadowDir>,
+    /// Which plugin files may be loaded.
+    pub trust: Trust,
+}
+
+
+/// A plugin file copied to its private path, after every check that needs only its bytes.
+struct Copied {
+    shadow: PathBuf,
+    identity: Identity,
+    digest: Option<String>,
+}
+
+/// Opens `source` once, checks who may write it, copies it to a fresh private path, and
+/// checks the copy: complete, and (with a digest list) trusted. Blocking.
+fn private_copy(source: &Path, options: &LoadOptions) -> Result<Copied, GenerationError> {
+    let mut file = loader::open_plugin(source)?;
+    let identity = Identity::from_metadata(&file.metadata).ok_or_else(|| LoadError::Read {
+        path: source.to_path_buf(),
+        source: std::io::Error::other("not a regular file"),
+    })?;
+    options.trust.check_source(source, &file.metadata, file.real_path.as_deref())?;
+    let copy = options.shadow.copy(source, &mut file.file, options.trust.wants_digest())?;
+    let checked = loader::check_complete(source, &copy.head, copy.len)
+        .map_err(GenerationError::from)
+        .and_then(|()| Ok(options.trust.check_digest(source, copy.sha256.as_deref())?));
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&copy.shadow);
+        return Err(e);
+    }
+    Ok(Copied { shadow: copy.shadow, identity, digest: copy.sha256 })
+}
+
+/// A plugin build copied, opened and its declaration checked: of its code, only the
+/// library's initialisers have run. [`Candidate::start`] makes it a generation; dropping it
+/// closes the library and deletes the copy.
+pub struct Candidate {
+    source: PathBuf,
+    shadow: PathBuf,
+    identity: Identity,
+    digest: Option<String>,
+    name: String,
+    version: semver::Version,
+    /// Taken by `start` (or `Drop`).
+    library: Option<Library>,
+}
+
+impl std::fmt::Debug for Candidate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Candidate").field("source", &self.source).field("version", &self.version()).finish_non_exhaustive()
+    }
+}
+
+impl Candidate {
+    /// Copies `source` to a private path, checks it (trust, completeness, digest), opens the
+    /// copy and checks its declaration (ABI, layout, semantic version).
+    pub async fn open(source: &Path, options: &LoadOptions) -> Result<Candidate, GenerationError> {
+        // File work (read, hash, write the copy) stays off the host's runtime thread, which
+        // accepts connections and keeps their timeouts.
+        let prepared = {
+            let (source, options) = (source.to_path_buf(), options.clone());
+            tokio::task::spawn_blocking(move || private_copy(&source, &options)).await
+        };
+        let Copied { shadow, identity, digest } =
+            prepared.map_err(|join| GenerationError::Runtime(std::io::Error::other(join.to_string())))??;
+        match open_library(&shadow).await {
+            Ok(library) => Ok(Candidate {
+                source: source.to_path_buf(),
+                shadow,
+                identity,
+                digest,
+                name: library.name.clone(),
+                version: library.version.clone(),
+                library: Some(library),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&shadow);
+                Err(e)
+            }
+        }
+    }
+
+    /// The plugin's declared name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plugin's declared version.
+    pub fn version(&self) -> &semver::Version {
+        &self.version
+    }
+
+    /// The file it was copied from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Which version of the source file was copied.
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    /// Starts it as generation `id`: its runtime, `init` (bounded by a timeout) and
+    /// readiness check. On error nothing of it stays behind (except a library whose init
+    /// never returned, which cannot be unloaded while its code runs).
+    pub async fn start(mut self, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
+        let Some(library) = self.library.take() else {
+            // Only `Drop` takes it otherwise: unreachable while `self` is alive.
+            return Err(GenerationError::Runtime(std::io::Error::other("the candidate was already started")));
+        };
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.worker_threads.max(1))
+            .thread_name(thread_name(id))
+            .on_thread_start(move || generation::enter_thread(id))
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                self.library = Some(library); // dropping `self` closes it and deletes the copy
+                return Err(GenerationError::Runtime(e));
+            }
+        };
+        let shadow = std::mem::take(&mut self.shadow);
+        let context = Box::new(PluginContext { label: format!("{}@{}", self.name, self.version) });
+        let api = Box::new(table::host_api(&*context, services::max_log_level()));
+        reaper::live_generations().fetch_add(1, Ordering::SeqCst);
+        let mut generation = Generation {
+            id,
+            name: std::mem::take(&mut self.name),
+            version: self.version.clone(),
+            source: std::mem::take(&mut self.source),
+            identity: self.identity,
+            digest: self.digest.take(),
+            shadow,
+            handle: runtime.handle().clone(),
+            stats: Arc::default(),
+            superseded: Latch::new(),
+            aborted: Latch::new(),
+            initialized: false,
+            unload_timeout: options.unload_timeout,
+            library: ManuallyDrop::new(library),
+            runtime: ManuallyDrop::new(runtime),
+            api: ManuallyDrop::new(api),
+            context: ManuallyDrop::new(context),
+        };
+        // On any error below, `generation` drops and the reaper unloads it.
+        let plugin = generation.label();
+        let init = generation.declaration().init;
+        let api = SendPtr(&**generation.api as *const HostApi);
+        let (outcome, reason) = run_hook(&generation, options.init_timeout, move |sink| {
+            let api = api;
+            // SAFETY: the declaration was checked at load; the table lives as long as the
+            // generation, whose library stays loaded while this thread runs; `sink` is a
+            // live String.
+            unsafe { init(api.0, sink) }
+        })
+        .await
+            .ok_or_else(|| GenerationError::InitTimeout { plugin: plugin.clone(), timeout: options.init_timeout })?;
+        match outcome {
+            FfiPoll::READY => {}
+            FfiPoll::PANICKED => return Err(GenerationError::InitPanicked { plugin, reason }),
+            _ => return Err(GenerationError::InitFailed { plugin, reason }),
+        }
+        // The shutdown hook may run at unload once `init` has succeeded and `ready`, if any,
+        // has returned: never beside `ready`, even if this load is abandoned while it runs.
+        let Some(ready) = generation.declaration().ready else {
+            generation.initialized = true;
+            return Ok(Arc::new(generation));
+        };
+        let outcome_and_reason = run_hook(&generation, options.init_timeout, move |sink| {
+            // SAFETY: `init` succeeded; `sink` is a live String.
+            unsafe { ready(sink) }
+        })
+        .await;
+        let Some((outcome, reason)) = outcome_and_reason else {
+            // `ready` is still running: its thread keeps the library loaded (see
+            // `Retired::unload`), and the shutdown hook is not run.
+            return Err(GenerationError::NotReady {
+                plugin,
+                reason: format!("no answer within {:?}", options.init_timeout),
+            });
+        };
+        generation.initialized = true;
+        if outcome != FfiPoll::READY {
+            return Err(GenerationError::NotReady { plugin, reason });
+        }
+        Ok(Arc::new(generation))
+    }
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        let Some(library) = self.library.take() else { return };
+        let (source, shadow) = (std::mem::take(&mut self.source), std::mem::take(&mut self.shadow));
+        // dlclose runs the library's finalisers: on the blocking pool, not the host's thread.
+        let close = move || {
+            if let Err(e) = library.close() {
+                tracing::warn!(file = %source.display(), "dlclose of a candidate failed: {e}");
+            }
+            let _ = std::fs::remove_file(&shadow);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(close)),
+            Err(_) => close(),
+        }
+    }
+}
+
+/// Opens the private copy on a thread of its own, joined before the library is used: the
+/// thread-locals its initialisers create are destroyed while the library is loaded, and pin
+/// no host thread to it. If the load is abandoned meanwhile, the library is closed (on the
+/// blocking pool) only after that thread has exited.
+async fn open_library(shadow: &Path) -> Result<Library, GenerationError> {
+    let failed = |reason: String| GenerationError::Runtime(std::io::Error::other(reason));
+    let path = shadow.to_path_buf();
+    // SAFETY: the operator chose this file as a plugin; opening it runs its initialisers,
+    // which is what loading a plugin means.
+    let opening = std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || unsafe { Library::open(&path) });
+    let thread = opening.map_err(GenerationError::Runtime)?;
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| failed(e.to_string()))?;
+    Ok(joined.map_err(|_| failed("opening the library panicked".into()))??)
+}
+
+/// A raw pointer that may cross to a generation thread for one call.
+struct SendPtr<T>(*const T);
+// SAFETY: used only to pass the HostApi (Sync, immutable) and error sinks that the sending
+// side keeps alive and does not touch until the receiving call has returned.
+unsafe impl<T> Send for SendPtr<T> {}
+
+
+/// Runs an init-like hook on a thread of this generation, with a timeout. `None` on
+/// timeout; otherwise the outcome and whatever the plugin wrote to the error sink.
+async fn run_hook(
+    generation: &Generation,
+    timeout: Duration,
+    hook: impl FnOnce(*mut std::ffi::c_void) -> FfiPoll + Send + 'static,
+) -> Option<(FfiPoll, String)> {
+    let task = generation.handle().spawn_blocking(move || {
+        let mut sink = String::new();
+        let outcome = hook(&mut sink as *mut String as *mut std::ffi::c_void);
+        (outcome, sink)
+    });
+    match tokio::time::timeout(timeout, task).await {
+        Ok(Ok(result)) => Some(result),
+        Ok(Err(join)) => Some((FfiPoll::PANICKED, join.to_string())),
+        Err(_) => None,
+    }
+}

@@ -1,0 +1,228 @@
+//! Generations: one loaded copy of a plugin, with the threads that run its code.
+//!
+//! ## Why every generation has its own threads
+//!
+//! Plugin code that uses `thread_local!` with a destructor (tracing does), or
+//! `std::thread::current()`, ties the library to every thread it ran on: glibc keeps the
+//! library mapped until those threads exit, or calls into it when they do. tokio's worker
+//! threads never exit. So each generation gets its own tokio runtime, built by the host (with
+//! a working reactor and timer), and plugin code runs only on that runtime's threads: the
+//! connections it serves, the timers and blocking jobs it asks for. When the generation's
+//! last request has ended, its runtime is shut down, its threads are joined (running their
+//! TLS destructors while the library is still mapped), and only then is the library closed.
+//! The `server` module keeps connections on the threads of the generation they are served by
+//! and moves them to the new one at a request boundary, so no request pays for a hop between
+//! threads.
+//!
+//! ## Lifecycle
+//!
+//! [`Candidate::open`] copies the file to a private shadow path, opens it and checks its
+//! declaration; [`Candidate::start`] starts its runtime, runs its `init` (bounded by a timeout) and readiness
+//! check. Requests hold an `Arc<Generation>`; when the last one goes, `Drop` hands the parts
+//! to the reaper thread, which runs the plugin's shutdown hook, joins the threads, closes the
+//! library, deletes the shadow file and checks `/proc/self/maps`.
+
+use std::cell::Cell;
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use handler_api::abi::{HostApi, PluginDeclaration};
+
+use crate::latch::Latch;
+use crate::plugin::loader::{Identity, Library};
+use crate::plugin::reaper::{self, Retired};
+use crate::plugin::services::PluginContext;
+use crate::plugin::stats::GenerationStats;
+
+thread_local! {
+    /// The generation whose runtime owns this thread (0: none).
+    static THREAD_GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The id of the generation whose runtime owns the calling thread, or 0.
+pub fn thread_generation() -> u64 {
+    THREAD_GENERATION.with(Cell::get)
+}
+
+/// Marks the calling thread as one of generation `id`'s (its runtime's `on_thread_start`).
+pub(super) fn enter_thread(id: u64) {
+    THREAD_GENERATION.with(|g| g.set(id));
+}
+
+/// One loaded copy of a plugin and the runtime whose threads run its code.
+pub struct Generation {
+    pub(super) id: u64,
+    pub(super) name: String,
+    pub(super) version: semver::Version,
+    pub(super) source: PathBuf,
+    /// Which version of the source file was loaded.
+    pub(super) identity: Identity,
+    /// SHA-256 of the loaded bytes, when a trusted digest list asked for it.
+    pub(super) digest: Option<String>,
+    pub(super) shadow: PathBuf,
+    pub(super) handle: tokio::runtime::Handle,
+    pub(super) stats: Arc<GenerationStats>,
+    pub(super) superseded: Latch,
+    pub(super) aborted: Latch,
+    pub(super) initialized: bool,
+    pub(super) unload_timeout: Duration,
+    // Taken by `Drop`, which hands them to the reaper. The table and context must outlive
+    // every call into the library, so they leave together with it.
+    pub(super) library: ManuallyDrop<Library>,
+    pub(super) runtime: ManuallyDrop<tokio::runtime::Runtime>,
+    pub(super) api: ManuallyDrop<Box<HostApi>>,
+    pub(super) context: ManuallyDrop<Box<PluginContext>>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("id", &self.id)
+            .field("plugin", &self.label())
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generation {
+    /// This generation's number, unique in the process, starting at 1.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// `name@version`, as the plugin declares them.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
+    /// The plugin's declared name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plugin's declared version.
+    pub fn version(&self) -> &semver::Version {
+        &self.version
+    }
+
+    /// Its counters: requests by status, streams, bytes sent, how it was unloaded.
+    pub fn stats(&self) -> &Arc<GenerationStats> {
+        &self.stats
+    }
+
+    /// Its private copy (deleted when it unloads).
+    pub fn shadow(&self) -> &Path {
+        &self.shadow
+    }
+
+    /// The file it was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Which version of the source file was loaded (device, inode, length, modification time).
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    /// SHA-256 of the loaded library, when `--trusted-digests` is in use.
+    pub fn digest(&self) -> Option<&str> {
+        self.digest.as_deref()
+    }
+
+
+    /// The checked declaration; valid while `self` is.
+    pub fn declaration(&self) -> &PluginDeclaration {
+        self.library.declaration()
+    }
+
+    /// The runtime whose threads run this generation's code.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    /// Requests (with their response bodies) in progress on this generation.
+    pub fn in_flight(&self) -> usize {
+        self.stats.in_flight()
+    }
+
+    /// Raised when a newer generation has become current.
+    pub fn superseded(&self) -> &Latch {
+        &self.superseded
+    }
+
+    /// Raised when the responses still running here must be cut off (drain timeout).
+    pub fn aborted(&self) -> &Latch {
+        &self.aborted
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // SAFETY: each field is taken exactly once, here, and never used again.
+        let retired = unsafe {
+            Retired {
+                id: self.id,
+                label: self.label(),
+                stats: self.stats.clone(),
+                shadow: std::mem::take(&mut self.shadow),
+                initialized: self.initialized,
+                timeout: self.unload_timeout,
+                library: ManuallyDrop::take(&mut self.library),
+                runtime: ManuallyDrop::take(&mut self.runtime),
+                api: ManuallyDrop::take(&mut self.api),
+                context: ManuallyDrop::take(&mut self.context),
+            }
+        };
+        // This may run on one of the generation's own threads (the last request ended
+        // there), which cannot join itself: the reaper thread does the unloading.
+        reaper::retire(retired);
+    }
+}
+
+
+/// A request's hold on the generation it was routed to, from then until its response body
+/// ends: it keeps the library loaded and counts the request in flight. Whatever holds plugin
+/// state for a request (its call, its streaming body) owns the hold, and releases that state
+/// before the hold goes.
+pub struct InFlight(Arc<Generation>);
+
+impl InFlight {
+    pub fn new(generation: Arc<Generation>) -> InFlight {
+        generation.stats.request_started();
+        InFlight(generation)
+    }
+
+    pub fn generation(&self) -> &Arc<Generation> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.stats.request_ended();
+    }
+}
+
+/// The generation new requests go to: written by the registry at a swap, read by the
+/// server for every new connection and request.
+pub struct Current(ArcSwap<Generation>);
+
+impl Current {
+    pub fn new(first: Arc<Generation>) -> Current {
+        Current(ArcSwap::new(first))
+    }
+
+    /// The generation new requests go to now.
+    pub fn load(&self) -> Arc<Generation> {
+        self.0.load_full()
+    }
+
+    /// Makes `next` current; returns the one it replaces.
+    pub fn swap(&self, next: Arc<Generation>) -> Arc<Generation> {
+        self.0.swap(next)
+    }
+}

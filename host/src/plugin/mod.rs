@@ -1,0 +1,23 @@
+//! Everything that touches a loaded library, and the only `unsafe` code of the host besides
+//! `sys`: loading a plugin file ([`loader`], [`trust`], [`budget`], [`candidate`]), the
+//! loaded [`Generation`] and the requests it holds, unloading it ([`reaper`]), and the host's
+//! side of the C ABI ([`table`] of [`services`], [`request`], [`response`]).
+//!
+//! Dependencies point one way: `loader`, `trust`, `budget`, `stats` and `services` need
+//! nothing else here; `generation` needs them and `reaper`; `response` and `request` need
+//! `generation`; `table` gathers the ABI's functions; `candidate` builds generations.
+
+pub(crate) mod budget;
+pub(crate) mod candidate;
+pub(crate) mod generation;
+pub(crate) mod loader;
+pub(crate) mod reaper;
+pub(crate) mod request;
+pub(crate) mod response;
+pub(crate) mod services;
+pub(crate) mod stats;
+pub(crate) mod table;
+pub(crate) mod trust;
+
+pub(crate) use candidate::{Candidate, GenerationError, LoadOptions};
+pub(crate) use generation::{thread_generation, Current, Generation, InFlight};

@@ -1,0 +1,39 @@
+//! The service table lent to each generation: every host function the ABI names, from
+//! `services`, `request` and `response`.
+
+use std::ffi::c_void;
+
+use handler_api::abi::{self, HostApi};
+
+use crate::plugin::request::{body_drop, body_poll};
+use crate::plugin::response::{
+    chunk_lend, chunk_push, response_append_header, response_set_full_body, response_set_status, response_set_stream_body,
+};
+use crate::plugin::services::{
+    blocking_drop, blocking_poll, blocking_spawn, error_write, log, sleep_drop, sleep_new, sleep_poll, PluginContext,
+};
+
+/// Builds the service table lent to one generation; `context` must outlive it.
+pub fn host_api(context: *const PluginContext, max_log_level: u32) -> HostApi {
+    HostApi {
+        abi_version: abi::ABI_VERSION,
+        max_log_level,
+        context: context as *const c_void,
+        log,
+        error_write,
+        body_poll,
+        body_drop,
+        response_set_status,
+        response_append_header,
+        response_set_full_body,
+        response_set_stream_body,
+        chunk_push,
+        chunk_lend,
+        sleep_new,
+        sleep_poll,
+        sleep_drop,
+        blocking_spawn,
+        blocking_poll,
+        blocking_drop,
+    }
+}

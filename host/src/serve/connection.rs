@@ -1,0 +1,330 @@
+//! A connection: its task on the runtime of the generation serving it, its socket, and its
+//! moves to a newer generation at a request boundary.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::latch::{Latch, Waiter};
+use crate::plugin::{thread_generation, Generation};
+use crate::serve::limits::{Activity, Expiry};
+use crate::serve::respond::{PluginService, StreamExecutor};
+use crate::serve::Server;
+
+/// Per-connection state, shared by its task, its socket, its service and its executor.
+pub struct ConnState {
+    /// The generation whose runtime serves this connection now. Only the connection's own
+    /// task changes it ([`ConnTask::try_move`]), between polls of the hyper connection: so
+    /// within one poll, the service and the executor see the same generation.
+    pub generation: ArcSwap<Generation>,
+    /// For the header read and idle timeouts.
+    pub activity: Arc<Activity>,
+    pub max_body_size: u64,
+}
+
+pub type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The hyper connection, with graceful shutdown wired in; movable between runtimes.
+pub fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>, open: OpenConnection) -> ConnFuture {
+    Box::pin(async move {
+        let _open = open;
+        let mut io = io;
+        let http2 = match sniff_http2(&mut io).await {
+            Ok(http2) => http2,
+            Err(e) => return tracing::debug!("connection ended before its first request: {e}"),
+        };
+        if http2 {
+            conn.activity.is_http2();
+        }
+        let max_header_size = usize::try_from(server.limits.max_header_size).unwrap_or(usize::MAX);
+        let service = PluginService { conn: conn.clone() };
+        // Both answer a request head over the limit with 431 (h2: over the advertised header
+        // list size).
+        let result = if http2 {
+            let mut builder = http2::Builder::new(StreamExecutor { conn });
+            builder.max_header_list_size(u32::try_from(max_header_size).unwrap_or(u32::MAX));
+            drive(builder.serve_connection(TokioIo::new(io), service), &server.shutdown).await
+        } else {
+            let mut builder = http1::Builder::new();
+            builder.max_header_size(max_header_size);
+            drive(builder.serve_connection(TokioIo::new(io), service), &server.shutdown).await
+        };
+        if let Err(e) = result {
+            tracing::debug!("connection ended with an error: {e}");
+        }
+    })
+}
+
+/// Runs a hyper connection to its end; on shutdown, lets it finish what it has started.
+async fn drive<C>(connection: C, shutdown: &Latch) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(connection);
+    tokio::select! {
+        biased; // the connection first: it is what is usually ready
+        r = connection.as_mut() => r,
+        () = shutdown.raised() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
+}
+
+/// What an HTTP/2 client with prior knowledge (h2c) sends first; anything else is HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads just enough of a new connection to tell HTTP/2 from HTTP/1, and leaves what it read
+/// to be read again. (hyper-util's `auto` builder does this too, but cannot limit the size of
+/// an HTTP/1 request head apart from the size of hyper's read and write buffers, and large
+/// buffers slow streaming down.)
+async fn sniff_http2(io: &mut MigratingStream) -> io::Result<bool> {
+    use tokio::io::AsyncReadExt as _;
+    let mut seen = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    while len < seen.len() && H2_PREFACE.starts_with(&seen[..len]) {
+        let n = io.read(&mut seen[len..]).await?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    io.replay = Bytes::copy_from_slice(&seen[..len]);
+    Ok(seen[..len] == *H2_PREFACE)
+}
+
+/// An open connection: counted for the drain at shutdown, and holding one of the
+/// `--max-connections` slots until it closes.
+pub struct OpenConnection {
+    server: Arc<Server>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    pub fn new(server: &Arc<Server>, slot: OwnedSemaphorePermit) -> OpenConnection {
+        server.connections.fetch_add(1, Ordering::SeqCst);
+        OpenConnection { server: server.clone(), _slot: slot }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.server.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.server.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// Drives a connection on one generation's runtime until it ends, must be cut off (drain
+/// timeout), or can move to a newer generation.
+pub struct ConnTask {
+    connection: Option<ConnFuture>,
+    conn: Arc<ConnState>,
+    generation: Arc<Generation>,
+    server: Arc<Server>,
+    /// Wake this task when its generation is superseded or aborted. They are polled only when
+    /// the task's waker changes (in practice once); every poll reads the latches' flags.
+    superseded: Waiter,
+    aborted: Waiter,
+    registered: Option<Waker>,
+}
+
+impl ConnTask {
+    pub fn new(connection: ConnFuture, conn: Arc<ConnState>, server: Arc<Server>) -> ConnTask {
+        let generation = conn.generation.load_full();
+        ConnTask {
+            connection: Some(connection),
+            superseded: generation.superseded().waiter(),
+            aborted: generation.aborted().waiter(),
+            registered: None,
+            generation,
+            conn,
+            server,
+        }
+    }
+
+    /// Makes sure a raised latch wakes this task.
+    fn register(&mut self, cx: &mut Context<'_>) {
+        if self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return;
+        }
+        self.superseded.register(cx);
+        self.aborted.register(cx);
+        self.conn.activity.wake_on_expiry(cx.waker());
+        self.registered = Some(cx.waker().clone());
+    }
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        this.register(cx);
+        if let Some(why) = this.conn.activity.take_expiry() {
+            let why = match why {
+                Expiry::HeaderRead => "the request head did not arrive within the header read timeout",
+                Expiry::Idle => "idle for the idle timeout",
+            };
+            tracing::debug!("closing a connection: {why}");
+            this.connection = None;
+            return Poll::Ready(());
+        }
+        // Before reading the next request: a request that arrives together with the news of
+        // a swap must go to the new generation.
+        if this.try_move() {
+            return Poll::Ready(());
+        }
+        let Some(connection) = this.connection.as_mut() else { return Poll::Ready(()) };
+        if connection.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        // And after: an HTTP/1 response may just have ended.
+        if this.try_move() {
+            return Poll::Ready(());
+        }
+        if this.generation.aborted().is_raised() && this.conn.activity.http1_busy() {
+            tracing::warn!(
+                generation = this.generation.id(),
+                plugin = %this.generation.label(),
+                "drain timeout: aborting a response still in progress"
+            );
+            this.connection = None; // drops the response, on this generation's thread
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl ConnTask {
+    /// Moves the connection to the current generation if this one was superseded and no
+    /// HTTP/1 request is in progress. Returns whether it moved.
+    fn try_move(&mut self) -> bool {
+        if !self.generation.superseded().is_raised() || self.conn.activity.http1_busy() {
+            return false;
+        }
+        let next = self.server.current.load();
+        if next.id() == self.generation.id() {
+            return false;
+        }
+        let Some(connection) = self.connection.take() else { return false };
+        self.conn.generation.store(next.clone());
+        next.handle().spawn(ConnTask::new(connection, self.conn.clone(), self.server.clone()));
+        true
+    }
+}
+
+/// A TCP stream that re-registers with the reactor of whichever generation's runtime polls
+/// it, so its connection can move between runtimes.
+pub struct MigratingStream {
+    io: Option<TcpStream>,
+    /// Bytes already read from the socket (by [`sniff_http2`]) to be read again first.
+    replay: Bytes,
+    /// Keeps the reactor `io` is registered with alive until it re-registers.
+    registered: Arc<Generation>,
+    conn: Arc<ConnState>,
+}
+
+impl MigratingStream {
+    pub fn new(stream: std::net::TcpStream, conn: Arc<ConnState>) -> io::Result<MigratingStream> {
+        let registered = conn.generation.load_full();
+        Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), replay: Bytes::new(), registered, conn })
+    }
+
+    /// Notes bytes written, for the idle timeout.
+    fn wrote(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.conn.activity.sent();
+        }
+        polled
+    }
+
+    fn io(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        if self.registered.id() != thread_generation() {
+            let target = self.conn.generation.load_full();
+            if target.id() != thread_generation() {
+                return Err(io::Error::other("connection polled outside its generation's runtime"));
+            }
+            let io = self.io.take().ok_or_else(|| io::Error::other("connection lost while moving"))?;
+            // Deregister from the old reactor (still alive: `registered` holds it) and
+            // register with this runtime's.
+            self.io = Some(TcpStream::from_std(io.into_std()?)?);
+            self.registered = target;
+        }
+        self.io.as_mut().map(Pin::new).ok_or_else(|| io::Error::other("connection lost while moving"))
+    }
+}
+
+impl AsyncRead for MigratingStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = buf.remaining().min(this.replay.len());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = match this.io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        if buf.filled().len() > before {
+            this.conn.activity.received();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for MigratingStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = match this.io() {
+            Ok(io) => io.poll_write(cx, buf),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        this.wrote(polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = match this.io() {
+            Ok(io) => io.poll_write_vectored(cx, bufs),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        this.wrote(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The HTTP server: accepting connections, serving them on the threads of the current
+//! generation, and moving them to a newer generation at a request boundary.
+//!
+//! ## Where a connection runs
+//!
+//! The listener lives on the host's own runtime. Each accepted socket is handed to the
+//! current generation's runtime, which registers it with its own reactor and serves it with
+//! hyper (HTTP/1.1 with keep-alive, or HTTP/2 with prior knowledge, detected per
+//! connection). An HTTP/1 request is handed to the plugin, and its response polled, inline on
+//! that connection's task: a request costs no hop between threads.
+//!
+//! When a newer generation becomes current, every connection of the old one is told
+//! (`Generation::superseded`). A connection with no HTTP/1 request in progress moves at once:
+//! its task ends on the old runtime and the same hyper connection future is spawned on the
+//! new one, where the socket re-registers with the new reactor on its next poll
+//! (`MigratingStream`). A connection busy with a response (a long download) finishes it on
+//! the old generation and moves right after. No client reconnects and nothing is closed.
+//!
+//! HTTP/2 streams are spawned by hyper through `StreamExecutor` onto the runtime of the
+//! generation serving the connection, and the stream's task carries that generation: the
+//! plugin sees the request there, so a stream in progress never holds its connection (or its
+//! other streams) back.
+//!
+//! | module | holds |
+//! |---|---|
+//! | this one | the accept loop and the connection limit |
+//! | [`connection`] | a connection's task, its socket, and its moves between generations |
+//! | [`respond`] | a request in flight: handed to the plugin, answered, its body sent |
+//! | [`limits`] | the header read and idle timeouts, kept apart from any generation's runtime |
+
+#![forbid(unsafe_code)]
+
+pub(crate) mod connection;
+pub(crate) mod limits;
+pub(crate) mod respond;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::latch::Latch;
+use crate::plugin::Current;
+use connection::{ConnState, ConnTask, MigratingStream, OpenConnection};
+pub(crate) use limits::Limits;
+use limits::Sweeper;
+
+/// State shared by the accept loop and every connection.
+pub struct Server {
+    current: Arc<Current>,
+    shutdown: Arc<Latch>,
+    limits: Limits,
+    sweeper: Arc<Sweeper>,
+    /// One permit per connection that may be open at once.
+    slots: Arc<Semaphore>,
+    connections: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl Server {
+    /// A server for the generation that is `current` at each new connection and request. The
+    /// timeout sweeper runs on the calling runtime (the host's own) until `shutdown`.
+    pub fn new(current: Arc<Current>, limits: Limits, shutdown: Arc<Latch>) -> Arc<Server> {
+        let sweeper = Sweeper::new(limits.header_read_timeout, limits.idle_timeout);
+        tokio::spawn(sweeper.clone().run(shutdown.token().clone()));
+        let max = usize::try_from(limits.max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        let slots = Arc::new(Semaphore::new(max));
+        Arc::new(Server {
+            current,
+            shutdown,
+            limits,
+            sweeper,
+            slots,
+            connections: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+        })
+    }
+
+    /// Accepts connections until shutdown is requested. At `--max-connections`, it stops
+    /// accepting until one closes: further clients wait in the listen backlog.
+    pub async fn accept_loop(self: &Arc<Self>, listener: TcpListener) {
+        loop {
+            let slot = tokio::select! {
+                s = self.slots.clone().acquire_owned() => s,
+                () = self.shutdown.token().cancelled() => break,
+            };
+            let Ok(slot) = slot else { break }; // the semaphore is never closed
+            if self.slots.available_permits() == 0 {
+                tracing::debug!(max = self.limits.max_connections, "connection limit reached: new clients wait in the backlog");
+            }
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = self.shutdown.token().cancelled() => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.hand_over(stream, peer, slot),
+                Err(e) => {
+                    // Typically EMFILE: wait instead of spinning; the backlog keeps the rest.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tracing::info!("stopped accepting connections");
+    }
+
+    fn hand_over(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
+        let _ = stream.set_nodelay(true);
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
+        };
+        let generation = self.current.load();
+        let conn = Arc::new(ConnState {
+            generation: ArcSwap::new(generation.clone()),
+            activity: self.sweeper.track(),
+            max_body_size: self.limits.max_body_size,
+        });
+        let open = OpenConnection::new(self, slot);
+        let server = self.clone();
+        generation.handle().spawn(async move {
+            // Now on the generation's runtime: register the socket with its reactor.
+            let io = match MigratingStream::new(std_stream, conn.clone()) {
+                Ok(io) => io,
+                Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
+            };
+            let future = connection::serve(io, conn.clone(), server.clone(), open);
+            ConnTask::new(future, conn, server).await;
+        });
+    }
+
+    /// Waits until every connection has closed, or `timeout` passes; returns whether all did.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.all_closed.notified();
+                if self.connections.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}

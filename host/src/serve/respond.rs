@@ -1,0 +1,281 @@
+//! A request in flight: routed to a generation, handed to its plugin, answered, and its
+//! response body sent.
+//!
+//! One value owns each request at every step, and with it the request's hold on its
+//! generation ([`InFlight`]): the plugin's call ([`PluginCall`]) until it answers, then the
+//! response body ([`HostBody`]). Each of those releases the plugin's state before the hold
+//! goes, so no order of fields or drops can unload a library under its own code.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::plugin::request::{CallError, CallFailed, PluginCall};
+use crate::plugin::response::{BodyError, ResponseBody};
+use crate::plugin::{thread_generation, Generation, InFlight};
+use crate::serve::connection::ConnState;
+
+tokio::task_local! {
+    /// The generation an HTTP/2 stream's task was spawned for, on that generation's runtime.
+    static STREAM_GENERATION: Arc<Generation>;
+}
+
+/// Spawns hyper's HTTP/2 stream tasks on the runtime of the generation serving the
+/// connection, handing each its generation; cut off if that generation's drain times out.
+#[derive(Clone)]
+pub struct StreamExecutor {
+    pub conn: Arc<ConnState>,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let generation = self.conn.generation.load_full();
+        let runtime = generation.handle().clone();
+        let aborted = generation.clone();
+        let task = async move {
+            tokio::select! {
+                biased; // the stream first: it is what is usually ready
+                _ = stream => {}
+                () = aborted.aborted().raised() => tracing::warn!("drain timeout: aborting an HTTP/2 stream"),
+            }
+        };
+        runtime.spawn(STREAM_GENERATION.scope(generation, task));
+    }
+}
+
+/// Routes each request to the plugin of the connection's generation.
+#[derive(Clone)]
+pub struct PluginService {
+    pub conn: Arc<ConnState>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for PluginService {
+    type Response = Response<HostBody>;
+    type Error = std::convert::Infallible;
+    type Future = Respond;
+
+    fn call(&self, request: Request<Incoming>) -> Respond {
+        let conn = ConnRequest::new(self.conn.clone(), request.version() < http::Version::HTTP_2);
+        if conn.h1 {
+            // The connection's task runs on its generation's runtime.
+            let generation = self.conn.generation.load_full();
+            return hand_to_plugin(request, InFlight::new(generation), conn);
+        }
+        // The stream's own task calls the plugin (the connection's task serves every stream,
+        // and must not wait for one), on the generation `StreamExecutor` hands it.
+        Respond::Starting(Some((request, conn)))
+    }
+}
+
+/// Answers one request: the plugin's response future, turned into the response for hyper;
+/// counts the request (status, and time until the response head).
+///
+/// A named future rather than an `async fn`'s: hyper keeps it in place, where a boxed one
+/// would cost an allocation per request.
+pub enum Respond {
+    /// An HTTP/2 request, handed to the plugin at the first poll, on the stream's task.
+    Starting(Option<(Request<Incoming>, ConnRequest)>),
+    Calling(Calling),
+    /// Answered by the host, or taken by hyper.
+    Answered(Option<Response<HostBody>>),
+}
+
+/// A request in the plugin's hands: everything it holds, and what its log line needs.
+pub struct Calling {
+    /// The plugin's future, with the request's hold on its generation.
+    call: PluginCall,
+    conn: ConnRequest,
+    started: Instant,
+    /// The request's method and target, for the log.
+    method: http::Method,
+    uri: http::Uri,
+}
+
+impl Future for Respond {
+    type Output = Result<Response<HostBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Respond::Starting(starting) = this {
+            if let Some((request, conn)) = starting.take() {
+                *this = match STREAM_GENERATION.try_with(Arc::clone) {
+                    Ok(generation) => hand_to_plugin(request, InFlight::new(generation), conn),
+                    Err(_) => {
+                        // Never expected: every stream is spawned by `StreamExecutor`.
+                        tracing::error!("an HTTP/2 stream polled outside the task of its generation");
+                        let generation = conn.state.generation.load_full();
+                        let response = error_response(StatusCode::SERVICE_UNAVAILABLE, InFlight::new(generation), conn, Instant::now());
+                        Respond::Answered(Some(response))
+                    }
+                };
+            }
+        }
+        if let Respond::Calling(calling) = this {
+            let Poll::Ready(called) = calling.call.poll(cx) else { return Poll::Pending };
+            if let Respond::Calling(calling) = std::mem::replace(this, Respond::Answered(None)) {
+                return Poll::Ready(Ok(calling.finish(called)));
+            }
+        }
+        match this {
+            Respond::Answered(response) => response.take().map_or(Poll::Pending, |r| Poll::Ready(Ok(r))),
+            // Not reached: a future that completed is dropped by hyper, not polled again.
+            Respond::Starting(_) | Respond::Calling(_) => Poll::Pending,
+        }
+    }
+}
+
+/// Checks what the host checks before the plugin sees a request, and hands the request to
+/// the plugin; or answers right away. Runs on a thread of the request's generation: the
+/// connection's task (HTTP/1), which runs on the runtime of the generation it loaded, or the
+/// stream's task (HTTP/2), spawned on the runtime of the generation it carries.
+fn hand_to_plugin(request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest) -> Respond {
+    let started = Instant::now();
+    let generation = in_flight.generation();
+    if thread_generation() != generation.id() {
+        // Never expected: plugin code must only run on its generation's threads.
+        tracing::error!(generation = generation.id(), "request received outside its generation's runtime");
+        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, in_flight, conn, started)));
+    }
+    let max_body_size = conn.state.max_body_size;
+    if request.body().size_hint().lower() > max_body_size {
+        tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
+        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started)));
+    }
+    let (mut head, body) = request.into_parts();
+    let call = PluginCall::start(in_flight, &mut head, body, max_body_size);
+    Respond::Calling(Calling { call, conn, started, method: head.method, uri: head.uri })
+}
+
+impl Calling {
+    /// The response to hand to hyper, once the plugin's future has completed.
+    fn finish(self, called: Result<Response<ResponseBody>, CallFailed>) -> Response<HostBody> {
+        let Calling { call, conn, started, method, uri } = self;
+        drop(call); // its state is released already; the hold is in `called`
+        match called {
+            Ok(response) => {
+                let generation = response.body().generation().id();
+                tracing::debug!(
+                    %method, path = %uri.path(), status = response.status().as_u16(), generation,
+                    elapsed = ?started.elapsed(), "request"
+                );
+                counted(response.map(|body| HostBody::new(body, conn)), started)
+            }
+            Err(CallFailed { error: CallError::BodyTooLarge, in_flight }) => {
+                let max_body_size = conn.state.max_body_size;
+                tracing::debug!(%method, path = %uri.path(), max_body_size, "request body grew too large: answered 413");
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started)
+            }
+            Err(CallFailed { error, in_flight }) => {
+                let generation = in_flight.generation();
+                tracing::error!(%method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), "{error}; answered 500");
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, in_flight, conn, started)
+            }
+        }
+    }
+}
+
+/// Counts a response whose head is ready, in its generation's figures.
+fn counted(response: Response<HostBody>, started: Instant) -> Response<HostBody> {
+    response.body().generation().stats().record(response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// An answer from the host itself, for a request the plugin did not (or could not) answer.
+fn error_response(status: StatusCode, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Response<HostBody> {
+    let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
+    let h1 = conn.h1;
+    let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn));
+    *response.status_mut() = status;
+    if status == StatusCode::PAYLOAD_TOO_LARGE && h1 {
+        // The rest of the body is not wanted: close rather than read it to keep the
+        // connection alive. (HTTP/2 resets just the stream.)
+        response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    counted(response, started)
+}
+
+/// A request's place on its connection, from routing until its response body is dropped:
+/// the connection's timeouts and moves wait for it.
+pub struct ConnRequest {
+    state: Arc<ConnState>,
+    h1: bool,
+}
+
+impl ConnRequest {
+    fn new(state: Arc<ConnState>, h1: bool) -> ConnRequest {
+        state.activity.request_started();
+        ConnRequest { state, h1 }
+    }
+}
+
+impl Drop for ConnRequest {
+    fn drop(&mut self) {
+        self.state.activity.request_ended();
+    }
+}
+
+/// A response body as hyper sends it: counted in its generation's figures.
+pub struct HostBody {
+    /// Holds the request's generation until it ends.
+    body: ResponseBody,
+    _conn: ConnRequest,
+}
+
+impl HostBody {
+    fn new(body: ResponseBody, conn: ConnRequest) -> HostBody {
+        body.generation().stats().stream_started();
+        HostBody { body, _conn: conn }
+    }
+
+    fn generation(&self) -> &Arc<Generation> {
+        self.body.generation()
+    }
+}
+
+impl Drop for HostBody {
+    fn drop(&mut self) {
+        self.generation().stats().stream_ended();
+    }
+}
+
+impl http_body::Body for HostBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.generation().stats().sent(data.len());
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let generation = this.generation();
+                tracing::error!(generation = generation.id(), plugin = %generation.label(), "{e}; response aborted");
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
