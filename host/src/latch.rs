@@ -13,53 +13,53 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 /// Raised once, never lowered. Checking it is one atomic load, where a `CancellationToken`
 /// takes a lock; the token is still there for whoever wants to wait the usual way.
 #[derive(Default)]
-pub struct Latch {
+pub(crate) struct Latch {
     raised: AtomicBool,
     token: CancellationToken,
 }
 
 impl Latch {
-    pub fn new() -> Latch {
+    pub(crate) fn new() -> Latch {
         Latch::default()
     }
 
-    pub fn raise(&self) {
+    pub(crate) fn raise(&self) {
         // The flag first: a task woken by the token sees it.
         self.raised.store(true, Ordering::Release);
         self.token.cancel();
     }
 
-    pub fn is_raised(&self) -> bool {
+    pub(crate) fn is_raised(&self) -> bool {
         self.raised.load(Ordering::Acquire)
     }
 
     /// The token cancelled when the latch is raised. Only [`Latch::raise`] may cancel it (or
     /// `raised` would miss it); hand out child tokens to whoever needs one to cancel.
-    pub fn token(&self) -> &CancellationToken {
+    pub(crate) fn token(&self) -> &CancellationToken {
         &self.token
     }
 
     /// Completes when the latch is raised. Meant to be polled beside a connection on each of
     /// its polls: while the task's waker stays the same, a poll is one atomic load. Nothing is
     /// allocated or locked until its first poll.
-    pub fn raised(&self) -> Raised<'_> {
+    pub(crate) fn raised(&self) -> Raised<'_> {
         Raised { latch: self, waiter: None, registered: None }
     }
 
     /// What a task that checks [`Latch::is_raised`] itself registers its waker with, to be
     /// woken when the latch is raised.
-    pub fn waiter(&self) -> Waiter {
+    pub(crate) fn waiter(&self) -> Waiter {
         Waiter(Some(Box::pin(self.token.clone().cancelled_owned())))
     }
 }
 
 /// Wakes a task when its latch is raised; see [`Latch::waiter`].
-pub struct Waiter(Option<Pin<Box<WaitForCancellationFutureOwned>>>);
+pub(crate) struct Waiter(Option<Pin<Box<WaitForCancellationFutureOwned>>>);
 
 impl Waiter {
     /// Makes sure the task of `cx` is woken when the latch is raised. Registering takes the
     /// token's lock: call it when the task's waker has changed, not on every poll.
-    pub fn register(&mut self, cx: &mut Context<'_>) {
+    pub(crate) fn register(&mut self, cx: &mut Context<'_>) {
         if self.0.as_mut().is_some_and(|wait| wait.as_mut().poll(cx).is_ready()) {
             self.0 = None; // raised: nothing more to wait for
         }
@@ -67,7 +67,7 @@ impl Waiter {
 }
 
 /// The future of [`Latch::raised`].
-pub struct Raised<'a> {
+pub(crate) struct Raised<'a> {
     latch: &'a Latch,
     /// Made at the first poll that registers.
     waiter: Option<Waiter>,

@@ -4,13 +4,13 @@
 use std::io;
 
 /// The effective user id of this process.
-pub fn effective_uid() -> u32 {
+pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
 
 /// The soft and hard limit on open file descriptors.
-pub fn open_files_limit() -> io::Result<(u64, u64)> {
+pub(crate) fn open_files_limit() -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `limit` is a valid, writable rlimit for the call's duration.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
@@ -21,7 +21,7 @@ pub fn open_files_limit() -> io::Result<(u64, u64)> {
 
 /// Raises the soft limit on open file descriptors to `wanted`, or to the hard limit if that is
 /// lower. Returns the new soft limit.
-pub fn raise_open_files_limit(wanted: u64) -> io::Result<u64> {
+pub(crate) fn raise_open_files_limit(wanted: u64) -> io::Result<u64> {
     let (soft, hard) = open_files_limit()?;
     let target = wanted.min(hard);
     if target <= soft {
@@ -45,7 +45,7 @@ pub fn raise_open_files_limit(wanted: u64) -> io::Result<u64> {
 /// takes another and frees 0 again. Key 0 therefore stays free in a Rust process however
 /// full the table is, and a probe that stopped at it would always read 0. `None` when no key
 /// is free.
-pub fn thread_keys_in_use() -> Option<u64> {
+pub(crate) fn thread_keys_in_use() -> Option<u64> {
     let mut created = Vec::with_capacity(2);
     let mut found = None;
     while created.len() < 2 {
@@ -71,7 +71,7 @@ pub fn thread_keys_in_use() -> Option<u64> {
 /// The listening socket a service manager passed in (systemd socket activation: `LISTEN_FDS`
 /// and `LISTEN_PID` naming this process), if any. Only the first is used; more are an error.
 /// The socket is handed out once: later calls find none.
-pub fn inherited_listener() -> io::Result<Option<std::net::TcpListener>> {
+pub(crate) fn inherited_listener() -> io::Result<Option<std::net::TcpListener>> {
     use std::os::fd::FromRawFd as _;
     use std::sync::atomic::{AtomicBool, Ordering};
     // `sd_notify::listen_fds` leaves the environment as it is, so it would name the same
@@ -113,7 +113,7 @@ fn is_listening_stream(fd: std::os::fd::RawFd) -> bool {
 }
 
 /// How many thread-specific-data keys a process may have (glibc's `PTHREAD_KEYS_MAX`).
-pub const THREAD_KEYS_MAX: u64 = 1024;
+pub(crate) const THREAD_KEYS_MAX: u64 = 1024;
 
 #[cfg(test)]
 mod tests {

@@ -8,13 +8,13 @@ use anyhow::{bail, Context, Result};
 
 use crate::proc::{self, Server};
 
-pub fn node_available() -> bool {
+pub(crate) fn node_available() -> bool {
     Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 /// Starts `node server.js` (the cluster master and 2 workers, as in the anchor's recorded run)
 /// on a free port.
-pub fn start_cluster(dir: &Path) -> Result<Server> {
+pub(crate) fn start_cluster(dir: &Path) -> Result<Server> {
     std::fs::write(dir.join("version.txt"), "v0\n")?;
     let port = proc::free_port()?;
     let mut cmd = Command::new("node");
@@ -25,15 +25,15 @@ pub fn start_cluster(dir: &Path) -> Result<Server> {
 
 /// The anchor's summary table: one row per metric, one column per anchor.
 #[derive(Debug, Default)]
-pub struct Summary {
-    pub anchors: Vec<String>,
-    pub rows: Vec<(String, Vec<String>)>,
-    pub command: String,
+pub(crate) struct Summary {
+    pub(crate) anchors: Vec<String>,
+    pub(crate) rows: Vec<(String, Vec<String>)>,
+    pub(crate) command: String,
 }
 
 impl Summary {
     /// The value of the first row whose metric starts with `prefix`, for `anchor`.
-    pub fn get(&self, prefix: &str, anchor: &str) -> Option<&str> {
+    pub(crate) fn get(&self, prefix: &str, anchor: &str) -> Option<&str> {
         let column = self.anchors.iter().position(|a| a == anchor)?;
         let (_, values) = self.rows.iter().find(|(metric, _)| metric.starts_with(prefix))?;
         values.get(column).map(String::as_str)
@@ -42,7 +42,7 @@ impl Summary {
 
 /// Runs the anchor's bench.sh (cluster, and PM2 when `npm ci` installed it) and reads its
 /// summary. It takes a few minutes; every loop in it is bounded.
-pub fn run_reload_bench(dir: &Path) -> Result<Summary> {
+pub(crate) fn run_reload_bench(dir: &Path) -> Result<Summary> {
     // PM2 is there when bench/run.sh could `npm ci`; the cluster anchor needs only node.
     let which = if dir.join("node_modules/.bin/pm2").exists() { "cluster pm2" } else { "cluster" };
     eprintln!("== anchor reload benchmark (bench.sh, ANCHORS=\"{which}\"): a few minutes");

@@ -14,21 +14,21 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 
 /// A kept-alive connection to 127.0.0.1:`port`.
-pub struct Conn {
+pub(crate) struct Conn {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
 }
 
 /// The head of a response.
 #[derive(Debug)]
-pub struct Head {
-    pub status: u16,
-    pub content_length: u64,
+pub(crate) struct Head {
+    pub(crate) status: u16,
+    pub(crate) content_length: u64,
 }
 
 impl Conn {
     /// Connects; every read and write on the connection then fails after `timeout`.
-    pub fn open(port: u16, timeout: Duration) -> Result<Conn> {
+    pub(crate) fn open(port: u16, timeout: Duration) -> Result<Conn> {
         let stream = TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("connect to 127.0.0.1:{port}"))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
@@ -38,7 +38,7 @@ impl Conn {
 
     /// `GET path`, handing the body to `sink` as it arrives; returns the head once the whole
     /// body has been read (the connection is then ready for the next request).
-    pub fn get(&mut self, path: &str, mut sink: impl FnMut(&[u8])) -> Result<Head> {
+    pub(crate) fn get(&mut self, path: &str, mut sink: impl FnMut(&[u8])) -> Result<Head> {
         let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
         self.writer.write_all(request.as_bytes()).context("send the request")?;
         let head = self.read_head()?;
@@ -55,7 +55,7 @@ impl Conn {
     }
 
     /// `GET path` with a small body, returned as text.
-    pub fn get_text(&mut self, path: &str) -> Result<(u16, String)> {
+    pub(crate) fn get_text(&mut self, path: &str) -> Result<(u16, String)> {
         let mut body = Vec::new();
         let head = self.get(path, |chunk| body.extend_from_slice(chunk))?;
         Ok((head.status, String::from_utf8_lossy(&body).into_owned()))

@@ -32,7 +32,7 @@ use crate::swap::{Build, Swapper};
 
 /// Swaps each plugin many times on a fresh host and records what the process holds.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The hotswap binary.
     #[arg(long)]
     hotswap: PathBuf,
@@ -70,7 +70,7 @@ fn parse_plugin(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 /// `args` starts with the subcommand's name.
-pub fn main(args: Args) -> Result<()> {
+pub(crate) fn main(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.work)?;
     let mut runs = Vec::new();
     for (name, file) in &args.plugins {

@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// A server process, stopped (SIGTERM, then SIGKILL) when dropped.
-pub struct Server {
-    pub name: &'static str,
-    pub port: u16,
+pub(crate) struct Server {
+    pub(crate) name: &'static str,
+    pub(crate) port: u16,
     child: Child,
-    pub log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl Server {
     /// Starts `command` with stderr and stdout in `log`; waits until `ready(log text)` gives
     /// the port (or the process exits, or 20 s pass).
-    pub fn start(
+    pub(crate) fn start(
         name: &'static str,
         mut command: Command,
         log: PathBuf,
@@ -48,32 +48,32 @@ impl Server {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// The process and its children (the Node cluster's workers).
-    pub fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         let mut pids = vec![self.pid()];
         pids.extend(children(self.pid()));
         pids
     }
 
     /// Resident memory of the process and its children, in KiB.
-    pub fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         self.pids().into_iter().filter_map(rss_kib).sum()
     }
 
     /// CPU time (user + system) used so far by the process and its children, in seconds.
-    pub fn cpu_seconds(&self) -> f64 {
+    pub(crate) fn cpu_seconds(&self) -> f64 {
         self.pids().into_iter().filter_map(cpu_ticks).sum::<u64>() as f64 / CLOCK_TICKS_PER_SECOND
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -94,17 +94,17 @@ impl Drop for Server {
 }
 
 /// The port in a `listening on http://127.0.0.1:PORT` log line (hotswap, static-server).
-pub fn listening_port(log: &str) -> Option<u16> {
+pub(crate) fn listening_port(log: &str) -> Option<u16> {
     let rest = &log[log.find("listening on http://127.0.0.1:")? + "listening on http://127.0.0.1:".len()..];
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 /// A port that was free a moment ago, for servers that cannot pick their own (Node).
-pub fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-pub fn signal(pid: u32, name: &str) {
+pub(crate) fn signal(pid: u32, name: &str) {
     let _ = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
 }
 
@@ -129,7 +129,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// Distinct files under `dir` mapped into `pid` (hotswap's private copies of plugins).
-pub fn mapped_under(pid: u32, dir: &Path) -> usize {
+pub(crate) fn mapped_under(pid: u32, dir: &Path) -> usize {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return 0 };
     let dir = dir.to_string_lossy();
     let mut files: Vec<&str> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(|p| p.starts_with(&*dir)).collect();
@@ -139,13 +139,13 @@ pub fn mapped_under(pid: u32, dir: &Path) -> usize {
 }
 
 /// Open file descriptors of `pid`.
-pub fn open_fds(pid: u32) -> usize {
+pub(crate) fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// Open file descriptors of `pid` by kind: what each links to, with inode numbers dropped
 /// (`socket`, `pipe`, `anon_inode:[eventpoll]`, or a path), so that two censuses compare.
-pub fn fd_census(pid: u32) -> BTreeMap<String, usize> {
+pub(crate) fn fd_census(pid: u32) -> BTreeMap<String, usize> {
     let mut census = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return census };
     for entry in dir.flatten() {

@@ -15,7 +15,7 @@ const BEGIN: &str = "<!-- results:begin (written by bench/run.sh; edit outside t
 const END: &str = "<!-- results:end -->";
 
 /// Replaces the part between the markers of `path`, or creates the file.
-pub fn write(path: &Path, results: &str) -> Result<()> {
+pub(crate) fn write(path: &Path, results: &str) -> Result<()> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let block = format!("{BEGIN}\n{results}{END}");
     let text = match (old.find(BEGIN), old.find(END)) {
@@ -83,7 +83,7 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
 
-pub fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> String {
+pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> String {
     let mut o = String::new();
     let w = &mut o;
     let hello = |name: &str| r.hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);

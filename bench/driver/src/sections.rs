@@ -13,69 +13,69 @@ use crate::swap::{Build, Client, Swapper, SWAP_WAIT};
 use crate::{anchor, wrk, Params};
 
 /// What the suite runs.
-pub struct Setup {
-    pub hotswap: PathBuf,
-    pub static_server: PathBuf,
-    pub builds: [Build; 2],
-    pub anchor: Option<PathBuf>,
-    pub work: PathBuf,
+pub(crate) struct Setup {
+    pub(crate) hotswap: PathBuf,
+    pub(crate) static_server: PathBuf,
+    pub(crate) builds: [Build; 2],
+    pub(crate) anchor: Option<PathBuf>,
+    pub(crate) work: PathBuf,
 }
 
 /// Everything measured, for the report.
 #[derive(Debug, Default)]
-pub struct Results {
-    pub hello: Vec<(&'static str, Vec<wrk::Run>)>,
-    pub hello_commands: Vec<String>,
-    pub rss_kib: Vec<(&'static str, u64, usize)>,
-    pub download: Vec<(&'static str, Vec<wrk::Run>)>,
-    pub download_command: String,
-    pub latency: Latency,
-    pub load: Load,
-    pub slow: Slow,
-    pub memory: Vec<MemoryPoint>,
-    pub anchor_reloads: Option<anchor::Summary>,
-    pub anchor_note: Option<String>,
+pub(crate) struct Results {
+    pub(crate) hello: Vec<(&'static str, Vec<wrk::Run>)>,
+    pub(crate) hello_commands: Vec<String>,
+    pub(crate) rss_kib: Vec<(&'static str, u64, usize)>,
+    pub(crate) download: Vec<(&'static str, Vec<wrk::Run>)>,
+    pub(crate) download_command: String,
+    pub(crate) latency: Latency,
+    pub(crate) load: Load,
+    pub(crate) slow: Slow,
+    pub(crate) memory: Vec<MemoryPoint>,
+    pub(crate) anchor_reloads: Option<anchor::Summary>,
+    pub(crate) anchor_note: Option<String>,
 }
 
 #[derive(Debug, Default)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// Rename to first answer from the new version, per swap.
-    pub first_answer: Vec<Duration>,
+    pub(crate) first_answer: Vec<Duration>,
     /// Rename to the old generation unmapped (every request on the new version), per swap.
-    pub old_unmapped: Vec<Duration>,
+    pub(crate) old_unmapped: Vec<Duration>,
 }
 
 #[derive(Debug, Default)]
-pub struct Load {
-    pub command: String,
-    pub steady: Vec<wrk::Run>,
-    pub swapping: Vec<wrk::Run>,
-    pub renames: u64,
-    pub swaps_logged: u64,
+pub(crate) struct Load {
+    pub(crate) command: String,
+    pub(crate) steady: Vec<wrk::Run>,
+    pub(crate) swapping: Vec<wrk::Run>,
+    pub(crate) renames: u64,
+    pub(crate) swaps_logged: u64,
 }
 
 #[derive(Debug, Default)]
-pub struct Slow {
-    pub size: u64,
-    pub received: u64,
-    pub status: u16,
-    pub checksum_ok: bool,
-    pub elapsed: Duration,
-    pub error: Option<String>,
+pub(crate) struct Slow {
+    pub(crate) size: u64,
+    pub(crate) received: u64,
+    pub(crate) status: u16,
+    pub(crate) checksum_ok: bool,
+    pub(crate) elapsed: Duration,
+    pub(crate) error: Option<String>,
     /// Version answered to a new request before each swap, and one second after the last.
-    pub versions: Vec<String>,
-    pub swap_latency: Vec<Duration>,
+    pub(crate) versions: Vec<String>,
+    pub(crate) swap_latency: Vec<Duration>,
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct MemoryPoint {
-    pub swaps: u64,
-    pub rss_kib: u64,
-    pub mapped: usize,
-    pub fds: usize,
+pub(crate) struct MemoryPoint {
+    pub(crate) swaps: u64,
+    pub(crate) rss_kib: u64,
+    pub(crate) mapped: usize,
+    pub(crate) fds: usize,
 }
 
-pub fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> Result<Results> {
+pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> Result<Results> {
     let mut results = Results::default();
     if setup.anchor.is_none() {
         results.anchor_note = Some("Node.js or the anchor copy is missing: the anchor was left out".into());
@@ -130,7 +130,7 @@ fn start_hotswap(setup: &Setup, name: &'static str) -> Result<(Server, Swapper)>
 /// Starts `hotswap serve` at its default log level on a fresh `root`: the first build in
 /// `root/plugins` (watched), shadow copies in `root/shadow` (see [`shadow_dir`]), the log in
 /// `root/host.log`; the swapper stages its builds in `root/staging`.
-pub fn hotswap_in(hotswap: &Path, builds: &[Build; 2], root: &Path) -> Result<(Server, Swapper)> {
+pub(crate) fn hotswap_in(hotswap: &Path, builds: &[Build; 2], root: &Path) -> Result<(Server, Swapper)> {
     let _ = std::fs::remove_dir_all(root);
     let (plugins, staging) = (root.join("plugins"), root.join("staging"));
     std::fs::create_dir_all(&plugins).with_context(|| format!("cannot create {}", plugins.display()))?;
@@ -156,7 +156,7 @@ fn start_static(setup: &Setup) -> Result<Server> {
 }
 
 /// Warnings and errors in a host log mean something went wrong during a section.
-pub fn check_log(log: &str) -> Result<()> {
+pub(crate) fn check_log(log: &str) -> Result<()> {
     let bad: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(10).collect();
     ensure!(bad.is_empty(), "the host logged warnings or errors:\n{}", bad.join("\n"));
     Ok(())
@@ -216,7 +216,7 @@ fn measured(server: &Server, load: impl FnOnce() -> Result<wrk::Run>) -> Result<
 }
 
 /// Waits (bounded) until exactly one plugin library is mapped; returns when that was true.
-pub fn wait_one_mapped(server: &Server, shadow: &Path, timeout: Duration) -> Result<Instant> {
+pub(crate) fn wait_one_mapped(server: &Server, shadow: &Path, timeout: Duration) -> Result<Instant> {
     let started = Instant::now();
     loop {
         let mapped = proc::mapped_under(server.pid(), shadow);
@@ -247,7 +247,7 @@ fn latency(hot: &Server, swapper: &mut Swapper, setup: &Setup, params: &Params) 
 }
 
 /// Swaps the host has logged so far.
-pub fn swaps_logged(server: &Server) -> u64 {
+pub(crate) fn swaps_logged(server: &Server) -> u64 {
     server.log_text().matches("swapped: new requests go to generation").count() as u64
 }
 

@@ -7,24 +7,24 @@ use anyhow::{bail, Context, Result};
 
 /// One wrk run's figures.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Run {
-    pub requests: u64,
-    pub rps: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub mib_per_s: f64,
+pub(crate) struct Run {
+    pub(crate) requests: u64,
+    pub(crate) rps: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) mib_per_s: f64,
     /// Non-2xx/3xx answers plus socket errors (connect, read, write, timeout).
-    pub failures: u64,
+    pub(crate) failures: u64,
     /// CPU time the server used during the run, per request, in microseconds.
-    pub server_cpu_us: f64,
+    pub(crate) server_cpu_us: f64,
 }
 
 /// The exact command line, for the report.
-pub fn command_line(connections: u32, duration: Duration, url: &str) -> String {
+pub(crate) fn command_line(connections: u32, duration: Duration, url: &str) -> String {
     format!("wrk -t1 -c{connections} -d{}s --latency {url}", duration.as_secs_f64())
 }
 
-pub fn run(connections: u32, duration: Duration, url: &str) -> Result<Run> {
+pub(crate) fn run(connections: u32, duration: Duration, url: &str) -> Result<Run> {
     let out = Command::new("wrk")
         .args(["-t1", &format!("-c{connections}"), &format!("-d{}s", duration.as_secs_f64()), "--latency", url])
         .output()

@@ -17,27 +17,27 @@ use crate::serve::Limits;
 /// --drain-timeout) and exits 0.
 #[derive(Debug, Parser)]
 #[command(name = "hotswap", version, propagate_version = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 
     /// A configuration file (TOML) with any of the options below; flags given on the command
     /// line override it. deploy/hotswap.toml in the repository is an annotated example.
     #[arg(long, global = true, value_name = "FILE", env = "HOTSWAP_CONFIG")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 
     /// Log format: text (for people) or json (one object per line, for log collectors).
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    pub(crate) log_format: String,
 
     /// Log level: error, warn, info (startup, swaps, refusals), debug (one line per request)
     /// or trace. RUST_LOG, if set, takes precedence and accepts per-module filters.
     #[arg(long, global = true, default_value = "info", env = "HOTSWAP_LOG")]
-    pub log_level: String,
+    pub(crate) log_level: String,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Serve HTTP with a plugin as the request handler, swapping in new builds as they appear.
     // A flag given twice takes its last value: the configuration file's settings come first.
     #[command(args_override_self = true)]
@@ -53,7 +53,7 @@ pub enum Command {
 
 /// The commands that talk to a running host's admin API.
 #[derive(Debug, Subcommand)]
-pub enum AdminCommand {
+pub(crate) enum AdminCommand {
     /// Show what serves: the current generation, those still draining (in-flight requests,
     /// open streams, bytes sent, age), the history of generations and recent refusals.
     #[command(args_override_self = true)]
@@ -82,7 +82,7 @@ pub enum AdminCommand {
 
 impl AdminCommand {
     /// How to reach the host.
-    pub fn client(&self) -> &AdminClientArgs {
+    pub(crate) fn client(&self) -> &AdminClientArgs {
         match self {
             AdminCommand::Status(args)
             | AdminCommand::Reload(args)
@@ -95,115 +95,115 @@ impl AdminCommand {
 
 /// How the admin commands reach the host.
 #[derive(Debug, Clone, Args)]
-pub struct AdminClientArgs {
+pub(crate) struct AdminClientArgs {
     /// The host's admin API: a Unix socket path, or address:port. Default: the host's own
     /// default (/run/hotswap/admin.sock as root, else $XDG_RUNTIME_DIR/hotswap/admin.sock).
     #[arg(long, value_name = "SOCKET|ADDR", env = "HOTSWAP_ADMIN")]
-    pub admin: Option<AdminAddr>,
+    pub(crate) admin: Option<AdminAddr>,
 
     /// A file holding the bearer token the host was given (--admin-token-file).
     #[arg(long, value_name = "FILE", env = "HOTSWAP_ADMIN_TOKEN_FILE")]
-    pub admin_token_file: Option<PathBuf>,
+    pub(crate) admin_token_file: Option<PathBuf>,
 
     /// Print the API's JSON instead of tables.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// The admin API's listener.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Admin API")]
-pub struct AdminArgs {
+pub(crate) struct AdminArgs {
     /// Where the admin API (status, reload, rollback, pin, metrics) listens: a Unix socket
     /// path (mode 0600, answering only this user and root), an address:port, or `off`.
     /// Default: /run/hotswap/admin.sock as root, else $XDG_RUNTIME_DIR/hotswap/admin.sock
     /// (or /tmp/hotswap-UID/admin.sock); if that default is taken by another host, the API
     /// is disabled with a warning.
     #[arg(long, value_name = "SOCKET|ADDR|off", env = "HOTSWAP_ADMIN")]
-    pub admin: Option<AdminAddr>,
+    pub(crate) admin: Option<AdminAddr>,
 
     /// A file holding a bearer token that every admin request must carry
     /// (`Authorization: Bearer TOKEN`). Required when --admin is a non-loopback address.
     #[arg(long, value_name = "FILE", env = "HOTSWAP_ADMIN_TOKEN_FILE")]
-    pub admin_token_file: Option<PathBuf>,
+    pub(crate) admin_token_file: Option<PathBuf>,
 }
 
 /// Options shared by `serve` and `dev`.
 #[derive(Debug, Args)]
-pub struct HostArgs {
+pub(crate) struct HostArgs {
     /// Address to listen on. Port 0 picks a free port; the log says which. Under systemd
     /// socket activation (LISTEN_FDS), the socket passed in is used instead.
     #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 
     /// How long responses in progress may go on after shutdown is requested, or after their
     /// generation was replaced, before they are cut off. Examples: 30s, 500ms, 2m.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
 
     /// How long a plugin's init and readiness check may take, each, before it is refused.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub init_timeout: Duration,
+    pub(crate) init_timeout: Duration,
 
     /// Worker threads per generation (default: one per CPU).
     #[arg(long)]
-    pub workers: Option<usize>,
+    pub(crate) workers: Option<usize>,
 
     /// Directory for the private shadow copies of plugins (a 0700 subdirectory is created
     /// there and removed at exit; ones left by a crashed host are removed at start).
     /// Default: the system's temporary directory.
     #[arg(long, value_name = "DIR")]
-    pub shadow_dir: Option<PathBuf>,
+    pub(crate) shadow_dir: Option<PathBuf>,
 
     /// The most generations that may be loaded at once: the current one and those still
     /// draining. When a swap would exceed it, the oldest draining generation's remaining
     /// responses are cut off and it unloads.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..))]
-    pub max_generations: u64,
+    pub(crate) max_generations: u64,
 
     #[command(flatten)]
-    pub limits: HttpLimits,
+    pub(crate) limits: HttpLimits,
 
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub(crate) admin: AdminArgs,
 }
 
 /// What one client may cost the server.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "HTTP limits")]
-pub struct HttpLimits {
+pub(crate) struct HttpLimits {
     /// How long an HTTP/1 client may take to send a request's head (request line and
     /// headers), counted from its first byte, or from the connection's start for the first
     /// request. A slower client (slowloris) is disconnected.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
 
     /// How long a keep-alive connection may sit idle (no request in progress, nothing
     /// received or sent) before it is closed. For HTTP/2 it is the only timeout.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 
     /// The largest request head (request line and headers) accepted; a larger one is
     /// answered 431. At least 8KiB. Examples: 16KiB, 1MiB.
     #[arg(long, default_value = "64KiB", value_parser = parse_header_size)]
-    pub max_header_size: u64,
+    pub(crate) max_header_size: u64,
 
     /// The largest request body accepted. A larger declared Content-Length is answered 413
     /// without calling the plugin; a streamed body that grows past it fails for the plugin
     /// where it crosses the limit, and is answered 413 (unless the plugin had already started
     /// its response, which is then cut off). Examples: 64MiB, 1GiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    pub max_body_size: u64,
+    pub(crate) max_body_size: u64,
 
     /// The most connections served at once. Further clients wait in the listen backlog until
     /// a connection closes; none is refused or reset.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_connections: u64,
+    pub(crate) max_connections: u64,
 }
 
 impl HttpLimits {
     /// The server's limits.
-    pub fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         Limits {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
@@ -214,57 +214,57 @@ impl HttpLimits {
     }
 }
 
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     text.parse::<bytesize::ByteSize>().map(|size| size.as_u64())
 }
 
-pub fn parse_header_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_header_size(text: &str) -> Result<u64, String> {
     // hyper reads request heads into a buffer of at least 8 KiB.
     parse_size(text).and_then(|size| if size >= 8192 { Ok(size) } else { Err("must be at least 8KiB".into()) })
 }
 
 #[derive(Debug, Args)]
-pub struct DevArgs {
+pub(crate) struct DevArgs {
     /// The cargo package of the plugin (a cdylib).
     #[arg(long, short, default_value = "example-handler")]
-    pub package: String,
+    pub(crate) package: String,
 
     /// Build in release mode.
     #[arg(long)]
-    pub release: bool,
+    pub(crate) release: bool,
 
     #[command(flatten)]
-    pub host: HostArgs,
+    pub(crate) host: HostArgs,
 }
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["plugin", "plugin_dir"])))]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// The plugin library (.so) to serve. It is copied to a private shadow path and loaded
     /// from there; the file itself is never mapped, so it may be replaced at any time: a new
     /// build written or renamed over it is swapped in unless it is a lower version (see
     /// --plugin-dir).
     #[arg(long, value_name = "PATH")]
-    pub plugin: Option<PathBuf>,
+    pub(crate) plugin: Option<PathBuf>,
 
     /// A directory of plugin builds (*.so). The highest version that loads is served (a
     /// rebuild of it, newer on disk, too; a build of another plugin if newer on disk); a new
     /// or changed file is validated and swapped in if it should serve, and a lower version
     /// never replaces a higher one unless pinned (`hotswap pin`). SIGHUP rescans the directory.
     #[arg(long, value_name = "DIR")]
-    pub plugin_dir: Option<PathBuf>,
+    pub(crate) plugin_dir: Option<PathBuf>,
 
     /// Load plugins even from a file or directory that someone other than this host's user
     /// (or root) may write, with a warning at every load. Without it such plugins are refused.
     #[arg(long)]
-    pub insecure_plugin_dir: bool,
+    pub(crate) insecure_plugin_dir: bool,
 
     /// Only load plugins whose SHA-256 is listed in FILE (one digest per line, or the output
     /// of sha256sum). Others are refused, with their digest in the log. FILE is read again at
     /// every load.
     #[arg(long, value_name = "FILE")]
-    pub trusted_digests: Option<PathBuf>,
+    pub(crate) trusted_digests: Option<PathBuf>,
 
     #[command(flatten)]
-    pub host: HostArgs,
+    pub(crate) host: HostArgs,
 }

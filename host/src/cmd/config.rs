@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("cannot read the configuration file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid configuration file {path}: {message}")]
@@ -74,7 +74,7 @@ struct Limits {
 /// Finds `--config FILE` (or `--config=FILE`, or `HOTSWAP_CONFIG`) and returns the arguments with the
 /// file's settings inserted right after the subcommand, where the user's own flags, which
 /// come later, override them. Without `--config`, `args` come back unchanged.
-pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+pub(crate) fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
     let Some(path) = config_path(&args) else { return Ok(args) };
     let Some(at) = args.iter().position(|a| a == "serve" || a == "dev" || is_admin_command(a)) else { return Ok(args) };
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;

@@ -29,7 +29,7 @@ use crate::plugin::trust::Trust;
 /// Quiet time after a source change before building (editors write in bursts).
 const DEBOUNCE: Duration = Duration::from_millis(150);
 
-pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let dirs = source_dirs(&args.package).await?;
     tracing::info!(package = %args.package, "building");
     let artifact = build(&args.package, args.release).await?.context("the first build failed (errors above); fix them and run again")?;

@@ -25,26 +25,26 @@ use crate::plugin::loader::Identity;
 
 /// A plugin file whose declaration has been read.
 #[derive(Debug, Clone)]
-pub struct Build {
-    pub file: PathBuf,
-    pub identity: Identity,
-    pub name: String,
-    pub version: Version,
+pub(crate) struct Build {
+    pub(crate) file: PathBuf,
+    pub(crate) identity: Identity,
+    pub(crate) name: String,
+    pub(crate) version: Version,
     /// Refused when it was started; not tried again until SIGHUP or a reload.
-    pub refused: bool,
+    pub(crate) refused: bool,
 }
 
 /// A version of a plugin the operator chose, by `pin` or `rollback`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pin {
-    pub name: String,
-    pub version: Version,
-    pub by: PinnedBy,
+pub(crate) struct Pin {
+    pub(crate) name: String,
+    pub(crate) version: Version,
+    pub(crate) by: PinnedBy,
 }
 
 /// What set a pin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinnedBy {
+pub(crate) enum PinnedBy {
     Pin,
     Rollback,
 }
@@ -62,7 +62,7 @@ impl Pin {
     /// Whether a build of plugin `name` at `version` satisfies the pin: the same plugin, the
     /// same precedence, and the same build metadata if the pin names any (`1.2.0` matches
     /// `1.2.0+abc`; `1.2.0+abc` only itself).
-    pub fn matches(&self, name: &str, version: &Version) -> bool {
+    pub(crate) fn matches(&self, name: &str, version: &Version) -> bool {
         name == self.name
             && version.cmp_precedence(&self.version) == Ordering::Equal
             && (self.version.build.is_empty() || version.build == self.version.build)
@@ -71,16 +71,16 @@ impl Pin {
 
 /// What serves now, as far as choosing goes.
 #[derive(Debug, Clone, Copy)]
-pub struct Serving<'a> {
-    pub name: &'a str,
-    pub version: &'a Version,
+pub(crate) struct Serving<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) version: &'a Version,
     /// When the file it was loaded from was last modified.
-    pub modified: SystemTime,
+    pub(crate) modified: SystemTime,
 }
 
 /// Why a build does not replace the one serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotServed {
+pub(crate) enum NotServed {
     /// Another version (or plugin) is pinned.
     Pinned,
     /// A lower version of the plugin serving.
@@ -90,7 +90,7 @@ pub enum NotServed {
 }
 
 /// The rule (see the module docs): whether `build` should replace `serving`, or why not.
-pub fn verdict(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> Result<(), NotServed> {
+pub(crate) fn verdict(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> Result<(), NotServed> {
     let newer_file = if build.identity.modified > serving.modified { Ok(()) } else { Err(NotServed::NotNewer) };
     match pin {
         Some(pin) if !pin.matches(&build.name, &build.version) => Err(NotServed::Pinned),
@@ -106,12 +106,12 @@ pub fn verdict(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> Resul
 }
 
 /// Whether `build` should replace `serving`.
-pub fn replaces(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> bool {
+pub(crate) fn replaces(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> bool {
     verdict(build, serving, pin).is_ok()
 }
 
 /// Why `build` does not replace `serving`, for the log and the admin API.
-pub fn why_not(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> String {
+pub(crate) fn why_not(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> String {
     match (verdict(build, serving, pin), pin) {
         (Err(NotServed::Pinned), Some(pin)) => format!(
             "{}@{} is not served: version {} is pinned (by {}); `hotswap unpin` serves the highest version again",
@@ -127,21 +127,21 @@ pub fn why_not(build: &Build, serving: &Serving<'_>, pin: Option<&Pin>) -> Strin
 
 /// The builds known, by file.
 #[derive(Debug, Default)]
-pub struct Builds {
+pub(crate) struct Builds {
     by_file: HashMap<PathBuf, Build>,
 }
 
 impl Builds {
     /// The build at `file`, if it is still the file as it was read.
-    pub fn get(&self, file: &Path, identity: Identity) -> Option<&Build> {
+    pub(crate) fn get(&self, file: &Path, identity: Identity) -> Option<&Build> {
         self.by_file.get(file).filter(|b| b.identity == identity)
     }
 
-    pub fn insert(&mut self, build: Build) {
+    pub(crate) fn insert(&mut self, build: Build) {
         self.by_file.insert(build.file.clone(), build);
     }
 
-    pub fn mark_refused(&mut self, file: &Path) {
+    pub(crate) fn mark_refused(&mut self, file: &Path) {
         if let Some(build) = self.by_file.get_mut(file) {
             build.refused = true;
         }
@@ -149,25 +149,25 @@ impl Builds {
 
     /// Refused builds get another chance (SIGHUP, reload): what was wrong may have been
     /// fixed without a new file (a digest listed, disk space freed).
-    pub fn forget_refusals(&mut self) {
+    pub(crate) fn forget_refusals(&mut self) {
         for build in self.by_file.values_mut() {
             build.refused = false;
         }
     }
 
     /// Drops builds whose file is gone or has changed since it was read.
-    pub fn prune(&mut self) {
+    pub(crate) fn prune(&mut self) {
         self.by_file.retain(|file, build| Identity::of(file) == Some(build.identity));
     }
 
     /// Every build known.
-    pub fn all(&self) -> impl Iterator<Item = &Build> {
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Build> {
         self.by_file.values()
     }
 
     /// Builds that should replace `serving` (every build, with nothing serving), best first:
     /// the plugin of the newest file first, then by version, then newest file first.
-    pub fn better_than(&self, serving: Option<&Serving<'_>>, pin: Option<&Pin>) -> Vec<Build> {
+    pub(crate) fn better_than(&self, serving: Option<&Serving<'_>>, pin: Option<&Pin>) -> Vec<Build> {
         let mut better: Vec<Build> = self
             .by_file
             .values()
@@ -188,24 +188,24 @@ impl Builds {
 }
 
 /// The order of builds of one plugin: the highest version first, then the newest file.
-pub fn highest_first(a: &Build, b: &Build) -> Ordering {
+pub(crate) fn highest_first(a: &Build, b: &Build) -> Ordering {
     b.version.cmp_precedence(&a.version).then_with(|| b.identity.modified.cmp(&a.identity.modified))
 }
 
 /// Where plugins come from: every `*.so` in a directory, or one file of it.
 #[derive(Debug, Clone)]
-pub struct PluginSource {
-    pub dir: PathBuf,
+pub(crate) struct PluginSource {
+    pub(crate) dir: PathBuf,
     /// Only this file name (`--plugin PATH`), or any plugin name (`--plugin-dir DIR`).
-    pub only: Option<std::ffi::OsString>,
+    pub(crate) only: Option<std::ffi::OsString>,
 }
 
 impl PluginSource {
-    pub fn directory(dir: PathBuf) -> PluginSource {
+    pub(crate) fn directory(dir: PathBuf) -> PluginSource {
         PluginSource { dir, only: None }
     }
 
-    pub fn file(path: &Path) -> PluginSource {
+    pub(crate) fn file(path: &Path) -> PluginSource {
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -214,12 +214,12 @@ impl PluginSource {
     }
 
     /// The file (`--plugin`) or directory (`--plugin-dir`) builds are taken from.
-    pub fn location(&self) -> PathBuf {
+    pub(crate) fn location(&self) -> PathBuf {
         self.only.as_ref().map_or_else(|| self.dir.clone(), |name| self.dir.join(name))
     }
 
     /// Whether a file of this name may be a plugin.
-    pub fn accepts(&self, name: &OsStr) -> bool {
+    pub(crate) fn accepts(&self, name: &OsStr) -> bool {
         if let Some(only) = &self.only {
             return name == only;
         }
@@ -228,14 +228,14 @@ impl PluginSource {
     }
 
     /// The path of a plugin file this source serves, if `path` (from an event) is one.
-    pub fn plugin_path(&self, path: &Path) -> Option<PathBuf> {
+    pub(crate) fn plugin_path(&self, path: &Path) -> Option<PathBuf> {
         let (name, parent) = (path.file_name()?, path.parent()?);
         let in_dir = parent == self.dir || same_dir(parent, &self.dir);
         (in_dir && self.accepts(name)).then(|| self.dir.join(name))
     }
 
     /// Plugin files now in the directory, newest first.
-    pub fn scan(&self) -> Vec<(PathBuf, Identity)> {
+    pub(crate) fn scan(&self) -> Vec<(PathBuf, Identity)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
         let mut files: Vec<(PathBuf, Identity)> = entries
             .filter_map(Result::ok)

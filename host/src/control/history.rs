@@ -19,35 +19,35 @@ use crate::plugin::stats::{GenerationStats, StatusTotals, Unloaded};
 
 /// How many generation records, and how many refusals, are kept (a generation still loaded
 /// is never dropped, so there may be more of those for a while).
-pub const RECORDS_KEPT: usize = 32;
+pub(crate) const RECORDS_KEPT: usize = 32;
 /// How many of the latest generations keep a copy of their bytes for a rollback.
-pub const COPIES_KEPT: usize = 4;
+pub(crate) const COPIES_KEPT: usize = 4;
 
 /// One history entry.
 #[derive(Clone)]
-pub struct Record {
+pub(crate) struct Record {
     /// The generation's id; `None` for a refused build.
-    pub generation: Option<u64>,
+    pub(crate) generation: Option<u64>,
     /// As declared, if the build got that far.
-    pub name: Option<String>,
-    pub version: Option<Version>,
+    pub(crate) name: Option<String>,
+    pub(crate) version: Option<Version>,
     /// The file it came from.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// SHA-256 of its bytes, once computed (off the swap path).
-    pub sha256: Arc<OnceLock<String>>,
+    pub(crate) sha256: Arc<OnceLock<String>>,
     /// When it was loaded, or refused.
-    pub at: SystemTime,
+    pub(crate) at: SystemTime,
     /// Why it was refused.
-    pub refused: Option<String>,
+    pub(crate) refused: Option<String>,
     /// The generation's counters (for a generation).
-    pub stats: Option<Arc<GenerationStats>>,
+    pub(crate) stats: Option<Arc<GenerationStats>>,
     /// A private copy of its bytes, kept for a rollback.
-    pub kept: Option<PathBuf>,
+    pub(crate) kept: Option<PathBuf>,
 }
 
 /// Where a history entry stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     Current,
     Draining,
     Unloaded,
@@ -60,7 +60,7 @@ pub enum State {
 }
 
 impl State {
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             State::Current => "current",
             State::Draining => "draining",
@@ -74,7 +74,7 @@ impl State {
 
 impl Record {
     /// Where it stands, given the id of the current generation.
-    pub fn state(&self, current: u64) -> State {
+    pub(crate) fn state(&self, current: u64) -> State {
         if self.refused.is_some() {
             return State::Refused;
         }
@@ -88,14 +88,14 @@ impl Record {
     }
 
     /// Requests it has answered.
-    pub fn requests(&self) -> u64 {
+    pub(crate) fn requests(&self) -> u64 {
         self.stats.as_ref().map_or(0, |s| s.requests())
     }
 }
 
 /// The bounded history, and the totals of records that have left it.
 #[derive(Default)]
-pub struct History {
+pub(crate) struct History {
     inner: Mutex<Inner>,
 }
 
@@ -117,7 +117,7 @@ impl History {
 
     /// Records a generation that has just become current. Only the latest [`COPIES_KEPT`]
     /// generations keep their copy; older copies are deleted.
-    pub fn swapped_in(&self, record: Record) {
+    pub(crate) fn swapped_in(&self, record: Record) {
         let mut inner = self.lock();
         inner.records.push_back(record);
         inner.evict();
@@ -133,7 +133,7 @@ impl History {
     }
 
     /// Records a refused build; `reason_label` is its low-cardinality kind, for metrics.
-    pub fn refused(&self, record: Record, reason_label: &'static str) {
+    pub(crate) fn refused(&self, record: Record, reason_label: &'static str) {
         let mut inner = self.lock();
         *inner.refusals.entry(reason_label).or_default() += 1;
         if inner.refused.len() == RECORDS_KEPT {
@@ -143,24 +143,24 @@ impl History {
     }
 
     /// Every generation record, oldest first.
-    pub fn records(&self) -> Vec<Record> {
+    pub(crate) fn records(&self) -> Vec<Record> {
         let mut inner = self.lock();
         inner.evict();
         inner.records.iter().cloned().collect()
     }
 
     /// Refused builds, oldest first.
-    pub fn refusals(&self) -> Vec<Record> {
+    pub(crate) fn refusals(&self) -> Vec<Record> {
         self.lock().refused.iter().cloned().collect()
     }
 
     /// Refusals so far, by kind.
-    pub fn refusals_by_reason(&self) -> Vec<(&'static str, u64)> {
+    pub(crate) fn refusals_by_reason(&self) -> Vec<(&'static str, u64)> {
         self.lock().refusals.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     /// Requests by (version, status): retired totals plus every record's live counters.
-    pub fn totals_by_version(&self) -> BTreeMap<(String, String), StatusTotals> {
+    pub(crate) fn totals_by_version(&self) -> BTreeMap<(String, String), StatusTotals> {
         let inner = self.lock();
         let mut totals = inner.retired.clone();
         for record in &inner.records {
@@ -171,7 +171,7 @@ impl History {
 
     /// The most recent generation before `current` with another version: what a rollback
     /// goes back to.
-    pub fn previous(&self, current: u64, current_version: &Version) -> Option<Record> {
+    pub(crate) fn previous(&self, current: u64, current_version: &Version) -> Option<Record> {
         let inner = self.lock();
         inner
             .records
@@ -183,7 +183,7 @@ impl History {
     }
 
     /// Kept copies of generations whose name and version `matches`, newest first.
-    pub fn copies_of(&self, matches: impl Fn(&str, &Version) -> bool) -> Vec<(Version, PathBuf)> {
+    pub(crate) fn copies_of(&self, matches: impl Fn(&str, &Version) -> bool) -> Vec<(Version, PathBuf)> {
         let inner = self.lock();
         inner
             .records
@@ -225,7 +225,7 @@ fn remove_copy(path: Option<PathBuf>) {
 }
 
 /// A refusal record for `file`.
-pub fn refusal(file: &Path, name: Option<String>, version: Option<Version>, reason: String) -> Record {
+pub(crate) fn refusal(file: &Path, name: Option<String>, version: Option<Version>, reason: String) -> Record {
     Record {
         generation: None,
         name,

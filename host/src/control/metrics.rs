@@ -18,7 +18,7 @@ use crate::control::registry::Registry;
 use crate::plugin::stats::BUCKETS;
 
 /// The `/metrics` collector: reads the registry at every scrape.
-pub struct Metrics(pub Arc<Registry>);
+pub(crate) struct Metrics(pub Arc<Registry>);
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,7 +129,7 @@ fn labelled_counters<'a>(
 }
 
 /// The text a scrape gets (Prometheus text format 0.0.4).
-pub fn render(registry: &Arc<Registry>) -> String {
+pub(crate) fn render(registry: &Arc<Registry>) -> String {
     let mut exposition = prometheus_client::registry::Registry::default();
     exposition.register_collector(Box::new(Metrics(registry.clone())));
     let mut text = String::new();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use semver::Version;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::control::builds::{self, Build, Builds, Pin, PinnedBy, PluginSource, Serving};
 use crate::control::history::{self, History, Record};
@@ -19,11 +19,11 @@ use crate::plugin::{Candidate, Current, Generation, GenerationError, LoadOptions
 /// No candidate could be loaded at startup.
 #[derive(Debug, thiserror::Error)]
 #[error("no loadable plugin{}", .0.iter().map(|r| format!("\n  - {r}")).collect::<String>())]
-pub struct StartError(pub Vec<String>);
+pub(crate) struct StartError(pub Vec<String>);
 
 /// A change that could not even be tried.
 #[derive(Debug, thiserror::Error)]
-pub enum ChangeError {
+pub(crate) enum ChangeError {
     #[error("no build of version {version} is known (in {dir} or kept from earlier generations); known versions: {known}")]
     UnknownVersion { version: Version, dir: PathBuf, known: String },
     #[error("nothing to roll back to: no earlier generation served a version other than {current}")]
@@ -31,12 +31,12 @@ pub enum ChangeError {
 }
 
 /// A generation, as the admin API shows it in an outcome.
-#[derive(Debug, Clone, Serialize)]
-pub struct Brief {
-    pub generation: u64,
-    pub name: String,
-    pub version: String,
-    pub file: PathBuf,
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Brief {
+    pub(crate) generation: u64,
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) file: PathBuf,
 }
 
 impl Brief {
@@ -52,9 +52,9 @@ impl Brief {
 
 /// What a change did. A reload, pin, rollback or unpin answers with this once the swap has
 /// happened or was refused.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// A new generation is current. `refused` lists builds tried before it.
     Swapped { from: Brief, to: Brief, refused: Vec<String> },
     /// Nothing better to serve (or it serves already).
@@ -65,13 +65,13 @@ pub enum Outcome {
 
 /// Host-wide events, by kind.
 #[derive(Debug, Default)]
-pub struct Events {
+pub(crate) struct Events {
     /// Swaps: a new generation became current.
-    pub swaps: AtomicU64,
+    pub(crate) swaps: AtomicU64,
     /// Responses cut off because their generation's drain timeout passed.
-    pub aborted_by_drain_timeout: AtomicU64,
+    pub(crate) aborted_by_drain_timeout: AtomicU64,
     /// Responses cut off because too many generations were loaded (`--max-generations`).
-    pub aborted_by_generation_cap: AtomicU64,
+    pub(crate) aborted_by_generation_cap: AtomicU64,
 }
 
 
@@ -79,7 +79,7 @@ pub struct Events {
 const HASH_DELAY: Duration = Duration::from_secs(1);
 
 /// The current generation and the history of resident ones.
-pub struct Registry {
+pub(crate) struct Registry {
     current: Arc<Current>,
     resident: Mutex<Vec<Weak<Generation>>>,
     next_id: AtomicU64,
@@ -108,7 +108,7 @@ impl Registry {
     /// Reads every build in `source` and starts the one that should serve (the highest
     /// version; see `builds`), falling back to the next on failure. The server does not start
     /// without one; the error lists every refusal.
-    pub async fn start(
+    pub(crate) async fn start(
         source: PluginSource,
         options: LoadOptions,
         drain_timeout: Duration,
@@ -190,35 +190,35 @@ impl Registry {
     }
 
     /// The generation new requests go to.
-    pub fn current(&self) -> Arc<Generation> {
+    pub(crate) fn current(&self) -> Arc<Generation> {
         self.current.load()
     }
 
     /// The cell the server reads the current generation from.
-    pub fn serving(&self) -> Arc<Current> {
+    pub(crate) fn serving(&self) -> Arc<Current> {
         self.current.clone()
     }
 
     /// The pin in force, if any.
-    pub fn pin(&self) -> Option<Pin> {
+    pub(crate) fn pin(&self) -> Option<Pin> {
         lock(&self.pin).clone()
     }
 
-    pub fn history(&self) -> &History {
+    pub(crate) fn history(&self) -> &History {
         &self.history
     }
 
-    pub fn events(&self) -> &Events {
+    pub(crate) fn events(&self) -> &Events {
         &self.events
     }
 
     /// Where plugins come from.
-    pub fn source(&self) -> &PluginSource {
+    pub(crate) fn source(&self) -> &PluginSource {
         &self.source
     }
 
     /// Every build known in the plugin directory, highest version first.
-    pub fn builds(&self) -> Vec<Build> {
+    pub(crate) fn builds(&self) -> Vec<Build> {
         let mut builds = lock(&self.builds);
         builds.prune();
         let mut all: Vec<Build> = builds.all().cloned().collect();
@@ -227,7 +227,7 @@ impl Registry {
     }
 
     /// Logs and records that `file` was not swapped in; `kind` labels the refusal in metrics.
-    pub fn refuse(&self, file: &Path, kind: &'static str, reason: &str, build: Option<&Build>) {
+    pub(crate) fn refuse(&self, file: &Path, kind: &'static str, reason: &str, build: Option<&Build>) {
         let current = self.current();
         tracing::warn!(
             file = %file.display(),
@@ -241,7 +241,7 @@ impl Registry {
     /// swaps it in if it should serve (see `builds`). A file still being written comes back
     /// as `LoadError::Incomplete`, unrecorded: the watcher waits for its writer. Other errors
     /// have been recorded.
-    pub async fn offer(&self, file: &Path) -> Result<Outcome, GenerationError> {
+    pub(crate) async fn offer(&self, file: &Path) -> Result<Outcome, GenerationError> {
         let _changing = self.changing.lock().await;
         let current = self.current();
         let Some(identity) = Identity::of(file) else {
@@ -270,7 +270,7 @@ impl Registry {
 
     /// Whether the file at `path`, as `identity`, has been read: it is a known build, was
     /// refused, or is what serves.
-    pub fn has_read(&self, path: &Path, identity: Identity) -> bool {
+    pub(crate) fn has_read(&self, path: &Path, identity: Identity) -> bool {
         self.is_known(path, identity) || lock(&self.unreadable).get(path) == Some(&identity)
     }
 
@@ -282,7 +282,7 @@ impl Registry {
     /// Reads the plugin directory again, retries builds refused before (what was wrong may
     /// have been fixed in place), and swaps in the build that should serve, if it is not
     /// serving. Answers once that has happened or was refused.
-    pub async fn reload(&self) -> Outcome {
+    pub(crate) async fn reload(&self) -> Outcome {
         let _changing = self.changing.lock().await;
         lock(&self.builds).forget_refusals();
         let mut refused = Vec::new();
@@ -318,7 +318,7 @@ impl Registry {
 
     /// Serves `version` (a build of it from the plugin directory, or a kept copy of an
     /// earlier generation) and holds it: newer builds are not swapped in until `unpin`.
-    pub async fn pin_version(&self, version: Version) -> Result<Outcome, ChangeError> {
+    pub(crate) async fn pin_version(&self, version: Version) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
         let name = self.current().name().to_owned();
         self.switch_to(Pin { name, version, by: PinnedBy::Pin }, None).await
@@ -326,7 +326,7 @@ impl Registry {
 
     /// Goes back to the version served before the current one (its kept copy, or a build of
     /// it in the plugin directory), and pins it.
-    pub async fn rollback(&self) -> Result<Outcome, ChangeError> {
+    pub(crate) async fn rollback(&self) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
         let current = self.current();
         // The previous generation's record: a generation's always has a name and a version.
@@ -338,7 +338,7 @@ impl Registry {
     }
 
     /// Lifts the pin: the highest version serves again (swapped in now if it is not serving).
-    pub async fn unpin(&self) -> Outcome {
+    pub(crate) async fn unpin(&self) -> Outcome {
         let _changing = self.changing.lock().await;
         if let Some(pin) = lock(&self.pin).take() {
             tracing::info!(version = %pin.version, "unpinned: the highest version serves again");
@@ -369,7 +369,7 @@ impl Registry {
 
     /// Loads `file` and swaps it in whatever its version (`hotswap dev`: the build just made).
     /// A refusal is logged and recorded, as any other; the error is its reason.
-    pub async fn load_and_swap(&self, file: &Path) -> Result<Arc<Generation>, GenerationError> {
+    pub(crate) async fn load_and_swap(&self, file: &Path) -> Result<Arc<Generation>, GenerationError> {
         let _changing = self.changing.lock().await;
         let candidate = self.open(file).await;
         if let Ok(candidate) = &candidate {
@@ -589,14 +589,14 @@ impl Registry {
     }
 
     /// Generations still loaded, oldest first.
-    pub fn resident(&self) -> Vec<Arc<Generation>> {
+    pub(crate) fn resident(&self) -> Vec<Arc<Generation>> {
         let mut resident: Vec<_> = lock(&self.resident).iter().filter_map(Weak::upgrade).collect();
         resident.sort_by_key(|g| g.id());
         resident
     }
 
     /// Cuts off every response still in progress, on every generation.
-    pub fn abort_all(&self) {
+    pub(crate) fn abort_all(&self) {
         for generation in self.resident() {
             generation.aborted().raise();
         }

@@ -39,7 +39,7 @@ use crate::control::registry::{Outcome, Registry};
 /// arrives (writers that keep the file open, or mmap it).
 const SETTLE: Duration = Duration::from_millis(300);
 /// A file that stays incomplete, unchanged, this long is refused as truncated.
-pub const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
+pub(crate) const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
 
 /// A file that has changed and not yet been loaded or refused.
 #[derive(Debug)]
@@ -59,7 +59,7 @@ enum Trigger {
 
 /// Watches `source` and swaps in new plugins until `shutdown`.
 /// `hangup` delivers SIGHUP, which rescans the directory.
-pub async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, shutdown: CancellationToken) {
+pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let fs_tx = tx.clone();
     let mut watcher = match notify::recommended_watcher(move |event| {

@@ -21,15 +21,15 @@ use crate::sys;
 
 /// One resource, as much of it as is in use now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub resource: Resource,
-    pub used: u64,
-    pub limit: u64,
+pub(crate) struct Usage {
+    pub(crate) resource: Resource,
+    pub(crate) used: u64,
+    pub(crate) limit: u64,
 }
 
 /// What repeated loading draws on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resource {
+pub(crate) enum Resource {
     /// pthread thread-specific-data keys (glibc: 1024 per process, leaked by plugins).
     ThreadKeys,
     /// Memory mappings (`vm.max_map_count`): each loaded library maps several.
@@ -100,14 +100,14 @@ impl fmt::Display for Usage {
     cost = if *per_load > 0 { format!(" plus {per_load} for the load (what one load has taken)") } else { String::new() },
     hint = usage.resource.what_to_do()
 )]
-pub struct BudgetError {
-    pub usage: Usage,
+pub(crate) struct BudgetError {
+    pub(crate) usage: Usage,
     /// What one load has been seen to take of this resource.
-    pub per_load: u64,
+    pub(crate) per_load: u64,
 }
 
 /// What is in use now, for each budget that can be measured here.
-pub fn usage() -> Vec<Usage> {
+pub(crate) fn usage() -> Vec<Usage> {
     let mut all = Vec::with_capacity(3);
     let keys = sys::thread_keys_in_use().unwrap_or(sys::THREAD_KEYS_MAX);
     all.push(Usage { resource: Resource::ThreadKeys, used: keys, limit: sys::THREAD_KEYS_MAX });
@@ -126,7 +126,7 @@ pub fn usage() -> Vec<Usage> {
 /// The budgets as seen across loads: how many pthread keys one load has cost, so that a load
 /// is refused while there is still room for it (a plugin may leak more than the reserve).
 #[derive(Debug, Default)]
-pub struct Budget {
+pub(crate) struct Budget {
     inner: Mutex<Seen>,
 }
 
@@ -142,7 +142,7 @@ impl Budget {
     /// Checks every budget before a load: warns about those running low, and refuses the
     /// load if one would leave less than its reserve. Call [`Budget::loaded`] with the
     /// returned reading once the load has gone through.
-    pub fn check_before_load(&self) -> Result<Reading, BudgetError> {
+    pub(crate) fn check_before_load(&self) -> Result<Reading, BudgetError> {
         let all = usage();
         tracing::debug!(budgets = %all.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "before loading");
         let mut seen = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -167,14 +167,14 @@ impl Budget {
     }
 
     /// A load checked with `reading` went through.
-    pub fn loaded(&self, reading: Reading) {
+    pub(crate) fn loaded(&self, reading: Reading) {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner).keys_before_last_load = reading.keys;
     }
 }
 
 /// What [`Budget::check_before_load`] measured.
 #[derive(Debug, Clone, Copy)]
-pub struct Reading {
+pub(crate) struct Reading {
     keys: Option<u64>,
 }
 

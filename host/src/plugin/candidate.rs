@@ -22,7 +22,7 @@ use crate::plugin::trust::{Trust, TrustError};
 /// Why a candidate plugin did not become a generation.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum GenerationError {
+pub(crate) enum GenerationError {
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
@@ -43,7 +43,7 @@ pub enum GenerationError {
 
 impl GenerationError {
     /// What kind of refusal this is, as a metrics label.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             GenerationError::Load(e) => match e {
                 LoadError::Read { .. } => "unreadable",
@@ -67,17 +67,17 @@ impl GenerationError {
 
 /// How generations are loaded.
 #[derive(Debug, Clone)]
-pub struct LoadOptions {
+pub(crate) struct LoadOptions {
     /// Worker threads of each generation's runtime.
-    pub worker_threads: usize,
+    pub(crate) worker_threads: usize,
     /// How long `init` and the readiness check may take, each.
-    pub init_timeout: Duration,
+    pub(crate) init_timeout: Duration,
     /// How long unloading waits for the plugin's shutdown hook and for its threads to exit.
-    pub unload_timeout: Duration,
+    pub(crate) unload_timeout: Duration,
     /// Where shadow copies go.
-    pub shadow: Arc<ShadowDir>,
+    pub(crate) shadow: Arc<ShadowDir>,
     /// Which plugin files may be loaded.
-    pub trust: Trust,
+    pub(crate) trust: Trust,
 }
 
 
@@ -111,7 +111,7 @@ fn private_copy(source: &Path, options: &LoadOptions) -> Result<Copied, Generati
 /// A plugin build copied, opened and its declaration checked: of its code, only the
 /// library's initialisers have run. [`Candidate::start`] makes it a generation; dropping it
 /// closes the library and deletes the copy.
-pub struct Candidate {
+pub(crate) struct Candidate {
     source: PathBuf,
     shadow: PathBuf,
     identity: Identity,
@@ -131,7 +131,7 @@ impl std::fmt::Debug for Candidate {
 impl Candidate {
     /// Copies `source` to a private path, checks it (trust, completeness, digest), opens the
     /// copy and checks its declaration (ABI, layout, semantic version).
-    pub async fn open(source: &Path, options: &LoadOptions) -> Result<Candidate, GenerationError> {
+    pub(crate) async fn open(source: &Path, options: &LoadOptions) -> Result<Candidate, GenerationError> {
         // File work (read, hash, write the copy) stays off the host's runtime thread, which
         // accepts connections and keeps their timeouts.
         let prepared = {
@@ -158,29 +158,29 @@ impl Candidate {
     }
 
     /// The plugin's declared name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The plugin's declared version.
-    pub fn version(&self) -> &semver::Version {
+    pub(crate) fn version(&self) -> &semver::Version {
         &self.version
     }
 
     /// The file it was copied from.
-    pub fn source(&self) -> &Path {
+    pub(crate) fn source(&self) -> &Path {
         &self.source
     }
 
     /// Which version of the source file was copied.
-    pub fn identity(&self) -> Identity {
+    pub(crate) fn identity(&self) -> Identity {
         self.identity
     }
 
     /// Starts it as generation `id`: its runtime, `init` (bounded by a timeout) and
     /// readiness check. On error nothing of it stays behind (except a library whose init
     /// never returned, which cannot be unloaded while its code runs).
-    pub async fn start(mut self, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
+    pub(crate) async fn start(mut self, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
         let Some(library) = self.library.take() else {
             // Only `Drop` takes it otherwise: unreachable while `self` is alive.
             return Err(GenerationError::Runtime(std::io::Error::other("the candidate was already started")));

@@ -43,7 +43,7 @@ thread_local! {
 }
 
 /// The id of the generation whose runtime owns the calling thread, or 0.
-pub fn thread_generation() -> u64 {
+pub(crate) fn thread_generation() -> u64 {
     THREAD_GENERATION.with(Cell::get)
 }
 
@@ -53,7 +53,7 @@ pub(super) fn enter_thread(id: u64) {
 }
 
 /// One loaded copy of a plugin and the runtime whose threads run its code.
-pub struct Generation {
+pub(crate) struct Generation {
     pub(super) id: u64,
     pub(super) name: String,
     pub(super) version: semver::Version,
@@ -89,73 +89,73 @@ impl std::fmt::Debug for Generation {
 
 impl Generation {
     /// This generation's number, unique in the process, starting at 1.
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.id
     }
 
     /// `name@version`, as the plugin declares them.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         format!("{}@{}", self.name, self.version)
     }
 
     /// The plugin's declared name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The plugin's declared version.
-    pub fn version(&self) -> &semver::Version {
+    pub(crate) fn version(&self) -> &semver::Version {
         &self.version
     }
 
     /// Its counters: requests by status, streams, bytes sent, how it was unloaded.
-    pub fn stats(&self) -> &Arc<GenerationStats> {
+    pub(crate) fn stats(&self) -> &Arc<GenerationStats> {
         &self.stats
     }
 
     /// Its private copy (deleted when it unloads).
-    pub fn shadow(&self) -> &Path {
+    pub(crate) fn shadow(&self) -> &Path {
         &self.shadow
     }
 
     /// The file it was loaded from.
-    pub fn source(&self) -> &Path {
+    pub(crate) fn source(&self) -> &Path {
         &self.source
     }
 
     /// Which version of the source file was loaded (device, inode, length, modification time).
-    pub fn identity(&self) -> Identity {
+    pub(crate) fn identity(&self) -> Identity {
         self.identity
     }
 
     /// SHA-256 of the loaded library, when `--trusted-digests` is in use.
-    pub fn digest(&self) -> Option<&str> {
+    pub(crate) fn digest(&self) -> Option<&str> {
         self.digest.as_deref()
     }
 
 
     /// The checked declaration; valid while `self` is.
-    pub fn declaration(&self) -> &PluginDeclaration {
+    pub(crate) fn declaration(&self) -> &PluginDeclaration {
         self.library.declaration()
     }
 
     /// The runtime whose threads run this generation's code.
-    pub fn handle(&self) -> &tokio::runtime::Handle {
+    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle
     }
 
     /// Requests (with their response bodies) in progress on this generation.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.stats.in_flight()
     }
 
     /// Raised when a newer generation has become current.
-    pub fn superseded(&self) -> &Latch {
+    pub(crate) fn superseded(&self) -> &Latch {
         &self.superseded
     }
 
     /// Raised when the responses still running here must be cut off (drain timeout).
-    pub fn aborted(&self) -> &Latch {
+    pub(crate) fn aborted(&self) -> &Latch {
         &self.aborted
     }
 }
@@ -188,15 +188,15 @@ impl Drop for Generation {
 /// ends: it keeps the library loaded and counts the request in flight. Whatever holds plugin
 /// state for a request (its call, its streaming body) owns the hold, and releases that state
 /// before the hold goes.
-pub struct InFlight(Arc<Generation>);
+pub(crate) struct InFlight(Arc<Generation>);
 
 impl InFlight {
-    pub fn new(generation: Arc<Generation>) -> InFlight {
+    pub(crate) fn new(generation: Arc<Generation>) -> InFlight {
         generation.stats.request_started();
         InFlight(generation)
     }
 
-    pub fn generation(&self) -> &Arc<Generation> {
+    pub(crate) fn generation(&self) -> &Arc<Generation> {
         &self.0
     }
 }
@@ -209,20 +209,20 @@ impl Drop for InFlight {
 
 /// The generation new requests go to: written by the registry at a swap, read by the
 /// server for every new connection and request.
-pub struct Current(ArcSwap<Generation>);
+pub(crate) struct Current(ArcSwap<Generation>);
 
 impl Current {
-    pub fn new(first: Arc<Generation>) -> Current {
+    pub(crate) fn new(first: Arc<Generation>) -> Current {
         Current(ArcSwap::new(first))
     }
 
     /// The generation new requests go to now.
-    pub fn load(&self) -> Arc<Generation> {
+    pub(crate) fn load(&self) -> Arc<Generation> {
         self.0.load_full()
     }
 
     /// Makes `next` current; returns the one it replaces.
-    pub fn swap(&self, next: Arc<Generation>) -> Arc<Generation> {
+    pub(crate) fn swap(&self, next: Arc<Generation>) -> Arc<Generation> {
         self.0.swap(next)
     }
 }

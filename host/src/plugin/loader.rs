@@ -12,7 +12,7 @@ use handler_api::abi::{self, DeclarationHeader, PluginDeclaration};
 /// Why a plugin file was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum LoadError {
+pub(crate) enum LoadError {
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
@@ -54,12 +54,12 @@ pub enum LoadError {
 ///
 /// Dropping it closes the library (`dlclose`). The host only drops it once no code of the
 /// plugin can run any more: see `generation`.
-pub struct Library {
+pub(crate) struct Library {
     // Declared before `library`: nothing may use the declaration once the library is closed.
     declaration: NonNull<PluginDeclaration>,
     library: libloading::Library,
-    pub name: String,
-    pub version: semver::Version,
+    pub(crate) name: String,
+    pub(crate) version: semver::Version,
 }
 
 // SAFETY: `declaration` points at immutable static data inside the library, which `Library`
@@ -74,7 +74,7 @@ impl Library {
     /// # Safety
     /// Loading a library runs its initialisers, as any native code would: `shadow` must be a
     /// file the operator has chosen to trust.
-    pub unsafe fn open(shadow: &Path) -> Result<Library, LoadError> {
+    pub(crate) unsafe fn open(shadow: &Path) -> Result<Library, LoadError> {
         use libloading::os::unix::{Library as UnixLibrary, RTLD_LOCAL, RTLD_NOW};
         let path = shadow.to_path_buf();
         // RTLD_NOW: refuse a library with unresolved symbols now, not at its first call.
@@ -121,13 +121,13 @@ impl Library {
     }
 
     /// The checked declaration, valid while `self` is.
-    pub fn declaration(&self) -> &PluginDeclaration {
+    pub(crate) fn declaration(&self) -> &PluginDeclaration {
         // SAFETY: checked in `open`; the library stays mapped while `self` lives.
         unsafe { self.declaration.as_ref() }
     }
 
     /// Closes the library.
-    pub fn close(self) -> Result<(), libloading::Error> {
+    pub(crate) fn close(self) -> Result<(), libloading::Error> {
         self.library.close()
     }
 }
@@ -135,25 +135,25 @@ impl Library {
 /// What distinguishes one version of a file from the next: a rename or `cargo build` changes
 /// the inode, a write in place the size or modification time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     dev: u64,
     ino: u64,
     len: u64,
-    pub modified: std::time::SystemTime,
+    pub(crate) modified: std::time::SystemTime,
 }
 
 impl Identity {
-    pub fn of(path: &Path) -> Option<Identity> {
+    pub(crate) fn of(path: &Path) -> Option<Identity> {
         Identity::from_metadata(&fs::metadata(path).ok()?)
     }
 
     /// An identity with only a modification time, for unit tests of ordering rules.
     #[cfg(test)]
-    pub fn for_tests(modified: std::time::SystemTime) -> Identity {
+    pub(crate) fn for_tests(modified: std::time::SystemTime) -> Identity {
         Identity { dev: 0, ino: modified.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()), len: 0, modified }
     }
 
-    pub fn from_metadata(m: &fs::Metadata) -> Option<Identity> {
+    pub(crate) fn from_metadata(m: &fs::Metadata) -> Option<Identity> {
         use std::os::unix::fs::MetadataExt;
         if !m.is_file() {
             return None;
@@ -171,7 +171,7 @@ impl Identity {
 /// for as long as the host runs, so that the next host can tell the directory of a crashed
 /// one from a live one, and remove it.
 #[derive(Debug)]
-pub struct ShadowDir {
+pub(crate) struct ShadowDir {
     dir: PathBuf,
     lock: Mutex<fs::File>,
     /// Numbers the copies: every load gets a path never used before (dlopen caches by path).
@@ -187,7 +187,7 @@ const KEPT_DIR: &str = "kept";
 impl ShadowDir {
     /// Creates a private directory in `base` (default: the system's temporary directory),
     /// first removing any a crashed host left there.
-    pub fn create(base: Option<&Path>) -> std::io::Result<ShadowDir> {
+    pub(crate) fn create(base: Option<&Path>) -> std::io::Result<ShadowDir> {
         let base = base.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&base)?;
         remove_stale(&base);
@@ -206,7 +206,7 @@ impl ShadowDir {
     /// Copies the opened plugin file `source` (at `path`) to a fresh path, streaming (a plugin is never held in memory whole), and returns what the copy
     /// holds: its length, its first bytes (for the completeness check) and, with `hash`, its
     /// SHA-256. If the directory has vanished (a temporary-file cleaner), it is created again.
-    pub fn copy(&self, path: &Path, source: &mut fs::File, hash: bool) -> Result<Copy, LoadError> {
+    pub(crate) fn copy(&self, path: &Path, source: &mut fs::File, hash: bool) -> Result<Copy, LoadError> {
         use std::io::ErrorKind;
         use std::os::unix::fs::OpenOptionsExt;
         let stem = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin.so".into());
@@ -241,7 +241,7 @@ impl ShadowDir {
 
     /// Keeps the bytes of a loaded copy for a later rollback, as a hard link in `kept/`
     /// (the copy itself is deleted when its generation unloads). Returns the link's path.
-    pub fn keep(&self, shadow: &Path) -> std::io::Result<PathBuf> {
+    pub(crate) fn keep(&self, shadow: &Path) -> std::io::Result<PathBuf> {
         use std::os::unix::fs::DirBuilderExt;
         let kept = self.dir.join(KEPT_DIR);
         match fs::DirBuilder::new().mode(0o700).create(&kept) {
@@ -303,15 +303,15 @@ fn remove_stale(base: &Path) {
 
 /// A plugin file opened for loading, with what the open file is (so checks and copy always
 /// concern the same file).
-pub struct PluginFile {
-    pub file: fs::File,
-    pub metadata: fs::Metadata,
+pub(crate) struct PluginFile {
+    pub(crate) file: fs::File,
+    pub(crate) metadata: fs::Metadata,
     /// Where the opened file really is (symbolic links resolved), if the kernel says.
-    pub real_path: Option<PathBuf>,
+    pub(crate) real_path: Option<PathBuf>,
 }
 
 /// Opens a plugin file.
-pub fn open_plugin(path: &Path) -> Result<PluginFile, LoadError> {
+pub(crate) fn open_plugin(path: &Path) -> Result<PluginFile, LoadError> {
     use std::os::fd::AsRawFd as _;
     let open = || -> std::io::Result<_> {
         let file = fs::File::open(path)?;
@@ -323,17 +323,17 @@ pub fn open_plugin(path: &Path) -> Result<PluginFile, LoadError> {
 }
 
 /// A private copy, as written.
-pub struct Copy {
-    pub shadow: PathBuf,
-    pub len: u64,
+pub(crate) struct Copy {
+    pub(crate) shadow: PathBuf,
+    pub(crate) len: u64,
     /// The first bytes (up to an ELF header's 64).
-    pub head: Vec<u8>,
+    pub(crate) head: Vec<u8>,
     /// SHA-256 of the copy, in lowercase hex, when asked for.
-    pub sha256: Option<String>,
+    pub(crate) sha256: Option<String>,
 }
 
 /// SHA-256 of the file at `path`, in lowercase hex, read in 64 KiB steps. Blocking.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut fs::File::open(path)?, &mut hasher)?;
@@ -379,7 +379,7 @@ fn stream(from: &mut fs::File, to: &mut fs::File, hash: bool) -> Result<(u64, Ve
 /// is where the file must end. Written by hand: it is 15 lines of reading three header fields,
 /// not worth an ELF-parsing dependency. Files that are not 64-bit little-endian ELF pass
 /// (`dlopen` refuses them with its own message); files shorter than a header fail.
-pub fn check_complete(path: &Path, bytes: &[u8], len: u64) -> Result<(), LoadError> {
+pub(crate) fn check_complete(path: &Path, bytes: &[u8], len: u64) -> Result<(), LoadError> {
     let incomplete = |needed| Err(LoadError::Incomplete { path: path.to_path_buf(), len, needed });
     if bytes.len() < 64 {
         return if bytes.is_empty() || b"\x7fELF".starts_with(&bytes[..bytes.len().min(4)]) { incomplete(64) } else { Ok(()) };
@@ -394,7 +394,7 @@ pub fn check_complete(path: &Path, bytes: &[u8], len: u64) -> Result<(), LoadErr
 }
 
 /// Whether `/proc/self/maps` still lists `path`: the real test that `dlclose` unmapped it.
-pub fn is_mapped(path: &Path) -> bool {
+pub(crate) fn is_mapped(path: &Path) -> bool {
     let needle = path.to_string_lossy();
     fs::read_to_string("/proc/self/maps").map(|maps| maps.lines().any(|l| l.contains(needle.as_ref()))).unwrap_or(false)
 }

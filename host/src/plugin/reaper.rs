@@ -18,28 +18,28 @@ use crate::plugin::loader::{self, Library};
 use crate::plugin::stats::{GenerationStats, Unloaded};
 
 /// The name of every thread of generation `id` (also how `/proc` finds stragglers).
-pub fn thread_name(id: u64) -> String {
+pub(crate) fn thread_name(id: u64) -> String {
     format!("hs-gen{id}")
 }
 
 /// What is left of a generation once nothing can call into it any more.
-pub struct Retired {
-    pub id: u64,
-    pub label: String,
-    pub stats: Arc<GenerationStats>,
-    pub shadow: PathBuf,
+pub(crate) struct Retired {
+    pub(crate) id: u64,
+    pub(crate) label: String,
+    pub(crate) stats: Arc<GenerationStats>,
+    pub(crate) shadow: PathBuf,
     /// Whether `init` (and `ready`) succeeded: only then may the shutdown hook run.
-    pub initialized: bool,
+    pub(crate) initialized: bool,
     /// How long the shutdown hook, and then the threads, may take.
-    pub timeout: Duration,
-    pub library: Library,
-    pub runtime: tokio::runtime::Runtime,
-    pub api: Box<HostApi>,
-    pub context: Box<PluginContext>,
+    pub(crate) timeout: Duration,
+    pub(crate) library: Library,
+    pub(crate) runtime: tokio::runtime::Runtime,
+    pub(crate) api: Box<HostApi>,
+    pub(crate) context: Box<PluginContext>,
 }
 
 /// Hands `retired` to the reaper thread, which unloads it.
-pub fn retire(retired: Retired) {
+pub(crate) fn retire(retired: Retired) {
     reaper().send(Message::Retire(Box::new(retired)));
 }
 
@@ -125,18 +125,18 @@ static STILL_MAPPED: AtomicU64 = AtomicU64::new(0);
 static LEAKED: AtomicU64 = AtomicU64::new(0);
 
 /// Unload outcomes so far: (unmapped, still mapped, leaked because threads were stuck).
-pub fn unload_counts() -> (u64, u64, u64) {
+pub(crate) fn unload_counts() -> (u64, u64, u64) {
     (UNMAPPED.load(Ordering::Relaxed), STILL_MAPPED.load(Ordering::Relaxed), LEAKED.load(Ordering::Relaxed))
 }
 
 /// Generations started and not yet unloaded.
-pub fn live_generations() -> &'static AtomicUsize {
+pub(crate) fn live_generations() -> &'static AtomicUsize {
     static LIVE: AtomicUsize = AtomicUsize::new(0);
     &LIVE
 }
 
 /// Generations loaded and not yet fully unloaded.
-pub fn resident_generations() -> usize {
+pub(crate) fn resident_generations() -> usize {
     live_generations().load(Ordering::SeqCst)
 }
 
@@ -188,7 +188,7 @@ fn reaper() -> &'static Reaper {
 
 /// Waits until every generation has been unloaded, or `timeout` passes. Returns whether all
 /// were.
-pub fn wait_all_unloaded(timeout: Duration) -> bool {
+pub(crate) fn wait_all_unloaded(timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         let (tx, rx) = mpsc::channel();

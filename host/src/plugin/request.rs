@@ -63,7 +63,11 @@ impl std::task::Wake for PluginWakerProxy {
     }
 }
 
-pub unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, chunk: *mut FfiStr) -> FfiPoll {
+/// `HostApi::body_poll`: the next chunk of a request body the plugin reads.
+///
+/// # Safety
+/// `body` is a live handle from the request (not yet passed to `body_drop`), polled by one thread at a time; `waker` and `chunk` are valid for the call.
+pub(crate) unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, chunk: *mut FfiStr) -> FfiPoll {
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `body` is a live RequestBody handed to the plugin in `call`; the plugin
         // polls it from one thread at a time (it holds it by `&mut`).
@@ -127,7 +131,11 @@ pub unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWaker, ch
     .unwrap_or(FfiPoll::ERROR)
 }
 
-pub unsafe extern "C" fn body_drop(body: *mut c_void) {
+/// `HostApi::body_drop`: the plugin is done with a request body.
+///
+/// # Safety
+/// `body` is a live handle from the request, released exactly once.
+pub(crate) unsafe extern "C" fn body_drop(body: *mut c_void) {
     let _ = catch_unwind(|| {
         // SAFETY: the plugin releases each body exactly once.
         let body = unsafe { Box::from_raw(body as *mut RequestBody) };
@@ -141,7 +149,7 @@ pub unsafe extern "C" fn body_drop(body: *mut c_void) {
 
 /// A request in the plugin's hands: its response future, and until that completes, the
 /// request's hold on the generation whose code the future is.
-pub struct PluginCall {
+pub(crate) struct PluginCall {
     ffi: FfiResponseFuture,
     too_large: Option<Arc<AtomicBool>>,
     /// `Some` while the plugin's state is live. When the future completes, the state is
@@ -156,14 +164,14 @@ unsafe impl Send for PluginCall {}
 
 /// Why a plugin call produced no response, with the request's hold on its generation, for
 /// the answer the host gives instead.
-pub struct CallFailed {
-    pub error: CallError,
-    pub in_flight: InFlight,
+pub(crate) struct CallFailed {
+    pub(crate) error: CallError,
+    pub(crate) in_flight: InFlight,
 }
 
 /// What went wrong in a plugin call.
 #[derive(Debug, thiserror::Error)]
-pub enum CallError {
+pub(crate) enum CallError {
     #[error("the handler panicked")]
     Panicked,
     #[error("the handler returned an invalid response: {0}")]
@@ -180,7 +188,7 @@ impl PluginCall {
     /// target stay in `head`, for the caller's log line. A body longer than `max_body_size`
     /// fails, for the plugin, where it crosses the limit, and the call then ends in
     /// [`CallError::BodyTooLarge`].
-    pub fn start(in_flight: InFlight, head: &mut http::request::Parts, incoming: Incoming, max_body_size: u64) -> PluginCall {
+    pub(crate) fn start(in_flight: InFlight, head: &mut http::request::Parts, incoming: Incoming, max_body_size: u64) -> PluginCall {
         let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
         // A request without a body (most GETs) costs no allocation for one.
         let mut too_large = None;
@@ -240,7 +248,7 @@ impl PluginCall {
     /// Polls the plugin's future, on a thread of its generation. Once it is ready the
     /// plugin's state is released, and the answer carries the request's hold on the
     /// generation: the response body, or the failure.
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<http::Response<ResponseBody>, CallFailed>> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<http::Response<ResponseBody>, CallFailed>> {
         // Not reached: a completed future is dropped by its owner, not polled again.
         let Some(in_flight) = &self.in_flight else { return Poll::Pending };
         debug_assert_eq!(thread_generation(), in_flight.generation().id(), "a plugin call polled outside its generation");

@@ -20,12 +20,12 @@ use crate::plugin::generation::{thread_generation, Generation, InFlight};
 
 thread_local! {
     /// The header map of this thread's last request, emptied, for the next response the
-    /// plugin describes: two allocations fewer per request.
+    /// plugin describes, so that a response's headers need no allocation of their own.
     static SPARE_HEADERS: Cell<Option<HeaderMap>> = const { Cell::new(None) };
 }
 
 /// Keeps `headers` for the next response on this thread, unless it grew unusually large.
-pub fn recycle(mut headers: HeaderMap) {
+pub(crate) fn recycle(mut headers: HeaderMap) {
     if headers.capacity() <= 64 {
         headers.clear();
         SPARE_HEADERS.set(Some(headers));
@@ -34,17 +34,17 @@ pub fn recycle(mut headers: HeaderMap) {
 
 /// Where the plugin describes its response, during the poll that completes its future.
 #[derive(Default)]
-pub struct ResponseSlot {
+pub(crate) struct ResponseSlot {
     status: Option<StatusCode>,
     headers: HeaderMap,
     body: SlotBody,
     /// Why the response is invalid, if it is.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// The body the plugin set in a slot.
 #[derive(Default)]
-pub enum SlotBody {
+pub(crate) enum SlotBody {
     #[default]
     Empty,
     Full(Bytes),
@@ -54,7 +54,7 @@ pub enum SlotBody {
 
 impl ResponseSlot {
     /// The status, headers and body the plugin set.
-    pub fn take(&mut self) -> (Option<StatusCode>, HeaderMap, SlotBody) {
+    pub(crate) fn take(&mut self) -> (Option<StatusCode>, HeaderMap, SlotBody) {
         (self.status.take(), std::mem::take(&mut self.headers), std::mem::take(&mut self.body))
     }
 
@@ -76,7 +76,7 @@ impl Drop for ResponseSlot {
 
 impl SlotBody {
     /// The response body, holding the request's generation until it ends.
-    pub fn into_response_body(self, in_flight: InFlight) -> ResponseBody {
+    pub(crate) fn into_response_body(self, in_flight: InFlight) -> ResponseBody {
         match self {
             SlotBody::Empty => ResponseBody::Full { bytes: None, in_flight },
             SlotBody::Full(bytes) => ResponseBody::Full { bytes: Some(bytes), in_flight },
@@ -85,7 +85,11 @@ impl SlotBody {
     }
 }
 
-pub unsafe extern "C" fn response_set_status(response: *mut c_void, status: u16) -> FfiPoll {
+/// `HostApi::response_set_status`.
+///
+/// # Safety
+/// `response` is the `ResponseSlot` passed to the poll this call is part of.
+pub(crate) unsafe extern "C" fn response_set_status(response: *mut c_void, status: u16) -> FfiPoll {
     // SAFETY: `response` is the slot passed to this poll.
     let slot = unsafe { &mut *(response as *mut ResponseSlot) };
     match StatusCode::from_u16(status) {
@@ -100,7 +104,11 @@ pub unsafe extern "C" fn response_set_status(response: *mut c_void, status: u16)
     }
 }
 
-pub unsafe extern "C" fn response_append_header(response: *mut c_void, name: FfiStr, value: FfiStr) -> FfiPoll {
+/// `HostApi::response_append_header`.
+///
+/// # Safety
+/// `response` is the `ResponseSlot` passed to the poll this call is part of; `name` and `value` are valid for the call.
+pub(crate) unsafe extern "C" fn response_append_header(response: *mut c_void, name: FfiStr, value: FfiStr) -> FfiPoll {
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `response` is the slot passed to this poll; the strings live for this call.
         let (slot, name, value) = unsafe { (&mut *(response as *mut ResponseSlot), name.as_bytes(), value.as_bytes()) };
@@ -169,7 +177,11 @@ const REPEATING: [HeaderName; 6] = {
     [CONTENT_TYPE, CACHE_CONTROL, CONTENT_ENCODING, VARY, SERVER, X_CONTENT_TYPE_OPTIONS]
 };
 
-pub unsafe extern "C" fn response_set_full_body(response: *mut c_void, body: FfiStr) {
+/// `HostApi::response_set_full_body`: the whole body, copied.
+///
+/// # Safety
+/// `response` is the `ResponseSlot` passed to the poll this call is part of; `body` is valid for the call.
+pub(crate) unsafe extern "C" fn response_set_full_body(response: *mut c_void, body: FfiStr) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `response` is the slot passed to this poll; `body` lives for this call.
         let slot = unsafe { &mut *(response as *mut ResponseSlot) };
@@ -179,7 +191,11 @@ pub unsafe extern "C" fn response_set_full_body(response: *mut c_void, body: Ffi
     }));
 }
 
-pub unsafe extern "C" fn response_set_stream_body(response: *mut c_void, body: FfiBody) {
+/// `HostApi::response_set_stream_body`: the body streams from the plugin, which hands its state over.
+///
+/// # Safety
+/// `response` is the `ResponseSlot` passed to the poll this call is part of; `body` is a live body of the plugin, owned by the host from now on.
+pub(crate) unsafe extern "C" fn response_set_stream_body(response: *mut c_void, body: FfiBody) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `response` is the slot passed to this poll.
         let slot = unsafe { &mut *(response as *mut ResponseSlot) };
@@ -193,7 +209,11 @@ struct ChunkSink<'a> {
     generation: &'a Arc<Generation>,
 }
 
-pub unsafe extern "C" fn chunk_push(sink: *mut c_void, data: FfiStr) {
+/// `HostApi::chunk_push`: the next chunk of a response body, copied.
+///
+/// # Safety
+/// `sink` is the `ChunkSink` passed to the `poll_chunk` this call is part of; `data` is valid for the call.
+pub(crate) unsafe extern "C" fn chunk_push(sink: *mut c_void, data: FfiStr) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk; `data` lives for it.
         let sink = unsafe { &mut *(sink as *mut ChunkSink) };
@@ -202,7 +222,11 @@ pub unsafe extern "C" fn chunk_push(sink: *mut c_void, data: FfiStr) {
     }));
 }
 
-pub unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
+/// `HostApi::chunk_lend`: the next chunk of a response body, lent (no copy).
+///
+/// # Safety
+/// `sink` is the `ChunkSink` passed to the `poll_chunk` this call is part of; `chunk` stays valid until its `release` is called.
+pub(crate) unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk.
         let sink = unsafe { &mut *(sink as *mut ChunkSink) };
@@ -263,7 +287,7 @@ impl Release {
 }
 /// A response body, complete or streamed from the plugin, with the request's hold on its
 /// generation: the body is the last part of a request in flight.
-pub enum ResponseBody {
+pub(crate) enum ResponseBody {
     /// A complete body (or none), from the plugin or the host.
     Full { bytes: Option<Bytes>, in_flight: InFlight },
     Plugin(PluginBody),
@@ -271,12 +295,12 @@ pub enum ResponseBody {
 
 impl ResponseBody {
     /// A complete body, for an answer the host gives itself.
-    pub fn full(bytes: Bytes, in_flight: InFlight) -> ResponseBody {
+    pub(crate) fn full(bytes: Bytes, in_flight: InFlight) -> ResponseBody {
         ResponseBody::Full { bytes: Some(bytes), in_flight }
     }
 
     /// The generation the response comes from.
-    pub fn generation(&self) -> &Arc<Generation> {
+    pub(crate) fn generation(&self) -> &Arc<Generation> {
         match self {
             ResponseBody::Full { in_flight, .. } | ResponseBody::Plugin(PluginBody { in_flight, .. }) => in_flight.generation(),
         }
@@ -285,7 +309,7 @@ impl ResponseBody {
 
 /// Why a plugin's body stream ended early.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error("the response body panicked mid-stream")]
     Panicked,
     #[error("the response body failed mid-stream")]
@@ -294,7 +318,7 @@ pub enum BodyError {
 
 /// A streaming body produced by the plugin. Its `Drop` releases the plugin's state before
 /// the hold on the library (a field) goes.
-pub struct PluginBody {
+pub(crate) struct PluginBody {
     ffi: FfiBody,
     finished: bool,
     /// Keeps the library loaded while the state lives; lent chunks clone its generation.

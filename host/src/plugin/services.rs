@@ -15,12 +15,12 @@ use std::time::Duration;
 use handler_api::abi::{self, FfiJob, FfiPoll, FfiStr, FfiWaker};
 
 /// Host data behind [`HostApi::context`](handler_api::abi::HostApi::context): who is logging.
-pub struct PluginContext {
-    pub label: String,
+pub(crate) struct PluginContext {
+    pub(crate) label: String,
 }
 
 /// The host's most verbose enabled level, in the ABI's numbering.
-pub fn max_log_level() -> u32 {
+pub(crate) fn max_log_level() -> u32 {
     use tracing::level_filters::LevelFilter;
     match LevelFilter::current() {
         LevelFilter::OFF => 0,
@@ -32,7 +32,11 @@ pub fn max_log_level() -> u32 {
     }
 }
 
-pub unsafe extern "C" fn log(context: *const c_void, level: u32, target: FfiStr, message: FfiStr) {
+/// `HostApi::log`: a log record of the plugin, into the host's log.
+///
+/// # Safety
+/// `context` is the `PluginContext` of the table the plugin was given; `target` and `message` are valid for the call.
+pub(crate) unsafe extern "C" fn log(context: *const c_void, level: u32, target: FfiStr, message: FfiStr) {
     let _ = catch_unwind(|| {
         // SAFETY: `context` is the generation's PluginContext, alive as long as its table.
         let plugin = unsafe { &(*(context as *const PluginContext)).label };
@@ -48,7 +52,11 @@ pub unsafe extern "C" fn log(context: *const c_void, level: u32, target: FfiStr,
     });
 }
 
-pub unsafe extern "C" fn error_write(sink: *mut c_void, text: FfiStr) {
+/// `HostApi::error_write`: text for the error of `init` or `ready`.
+///
+/// # Safety
+/// `sink` is the error sink passed to that `init` or `ready` (a `String` of the host); `text` is valid for the call.
+pub(crate) unsafe extern "C" fn error_write(sink: *mut c_void, text: FfiStr) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: error sinks are always `&mut String` owned by the caller of init/ready.
         let sink = unsafe { &mut *(sink as *mut String) };
@@ -57,7 +65,11 @@ pub unsafe extern "C" fn error_write(sink: *mut c_void, text: FfiStr) {
     }));
 }
 
-pub unsafe extern "C" fn sleep_new(nanos: u64) -> *mut c_void {
+/// `HostApi::sleep_new`: a timer on the generation's runtime (null outside one).
+///
+/// # Safety
+/// None beyond the ABI's: any value of `nanos` is accepted.
+pub(crate) unsafe extern "C" fn sleep_new(nanos: u64) -> *mut c_void {
     catch_unwind(|| {
         if tokio::runtime::Handle::try_current().is_err() {
             return std::ptr::null_mut();
@@ -67,7 +79,11 @@ pub unsafe extern "C" fn sleep_new(nanos: u64) -> *mut c_void {
     .unwrap_or(std::ptr::null_mut())
 }
 
-pub unsafe extern "C" fn sleep_poll(sleep: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+/// `HostApi::sleep_poll`.
+///
+/// # Safety
+/// `sleep` is a live timer from `sleep_new`; `waker` is valid for the call.
+pub(crate) unsafe extern "C" fn sleep_poll(sleep: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
     catch_unwind(|| {
         // SAFETY: `sleep` is a live boxed Sleep from `sleep_new`; it never moves out of its
         // box until `sleep_drop`, so pinning it in place is sound.
@@ -82,7 +98,11 @@ pub unsafe extern "C" fn sleep_poll(sleep: *mut c_void, waker: *const FfiWaker) 
     .unwrap_or(FfiPoll::READY)
 }
 
-pub unsafe extern "C" fn sleep_drop(sleep: *mut c_void) {
+/// `HostApi::sleep_drop`.
+///
+/// # Safety
+/// `sleep` is a live timer from `sleep_new`, released exactly once.
+pub(crate) unsafe extern "C" fn sleep_drop(sleep: *mut c_void) {
     // SAFETY: released exactly once.
     let _ = catch_unwind(|| drop(unsafe { Box::from_raw(sleep as *mut tokio::time::Sleep) }));
 }
@@ -101,7 +121,11 @@ impl Drop for Job {
     }
 }
 
-pub unsafe extern "C" fn blocking_spawn(job: FfiJob) -> *mut c_void {
+/// `HostApi::blocking_spawn`: a job on the generation's blocking pool (null outside its runtime; the job is then released without running).
+///
+/// # Safety
+/// `job` follows `FfiJob`'s contract: `run` at most once, then `release` exactly once.
+pub(crate) unsafe extern "C" fn blocking_spawn(job: FfiJob) -> *mut c_void {
     let job = Job(job);
     catch_unwind(AssertUnwindSafe(move || {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -117,7 +141,11 @@ pub unsafe extern "C" fn blocking_spawn(job: FfiJob) -> *mut c_void {
     .unwrap_or(std::ptr::null_mut())
 }
 
-pub unsafe extern "C" fn blocking_poll(task: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+/// `HostApi::blocking_poll`.
+///
+/// # Safety
+/// `task` is a live handle from `blocking_spawn`; `waker` is valid for the call.
+pub(crate) unsafe extern "C" fn blocking_poll(task: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
     catch_unwind(|| {
         // SAFETY: `task` is a live boxed JoinHandle from `blocking_spawn`.
         let task = unsafe { &mut *(task as *mut tokio::task::JoinHandle<()>) };
@@ -132,7 +160,11 @@ pub unsafe extern "C" fn blocking_poll(task: *mut c_void, waker: *const FfiWaker
     .unwrap_or(FfiPoll::ERROR)
 }
 
-pub unsafe extern "C" fn blocking_drop(task: *mut c_void) {
+/// `HostApi::blocking_drop`.
+///
+/// # Safety
+/// `task` is a live handle from `blocking_spawn`, released exactly once.
+pub(crate) unsafe extern "C" fn blocking_drop(task: *mut c_void) {
     // SAFETY: released exactly once.
     let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
 }

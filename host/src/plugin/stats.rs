@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the latency histogram's buckets, in seconds.
-pub const BUCKETS: [f64; 16] =
+pub(crate) const BUCKETS: [f64; 16] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// The same bounds in nanoseconds, for the hot path.
 const BUCKET_NANOS: [u64; 16] = {
@@ -22,8 +22,8 @@ const BUCKET_NANOS: [u64; 16] = {
 };
 
 /// Counters are sharded by thread: requests served on different worker threads never write
-/// the same cache line (a shared counter bouncing between cores cost about a microsecond per
-/// request in the hello-world benchmark). A thread picks its shard once.
+/// the same cache line (a shared counter bouncing between cores costs more than the rest of
+/// the bookkeeping together; BENCHMARKS.md has the figures). A thread picks its shard once.
 const SHARDS: usize = 4;
 /// Distinct status codes counted per shard without a lock; further ones share a mutex.
 const SLOTS: usize = 8;
@@ -90,14 +90,14 @@ impl Shard {
 
 /// A snapshot of one status code's figures, also what retired generations are summed into.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct StatusTotals {
-    pub count: u64,
-    pub seconds: f64,
-    pub buckets: [u64; 17],
+pub(crate) struct StatusTotals {
+    pub(crate) count: u64,
+    pub(crate) seconds: f64,
+    pub(crate) buckets: [u64; 17],
 }
 
 impl StatusTotals {
-    pub fn add(&mut self, other: &StatusTotals) {
+    pub(crate) fn add(&mut self, other: &StatusTotals) {
         self.count += other.count;
         self.seconds += other.seconds;
         for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
@@ -108,7 +108,7 @@ impl StatusTotals {
 
 /// How a generation's unloading ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unloaded {
+pub(crate) enum Unloaded {
     /// Closed, and gone from `/proc/self/maps`.
     Unmapped,
     /// Closed, but still in `/proc/self/maps`: a bug to report.
@@ -120,7 +120,7 @@ pub enum Unloaded {
 /// Counters of one generation, shared by the generation, its requests and its history
 /// record (which outlives it).
 #[derive(Default)]
-pub struct GenerationStats {
+pub(crate) struct GenerationStats {
     shards: [Shard; SHARDS],
     /// Status codes beyond what the shards' slots hold (rare: a plugin using many codes).
     more: std::sync::Mutex<std::collections::BTreeMap<u16, StatusTotals>>,
@@ -134,7 +134,7 @@ impl GenerationStats {
     }
 
     /// Counts a request answered with `status` whose response head was ready after `elapsed`.
-    pub fn record(&self, status: u16, elapsed: Duration) {
+    pub(crate) fn record(&self, status: u16, elapsed: Duration) {
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let bucket = BUCKET_NANOS.iter().position(|&bound| nanos <= bound).unwrap_or(BUCKET_NANOS.len());
         match self.shard().slot(status) {
@@ -153,50 +153,50 @@ impl GenerationStats {
     }
 
     /// A request reached the generation; it is in flight until its response body ends.
-    pub fn request_started(&self) {
+    pub(crate) fn request_started(&self) {
         self.shard().in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn request_ended(&self) {
+    pub(crate) fn request_ended(&self) {
         self.shard().in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Requests (with their response bodies) in progress.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         let open: i64 = self.shards.iter().map(|s| s.in_flight.load(Ordering::Relaxed)).sum();
         usize::try_from(open).unwrap_or(0)
     }
 
-    pub fn stream_started(&self) {
+    pub(crate) fn stream_started(&self) {
         self.shard().streams.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn stream_ended(&self) {
+    pub(crate) fn stream_ended(&self) {
         self.shard().streams.fetch_sub(1, Ordering::Relaxed);
     }
 
-    pub fn sent(&self, bytes: usize) {
+    pub(crate) fn sent(&self, bytes: usize) {
         self.shard().bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Response bodies being sent now.
-    pub fn streams(&self) -> usize {
+    pub(crate) fn streams(&self) -> usize {
         let open: i64 = self.shards.iter().map(|s| s.streams.load(Ordering::Relaxed)).sum();
         usize::try_from(open).unwrap_or(0)
     }
 
     /// Response body bytes handed to the connection.
-    pub fn bytes_sent(&self) -> u64 {
+    pub(crate) fn bytes_sent(&self) -> u64 {
         self.shards.iter().map(|s| s.bytes_sent.load(Ordering::Relaxed)).sum()
     }
 
     /// Requests answered so far.
-    pub fn requests(&self) -> u64 {
+    pub(crate) fn requests(&self) -> u64 {
         self.by_status().map(|(_, totals)| totals.count).sum()
     }
 
     /// Per status code, what has been counted.
-    pub fn by_status(&self) -> impl Iterator<Item = (u16, StatusTotals)> {
+    pub(crate) fn by_status(&self) -> impl Iterator<Item = (u16, StatusTotals)> {
         let mut all = self.more.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         for shard in &self.shards {
             for (code, slot) in shard.codes.iter().zip(&shard.slots) {
@@ -209,12 +209,12 @@ impl GenerationStats {
         all.into_iter()
     }
 
-    pub fn set_unloaded(&self, how: Unloaded) {
+    pub(crate) fn set_unloaded(&self, how: Unloaded) {
         self.unloaded.store(how as u8 + 1, Ordering::Release);
     }
 
     /// How unloading ended, once it has.
-    pub fn unloaded(&self) -> Option<Unloaded> {
+    pub(crate) fn unloaded(&self) -> Option<Unloaded> {
         match self.unloaded.load(Ordering::Acquire) {
             1 => Some(Unloaded::Unmapped),
             2 => Some(Unloaded::StillMapped),

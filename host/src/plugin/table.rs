@@ -14,7 +14,7 @@ use crate::plugin::services::{
 };
 
 /// Builds the service table lent to one generation; `context` must outlive it.
-pub fn host_api(context: *const PluginContext, max_log_level: u32) -> HostApi {
+pub(crate) fn host_api(context: *const PluginContext, max_log_level: u32) -> HostApi {
     HostApi {
         abi_version: abi::ABI_VERSION,
         max_log_level,

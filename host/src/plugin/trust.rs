@@ -24,7 +24,7 @@ use crate::sys;
 /// Why a plugin file was not trusted.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum TrustError {
+pub(crate) enum TrustError {
     #[error(
         "{path}: the {what} is writable by {who} (mode {mode:04o}), so someone else could replace the plugin: \
          run `chmod go-w {path}`, or pass --insecure-plugin-dir to accept the risk"
@@ -48,13 +48,13 @@ pub enum TrustError {
 
 /// The host's rules for plugin files.
 #[derive(Debug, Clone, Default)]
-pub struct Trust {
+pub(crate) struct Trust {
     /// Load from insecure places anyway (with a warning).
-    pub insecure: bool,
+    pub(crate) insecure: bool,
     /// Only load plugins whose SHA-256 is listed in this file.
-    pub digests: Option<PathBuf>,
+    pub(crate) digests: Option<PathBuf>,
     /// Skip the ownership and mode checks: `hotswap dev` loads what it has just built itself.
-    pub own_build: bool,
+    pub(crate) own_build: bool,
 }
 
 impl Trust {
@@ -62,7 +62,7 @@ impl Trust {
     /// directory it really is in (`real_path`: symbolic links resolved) are writable only by
     /// this host's user or root. With `insecure`, a failed check is logged as a warning and
     /// the load goes on.
-    pub fn check_source(&self, plugin: &Path, file: &Metadata, real_path: Option<&Path>) -> Result<(), TrustError> {
+    pub(crate) fn check_source(&self, plugin: &Path, file: &Metadata, real_path: Option<&Path>) -> Result<(), TrustError> {
         if self.own_build {
             return Ok(());
         }
@@ -85,13 +85,13 @@ impl Trust {
     }
 
     /// Whether loads need the SHA-256 of the plugin.
-    pub fn wants_digest(&self) -> bool {
+    pub(crate) fn wants_digest(&self) -> bool {
         self.digests.is_some()
     }
 
     /// With a digest list, checks that `digest` (the SHA-256 of the plugin as it will be
     /// loaded, in hex) is on it.
-    pub fn check_digest(&self, plugin: &Path, digest: Option<&str>) -> Result<(), TrustError> {
+    pub(crate) fn check_digest(&self, plugin: &Path, digest: Option<&str>) -> Result<(), TrustError> {
         let Some(list) = &self.digests else { return Ok(()) };
         let digest = digest.unwrap_or_default();
         if trusted_digests(list)?.iter().any(|d| d == digest) {
@@ -149,7 +149,7 @@ fn trusted_digests(list: &Path) -> Result<Vec<String>, TrustError> {
 }
 
 /// Bytes in lowercase hex (as `sha256sum` prints a digest).
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut hex, b| {
         let _ = write!(hex, "{b:02x}");
         hex

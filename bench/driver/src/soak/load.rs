@@ -10,29 +10,29 @@ use crate::conn::Conn;
 use crate::swap::Swapper;
 
 /// How long a request may wait for the server, on any read or write.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Failure messages kept per thread (the count is always complete).
 const SAMPLES: usize = 5;
 
 /// A failure: when it happened (since the load started) and what it was.
-pub type Failure = (Duration, String);
+pub(crate) type Failure = (Duration, String);
 
 /// What one keep-alive client saw.
 #[derive(Debug, Default)]
-pub struct ClientStats {
-    pub requests: u64,
+pub(crate) struct ClientStats {
+    pub(crate) requests: u64,
     /// Answers per version, in the order the versions were given.
-    pub versions: [u64; 2],
-    pub failures: u64,
-    pub samples: Vec<Failure>,
+    pub(crate) versions: [u64; 2],
+    pub(crate) failures: u64,
+    pub(crate) samples: Vec<Failure>,
     /// Connections opened: 1 unless one broke.
-    pub connections: u64,
+    pub(crate) connections: u64,
 }
 
 impl ClientStats {
     /// Counts a failure, keeping its message if it is among the first few.
-    pub fn fail(&mut self, at: Duration, message: String) {
+    pub(crate) fn fail(&mut self, at: Duration, message: String) {
         self.failures += 1;
         if self.samples.len() < SAMPLES {
             self.samples.push((at, message));
@@ -42,7 +42,7 @@ impl ClientStats {
 
 /// One client: a single kept-alive connection, `GET /` in a loop; every answer must be a 200
 /// greeting from one of `versions`. A broken connection is a failure, then reopened.
-pub fn client(port: u16, versions: &[String; 2], stop: &AtomicBool, started: Instant) -> ClientStats {
+pub(crate) fn client(port: u16, versions: &[String; 2], stop: &AtomicBool, started: Instant) -> ClientStats {
     let mut stats = ClientStats::default();
     let mut conn: Option<Conn> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -77,13 +77,13 @@ pub fn client(port: u16, versions: &[String; 2], stop: &AtomicBool, started: Ins
 }
 
 /// The `version=` line of the example handler's greeting.
-pub fn version_in(greeting: &str) -> Option<&str> {
+pub(crate) fn version_in(greeting: &str) -> Option<&str> {
     greeting.lines().find_map(|l| l.strip_prefix("version=")).map(str::trim)
 }
 
 /// Renames the next build into the plugin directory every `every` until `stop`; counts the
 /// renames in `renames`. Returns the version of the last build renamed in.
-pub fn swaps(swapper: &mut Swapper, every: Duration, stop: &AtomicBool, renames: &AtomicU64) -> Result<String> {
+pub(crate) fn swaps(swapper: &mut Swapper, every: Duration, stop: &AtomicBool, renames: &AtomicU64) -> Result<String> {
     let started = Instant::now();
     let mut last = String::new();
     let mut n = 0u32;
@@ -102,7 +102,7 @@ pub fn swaps(swapper: &mut Swapper, every: Duration, stop: &AtomicBool, renames:
 }
 
 /// Sleeps until `due` in short steps, returning early once `stop` is set.
-pub fn sleep_until(due: Instant, stop: &AtomicBool) {
+pub(crate) fn sleep_until(due: Instant, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let left = due.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -114,19 +114,19 @@ pub fn sleep_until(due: Instant, stop: &AtomicBool) {
 
 /// One throttled download.
 #[derive(Debug, Clone)]
-pub struct Download {
-    pub received: u64,
+pub(crate) struct Download {
+    pub(crate) received: u64,
     /// Every byte as expected and all `size` of them.
-    pub exact: bool,
-    pub error: Option<String>,
-    pub elapsed: Duration,
+    pub(crate) exact: bool,
+    pub(crate) error: Option<String>,
+    pub(crate) elapsed: Duration,
     /// Renames into the plugin directory while it ran.
-    pub swaps: u64,
+    pub(crate) swaps: u64,
 }
 
 /// Throttled downloads of `size` bytes at `rate` bytes/s, one after another on one kept-alive
 /// connection: the first at once, each next one only if it should end before `deadline`.
-pub fn downloads(port: u16, size: u64, rate: u64, deadline: Instant, renames: &AtomicU64) -> Vec<Download> {
+pub(crate) fn downloads(port: u16, size: u64, rate: u64, deadline: Instant, renames: &AtomicU64) -> Vec<Download> {
     let expected = Duration::from_secs_f64(size as f64 / rate as f64);
     let path = format!("/download?size={size}&rate={rate}");
     let mut done: Vec<Download> = Vec::new();

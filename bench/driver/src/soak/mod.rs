@@ -39,7 +39,7 @@ use summary::{Census, Summary};
 /// Runs hotswap under keep-alive load, swaps and throttled downloads, then checks that
 /// nothing failed and nothing leaked.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The hotswap binary.
     #[arg(long)]
     hotswap: PathBuf,
@@ -82,7 +82,7 @@ const PRIME_SWAPS: u32 = 4;
 const SETTLE: Duration = Duration::from_secs(15);
 
 /// Runs the soak, prints its summary on stdout and fails naming every check that failed.
-pub fn main(args: Args) -> Result<()> {
+pub(crate) fn main(args: Args) -> Result<()> {
     ensure!(args.plugins.len() == 2 && args.versions.len() == 2, "give two plugins and two versions");
     ensure!(args.versions[0] != args.versions[1], "the two builds must answer with different versions");
     ensure!(args.clients > 0 && args.download_rate > 0 && args.swap_every_ms > 0, "clients, rate and swap interval must be positive");

@@ -7,56 +7,56 @@ use std::time::Duration;
 use super::load::{ClientStats, Download, Failure};
 
 /// Open file descriptors by kind (see [`crate::proc::fd_census`]).
-pub type Census = BTreeMap<String, usize>;
+pub(crate) type Census = BTreeMap<String, usize>;
 
 /// Everything a soak run measured.
 #[derive(Debug, Default)]
-pub struct Summary {
-    pub versions: [String; 2],
+pub(crate) struct Summary {
+    pub(crate) versions: [String; 2],
     /// How long the load ran.
-    pub elapsed: Duration,
-    pub swap_every: Duration,
-    pub download_size: u64,
-    pub download_rate: u64,
-    pub rss_limit_kib: u64,
-    pub clients: Vec<ClientStats>,
-    pub renames: u64,
-    pub swaps_logged: u64,
-    pub downloads: Vec<Download>,
+    pub(crate) elapsed: Duration,
+    pub(crate) swap_every: Duration,
+    pub(crate) download_size: u64,
+    pub(crate) download_rate: u64,
+    pub(crate) rss_limit_kib: u64,
+    pub(crate) clients: Vec<ClientStats>,
+    pub(crate) renames: u64,
+    pub(crate) swaps_logged: u64,
+    pub(crate) downloads: Vec<Download>,
     /// Host RSS after the warm-up, with the load running.
-    pub rss_warm_kib: u64,
+    pub(crate) rss_warm_kib: u64,
     /// Host RSS sampled through the rest of the load.
-    pub rss_during_kib: Vec<u64>,
+    pub(crate) rss_during_kib: Vec<u64>,
     /// Host RSS at the end: load stopped, old generations unloaded.
-    pub rss_end_kib: u64,
+    pub(crate) rss_end_kib: u64,
     /// Host fds with no client connected, after the first swaps and before the load.
-    pub fds_before: Census,
+    pub(crate) fds_before: Census,
     /// Host fds after the warm-up, with every client connected.
-    pub fds_during: usize,
+    pub(crate) fds_during: usize,
     /// Host fds at the end, every client gone.
-    pub fds_after: Census,
+    pub(crate) fds_after: Census,
     /// Plugin libraries mapped into the host at the end.
-    pub mapped_end: usize,
+    pub(crate) mapped_end: usize,
     /// Why the last build renamed in did not answer new requests at the end, if it did not.
-    pub unsettled: Option<String>,
+    pub(crate) unsettled: Option<String>,
     /// Warnings and errors in the host's log, if any.
-    pub log_problems: Option<String>,
+    pub(crate) log_problems: Option<String>,
 }
 
 /// One check: its name, whether it passed, and the figures behind it.
 #[derive(Debug)]
-pub struct Check {
-    pub name: &'static str,
-    pub ok: bool,
-    pub detail: String,
+pub(crate) struct Check {
+    pub(crate) name: &'static str,
+    pub(crate) ok: bool,
+    pub(crate) detail: String,
 }
 
 impl Summary {
-    pub fn requests(&self) -> u64 {
+    pub(crate) fn requests(&self) -> u64 {
         self.clients.iter().map(|c| c.requests).sum()
     }
 
-    pub fn failures(&self) -> u64 {
+    pub(crate) fn failures(&self) -> u64 {
         self.clients.iter().map(|c| c.failures).sum()
     }
 
@@ -86,7 +86,7 @@ impl Summary {
     }
 
     /// Every check, passed or not.
-    pub fn checks(&self) -> Vec<Check> {
+    pub(crate) fn checks(&self) -> Vec<Check> {
         let idle = self.clients.iter().filter(|c| c.requests == 0).count();
         let exact = self.downloads.iter().filter(|d| d.exact).count();
         let growth_kib = self.rss_end_kib.saturating_sub(self.rss_warm_kib);
@@ -139,7 +139,7 @@ impl Summary {
     }
 
     /// Names of the checks that failed.
-    pub fn failed(&self) -> Vec<&'static str> {
+    pub(crate) fn failed(&self) -> Vec<&'static str> {
         self.checks().into_iter().filter(|c| !c.ok).map(|c| c.name).collect()
     }
 }
