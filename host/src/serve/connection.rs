@@ -4,40 +4,26 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::latch::{Latch, Waiter};
 use crate::plugin::{thread_generation, Generation};
-use crate::serve::limits::{Activity, Expiry};
+use crate::serve::limits::Expiry;
 use crate::serve::respond::{PluginService, StreamExecutor};
-use crate::serve::Server;
+use crate::serve::state::{ConnState, OpenConnection, Shared};
 
-/// Per-connection state, shared by its task, its socket, its service and its executor.
-pub struct ConnState {
-    /// The generation whose runtime serves this connection now. Only the connection's own
-    /// task changes it ([`ConnTask::try_move`]), between polls of the hyper connection: so
-    /// within one poll, the service and the executor see the same generation.
-    pub generation: ArcSwap<Generation>,
-    /// For the header read and idle timeouts.
-    pub activity: Arc<Activity>,
-    pub max_body_size: u64,
-}
-
-pub type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The hyper connection, with graceful shutdown wired in; movable between runtimes.
-pub fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>, open: OpenConnection) -> ConnFuture {
+pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Shared>, open: OpenConnection) -> ConnFuture {
     Box::pin(async move {
         let _open = open;
         let mut io = io;
@@ -48,18 +34,18 @@ pub fn serve(io: MigratingStream, conn: Arc<ConnState>, server: Arc<Server>, ope
         if http2 {
             conn.activity.is_http2();
         }
-        let max_header_size = usize::try_from(server.limits.max_header_size).unwrap_or(usize::MAX);
+        let max_header_size = usize::try_from(shared.max_header_size).unwrap_or(usize::MAX);
         let service = PluginService { conn: conn.clone() };
         // Both answer a request head over the limit with 431 (h2: over the advertised header
         // list size).
         let result = if http2 {
             let mut builder = http2::Builder::new(StreamExecutor { conn });
             builder.max_header_list_size(u32::try_from(max_header_size).unwrap_or(u32::MAX));
-            drive(builder.serve_connection(TokioIo::new(io), service), &server.shutdown).await
+            drive(builder.serve_connection(TokioIo::new(io), service), &shared.shutdown).await
         } else {
             let mut builder = http1::Builder::new();
             builder.max_header_size(max_header_size);
-            drive(builder.serve_connection(TokioIo::new(io), service), &server.shutdown).await
+            drive(builder.serve_connection(TokioIo::new(io), service), &shared.shutdown).await
         };
         if let Err(e) = result {
             tracing::debug!("connection ended with an error: {e}");
@@ -105,35 +91,13 @@ async fn sniff_http2(io: &mut MigratingStream) -> io::Result<bool> {
     Ok(seen[..len] == *H2_PREFACE)
 }
 
-/// An open connection: counted for the drain at shutdown, and holding one of the
-/// `--max-connections` slots until it closes.
-pub struct OpenConnection {
-    server: Arc<Server>,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl OpenConnection {
-    pub fn new(server: &Arc<Server>, slot: OwnedSemaphorePermit) -> OpenConnection {
-        server.connections.fetch_add(1, Ordering::SeqCst);
-        OpenConnection { server: server.clone(), _slot: slot }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        if self.server.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.server.all_closed.notify_waiters();
-        }
-    }
-}
-
 /// Drives a connection on one generation's runtime until it ends, must be cut off (drain
 /// timeout), or can move to a newer generation.
-pub struct ConnTask {
+pub(crate) struct ConnTask {
     connection: Option<ConnFuture>,
     conn: Arc<ConnState>,
     generation: Arc<Generation>,
-    server: Arc<Server>,
+    shared: Arc<Shared>,
     /// Wake this task when its generation is superseded or aborted. They are polled only when
     /// the task's waker changes (in practice once); every poll reads the latches' flags.
     superseded: Waiter,
@@ -142,7 +106,7 @@ pub struct ConnTask {
 }
 
 impl ConnTask {
-    pub fn new(connection: ConnFuture, conn: Arc<ConnState>, server: Arc<Server>) -> ConnTask {
+    pub(crate) fn new(connection: ConnFuture, conn: Arc<ConnState>, shared: Arc<Shared>) -> ConnTask {
         let generation = conn.generation.load_full();
         ConnTask {
             connection: Some(connection),
@@ -151,7 +115,7 @@ impl ConnTask {
             registered: None,
             generation,
             conn,
-            server,
+            shared,
         }
     }
 
@@ -215,20 +179,20 @@ impl ConnTask {
         if !self.generation.superseded().is_raised() || self.conn.activity.http1_busy() {
             return false;
         }
-        let next = self.server.current.load();
+        let next = self.shared.current.load();
         if next.id() == self.generation.id() {
             return false;
         }
         let Some(connection) = self.connection.take() else { return false };
         self.conn.generation.store(next.clone());
-        next.handle().spawn(ConnTask::new(connection, self.conn.clone(), self.server.clone()));
+        next.handle().spawn(ConnTask::new(connection, self.conn.clone(), self.shared.clone()));
         true
     }
 }
 
 /// A TCP stream that re-registers with the reactor of whichever generation's runtime polls
 /// it, so its connection can move between runtimes.
-pub struct MigratingStream {
+pub(crate) struct MigratingStream {
     io: Option<TcpStream>,
     /// Bytes already read from the socket (by [`sniff_http2`]) to be read again first.
     replay: Bytes,
@@ -238,7 +202,7 @@ pub struct MigratingStream {
 }
 
 impl MigratingStream {
-    pub fn new(stream: std::net::TcpStream, conn: Arc<ConnState>) -> io::Result<MigratingStream> {
+    pub(crate) fn new(stream: std::net::TcpStream, conn: Arc<ConnState>) -> io::Result<MigratingStream> {
         let registered = conn.generation.load_full();
         Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), replay: Bytes::new(), registered, conn })
     }

@@ -33,17 +33,17 @@ use tokio_util::sync::CancellationToken;
 
 /// What one client may cost the server.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// How long an HTTP/1 client may take to send a request head.
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// How long a connection may sit idle.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// The largest request head accepted (431 beyond).
-    pub max_header_size: u64,
+    pub(crate) max_header_size: u64,
     /// The largest request body accepted (413 beyond).
-    pub max_body_size: u64,
+    pub(crate) max_body_size: u64,
     /// The most connections served at once.
-    pub max_connections: u64,
+    pub(crate) max_connections: u64,
 }
 
 /// Milliseconds since the process first asked (a vDSO clock read, no syscall).
@@ -58,14 +58,14 @@ const READING_HEAD: u64 = 1 << 63;
 
 /// Why a connection was closed by the sweeper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiry {
+pub(crate) enum Expiry {
     HeaderRead = 1,
     Idle = 2,
 }
 
 /// What one connection has been doing, as far as timeouts care.
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     /// `READING_HEAD` or not, plus a count of changes: a phase that begins, or activity that
     /// restarts the idle timer. The sweeper times the connection from when it sees a change.
     phase: AtomicU64,
@@ -93,7 +93,7 @@ impl Activity {
     }
 
     /// The connection speaks HTTP/2: from now on only the idle timeout applies.
-    pub fn is_http2(&self) {
+    pub(crate) fn is_http2(&self) {
         self.http2.store(true, Ordering::Relaxed);
         self.changed(false);
     }
@@ -108,12 +108,12 @@ impl Activity {
     /// Whether an HTTP/1 request is in progress: polled inline on the connection's task, it
     /// pins the connection to its generation until its response ends. (A connection speaks
     /// one protocol for its whole life.)
-    pub fn http1_busy(&self) -> bool {
+    pub(crate) fn http1_busy(&self) -> bool {
         !self.http2.load(Ordering::Relaxed) && self.requests.load(Ordering::Acquire) > 0
     }
 
     /// Bytes arrived from the client.
-    pub fn received(&self) {
+    pub(crate) fn received(&self) {
         if self.requests.load(Ordering::Relaxed) > 0 {
             return;
         }
@@ -128,14 +128,14 @@ impl Activity {
 
     /// Bytes went out to the client: hyper may still be writing a response whose body has
     /// already ended (and with it the request), to a client that reads slowly.
-    pub fn sent(&self) {
+    pub(crate) fn sent(&self) {
         if self.requests.load(Ordering::Relaxed) == 0 && self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
             self.changed(false);
         }
     }
 
     /// A request reached the plugin.
-    pub fn request_started(&self) {
+    pub(crate) fn request_started(&self) {
         self.requests.fetch_add(1, Ordering::AcqRel);
         // The head has arrived. Nothing to count: a request in progress never expires, and
         // `request_ended` counts a change.
@@ -146,7 +146,7 @@ impl Activity {
     }
 
     /// A request's response ended (or was dropped).
-    pub fn request_ended(&self) {
+    pub(crate) fn request_ended(&self) {
         // The change first: a sweeper that sees no request in progress sees it too.
         self.changed(false);
         self.requests.fetch_sub(1, Ordering::Release);
@@ -154,7 +154,7 @@ impl Activity {
 
     /// Takes what the sweeper found, if it still holds: `None` when nothing expired, or when
     /// a request has started since (the sweeper looks again later).
-    pub fn take_expiry(&self) -> Option<Expiry> {
+    pub(crate) fn take_expiry(&self) -> Option<Expiry> {
         // Every poll of the connection asks: a plain load, and a swap only when there is news.
         if self.expired.load(Ordering::Relaxed) == 0 {
             return None;
@@ -167,7 +167,7 @@ impl Activity {
     }
 
     /// Wake `waker` when the connection expires.
-    pub fn wake_on_expiry(&self, waker: &Waker) {
+    pub(crate) fn wake_on_expiry(&self, waker: &Waker) {
         *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
     }
 
@@ -205,19 +205,19 @@ struct Seen {
 }
 
 /// Watches every open connection's [`Activity`] and expires those past a timeout.
-pub struct Sweeper {
+pub(crate) struct Sweeper {
     header_read: Duration,
     idle: Duration,
     tracked: Mutex<Vec<(Weak<Activity>, Seen)>>,
 }
 
 impl Sweeper {
-    pub fn new(header_read: Duration, idle: Duration) -> Arc<Sweeper> {
+    pub(crate) fn new(header_read: Duration, idle: Duration) -> Arc<Sweeper> {
         Arc::new(Sweeper { header_read, idle, tracked: Mutex::new(Vec::new()) })
     }
 
     /// The activity record of a new connection, watched until it is dropped.
-    pub fn track(&self) -> Arc<Activity> {
+    pub(crate) fn track(&self) -> Arc<Activity> {
         let activity = Arc::new(Activity::new());
         let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now_ms() };
         self.tracked.lock().unwrap_or_else(PoisonError::into_inner).push((Arc::downgrade(&activity), seen));
@@ -225,7 +225,7 @@ impl Sweeper {
     }
 
     /// Runs on the host's runtime until `shutdown`, checking a few times per shortest timeout.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let period = (self.header_read.min(self.idle) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let (header_read, idle) = (self.header_read.as_millis() as u64, self.idle.as_millis() as u64);
         let mut ticks = tokio::time::interval(period);

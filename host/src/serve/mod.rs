@@ -33,60 +33,51 @@
 pub(crate) mod connection;
 pub(crate) mod limits;
 pub(crate) mod respond;
+pub(crate) mod state;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::latch::Latch;
 use crate::plugin::Current;
-use connection::{ConnState, ConnTask, MigratingStream, OpenConnection};
+use connection::{ConnTask, MigratingStream};
 pub(crate) use limits::Limits;
 use limits::Sweeper;
+use state::{ConnState, OpenConnection, Shared};
 
 /// State shared by the accept loop and every connection.
-pub struct Server {
-    current: Arc<Current>,
-    shutdown: Arc<Latch>,
+pub(crate) struct Server {
+    shared: Arc<Shared>,
     limits: Limits,
     sweeper: Arc<Sweeper>,
     /// One permit per connection that may be open at once.
     slots: Arc<Semaphore>,
-    connections: AtomicUsize,
-    all_closed: Notify,
 }
 
 impl Server {
     /// A server for the generation that is `current` at each new connection and request. The
     /// timeout sweeper runs on the calling runtime (the host's own) until `shutdown`.
-    pub fn new(current: Arc<Current>, limits: Limits, shutdown: Arc<Latch>) -> Arc<Server> {
+    pub(crate) fn new(current: Arc<Current>, limits: Limits, shutdown: Arc<Latch>) -> Arc<Server> {
         let sweeper = Sweeper::new(limits.header_read_timeout, limits.idle_timeout);
         tokio::spawn(sweeper.clone().run(shutdown.token().clone()));
         let max = usize::try_from(limits.max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max));
-        Arc::new(Server {
-            current,
-            shutdown,
-            limits,
-            sweeper,
-            slots,
-            connections: AtomicUsize::new(0),
-            all_closed: Notify::new(),
-        })
+        let shared = Arc::new(Shared::new(current, shutdown, limits.max_header_size));
+        Arc::new(Server { shared, limits, sweeper, slots })
     }
 
     /// Accepts connections until shutdown is requested. At `--max-connections`, it stops
     /// accepting until one closes: further clients wait in the listen backlog.
-    pub async fn accept_loop(self: &Arc<Self>, listener: TcpListener) {
+    pub(crate) async fn accept_loop(self: &Arc<Self>, listener: TcpListener) {
         loop {
             let slot = tokio::select! {
                 s = self.slots.clone().acquire_owned() => s,
-                () = self.shutdown.token().cancelled() => break,
+                () = self.shared.shutdown.token().cancelled() => break,
             };
             let Ok(slot) = slot else { break }; // the semaphore is never closed
             if self.slots.available_permits() == 0 {
@@ -94,7 +85,7 @@ impl Server {
             }
             let accepted = tokio::select! {
                 r = listener.accept() => r,
-                () = self.shutdown.token().cancelled() => break,
+                () = self.shared.shutdown.token().cancelled() => break,
             };
             match accepted {
                 Ok((stream, peer)) => self.hand_over(stream, peer, slot),
@@ -114,41 +105,32 @@ impl Server {
             Ok(s) => s,
             Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
         };
-        let generation = self.current.load();
+        let generation = self.shared.current.load();
         let conn = Arc::new(ConnState {
             generation: ArcSwap::new(generation.clone()),
             activity: self.sweeper.track(),
             max_body_size: self.limits.max_body_size,
         });
-        let open = OpenConnection::new(self, slot);
-        let server = self.clone();
+        let open = OpenConnection::new(&self.shared, slot);
+        let shared = self.shared.clone();
         generation.handle().spawn(async move {
             // Now on the generation's runtime: register the socket with its reactor.
             let io = match MigratingStream::new(std_stream, conn.clone()) {
                 Ok(io) => io,
                 Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
             };
-            let future = connection::serve(io, conn.clone(), server.clone(), open);
-            ConnTask::new(future, conn, server).await;
+            let future = connection::serve(io, conn.clone(), shared.clone(), open);
+            ConnTask::new(future, conn, shared).await;
         });
     }
 
     /// Waits until every connection has closed, or `timeout` passes; returns whether all did.
-    pub async fn drained(&self, timeout: Duration) -> bool {
-        let wait = async {
-            loop {
-                let notified = self.all_closed.notified();
-                if self.connections.load(Ordering::SeqCst) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.is_ok()
+    pub(crate) async fn drained(&self, timeout: Duration) -> bool {
+        self.shared.drained(timeout).await
     }
 
     /// Open connections.
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
+    pub(crate) fn connections(&self) -> usize {
+        self.shared.connections()
     }
 }

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::plugin::request::{CallError, CallFailed, PluginCall};
 use crate::plugin::response::{BodyError, ResponseBody};
 use crate::plugin::{thread_generation, Generation, InFlight};
-use crate::serve::connection::ConnState;
+use crate::serve::state::ConnState;
 
 tokio::task_local! {
     /// The generation an HTTP/2 stream's task was spawned for, on that generation's runtime.
@@ -30,8 +30,8 @@ tokio::task_local! {
 /// Spawns hyper's HTTP/2 stream tasks on the runtime of the generation serving the
 /// connection, handing each its generation; cut off if that generation's drain times out.
 #[derive(Clone)]
-pub struct StreamExecutor {
-    pub conn: Arc<ConnState>,
+pub(crate) struct StreamExecutor {
+    pub(crate) conn: Arc<ConnState>,
 }
 
 impl<F> hyper::rt::Executor<F> for StreamExecutor
@@ -56,8 +56,8 @@ where
 
 /// Routes each request to the plugin of the connection's generation.
 #[derive(Clone)]
-pub struct PluginService {
-    pub conn: Arc<ConnState>,
+pub(crate) struct PluginService {
+    pub(crate) conn: Arc<ConnState>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for PluginService {
@@ -83,7 +83,7 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
 ///
 /// A named future rather than an `async fn`'s: hyper keeps it in place, where a boxed one
 /// would cost an allocation per request.
-pub enum Respond {
+pub(crate) enum Respond {
     /// An HTTP/2 request, handed to the plugin at the first poll, on the stream's task.
     Starting(Option<(Request<Incoming>, ConnRequest)>),
     Calling(Calling),
@@ -92,7 +92,7 @@ pub enum Respond {
 }
 
 /// A request in the plugin's hands: everything it holds, and what its log line needs.
-pub struct Calling {
+pub(crate) struct Calling {
     /// The plugin's future, with the request's hold on its generation.
     call: PluginCall,
     conn: ConnRequest,
@@ -207,7 +207,7 @@ fn error_response(status: StatusCode, in_flight: InFlight, conn: ConnRequest, st
 
 /// A request's place on its connection, from routing until its response body is dropped:
 /// the connection's timeouts and moves wait for it.
-pub struct ConnRequest {
+pub(crate) struct ConnRequest {
     state: Arc<ConnState>,
     h1: bool,
 }
@@ -226,7 +226,7 @@ impl Drop for ConnRequest {
 }
 
 /// A response body as hyper sends it: counted in its generation's figures.
-pub struct HostBody {
+pub(crate) struct HostBody {
     /// Holds the request's generation until it ends.
     body: ResponseBody,
     _conn: ConnRequest,

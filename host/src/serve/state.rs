@@ -1,0 +1,82 @@
+//! What connections share: with the server ([`Shared`]), and among the parts of one
+//! connection ([`ConnState`]).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use crate::latch::Latch;
+use crate::plugin::{Current, Generation};
+use crate::serve::limits::Activity;
+
+/// What the server shares with every connection.
+pub(crate) struct Shared {
+    /// The generation new connections go to, and connections move to.
+    pub(crate) current: Arc<Current>,
+    pub(crate) shutdown: Arc<Latch>,
+    pub(crate) max_header_size: u64,
+    connections: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(current: Arc<Current>, shutdown: Arc<Latch>, max_header_size: u64) -> Shared {
+        Shared { current, shutdown, max_header_size, connections: AtomicUsize::new(0), all_closed: Notify::new() }
+    }
+
+    /// Waits until every connection has closed, or `timeout` passes; returns whether all did.
+    pub(crate) async fn drained(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.all_closed.notified();
+                if self.connections.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    /// Open connections.
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// Per-connection state, shared by its task, its socket, its service and its executor.
+pub(crate) struct ConnState {
+    /// The generation whose runtime serves this connection now. Only the connection's own
+    /// task changes it (`ConnTask::try_move`), between polls of the hyper connection: so
+    /// within one poll, the service and the executor see the same generation.
+    pub(crate) generation: ArcSwap<Generation>,
+    /// For the header read and idle timeouts.
+    pub(crate) activity: Arc<Activity>,
+    pub(crate) max_body_size: u64,
+}
+
+/// An open connection: counted for the drain at shutdown, and holding one of the
+/// `--max-connections` slots until it closes.
+pub(crate) struct OpenConnection {
+    shared: Arc<Shared>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    pub(crate) fn new(shared: &Arc<Shared>, slot: OwnedSemaphorePermit) -> OpenConnection {
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        OpenConnection { shared: shared.clone(), _slot: slot }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.shared.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.all_closed.notify_waiters();
+        }
+    }
+}
+
