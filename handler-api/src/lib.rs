@@ -52,6 +52,13 @@
 //! Use `tracing` as usual: events reach the host's log tagged with the plugin's name and
 //! version.
 //!
+//! # Testing
+//!
+//! A handler is a plain async function: call it in a unit test with a `Request` you build.
+//! The host's services ([`sleep`], [`spawn_blocking`]) need a host, though; with the
+//! `testing` feature, `handler_api::testing::install()` provides one in-process, on the
+//! test's tokio runtime.
+//!
 //! # Under the hood
 //!
 //! Only `extern "C"` functions and `#[repr(C)]` data (module [`abi`]) cross between plugin and
@@ -68,6 +75,8 @@ pub mod export;
 mod log;
 mod response;
 mod services;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -137,16 +146,20 @@ where
     }
 }
 
-/// The host's table of services, set by `init`.
+/// The host's table of services, set by `init` (or, in-process, by `testing::install`).
 static HOST: AtomicPtr<abi::HostApi> = AtomicPtr::new(std::ptr::null_mut());
 
 fn try_host() -> Option<&'static abi::HostApi> {
     let ptr = HOST.load(Ordering::Acquire);
-    // SAFETY: set once by `init` to a table the host keeps valid until after `shutdown`.
+    // SAFETY: set by `init` to a table the host keeps valid until after `shutdown`, or by
+    // `testing::install` to a `static`.
     (!ptr.is_null()).then(|| unsafe { &*ptr })
 }
 
 #[track_caller]
 fn host() -> &'static abi::HostApi {
-    try_host().expect("handler-api used outside a plugin loaded by the hotswap host")
+    try_host().expect(
+        "handler-api used outside a plugin loaded by the hotswap host \
+         (in-process, call handler_api::testing::install first: feature `testing`)",
+    )
 }

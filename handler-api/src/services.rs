@@ -27,7 +27,9 @@ use crate::host;
 /// ```
 ///
 /// # Panics
-/// When polled outside a request of a plugin loaded by hotswap (in a unit test, say).
+/// When polled outside a request of a plugin loaded by hotswap (in a unit test, say), unless
+/// `handler_api::testing::install` (feature `testing`) has run and a tokio runtime with a
+/// timer is current.
 pub fn sleep(duration: Duration) -> Sleep {
     Sleep { duration, handle: std::ptr::null_mut() }
 }

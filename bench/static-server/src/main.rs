@@ -7,23 +7,21 @@
 //! hyper-util's auto builder (HTTP/1.1 keep-alive, HTTP/2 prior knowledge) and TCP_NODELAY.
 //! Any difference between the two servers is therefore what the plugin design costs.
 //!
-//! Why it installs the host's service table: the handler still uses handler-api services
-//! (`handler_api::sleep` for throttled downloads). These look up the table a plugin is given
-//! in `init`. Linked as an rlib, the handler shares this process's handler-api. So at startup
-//! the real host table (`hotswap::bridge::host_api`) is installed by calling the declaration's
-//! `init` once, on a thread of the serving runtime as hotswap does. From then on, requests
-//! never cross the C ABI: `example_handler::app` is called as an ordinary Rust function.
+//! The handler still uses handler-api's services (`handler_api::sleep` for throttled
+//! downloads), which a plugin gets from the host's table in `init`. Linked as an rlib, the
+//! handler shares this process's handler-api, so at startup `handler_api::testing::install`
+//! gives it an in-process table instead: timers and blocking work on the tokio runtime that
+//! polls the request, as in hotswap. The handler's `tracing` events come straight to this
+//! process's subscriber. Requests never cross the C ABI: `example_handler::app` is called as an
+//! ordinary Rust function.
 
 use std::convert::Infallible;
-use std::ffi::c_void;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use handler_api::abi::{FfiPoll, HostApi};
 use handler_api::Body;
-use hotswap::bridge::{self, PluginContext};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -51,8 +49,6 @@ struct Args {
 
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    // Installed before the handler's `init`. Its own attempt to install a global subscriber
-    // (meant for a separate cdylib) then fails, so its events come straight here.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
@@ -64,37 +60,14 @@ fn main() -> Result<(), BoxError> {
         .enable_all()
         .build()?;
     let accepting = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    handler_api::testing::install();
     accepting.block_on(async {
-        install_host_table(serving.handle()).await?;
         let listener = TcpListener::bind(args.listen).await?;
         tracing::info!(workers, "listening on http://{}", listener.local_addr()?);
         accept_loop(listener, serving.handle()).await
     })?;
     serving.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("shut down");
-    Ok(())
-}
-
-/// Gives handler-api the host's service table, through the handler's `init`, as hotswap does
-/// for a freshly loaded plugin.
-async fn install_host_table(serving: &Handle) -> Result<(), BoxError> {
-    let label = format!("{}@{} (static)", example_handler::NAME, example_handler::VERSION);
-    let context: &'static PluginContext = Box::leak(Box::new(PluginContext { label }));
-    let api: &'static HostApi = Box::leak(Box::new(bridge::host_api(context, bridge::max_log_level())));
-    let (outcome, reason) = serving
-        .spawn_blocking(move || {
-            let mut reason = String::new();
-            let init = example_handler::hotswap_plugin_declaration.init;
-            // SAFETY: `api` and the context it points to are leaked, so they stay valid for the
-            // rest of the process (`shutdown` is never called). The sink is a live `String`,
-            // which is what the host's `error_write` expects.
-            let outcome = unsafe { init(api, &mut reason as *mut String as *mut c_void) };
-            (outcome, reason)
-        })
-        .await?;
-    if outcome != FfiPoll::READY {
-        return Err(format!("the example handler's init failed: {reason}").into());
-    }
     Ok(())
 }
 

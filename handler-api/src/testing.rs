@@ -1,0 +1,453 @@
+//! Run a handler in-process, without hotswap: in unit tests, or in a server of your own.
+//!
+//! Inside hotswap, [`sleep`](crate::sleep), [`spawn_blocking`](crate::spawn_blocking) and the
+//! log are services the host lends the plugin through a table ([`HostApi`]) that it hands to
+//! the plugin's `init`. A handler called as a plain Rust function has no host, and those
+//! services panic. [`install`] gives handler-api an in-process table instead, implemented with
+//! tokio: timers and blocking work run on the tokio runtime the handler is polled on.
+//!
+//! Available with the `testing` feature, usually as a dev-dependency:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! handler-api = { path = "../handler-api", features = ["testing"] }
+//! tokio = { version = "1", features = ["rt", "time"] }
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use handler_api::{Body, IntoResponse, Request, Response};
+//!
+//! async fn slow(_req: Request) -> Response {
+//!     handler_api::sleep(Duration::from_millis(5)).await;
+//!     let len = handler_api::spawn_blocking(|| "computed".len()).await.unwrap();
+//!     format!("{len}\n").into_response()
+//! }
+//!
+//! handler_api::testing::install();
+//! let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+//! let res = runtime.block_on(slow(Request::new(Body::empty())));
+//! assert_eq!(res.status(), 200);
+//! ```
+//!
+//! # What it covers
+//!
+//! - **Timers and blocking work** need a tokio runtime: poll the handler inside one (as
+//!   `block_on`, `#[tokio::test]` or a hyper server do), with its time driver enabled
+//!   (`enable_time` or `enable_all`). Outside a runtime, `sleep` panics and `spawn_blocking`
+//!   fails with a [`BlockingError`](crate::BlockingError), as they do outside hotswap.
+//! - **Logging**: called in-process, the handler shares the process's `tracing`, so its events
+//!   go straight to whatever subscriber the process (or the test) has installed. What
+//!   handler-api itself writes to the host's log goes to that subscriber too, with target
+//!   `handler_api`.
+//! - **Not the C ABI.** Nothing crosses it in-process: the handler is an `async fn` called
+//!   directly. The table's functions that serve calls through the declaration that
+//!   [`export_handler!`](crate::export_handler) generates (request body chunks, the
+//!   `response_*` and `chunk_*` callbacks) are stubs that fail with [`FfiPoll::ERROR`], or
+//!   only release what they are handed. Do not drive the declaration's `handle` with this
+//!   table; nor does [`install`] run the declaration's `init` (or your `init` hook: call it
+//!   yourself if the handler needs it).
+//!
+//! The table stays installed for the rest of the process.
+
+use std::ffi::c_void;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::ptr;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::abi::{self, FfiBody, FfiJob, FfiLent, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
+use crate::HOST;
+
+/// Installs the in-process host, so that handler-api's services work when a handler is called
+/// as plain Rust.
+///
+/// Safe to call any number of times, from any thread: the first call installs the table, the
+/// others find it there. If handler-api already has a host (the plugin was loaded by
+/// hotswap), that host stays: its services are the ones that work in its process.
+///
+/// # Example
+///
+/// ```
+/// handler_api::testing::install();
+/// handler_api::testing::install(); // does nothing more
+/// ```
+pub fn install() {
+    // Only ever read through a shared reference (`crate::host`), never written through.
+    let table = &TABLE as *const HostApi as *mut HostApi;
+    let _ = HOST.compare_exchange(ptr::null_mut(), table, Ordering::AcqRel, Ordering::Acquire);
+}
+
+/// The in-process table. It has no per-plugin data, so `context` is null.
+static TABLE: HostApi = HostApi {
+    abi_version: ABI_VERSION,
+    // Everything: the process's own subscriber filters.
+    max_log_level: 5,
+    context: ptr::null(),
+    log,
+    error_write,
+    body_poll,
+    body_drop,
+    response_set_status,
+    response_append_header,
+    response_set_full_body,
+    response_set_stream_body,
+    chunk_push,
+    chunk_lend,
+    sleep_new,
+    sleep_poll,
+    sleep_drop,
+    blocking_spawn,
+    blocking_poll,
+    blocking_drop,
+};
+
+// Every function below is called through the table, as `extern "C"`: none may unwind (a panic
+// escaping one aborts the process), so each that calls into tokio, `tracing` or allocates runs
+// inside `catch_unwind`.
+
+/// Records a log event of handler-api in the process's `tracing` dispatcher.
+///
+/// # Safety
+/// `target` and `message` must be valid for this call.
+unsafe extern "C" fn log(_context: *const c_void, level: u32, target: FfiStr, message: FfiStr) {
+    let _ = catch_unwind(|| {
+        // SAFETY: the caller keeps both strings valid for this call.
+        let (target, message) = unsafe { (target.to_string_lossy(), message.to_string_lossy()) };
+        match level {
+            1 => tracing::error!(target: "handler_api", %target, "{message}"),
+            2 => tracing::warn!(target: "handler_api", %target, "{message}"),
+            3 => tracing::info!(target: "handler_api", %target, "{message}"),
+            4 => tracing::debug!(target: "handler_api", %target, "{message}"),
+            _ => tracing::trace!(target: "handler_api", %target, "{message}"),
+        }
+    });
+}
+
+/// Appends `text` to an error sink.
+///
+/// # Safety
+/// `sink` must point at a `String` that nothing else uses during this call, and `text` must
+/// be valid for this call.
+unsafe extern "C" fn error_write(sink: *mut c_void, text: FfiStr) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the caller passes a `String` it lends us exclusively for this call.
+        let sink = unsafe { &mut *(sink as *mut String) };
+        // SAFETY: the caller keeps `text` valid for this call.
+        sink.push_str(&unsafe { text.to_string_lossy() });
+    }));
+}
+
+/// Stub: there are no host request bodies in-process (a handler called directly gets a
+/// [`Body`](crate::Body) it was given, never a host handle).
+extern "C" fn body_poll(_body: *mut c_void, _waker: *const FfiWaker, _chunk: *mut FfiStr) -> FfiPoll {
+    FfiPoll::ERROR
+}
+
+/// Stub: see [`body_poll`]; there is nothing to release.
+extern "C" fn body_drop(_body: *mut c_void) {}
+
+/// Stub: responses are not described through the table in-process.
+extern "C" fn response_set_status(_response: *mut c_void, _status: u16) -> FfiPoll {
+    FfiPoll::ERROR
+}
+
+/// Stub: see [`response_set_status`].
+extern "C" fn response_append_header(_response: *mut c_void, _name: FfiStr, _value: FfiStr) -> FfiPoll {
+    FfiPoll::ERROR
+}
+
+/// Stub: see [`response_set_status`]; the body is ignored.
+extern "C" fn response_set_full_body(_response: *mut c_void, _body: FfiStr) {}
+
+/// Stub: see [`response_set_status`]; the body is dropped at once, as the ABI requires of the
+/// side it is handed to.
+///
+/// # Safety
+/// `body` must be a live body that nothing else drops.
+unsafe extern "C" fn response_set_stream_body(_response: *mut c_void, body: FfiBody) {
+    // SAFETY: the caller hands `body` over; this is its one drop. `drop` is `extern "C"` and
+    // so cannot unwind into this function.
+    unsafe { (body.drop)(body.state) };
+}
+
+/// Stub: see [`response_set_status`]; the chunk is ignored.
+extern "C" fn chunk_push(_sink: *mut c_void, _data: FfiStr) {}
+
+/// Stub: see [`response_set_status`]; the chunk is released at once, as the ABI requires of
+/// the side it is lent to.
+///
+/// # Safety
+/// `chunk` must be a live lent chunk that nothing else releases.
+unsafe extern "C" fn chunk_lend(_sink: *mut c_void, chunk: FfiLent) {
+    // SAFETY: the caller lends `chunk` to us; this is its one release. `release` is
+    // `extern "C"` and so cannot unwind into this function.
+    unsafe { (chunk.release)(chunk.state) };
+}
+
+/// Starts a tokio timer on the current runtime; null outside a runtime (or one without a time
+/// driver).
+extern "C" fn sleep_new(nanos: u64) -> *mut c_void {
+    catch_unwind(|| {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return ptr::null_mut();
+        }
+        // Boxed so that it never moves: `sleep_poll` pins it in place.
+        Box::into_raw(Box::new(tokio::time::sleep(Duration::from_nanos(nanos)))) as *mut c_void
+    })
+    .unwrap_or(ptr::null_mut())
+}
+
+/// Polls a timer from [`sleep_new`].
+///
+/// # Safety
+/// `sleep` must come from [`sleep_new`], not yet dropped, and not be polled concurrently;
+/// `waker` must be valid for this call.
+unsafe extern "C" fn sleep_poll(sleep: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+    catch_unwind(|| {
+        // SAFETY: `sleep` is a live boxed `Sleep` from `sleep_new`, ours alone during this call;
+        // it never moves out of its box until `sleep_drop`, so pinning it in place is sound.
+        let sleep = unsafe { Pin::new_unchecked(&mut *(sleep as *mut tokio::time::Sleep)) };
+        // SAFETY: the caller keeps `waker` valid for this call.
+        let waker = unsafe { abi::waker::borrow(waker) };
+        match sleep.poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(()) => FfiPoll::READY,
+            Poll::Pending => FfiPoll::PENDING,
+        }
+    })
+    .unwrap_or(FfiPoll::READY)
+}
+
+/// Releases a timer from [`sleep_new`].
+///
+/// # Safety
+/// `sleep` must come from [`sleep_new`] and not be used again.
+unsafe extern "C" fn sleep_drop(sleep: *mut c_void) {
+    // SAFETY: a box from `sleep_new`, released exactly once (the caller's promise).
+    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(sleep as *mut tokio::time::Sleep) }));
+}
+
+/// A job handed over through [`blocking_spawn`]; its `release` runs when this is dropped,
+/// whether or not the job ran.
+struct Job(FfiJob);
+
+// SAFETY: handler-api only builds jobs from `Send` closures and results (`spawn_blocking`'s
+// bounds), and `FfiJob`'s contract allows `run` and `release` on any thread.
+unsafe impl Send for Job {}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // SAFETY: FfiJob's contract: release exactly once, after `run` if it ran. A `Job` is
+        // dropped once, and `run` (in `blocking_spawn`) takes it by reference before that.
+        unsafe { (self.0.release)(self.0.state) };
+    }
+}
+
+/// Runs `job` on the current runtime's blocking pool; null outside a runtime (the job is then
+/// released without running).
+///
+/// # Safety
+/// `job` must uphold [`FfiJob`]'s contract: `run` and `release` callable once each, from any
+/// thread.
+unsafe extern "C" fn blocking_spawn(job: FfiJob) -> *mut c_void {
+    let job = Job(job);
+    catch_unwind(AssertUnwindSafe(move || {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return ptr::null_mut(); // `job` drops here: released without running
+        };
+        let task = runtime.spawn_blocking(move || {
+            let job = job; // capture the whole `Job` (Send), not its raw fields
+            // SAFETY: run at most once, before `release` (which runs when `job` drops).
+            unsafe { (job.0.run)(job.0.state) };
+        });
+        Box::into_raw(Box::new(task)) as *mut c_void
+    }))
+    .unwrap_or(ptr::null_mut())
+}
+
+/// Polls a task from [`blocking_spawn`]: `READY` once the job's `run` has returned.
+///
+/// # Safety
+/// `task` must come from [`blocking_spawn`], not yet dropped, and not be polled concurrently;
+/// `waker` must be valid for this call.
+unsafe extern "C" fn blocking_poll(task: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+    catch_unwind(|| {
+        // SAFETY: `task` is a live boxed `JoinHandle` from `blocking_spawn`, ours alone during
+        // this call.
+        let task = unsafe { &mut *(task as *mut tokio::task::JoinHandle<()>) };
+        // SAFETY: the caller keeps `waker` valid for this call.
+        let waker = unsafe { abi::waker::borrow(waker) };
+        match Pin::new(task).poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(Ok(())) => FfiPoll::READY,
+            Poll::Ready(Err(_)) => FfiPoll::ERROR,
+            Poll::Pending => FfiPoll::PENDING,
+        }
+    })
+    .unwrap_or(FfiPoll::ERROR)
+}
+
+/// Forgets a task from [`blocking_spawn`]; the job itself runs to completion.
+///
+/// # Safety
+/// `task` must come from [`blocking_spawn`] and not be used again.
+unsafe extern "C" fn blocking_drop(task: *mut c_void) {
+    // SAFETY: a box from `blocking_spawn`, released exactly once (the caller's promise).
+    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use tracing_core::field::{Field, Visit};
+    use tracing_core::span::{Attributes, Id, Record};
+    use tracing_core::{Event, Metadata, Subscriber};
+
+    use super::*;
+
+    /// A current-thread runtime with a timer, as a `#[tokio::test]` would run.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
+    }
+
+    /// Runs `future` on a fresh runtime, failing the test instead of hanging if a waker is lost.
+    fn run<F: Future>(future: F) -> F::Output {
+        install();
+        runtime().block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), future).await.expect("timed out: a wake-up was lost")
+        })
+    }
+
+    #[test]
+    fn install_is_idempotent() {
+        install();
+        let first = HOST.load(Ordering::Acquire);
+        install();
+        install();
+        assert_eq!(HOST.load(Ordering::Acquire), first);
+        assert!(ptr::eq(crate::host(), &TABLE));
+    }
+
+    #[test]
+    fn sleep_waits_on_tokio_timer() {
+        let started = Instant::now();
+        run(crate::sleep(Duration::from_millis(30)));
+        assert!(started.elapsed() >= Duration::from_millis(30), "woke after {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn sleeps_run_concurrently() {
+        let started = Instant::now();
+        run(async {
+            let a = crate::sleep(Duration::from_millis(50));
+            let b = crate::sleep(Duration::from_millis(50));
+            futures_util::future::join(a, b).await;
+        });
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(50) && elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    }
+
+    #[test]
+    fn spawn_blocking_runs_on_another_thread() {
+        let caller = std::thread::current().id();
+        let job = || {
+            std::thread::sleep(Duration::from_millis(20));
+            (42, std::thread::current().id())
+        };
+        let (value, thread) = run(async { crate::spawn_blocking(job).await }).unwrap();
+        assert_eq!(value, 42);
+        assert_ne!(thread, caller, "the job ran on the runtime's thread, blocking it");
+    }
+
+    #[test]
+    fn spawn_blocking_reports_a_panic() {
+        let result = run(async { crate::spawn_blocking(|| -> u32 { panic!("job failed on purpose") }).await });
+        assert_eq!(result.unwrap_err().to_string(), "the blocking job panicked");
+    }
+
+    #[test]
+    fn spawn_blocking_outside_a_runtime_fails() {
+        install();
+        let result = futures_util::FutureExt::now_or_never(crate::spawn_blocking(|| 1));
+        let error = result.expect("answers at once").unwrap_err();
+        assert_eq!(error.to_string(), "the host could not run the blocking job");
+    }
+
+    #[test]
+    fn dropped_job_handle_still_runs_the_job() {
+        let (sent, received) = std::sync::mpsc::channel();
+        run(async move {
+            drop(crate::spawn_blocking(move || sent.send(()).unwrap()));
+            let waited = crate::spawn_blocking(move || received.recv_timeout(Duration::from_secs(5))).await;
+            waited.unwrap().expect("the job whose handle was dropped did not run");
+        });
+    }
+
+    /// Records the events it sees as `target message`.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl Subscriber for Recorder {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            struct Text(String);
+            impl Visit for Text {
+                fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                    use std::fmt::Write as _;
+                    let _ = write!(self.0, " {}={value:?}", field.name());
+                }
+            }
+            let mut text = Text(format!("{} {}", event.metadata().level(), event.metadata().target()));
+            event.record(&mut text);
+            self.0.lock().unwrap().push(text.0);
+        }
+    }
+
+    #[test]
+    fn log_reaches_the_process_subscriber() {
+        install();
+        let recorder = Recorder::default();
+        tracing::subscriber::with_default(recorder.clone(), || {
+            crate::log::emit(crate::host(), 2, "handler_api::body", "response body failed: boom");
+        });
+        let events = recorder.0.lock().unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].starts_with("WARN handler_api"), "{events:?}");
+        assert!(events[0].contains("target=handler_api::body"), "{events:?}");
+        assert!(events[0].contains("response body failed: boom"), "{events:?}");
+    }
+
+    #[test]
+    fn error_write_appends_to_a_string() {
+        let mut sink = String::from("init failed: ");
+        // SAFETY: `sink` is a live `String`, lent for the call; the text outlives it.
+        unsafe { (TABLE.error_write)(&mut sink as *mut String as *mut c_void, FfiStr::new(b"no database")) };
+        assert_eq!(sink, "init failed: no database");
+    }
+
+    #[test]
+    fn abi_callbacks_report_an_error() {
+        // SAFETY: the stubs dereference nothing.
+        let status = unsafe { (TABLE.response_set_status)(ptr::null_mut(), 200) };
+        assert_eq!(status, FfiPoll::ERROR);
+        let mut chunk = FfiStr::EMPTY;
+        // SAFETY: as above.
+        let polled = unsafe { (TABLE.body_poll)(ptr::null_mut(), ptr::null(), &mut chunk) };
+        assert_eq!(polled, FfiPoll::ERROR);
+    }
+}
