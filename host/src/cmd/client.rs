@@ -10,14 +10,15 @@ use comfy_table::{presets, Table};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::control::admin::{self, AdminAddr};
 use crate::cmd::cli::AdminCommand;
+use crate::control::admin::api::{self, Brief, Outcome};
+use crate::control::admin::{self, AdminAddr};
 
 /// Runs one admin command.
-pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
+pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
     let args = command.client().clone();
     let addr = args.admin.unwrap_or_default();
     let token = args.admin_token_file.as_deref().map(admin::read_token).transpose()?;
@@ -25,23 +26,23 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Status(_) => (Method::GET, "/status", None),
         AdminCommand::Reload(_) => (Method::POST, "/reload", None),
         AdminCommand::Rollback(_) => (Method::POST, "/rollback", None),
-        AdminCommand::Pin { version, .. } => (Method::POST, "/pin", Some(json!({ "version": version }))),
+        AdminCommand::Pin { version, .. } => {
+            let pin = api::PinRequest { version: version.clone() };
+            (Method::POST, "/pin", Some(Bytes::from(serde_json::to_vec(&pin)?)))
+        }
         AdminCommand::Unpin(_) => (Method::DELETE, "/pin", None),
     };
     let (status, answer) = call(&addr, token.as_deref(), method, path, body).await?;
-    let value: Value = serde_json::from_slice(&answer)
-        .with_context(|| format!("the admin API at {addr} answered {status} with something that is not JSON"))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    }
-    if let Some(message) = value.get("error").and_then(Value::as_str) {
-        bail!("{message} ({status})");
-    }
     match command {
-        AdminCommand::Status(_) if !args.json => print!("{}", status_text(&value)),
-        AdminCommand::Status(_) => {}
+        AdminCommand::Status(_) => {
+            let document: api::Status = read(&addr, status, &answer, args.json)?;
+            if !args.json {
+                print!("{}", status_text(&document));
+            }
+        }
         _ => {
-            let (line, refused) = outcome_text(&value);
+            let outcome: Outcome = read(&addr, status, &answer, args.json)?;
+            let (line, refused) = outcome_text(&outcome);
             if !args.json {
                 println!("{line}");
             }
@@ -53,8 +54,28 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads the API's answer as a `T`, printing it as it came with `--json`. An answer of
+/// `{"error": "..."}` is an error with that message and the status.
+fn read<T: DeserializeOwned>(addr: &AdminAddr, status: StatusCode, answer: &[u8], json: bool) -> anyhow::Result<T> {
+    let read = match serde_json::from_slice::<api::ErrorBody>(answer) {
+        Ok(refusal) => Err(refusal),
+        Err(_) => Ok(serde_json::from_slice::<T>(answer).map_err(|e| {
+            let what = if e.is_data() {
+                "a document this client cannot read (is it another version of hotswap?)"
+            } else {
+                "something that is not JSON"
+            };
+            anyhow::Error::new(e).context(format!("the admin API at {addr} answered {status} with {what}"))
+        })?),
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(answer).trim_end());
+    }
+    read.map_err(|api::ErrorBody { error }| anyhow::anyhow!("{error} ({status})"))
+}
+
 /// Sends one request to the admin API; returns the status and body.
-async fn call(addr: &AdminAddr, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Bytes)> {
+async fn call(addr: &AdminAddr, token: Option<&str>, method: Method, path: &str, body: Option<Bytes>) -> anyhow::Result<(StatusCode, Bytes)> {
     let unreachable = || format!("cannot reach the admin API at {addr}: is hotswap serving, with this --admin?");
     match addr {
         AdminAddr::Unix(socket) => {
@@ -79,7 +100,7 @@ async fn call(addr: &AdminAddr, token: Option<&str>, method: Method, path: &str,
     }
 }
 
-async fn exchange<S>(stream: S, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Bytes)>
+async fn exchange<S>(stream: S, token: Option<&str>, method: Method, path: &str, body: Option<Bytes>) -> anyhow::Result<(StatusCode, Bytes)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -90,7 +111,7 @@ where
     if let Some(token) = token {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let body = body.unwrap_or_default();
     if !body.is_empty() {
         request = request.header(http::header::CONTENT_TYPE, "application/json");
     }
@@ -100,35 +121,29 @@ where
     Ok((status, bytes))
 }
 
-fn text(value: &Value) -> String {
-    match value {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// A value for people: `-` when there is none.
+fn text(value: Option<impl ToString>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-fn brief(value: &Value) -> String {
-    format!("{} {} (generation {})", text(&value["name"]), text(&value["version"]), text(&value["generation"]))
+fn brief(brief: &Brief) -> String {
+    format!("{} {} (generation {})", brief.name, brief.version, brief.generation)
 }
 
 /// One line saying what a change did, and whether it was refused.
-fn outcome_text(value: &Value) -> (String, bool) {
-    let refused_list = |v: &Value| v.as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join("; ")).unwrap_or_default();
-    match value["outcome"].as_str() {
-        Some("swapped") => {
-            let mut line = format!("swapped: {} -> {}", brief(&value["from"]), brief(&value["to"]));
-            let refused = refused_list(&value["refused"]);
+fn outcome_text(outcome: &Outcome) -> (String, bool) {
+    match outcome {
+        Outcome::Swapped { from, to, refused } => {
+            let mut line = format!("swapped: {} -> {}", brief(from), brief(to));
             if !refused.is_empty() {
-                line.push_str(&format!(" (refused first: {refused})"));
+                line.push_str(&format!(" (refused first: {})", refused.join("; ")));
             }
             (line, false)
         }
-        Some("unchanged") => (format!("unchanged: {} serves; {}", brief(&value["serving"]), text(&value["reason"])), false),
-        Some("refused") => {
-            (format!("refused: {}; {} keeps serving", refused_list(&value["refused"]), brief(&value["serving"])), true)
+        Outcome::Unchanged { serving, reason } => (format!("unchanged: {} serves; {reason}", brief(serving)), false),
+        Outcome::Refused { serving, refused } => {
+            (format!("refused: {}; {} keeps serving", refused.join("; "), brief(serving)), true)
         }
-        _ => (value.to_string(), true),
     }
 }
 
@@ -138,64 +153,68 @@ fn table(header: &[&str]) -> Table {
     table
 }
 
-fn bytes(value: &Value) -> String {
-    value.as_u64().map_or_else(|| text(value), |n| bytesize::ByteSize::b(n).to_string())
+fn bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).to_string()
 }
 
-fn seconds(value: &Value) -> String {
-    value.as_f64().map_or_else(|| text(value), |s| humantime::format_duration(std::time::Duration::from_secs(s as u64)).to_string())
+fn seconds(s: f64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(s as u64)).to_string()
 }
 
 /// `hotswap status` for people.
-fn status_text(status: &Value) -> String {
-    let current = &status["current"];
-    let mut out = format!("serving {} from {}\n", brief(current), text(&current["file"]));
-    out.push_str(&format!("  sha256 {}\n", text(&current["sha256"])));
-    match status["pin"].as_object() {
+fn status_text(status: &api::Status) -> String {
+    let current = &status.current;
+    let mut out = format!(
+        "serving {} {} (generation {}) from {}\n",
+        current.name,
+        current.version,
+        current.generation,
+        current.file.display()
+    );
+    out.push_str(&format!("  sha256 {}\n", text(current.sha256.as_ref())));
+    match &status.pin {
         Some(pin) => out.push_str(&format!(
             "  pinned to {} (by {}): `hotswap unpin` serves the highest version again\n",
-            text(&pin["version"]),
-            text(&pin["by"])
+            pin.version, pin.by
         )),
         None => out.push_str("  not pinned: the highest version serves\n"),
     }
-    out.push_str(&format!("  plugins from {}\n\n", text(&status["plugin_source"])));
+    out.push_str(&format!("  plugins from {}\n\n", status.plugin_source.display()));
 
     let mut resident = table(&["GEN", "VERSION", "STATE", "IN FLIGHT", "STREAMS", "SENT", "REQUESTS", "AGE"]);
-    for g in status["resident"].as_array().into_iter().flatten() {
+    for g in &status.resident {
         resident.add_row(vec![
-            text(&g["generation"]),
-            text(&g["version"]),
-            text(&g["state"]),
-            text(&g["in_flight"]),
-            text(&g["streams"]),
-            bytes(&g["bytes_sent"]),
-            text(&g["requests"]),
-            seconds(&g["age_seconds"]),
+            g.generation.to_string(),
+            g.version.clone(),
+            g.state.clone(),
+            g.in_flight.to_string(),
+            g.streams.to_string(),
+            bytes(g.bytes_sent),
+            g.requests.to_string(),
+            seconds(g.age_seconds),
         ]);
     }
     out.push_str(&format!("resident generations\n{resident}\n\n"));
 
     let mut history = table(&["GEN", "VERSION", "STATE", "REQUESTS", "AT", "FILE", "SHA-256"]);
-    for r in status["history"].as_array().into_iter().flatten() {
-        let sha = text(&r["sha256"]);
+    for r in &status.history {
+        let sha = text(r.sha256.as_ref());
         history.add_row(vec![
-            text(&r["generation"]),
-            text(&r["version"]),
-            text(&r["state"]),
-            text(&r["requests"]),
-            text(&r["at"]),
-            text(&r["file"]),
+            text(r.generation),
+            text(r.version.as_ref()),
+            r.state.clone(),
+            r.requests.to_string(),
+            r.at.clone(),
+            r.file.display().to_string(),
             sha.get(..12).map_or(sha.clone(), |s| format!("{s}…")),
         ]);
     }
     out.push_str(&format!("history (newest first)\n{history}\n"));
 
-    let refusals: Vec<&Value> = status["refusals"].as_array().into_iter().flatten().collect();
-    if !refusals.is_empty() {
+    if !status.refusals.is_empty() {
         out.push_str("\nrecent refusals (newest first)\n");
-        for r in refusals {
-            out.push_str(&format!("  {}  {}: {}\n", text(&r["at"]), text(&r["file"]), text(&r["reason"])));
+        for r in &status.refusals {
+            out.push_str(&format!("  {}  {}: {}\n", r.at, r.file.display(), text(r.reason.as_ref())));
         }
     }
     out
@@ -207,11 +226,11 @@ mod tests {
 
     #[test]
     fn a_refused_outcome_is_an_error_with_its_reason() {
-        let serving = json!({ "generation": 2, "name": "app", "version": "1.0.0", "file": "app.so" });
-        let (line, refused) = outcome_text(&json!({ "outcome": "refused", "serving": serving, "refused": ["init failed: no"] }));
+        let serving = Brief { generation: 2, name: "app".into(), version: "1.0.0".into(), file: "app.so".into() };
+        let (line, refused) = outcome_text(&Outcome::Refused { serving: serving.clone(), refused: vec!["init failed: no".into()] });
         assert!(refused);
         assert_eq!(line, "refused: init failed: no; app 1.0.0 (generation 2) keeps serving");
-        let (line, refused) = outcome_text(&json!({ "outcome": "unchanged", "serving": serving, "reason": "it serves already" }));
+        let (line, refused) = outcome_text(&Outcome::Unchanged { serving, reason: "it serves already".into() });
         assert!(!refused && line.starts_with("unchanged: app 1.0.0"), "{line}");
     }
 }

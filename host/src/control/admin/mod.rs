@@ -20,8 +20,13 @@
 //! host's user (or root), checked with `SO_PEERCRED`. On TCP it must be given a token file
 //! unless it listens on a loopback address; with a token file, every request must carry
 //! `Authorization: Bearer <token>`.
+//!
+//! The documents it sends and takes are the types of [`api`], which the command-line client
+//! reads back.
 
 #![forbid(unsafe_code)]
+
+pub(crate) mod api;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,17 +42,17 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::registry::{ChangeError, Outcome, Registry};
+use api::{BuildEntry, CurrentEntry, ErrorBody, HistoryEntry, PinEntry, PinRequest, RefusalEntry, ResidentEntry, Status};
 
 /// Where the admin API listens (`--admin`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdminAddr {
+pub(crate) enum AdminAddr {
     /// A Unix socket (mode 0600).
     Unix(PathBuf),
     /// A TCP address (a token is required unless it is a loopback address).
@@ -96,7 +101,7 @@ impl std::fmt::Display for AdminAddr {
 /// The default admin socket: `/run/hotswap/admin.sock` for root (systemd's
 /// `RuntimeDirectory=hotswap`), else `$XDG_RUNTIME_DIR/hotswap/admin.sock`, else
 /// `/tmp/hotswap-<uid>/admin.sock`. The `status`, `reload`, … commands look there too.
-pub fn default_socket() -> PathBuf {
+pub(crate) fn default_socket() -> PathBuf {
     let uid = crate::sys::effective_uid();
     if uid == 0 {
         return PathBuf::from("/run/hotswap/admin.sock");
@@ -108,7 +113,7 @@ pub fn default_socket() -> PathBuf {
 }
 
 /// Reads a bearer token from `path` (surrounding whitespace is not part of it).
-pub fn read_token(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_token(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the admin token file {}", path.display()))?;
     let token = text.trim().to_owned();
     anyhow::ensure!(!token.is_empty(), "the admin token file {} is empty: put a long random string in it", path.display());
@@ -116,7 +121,7 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
 }
 
 /// A bound admin listener, not yet serving.
-pub struct AdminListener {
+pub(crate) struct AdminListener {
     listener: Listener,
     token: Option<String>,
     addr: AdminAddr,
@@ -162,7 +167,7 @@ impl AdminListener {
     /// Binds the address the operator chose, or the default socket. A busy default socket
     /// only disables the API (with a warning); a chosen address that cannot be bound fails
     /// the start.
-    pub async fn bind(chosen: Option<&AdminAddr>, token_file: Option<&Path>) -> anyhow::Result<Option<AdminListener>> {
+    pub(crate) async fn bind(chosen: Option<&AdminAddr>, token_file: Option<&Path>) -> anyhow::Result<Option<AdminListener>> {
         let token = token_file.map(read_token).transpose()?;
         let explicit = chosen.is_some();
         let addr = &chosen.cloned().unwrap_or_default();
@@ -194,7 +199,7 @@ impl AdminListener {
     }
 
     /// Serves the API until `shutdown`.
-    pub fn spawn(self, registry: Arc<Registry>, shutdown: CancellationToken) {
+    pub(crate) fn spawn(self, registry: Arc<Registry>, shutdown: CancellationToken) {
         tracing::info!(
             token = self.token.is_some(),
             "admin API on {} (status, reload, rollback, pin, metrics)", self.addr
@@ -264,14 +269,14 @@ async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
 }
 
 /// The directory a socket path is in (`.` for a bare file name).
-pub fn socket_dir(path: &Path) -> &Path {
+pub(crate) fn socket_dir(path: &Path) -> &Path {
     path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// The socket's directory must be ours (or root's), and others may not replace files in it:
 /// otherwise someone could put their own socket in our place and collect the commands (and
 /// the token) meant for this host. World-writable sticky directories such as /tmp are fine.
-pub fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(dir).with_context(|| format!("cannot use {} for the admin socket", dir.display()))?;
     let uid = crate::sys::effective_uid();
@@ -410,11 +415,6 @@ impl Api {
 
 /// The `version` of a `POST /pin` body.
 async fn read_version(request: Request<Incoming>) -> Result<semver::Version, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct PinRequest {
-        version: String,
-    }
     let body = Limited::new(request.into_body(), MAX_BODY)
         .collect()
         .await
@@ -442,7 +442,7 @@ fn outcome(outcome: Outcome) -> Response<Full<Bytes>> {
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json_response(status, &json!({ "error": message }))
+    json_response(status, &ErrorBody { error: message.to_owned() })
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
@@ -463,77 +463,80 @@ fn age(at: SystemTime) -> f64 {
 }
 
 /// `GET /status`.
-fn status(registry: &Registry, started: SystemTime) -> serde_json::Value {
+fn status(registry: &Registry, started: SystemTime) -> Status {
     let current = registry.current();
     let history = registry.history().records();
     let refused = registry.history().refusals();
     let record_of = |id: u64| history.iter().find(|r| r.generation == Some(id));
-    let resident: Vec<_> = registry
+    let resident = registry
         .resident()
         .iter()
         .map(|g| {
             let at = record_of(g.id()).map_or(started, |r| r.at);
-            json!({
-                "generation": g.id(),
-                "name": g.name(),
-                "version": g.version().to_string(),
-                "state": if g.id() == current.id() { "current" } else { "draining" },
-                "file": g.source(),
-                "in_flight": g.in_flight(),
-                "streams": g.stats().streams(),
-                "bytes_sent": g.stats().bytes_sent(),
-                "requests": g.stats().requests(),
-                "loaded_at": rfc3339(at),
-                "age_seconds": age(at),
-            })
+            ResidentEntry {
+                age_seconds: age(at),
+                bytes_sent: g.stats().bytes_sent(),
+                file: g.source().to_path_buf(),
+                generation: g.id(),
+                in_flight: g.in_flight(),
+                loaded_at: rfc3339(at),
+                name: g.name().to_owned(),
+                requests: g.stats().requests(),
+                state: if g.id() == current.id() { "current" } else { "draining" }.to_owned(),
+                streams: g.stats().streams(),
+                version: g.version().to_string(),
+            }
         })
         .collect();
     let mut entries: Vec<_> = history.iter().chain(&refused).collect();
     entries.sort_by_key(|r| std::cmp::Reverse(r.at));
-    let records: Vec<_> = entries
+    let records = entries
         .into_iter()
-        .map(|r| {
-            json!({
-                "generation": r.generation,
-                "name": r.name,
-                "version": r.version.as_ref().map(ToString::to_string),
-                "file": r.file,
-                "sha256": r.sha256.get(),
-                "at": rfc3339(r.at),
-                "state": r.state(current.id()).as_str(),
-                "reason": r.refused,
-                "requests": r.requests(),
-            })
+        .map(|r| HistoryEntry {
+            at: rfc3339(r.at),
+            file: r.file.clone(),
+            generation: r.generation,
+            name: r.name.clone(),
+            reason: r.refused.clone(),
+            requests: r.requests(),
+            sha256: r.sha256.get().cloned(),
+            state: r.state(current.id()).as_str().to_owned(),
+            version: r.version.as_ref().map(ToString::to_string),
         })
         .collect();
-    let refusals: Vec<_> = refused
+    let refusals = refused
         .iter()
         .rev()
-        .map(|r| json!({ "file": r.file, "version": r.version.as_ref().map(ToString::to_string), "at": rfc3339(r.at), "reason": r.refused }))
+        .map(|r| RefusalEntry {
+            at: rfc3339(r.at),
+            file: r.file.clone(),
+            reason: r.refused.clone(),
+            version: r.version.as_ref().map(ToString::to_string),
+        })
         .take(10)
         .collect();
-    let builds: Vec<_> = registry
+    let builds = registry
         .builds()
-        .iter()
-        .map(|b| json!({ "file": b.file, "name": b.name, "version": b.version.to_string(), "refused": b.refused }))
+        .into_iter()
+        .map(|b| BuildEntry { file: b.file, name: b.name, refused: b.refused, version: b.version.to_string() })
         .collect();
-    json!({
-        "pid": std::process::id(),
-        "host_version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": age(started),
-        "plugin_source": registry.source().dir,
-        "current": {
-            "generation": current.id(),
-            "name": current.name(),
-            "version": current.version().to_string(),
-            "file": current.source(),
-            "sha256": record_of(current.id()).and_then(|r| r.sha256.get()),
-            "loaded_at": record_of(current.id()).map(|r| rfc3339(r.at)),
+    Status {
+        builds,
+        current: CurrentEntry {
+            file: current.source().to_path_buf(),
+            generation: current.id(),
+            loaded_at: record_of(current.id()).map(|r| rfc3339(r.at)),
+            name: current.name().to_owned(),
+            sha256: record_of(current.id()).and_then(|r| r.sha256.get().cloned()),
+            version: current.version().to_string(),
         },
-        "pin": registry.pin().map(|p| json!({ "name": p.name, "version": p.version.to_string(), "by": p.by.to_string() })),
-        "resident": resident,
-        "history": records,
-        "refusals": refusals,
-        "builds": builds,
-    })
+        history: records,
+        host_version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        pin: registry.pin().map(|p| PinEntry { by: p.by.to_string(), name: p.name, version: p.version.to_string() }),
+        plugin_source: registry.source().dir.clone(),
+        refusals,
+        resident,
+        uptime_seconds: age(started),
+    }
 }

@@ -1,0 +1,226 @@
+//! What the admin API sends and takes, as types: the host serialises them, the `hotswap
+//! status | reload | …` commands read them back. One definition, so the two cannot drift.
+//!
+//! The fields of each document are in alphabetical order: that is the order the API has
+//! always written them in (its documents were JSON maps, which sort their keys), so the JSON
+//! stays the same byte for byte. Absent values are `null`, never left out.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub(crate) use crate::control::registry::{Brief, Outcome};
+
+/// `GET /status`: what serves, what is still loaded, what happened, what is known.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Status {
+    /// Every build known, in the order they would be chosen.
+    pub(crate) builds: Vec<BuildEntry>,
+    /// The generation that gets new requests.
+    pub(crate) current: CurrentEntry,
+    /// Generations and refusals, newest first.
+    pub(crate) history: Vec<HistoryEntry>,
+    /// The host's own version.
+    pub(crate) host_version: String,
+    pub(crate) pid: u32,
+    /// The pin, if a version is pinned (`null` when the highest version serves).
+    pub(crate) pin: Option<PinEntry>,
+    /// The plugin directory.
+    pub(crate) plugin_source: PathBuf,
+    /// The last ten refusals, newest first.
+    pub(crate) refusals: Vec<RefusalEntry>,
+    /// Every generation still loaded: the current one and those draining.
+    pub(crate) resident: Vec<ResidentEntry>,
+    /// Seconds since the admin API started, to the millisecond.
+    pub(crate) uptime_seconds: f64,
+}
+
+/// The current generation, in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CurrentEntry {
+    pub(crate) file: PathBuf,
+    pub(crate) generation: u64,
+    /// When it was loaded (RFC 3339), if its history record is still kept.
+    pub(crate) loaded_at: Option<String>,
+    pub(crate) name: String,
+    /// SHA-256 of its file, once computed (shortly after the swap).
+    pub(crate) sha256: Option<String>,
+    pub(crate) version: String,
+}
+
+/// The pin, in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PinEntry {
+    /// What set it: `pin` or `rollback`.
+    pub(crate) by: String,
+    pub(crate) name: String,
+    pub(crate) version: String,
+}
+
+/// A loaded generation, in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ResidentEntry {
+    /// Seconds since it was loaded, to the millisecond.
+    pub(crate) age_seconds: f64,
+    pub(crate) bytes_sent: u64,
+    pub(crate) file: PathBuf,
+    pub(crate) generation: u64,
+    /// Requests it is serving now.
+    pub(crate) in_flight: usize,
+    /// When it was loaded (RFC 3339).
+    pub(crate) loaded_at: String,
+    pub(crate) name: String,
+    /// Requests it has answered.
+    pub(crate) requests: u64,
+    /// `current` or `draining`.
+    pub(crate) state: String,
+    /// Response bodies it is streaming now.
+    pub(crate) streams: usize,
+    pub(crate) version: String,
+}
+
+/// A generation, or a refused build, in the `/status` history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct HistoryEntry {
+    /// When it was loaded or refused (RFC 3339).
+    pub(crate) at: String,
+    pub(crate) file: PathBuf,
+    /// `null` for a refused build.
+    pub(crate) generation: Option<u64>,
+    /// As declared, if the build got that far.
+    pub(crate) name: Option<String>,
+    /// Why it was refused.
+    pub(crate) reason: Option<String>,
+    pub(crate) requests: u64,
+    pub(crate) sha256: Option<String>,
+    /// `current`, `draining`, `unloaded`, `still-mapped`, `leaked` or `refused`.
+    pub(crate) state: String,
+    pub(crate) version: Option<String>,
+}
+
+/// A refused build, in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RefusalEntry {
+    /// When it was refused (RFC 3339).
+    pub(crate) at: String,
+    pub(crate) file: PathBuf,
+    pub(crate) reason: Option<String>,
+    pub(crate) version: Option<String>,
+}
+
+/// A build the host knows of, in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct BuildEntry {
+    pub(crate) file: PathBuf,
+    pub(crate) name: String,
+    /// Refused when it was started; not tried again until a reload.
+    pub(crate) refused: bool,
+    pub(crate) version: String,
+}
+
+/// The body of `POST /pin`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PinRequest {
+    /// A semantic version, like `1.2.0`.
+    pub(crate) version: String,
+}
+
+/// The answer to a request the API cannot act on (with a 4xx status).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn status() -> Status {
+        Status {
+            builds: vec![BuildEntry { file: "/p/app.so".into(), name: "app".into(), refused: false, version: "1.0.0".into() }],
+            current: CurrentEntry {
+                file: "/p/app.so".into(),
+                generation: 1,
+                loaded_at: None,
+                name: "app".into(),
+                sha256: None,
+                version: "1.0.0".into(),
+            },
+            history: vec![HistoryEntry {
+                at: "2025-01-01T00:00:00.000Z".into(),
+                file: "/p/bad.so".into(),
+                generation: None,
+                name: None,
+                reason: Some("no".into()),
+                requests: 0,
+                sha256: None,
+                state: "refused".into(),
+                version: None,
+            }],
+            host_version: "0.1.0".into(),
+            pid: 7,
+            pin: None,
+            plugin_source: "/p".into(),
+            refusals: vec![RefusalEntry { at: "2025-01-01T00:00:00.000Z".into(), file: "/p/bad.so".into(), reason: Some("no".into()), version: None }],
+            resident: vec![ResidentEntry {
+                age_seconds: 1.5,
+                bytes_sent: 10,
+                file: "/p/app.so".into(),
+                generation: 1,
+                in_flight: 0,
+                loaded_at: "2025-01-01T00:00:00.000Z".into(),
+                name: "app".into(),
+                requests: 3,
+                state: "current".into(),
+                streams: 0,
+                version: "1.0.0".into(),
+            }],
+            uptime_seconds: 2.0,
+        }
+    }
+
+    /// The document the API wrote before it had types, key for key, with its nulls.
+    #[test]
+    fn the_status_document_keeps_its_shape() {
+        let expected = json!({
+            "pid": 7,
+            "host_version": "0.1.0",
+            "uptime_seconds": 2.0,
+            "plugin_source": "/p",
+            "current": { "generation": 1, "name": "app", "version": "1.0.0", "file": "/p/app.so", "sha256": null, "loaded_at": null },
+            "pin": null,
+            "resident": [{
+                "generation": 1, "name": "app", "version": "1.0.0", "state": "current", "file": "/p/app.so", "in_flight": 0,
+                "streams": 0, "bytes_sent": 10, "requests": 3, "loaded_at": "2025-01-01T00:00:00.000Z", "age_seconds": 1.5,
+            }],
+            "history": [{
+                "generation": null, "name": null, "version": null, "file": "/p/bad.so", "sha256": null,
+                "at": "2025-01-01T00:00:00.000Z", "state": "refused", "reason": "no", "requests": 0,
+            }],
+            "refusals": [{ "file": "/p/bad.so", "version": null, "at": "2025-01-01T00:00:00.000Z", "reason": "no" }],
+            "builds": [{ "file": "/p/app.so", "name": "app", "version": "1.0.0", "refused": false }],
+        });
+        let status = status();
+        assert_eq!(serde_json::to_value(&status).unwrap(), expected);
+        // Byte for byte as the map it replaces (whose keys were sorted).
+        assert_eq!(serde_json::to_string_pretty(&status).unwrap(), serde_json::to_string_pretty(&expected).unwrap());
+        let read: Status = serde_json::from_value(expected).unwrap();
+        assert_eq!(serde_json::to_value(read).unwrap(), serde_json::to_value(status).unwrap());
+    }
+
+    #[test]
+    fn an_outcome_reads_back_as_it_was_written() {
+        let brief = |generation| Brief { generation, name: "app".into(), version: "1.0.0".into(), file: "/p/app.so".into() };
+        let swapped = Outcome::Swapped { from: brief(1), to: brief(2), refused: vec!["init failed".into()] };
+        let text = serde_json::to_string(&swapped).unwrap();
+        assert!(text.starts_with(r#"{"outcome":"swapped","from":{"generation":1,"#), "{text}");
+        let read: Outcome = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&read).unwrap(), text);
+        let error: ErrorBody = serde_json::from_str(r#"{"error": "no"}"#).unwrap();
+        assert_eq!(serde_json::to_value(error).unwrap(), json!({ "error": "no" }));
+    }
+}
