@@ -5,11 +5,14 @@
 # section is bounded; a full run takes about 12 minutes, of which the anchor's own reload
 # benchmark is about 3.
 #
-#   bench/run.sh                 full run: builds in release mode, installs wrk if missing,
-#                                runs everything, rewrites BENCHMARKS.md
-#   bench/run.sh --smoke         seconds per section: checks that the suite works
+#   bench/run.sh                 full run: builds in release mode, installs wrk if missing
+#                                (apt-get) and the anchor's PM2 (npm ci), runs everything,
+#                                rewrites BENCHMARKS.md
+#   bench/run.sh --smoke         seconds per section: checks that the suite works. Installs
+#                                nothing: without wrk it stops at once and says so
 #
 # Options (mostly for the test suite's smoke run):
+#   --no-install                 install nothing, as --smoke does (wrk missing: stop)
 #   --out FILE                   write FILE instead of BENCHMARKS.md
 #   --work DIR                   scratch directory (default target/bench)
 #   --no-build                   use the release binaries already in the target directory
@@ -25,28 +28,36 @@ source "$root/bench/lib.sh"
 target=${CARGO_TARGET_DIR:-$root/target}
 out=$root/BENCHMARKS.md
 work=$target/bench
-smoke=() build=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() entry="bench/run.sh${*:+ $*}"
+smoke=() build=1 install=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() entry="bench/run.sh${*:+ $*}"
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --smoke) smoke=(--smoke) anchor_reloads=() ;;
+        --smoke) smoke=(--smoke) anchor_reloads=() install=0 ;;
+        --no-install) install=0 ;;
         --out) out=$2; shift ;;
         --work) work=$2; shift ;;
         --no-build) build=0 ;;
         --plugins) plugins=("$2" "$3"); shift 2 ;;
         --versions) versions=("$2" "$3"); shift 2 ;;
         --no-anchor-reloads) anchor_reloads=() ;;
-        -h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1 (see bench/run.sh --help)" >&2; exit 2 ;;
     esac
     shift
 done
-mkdir -p "$work"
 
+# Only a full run installs anything. The smoke run (which the tests start) and --no-install
+# stop here instead, before any build, if wrk is missing.
 if ! command -v wrk >/dev/null; then
+    if [[ $install -eq 0 ]]; then
+        echo "bench/run.sh: wrk is not installed, and this run installs nothing (--smoke or --no-install)." >&2
+        echo "Install it with 'apt-get install wrk' (or run .ci/run, which does), or run bench/run.sh without --smoke." >&2
+        exit 3
+    fi
     echo "== installing wrk (Debian package)" >&2
     sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
     "${sudo[@]}" apt-get update -qq >&2 && "${sudo[@]}" apt-get install -y -qq wrk >&2
 fi
+mkdir -p "$work"
 
 if [[ $build -eq 1 ]]; then
     echo "== building (release)" >&2
@@ -64,9 +75,11 @@ anchor_src=${HOTSWAP_ANCHOR:-$root/../shared/anchors/node-cluster}
 if [[ -f $anchor_src/server.js ]] && command -v node >/dev/null; then
     mkdir -p "$work/anchor"
     (cd "$anchor_src" && tar --exclude=node_modules --exclude=results --exclude=.pm2 -cf - .) | (cd "$work/anchor" && tar -xf -)
-    if [[ ${#anchor_reloads[@]} -gt 0 && ! -x $work/anchor/node_modules/.bin/pm2 ]]; then
+    if [[ $install -eq 1 && ${#anchor_reloads[@]} -gt 0 && ! -x $work/anchor/node_modules/.bin/pm2 ]]; then
         echo "== installing the anchor's PM2 (npm ci)" >&2
         (cd "$work/anchor" && npm ci --no-audit --no-fund >&2) || echo "== npm ci failed: the PM2 anchor is left out" >&2
+    elif [[ ${#anchor_reloads[@]} -gt 0 && ! -x $work/anchor/node_modules/.bin/pm2 ]]; then
+        echo "== --no-install: PM2 is not installed, so the PM2 anchor is left out" >&2
     fi
     anchor=(--anchor "$work/anchor")
 else

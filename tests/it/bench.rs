@@ -1,12 +1,21 @@
 //! The benchmark suite's smoke run: keeps bench/run.sh and its driver from rotting. It asserts
-//! that the suite runs end to end and writes every table, never a speed.
+//! that the suite runs end to end and writes every table, never a speed. It needs wrk, and
+//! installs nothing: without wrk on PATH it says so and skips (.ci/run installs wrk).
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use hotswap_tests::{build_lock, cargo_build, example_version, heavy_lock, target_dir, temp_dir, workspace};
 
 #[test]
 fn the_benchmark_smoke_run_writes_every_table() {
+    if !wrk_on_path() {
+        eprintln!(
+            "SKIPPED the_benchmark_smoke_run_writes_every_table: wrk is not installed \
+             (install it with `apt-get install wrk`, or run .ci/run)"
+        );
+        return;
+    }
     {
         let _lock = build_lock();
         cargo_build(&["hotswap", "static-server", "hotswap-bench"], &[]);
@@ -46,4 +55,13 @@ fn the_benchmark_smoke_run_writes_every_table() {
     }
     // The memory table reaches the last checkpoint.
     assert!(text.contains("| 10 | "), "memory checkpoints missing:\n{text}");
+}
+
+/// Whether an executable `wrk` is in one of PATH's directories, where bench/run.sh's
+/// `command -v wrk` looks for it.
+fn wrk_on_path() -> bool {
+    let Some(path) = std::env::var_os("PATH") else { return false };
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join("wrk")).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
