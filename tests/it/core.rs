@@ -1,4 +1,4 @@
-//! The core issue: serving through the C ABI, streaming both ways, HTTP/2, refusals, panics,
+//! Serving: requests through the C ABI, streaming both ways, HTTP/2, refusals, panics,
 //! graceful shutdown.
 
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
-//! The soak run (issue 5, item 5), shortened: `bench/soak.sh` for 10 s against prebuilt
-//! artifacts. 64 keep-alive clients, a swap every 100 ms and throttled downloads; the run
-//! must pass every check (no failed request, downloads byte-exact, RSS, one library mapped,
-//! no fd leaked, a clean host log), and a run with a problem must name it.
+//! The soak run, shortened: `bench/soak.sh` for 10 s against prebuilt artifacts. 64 keep-alive
+//! clients, a swap every 100 ms and throttled downloads; the run must pass every check (no
+//! failed request, downloads byte-exact, RSS, one library mapped, no fd leaked, a clean host
+//! log), and a run with a problem must name it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

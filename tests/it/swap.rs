@@ -1,4 +1,4 @@
-//! The hot-swap issue: watched directory, atomic swap, drain, real unload.
+//! Hot swapping: watched directory, atomic swap, drain, real unload.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
