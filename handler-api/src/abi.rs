@@ -403,19 +403,37 @@ pub mod waker {
         drop: native_drop,
     };
 
+    /// `clone` of NATIVE: an owned (boxed) clone of the `Waker` behind `data`.
+    ///
+    /// # Safety
+    /// `data` must be the data of a NATIVE waker, borrowed or owned: a live `Waker` of this
+    /// side.
     unsafe extern "C" fn native_clone(data: *const c_void) -> FfiWaker {
         // SAFETY: NATIVE wakers always point at a live `Waker` of this side.
         let waker = unsafe { &*(data as *const Waker) };
         FfiWaker { data: Box::into_raw(Box::new(waker.clone())) as *const c_void, vtable: &NATIVE }
     }
+    /// `wake` of NATIVE: wakes and releases an owned waker.
+    ///
+    /// # Safety
+    /// `data` must be the data of an owned NATIVE waker (a `Box<Waker>` from `native_clone`),
+    /// not used again afterwards.
     unsafe extern "C" fn native_wake(data: *const c_void) {
         // SAFETY: only owned (boxed) NATIVE wakers are woken by value.
         unsafe { Box::from_raw(data as *mut Waker) }.wake();
     }
+    /// `wake_by_ref` of NATIVE: wakes, keeping the waker valid.
+    ///
+    /// # Safety
+    /// As for `native_clone`: `data` must be the data of a NATIVE waker, borrowed or owned.
     unsafe extern "C" fn native_wake_by_ref(data: *const c_void) {
         // SAFETY: as in `native_clone`.
         unsafe { &*(data as *const Waker) }.wake_by_ref();
     }
+    /// `drop` of NATIVE: releases an owned waker without waking.
+    ///
+    /// # Safety
+    /// As for `native_wake`: `data` must be the data of an owned NATIVE waker, not used again.
     unsafe extern "C" fn native_drop(data: *const c_void) {
         // SAFETY: only owned (boxed) NATIVE wakers are dropped.
         drop(unsafe { Box::from_raw(data as *mut Waker) });
@@ -427,6 +445,11 @@ pub mod waker {
         RawWakerVTable::new(ffi_clone, ffi_wake_by_ref, ffi_wake_by_ref, ffi_noop);
     static OWNED: RawWakerVTable = RawWakerVTable::new(ffi_clone, ffi_wake, ffi_wake_by_ref, ffi_drop);
 
+    /// `clone` of BORROWED and OWNED: clones the wrapped `FfiWaker` through its creator's
+    /// vtable into an OWNED waker.
+    ///
+    /// # Safety
+    /// `data` must be the data of a BORROWED or OWNED waker: a pointer to a valid `FfiWaker`.
     unsafe fn ffi_clone(data: *const ()) -> RawWaker {
         // SAFETY: BORROWED and OWNED data always point at a valid FfiWaker.
         let ffi = unsafe { &*(data as *const FfiWaker) };
@@ -434,24 +457,44 @@ pub mod waker {
         let owned = unsafe { ((*ffi.vtable).clone)(ffi.data) };
         RawWaker::new(Box::into_raw(Box::new(owned)) as *const (), &OWNED)
     }
+    /// `wake` of OWNED: wakes through the creator's vtable and frees the box.
+    ///
+    /// # Safety
+    /// `data` must be the data of an OWNED waker (a `Box<FfiWaker>` holding an owned
+    /// `FfiWaker`), not used again afterwards.
     unsafe fn ffi_wake(data: *const ()) {
         // SAFETY: OWNED data is a Box<FfiWaker> holding an owned FfiWaker.
         let ffi = unsafe { Box::from_raw(data as *mut FfiWaker) };
         // SAFETY: an owned FfiWaker may be woken by value once.
         unsafe { ((*ffi.vtable).wake)(ffi.data) };
     }
+    /// `wake_by_ref` of BORROWED and OWNED (and BORROWED's `wake`: a borrowed waker is only
+    /// ever woken by reference).
+    ///
+    /// # Safety
+    /// As for `ffi_clone`: `data` must point at a valid `FfiWaker`.
     unsafe fn ffi_wake_by_ref(data: *const ()) {
         // SAFETY: as in `ffi_clone`.
         let ffi = unsafe { &*(data as *const FfiWaker) };
         // SAFETY: wake_by_ref is allowed on borrowed and owned FfiWakers.
         unsafe { ((*ffi.vtable).wake_by_ref)(ffi.data) };
     }
+    /// `drop` of OWNED: releases the owned `FfiWaker` through its creator's vtable and frees
+    /// the box.
+    ///
+    /// # Safety
+    /// As for `ffi_wake`: `data` must be the data of an OWNED waker, not used again.
     unsafe fn ffi_drop(data: *const ()) {
         // SAFETY: OWNED data is a Box<FfiWaker> holding an owned FfiWaker.
         let ffi = unsafe { Box::from_raw(data as *mut FfiWaker) };
         // SAFETY: an owned FfiWaker is released exactly once.
         unsafe { ((*ffi.vtable).drop)(ffi.data) };
     }
+    /// `drop` of BORROWED: the lender keeps ownership, so there is nothing to release.
+    ///
+    /// # Safety
+    /// None: it touches nothing. It is an `unsafe fn` only to have a `RawWakerVTable` entry's
+    /// type.
     unsafe fn ffi_noop(_: *const ()) {}
 
     /// Lends `waker` to the other side for the duration of one call.

@@ -69,7 +69,11 @@ pub unsafe fn init(
         std::panic::set_hook(Box::new(|info| {
             let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
             let message = panic_message(info.payload());
-            log::emit(crate::host(), 1, "panic", &format!("plugin panicked{location}: {message}"));
+            // `try_host`, not `host`: a panic inside the hook aborts. The table is set above,
+            // before the hook, so this always logs.
+            if let Some(host) = crate::try_host() {
+                log::emit(host, 1, "panic", &format!("plugin panicked{location}: {message}"));
+            }
         }));
         // Fails only if the author installed a subscriber of their own; theirs then wins.
         let _ = tracing::subscriber::set_global_default(log::HostSubscriber::new(table));
@@ -163,8 +167,14 @@ fn recycle(mut headers: HeaderMap) {
     }
 }
 
+/// Rebuilds the host's request as an `http::Request` with `body`, copying what it borrows.
+///
+/// # Safety
+/// Every string of `r` (method, target, header names and values) and, unless `headers` is null
+/// or `headers_len` is 0, the `headers_len` headers at `headers` must stay valid and unchanged
+/// during this call: what the host guarantees during `handle`.
 unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
-    // SAFETY (whole function): the host keeps every string of `r` valid during `handle`.
+    // SAFETY: the host keeps every string of `r` valid during `handle`, `r.method` among them.
     let method = Method::from_bytes(unsafe { r.method.as_bytes() }).map_err(|e| e.to_string())?;
     let version = match r.version {
         9 => Version::HTTP_09,
@@ -176,14 +186,19 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     let headers: &[abi::FfiHeader] = if r.headers_len == 0 || r.headers.is_null() {
         &[]
     } else {
+        // SAFETY: non-null (checked above); the host keeps the `headers_len` headers at
+        // `headers` valid during `handle`, and the slice does not outlive this call.
         unsafe { std::slice::from_raw_parts(r.headers, r.headers_len) }
     };
     // The target and the header values must be copied out of the host's memory. They share
     // one copy: one allocation (two once it is shared) instead of one each. As with hyper's
     // own header values, which share its read buffer, a value kept after the request keeps
     // that copy alive. The root path needs none.
+    // SAFETY: the host keeps every string of `r` valid during `handle`, `r.uri` among them.
     let target = unsafe { r.uri.as_bytes() };
     let root = target == b"/";
+    // SAFETY: the host keeps every string of `r` valid during `handle`, the header values
+    // among them; the closure is used only within this call.
     let values = || headers.iter().map(|h| unsafe { h.value.as_bytes() });
     let mut text = {
         let mut text = Vec::with_capacity(if root { 0 } else { target.len() } + values().map(<[u8]>::len).sum::<usize>());
@@ -205,7 +220,10 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     let mut map = SPARE_HEADERS.take().unwrap_or_default();
     map.reserve(headers.len());
     for h in headers {
+        // SAFETY: the host keeps every string of `r` valid during `handle`, the header names
+        // among them.
         let name = HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
+        // SAFETY: as for `values` above: the host keeps the header values valid during `handle`.
         let len = unsafe { h.value.as_bytes() }.len();
         // SAFETY: the ABI promises valid field values (the host passes `http::HeaderValue`s'
         // bytes), and these are those bytes, copied. (Debug builds check all the same: a
@@ -217,6 +235,13 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     Ok(req)
 }
 
+/// `poll` of the [`FfiResponseFuture`] made by `handle`: polls the handler's future and, once
+/// it is ready, describes the response to the host.
+///
+/// # Safety
+/// `state` must be the state of a future from `handle` for this `F`, not yet dropped and not
+/// polled concurrently; `waker` must point at a valid `FfiWaker` for this call; `out` must be
+/// the host's response slot for this poll.
 unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
     state: *mut c_void,
     waker: *const abi::FfiWaker,
@@ -241,12 +266,16 @@ unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
                 }
             }
         }
-        Call::Answered(_) => match std::mem::replace(call, Call::Done) {
-            Call::Answered(response) => response,
-            _ => unreachable!("matched above"),
-        },
         // The handler panicked earlier (or was polled after completion).
         Call::Done => return FfiPoll::PANICKED,
+        Call::Answered(_) => {
+            // Take the response, leaving `Done`. The `else` cannot run (`Answered` was matched
+            // just above); it answers PANICKED rather than panicking, as nothing here may.
+            let Call::Answered(response) = std::mem::replace(call, Call::Done) else {
+                return FfiPoll::PANICKED;
+            };
+            response
+        }
     };
     let finished = catch_unwind(AssertUnwindSafe(|| {
         *call = Call::Done;
@@ -255,6 +284,10 @@ unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
     finished.unwrap_or(FfiPoll::PANICKED)
 }
 
+/// `drop` of the [`FfiResponseFuture`] made by `handle`.
+///
+/// # Safety
+/// `state` must be the state of a future from `handle` for this `F`, not used again afterwards.
 unsafe extern "C" fn drop_response<F>(state: *mut c_void) {
     let _ = catch_unwind(|| {
         // SAFETY: the host calls this exactly once with the box made in `handle`.
@@ -266,13 +299,14 @@ unsafe extern "C" fn drop_response<F>(state: *mut c_void) {
 fn describe(response: Response, out: *mut c_void) -> FfiPoll {
     let host = host();
     let (parts, body) = response.into_parts();
-    // SAFETY (all calls below): `out` is the host's response slot for this poll, and every
-    // string passed outlives its call.
+    // SAFETY: `out` is the host's response slot for this poll; a status passes no memory.
     if unsafe { (host.response_set_status)(out, parts.status.as_u16()) } != FfiPoll::READY {
         return FfiPoll::ERROR;
     }
     for (name, value) in &parts.headers {
         let (n, v) = (FfiStr::new(name.as_str().as_bytes()), FfiStr::new(value.as_bytes()));
+        // SAFETY: `out` is the host's response slot for this poll; `n` and `v` borrow
+        // `parts.headers`, which outlives the call.
         if unsafe { (host.response_append_header)(out, n, v) } != FfiPoll::READY {
             return FfiPoll::ERROR;
         }
@@ -280,59 +314,82 @@ fn describe(response: Response, out: *mut c_void) -> FfiPoll {
     recycle(parts.headers);
     let exact_len = body.exact_len().unwrap_or(u64::MAX);
     match body.into_kind() {
+        // SAFETY: `out` is the host's response slot for this poll; the empty string borrows
+        // nothing.
         Kind::Empty => unsafe { (host.response_set_full_body)(out, FfiStr::EMPTY) },
+        // SAFETY: `out` is the host's response slot for this poll; `bytes` outlives the call.
         Kind::Full(bytes) => unsafe { (host.response_set_full_body)(out, FfiStr::new(&bytes)) },
         kind => {
             let state = Box::into_raw(Box::new(Some(Body::from_kind(kind)))) as *mut c_void;
             let body = FfiBody { state, poll_chunk: poll_body, drop: drop_body, exact_len };
+            // SAFETY: `out` is the host's response slot for this poll; `body` borrows nothing
+            // and hands the host the box just made, which `poll_body` and `drop_body` expect.
             unsafe { (host.response_set_stream_body)(out, body) }
         }
     }
     FfiPoll::READY
 }
 
+/// `poll_chunk` of the [`FfiBody`] made by `describe`: hands the body's next chunk to the
+/// host, copied or lent.
+///
+/// # Safety
+/// `state` must be the state of a body from `describe`, not yet dropped and not polled
+/// concurrently; `waker` must point at a valid `FfiWaker` for this call; `sink` must be the
+/// host's chunk sink for this poll.
 unsafe extern "C" fn poll_body(state: *mut c_void, waker: *const abi::FfiWaker, sink: *mut c_void) -> FfiPoll {
     // SAFETY: `state` is the box made in `describe`, exclusively ours until `drop_body`.
     let slot = unsafe { &mut *(state as *mut Option<Body>) };
     let Some(body) = slot.as_mut() else {
         return FfiPoll::PANICKED;
     };
+    // `try_host`, not `host`: nothing outside `catch_unwind` may panic. The table is set
+    // before any request, so this never fails in practice.
+    let Some(host) = crate::try_host() else {
+        return FfiPoll::ERROR;
+    };
     // SAFETY: the host keeps `waker` valid for this call.
     let waker = unsafe { abi::waker::borrow(waker) };
     let mut cx = Context::from_waker(&waker);
-    match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *body).poll_chunk(&mut cx))) {
-        Ok(Poll::Pending) => FfiPoll::PENDING,
-        Ok(Poll::Ready(None)) => FfiPoll::READY,
-        Ok(Poll::Ready(Some(Ok(chunk)))) if chunk.len() < LEND_FROM => {
+    // Handing the chunk over and reporting an error run inside `catch_unwind` too: dropping a
+    // chunk or formatting an error runs the author's code.
+    let polled = catch_unwind(AssertUnwindSafe(|| match Pin::new(&mut *body).poll_chunk(&mut cx) {
+        Poll::Pending => FfiPoll::PENDING,
+        Poll::Ready(None) => FfiPoll::READY,
+        Poll::Ready(Some(Ok(chunk))) if chunk.len() < LEND_FROM => {
             // SAFETY: `sink` is the host's chunk sink for this poll; `chunk` outlives the call.
-            unsafe { (host().chunk_push)(sink, FfiStr::new(&chunk)) };
+            unsafe { (host.chunk_push)(sink, FfiStr::new(&chunk)) };
             FfiPoll::READY
         }
-        Ok(Poll::Ready(Some(Ok(chunk)))) => {
+        Poll::Ready(Some(Ok(chunk))) => {
             // The bytes stay where they are (moving a `Bytes` does not move its data) until the
             // host releases the box that owns them.
             let data = FfiStr::new(&chunk);
             let state = Box::into_raw(Box::new(chunk)) as *mut c_void;
             // SAFETY: `sink` is the host's chunk sink for this poll; `state` keeps `data` alive
             // until `release_chunk`.
-            unsafe { (host().chunk_lend)(sink, abi::FfiLent { data, state, release: release_chunk }) };
+            unsafe { (host.chunk_lend)(sink, abi::FfiLent { data, state, release: release_chunk }) };
             FfiPoll::READY
         }
-        Ok(Poll::Ready(Some(Err(e)))) => {
-            log::emit(host(), 1, "handler_api::body", &format!("response body failed: {e}"));
+        Poll::Ready(Some(Err(e))) => {
+            log::emit(host, 1, "handler_api::body", &format!("response body failed: {e}"));
             FfiPoll::ERROR
         }
-        Err(_) => {
-            let _ = catch_unwind(AssertUnwindSafe(|| *slot = None));
-            FfiPoll::PANICKED
-        }
-    }
+    }));
+    polled.unwrap_or_else(|_| {
+        let _ = catch_unwind(AssertUnwindSafe(|| *slot = None));
+        FfiPoll::PANICKED
+    })
 }
 
 /// Chunks from this size on are lent to the host rather than copied: below it, a copy costs
 /// less than the box and the release call.
 const LEND_FROM: usize = 16 * 1024;
 
+/// `release` of a chunk lent by `poll_body`.
+///
+/// # Safety
+/// `state` must be the state of a chunk lent by `poll_body`, not used again afterwards.
 unsafe extern "C" fn release_chunk(state: *mut c_void) {
     let _ = catch_unwind(|| {
         // SAFETY: the host calls this exactly once with the box made in `poll_body`.
@@ -340,6 +397,10 @@ unsafe extern "C" fn release_chunk(state: *mut c_void) {
     });
 }
 
+/// `drop` of the [`FfiBody`] made by `describe`.
+///
+/// # Safety
+/// `state` must be the state of a body from `describe`, not used again afterwards.
 unsafe extern "C" fn drop_body(state: *mut c_void) {
     let _ = catch_unwind(|| {
         // SAFETY: the host calls this exactly once with the box made in `describe`.
@@ -355,6 +416,11 @@ macro_rules! __optional_hook {
         None
     };
     ($ready:path) => {{
+        /// `ready` of the declaration: runs the author's readiness check.
+        ///
+        /// # Safety
+        /// `sink` must be a host error sink, valid for this call; `init` must have returned
+        /// `READY`.
         unsafe extern "C" fn __hotswap_ready(sink: *mut ::core::ffi::c_void) -> $crate::abi::FfiPoll {
             $crate::__private::run_fallible(sink, $ready)
         }
@@ -415,6 +481,11 @@ macro_rules! export_handler {
             version: $crate::abi::FfiStr::from_static($version),
             rustc: $crate::abi::FfiStr::from_static($crate::__private::RUSTC),
             init: {
+                /// `init` of the declaration: see `handler_api::__private::init`.
+                ///
+                /// # Safety
+                /// Called once, first. `host` must point at a `HostApi` that stays valid until
+                /// `shutdown` has returned; `sink` must be a host error sink, valid for this call.
                 unsafe extern "C" fn __hotswap_init(
                     host: *const $crate::abi::HostApi,
                     sink: *mut ::core::ffi::c_void,
@@ -432,6 +503,11 @@ macro_rules! export_handler {
             },
             ready: $crate::__optional_hook!($($ready)?),
             handle: {
+                /// `handle` of the declaration: see `handler_api::__private::handle`.
+                ///
+                /// # Safety
+                /// `init` must have returned `READY`; `request` must point at a valid
+                /// `FfiRequest` whose strings and headers stay valid during this call.
                 unsafe extern "C" fn __hotswap_handle(
                     request: *const $crate::abi::FfiRequest,
                 ) -> $crate::abi::FfiResponseFuture {
@@ -441,6 +517,12 @@ macro_rules! export_handler {
                 __hotswap_handle
             },
             shutdown: {
+                /// `shutdown` of the declaration: runs the author's shutdown hook.
+                ///
+                /// # Safety
+                /// Called once, after the last request has ended (every future, body and lent
+                /// chunk released), before the library is unloaded, while the `HostApi` given
+                /// to `init` is still valid.
                 unsafe extern "C" fn __hotswap_shutdown() {
                     $crate::__private::run_shutdown(|| { $( $shutdown(); )? });
                 }

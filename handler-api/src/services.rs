@@ -119,6 +119,12 @@ struct Job<F, T> {
     result: Mutex<Option<Result<T, BlockingError>>>,
 }
 
+/// `run` of the [`FfiJob`] made by `spawn_blocking`: runs the work, storing its result (or
+/// that it panicked) for the `JoinHandle`.
+///
+/// # Safety
+/// `state` must be the state of a job from `spawn_blocking` for these `F` and `T` whose
+/// reference the host has not yet released (`release_job`).
 unsafe extern "C" fn run_job<F: FnOnce() -> T, T>(state: *mut c_void) {
     // SAFETY: `state` is the Arc handed to the host in `spawn_blocking`, not yet released.
     let job = unsafe { &*(state as *const Job<F, T>) };
@@ -131,6 +137,11 @@ unsafe extern "C" fn run_job<F: FnOnce() -> T, T>(state: *mut c_void) {
     }
 }
 
+/// `release` of the [`FfiJob`] made by `spawn_blocking`: drops the host's reference.
+///
+/// # Safety
+/// `state` must be the state of a job from `spawn_blocking` for these `F` and `T`, released
+/// exactly once and not used again afterwards.
 unsafe extern "C" fn release_job<F, T>(state: *mut c_void) {
     // Dropping F or T could panic; that must not unwind into the host.
     let _ = catch_unwind(|| {
