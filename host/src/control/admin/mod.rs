@@ -27,6 +27,9 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod api;
+mod error;
+
+pub(crate) use error::AdminError;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,7 +38,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context as _;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -113,10 +115,12 @@ pub(crate) fn default_socket() -> PathBuf {
 }
 
 /// Reads a bearer token from `path` (surrounding whitespace is not part of it).
-pub(crate) fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+pub(crate) fn read_token(path: &Path) -> Result<String, AdminError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AdminError::ReadToken { path: path.to_path_buf(), source })?;
     let token = text.trim().to_owned();
-    anyhow::ensure!(!token.is_empty(), "the admin token file {} is empty: put a long random string in it", path.display());
+    if token.is_empty() {
+        return Err(AdminError::EmptyToken { path: path.to_path_buf() });
+    }
     Ok(token)
 }
 
@@ -167,32 +171,30 @@ impl AdminListener {
     /// Binds the address the operator chose, or the default socket. A busy default socket
     /// only disables the API (with a warning); a chosen address that cannot be bound fails
     /// the start.
-    pub(crate) async fn bind(chosen: Option<&AdminAddr>, token_file: Option<&Path>) -> anyhow::Result<Option<AdminListener>> {
+    pub(crate) async fn bind(chosen: Option<&AdminAddr>, token_file: Option<&Path>) -> Result<Option<AdminListener>, AdminError> {
         let token = token_file.map(read_token).transpose()?;
         let explicit = chosen.is_some();
         let addr = &chosen.cloned().unwrap_or_default();
         let listener = match addr {
             AdminAddr::Off => return Ok(None),
             AdminAddr::Tcp(tcp) => {
-                anyhow::ensure!(
-                    tcp.ip().is_loopback() || token.is_some(),
-                    "the admin API on {tcp} would be reachable from other machines without a token: \
-                     give --admin-token-file FILE (a file holding a long random string), or listen on 127.0.0.1"
-                );
-                let listener = TcpListener::bind(tcp).await.with_context(|| format!("cannot listen for the admin API on {tcp}"))?;
+                if !tcp.ip().is_loopback() && token.is_none() {
+                    return Err(AdminError::OpenWithoutToken { addr: *tcp });
+                }
+                let listener = TcpListener::bind(tcp).await.map_err(|source| AdminError::ListenTcp { addr: *tcp, source })?;
                 Listener::Tcp(listener)
             }
             AdminAddr::Unix(path) => match bind_unix(path).await {
                 Ok(listener) => listener,
                 Err(e) if !explicit => {
-                    tracing::warn!("admin API disabled: {e:#}");
+                    tracing::warn!("admin API disabled: {}", e.chain());
                     return Ok(None);
                 }
                 Err(e) => return Err(e),
             },
         };
         let addr = match &listener {
-            Listener::Tcp(l) => AdminAddr::Tcp(l.local_addr()?),
+            Listener::Tcp(l) => AdminAddr::Tcp(l.local_addr().map_err(AdminError::LocalAddr)?),
             Listener::Unix { .. } => addr.clone(),
         };
         Ok(Some(AdminListener { listener, token, addr }))
@@ -234,7 +236,7 @@ impl AdminListener {
 
 /// Binds a Unix socket of mode 0600 at `path`, creating its directory (0700) if needed, and
 /// replacing a socket file nobody listens on (left by a crashed host).
-async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
+async fn bind_unix(path: &Path) -> Result<Listener, AdminError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let dir = socket_dir(path);
     if !dir.exists() {
@@ -242,29 +244,24 @@ async fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
             .mode(0o700)
             .recursive(true)
             .create(dir)
-            .with_context(|| format!("cannot create {} for the admin socket", dir.display()))?;
+            .map_err(|source| AdminError::CreateDir { dir: dir.to_path_buf(), source })?;
     }
     check_socket_dir(dir)?;
     if let Ok(existing) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
-        anyhow::ensure!(
-            existing.file_type().is_socket(),
-            "{} exists and is not a socket: give --admin a path where nothing is yet",
-            path.display()
-        );
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!(
-                "another hotswap host answers on the admin socket {}: give this one another --admin (or --admin off)",
-                path.display()
-            );
+        if !existing.file_type().is_socket() {
+            return Err(AdminError::NotASocket { path: path.to_path_buf() });
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale admin socket {}", path.display()))?;
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(AdminError::SocketInUse { path: path.to_path_buf() });
+        }
+        std::fs::remove_file(path).map_err(|source| AdminError::RemoveStale { path: path.to_path_buf(), source })?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen for the admin API on {}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(|source| AdminError::ListenUnix { path: path.to_path_buf(), source })?;
     let file = SocketFile(path.to_path_buf());
     // Connections made before this are still checked by their peer's uid.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot make the admin socket {} private", path.display()))?;
+        .map_err(|source| AdminError::MakePrivate { path: path.to_path_buf(), source })?;
     Ok(Listener::Unix { listener, _file: file })
 }
 
@@ -276,26 +273,17 @@ pub(crate) fn socket_dir(path: &Path) -> &Path {
 /// The socket's directory must be ours (or root's), and others may not replace files in it:
 /// otherwise someone could put their own socket in our place and collect the commands (and
 /// the token) meant for this host. World-writable sticky directories such as /tmp are fine.
-pub(crate) fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_socket_dir(dir: &Path) -> Result<(), AdminError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir).with_context(|| format!("cannot use {} for the admin socket", dir.display()))?;
+    let meta = std::fs::metadata(dir).map_err(|source| AdminError::UseDir { dir: dir.to_path_buf(), source })?;
     let uid = crate::sys::effective_uid();
-    anyhow::ensure!(
-        meta.uid() == uid || meta.uid() == 0,
-        "the admin socket's directory {} belongs to user {}, not to this host's user ({uid}) or root: \
-         someone else could replace the socket; give --admin a path in a directory of your own",
-        dir.display(),
-        meta.uid()
-    );
+    if meta.uid() != uid && meta.uid() != 0 {
+        return Err(AdminError::ForeignDir { dir: dir.to_path_buf(), owner: meta.uid(), uid });
+    }
     let (writable_by_others, sticky) = (meta.mode() & 0o022 != 0, meta.mode() & 0o1000 != 0);
-    anyhow::ensure!(
-        !writable_by_others || sticky,
-        "the admin socket's directory {} is writable by others (mode {:04o}), who could replace the socket: \
-         run `chmod go-w {}`, or give --admin a path in a private directory",
-        dir.display(),
-        meta.mode() & 0o7777,
-        dir.display()
-    );
+    if writable_by_others && !sticky {
+        return Err(AdminError::OpenDir { dir: dir.to_path_buf(), mode: meta.mode() & 0o7777 });
+    }
     Ok(())
 }
 
