@@ -71,6 +71,8 @@ pub(crate) enum AdminCommand {
     #[command(args_override_self = true)]
     Pin {
         /// A semantic version, like 1.4.2 (matches 1.4.2+anything unless build metadata is given).
+        // Not the id `version`: that is `--version`'s, which every subcommand has.
+        #[arg(id = "pin_version", value_name = "VERSION")]
         version: String,
         #[command(flatten)]
         client: AdminClientArgs,
@@ -267,4 +269,16 @@ pub(crate) struct ServeArgs {
 
     #[command(flatten)]
     pub(crate) host: HostArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // clap's own checks (ids used twice, such as `pin`'s VERSION against `--version`),
+        // which otherwise fail only when that subcommand is parsed in a debug build.
+        super::Cli::command().debug_assert();
+    }
 }
