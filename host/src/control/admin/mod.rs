@@ -434,7 +434,11 @@ fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
-    let mut text = serde_json::to_vec_pretty(body).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+    let (status, mut text) = match serde_json::to_vec_pretty(body) {
+        Ok(text) => (status, text),
+        // A value JSON cannot carry (a path that is not UTF-8): say so, as an error.
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{{\"error\": \"cannot encode the answer as JSON: {e}\"}}").into_bytes()),
+    };
     text.push(b'\n');
     let mut response = Response::new(Full::new(Bytes::from(text)));
     *response.status_mut() = status;
