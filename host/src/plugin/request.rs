@@ -147,6 +147,15 @@ pub(crate) unsafe extern "C" fn body_drop(body: *mut c_void) {
     });
 }
 
+/// What the plugin is given of a request's head: its headers (taken, to be reused), and a
+/// view of its method and target (which stay the caller's, for its log line).
+pub(crate) struct Head<'a> {
+    pub(crate) method: &'a http::Method,
+    pub(crate) uri: &'a http::Uri,
+    pub(crate) version: http::Version,
+    pub(crate) headers: http::HeaderMap,
+}
+
 /// A request in the plugin's hands: its response future, and until that completes, the
 /// request's hold on the generation whose code the future is.
 pub(crate) struct PluginCall {
@@ -183,12 +192,13 @@ pub(crate) enum CallError {
 }
 
 impl PluginCall {
-    /// Starts `head`'s request in the plugin of `in_flight`'s generation. Must run on a thread
-    /// of that generation. The request's headers are taken (to be reused); its method and
-    /// target stay in `head`, for the caller's log line. A body longer than `max_body_size`
+    /// Starts a request in the plugin of `in_flight`'s generation. Must run on a thread of
+    /// that generation. The headers are taken (to be reused); the method and target are
+    /// borrowed, and stay the caller's, for its log line. A body longer than `max_body_size`
     /// fails, for the plugin, where it crosses the limit, and the call then ends in
     /// [`CallError::BodyTooLarge`].
-    pub(crate) fn start(in_flight: InFlight, head: &mut http::request::Parts, incoming: Incoming, max_body_size: u64) -> PluginCall {
+    #[inline]
+    pub(crate) fn start(in_flight: InFlight, head: Head<'_>, incoming: Incoming, max_body_size: u64) -> PluginCall {
         let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
         // A request without a body (most GETs) costs no allocation for one.
         let mut too_large = None;
@@ -241,7 +251,7 @@ impl PluginCall {
         // the plugin, which releases it through `body_drop`.
         let future = unsafe { handle(&ffi) };
         drop(headers);
-        response::recycle(std::mem::take(&mut head.headers));
+        response::recycle(head.headers);
         PluginCall { ffi: future, too_large, in_flight: Some(in_flight) }
     }
 
@@ -262,23 +272,22 @@ impl PluginCall {
             return Poll::Pending;
         }
         let too_large = self.too_large.as_ref().is_some_and(|flag| flag.load(Ordering::Acquire));
-        let answer = match r {
-            _ if too_large => Err(CallError::BodyTooLarge),
-            FfiPoll::READY => Ok(slot.take()),
-            FfiPoll::PANICKED => Err(CallError::Panicked),
-            _ => Err(CallError::Invalid(slot.error.take().unwrap_or_else(|| "unknown error".into()))),
-        };
-        drop(slot); // a body the plugin set for an answer not given is released here
+        let ResponseSlot { status, headers, body, error } = slot;
         let Some(in_flight) = self.release() else { return Poll::Pending };
-        Poll::Ready(match answer {
-            Ok((status, headers, body)) => {
+        let error = match r {
+            _ if too_large => CallError::BodyTooLarge,
+            FfiPoll::READY => {
                 let mut response = http::Response::new(body.into_response_body(in_flight));
                 *response.status_mut() = status.unwrap_or(StatusCode::OK);
                 *response.headers_mut() = headers;
-                Ok(response)
+                return Poll::Ready(Ok(response));
             }
-            Err(error) => Err(CallFailed { error, in_flight }),
-        })
+            FfiPoll::PANICKED => CallError::Panicked,
+            _ => CallError::Invalid(error.unwrap_or_else(|| "unknown error".into())),
+        };
+        // A body the plugin set for this answer not given is released as `body` drops, after
+        // this: the answer holds the library.
+        Poll::Ready(Err(CallFailed { error, in_flight }))
     }
 
     /// Releases the plugin's state, and gives back the hold on its generation (`None` if it

@@ -25,6 +25,7 @@ thread_local! {
 }
 
 /// Keeps `headers` for the next response on this thread, unless it grew unusually large.
+#[inline]
 pub(crate) fn recycle(mut headers: HeaderMap) {
     if headers.capacity() <= 64 {
         headers.clear();
@@ -35,9 +36,9 @@ pub(crate) fn recycle(mut headers: HeaderMap) {
 /// Where the plugin describes its response, during the poll that completes its future.
 #[derive(Default)]
 pub(crate) struct ResponseSlot {
-    status: Option<StatusCode>,
-    headers: HeaderMap,
-    body: SlotBody,
+    pub(crate) status: Option<StatusCode>,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: SlotBody,
     /// Why the response is invalid, if it is.
     pub(crate) error: Option<String>,
 }
@@ -48,29 +49,28 @@ pub(crate) enum SlotBody {
     #[default]
     Empty,
     Full(Bytes),
-    /// Released by the slot unless it is taken (`ResponseSlot::take`).
-    Stream(FfiBody),
+    /// Released when dropped, unless it becomes a response body.
+    Stream(Unclaimed),
 }
 
-impl ResponseSlot {
-    /// The status, headers and body the plugin set.
-    pub(crate) fn take(&mut self) -> (Option<StatusCode>, HeaderMap, SlotBody) {
-        (self.status.take(), std::mem::take(&mut self.headers), std::mem::take(&mut self.body))
-    }
+/// A streaming body the plugin handed over in a slot, not yet part of a response: dropping
+/// it releases the plugin's state (during the poll that set it, its library loaded).
+pub(crate) struct Unclaimed(FfiBody);
 
-    /// Sets the body, releasing a stream set before.
-    fn set_body(&mut self, body: SlotBody) {
-        if let SlotBody::Stream(old) = std::mem::replace(&mut self.body, body) {
-            // SAFETY: the plugin handed this stream over and it was never given to anyone
-            // else: released exactly once, during the poll that set it (its library loaded).
-            unsafe { (old.drop)(old.state) };
-        }
+impl Unclaimed {
+    /// The body, now owned by whoever releases it.
+    fn claim(self) -> FfiBody {
+        let ffi = FfiBody { state: self.0.state, poll_chunk: self.0.poll_chunk, drop: self.0.drop, exact_len: self.0.exact_len };
+        std::mem::forget(self);
+        ffi
     }
 }
 
-impl Drop for ResponseSlot {
+impl Drop for Unclaimed {
     fn drop(&mut self) {
-        self.set_body(SlotBody::Empty);
+        // SAFETY: the plugin handed this body over, and it was never claimed: released
+        // exactly once, here, during the poll that set it (its library loaded).
+        unsafe { (self.0.drop)(self.0.state) };
     }
 }
 
@@ -80,7 +80,7 @@ impl SlotBody {
         match self {
             SlotBody::Empty => ResponseBody::Full { bytes: None, in_flight },
             SlotBody::Full(bytes) => ResponseBody::Full { bytes: Some(bytes), in_flight },
-            SlotBody::Stream(ffi) => ResponseBody::Plugin(PluginBody { ffi, finished: false, in_flight }),
+            SlotBody::Stream(body) => ResponseBody::Plugin(PluginBody { ffi: body.claim(), finished: false, in_flight }),
         }
     }
 }
@@ -187,7 +187,7 @@ pub(crate) unsafe extern "C" fn response_set_full_body(response: *mut c_void, bo
         let slot = unsafe { &mut *(response as *mut ResponseSlot) };
         // SAFETY: the plugin keeps `body` valid for this call.
         let bytes = Bytes::copy_from_slice(unsafe { body.as_bytes() });
-        slot.set_body(SlotBody::Full(bytes));
+        slot.body = SlotBody::Full(bytes); // a stream set before is released
     }));
 }
 
@@ -199,7 +199,7 @@ pub(crate) unsafe extern "C" fn response_set_stream_body(response: *mut c_void, 
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `response` is the slot passed to this poll.
         let slot = unsafe { &mut *(response as *mut ResponseSlot) };
-        slot.set_body(SlotBody::Stream(body));
+        slot.body = SlotBody::Stream(Unclaimed(body)); // likewise
     }));
 }
 

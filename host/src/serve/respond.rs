@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::plugin::request::{CallError, CallFailed, PluginCall};
+use crate::plugin::request::{CallError, CallFailed, Head, PluginCall};
 use crate::plugin::response::{BodyError, ResponseBody};
 use crate::plugin::{thread_generation, Generation, InFlight};
 use crate::serve::state::ConnState;
@@ -152,9 +152,9 @@ fn hand_to_plugin(request: Request<Incoming>, in_flight: InFlight, conn: ConnReq
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
         return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started)));
     }
-    let (mut head, body) = request.into_parts();
-    let call = PluginCall::start(in_flight, &mut head, body, max_body_size);
-    Respond::Calling(Calling { call, conn, started, method: head.method, uri: head.uri })
+    let (http::request::Parts { method, uri, version, headers, .. }, body) = request.into_parts();
+    let call = PluginCall::start(in_flight, Head { method: &method, uri: &uri, version, headers }, body, max_body_size);
+    Respond::Calling(Calling { call, conn, started, method, uri })
 }
 
 impl Calling {
