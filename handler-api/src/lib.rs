@@ -77,6 +77,8 @@ mod response;
 mod services;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "tokio-host")]
+pub mod tokio_host;
 
 use std::future::Future;
 use std::pin::Pin;

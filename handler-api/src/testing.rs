@@ -53,15 +53,12 @@
 //! The table stays installed for the rest of the process.
 
 use std::ffi::c_void;
-use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::ptr;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use crate::abi::{self, FfiBody, FfiJob, FfiLent, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
+use crate::abi::{FfiBody, FfiLent, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
+use crate::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, sleep_drop, sleep_new, sleep_poll};
 use crate::HOST;
 
 /// Installs the in-process host, so that handler-api's services work when a handler is called
@@ -190,118 +187,10 @@ unsafe extern "C" fn chunk_lend(_sink: *mut c_void, chunk: FfiLent) {
     unsafe { (chunk.release)(chunk.state) };
 }
 
-/// Starts a tokio timer on the current runtime; null outside a runtime (or one without a time
-/// driver).
-extern "C" fn sleep_new(nanos: u64) -> *mut c_void {
-    catch_unwind(|| {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return ptr::null_mut();
-        }
-        // Boxed so that it never moves: `sleep_poll` pins it in place.
-        Box::into_raw(Box::new(tokio::time::sleep(Duration::from_nanos(nanos)))) as *mut c_void
-    })
-    .unwrap_or(ptr::null_mut())
-}
-
-/// Polls a timer from [`sleep_new`].
-///
-/// # Safety
-/// `sleep` must come from [`sleep_new`], not yet dropped, and not be polled concurrently;
-/// `waker` must be valid for this call.
-unsafe extern "C" fn sleep_poll(sleep: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
-    catch_unwind(|| {
-        // SAFETY: `sleep` is a live boxed `Sleep` from `sleep_new`, ours alone during this call;
-        // it never moves out of its box until `sleep_drop`, so pinning it in place is sound.
-        let sleep = unsafe { Pin::new_unchecked(&mut *(sleep as *mut tokio::time::Sleep)) };
-        // SAFETY: the caller keeps `waker` valid for this call.
-        let waker = unsafe { abi::waker::borrow(waker) };
-        match sleep.poll(&mut Context::from_waker(&waker)) {
-            Poll::Ready(()) => FfiPoll::READY,
-            Poll::Pending => FfiPoll::PENDING,
-        }
-    })
-    .unwrap_or(FfiPoll::READY)
-}
-
-/// Releases a timer from [`sleep_new`].
-///
-/// # Safety
-/// `sleep` must come from [`sleep_new`] and not be used again.
-unsafe extern "C" fn sleep_drop(sleep: *mut c_void) {
-    // SAFETY: a box from `sleep_new`, released exactly once (the caller's promise).
-    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(sleep as *mut tokio::time::Sleep) }));
-}
-
-/// A job handed over through [`blocking_spawn`]; its `release` runs when this is dropped,
-/// whether or not the job ran.
-struct Job(FfiJob);
-
-// SAFETY: handler-api only builds jobs from `Send` closures and results (`spawn_blocking`'s
-// bounds), and `FfiJob`'s contract allows `run` and `release` on any thread.
-unsafe impl Send for Job {}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        // SAFETY: FfiJob's contract: release exactly once, after `run` if it ran. A `Job` is
-        // dropped once, and `run` (in `blocking_spawn`) takes it by reference before that.
-        unsafe { (self.0.release)(self.0.state) };
-    }
-}
-
-/// Runs `job` on the current runtime's blocking pool; null outside a runtime (the job is then
-/// released without running).
-///
-/// # Safety
-/// `job` must uphold [`FfiJob`]'s contract: `run` and `release` callable once each, from any
-/// thread.
-unsafe extern "C" fn blocking_spawn(job: FfiJob) -> *mut c_void {
-    let job = Job(job);
-    catch_unwind(AssertUnwindSafe(move || {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return ptr::null_mut(); // `job` drops here: released without running
-        };
-        let task = runtime.spawn_blocking(move || {
-            let job = job; // capture the whole `Job` (Send), not its raw fields
-            // SAFETY: run at most once, before `release` (which runs when `job` drops).
-            unsafe { (job.0.run)(job.0.state) };
-        });
-        Box::into_raw(Box::new(task)) as *mut c_void
-    }))
-    .unwrap_or(ptr::null_mut())
-}
-
-/// Polls a task from [`blocking_spawn`]: `READY` once the job's `run` has returned.
-///
-/// # Safety
-/// `task` must come from [`blocking_spawn`], not yet dropped, and not be polled concurrently;
-/// `waker` must be valid for this call.
-unsafe extern "C" fn blocking_poll(task: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
-    catch_unwind(|| {
-        // SAFETY: `task` is a live boxed `JoinHandle` from `blocking_spawn`, ours alone during
-        // this call.
-        let task = unsafe { &mut *(task as *mut tokio::task::JoinHandle<()>) };
-        // SAFETY: the caller keeps `waker` valid for this call.
-        let waker = unsafe { abi::waker::borrow(waker) };
-        match Pin::new(task).poll(&mut Context::from_waker(&waker)) {
-            Poll::Ready(Ok(())) => FfiPoll::READY,
-            Poll::Ready(Err(_)) => FfiPoll::ERROR,
-            Poll::Pending => FfiPoll::PENDING,
-        }
-    })
-    .unwrap_or(FfiPoll::ERROR)
-}
-
-/// Forgets a task from [`blocking_spawn`]; the job itself runs to completion.
-///
-/// # Safety
-/// `task` must come from [`blocking_spawn`] and not be used again.
-unsafe extern "C" fn blocking_drop(task: *mut c_void) {
-    // SAFETY: a box from `blocking_spawn`, released exactly once (the caller's promise).
-    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
-}
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 

@@ -1,5 +1,5 @@
 //! The service table lent to each generation: every host function the ABI names, from
-//! `services`, `request` and `response`.
+//! `services`, `request`, `response`, and handler-api's `tokio_host`.
 
 use std::ffi::c_void;
 
@@ -9,9 +9,10 @@ use crate::plugin::request::{body_drop, body_poll};
 use crate::plugin::response::{
     chunk_lend, chunk_push, response_append_header, response_set_full_body, response_set_status, response_set_stream_body,
 };
-use crate::plugin::services::{
-    blocking_drop, blocking_poll, blocking_spawn, error_write, log, sleep_drop, sleep_new, sleep_poll, PluginContext,
-};
+use crate::plugin::services::{error_write, log, PluginContext};
+// Timers and blocking work on the generation's runtime: the one implementation handler-api
+// has for every host on tokio (the in-process test host too).
+use handler_api::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, sleep_drop, sleep_new, sleep_poll};
 
 /// Builds the service table lent to one generation; `context` must outlive it.
 pub(crate) fn host_api(context: *const PluginContext, max_log_level: u32) -> HostApi {
