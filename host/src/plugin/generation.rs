@@ -10,17 +10,15 @@
 //! connections it serves, the timers and blocking jobs it asks for. When the generation's
 //! last request has ended, its runtime is shut down, its threads are joined (running their
 //! TLS destructors while the library is still mapped), and only then is the library closed.
-//! The `server` module keeps connections on the threads of the generation they are served by
+//! The server (`serve`) keeps connections on the threads of the generation they are served by
 //! and moves them to the new one at a request boundary, so no request pays for a hop between
 //! threads.
 //!
 //! ## Lifecycle
 //!
-//! [`Candidate::open`] copies the file to a private shadow path, opens it and checks its
-//! declaration; [`Candidate::start`] starts its runtime, runs its `init` (bounded by a timeout) and readiness
-//! check. Requests hold an `Arc<Generation>`; when the last one goes, `Drop` hands the parts
-//! to the reaper thread, which runs the plugin's shutdown hook, joins the threads, closes the
-//! library, deletes the shadow file and checks `/proc/self/maps`.
+//! `candidate` makes generations. A request holds its generation through an [`InFlight`];
+//! [`Current`] is the one new requests go to. When the last `Arc<Generation>` goes, `Drop`
+//! hands what is left to the reaper (`reaper`), which unloads it.
 
 use std::cell::Cell;
 use std::mem::ManuallyDrop;

@@ -3,9 +3,10 @@
 //! loaded [`Generation`] and the requests it holds, unloading it ([`reaper`]), and the host's
 //! side of the C ABI ([`table`] of [`services`], [`request`], [`response`]).
 //!
-//! Dependencies point one way: `loader`, `trust`, `budget`, `stats` and `services` need
-//! nothing else here; `generation` needs them and `reaper`; `response` and `request` need
-//! `generation`; `table` gathers the ABI's functions; `candidate` builds generations.
+//! Dependencies point one way (`host/tests/layout.rs` checks): `trust`, `budget`, `stats` and
+//! `services` need nothing else here, `loader` only `trust`; `reaper` needs those;
+//! `generation` needs `reaper`; `response` and `request` need `generation`; `table` gathers
+//! the ABI's functions; `candidate` builds generations.
 
 pub(crate) mod budget;
 pub(crate) mod candidate;

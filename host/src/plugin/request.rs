@@ -199,6 +199,7 @@ impl PluginCall {
     /// [`CallError::BodyTooLarge`].
     #[inline]
     pub(crate) fn start(in_flight: InFlight, head: Head<'_>, incoming: Incoming, max_body_size: u64) -> PluginCall {
+        debug_assert_eq!(thread_generation(), in_flight.generation().id(), "a plugin call started outside its generation");
         let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
         // A request without a body (most GETs) costs no allocation for one.
         let mut too_large = None;
@@ -273,6 +274,7 @@ impl PluginCall {
         }
         let too_large = self.too_large.as_ref().is_some_and(|flag| flag.load(Ordering::Acquire));
         let ResponseSlot { status, headers, body, error } = slot;
+        // Always `Some`: `in_flight` was checked above, and only this poll releases it.
         let Some(in_flight) = self.release() else { return Poll::Pending };
         let error = match r {
             _ if too_large => CallError::BodyTooLarge,

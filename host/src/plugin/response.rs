@@ -36,16 +36,16 @@ pub(crate) fn recycle(mut headers: HeaderMap) {
 /// Where the plugin describes its response, during the poll that completes its future.
 #[derive(Default)]
 pub(crate) struct ResponseSlot {
-    pub(crate) status: Option<StatusCode>,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: SlotBody,
+    pub(super) status: Option<StatusCode>,
+    pub(super) headers: HeaderMap,
+    pub(super) body: SlotBody,
     /// Why the response is invalid, if it is.
-    pub(crate) error: Option<String>,
+    pub(super) error: Option<String>,
 }
 
 /// The body the plugin set in a slot.
 #[derive(Default)]
-pub(crate) enum SlotBody {
+pub(super) enum SlotBody {
     #[default]
     Empty,
     Full(Bytes),
@@ -55,7 +55,7 @@ pub(crate) enum SlotBody {
 
 /// A streaming body the plugin handed over in a slot, not yet part of a response: dropping
 /// it releases the plugin's state (during the poll that set it, its library loaded).
-pub(crate) struct Unclaimed(FfiBody);
+pub(super) struct Unclaimed(FfiBody);
 
 impl Unclaimed {
     /// The body, now owned by whoever releases it.
@@ -76,7 +76,7 @@ impl Drop for Unclaimed {
 
 impl SlotBody {
     /// The response body, holding the request's generation until it ends.
-    pub(crate) fn into_response_body(self, in_flight: InFlight) -> ResponseBody {
+    pub(super) fn into_response_body(self, in_flight: InFlight) -> ResponseBody {
         match self {
             SlotBody::Empty => ResponseBody::Full { bytes: None, in_flight },
             SlotBody::Full(bytes) => ResponseBody::Full { bytes: Some(bytes), in_flight },
@@ -327,7 +327,8 @@ pub(crate) struct PluginBody {
 
 // SAFETY: the plugin's body is `Send`; the state is owned exclusively by this value.
 unsafe impl Send for PluginBody {}
-// SAFETY: `&PluginBody` only reads `exact_len` and `finished`.
+// SAFETY: `&PluginBody` only reads `exact_len`, `finished` and the `Arc<Generation>` of
+// `in_flight` (which is Sync); the plugin's state is reached only through `&mut`.
 unsafe impl Sync for PluginBody {}
 
 impl Drop for PluginBody {

@@ -26,6 +26,7 @@
 //! | this one | the accept loop and the connection limit |
 //! | [`connection`] | a connection's task, its socket, and its moves between generations |
 //! | [`respond`] | a request in flight: handed to the plugin, answered, its body sent |
+//! | [`state`] | what connections share with the server, and among their parts |
 //! | [`limits`] | the header read and idle timeouts, kept apart from any generation's runtime |
 
 #![forbid(unsafe_code)]

@@ -22,13 +22,14 @@ use crate::plugin::response::{BodyError, ResponseBody};
 use crate::plugin::{thread_generation, Generation, InFlight};
 use crate::serve::state::ConnState;
 
-tokio::task_local! {
-    /// The generation an HTTP/2 stream's task was spawned for, on that generation's runtime.
-    static STREAM_GENERATION: Arc<Generation>;
-}
-
 /// Spawns hyper's HTTP/2 stream tasks on the runtime of the generation serving the
-/// connection, handing each its generation; cut off if that generation's drain times out.
+/// connection, cut off if that generation's drain times out.
+///
+/// hyper calls the service for a stream's request and spawns the stream in the same poll of
+/// the connection, and the connection's generation changes only between polls (see
+/// `ConnState::generation`): so the stream runs on the generation its request was routed to,
+/// which the request carries (its `InFlight`). `hand_to_plugin` checks it. (hyper also runs
+/// the task of an upgraded stream through here, later; it runs no plugin code.)
 #[derive(Clone)]
 pub(crate) struct StreamExecutor {
     pub(crate) conn: Arc<ConnState>,
@@ -42,15 +43,13 @@ where
     fn execute(&self, stream: F) {
         let generation = self.conn.generation.load_full();
         let runtime = generation.handle().clone();
-        let aborted = generation.clone();
-        let task = async move {
+        runtime.spawn(async move {
             tokio::select! {
                 biased; // the stream first: it is what is usually ready
                 _ = stream => {}
-                () = aborted.aborted().raised() => tracing::warn!("drain timeout: aborting an HTTP/2 stream"),
+                () = generation.aborted().raised() => tracing::warn!("drain timeout: aborting an HTTP/2 stream"),
             }
-        };
-        runtime.spawn(STREAM_GENERATION.scope(generation, task));
+        });
     }
 }
 
@@ -67,14 +66,14 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
 
     fn call(&self, request: Request<Incoming>) -> Respond {
         let conn = ConnRequest::new(self.conn.clone(), request.version() < http::Version::HTTP_2);
+        let in_flight = InFlight::new(self.conn.generation.load_full());
         if conn.h1 {
             // The connection's task runs on its generation's runtime.
-            let generation = self.conn.generation.load_full();
-            return hand_to_plugin(request, InFlight::new(generation), conn);
+            return hand_to_plugin(request, in_flight, conn);
         }
         // The stream's own task calls the plugin (the connection's task serves every stream,
-        // and must not wait for one), on the generation `StreamExecutor` hands it.
-        Respond::Starting(Some((request, conn)))
+        // and must not wait for one), on the runtime `StreamExecutor` spawns it on.
+        Respond::Starting(Some((request, in_flight, conn)))
     }
 }
 
@@ -85,7 +84,7 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
 /// would cost an allocation per request.
 pub(crate) enum Respond {
     /// An HTTP/2 request, handed to the plugin at the first poll, on the stream's task.
-    Starting(Option<(Request<Incoming>, ConnRequest)>),
+    Starting(Option<(Request<Incoming>, InFlight, ConnRequest)>),
     Calling(Calling),
     /// Answered by the host, or taken by hyper.
     Answered(Option<Response<HostBody>>),
@@ -108,17 +107,8 @@ impl Future for Respond {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         if let Respond::Starting(starting) = this {
-            if let Some((request, conn)) = starting.take() {
-                *this = match STREAM_GENERATION.try_with(Arc::clone) {
-                    Ok(generation) => hand_to_plugin(request, InFlight::new(generation), conn),
-                    Err(_) => {
-                        // Never expected: every stream is spawned by `StreamExecutor`.
-                        tracing::error!("an HTTP/2 stream polled outside the task of its generation");
-                        let generation = conn.state.generation.load_full();
-                        let response = error_response(StatusCode::SERVICE_UNAVAILABLE, InFlight::new(generation), conn, Instant::now());
-                        Respond::Answered(Some(response))
-                    }
-                };
+            if let Some((request, in_flight, conn)) = starting.take() {
+                *this = hand_to_plugin(request, in_flight, conn);
             }
         }
         if let Respond::Calling(calling) = this {
@@ -138,7 +128,7 @@ impl Future for Respond {
 /// Checks what the host checks before the plugin sees a request, and hands the request to
 /// the plugin; or answers right away. Runs on a thread of the request's generation: the
 /// connection's task (HTTP/1), which runs on the runtime of the generation it loaded, or the
-/// stream's task (HTTP/2), spawned on the runtime of the generation it carries.
+/// stream's task (HTTP/2), spawned on the runtime of the generation it was routed to.
 fn hand_to_plugin(request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest) -> Respond {
     let started = Instant::now();
     let generation = in_flight.generation();

@@ -50,8 +50,9 @@ impl Shared {
 /// Per-connection state, shared by its task, its socket, its service and its executor.
 pub(crate) struct ConnState {
     /// The generation whose runtime serves this connection now. Only the connection's own
-    /// task changes it (`ConnTask::try_move`), between polls of the hyper connection: so
-    /// within one poll, the service and the executor see the same generation.
+    /// task changes it (`ConnTask::try_move`), between polls of the hyper connection: so the
+    /// service and the executor, which hyper calls for a stream in one poll, see the same
+    /// generation.
     pub(crate) generation: ArcSwap<Generation>,
     /// For the header read and idle timeouts.
     pub(crate) activity: Arc<Activity>,
