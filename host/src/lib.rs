@@ -38,7 +38,7 @@
 //! | `plugin` | loading, generations, unloading, the host side of the C ABI: the only `unsafe` besides `sys` |
 //! | `serve` | the HTTP server: accepting, connections and their moves, requests in flight, limits |
 //! | `control` | which generation serves: builds, registry, history, watcher, admin API, metrics |
-//! | `cmd` | the command line: arguments, configuration file, admin client, dev loop, serve |
+//! | `cmd` | the command line: arguments, configuration file, admin client, dev loop, the serving lifecycle |
 //! | `latch` | one-way events (superseded, aborted, shutting down) cheap to check on every poll |
 //! | `sys` | the few libc calls the host makes |
 

@@ -57,6 +57,11 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
 /// Reads the API's answer as a `T`, printing it as it came with `--json`. An answer of
 /// `{"error": "..."}` is an error with that message and the status.
 fn read<T: DeserializeOwned>(addr: &AdminAddr, status: StatusCode, answer: &[u8], json: bool) -> anyhow::Result<T> {
+    // First: a document this client cannot read (from another version of the host) is still
+    // shown in full.
+    if json {
+        println!("{}", String::from_utf8_lossy(answer).trim_end());
+    }
     let read = match serde_json::from_slice::<api::ErrorBody>(answer) {
         Ok(refusal) => Err(refusal),
         Err(_) => Ok(serde_json::from_slice::<T>(answer).map_err(|e| {
@@ -68,9 +73,6 @@ fn read<T: DeserializeOwned>(addr: &AdminAddr, status: StatusCode, answer: &[u8]
             anyhow::Error::new(e).context(format!("the admin API at {addr} answered {status} with {what}"))
         })?),
     };
-    if json {
-        println!("{}", String::from_utf8_lossy(answer).trim_end());
-    }
     read.map_err(|api::ErrorBody { error }| anyhow::anyhow!("{error} ({status})"))
 }
 

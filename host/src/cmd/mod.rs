@@ -1,6 +1,6 @@
 //! The command line: clap arguments ([`cli`]), the configuration file ([`config`]), the
 //! admin commands ([`client`]), the development loop ([`dev`]) and the serving lifecycle
-//! ([`serve`]). The only place `anyhow` is used: everything below returns typed errors, and
+//! ([`lifecycle`]). The only place `anyhow` is used: everything below returns typed errors, and
 //! here they become messages for the terminal and the log.
 
 #![forbid(unsafe_code)]
@@ -9,7 +9,7 @@ pub(crate) mod cli;
 pub(crate) mod client;
 pub(crate) mod config;
 pub(crate) mod dev;
-pub(crate) mod serve;
+pub(crate) mod lifecycle;
 
 use std::process::ExitCode;
 
@@ -84,7 +84,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --plugin PATH or --plugin-dir DIR"),
     };
     let trust = Trust { insecure: args.insecure_plugin_dir, digests: args.trusted_digests.clone(), own_build: false };
-    serve::serve(&args.host, trust, source.clone(), move |registry, hangup, shutdown| {
+    lifecycle::run(&args.host, trust, source.clone(), move |registry, hangup, shutdown| {
         watch::run(source, registry, hangup, shutdown)
     }).await
 }

@@ -36,7 +36,8 @@ pub(crate) struct Brief {
     pub(crate) generation: u64,
     pub(crate) name: String,
     pub(crate) version: String,
-    pub(crate) file: PathBuf,
+    /// As text (lossy, if the path is not UTF-8).
+    pub(crate) file: String,
 }
 
 impl Brief {
@@ -45,7 +46,7 @@ impl Brief {
             generation: generation.id(),
             name: generation.name().to_owned(),
             version: generation.version().to_string(),
-            file: generation.source().to_path_buf(),
+            file: generation.source().to_string_lossy().into_owned(),
         }
     }
 }
@@ -195,7 +196,7 @@ impl Registry {
     }
 
     /// The cell the server reads the current generation from.
-    pub(crate) fn serving(&self) -> Arc<Current> {
+    pub(crate) fn current_cell(&self) -> Arc<Current> {
         self.current.clone()
     }
 

@@ -7,9 +7,9 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 pub(crate) use crate::control::registry::{Brief, Outcome};
 
@@ -28,6 +28,7 @@ pub(crate) struct Status {
     /// The pin, if a version is pinned (`null` when the highest version serves).
     pub(crate) pin: Option<PinEntry>,
     /// The plugin directory.
+    #[serde(serialize_with = "lossy")]
     pub(crate) plugin_source: PathBuf,
     /// The last ten refusals, newest first.
     pub(crate) refusals: Vec<RefusalEntry>,
@@ -40,6 +41,7 @@ pub(crate) struct Status {
 /// The current generation, in `/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct CurrentEntry {
+    #[serde(serialize_with = "lossy")]
     pub(crate) file: PathBuf,
     pub(crate) generation: u64,
     /// When it was loaded (RFC 3339), if its history record is still kept.
@@ -65,6 +67,7 @@ pub(crate) struct ResidentEntry {
     /// Seconds since it was loaded, to the millisecond.
     pub(crate) age_seconds: f64,
     pub(crate) bytes_sent: u64,
+    #[serde(serialize_with = "lossy")]
     pub(crate) file: PathBuf,
     pub(crate) generation: u64,
     /// Requests it is serving now.
@@ -86,6 +89,7 @@ pub(crate) struct ResidentEntry {
 pub(crate) struct HistoryEntry {
     /// When it was loaded or refused (RFC 3339).
     pub(crate) at: String,
+    #[serde(serialize_with = "lossy")]
     pub(crate) file: PathBuf,
     /// `null` for a refused build.
     pub(crate) generation: Option<u64>,
@@ -105,6 +109,7 @@ pub(crate) struct HistoryEntry {
 pub(crate) struct RefusalEntry {
     /// When it was refused (RFC 3339).
     pub(crate) at: String,
+    #[serde(serialize_with = "lossy")]
     pub(crate) file: PathBuf,
     pub(crate) reason: Option<String>,
     pub(crate) version: Option<String>,
@@ -113,6 +118,7 @@ pub(crate) struct RefusalEntry {
 /// A build the host knows of, in `/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct BuildEntry {
+    #[serde(serialize_with = "lossy")]
     pub(crate) file: PathBuf,
     pub(crate) name: String,
     /// Refused when it was started; not tried again until a reload.
@@ -132,6 +138,12 @@ pub(crate) struct PinRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ErrorBody {
     pub(crate) error: String,
+}
+
+/// A path as JSON text: one that is not UTF-8 (a plugin file may be named anything) is shown
+/// with replacement characters rather than failing the whole document.
+fn lossy<S: Serializer>(path: &Path, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&path.to_string_lossy())
 }
 
 #[cfg(test)]
@@ -222,5 +234,13 @@ mod tests {
         assert_eq!(serde_json::to_string(&read).unwrap(), text);
         let error: ErrorBody = serde_json::from_str(r#"{"error": "no"}"#).unwrap();
         assert_eq!(serde_json::to_value(error).unwrap(), json!({ "error": "no" }));
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_written_lossily() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let file = PathBuf::from(std::ffi::OsStr::from_bytes(b"/p/\xffapp.so"));
+        let build = BuildEntry { file, name: "app".into(), refused: false, version: "1.0.0".into() };
+        assert_eq!(serde_json::to_value(&build).unwrap()["file"], "/p/\u{fffd}app.so");
     }
 }

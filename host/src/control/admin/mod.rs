@@ -436,8 +436,11 @@ fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
     let (status, mut text) = match serde_json::to_vec_pretty(body) {
         Ok(text) => (status, text),
-        // A value JSON cannot carry (a path that is not UTF-8): say so, as an error.
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{{\"error\": \"cannot encode the answer as JSON: {e}\"}}").into_bytes()),
+        // Not expected (paths are written lossily): say so, as an error.
+        Err(e) => {
+            let error = ErrorBody { error: format!("cannot encode the answer as JSON: {e}") };
+            (StatusCode::INTERNAL_SERVER_ERROR, serde_json::to_vec_pretty(&error).unwrap_or_default())
+        }
     };
     text.push(b'\n');
     let mut response = Response::new(Full::new(Bytes::from(text)));

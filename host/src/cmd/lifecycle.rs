@@ -25,7 +25,7 @@ use crate::serve::Server;
 /// Serves until SIGTERM or SIGINT, starting with the build of `source` that should serve
 /// (see `builds`); `triggers` runs beside the server and swaps in new generations (file watcher, dev
 /// rebuilds; SIGHUP arrives on the given stream) until the token is cancelled.
-pub(crate) async fn serve<T, F>(args: &HostArgs, trust: Trust, source: PluginSource, triggers: T) -> anyhow::Result<()>
+pub(crate) async fn run<T, F>(args: &HostArgs, trust: Trust, source: PluginSource, triggers: T) -> anyhow::Result<()>
 where
     T: FnOnce(Arc<Registry>, Signal, CancellationToken) -> F,
     F: Future<Output = ()> + Send + 'static,
@@ -60,7 +60,7 @@ where
     }
     tracing::info!("listening on http://{}", listener.local_addr()?);
     notify_service_manager(&[NotifyState::Ready]);
-    let server = Server::new(registry.serving(), args.limits.limits(), latch);
+    let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
     server.accept_loop(listener).await;
     notify_service_manager(&[NotifyState::Stopping]);
     let _ = triggers.await;
