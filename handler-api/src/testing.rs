@@ -37,7 +37,8 @@
 //! - **Timers and blocking work** need a tokio runtime: poll the handler inside one (as
 //!   `block_on`, `#[tokio::test]` or a hyper server do), with its time driver enabled
 //!   (`enable_time` or `enable_all`). Outside a runtime, `sleep` panics and `spawn_blocking`
-//!   fails with a [`BlockingError`](crate::BlockingError), as they do outside hotswap.
+//!   fails with a [`BlockingError`](crate::BlockingError), as they do in a plugin on a thread
+//!   that is not its generation's.
 //! - **Logging**: called in-process, the handler shares the process's `tracing`, so its events
 //!   go straight to whatever subscriber the process (or the test) has installed. What
 //!   handler-api itself writes to the host's log goes to that subscriber too, with target
