@@ -35,6 +35,10 @@
 //! them before it unloads the library, so `thread_local!`, `tracing` and
 //! `std::thread::current()` are safe to use. Do not start threads or a runtime yourself:
 //! use [`sleep`] for timers and [`spawn_blocking`] for blocking work such as file reads.
+//! A thread your code starts anyway (directly, or through a crate such as a blocking HTTP
+//! client or a pool) keeps your build loaded until it exits: the host never unloads a library
+//! while a thread it did not start may run its code, and after a few seconds leaves it loaded
+//! for good, with a warning. Stop such threads in your `shutdown` hook.
 //!
 //! Each request runs on the generation that was current when it started, until its response
 //! body has ended, even if a newer build has been swapped in since. Global state (statics,

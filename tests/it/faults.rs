@@ -211,3 +211,32 @@ async fn beyond_max_generations_the_oldest_draining_generation_is_cut_off() {
     assert!(on_v2.chunk().await.unwrap().is_some(), "v2's download was cut off too");
     assert_eq!(host.version().await, "3.0.0");
 }
+
+#[tokio::test]
+async fn threads_a_plugin_starts_keep_its_library_loaded_until_they_exit() {
+    // A thread of the plugin's own (named, so no name gives it away) that ends soon: the
+    // unload waits for it, then unmaps the library.
+    let dir = temp_dir("fault-threads-short");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    let started = reqwest::get(host.url("/spawn-thread?seconds=2")).await.unwrap().text().await.unwrap();
+    assert_eq!(started, "started\n");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    assert!(host.wait_for_log("generation unloaded and unmapped generation=1", WAIT), "{}", host.log());
+    assert!(!host.log().contains("leaked"), "{}", host.log());
+
+    // One that outlives the unload: the library is never closed under it. It stays loaded,
+    // the log names the thread, status says leaked, and the new version serves.
+    let dir = temp_dir("fault-threads-long");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    reqwest::get(host.url("/spawn-thread?seconds=600")).await.unwrap();
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    assert!(host.wait_for_log("its library stays loaded (leaked)", WAIT), "{}", host.log());
+    assert!(host.log().contains("(fixture-pool)"), "the log does not name the thread:\n{}", host.log());
+    assert_eq!(host.version().await, "1.0.0");
+    let (_, status) = host.command_json(&["status"]);
+    let history = status["history"].as_array().unwrap();
+    assert!(history.iter().any(|r| r["generation"] == 1 && r["state"] == "leaked"), "{status}");
+    assert_eq!(host.mapped_plugins().len(), 2, "the leaked library was unmapped");
+}

@@ -141,14 +141,15 @@ async fn rebuild_loop(
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let watched = dirs.clone();
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    // The watcher's thread is the host's (see plugin::threads).
+    let watcher = crate::plugin::threads::adopt(|| notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         let relevant = event.kind.is_create() || event.kind.is_modify() || event.kind.is_remove();
         let source = event.paths.iter().any(|p| is_source(&watched, p));
         if relevant && source {
             let _ = tx.send(());
         }
-    });
+    }));
     let mut watcher = match watcher {
         Ok(w) => w,
         Err(e) => return tracing::error!("cannot watch the sources ({e}); live reload is off"),

@@ -18,6 +18,7 @@ use clap::Parser;
 
 use crate::control::builds::PluginSource;
 use crate::control::watch;
+use crate::plugin::threads::{self, Owner};
 use crate::plugin::trust::Trust;
 use cli::{Cli, Command, ServeArgs};
 
@@ -68,9 +69,13 @@ fn init_logging(level: &str, format: &str) {
 
 /// The host's own runtime: accepting, signals, swaps. Plugin code never runs on it.
 fn run(main: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    // The host's threads are told from those plugin code starts by id (see plugin::threads).
+    threads::register(Owner::Host);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("hs-main")
+        .on_thread_start(|| threads::register(Owner::Host))
+        .on_thread_stop(threads::unregister)
         .build()
         .context("cannot start the host runtime")?;
     runtime.block_on(main)

@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::builds::PluginSource;
+use crate::plugin::threads;
 use crate::plugin::GenerationError;
 use crate::plugin::loader::{Identity, LoadError};
 use crate::control::registry::{Outcome, Registry};
@@ -62,8 +63,11 @@ enum Trigger {
 pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let fs_tx = tx.clone();
-    let mut watcher = match notify::recommended_watcher(move |event| {
-        let _ = fs_tx.send(Trigger::Fs(event));
+    // The watcher's thread is the host's (see plugin::threads).
+    let mut watcher = match threads::adopt(|| {
+        notify::recommended_watcher(move |event| {
+            let _ = fs_tx.send(Trigger::Fs(event));
+        })
     }) {
         Ok(w) => w,
         Err(e) => {

@@ -2,6 +2,7 @@
 //! opened, its declaration checked) and then a [`Generation`] (its runtime started, `init`
 //! and the readiness check run, each under a timeout).
 
+use std::collections::BTreeSet;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -17,6 +18,7 @@ use crate::plugin::loader::{self, Identity, Library, LoadError, ShadowDir};
 use crate::plugin::reaper::{self, thread_name};
 use crate::plugin::services::{self, PluginContext};
 use crate::plugin::table;
+use crate::plugin::threads::{self, Owner};
 use crate::plugin::trust::{Trust, TrustError};
 
 /// Why a candidate plugin did not become a generation.
@@ -120,6 +122,9 @@ pub(crate) struct Candidate {
     version: semver::Version,
     /// Taken by `start` (or `Drop`).
     library: Option<Library>,
+    /// The threads not the host's that were alive before its library was opened: any other
+    /// that appears may run its code (see `threads`).
+    foreign_before: BTreeSet<i32>,
 }
 
 impl std::fmt::Debug for Candidate {
@@ -140,6 +145,7 @@ impl Candidate {
         };
         let Copied { shadow, identity, digest } =
             prepared.map_err(|join| GenerationError::Runtime(std::io::Error::other(join.to_string())))??;
+        let foreign_before = threads::foreign();
         match open_library(&shadow).await {
             Ok(library) => Ok(Candidate {
                 source: source.to_path_buf(),
@@ -149,6 +155,7 @@ impl Candidate {
                 name: library.name.clone(),
                 version: library.version.clone(),
                 library: Some(library),
+                foreign_before,
             }),
             Err(e) => {
                 let _ = std::fs::remove_file(&shadow);
@@ -188,7 +195,11 @@ impl Candidate {
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.worker_threads.max(1))
             .thread_name(thread_name(id))
-            .on_thread_start(move || generation::enter_thread(id))
+            .on_thread_start(move || {
+                threads::register(Owner::Generation(id));
+                generation::enter_thread(id);
+            })
+            .on_thread_stop(threads::unregister)
             .enable_all()
             .build()
         {
@@ -220,6 +231,7 @@ impl Candidate {
             runtime: ManuallyDrop::new(runtime),
             api: ManuallyDrop::new(api),
             context: ManuallyDrop::new(context),
+            foreign_before: std::mem::take(&mut self.foreign_before),
         };
         // On any error below, `generation` drops and the reaper unloads it.
         let plugin = generation.label();
@@ -266,13 +278,26 @@ impl Candidate {
     }
 }
 
+/// How long a candidate that is not started waits for threads its initialisers started.
+const CANDIDATE_THREADS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Drop for Candidate {
     fn drop(&mut self) {
         let Some(library) = self.library.take() else { return };
         let (source, shadow) = (std::mem::take(&mut self.source), std::mem::take(&mut self.shadow));
+        let foreign_before = std::mem::take(&mut self.foreign_before);
         // dlclose runs the library's finalisers: on the blocking pool, not the host's thread.
         let close = move || {
-            if let Err(e) = library.close() {
+            // Its initialisers may have started threads that run its code.
+            let holding = threads::wait_released(None, &foreign_before, CANDIDATE_THREADS_WAIT);
+            if !holding.is_empty() {
+                tracing::warn!(
+                    file = %source.display(),
+                    threads = %threads::describe(&holding),
+                    "threads the candidate's initialisers started are still running; its library stays loaded (leaked)"
+                );
+                std::mem::forget(library);
+            } else if let Err(e) = library.close() {
                 tracing::warn!(file = %source.display(), "dlclose of a candidate failed: {e}");
             }
             let _ = std::fs::remove_file(&shadow);
@@ -293,7 +318,8 @@ async fn open_library(shadow: &Path) -> Result<Library, GenerationError> {
     let path = shadow.to_path_buf();
     // SAFETY: the operator chose this file as a plugin; opening it runs its initialisers,
     // which is what loading a plugin means.
-    let opening = std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || unsafe { Library::open(&path) });
+    let opening =
+        std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || threads::host_thread(|| unsafe { Library::open(&path) }));
     let thread = opening.map_err(GenerationError::Runtime)?;
     let joined = tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| failed(e.to_string()))?;
     Ok(joined.map_err(|_| failed("opening the library panicked".into()))??)

@@ -21,6 +21,7 @@
 //! hands what is left to the reaper (`reaper`), which unloads it.
 
 use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +74,8 @@ pub(crate) struct Generation {
     pub(super) runtime: ManuallyDrop<tokio::runtime::Runtime>,
     pub(super) api: ManuallyDrop<Box<HostApi>>,
     pub(super) context: ManuallyDrop<Box<PluginContext>>,
+    /// The threads not the host's that were alive before its library was opened.
+    pub(super) foreign_before: BTreeSet<i32>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -173,6 +176,7 @@ impl Drop for Generation {
                 runtime: ManuallyDrop::take(&mut self.runtime),
                 api: ManuallyDrop::take(&mut self.api),
                 context: ManuallyDrop::take(&mut self.context),
+                foreign_before: std::mem::take(&mut self.foreign_before),
             }
         };
         // This may run on one of the generation's own threads (the last request ended

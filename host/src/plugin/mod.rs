@@ -18,6 +18,7 @@ pub(crate) mod response;
 pub(crate) mod services;
 pub(crate) mod stats;
 pub(crate) mod table;
+pub(crate) mod threads;
 pub(crate) mod trust;
 
 pub(crate) use candidate::{Candidate, GenerationError, LoadOptions};

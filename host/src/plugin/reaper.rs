@@ -6,6 +6,7 @@
 //! runtime down and joins its threads (their TLS destructors run while the library is still
 //! mapped), closes the library, deletes the shadow copy and checks `/proc/self/maps`.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -16,8 +17,10 @@ use handler_api::abi::HostApi;
 use crate::plugin::services::PluginContext;
 use crate::plugin::loader::{self, Library};
 use crate::plugin::stats::{GenerationStats, Unloaded};
+use crate::plugin::threads;
 
-/// The name of every thread of generation `id` (also how `/proc` finds stragglers).
+/// The name of every thread of generation `id`, for people (the host tells its threads by
+/// id: see `threads`).
 pub(crate) fn thread_name(id: u64) -> String {
     format!("hs-gen{id}")
 }
@@ -36,6 +39,8 @@ pub(crate) struct Retired {
     pub(crate) runtime: tokio::runtime::Runtime,
     pub(crate) api: Box<HostApi>,
     pub(crate) context: Box<PluginContext>,
+    /// The threads not the host's that were alive when its library was opened.
+    pub(crate) foreign_before: BTreeSet<i32>,
 }
 
 /// Hands `retired` to the reaper thread, which unloads it.
@@ -47,7 +52,7 @@ impl Retired {
     /// Shutdown hook, join threads, close, delete, verify.
     fn unload(self) {
         let started = Instant::now();
-        let Retired { id, label, stats, shadow, initialized, timeout, library, runtime, api, context } = self;
+        let Retired { id, label, stats, shadow, initialized, timeout, library, runtime, api, context, foreign_before } = self;
         if initialized {
             let shutdown = library.declaration().shutdown;
             let (done_tx, done_rx) = mpsc::channel();
@@ -60,36 +65,40 @@ impl Retired {
                 tracing::warn!(generation = id, plugin = %label, "shutdown hook did not return within {timeout:?}");
             }
         }
-        let joining = Instant::now();
         runtime.shutdown_timeout(timeout);
-        // A joined thread can linger in /proc for a moment while the kernel finishes its exit
-        // (pthread_join returns when the tid is cleared, before the task is reaped): wait for
-        // those. A thread still there after the timeout is stuck in plugin code.
-        let mut stragglers = live_threads(&thread_name(id));
-        while stragglers > 0 && joining.elapsed() < timeout {
-            std::thread::sleep(Duration::from_millis(2));
-            stragglers = live_threads(&thread_name(id));
-        }
-        if stragglers > 0 {
-            // Code of the library is still running (an init or blocking job that never
-            // returns): closing it would pull the code out from under that thread.
+        // Threads still running plugin code: the generation's own (an init or blocking job
+        // that never returns), and threads the plugin started itself. Closing the library
+        // would pull the code out from under them. (Joined threads may linger in /proc for a
+        // moment; they are waited for.)
+        let holding = threads::wait_released(Some(id), &foreign_before, timeout);
+        let leaked = !holding.is_empty();
+        let mapped = if leaked {
             tracing::warn!(
                 generation = id,
                 plugin = %label,
-                threads = stragglers,
-                "threads of the old generation are still running plugin code; its library stays loaded (leaked)"
+                threads = %threads::describe(&holding),
+                "threads are still running the old generation's code (its own, or threads its plugin started); \
+                 its library stays loaded (leaked): a plugin must stop the threads it starts in its shutdown hook"
             );
             std::mem::forget((library, api, context));
             LEAKED.fetch_add(1, Ordering::Relaxed);
+            false
         } else {
             if let Err(e) = library.close() {
                 tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
             }
-            drop((api, context));
-        }
+            let mapped = loader::is_mapped(&shadow);
+            if mapped {
+                // Code of the library may still run (a destructor it registered): the table
+                // and context it may call stay too.
+                std::mem::forget((api, context));
+            } else {
+                drop((api, context));
+            }
+            mapped
+        };
         let _ = std::fs::remove_file(&shadow);
-        let mapped = loader::is_mapped(&shadow);
-        stats.set_unloaded(match (stragglers > 0, mapped) {
+        stats.set_unloaded(match (leaked, mapped) {
             (true, _) => Unloaded::Leaked,
             (false, true) => Unloaded::StillMapped,
             (false, false) => Unloaded::Unmapped,
@@ -102,22 +111,12 @@ impl Retired {
                 shadow = %shadow.display(),
                 "generation closed but its library is STILL MAPPED (see /proc/self/maps)"
             );
-        } else if stragglers == 0 {
+        } else if !leaked {
             UNMAPPED.fetch_add(1, Ordering::Relaxed);
             tracing::info!(generation = id, plugin = %label, elapsed = ?started.elapsed(), "generation unloaded and unmapped");
         }
         live_generations().fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// Counts threads of this process named `name` (Linux `comm`, at most 15 bytes).
-fn live_threads(name: &str) -> usize {
-    let name = &name.as_bytes()[..name.len().min(15)];
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    tasks
-        .filter_map(Result::ok)
-        .filter(|t| std::fs::read(t.path().join("comm")).is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) == name))
-        .count()
 }
 
 static UNMAPPED: AtomicU64 = AtomicU64::new(0);
@@ -157,7 +156,7 @@ impl Reaper {
             let id = r.id;
             let slot = Arc::new(Mutex::new(Some(r)));
             let theirs = slot.clone();
-            let unload = move || theirs.lock().ok().and_then(|mut r| r.take()).map(|r| r.unload());
+            let unload = move || threads::host_thread(|| theirs.lock().ok().and_then(|mut r| r.take()).map(|r| r.unload()));
             if let Err(e) = std::thread::Builder::new().name("hs-unload".into()).spawn(unload) {
                 tracing::error!(generation = id, "cannot start a thread to unload the generation ({e}); it stays loaded");
                 // Dropping it here would close the library under threads that may run it.
@@ -172,12 +171,14 @@ fn reaper() -> &'static Reaper {
     REAPER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Message>();
         let spawned = std::thread::Builder::new().name("hs-reaper".into()).spawn(move || {
-            for message in rx {
-                match message {
-                    Message::Retire(r) => r.unload(),
-                    Message::Flush(done) => drop(done.send(())),
+            threads::host_thread(|| {
+                for message in rx {
+                    match message {
+                        Message::Retire(r) => r.unload(),
+                        Message::Flush(done) => drop(done.send(())),
+                    }
                 }
-            }
+            })
         });
         if let Err(e) = spawned {
             tracing::error!("cannot start the reaper thread ({e}); generations will be unloaded inline");
