@@ -122,3 +122,57 @@ async fn a_build_refused_at_start_is_refused_once() {
     let (_, status) = host.command_json(&["status"]);
     assert_eq!(status["refusals"].as_array().map(Vec::len), Some(1), "{status}");
 }
+
+/// The `n`-byte little-endian field at `at` of an ELF image, as a number.
+fn le(bytes: &[u8], at: usize, n: usize) -> u64 {
+    bytes[at..at + n].iter().rev().fold(0, |v, b| v << 8 | u64::from(*b))
+}
+
+/// Where the last loaded segment (`PT_LOAD`) of the 64-bit ELF image `elf` ends in the file.
+fn loaded_end(elf: &[u8]) -> usize {
+    let (phoff, phentsize, phnum) = (le(elf, 0x20, 8), le(elf, 0x36, 2), le(elf, 0x38, 2));
+    let end = (0..phnum)
+        .map(|i| (phoff + i * phentsize) as usize)
+        .filter(|&ph| le(elf, ph, 4) == 1)
+        .map(|ph| le(elf, ph + 8, 8) + le(elf, ph + 0x20, 8))
+        .max()
+        .expect("no PT_LOAD segment");
+    end as usize
+}
+
+/// The first `len` bytes of `elf`, with no section header table: what `sstrip` (or
+/// `strip --strip-section-headers`) leaves of a library, e_shoff, e_shnum and e_shstrndx zero.
+fn without_section_headers(elf: &[u8], len: usize) -> Vec<u8> {
+    let mut stripped = elf[..len].to_vec();
+    stripped[0x28..0x30].fill(0);
+    stripped[0x3c..0x40].fill(0);
+    stripped
+}
+
+#[tokio::test]
+async fn a_truncated_library_without_section_headers_is_refused_and_the_host_keeps_serving() {
+    let dir = temp_dir("candidates-stripped");
+    let scratch = temp_dir("candidates-stripped-src");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+
+    // Cut off halfway through its loaded segments: only the program headers tell. dlopen would
+    // map the missing pages and fault (SIGBUS) on touching them, taking the host down.
+    let real = std::fs::read(example_version("2.0.0")).unwrap();
+    let end = loaded_end(&real);
+    let truncated = write_file(&scratch.join("truncated"), &without_section_headers(&real, end / 2));
+    place_by_rename(&truncated, &dir.join("stripped.so"));
+    let refused = format!("incomplete file: {} bytes, but its ELF headers say it ends at byte {end}", end / 2);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let is_refusal = |l: &str| l.contains("refused plugin candidate: ") && l.contains(&refused) && l.contains("so it is truncated");
+    while !host.log().lines().any(is_refusal) {
+        assert!(Instant::now() < deadline, "the truncated stripped library was not refused as truncated:\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(host.version().await, "1.0.0", "{}", host.log());
+
+    // Complete up to its last loaded byte (sstrip drops what follows): loaded and served.
+    let complete = write_file(&scratch.join("complete"), &without_section_headers(&real, end));
+    place_by_rename(&complete, &dir.join("stripped.so"));
+    host.wait_version("2.0.0").await;
+}

@@ -326,7 +326,7 @@ pub(crate) fn open_plugin(path: &Path) -> Result<PluginFile, LoadError> {
 pub(crate) struct Copy {
     pub(crate) shadow: PathBuf,
     pub(crate) len: u64,
-    /// The first bytes (up to an ELF header's 64).
+    /// The first bytes (up to [`HEAD_LEN`]), for the completeness check.
     pub(crate) head: Vec<u8>,
     /// SHA-256 of the copy, in lowercase hex, when asked for.
     pub(crate) sha256: Option<String>,
@@ -345,13 +345,18 @@ enum Failed {
     Write(std::io::Error),
 }
 
-/// Copies `from` to `to` in 64 KiB steps; returns the length, the first 64 bytes and the
-/// SHA-256 (with `hash`).
+/// How much of the start of a plugin file a copy keeps for [`check_complete`]: the ELF header
+/// and the program header table that linkers put right after it (at 56 bytes an entry, far
+/// more than a library has).
+const HEAD_LEN: usize = 64 * 1024;
+
+/// Copies `from` to `to` in 64 KiB steps; returns the length, the first [`HEAD_LEN`] bytes and
+/// the SHA-256 (with `hash`).
 fn stream(from: &mut fs::File, to: &mut fs::File, hash: bool) -> Result<(u64, Vec<u8>, Option<String>), Failed> {
     use sha2::Digest as _;
     use std::io::{ErrorKind, Read as _, Write as _};
     let mut buf = vec![0u8; 64 * 1024];
-    let (mut len, mut head, mut hasher) = (0u64, Vec::with_capacity(64), hash.then(sha2::Sha256::new));
+    let (mut len, mut head, mut hasher) = (0u64, Vec::new(), hash.then(sha2::Sha256::new));
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break,
@@ -360,8 +365,8 @@ fn stream(from: &mut fs::File, to: &mut fs::File, hash: bool) -> Result<(u64, Ve
             Err(e) => return Err(Failed::Read(e)),
         };
         let chunk = &buf[..n];
-        if head.len() < 64 {
-            head.extend_from_slice(&chunk[..chunk.len().min(64 - head.len())]);
+        if head.len() < HEAD_LEN {
+            head.extend_from_slice(&chunk[..chunk.len().min(HEAD_LEN - head.len())]);
         }
         if let Some(hasher) = hasher.as_mut() {
             hasher.update(chunk);
@@ -372,29 +377,187 @@ fn stream(from: &mut fs::File, to: &mut fs::File, hash: bool) -> Result<(u64, Ve
     Ok((len, head, hasher.map(|h| crate::plugin::trust::hex(&h.finalize()))))
 }
 
-/// Checks that an ELF file (`bytes`: its first 64 bytes or more; `len`: its length) is as
-/// long as its own headers say, so that a file still being
-/// written is never handed to `dlopen` (whose mappings past the end of a file fault on
-/// access). Linkers write the section header table last, at the end of the file, so its end
-/// is where the file must end. Written by hand: it is 15 lines of reading three header fields,
-/// not worth an ELF-parsing dependency. Files that are not 64-bit little-endian ELF pass
-/// (`dlopen` refuses them with its own message); files shorter than a header fail.
+/// Checks that an ELF file (`bytes`: its first bytes, as [`Copy::head`] holds them; `len`: its
+/// length) is as long as its own headers say, so that a file still being written, or cut
+/// short, is never handed to `dlopen`: its mappings past the end of the file fault (SIGBUS)
+/// when touched, taking the host down.
+///
+/// The file must hold its ELF header, its program header table, every loaded segment
+/// (`PT_LOAD`, `p_offset + p_filesz`: what `dlopen` maps) and, when it has one, its section
+/// header table (linkers write it last, at the very end). The section headers alone are not
+/// enough: a stripped library may have none (`sstrip`, `strip --strip-section-headers`), and
+/// then only the program headers say where it ends.
+///
+/// Written by hand: it reads a dozen header fields, not worth an ELF-parsing dependency. Files
+/// that are not 64-bit little-endian ELF pass (`dlopen` refuses them with its own message),
+/// and so does a program header table `dlopen` would refuse (entries not 56 bytes long);
+/// files shorter than an ELF header fail. A program header table past the bytes given (linkers
+/// put it right after the ELF header) cannot be read: only its own end is checked then.
 pub(crate) fn check_complete(path: &Path, bytes: &[u8], len: u64) -> Result<(), LoadError> {
-    let incomplete = |needed| Err(LoadError::Incomplete { path: path.to_path_buf(), len, needed });
-    if bytes.len() < 64 {
-        return if bytes.is_empty() || b"\x7fELF".starts_with(&bytes[..bytes.len().min(4)]) { incomplete(64) } else { Ok(()) };
+    let needed = elf_end(bytes);
+    if needed > len { Err(LoadError::Incomplete { path: path.to_path_buf(), len, needed }) } else { Ok(()) }
+}
+
+/// Size of the ELF64 file header.
+const ELF_HEADER: u64 = 64;
+/// Size of an ELF64 program header.
+const PROGRAM_HEADER: u64 = 56;
+/// The program header type of a loaded segment.
+const PT_LOAD: u32 = 1;
+
+/// Where the ELF image starting with `bytes` says it ends (0 if it is not 64-bit
+/// little-endian ELF); see [`check_complete`].
+fn elf_end(bytes: &[u8]) -> u64 {
+    if bytes.len() < ELF_HEADER as usize {
+        // Empty, or the start of an ELF header: it needs at least a whole one.
+        return if b"\x7fELF".starts_with(&bytes[..bytes.len().min(4)]) { ELF_HEADER } else { 0 };
     }
     if &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
-        return Ok(());
+        return 0;
     }
-    let u16_at = |o: usize| u64::from(u16::from_le_bytes([bytes[o], bytes[o + 1]]));
-    let shoff = u64::from_le_bytes(bytes[0x28..0x30].try_into().unwrap_or_default());
-    let needed = shoff.saturating_add(u16_at(0x3a).saturating_mul(u16_at(0x3c)));
-    if needed > len { incomplete(needed) } else { Ok(()) }
+    // Fields of `bytes` at `at`, little-endian; `None` past the end.
+    let field = |at: u64, n: usize| -> Option<u64> {
+        let at = usize::try_from(at).ok()?;
+        let field = bytes.get(at..at.checked_add(n)?)?;
+        Some(field.iter().rev().fold(0, |v, b| v << 8 | u64::from(*b)))
+    };
+    let header = |at: u64, n: usize| field(at, n).unwrap_or_default();
+    let mut end = ELF_HEADER;
+
+    let (shoff, shentsize, shnum) = (header(0x28, 8), header(0x3a, 2), header(0x3c, 2));
+    if shoff != 0 {
+        end = end.max(shoff.saturating_add(shentsize * shnum));
+    }
+
+    let (phoff, phentsize, phnum) = (header(0x20, 8), header(0x36, 2), header(0x38, 2));
+    if phnum == 0 || phentsize != PROGRAM_HEADER {
+        return end;
+    }
+    end = end.max(phoff.saturating_add(phentsize * phnum));
+    for entry in (0..phnum).map(|i| phoff.saturating_add(i * phentsize)) {
+        let (Some(kind), Some(offset), Some(size)) = (field(entry, 4), field(entry + 8, 8), field(entry + 0x20, 8)) else {
+            break; // past the bytes given: only the table's end is checked
+        };
+        if kind == u64::from(PT_LOAD) {
+            end = end.max(offset.saturating_add(size));
+        }
+    }
+    end
 }
 
 /// Whether `/proc/self/maps` still lists `path`: the real test that `dlclose` unmapped it.
 pub(crate) fn is_mapped(path: &Path) -> bool {
     let needle = path.to_string_lossy();
     fs::read_to_string("/proc/self/maps").map(|maps| maps.lines().any(|l| l.contains(needle.as_ref()))).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PT_DYNAMIC: u32 = 2;
+    const PT_GNU_STACK: u32 = 0x6474_e551;
+
+    /// A 64-bit little-endian ELF header and, right after it, program headers `(type, offset,
+    /// size in the file)`; `sections` section headers at `shoff` (none if 0).
+    fn elf(segments: &[(u32, u64, u64)], shoff: u64, sections: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        b[0x10..0x12].copy_from_slice(&3u16.to_le_bytes()); // ET_DYN
+        b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        b[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+        b[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        b[0x38..0x3a].copy_from_slice(&u16::try_from(segments.len()).unwrap().to_le_bytes());
+        b[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
+        b[0x3c..0x3e].copy_from_slice(&sections.to_le_bytes());
+        for &(kind, offset, size) in segments {
+            let mut ph = [0u8; 56];
+            ph[..4].copy_from_slice(&kind.to_le_bytes());
+            ph[8..16].copy_from_slice(&offset.to_le_bytes());
+            ph[0x20..0x28].copy_from_slice(&size.to_le_bytes()); // p_filesz
+            ph[0x28..0x30].copy_from_slice(&size.to_le_bytes()); // p_memsz
+            b.extend_from_slice(&ph);
+        }
+        b
+    }
+
+    /// Where `check_complete` says a file starting with `bytes`, `len` bytes long, must end
+    /// at least; `None` if it passes.
+    fn needed(bytes: &[u8], len: u64) -> Option<u64> {
+        match check_complete(Path::new("lib.so"), bytes, len) {
+            Ok(()) => None,
+            Err(LoadError::Incomplete { needed, len: l, .. }) => {
+                assert_eq!(l, len);
+                Some(needed)
+            }
+            Err(e) => panic!("not an Incomplete error: {e}"),
+        }
+    }
+
+    /// A library as a linker lays it out: two loaded segments, the dynamic section inside the
+    /// second, then what is not loaded (symbols, debug information) and the section headers.
+    const LOADS: [(u32, u64, u64); 4] =
+        [(PT_LOAD, 0, 0x2000), (PT_LOAD, 0x2000, 0x3000), (PT_DYNAMIC, 0x4000, 0x100), (PT_GNU_STACK, 0, 0)];
+
+    #[test]
+    fn a_stripped_library_cut_short_inside_a_loaded_segment_is_incomplete() {
+        // No section headers (sstrip, strip --strip-section-headers): the program headers
+        // alone say that the file ends at 0x5000.
+        let stripped = elf(&LOADS, 0, 0);
+        assert_eq!(needed(&stripped, 0x3000), Some(0x5000));
+        assert_eq!(needed(&stripped, 0x4fff), Some(0x5000));
+        assert_eq!(needed(&stripped, 0x5000), None);
+        assert_eq!(needed(&stripped, 0x9000), None, "what follows the loaded segments is not needed");
+    }
+
+    #[test]
+    fn section_headers_when_present_are_needed_too() {
+        let full = elf(&LOADS, 0x8000, 10);
+        assert_eq!(needed(&full, 0x5000), Some(0x8000 + 640), "symbols and section headers cut off");
+        assert_eq!(needed(&full, 0x8000 + 640), None);
+        // Section headers before the end of a loaded segment do not hide it.
+        let odd = elf(&LOADS, 0x1000, 2);
+        assert_eq!(needed(&odd, 0x1000 + 128), Some(0x5000));
+    }
+
+    #[test]
+    fn the_program_header_table_itself_must_be_there() {
+        let stripped = elf(&LOADS, 0, 0);
+        // Only the ELF header has been written so far.
+        assert_eq!(needed(&stripped[..64], 64), Some(64 + 4 * 56));
+        assert_eq!(needed(&stripped[..100], 100), Some(64 + 4 * 56));
+        // A table past the bytes given: its end is checked, its entries cannot be.
+        assert_eq!(needed(&stripped[..100], 64 + 4 * 56), None);
+    }
+
+    #[test]
+    fn only_loaded_segments_count_and_nothing_overflows() {
+        // A segment that is not loaded (here one claiming to lie far out) is not mapped.
+        let note = elf(&[(PT_LOAD, 0, 0x1000), (4, 0x10_0000, 0x10)], 0, 0);
+        assert_eq!(needed(&note, 0x1000), None);
+        let huge = elf(&[(PT_LOAD, u64::MAX - 1, 0x10)], u64::MAX - 4, 0xffff);
+        assert_eq!(needed(&huge, 1 << 20), Some(u64::MAX));
+    }
+
+    #[test]
+    fn program_headers_of_another_size_are_left_to_dlopen() {
+        let mut odd = elf(&LOADS, 0, 0);
+        odd[0x36..0x38].copy_from_slice(&64u16.to_le_bytes());
+        assert_eq!(needed(&odd, 0x1000), None);
+    }
+
+    #[test]
+    fn files_shorter_than_an_elf_header_and_other_formats() {
+        assert_eq!(needed(b"", 0), Some(64));
+        assert_eq!(needed(b"\x7fEL", 3), Some(64));
+        assert_eq!(needed(b"\x7fELF\x02\x01", 6), Some(64));
+        assert_eq!(needed(b"#!/bin/sh\n", 10), None);
+        let mut elf32 = elf(&LOADS, 0, 0);
+        elf32[4] = 1;
+        assert_eq!(needed(&elf32, 0x1000), None, "32-bit ELF is dlopen's to refuse");
+        let mut big_endian = elf(&LOADS, 0, 0);
+        big_endian[5] = 2;
+        assert_eq!(needed(&big_endian, 0x1000), None);
+    }
 }
