@@ -176,3 +176,27 @@ async fn a_truncated_library_without_section_headers_is_refused_and_the_host_kee
     place_by_rename(&complete, &dir.join("stripped.so"));
     host.wait_version("2.0.0").await;
 }
+
+fn mkfifo(path: &Path) {
+    let made = std::process::Command::new("mkfifo").arg(path).status().expect("cannot run mkfifo");
+    assert!(made.success(), "mkfifo {} failed", path.display());
+}
+
+#[tokio::test]
+async fn a_fifo_named_like_a_plugin_does_not_stop_the_host() {
+    // Opening a FIFO for reading waits for a writer: a load that opened one would hang, and
+    // with it every load after it. (The loader refuses one without opening it for good; the
+    // directory scans pass over files that are not regular before that.)
+    let dir = temp_dir("candidates-fifo");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    mkfifo(&dir.join("early.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    assert!(host.wait_for_log("watching for new plugin builds", WAIT), "{}", host.log());
+    mkfifo(&dir.join("late.so"));
+    host.signal("HUP");
+    assert!(host.wait_for_log("SIGHUP: rescanning the plugin directory", WAIT), "{}", host.log());
+    assert_eq!(host.version().await, "1.0.0");
+    // Loads still go on.
+    place_by_rename(&example_version("2.0.0"), &dir.join("next.so"));
+    host.wait_version("2.0.0").await;
+}

@@ -310,12 +310,12 @@ pub(crate) struct PluginFile {
     pub(crate) real_path: Option<PathBuf>,
 }
 
-/// Opens a plugin file.
+/// Opens a plugin file; refuses, without waiting, one that is not a regular file (a FIFO
+/// named `*.so` would block the open until a writer came: see `trust::open_regular`).
 pub(crate) fn open_plugin(path: &Path) -> Result<PluginFile, LoadError> {
     use std::os::fd::AsRawFd as _;
     let open = || -> std::io::Result<_> {
-        let file = fs::File::open(path)?;
-        let metadata = file.metadata()?;
+        let (file, metadata) = crate::plugin::trust::open_regular(path)?;
         let real_path = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok();
         Ok(PluginFile { file, metadata, real_path })
     };
@@ -545,6 +545,38 @@ mod tests {
         let mut odd = elf(&LOADS, 0, 0);
         odd[0x36..0x38].copy_from_slice(&64u16.to_le_bytes());
         assert_eq!(needed(&odd, 0x1000), None);
+    }
+
+    /// A fresh directory of this test process.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hotswap-loader-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_fifo_named_like_a_plugin_is_refused_without_waiting_for_a_writer() {
+        let dir = scratch("fifo");
+        let fifo = dir.join("app.so");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || tx.send(open_plugin(&path).map(|_| ())));
+        let Ok(opened) = rx.recv_timeout(std::time::Duration::from_secs(5)) else {
+            // Let the stuck open go (a writer arrives), then fail.
+            let _ = fs::OpenOptions::new().write(true).open(&fifo);
+            panic!("opening a FIFO named app.so waited for a writer");
+        };
+        let error = opened.expect_err("a FIFO was opened as a plugin").to_string();
+        assert!(error.contains("app.so: it is a FIFO (named pipe), not a regular file"), "{error}");
+
+        let error = open_plugin(&dir).map(|_| ()).expect_err("a directory was opened as a plugin").to_string();
+        assert!(error.ends_with("it is a directory, not a regular file"), "{error}");
+        fs::write(dir.join("real.so"), b"\x7fELF").unwrap();
+        let file = open_plugin(&dir.join("real.so")).map_err(|e| e.to_string()).unwrap();
+        assert!(file.metadata.is_file());
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -13,11 +13,10 @@
 #![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
-use std::fs::Metadata;
+use std::fs::{File, Metadata};
 use std::io::Read as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
 
 use crate::sys;
 
@@ -100,6 +99,31 @@ impl Trust {
             Err(TrustError::UnknownDigest { path: plugin.to_path_buf(), digest: digest.to_owned(), list: list.clone() })
         }
     }
+}
+
+/// Opens `path` for reading if it is a regular file, with its metadata (of the file as
+/// opened, so that checks and reads concern the same file).
+///
+/// Whatever else bears the name is refused before it is read, with what it is: a FIFO would
+/// block the open until a writer came (forever: the loading thread stuck, and every load
+/// after it), a device may act on being opened. So the open does not wait (`O_NONBLOCK`,
+/// which regular files ignore: see open(2)) nor adopt a terminal (`O_NOCTTY`), and the type
+/// is checked on the open file, leaving no moment to swap in something else after a check.
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<(File, Metadata)> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    let metadata = file.metadata()?;
+    let kind = metadata.file_type();
+    let what = match () {
+        () if kind.is_file() => return Ok((file, metadata)),
+        () if kind.is_dir() => "a directory",
+        () if kind.is_fifo() => "a FIFO (named pipe)",
+        () if kind.is_socket() => "a socket",
+        () if kind.is_char_device() => "a character device",
+        () if kind.is_block_device() => "a block device",
+        () => "of an unknown type",
+    };
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("it is {what}, not a regular file")))
 }
 
 /// Refuses `path` (whose metadata is `meta`) if anyone but this host's user or root may
