@@ -150,10 +150,10 @@ fn check_writers(path: &Path, meta: &Metadata, what: &'static str) -> Result<(),
 /// rules as plugin files: whoever can write it decides what runs.
 fn trusted_digests(list: &Path) -> Result<Vec<String>, TrustError> {
     let refused = |reason: String| TrustError::DigestList { list: list.to_path_buf(), reason };
-    // Checked on the file as opened. No --insecure-plugin-dir here: the list is what guards
-    // an insecure plugin directory.
-    let mut file = std::fs::File::open(list).map_err(|e| refused(e.to_string()))?;
-    let meta = file.metadata().map_err(|e| refused(e.to_string()))?;
+    // Checked on the file as opened (a FIFO is refused, not waited on: it is read at every
+    // load). No --insecure-plugin-dir here: the list is what guards an insecure plugin
+    // directory.
+    let (mut file, meta) = open_regular(list).map_err(|e| refused(e.to_string()))?;
     check_writers(list, &meta, "trusted digests file").map_err(|e| refused(e.to_string()))?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(|e| refused(e.to_string()))?;
@@ -178,4 +178,28 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
         let _ = write!(hex, "{b:02x}");
         hex
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_as_the_trusted_digests_file_is_refused_without_waiting_for_a_writer() {
+        let dir = std::env::temp_dir().join(format!("hotswap-trust-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let list = dir.join("trusted.sha256");
+        assert!(std::process::Command::new("mkfifo").arg(&list).status().unwrap().success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = list.clone();
+        std::thread::spawn(move || tx.send(trusted_digests(&path).map(|_| ()).map_err(|e| e.to_string())));
+        let Ok(read) = rx.recv_timeout(std::time::Duration::from_secs(5)) else {
+            let _ = std::fs::OpenOptions::new().write(true).open(&list); // lets the stuck open go
+            panic!("reading a FIFO as the trusted digests file waited for a writer");
+        };
+        let error = read.expect_err("a FIFO was read as the trusted digests file");
+        assert!(error.ends_with("trusted.sha256: it is a FIFO (named pipe), not a regular file"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
