@@ -32,6 +32,11 @@ pub extern "C" fn sleep_new(nanos: u64) -> *mut c_void {
 
 /// Polls a timer from [`sleep_new`].
 ///
+/// A timer that cannot be polled (tokio panics once its runtime has started shutting down)
+/// stays `PENDING`, and is never woken: its task is about to be dropped with the runtime.
+/// Reported as elapsed, it would let a plugin's throttled loop (`loop { sleep(d).await; .. }`)
+/// run flat out, each sleep ready at once, while its generation unloads.
+///
 /// # Safety
 /// `sleep` must come from [`sleep_new`], not yet dropped, and not be polled concurrently;
 /// `waker` must be valid for this call.
@@ -47,7 +52,7 @@ pub unsafe extern "C" fn sleep_poll(sleep: *mut c_void, waker: *const FfiWaker) 
             Poll::Pending => FfiPoll::PENDING,
         }
     })
-    .unwrap_or(FfiPoll::READY)
+    .unwrap_or(FfiPoll::PENDING)
 }
 
 /// Releases a timer from [`sleep_new`].
@@ -125,4 +130,56 @@ pub unsafe extern "C" fn blocking_poll(task: *mut c_void, waker: *const FfiWaker
 pub unsafe extern "C" fn blocking_drop(task: *mut c_void) {
     // SAFETY: a box from `blocking_spawn`, released exactly once (the caller's promise).
     let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
+    }
+
+    #[test]
+    fn a_timer_whose_runtime_shut_down_does_not_look_elapsed() {
+        let runtime = runtime();
+        let sleep = {
+            let _inside = runtime.enter();
+            sleep_new(1_000_000)
+        };
+        assert!(!sleep.is_null());
+        drop(runtime); // tokio panics when a timer of a shut-down runtime is polled
+        let waker = abi::waker::lend(Waker::noop());
+        // SAFETY: a live timer from `sleep_new`; `waker` outlives the calls.
+        unsafe {
+            assert_eq!(sleep_poll(sleep, &waker), FfiPoll::PENDING);
+            assert_eq!(sleep_poll(sleep, &waker), FfiPoll::PENDING, "a second poll fails the same way");
+            sleep_drop(sleep);
+        }
+    }
+
+    /// A plugin's throttled loop, polled while its generation's runtime shuts down (the
+    /// runtime's context still current): it must wait, not run through its sleeps.
+    #[cfg(feature = "testing")]
+    #[test]
+    fn a_throttled_loop_does_not_spin_once_the_runtime_shuts_down() {
+        crate::testing::install();
+        let runtime = runtime();
+        let handle = runtime.handle().clone();
+        drop(runtime);
+        let _inside = handle.enter();
+        let mut ticks = 0;
+        let mut throttled = Box::pin(async {
+            for _ in 0..1000 {
+                crate::sleep(Duration::from_millis(1)).await;
+                ticks += 1;
+            }
+        });
+        let polled = throttled.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        assert!(polled.is_pending(), "the loop ran through all its sleeps at once");
+        drop(throttled);
+        assert_eq!(ticks, 0);
+    }
 }
