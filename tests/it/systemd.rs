@@ -75,3 +75,52 @@ fn serves_on_a_socket_passed_by_socket_activation() {
     let response = health(addr);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
+
+/// A systemd time span as the files in deploy/ write them: `45`, `45s`, `1min 30s`, `500ms`.
+fn time_span(text: &str) -> Duration {
+    let mut total = Duration::ZERO;
+    for part in text.split_whitespace() {
+        let digits = part.find(|c: char| !c.is_ascii_digit()).unwrap_or(part.len());
+        let n: u64 = part[..digits].parse().unwrap_or_else(|_| panic!("not a time span: {text:?}"));
+        total += match &part[digits..] {
+            "" | "s" | "sec" => Duration::from_secs(n),
+            "ms" | "msec" => Duration::from_millis(n),
+            "m" | "min" => Duration::from_secs(60 * n),
+            unit => panic!("unit {unit:?} of {text:?}: add it to this test"),
+        };
+    }
+    total
+}
+
+/// The value of the first line `key = value` (or `key=value`) of `text`.
+fn setting<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().trim_matches('"'))
+        .unwrap_or_else(|| panic!("no {key} in:\n{text}"))
+}
+
+#[test]
+fn the_shipped_unit_waits_for_a_clean_stop_before_sigkill() {
+    // After SIGTERM the host drains for up to drain_timeout, aborts what is left and waits up
+    // to 2s for it, then waits up to 15s for the generations to unload (their shutdown hooks
+    // included): host/src/cmd/lifecycle.rs. systemd must not SIGKILL it before that.
+    const ABORT: Duration = Duration::from_secs(2);
+    const UNLOAD: Duration = Duration::from_secs(15);
+    const MARGIN: Duration = Duration::from_secs(5);
+    let deploy = hotswap_tests::workspace().join("deploy");
+    let unit = std::fs::read_to_string(deploy.join("systemd/hotswap.service")).unwrap();
+    let config = std::fs::read_to_string(deploy.join("hotswap.toml")).unwrap();
+    let exec = setting(&unit, "ExecStart");
+    assert!(exec.contains("--config /etc/hotswap/hotswap.toml"), "the unit no longer runs deploy/hotswap.toml: {exec}");
+    let stop = time_span(setting(&unit, "TimeoutStopSec"));
+    let drain = time_span(setting(&config, "drain_timeout"));
+    let needed = drain + ABORT + UNLOAD + MARGIN;
+    assert!(
+        stop >= needed,
+        "TimeoutStopSec={stop:?}, but a clean stop may take {:?} (drain {drain:?}, abort {ABORT:?}, unload {UNLOAD:?}), \
+         and a margin of {MARGIN:?}",
+        needed - MARGIN
+    );
+}
