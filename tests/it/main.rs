@@ -1,6 +1,7 @@
 //! Integration tests: each builds the real plugins with cargo, starts the real `hotswap`
 //! binary on an ephemeral loopback port and talks HTTP to it with a real client.
 
+mod admin;
 mod bench;
 mod candidates;
 mod config;

@@ -224,6 +224,7 @@ async fn metrics_and_status_follow_requests_swaps_refusals_and_unloads_behind_a_
     let dir = temp_dir("metrics");
     let token_file = dir.join("admin.token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let plugins = temp_dir("metrics-plugins");
     place_by_rename(&v1, &plugins.join("app.so"));
     let tcp = ["--admin", "127.0.0.1:0", "--admin-token-file", token_file.to_str().unwrap()];
@@ -306,6 +307,7 @@ async fn the_admin_api_refuses_what_it_cannot_act_on() {
     let dir = temp_dir("admin-errors");
     let token_file = dir.join("token");
     std::fs::write(&token_file, "t").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let plugin = artifacts().example.to_str().unwrap();
 
     // Reachable from other machines without a token: refused at startup, saying what to do.
@@ -322,7 +324,7 @@ async fn the_admin_api_refuses_what_it_cannot_act_on() {
     let admin = host.admin_url();
     let client = reqwest::Client::new();
     let send = |request: reqwest::RequestBuilder| async move {
-        let response = request.bearer_auth("t").send().await.unwrap();
+        let response = request.bearer_auth("t").header("X-Hotswap-Admin", "1").send().await.unwrap();
         let status = response.status().as_u16();
         let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
         (status, body)

@@ -92,24 +92,39 @@ async fn call(addr: &AdminAddr, token: Option<&str>, method: Method, path: &str,
                 "the admin socket {} is served by user {server}, not by you ({me}) or root: refusing to talk to it",
                 socket.display()
             );
-            exchange(stream, token, method, path, body).await
+            exchange(stream, "hotswap-admin", token, method, path, body).await
         }
         AdminAddr::Tcp(tcp) => {
             let stream = tokio::net::TcpStream::connect(tcp).await.with_context(unreachable)?;
-            exchange(stream, token, method, path, body).await
+            // The address itself: without a token, a loopback listener answers only requests
+            // that name a loopback host.
+            exchange(stream, &tcp.to_string(), token, method, path, body).await
         }
         AdminAddr::Off => bail!("--admin off: there is no admin API to talk to"),
     }
 }
 
-async fn exchange<S>(stream: S, token: Option<&str>, method: Method, path: &str, body: Option<Bytes>) -> anyhow::Result<(StatusCode, Bytes)>
+/// Sends one request on `stream`, naming `host` in its Host header. Every request says it is
+/// meant (`X-Hotswap-Admin`): the API refuses changes that do not, as a web page's would.
+async fn exchange<S>(
+    stream: S,
+    host: &str,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+) -> anyhow::Result<(StatusCode, Bytes)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("admin API handshake")?;
     tokio::spawn(connection);
-    let mut request = Request::builder().method(method).uri(path).header(http::header::HOST, "hotswap-admin");
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, host)
+        .header(admin::INTENT_HEADER, "1");
     if let Some(token) = token {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }

@@ -15,6 +15,21 @@ pub(crate) enum AdminError {
     #[error("the admin token file {} is empty: put a long random string in it", path.display())]
     EmptyToken { path: PathBuf },
     #[error(
+        "the admin token file {} is readable or writable by {who} (mode {mode:04o}), who could use or replace the token: \
+         run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    OpenToken { path: PathBuf, who: &'static str, mode: u32 },
+    #[error(
+        "the admin token file {} belongs to uid {owner}, neither this host's user (uid {uid}) nor root, who could \
+         replace the token: run `chown {uid} {}` and `chmod 600 {}`",
+        path.display(),
+        path.display(),
+        path.display()
+    )]
+    ForeignToken { path: PathBuf, owner: u32, uid: u32 },
+    #[error(
         "the admin API on {addr} would be reachable from other machines without a token: \
          give --admin-token-file FILE (a file holding a long random string), or listen on 127.0.0.1"
     )]
@@ -87,6 +102,12 @@ mod tests {
             e.to_string(),
             "the admin socket's directory /srv/run is writable by others (mode 0777), who could replace the socket: \
              run `chmod go-w /srv/run`, or give --admin a path in a private directory"
+        );
+        let e = AdminError::OpenToken { path: "/etc/token".into(), who: "its group and others", mode: 0o644 };
+        assert_eq!(
+            e.to_string(),
+            "the admin token file /etc/token is readable or writable by its group and others (mode 0644), \
+             who could use or replace the token: run `chmod 600 /etc/token`"
         );
         let e = AdminError::ReadToken { path: "/etc/token".into(), source: io::Error::from(io::ErrorKind::NotFound) };
         assert_eq!(e.chain(), "cannot read the admin token file /etc/token: entity not found");

@@ -19,7 +19,11 @@
 //! By default it listens on a Unix socket of mode 0600, and answers only clients of this
 //! host's user (or root), checked with `SO_PEERCRED`. On TCP it must be given a token file
 //! unless it listens on a loopback address; with a token file, every request must carry
-//! `Authorization: Bearer <token>`.
+//! `Authorization: Bearer <token>`, and the file must be private (mode 0600, this user's or
+//! root's). Against web pages in the operator's browser ([`guard`]): a change must carry
+//! `Content-Type: application/json` or `X-Hotswap-Admin: 1`, and without a token a TCP
+//! request must name a loopback host. Idle connections cannot lock the operator out
+//! ([`slots`]).
 //!
 //! The documents it sends and takes are the types of [`api`], which the command-line client
 //! reads back.
@@ -28,6 +32,8 @@
 
 pub(crate) mod api;
 mod error;
+mod guard;
+mod slots;
 
 pub(crate) use error::AdminError;
 
@@ -46,11 +52,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::registry::{ChangeError, Outcome, Registry};
 use api::{BuildEntry, CurrentEntry, ErrorBody, HistoryEntry, PinEntry, PinRequest, RefusalEntry, ResidentEntry, Status};
+pub(crate) use guard::INTENT_HEADER;
+use slots::{Slots, Waiting};
 
 /// Where the admin API listens (`--admin`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,14 +121,12 @@ pub(crate) fn default_socket() -> PathBuf {
     }
 }
 
-/// Reads a bearer token from `path` (surrounding whitespace is not part of it).
+/// Reads a bearer token from `path` (surrounding whitespace is not part of it), as a client.
+/// The host reads its own with [`guard::read_private_token`], which holds the file to stricter
+/// rules.
 pub(crate) fn read_token(path: &Path) -> Result<String, AdminError> {
     let text = std::fs::read_to_string(path).map_err(|source| AdminError::ReadToken { path: path.to_path_buf(), source })?;
-    let token = text.trim().to_owned();
-    if token.is_empty() {
-        return Err(AdminError::EmptyToken { path: path.to_path_buf() });
-    }
-    Ok(token)
+    guard::token_in(&text, path)
 }
 
 /// A bound admin listener, not yet serving.
@@ -172,7 +177,7 @@ impl AdminListener {
     /// only disables the API (with a warning); a chosen address that cannot be bound fails
     /// the start.
     pub(crate) async fn bind(chosen: Option<&AdminAddr>, token_file: Option<&Path>) -> Result<Option<AdminListener>, AdminError> {
-        let token = token_file.map(read_token).transpose()?;
+        let token = token_file.map(guard::read_private_token).transpose()?;
         let explicit = chosen.is_some();
         let addr = &chosen.cloned().unwrap_or_default();
         let listener = match addr {
@@ -206,24 +211,22 @@ impl AdminListener {
             token = self.token.is_some(),
             "admin API on {} (status, reload, rollback, pin, metrics)", self.addr
         );
-        let api = Arc::new(Api { registry, token: self.token, started: SystemTime::now() });
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        // Without a token, a TCP listener (on loopback) answers only requests that name a
+        // loopback host; with one, the token is the protection.
+        let check_host = matches!(self.listener, Listener::Tcp(_)) && self.token.is_none();
+        let slots = Slots::new(slots::MAX_WAITING, slots::MAX_SERVED);
+        let api = Arc::new(Api { registry, token: self.token, check_host, slots: slots.clone(), started: SystemTime::now() });
         let listener = self.listener;
         tokio::spawn(async move {
             loop {
-                // Admin clients are few: a cap keeps them from using up the descriptors the
-                // public server needs.
-                let slot = tokio::select! {
-                    slot = slots.clone().acquire_owned() => slot,
-                    () = shutdown.cancelled() => return,
-                };
-                let Ok(slot) = slot else { return };
+                // Always accepted: the slots close the connection that has waited longest for
+                // its request when too many wait, so idle clients cannot lock the operator out.
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
                     () = shutdown.cancelled() => return,
                 };
                 match accepted {
-                    Ok((stream, allowed)) => serve_connection(stream, api.clone(), allowed, slot, shutdown.clone()),
+                    Ok((stream, allowed)) => serve_connection(stream, api.clone(), allowed, slots.admit(), shutdown.clone()),
                     Err(e) => {
                         tracing::warn!("admin API: accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await; // EMFILE and friends
@@ -290,34 +293,39 @@ pub(crate) fn check_socket_dir(dir: &Path) -> Result<(), AdminError> {
 struct Api {
     registry: Arc<Registry>,
     token: Option<String>,
+    /// Whether requests must name a loopback host (TCP without a token).
+    check_host: bool,
+    slots: Arc<Slots>,
     started: SystemTime,
 }
 
-/// The most admin connections served at once; more wait in the backlog.
-const MAX_CONNECTIONS: usize = 16;
-/// How long a client may take to send a request head.
+/// How long a client may take to send a request head (when fewer than
+/// [`slots::MAX_WAITING`] connections wait for theirs), or a request body.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one admin connection may last (a change waits for loads bounded by the init
 /// timeout; this only stops a client that never goes away).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
 
-fn serve_connection(stream: Stream, api: Arc<Api>, allowed: bool, slot: OwnedSemaphorePermit, shutdown: CancellationToken) {
+fn serve_connection(stream: Stream, api: Arc<Api>, allowed: bool, waiting: Waiting, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        let _slot = slot;
         match stream {
-            Stream::Unix(s) => serve_one(s, api, allowed, shutdown).await,
-            Stream::Tcp(s) => serve_one(s, api, allowed, shutdown).await,
+            Stream::Unix(s) => serve_one(s, api, allowed, waiting, shutdown).await,
+            Stream::Tcp(s) => serve_one(s, api, allowed, waiting, shutdown).await,
         }
     });
 }
 
-/// Serves one request on a connection, until it is answered or the host shuts down (an admin
-/// client must not keep the registry, and so a generation, alive past the drain).
-async fn serve_one<S>(stream: S, api: Arc<Api>, allowed: bool, shutdown: CancellationToken)
+/// Serves one request on a connection, until it is answered, the host shuts down (an admin
+/// client must not keep the registry, and so a generation, alive past the drain), or, while
+/// it waits for its request head, too many others wait too.
+async fn serve_one<S>(stream: S, api: Arc<Api>, allowed: bool, waiting: Waiting, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let waiting = Arc::new(waiting);
+    let head = waiting.clone();
     let service = hyper::service::service_fn(move |request| {
+        head.arrived();
         let api = api.clone();
         async move { Ok::<_, Infallible>(api.handle(request, allowed).await) }
     });
@@ -332,6 +340,7 @@ where
             Err(_) => tracing::debug!("admin API connection open for {CONNECTION_LIFETIME:?}: closed"),
             Ok(Ok(())) => {}
         },
+        () = waiting.evicted() => tracing::debug!("admin API connection closed for a newcomer: it sent no request"),
         () = shutdown.cancelled() => {}
     }
 }
@@ -349,6 +358,11 @@ impl Api {
         if !allowed {
             return error(StatusCode::FORBIDDEN, "the admin socket answers only this host's user and root");
         }
+        if self.check_host {
+            if let Err(message) = guard::check_host(&request) {
+                return error(StatusCode::FORBIDDEN, &message);
+            }
+        }
         if let Some(token) = &self.token {
             // The scheme name is case-insensitive (RFC 9110, 11.1).
             let given = request
@@ -364,7 +378,18 @@ impl Api {
                 return response;
             }
         }
+        let Some(_served) = self.slots.serve() else {
+            let message = format!("the admin API is busy with {} requests: try again", slots::MAX_SERVED);
+            return error(StatusCode::SERVICE_UNAVAILABLE, &message);
+        };
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let change = matches!(
+            (&method, path.as_str()),
+            (&Method::POST, "/reload" | "/rollback" | "/pin") | (&Method::DELETE, "/pin")
+        );
+        if change && !guard::is_intended(request.headers()) {
+            return error(StatusCode::FORBIDDEN, guard::INTENT_REFUSED);
+        }
         let registry = &self.registry;
         match (method, path.as_str()) {
             (Method::GET, "/status") => json_response(StatusCode::OK, &status(registry, self.started)),
@@ -403,9 +428,9 @@ impl Api {
 
 /// The `version` of a `POST /pin` body.
 async fn read_version(request: Request<Incoming>) -> Result<semver::Version, String> {
-    let body = Limited::new(request.into_body(), MAX_BODY)
-        .collect()
+    let body = tokio::time::timeout(HEAD_TIMEOUT, Limited::new(request.into_body(), MAX_BODY).collect())
         .await
+        .map_err(|_| format!("the request body did not arrive within {HEAD_TIMEOUT:?}"))?
         .map_err(|e| format!("cannot read the request body: {e}"))?
         .to_bytes();
     let pin: PinRequest = serde_json::from_slice(&body)
