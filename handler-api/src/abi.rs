@@ -26,7 +26,7 @@ use core::mem::{align_of, offset_of, size_of};
 
 /// Version of this ABI. Bumped on any change that is not purely additive at the end of
 /// [`HostApi`].
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// First bytes of every [`DeclarationHeader`].
 pub const MAGIC: [u8; 8] = *b"HOTSWAP\0";
@@ -325,7 +325,15 @@ pub struct PluginDeclaration {
     pub handle: unsafe extern "C" fn(request: *const FfiRequest) -> FfiResponseFuture,
     /// Called once before the library is unloaded, after the last request has ended.
     pub shutdown: unsafe extern "C" fn(),
+    /// How the plugin's panics end: [`PANIC_UNWIND`] (caught at the boundary, so a panic is
+    /// one failed request) or [`PANIC_ABORT`] (the process dies: the host refuses such a build).
+    pub panic: u32,
 }
+
+/// [`PluginDeclaration::panic`]: panics unwind, and the plugin catches them at the boundary.
+pub const PANIC_UNWIND: u32 = 1;
+/// [`PluginDeclaration::panic`]: panics abort the process (`panic = "abort"` in the profile).
+pub const PANIC_ABORT: u32 = 2;
 
 // SAFETY: a declaration is immutable static data: string pointers into the plugin's read-only
 // data and function pointers. Sharing references to it between threads is sound.
@@ -378,7 +386,7 @@ pub const LAYOUT_FINGERPRINT: u64 = fingerprint! {
         blocking_spawn, blocking_poll, blocking_drop
     }
     DeclarationHeader { magic, abi_version, reserved, layout_fingerprint }
-    PluginDeclaration { header, name, version, rustc, init, ready, handle, shutdown }
+    PluginDeclaration { header, name, version, rustc, init, ready, handle, shutdown, panic }
 };
 
 pub mod waker {

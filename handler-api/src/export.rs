@@ -528,6 +528,8 @@ macro_rules! export_handler {
                 }
                 __hotswap_shutdown
             },
+            // Decided where the macro expands: the plugin's own build, whose profile sets it.
+            panic: if cfg!(panic = "unwind") { $crate::abi::PANIC_UNWIND } else { $crate::abi::PANIC_ABORT },
         };
     };
 }

@@ -49,7 +49,9 @@
 //! A panic in a handler becomes a `500 Internal Server Error` and an error line in the host's
 //! log; a panic (or an `Err` chunk) while a body streams aborts that one response, so the
 //! client sees a broken transfer rather than a truncated body that looks complete. Other
-//! requests and the host are unaffected.
+//! requests and the host are unaffected. That needs panics that unwind: a build with
+//! `panic = "abort"` in its profile (or `-C panic=abort`) would take the whole host down at its
+//! first panic, so the host refuses to load it, saying which setting to change.
 //!
 //! # Logging
 //!

@@ -127,7 +127,7 @@ fn refuses_a_plugin_with_another_abi_version_naming_both() {
         Err(log) => log,
     };
     assert!(log.contains("plugin ABI version 999"), "{log}");
-    assert!(log.contains("host ABI version 2"), "{log}");
+    assert!(log.contains("host ABI version 3"), "{log}");
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host, WAIT};
+use hotswap_tests::{artifacts, build_lock, example_version, place_by_rename, target_dir, temp_dir, variant, workspace, Host, WAIT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -239,4 +239,41 @@ async fn threads_a_plugin_starts_keep_its_library_loaded_until_they_exit() {
     let history = status["history"].as_array().unwrap();
     assert!(history.iter().any(|r| r["generation"] == 1 && r["state"] == "leaked"), "{status}");
     assert_eq!(host.mapped_plugins().len(), 2, "the leaked library was unmapped");
+}
+
+/// fixture-faulty built with `panic = "abort"` in its release profile, in a target directory of
+/// its own: the setting applies to every crate of a build.
+fn panic_abort_build() -> std::path::PathBuf {
+    let _lock = build_lock();
+    let target = target_dir().join("it-panic-abort");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["build", "--release", "--quiet", "-p", "fixture-faulty", "--target-dir"])
+        .arg(&target)
+        .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
+        .status()
+        .expect("cannot run cargo");
+    assert!(status.success(), "cargo build with panic = abort failed");
+    target.join("release/libfixture_faulty.so")
+}
+
+#[tokio::test]
+async fn a_build_whose_panics_abort_is_refused_with_the_setting_to_change() {
+    let dir = temp_dir("fault-panic-abort");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    // Another plugin, newer on disk: it would serve, and its first panic (GET /panic) would
+    // take the host down. It is refused at load, naming the setting.
+    let abort = panic_abort_build();
+    let copy = dir.join("faulty.so.tmp");
+    std::fs::copy(&abort, &copy).unwrap();
+    std::fs::rename(&copy, dir.join("faulty.so")).unwrap();
+    assert!(host.wait_for_log("panics that abort", WAIT), "{}", host.log());
+    let log = host.log();
+    assert!(log.contains("[profile.release]") && log.contains("keeps serving"), "{log}");
+    assert_eq!(host.version().await, "1.0.0");
+    assert_eq!(reqwest::get(host.url("/panic")).await.unwrap().status(), 404, "the example handler serves /panic?");
+    let (_, status) = host.command_json(&["status"]);
+    assert!(status["refusals"][0]["reason"].as_str().is_some_and(|r| r.contains("panic = \"abort\"")), "{status}");
 }

@@ -55,6 +55,7 @@ impl GenerationError {
                 LoadError::NotAPlugin { .. } | LoadError::BadMagic { .. } => "not_a_plugin",
                 LoadError::AbiVersion { .. } | LoadError::Layout { .. } => "abi_mismatch",
                 LoadError::Version { .. } => "bad_version",
+                LoadError::PanicAbort { .. } => "panic_abort",
             },
             GenerationError::Untrusted(_) => "untrusted",
             GenerationError::Budget(_) => "budget",

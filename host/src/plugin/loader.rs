@@ -48,6 +48,13 @@ pub(crate) enum LoadError {
         "{path}: plugin `{name}` declares version `{version}`, which is not a semantic version ({reason}): declare one like 1.4.2 in export_handler!"
     )]
     Version { path: PathBuf, name: String, version: String, reason: semver::Error },
+    /// Its panics abort the process instead of unwinding: the first one would kill the host.
+    #[error(
+        "{path}: plugin `{name}` was built with panics that abort (`panic = \"abort\"`): its first panic would kill the whole host. \
+         Remove `panic = \"abort\"` from the [profile.release] (and [profile.dev]) section of its Cargo.toml, \
+         or `-C panic=abort` from RUSTFLAGS, and rebuild"
+    )]
+    PanicAbort { path: PathBuf, name: String },
 }
 
 /// A plugin library mapped into the process, whose declaration has been checked.
@@ -116,6 +123,9 @@ impl Library {
         let decl = unsafe { declaration.as_ref() };
         // SAFETY: the declaration's strings point into the library's static data.
         let (name, version) = unsafe { (decl.name.to_string_lossy(), decl.version.to_string_lossy()) };
+        if decl.panic != abi::PANIC_UNWIND {
+            return Err(LoadError::PanicAbort { path, name });
+        }
         let version = semver::Version::parse(&version).map_err(|reason| LoadError::Version { path, name: name.clone(), version, reason })?;
         Ok(Library { declaration, library, name, version })
     }
