@@ -1,5 +1,6 @@
-//! HTTP limits: slow and idle clients are cut off, oversized heads and bodies are refused,
-//! excess connections wait, and a client that vanishes frees its generation.
+//! HTTP limits: slow and idle clients are cut off (slow heads, HTTP/2 header blocks and
+//! PINGs, trickling request bodies), oversized heads and bodies are refused, excess
+//! connections wait, and a client that vanishes frees its generation.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -234,4 +235,270 @@ async fn a_client_that_vanishes_mid_download_or_mid_upload_frees_its_generation(
 
 fn tokio_stream_from<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
+
+/// Writes `bytes` to `stream` `every` apart, until the server closes or `limit` passes
+/// (the write error, or `Ok` if it never closed). Runs on a thread of its own.
+fn drip(mut stream: TcpStream, bytes: Vec<Vec<u8>>, every: Duration, limit: Duration) -> std::thread::JoinHandle<std::io::Result<()>> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        for piece in bytes.iter().cycle() {
+            stream.write_all(piece)?;
+            std::thread::sleep(every);
+            if started.elapsed() > limit {
+                break;
+            }
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn a_request_body_trickling_in_is_cut_off_and_its_slot_freed_but_a_steady_one_is_not() {
+    let host = example(&["--body-read-timeout", "2s", "--max-connections", "1"]);
+
+    // A byte a second: it would take 100 s. The default --min-body-rate (512B/s) wants 1 KiB
+    // per 2 s.
+    let mut slow = connect(&host);
+    write!(slow, "POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n").unwrap();
+    let started = Instant::now();
+    let trickle = drip(slow.try_clone().unwrap(), vec![b"x".to_vec()], Duration::from_secs(1), Duration::from_secs(15));
+    let response = read_head(&mut slow);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    let (_, closed) = read_to_close(&mut slow);
+    let cut = started.elapsed();
+    assert!(cut < Duration::from_secs(5), "cut off only after {cut:?} (closed {closed:?} after the answer)");
+    assert!(cut >= Duration::from_millis(1800), "cut off after only {cut:?}");
+    assert!(trickle.join().unwrap().is_err(), "the connection stayed open for the trickle");
+    assert!(host.wait_for_log("request body too slow (--body-read-timeout): answered 408", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("upload failed", WAIT), "the plugin's read did not fail:\n{}", host.log());
+
+    // Its slot is free (--max-connections 1): a normal client is served at once.
+    let waited = Instant::now();
+    let mut normal = connect(&host);
+    write!(normal, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let (answer, _) = read_to_close(&mut normal);
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    assert!(waited.elapsed() < Duration::from_secs(1), "the normal client waited {:?}", waited.elapsed());
+
+    // A slow but steady upload (1 KiB every 500 ms, 5 s in all) is not cut.
+    let mut steady = connect(&host);
+    write!(steady, "POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+    for _ in 0..10 {
+        write!(steady, "400\r\n").unwrap();
+        steady.write_all(&[7u8; 1024]).unwrap();
+        steady.write_all(b"\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    steady.write_all(b"0\r\n\r\n").unwrap();
+    let (answer, _) = read_to_close(&mut steady);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("bytes=10240"), "{answer}");
+}
+
+#[test]
+fn a_plugin_reading_the_body_under_a_waker_of_its_own_is_woken_by_the_body_timeout() {
+    // The fixture reads the body inside a FuturesUnordered: hyper holds the host's proxy for
+    // the plugin's waker. The client sends a byte and then nothing: only the timeout wakes
+    // the plugin, through the proxy.
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap(), "--body-read-timeout", "1s"]);
+    let mut silent = connect(&host);
+    write!(silent, "POST /count-unordered HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nx").unwrap();
+    let started = Instant::now();
+    let response = read_head(&mut silent);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(started.elapsed() < Duration::from_secs(3), "answered only after {:?}", started.elapsed());
+    let (_, closed) = read_to_close(&mut silent);
+    assert!(closed < Duration::from_secs(1), "the connection stayed open {closed:?} after the 408");
+}
+
+#[tokio::test]
+async fn an_http2_upload_trickling_in_gets_408_and_only_its_stream_is_reset() {
+    let host = example(&["--body-read-timeout", "2s"]);
+    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let trickle = futures_util::stream::unfold(0u32, |sent| async move {
+        (sent < 30).then_some(())?;
+        if sent > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")), sent + 1))
+    });
+    let started = Instant::now();
+    let response = client.post(host.url("/upload")).body(reqwest::Body::wrap_stream(trickle)).send().await.unwrap();
+    assert_eq!(response.status(), 408);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert!(started.elapsed() < Duration::from_secs(5), "answered only after {:?}", started.elapsed());
+
+    // The connection goes on serving, a steady upload (1 KiB every 500 ms) too.
+    let steady = futures_util::stream::unfold(0u32, |sent| async move {
+        (sent < 8).then_some(())?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 1024])), sent + 1))
+    });
+    let response = client.post(host.url("/upload")).body(reqwest::Body::wrap_stream(steady)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.unwrap().contains("bytes=8192"));
+    assert_eq!(host.log_count("connection ended"), 0, "the connection was closed:\n{}", host.log());
+}
+
+/// An HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// A GET request's header block (HPACK: static-table names, literal values).
+fn h2_get(path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8]; // :method GET, :scheme http, :path
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 0x01, b't']); // :authority t
+    block
+}
+
+/// An HTTP/2 connection (prior knowledge), its preface and SETTINGS sent.
+fn h2_connect(host: &Host) -> TcpStream {
+    let mut stream = connect(host);
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    stream.write_all(&h2_frame(SETTINGS, 0, 0, &[])).unwrap();
+    stream
+}
+
+/// Reads one frame: its type, flags, stream and payload. Acknowledges the server's SETTINGS.
+fn h2_read_frame(stream: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).expect("no frame");
+    let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+    stream.read_exact(&mut payload).expect("a frame cut short");
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    if head[3] == SETTINGS && head[4] & 1 == 0 {
+        stream.write_all(&h2_frame(SETTINGS, 1, 0, &[])).unwrap();
+    }
+    (head[3], head[4], id, payload)
+}
+
+#[test]
+fn an_http2_connection_sending_only_pings_is_closed_after_the_idle_timeout() {
+    let host = example(&["--idle-timeout", "1s"]);
+    let mut h2 = h2_connect(&host);
+    // One request, answered: the connection speaks HTTP/2.
+    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get("/"))).unwrap();
+    let mut body = Vec::new();
+    loop {
+        let (kind, flags, id, payload) = h2_read_frame(&mut h2);
+        if kind == DATA && id == 1 {
+            body.extend_from_slice(&payload);
+            if flags & END_STREAM != 0 {
+                break;
+            }
+        }
+    }
+    assert!(String::from_utf8_lossy(&body).contains("example-handler"), "{}", String::from_utf8_lossy(&body));
+
+    // Then only PINGs (each answered by the server), five a second: idle all the same.
+    let started = Instant::now();
+    let pings = drip(h2.try_clone().unwrap(), vec![h2_frame(PING, 0, 0, b"12345678")], Duration::from_millis(200), Duration::from_secs(15));
+    let (answers, waited) = read_to_close(&mut h2);
+    assert!(waited < Duration::from_secs(4), "a connection sending PINGs stayed open {waited:?}");
+    assert!(started.elapsed() >= Duration::from_millis(800), "closed after only {:?}", started.elapsed());
+    assert!(answers.len() >= 17, "the PINGs were not answered: {answers:?}");
+    assert!(pings.join().unwrap().is_err(), "the connection stayed open for the PINGs");
+    assert!(host.wait_for_log("idle for the idle timeout", WAIT), "{}", host.log());
+}
+
+#[test]
+fn an_http2_header_block_dripped_in_is_cut_off_even_beside_a_stream_in_progress() {
+    let host = example(&["--header-read-timeout", "1s", "--idle-timeout", "30s"]);
+    let mut h2 = h2_connect(&host);
+    // A download on stream 1 (100 s long): a request in progress throughout.
+    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get("/download?size=10000000&rate=100000"))).unwrap();
+    loop {
+        let (kind, _, id, payload) = h2_read_frame(&mut h2);
+        if kind == HEADERS && id == 1 {
+            assert_eq!(payload.first(), Some(&0x88), "not a 200: {payload:?}"); // :status 200, indexed
+            break;
+        }
+    }
+    // Stream 3's header block: HEADERS without END_HEADERS, then a CONTINUATION whose 20
+    // bytes come one every 200 ms (4 s).
+    let started = Instant::now();
+    h2.write_all(&h2_frame(HEADERS, END_STREAM, 3, &[0x82, 0x86, 0x84])).unwrap();
+    let mut continuation = h2_frame(CONTINUATION, END_HEADERS, 3, b"\x00\x06x-slow\x0baaaaaaaaaaa");
+    let rest = continuation.split_off(9);
+    h2.write_all(&continuation).unwrap();
+    let bytes = rest.iter().map(|b| vec![*b]).collect();
+    let dripping = drip(h2.try_clone().unwrap(), bytes, Duration::from_millis(200), Duration::from_secs(15));
+    let (_, _) = read_to_close(&mut h2);
+    let cut = started.elapsed();
+    assert!(cut < Duration::from_secs(3), "cut off only after {cut:?}");
+    assert!(dripping.join().unwrap().is_err(), "the connection stayed open for the dripped header block");
+    assert!(host.wait_for_log("an HTTP/2 header block did not complete", WAIT), "{}", host.log());
+}
+
+#[test]
+fn many_slow_clients_do_not_lock_normal_ones_out() {
+    const SLOTS: usize = 8;
+    let host = example(&[
+        "--max-connections", "8", "--header-read-timeout", "2s", "--idle-timeout", "2s", "--body-read-timeout", "2s",
+    ]);
+    // Every slot taken by a slow client, two of each kind, each going on for up to 15 s.
+    let (every, limit) = (Duration::from_millis(250), Duration::from_secs(15));
+    let mut slow = Vec::new();
+    for _ in 0..SLOTS / 4 {
+        // An HTTP/1 head a byte at a time (slowloris).
+        let head = b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        slow.push(drip(connect(&host), head.iter().map(|b| vec![*b]).collect(), every, limit));
+        // An HTTP/1 body a byte at a time.
+        let mut body = connect(&host);
+        write!(body, "POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n").unwrap();
+        slow.push(drip(body, vec![b"x".to_vec()], every, limit));
+        // HTTP/2 PINGs and nothing else.
+        slow.push(drip(h2_connect(&host), vec![h2_frame(PING, 0, 0, b"12345678")], every, limit));
+        // An HTTP/2 header block a byte at a time.
+        let mut block = h2_frame(HEADERS, END_STREAM, 1, &[0x82, 0x86, 0x84]);
+        block.extend(h2_frame(CONTINUATION, END_HEADERS, 1, &[0u8; 60]));
+        slow.push(drip(h2_connect(&host), block.iter().map(|b| vec![*b]).collect(), every, limit));
+    }
+
+    // As many normal clients, waiting in the backlog: each one's download (100 s long) holds
+    // its slot until all have been answered, so each needs a slot a slow client had.
+    let started = Instant::now();
+    let answered = std::sync::Arc::new(std::sync::Barrier::new(SLOTS));
+    let normal: Vec<_> = (0..SLOTS)
+        .map(|_| {
+            let mut stream = connect(&host);
+            let answered = answered.clone();
+            std::thread::spawn(move || {
+                write!(stream, "GET /download?size=10000000&rate=100000 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && matches!(stream.read(&mut byte), Ok(1)) {
+                    head.push(byte[0]);
+                }
+                let waited = started.elapsed();
+                answered.wait();
+                (String::from_utf8_lossy(&head).into_owned(), waited)
+            })
+        })
+        .collect();
+    for client in normal {
+        let (head, waited) = client.join().unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "a normal client was not served (after {waited:?}): {head:?}\n{}", host.log());
+        // The timeouts are 2 s; the sweeper may see them up to two ticks (500 ms each) late.
+        assert!(waited < Duration::from_secs(5), "a normal client waited {waited:?}");
+    }
+    for client in slow {
+        assert!(client.join().unwrap().is_err(), "a slow client was never cut off");
+    }
 }

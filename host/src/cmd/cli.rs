@@ -174,16 +174,34 @@ pub(crate) struct HostArgs {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "HTTP limits")]
 pub(crate) struct HttpLimits {
-    /// How long an HTTP/1 client may take to send a request's head (request line and
-    /// headers), counted from its first byte, or from the connection's start for the first
-    /// request. A slower client (slowloris) is disconnected.
+    /// How long a client may take to send a request's head. HTTP/1: the request line and
+    /// headers, counted from their first byte, or from the connection's start for the first
+    /// request; a slower client (slowloris), or one silent after connecting, is disconnected.
+    /// HTTP/2: a header block (HEADERS and its CONTINUATION frames), counted from its first
+    /// frame; the connection is closed even if other streams are in progress on it.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub(crate) header_read_timeout: Duration,
 
-    /// How long a keep-alive connection may sit idle (no request in progress, nothing
-    /// received or sent) before it is closed. For HTTP/2 it is the only timeout.
+    /// How long a connection with no request in progress may stay open. HTTP/1: nothing
+    /// received or sent for this long (keep-alive). HTTP/2: no stream in progress for this
+    /// long, whatever else the client sends (PINGs, SETTINGS and WINDOW_UPDATEs keep no
+    /// connection open).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) idle_timeout: Duration,
+
+    /// How long a request body the plugin is waiting for may go without progress (like
+    /// nginx's client_body_timeout): if the client sends less than --min-body-rate × this
+    /// (at least one byte) within it, the plugin's read fails, the request is answered 408
+    /// (or its response, if started, cut off), and the connection is closed (HTTP/1) or the
+    /// stream reset (HTTP/2). Time the plugin spends not reading the body does not count.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) body_read_timeout: Duration,
+
+    /// The slowest a request body may arrive, averaged over each --body-read-timeout, while
+    /// the plugin waits for it: a client trickling a byte at a time is cut off as if it sent
+    /// nothing. 0 turns the rate off (any byte is progress). Examples: 512B/s, 1KiB/s, 0.
+    #[arg(long, default_value = "512B/s", value_parser = parse_rate)]
+    pub(crate) min_body_rate: u64,
 
     /// The largest request head (request line and headers) accepted; a larger one is
     /// answered 431. At least 8KiB. Examples: 16KiB, 1MiB.
@@ -209,6 +227,8 @@ impl HttpLimits {
         Limits {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
+            body_read_timeout: self.body_read_timeout,
+            min_body_rate: self.min_body_rate,
             max_header_size: self.max_header_size,
             max_body_size: self.max_body_size,
             max_connections: self.max_connections,
@@ -218,6 +238,12 @@ impl HttpLimits {
 
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     text.parse::<bytesize::ByteSize>().map(|size| size.as_u64())
+}
+
+/// Bytes per second: a size, with or without `/s`.
+pub(crate) fn parse_rate(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    parse_size(text.strip_suffix("/s").unwrap_or(text))
 }
 
 pub(crate) fn parse_header_size(text: &str) -> Result<u64, String> {
@@ -280,5 +306,14 @@ mod tests {
         // clap's own checks (ids used twice, such as `pin`'s VERSION against `--version`),
         // which otherwise fail only when that subcommand is parsed in a debug build.
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_rate_is_a_size_per_second() {
+        assert_eq!(super::parse_rate("512B/s"), Ok(512));
+        assert_eq!(super::parse_rate("1KiB/s"), Ok(1024));
+        assert_eq!(super::parse_rate("2048"), Ok(2048));
+        assert_eq!(super::parse_rate("0"), Ok(0));
+        assert!(super::parse_rate("fast").is_err());
     }
 }

@@ -66,6 +66,8 @@ fn is_admin_command(arg: &OsString) -> bool {
 struct Limits {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    body_read_timeout: Option<String>,
+    min_body_rate: Option<String>,
     max_header_size: Option<String>,
     max_body_size: Option<String>,
     max_connections: Option<u64>,
@@ -120,6 +122,7 @@ impl File {
             ("init_timeout", self.init_timeout),
             ("header_read_timeout", self.limits.header_read_timeout),
             ("idle_timeout", self.limits.idle_timeout),
+            ("body_read_timeout", self.limits.body_read_timeout),
         ] {
             if let Some(value) = value {
                 humantime::parse_duration(&value).map_err(|e| invalid(key, format!("`{value}` is not a duration like 30s or 500ms ({e})")))?;
@@ -137,6 +140,11 @@ impl File {
                 parse(&value).map_err(|e| invalid(key, format!("`{value}` is not a size like 64KiB or 1GiB ({e})")))?;
                 flags.value(&format!("--{}", key.replace('_', "-")), value);
             }
+        }
+        if let Some(rate) = self.limits.min_body_rate {
+            crate::cmd::cli::parse_rate(&rate)
+                .map_err(|e| invalid("min_body_rate", format!("`{rate}` is not a rate like 512B/s or 1KiB/s ({e})")))?;
+            flags.value("--min-body-rate", rate);
         }
         for (key, value, min) in [
             ("workers", self.workers, 1),
@@ -246,6 +254,13 @@ mod tests {
     }
 
     #[test]
+    fn the_body_read_limits_become_flags() {
+        let merged = with_file("[limits]\nbody_read_timeout = \"20s\"\nmin_body_rate = \"1KiB/s\"\n", &[]).unwrap();
+        assert!(merged.contains(&"--body-read-timeout=20s".to_owned()), "{merged:?}");
+        assert!(merged.contains(&"--min-body-rate=1KiB/s".to_owned()), "{merged:?}");
+    }
+
+    #[test]
     fn settings_come_before_the_users_flags() {
         let merged = with_file("listen = \"0.0.0.0:80\"\n[limits]\nmax_body_size = \"1MiB\"\n", &["--listen", "127.0.0.1:0"]).unwrap();
         let listen_file = merged.iter().position(|a| a == "--listen=0.0.0.0:80").unwrap();
@@ -262,6 +277,8 @@ mod tests {
         assert!(duration.contains("`drain_timeout`") && duration.contains("soon"), "{duration}");
         let size = with_file("[limits]\nmax_body_size = 12\n", &[]).unwrap_err().to_string();
         assert!(size.contains("max_body_size"), "{size}");
+        let rate = with_file("[limits]\nmin_body_rate = \"fast\"\n", &[]).unwrap_err().to_string();
+        assert!(rate.contains("`min_body_rate`") && rate.contains("fast"), "{rate}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 
@@ -28,12 +28,80 @@ struct RequestBody {
     current: Bytes,
     /// How many more bytes the client may send (`--max-body-size`).
     allowed: u64,
-    /// Raised when the client sent more: the host answers 413.
-    too_large: Arc<AtomicBool>,
+    /// What the host's timeouts and its answer need to know of this body.
+    progress: Arc<BodyProgress>,
     /// A waker the plugin made itself, parked here instead of inside hyper (see
     /// [`PluginWakerProxy`]).
     plugin_waker: Option<Arc<Mutex<Option<Waker>>>>,
     proxy: Option<Waker>,
+}
+
+/// How a request body the plugin reads is coming along, shared with the host's
+/// `--body-read-timeout` sweeper (`serve::limits`) and the request's answer: bytes handed to
+/// the plugin, whether the plugin is waiting for more, and the verdicts. A few relaxed atomic
+/// operations per chunk; a request without a body has none.
+#[derive(Debug, Default)]
+pub(crate) struct BodyProgress {
+    /// Body bytes handed to the plugin so far.
+    received: AtomicU64,
+    /// The plugin's last read found nothing: it waits for the client.
+    waiting: AtomicBool,
+    /// The body has ended, failed, or the plugin let go of it: nothing more to time.
+    finished: AtomicBool,
+    /// The client sent more than `--max-body-size`: the host answers 413.
+    too_large: AtomicBool,
+    /// The client sent too little for too long (`--body-read-timeout`): the host answers 408,
+    /// or cuts off a response already started.
+    timed_out: AtomicBool,
+    /// The waker of the plugin's waiting read (host code: a native waker or the proxy).
+    waker: Mutex<Option<Waker>>,
+}
+
+impl BodyProgress {
+    /// Body bytes handed to the plugin so far.
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Whether the plugin waits for the client (its last read found nothing).
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body needs no more timing: it ended or failed, or the plugin dropped it.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body timed out.
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Acquire)
+    }
+
+    /// The client was too slow: the plugin's next read fails, and the request with it. Wakes
+    /// the waiting read.
+    pub(crate) fn time_out(&self) {
+        if self.is_finished() {
+            return; // its last bytes came in after all
+        }
+        self.timed_out.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn finish(&self) {
+        self.waiting.store(false, Ordering::Relaxed);
+        self.finished.store(true, Ordering::Relaxed);
+    }
+
+    /// As if the plugin had read `received` bytes and were `waiting` for more.
+    #[cfg(test)]
+    pub(crate) fn simulate(&self, received: u64, waiting: bool) {
+        self.received.store(received, Ordering::Relaxed);
+        self.waiting.store(waiting, Ordering::Relaxed);
+    }
 }
 
 /// What hyper gets instead of a waker the plugin made itself (`FuturesUnordered` and the like
@@ -94,14 +162,32 @@ pub(crate) unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWa
                 }))
             })
         };
-        if body.too_large.load(Ordering::Relaxed) {
-            return FfiPoll::ERROR; // past the limit: nothing more is read
+        let progress = &*body.progress;
+        if progress.too_large.load(Ordering::Relaxed) || progress.timed_out() {
+            // Past the size limit, or too slow: nothing more is read.
+            progress.finish();
+            return FfiPoll::ERROR;
         }
         let mut cx = Context::from_waker(waker);
         loop {
             match Pin::new(&mut body.incoming).poll_frame(&mut cx) {
-                Poll::Pending => return FfiPoll::PENDING,
+                Poll::Pending => {
+                    // The waker first: a timeout found after it was parked wakes it, and one
+                    // found before is seen just below.
+                    let mut parked = progress.waker.lock().unwrap_or_else(PoisonError::into_inner);
+                    if !parked.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                        *parked = Some(waker.clone());
+                    }
+                    drop(parked);
+                    progress.waiting.store(true, Ordering::Relaxed);
+                    if progress.timed_out() {
+                        progress.finish();
+                        return FfiPoll::ERROR;
+                    }
+                    return FfiPoll::PENDING;
+                }
                 Poll::Ready(None) => {
+                    progress.finish();
                     // SAFETY: `chunk` is the plugin's out-parameter.
                     unsafe { *chunk = FfiStr::EMPTY };
                     return FfiPoll::READY;
@@ -112,10 +198,14 @@ pub(crate) unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWa
                         continue;
                     }
                     let Some(allowed) = body.allowed.checked_sub(data.len() as u64) else {
-                        body.too_large.store(true, Ordering::Release);
+                        progress.too_large.store(true, Ordering::Release);
+                        progress.finish();
                         return FfiPoll::ERROR;
                     };
                     body.allowed = allowed;
+                    // One writer (the plugin reads from one thread at a time).
+                    progress.received.store(progress.received() + data.len() as u64, Ordering::Relaxed);
+                    progress.waiting.store(false, Ordering::Relaxed);
                     body.current = data;
                     // SAFETY: as above; `current` stays untouched until the next poll.
                     unsafe { *chunk = FfiStr::new(&body.current) };
@@ -123,6 +213,7 @@ pub(crate) unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWa
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::debug!("request body failed: {e}");
+                    progress.finish();
                     return FfiPoll::ERROR;
                 }
             }
@@ -139,6 +230,9 @@ pub(crate) unsafe extern "C" fn body_drop(body: *mut c_void) {
     let _ = catch_unwind(|| {
         // SAFETY: the plugin releases each body exactly once.
         let body = unsafe { Box::from_raw(body as *mut RequestBody) };
+        // The plugin no longer reads: the body is not timed any more.
+        body.progress.finish();
+        drop(body.progress.waker.lock().unwrap_or_else(PoisonError::into_inner).take());
         // Drop the parked plugin waker here, on the generation's thread; the proxy hyper may
         // still hold then finds an empty slot.
         if let Some(slot) = &body.plugin_waker {
@@ -160,7 +254,8 @@ pub(crate) struct Head<'a> {
 /// request's hold on the generation whose code the future is.
 pub(crate) struct PluginCall {
     ffi: FfiResponseFuture,
-    too_large: Option<Arc<AtomicBool>>,
+    /// The request body's progress, if it has a body.
+    body: Option<Arc<BodyProgress>>,
     /// `Some` while the plugin's state is live. When the future completes, the state is
     /// released at once and the hold passes to the answer: so a `PluginCall` never holds
     /// plugin state without also holding its library.
@@ -189,6 +284,10 @@ pub(crate) enum CallError {
     /// body cut short is moot.
     #[error("the request body is larger than --max-body-size")]
     BodyTooLarge,
+    /// The client sent the body too slowly while the plugin waited for it; the plugin's read
+    /// failed, and whatever it answered (if it did) is moot.
+    #[error("the request body arrived too slowly (--body-read-timeout)")]
+    BodyTimedOut,
 }
 
 impl PluginCall {
@@ -196,22 +295,23 @@ impl PluginCall {
     /// that generation. The headers are taken (to be reused); the method and target are
     /// borrowed, and stay the caller's, for its log line. A body longer than `max_body_size`
     /// fails, for the plugin, where it crosses the limit, and the call then ends in
-    /// [`CallError::BodyTooLarge`].
+    /// [`CallError::BodyTooLarge`]; one that times out (see [`PluginCall::body_progress`])
+    /// ends it in [`CallError::BodyTimedOut`], whether or not the plugin has answered.
     #[inline]
     pub(crate) fn start(in_flight: InFlight, head: Head<'_>, incoming: Incoming, max_body_size: u64) -> PluginCall {
         debug_assert_eq!(thread_generation(), in_flight.generation().id(), "a plugin call started outside its generation");
         let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
         // A request without a body (most GETs) costs no allocation for one.
-        let mut too_large = None;
+        let mut progress = None;
         let body = if incoming.is_end_stream() {
             std::ptr::null_mut()
         } else {
-            let flag = too_large.insert(Arc::new(AtomicBool::new(false))).clone();
+            let shared = progress.insert(Arc::new(BodyProgress::default())).clone();
             let body = RequestBody {
                 incoming,
                 current: Bytes::new(),
                 allowed: max_body_size,
-                too_large: flag,
+                progress: shared,
                 plugin_waker: None,
                 proxy: None,
             };
@@ -253,7 +353,14 @@ impl PluginCall {
         let future = unsafe { handle(&ffi) };
         drop(headers);
         response::recycle(head.headers);
-        PluginCall { ffi: future, too_large, in_flight: Some(in_flight) }
+        PluginCall { ffi: future, body: progress, in_flight: Some(in_flight) }
+    }
+
+    /// The request body's progress, for the host's `--body-read-timeout` (`None` without a
+    /// body): when the host times it out ([`BodyProgress::time_out`]), the plugin's read
+    /// fails and the call ends in [`CallError::BodyTimedOut`].
+    pub(crate) fn body_progress(&self) -> Option<&Arc<BodyProgress>> {
+        self.body.as_ref()
     }
 
     /// Polls the plugin's future, on a thread of its generation. Once it is ready the
@@ -269,15 +376,19 @@ impl PluginCall {
         // SAFETY: the state is live (`in_flight` is `Some`) and its library loaded; waker and
         // slot outlive the call.
         let r = unsafe { (self.ffi.poll)(self.ffi.state, &waker, &mut slot as *mut ResponseSlot as *mut c_void) };
-        if r == FfiPoll::PENDING {
+        // A plugin still busy after its body read failed for slowness is not waited for: the
+        // request has failed, and its slot on the connection is wanted.
+        let timed_out = self.body.as_ref().is_some_and(|body| body.timed_out());
+        if r == FfiPoll::PENDING && !timed_out {
             return Poll::Pending;
         }
-        let too_large = self.too_large.as_ref().is_some_and(|flag| flag.load(Ordering::Acquire));
+        let too_large = self.body.as_ref().is_some_and(|body| body.too_large.load(Ordering::Acquire));
         let ResponseSlot { status, headers, body, error } = slot;
         // Always `Some`: `in_flight` was checked above, and only this poll releases it.
         let Some(in_flight) = self.release() else { return Poll::Pending };
         let error = match r {
             _ if too_large => CallError::BodyTooLarge,
+            _ if timed_out => CallError::BodyTimedOut,
             FfiPoll::READY => {
                 let mut response = http::Response::new(body.into_response_body(in_flight));
                 *response.status_mut() = status.unwrap_or(StatusCode::OK);

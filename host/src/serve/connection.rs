@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::latch::{Latch, Waiter};
 use crate::plugin::{thread_generation, Generation};
-use crate::serve::limits::Expiry;
+use crate::serve::limits::{Expiry, Http2Frames};
 use crate::serve::respond::{PluginService, StreamExecutor};
 use crate::serve::state::{ConnState, OpenConnection, Shared};
 
@@ -33,6 +33,8 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
         };
         if http2 {
             conn.activity.is_http2();
+            // The frames that follow the preface are followed, for the header timeout.
+            io.frames = Some(Http2Frames::default());
         }
         let max_header_size = usize::try_from(shared.max_header_size).unwrap_or(usize::MAX);
         let service = PluginService { conn: conn.clone() };
@@ -141,6 +143,7 @@ impl Future for ConnTask {
             let why = match why {
                 Expiry::HeaderRead => "the request head did not arrive within the header read timeout",
                 Expiry::Idle => "idle for the idle timeout",
+                Expiry::Http2Header => "an HTTP/2 header block did not complete within the header read timeout",
             };
             tracing::debug!("closing a connection: {why}");
             this.connection = None;
@@ -196,6 +199,8 @@ pub(crate) struct MigratingStream {
     io: Option<TcpStream>,
     /// Bytes already read from the socket (by [`sniff_http2`]) to be read again first.
     replay: Bytes,
+    /// HTTP/2: the client's frames, followed for the header timeout.
+    frames: Option<Http2Frames>,
     /// Keeps the reactor `io` is registered with alive until it re-registers.
     registered: Arc<Generation>,
     conn: Arc<ConnState>,
@@ -204,7 +209,7 @@ pub(crate) struct MigratingStream {
 impl MigratingStream {
     pub(crate) fn new(stream: std::net::TcpStream, conn: Arc<ConnState>) -> io::Result<MigratingStream> {
         let registered = conn.generation.load_full();
-        Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), replay: Bytes::new(), registered, conn })
+        Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), replay: Bytes::new(), frames: None, registered, conn })
     }
 
     /// Notes bytes written, for the idle timeout.
@@ -245,7 +250,10 @@ impl AsyncRead for MigratingStream {
             Err(e) => return Poll::Ready(Err(e)),
         };
         if buf.filled().len() > before {
-            this.conn.activity.received();
+            match &mut this.frames {
+                Some(frames) => frames.read(&buf.filled()[before..], &this.conn.activity),
+                None => this.conn.activity.received(),
+            }
         }
         polled
     }

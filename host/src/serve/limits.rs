@@ -1,11 +1,11 @@
-//! Connection timeouts that do not depend on any generation's runtime.
+//! Connection and request-body timeouts that do not depend on any generation's runtime.
 //!
 //! hyper can time out a slow request head itself, but only with a timer whose sleeps belong
 //! to one tokio runtime, and a connection here moves from one generation's runtime to the
 //! next (`serve`): a sleep made on an old runtime fails once that runtime shuts down. So the
 //! host keeps time itself: every connection has an [`Activity`] it updates with a few atomic
 //! operations, and one [`Sweeper`] task on the host's own runtime, which lives as long as the
-//! process, expires connections that have sat too long.
+//! process, expires connections (and request bodies) that have sat too long.
 //!
 //! Connections read no clock. They count what happens; the sweeper reads the clock once per
 //! tick and times each connection from the tick at which it first saw the count where it is
@@ -13,14 +13,26 @@
 //! at most about two ticks late (one to see the activity, one to see the timeout pass), and a
 //! tick is a quarter of the shortest timeout, at most a second. The timeouts:
 //!
-//! - *header read timeout* (HTTP/1): a new connection, or bytes of a next request, and no
+//! - *header read timeout*: HTTP/1, a new connection, or bytes of a next request, and no
 //!   request has reached the plugin since (a slowloris client sending its head a byte at a
-//!   time, or one that connects and says nothing);
-//! - *idle timeout*: no request in progress, and nothing received or sent since.
+//!   time, or one that connects and says nothing); HTTP/2, a header block (HEADERS and its
+//!   CONTINUATIONs) begun and not completed ([`Http2Frames`] follows the frames). A header
+//!   block in progress stalls everything the client sends on that connection, so it is timed
+//!   out even while other streams are in progress;
+//! - *idle timeout*: no request in progress, and (HTTP/1) nothing received or sent since. An
+//!   HTTP/2 connection is idle whenever no stream is in progress, whatever bytes flow: PINGs,
+//!   SETTINGS and WINDOW_UPDATEs are answered by h2 itself and are no requests;
+//! - *body read timeout*: a request body the plugin is waiting for brought less than
+//!   `--min-body-rate` × the timeout (at least one byte) within the timeout. The body's
+//!   [`BodyProgress`] counts what the plugin got and whether it waits; time the plugin spends
+//!   not reading does not count (the client cannot send faster than it reads). The plugin's
+//!   read then fails, the request is answered 408 (or its response, if started, cut off), and
+//!   the connection is closed (HTTP/1) or the stream reset (HTTP/2).
 //!
-//! A connection with a request in progress (a long download, an upload) is never timed out
-//! here; the drain timeout bounds those on old generations. The connection's task has the
-//! last word: it closes an expired connection only if no request has started since.
+//! Otherwise a connection with a request in progress (a long download, a steady upload) is
+//! never timed out here; the drain timeout bounds those on old generations. The connection's
+//! task has the last word on the first two: it closes an expired connection only if no
+//! request has started since (except for an incomplete HTTP/2 header block).
 
 #![forbid(unsafe_code)]
 
@@ -31,13 +43,19 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::plugin::request::BodyProgress;
+
 /// What one client may cost the server.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
-    /// How long an HTTP/1 client may take to send a request head.
+    /// How long a client may take to send a request head (HTTP/1) or a header block (HTTP/2).
     pub(crate) header_read_timeout: Duration,
     /// How long a connection may sit idle.
     pub(crate) idle_timeout: Duration,
+    /// How long a request body the plugin waits for may go without progress.
+    pub(crate) body_read_timeout: Duration,
+    /// Bytes per second a body must bring, over each body read timeout, to count as progress.
+    pub(crate) min_body_rate: u64,
     /// The largest request head accepted (431 beyond).
     pub(crate) max_header_size: u64,
     /// The largest request body accepted (413 beyond).
@@ -53,7 +71,7 @@ fn now_ms() -> u64 {
 }
 
 /// The top bit of an activity word: the connection owes the head of a request that has not
-/// reached the plugin yet. The other bits count changes of phase and activity.
+/// reached the plugin yet (HTTP/1). The other bits count changes of phase and activity.
 const READING_HEAD: u64 = 1 << 63;
 
 /// Why a connection was closed by the sweeper.
@@ -61,6 +79,18 @@ const READING_HEAD: u64 = 1 << 63;
 pub(crate) enum Expiry {
     HeaderRead = 1,
     Idle = 2,
+    /// An HTTP/2 header block did not complete: honoured even with streams in progress.
+    Http2Header = 3,
+}
+
+/// A request body the sweeper watches, and what it last saw of it.
+#[derive(Debug)]
+struct WatchedBody {
+    body: Weak<BodyProgress>,
+    /// Bytes received when the current window began.
+    received: u64,
+    /// When the current window began; `None` until the sweeper first sees the body.
+    since: Option<u64>,
 }
 
 /// What one connection has been doing, as far as timeouts care.
@@ -71,8 +101,14 @@ pub(crate) struct Activity {
     phase: AtomicU64,
     /// Requests (HTTP/1 or HTTP/2 streams) in progress, responses included.
     requests: AtomicUsize,
-    /// HTTP/2: its control frames (pings, window updates) are not request heads.
+    /// HTTP/2: bytes received or sent are no requests, and its header blocks are followed.
     http2: AtomicBool,
+    /// HTTP/2: header blocks begun plus header blocks completed, so odd while one is
+    /// incomplete. Written only by the task that reads the socket.
+    header_blocks: AtomicU64,
+    /// Request bodies read on this connection (HTTP/2: one per stream), for the body read
+    /// timeout. Touched by a request with a body when it starts, and by the sweeper.
+    bodies: Mutex<Vec<WatchedBody>>,
     /// An [`Expiry`] the sweeper found, for the connection's task to act on; 0 for none.
     expired: AtomicU8,
     /// Woken when the connection expires.
@@ -87,12 +123,15 @@ impl Activity {
             phase: AtomicU64::new(READING_HEAD),
             requests: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
+            header_blocks: AtomicU64::new(0),
+            bodies: Mutex::new(Vec::new()),
             expired: AtomicU8::new(0),
             waker: Mutex::new(None),
         }
     }
 
-    /// The connection speaks HTTP/2: from now on only the idle timeout applies.
+    /// The connection speaks HTTP/2: from now on it is idle whenever no stream is in
+    /// progress, and its header blocks are timed ([`Http2Frames`]).
     pub(crate) fn is_http2(&self) {
         self.http2.store(true, Ordering::Relaxed);
         self.changed(false);
@@ -112,14 +151,12 @@ impl Activity {
         !self.http2.load(Ordering::Relaxed) && self.requests.load(Ordering::Acquire) > 0
     }
 
-    /// Bytes arrived from the client.
+    /// Bytes arrived from the client (HTTP/1; for HTTP/2 bytes are no activity).
     pub(crate) fn received(&self) {
-        if self.requests.load(Ordering::Relaxed) > 0 {
+        if self.requests.load(Ordering::Relaxed) > 0 || self.http2.load(Ordering::Relaxed) {
             return;
         }
-        if self.http2.load(Ordering::Relaxed) {
-            self.changed(false);
-        } else if self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
+        if self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
             // The head of a next request begins; its bytes that follow do not restart the
             // timer (a slowloris client sends one at a time).
             self.changed(true);
@@ -127,11 +164,26 @@ impl Activity {
     }
 
     /// Bytes went out to the client: hyper may still be writing a response whose body has
-    /// already ended (and with it the request), to a client that reads slowly.
+    /// already ended (and with it the request), to a client that reads slowly. (HTTP/1: an
+    /// HTTP/2 connection also sends answers to PINGs and SETTINGS.)
     pub(crate) fn sent(&self) {
-        if self.requests.load(Ordering::Relaxed) == 0 && self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
+        if self.requests.load(Ordering::Relaxed) == 0
+            && self.phase.load(Ordering::Relaxed) & READING_HEAD == 0
+            && !self.http2.load(Ordering::Relaxed)
+        {
             self.changed(false);
         }
+    }
+
+    /// HTTP/2: the client began a header block. Called by the task reading the socket only.
+    pub(crate) fn header_block_started(&self) {
+        self.header_blocks.store(self.header_blocks.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// HTTP/2: the header block is complete; a request, or trailers, or a refusal follows.
+    pub(crate) fn header_block_ended(&self) {
+        self.header_blocks.store(self.header_blocks.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        self.changed(false);
     }
 
     /// A request reached the plugin.
@@ -152,6 +204,14 @@ impl Activity {
         self.requests.fetch_sub(1, Ordering::Release);
     }
 
+    /// Times a request's body from now on: the body read timeout applies while the plugin
+    /// waits for it. Only requests with a body come here.
+    pub(crate) fn watch_body(&self, body: &Arc<BodyProgress>) {
+        let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        bodies.retain(|w| w.body.strong_count() > 0);
+        bodies.push(WatchedBody { body: Arc::downgrade(body), received: 0, since: None });
+    }
+
     /// Takes what the sweeper found, if it still holds: `None` when nothing expired, or when
     /// a request has started since (the sweeper looks again later).
     pub(crate) fn take_expiry(&self) -> Option<Expiry> {
@@ -160,6 +220,9 @@ impl Activity {
             return None;
         }
         let found = self.expired.swap(0, Ordering::AcqRel);
+        if found == Expiry::Http2Header as u8 {
+            return Some(Expiry::Http2Header);
+        }
         if found == 0 || self.requests.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -179,56 +242,190 @@ impl Activity {
     }
 
     /// Whether this connection has outlived a timeout at time `now`; `seen` is what the
-    /// sweeper saw of it before.
-    fn check(&self, seen: &mut Seen, now: u64, header_read: u64, idle: u64) -> Option<Expiry> {
+    /// sweeper saw of it before. Bodies that timed out are added to `slow_bodies`.
+    fn check(&self, seen: &mut Seen, now: u64, t: &Timeouts, slow_bodies: &mut Vec<Arc<BodyProgress>>) -> Option<Expiry> {
+        // An incomplete HTTP/2 header block holds up the whole connection, whatever else is in
+        // progress on it.
+        let blocks = self.header_blocks.load(Ordering::Relaxed);
+        if blocks != seen.blocks {
+            (seen.blocks, seen.block_since) = (blocks, now);
+        } else if blocks % 2 == 1 && now.saturating_sub(seen.block_since) >= t.header_read {
+            return Some(Expiry::Http2Header);
+        }
         if self.requests.load(Ordering::Acquire) > 0 {
+            self.check_bodies(now, t, slow_bodies);
             return None;
         }
         let phase = self.phase.load(Ordering::Relaxed);
         if phase != seen.phase {
-            *seen = Seen { phase, since: now };
+            (seen.phase, seen.since) = (phase, now);
             return None;
         }
         let since = now.saturating_sub(seen.since);
         if phase & READING_HEAD != 0 {
-            (since >= header_read).then_some(Expiry::HeaderRead)
+            (since >= t.header_read).then_some(Expiry::HeaderRead)
         } else {
-            (since >= idle).then_some(Expiry::Idle)
+            (since >= t.idle).then_some(Expiry::Idle)
+        }
+    }
+
+    /// The body read timeout: a body the plugin waits for must bring `t.body_progress` bytes
+    /// within each `t.body_read`. A window begins when the sweeper first sees the body, when
+    /// it sees that much progress, or when it sees the plugin not waiting.
+    fn check_bodies(&self, now: u64, t: &Timeouts, slow_bodies: &mut Vec<Arc<BodyProgress>>) {
+        let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        bodies.retain_mut(|watched| {
+            let Some(body) = watched.body.upgrade() else { return false };
+            if body.is_finished() || body.timed_out() {
+                return false;
+            }
+            let received = body.received();
+            let progressed = received.saturating_sub(watched.received) >= t.body_progress;
+            match watched.since {
+                Some(since) if body.is_waiting() && !progressed => {
+                    if now.saturating_sub(since) < t.body_read {
+                        return true;
+                    }
+                    slow_bodies.push(body);
+                    false
+                }
+                _ => {
+                    (watched.received, watched.since) = (received, Some(now));
+                    true
+                }
+            }
+        });
+    }
+}
+
+/// Follows the frames an HTTP/2 client sends, as far as the header timeout needs: where
+/// each frame ends, and whether a header block (a HEADERS frame, then CONTINUATIONs until
+/// one carries END_HEADERS) is open. h2 reads the same bytes and checks them; this only
+/// counts, a few operations per frame.
+#[derive(Debug, Default)]
+pub(crate) struct Http2Frames {
+    /// The frame header being read.
+    head: [u8; 9],
+    head_len: u8,
+    /// Bytes of the current frame's payload still to come.
+    payload_left: u32,
+    /// The current frame completes a header block.
+    ends_block: bool,
+    /// A header block is open.
+    in_block: bool,
+}
+
+impl Http2Frames {
+    const HEADERS: u8 = 0x1;
+    const CONTINUATION: u8 = 0x9;
+    const END_HEADERS: u8 = 0x4;
+
+    /// Follows `bytes`, the next ones read from the client (after the connection preface).
+    pub(crate) fn read(&mut self, mut bytes: &[u8], activity: &Activity) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = bytes.len().min(self.payload_left as usize);
+                self.payload_left -= n as u32;
+                bytes = &bytes[n..];
+                if self.payload_left == 0 {
+                    self.frame_read(activity);
+                }
+                continue;
+            }
+            let have = usize::from(self.head_len);
+            let n = bytes.len().min(self.head.len() - have);
+            self.head[have..have + n].copy_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if have + n < self.head.len() {
+                self.head_len = (have + n) as u8;
+                return;
+            }
+            self.head_len = 0;
+            let [l0, l1, l2, kind, flags, ..] = self.head;
+            self.ends_block = false;
+            if kind == Self::HEADERS || kind == Self::CONTINUATION {
+                if !self.in_block {
+                    self.in_block = true;
+                    activity.header_block_started();
+                }
+                self.ends_block = flags & Self::END_HEADERS != 0;
+            }
+            self.payload_left = u32::from_be_bytes([0, l0, l1, l2]);
+            if self.payload_left == 0 {
+                self.frame_read(activity);
+            }
+        }
+    }
+
+    fn frame_read(&mut self, activity: &Activity) {
+        if self.in_block && self.ends_block {
+            self.in_block = false;
+            activity.header_block_ended();
         }
     }
 }
 
-/// What the sweeper last saw of a connection: its activity word, and since when.
+/// What the sweeper last saw of a connection: its activity word and its HTTP/2 header block
+/// count, and since when.
 struct Seen {
     phase: u64,
     since: u64,
+    blocks: u64,
+    block_since: u64,
+}
+
+/// The timeouts in milliseconds, and the progress a body must make per body read timeout.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    header_read: u64,
+    idle: u64,
+    body_read: u64,
+    body_progress: u64,
+}
+
+impl Timeouts {
+    fn new(limits: &Limits) -> Timeouts {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let body_read = ms(limits.body_read_timeout);
+        let body_progress = u128::from(limits.min_body_rate) * u128::from(body_read) / 1000;
+        Timeouts {
+            header_read: ms(limits.header_read_timeout),
+            idle: ms(limits.idle_timeout),
+            body_read,
+            body_progress: u64::try_from(body_progress).unwrap_or(u64::MAX).max(1),
+        }
+    }
 }
 
 /// Watches every open connection's [`Activity`] and expires those past a timeout.
 pub(crate) struct Sweeper {
-    header_read: Duration,
-    idle: Duration,
+    timeouts: Timeouts,
+    /// How often it looks: a quarter of the shortest timeout, between 10 ms and a second.
+    period: Duration,
     tracked: Mutex<Vec<(Weak<Activity>, Seen)>>,
 }
 
 impl Sweeper {
-    pub(crate) fn new(header_read: Duration, idle: Duration) -> Arc<Sweeper> {
-        Arc::new(Sweeper { header_read, idle, tracked: Mutex::new(Vec::new()) })
+    pub(crate) fn new(limits: &Limits) -> Arc<Sweeper> {
+        let shortest = limits.header_read_timeout.min(limits.idle_timeout).min(limits.body_read_timeout);
+        Arc::new(Sweeper {
+            timeouts: Timeouts::new(limits),
+            period: (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+            tracked: Mutex::new(Vec::new()),
+        })
     }
 
     /// The activity record of a new connection, watched until it is dropped.
     pub(crate) fn track(&self) -> Arc<Activity> {
         let activity = Arc::new(Activity::new());
-        let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now_ms() };
+        let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now_ms(), blocks: 0, block_since: 0 };
         self.tracked.lock().unwrap_or_else(PoisonError::into_inner).push((Arc::downgrade(&activity), seen));
         activity
     }
 
     /// Runs on the host's runtime until `shutdown`, checking a few times per shortest timeout.
     pub(crate) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let period = (self.header_read.min(self.idle) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let (header_read, idle) = (self.header_read.as_millis() as u64, self.idle.as_millis() as u64);
-        let mut ticks = tokio::time::interval(period);
+        let mut ticks = tokio::time::interval(self.period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -237,9 +434,10 @@ impl Sweeper {
             }
             let now = now_ms();
             let mut expired = Vec::new();
+            let mut slow_bodies = Vec::new();
             self.tracked.lock().unwrap_or_else(PoisonError::into_inner).retain_mut(|(weak, seen)| {
                 let Some(activity) = weak.upgrade() else { return false };
-                if let Some(why) = activity.check(seen, now, header_read, idle) {
+                if let Some(why) = activity.check(seen, now, &self.timeouts, &mut slow_bodies) {
                     expired.push((activity, why));
                 }
                 true
@@ -247,6 +445,9 @@ impl Sweeper {
             // Woken outside the lock: a waker may run arbitrary code.
             for (activity, why) in expired {
                 activity.expire(why);
+            }
+            for body in slow_bodies {
+                body.time_out();
             }
         }
     }
@@ -258,9 +459,27 @@ mod tests {
 
     const HEAD: u64 = 1_000;
     const IDLE: u64 = 5_000;
+    const BODY: u64 = 2_000;
+    /// Bytes a body must bring per `BODY`.
+    const PROGRESS: u64 = 1_024;
+    const T: Timeouts = Timeouts { header_read: HEAD, idle: IDLE, body_read: BODY, body_progress: PROGRESS };
 
     fn watched(activity: &Activity, at: u64) -> Seen {
-        Seen { phase: activity.phase.load(Ordering::Relaxed), since: at }
+        Seen { phase: activity.phase.load(Ordering::Relaxed), since: at, blocks: 0, block_since: at }
+    }
+
+    fn check(a: &Activity, seen: &mut Seen, now: u64) -> Option<Expiry> {
+        let mut slow = Vec::new();
+        let found = a.check(seen, now, &T, &mut slow);
+        assert!(slow.is_empty(), "no body here");
+        found
+    }
+
+    /// Checks `a` at `now`; returns whether its one body timed out then.
+    fn body_timed_out(a: &Activity, seen: &mut Seen, now: u64) -> bool {
+        let mut slow = Vec::new();
+        assert_eq!(a.check(seen, now, &T, &mut slow), None, "a request in progress");
+        !slow.is_empty()
     }
 
     #[test]
@@ -268,9 +487,9 @@ mod tests {
         let a = Activity::new();
         let mut seen = watched(&a, 0);
         a.received(); // a slowloris byte
-        assert_eq!(a.check(&mut seen, 999, HEAD, IDLE), None);
+        assert_eq!(check(&a, &mut seen, 999), None);
         a.received();
-        assert_eq!(a.check(&mut seen, 1_000, HEAD, IDLE), Some(Expiry::HeaderRead));
+        assert_eq!(check(&a, &mut seen, 1_000), Some(Expiry::HeaderRead));
     }
 
     #[test]
@@ -278,13 +497,13 @@ mod tests {
         let a = Activity::new();
         let mut seen = watched(&a, 0);
         a.request_started();
-        assert_eq!(a.check(&mut seen, 60_000, HEAD, IDLE), None, "a request in progress never expires");
+        assert_eq!(check(&a, &mut seen, 60_000), None, "a request in progress never expires");
         a.request_ended();
-        assert_eq!(a.check(&mut seen, 60_100, HEAD, IDLE), None, "the change is seen here");
-        assert_eq!(a.check(&mut seen, 65_099, HEAD, IDLE), None);
+        assert_eq!(check(&a, &mut seen, 60_100), None, "the change is seen here");
+        assert_eq!(check(&a, &mut seen, 65_099), None);
         a.sent(); // the rest of the response went out
-        assert_eq!(a.check(&mut seen, 65_100, HEAD, IDLE), None);
-        assert_eq!(a.check(&mut seen, 70_100, HEAD, IDLE), Some(Expiry::Idle));
+        assert_eq!(check(&a, &mut seen, 65_100), None);
+        assert_eq!(check(&a, &mut seen, 70_100), Some(Expiry::Idle));
     }
 
     #[test]
@@ -293,10 +512,115 @@ mod tests {
         let mut seen = watched(&a, 0);
         a.request_started();
         a.request_ended();
-        assert_eq!(a.check(&mut seen, 10, HEAD, IDLE), None);
+        assert_eq!(check(&a, &mut seen, 10), None);
         a.received();
-        assert_eq!(a.check(&mut seen, 20, HEAD, IDLE), None);
-        assert_eq!(a.check(&mut seen, 1_019, HEAD, IDLE), None);
-        assert_eq!(a.check(&mut seen, 1_020, HEAD, IDLE), Some(Expiry::HeaderRead));
+        assert_eq!(check(&a, &mut seen, 20), None);
+        assert_eq!(check(&a, &mut seen, 1_019), None);
+        assert_eq!(check(&a, &mut seen, 1_020), Some(Expiry::HeaderRead));
+    }
+
+    #[test]
+    fn http2_pings_and_their_answers_are_no_activity() {
+        let a = Activity::new();
+        a.is_http2();
+        let mut seen = watched(&a, 0);
+        for at in (0..IDLE).step_by(100) {
+            a.received(); // a PING
+            a.sent(); // its answer
+            assert_eq!(check(&a, &mut seen, at), None);
+        }
+        assert_eq!(check(&a, &mut seen, IDLE), Some(Expiry::Idle));
+        // A stream is: the idle timer starts again when it ends.
+        a.request_started();
+        a.request_ended();
+        assert_eq!(check(&a, &mut seen, IDLE + 10), None);
+        assert_eq!(check(&a, &mut seen, 2 * IDLE + 9), None);
+        assert_eq!(check(&a, &mut seen, 2 * IDLE + 10), Some(Expiry::Idle));
+    }
+
+    /// A frame header: length, type, flags, stream 1.
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 1];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn an_incomplete_http2_header_block_is_timed_even_with_streams_in_progress() {
+        let a = Activity::new();
+        a.is_http2();
+        let mut frames = Http2Frames::default();
+        let mut seen = watched(&a, 0);
+        a.request_started(); // another stream, in progress throughout
+        // A complete block, split across reads anywhere, leaves nothing open.
+        let mut bytes = frame(0x6, 0, &[0; 8]); // PING
+        bytes.extend(frame(0x1, 0x4 | 0x1, b"abc")); // HEADERS, END_HEADERS | END_STREAM
+        for byte in &bytes {
+            frames.read(std::slice::from_ref(byte), &a);
+        }
+        assert_eq!(a.header_blocks.load(Ordering::Relaxed), 2);
+        // HEADERS without END_HEADERS, then a CONTINUATION dripped a byte at a time.
+        frames.read(&frame(0x1, 0, b"abc"), &a);
+        assert_eq!(check(&a, &mut seen, 10), None, "the block is seen open here");
+        let continuation = frame(0x9, 0x4, b"defgh");
+        for (i, byte) in continuation[..continuation.len() - 1].iter().enumerate() {
+            frames.read(std::slice::from_ref(byte), &a);
+            assert_eq!(check(&a, &mut seen, 10 + i as u64 * 50), None);
+        }
+        assert_eq!(check(&a, &mut seen, 10 + HEAD), Some(Expiry::Http2Header));
+        // Had its last byte come in time, the block would have been complete.
+        frames.read(&continuation[continuation.len() - 1..], &a);
+        assert_eq!(a.header_blocks.load(Ordering::Relaxed) % 2, 0);
+        assert_eq!(check(&a, &mut seen, 20 + HEAD), None);
+    }
+
+    #[test]
+    fn a_body_the_plugin_waits_for_must_make_progress_within_each_window() {
+        let a = Activity::new();
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        let body = Arc::new(BodyProgress::default());
+        a.watch_body(&body);
+        assert!(!body_timed_out(&a, &mut seen, 0), "first seen: the window begins");
+        // The plugin does not wait (it is busy): no time counts.
+        assert!(!body_timed_out(&a, &mut seen, 10 * BODY));
+        // A steady 2 KiB/s, seen every 500 ms: each window brings enough.
+        let mut at = 10 * BODY;
+        for received in (1..=10).map(|i| i * 1_024) {
+            body.simulate(received, true);
+            at += 500;
+            assert!(!body_timed_out(&a, &mut seen, at), "a steady body timed out at {at}");
+        }
+        // Then a byte a second: not enough.
+        for received in 10 * 1_024 + 1..10 * 1_024 + 4 {
+            body.simulate(received, true);
+            at += 1_000;
+            if body_timed_out(&a, &mut seen, at) {
+                assert!(at >= 10 * BODY + 5_000 + BODY, "timed out early, at {at}");
+                return;
+            }
+        }
+        panic!("a body trickling a byte a second never timed out");
+    }
+
+    #[test]
+    fn with_no_minimum_rate_any_byte_is_progress() {
+        let t = Timeouts { body_progress: 1, ..T };
+        let a = Activity::new();
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        let body = Arc::new(BodyProgress::default());
+        a.watch_body(&body);
+        let mut slow = Vec::new();
+        body.simulate(0, true);
+        assert_eq!(a.check(&mut seen, 0, &t, &mut slow), None);
+        for second in 1..10 {
+            body.simulate(second, true);
+            assert_eq!(a.check(&mut seen, second * 1_000, &t, &mut slow), None);
+        }
+        assert!(slow.is_empty());
+        assert_eq!(a.check(&mut seen, 9_000 + BODY, &t, &mut slow), None);
+        assert_eq!(slow.len(), 1, "silent for the whole timeout");
     }
 }

@@ -27,7 +27,7 @@
 //! | [`connection`] | a connection's task, its socket, and its moves between generations |
 //! | [`respond`] | a request in flight: handed to the plugin, answered, its body sent |
 //! | [`state`] | what connections share with the server, and among their parts |
-//! | [`limits`] | the header read and idle timeouts, kept apart from any generation's runtime |
+//! | [`limits`] | the header read, idle and body read timeouts, kept apart from any generation's runtime |
 
 #![forbid(unsafe_code)]
 
@@ -64,7 +64,7 @@ impl Server {
     /// A server for the generation that is `current` at each new connection and request. The
     /// timeout sweeper runs on the calling runtime (the host's own) until `shutdown`.
     pub(crate) fn new(current: Arc<Current>, limits: Limits, shutdown: Arc<Latch>) -> Arc<Server> {
-        let sweeper = Sweeper::new(limits.header_read_timeout, limits.idle_timeout);
+        let sweeper = Sweeper::new(&limits);
         tokio::spawn(sweeper.clone().run(shutdown.token().clone()));
         let max = usize::try_from(limits.max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max));

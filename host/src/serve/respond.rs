@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::plugin::request::{CallError, CallFailed, Head, PluginCall};
+use crate::plugin::request::{BodyProgress, CallError, CallFailed, Head, PluginCall};
 use crate::plugin::response::{BodyError, ResponseBody};
 use crate::plugin::{thread_generation, Generation, InFlight};
 use crate::serve::state::ConnState;
@@ -144,6 +144,9 @@ fn hand_to_plugin(request: Request<Incoming>, in_flight: InFlight, conn: ConnReq
     }
     let (http::request::Parts { method, uri, version, headers, .. }, body) = request.into_parts();
     let call = PluginCall::start(in_flight, Head { method: &method, uri: &uri, version, headers }, body, max_body_size);
+    if let Some(body) = call.body_progress() {
+        conn.state.activity.watch_body(body);
+    }
     Respond::Calling(Calling { call, conn, started, method, uri })
 }
 
@@ -151,7 +154,10 @@ impl Calling {
     /// The response to hand to hyper, once the plugin's future has completed.
     fn finish(self, called: Result<Response<ResponseBody>, CallFailed>) -> Response<HostBody> {
         let Calling { call, conn, started, method, uri } = self;
-        drop(call); // its state is released already; the hold is in `called`
+        // Its state is released already; the hold is in `called`. The request body may still
+        // be read by the response body (and time out then).
+        let request_body = call.body_progress().cloned();
+        drop(call);
         match called {
             Ok(response) => {
                 let generation = response.body().generation().id();
@@ -159,12 +165,16 @@ impl Calling {
                     %method, path = %uri.path(), status = response.status().as_u16(), generation,
                     elapsed = ?started.elapsed(), "request"
                 );
-                counted(response.map(|body| HostBody::new(body, conn)), started)
+                counted(response.map(|body| HostBody::new(body, conn).reading(request_body)), started)
             }
             Err(CallFailed { error: CallError::BodyTooLarge, in_flight }) => {
                 let max_body_size = conn.state.max_body_size;
                 tracing::debug!(%method, path = %uri.path(), max_body_size, "request body grew too large: answered 413");
                 error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started)
+            }
+            Err(CallFailed { error: CallError::BodyTimedOut, in_flight }) => {
+                tracing::debug!(%method, path = %uri.path(), "request body too slow (--body-read-timeout): answered 408");
+                error_response(StatusCode::REQUEST_TIMEOUT, in_flight, conn, started)
             }
             Err(CallFailed { error, in_flight }) => {
                 let generation = in_flight.generation();
@@ -187,9 +197,9 @@ fn error_response(status: StatusCode, in_flight: InFlight, conn: ConnRequest, st
     let h1 = conn.h1;
     let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn));
     *response.status_mut() = status;
-    if status == StatusCode::PAYLOAD_TOO_LARGE && h1 {
-        // The rest of the body is not wanted: close rather than read it to keep the
-        // connection alive. (HTTP/2 resets just the stream.)
+    if matches!(status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) && h1 {
+        // The rest of the body is not wanted (or not coming): close rather than read it to
+        // keep the connection alive. (HTTP/2 resets just the stream.)
         response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }
     counted(response, started)
@@ -215,17 +225,35 @@ impl Drop for ConnRequest {
     }
 }
 
-/// A response body as hyper sends it: counted in its generation's figures.
+/// A response body as hyper sends it: counted in its generation's figures, and cut off if
+/// the request body it may still be reading times out.
 pub(crate) struct HostBody {
     /// Holds the request's generation until it ends.
     body: ResponseBody,
+    /// The request's body, if it has one.
+    request_body: Option<Arc<BodyProgress>>,
     _conn: ConnRequest,
+}
+
+/// Why a response was cut off.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    #[error(transparent)]
+    Plugin(#[from] BodyError),
+    #[error("the request body arrived too slowly (--body-read-timeout)")]
+    RequestBodyTimedOut,
 }
 
 impl HostBody {
     fn new(body: ResponseBody, conn: ConnRequest) -> HostBody {
         body.generation().stats().stream_started();
-        HostBody { body, _conn: conn }
+        HostBody { body, request_body: None, _conn: conn }
+    }
+
+    /// Cut the response off if `request_body` times out.
+    fn reading(mut self, request_body: Option<Arc<BodyProgress>>) -> HostBody {
+        self.request_body = request_body;
+        self
     }
 
     fn generation(&self) -> &Arc<Generation> {
@@ -241,11 +269,16 @@ impl Drop for HostBody {
 
 impl http_body::Body for HostBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = SendError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, SendError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if this.request_body.as_ref().is_some_and(|body| body.timed_out()) {
+            // The connection is closed (HTTP/1) or the stream reset (HTTP/2).
+            tracing::debug!("request body too slow (--body-read-timeout): response cut off");
+            return Poll::Ready(Some(Err(SendError::RequestBodyTimedOut)));
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx).map_err(SendError::from);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

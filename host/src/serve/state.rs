@@ -54,7 +54,7 @@ pub(crate) struct ConnState {
     /// service and the executor, which hyper calls for a stream in one poll, see the same
     /// generation.
     pub(crate) generation: ArcSwap<Generation>,
-    /// For the header read and idle timeouts.
+    /// For the header read, idle and body read timeouts.
     pub(crate) activity: Arc<Activity>,
     pub(crate) max_body_size: u64,
 }
