@@ -241,21 +241,21 @@ async fn threads_a_plugin_starts_keep_its_library_loaded_until_they_exit() {
     assert_eq!(host.mapped_plugins().len(), 2, "the leaked library was unmapped");
 }
 
-/// fixture-faulty built with `panic = "abort"` in its release profile, in a target directory of
-/// its own: the setting applies to every crate of a build.
+/// fixture-faulty built with `panic = "abort"` in its profile, in a target directory of its own
+/// (the setting applies to every crate of a build); a debug build, the quicker to make.
 fn panic_abort_build() -> std::path::PathBuf {
     let _lock = build_lock();
     let target = target_dir().join("it-panic-abort");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace())
-        .args(["build", "--release", "--quiet", "-p", "fixture-faulty", "--target-dir"])
+        .args(["build", "--quiet", "-p", "fixture-faulty", "--target-dir"])
         .arg(&target)
-        .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
+        .env("CARGO_PROFILE_DEV_PANIC", "abort")
         .status()
         .expect("cannot run cargo");
     assert!(status.success(), "cargo build with panic = abort failed");
-    target.join("release/libfixture_faulty.so")
+    target.join("debug/libfixture_faulty.so")
 }
 
 #[tokio::test]
