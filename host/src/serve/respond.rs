@@ -165,7 +165,7 @@ impl Calling {
                     %method, path = %uri.path(), status = response.status().as_u16(), generation,
                     elapsed = ?started.elapsed(), "request"
                 );
-                counted(response.map(|body| HostBody::new(body, conn).reading(request_body)), started)
+                counted(response.map(|body| HostBody::new(body, conn, request_body)), started)
             }
             Err(CallFailed { error: CallError::BodyTooLarge, in_flight }) => {
                 let max_body_size = conn.state.max_body_size;
@@ -195,7 +195,7 @@ fn counted(response: Response<HostBody>, started: Instant) -> Response<HostBody>
 fn error_response(status: StatusCode, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Response<HostBody> {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
     let h1 = conn.h1;
-    let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn));
+    let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn, None));
     *response.status_mut() = status;
     if matches!(status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) && h1 {
         // The rest of the body is not wanted (or not coming): close rather than read it to
@@ -245,15 +245,11 @@ pub(crate) enum SendError {
 }
 
 impl HostBody {
-    fn new(body: ResponseBody, conn: ConnRequest) -> HostBody {
+    /// `request_body`: the request's body, if it has one, which cuts the response off if it
+    /// times out.
+    fn new(body: ResponseBody, conn: ConnRequest, request_body: Option<Arc<BodyProgress>>) -> HostBody {
         body.generation().stats().stream_started();
-        HostBody { body, request_body: None, _conn: conn }
-    }
-
-    /// Cut the response off if `request_body` times out.
-    fn reading(mut self, request_body: Option<Arc<BodyProgress>>) -> HostBody {
-        self.request_body = request_body;
-        self
+        HostBody { body, request_body, _conn: conn }
     }
 
     fn generation(&self) -> &Arc<Generation> {
