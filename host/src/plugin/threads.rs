@@ -42,12 +42,18 @@ pub(crate) fn unregister() {
     known().remove(&sys::thread_id());
 }
 
-/// Runs `f` on a host thread of its own, registered as the host's for its life.
+/// Runs `f` on a host thread of its own, registered as the host's for its life (unregistered
+/// even if `f` panics, so that its id, once reused, is not taken for the host's).
 pub(crate) fn host_thread<T>(f: impl FnOnce() -> T) -> T {
+    struct Registered;
+    impl Drop for Registered {
+        fn drop(&mut self) {
+            unregister();
+        }
+    }
     register(Owner::Host);
-    let result = f();
-    unregister();
-    result
+    let _registered = Registered;
+    f()
 }
 
 /// The ids of the threads of this process now.
