@@ -86,6 +86,8 @@ pub(crate) struct LoadOptions {
 
 /// A plugin file copied to its private path, after every check that needs only its bytes.
 struct Copied {
+    /// The copy, open: what was checked, and what will be mapped.
+    file: std::fs::File,
     shadow: PathBuf,
     identity: Identity,
     digest: Option<String>,
@@ -108,7 +110,7 @@ fn private_copy(source: &Path, options: &LoadOptions) -> Result<Copied, Generati
         let _ = std::fs::remove_file(&copy.shadow);
         return Err(e);
     }
-    Ok(Copied { shadow: copy.shadow, identity, digest: copy.sha256 })
+    Ok(Copied { file: copy.file, shadow: copy.shadow, identity, digest: copy.sha256 })
 }
 
 /// A plugin build copied, opened and its declaration checked: of its code, only the
@@ -144,10 +146,10 @@ impl Candidate {
             let (source, options) = (source.to_path_buf(), options.clone());
             tokio::task::spawn_blocking(move || private_copy(&source, &options)).await
         };
-        let Copied { shadow, identity, digest } =
+        let Copied { file, shadow, identity, digest } =
             prepared.map_err(|join| GenerationError::Runtime(std::io::Error::other(join.to_string())))??;
         let foreign_before = threads::foreign();
-        match open_library(&shadow).await {
+        match open_library(file, &shadow).await {
             Ok(library) => Ok(Candidate {
                 source: source.to_path_buf(),
                 shadow,
@@ -298,7 +300,7 @@ impl Drop for Candidate {
                     "threads the candidate's initialisers started are still running; its library stays loaded (leaked)"
                 );
                 std::mem::forget(library);
-            } else if let Err(e) = library.close() {
+            } else if let loader::Closed::Failed(e) = library.close() {
                 tracing::warn!(file = %source.display(), "dlclose of a candidate failed: {e}");
             }
             let _ = std::fs::remove_file(&shadow);
@@ -314,13 +316,14 @@ impl Drop for Candidate {
 /// thread-locals its initialisers create are destroyed while the library is loaded, and pin
 /// no host thread to it. If the load is abandoned meanwhile, the library is closed (on the
 /// blocking pool) only after that thread has exited.
-async fn open_library(shadow: &Path) -> Result<Library, GenerationError> {
+async fn open_library(file: std::fs::File, shadow: &Path) -> Result<Library, GenerationError> {
     let failed = |reason: String| GenerationError::Runtime(std::io::Error::other(reason));
     let path = shadow.to_path_buf();
     // SAFETY: the operator chose this file as a plugin; opening it runs its initialisers,
     // which is what loading a plugin means.
-    let opening =
-        std::thread::Builder::new().name("hs-dlopen".into()).spawn(move || threads::host_thread(|| unsafe { Library::open(&path) }));
+    let opening = std::thread::Builder::new()
+        .name("hs-dlopen".into())
+        .spawn(move || threads::host_thread(|| unsafe { Library::open(file, &path) }));
     let thread = opening.map_err(GenerationError::Runtime)?;
     let joined = tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| failed(e.to_string()))?;
     Ok(joined.map_err(|_| failed("opening the library panicked".into()))??)

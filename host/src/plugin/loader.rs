@@ -65,6 +65,11 @@ pub(crate) struct Library {
     // Declared before `library`: nothing may use the declaration once the library is closed.
     declaration: NonNull<PluginDeclaration>,
     library: libloading::Library,
+    /// The private copy, open: the library was mapped from this very file (see `open`). It
+    /// stays open while the library may be mapped: the dynamic loader knows the library by
+    /// the name `/proc/self/fd/N`, and a number reused for the next copy while this library
+    /// is still mapped would make `dlopen` hand back this one.
+    _copy: fs::File,
     pub(crate) name: String,
     pub(crate) version: semver::Version,
 }
@@ -76,19 +81,22 @@ unsafe impl Send for Library {}
 unsafe impl Sync for Library {}
 
 impl Library {
-    /// Opens `shadow` (a private copy, never the user's file) and checks its declaration.
+    /// Opens the private copy `copy` (at `shadow`, never the user's file) and checks its
+    /// declaration.
+    ///
+    /// The library is mapped from the open file, through `/proc/self/fd`, never by its path:
+    /// the bytes mapped are the bytes that were checked, even if someone replaced the file or
+    /// its directory in the meantime.
     ///
     /// # Safety
-    /// Loading a library runs its initialisers, as any native code would: `shadow` must be a
+    /// Loading a library runs its initialisers, as any native code would: `copy` must be a
     /// file the operator has chosen to trust.
-    pub(crate) unsafe fn open(shadow: &Path) -> Result<Library, LoadError> {
-        use libloading::os::unix::{Library as UnixLibrary, RTLD_LOCAL, RTLD_NOW};
+    pub(crate) unsafe fn open(copy: fs::File, shadow: &Path) -> Result<Library, LoadError> {
+        use std::os::fd::AsRawFd as _;
         let path = shadow.to_path_buf();
-        // RTLD_NOW: refuse a library with unresolved symbols now, not at its first call.
         // SAFETY: forwarded to the caller (the library's initialisers run here).
-        let library: libloading::Library = unsafe { UnixLibrary::open(Some(shadow), RTLD_NOW | RTLD_LOCAL) }
-            .map_err(|e| LoadError::Open { path: path.clone(), reason: e.to_string() })?
-            .into();
+        let library = unsafe { open_fd(copy.as_raw_fd()) }
+            .map_err(|e| LoadError::Open { path: path.clone(), reason: e.to_string() })?;
         let symbol = abi::DECLARATION_SYMBOL;
         // SAFETY: we only take the symbol's address here; it is read below as a header.
         let address = unsafe { library.get::<*const DeclarationHeader>(symbol.as_bytes()) }
@@ -127,7 +135,7 @@ impl Library {
             return Err(LoadError::PanicAbort { path, name });
         }
         let version = semver::Version::parse(&version).map_err(|reason| LoadError::Version { path, name: name.clone(), version, reason })?;
-        Ok(Library { declaration, library, name, version })
+        Ok(Library { declaration, library, _copy: copy, name, version })
     }
 
     /// The checked declaration, valid while `self` is.
@@ -136,10 +144,45 @@ impl Library {
         unsafe { self.declaration.as_ref() }
     }
 
-    /// Closes the library.
-    pub(crate) fn close(self) -> Result<(), libloading::Error> {
-        self.library.close()
+    /// Closes the library (`dlclose`, which runs its finalisers) and says whether it is
+    /// gone from the address space. Its file is closed too, unless the library may still be
+    /// mapped (see `_copy`).
+    pub(crate) fn close(self) -> Closed {
+        let Library { library, _copy: copy, .. } = self;
+        let closed = library.close();
+        let mapped = is_mapped(&copy);
+        let outcome = match closed {
+            Err(e) => Closed::Failed(e),
+            Ok(()) if mapped => Closed::StillMapped,
+            Ok(()) => Closed::Unmapped,
+        };
+        if !matches!(outcome, Closed::Unmapped) {
+            std::mem::forget(copy);
+        }
+        outcome
     }
+}
+
+/// What [`Library::close`] did.
+#[derive(Debug)]
+pub(crate) enum Closed {
+    /// Closed, and no longer mapped anywhere in the process.
+    Unmapped,
+    /// Closed, but something still maps its file (see `/proc/self/maps`).
+    StillMapped,
+    /// `dlclose` failed: the library stays loaded.
+    Failed(libloading::Error),
+}
+
+/// `dlopen`s the open file `fd` (`RTLD_NOW`: a library with unresolved symbols is refused
+/// now, not at its first call).
+///
+/// # Safety
+/// As `dlopen`: the library's initialisers run, and must be trusted.
+pub(crate) unsafe fn open_fd(fd: std::os::fd::RawFd) -> Result<libloading::Library, libloading::Error> {
+    use libloading::os::unix::{Library as UnixLibrary, RTLD_LOCAL, RTLD_NOW};
+    // SAFETY: forwarded to the caller.
+    unsafe { UnixLibrary::open(Some(format!("/proc/self/fd/{fd}")), RTLD_NOW | RTLD_LOCAL) }.map(Into::into)
 }
 
 /// What distinguishes one version of a file from the next: a rename or `cargo build` changes
@@ -200,6 +243,8 @@ impl ShadowDir {
     pub(crate) fn create(base: Option<&Path>) -> std::io::Result<ShadowDir> {
         let base = base.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&base)?;
+        crate::plugin::trust::check_shadow_base(&base)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
         remove_stale(&base);
         // Another host of the same pid (in another pid namespace) may hold `-0`.
         let mut n = 0;
@@ -224,12 +269,18 @@ impl ShadowDir {
         let shadow = self.dir.join(format!("c{n}-{stem}"));
         // create_new: never follow a link or reuse a file someone else put there.
         let create = || fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&shadow);
-        let created = match create() {
+        let created = match self.check_private() {
             Err(e) if e.kind() == ErrorKind::NotFound => self.recreate().and_then(|()| create()),
-            other => other,
+            Err(e) => Err(e),
+            Ok(()) => create(),
         };
-        let copied = created.map_err(Failed::Write).and_then(|mut out| stream(source, &mut out, hash));
-        copied.map(|(len, head, sha256)| Copy { shadow: shadow.clone(), len, head, sha256 }).map_err(|failed| {
+        let copied = created.map_err(Failed::Write).and_then(|mut out| {
+            let (len, head, sha256) = stream(source, &mut out, hash)?;
+            // From here on the copy is known by this descriptor, never again by its path.
+            let file = reopen_read_only(&out).map_err(Failed::Write)?;
+            Ok(Copy { file, shadow: shadow.clone(), len, head, sha256 })
+        });
+        copied.map_err(|failed| {
             let _ = fs::remove_file(&shadow);
             match failed {
                 Failed::Read(source) => LoadError::Read { path: path.to_path_buf(), source },
@@ -263,8 +314,30 @@ impl ShadowDir {
         Ok(link)
     }
 
+    /// Checks that the directory is still the one this host made: its own, private.
+    fn check_private(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = fs::symlink_metadata(&self.dir)?;
+        if !meta.is_dir() || meta.uid() != crate::sys::effective_uid() || meta.mode() & 0o077 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "it is no longer the private directory this host made (now owned by uid {}, mode {:04o}): \
+                     someone replaced it",
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Creates the directory again after it was removed under us.
     fn recreate(&self) -> std::io::Result<()> {
+        if let Some(base) = self.dir.parent() {
+            crate::plugin::trust::check_shadow_base(base)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
+        }
         let lock = create_private(&self.dir)?;
         tracing::warn!(dir = %self.dir.display(), "the shadow directory was removed by someone else; created it again");
         *self.lock.lock().unwrap_or_else(PoisonError::into_inner) = lock;
@@ -334,6 +407,8 @@ pub(crate) fn open_plugin(path: &Path) -> Result<PluginFile, LoadError> {
 
 /// A private copy, as written.
 pub(crate) struct Copy {
+    /// The copy, open for reading: what is checked, probed and mapped.
+    pub(crate) file: fs::File,
     pub(crate) shadow: PathBuf,
     pub(crate) len: u64,
     /// The first bytes (up to [`HEAD_LEN`]), for the completeness check.
@@ -348,6 +423,13 @@ pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut fs::File::open(path)?, &mut hasher)?;
     Ok(crate::plugin::trust::hex(&hasher.finalize()))
+}
+
+/// Opens the file `file` is open on again, read-only, through `/proc/self/fd` (the same file
+/// whatever its path now names).
+fn reopen_read_only(file: &fs::File) -> std::io::Result<fs::File> {
+    use std::os::fd::AsRawFd as _;
+    fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 enum Failed {
@@ -455,10 +537,19 @@ fn elf_end(bytes: &[u8]) -> u64 {
     end
 }
 
-/// Whether `/proc/self/maps` still lists `path`: the real test that `dlclose` unmapped it.
-pub(crate) fn is_mapped(path: &Path) -> bool {
-    let needle = path.to_string_lossy();
-    fs::read_to_string("/proc/self/maps").map(|maps| maps.lines().any(|l| l.contains(needle.as_ref()))).unwrap_or(false)
+/// Whether `/proc/self/maps` still lists the file `file` (by device and inode): the real
+/// test that `dlclose` unmapped it.
+pub(crate) fn is_mapped(file: &fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = file.metadata() else { return true };
+    let (dev, ino) = (meta.dev(), meta.ino().to_string());
+    // /proc/self/maps writes the device as `major:minor` in hex.
+    let device = format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev));
+    let Ok(maps) = fs::read_to_string("/proc/self/maps") else { return true };
+    maps.lines().any(|line| {
+        let mut fields = line.split_ascii_whitespace().skip(3);
+        fields.next() == Some(device.as_str()) && fields.next() == Some(ino.as_str())
+    })
 }
 
 #[cfg(test)]
@@ -563,6 +654,58 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// A harmless real shared library of the system: glibc's `libdl.so.2` (an empty stub since
+    /// glibc 2.34), found beside the libc this process runs on.
+    fn system_library() -> PathBuf {
+        let maps = fs::read_to_string("/proc/self/maps").unwrap();
+        let libc = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libc.so.6"));
+        let libdl = Path::new(libc.expect("libc.so.6 is not mapped")).with_file_name("libdl.so.2");
+        assert!(libdl.is_file(), "{} is missing", libdl.display());
+        libdl
+    }
+
+    #[test]
+    fn the_library_mapped_is_the_copy_that_was_checked_even_if_its_path_is_replaced() {
+        let dir = scratch("bound");
+        let shadow = ShadowDir::create(Some(&dir)).unwrap();
+        let library = system_library();
+        let mut source = fs::File::open(&library).unwrap();
+        let copy = shadow.copy(&library, &mut source, true).unwrap();
+        // Someone replaces the checked copy by another file between the checks and dlopen.
+        let other = copy.shadow.with_extension("other");
+        fs::write(&other, b"not the bytes that were checked").unwrap();
+        fs::rename(&other, &copy.shadow).unwrap();
+        // SAFETY: libdl.so.2 is a system library without initialisers of its own.
+        let opened = unsafe { Library::open(copy.file, &copy.shadow) };
+        // The checked bytes were mapped (a real library, not a plugin), not the file now at
+        // the path (not a library at all).
+        assert!(matches!(opened, Err(LoadError::NotAPlugin { .. })), "{:?}", opened.err());
+        drop(shadow);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_shadow_base_directory_must_not_let_others_replace_what_is_in_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = scratch("base");
+        let mode = |m: u32| fs::set_permissions(&dir, fs::Permissions::from_mode(m)).unwrap();
+        mode(0o777);
+        let error = ShadowDir::create(Some(&dir)).expect_err("a world-writable base was accepted").to_string();
+        assert!(error.contains("writable by others than its owner (mode 0777) and not sticky"), "{error}");
+        assert!(error.contains("chmod +t"), "{error}");
+        mode(0o1777);
+        ShadowDir::create(Some(&dir)).expect("a sticky base like /tmp is fine");
+        mode(0o755);
+        let shadow = ShadowDir::create(Some(&dir)).expect("a base only its owner writes is fine");
+        // The private directory replaced by one that is not private any more: refused.
+        fs::set_permissions(&shadow.dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let library = system_library();
+        let error = shadow.copy(&library, &mut fs::File::open(&library).unwrap(), false).err().expect("copied").to_string();
+        assert!(error.contains("no longer the private directory this host made"), "{error}");
+        drop(shadow);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use handler_api::abi::HostApi;
 
 use crate::plugin::services::PluginContext;
-use crate::plugin::loader::{self, Library};
+use crate::plugin::loader::{Closed, Library};
 use crate::plugin::stats::{GenerationStats, Unloaded};
 use crate::plugin::threads;
 
@@ -84,10 +84,11 @@ impl Retired {
             LEAKED.fetch_add(1, Ordering::Relaxed);
             false
         } else {
-            if let Err(e) = library.close() {
+            let closed = library.close();
+            if let Closed::Failed(e) = &closed {
                 tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
             }
-            let mapped = loader::is_mapped(&shadow);
+            let mapped = !matches!(closed, Closed::Unmapped);
             if mapped {
                 // Code of the library may still run (a destructor it registered): the table
                 // and context it may call stay too.

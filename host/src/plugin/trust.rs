@@ -43,6 +43,11 @@ pub(crate) enum TrustError {
     UnknownDigest { path: PathBuf, digest: String, list: PathBuf },
     #[error("cannot read the trusted digests file {list}: {reason}")]
     DigestList { list: PathBuf, reason: String },
+    #[error(
+        "{path}: will not keep the private copies of plugins there: {reason}; give --shadow-dir a directory only \
+         this host's user (uid {host}) or root can write, or one with the sticky bit set like /tmp (`chmod +t {path}`)"
+    )]
+    ShadowBase { path: PathBuf, reason: String, host: u32 },
 }
 
 /// The host's rules for plugin files.
@@ -124,6 +129,26 @@ pub(crate) fn open_regular(path: &Path) -> std::io::Result<(File, Metadata)> {
         () => "of an unknown type",
     };
     Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("it is {what}, not a regular file")))
+}
+
+/// Checks the directory the shadow directory is made in (`--shadow-dir`, by default the
+/// system's temporary directory). Whoever can remove or rename entries there can put a
+/// directory of their own where the host keeps the plugins it maps, so it must be writable
+/// by this host's user or root only, or sticky (as `/tmp` is: then only an entry's owner may
+/// remove or rename it).
+pub(crate) fn check_shadow_base(base: &Path) -> Result<(), TrustError> {
+    let host = sys::effective_uid();
+    let refused = |reason: String| TrustError::ShadowBase { path: base.to_path_buf(), reason, host };
+    let meta = std::fs::metadata(base)
+        .map_err(|source| TrustError::Stat { path: base.to_path_buf(), what: "shadow directory's parent", source })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(refused(format!("it is writable by others than its owner (mode {mode:04o}) and not sticky")));
+    }
+    if meta.uid() != host && meta.uid() != 0 {
+        return Err(refused(format!("it is owned by uid {}", meta.uid())));
+    }
+    Ok(())
 }
 
 /// Refuses `path` (whose metadata is `meta`) if anyone but this host's user or root may
