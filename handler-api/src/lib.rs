@@ -44,6 +44,12 @@
 //! body has ended, even if a newer build has been swapped in since. Global state (statics,
 //! `OnceLock`s) belongs to one generation: a new build starts with fresh statics.
 //!
+//! Library constructors and destructors (C++ globals, `.init_array`, crates that register
+//! them) run before anything can check your build: the host runs them first in a short-lived
+//! probe process, and refuses the build if they crash, exit or hang there. So they run twice
+//! per load, once in that process: keep their effects inside the process. Do the real setup
+//! in `init`.
+//!
 //! # Errors and panics
 //!
 //! A panic in a handler becomes a `500 Internal Server Error` and an error line in the host's

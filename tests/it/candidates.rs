@@ -30,6 +30,12 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
     let init_panic = variant("fixture-init", "FIXTURE_INIT", "panic");
     let init_hang = variant("fixture-init", "FIXTURE_INIT", "hang");
     let not_ready = variant("fixture-init", "FIXTURE_INIT", "notready");
+    // Library constructors and destructors run by the dynamic loader: first in a probe
+    // process, never in the host when they crash or hang.
+    let ctor_abort = variant("fixture-init", "FIXTURE_INIT", "ctor-abort");
+    let ctor_exit = variant("fixture-init", "FIXTURE_INIT", "ctor-exit");
+    let ctor_hang = variant("fixture-init", "FIXTURE_INIT", "ctor-hang");
+    let dtor_hang = variant("fixture-init", "FIXTURE_INIT", "dtor-hang");
 
     let dir = temp_dir("candidates");
     let scratch = temp_dir("candidates-src");
@@ -71,6 +77,10 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
         ("init-panic.so", init_panic, "init panicked: panicked: fixture: init panics on purpose"),
         ("init-hang.so", init_hang, "init did not return within 1s"),
         ("not-ready.so", not_ready, "readiness check failed: fixture: not ready on purpose"),
+        ("ctor-abort.so", ctor_abort, "its initialisers crashed the probe process that opened it first (signal 6, SIGABRT"),
+        ("ctor-exit.so", ctor_exit, "its initialisers ended the probe process that opened it first (exit status 3)"),
+        ("ctor-hang.so", ctor_hang, "its initialisers did not finish within 1s in the probe process"),
+        ("dtor-hang.so", dtor_hang, "its finalisers did not finish within 1s in the probe process"),
     ];
     for (name, source, reason) in &cases {
         place_by_rename(source, &dir.join(name));

@@ -143,7 +143,9 @@ pub(crate) struct HostArgs {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) drain_timeout: Duration,
 
-    /// How long a plugin's init and readiness check may take, each, before it is refused.
+    /// How long a plugin may take, at each step of a load, before it is refused: its library
+    /// opened and closed in a probe process (its constructors and destructors), its init, its
+    /// readiness check.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) init_timeout: Duration,
 

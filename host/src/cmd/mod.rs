@@ -18,12 +18,16 @@ use clap::Parser;
 
 use crate::control::builds::PluginSource;
 use crate::control::watch;
+use crate::plugin::probe;
 use crate::plugin::threads::{self, Owner};
 use crate::plugin::trust::Trust;
 use cli::{Cli, Command, ServeArgs};
 
 /// Runs the command line: parses it (with the configuration file), and runs the command.
 pub fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == probe::PROBE_ARG) {
+        return probe::child();
+    }
     let args = match config::apply(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(e) => {

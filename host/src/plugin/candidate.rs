@@ -15,6 +15,7 @@ use crate::latch::Latch;
 use crate::plugin::budget::BudgetError;
 use crate::plugin::generation::{self, Generation};
 use crate::plugin::loader::{self, Identity, Library, LoadError, ShadowDir};
+use crate::plugin::probe::{self, ProbeError};
 use crate::plugin::reaper::{self, thread_name};
 use crate::plugin::services::{self, PluginContext};
 use crate::plugin::table;
@@ -29,6 +30,8 @@ pub(crate) enum GenerationError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Untrusted(#[from] TrustError),
+    #[error("{path}: refused: {source}")]
+    Probe { path: PathBuf, source: ProbeError },
     #[error(transparent)]
     Budget(#[from] BudgetError),
     #[error("cannot start the plugin's runtime: {0}")]
@@ -58,6 +61,7 @@ impl GenerationError {
                 LoadError::PanicAbort { .. } => "panic_abort",
             },
             GenerationError::Untrusted(_) => "untrusted",
+            GenerationError::Probe { source, .. } => source.kind(),
             GenerationError::Budget(_) => "budget",
             GenerationError::Runtime(_) => "runtime",
             GenerationError::InitFailed { .. } => "init_failed",
@@ -148,6 +152,11 @@ impl Candidate {
         };
         let Copied { file, shadow, identity, digest } =
             prepared.map_err(|join| GenerationError::Runtime(std::io::Error::other(join.to_string())))??;
+        // Its initialisers and finalisers run first where they cannot harm the host.
+        if let Err(e) = probe::probe(&file, options.init_timeout).await {
+            let _ = std::fs::remove_file(&shadow);
+            return Err(GenerationError::Probe { path: source.to_path_buf(), source: e });
+        }
         let foreign_before = threads::foreign();
         match open_library(file, &shadow).await {
             Ok(library) => Ok(Candidate {

@@ -12,6 +12,7 @@ pub(crate) mod budget;
 pub(crate) mod candidate;
 pub(crate) mod generation;
 pub(crate) mod loader;
+pub(crate) mod probe;
 pub(crate) mod reaper;
 pub(crate) mod request;
 pub(crate) mod response;
