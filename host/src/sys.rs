@@ -121,6 +121,22 @@ fn is_listening_stream(fd: std::os::fd::RawFd) -> bool {
 /// How many thread-specific-data keys a process may have (glibc's `PTHREAD_KEYS_MAX`).
 pub(crate) const THREAD_KEYS_MAX: u64 = 1024;
 
+/// Writes `message` to standard error and ends the process now with `code`, without running
+/// `atexit` handlers or library finalisers, and without anything that could wait on a lock:
+/// a raw `write(2)`, then `_exit(2)`. For when the process can no longer go on safely.
+pub(crate) fn fatal(code: i32, message: &str) -> ! {
+    let line = format!("{message}\n");
+    let mut rest = line.as_bytes();
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a valid, initialised buffer of `rest.len()` bytes.
+        let n = unsafe { libc::write(libc::STDERR_FILENO, rest.as_ptr().cast(), rest.len()) };
+        let Ok(n @ 1..) = usize::try_from(n) else { break };
+        rest = &rest[n..];
+    }
+    // SAFETY: _exit has no preconditions; it ends the process without returning.
+    unsafe { libc::_exit(code) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,6 +56,28 @@ async fn a_shutdown_hook_that_panics_or_hangs_does_not_stop_the_host() {
 }
 
 #[tokio::test]
+async fn a_destructor_that_hangs_in_the_host_ends_the_host_with_a_reason_instead_of_wedging_it() {
+    let dir = temp_dir("fault-dtor");
+    // Its destructor hangs only once init has run: the probe process (which never runs init)
+    // closes it fine, the host does not.
+    place_by_rename(&init_fixture("dtor-hang-after-init"), &dir.join("app.so"));
+    let mut host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    reqwest::get(host.url("/")).await.unwrap();
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    // A process whose loader lock is held forever would soon answer nothing while looking
+    // alive: the host exits (a service manager restarts it), and says why.
+    let code = tokio::task::spawn_blocking(move || {
+        let code = host.wait_exit(WAIT);
+        (code, host.log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(70), "{}", code.1);
+    let hung = "the dlclose of generation 1 (fixture-init@0.1.0) has not returned after 5s";
+    assert!(code.1.contains(hung) && code.1.contains("fix the plugin's destructors"), "{}", code.1);
+}
+
+#[tokio::test]
 async fn an_unwritable_shadow_directory_refuses_the_candidate_and_is_created_again_once_possible() {
     let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
     let dir = temp_dir("fault-shadow");

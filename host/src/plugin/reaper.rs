@@ -84,7 +84,7 @@ impl Retired {
             LEAKED.fetch_add(1, Ordering::Relaxed);
             false
         } else {
-            let closed = library.close();
+            let closed = close(library, id, &label, timeout);
             if let Closed::Failed(e) = &closed {
                 tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
             }
@@ -119,6 +119,50 @@ impl Retired {
         live_generations().fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// Closes `library` on a thread of its own, and waits for it up to `timeout`.
+///
+/// A `dlclose` that does not return (finalisers that hang: the probe ran them once, but a
+/// plugin's state can make them hang only after it has served) holds the dynamic loader's
+/// lock, and glibc takes that lock whenever a thread first uses a thread-local with a
+/// destructor: soon every thread of the host, serving or not, would hang behind it, and the
+/// process would look alive while answering nothing. So the host ends at once instead, with a
+/// message and a failure status, for the service manager to start it again (the shipped
+/// systemd unit has `Restart=on-failure`).
+fn close(library: Library, id: u64, label: &str, timeout: Duration) -> Closed {
+    let (done_tx, done_rx) = mpsc::channel();
+    // Taken by the closing thread; left here if it cannot start.
+    let slot = Arc::new(Mutex::new(Some(library)));
+    let theirs = slot.clone();
+    let closing = std::thread::Builder::new().name("hs-dlclose".into()).spawn(move || {
+        threads::host_thread(|| {
+            if let Some(library) = theirs.lock().ok().and_then(|mut l| l.take()) {
+                let _ = done_tx.send(library.close());
+            }
+        })
+    });
+    if let Err(e) = closing {
+        tracing::warn!(generation = id, "cannot start a thread to close the library ({e}): closing it on the reaper");
+        if let Some(library) = slot.lock().ok().and_then(|mut l| l.take()) {
+            return library.close();
+        }
+    }
+    match done_rx.recv_timeout(timeout) {
+        Ok(closed) => closed,
+        Err(_) => crate::sys::fatal(
+            EXIT_LOADER_STUCK,
+            &format!(
+                "hotswap: fatal: the dlclose of generation {id} ({label}) has not returned after {timeout:?}: its \
+                 library's finalisers (destructors) hang, holding the dynamic loader's lock, behind which every \
+                 thread of the host would soon wait. Exiting now (status {EXIT_LOADER_STUCK}) so that the service \
+                 manager restarts the host; fix the plugin's destructors"
+            ),
+        ),
+    }
+}
+
+/// The exit status of a host that ends because a `dlclose` hangs (EX_SOFTWARE).
+const EXIT_LOADER_STUCK: i32 = 70;
 
 static UNMAPPED: AtomicU64 = AtomicU64::new(0);
 static STILL_MAPPED: AtomicU64 = AtomicU64::new(0);
