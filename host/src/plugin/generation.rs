@@ -190,22 +190,53 @@ impl Drop for Generation {
 /// ends: it keeps the library loaded and counts the request in flight. Whatever holds plugin
 /// state for a request (its call, its streaming body) owns the hold, and releases that state
 /// before the hold goes.
-pub(crate) struct InFlight(Arc<Generation>);
+pub(crate) struct InFlight {
+    generation: Arc<Generation>,
+    /// Counts the chunks of its response body lent to the connection (see [`LentTally`]).
+    lent: Arc<LentTally>,
+}
 
 impl InFlight {
-    pub(crate) fn new(generation: Arc<Generation>) -> InFlight {
+    /// A request on `generation`, whose lent response chunks `lent` counts.
+    pub(crate) fn new(generation: Arc<Generation>, lent: Arc<LentTally>) -> InFlight {
         generation.stats.request_started();
-        InFlight(generation)
+        InFlight { generation, lent }
     }
 
     pub(crate) fn generation(&self) -> &Arc<Generation> {
-        &self.0
+        &self.generation
+    }
+
+    pub(crate) fn lent(&self) -> &Arc<LentTally> {
+        &self.lent
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.stats.request_ended();
+        self.generation.stats.request_ended();
+    }
+}
+
+/// How many response chunks lent by plugins (in their memory, each holding its generation)
+/// one connection still holds: in hyper's write queue or HTTP/2 send buffers, after the
+/// request that made them may have ended. While any are held, the connection keeps the
+/// generations that lent them loaded, so it must be cut off when they are (see `serve`).
+#[derive(Debug, Default)]
+pub(crate) struct LentTally(std::sync::atomic::AtomicUsize);
+
+impl LentTally {
+    /// Chunks lent and not yet released.
+    pub(crate) fn held(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(super) fn lent(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    pub(super) fn released(&self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -23,4 +23,4 @@ pub(crate) mod threads;
 pub(crate) mod trust;
 
 pub(crate) use candidate::{Candidate, GenerationError, LoadOptions};
-pub(crate) use generation::{thread_generation, Current, Generation, InFlight};
+pub(crate) use generation::{thread_generation, Current, Generation, InFlight, LentTally};

@@ -16,7 +16,7 @@ use handler_api::abi::{self, FfiBody, FfiLent, FfiPoll, FfiStr};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::{Frame, SizeHint};
 
-use crate::plugin::generation::{thread_generation, Generation, InFlight};
+use crate::plugin::generation::{thread_generation, Generation, InFlight, LentTally};
 
 thread_local! {
     /// The header map of this thread's last request, emptied, for the next response the
@@ -207,6 +207,7 @@ pub(crate) unsafe extern "C" fn response_set_stream_body(response: *mut c_void, 
 struct ChunkSink<'a> {
     chunk: Option<Bytes>,
     generation: &'a Arc<Generation>,
+    lent: &'a Arc<LentTally>,
 }
 
 /// `HostApi::chunk_push`: the next chunk of a response body, copied.
@@ -230,7 +231,8 @@ pub(crate) unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk.
         let sink = unsafe { &mut *(sink as *mut ChunkSink) };
-        let lent = Lent { chunk, generation: sink.generation.clone() };
+        sink.lent.lent();
+        let lent = Lent { chunk, generation: sink.generation.clone(), tally: sink.lent.clone() };
         sink.chunk = Some(Bytes::from_owner(lent));
     }));
 }
@@ -240,6 +242,8 @@ pub(crate) unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
 struct Lent {
     chunk: FfiLent,
     generation: Arc<Generation>,
+    /// The connection's count of lent chunks it holds.
+    tally: Arc<LentTally>,
 }
 
 // SAFETY: the bytes are immutable and owned by the plugin's `state` (a `Bytes`, which is
@@ -255,6 +259,7 @@ impl AsRef<[u8]> for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
+        self.tally.released();
         let release = Release(self.chunk.state, self.chunk.release);
         if thread_generation() == self.generation.id() {
             release.run();
@@ -351,7 +356,8 @@ impl http_body::Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 let waker = abi::waker::lend(cx.waker());
-                let mut sink = ChunkSink { chunk: None, generation: body.in_flight.generation() };
+                let mut sink =
+                    ChunkSink { chunk: None, generation: body.in_flight.generation(), lent: body.in_flight.lent() };
                 // SAFETY: the state is live until drop, and `in_flight` keeps its library
                 // loaded; waker and sink outlive the call.
                 let r = unsafe {

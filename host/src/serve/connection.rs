@@ -14,6 +14,8 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::latch::{Latch, Waiter};
 use crate::plugin::{thread_generation, Generation};
 use crate::serve::limits::{Expiry, Http2Frames};
@@ -105,16 +107,32 @@ pub(crate) struct ConnTask {
     superseded: Waiter,
     aborted: Waiter,
     registered: Option<Waker>,
+    /// Generations this connection moved away from while it still held response chunks they
+    /// lent: cut off with them (drain timeout, `--max-generations`), or those chunks, queued
+    /// for a client that does not read, would keep them loaded.
+    lingering: Vec<Lingering>,
+}
+
+/// A generation a connection left while holding chunks it lent.
+struct Lingering {
+    id: u64,
+    aborted: CancellationToken,
+    waiter: Waiter,
 }
 
 impl ConnTask {
     pub(crate) fn new(connection: ConnFuture, conn: Arc<ConnState>, shared: Arc<Shared>) -> ConnTask {
+        ConnTask::moved(connection, conn, shared, Vec::new())
+    }
+
+    fn moved(connection: ConnFuture, conn: Arc<ConnState>, shared: Arc<Shared>, lingering: Vec<Lingering>) -> ConnTask {
         let generation = conn.generation.load_full();
         ConnTask {
             connection: Some(connection),
             superseded: generation.superseded().waiter(),
             aborted: generation.aborted().waiter(),
             registered: None,
+            lingering,
             generation,
             conn,
             shared,
@@ -128,6 +146,9 @@ impl ConnTask {
         }
         self.superseded.register(cx);
         self.aborted.register(cx);
+        for lingering in &mut self.lingering {
+            lingering.waiter.register(cx);
+        }
         self.conn.activity.wake_on_expiry(cx.waker());
         self.registered = Some(cx.waker().clone());
     }
@@ -171,6 +192,15 @@ impl Future for ConnTask {
             this.connection = None; // drops the response, on this generation's thread
             return Poll::Ready(());
         }
+        if let Some(id) = this.holds_aborted_chunks() {
+            tracing::warn!(
+                generation = id,
+                "drain timeout: closing a connection whose client has not yet read the end of a response \
+                 of a generation being cut off"
+            );
+            this.connection = None; // drops the chunks; their release goes to their generation
+            return Poll::Ready(());
+        }
         Poll::Pending
     }
 }
@@ -187,9 +217,29 @@ impl ConnTask {
             return false;
         }
         let Some(connection) = self.connection.take() else { return false };
+        let mut lingering = std::mem::take(&mut self.lingering);
+        if self.conn.lent.held() > 0 {
+            let aborted = self.generation.aborted();
+            lingering.push(Lingering { id: self.generation.id(), aborted: aborted.token().clone(), waiter: aborted.waiter() });
+        }
         self.conn.generation.store(next.clone());
-        next.handle().spawn(ConnTask::new(connection, self.conn.clone(), self.shared.clone()));
+        next.handle().spawn(ConnTask::moved(connection, self.conn.clone(), self.shared.clone(), lingering));
         true
+    }
+
+    /// The id of a generation cut off (drain timeout, `--max-generations`) whose lent chunks
+    /// this connection may still hold. (Which generation lent the chunks held is not
+    /// tracked: while any are held, every generation the connection left with chunks held
+    /// counts, which may cut a connection a little early, never too late.)
+    fn holds_aborted_chunks(&mut self) -> Option<u64> {
+        if self.conn.lent.held() == 0 {
+            self.lingering.clear();
+            return None;
+        }
+        if self.generation.aborted().is_raised() {
+            return Some(self.generation.id());
+        }
+        self.lingering.iter().find(|l| l.aborted.is_cancelled()).map(|l| l.id)
     }
 }
 

@@ -66,7 +66,7 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
 
     fn call(&self, request: Request<Incoming>) -> Respond {
         let conn = ConnRequest::new(self.conn.clone(), request.version() < http::Version::HTTP_2);
-        let in_flight = InFlight::new(self.conn.generation.load_full());
+        let in_flight = InFlight::new(self.conn.generation.load_full(), self.conn.lent.clone());
         if conn.h1 {
             // The connection's task runs on its generation's runtime.
             return hand_to_plugin(request, in_flight, conn);

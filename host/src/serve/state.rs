@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::latch::Latch;
-use crate::plugin::{Current, Generation};
+use crate::plugin::{Current, Generation, LentTally};
 use crate::serve::limits::Activity;
 
 /// What the server shares with every connection.
@@ -57,6 +57,9 @@ pub(crate) struct ConnState {
     /// For the header read, idle and body read timeouts.
     pub(crate) activity: Arc<Activity>,
     pub(crate) max_body_size: u64,
+    /// Response chunks lent by plugins that this connection still holds (see
+    /// `ConnTask::lingering`).
+    pub(crate) lent: Arc<LentTally>,
 }
 
 /// An open connection: counted for the drain at shutdown, and holding one of the
