@@ -31,6 +31,56 @@ async fn a_response_that_never_ends_is_aborted_by_the_drain_timeout_and_its_gene
 }
 
 #[tokio::test]
+async fn response_data_queued_for_a_client_that_does_not_read_is_cut_off_with_its_generation() {
+    let dir = temp_dir("fault-lent");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--drain-timeout", "1s", "--idle-timeout", "300s"]);
+    // An HTTP/2 client that opens a window of 16 KiB and never reads: the handler's body (one
+    // 64 KiB chunk, lent to the host) has ended, so the request has, but most of the chunk
+    // waits in the connection's send buffer.
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .http2_initial_stream_window_size(16 * 1024)
+        .http2_initial_connection_window_size(16 * 1024)
+        .build()
+        .unwrap();
+    let unread = client.get(host.url("/download?size=65536")).send().await.unwrap();
+    host.wait_in_flight(0).await;
+
+    // Swapped: the connection moves on, holding the old generation's chunk. At the drain
+    // timeout it is cut off with the generation, which unloads.
+    place_by_rename(&example_version("2.0.0"), &dir.join("app.so"));
+    host.wait_version("2.0.0").await;
+    let mapped = host.wait_mapped(1, Duration::from_secs(15)).await;
+    assert_eq!(mapped.len(), 1, "the old generation stayed loaded behind a queued chunk: {mapped:?}\n{}", host.log());
+    assert!(host.log().contains("closing a connection whose client has not yet read the end of a response"), "{}", host.log());
+    assert!(unread.bytes().await.is_err(), "the cut-off response was read whole");
+}
+
+#[tokio::test]
+async fn a_generation_cut_off_but_still_loaded_counts_against_max_generations() {
+    let dir = temp_dir("fault-cap");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--max-generations", "2", "--drain-timeout", "1s"]);
+    // A handler that blocks its thread: cutting its generation off cannot take its response
+    // away from it, so the generation stays loaded, cut off, until the call returns.
+    let blocked = tokio::spawn(reqwest::get(host.url("/block?seconds=14")));
+    host.wait_in_flight(1).await;
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    host.wait_version("1.0.0").await;
+    assert!(host.wait_for_log("drain timeout (1s) reached", WAIT), "{}", host.log());
+
+    // One more would make three loaded, over the cap, whatever is cut off: refused (after
+    // waiting for the cut-off generation to unload), and 1.0.0 keeps serving.
+    place_by_rename(&example_version("2.0.0"), &dir.join("app.so"));
+    let refused = "another would exceed --max-generations (2)";
+    assert!(host.wait_for_log(refused, WAIT), "{}", host.log());
+    assert_eq!(host.version().await, "1.0.0");
+    assert!(host.mapped_plugins().len() <= 2, "{:?}", host.mapped_plugins());
+    let _ = blocked.await;
+}
+
+#[tokio::test]
 async fn a_shutdown_hook_that_panics_or_hangs_does_not_stop_the_host() {
     let dir = temp_dir("fault-shutdown");
     place_by_rename(&init_fixture("shutdown-panic"), &dir.join("app.so"));

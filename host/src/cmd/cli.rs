@@ -160,8 +160,9 @@ pub(crate) struct HostArgs {
     pub(crate) shadow_dir: Option<PathBuf>,
 
     /// The most generations that may be loaded at once: the current one and those still
-    /// draining. When a swap would exceed it, the oldest draining generation's remaining
-    /// responses are cut off and it unloads.
+    /// draining or not yet unloaded. When a swap would exceed it, the oldest draining
+    /// generation's remaining responses are cut off and it unloads; a load that would exceed it
+    /// even so is refused.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..))]
     pub(crate) max_generations: u64,
 

@@ -383,8 +383,29 @@ impl Registry {
         Outcome::Unchanged { serving: Brief::of(&self.current()), reason }
     }
 
+    /// Refuses a load that would make more than `--max-generations` generations loaded even
+    /// once every draining one is cut off: when the current one, the new one and those cut off
+    /// already (which something keeps from unloading) are too many. Those cut off are usually
+    /// on their way out, so it waits for them first, up to twice the unload timeout.
+    async fn check_generation_cap(&self) -> Result<(), GenerationError> {
+        let deadline = tokio::time::Instant::now() + self.options.unload_timeout * 2;
+        loop {
+            let resident = self.resident();
+            let cut_off = resident.iter().filter(|g| g.aborted().is_raised()).count() as u64;
+            if cut_off + 2 <= self.max_generations {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let loaded = resident.len() as u64;
+                return Err(GenerationError::GenerationCap { loaded, cut_off, max: self.max_generations });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Opens `file` as a candidate, within the budget.
     async fn open(&self, file: &Path) -> Result<Candidate, GenerationError> {
+        self.check_generation_cap().await?;
         let reading = self.budget.check_before_load()?;
         tracing::debug!(file = %file.display(), "loading a candidate");
         let candidate = Candidate::open(file, &self.options).await?;
@@ -573,12 +594,14 @@ impl Registry {
     }
 
     /// Cuts off the oldest draining generations while more than `--max-generations` are
-    /// loaded (not counting those already cut off, which are on their way out).
+    /// loaded. Those already cut off count too: they are loaded until they have unloaded, and
+    /// something may keep them (see [`Registry::check_generation_cap`]).
     fn enforce_max_generations(&self, mut resident: Vec<Arc<Generation>>) {
-        resident.retain(|g| !g.aborted().is_raised());
         resident.sort_by_key(|g| g.id());
         let excess = (resident.len() as u64).saturating_sub(self.max_generations);
-        for oldest in resident.iter().take(excess as usize) {
+        let current = self.current().id();
+        let draining = resident.iter().filter(|g| !g.aborted().is_raised() && g.id() != current);
+        for oldest in draining.take(excess as usize) {
             tracing::warn!(
                 generation = oldest.id(), plugin = %oldest.label(), in_flight = oldest.in_flight(),
                 "more than {} generations loaded (--max-generations): aborting the oldest one's remaining responses",

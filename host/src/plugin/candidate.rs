@@ -34,6 +34,12 @@ pub(crate) enum GenerationError {
     Probe { path: PathBuf, source: ProbeError },
     #[error(transparent)]
     Budget(#[from] BudgetError),
+    #[error(
+        "{loaded} generations are loaded and {cut_off} of them were cut off but have not unloaded (see the \
+         warnings about them): another would exceed --max-generations ({max}). Restart the host to free them, \
+         or raise --max-generations"
+    )]
+    GenerationCap { loaded: u64, cut_off: u64, max: u64 },
     #[error("cannot start the plugin's runtime: {0}")]
     Runtime(std::io::Error),
     #[error("{plugin}: init failed: {reason}")]
@@ -63,6 +69,7 @@ impl GenerationError {
             GenerationError::Untrusted(_) => "untrusted",
             GenerationError::Probe { source, .. } => source.kind(),
             GenerationError::Budget(_) => "budget",
+            GenerationError::GenerationCap { .. } => "generation_cap",
             GenerationError::Runtime(_) => "runtime",
             GenerationError::InitFailed { .. } => "init_failed",
             GenerationError::InitPanicked { .. } => "init_panicked",
