@@ -77,6 +77,7 @@ pub unsafe fn init(
         }));
         // Fails only if the author installed a subscriber of their own; theirs then wins.
         let _ = tracing::subscriber::set_global_default(log::HostSubscriber::new(table));
+        log::LogBridge::install(table);
     });
     if installed.is_err() {
         write_error(sink, "installing the panic hook or log bridge panicked");

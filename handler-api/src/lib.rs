@@ -62,7 +62,7 @@
 //! # Logging
 //!
 //! Use `tracing` as usual: events reach the host's log tagged with the plugin's name and
-//! version.
+//! version. Records of the `log` crate (which many libraries use) reach it the same way.
 //!
 //! # Testing
 //!

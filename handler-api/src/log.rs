@@ -1,8 +1,9 @@
-//! Forwards the plugin's `tracing` events to the host's subscriber.
+//! Forwards the plugin's `tracing` events, and records of the `log` crate, to the host's log.
 //!
-//! A cdylib has its own copy of `tracing`'s globals, so events a plugin emits would go
-//! nowhere. At init the plugin installs [`HostSubscriber`] as its global default; the host
-//! records each event tagged with the plugin's name and version.
+//! A cdylib has its own copy of `tracing`'s and `log`'s globals, so what a plugin emits would
+//! go nowhere. At init the plugin installs [`HostSubscriber`] as its global default and
+//! [`LogBridge`] as its logger; the host records each event tagged with the plugin's name and
+//! version.
 
 use std::fmt::{self, Write as _};
 
@@ -110,4 +111,53 @@ impl Visit for Fields {
             let _ = write!(self.rest, " {}={value}", field.name());
         }
     }
+}
+
+/// Forwards records of the `log` crate (many libraries log through it rather than `tracing`)
+/// like events, at the host's level.
+pub(crate) struct LogBridge;
+
+impl LogBridge {
+    /// Installs the bridge as the plugin's logger (unless its author installed one), at the
+    /// host's level.
+    pub(crate) fn install(host: &HostApi) {
+        static BRIDGE: LogBridge = LogBridge;
+        if ::log::set_logger(&BRIDGE).is_ok() {
+            ::log::set_max_level(match host.max_log_level {
+                0 => ::log::LevelFilter::Off,
+                1 => ::log::LevelFilter::Error,
+                2 => ::log::LevelFilter::Warn,
+                3 => ::log::LevelFilter::Info,
+                4 => ::log::LevelFilter::Debug,
+                _ => ::log::LevelFilter::Trace,
+            });
+        }
+    }
+}
+
+/// The number the host's log service takes for a `log` level (as [`level_number`]).
+fn log_level_number(level: ::log::Level) -> u32 {
+    match level {
+        ::log::Level::Error => 1,
+        ::log::Level::Warn => 2,
+        ::log::Level::Info => 3,
+        ::log::Level::Debug => 4,
+        ::log::Level::Trace => 5,
+    }
+}
+
+impl ::log::Log for LogBridge {
+    fn enabled(&self, metadata: &::log::Metadata<'_>) -> bool {
+        crate::try_host().is_some_and(|host| log_level_number(metadata.level()) <= host.max_log_level)
+    }
+
+    fn log(&self, record: &::log::Record<'_>) {
+        let Some(host) = crate::try_host() else { return };
+        let level = log_level_number(record.level());
+        if level <= host.max_log_level {
+            emit(host, level, record.target(), &record.args().to_string());
+        }
+    }
+
+    fn flush(&self) {}
 }

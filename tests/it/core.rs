@@ -107,6 +107,17 @@ async fn streams_a_256_mib_upload_without_buffering_it() {
 }
 
 #[tokio::test]
+async fn records_of_the_log_crate_reach_the_host_log_like_tracing_events() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    let text = reqwest::get(host.url("/log")).await.unwrap().text().await.unwrap();
+    assert_eq!(text, "logged\n");
+    assert!(host.wait_for_log("fixture: a record of the log crate, attempt 3", WAIT), "{}", host.log());
+    let line = host.log().lines().find(|l| l.contains("a record of the log crate")).unwrap().to_owned();
+    assert!(line.contains(" WARN ") && line.contains("plugin=fixture-faulty@0.1.0"), "{line}");
+    assert!(line.contains("target=fixture::pool"), "{line}");
+}
+
+#[tokio::test]
 async fn serves_http2_with_prior_knowledge() {
     let host = example();
     let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
