@@ -223,3 +223,70 @@ async fn the_drain_timeout_cuts_off_an_old_generation_and_unloads_it() {
     assert_eq!(mapped.len(), 1, "v1 still mapped after its drain timeout: {mapped:?}\n{}", host.log());
     assert_eq!(host.version().await, "2.0.0");
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` from `client` (`buffer` holds what
+/// was read past the previous one): its head and its body.
+async fn read_response(client: &mut tokio::net::TcpStream, buffer: &mut Vec<u8>) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = client.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed");
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    while buffer.len() < end + length {
+        let n = client.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let body = buffer[end..end + length].to_vec();
+    buffer.drain(..end + length);
+    (head, body)
+}
+
+#[tokio::test]
+async fn a_pipelined_request_that_starts_after_a_swap_gets_the_new_code() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = temp_dir("swap-pipelined");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    let address = host.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+    // Three requests in one write: a response that streams for about 4 s on v1, then two
+    // requests the host reads together with the first, before the swap...
+    let requests = "GET /download?size=800000&rate=200000 HTTP/1.1\r\nHost: test\r\n\r\n\
+                    GET / HTTP/1.1\r\nHost: test\r\n\r\n\
+                    GET /download?size=300000 HTTP/1.1\r\nHost: test\r\n\r\n";
+    client.write_all(requests.as_bytes()).await.unwrap();
+    host.wait_in_flight(1).await;
+    place_by_rename(&example_version("2.0.0"), &dir.join("app.so"));
+    host.wait_version("2.0.0").await;
+    // ...but which start once the first has ended, after the swap: they get the new code,
+    // a streamed body included.
+    let mut buffer = Vec::new();
+    let responses = tokio::time::timeout(WAIT, async {
+        let mut responses = Vec::new();
+        for _ in 0..3 {
+            responses.push(read_response(&mut client, &mut buffer).await);
+        }
+        responses
+    });
+    let responses = responses.await.expect("three responses did not arrive");
+    assert_eq!(responses[0].1.len(), 800_000);
+    let greeting = String::from_utf8_lossy(&responses[1].1);
+    assert_eq!(version_in(&greeting).as_deref(), Some("2.0.0"), "{greeting}\n{}", host.log());
+    let (head, body) = &responses[2];
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body.len(), 300_000);
+    assert!(is_pattern(body, 0), "the relayed download is not byte-exact");
+    let log = host.log();
+    assert!(log.contains("request method=GET path=/download status=200 generation=2"), "{log}");
+}

@@ -39,7 +39,7 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
             io.frames = Some(Http2Frames::default());
         }
         let max_header_size = usize::try_from(shared.max_header_size).unwrap_or(usize::MAX);
-        let service = PluginService { conn: conn.clone() };
+        let service = PluginService { conn: conn.clone(), current: shared.current.clone() };
         // Both answer a request head over the limit with 431 (h2: over the advertised header
         // list size).
         let result = if http2 {

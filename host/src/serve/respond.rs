@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 
 use crate::plugin::request::{BodyProgress, CallError, CallFailed, Head, PluginCall};
 use crate::plugin::response::{BodyError, ResponseBody};
-use crate::plugin::{thread_generation, Generation, InFlight};
+use crate::plugin::{thread_generation, Current, Generation, InFlight, LentTally};
 use crate::serve::state::ConnState;
 
 /// Spawns hyper's HTTP/2 stream tasks on the runtime of the generation serving the
@@ -57,16 +57,27 @@ where
 #[derive(Clone)]
 pub(crate) struct PluginService {
     pub(crate) conn: Arc<ConnState>,
+    /// The generation new requests go to.
+    pub(crate) current: Arc<Current>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for PluginService {
-    type Response = Response<HostBody>;
+    type Response = Response<SentBody>;
     type Error = std::convert::Infallible;
     type Future = Respond;
 
     fn call(&self, request: Request<Incoming>) -> Respond {
         let conn = ConnRequest::new(self.conn.clone(), request.version() < http::Version::HTTP_2);
-        let in_flight = InFlight::new(self.conn.generation.load_full(), self.conn.lent.clone());
+        let generation = self.conn.generation.load_full();
+        if conn.h1 && generation.superseded().is_raised() {
+            // hyper read this request ahead, with the previous one, and starts it now, after a
+            // swap, before the connection could move: it goes to the new generation.
+            let next = self.current.load();
+            if next.id() != generation.id() {
+                return relay(next, request, conn, self.conn.lent.clone());
+            }
+        }
+        let in_flight = InFlight::new(generation, self.conn.lent.clone());
         if conn.h1 {
             // The connection's task runs on its generation's runtime.
             return hand_to_plugin(request, in_flight, conn);
@@ -86,8 +97,11 @@ pub(crate) enum Respond {
     /// An HTTP/2 request, handed to the plugin at the first poll, on the stream's task.
     Starting(Option<(Request<Incoming>, InFlight, ConnRequest)>),
     Calling(Calling),
+    /// An HTTP/1 request served by another generation than the connection's (see
+    /// [`relay`]).
+    Relayed(tokio::sync::oneshot::Receiver<Response<SentBody>>),
     /// Answered by the host, or taken by hyper.
-    Answered(Option<Response<HostBody>>),
+    Answered(Option<Response<SentBody>>),
 }
 
 /// A request in the plugin's hands: everything it holds, and what its log line needs.
@@ -102,7 +116,7 @@ pub(crate) struct Calling {
 }
 
 impl Future for Respond {
-    type Output = Result<Response<HostBody>, std::convert::Infallible>;
+    type Output = Result<Response<SentBody>, std::convert::Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -114,13 +128,22 @@ impl Future for Respond {
         if let Respond::Calling(calling) = this {
             let Poll::Ready(called) = calling.call.poll(cx) else { return Poll::Pending };
             if let Respond::Calling(calling) = std::mem::replace(this, Respond::Answered(None)) {
-                return Poll::Ready(Ok(calling.finish(called)));
+                return Poll::Ready(Ok(calling.finish(called).map(SentBody::Here)));
             }
+        }
+        if let Respond::Relayed(response) = this {
+            let Poll::Ready(relayed) = Pin::new(response).poll(cx) else { return Poll::Pending };
+            return Poll::Ready(Ok(relayed.unwrap_or_else(|_| {
+                // The new generation's runtime dropped the request: it is shutting down.
+                let mut response = Response::new(SentBody::Relayed(Relayed::ended()));
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                response
+            })));
         }
         match this {
             Respond::Answered(response) => response.take().map_or(Poll::Pending, |r| Poll::Ready(Ok(r))),
             // Not reached: a future that completed is dropped by hyper, not polled again.
-            Respond::Starting(_) | Respond::Calling(_) => Poll::Pending,
+            Respond::Starting(_) | Respond::Calling(_) | Respond::Relayed(_) => Poll::Pending,
         }
     }
 }
@@ -135,12 +158,12 @@ fn hand_to_plugin(request: Request<Incoming>, in_flight: InFlight, conn: ConnReq
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), "request received outside its generation's runtime");
-        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, in_flight, conn, started)));
+        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, in_flight, conn, started).map(SentBody::Here)));
     }
     let max_body_size = conn.state.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
-        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started)));
+        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started).map(SentBody::Here)));
     }
     let (http::request::Parts { method, uri, version, headers, .. }, body) = request.into_parts();
     let call = PluginCall::start(in_flight, Head { method: &method, uri: &uri, version, headers }, body, max_body_size);
@@ -242,6 +265,8 @@ pub(crate) enum SendError {
     Plugin(#[from] BodyError),
     #[error("the request body arrived too slowly (--body-read-timeout)")]
     RequestBodyTimedOut,
+    #[error("its generation was cut off (drain timeout or --max-generations)")]
+    Aborted,
 }
 
 impl HostBody {
@@ -296,5 +321,98 @@ impl http_body::Body for HostBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A response body as hyper sends it: from this thread, or relayed from another generation's.
+pub(crate) enum SentBody {
+    Here(HostBody),
+    Relayed(Relayed),
+}
+
+/// Serves an HTTP/1 request on `next`, another generation than the one whose runtime runs
+/// the connection (hyper read the request ahead, before a swap). Plugin code runs only on its
+/// generation's threads, so a task there calls the plugin and polls the response body, and
+/// hands the frames over; the connection moves to `next` once this response has ended. Rare,
+/// so the hop between threads does not matter.
+fn relay(next: Arc<Generation>, request: Request<Incoming>, conn: ConnRequest, lent: Arc<LentTally>) -> Respond {
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let runtime = next.handle().clone();
+    runtime.spawn(async move {
+        let aborted = next.aborted().token().clone();
+        let Ok(response) = hand_to_plugin(request, InFlight::new(next, lent), conn).await;
+        let (parts, body) = response.into_parts();
+        let SentBody::Here(body) = body else { return };
+        if !matches!(body.body, ResponseBody::Plugin(_)) {
+            // No plugin code left to run: hyper may drop it wherever it likes.
+            let _ = head_tx.send(Response::from_parts(parts, SentBody::Here(body)));
+            return;
+        }
+        let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(1);
+        let relayed = Relayed { frames: frames_rx, end_stream: false, size_hint: body.size_hint() };
+        if head_tx.send(Response::from_parts(parts, SentBody::Relayed(relayed))).is_err() {
+            return; // the client is gone; the body is dropped here, on its generation
+        }
+        let mut body = std::pin::pin!(body);
+        loop {
+            let frame = tokio::select! {
+                frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)) => frame,
+                () = frames_tx.closed() => return,
+                () = aborted.cancelled() => Some(Err(SendError::Aborted)),
+            };
+            let Some(frame) = frame else { return };
+            let failed = frame.is_err();
+            if frames_tx.send(frame).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Respond::Relayed(head_rx)
+}
+
+/// The frames of a response body polled on another generation's thread (see [`relay`]).
+pub(crate) struct Relayed {
+    frames: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, SendError>>,
+    end_stream: bool,
+    size_hint: SizeHint,
+}
+
+impl Relayed {
+    /// A body that has ended, empty.
+    fn ended() -> Relayed {
+        let (_, frames) = tokio::sync::mpsc::channel(1);
+        Relayed { frames, end_stream: true, size_hint: SizeHint::with_exact(0) }
+    }
+}
+
+impl http_body::Body for SentBody {
+    type Data = Bytes;
+    type Error = SendError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, SendError>>> {
+        match self.get_mut() {
+            SentBody::Here(body) => Pin::new(body).poll_frame(cx),
+            SentBody::Relayed(relayed) => {
+                let polled = relayed.frames.poll_recv(cx);
+                if matches!(polled, Poll::Ready(None)) {
+                    relayed.end_stream = true;
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            SentBody::Here(body) => body.is_end_stream(),
+            SentBody::Relayed(relayed) => relayed.end_stream,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            SentBody::Here(body) => body.size_hint(),
+            SentBody::Relayed(relayed) => relayed.size_hint,
+        }
     }
 }
