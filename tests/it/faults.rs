@@ -2,6 +2,7 @@
 //! written or is full, signal storms, shutdown in the middle of a swap, and the budgets that
 //! keep a process that swaps forever from running out.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,29 @@ async fn a_generation_cut_off_but_still_loaded_counts_against_max_generations() 
     assert_eq!(host.version().await, "1.0.0");
     assert!(host.mapped_plugins().len() <= 2, "{:?}", host.mapped_plugins());
     let _ = blocked.await;
+}
+
+#[tokio::test]
+async fn a_backtrace_formatted_by_a_plugin_is_prevented_by_default_and_reported_when_forced() {
+    let dir = temp_dir("fault-backtrace");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let args = ["serve", "--listen", "127.0.0.1:0", "--plugin-dir", dir.to_str().unwrap()];
+    let host = Host::start(&args, None, &[("RUST_BACKTRACE", Path::new("1"))], WAIT).unwrap();
+    // With RUST_BACKTRACE=1, library code (anyhow, Backtrace::capture) would capture
+    // backtraces; the host sets RUST_LIB_BACKTRACE=0 unless told otherwise.
+    let text = reqwest::get(host.url("/backtrace")).await.unwrap().text().await.unwrap();
+    assert!(text.starts_with("Disabled"), "{text}");
+    // Forced: formatting it maps the library's file for std's symbolizer, for good.
+    let text = reqwest::get(host.url("/backtrace?force")).await.unwrap().text().await.unwrap();
+    assert!(text.starts_with("Captured"), "{text}");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let reported = "generation unloaded, its code unmapped, but";
+    assert!(host.wait_for_log(reported, WAIT), "{}", host.log());
+    assert!(host.log().contains("stay mapped read-only for good: its code formatted a captured backtrace"), "{}", host.log());
+    let (_, status) = host.command_json(&["status"]);
+    let first = status["history"].as_array().unwrap().iter().find(|r| r["generation"] == 1).cloned().unwrap();
+    assert_eq!(first["state"], "unloaded-file-mapped", "{status}");
+    assert_eq!(host.version().await, "1.0.0");
 }
 
 #[tokio::test]

@@ -23,10 +23,20 @@ use crate::plugin::threads::{self, Owner};
 use crate::plugin::trust::Trust;
 use cli::{Cli, Command, ServeArgs};
 
+/// Whether library code captures backtraces (`std::backtrace::Backtrace::capture`, anyhow);
+/// takes precedence over `RUST_BACKTRACE` for them.
+const LIB_BACKTRACE: &str = "RUST_LIB_BACKTRACE";
+
 /// Runs the command line: parses it (with the configuration file), and runs the command.
 pub fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|arg| arg == probe::PROBE_ARG) {
         return probe::child();
+    }
+    if std::env::var_os(LIB_BACKTRACE).is_none() {
+        // Backtraces captured by library code (anyhow's, with RUST_BACKTRACE=1) would, once a
+        // plugin formats one, keep its file mapped after it unloads (see plugin::loader).
+        // Panics are reported without them anyway. Set before any thread starts.
+        std::env::set_var(LIB_BACKTRACE, "0");
     }
     let args = match config::apply(std::env::args_os().collect()) {
         Ok(args) => args,

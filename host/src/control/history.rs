@@ -55,6 +55,8 @@ pub(crate) enum State {
     StillMapped,
     /// Left loaded because its threads were stuck in plugin code.
     Leaked,
+    /// Unloaded, but its file stays mapped read-only (see `Unloaded::DataMapped`).
+    DataMapped,
     /// Refused: the reason is the record's `refused`.
     Refused,
 }
@@ -67,6 +69,7 @@ impl State {
             State::Unloaded => "unloaded",
             State::StillMapped => "still-mapped",
             State::Leaked => "leaked",
+            State::DataMapped => "unloaded-file-mapped",
             State::Refused => "refused",
         }
     }
@@ -82,6 +85,7 @@ impl Record {
             Some(Unloaded::Unmapped) => State::Unloaded,
             Some(Unloaded::StillMapped) => State::StillMapped,
             Some(Unloaded::Leaked) => State::Leaked,
+            Some(Unloaded::DataMapped) => State::DataMapped,
             None if self.generation == Some(current) => State::Current,
             None => State::Draining,
         }

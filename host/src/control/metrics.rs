@@ -91,13 +91,19 @@ impl Collector for Metrics {
             "reason",
             registry.history().refusals_by_reason(),
         )?;
-        let (unmapped, still_mapped, leaked) = crate::plugin::reaper::unload_counts();
+        let counts = crate::plugin::reaper::unload_counts();
         labelled_counters(
             &mut encoder,
             "hotswap_unloads",
-            "Generations unloaded, by result: unmapped (gone from /proc/self/maps), still_mapped (a bug), leaked (threads stuck in plugin code)",
+            "Generations unloaded, by result: unmapped (gone from /proc/self/maps), file_mapped (code gone, its file still \
+             mapped read-only by a backtrace symbolizer cache), still_mapped (a bug), leaked (threads stuck in plugin code)",
             "result",
-            [("unmapped", unmapped), ("still_mapped", still_mapped), ("leaked", leaked)],
+            [
+                ("unmapped", counts.unmapped),
+                ("file_mapped", counts.data_mapped),
+                ("still_mapped", counts.still_mapped),
+                ("leaked", counts.leaked),
+            ],
         )?;
         labelled_counters(
             &mut encoder,

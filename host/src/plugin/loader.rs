@@ -150,10 +150,11 @@ impl Library {
     pub(crate) fn close(self) -> Closed {
         let Library { library, _copy: copy, .. } = self;
         let closed = library.close();
-        let mapped = is_mapped(&copy);
+        let mapped = mappings_of(&copy);
         let outcome = match closed {
             Err(e) => Closed::Failed(e),
-            Ok(()) if mapped => Closed::StillMapped,
+            Ok(()) if mapped.code => Closed::StillMapped,
+            Ok(()) if mapped.bytes > 0 => Closed::DataMapped { bytes: mapped.bytes },
             Ok(()) => Closed::Unmapped,
         };
         if !matches!(outcome, Closed::Unmapped) {
@@ -168,8 +169,13 @@ impl Library {
 pub(crate) enum Closed {
     /// Closed, and no longer mapped anywhere in the process.
     Unmapped,
-    /// Closed, but something still maps its file (see `/proc/self/maps`).
+    /// Closed, but its code is still mapped (see `/proc/self/maps`).
     StillMapped,
+    /// Closed and its code unmapped, but `bytes` of its file stay mapped read-only, not
+    /// executable: what std's backtrace symbolizer maps to read debug information, and never
+    /// unmaps (its cache lived in the library's statics). Plugin code formatted a captured
+    /// backtrace (`{:?}` of an `anyhow::Error` with `RUST_LIB_BACKTRACE=1`, for instance).
+    DataMapped { bytes: u64 },
     /// `dlclose` failed: the library stays loaded.
     Failed(libloading::Error),
 }
@@ -537,19 +543,38 @@ fn elf_end(bytes: &[u8]) -> u64 {
     end
 }
 
-/// Whether `/proc/self/maps` still lists the file `file` (by device and inode): the real
-/// test that `dlclose` unmapped it.
-pub(crate) fn is_mapped(file: &fs::File) -> bool {
+/// What `/proc/self/maps` still maps of one file.
+struct Mappings {
+    /// Bytes mapped.
+    bytes: u64,
+    /// Whether any of it is executable: code.
+    code: bool,
+}
+
+/// What `/proc/self/maps` lists of the file `file` (by device and inode): the real test that
+/// `dlclose` unmapped it. If the maps cannot be read, the file counts as mapped code.
+fn mappings_of(file: &fs::File) -> Mappings {
     use std::os::unix::fs::MetadataExt as _;
-    let Ok(meta) = file.metadata() else { return true };
+    let unknown = Mappings { bytes: 0, code: true };
+    let Ok(meta) = file.metadata() else { return unknown };
     let (dev, ino) = (meta.dev(), meta.ino().to_string());
     // /proc/self/maps writes the device as `major:minor` in hex.
     let device = format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev));
-    let Ok(maps) = fs::read_to_string("/proc/self/maps") else { return true };
-    maps.lines().any(|line| {
-        let mut fields = line.split_ascii_whitespace().skip(3);
-        fields.next() == Some(device.as_str()) && fields.next() == Some(ino.as_str())
-    })
+    let Ok(maps) = fs::read_to_string("/proc/self/maps") else { return unknown };
+    let mut mapped = Mappings { bytes: 0, code: false };
+    for line in maps.lines() {
+        // address perms offset dev inode path
+        let fields: Vec<&str> = line.split_ascii_whitespace().take(5).collect();
+        let [range, perms, _, dev, inode] = fields[..] else { continue };
+        if dev != device || inode != ino {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap_or_default();
+        let size = u64::from_str_radix(end, 16).unwrap_or(0).saturating_sub(u64::from_str_radix(start, 16).unwrap_or(0));
+        mapped.bytes += size;
+        mapped.code |= perms.contains('x');
+    }
+    mapped
 }
 
 #[cfg(test)]

@@ -71,8 +71,21 @@ impl Retired {
         // would pull the code out from under them. (Joined threads may linger in /proc for a
         // moment; they are waited for.)
         let holding = threads::wait_released(Some(id), &foreign_before, timeout);
-        let leaked = !holding.is_empty();
-        let mapped = if leaked {
+        let outcome = if holding.is_empty() {
+            let closed = close(library, id, &label, timeout);
+            if let Closed::Failed(e) = &closed {
+                tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
+            }
+            if matches!(closed, Closed::Unmapped | Closed::DataMapped { .. }) {
+                // No code of the library is left to call them.
+                drop((api, context));
+            } else {
+                // Code of the library may still run (a destructor it registered): the table
+                // and context it may call stay too.
+                std::mem::forget((api, context));
+            }
+            closed
+        } else {
             tracing::warn!(
                 generation = id,
                 plugin = %label,
@@ -81,40 +94,43 @@ impl Retired {
                  its library stays loaded (leaked): a plugin must stop the threads it starts in its shutdown hook"
             );
             std::mem::forget((library, api, context));
+            let _ = std::fs::remove_file(&shadow);
             LEAKED.fetch_add(1, Ordering::Relaxed);
-            false
-        } else {
-            let closed = close(library, id, &label, timeout);
-            if let Closed::Failed(e) = &closed {
-                tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
-            }
-            let mapped = !matches!(closed, Closed::Unmapped);
-            if mapped {
-                // Code of the library may still run (a destructor it registered): the table
-                // and context it may call stay too.
-                std::mem::forget((api, context));
-            } else {
-                drop((api, context));
-            }
-            mapped
+            stats.set_unloaded(Unloaded::Leaked);
+            live_generations().fetch_sub(1, Ordering::SeqCst);
+            return;
         };
+        // Its path: the file itself goes once nothing maps it.
         let _ = std::fs::remove_file(&shadow);
-        stats.set_unloaded(match (leaked, mapped) {
-            (true, _) => Unloaded::Leaked,
-            (false, true) => Unloaded::StillMapped,
-            (false, false) => Unloaded::Unmapped,
-        });
-        if mapped {
-            STILL_MAPPED.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                generation = id,
-                plugin = %label,
-                shadow = %shadow.display(),
-                "generation closed but its library is STILL MAPPED (see /proc/self/maps)"
-            );
-        } else if !leaked {
-            UNMAPPED.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(generation = id, plugin = %label, elapsed = ?started.elapsed(), "generation unloaded and unmapped");
+        match outcome {
+            Closed::Unmapped => {
+                UNMAPPED.fetch_add(1, Ordering::Relaxed);
+                stats.set_unloaded(Unloaded::Unmapped);
+                tracing::info!(generation = id, plugin = %label, elapsed = ?started.elapsed(), "generation unloaded and unmapped");
+            }
+            Closed::DataMapped { bytes } => {
+                DATA_MAPPED.fetch_add(1, Ordering::Relaxed);
+                stats.set_unloaded(Unloaded::DataMapped);
+                tracing::warn!(
+                    generation = id,
+                    plugin = %label,
+                    "generation unloaded, its code unmapped, but {} of its file stay mapped read-only for good: \
+                     its code formatted a captured backtrace, and std's symbolizer keeps the file it read the debug \
+                     information from mapped (in memory and on disk). Leave RUST_LIB_BACKTRACE unset or 0 (hotswap \
+                     defaults it to 0), or do not capture backtraces in the plugin (Backtrace::force_capture)",
+                    bytesize::ByteSize::b(bytes).display().iec()
+                );
+            }
+            Closed::StillMapped | Closed::Failed(_) => {
+                STILL_MAPPED.fetch_add(1, Ordering::Relaxed);
+                stats.set_unloaded(Unloaded::StillMapped);
+                tracing::warn!(
+                    generation = id,
+                    plugin = %label,
+                    shadow = %shadow.display(),
+                    "generation closed but its library is STILL MAPPED (see /proc/self/maps)"
+                );
+            }
         }
         live_generations().fetch_sub(1, Ordering::SeqCst);
     }
@@ -165,12 +181,29 @@ fn close(library: Library, id: u64, label: &str, timeout: Duration) -> Closed {
 const EXIT_LOADER_STUCK: i32 = 70;
 
 static UNMAPPED: AtomicU64 = AtomicU64::new(0);
+static DATA_MAPPED: AtomicU64 = AtomicU64::new(0);
 static STILL_MAPPED: AtomicU64 = AtomicU64::new(0);
 static LEAKED: AtomicU64 = AtomicU64::new(0);
 
-/// Unload outcomes so far: (unmapped, still mapped, leaked because threads were stuck).
-pub(crate) fn unload_counts() -> (u64, u64, u64) {
-    (UNMAPPED.load(Ordering::Relaxed), STILL_MAPPED.load(Ordering::Relaxed), LEAKED.load(Ordering::Relaxed))
+/// Unload outcomes so far.
+pub(crate) struct UnloadCounts {
+    /// Gone from the address space.
+    pub(crate) unmapped: u64,
+    /// Code gone, file still mapped read-only (see `Closed::DataMapped`).
+    pub(crate) data_mapped: u64,
+    /// Code still mapped after `dlclose`.
+    pub(crate) still_mapped: u64,
+    /// Not closed: threads were still running plugin code.
+    pub(crate) leaked: u64,
+}
+
+pub(crate) fn unload_counts() -> UnloadCounts {
+    UnloadCounts {
+        unmapped: UNMAPPED.load(Ordering::Relaxed),
+        data_mapped: DATA_MAPPED.load(Ordering::Relaxed),
+        still_mapped: STILL_MAPPED.load(Ordering::Relaxed),
+        leaked: LEAKED.load(Ordering::Relaxed),
+    }
 }
 
 /// Generations started and not yet unloaded.

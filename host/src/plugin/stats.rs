@@ -115,6 +115,9 @@ pub(crate) enum Unloaded {
     StillMapped,
     /// Not closed: threads were still running plugin code.
     Leaked,
+    /// Closed and its code unmapped, but its file stays mapped read-only (a backtrace
+    /// symbolizer's cache): memory and disk space, no code.
+    DataMapped,
 }
 
 /// Counters of one generation, shared by the generation, its requests and its history
@@ -219,6 +222,7 @@ impl GenerationStats {
             1 => Some(Unloaded::Unmapped),
             2 => Some(Unloaded::StillMapped),
             3 => Some(Unloaded::Leaked),
+            4 => Some(Unloaded::DataMapped),
             _ => None,
         }
     }
