@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::latch::{Latch, Waiter};
-use crate::plugin::{thread_generation, Generation};
+use crate::plugin::{thread_generation, Generation, LentTally};
 use crate::serve::limits::{Expiry, Http2Frames};
 use crate::serve::respond::{PluginService, StreamExecutor};
 use crate::serve::state::{ConnState, OpenConnection, Shared};
@@ -107,18 +107,30 @@ pub(crate) struct ConnTask {
     superseded: Waiter,
     aborted: Waiter,
     registered: Option<Waker>,
-    /// Generations this connection moved away from while it still held response chunks they
-    /// lent: cut off with them (drain timeout, `--max-generations`), or those chunks, queued
-    /// for a client that does not read, would keep them loaded.
+    /// Generations this connection moved away from, while they are loaded: if one is cut off
+    /// (drain timeout, `--max-generations`) while the connection still holds response chunks
+    /// it lent, queued for a client that does not read them, the connection is closed, or
+    /// they would keep it loaded.
     lingering: Vec<Lingering>,
+    /// HTTP/2: when to close the connection for chunks of a cut-off generation, if they are
+    /// still held then. The streams of that generation are reset when it is cut off, which
+    /// frees theirs; the grace lets that happen before the connection, and the streams of
+    /// newer generations on it, are given up.
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// A generation a connection left while holding chunks it lent.
+/// A generation a connection left.
 struct Lingering {
     id: u64,
+    generation: Weak<Generation>,
     aborted: CancellationToken,
     waiter: Waiter,
+    /// The chunks it lent that the connection still holds.
+    lent: Arc<LentTally>,
 }
+
+/// How long an HTTP/2 connection may go on holding chunks of a cut-off generation.
+const HTTP2_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ConnTask {
     pub(crate) fn new(connection: ConnFuture, conn: Arc<ConnState>, shared: Arc<Shared>) -> ConnTask {
@@ -133,6 +145,7 @@ impl ConnTask {
             aborted: generation.aborted().waiter(),
             registered: None,
             lingering,
+            grace: None,
             generation,
             conn,
             shared,
@@ -192,7 +205,7 @@ impl Future for ConnTask {
             this.connection = None; // drops the response, on this generation's thread
             return Poll::Ready(());
         }
-        if let Some(id) = this.holds_aborted_chunks() {
+        if let Some(id) = this.holds_aborted_chunks(cx) {
             tracing::warn!(
                 generation = id,
                 "drain timeout: closing a connection whose client has not yet read the end of a response \
@@ -218,28 +231,36 @@ impl ConnTask {
         }
         let Some(connection) = self.connection.take() else { return false };
         let mut lingering = std::mem::take(&mut self.lingering);
-        if self.conn.lent.held() > 0 {
-            let aborted = self.generation.aborted();
-            lingering.push(Lingering { id: self.generation.id(), aborted: aborted.token().clone(), waiter: aborted.waiter() });
-        }
+        let aborted = self.generation.aborted();
+        lingering.push(Lingering {
+            id: self.generation.id(),
+            generation: Arc::downgrade(&self.generation),
+            aborted: aborted.token().clone(),
+            waiter: aborted.waiter(),
+            // From now on, requests count the chunks of the generation they go to.
+            lent: self.conn.lent.swap(Arc::default()),
+        });
         self.conn.generation.store(next.clone());
         next.handle().spawn(ConnTask::moved(connection, self.conn.clone(), self.shared.clone(), lingering));
         true
     }
 
     /// The id of a generation cut off (drain timeout, `--max-generations`) whose lent chunks
-    /// this connection may still hold. (Which generation lent the chunks held is not
-    /// tracked: while any are held, every generation the connection left with chunks held
-    /// counts, which may cut a connection a little early, never too late.)
-    fn holds_aborted_chunks(&mut self) -> Option<u64> {
-        if self.conn.lent.held() == 0 {
-            self.lingering.clear();
+    /// this connection still holds, once it must be closed for them (at once for HTTP/1,
+    /// after [`HTTP2_GRACE`] for HTTP/2).
+    fn holds_aborted_chunks(&mut self, cx: &mut Context<'_>) -> Option<u64> {
+        self.lingering.retain(|l| l.generation.strong_count() > 0);
+        let own = (self.generation.aborted().is_raised() && self.conn.lent.load().held() > 0).then(|| self.generation.id());
+        let holding = own.or_else(|| self.lingering.iter().find(|l| l.aborted.is_cancelled() && l.lent.held() > 0).map(|l| l.id));
+        let Some(id) = holding else {
+            self.grace = None;
             return None;
+        };
+        if !self.conn.activity.http2() {
+            return Some(id);
         }
-        if self.generation.aborted().is_raised() {
-            return Some(self.generation.id());
-        }
-        self.lingering.iter().find(|l| l.aborted.is_cancelled()).map(|l| l.id)
+        let grace = self.grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(HTTP2_GRACE)));
+        grace.as_mut().poll(cx).is_ready().then_some(id)
     }
 }
 

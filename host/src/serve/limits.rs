@@ -204,6 +204,11 @@ impl Activity {
         self.requests.fetch_sub(1, Ordering::Release);
     }
 
+    /// Whether the connection speaks HTTP/2.
+    pub(crate) fn http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+
     /// Times a request's body from now on: the body read timeout applies while the plugin
     /// waits for it. Only requests with a body come here.
     pub(crate) fn watch_body(&self, body: &Arc<BodyProgress>) {

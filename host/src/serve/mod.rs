@@ -111,7 +111,7 @@ impl Server {
             generation: ArcSwap::new(generation.clone()),
             activity: self.sweeper.track(),
             max_body_size: self.limits.max_body_size,
-            lent: Arc::default(),
+            lent: ArcSwap::default(),
         });
         let open = OpenConnection::new(&self.shared, slot);
         let shared = self.shared.clone();

@@ -74,10 +74,12 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
             // swap, before the connection could move: it goes to the new generation.
             let next = self.current.load();
             if next.id() != generation.id() {
-                return relay(next, request, conn, self.conn.lent.clone());
+                // Its lent chunks count as the connection's generation's: it may be cut off a
+                // little early, never too late.
+                return relay(next, request, conn, self.conn.lent.load_full());
             }
         }
-        let in_flight = InFlight::new(generation, self.conn.lent.clone());
+        let in_flight = InFlight::new(generation, self.conn.lent.load_full());
         if conn.h1 {
             // The connection's task runs on its generation's runtime.
             return hand_to_plugin(request, in_flight, conn);
@@ -336,11 +338,18 @@ pub(crate) enum SentBody {
 /// hands the frames over; the connection moves to `next` once this response has ended. Rare,
 /// so the hop between threads does not matter.
 fn relay(next: Arc<Generation>, request: Request<Incoming>, conn: ConnRequest, lent: Arc<LentTally>) -> Respond {
-    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let (mut head_tx, head_rx) = tokio::sync::oneshot::channel();
     let runtime = next.handle().clone();
     runtime.spawn(async move {
+        // Whatever ends it early (the client gone, the generation cut off) drops the request
+        // here, on its generation's thread; the connection sees the body fail, never end.
         let aborted = next.aborted().token().clone();
-        let Ok(response) = hand_to_plugin(request, InFlight::new(next, lent), conn).await;
+        let respond = hand_to_plugin(request, InFlight::new(next, lent), conn);
+        let response = tokio::select! {
+            Ok(response) = respond => response,
+            () = head_tx.closed() => return,
+            () = aborted.cancelled() => return,
+        };
         let (parts, body) = response.into_parts();
         let SentBody::Here(body) = body else { return };
         if !matches!(body.body, ResponseBody::Plugin(_)) {
@@ -358,21 +367,22 @@ fn relay(next: Arc<Generation>, request: Request<Incoming>, conn: ConnRequest, l
             let frame = tokio::select! {
                 frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)) => frame,
                 () = frames_tx.closed() => return,
-                () = aborted.cancelled() => Some(Err(SendError::Aborted)),
+                () = aborted.cancelled() => return,
             };
-            let Some(frame) = frame else { return };
-            let failed = frame.is_err();
-            if frames_tx.send(frame).await.is_err() || failed {
-                return;
+            let last = !matches!(frame, Some(Ok(_)));
+            tokio::select! {
+                sent = frames_tx.send(frame) => if sent.is_err() || last { return },
+                () = aborted.cancelled() => return,
             }
         }
     });
     Respond::Relayed(head_rx)
 }
 
-/// The frames of a response body polled on another generation's thread (see [`relay`]).
+/// The frames of a response body polled on another generation's thread (see [`relay`]):
+/// each frame, then `None` at its end. A relay that stops without it failed.
 pub(crate) struct Relayed {
-    frames: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, SendError>>,
+    frames: tokio::sync::mpsc::Receiver<Option<Result<Frame<Bytes>, SendError>>>,
     end_stream: bool,
     size_hint: SizeHint,
 }
@@ -393,11 +403,21 @@ impl http_body::Body for SentBody {
         match self.get_mut() {
             SentBody::Here(body) => Pin::new(body).poll_frame(cx),
             SentBody::Relayed(relayed) => {
-                let polled = relayed.frames.poll_recv(cx);
-                if matches!(polled, Poll::Ready(None)) {
-                    relayed.end_stream = true;
+                if relayed.end_stream {
+                    return Poll::Ready(None);
                 }
-                polled
+                match relayed.frames.poll_recv(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(Some(frame))) => Poll::Ready(Some(frame)),
+                    Poll::Ready(Some(None)) => {
+                        relayed.end_stream = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(None) => {
+                        relayed.end_stream = true;
+                        Poll::Ready(Some(Err(SendError::Aborted)))
+                    }
+                }
             }
         }
     }

@@ -57,9 +57,9 @@ pub(crate) struct ConnState {
     /// For the header read, idle and body read timeouts.
     pub(crate) activity: Arc<Activity>,
     pub(crate) max_body_size: u64,
-    /// Response chunks lent by plugins that this connection still holds (see
-    /// `ConnTask::lingering`).
-    pub(crate) lent: Arc<LentTally>,
+    /// Response chunks lent by the plugin of `generation` that this connection still holds;
+    /// replaced by a fresh tally when the connection moves (see `ConnTask::lingering`).
+    pub(crate) lent: ArcSwap<LentTally>,
 }
 
 /// An open connection: counted for the drain at shutdown, and holding one of the
