@@ -390,13 +390,15 @@ impl Registry {
     async fn check_generation_cap(&self) -> Result<(), GenerationError> {
         let deadline = tokio::time::Instant::now() + self.options.unload_timeout * 2;
         loop {
-            let resident = self.resident();
-            let cut_off = resident.iter().filter(|g| g.aborted().is_raised()).count() as u64;
+            // Counted, not kept: holding them while waiting would delay their unloading.
+            let (loaded, cut_off) = {
+                let resident = self.resident();
+                (resident.len() as u64, resident.iter().filter(|g| g.aborted().is_raised()).count() as u64)
+            };
             if cut_off + 2 <= self.max_generations {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                let loaded = resident.len() as u64;
                 return Err(GenerationError::GenerationCap { loaded, cut_off, max: self.max_generations });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -438,6 +440,11 @@ impl Registry {
             };
             match self.try_start(candidate, &best.file, Some(&best)).await {
                 Ok(next) => return Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused },
+                Err(e @ GenerationError::GenerationCap { .. }) => {
+                    // Not the build's fault, and no other build would fare better.
+                    refused.push(e.to_string());
+                    return Outcome::Refused { serving: Brief::of(&current), refused };
+                }
                 Err(e) => refused.push(e.to_string()),
             }
         }
@@ -506,7 +513,10 @@ impl Registry {
             Err(e) => Err(e),
         };
         started.inspect_err(|e| {
-            lock(&self.builds).mark_refused(file);
+            // Too many generations loaded is not the build's fault: it is tried again later.
+            if !matches!(e, GenerationError::GenerationCap { .. }) {
+                lock(&self.builds).mark_refused(file);
+            }
             self.refuse(file, e.kind(), &e.to_string(), build);
         })
     }
