@@ -246,6 +246,7 @@ impl Candidate {
             aborted: Latch::new(),
             initialized: false,
             unload_timeout: options.unload_timeout,
+            close_timeout: options.unload_timeout.max(options.init_timeout),
             library: ManuallyDrop::new(library),
             runtime: ManuallyDrop::new(runtime),
             api: ManuallyDrop::new(api),

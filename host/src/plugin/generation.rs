@@ -68,6 +68,8 @@ pub(crate) struct Generation {
     pub(super) aborted: Latch,
     pub(super) initialized: bool,
     pub(super) unload_timeout: Duration,
+    /// How long `dlclose` may take: as long as the probe gave the finalisers, at least.
+    pub(super) close_timeout: Duration,
     // Taken by `Drop`, which hands them to the reaper. The table and context must outlive
     // every call into the library, so they leave together with it.
     pub(super) library: ManuallyDrop<Library>,
@@ -172,6 +174,7 @@ impl Drop for Generation {
                 shadow: std::mem::take(&mut self.shadow),
                 initialized: self.initialized,
                 timeout: self.unload_timeout,
+                close_timeout: self.close_timeout,
                 library: ManuallyDrop::take(&mut self.library),
                 runtime: ManuallyDrop::take(&mut self.runtime),
                 api: ManuallyDrop::take(&mut self.api),

@@ -62,16 +62,54 @@ pub(crate) enum LoadError {
 /// Dropping it closes the library (`dlclose`). The host only drops it once no code of the
 /// plugin can run any more: see `generation`.
 pub(crate) struct Library {
-    // Declared before `library`: nothing may use the declaration once the library is closed.
+    // Declared before `mapping`: nothing may use the declaration once the library is closed.
     declaration: NonNull<PluginDeclaration>,
-    library: libloading::Library,
-    /// The private copy, open: the library was mapped from this very file (see `open`). It
-    /// stays open while the library may be mapped: the dynamic loader knows the library by
-    /// the name `/proc/self/fd/N`, and a number reused for the next copy while this library
-    /// is still mapped would make `dlopen` hand back this one.
-    _copy: fs::File,
+    mapping: Mapping,
     pub(crate) name: String,
     pub(crate) version: semver::Version,
+}
+
+/// A library `dlopen`ed from its private copy: closing it (explicitly, or when dropped, on
+/// any path) checks what of it is still mapped, and keeps the copy's descriptor open if
+/// anything may be.
+struct Mapping {
+    library: Option<libloading::Library>,
+    /// The private copy, open: the library was mapped from this very file (see
+    /// [`Library::open`]). The dynamic loader knows the library by the name
+    /// `/proc/self/fd/N`: a number reused for the next copy while this library is still
+    /// loaded would make `dlopen` hand back this one.
+    copy: Option<fs::File>,
+    /// How `/proc/self/maps` names the file (`major:minor` and inode as it prints them, which
+    /// on some file systems differ from what `fstat` says), read off a line that maps it
+    /// right after `dlopen`; `None` if none did.
+    maps_id: Option<(String, String)>,
+}
+
+impl Mapping {
+    /// `dlclose`, then what `/proc/self/maps` still shows of the file.
+    fn close(&mut self) -> Closed {
+        let Some(library) = self.library.take() else { return Closed::Unmapped };
+        let closed = library.close();
+        // Unknown how the maps name it: assume the worst.
+        let mapped = self.maps_id.as_ref().map_or(Mappings { bytes: 0, code: true }, mappings_of);
+        let outcome = match closed {
+            Err(e) => Closed::Failed(e),
+            Ok(()) if mapped.code => Closed::StillMapped,
+            Ok(()) if mapped.bytes > 0 => Closed::DataMapped { bytes: mapped.bytes },
+            Ok(()) => Closed::Unmapped,
+        };
+        if matches!(outcome, Closed::StillMapped | Closed::Failed(_)) {
+            // The loader may still know the library by this descriptor's number.
+            std::mem::forget(self.copy.take());
+        }
+        outcome
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 // SAFETY: `declaration` points at immutable static data inside the library, which `Library`
@@ -99,9 +137,12 @@ impl Library {
             .map_err(|e| LoadError::Open { path: path.clone(), reason: e.to_string() })?;
         let symbol = abi::DECLARATION_SYMBOL;
         // SAFETY: we only take the symbol's address here; it is read below as a header.
-        let address = unsafe { library.get::<*const DeclarationHeader>(symbol.as_bytes()) }
-            .map(|s| *s)
-            .map_err(|_| LoadError::NotAPlugin { path: path.clone(), symbol })?;
+        let address = unsafe { library.get::<*const DeclarationHeader>(symbol.as_bytes()) }.map(|s| *s);
+        // From here on, every return closes it through `Mapping` (checked, as any close).
+        // The maps print the file's real path, as the descriptor's link does.
+        let real = fs::read_link(format!("/proc/self/fd/{}", copy.as_raw_fd())).unwrap_or_else(|_| path.clone());
+        let mapping = Mapping { library: Some(library), copy: Some(copy), maps_id: maps_id_of(&real) };
+        let address = address.map_err(|_| LoadError::NotAPlugin { path: path.clone(), symbol })?;
         let Some(address) = NonNull::new(address as *mut DeclarationHeader) else {
             return Err(LoadError::NotAPlugin { path, symbol });
         };
@@ -135,7 +176,7 @@ impl Library {
             return Err(LoadError::PanicAbort { path, name });
         }
         let version = semver::Version::parse(&version).map_err(|reason| LoadError::Version { path, name: name.clone(), version, reason })?;
-        Ok(Library { declaration, library, _copy: copy, name, version })
+        Ok(Library { declaration, mapping, name, version })
     }
 
     /// The checked declaration, valid while `self` is.
@@ -146,21 +187,9 @@ impl Library {
 
     /// Closes the library (`dlclose`, which runs its finalisers) and says whether it is
     /// gone from the address space. Its file is closed too, unless the library may still be
-    /// mapped (see `_copy`).
-    pub(crate) fn close(self) -> Closed {
-        let Library { library, _copy: copy, .. } = self;
-        let closed = library.close();
-        let mapped = mappings_of(&copy);
-        let outcome = match closed {
-            Err(e) => Closed::Failed(e),
-            Ok(()) if mapped.code => Closed::StillMapped,
-            Ok(()) if mapped.bytes > 0 => Closed::DataMapped { bytes: mapped.bytes },
-            Ok(()) => Closed::Unmapped,
-        };
-        if !matches!(outcome, Closed::Unmapped) {
-            std::mem::forget(copy);
-        }
-        outcome
+    /// loaded (see `Mapping::copy`).
+    pub(crate) fn close(mut self) -> Closed {
+        self.mapping.close()
     }
 }
 
@@ -248,7 +277,11 @@ impl ShadowDir {
     /// first removing any a crashed host left there.
     pub(crate) fn create(base: Option<&Path>) -> std::io::Result<ShadowDir> {
         let base = base.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
-        fs::create_dir_all(&base)?;
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            // Not writable by others whatever the umask: it is checked next.
+            fs::DirBuilder::new().recursive(true).mode(0o755).create(&base)?;
+        }
         crate::plugin::trust::check_shadow_base(&base)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
         remove_stale(&base);
@@ -551,22 +584,29 @@ struct Mappings {
     code: bool,
 }
 
-/// What `/proc/self/maps` lists of the file `file` (by device and inode): the real test that
-/// `dlclose` unmapped it. If the maps cannot be read, the file counts as mapped code.
-fn mappings_of(file: &fs::File) -> Mappings {
-    use std::os::unix::fs::MetadataExt as _;
-    let unknown = Mappings { bytes: 0, code: true };
-    let Ok(meta) = file.metadata() else { return unknown };
-    let (dev, ino) = (meta.dev(), meta.ino().to_string());
-    // /proc/self/maps writes the device as `major:minor` in hex.
-    let device = format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev));
-    let Ok(maps) = fs::read_to_string("/proc/self/maps") else { return unknown };
+/// How `/proc/self/maps` names the file at `path` (device and inode, as it prints them), from
+/// a line that maps it.
+fn maps_id_of(path: &Path) -> Option<(String, String)> {
+    let path = path.to_str()?.trim_end_matches(" (deleted)");
+    let maps = fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let named = line.trim_end().trim_end_matches(" (deleted)").ends_with(path);
+        let fields: Vec<&str> = line.split_ascii_whitespace().take(5).collect();
+        let [_, _, _, dev, inode] = fields[..] else { return None };
+        (named && inode != "0").then(|| (dev.to_owned(), inode.to_owned()))
+    })
+}
+
+/// What `/proc/self/maps` lists of the file it names `id` (see [`maps_id_of`]): the real test
+/// that `dlclose` unmapped it. If the maps cannot be read, the file counts as mapped code.
+fn mappings_of((device, inode): &(String, String)) -> Mappings {
+    let Ok(maps) = fs::read_to_string("/proc/self/maps") else { return Mappings { bytes: 0, code: true } };
     let mut mapped = Mappings { bytes: 0, code: false };
     for line in maps.lines() {
         // address perms offset dev inode path
         let fields: Vec<&str> = line.split_ascii_whitespace().take(5).collect();
-        let [range, perms, _, dev, inode] = fields[..] else { continue };
-        if dev != device || inode != ino {
+        let [range, perms, _, dev, ino] = fields[..] else { continue };
+        if dev != device || ino != inode {
             continue;
         }
         let (start, end) = range.split_once('-').unwrap_or_default();

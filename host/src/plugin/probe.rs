@@ -10,8 +10,11 @@
 //! and the host never maps it.
 //!
 //! The child maps the very file the host checked and will map: the host's descriptor of the
-//! private copy, passed down as descriptor [`PROBE_FD`]. It reports how far it got on stdout,
-//! one byte per step, so that a hang is told apart: in the initialisers or the finalisers.
+//! private copy, inherited (its number is the child's second argument). It reports how far it
+//! got on its standard output, one byte per step, so that a hang is told apart: in the
+//! initialisers or the finalisers; what the library itself writes there goes to its standard
+//! error, which the host quotes. It runs in a process group of its own, killed as a whole, so
+//! that processes the library starts do not outlive it.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd as _, RawFd};
@@ -24,8 +27,6 @@ use tokio::io::AsyncReadExt as _;
 /// host alone, and must not depend on the command line or configuration of a user.
 pub(crate) const PROBE_ARG: &str = "__hotswap-probe-library";
 
-/// The descriptor the probe process finds the library at.
-const PROBE_FD: RawFd = 3;
 /// Written by the probe once `dlopen` has returned (the initialisers have run).
 const OPENED: u8 = b'o';
 /// Written by the probe once `dlclose` has returned (the finalisers have run).
@@ -85,17 +86,25 @@ pub(crate) async fn probe(copy: &File, timeout: Duration) -> Result<(), ProbeErr
     // /proc/self/exe: this very binary, even if the file it was started from has since been
     // replaced (an upgrade) or removed.
     let mut command = tokio::process::Command::new("/proc/self/exe");
-    command.arg(PROBE_ARG).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    command
+        .arg(PROBE_ARG)
+        .arg(fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
     // SAFETY: the closure runs in the child between fork and exec, and calls only
-    // async-signal-safe functions (fcntl, dup2, setrlimit) on values it owns.
+    // async-signal-safe functions (fcntl, prctl, setrlimit) on values it owns.
     unsafe {
         command.pre_exec(move || {
             // The copy's descriptor is close-on-exec, as every descriptor of the host: the
-            // child gets its own, without the flag, at the number it looks for.
-            let passed = if fd == PROBE_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, PROBE_FD) };
-            if passed < 0 {
+            // child's copy of it loses the flag.
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // It dies with the host.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             // A crash of the probe is expected, and reported: it leaves no core dump.
             let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
             libc::setrlimit(libc::RLIMIT_CORE, &no_core);
@@ -103,6 +112,9 @@ pub(crate) async fn probe(copy: &File, timeout: Duration) -> Result<(), ProbeErr
         });
     }
     let mut child = command.spawn().map_err(ProbeError::Spawn)?;
+    let group = child.id().and_then(|pid| i32::try_from(pid).ok());
+    // Whatever happens, processes the library started in the probe go with it.
+    let _group = KillGroup(group);
     let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(ProbeError::Spawn(std::io::Error::other("no pipe to the probe process")));
     };
@@ -117,9 +129,9 @@ pub(crate) async fn probe(copy: &File, timeout: Duration) -> Result<(), ProbeErr
     };
     let mut progress = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(1), stdout.read_to_end(&mut progress)).await;
-    let step = if progress.contains(&OPENED) { Step::Finalisers } else { Step::Initialisers };
+    let step = if progress.first() == Some(&OPENED) { Step::Finalisers } else { Step::Initialisers };
     let Some(status) = status else { return Err(ProbeError::Hung { step, timeout }) };
-    if status.success() && progress.contains(&CLOSED) {
+    if status.success() && progress == [OPENED, CLOSED] {
         return Ok(());
     }
     // A process the library forked may hold the pipe open: do not wait for it long.
@@ -164,18 +176,44 @@ async fn read_capped(mut from: impl tokio::io::AsyncRead + Unpin) -> String {
     String::from_utf8_lossy(&kept).into_owned()
 }
 
-/// The probe process: opens the library at descriptor [`PROBE_FD`] as the host would, closes
-/// it, and says how far it got. Whether the library is a valid plugin is for the host to
-/// check, once it knows that opening it is safe.
+/// Kills a process group when dropped.
+struct KillGroup(Option<i32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            // SAFETY: killpg has no memory preconditions; the group is the probe's own (it
+            // was started as its leader), and no longer exists once every member is reaped.
+            unsafe { libc::killpg(group, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The probe process: opens the library at the descriptor its second argument names, as the
+/// host would, closes it, and says how far it got. Whether the library is a valid plugin is
+/// for the host to check, once it knows that opening it is safe.
 pub(crate) fn child() -> ExitCode {
     use std::io::Write as _;
-    let report = |step: u8| {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&[step]).and_then(|()| out.flush());
+    use std::os::fd::FromRawFd as _;
+    let Some(fd) = std::env::args().nth(2).and_then(|n| n.parse::<RawFd>().ok()) else {
+        eprintln!("{PROBE_ARG}: the library's descriptor is missing");
+        return ExitCode::FAILURE;
     };
+    // The steps go out on a descriptor of their own; what the library writes to standard
+    // output goes to standard error.
+    // SAFETY: dup and dup2 on the standard descriptors, which this process has.
+    let progress = unsafe { libc::dup(libc::STDOUT_FILENO) };
+    // SAFETY: as above.
+    if progress < 0 || unsafe { libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) } < 0 {
+        eprintln!("{PROBE_ARG}: cannot set up its output: {}", std::io::Error::last_os_error());
+        return ExitCode::FAILURE;
+    }
+    // SAFETY: `progress` was just created by dup, and nothing else owns it.
+    let mut progress = unsafe { std::fs::File::from_raw_fd(progress) };
+    let mut report = |step: u8| drop(progress.write_all(&[step]));
     // SAFETY: running the library's initialisers, away from the host, is this process's
     // whole purpose.
-    let opened = unsafe { crate::plugin::loader::open_fd(PROBE_FD) };
+    let opened = unsafe { crate::plugin::loader::open_fd(fd) };
     report(OPENED);
     if let Ok(library) = opened {
         // A library that fails to close stays loaded: this process ends right after.

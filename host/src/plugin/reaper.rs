@@ -35,6 +35,8 @@ pub(crate) struct Retired {
     pub(crate) initialized: bool,
     /// How long the shutdown hook, and then the threads, may take.
     pub(crate) timeout: Duration,
+    /// How long `dlclose` may take before the host gives up (see [`close`]).
+    pub(crate) close_timeout: Duration,
     pub(crate) library: Library,
     pub(crate) runtime: tokio::runtime::Runtime,
     pub(crate) api: Box<HostApi>,
@@ -52,7 +54,8 @@ impl Retired {
     /// Shutdown hook, join threads, close, delete, verify.
     fn unload(self) {
         let started = Instant::now();
-        let Retired { id, label, stats, shadow, initialized, timeout, library, runtime, api, context, foreign_before } = self;
+        let Retired { id, label, stats, shadow, initialized, timeout, close_timeout, library, runtime, api, context, foreign_before } =
+            self;
         if initialized {
             let shutdown = library.declaration().shutdown;
             let (done_tx, done_rx) = mpsc::channel();
@@ -72,7 +75,7 @@ impl Retired {
         // moment; they are waited for.)
         let holding = threads::wait_released(Some(id), &foreign_before, timeout);
         let outcome = if holding.is_empty() {
-            let closed = close(library, id, &label, timeout);
+            let closed = close(library, id, &label, close_timeout);
             if let Closed::Failed(e) = &closed {
                 tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
             }
@@ -115,9 +118,10 @@ impl Retired {
                     generation = id,
                     plugin = %label,
                     "generation unloaded, its code unmapped, but {} of its file stay mapped read-only for good: \
-                     its code formatted a captured backtrace, and std's symbolizer keeps the file it read the debug \
-                     information from mapped (in memory and on disk). Leave RUST_LIB_BACKTRACE unset or 0 (hotswap \
-                     defaults it to 0), or do not capture backtraces in the plugin (Backtrace::force_capture)",
+                     a backtrace through its code was symbolized (by the plugin, formatting a captured backtrace, or \
+                     by the host, printing a panic with RUST_BACKTRACE set), and std's symbolizer keeps the file it \
+                     read the debug information from mapped (in memory and on disk). Leave RUST_LIB_BACKTRACE unset \
+                     or 0 (hotswap defaults it to 0), and do not force backtraces in the plugin",
                     bytesize::ByteSize::b(bytes).display().iec()
                 );
             }
@@ -165,7 +169,9 @@ fn close(library: Library, id: u64, label: &str, timeout: Duration) -> Closed {
     }
     match done_rx.recv_timeout(timeout) {
         Ok(closed) => closed,
-        Err(_) => crate::sys::fatal(
+        // The closing thread ended without a word (it panicked): what is mapped is unknown.
+        Err(mpsc::RecvTimeoutError::Disconnected) => Closed::StillMapped,
+        Err(mpsc::RecvTimeoutError::Timeout) => crate::sys::fatal(
             EXIT_LOADER_STUCK,
             &format!(
                 "hotswap: fatal: the dlclose of generation {id} ({label}) has not returned after {timeout:?}: its \
