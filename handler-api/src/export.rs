@@ -77,13 +77,19 @@ pub unsafe fn init(
         }));
         // Fails only if the author installed a subscriber of their own; theirs then wins.
         let _ = tracing::subscriber::set_global_default(log::HostSubscriber::new(table));
-        log::LogBridge::install(table);
     });
     if installed.is_err() {
         write_error(sink, "installing the panic hook or log bridge panicked");
         return FfiPoll::PANICKED;
     }
-    hook(sink)
+    let outcome = hook(sink);
+    // After the author's init, so that a logger it installs (`log` takes one, and many
+    // crates' `init()` panic when one is set) wins; records logged during init are lost.
+    if catch_unwind(|| log::LogBridge::install(table)).is_err() {
+        write_error(sink, "installing the log crate bridge panicked");
+        return FfiPoll::PANICKED;
+    }
+    outcome
 }
 
 /// Runs an author's fallible hook (init or readiness), reporting its error or panic.

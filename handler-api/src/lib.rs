@@ -48,7 +48,9 @@
 //! them) run before anything can check your build: the host runs them first in a short-lived
 //! probe process, and refuses the build if they crash, exit or hang there. So they run twice
 //! per load, once in that process: keep their effects inside the process. Do the real setup
-//! in `init`.
+//! in `init`. Destructors run again in the host when your build unloads: one that hangs there
+//! holds the dynamic loader's lock for good, and the host exits (status 70) for its service
+//! manager to restart it, so keep them short.
 //!
 //! # Errors and panics
 //!
@@ -62,7 +64,8 @@
 //! # Logging
 //!
 //! Use `tracing` as usual: events reach the host's log tagged with the plugin's name and
-//! version. Records of the `log` crate (which many libraries use) reach it the same way.
+//! version. Records of the `log` crate (which many libraries use) reach it the same way, from
+//! the end of your `init` on (install no logger of your own, or those records go to yours).
 //!
 //! # Testing
 //!

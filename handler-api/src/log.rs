@@ -1,9 +1,9 @@
 //! Forwards the plugin's `tracing` events, and records of the `log` crate, to the host's log.
 //!
 //! A cdylib has its own copy of `tracing`'s and `log`'s globals, so what a plugin emits would
-//! go nowhere. At init the plugin installs [`HostSubscriber`] as its global default and
-//! [`LogBridge`] as its logger; the host records each event tagged with the plugin's name and
-//! version.
+//! go nowhere. Before the author's init the plugin installs [`HostSubscriber`] as its global
+//! default, and after it [`LogBridge`] as its logger, unless the author installed one; the
+//! host records each event tagged with the plugin's name and version.
 
 use std::fmt::{self, Write as _};
 

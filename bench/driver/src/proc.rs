@@ -156,8 +156,18 @@ pub(crate) fn fd_census(pid: u32) -> BTreeMap<String, usize> {
     census
 }
 
-/// `socket:[1234]` -> `socket`; anything else as it is.
+/// `socket:[1234]` -> `socket`; the private copy of the serving plugin (the host keeps it open
+/// while it is loaded: `hotswap-<pid>-<n>/c<copy>-<name>`, a new one per swap) -> `plugin
+/// copy`; anything else as it is.
 fn fd_kind(target: &str) -> String {
+    let path = std::path::Path::new(target.trim_end_matches(" (deleted)"));
+    let in_shadow = path.parent().and_then(|d| d.file_name()).is_some_and(|d| d.to_string_lossy().starts_with("hotswap-"));
+    let copy = path.file_name().map(|f| f.to_string_lossy().into_owned()).is_some_and(|f| {
+        f.strip_prefix('c').and_then(|rest| rest.split_once('-')).is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if in_shadow && copy {
+        return "plugin copy".to_owned();
+    }
     match target.split_once(":[") {
         Some((kind, rest)) if rest.trim_end_matches(']').bytes().all(|b| b.is_ascii_digit()) => kind.to_owned(),
         _ => target.to_owned(),
@@ -174,6 +184,9 @@ mod tests {
         assert_eq!(fd_kind("pipe:[300157]"), "pipe");
         assert_eq!(fd_kind("anon_inode:[eventpoll]"), "anon_inode:[eventpoll]");
         assert_eq!(fd_kind("/tmp/x/host.log"), "/tmp/x/host.log");
+        assert_eq!(fd_kind("/tmp/hotswap-12-0/c104-example.so"), "plugin copy");
+        assert_eq!(fd_kind("/tmp/hotswap-12-0/c5-app.so (deleted)"), "plugin copy");
+        assert_eq!(fd_kind("/tmp/hotswap-12-0/kept/c5-app.so"), "/tmp/hotswap-12-0/kept/c5-app.so");
     }
 
     #[test]
