@@ -141,8 +141,12 @@ impl Library {
         // From here on, every return closes it through `Mapping` (checked, as any close).
         // The maps print the file's real path, as the descriptor's link does.
         let real = fs::read_link(format!("/proc/self/fd/{}", copy.as_raw_fd())).unwrap_or_else(|_| path.clone());
-        let mapping = Mapping { library: Some(library), copy: Some(copy), maps_id: maps_id_of(&real) };
+        let mut mapping = Mapping { library: Some(library), copy: Some(copy), maps_id: maps_id_of(&real) };
         let address = address.map_err(|_| LoadError::NotAPlugin { path: path.clone(), symbol })?;
+        if mapping.maps_id.is_none() {
+            // A path the maps print otherwise (escaped): the line that maps the declaration.
+            mapping.maps_id = maps_id_at(address as usize);
+        }
         let Some(address) = NonNull::new(address as *mut DeclarationHeader) else {
             return Err(LoadError::NotAPlugin { path, symbol });
         };
@@ -594,6 +598,18 @@ fn maps_id_of(path: &Path) -> Option<(String, String)> {
         let fields: Vec<&str> = line.split_ascii_whitespace().take(5).collect();
         let [_, _, _, dev, inode] = fields[..] else { return None };
         (named && inode != "0").then(|| (dev.to_owned(), inode.to_owned()))
+    })
+}
+
+/// How `/proc/self/maps` names the file mapped at `address` (device and inode, as printed).
+fn maps_id_at(address: usize) -> Option<(String, String)> {
+    let maps = fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_ascii_whitespace().take(5).collect();
+        let [range, _, _, dev, inode] = fields[..] else { return None };
+        let (start, end) = range.split_once('-')?;
+        let (start, end) = (usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?);
+        ((start..end).contains(&address) && inode != "0").then(|| (dev.to_owned(), inode.to_owned()))
     })
 }
 

@@ -114,7 +114,7 @@ pub(crate) async fn probe(copy: &File, timeout: Duration) -> Result<(), ProbeErr
     let mut child = command.spawn().map_err(ProbeError::Spawn)?;
     let group = child.id().and_then(|pid| i32::try_from(pid).ok());
     // Whatever happens, processes the library started in the probe go with it.
-    let _group = KillGroup(group);
+    let group = KillGroup(group);
     let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(ProbeError::Spawn(std::io::Error::other("no pipe to the probe process")));
     };
@@ -124,6 +124,8 @@ pub(crate) async fn probe(copy: &File, timeout: Duration) -> Result<(), ProbeErr
         Ok(status) => Some(status.map_err(ProbeError::Spawn)?),
         Err(_) => {
             let _ = child.kill().await;
+            // Its children too, before reading what it said: they may hold the pipe.
+            drop(group);
             None
         }
     };

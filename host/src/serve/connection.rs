@@ -237,8 +237,11 @@ impl ConnTask {
             generation: Arc::downgrade(&self.generation),
             aborted: aborted.token().clone(),
             waiter: aborted.waiter(),
-            // From now on, requests count the chunks of the generation they go to.
-            lent: self.conn.lent.swap(Arc::default()),
+            // From now on, requests count the chunks of the generation they go to (from the
+            // requests already relayed to it, if any).
+            lent: self.conn.lent.swap(
+                self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take().unwrap_or_default(),
+            ),
         });
         self.conn.generation.store(next.clone());
         next.handle().spawn(ConnTask::moved(connection, self.conn.clone(), self.shared.clone(), lingering));

@@ -112,6 +112,7 @@ impl Server {
             activity: self.sweeper.track(),
             max_body_size: self.limits.max_body_size,
             lent: ArcSwap::default(),
+            relayed_lent: std::sync::Mutex::default(),
         });
         let open = OpenConnection::new(&self.shared, slot);
         let shared = self.shared.clone();

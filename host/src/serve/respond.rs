@@ -74,9 +74,13 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
             // swap, before the connection could move: it goes to the new generation.
             let next = self.current.load();
             if next.id() != generation.id() {
-                // Its lent chunks count as the connection's generation's: it may be cut off a
-                // little early, never too late.
-                return relay(next, request, conn, self.conn.lent.load_full());
+                // Its lent chunks hold `next`: counted as the chunks of the generation the
+                // connection moves to next.
+                let lent = {
+                    let mut relayed = self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    relayed.get_or_insert_with(Arc::default).clone()
+                };
+                return relay(next, request, conn, lent);
             }
         }
         let in_flight = InFlight::new(generation, self.conn.lent.load_full());

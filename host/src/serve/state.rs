@@ -60,6 +60,9 @@ pub(crate) struct ConnState {
     /// Response chunks lent by the plugin of `generation` that this connection still holds;
     /// replaced by a fresh tally when the connection moves (see `ConnTask::lingering`).
     pub(crate) lent: ArcSwap<LentTally>,
+    /// The tally of requests relayed to the generation the connection will move to (see
+    /// `respond::relay`), which becomes `lent` when it does.
+    pub(crate) relayed_lent: std::sync::Mutex<Option<Arc<LentTally>>>,
 }
 
 /// An open connection: counted for the drain at shutdown, and holding one of the
