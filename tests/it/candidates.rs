@@ -40,7 +40,7 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
     let dir = temp_dir("candidates");
     let scratch = temp_dir("candidates-src");
     place_by_rename(&v1, &dir.join("app.so"));
-    let host = Arc::new(Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--init-timeout", "3s"]));
+    let host = Arc::new(Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--init-timeout", "2s"]));
 
     // Probe all along: every answer must come from v1 until the slow writer's v2 completes.
     let stop = Arc::new(AtomicBool::new(false));
@@ -75,12 +75,12 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
         ("wrong-abi.so", artifacts().wrong_abi.clone(), "plugin ABI version 999, host ABI version 3"),
         ("init-error.so", init_error, "init failed: fixture: init refuses on purpose"),
         ("init-panic.so", init_panic, "init panicked: panicked: fixture: init panics on purpose"),
-        ("init-hang.so", init_hang, "init did not return within 3s"),
+        ("init-hang.so", init_hang, "init did not return within 2s"),
         ("not-ready.so", not_ready, "readiness check failed: fixture: not ready on purpose"),
         ("ctor-abort.so", ctor_abort, "its initialisers crashed the probe process that opened it first (signal 6, SIGABRT"),
         ("ctor-exit.so", ctor_exit, "its initialisers ended the probe process that opened it first (exit status 3)"),
-        ("ctor-hang.so", ctor_hang, "its initialisers did not finish within 3s in the probe process"),
-        ("dtor-hang.so", dtor_hang, "its finalisers did not finish within 3s in the probe process"),
+        ("ctor-hang.so", ctor_hang, "its initialisers did not finish within 2s in the probe process"),
+        ("dtor-hang.so", dtor_hang, "its finalisers did not finish within 2s in the probe process"),
     ];
     for (name, source, reason) in &cases {
         place_by_rename(source, &dir.join(name));

@@ -162,7 +162,7 @@ pub(crate) struct HostArgs {
     /// The most generations that may be loaded at once: the current one and those still
     /// draining or not yet unloaded. When a swap would exceed it, the oldest draining
     /// generation's remaining responses are cut off and it unloads; a load that would exceed it
-    /// even so (generations already cut off that have not unloaded within 10 s) is refused.
+    /// even so (generations already cut off that have not unloaded within 5 s) is refused.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..))]
     pub(crate) max_generations: u64,
 

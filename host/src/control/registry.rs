@@ -358,6 +358,11 @@ impl Registry {
                 Ok(candidate)
             }
             Err(e @ GenerationError::Load(LoadError::Incomplete { .. })) => Err((e, false)),
+            Err(e @ GenerationError::GenerationCap { .. }) => {
+                // Not the file's fault: read again at its next change (or SIGHUP).
+                self.refuse(file, e.kind(), &e.to_string(), None);
+                Err((e, true))
+            }
             Err(e) => {
                 let new = lock(&self.unreadable).insert(file.to_path_buf(), identity) != Some(identity);
                 if new {
@@ -386,9 +391,9 @@ impl Registry {
     /// Refuses a load that would make more than `--max-generations` generations loaded even
     /// once every draining one is cut off: when the current one, the new one and those cut off
     /// already (which something keeps from unloading) are too many. Those cut off are usually
-    /// on their way out, so it waits for them first, up to twice the unload timeout.
+    /// on their way out, so it waits for them first, up to the unload timeout.
     async fn check_generation_cap(&self) -> Result<(), GenerationError> {
-        let deadline = tokio::time::Instant::now() + self.options.unload_timeout * 2;
+        let deadline = tokio::time::Instant::now() + self.options.unload_timeout;
         loop {
             // Counted, not kept: holding them while waiting would delay their unloading.
             let (loaded, cut_off) = {
