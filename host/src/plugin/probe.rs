@@ -18,6 +18,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd as _, RawFd};
+use std::path::Path;
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ use tokio::io::AsyncReadExt as _;
 /// host alone, and must not depend on the command line or configuration of a user.
 pub(crate) const PROBE_ARG: &str = "__hotswap-probe-library";
 
+/// Written by the probe process before it opens the library: it is ours, and runs.
+const STARTED: u8 = b's';
 /// Written by the probe once `dlopen` has returned (the initialisers have run).
 const OPENED: u8 = b'o';
 /// Written by the probe once `dlclose` has returned (the finalisers have run).
@@ -40,6 +43,11 @@ const STDERR_KEPT: usize = 2048;
 pub(crate) enum ProbeError {
     #[error("cannot start the probe process that opens it first ({0}); it was not opened in the host")]
     Spawn(std::io::Error),
+    #[error(
+        "the probe process that opens it first did not start{stderr}; it was not opened in the host (the hotswap \
+         binary must be able to run itself)"
+    )]
+    NotStarted { stderr: String },
     #[error(
         "its {step} {how}{stderr}: in the host, that would have taken the whole host down. Fix the library's {step} (constructors or destructors: static initialisers, \
          .init_array/.fini_array, C++ globals, or a crate that registers them)"
@@ -57,7 +65,7 @@ impl ProbeError {
     /// What kind of refusal this is, as a metrics label.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
-            ProbeError::Spawn(_) => "probe_failed",
+            ProbeError::Spawn(_) | ProbeError::NotStarted { .. } => "probe_failed",
             ProbeError::Crashed { .. } => "probe_crashed",
             ProbeError::Hung { .. } => "probe_hung",
         }
@@ -82,10 +90,22 @@ impl std::fmt::Display for Step {
 
 /// Opens and closes the library `copy` in a probe process, under `timeout`.
 pub(crate) async fn probe(copy: &File, timeout: Duration) -> Result<(), ProbeError> {
-    let fd = copy.as_raw_fd();
     // /proc/self/exe: this very binary, even if the file it was started from has since been
-    // replaced (an upgrade) or removed.
-    let mut command = tokio::process::Command::new("/proc/self/exe");
+    // replaced (an upgrade) or removed. Under an emulator such as valgrind that names the
+    // emulator, which will not run: then the path this binary was started from.
+    match run(Path::new("/proc/self/exe"), copy, timeout).await {
+        Err(ProbeError::NotStarted { .. }) => match std::env::current_exe() {
+            Ok(exe) => run(&exe, copy, timeout).await,
+            Err(e) => Err(ProbeError::Spawn(e)),
+        },
+        other => other,
+    }
+}
+
+/// One probe, of the binary at `exe`.
+async fn run(exe: &Path, copy: &File, timeout: Duration) -> Result<(), ProbeError> {
+    let fd = copy.as_raw_fd();
+    let mut command = tokio::process::Command::new(exe);
     command
         .arg(PROBE_ARG)
         .arg(fd.to_string())
@@ -131,17 +151,24 @@ pub(crate) async fn probe(copy: &File, timeout: Duration) -> Result<(), ProbeErr
     };
     let mut progress = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(1), stdout.read_to_end(&mut progress)).await;
-    let step = if progress.first() == Some(&OPENED) { Step::Finalisers } else { Step::Initialisers };
+    let step = if progress.contains(&OPENED) { Step::Finalisers } else { Step::Initialisers };
+    if progress.first() != Some(&STARTED) && status.is_some() {
+        return Err(ProbeError::NotStarted { stderr: quoted(stderr).await });
+    }
     let Some(status) = status else { return Err(ProbeError::Hung { step, timeout }) };
-    if status.success() && progress == [OPENED, CLOSED] {
+    if status.success() && progress == [STARTED, OPENED, CLOSED] {
         return Ok(());
     }
+    Err(ProbeError::Crashed { step, how: describe(status), stderr: quoted(stderr).await })
+}
+
+/// What the probe wrote to its standard error, to quote in a refusal.
+async fn quoted(stderr: tokio::task::JoinHandle<String>) -> String {
     // A process the library forked may hold the pipe open: do not wait for it long.
-    let stderr = match tokio::time::timeout(Duration::from_secs(1), stderr).await {
+    match tokio::time::timeout(Duration::from_secs(1), stderr).await {
         Ok(Ok(text)) if !text.trim().is_empty() => format!(" (it wrote: {})", text.trim()),
         _ => String::new(),
-    };
-    Err(ProbeError::Crashed { step, how: describe(status), stderr })
+    }
 }
 
 /// How the probe process ended, for people.
@@ -213,6 +240,7 @@ pub(crate) fn child() -> ExitCode {
     // SAFETY: `progress` was just created by dup, and nothing else owns it.
     let mut progress = unsafe { std::fs::File::from_raw_fd(progress) };
     let mut report = |step: u8| drop(progress.write_all(&[step]));
+    report(STARTED);
     // SAFETY: running the library's initialisers, away from the host, is this process's
     // whole purpose.
     let opened = unsafe { crate::plugin::loader::open_fd(fd) };
