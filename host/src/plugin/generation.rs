@@ -195,23 +195,28 @@ impl Drop for Generation {
 /// before the hold goes.
 pub(crate) struct InFlight {
     generation: Arc<Generation>,
-    /// Counts the chunks of its response body lent to the connection (see [`LentTally`]).
-    lent: Arc<LentTally>,
+    /// Counts the chunks of its response body lent to the connection (see [`LentTally`]);
+    /// set only for a streamed body, the only kind that lends.
+    lent: Option<Arc<LentTally>>,
 }
 
 impl InFlight {
-    /// A request on `generation`, whose lent response chunks `lent` counts.
-    pub(crate) fn new(generation: Arc<Generation>, lent: Arc<LentTally>) -> InFlight {
+    pub(crate) fn new(generation: Arc<Generation>) -> InFlight {
         generation.stats.request_started();
-        InFlight { generation, lent }
+        InFlight { generation, lent: None }
+    }
+
+    /// Counts the chunks its response body lends in `lent`.
+    pub(super) fn count_lent_in(&mut self, lent: Arc<LentTally>) {
+        self.lent = Some(lent);
     }
 
     pub(crate) fn generation(&self) -> &Arc<Generation> {
         &self.generation
     }
 
-    pub(crate) fn lent(&self) -> &Arc<LentTally> {
-        &self.lent
+    pub(crate) fn lent(&self) -> Option<&Arc<LentTally>> {
+        self.lent.as_ref()
     }
 }
 

@@ -207,7 +207,7 @@ pub(crate) unsafe extern "C" fn response_set_stream_body(response: *mut c_void, 
 struct ChunkSink<'a> {
     chunk: Option<Bytes>,
     generation: &'a Arc<Generation>,
-    lent: &'a Arc<LentTally>,
+    lent: Option<&'a Arc<LentTally>>,
 }
 
 /// `HostApi::chunk_push`: the next chunk of a response body, copied.
@@ -231,8 +231,11 @@ pub(crate) unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk.
         let sink = unsafe { &mut *(sink as *mut ChunkSink) };
-        sink.lent.lent();
-        let lent = Lent { chunk, generation: sink.generation.clone(), tally: sink.lent.clone() };
+        let tally = sink.lent.cloned();
+        if let Some(tally) = &tally {
+            tally.lent();
+        }
+        let lent = Lent { chunk, generation: sink.generation.clone(), tally };
         sink.chunk = Some(Bytes::from_owner(lent));
     }));
 }
@@ -243,7 +246,7 @@ struct Lent {
     chunk: FfiLent,
     generation: Arc<Generation>,
     /// The connection's count of lent chunks it holds.
-    tally: Arc<LentTally>,
+    tally: Option<Arc<LentTally>>,
 }
 
 // SAFETY: the bytes are immutable and owned by the plugin's `state` (a `Bytes`, which is
@@ -259,7 +262,9 @@ impl AsRef<[u8]> for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        self.tally.released();
+        if let Some(tally) = &self.tally {
+            tally.released();
+        }
         let release = Release(self.chunk.state, self.chunk.release);
         if thread_generation() == self.generation.id() {
             release.run();
@@ -302,6 +307,14 @@ impl ResponseBody {
     /// A complete body, for an answer the host gives itself.
     pub(crate) fn full(bytes: Bytes, in_flight: InFlight) -> ResponseBody {
         ResponseBody::Full { bytes: Some(bytes), in_flight }
+    }
+
+    /// Counts the chunks a streamed body lends in the tally `lent` makes (only a streamed
+    /// body lends: the others are not asked for one).
+    pub(crate) fn count_lent_in(&mut self, lent: impl FnOnce() -> Arc<LentTally>) {
+        if let ResponseBody::Plugin(body) = self {
+            body.in_flight.count_lent_in(lent());
+        }
     }
 
     /// The generation the response comes from.

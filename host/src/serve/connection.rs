@@ -252,6 +252,9 @@ impl ConnTask {
     /// this connection still holds, once it must be closed for them (at once for HTTP/1,
     /// after [`HTTP2_GRACE`] for HTTP/2).
     fn holds_aborted_chunks(&mut self, cx: &mut Context<'_>) -> Option<u64> {
+        if self.lingering.is_empty() && !self.generation.aborted().is_raised() {
+            return None; // every poll of a connection that never moved comes here
+        }
         self.lingering.retain(|l| l.generation.strong_count() > 0);
         let own = (self.generation.aborted().is_raised() && self.conn.lent.load().held() > 0).then(|| self.generation.id());
         let holding = own.or_else(|| self.lingering.iter().find(|l| l.aborted.is_cancelled() && l.lent.held() > 0).map(|l| l.id));

@@ -80,10 +80,10 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
                     let mut relayed = self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     relayed.get_or_insert_with(Arc::default).clone()
                 };
-                return relay(next, request, conn, lent);
+                return relay(next, request, conn.counting_lent_in(lent));
             }
         }
-        let in_flight = InFlight::new(generation, self.conn.lent.load_full());
+        let in_flight = InFlight::new(generation);
         if conn.h1 {
             // The connection's task runs on its generation's runtime.
             return hand_to_plugin(request, in_flight, conn);
@@ -239,12 +239,25 @@ fn error_response(status: StatusCode, in_flight: InFlight, conn: ConnRequest, st
 pub(crate) struct ConnRequest {
     state: Arc<ConnState>,
     h1: bool,
+    /// Where the chunks its response lends are counted, if not with the connection's
+    /// generation's (a relayed request).
+    lent: Option<Arc<LentTally>>,
 }
 
 impl ConnRequest {
     fn new(state: Arc<ConnState>, h1: bool) -> ConnRequest {
         state.activity.request_started();
-        ConnRequest { state, h1 }
+        ConnRequest { state, h1, lent: None }
+    }
+
+    fn counting_lent_in(mut self, lent: Arc<LentTally>) -> ConnRequest {
+        self.lent = Some(lent);
+        self
+    }
+
+    /// The tally of the chunks its response lends.
+    fn lent(&self) -> Arc<LentTally> {
+        self.lent.clone().unwrap_or_else(|| self.state.lent.load_full())
     }
 }
 
@@ -278,7 +291,8 @@ pub(crate) enum SendError {
 impl HostBody {
     /// `request_body`: the request's body, if it has one, which cuts the response off if it
     /// times out.
-    fn new(body: ResponseBody, conn: ConnRequest, request_body: Option<Arc<BodyProgress>>) -> HostBody {
+    fn new(mut body: ResponseBody, conn: ConnRequest, request_body: Option<Arc<BodyProgress>>) -> HostBody {
+        body.count_lent_in(|| conn.lent());
         body.generation().stats().stream_started();
         HostBody { body, request_body, _conn: conn }
     }
@@ -341,14 +355,14 @@ pub(crate) enum SentBody {
 /// generation's threads, so a task there calls the plugin and polls the response body, and
 /// hands the frames over; the connection moves to `next` once this response has ended. Rare,
 /// so the hop between threads does not matter.
-fn relay(next: Arc<Generation>, request: Request<Incoming>, conn: ConnRequest, lent: Arc<LentTally>) -> Respond {
+fn relay(next: Arc<Generation>, request: Request<Incoming>, conn: ConnRequest) -> Respond {
     let (mut head_tx, head_rx) = tokio::sync::oneshot::channel();
     let runtime = next.handle().clone();
     runtime.spawn(async move {
         // Whatever ends it early (the client gone, the generation cut off) drops the request
         // here, on its generation's thread; the connection sees the body fail, never end.
         let aborted = next.aborted().token().clone();
-        let respond = hand_to_plugin(request, InFlight::new(next, lent), conn);
+        let respond = hand_to_plugin(request, InFlight::new(next), conn);
         let response = tokio::select! {
             Ok(response) = respond => response,
             () = head_tx.closed() => return,
