@@ -152,7 +152,7 @@ async fn run(exe: &Path, copy: &File, timeout: Duration) -> Result<(), ProbeErro
     let mut progress = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(1), stdout.read_to_end(&mut progress)).await;
     let step = if progress.contains(&OPENED) { Step::Finalisers } else { Step::Initialisers };
-    if progress.first() != Some(&STARTED) && status.is_some() {
+    if progress.first() != Some(&STARTED) {
         return Err(ProbeError::NotStarted { stderr: quoted(stderr).await });
     }
     let Some(status) = status else { return Err(ProbeError::Hung { step, timeout }) };

@@ -90,7 +90,9 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
         }
         // The stream's own task calls the plugin (the connection's task serves every stream,
         // and must not wait for one), on the runtime `StreamExecutor` spawns it on.
-        Respond::Starting(Some((request, in_flight, conn)))
+        // The tally of the generation routed to, now: the connection may move before the
+        // stream's plugin answers (HTTP/1 cannot move while a request is in progress).
+        Respond::Starting(Some((request, in_flight, conn.counting_lent_in(self.conn.lent.load_full()))))
     }
 }
 
