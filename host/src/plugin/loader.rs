@@ -145,7 +145,7 @@ impl Library {
         let address = address.map_err(|_| LoadError::NotAPlugin { path: path.clone(), symbol })?;
         if mapping.maps_id.is_none() {
             // A path the maps print otherwise (escaped): the line that maps the declaration.
-            mapping.maps_id = maps_id_at(address as usize);
+            mapping.maps_id = maps_id_at(address as u64);
         }
         let Some(address) = NonNull::new(address as *mut DeclarationHeader) else {
             return Err(LoadError::NotAPlugin { path, symbol });
@@ -286,8 +286,7 @@ impl ShadowDir {
             // Not writable by others whatever the umask: it is checked next.
             fs::DirBuilder::new().recursive(true).mode(0o755).create(&base)?;
         }
-        crate::plugin::trust::check_shadow_base(&base)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
+        check_base(&base)?;
         remove_stale(&base);
         // Another host of the same pid (in another pid namespace) may hold `-0`.
         let mut n = 0;
@@ -378,8 +377,7 @@ impl ShadowDir {
     /// Creates the directory again after it was removed under us.
     fn recreate(&self) -> std::io::Result<()> {
         if let Some(base) = self.dir.parent() {
-            crate::plugin::trust::check_shadow_base(base)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
+            check_base(base)?;
         }
         let lock = create_private(&self.dir)?;
         tracing::warn!(dir = %self.dir.display(), "the shadow directory was removed by someone else; created it again");
@@ -392,6 +390,12 @@ impl Drop for ShadowDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// [`trust::check_shadow_base`](crate::plugin::trust::check_shadow_base), as an I/O error.
+fn check_base(base: &Path) -> std::io::Result<()> {
+    crate::plugin::trust::check_shadow_base(base)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))
 }
 
 /// Creates `dir` with mode 0700 (whatever the umask) and returns its lock file, locked.
@@ -570,7 +574,9 @@ fn elf_end(bytes: &[u8]) -> u64 {
     }
     end = end.max(phoff.saturating_add(phentsize * phnum));
     for entry in (0..phnum).map(|i| phoff.saturating_add(i * phentsize)) {
-        let (Some(kind), Some(offset), Some(size)) = (field(entry, 4), field(entry + 8, 8), field(entry + 0x20, 8)) else {
+        let (Some(kind), Some(offset), Some(size)) =
+            (field(entry, 4), field(entry.saturating_add(8), 8), field(entry.saturating_add(0x20), 8))
+        else {
             break; // past the bytes given: only the table's end is checked
         };
         if kind == u64::from(PT_LOAD) {
@@ -588,49 +594,61 @@ struct Mappings {
     code: bool,
 }
 
+/// One line of `/proc/self/maps`: `start-end perms offset dev inode path`.
+struct MapsLine<'a> {
+    start: u64,
+    end: u64,
+    perms: &'a str,
+    /// The file mapped, as the maps name it (`major:minor` and inode); `None` if anonymous.
+    file: Option<(&'a str, &'a str)>,
+    line: &'a str,
+}
+
+impl MapsLine<'_> {
+    fn parse(line: &str) -> Option<MapsLine<'_>> {
+        let mut fields = line.split_ascii_whitespace();
+        let (start, end) = fields.next()?.split_once('-')?;
+        let perms = fields.next()?;
+        let (dev, inode) = (fields.nth(1)?, fields.next()?);
+        let (start, end) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?);
+        Some(MapsLine { start, end, perms, file: (inode != "0").then_some((dev, inode)), line })
+    }
+
+    /// The file it maps, owned.
+    fn file_id(&self) -> Option<(String, String)> {
+        self.file.map(|(dev, inode)| (dev.to_owned(), inode.to_owned()))
+    }
+}
+
+/// This process's mappings, as text to parse with [`MapsLine::parse`].
+fn read_maps() -> Option<String> {
+    fs::read_to_string("/proc/self/maps").ok()
+}
+
 /// How `/proc/self/maps` names the file at `path` (device and inode, as it prints them), from
 /// a line that maps it.
 fn maps_id_of(path: &Path) -> Option<(String, String)> {
     let path = path.to_str()?.trim_end_matches(" (deleted)");
-    let maps = fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|line| {
-        let named = line.trim_end().trim_end_matches(" (deleted)").ends_with(path);
-        let fields: Vec<&str> = line.split_ascii_whitespace().take(5).collect();
-        let [_, _, _, dev, inode] = fields[..] else { return None };
-        (named && inode != "0").then(|| (dev.to_owned(), inode.to_owned()))
-    })
+    let maps = read_maps()?;
+    let named = |m: &MapsLine<'_>| m.line.trim_end().trim_end_matches(" (deleted)").ends_with(path);
+    maps.lines().filter_map(MapsLine::parse).find(|m| m.file.is_some() && named(m))?.file_id()
 }
 
 /// How `/proc/self/maps` names the file mapped at `address` (device and inode, as printed).
-fn maps_id_at(address: usize) -> Option<(String, String)> {
-    let maps = fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_ascii_whitespace().take(5).collect();
-        let [range, _, _, dev, inode] = fields[..] else { return None };
-        let (start, end) = range.split_once('-')?;
-        let (start, end) = (usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?);
-        ((start..end).contains(&address) && inode != "0").then(|| (dev.to_owned(), inode.to_owned()))
-    })
+fn maps_id_at(address: u64) -> Option<(String, String)> {
+    let maps = read_maps()?;
+    maps.lines().filter_map(MapsLine::parse).find(|m| m.file.is_some() && (m.start..m.end).contains(&address))?.file_id()
 }
 
 /// What `/proc/self/maps` lists of the file it names `id` (see [`maps_id_of`]): the real test
 /// that `dlclose` unmapped it. If the maps cannot be read, the file counts as mapped code.
 fn mappings_of((device, inode): &(String, String)) -> Mappings {
-    let Ok(maps) = fs::read_to_string("/proc/self/maps") else { return Mappings { bytes: 0, code: true } };
-    let mut mapped = Mappings { bytes: 0, code: false };
-    for line in maps.lines() {
-        // address perms offset dev inode path
-        let fields: Vec<&str> = line.split_ascii_whitespace().take(5).collect();
-        let [range, perms, _, dev, ino] = fields[..] else { continue };
-        if dev != device || ino != inode {
-            continue;
-        }
-        let (start, end) = range.split_once('-').unwrap_or_default();
-        let size = u64::from_str_radix(end, 16).unwrap_or(0).saturating_sub(u64::from_str_radix(start, 16).unwrap_or(0));
-        mapped.bytes += size;
-        mapped.code |= perms.contains('x');
-    }
-    mapped
+    let Some(maps) = read_maps() else { return Mappings { bytes: 0, code: true } };
+    let ours = maps.lines().filter_map(MapsLine::parse).filter(|m| m.file == Some((device.as_str(), inode.as_str())));
+    ours.fold(Mappings { bytes: 0, code: false }, |mapped, m| Mappings {
+        bytes: mapped.bytes + m.end.saturating_sub(m.start),
+        code: mapped.code || m.perms.contains('x'),
+    })
 }
 
 #[cfg(test)]
@@ -681,6 +699,15 @@ mod tests {
     /// second, then what is not loaded (symbols, debug information) and the section headers.
     const LOADS: [(u32, u64, u64); 4] =
         [(PT_LOAD, 0, 0x2000), (PT_LOAD, 0x2000, 0x3000), (PT_DYNAMIC, 0x4000, 0x100), (PT_GNU_STACK, 0, 0)];
+
+    #[test]
+    fn maps_lines_are_read_field_by_field() {
+        let file = MapsLine::parse("7fc2148e4000-7fc21490e000 r-xp 00029000 fe:00 10010653   /tmp/h x/c1-app.so (deleted)").unwrap();
+        assert_eq!((file.start, file.end, file.perms, file.file), (0x7fc2_148e_4000, 0x7fc2_1490_e000, "r-xp", Some(("fe:00", "10010653"))));
+        let anonymous = MapsLine::parse("7ffd1000-7ffd2000 rw-p 00000000 00:00 0 ").unwrap();
+        assert_eq!(anonymous.file, None);
+        assert!(MapsLine::parse("not a mapping").is_none());
+    }
 
     #[test]
     fn a_stripped_library_cut_short_inside_a_loaded_segment_is_incomplete() {
