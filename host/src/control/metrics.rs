@@ -15,7 +15,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use crate::control::registry::Registry;
-use crate::plugin::stats::BUCKETS;
+use crate::plugin::reaper::unloads;
+use crate::plugin::stats::{Unloaded, BUCKETS};
 
 /// The `/metrics` collector: reads the registry at every scrape.
 pub(crate) struct Metrics(pub Arc<Registry>);
@@ -91,7 +92,6 @@ impl Collector for Metrics {
             "reason",
             registry.history().refusals_by_reason(),
         )?;
-        let counts = crate::plugin::reaper::unload_counts();
         labelled_counters(
             &mut encoder,
             "hotswap_unloads",
@@ -99,10 +99,10 @@ impl Collector for Metrics {
              mapped read-only by a backtrace symbolizer cache), still_mapped (a bug), leaked (threads stuck in plugin code)",
             "result",
             [
-                ("unmapped", counts.unmapped),
-                ("file_mapped", counts.data_mapped),
-                ("still_mapped", counts.still_mapped),
-                ("leaked", counts.leaked),
+                ("unmapped", unloads(Unloaded::Unmapped)),
+                ("file_mapped", unloads(Unloaded::DataMapped)),
+                ("still_mapped", unloads(Unloaded::StillMapped)),
+                ("leaked", unloads(Unloaded::Leaked)),
             ],
         )?;
         labelled_counters(

@@ -74,11 +74,8 @@ impl Retired {
         // would pull the code out from under them. (Joined threads may linger in /proc for a
         // moment; they are waited for.)
         let holding = threads::wait_released(Some(id), &foreign_before, timeout);
-        let outcome = if holding.is_empty() {
+        let closed = if holding.is_empty() {
             let closed = close(library, id, &label, close_timeout);
-            if let Closed::Failed(e) = &closed {
-                tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
-            }
             if matches!(closed, Closed::Unmapped | Closed::DataMapped { .. }) {
                 // No code of the library is left to call them.
                 drop((api, context));
@@ -87,7 +84,7 @@ impl Retired {
                 // and context it may call stay too.
                 std::mem::forget((api, context));
             }
-            closed
+            Some(closed)
         } else {
             tracing::warn!(
                 generation = id,
@@ -97,37 +94,38 @@ impl Retired {
                  its library stays loaded (leaked): a plugin must stop the threads it starts in its shutdown hook"
             );
             std::mem::forget((library, api, context));
-            let _ = std::fs::remove_file(&shadow);
-            LEAKED.fetch_add(1, Ordering::Relaxed);
-            stats.set_unloaded(Unloaded::Leaked);
-            live_generations().fetch_sub(1, Ordering::SeqCst);
-            return;
+            None
+        };
+        let how = match &closed {
+            None => Unloaded::Leaked,
+            Some(Closed::Unmapped) => Unloaded::Unmapped,
+            Some(Closed::DataMapped { .. }) => Unloaded::DataMapped,
+            Some(Closed::StillMapped | Closed::Failed(_)) => Unloaded::StillMapped,
         };
         // Its path: the file itself goes once nothing maps it.
         let _ = std::fs::remove_file(&shadow);
-        match outcome {
-            Closed::Unmapped => {
-                UNMAPPED.fetch_add(1, Ordering::Relaxed);
-                stats.set_unloaded(Unloaded::Unmapped);
+        // Recorded before it is logged: whoever reads the log line finds it in the status.
+        stats.set_unloaded(how);
+        UNLOADS[how as usize].fetch_add(1, Ordering::Relaxed);
+        match closed {
+            None => {}
+            Some(Closed::Unmapped) => {
                 tracing::info!(generation = id, plugin = %label, elapsed = ?started.elapsed(), "generation unloaded and unmapped");
             }
-            Closed::DataMapped { bytes } => {
-                DATA_MAPPED.fetch_add(1, Ordering::Relaxed);
-                stats.set_unloaded(Unloaded::DataMapped);
-                tracing::warn!(
-                    generation = id,
-                    plugin = %label,
-                    "generation unloaded, its code unmapped, but {} of its file stay mapped read-only for good: \
-                     a backtrace through its code was symbolized (by the plugin, formatting a captured backtrace, or \
-                     by the host, printing a panic with RUST_BACKTRACE set), and std's symbolizer keeps the file it \
-                     read the debug information from mapped (in memory and on disk). Leave RUST_LIB_BACKTRACE unset \
-                     or 0 (hotswap defaults it to 0), and do not force backtraces in the plugin",
-                    bytesize::ByteSize::b(bytes).display().iec()
-                );
-            }
-            Closed::StillMapped | Closed::Failed(_) => {
-                STILL_MAPPED.fetch_add(1, Ordering::Relaxed);
-                stats.set_unloaded(Unloaded::StillMapped);
+            Some(Closed::DataMapped { bytes }) => tracing::warn!(
+                generation = id,
+                plugin = %label,
+                "generation unloaded, its code unmapped, but {} of its file stay mapped read-only for good: \
+                 a backtrace through its code was symbolized (by the plugin, formatting a captured backtrace, or \
+                 by the host, printing a panic with RUST_BACKTRACE set), and std's symbolizer keeps the file it \
+                 read the debug information from mapped (in memory and on disk). Leave RUST_LIB_BACKTRACE unset \
+                 or 0 (hotswap defaults it to 0), and do not force backtraces in the plugin",
+                bytesize::ByteSize::b(bytes).display().iec()
+            ),
+            Some(closed @ (Closed::StillMapped | Closed::Failed(_))) => {
+                if let Closed::Failed(e) = closed {
+                    tracing::warn!(generation = id, plugin = %label, "dlclose failed: {e}");
+                }
                 tracing::warn!(
                     generation = id,
                     plugin = %label,
@@ -186,30 +184,12 @@ fn close(library: Library, id: u64, label: &str, timeout: Duration) -> Closed {
 /// The exit status of a host that ends because a `dlclose` hangs (EX_SOFTWARE).
 const EXIT_LOADER_STUCK: i32 = 70;
 
-static UNMAPPED: AtomicU64 = AtomicU64::new(0);
-static DATA_MAPPED: AtomicU64 = AtomicU64::new(0);
-static STILL_MAPPED: AtomicU64 = AtomicU64::new(0);
-static LEAKED: AtomicU64 = AtomicU64::new(0);
+/// Generations unloaded so far, by outcome (indexed by `Unloaded as usize`).
+static UNLOADS: [AtomicU64; Unloaded::ALL.len()] = [const { AtomicU64::new(0) }; Unloaded::ALL.len()];
 
-/// Unload outcomes so far.
-pub(crate) struct UnloadCounts {
-    /// Gone from the address space.
-    pub(crate) unmapped: u64,
-    /// Code gone, file still mapped read-only (see `Closed::DataMapped`).
-    pub(crate) data_mapped: u64,
-    /// Code still mapped after `dlclose`.
-    pub(crate) still_mapped: u64,
-    /// Not closed: threads were still running plugin code.
-    pub(crate) leaked: u64,
-}
-
-pub(crate) fn unload_counts() -> UnloadCounts {
-    UnloadCounts {
-        unmapped: UNMAPPED.load(Ordering::Relaxed),
-        data_mapped: DATA_MAPPED.load(Ordering::Relaxed),
-        still_mapped: STILL_MAPPED.load(Ordering::Relaxed),
-        leaked: LEAKED.load(Ordering::Relaxed),
-    }
+/// Generations whose unloading ended `how`, so far.
+pub(crate) fn unloads(how: Unloaded) -> u64 {
+    UNLOADS[how as usize].load(Ordering::Relaxed)
 }
 
 /// Generations started and not yet unloaded.

@@ -120,6 +120,11 @@ pub(crate) enum Unloaded {
     DataMapped,
 }
 
+impl Unloaded {
+    /// Every outcome, in the order of their discriminants.
+    pub(crate) const ALL: [Unloaded; 4] = [Unloaded::Unmapped, Unloaded::StillMapped, Unloaded::Leaked, Unloaded::DataMapped];
+}
+
 /// Counters of one generation, shared by the generation, its requests and its history
 /// record (which outlives it).
 #[derive(Default)]
@@ -218,13 +223,8 @@ impl GenerationStats {
 
     /// How unloading ended, once it has.
     pub(crate) fn unloaded(&self) -> Option<Unloaded> {
-        match self.unloaded.load(Ordering::Acquire) {
-            1 => Some(Unloaded::Unmapped),
-            2 => Some(Unloaded::StillMapped),
-            3 => Some(Unloaded::Leaked),
-            4 => Some(Unloaded::DataMapped),
-            _ => None,
-        }
+        let stored = self.unloaded.load(Ordering::Acquire);
+        Unloaded::ALL.get(usize::from(stored).checked_sub(1)?).copied()
     }
 }
 
