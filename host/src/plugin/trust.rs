@@ -151,17 +151,22 @@ pub(crate) fn check_shadow_base(base: &Path) -> Result<(), TrustError> {
     Ok(())
 }
 
+/// Who besides its owner the permission bits `mask` (such as 0o022, writing) of `mode` let
+/// in: "its group", "others" or "its group and others".
+pub(crate) fn let_in(mode: u32, mask: u32) -> &'static str {
+    match (mode & mask & 0o070 != 0, mode & mask & 0o007 != 0) {
+        (true, true) => "its group and others",
+        (false, true) => "others",
+        _ => "its group",
+    }
+}
+
 /// Refuses `path` (whose metadata is `meta`) if anyone but this host's user or root may
 /// write it.
 fn check_writers(path: &Path, meta: &Metadata, what: &'static str) -> Result<(), TrustError> {
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
-        let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
-            (true, true) => "its group and others",
-            (false, true) => "others",
-            _ => "its group",
-        };
-        return Err(TrustError::Writable { path: path.to_path_buf(), what, who, mode });
+        return Err(TrustError::Writable { path: path.to_path_buf(), what, who: let_in(mode, 0o022), mode });
     }
     let host = sys::effective_uid();
     if meta.uid() != host && meta.uid() != 0 {

@@ -89,11 +89,7 @@ pub(crate) fn read_private_token(path: &Path) -> Result<String, AdminError> {
     let meta = file.metadata().map_err(read)?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
-        let who = match (mode & 0o070 != 0, mode & 0o007 != 0) {
-            (true, true) => "its group and others",
-            (false, true) => "others",
-            _ => "its group",
-        };
+        let who = crate::plugin::trust::let_in(mode, 0o077);
         return Err(AdminError::OpenToken { path: path.to_path_buf(), who, mode });
     }
     let uid = crate::sys::effective_uid();
