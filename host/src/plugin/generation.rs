@@ -239,12 +239,19 @@ impl LentTally {
         self.0.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    pub(super) fn lent(&self) {
+    /// Counts one chunk lent, until the returned value is dropped.
+    pub(super) fn count(self: &Arc<Self>) -> LentCount {
         self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        LentCount(self.clone())
     }
+}
 
-    pub(super) fn released(&self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+/// One lent chunk, counted in its connection's [`LentTally`] while it lives.
+pub(super) struct LentCount(Arc<LentTally>);
+
+impl Drop for LentCount {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

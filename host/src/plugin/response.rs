@@ -16,7 +16,7 @@ use handler_api::abi::{self, FfiBody, FfiLent, FfiPoll, FfiStr};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::{Frame, SizeHint};
 
-use crate::plugin::generation::{thread_generation, Generation, InFlight, LentTally};
+use crate::plugin::generation::{thread_generation, Generation, InFlight, LentCount, LentTally};
 
 thread_local! {
     /// The header map of this thread's last request, emptied, for the next response the
@@ -231,11 +231,7 @@ pub(crate) unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk.
         let sink = unsafe { &mut *(sink as *mut ChunkSink) };
-        let tally = sink.lent.cloned();
-        if let Some(tally) = &tally {
-            tally.lent();
-        }
-        let lent = Lent { chunk, generation: sink.generation.clone(), tally };
+        let lent = Lent { chunk, generation: sink.generation.clone(), _counted: sink.lent.map(LentTally::count) };
         sink.chunk = Some(Bytes::from_owner(lent));
     }));
 }
@@ -245,8 +241,8 @@ pub(crate) unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
 struct Lent {
     chunk: FfiLent,
     generation: Arc<Generation>,
-    /// The connection's count of lent chunks it holds.
-    tally: Option<Arc<LentTally>>,
+    /// Counted in its connection's tally while it lives.
+    _counted: Option<LentCount>,
 }
 
 // SAFETY: the bytes are immutable and owned by the plugin's `state` (a `Bytes`, which is
@@ -262,9 +258,6 @@ impl AsRef<[u8]> for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        if let Some(tally) = &self.tally {
-            tally.released();
-        }
         let release = Release(self.chunk.state, self.chunk.release);
         if thread_generation() == self.generation.id() {
             release.run();

@@ -14,8 +14,6 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::latch::{Latch, Waiter};
 use crate::plugin::{thread_generation, Generation, LentTally};
 use crate::serve::limits::{Expiry, Http2Frames};
@@ -121,12 +119,19 @@ pub(crate) struct ConnTask {
 
 /// A generation a connection left.
 struct Lingering {
-    id: u64,
     generation: Weak<Generation>,
-    aborted: CancellationToken,
+    /// Wakes the connection's task when the generation is cut off.
     waiter: Waiter,
     /// The chunks it lent that the connection still holds.
     lent: Arc<LentTally>,
+}
+
+impl Lingering {
+    /// The generation's id, if it has been cut off while the connection holds its chunks.
+    fn cut_off_holding(&self) -> Option<u64> {
+        let generation = self.generation.upgrade()?;
+        (generation.aborted().is_raised() && self.lent.held() > 0).then(|| generation.id())
+    }
 }
 
 /// How long an HTTP/2 connection may go on holding chunks of a cut-off generation.
@@ -231,12 +236,9 @@ impl ConnTask {
         }
         let Some(connection) = self.connection.take() else { return false };
         let mut lingering = std::mem::take(&mut self.lingering);
-        let aborted = self.generation.aborted();
         lingering.push(Lingering {
-            id: self.generation.id(),
             generation: Arc::downgrade(&self.generation),
-            aborted: aborted.token().clone(),
-            waiter: aborted.waiter(),
+            waiter: self.generation.aborted().waiter(),
             // From now on, requests count the chunks of the generation they go to (from the
             // requests already relayed to it, if any).
             lent: self.conn.lent.swap(
@@ -257,7 +259,7 @@ impl ConnTask {
         }
         self.lingering.retain(|l| l.generation.strong_count() > 0);
         let own = (self.generation.aborted().is_raised() && self.conn.lent.load().held() > 0).then(|| self.generation.id());
-        let holding = own.or_else(|| self.lingering.iter().find(|l| l.aborted.is_cancelled() && l.lent.held() > 0).map(|l| l.id));
+        let holding = own.or_else(|| self.lingering.iter().find_map(Lingering::cut_off_holding));
         let Some(id) = holding else {
             self.grace = None;
             return None;
