@@ -123,41 +123,47 @@ impl LogBridge {
     pub(crate) fn install(host: &HostApi) {
         static BRIDGE: LogBridge = LogBridge;
         if ::log::set_logger(&BRIDGE).is_ok() {
-            ::log::set_max_level(match host.max_log_level {
-                0 => ::log::LevelFilter::Off,
-                1 => ::log::LevelFilter::Error,
-                2 => ::log::LevelFilter::Warn,
-                3 => ::log::LevelFilter::Info,
-                4 => ::log::LevelFilter::Debug,
-                _ => ::log::LevelFilter::Trace,
-            });
+            // `log` numbers its levels as the host does: Off = 0, Error = 1 … Trace = 5.
+            let max = ::log::LevelFilter::iter().nth(host.max_log_level as usize).unwrap_or(::log::LevelFilter::Trace);
+            ::log::set_max_level(max);
         }
-    }
-}
-
-/// The number the host's log service takes for a `log` level (as [`level_number`]).
-fn log_level_number(level: ::log::Level) -> u32 {
-    match level {
-        ::log::Level::Error => 1,
-        ::log::Level::Warn => 2,
-        ::log::Level::Info => 3,
-        ::log::Level::Debug => 4,
-        ::log::Level::Trace => 5,
     }
 }
 
 impl ::log::Log for LogBridge {
     fn enabled(&self, metadata: &::log::Metadata<'_>) -> bool {
-        crate::try_host().is_some_and(|host| log_level_number(metadata.level()) <= host.max_log_level)
+        crate::try_host().is_some_and(|host| metadata.level() as u32 <= host.max_log_level)
     }
 
     fn log(&self, record: &::log::Record<'_>) {
         let Some(host) = crate::try_host() else { return };
-        let level = log_level_number(record.level());
+        let level = record.level() as u32;
         if level <= host.max_log_level {
             emit(host, level, record.target(), &record.args().to_string());
         }
     }
 
     fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::level_number;
+
+    #[test]
+    fn the_log_crate_numbers_levels_as_the_host_does() {
+        use tracing_core::Level;
+        let pairs = [
+            (::log::Level::Error, Level::ERROR),
+            (::log::Level::Warn, Level::WARN),
+            (::log::Level::Info, Level::INFO),
+            (::log::Level::Debug, Level::DEBUG),
+            (::log::Level::Trace, Level::TRACE),
+        ];
+        for (log, tracing) in pairs {
+            assert_eq!(log as u32, level_number(&tracing), "{log}");
+            assert_eq!(::log::LevelFilter::iter().nth(log as usize), Some(log.to_level_filter()));
+        }
+        assert_eq!(::log::LevelFilter::iter().next(), Some(::log::LevelFilter::Off));
+    }
 }
