@@ -25,8 +25,8 @@ use core::ffi::c_void;
 use core::mem::{align_of, offset_of, size_of};
 
 /// Version of this ABI. Bumped on any change that is not purely additive at the end of
-/// [`HostApi`].
-pub const ABI_VERSION: u32 = 3;
+/// [`HostApi`] (see [`HostApi::size`]).
+pub const ABI_VERSION: u32 = 4;
 
 /// First bytes of every [`DeclarationHeader`].
 pub const MAGIC: [u8; 8] = *b"HOTSWAP\0";
@@ -34,7 +34,8 @@ pub const MAGIC: [u8; 8] = *b"HOTSWAP\0";
 /// Name of the symbol a plugin exports: a static [`PluginDeclaration`].
 pub const DECLARATION_SYMBOL: &str = "hotswap_plugin_declaration";
 
-/// A borrowed UTF-8 (or byte) string: valid only for the call it is passed to.
+/// A borrowed UTF-8 (or byte) string: valid only for the call it is passed to, unless the
+/// function that passes it says otherwise.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FfiStr {
@@ -99,17 +100,125 @@ impl FfiPoll {
     pub const ERROR: FfiPoll = FfiPoll(3);
 }
 
+/// A length that is not known in advance ([`FfiHostBody::exact_len`], [`FfiBody::exact_len`]).
+pub const UNKNOWN_LENGTH: u64 = u64::MAX;
+
+/// [`FfiRequest::version`]: HTTP/0.9.
+pub const HTTP_09: u32 = 9;
+/// [`FfiRequest::version`]: HTTP/1.0.
+pub const HTTP_10: u32 = 10;
+/// [`FfiRequest::version`]: HTTP/1.1.
+pub const HTTP_11: u32 = 11;
+/// [`FfiRequest::version`]: HTTP/2.
+pub const HTTP_2: u32 = 20;
+/// [`FfiRequest::version`]: HTTP/3.
+pub const HTTP_3: u32 = 30;
+
+/// [`FfiRequest::scheme`]: cleartext HTTP.
+pub const SCHEME_HTTP: u32 = 1;
+/// [`FfiRequest::scheme`]: HTTP over TLS.
+pub const SCHEME_HTTPS: u32 = 2;
+
+/// [`FfiSocketAddr::family`]: no address (the connection has none, as a Unix socket).
+pub const ADDR_NONE: u16 = 0;
+/// [`FfiSocketAddr::family`]: IPv4, in the first 4 bytes of `ip`.
+pub const ADDR_IPV4: u16 = 4;
+/// [`FfiSocketAddr::family`]: IPv6.
+pub const ADDR_IPV6: u16 = 6;
+
+/// [`FfiResponse::body_kind`]: no body.
+pub const BODY_EMPTY: u32 = 0;
+/// [`FfiResponse::body_kind`]: the whole body, in [`FfiResponse::full`].
+pub const BODY_FULL: u32 = 1;
+/// [`FfiResponse::body_kind`]: a streamed body, [`FfiResponse::stream`].
+pub const BODY_STREAM: u32 = 2;
+
+/// [`HostApi::log`] levels (and [`HostApi::max_log_level`]; 0 is off).
+pub const LOG_ERROR: u32 = 1;
+/// See [`LOG_ERROR`].
+pub const LOG_WARN: u32 = 2;
+/// See [`LOG_ERROR`].
+pub const LOG_INFO: u32 = 3;
+/// See [`LOG_ERROR`].
+pub const LOG_DEBUG: u32 = 4;
+/// See [`LOG_ERROR`].
+pub const LOG_TRACE: u32 = 5;
+
+/// [`PluginDeclaration::panic`]: panics unwind, and the plugin catches them at the boundary.
+pub const PANIC_UNWIND: u32 = 1;
+/// [`PluginDeclaration::panic`]: panics abort the process (`panic = "abort"` in the profile).
+pub const PANIC_ABORT: u32 = 2;
+
+/// Declares the type of every function pointer that crosses, and keeps their text for
+/// [`LAYOUT_FINGERPRINT`]: a function whose parameters change meaning but not size (a
+/// `*mut FfiStr` that becomes a `*mut FfiChunk`) changes the fingerprint too.
+macro_rules! signatures {
+    ($($(#[$meta:meta])* $name:ident = $ty:ty;)*) => {
+        $( $(#[$meta])* pub type $name = $ty; )*
+        const SIGNATURES: &str = concat!($(stringify!($name), "=", stringify!($ty), ";"),*);
+    };
+}
+
+signatures! {
+    /// [`FfiWakerVTable::clone`].
+    WakerCloneFn = unsafe extern "C" fn(data: *const c_void) -> FfiWaker;
+    /// [`FfiWakerVTable::wake`], `wake_by_ref` and `drop`.
+    WakerFn = unsafe extern "C" fn(data: *const c_void);
+    /// Releases plugin state: every `drop` and `release` that takes only the state.
+    DropFn = unsafe extern "C" fn(state: *mut c_void);
+    /// [`FfiResponseFuture::poll`].
+    ResponsePollFn = unsafe extern "C" fn(state: *mut c_void, waker: *const FfiWaker, response: *mut FfiResponse) -> FfiPoll;
+    /// [`FfiBodyVTable::poll_chunk`].
+    ChunkPollFn = unsafe extern "C" fn(state: *mut c_void, waker: *const FfiWaker, chunk: *mut FfiChunk) -> FfiPoll;
+    /// [`FfiFutureVTable::poll`].
+    FuturePollFn = unsafe extern "C" fn(state: *mut c_void, waker: *const FfiWaker) -> FfiPoll;
+    /// [`FfiUpgradeVTable::start`].
+    UpgradeStartFn = unsafe extern "C" fn(state: *mut c_void, io: *mut c_void) -> FfiFuture;
+    /// [`HostApi::log`].
+    LogFn = unsafe extern "C" fn(context: *const c_void, level: u32, target: FfiStr, message: FfiStr);
+    /// [`HostApi::error_write`].
+    ErrorWriteFn = unsafe extern "C" fn(sink: *mut c_void, text: FfiStr);
+    /// [`HostApi::body_poll`].
+    BodyPollFn = unsafe extern "C" fn(body: *mut c_void, waker: *const FfiWaker, chunk: *mut FfiStr) -> FfiPoll;
+    /// [`HostApi::body_trailers`].
+    BodyTrailersFn = unsafe extern "C" fn(body: *mut c_void, headers: *mut *const FfiHeader, len: *mut usize) -> FfiPoll;
+    /// Releases a host object: [`HostApi::body_drop`], `io_drop`, `superseded_drop`, `sleep_drop`
+    /// and `blocking_drop`.
+    HostDropFn = unsafe extern "C" fn(handle: *mut c_void);
+    /// [`HostApi::io_poll_read`].
+    IoReadFn = unsafe extern "C" fn(io: *mut c_void, waker: *const FfiWaker, buf: *mut u8, cap: usize, read: *mut usize) -> FfiPoll;
+    /// [`HostApi::io_poll_write`].
+    IoWriteFn = unsafe extern "C" fn(io: *mut c_void, waker: *const FfiWaker, data: FfiStr, written: *mut usize) -> FfiPoll;
+    /// [`HostApi::io_poll_flush`], [`HostApi::io_poll_shutdown`], [`HostApi::superseded_poll`],
+    /// [`HostApi::sleep_poll`] and [`HostApi::blocking_poll`].
+    HostPollFn = unsafe extern "C" fn(handle: *mut c_void, waker: *const FfiWaker) -> FfiPoll;
+    /// [`HostApi::superseded_new`].
+    SupersededNewFn = unsafe extern "C" fn(context: *const c_void) -> *mut c_void;
+    /// [`HostApi::sleep_new`].
+    SleepNewFn = unsafe extern "C" fn(nanos: u64) -> *mut c_void;
+    /// [`HostApi::blocking_spawn`].
+    BlockingSpawnFn = unsafe extern "C" fn(job: FfiJob) -> *mut c_void;
+    /// [`PluginDeclaration::init`].
+    InitFn = unsafe extern "C" fn(host: *const HostApi, error_sink: *mut c_void) -> FfiPoll;
+    /// [`PluginDeclaration::ready`].
+    ReadyFn = unsafe extern "C" fn(error_sink: *mut c_void) -> FfiPoll;
+    /// [`PluginDeclaration::handle`].
+    HandleFn = unsafe extern "C" fn(request: *const FfiRequest) -> FfiResponseFuture;
+    /// [`PluginDeclaration::shutdown`].
+    ShutdownFn = unsafe extern "C" fn();
+}
+
 /// Functions behind an [`FfiWaker`], implemented by the side that created it.
 #[repr(C)]
 pub struct FfiWakerVTable {
     /// Returns an owned waker that wakes the same task.
-    pub clone: unsafe extern "C" fn(data: *const c_void) -> FfiWaker,
+    pub clone: WakerCloneFn,
     /// Wakes the task and releases an owned waker.
-    pub wake: unsafe extern "C" fn(data: *const c_void),
+    pub wake: WakerFn,
     /// Wakes the task; the waker stays valid.
-    pub wake_by_ref: unsafe extern "C" fn(data: *const c_void),
+    pub wake_by_ref: WakerFn,
     /// Releases an owned waker without waking.
-    pub drop: unsafe extern "C" fn(data: *const c_void),
+    pub drop: WakerFn,
 }
 
 /// An FFI-safe `std::task::Waker`.
@@ -122,15 +231,29 @@ pub struct FfiWaker {
     pub vtable: *const FfiWakerVTable,
 }
 
-/// One request header, borrowed.
+/// One header, borrowed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FfiHeader {
     /// Header name (lowercase).
     pub name: FfiStr,
     /// Header value bytes: always a valid field value (bytes `http::HeaderValue` accepts),
-    /// which the plugin may rely on without checking again.
+    /// which the receiver may rely on without checking again.
     pub value: FfiStr,
+}
+
+/// A socket address: an IP address and a port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FfiSocketAddr {
+    /// [`ADDR_IPV4`], [`ADDR_IPV6`] or [`ADDR_NONE`].
+    pub family: u16,
+    /// The port, in host byte order.
+    pub port: u16,
+    /// IPv6 scope id (0 otherwise).
+    pub scope_id: u32,
+    /// The address bytes in network order: the first 4 for IPv4.
+    pub ip: [u8; 16],
 }
 
 /// A request body owned by the host. The plugin polls it with [`HostApi::body_poll`] and must
@@ -141,7 +264,7 @@ pub struct FfiHostBody {
     /// Opaque host handle; null when the request has no body (the plugin then neither polls
     /// nor drops it).
     pub handle: *mut c_void,
-    /// Exact length if known (`Content-Length`), else `u64::MAX`.
+    /// Exact length if known (`Content-Length`), else [`UNKNOWN_LENGTH`].
     pub exact_len: u64,
 }
 
@@ -154,14 +277,52 @@ pub struct FfiRequest {
     pub method: FfiStr,
     /// The request target: origin-form (`/path?query`) or absolute-form (HTTP/2).
     pub uri: FfiStr,
-    /// HTTP version: 9 (0.9), 10, 11, 20 or 30.
+    /// HTTP version: [`HTTP_11`] and the like.
     pub version: u32,
+    /// [`SCHEME_HTTP`] or [`SCHEME_HTTPS`]: how the client reached the host.
+    pub scheme: u32,
     /// Pointer to `headers_len` headers.
     pub headers: *const FfiHeader,
     /// Number of headers.
     pub headers_len: usize,
+    /// The client's address (the other end of the connection).
+    pub peer: FfiSocketAddr,
+    /// The host's address the client connected to.
+    pub local: FfiSocketAddr,
+    /// Unique in the host process for its life; the host's log lines about this request
+    /// carry it.
+    pub request_id: u64,
+    /// The protocol the client asks to switch to, if the host can switch this request (an
+    /// HTTP/1.1 `Upgrade` header, an HTTP/2 extended CONNECT's `:protocol`); else empty. See
+    /// [`FfiResponse::upgrade`].
+    pub upgrade: FfiStr,
     /// The body; ownership passes to the plugin.
     pub body: FfiHostBody,
+}
+
+/// A chunk of a response body, produced by [`FfiBodyVTable::poll_chunk`].
+#[repr(C)]
+#[derive(Debug)]
+pub struct FfiChunk {
+    /// The bytes.
+    pub data: FfiStr,
+    /// `None`: `data` is borrowed until the next call on its body. `Some`: `data` is lent
+    /// until the host calls `release(state)`, exactly once, on a thread of the plugin's
+    /// generation, while the library is still loaded (the host keeps it without a copy).
+    pub release: Option<DropFn>,
+    /// Plugin-owned state that keeps lent `data` alive.
+    pub state: *mut c_void,
+}
+
+/// The functions of a response body.
+#[repr(C)]
+pub struct FfiBodyVTable {
+    /// Produces the next chunk into `chunk` and returns `READY`; `READY` with an empty
+    /// `chunk.data` (and no `release`) is the end of the body. `ERROR` and `PANICKED` abort
+    /// the response.
+    pub poll_chunk: ChunkPollFn,
+    /// Releases `state`; called exactly once.
+    pub drop: DropFn,
 }
 
 /// A response body produced by the plugin, polled by the host chunk by chunk.
@@ -170,15 +331,73 @@ pub struct FfiRequest {
 pub struct FfiBody {
     /// Plugin-owned state.
     pub state: *mut c_void,
-    /// Produces the next chunk by calling [`HostApi::chunk_push`] on `sink` and returning
-    /// `READY`; `READY` without a push is the end of the body. `ERROR` and `PANICKED` abort the
-    /// response.
-    pub poll_chunk:
-        unsafe extern "C" fn(state: *mut c_void, waker: *const FfiWaker, sink: *mut c_void) -> FfiPoll,
-    /// Releases `state`; called exactly once.
-    pub drop: unsafe extern "C" fn(state: *mut c_void),
-    /// Exact length if known, else `u64::MAX`.
+    /// Its functions (a static of the plugin).
+    pub vtable: *const FfiBodyVTable,
+    /// Exact length if known, else [`UNKNOWN_LENGTH`].
     pub exact_len: u64,
+}
+
+/// The functions of an [`FfiFuture`].
+#[repr(C)]
+pub struct FfiFutureVTable {
+    /// `READY` when done; `ERROR` and `PANICKED` end it too.
+    pub poll: FuturePollFn,
+    /// Releases `state`; called exactly once, done or not.
+    pub drop: DropFn,
+}
+
+/// A plugin future with no output, polled by the host.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FfiFuture {
+    /// Plugin-owned state.
+    pub state: *mut c_void,
+    /// Its functions (a static of the plugin).
+    pub vtable: *const FfiFutureVTable,
+}
+
+/// The functions of an [`FfiUpgrade`].
+#[repr(C)]
+pub struct FfiUpgradeVTable {
+    /// Starts the plugin's side of the connection once the host has switched protocols:
+    /// `io` is the connection's byte stream (see [`HostApi::io_poll_read`]), which passes to
+    /// the plugin (it releases it with [`HostApi::io_drop`]). Consumes `state`.
+    pub start: UpgradeStartFn,
+    /// Releases `state` when the switch did not happen (the client left first, or the host
+    /// refused the response).
+    pub drop: DropFn,
+}
+
+/// An upgrade the plugin accepts: what runs on the connection after the response.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FfiUpgrade {
+    /// Plugin-owned state.
+    pub state: *mut c_void,
+    /// Its functions; null when the response accepts no upgrade.
+    pub vtable: *const FfiUpgradeVTable,
+}
+
+/// A response, written by [`FfiResponseFuture::poll`] when it returns `READY`. Its strings
+/// and headers are borrowed until the host drops the future; the stream body and the upgrade
+/// pass to the host.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FfiResponse {
+    /// The status code.
+    pub status: u16,
+    /// [`BODY_EMPTY`], [`BODY_FULL`] or [`BODY_STREAM`].
+    pub body_kind: u32,
+    /// Pointer to `headers_len` headers.
+    pub headers: *const FfiHeader,
+    /// Number of headers.
+    pub headers_len: usize,
+    /// [`BODY_FULL`]: the body.
+    pub full: FfiStr,
+    /// [`BODY_STREAM`]: the body (its vtable is null otherwise).
+    pub stream: FfiBody,
+    /// An accepted upgrade (status 101 over HTTP/1.1, 2xx to an extended CONNECT), if any.
+    pub upgrade: FfiUpgrade,
 }
 
 /// The future returned by [`PluginDeclaration::handle`].
@@ -187,24 +406,10 @@ pub struct FfiBody {
 pub struct FfiResponseFuture {
     /// Plugin-owned state.
     pub state: *mut c_void,
-    /// On `READY`, the plugin has described the response through the `HostApi::response_*`
-    /// functions on `response`.
-    pub poll:
-        unsafe extern "C" fn(state: *mut c_void, waker: *const FfiWaker, response: *mut c_void) -> FfiPoll,
+    /// On `READY`, the plugin has written the response to `response`.
+    pub poll: ResponsePollFn,
     /// Releases `state`; called exactly once.
-    pub drop: unsafe extern "C" fn(state: *mut c_void),
-}
-
-/// Bytes the plugin lends to the host: readable until the host calls `release`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct FfiLent {
-    /// The bytes, owned by `state`.
-    pub data: FfiStr,
-    /// Plugin-owned state that keeps `data` alive.
-    pub state: *mut c_void,
-    /// Releases `state`; called exactly once.
-    pub release: unsafe extern "C" fn(state: *mut c_void),
+    pub drop: DropFn,
 }
 
 /// A unit of blocking work, run by the host on a thread of the plugin's generation.
@@ -214,64 +419,78 @@ pub struct FfiJob {
     /// Plugin-owned state.
     pub state: *mut c_void,
     /// Runs the work; called at most once, never concurrently with `release`.
-    pub run: unsafe extern "C" fn(state: *mut c_void),
+    pub run: DropFn,
     /// Releases the host's reference to `state`; called exactly once, after `run` if it ran.
-    pub release: unsafe extern "C" fn(state: *mut c_void),
+    pub release: DropFn,
 }
 
 /// Services the host lends to a plugin. One table per loaded generation; valid from `init`
 /// until after `shutdown` returns.
+///
+/// Later versions of this ABI may add functions at the end without a new [`ABI_VERSION`]
+/// (and without changing [`LAYOUT_FINGERPRINT`], which covers the fields below only): a
+/// plugin checks [`HostApi::size`] before it calls one of those.
 #[repr(C)]
 pub struct HostApi {
+    /// `size_of::<HostApi>()` as the host was built: which functions it has.
+    pub size: usize,
     /// The host's [`ABI_VERSION`].
     pub abi_version: u32,
-    /// Most verbose level the host records: 0 off, 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+    /// Most verbose level the host records: 0 off, [`LOG_ERROR`] .. [`LOG_TRACE`].
     pub max_log_level: u32,
-    /// Opaque, passed back to `log`.
+    /// Opaque, passed back to `log` and `superseded_new`.
     pub context: *const c_void,
     /// Records a log event of the plugin (level as in `max_log_level`).
-    pub log: unsafe extern "C" fn(context: *const c_void, level: u32, target: FfiStr, message: FfiStr),
+    pub log: LogFn,
     /// Appends text to a host error sink (as passed to `init` and `ready`).
-    pub error_write: unsafe extern "C" fn(sink: *mut c_void, text: FfiStr),
+    pub error_write: ErrorWriteFn,
 
     /// Polls a request body for its next chunk. `READY` with a non-null `chunk` is data, valid
     /// until the next call on this body; `READY` with a null `chunk.ptr` is the end; `ERROR`
     /// means the client failed (the connection broke).
-    pub body_poll:
-        unsafe extern "C" fn(body: *mut c_void, waker: *const FfiWaker, chunk: *mut FfiStr) -> FfiPoll,
+    pub body_poll: BodyPollFn,
+    /// After `body_poll` returned the end: the body's trailers (none if `len` is 0), valid
+    /// until the next call on this body. `ERROR` before the end.
+    pub body_trailers: BodyTrailersFn,
     /// Releases a request body.
-    pub body_drop: unsafe extern "C" fn(body: *mut c_void),
+    pub body_drop: HostDropFn,
 
-    /// Sets the response status code; returns `ERROR` for a code outside 100..=999.
-    pub response_set_status: unsafe extern "C" fn(response: *mut c_void, status: u16) -> FfiPoll,
-    /// Appends a response header; returns `ERROR` for an invalid name or value.
-    pub response_append_header:
-        unsafe extern "C" fn(response: *mut c_void, name: FfiStr, value: FfiStr) -> FfiPoll,
-    /// Sets the whole body at once (copied).
-    pub response_set_full_body: unsafe extern "C" fn(response: *mut c_void, body: FfiStr),
-    /// Sets a streaming body; the host owns it from then on and drops it exactly once.
-    pub response_set_stream_body: unsafe extern "C" fn(response: *mut c_void, body: FfiBody),
-    /// Delivers one body chunk (copied) from inside [`FfiBody::poll_chunk`].
-    pub chunk_push: unsafe extern "C" fn(sink: *mut c_void, data: FfiStr),
-    /// Delivers one body chunk without copying it, from inside [`FfiBody::poll_chunk`]. The
-    /// host reads `chunk.data` until it calls `chunk.release`, exactly once, on a thread of the
-    /// plugin's generation, while the library is still loaded.
-    pub chunk_lend: unsafe extern "C" fn(sink: *mut c_void, chunk: FfiLent),
+    /// Reads from an upgraded connection into `buf` (`cap` bytes, which need not be
+    /// initialised): `READY` with `read` set (0 at the end of the stream), `PENDING`, or
+    /// `ERROR` when the connection failed.
+    pub io_poll_read: IoReadFn,
+    /// Writes some of `data`: `READY` with `written` set, `PENDING`, or `ERROR`.
+    pub io_poll_write: IoWriteFn,
+    /// Flushes what was written.
+    pub io_poll_flush: HostPollFn,
+    /// Shuts the writing side down (the client sees the end of the stream).
+    pub io_poll_shutdown: HostPollFn,
+    /// Releases an upgraded connection, closing it.
+    pub io_drop: HostDropFn,
+
+    /// A handle whose `superseded_poll` is `READY` once the plugin's generation no longer gets
+    /// new requests (a newer one serves them, or the host is shutting down); null if the host
+    /// cannot tell.
+    pub superseded_new: SupersededNewFn,
+    /// See `superseded_new`.
+    pub superseded_poll: HostPollFn,
+    /// Releases a handle of `superseded_new`.
+    pub superseded_drop: HostDropFn,
 
     /// Starts a timer of `nanos` nanoseconds; null if called outside the host's runtime.
-    pub sleep_new: unsafe extern "C" fn(nanos: u64) -> *mut c_void,
+    pub sleep_new: SleepNewFn,
     /// `READY` once the timer has elapsed.
-    pub sleep_poll: unsafe extern "C" fn(sleep: *mut c_void, waker: *const FfiWaker) -> FfiPoll,
+    pub sleep_poll: HostPollFn,
     /// Releases a timer.
-    pub sleep_drop: unsafe extern "C" fn(sleep: *mut c_void),
+    pub sleep_drop: HostDropFn,
 
     /// Runs `job` on the host's blocking pool; null if called outside the host's runtime (then
     /// the job was released).
-    pub blocking_spawn: unsafe extern "C" fn(job: FfiJob) -> *mut c_void,
+    pub blocking_spawn: BlockingSpawnFn,
     /// `READY` once the job's `run` has returned.
-    pub blocking_poll: unsafe extern "C" fn(task: *mut c_void, waker: *const FfiWaker) -> FfiPoll,
+    pub blocking_poll: HostPollFn,
     /// Forgets a job handle (the job itself still runs to completion).
-    pub blocking_drop: unsafe extern "C" fn(task: *mut c_void),
+    pub blocking_drop: HostDropFn,
 }
 
 // SAFETY: the table is immutable after the host creates it; `context` points at immutable host
@@ -281,7 +500,7 @@ unsafe impl Sync for HostApi {}
 unsafe impl Send for HostApi {}
 
 /// Fixed-layout start of every [`PluginDeclaration`]; the only part the host reads before it
-/// has checked the version and fingerprint.
+/// has checked the version and fingerprint. It has the same layout in every ABI version.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DeclarationHeader {
@@ -318,22 +537,17 @@ pub struct PluginDeclaration {
     pub rustc: FfiStr,
     /// Called once, first, on a thread of the plugin's generation. `host` stays valid until
     /// `shutdown` has returned. On `ERROR` the reason was written to `error_sink`.
-    pub init: unsafe extern "C" fn(host: *const HostApi, error_sink: *mut c_void) -> FfiPoll,
+    pub init: InitFn,
     /// Optional readiness check, called after `init`; `ERROR` refuses the plugin.
-    pub ready: Option<unsafe extern "C" fn(error_sink: *mut c_void) -> FfiPoll>,
+    pub ready: Option<ReadyFn>,
     /// Starts handling a request.
-    pub handle: unsafe extern "C" fn(request: *const FfiRequest) -> FfiResponseFuture,
+    pub handle: HandleFn,
     /// Called once before the library is unloaded, after the last request has ended.
-    pub shutdown: unsafe extern "C" fn(),
+    pub shutdown: ShutdownFn,
     /// How the plugin's panics end: [`PANIC_UNWIND`] (caught at the boundary, so a panic is
     /// one failed request) or [`PANIC_ABORT`] (the process dies: the host refuses such a build).
     pub panic: u32,
 }
-
-/// [`PluginDeclaration::panic`]: panics unwind, and the plugin catches them at the boundary.
-pub const PANIC_UNWIND: u32 = 1;
-/// [`PluginDeclaration::panic`]: panics abort the process (`panic = "abort"` in the profile).
-pub const PANIC_ABORT: u32 = 2;
 
 // SAFETY: a declaration is immutable static data: string pointers into the plugin's read-only
 // data and function pointers. Sharing references to it between threads is sound.
@@ -341,52 +555,108 @@ unsafe impl Sync for PluginDeclaration {}
 // SAFETY: as above; the raw pointers are never written through.
 unsafe impl Send for PluginDeclaration {}
 
-const fn mix(mut h: u64, v: usize) -> u64 {
-    // FNV-1a over the 8 bytes of `v`.
+/// FNV-1a over the 8 bytes of `v`.
+const fn mix(mut h: u64, v: u64) -> u64 {
     let mut i = 0;
     while i < 8 {
-        h ^= ((v as u64) >> (i * 8)) & 0xff;
+        h ^= (v >> (i * 8)) & 0xff;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
         i += 1;
     }
     h
 }
 
+/// FNV-1a over the bytes of `text` but its whitespace: how `stringify!` spaces tokens may
+/// differ from one compiler to the next, the tokens do not.
+const fn mix_text(mut h: u64, text: &str) -> u64 {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_whitespace() {
+            h ^= bytes[i] as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        i += 1;
+    }
+    h
+}
+
 macro_rules! fingerprint {
-    ($($t:ty { $($f:ident),* })*) => {{
+    (
+        types { $($t:ty { $($f:ident),* })* }
+        open { $($o:ty { $($of:ident),* })* }
+        values { $($v:expr),* $(,)? }
+    ) => {{
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        h = mix(h, ABI_VERSION as usize);
+        h = mix(h, ABI_VERSION as u64);
+        h = mix_text(h, SIGNATURES);
         $(
-            h = mix(h, size_of::<$t>());
-            h = mix(h, align_of::<$t>());
-            $( h = mix(h, offset_of!($t, $f)); )*
+            h = mix_text(h, stringify!($t));
+            h = mix(h, size_of::<$t>() as u64);
+            h = mix(h, align_of::<$t>() as u64);
+            $(
+                h = mix_text(h, stringify!($f));
+                h = mix(h, offset_of!($t, $f) as u64);
+            )*
+        )*
+        $(
+            h = mix_text(h, stringify!($o));
+            h = mix(h, align_of::<$o>() as u64);
+            $(
+                h = mix_text(h, stringify!($of));
+                h = mix(h, offset_of!($o, $of) as u64);
+            )*
+        )*
+        $(
+            h = mix_text(h, stringify!($v));
+            h = mix(h, $v as u64);
         )*
         h
     }};
 }
 
-/// A hash of the size, alignment and field offsets of every type in this module. Two builds
-/// with the same fingerprint agree on the layout of everything that crosses the boundary.
+/// A hash of what both sides must agree on: the size, alignment, field names and offsets of
+/// every type in this module, the signature of every function pointer, and the value of every
+/// constant (status codes, kinds, sentinels). Two builds with the same fingerprint agree on
+/// the layout and the meaning of everything that crosses the boundary.
 pub const LAYOUT_FINGERPRINT: u64 = fingerprint! {
-    FfiStr { ptr, len }
-    FfiPoll {}
-    FfiWakerVTable { clone, wake, wake_by_ref, drop }
-    FfiWaker { data, vtable }
-    FfiHeader { name, value }
-    FfiHostBody { handle, exact_len }
-    FfiRequest { method, uri, version, headers, headers_len, body }
-    FfiBody { state, poll_chunk, drop, exact_len }
-    FfiResponseFuture { state, poll, drop }
-    FfiLent { data, state, release }
-    FfiJob { state, run, release }
-    HostApi {
-        abi_version, max_log_level, context, log, error_write, body_poll, body_drop,
-        response_set_status, response_append_header, response_set_full_body,
-        response_set_stream_body, chunk_push, chunk_lend, sleep_new, sleep_poll, sleep_drop,
-        blocking_spawn, blocking_poll, blocking_drop
+    types {
+        FfiStr { ptr, len }
+        FfiPoll {}
+        FfiWakerVTable { clone, wake, wake_by_ref, drop }
+        FfiWaker { data, vtable }
+        FfiHeader { name, value }
+        FfiSocketAddr { family, port, scope_id, ip }
+        FfiHostBody { handle, exact_len }
+        FfiRequest { method, uri, version, scheme, headers, headers_len, peer, local, request_id, upgrade, body }
+        FfiChunk { data, release, state }
+        FfiBodyVTable { poll_chunk, drop }
+        FfiBody { state, vtable, exact_len }
+        FfiFutureVTable { poll, drop }
+        FfiFuture { state, vtable }
+        FfiUpgradeVTable { start, drop }
+        FfiUpgrade { state, vtable }
+        FfiResponse { status, body_kind, headers, headers_len, full, stream, upgrade }
+        FfiResponseFuture { state, poll, drop }
+        FfiJob { state, run, release }
+        DeclarationHeader { magic, abi_version, reserved, layout_fingerprint }
+        PluginDeclaration { header, name, version, rustc, init, ready, handle, shutdown, panic }
     }
-    DeclarationHeader { magic, abi_version, reserved, layout_fingerprint }
-    PluginDeclaration { header, name, version, rustc, init, ready, handle, shutdown, panic }
+    // Their fields, but not their size: functions added at the end later keep the fingerprint.
+    open {
+        HostApi {
+            size, abi_version, max_log_level, context, log, error_write, body_poll, body_trailers,
+            body_drop, io_poll_read, io_poll_write, io_poll_flush, io_poll_shutdown, io_drop,
+            superseded_new, superseded_poll, superseded_drop, sleep_new, sleep_poll, sleep_drop,
+            blocking_spawn, blocking_poll, blocking_drop
+        }
+    }
+    values {
+        FfiPoll::READY.0, FfiPoll::PENDING.0, FfiPoll::PANICKED.0, FfiPoll::ERROR.0, UNKNOWN_LENGTH,
+        HTTP_09, HTTP_10, HTTP_11, HTTP_2, HTTP_3, SCHEME_HTTP, SCHEME_HTTPS, ADDR_NONE, ADDR_IPV4,
+        ADDR_IPV6, BODY_EMPTY, BODY_FULL, BODY_STREAM, LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG,
+        LOG_TRACE, PANIC_UNWIND, PANIC_ABORT,
+    }
 };
 
 pub mod waker {

@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_core::Stream;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
 
 use crate::abi::{self, FfiHostBody, FfiPoll, FfiStr};
@@ -112,8 +113,17 @@ impl Body {
         if body.handle.is_null() {
             return Body::empty();
         }
-        let exact_len = (body.exact_len != u64::MAX).then_some(body.exact_len);
-        Body { kind: Kind::Host(HostBody { handle: body.handle, exact_len }) }
+        let exact_len = (body.exact_len != abi::UNKNOWN_LENGTH).then_some(body.exact_len);
+        Body { kind: Kind::Host(HostBody { handle: body.handle, exact_len, ended: false, trailers: None, trailers_yielded: false }) }
+    }
+
+    /// The trailers of a request body, once it has ended (`None` before, and when the client
+    /// sent none).
+    pub fn trailers(&self) -> Option<&HeaderMap> {
+        match &self.kind {
+            Kind::Host(h) => h.trailers.as_ref(),
+            _ => None,
+        }
     }
 
     pub(crate) fn poll_chunk(
@@ -189,7 +199,20 @@ impl http_body::Body for Body {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data)))
+        let this = self.get_mut();
+        match Pin::new(&mut *this).poll_chunk(cx) {
+            Poll::Ready(None) => {}
+            polled => return polled.map(|c| c.map(|r| r.map(Frame::data))),
+        }
+        // The end of the data: a request body's trailers follow, once.
+        if let Kind::Host(h) = &mut this.kind {
+            if !std::mem::replace(&mut h.trailers_yielded, true) {
+                if let Some(trailers) = &h.trailers {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers.clone()))));
+                }
+            }
+        }
+        Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -229,6 +252,11 @@ where
 pub(crate) struct HostBody {
     handle: *mut core::ffi::c_void,
     exact_len: Option<u64>,
+    ended: bool,
+    /// Read from the host at the end.
+    trailers: Option<HeaderMap>,
+    /// Whether `poll_frame` has handed them out.
+    trailers_yielded: bool,
 }
 
 // SAFETY: the handle is an exclusively owned host object (hyper's `Incoming`, which is Send);
@@ -237,7 +265,7 @@ unsafe impl Send for HostBody {}
 
 impl HostBody {
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
-        if self.handle.is_null() {
+        if self.handle.is_null() || self.ended {
             return Poll::Ready(None);
         }
         let waker = abi::waker::lend(cx.waker());
@@ -246,12 +274,39 @@ impl HostBody {
         let r = unsafe { (host().body_poll)(self.handle, &waker, &mut chunk) };
         match r {
             FfiPoll::PENDING => Poll::Pending,
-            FfiPoll::READY if chunk.ptr.is_null() => Poll::Ready(None),
+            FfiPoll::READY if chunk.ptr.is_null() => {
+                self.ended = true;
+                self.trailers = self.read_trailers();
+                Poll::Ready(None)
+            }
             // SAFETY: the host keeps the chunk valid until the next call on this body; it is
             // copied right here.
             FfiPoll::READY => Poll::Ready(Some(Ok(Bytes::copy_from_slice(unsafe { chunk.as_bytes() })))),
             _ => Poll::Ready(Some(Err("the client's request body failed (connection broken)".into()))),
         }
+    }
+}
+
+impl HostBody {
+    /// The trailers the host received, once the body has ended.
+    fn read_trailers(&mut self) -> Option<HeaderMap> {
+        let (mut headers, mut len) = (std::ptr::null(), 0);
+        // SAFETY: `handle` is live; the out-parameters outlive the call.
+        if unsafe { (host().body_trailers)(self.handle, &mut headers, &mut len) } != FfiPoll::READY || len == 0 {
+            return None;
+        }
+        // SAFETY: the host keeps `len` headers at `headers` valid until the next call on this
+        // body; they are copied right here.
+        let headers = unsafe { std::slice::from_raw_parts(headers, len) };
+        let mut map = HeaderMap::with_capacity(len);
+        for h in headers {
+            // SAFETY: as above.
+            let (name, value) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
+            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                map.append(name, value);
+            }
+        }
+        Some(map)
     }
 }
 

@@ -15,10 +15,16 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
+use smallvec::SmallVec;
 
-use crate::abi::{self, FfiBody, FfiPoll, FfiRequest, FfiResponseFuture, FfiStr, HostApi, ABI_VERSION};
+use crate::abi::{
+    self, FfiBody, FfiBodyVTable, FfiChunk, FfiHeader, FfiPoll, FfiRequest, FfiResponse, FfiResponseFuture, FfiStr,
+    FfiUpgrade, HostApi, ABI_VERSION,
+};
 use crate::body::Kind;
-use crate::{host, log, Body, Handler, Request, Response, HOST};
+use crate::context::RequestContext;
+use crate::upgrade::{self, Accepted, Upgrade};
+use crate::{log, Body, Handler, Request, Response, HOST};
 
 /// The compiler that built this crate.
 pub const RUSTC: &str = env!("HANDLER_API_RUSTC");
@@ -60,6 +66,17 @@ pub unsafe fn init(
         write_error(
             sink,
             &format!("host speaks ABI version {}, this plugin ABI version {ABI_VERSION}", table.abi_version),
+        );
+        return FfiPoll::ERROR;
+    }
+    if table.size < core::mem::size_of::<HostApi>() {
+        write_error(
+            sink,
+            &format!(
+                "the host's service table has {} bytes, this plugin needs {}: run it on a newer hotswap",
+                table.size,
+                core::mem::size_of::<HostApi>()
+            ),
         );
         return FfiPoll::ERROR;
     }
@@ -122,8 +139,18 @@ enum Call<F> {
     Running(F),
     /// Answered without the handler (the request could not be rebuilt).
     Answered(Response),
-    /// Finished, or the handler panicked.
+    /// Answered: what the [`FfiResponse`] handed to the host borrows, until it drops the future.
+    Sent(Sent),
+    /// The handler panicked.
     Done,
+}
+
+/// A response handed to the host, which reads its headers and body in place.
+struct Sent {
+    headers: HeaderMap,
+    /// Views of `headers`; on the heap with the rest of the call, so they do not move.
+    views: SmallVec<[FfiHeader; 8]>,
+    full: Bytes,
 }
 
 /// `handle` of the declaration: turns the host's request into an `http::Request`, calls the
@@ -144,7 +171,16 @@ pub unsafe fn handle<H: Handler>(handler: &H, request: *const FfiRequest) -> Ffi
         let body = Body::from_host(abi::FfiHostBody { handle: request.body.handle, exact_len: request.body.exact_len });
         // SAFETY: forwarded from the caller.
         *call = match unsafe { build_request(request, body) } {
-            Ok(req) => Call::Running(handler.call(req)),
+            Ok(mut req) => {
+                // SAFETY: as above: the host keeps the request's strings valid during `handle`.
+                let protocol = unsafe { request.upgrade.as_bytes() };
+                if !protocol.is_empty() {
+                    let protocol = String::from_utf8_lossy(protocol).into_owned();
+                    req.extensions_mut().insert(Upgrade::new(protocol, request.version == abi::HTTP_2));
+                }
+                req.extensions_mut().insert(RequestContext::from_ffi(request));
+                Call::Running(handler.call(req))
+            }
             Err(e) => Call::Answered(bad_request(e)),
         };
     })); // a panic leaves `Done`, which answers PANICKED
@@ -182,10 +218,10 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     // SAFETY: the host keeps every string of `r` valid during `handle`, `r.method` among them.
     let method = Method::from_bytes(unsafe { r.method.as_bytes() }).map_err(|e| e.to_string())?;
     let version = match r.version {
-        9 => Version::HTTP_09,
-        10 => Version::HTTP_10,
-        20 => Version::HTTP_2,
-        30 => Version::HTTP_3,
+        abi::HTTP_09 => Version::HTTP_09,
+        abi::HTTP_10 => Version::HTTP_10,
+        abi::HTTP_2 => Version::HTTP_2,
+        abi::HTTP_3 => Version::HTTP_3,
         _ => Version::HTTP_11,
     };
     let headers: &[abi::FfiHeader] = if r.headers_len == 0 || r.headers.is_null() {
@@ -241,16 +277,16 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
 }
 
 /// `poll` of the [`FfiResponseFuture`] made by `handle`: polls the handler's future and, once
-/// it is ready, describes the response to the host.
+/// it is ready, writes the response to `out`.
 ///
 /// # Safety
 /// `state` must be the state of a future from `handle` for this `F`, not yet dropped and not
 /// polled concurrently; `waker` must point at a valid `FfiWaker` for this call; `out` must be
-/// the host's response slot for this poll.
+/// valid for writing an `FfiResponse`.
 unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
     state: *mut c_void,
     waker: *const abi::FfiWaker,
-    out: *mut c_void,
+    out: *mut FfiResponse,
 ) -> FfiPoll {
     // SAFETY: `state` is the box made in `handle`, exclusively ours until `drop_response`.
     let call = unsafe { &mut *(state as *mut Call<F>) };
@@ -272,7 +308,7 @@ unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
             }
         }
         // The handler panicked earlier (or was polled after completion).
-        Call::Done => return FfiPoll::PANICKED,
+        Call::Done | Call::Sent(_) => return FfiPoll::PANICKED,
         Call::Answered(_) => {
             // Take the response, leaving `Done`. The `else` cannot run (`Answered` was matched
             // just above); it answers PANICKED rather than panicking, as nothing here may.
@@ -282,12 +318,59 @@ unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
             response
         }
     };
-    let finished = catch_unwind(AssertUnwindSafe(|| {
-        *call = Call::Done;
-        describe(response, out)
-    }));
-    finished.unwrap_or(FfiPoll::PANICKED)
+    match catch_unwind(AssertUnwindSafe(|| send(call, response))) {
+        Ok(Some(response)) => {
+            // SAFETY: `out` is valid for writing, as the caller guarantees.
+            unsafe { out.write(response) };
+            FfiPoll::READY
+        }
+        // Not reached: `send` always leaves `Sent`.
+        Ok(None) => FfiPoll::PANICKED,
+        Err(_) => {
+            let _ = catch_unwind(AssertUnwindSafe(|| *call = Call::Done));
+            FfiPoll::PANICKED
+        }
+    }
 }
+
+/// Keeps `response`'s head and body in `call` (as [`Call::Sent`]) and describes them for the
+/// host, which reads them in place until it drops the future.
+fn send<F>(call: &mut Call<F>, response: Response) -> Option<FfiResponse> {
+    let (mut parts, body) = response.into_parts();
+    let upgrade = match parts.extensions.remove::<Accepted>().and_then(|accepted| accepted.take()) {
+        Some(session) => upgrade::into_ffi(session),
+        None => FfiUpgrade { state: std::ptr::null_mut(), vtable: std::ptr::null() },
+    };
+    let exact_len = body.exact_len().unwrap_or(abi::UNKNOWN_LENGTH);
+    let (body_kind, full, stream) = match body.into_kind() {
+        Kind::Empty => (abi::BODY_EMPTY, Bytes::new(), NO_STREAM),
+        Kind::Full(bytes) => (abi::BODY_FULL, bytes, NO_STREAM),
+        kind => {
+            let state = Box::into_raw(Box::new(Streaming { body: Some(Body::from_kind(kind)), current: Bytes::new() }));
+            (abi::BODY_STREAM, Bytes::new(), FfiBody { state: state as *mut c_void, vtable: &BODY_VTABLE, exact_len })
+        }
+    };
+    *call = Call::Sent(Sent { headers: parts.headers, views: SmallVec::new(), full });
+    let Call::Sent(sent) = call else { return None };
+    // The views borrow the map's own storage, which stays put while the map lives in `call`.
+    sent.views.extend(
+        sent.headers
+            .iter()
+            .map(|(n, v)| FfiHeader { name: FfiStr::new(n.as_str().as_bytes()), value: FfiStr::new(v.as_bytes()) }),
+    );
+    Some(FfiResponse {
+        status: parts.status.as_u16(),
+        body_kind,
+        headers: sent.views.as_ptr(),
+        headers_len: sent.views.len(),
+        full: FfiStr::new(&sent.full),
+        stream,
+        upgrade,
+    })
+}
+
+/// The stream body of a response that has none.
+const NO_STREAM: FfiBody = FfiBody { state: std::ptr::null_mut(), vtable: std::ptr::null(), exact_len: 0 };
 
 /// `drop` of the [`FfiResponseFuture`] made by `handle`.
 ///
@@ -296,93 +379,69 @@ unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
 unsafe extern "C" fn drop_response<F>(state: *mut c_void) {
     let _ = catch_unwind(|| {
         // SAFETY: the host calls this exactly once with the box made in `handle`.
-        drop(unsafe { Box::from_raw(state as *mut Call<F>) });
+        let call = unsafe { Box::from_raw(state as *mut Call<F>) };
+        if let Call::Sent(sent) = *call {
+            recycle(sent.headers);
+        }
     });
 }
 
-/// Hands the finished response to the host through its `response_*` functions.
-fn describe(response: Response, out: *mut c_void) -> FfiPoll {
-    let host = host();
-    let (parts, body) = response.into_parts();
-    // SAFETY: `out` is the host's response slot for this poll; a status passes no memory.
-    if unsafe { (host.response_set_status)(out, parts.status.as_u16()) } != FfiPoll::READY {
-        return FfiPoll::ERROR;
-    }
-    for (name, value) in &parts.headers {
-        let (n, v) = (FfiStr::new(name.as_str().as_bytes()), FfiStr::new(value.as_bytes()));
-        // SAFETY: `out` is the host's response slot for this poll; `n` and `v` borrow
-        // `parts.headers`, which outlives the call.
-        if unsafe { (host.response_append_header)(out, n, v) } != FfiPoll::READY {
-            return FfiPoll::ERROR;
-        }
-    }
-    recycle(parts.headers);
-    let exact_len = body.exact_len().unwrap_or(u64::MAX);
-    match body.into_kind() {
-        // SAFETY: `out` is the host's response slot for this poll; the empty string borrows
-        // nothing.
-        Kind::Empty => unsafe { (host.response_set_full_body)(out, FfiStr::EMPTY) },
-        // SAFETY: `out` is the host's response slot for this poll; `bytes` outlives the call.
-        Kind::Full(bytes) => unsafe { (host.response_set_full_body)(out, FfiStr::new(&bytes)) },
-        kind => {
-            let state = Box::into_raw(Box::new(Some(Body::from_kind(kind)))) as *mut c_void;
-            let body = FfiBody { state, poll_chunk: poll_body, drop: drop_body, exact_len };
-            // SAFETY: `out` is the host's response slot for this poll; `body` borrows nothing
-            // and hands the host the box just made, which `poll_body` and `drop_body` expect.
-            unsafe { (host.response_set_stream_body)(out, body) }
-        }
-    }
-    FfiPoll::READY
+/// A streaming response body: the state behind an [`FfiBody`] made by [`send`].
+struct Streaming {
+    /// `None` once it panicked.
+    body: Option<Body>,
+    /// The chunk last handed over, borrowed by the host until the next call.
+    current: Bytes,
 }
 
-/// `poll_chunk` of the [`FfiBody`] made by `describe`: hands the body's next chunk to the
-/// host, copied or lent.
+static BODY_VTABLE: FfiBodyVTable = FfiBodyVTable { poll_chunk: poll_body, drop: drop_body };
+
+/// `poll_chunk` of the [`FfiBody`] made by [`send`]: hands the body's next chunk to the host,
+/// borrowed or lent.
 ///
 /// # Safety
-/// `state` must be the state of a body from `describe`, not yet dropped and not polled
-/// concurrently; `waker` must point at a valid `FfiWaker` for this call; `sink` must be the
-/// host's chunk sink for this poll.
-unsafe extern "C" fn poll_body(state: *mut c_void, waker: *const abi::FfiWaker, sink: *mut c_void) -> FfiPoll {
-    // SAFETY: `state` is the box made in `describe`, exclusively ours until `drop_body`.
-    let slot = unsafe { &mut *(state as *mut Option<Body>) };
-    let Some(body) = slot.as_mut() else {
+/// `state` must be the state of a body from `send`, not yet dropped and not polled
+/// concurrently; `waker` must point at a valid `FfiWaker` for this call; `out` must be valid
+/// for writing an `FfiChunk`.
+unsafe extern "C" fn poll_body(state: *mut c_void, waker: *const abi::FfiWaker, out: *mut FfiChunk) -> FfiPoll {
+    // SAFETY: `state` is the box made in `send`, exclusively ours until `drop_body`.
+    let streaming = unsafe { &mut *(state as *mut Streaming) };
+    let Some(body) = streaming.body.as_mut() else {
         return FfiPoll::PANICKED;
-    };
-    // `try_host`, not `host`: nothing outside `catch_unwind` may panic. The table is set
-    // before any request, so this never fails in practice.
-    let Some(host) = crate::try_host() else {
-        return FfiPoll::ERROR;
     };
     // SAFETY: the host keeps `waker` valid for this call.
     let waker = unsafe { abi::waker::borrow(waker) };
     let mut cx = Context::from_waker(&waker);
     // Handing the chunk over and reporting an error run inside `catch_unwind` too: dropping a
     // chunk or formatting an error runs the author's code.
-    let polled = catch_unwind(AssertUnwindSafe(|| match Pin::new(&mut *body).poll_chunk(&mut cx) {
-        Poll::Pending => FfiPoll::PENDING,
-        Poll::Ready(None) => FfiPoll::READY,
-        Poll::Ready(Some(Ok(chunk))) if chunk.len() < LEND_FROM => {
-            // SAFETY: `sink` is the host's chunk sink for this poll; `chunk` outlives the call.
-            unsafe { (host.chunk_push)(sink, FfiStr::new(&chunk)) };
-            FfiPoll::READY
-        }
-        Poll::Ready(Some(Ok(chunk))) => {
-            // The bytes stay where they are (moving a `Bytes` does not move its data) until the
-            // host releases the box that owns them.
-            let data = FfiStr::new(&chunk);
-            let state = Box::into_raw(Box::new(chunk)) as *mut c_void;
-            // SAFETY: `sink` is the host's chunk sink for this poll; `state` keeps `data` alive
-            // until `release_chunk`.
-            unsafe { (host.chunk_lend)(sink, abi::FfiLent { data, state, release: release_chunk }) };
-            FfiPoll::READY
-        }
-        Poll::Ready(Some(Err(e))) => {
-            log::emit(host, 1, "handler_api::body", &format!("response body failed: {e}"));
-            FfiPoll::ERROR
-        }
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        let chunk = match Pin::new(&mut *body).poll_chunk(&mut cx) {
+            Poll::Pending => return FfiPoll::PENDING,
+            Poll::Ready(None) => FfiChunk { data: FfiStr::EMPTY, release: None, state: std::ptr::null_mut() },
+            Poll::Ready(Some(Ok(chunk))) if chunk.len() < LEND_FROM => {
+                streaming.current = chunk;
+                FfiChunk { data: FfiStr::new(&streaming.current), release: None, state: std::ptr::null_mut() }
+            }
+            Poll::Ready(Some(Ok(chunk))) => {
+                // The bytes stay where they are (moving a `Bytes` does not move its data) until
+                // the host releases the box that owns them.
+                let data = FfiStr::new(&chunk);
+                let state = Box::into_raw(Box::new(chunk)) as *mut c_void;
+                FfiChunk { data, release: Some(release_chunk), state }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(host) = crate::try_host() {
+                    log::emit(host, abi::LOG_ERROR, "handler_api::body", &format!("response body failed: {e}"));
+                }
+                return FfiPoll::ERROR;
+            }
+        };
+        // SAFETY: `out` is valid for writing, as the caller guarantees.
+        unsafe { out.write(chunk) };
+        FfiPoll::READY
     }));
     polled.unwrap_or_else(|_| {
-        let _ = catch_unwind(AssertUnwindSafe(|| *slot = None));
+        let _ = catch_unwind(AssertUnwindSafe(|| streaming.body = None));
         FfiPoll::PANICKED
     })
 }
@@ -402,14 +461,14 @@ unsafe extern "C" fn release_chunk(state: *mut c_void) {
     });
 }
 
-/// `drop` of the [`FfiBody`] made by `describe`.
+/// `drop` of the [`FfiBody`] made by `send`.
 ///
 /// # Safety
-/// `state` must be the state of a body from `describe`, not used again afterwards.
+/// `state` must be the state of a body from `send`, not used again afterwards.
 unsafe extern "C" fn drop_body(state: *mut c_void) {
     let _ = catch_unwind(|| {
-        // SAFETY: the host calls this exactly once with the box made in `describe`.
-        drop(unsafe { Box::from_raw(state as *mut Option<Body>) });
+        // SAFETY: the host calls this exactly once with the box made in `send`.
+        drop(unsafe { Box::from_raw(state as *mut Streaming) });
     });
 }
 

@@ -52,6 +52,21 @@
 //! holds the dynamic loader's lock for good, and the host exits (status 70) for its service
 //! manager to restart it, so keep them short.
 //!
+//! # What a request carries
+//!
+//! Besides its head and body, each request has a [`RequestContext`] in its extensions: the
+//! client's and the host's addresses, the scheme, and the request's id, which the host's log
+//! lines about it carry. A request body's trailers are there once it has been read
+//! ([`Body::trailers`]).
+//!
+//! # WebSockets and other upgrades
+//!
+//! A request that asks to switch protocols (HTTP/1.1 `Upgrade`, HTTP/2 extended CONNECT)
+//! carries an [`upgrade::Upgrade`]; accept it, and a function of yours runs on the
+//! connection's byte stream, which implements the async I/O traits WebSocket libraries take.
+//! It stays on your build until it ends, across swaps; [`superseded`] tells it when a newer
+//! build serves new requests, so it can close politely. See [`upgrade`].
+//!
 //! # Errors and panics
 //!
 //! A panic in a handler becomes a `500 Internal Server Error` and an error line in the host's
@@ -85,11 +100,13 @@
 
 pub mod abi;
 mod body;
+mod context;
 #[doc(hidden)]
 pub mod export;
 mod log;
 mod response;
 mod services;
+pub mod upgrade;
 #[cfg(feature = "testing")]
 pub mod testing;
 #[cfg(feature = "tokio-host")]
@@ -101,8 +118,9 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use std::task::{Context, Poll};
 
 pub use body::Body;
+pub use context::{RequestContext, RequestId};
 pub use response::IntoResponse;
-pub use services::{sleep, spawn_blocking, BlockingError, JoinHandle, Sleep};
+pub use services::{sleep, spawn_blocking, superseded, BlockingError, JoinHandle, Sleep, Superseded};
 
 #[doc(hidden)]
 pub use export as __private;

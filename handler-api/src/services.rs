@@ -203,3 +203,65 @@ impl<T> Drop for JoinHandle<T> {
         }
     }
 }
+
+/// Completes once this build no longer gets new requests: a newer build of the plugin serves
+/// them, or the host is shutting down. Requests and upgraded connections already running go
+/// on (until the host's drain timeout); a long-lived one (a WebSocket, server-sent events)
+/// can use this to end politely and let its client reconnect to the new code.
+///
+/// Outside the hotswap host (in a unit test), it never completes.
+///
+/// # Example
+///
+/// ```
+/// # async fn session() {
+/// handler_api::superseded().await;
+/// // A newer build serves new requests now: tell the client, and end the session.
+/// # }
+/// ```
+pub fn superseded() -> Superseded {
+    Superseded { handle: std::ptr::null_mut(), asked: false }
+}
+
+/// Future returned by [`superseded`].
+#[derive(Debug)]
+pub struct Superseded {
+    handle: *mut c_void,
+    asked: bool,
+}
+
+// SAFETY: the handle is an exclusively owned host object (a cancellation future, Send).
+unsafe impl Send for Superseded {}
+// SAFETY: `&Superseded` exposes nothing; all access goes through `Pin<&mut>`.
+unsafe impl Sync for Superseded {}
+
+impl Future for Superseded {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(host) = crate::try_host() else { return Poll::Pending };
+        if !self.asked {
+            self.asked = true;
+            // SAFETY: a plain call into the host's table, with the context it gave us.
+            self.handle = unsafe { (host.superseded_new)(host.context) };
+        }
+        if self.handle.is_null() {
+            return Poll::Pending; // the host cannot tell
+        }
+        let waker = abi::waker::lend(cx.waker());
+        // SAFETY: the handle is live; `waker` outlives the call.
+        match unsafe { (host.superseded_poll)(self.handle, &waker) } {
+            FfiPoll::PENDING => Poll::Pending,
+            _ => Poll::Ready(()),
+        }
+    }
+}
+
+impl Drop for Superseded {
+    fn drop(&mut self) {
+        if let (false, Some(host)) = (self.handle.is_null(), crate::try_host()) {
+            // SAFETY: released exactly once.
+            unsafe { (host.superseded_drop)(self.handle) };
+        }
+    }
+}

@@ -45,11 +45,11 @@
 //!   `handler_api`.
 //! - **Not the C ABI.** Nothing crosses it in-process: the handler is an `async fn` called
 //!   directly. The table's functions that serve calls through the declaration that
-//!   [`export_handler!`](crate::export_handler) generates (request body chunks, the
-//!   `response_*` and `chunk_*` callbacks) are stubs that fail with [`FfiPoll::ERROR`], or
-//!   only release what they are handed. Do not drive the declaration's `handle` with this
-//!   table; nor does [`install`] run the declaration's `init` (or your `init` hook: call it
-//!   yourself if the handler needs it).
+//!   [`export_handler!`](crate::export_handler) generates (request body chunks, upgraded
+//!   connections) are stubs that fail with [`FfiPoll::ERROR`], or only release what they are
+//!   handed; [`superseded`](crate::superseded) never completes. Do not drive the
+//!   declaration's `handle` with this table; nor does [`install`] run the declaration's
+//!   `init` (or your `init` hook: call it yourself if the handler needs it).
 //!
 //! The table stays installed for the rest of the process.
 
@@ -58,7 +58,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::Ordering;
 
-use crate::abi::{FfiBody, FfiLent, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
+use crate::abi::{FfiHeader, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
 use crate::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, sleep_drop, sleep_new, sleep_poll};
 use crate::HOST;
 
@@ -83,20 +83,24 @@ pub fn install() {
 
 /// The in-process table. It has no per-plugin data, so `context` is null.
 static TABLE: HostApi = HostApi {
+    size: std::mem::size_of::<HostApi>(),
     abi_version: ABI_VERSION,
     // Everything: the process's own subscriber filters.
-    max_log_level: 5,
+    max_log_level: crate::abi::LOG_TRACE,
     context: ptr::null(),
     log,
     error_write,
     body_poll,
-    body_drop,
-    response_set_status,
-    response_append_header,
-    response_set_full_body,
-    response_set_stream_body,
-    chunk_push,
-    chunk_lend,
+    body_trailers,
+    body_drop: release_nothing,
+    io_poll_read,
+    io_poll_write,
+    io_poll_flush: poll_error,
+    io_poll_shutdown: poll_error,
+    io_drop: release_nothing,
+    superseded_new,
+    superseded_poll: poll_error,
+    superseded_drop: release_nothing,
     sleep_new,
     sleep_poll,
     sleep_drop,
@@ -147,47 +151,39 @@ extern "C" fn body_poll(_body: *mut c_void, _waker: *const FfiWaker, _chunk: *mu
     FfiPoll::ERROR
 }
 
-/// Stub: see [`body_poll`]; there is nothing to release.
-extern "C" fn body_drop(_body: *mut c_void) {}
-
-/// Stub: responses are not described through the table in-process.
-extern "C" fn response_set_status(_response: *mut c_void, _status: u16) -> FfiPoll {
+/// Stub: see [`body_poll`].
+extern "C" fn body_trailers(_body: *mut c_void, _headers: *mut *const FfiHeader, _len: *mut usize) -> FfiPoll {
     FfiPoll::ERROR
 }
 
-/// Stub: see [`response_set_status`].
-extern "C" fn response_append_header(_response: *mut c_void, _name: FfiStr, _value: FfiStr) -> FfiPoll {
+/// Stub: there are no upgraded connections in-process (nothing switches protocols).
+extern "C" fn io_poll_read(
+    _io: *mut c_void,
+    _waker: *const FfiWaker,
+    _buf: *mut u8,
+    _cap: usize,
+    _read: *mut usize,
+) -> FfiPoll {
     FfiPoll::ERROR
 }
 
-/// Stub: see [`response_set_status`]; the body is ignored.
-extern "C" fn response_set_full_body(_response: *mut c_void, _body: FfiStr) {}
-
-/// Stub: see [`response_set_status`]; the body is dropped at once, as the ABI requires of the
-/// side it is handed to.
-///
-/// # Safety
-/// `body` must be a live body that nothing else drops.
-unsafe extern "C" fn response_set_stream_body(_response: *mut c_void, body: FfiBody) {
-    // SAFETY: the caller hands `body` over; this is its one drop. `drop` is `extern "C"` and
-    // so cannot unwind into this function.
-    unsafe { (body.drop)(body.state) };
+/// Stub: see [`io_poll_read`].
+extern "C" fn io_poll_write(_io: *mut c_void, _waker: *const FfiWaker, _data: FfiStr, _written: *mut usize) -> FfiPoll {
+    FfiPoll::ERROR
 }
 
-/// Stub: see [`response_set_status`]; the chunk is ignored.
-extern "C" fn chunk_push(_sink: *mut c_void, _data: FfiStr) {}
-
-/// Stub: see [`response_set_status`]; the chunk is released at once, as the ABI requires of
-/// the side it is lent to.
-///
-/// # Safety
-/// `chunk` must be a live lent chunk that nothing else releases.
-unsafe extern "C" fn chunk_lend(_sink: *mut c_void, chunk: FfiLent) {
-    // SAFETY: the caller lends `chunk` to us; this is its one release. `release` is
-    // `extern "C"` and so cannot unwind into this function.
-    unsafe { (chunk.release)(chunk.state) };
+/// Stub for the polls of host objects that do not exist in-process.
+extern "C" fn poll_error(_handle: *mut c_void, _waker: *const FfiWaker) -> FfiPoll {
+    FfiPoll::ERROR
 }
 
+/// Stub: in-process, no newer build ever supersedes the handler.
+extern "C" fn superseded_new(_context: *const c_void) -> *mut c_void {
+    ptr::null_mut()
+}
+
+/// Stub: the host objects it would release do not exist in-process.
+extern "C" fn release_nothing(_handle: *mut c_void) {}
 
 #[cfg(test)]
 mod tests {
@@ -332,9 +328,6 @@ mod tests {
 
     #[test]
     fn abi_callbacks_report_an_error() {
-        // SAFETY: the stubs dereference nothing.
-        let status = unsafe { (TABLE.response_set_status)(ptr::null_mut(), 200) };
-        assert_eq!(status, FfiPoll::ERROR);
         let mut chunk = FfiStr::EMPTY;
         // SAFETY: as above.
         let polled = unsafe { (TABLE.body_poll)(ptr::null_mut(), ptr::null(), &mut chunk) };

@@ -72,7 +72,7 @@ async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
         ("random.so", write_file(&scratch.join("random"), &random), "not a loadable shared library"),
         ("truncated.so", write_file(&scratch.join("truncated"), &real[..real.len() / 2]), "so it is truncated"),
         ("libz.so", system_libz(), "not a hotswap plugin"),
-        ("wrong-abi.so", artifacts().wrong_abi.clone(), "plugin ABI version 999, host ABI version 3"),
+        ("wrong-abi.so", artifacts().wrong_abi.clone(), "plugin ABI version 3, host ABI version 4"),
         ("init-error.so", init_error, "init failed: fixture: init refuses on purpose"),
         ("init-panic.so", init_panic, "init panicked: panicked: fixture: init panics on purpose"),
         ("init-hang.so", init_hang, "init did not return within 2s"),

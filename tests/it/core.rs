@@ -132,13 +132,13 @@ async fn serves_http2_with_prior_knowledge() {
 }
 
 #[test]
-fn refuses_a_plugin_with_another_abi_version_naming_both() {
+fn refuses_a_plugin_built_for_the_previous_abi_naming_both_versions() {
     let log = match Host::try_serve(&["--plugin", artifacts().wrong_abi.to_str().unwrap()]) {
-        Ok(_) => panic!("a plugin declaring ABI version 999 was served"),
+        Ok(_) => panic!("a plugin built for ABI version 3 was served"),
         Err(log) => log,
     };
-    assert!(log.contains("plugin ABI version 999"), "{log}");
-    assert!(log.contains("host ABI version 3"), "{log}");
+    assert!(log.contains("plugin ABI version 3, host ABI version 4"), "{log}");
+    assert!(log.contains("rebuild the plugin against the handler-api of this host"), "{log}");
 }
 
 #[tokio::test]

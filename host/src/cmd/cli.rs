@@ -138,8 +138,9 @@ pub(crate) struct HostArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) listen: SocketAddr,
 
-    /// How long responses in progress may go on after shutdown is requested, or after their
-    /// generation was replaced, before they are cut off. Examples: 30s, 500ms, 2m.
+    /// How long responses in progress, and upgraded connections (WebSockets), may go on after
+    /// shutdown is requested, or after their generation was replaced, before they are cut
+    /// off. Examples: 30s, 500ms, 2m.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) drain_timeout: Duration,
 

@@ -198,7 +198,7 @@ fn status_text(status: &api::Status) -> String {
     }
     out.push_str(&format!("  plugins from {}\n\n", status.plugin_source.display()));
 
-    let mut resident = table(&["GEN", "VERSION", "STATE", "IN FLIGHT", "STREAMS", "SENT", "REQUESTS", "AGE"]);
+    let mut resident = table(&["GEN", "VERSION", "STATE", "IN FLIGHT", "STREAMS", "UPGRADED", "SENT", "REQUESTS", "AGE"]);
     for g in &status.resident {
         resident.add_row(vec![
             g.generation.to_string(),
@@ -206,6 +206,7 @@ fn status_text(status: &api::Status) -> String {
             g.state.clone(),
             g.in_flight.to_string(),
             g.streams.to_string(),
+            g.upgraded.to_string(),
             bytes(g.bytes_sent),
             g.requests.to_string(),
             seconds(g.age_seconds),

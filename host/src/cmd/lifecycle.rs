@@ -63,6 +63,9 @@ where
     let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
     server.accept_loop(listener).await;
     notify_service_manager(&[NotifyState::Stopping]);
+    // No build gets new requests any more: long-lived sessions that watch for it (WebSockets
+    // through `handler_api::superseded`) may end politely while the rest drains.
+    registry.current_cell().load().superseded().raise();
     let _ = triggers.await;
 
     tracing::info!(connections = server.connections(), "draining (up to {:?})", args.drain_timeout);

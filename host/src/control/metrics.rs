@@ -68,6 +68,17 @@ impl Collector for Metrics {
             let labels = [("generation", id.as_str()), ("version", version.as_str())];
             ConstGauge::new(generation.in_flight() as i64).encode(in_flight.encode_family(&labels)?)?;
         }
+        let mut upgraded = encoder.encode_descriptor(
+            "hotswap_upgraded_connections",
+            "Connections switched to another protocol (WebSockets) that a resident generation serves",
+            None,
+            MetricType::Gauge,
+        )?;
+        for generation in &resident {
+            let (id, version) = (generation.id().to_string(), generation.version().to_string());
+            let labels = [("generation", id.as_str()), ("version", version.as_str())];
+            ConstGauge::new(generation.stats().upgraded() as i64).encode(upgraded.encode_family(&labels)?)?;
+        }
 
         let resident_generations = crate::plugin::reaper::resident_generations() as i64;
         ConstGauge::new(resident_generations).encode(encoder.encode_descriptor(

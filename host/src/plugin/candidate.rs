@@ -229,7 +229,9 @@ impl Candidate {
             }
         };
         let shadow = std::mem::take(&mut self.shadow);
-        let context = Box::new(PluginContext { label: format!("{}@{}", self.name, self.version) });
+        let superseded = Latch::new();
+        let context =
+            Box::new(PluginContext { label: format!("{}@{}", self.name, self.version), superseded: superseded.token().clone() });
         let api = Box::new(table::host_api(&*context, services::max_log_level()));
         reaper::live_generations().fetch_add(1, Ordering::SeqCst);
         let mut generation = Generation {
@@ -242,7 +244,7 @@ impl Candidate {
             shadow,
             handle: runtime.handle().clone(),
             stats: Arc::default(),
-            superseded: Latch::new(),
+            superseded,
             aborted: Latch::new(),
             initialized: false,
             unload_timeout: options.unload_timeout,

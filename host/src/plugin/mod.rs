@@ -21,6 +21,8 @@ pub(crate) mod stats;
 pub(crate) mod table;
 pub(crate) mod threads;
 pub(crate) mod trust;
+pub(crate) mod upgrade;
+pub(crate) mod wakers;
 
 pub(crate) use candidate::{Candidate, GenerationError, LoadOptions};
 pub(crate) use generation::{thread_generation, Current, Generation, InFlight, LentTally};

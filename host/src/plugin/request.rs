@@ -5,21 +5,26 @@
 //! each body runs inside `catch_unwind`.
 
 use std::ffi::c_void;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use handler_api::abi::{self, FfiHeader, FfiHostBody, FfiPoll, FfiRequest, FfiResponseFuture, FfiStr, FfiWaker};
-use http::StatusCode;
+use handler_api::abi::{
+    self, FfiHeader, FfiHostBody, FfiPoll, FfiRequest, FfiResponse, FfiResponseFuture, FfiSocketAddr, FfiStr, FfiWaker,
+};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use smallvec::SmallVec;
 
 use crate::plugin::generation::{thread_generation, InFlight};
-use crate::plugin::response::{self, ResponseBody, ResponseSlot};
+use crate::plugin::response::{self, ResponseBody, Written};
+use crate::plugin::upgrade::PendingUpgrade;
+use crate::plugin::wakers::Parking;
 
 /// A request body lent to the plugin: hyper's `Incoming` plus the chunk last handed out,
 /// which must stay valid until the next poll.
@@ -30,10 +35,10 @@ struct RequestBody {
     allowed: u64,
     /// What the host's timeouts and its answer need to know of this body.
     progress: Arc<BodyProgress>,
-    /// A waker the plugin made itself, parked here instead of inside hyper (see
-    /// [`PluginWakerProxy`]).
-    plugin_waker: Option<Arc<Mutex<Option<Waker>>>>,
-    proxy: Option<Waker>,
+    /// A waker the plugin made itself, parked here instead of inside hyper.
+    parking: Parking,
+    /// The trailers, once the body has ended, and the views of them lent to the plugin.
+    trailers: Option<(http::HeaderMap, Vec<FfiHeader>)>,
 }
 
 /// How a request body the plugin reads is coming along, shared with the host's
@@ -104,33 +109,6 @@ impl BodyProgress {
     }
 }
 
-/// What hyper gets instead of a waker the plugin made itself (`FuturesUnordered` and the like
-/// make their own). hyper and h2 keep the last waker in state the *connection* owns, and the
-/// connection may have moved to a newer generation, or outlive this one: a plugin waker woken
-/// or dropped there would run plugin code on the wrong threads, or after `dlclose`. The proxy
-/// is host code; it wakes the plugin's waker on the generation's own runtime, and the plugin's
-/// waker is dropped there too (in `body_poll` or `body_drop`).
-struct PluginWakerProxy {
-    generation: tokio::runtime::Handle,
-    slot: Weak<Mutex<Option<Waker>>>,
-}
-
-impl std::task::Wake for PluginWakerProxy {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let Some(slot) = self.slot.upgrade() else { return };
-        self.generation.spawn(async move {
-            let waker = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some(waker) = waker {
-                waker.wake();
-            }
-        });
-    }
-}
-
 /// `HostApi::body_poll`: the next chunk of a request body the plugin reads.
 ///
 /// # Safety
@@ -141,27 +119,9 @@ pub(crate) unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWa
         // polls it from one thread at a time (it holds it by `&mut`).
         let body = unsafe { &mut *(body as *mut RequestBody) };
         // SAFETY: the plugin keeps `waker` valid for this call.
-        let native = unsafe { abi::waker::is_native(waker) };
-        // SAFETY: as above.
-        let waker = unsafe { abi::waker::borrow(waker) };
-        let waker: &Waker = if native {
-            &waker
-        } else {
-            // Park a clone of the plugin's waker here (on this generation's thread) and give
-            // hyper the proxy.
-            let slot = body.plugin_waker.get_or_insert_with(|| Arc::new(Mutex::new(None))).clone();
-            let mut parked = slot.lock().unwrap_or_else(PoisonError::into_inner);
-            if !parked.as_ref().is_some_and(|w| w.will_wake(&waker)) {
-                *parked = Some((*waker).clone());
-            }
-            drop(parked);
-            body.proxy.get_or_insert_with(|| {
-                Waker::from(Arc::new(PluginWakerProxy {
-                    generation: tokio::runtime::Handle::current(),
-                    slot: Arc::downgrade(&slot),
-                }))
-            })
-        };
+        let borrowed = unsafe { abi::waker::borrow(waker) };
+        // SAFETY: as above; `borrowed` is its view.
+        let waker = unsafe { body.parking.waker(waker, &borrowed) };
         let progress = &*body.progress;
         if progress.too_large.load(Ordering::Relaxed) || progress.timed_out() {
             // Past the size limit, or too slow: nothing more is read.
@@ -193,7 +153,15 @@ pub(crate) unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWa
                     return FfiPoll::READY;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else { continue }; // trailers are not passed on
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                body.trailers = Some((trailers, Vec::new()));
+                            }
+                            continue;
+                        }
+                    };
                     if data.is_empty() {
                         continue;
                     }
@@ -233,21 +201,83 @@ pub(crate) unsafe extern "C" fn body_drop(body: *mut c_void) {
         // The plugin no longer reads: the body is not timed any more.
         body.progress.finish();
         drop(body.progress.waker.lock().unwrap_or_else(PoisonError::into_inner).take());
-        // Drop the parked plugin waker here, on the generation's thread; the proxy hyper may
-        // still hold then finds an empty slot.
-        if let Some(slot) = &body.plugin_waker {
-            drop(slot.lock().unwrap_or_else(PoisonError::into_inner).take());
-        }
+        // Its parking drops the plugin's waker here, on the generation's thread.
     });
 }
 
-/// What the plugin is given of a request's head: its headers (taken, to be reused), and a
-/// view of its method and target (which stay the caller's, for its log line).
+/// `HostApi::body_trailers`: the trailers of a request body that has ended.
+///
+/// # Safety
+/// `body` is a live handle from the request, used by one thread at a time; `headers` and `len` are valid for writing.
+pub(crate) unsafe extern "C" fn body_trailers(body: *mut c_void, headers: *mut *const FfiHeader, len: *mut usize) -> FfiPoll {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `body` is a live RequestBody handed to the plugin, used by one thread at a time.
+        let body = unsafe { &mut *(body as *mut RequestBody) };
+        if !body.progress.is_finished() {
+            return FfiPoll::ERROR;
+        }
+        let views: &[FfiHeader] = match &mut body.trailers {
+            Some((map, views)) => {
+                views.clear();
+                views.extend(map.iter().map(|(n, v)| FfiHeader {
+                    name: FfiStr::new(n.as_str().as_bytes()),
+                    value: FfiStr::new(v.as_bytes()),
+                }));
+                views
+            }
+            None => &[],
+        };
+        // SAFETY: the plugin's out-parameters; the views stay valid until the next call on
+        // this body, as the ABI says.
+        unsafe {
+            *headers = views.as_ptr();
+            *len = views.len();
+        }
+        FfiPoll::READY
+    }))
+    .unwrap_or(FfiPoll::ERROR)
+}
+
+/// What the plugin is given of a request's head: its headers (taken, to be reused), a view
+/// of its method and target (which stay the caller's, for its log line), and where it came
+/// from.
 pub(crate) struct Head<'a> {
     pub(crate) method: &'a http::Method,
     pub(crate) uri: &'a http::Uri,
     pub(crate) version: http::Version,
     pub(crate) headers: http::HeaderMap,
+    pub(crate) origin: &'a Origin,
+    pub(crate) request_id: u64,
+    /// The protocol the client asks to switch to, when the host can switch this request.
+    pub(crate) upgrade: Option<&'a [u8]>,
+}
+
+/// Where a connection's requests come from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Origin {
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) local: Option<SocketAddr>,
+    pub(crate) https: bool,
+}
+
+fn ffi_addr(addr: Option<SocketAddr>) -> FfiSocketAddr {
+    match addr {
+        Some(SocketAddr::V4(a)) => {
+            let mut ip = [0; 16];
+            ip[..4].copy_from_slice(&a.ip().octets());
+            FfiSocketAddr { family: abi::ADDR_IPV4, port: a.port(), scope_id: 0, ip }
+        }
+        Some(SocketAddr::V6(a)) => {
+            FfiSocketAddr { family: abi::ADDR_IPV6, port: a.port(), scope_id: a.scope_id(), ip: a.ip().octets() }
+        }
+        None => FfiSocketAddr { family: abi::ADDR_NONE, port: 0, scope_id: 0, ip: [0; 16] },
+    }
+}
+
+/// What a plugin's call ended with: the response, and the upgrade it accepted, if any.
+pub(crate) struct Answer {
+    pub(crate) response: http::Response<ResponseBody>,
+    pub(crate) upgrade: Option<PendingUpgrade>,
 }
 
 /// A request in the plugin's hands: its response future, and until that completes, the
@@ -300,7 +330,7 @@ impl PluginCall {
     #[inline]
     pub(crate) fn start(in_flight: InFlight, head: Head<'_>, incoming: Incoming, max_body_size: u64) -> PluginCall {
         debug_assert_eq!(thread_generation(), in_flight.generation().id(), "a plugin call started outside its generation");
-        let exact_len = incoming.size_hint().exact().unwrap_or(u64::MAX);
+        let exact_len = incoming.size_hint().exact().unwrap_or(abi::UNKNOWN_LENGTH);
         // A request without a body (most GETs) costs no allocation for one.
         let mut progress = None;
         let body = if incoming.is_end_stream() {
@@ -312,8 +342,8 @@ impl PluginCall {
                 current: Bytes::new(),
                 allowed: max_body_size,
                 progress: shared,
-                plugin_waker: None,
-                proxy: None,
+                parking: Parking::default(),
+                trailers: None,
             };
             Box::into_raw(Box::new(body)) as *mut c_void
         };
@@ -332,18 +362,23 @@ impl PluginCall {
             }
         };
         let version = match head.version {
-            http::Version::HTTP_09 => 9,
-            http::Version::HTTP_10 => 10,
-            http::Version::HTTP_2 => 20,
-            http::Version::HTTP_3 => 30,
-            _ => 11,
+            http::Version::HTTP_09 => abi::HTTP_09,
+            http::Version::HTTP_10 => abi::HTTP_10,
+            http::Version::HTTP_2 => abi::HTTP_2,
+            http::Version::HTTP_3 => abi::HTTP_3,
+            _ => abi::HTTP_11,
         };
         let ffi = FfiRequest {
             method: FfiStr::new(head.method.as_str().as_bytes()),
             uri: FfiStr::new(uri.as_bytes()),
             version,
+            scheme: if head.origin.https { abi::SCHEME_HTTPS } else { abi::SCHEME_HTTP },
             headers: headers.as_ptr(),
             headers_len: headers.len(),
+            peer: ffi_addr(head.origin.peer),
+            local: ffi_addr(head.origin.local),
+            request_id: head.request_id,
+            upgrade: head.upgrade.map_or(FfiStr::EMPTY, FfiStr::new),
             body: FfiHostBody { handle: body, exact_len },
         };
         let handle = in_flight.generation().declaration().handle;
@@ -366,40 +401,46 @@ impl PluginCall {
     /// Polls the plugin's future, on a thread of its generation. Once it is ready the
     /// plugin's state is released, and the answer carries the request's hold on the
     /// generation: the response body, or the failure.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<http::Response<ResponseBody>, CallFailed>> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Answer, CallFailed>> {
         // Not reached: a completed future is dropped by its owner, not polled again.
         let Some(in_flight) = &self.in_flight else { return Poll::Pending };
         debug_assert_eq!(thread_generation(), in_flight.generation().id(), "a plugin call polled outside its generation");
         let waker = abi::waker::lend(cx.waker());
-        // The header map comes from `SPARE_HEADERS` at the first header, if there is one.
-        let mut slot = ResponseSlot::default();
+        let mut out = MaybeUninit::<FfiResponse>::uninit();
         // SAFETY: the state is live (`in_flight` is `Some`) and its library loaded; waker and
-        // slot outlive the call.
-        let r = unsafe { (self.ffi.poll)(self.ffi.state, &waker, &mut slot as *mut ResponseSlot as *mut c_void) };
+        // out outlive the call.
+        let r = unsafe { (self.ffi.poll)(self.ffi.state, &waker, out.as_mut_ptr()) };
         // A plugin still busy after its body read failed for slowness is not waited for: the
         // request has failed, and its slot on the connection is wanted.
         let timed_out = self.body.as_ref().is_some_and(|body| body.timed_out());
         if r == FfiPoll::PENDING && !timed_out {
             return Poll::Pending;
         }
+        // Read (and own) what the plugin wrote while its state, which the strings borrow, lives.
+        let written = (r == FfiPoll::READY).then(|| {
+            // SAFETY: on READY the plugin has written `out`, valid until its state is released
+            // below; this thread is the generation's, and `in_flight` holds it.
+            unsafe { Written::read(out.assume_init_ref()) }
+        });
         let too_large = self.body.as_ref().is_some_and(|body| body.too_large.load(Ordering::Acquire));
-        let ResponseSlot { status, headers, body, error } = slot;
         // Always `Some`: `in_flight` was checked above, and only this poll releases it.
         let Some(in_flight) = self.release() else { return Poll::Pending };
-        let error = match r {
+        let error = match (r, written) {
             _ if too_large => CallError::BodyTooLarge,
             _ if timed_out => CallError::BodyTimedOut,
-            FfiPoll::READY => {
+            (_, Some(Ok(Written { status, headers, body, upgrade }))) => {
+                let upgrade = upgrade.map(|ffi| PendingUpgrade::new(ffi, InFlight::new(in_flight.generation().clone())));
                 let mut response = http::Response::new(body.into_response_body(in_flight));
-                *response.status_mut() = status.unwrap_or(StatusCode::OK);
+                *response.status_mut() = status;
                 *response.headers_mut() = headers;
-                return Poll::Ready(Ok(response));
+                return Poll::Ready(Ok(Answer { response, upgrade }));
             }
-            FfiPoll::PANICKED => CallError::Panicked,
-            _ => CallError::Invalid(error.unwrap_or_else(|| "unknown error".into())),
+            (_, Some(Err(invalid))) => CallError::Invalid(invalid),
+            (FfiPoll::PANICKED, _) => CallError::Panicked,
+            _ => CallError::Invalid("the handler failed".into()),
         };
-        // A body the plugin set for this answer not given is released as `body` drops, after
-        // this: the answer holds the library.
+        // Whatever the plugin handed over for this answer not given (a body, an upgrade) was
+        // released above, while `in_flight` held the library.
         Poll::Ready(Err(CallFailed { error, in_flight }))
     }
 

@@ -1,18 +1,15 @@
-//! Responses, from the plugin to the host: the slot where the plugin describes its
-//! response, and the body it streams, as an `http_body::Body` hyper can send.
-//!
-//! The `extern "C"` functions here are host code called by the plugin; none may unwind, so
-//! each body that can panic runs inside `catch_unwind`.
+//! Responses, from the plugin to the host: the response the plugin writes in one call, read
+//! into the host's types, and the body it streams, as an `http_body::Body` hyper can send.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use handler_api::abi::{self, FfiBody, FfiLent, FfiPoll, FfiStr};
+use handler_api::abi::{self, DropFn, FfiBody, FfiChunk, FfiHeader, FfiPoll, FfiResponse, FfiStr, FfiUpgrade};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::{Frame, SizeHint};
 
@@ -33,34 +30,92 @@ pub(crate) fn recycle(mut headers: HeaderMap) {
     }
 }
 
-/// Where the plugin describes its response, during the poll that completes its future.
-#[derive(Default)]
-pub(crate) struct ResponseSlot {
-    pub(super) status: Option<StatusCode>,
+/// A response the plugin wrote (an [`FfiResponse`]), read into the host's types: its head
+/// copied, its stream body and upgrade owned (released when dropped, unless claimed).
+pub(super) struct Written {
+    pub(super) status: StatusCode,
     pub(super) headers: HeaderMap,
-    pub(super) body: SlotBody,
-    /// Why the response is invalid, if it is.
-    pub(super) error: Option<String>,
+    pub(super) body: WrittenBody,
+    pub(super) upgrade: Option<Unaccepted>,
 }
 
-/// The body the plugin set in a slot.
-#[derive(Default)]
-pub(super) enum SlotBody {
-    #[default]
+/// The body of a [`Written`] response.
+pub(super) enum WrittenBody {
     Empty,
     Full(Bytes),
     /// Released when dropped, unless it becomes a response body.
     Stream(Unclaimed),
 }
 
-/// A streaming body the plugin handed over in a slot, not yet part of a response: dropping
-/// it releases the plugin's state (during the poll that set it, its library loaded).
+impl Written {
+    /// Reads `ffi`, which the plugin wrote in a poll that returned `READY`. Its stream body
+    /// and upgrade are owned from here on, even when the response is invalid (the error says
+    /// why): they are released as the error returns, on the calling thread.
+    ///
+    /// # Safety
+    /// `ffi` must be what the plugin wrote: its strings and headers valid during this call,
+    /// its stream body and upgrade live and handed over. The caller must run on a thread of
+    /// the plugin's generation and hold it.
+    pub(super) unsafe fn read(ffi: &FfiResponse) -> Result<Written, String> {
+        // Owned first, so that whatever is wrong below releases them.
+        let stream = (ffi.body_kind == abi::BODY_STREAM && !ffi.stream.vtable.is_null())
+            .then(|| Unclaimed(FfiBody { state: ffi.stream.state, vtable: ffi.stream.vtable, exact_len: ffi.stream.exact_len }));
+        let upgrade = (!ffi.upgrade.vtable.is_null())
+            .then(|| Unaccepted(FfiUpgrade { state: ffi.upgrade.state, vtable: ffi.upgrade.vtable }));
+        let status = StatusCode::from_u16(ffi.status).map_err(|_| format!("invalid status code {}", ffi.status))?;
+        let body = match (ffi.body_kind, stream) {
+            (abi::BODY_EMPTY, _) => WrittenBody::Empty,
+            // SAFETY: the plugin keeps `full` valid during this call.
+            (abi::BODY_FULL, _) => WrittenBody::Full(Bytes::copy_from_slice(unsafe { ffi.full.as_bytes() })),
+            (abi::BODY_STREAM, Some(stream)) => WrittenBody::Stream(stream),
+            (kind, _) => return Err(format!("unknown body kind {kind}")),
+        };
+        let views: &[FfiHeader] = if ffi.headers_len == 0 || ffi.headers.is_null() {
+            &[]
+        } else {
+            // SAFETY: non-null; the plugin keeps `headers_len` headers there valid during this
+            // call, and the slice does not outlive it.
+            unsafe { std::slice::from_raw_parts(ffi.headers, ffi.headers_len) }
+        };
+        let mut headers = if views.is_empty() { HeaderMap::new() } else { SPARE_HEADERS.take().unwrap_or_default() };
+        RECENT_HEADERS.with_borrow_mut(|recent| {
+            for h in views {
+                // SAFETY: the plugin keeps its header strings valid during this call.
+                let (name, value) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
+                let Some((n, v)) = recent.header(name, value) else {
+                    return Err(format!("invalid header {:?}", String::from_utf8_lossy(name)));
+                };
+                headers.append(n, v);
+            }
+            Ok(())
+        })?;
+        Ok(Written { status, headers, body, upgrade })
+    }
+}
+
+/// An upgrade the plugin accepted, not yet started: dropping it releases the plugin's state
+/// (on the calling thread, which must be one of the generation's, while it is loaded).
+pub(crate) struct Unaccepted(pub(super) FfiUpgrade);
+
+// SAFETY: the plugin's state is `Send` (handler-api requires it of a session); it is owned
+// exclusively by this value.
+unsafe impl Send for Unaccepted {}
+
+impl Drop for Unaccepted {
+    fn drop(&mut self) {
+        // SAFETY: owned, never started: released exactly once, here.
+        unsafe { ((*self.0.vtable).drop)(self.0.state) };
+    }
+}
+
+/// A streaming body the plugin handed over, not yet part of a response: dropping it releases
+/// the plugin's state (on the calling thread, while the library is loaded).
 pub(super) struct Unclaimed(FfiBody);
 
 impl Unclaimed {
     /// The body, now owned by whoever releases it.
     fn claim(self) -> FfiBody {
-        let ffi = FfiBody { state: self.0.state, poll_chunk: self.0.poll_chunk, drop: self.0.drop, exact_len: self.0.exact_len };
+        let ffi = FfiBody { state: self.0.state, vtable: self.0.vtable, exact_len: self.0.exact_len };
         std::mem::forget(self);
         ffi
     }
@@ -69,64 +124,20 @@ impl Unclaimed {
 impl Drop for Unclaimed {
     fn drop(&mut self) {
         // SAFETY: the plugin handed this body over, and it was never claimed: released
-        // exactly once, here, during the poll that set it (its library loaded).
-        unsafe { (self.0.drop)(self.0.state) };
+        // exactly once, here.
+        unsafe { ((*self.0.vtable).drop)(self.0.state) };
     }
 }
 
-impl SlotBody {
+impl WrittenBody {
     /// The response body, holding the request's generation until it ends.
     pub(super) fn into_response_body(self, in_flight: InFlight) -> ResponseBody {
         match self {
-            SlotBody::Empty => ResponseBody::Full { bytes: None, in_flight },
-            SlotBody::Full(bytes) => ResponseBody::Full { bytes: Some(bytes), in_flight },
-            SlotBody::Stream(body) => ResponseBody::Plugin(PluginBody { ffi: body.claim(), finished: false, in_flight }),
+            WrittenBody::Empty => ResponseBody::Full { bytes: None, in_flight },
+            WrittenBody::Full(bytes) => ResponseBody::Full { bytes: Some(bytes), in_flight },
+            WrittenBody::Stream(body) => ResponseBody::Plugin(PluginBody { ffi: body.claim(), finished: false, in_flight }),
         }
     }
-}
-
-/// `HostApi::response_set_status`.
-///
-/// # Safety
-/// `response` is the `ResponseSlot` passed to the poll this call is part of.
-pub(crate) unsafe extern "C" fn response_set_status(response: *mut c_void, status: u16) -> FfiPoll {
-    // SAFETY: `response` is the slot passed to this poll.
-    let slot = unsafe { &mut *(response as *mut ResponseSlot) };
-    match StatusCode::from_u16(status) {
-        Ok(s) => {
-            slot.status = Some(s);
-            FfiPoll::READY
-        }
-        Err(_) => {
-            slot.error = Some(format!("invalid status code {status}"));
-            FfiPoll::ERROR
-        }
-    }
-}
-
-/// `HostApi::response_append_header`.
-///
-/// # Safety
-/// `response` is the `ResponseSlot` passed to the poll this call is part of; `name` and `value` are valid for the call.
-pub(crate) unsafe extern "C" fn response_append_header(response: *mut c_void, name: FfiStr, value: FfiStr) -> FfiPoll {
-    catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `response` is the slot passed to this poll; the strings live for this call.
-        let (slot, name, value) = unsafe { (&mut *(response as *mut ResponseSlot), name.as_bytes(), value.as_bytes()) };
-        match RECENT_HEADERS.with_borrow_mut(|recent| recent.header(name, value)) {
-            Some((n, v)) => {
-                if slot.headers.capacity() == 0 {
-                    slot.headers = SPARE_HEADERS.take().unwrap_or_default();
-                }
-                slot.headers.append(n, v);
-                FfiPoll::READY
-            }
-            None => {
-                slot.error = Some(format!("invalid header {:?}", String::from_utf8_lossy(name)));
-                FfiPoll::ERROR
-            }
-        }
-    }))
-    .unwrap_or(FfiPoll::ERROR)
 }
 
 thread_local! {
@@ -177,69 +188,11 @@ const REPEATING: [HeaderName; 6] = {
     [CONTENT_TYPE, CACHE_CONTROL, CONTENT_ENCODING, VARY, SERVER, X_CONTENT_TYPE_OPTIONS]
 };
 
-/// `HostApi::response_set_full_body`: the whole body, copied.
-///
-/// # Safety
-/// `response` is the `ResponseSlot` passed to the poll this call is part of; `body` is valid for the call.
-pub(crate) unsafe extern "C" fn response_set_full_body(response: *mut c_void, body: FfiStr) {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `response` is the slot passed to this poll; `body` lives for this call.
-        let slot = unsafe { &mut *(response as *mut ResponseSlot) };
-        // SAFETY: the plugin keeps `body` valid for this call.
-        let bytes = Bytes::copy_from_slice(unsafe { body.as_bytes() });
-        slot.body = SlotBody::Full(bytes); // a stream set before is released
-    }));
-}
-
-/// `HostApi::response_set_stream_body`: the body streams from the plugin, which hands its state over.
-///
-/// # Safety
-/// `response` is the `ResponseSlot` passed to the poll this call is part of; `body` is a live body of the plugin, owned by the host from now on.
-pub(crate) unsafe extern "C" fn response_set_stream_body(response: *mut c_void, body: FfiBody) {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `response` is the slot passed to this poll.
-        let slot = unsafe { &mut *(response as *mut ResponseSlot) };
-        slot.body = SlotBody::Stream(Unclaimed(body)); // likewise
-    }));
-}
-
-/// Where the plugin puts the chunk it produces, during one `poll_chunk`.
-struct ChunkSink<'a> {
-    chunk: Option<Bytes>,
-    generation: &'a Arc<Generation>,
-    lent: Option<&'a Arc<LentTally>>,
-}
-
-/// `HostApi::chunk_push`: the next chunk of a response body, copied.
-///
-/// # Safety
-/// `sink` is the `ChunkSink` passed to the `poll_chunk` this call is part of; `data` is valid for the call.
-pub(crate) unsafe extern "C" fn chunk_push(sink: *mut c_void, data: FfiStr) {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk; `data` lives for it.
-        let sink = unsafe { &mut *(sink as *mut ChunkSink) };
-        // SAFETY: the plugin keeps `data` valid for this call.
-        sink.chunk = Some(Bytes::copy_from_slice(unsafe { data.as_bytes() }));
-    }));
-}
-
-/// `HostApi::chunk_lend`: the next chunk of a response body, lent (no copy).
-///
-/// # Safety
-/// `sink` is the `ChunkSink` passed to the `poll_chunk` this call is part of; `chunk` stays valid until its `release` is called.
-pub(crate) unsafe extern "C" fn chunk_lend(sink: *mut c_void, chunk: FfiLent) {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `sink` is the `ChunkSink` passed to this poll_chunk.
-        let sink = unsafe { &mut *(sink as *mut ChunkSink) };
-        let lent = Lent { chunk, generation: sink.generation.clone(), _counted: sink.lent.map(LentTally::count) };
-        sink.chunk = Some(Bytes::from_owner(lent));
-    }));
-}
-
 /// A body chunk that stays in the plugin's memory: it keeps its generation (so the library)
 /// alive, and hands the release back to the plugin on one of the generation's threads.
 struct Lent {
-    chunk: FfiLent,
+    data: FfiStr,
+    release: Release,
     generation: Arc<Generation>,
     /// Counted in its connection's tally while it lives.
     _counted: Option<LentCount>,
@@ -252,13 +205,13 @@ unsafe impl Send for Lent {}
 impl AsRef<[u8]> for Lent {
     fn as_ref(&self) -> &[u8] {
         // SAFETY: `data` stays valid until `release`, which only `Drop` calls.
-        unsafe { self.chunk.data.as_bytes() }
+        unsafe { self.data.as_bytes() }
     }
 }
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        let release = Release(self.chunk.state, self.chunk.release);
+        let release = Release(self.release.0, self.release.1);
         if thread_generation() == self.generation.id() {
             release.run();
         } else {
@@ -275,8 +228,8 @@ impl Drop for Lent {
     }
 }
 
-/// A lent chunk's release function and state.
-struct Release(*mut c_void, unsafe extern "C" fn(*mut c_void));
+/// A lent chunk's state and release function.
+struct Release(*mut c_void, DropFn);
 
 // SAFETY: the state is an owned `Bytes` in the plugin, which is Send.
 unsafe impl Send for Release {}
@@ -307,6 +260,23 @@ impl ResponseBody {
     pub(crate) fn count_lent_in(&mut self, lent: impl FnOnce() -> Arc<LentTally>) {
         if let ResponseBody::Plugin(body) = self {
             body.in_flight.count_lent_in(lent());
+        }
+    }
+
+    /// The request's hold on its generation, for an answer the host gives instead.
+    pub(crate) fn into_in_flight(self) -> InFlight {
+        match self {
+            ResponseBody::Full { in_flight, .. } => in_flight,
+            ResponseBody::Plugin(body) => {
+                let body = std::mem::ManuallyDrop::new(body);
+                // SAFETY: the plugin's state is released first, exactly once (Drop will not
+                // run), while the hold, read out just before, keeps the library loaded.
+                unsafe {
+                    let in_flight = std::ptr::read(&body.in_flight);
+                    ((*body.ffi.vtable).drop)(body.ffi.state);
+                    in_flight
+                }
+            }
         }
     }
 
@@ -342,11 +312,28 @@ unsafe impl Send for PluginBody {}
 // `in_flight` (which is Sync); the plugin's state is reached only through `&mut`.
 unsafe impl Sync for PluginBody {}
 
+impl PluginBody {
+    /// The bytes of a chunk the plugin produced, copied or lent (`None` at the end).
+    fn take(&self, chunk: FfiChunk) -> Option<Bytes> {
+        match chunk.release {
+            // SAFETY: a borrowed chunk stays valid until the next call on this body.
+            None if chunk.data.len > 0 => Some(Bytes::copy_from_slice(unsafe { chunk.data.as_bytes() })),
+            None => None,
+            Some(release) => Some(Bytes::from_owner(Lent {
+                data: chunk.data,
+                release: Release(chunk.state, release),
+                generation: self.in_flight.generation().clone(),
+                _counted: self.in_flight.lent().map(LentTally::count),
+            })),
+        }
+    }
+}
+
 impl Drop for PluginBody {
     fn drop(&mut self) {
         // SAFETY: released exactly once, while `in_flight` (dropped after this) keeps the
         // library loaded.
-        unsafe { (self.ffi.drop)(self.ffi.state) };
+        unsafe { ((*self.ffi.vtable).drop)(self.ffi.state) };
     }
 }
 
@@ -362,22 +349,23 @@ impl http_body::Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 let waker = abi::waker::lend(cx.waker());
-                let mut sink =
-                    ChunkSink { chunk: None, generation: body.in_flight.generation(), lent: body.in_flight.lent() };
+                let mut chunk = MaybeUninit::<FfiChunk>::uninit();
                 // SAFETY: the state is live until drop, and `in_flight` keeps its library
-                // loaded; waker and sink outlive the call.
-                let r = unsafe {
-                    (body.ffi.poll_chunk)(body.ffi.state, &waker, &mut sink as *mut ChunkSink as *mut c_void)
-                };
+                // loaded; waker and chunk outlive the call.
+                let r = unsafe { ((*body.ffi.vtable).poll_chunk)(body.ffi.state, &waker, chunk.as_mut_ptr()) };
                 match r {
                     FfiPoll::PENDING => Poll::Pending,
-                    FfiPoll::READY => match sink.chunk {
-                        Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
-                        None => {
-                            body.finished = true;
-                            Poll::Ready(None)
+                    FfiPoll::READY => {
+                        // SAFETY: on READY the plugin has written the chunk.
+                        let chunk = unsafe { chunk.assume_init() };
+                        match body.take(chunk) {
+                            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                            None => {
+                                body.finished = true;
+                                Poll::Ready(None)
+                            }
                         }
-                    },
+                    }
                     FfiPoll::PANICKED => {
                         body.finished = true;
                         Poll::Ready(Some(Err(BodyError::Panicked)))
@@ -401,7 +389,7 @@ impl http_body::Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Full { bytes, .. } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            ResponseBody::Plugin(b) if b.ffi.exact_len != u64::MAX => SizeHint::with_exact(b.ffi.exact_len),
+            ResponseBody::Plugin(b) if b.ffi.exact_len != abi::UNKNOWN_LENGTH => SizeHint::with_exact(b.ffi.exact_len),
             ResponseBody::Plugin(_) => SizeHint::default(),
         }
     }

@@ -11,9 +11,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use handler_api::abi::FfiStr;
 
-/// Host data behind [`HostApi::context`](handler_api::abi::HostApi::context): who is logging.
+/// Host data behind [`HostApi::context`](handler_api::abi::HostApi::context): who is logging,
+/// and the generation's `superseded` latch, for `superseded_new`.
 pub(crate) struct PluginContext {
     pub(crate) label: String,
+    pub(crate) superseded: tokio_util::sync::CancellationToken,
 }
 
 /// The host's most verbose enabled level, in the ABI's numbering.

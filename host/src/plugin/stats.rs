@@ -134,6 +134,9 @@ pub(crate) struct GenerationStats {
     more: std::sync::Mutex<std::collections::BTreeMap<u16, StatusTotals>>,
     /// 0 while loaded; then 1 + the `Unloaded` variant.
     unloaded: AtomicU8,
+    /// Connections whose protocol was switched (WebSockets), open now. Rare enough for one
+    /// counter.
+    upgraded: std::sync::atomic::AtomicUsize,
 }
 
 impl GenerationStats {
@@ -191,6 +194,19 @@ impl GenerationStats {
     pub(crate) fn streams(&self) -> usize {
         let open: i64 = self.shards.iter().map(|s| s.streams.load(Ordering::Relaxed)).sum();
         usize::try_from(open).unwrap_or(0)
+    }
+
+    pub(crate) fn upgraded_started(&self) {
+        self.upgraded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn upgraded_ended(&self) {
+        self.upgraded.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Upgraded connections (WebSockets) its plugin serves now.
+    pub(crate) fn upgraded(&self) -> usize {
+        self.upgraded.load(Ordering::Relaxed)
     }
 
     /// Response body bytes handed to the connection.

@@ -10,7 +10,6 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -23,9 +22,8 @@ use crate::serve::state::{ConnState, OpenConnection, Shared};
 pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The hyper connection, with graceful shutdown wired in; movable between runtimes.
-pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Shared>, open: OpenConnection) -> ConnFuture {
+pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Shared>) -> ConnFuture {
     Box::pin(async move {
-        let _open = open;
         let mut io = io;
         let http2 = match sniff_http2(&mut io).await {
             Ok(http2) => http2,
@@ -40,14 +38,19 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
         let service = PluginService { conn: conn.clone(), current: shared.current.clone() };
         // Both answer a request head over the limit with 431 (h2: over the advertised header
         // list size).
+        // Both let the plugin switch protocols: HTTP/1.1 `Upgrade`, HTTP/2 extended CONNECT
+        // (RFC 8441).
         let result = if http2 {
             let mut builder = http2::Builder::new(StreamExecutor { conn });
             builder.max_header_list_size(u32::try_from(max_header_size).unwrap_or(u32::MAX));
-            drive(builder.serve_connection(TokioIo::new(io), service), &shared.shutdown).await
+            builder.enable_connect_protocol();
+            let connection = builder.serve_connection(TokioIo::new(io), service);
+            drive(connection, &shared.shutdown, |c| c.graceful_shutdown()).await
         } else {
             let mut builder = http1::Builder::new();
             builder.max_header_size(max_header_size);
-            drive(builder.serve_connection(TokioIo::new(io), service), &shared.shutdown).await
+            let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+            drive(connection, &shared.shutdown, |c| c.graceful_shutdown()).await
         };
         if let Err(e) = result {
             tracing::debug!("connection ended with an error: {e}");
@@ -55,17 +58,15 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
     })
 }
 
-/// Runs a hyper connection to its end; on shutdown, lets it finish what it has started.
-async fn drive<C>(connection: C, shutdown: &Latch) -> Result<(), C::Error>
-where
-    C: GracefulConnection,
-{
+/// Runs a hyper connection to its end; on shutdown, lets it finish what it has started
+/// (`graceful` tells it to).
+async fn drive<C: Future>(connection: C, shutdown: &Latch, graceful: impl FnOnce(Pin<&mut C>)) -> C::Output {
     tokio::pin!(connection);
     tokio::select! {
         biased; // the connection first: it is what is usually ready
         r = connection.as_mut() => r,
         () = shutdown.raised() => {
-            connection.as_mut().graceful_shutdown();
+            graceful(connection.as_mut());
             connection.await
         }
     }
@@ -227,7 +228,10 @@ impl ConnTask {
     /// Moves the connection to the current generation if this one was superseded and no
     /// HTTP/1 request is in progress. Returns whether it moved.
     fn try_move(&mut self) -> bool {
-        if !self.generation.superseded().is_raised() || self.conn.activity.http1_busy() {
+        if !self.generation.superseded().is_raised()
+            || self.conn.activity.http1_busy()
+            || self.conn.switching.load(std::sync::atomic::Ordering::Acquire)
+        {
             return false;
         }
         let next = self.shared.current.load();
@@ -283,12 +287,16 @@ pub(crate) struct MigratingStream {
     /// Keeps the reactor `io` is registered with alive until it re-registers.
     registered: Arc<Generation>,
     conn: Arc<ConnState>,
+    /// The connection's slot, held as long as the socket is open: after a switch of
+    /// protocols too, when the socket outlives hyper's connection.
+    _open: OpenConnection,
 }
 
 impl MigratingStream {
-    pub(crate) fn new(stream: std::net::TcpStream, conn: Arc<ConnState>) -> io::Result<MigratingStream> {
+    pub(crate) fn new(stream: std::net::TcpStream, conn: Arc<ConnState>, open: OpenConnection) -> io::Result<MigratingStream> {
         let registered = conn.generation.load_full();
-        Ok(MigratingStream { io: Some(TcpStream::from_std(stream)?), replay: Bytes::new(), frames: None, registered, conn })
+        let io = Some(TcpStream::from_std(stream)?);
+        Ok(MigratingStream { io, replay: Bytes::new(), frames: None, registered, conn, _open: open })
     }
 
     /// Notes bytes written, for the idle timeout.

@@ -45,6 +45,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::latch::Latch;
+use crate::plugin::request::Origin;
 use crate::plugin::Current;
 use connection::{ConnTask, MigratingStream};
 pub(crate) use limits::Limits;
@@ -107,22 +108,25 @@ impl Server {
             Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
         };
         let generation = self.shared.current.load();
+        let origin = Origin { peer: Some(peer), local: std_stream.local_addr().ok(), https: false };
         let conn = Arc::new(ConnState {
             generation: ArcSwap::new(generation.clone()),
+            origin,
             activity: self.sweeper.track(),
             max_body_size: self.limits.max_body_size,
             lent: ArcSwap::default(),
             relayed_lent: std::sync::Mutex::default(),
+            switching: std::sync::atomic::AtomicBool::new(false),
         });
         let open = OpenConnection::new(&self.shared, slot);
         let shared = self.shared.clone();
         generation.handle().spawn(async move {
             // Now on the generation's runtime: register the socket with its reactor.
-            let io = match MigratingStream::new(std_stream, conn.clone()) {
+            let io = match MigratingStream::new(std_stream, conn.clone(), open) {
                 Ok(io) => io,
                 Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
             };
-            let future = connection::serve(io, conn.clone(), shared.clone(), open);
+            let future = connection::serve(io, conn.clone(), shared.clone());
             ConnTask::new(future, conn, shared).await;
         });
     }

@@ -6,8 +6,10 @@
 //! response body ([`HostBody`]). Each of those releases the plugin's state before the hold
 //! goes, so no order of fields or drops can unload a library under its own code.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -17,8 +19,9 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::plugin::request::{BodyProgress, CallError, CallFailed, Head, PluginCall};
+use crate::plugin::request::{Answer, BodyProgress, CallError, CallFailed, Head, PluginCall};
 use crate::plugin::response::{BodyError, ResponseBody};
+use crate::plugin::upgrade::PendingUpgrade;
 use crate::plugin::{thread_generation, Current, Generation, InFlight, LentTally};
 use crate::serve::state::ConnState;
 
@@ -118,9 +121,44 @@ pub(crate) struct Calling {
     call: PluginCall,
     conn: ConnRequest,
     started: Instant,
-    /// The request's method and target, for the log.
+    /// The request's method, target and id, for the log.
     method: http::Method,
     uri: http::Uri,
+    id: RequestId,
+    /// The switch of protocols the client asked for, if the plugin may accept it.
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// A request's id, as the log shows it (and the plugin's `RequestId`).
+#[derive(Clone, Copy)]
+pub(crate) struct RequestId(u64);
+
+impl RequestId {
+    /// A new id, unique in the process. Each thread takes them from a block of its own: no
+    /// shared counter on the request path.
+    fn next() -> RequestId {
+        const BLOCK: u64 = 1024;
+        static BLOCKS: AtomicU64 = AtomicU64::new(1);
+        thread_local! {
+            static NEXT: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+        }
+        NEXT.with(|next| {
+            let (id, end) = next.get();
+            if id < end {
+                next.set((id + 1, end));
+                return RequestId(id);
+            }
+            let start = BLOCKS.fetch_add(BLOCK, Ordering::Relaxed);
+            next.set((start + 1, start + BLOCK));
+            RequestId(start)
+        })
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 impl Future for Respond {
@@ -173,46 +211,150 @@ fn hand_to_plugin(request: Request<Incoming>, in_flight: InFlight, conn: ConnReq
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
         return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started).map(SentBody::Here)));
     }
+    let mut request = request;
+    let protocol = upgrade_protocol(&request);
+    let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
     let (http::request::Parts { method, uri, version, headers, .. }, body) = request.into_parts();
-    let call = PluginCall::start(in_flight, Head { method: &method, uri: &uri, version, headers }, body, max_body_size);
+    let id = RequestId::next();
+    let head = Head {
+        method: &method,
+        uri: &uri,
+        version,
+        headers,
+        origin: &conn.state.origin,
+        request_id: id.0,
+        upgrade: protocol.as_ref().map(|p| p.as_bytes()),
+    };
+    let call = PluginCall::start(in_flight, head, body, max_body_size);
     if let Some(body) = call.body_progress() {
         conn.state.activity.watch_body(body);
     }
-    Respond::Calling(Calling { call, conn, started, method, uri })
+    Respond::Calling(Calling { call, conn, started, method, uri, id, on_upgrade })
+}
+
+/// The protocol `request` asks to switch to, if hyper can switch it: an HTTP/1.1 `Upgrade`
+/// (with `Connection: upgrade`), or an HTTP/2 extended CONNECT's `:protocol`.
+fn upgrade_protocol(request: &Request<Incoming>) -> Option<String> {
+    request.extensions().get::<hyper::upgrade::OnUpgrade>()?; // else hyper cannot switch it
+    if request.version() >= http::Version::HTTP_2 {
+        return request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
+    }
+    let asks = request.headers().get_all(http::header::CONNECTION).iter().any(|value| {
+        value.to_str().is_ok_and(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("upgrade")))
+    });
+    let protocol = request.headers().get(http::header::UPGRADE)?.to_str().ok()?;
+    asks.then(|| protocol.to_owned())
 }
 
 impl Calling {
     /// The response to hand to hyper, once the plugin's future has completed.
-    fn finish(self, called: Result<Response<ResponseBody>, CallFailed>) -> Response<HostBody> {
-        let Calling { call, conn, started, method, uri } = self;
+    fn finish(self, called: Result<Answer, CallFailed>) -> Response<HostBody> {
+        let Calling { call, conn, started, method, uri, id, on_upgrade } = self;
         // Its state is released already; the hold is in `called`. The request body may still
         // be read by the response body (and time out then).
         let request_body = call.body_progress().cloned();
         drop(call);
+        let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn));
         match called {
             Ok(response) => {
                 let generation = response.body().generation().id();
                 tracing::debug!(
                     %method, path = %uri.path(), status = response.status().as_u16(), generation,
-                    elapsed = ?started.elapsed(), "request"
+                    elapsed = ?started.elapsed(), request_id = %id, "request"
                 );
                 counted(response.map(|body| HostBody::new(body, conn, request_body)), started)
             }
             Err(CallFailed { error: CallError::BodyTooLarge, in_flight }) => {
                 let max_body_size = conn.state.max_body_size;
-                tracing::debug!(%method, path = %uri.path(), max_body_size, "request body grew too large: answered 413");
+                tracing::debug!(%method, path = %uri.path(), max_body_size, request_id = %id, "request body grew too large: answered 413");
                 error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started)
             }
             Err(CallFailed { error: CallError::BodyTimedOut, in_flight }) => {
-                tracing::debug!(%method, path = %uri.path(), "request body too slow (--body-read-timeout): answered 408");
+                tracing::debug!(%method, path = %uri.path(), request_id = %id, "request body too slow (--body-read-timeout): answered 408");
                 error_response(StatusCode::REQUEST_TIMEOUT, in_flight, conn, started)
             }
             Err(CallFailed { error, in_flight }) => {
                 let generation = in_flight.generation();
-                tracing::error!(%method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), "{error}; answered 500");
+                tracing::error!(
+                    %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
+                    "{error}; answered 500"
+                );
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, in_flight, conn, started)
             }
         }
+    }
+}
+
+/// The response of `answer`; if the plugin accepted a switch of protocols that the request
+/// asked for, its session starts once hyper has switched, on a task of the plugin's
+/// generation. A response that would switch without a session is refused.
+fn switch_protocols(
+    answer: Answer,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    id: RequestId,
+    conn: &ConnRequest,
+) -> Result<Response<ResponseBody>, CallFailed> {
+    let Answer { response, upgrade } = answer;
+    // HTTP/1.1 switches with 101; HTTP/2 switches an extended CONNECT's stream with a 2xx.
+    let switches = |status: StatusCode| if conn.h1 { status == StatusCode::SWITCHING_PROTOCOLS } else { status.is_success() };
+    match (upgrade, on_upgrade) {
+        (Some(upgrade), Some(on_upgrade)) if switches(response.status()) => {
+            if conn.h1 {
+                conn.state.switching.store(true, std::sync::atomic::Ordering::Release);
+            }
+            // On the generation's runtime: this runs on one of its threads.
+            tokio::spawn(run_session(upgrade, on_upgrade, id));
+            Ok(response)
+        }
+        (Some(upgrade), _) => {
+            tracing::warn!(
+                request_id = %id, generation = upgrade.generation().id(), status = response.status().as_u16(),
+                "the handler accepted a switch of protocols the request did not ask for, or answered it with a status \
+                 that does not switch: ignored"
+            );
+            Ok(response)
+        }
+        (None, _) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let (_, body) = response.into_parts();
+            Err(CallFailed {
+                error: CallError::Invalid("status 101 without accepting an upgrade (use handler_api::upgrade)".into()),
+                in_flight: body.into_in_flight(),
+            })
+        }
+        (None, _) => Ok(response),
+    }
+}
+
+/// Waits for hyper to switch protocols, then runs the plugin's session on the connection
+/// until it ends, or until its generation is cut off (drain timeout).
+async fn run_session(upgrade: PendingUpgrade, on_upgrade: hyper::upgrade::OnUpgrade, id: RequestId) {
+    let generation = upgrade.generation().clone();
+    let aborted = generation.aborted().raised();
+    tokio::pin!(aborted);
+    let io = tokio::select! {
+        io = on_upgrade => io,
+        () = aborted.as_mut() => return,
+    };
+    let io = match io {
+        Ok(io) => io,
+        Err(e) => return tracing::debug!(request_id = %id, "the switch of protocols did not happen: {e}"),
+    };
+    let session = match upgrade.start(io) {
+        Ok(session) => session,
+        Err(e) => return tracing::error!(request_id = %id, generation = generation.id(), plugin = %generation.label(), "{e}"),
+    };
+    tracing::debug!(request_id = %id, generation = generation.id(), "upgraded connection started");
+    tokio::pin!(session);
+    tokio::select! {
+        biased; // the session first: it is what is usually ready
+        ended = session.as_mut() => match ended {
+            Ok(()) => tracing::debug!(request_id = %id, generation = generation.id(), "upgraded connection ended"),
+            Err(e) => tracing::error!(request_id = %id, generation = generation.id(), plugin = %generation.label(), "{e}"),
+        },
+        () = aborted.as_mut() => tracing::warn!(
+            request_id = %id, generation = generation.id(), plugin = %generation.label(),
+            "drain timeout: closing an upgraded connection"
+        ),
     }
 }
 

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::latch::Latch;
+use crate::plugin::request::Origin;
 use crate::plugin::{Current, Generation, LentTally};
 use crate::serve::limits::Activity;
 
@@ -54,6 +55,8 @@ pub(crate) struct ConnState {
     /// service and the executor, which hyper calls for a stream in one poll, see the same
     /// generation.
     pub(crate) generation: ArcSwap<Generation>,
+    /// Its addresses, for the plugin.
+    pub(crate) origin: Origin,
     /// For the header read, idle and body read timeouts.
     pub(crate) activity: Arc<Activity>,
     pub(crate) max_body_size: u64,
@@ -63,6 +66,10 @@ pub(crate) struct ConnState {
     /// The tally of requests relayed to the generation the connection will move to (see
     /// `respond::relay`), which becomes `lent` when it does.
     pub(crate) relayed_lent: std::sync::Mutex<Option<Arc<LentTally>>>,
+    /// HTTP/1: the plugin accepted a switch of protocols. The socket goes to its session, on
+    /// this generation's runtime, once hyper has sent the response: the connection must not
+    /// move (and re-register the socket elsewhere) before.
+    pub(crate) switching: std::sync::atomic::AtomicBool,
 }
 
 /// An open connection: counted for the drain at shutdown, and holding one of the

@@ -81,6 +81,9 @@ pub(crate) struct ResidentEntry {
     pub(crate) state: String,
     /// Response bodies it is streaming now.
     pub(crate) streams: usize,
+    /// Connections switched to another protocol (WebSockets) it serves now.
+    #[serde(default)]
+    pub(crate) upgraded: usize,
     pub(crate) version: String,
 }
 
@@ -189,6 +192,7 @@ mod tests {
                 requests: 3,
                 state: "current".into(),
                 streams: 0,
+                upgraded: 0,
                 version: "1.0.0".into(),
             }],
             uptime_seconds: 2.0,
@@ -207,7 +211,7 @@ mod tests {
             "pin": null,
             "resident": [{
                 "generation": 1, "name": "app", "version": "1.0.0", "state": "current", "file": "/p/app.so", "in_flight": 0,
-                "streams": 0, "bytes_sent": 10, "requests": 3, "loaded_at": "2025-01-01T00:00:00.000Z", "age_seconds": 1.5,
+                "streams": 0, "upgraded": 0, "bytes_sent": 10, "requests": 3, "loaded_at": "2025-01-01T00:00:00.000Z", "age_seconds": 1.5,
             }],
             "history": [{
                 "generation": null, "name": null, "version": null, "file": "/p/bad.so", "sha256": null,

@@ -504,6 +504,7 @@ fn status(registry: &Registry, started: SystemTime) -> Status {
                 requests: g.stats().requests(),
                 state: if g.id() == current.id() { "current" } else { "draining" }.to_owned(),
                 streams: g.stats().streams(),
+                upgraded: g.stats().upgraded(),
                 version: g.version().to_string(),
             }
         })
