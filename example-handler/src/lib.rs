@@ -6,6 +6,7 @@
 //! | `GET /download?size=N&rate=R` | `N` bytes (default 1 MiB) where byte `i` is `i mod 256`, throttled to about `R` bytes per second (unthrottled without `rate`) |
 //! | `POST /upload` | the request body's byte count and SHA-256, streamed (never buffered) |
 //! | `GET /health` | `ok` |
+//! | `GET /ws` | a WebSocket echo that greets with the version; `broadcast:` messages go to every session of the same build; `?on_swap=close` closes with 1012 when a newer build serves |
 //!
 //! The version comes from `EXAMPLE_HANDLER_VERSION` at build time (default: the crate's
 //! version), so two builds can be told apart:
@@ -21,6 +22,8 @@ use futures_util::stream;
 use handler_api::{export_handler, Body, IntoResponse, Request, Response};
 use http::{header, HeaderValue, Method, StatusCode};
 use sha2::{Digest, Sha256};
+
+mod ws;
 
 /// This build's name.
 pub const NAME: &str = "example-handler";
@@ -53,7 +56,9 @@ pub async fn app(req: Request) -> Response {
         (&Method::GET, "/health") => "ok\n".into_response(),
         (&Method::GET, "/download") => download(req.uri().query().unwrap_or("")),
         (&Method::POST, "/upload") => upload(req.into_body()).await,
-        (_, "/" | "/health" | "/download" | "/upload") => {
+        // HTTP/1.1 asks with GET, HTTP/2 with CONNECT.
+        (&Method::GET | &Method::CONNECT, "/ws") => ws::accept(req),
+        (_, "/" | "/health" | "/download" | "/upload" | "/ws") => {
             (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response()
         }
         _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),

@@ -26,7 +26,10 @@ async fn dev_mode_rebuilds_on_change_and_keeps_serving_through_a_syntax_error() 
     let dir = temp_dir("dev");
     let root = workspace();
     std::fs::create_dir_all(dir.join("src")).unwrap();
-    std::fs::copy(root.join("example-handler/src/lib.rs"), dir.join("src/lib.rs")).unwrap();
+    for source in std::fs::read_dir(root.join("example-handler/src")).unwrap() {
+        let source = source.unwrap();
+        std::fs::copy(source.path(), dir.join("src").join(source.file_name())).unwrap();
+    }
     std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
     std::fs::write(
         dir.join("Cargo.toml"),
@@ -46,6 +49,8 @@ http = "1"
 futures-util = {{ version = "0.3", default-features = false, features = ["std"] }}
 sha2 = "0.10"
 tracing = "0.1"
+tokio = {{ version = "1", default-features = false, features = ["sync", "macros"] }}
+tokio-tungstenite = {{ version = "0.30", default-features = false, features = ["handshake"] }}
 
 [workspace]
 "#,
