@@ -14,3 +14,4 @@ mod soak;
 mod swap;
 mod systemd;
 mod trust;
+mod upgrades;
