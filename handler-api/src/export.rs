@@ -15,7 +15,6 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
-use smallvec::SmallVec;
 
 use crate::abi::{
     self, FfiBody, FfiBodyVTable, FfiChunk, FfiHeader, FfiPoll, FfiRequest, FfiResponse, FfiResponseFuture, FfiStr,
@@ -148,9 +147,10 @@ enum Call<F> {
 /// A response handed to the host, which reads its headers and body in place.
 struct Sent {
     headers: HeaderMap,
-    /// Views of `headers`; on the heap with the rest of the call, so they do not move.
-    views: SmallVec<[FfiHeader; 8]>,
-    full: Bytes,
+    /// Views of `headers` (the vector's own storage, which does not move with it).
+    views: Vec<FfiHeader>,
+    /// The full body, which the host copies: kept alive, never read here.
+    _full: Bytes,
 }
 
 /// `handle` of the declaration: turns the host's request into an `http::Request`, calls the
@@ -198,6 +198,8 @@ thread_local! {
     /// hyper does too): two allocations fewer per request. Generation threads are joined
     /// before the library unloads, so this destructor always runs in time.
     static SPARE_HEADERS: Cell<Option<HeaderMap>> = const { Cell::new(None) };
+    /// Likewise, the vector of the last response's header views (empty).
+    static SPARE_VIEWS: Cell<Vec<FfiHeader>> = const { Cell::new(Vec::new()) };
 }
 
 /// Keeps `headers` for the next request on this thread, unless it grew unusually large.
@@ -319,13 +321,11 @@ unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
         }
     };
     match catch_unwind(AssertUnwindSafe(|| send(call, response))) {
-        Ok(Some(response)) => {
+        Ok(response) => {
             // SAFETY: `out` is valid for writing, as the caller guarantees.
             unsafe { out.write(response) };
             FfiPoll::READY
         }
-        // Not reached: `send` always leaves `Sent`.
-        Ok(None) => FfiPoll::PANICKED,
         Err(_) => {
             let _ = catch_unwind(AssertUnwindSafe(|| *call = Call::Done));
             FfiPoll::PANICKED
@@ -335,7 +335,7 @@ unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
 
 /// Keeps `response`'s head and body in `call` (as [`Call::Sent`]) and describes them for the
 /// host, which reads them in place until it drops the future.
-fn send<F>(call: &mut Call<F>, response: Response) -> Option<FfiResponse> {
+fn send<F>(call: &mut Call<F>, response: Response) -> FfiResponse {
     let (mut parts, body) = response.into_parts();
     let upgrade = match parts.extensions.remove::<Accepted>().and_then(|accepted| accepted.take()) {
         Some(session) => upgrade::into_ffi(session),
@@ -350,23 +350,26 @@ fn send<F>(call: &mut Call<F>, response: Response) -> Option<FfiResponse> {
             (abi::BODY_STREAM, Bytes::new(), FfiBody { state: state as *mut c_void, vtable: &BODY_VTABLE, exact_len })
         }
     };
-    *call = Call::Sent(Sent { headers: parts.headers, views: SmallVec::new(), full });
-    let Call::Sent(sent) = call else { return None };
-    // The views borrow the map's own storage, which stays put while the map lives in `call`.
-    sent.views.extend(
-        sent.headers
+    // The views borrow the map's own storage, which stays put while the map moves into
+    // `call`; likewise the vector's and the body's.
+    let mut views = SPARE_VIEWS.take();
+    views.extend(
+        parts
+            .headers
             .iter()
             .map(|(n, v)| FfiHeader { name: FfiStr::new(n.as_str().as_bytes()), value: FfiStr::new(v.as_bytes()) }),
     );
-    Some(FfiResponse {
+    let response = FfiResponse {
         status: parts.status.as_u16(),
         body_kind,
-        headers: sent.views.as_ptr(),
-        headers_len: sent.views.len(),
-        full: FfiStr::new(&sent.full),
+        headers: views.as_ptr(),
+        headers_len: views.len(),
+        full: FfiStr::new(&full),
         stream,
         upgrade,
-    })
+    };
+    *call = Call::Sent(Sent { headers: parts.headers, views, _full: full });
+    response
 }
 
 /// The stream body of a response that has none.
@@ -382,6 +385,11 @@ unsafe extern "C" fn drop_response<F>(state: *mut c_void) {
         let call = unsafe { Box::from_raw(state as *mut Call<F>) };
         if let Call::Sent(sent) = *call {
             recycle(sent.headers);
+            let mut views = sent.views;
+            if views.capacity() <= 64 {
+                views.clear();
+                SPARE_VIEWS.set(views);
+            }
         }
     });
 }
