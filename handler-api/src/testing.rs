@@ -45,18 +45,25 @@
 //!   `handler_api`.
 //! - **Not the C ABI.** Nothing crosses it in-process: the handler is an `async fn` called
 //!   directly. The table's functions that serve calls through the declaration that
-//!   [`export_handler!`](crate::export_handler) generates (request body chunks, upgraded
-//!   connections) are stubs that fail with [`FfiPoll::ERROR`], or only release what they are
-//!   handed; [`superseded`](crate::superseded) never completes. Do not drive the
-//!   declaration's `handle` with this table; nor does [`install`] run the declaration's
-//!   `init` (or your `init` hook: call it yourself if the handler needs it).
+//!   [`export_handler!`](crate::export_handler) generates (request body chunks) are stubs
+//!   that fail with [`FfiPoll::ERROR`]; [`superseded`](crate::superseded) never completes. Do
+//!   not drive the declaration's `handle` with this table; nor does [`install`] run the
+//!   declaration's `init` (or your `init` hook: call it yourself if the handler needs it).
+//! - **Switching protocols** (WebSockets): a server of your own offers the switch with
+//!   [`offer_upgrade`] and runs the session the handler accepted with [`accepted_session`],
+//!   on its connection once it has switched.
 //!
 //! The table stays installed for the rest of the process.
 
 use std::ffi::c_void;
+use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
 use std::ptr;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::abi::{FfiHeader, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
 use crate::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, sleep_drop, sleep_new, sleep_poll};
@@ -95,9 +102,9 @@ static TABLE: HostApi = HostApi {
     body_drop: release_nothing,
     io_poll_read,
     io_poll_write,
-    io_poll_flush: poll_error,
-    io_poll_shutdown: poll_error,
-    io_drop: release_nothing,
+    io_poll_flush,
+    io_poll_shutdown,
+    io_drop,
     superseded_new,
     superseded_poll: poll_error,
     superseded_drop: release_nothing,
@@ -156,20 +163,142 @@ extern "C" fn body_trailers(_body: *mut c_void, _headers: *mut *const FfiHeader,
     FfiPoll::ERROR
 }
 
-/// Stub: there are no upgraded connections in-process (nothing switches protocols).
-extern "C" fn io_poll_read(
-    _io: *mut c_void,
-    _waker: *const FfiWaker,
-    _buf: *mut u8,
-    _cap: usize,
-    _read: *mut usize,
-) -> FfiPoll {
-    FfiPoll::ERROR
+/// In-process switches of protocols, for a server of your own that calls the handler as
+/// plain Rust (the benchmark's static server does): offer the switch on the request; once
+/// your server has switched, run the session the handler accepted on the connection.
+///
+/// # Example
+///
+/// ```
+/// use handler_api::upgrade::Upgrade;
+/// use handler_api::{Body, Request};
+///
+/// handler_api::testing::install();
+/// let mut req = Request::new(Body::empty());
+/// handler_api::testing::offer_upgrade(&mut req, "websocket", false);
+/// let upgrade = Upgrade::from_request(&mut req).expect("offered");
+/// let mut res = upgrade.accept(|_io| async {});
+/// assert_eq!(res.status(), 101);
+/// assert!(handler_api::testing::accepted_session(&mut res).is_some());
+/// ```
+pub fn offer_upgrade<B>(req: &mut crate::Request<B>, protocol: &str, http2: bool) {
+    req.extensions_mut().insert(crate::upgrade::Upgrade::new(protocol.to_owned(), http2));
 }
 
-/// Stub: see [`io_poll_read`].
-extern "C" fn io_poll_write(_io: *mut c_void, _waker: *const FfiWaker, _data: FfiStr, _written: *mut usize) -> FfiPoll {
-    FfiPoll::ERROR
+/// The session the handler accepted in `res` (see [`offer_upgrade`]), taken out of it.
+pub fn accepted_session(res: &mut crate::Response) -> Option<AcceptedSession> {
+    let session = res.extensions_mut().remove::<crate::upgrade::Accepted>()?.take()?;
+    Some(AcceptedSession(session))
+}
+
+/// A session a handler accepted, to run on the connection once your server has switched
+/// protocols.
+pub struct AcceptedSession(crate::upgrade::Session);
+
+impl std::fmt::Debug for AcceptedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcceptedSession").finish_non_exhaustive()
+    }
+}
+
+impl AcceptedSession {
+    /// Runs the session on `io`, the connection after the switch, until it ends.
+    pub fn run<IO>(self, io: IO) -> impl std::future::Future<Output = ()> + Send + 'static
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let io: Box<InProcessIo> = Box::new(Box::new(io));
+        (self.0)(crate::upgrade::Upgraded::from_handle(Box::into_raw(io) as *mut c_void))
+    }
+}
+
+/// What an in-process connection is to the table's `io_*` functions: the handle is a
+/// `Box<InProcessIo>`.
+type InProcessIo = Box<dyn Connection>;
+
+trait Connection: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Connection for T {}
+
+/// Polls the in-process connection behind `io` with the waker behind `waker`.
+///
+/// # Safety
+/// `io` must be a live handle made by [`AcceptedSession::run`], used by one thread at a time;
+/// `waker` must be valid for the call.
+unsafe fn poll_io(io: *mut c_void, waker: *const FfiWaker, f: impl FnOnce(Pin<&mut InProcessIo>, &mut Context<'_>) -> FfiPoll) -> FfiPoll {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: forwarded from the caller.
+        let io = unsafe { &mut *(io as *mut InProcessIo) };
+        // SAFETY: forwarded from the caller.
+        let waker = unsafe { crate::abi::waker::borrow(waker) };
+        f(Pin::new(io), &mut Context::from_waker(&waker))
+    }))
+    .unwrap_or(FfiPoll::ERROR)
+}
+
+fn outcome<T>(polled: Poll<std::io::Result<T>>, done: impl FnOnce(T)) -> FfiPoll {
+    match polled {
+        Poll::Pending => FfiPoll::PENDING,
+        Poll::Ready(Ok(value)) => {
+            done(value);
+            FfiPoll::READY
+        }
+        Poll::Ready(Err(_)) => FfiPoll::ERROR,
+    }
+}
+
+/// Reads from an in-process connection.
+///
+/// # Safety
+/// As for [`poll_io`]; `buf` must be writable for `cap` bytes, `read` for a `usize`.
+unsafe extern "C" fn io_poll_read(io: *mut c_void, waker: *const FfiWaker, buf: *mut u8, cap: usize, read: *mut usize) -> FfiPoll {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        poll_io(io, waker, |io, cx| {
+            // SAFETY: the caller lends `cap` writable bytes at `buf` for this call.
+            let mut buf = ReadBuf::uninit(std::slice::from_raw_parts_mut(buf as *mut MaybeUninit<u8>, cap));
+            let polled = io.poll_read(cx, &mut buf);
+            // SAFETY: the caller's out-parameter.
+            outcome(polled, |()| *read = buf.filled().len())
+        })
+    }
+}
+
+/// Writes to an in-process connection.
+///
+/// # Safety
+/// As for [`poll_io`]; `data` must be valid for the call, `written` writable.
+unsafe extern "C" fn io_poll_write(io: *mut c_void, waker: *const FfiWaker, data: FfiStr, written: *mut usize) -> FfiPoll {
+    // SAFETY: forwarded from the caller; `data` and `written` as the caller guarantees.
+    unsafe { poll_io(io, waker, |io, cx| outcome(io.poll_write(cx, data.as_bytes()), |n| *written = n)) }
+}
+
+/// Flushes an in-process connection.
+///
+/// # Safety
+/// As for [`poll_io`].
+unsafe extern "C" fn io_poll_flush(io: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+    // SAFETY: forwarded from the caller.
+    unsafe { poll_io(io, waker, |io, cx| outcome(io.poll_flush(cx), |()| {})) }
+}
+
+/// Shuts an in-process connection's writing side down.
+///
+/// # Safety
+/// As for [`poll_io`].
+unsafe extern "C" fn io_poll_shutdown(io: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+    // SAFETY: forwarded from the caller.
+    unsafe { poll_io(io, waker, |io, cx| outcome(io.poll_shutdown(cx), |()| {})) }
+}
+
+/// Closes an in-process connection.
+///
+/// # Safety
+/// `io` must be a live handle made by [`AcceptedSession::run`], not used again afterwards.
+unsafe extern "C" fn io_drop(io: *mut c_void) {
+    let _ = catch_unwind(|| {
+        // SAFETY: released exactly once.
+        drop(unsafe { Box::from_raw(io as *mut InProcessIo) });
+    });
 }
 
 /// Stub for the polls of host objects that do not exist in-process.
@@ -182,7 +311,8 @@ extern "C" fn superseded_new(_context: *const c_void) -> *mut c_void {
     ptr::null_mut()
 }
 
-/// Stub: the host objects it would release do not exist in-process.
+/// Stub: the host objects it would release (request bodies, superseded handles) do not exist
+/// in-process.
 extern "C" fn release_nothing(_handle: *mut c_void) {}
 
 #[cfg(test)]
@@ -324,6 +454,46 @@ mod tests {
         // SAFETY: `sink` is a live `String`, lent for the call; the text outlives it.
         unsafe { (TABLE.error_write)(&mut sink as *mut String as *mut c_void, FfiStr::new(b"no database")) };
         assert_eq!(sink, "init failed: no database");
+    }
+
+    #[test]
+    fn an_accepted_session_runs_on_an_in_process_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        run(async {
+            let mut req = crate::Request::new(crate::Body::empty());
+            offer_upgrade(&mut req, "echo", false);
+            let upgrade = crate::upgrade::Upgrade::from_request(&mut req).expect("offered");
+            assert_eq!((upgrade.protocol(), upgrade.is_http2()), ("echo", false));
+            let mut res = upgrade.accept(|mut io| async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = io.read(&mut buf).await {
+                    io.write_all(&buf[..n]).await.unwrap();
+                }
+                io.shutdown().await.unwrap();
+            });
+            assert_eq!(res.status(), 101);
+            assert_eq!(res.headers()["upgrade"], "echo");
+            let session = accepted_session(&mut res).expect("accepted");
+            assert!(accepted_session(&mut res).is_none(), "taken once");
+            // A pipe smaller than the message: backpressure both ways.
+            let (client, server) = tokio::io::duplex(8);
+            let task = tokio::spawn(session.run(server));
+            let (mut reader, mut writer) = tokio::io::split(client);
+            let message = b"a message longer than the pipe";
+            let mut echoed = Vec::new();
+            let (written, read) = futures_util::future::join(
+                async {
+                    writer.write_all(message).await?;
+                    writer.shutdown().await
+                },
+                reader.read_to_end(&mut echoed),
+            )
+            .await;
+            written.unwrap();
+            read.unwrap();
+            assert_eq!(echoed, message);
+            task.await.unwrap();
+        });
     }
 
     #[test]

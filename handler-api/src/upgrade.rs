@@ -109,8 +109,8 @@ impl Upgrade {
     }
 }
 
-type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-type Session = Box<dyn FnOnce(Upgraded) -> SessionFuture + Send>;
+pub(crate) type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type Session = Box<dyn FnOnce(Upgraded) -> SessionFuture + Send>;
 
 /// The session of an accepted upgrade, in the response's extensions until the response
 /// crosses to the host. (Extensions must be `Clone`; only one clone ever takes it.)
@@ -209,6 +209,14 @@ unsafe impl Sync for Upgraded {}
 impl std::fmt::Debug for Upgraded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upgraded").finish_non_exhaustive()
+    }
+}
+
+impl Upgraded {
+    /// The stream behind a handle of the host's (`testing` makes in-process ones).
+    #[cfg(feature = "testing")]
+    pub(crate) fn from_handle(io: *mut c_void) -> Upgraded {
+        Upgraded { io }
     }
 }
 
