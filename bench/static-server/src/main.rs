@@ -13,15 +13,18 @@
 //! gives it an in-process table instead: timers and blocking work on the tokio runtime that
 //! polls the request, as in hotswap. The handler's `tracing` events come straight to this
 //! process's subscriber. Requests never cross the C ABI: `example_handler::app` is called as an
-//! ordinary Rust function.
+//! ordinary Rust function. Each request gets what hotswap gives it: a `RequestContext` in its
+//! extensions, and the offer of a switch of protocols (WebSockets, HTTP/1.1 `Upgrade` or
+//! HTTP/2 extended CONNECT), whose session runs on the connection as in hotswap.
 
 use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
-use handler_api::Body;
+use handler_api::{Body, RequestContext, RequestId};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -105,12 +108,50 @@ async fn serve(stream: std::net::TcpStream) {
         Ok(s) => s,
         Err(e) => return tracing::debug!("dropping connection: {e}"),
     };
-    let service = service_fn(|req: http::Request<Incoming>| async move {
-        let req = req.map(|body| Body::from_stream(body.into_data_stream()));
-        Ok::<_, Infallible>(example_handler::app(req).await)
+    // What hotswap gives every request: its context, and switches of protocols.
+    let (peer, local) = (stream.peer_addr().ok(), stream.local_addr().ok());
+    let service = service_fn(move |mut req: http::Request<Incoming>| async move {
+        let on_upgrade = upgrade_protocol(&req).map(|(protocol, http2)| {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            (protocol, http2, on_upgrade)
+        });
+        let mut req = req.map(|body| Body::from_stream(body.into_data_stream()));
+        let id = RequestId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        req.extensions_mut().insert(RequestContext::new(peer, local, http::uri::Scheme::HTTP, id));
+        let on_upgrade = on_upgrade.map(|(protocol, http2, on_upgrade)| {
+            handler_api::testing::offer_upgrade(&mut req, &protocol, http2);
+            on_upgrade
+        });
+        let mut res = example_handler::app(req).await;
+        if let (Some(on_upgrade), Some(session)) = (on_upgrade, handler_api::testing::accepted_session(&mut res)) {
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(io) => session.run(TokioIo::new(io)).await,
+                    Err(e) => tracing::debug!("the switch of protocols did not happen: {e}"),
+                }
+            });
+        }
+        Ok::<_, Infallible>(res)
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().enable_connect_protocol();
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
         tracing::debug!("connection ended with an error: {e}");
     }
+}
+
+/// Request ids, as hotswap gives them.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The protocol `req` asks to switch to, and whether over HTTP/2, as hotswap offers it.
+fn upgrade_protocol(req: &http::Request<Incoming>) -> Option<(String, bool)> {
+    req.extensions().get::<hyper::upgrade::OnUpgrade>()?;
+    if req.version() >= http::Version::HTTP_2 {
+        return req.extensions().get::<hyper::ext::Protocol>().map(|p| (p.as_str().to_owned(), true));
+    }
+    let asks = req.headers().get_all(http::header::CONNECTION).iter().any(|value| {
+        value.to_str().is_ok_and(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("upgrade")))
+    });
+    let protocol = req.headers().get(http::header::UPGRADE)?.to_str().ok()?;
+    asks.then(|| (protocol.to_owned(), false))
 }
