@@ -47,10 +47,11 @@ fn the_benchmark_smoke_run_writes_every_table() {
         "### d. Under load, with swaps",
         "### e. A throttled download across swaps",
         "### f. Memory",
+        "### g. WebSocket echo",
     ] {
         assert!(text.contains(heading), "{heading:?} missing from the report:\n{text}");
     }
-    for row in ["| hotswap | ", "| static | ", "× static (paired rounds: ", "| hotswap: rename → first answer", "| hotswap, a swap every", "checksum OK"] {
+    for row in ["| hotswap | ", "| static | ", "× static (paired rounds: ", "| hotswap: rename → first answer", "| hotswap, a swap every", "checksum OK", "WebSocket echo ≥ 0.9 × static"] {
         assert!(text.contains(row), "{row:?} missing from the report:\n{text}");
     }
     // The memory table reaches the last checkpoint.

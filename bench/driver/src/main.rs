@@ -18,6 +18,7 @@ mod sections;
 mod soak;
 mod swap;
 mod wrk;
+mod ws;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -101,6 +102,9 @@ pub struct Params {
     pub slow_first: Duration,
     pub slow_spacing: Duration,
     pub memory_points: [u64; 3],
+    pub ws_rounds: usize,
+    pub ws_time: Duration,
+    pub ws_sessions: usize,
 }
 
 impl Params {
@@ -123,6 +127,9 @@ impl Params {
             slow_first: Duration::from_secs(2),
             slow_spacing: Duration::from_secs(3),
             memory_points: [10, 100, 1000],
+            ws_rounds: 5,
+            ws_time: Duration::from_secs(5),
+            ws_sessions: 32,
         }
     }
 
@@ -142,6 +149,8 @@ impl Params {
             slow_first: Duration::from_millis(300),
             slow_spacing: Duration::from_millis(300),
             memory_points: [2, 5, 10],
+            ws_rounds: 1,
+            ws_time: Duration::from_secs(1),
             ..Params::full()
         }
     }

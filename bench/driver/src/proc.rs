@@ -69,6 +69,11 @@ impl Server {
         self.pids().into_iter().filter_map(cpu_ticks).sum::<u64>() as f64 / CLOCK_TICKS_PER_SECOND
     }
 
+    /// `127.0.0.1:PORT`.
+    pub(crate) fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }

@@ -92,6 +92,9 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
     let (hot_rps, static_rps, node_rps) = (rps("hotswap"), rps("static"), rps("node-cluster"));
     let stream = med(dl("hotswap"), |x| x.mib_per_s) / med(dl("static"), |x| x.mib_per_s);
     let stream_paired = paired(dl("hotswap"), dl("static"), |x| x.mib_per_s);
+    let ws = |name: &str| r.ws.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let echo = med(ws("hotswap"), |x| x.rps) / med(ws("static"), |x| x.rps);
+    let echo_paired = paired(ws("hotswap"), ws("static"), |x| x.rps);
     let swap_p50 = percentile_ms(&r.latency.first_answer, 50.0);
     let load_failures = failures(&r.load.swapping);
     let slow_ok = r.slow.received == r.slow.size && r.slow.checksum_ok && r.slow.error.is_none();
@@ -133,6 +136,11 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
         );
     }
     let _ = writeln!(w, "| streaming ≥ 0.98 × static | {stream:.3} × static (paired rounds: {stream_paired:.3}) | {} |", verdict(stream >= 0.98));
+    let _ = writeln!(
+        w,
+        "| WebSocket echo ≥ 0.9 × static | {echo:.3} × static (paired rounds: {echo_paired:.3}) | {} |",
+        verdict(echo >= 0.9)
+    );
     let _ = writeln!(w, "| swap latency p50 < 5 ms | {swap_p50:.2} ms | {} |", verdict(swap_p50 < 5.0));
     let _ = writeln!(w, "| no failed request with a swap every {:?} | {load_failures} failed | {} |", p.swap_every, verdict(load_failures == 0));
     let _ = writeln!(w, "| throttled download across {} swaps intact | {} | {} |", p.slow_swaps, if slow_ok { "byte-exact" } else { "broken" }, verdict(slow_ok));
@@ -284,6 +292,26 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
     let _ = writeln!(w, "| swaps | RSS MiB | plugin libraries mapped | open fds |\n|---|---|---|---|");
     for m in &r.memory {
         let _ = writeln!(w, "| {} | {:.1} | {} | {} |", m.swaps, m.rss_kib as f64 / 1024.0, m.mapped, m.fds);
+    }
+    let _ = writeln!(w, "\n### g. WebSocket echo\n");
+    let _ = writeln!(w, "Median of {} rounds: {}.\n", p.ws_rounds, r.ws_command);
+    let _ = writeln!(
+        w,
+        "| server | messages/s | p50 ms | p99 ms | failed sessions | vs static | server CPU µs/message | rounds (messages/s) |\n|---|---|---|---|---|---|---|---|"
+    );
+    for (name, runs) in &r.ws {
+        let rounds: Vec<String> = runs.iter().map(|x| format!("{:.0}", x.rps)).collect();
+        let _ = writeln!(
+            w,
+            "| {name} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {:.2} | {} |",
+            med(runs, |x| x.rps),
+            med(runs, |x| x.p50_ms),
+            med(runs, |x| x.p99_ms),
+            failures(runs),
+            med(runs, |x| x.rps) / med(ws("static"), |x| x.rps),
+            med(runs, |x| x.server_cpu_us),
+            rounds.join(", ")
+        );
     }
     if let Some(a) = &r.anchor_reloads {
         let _ = writeln!(w, "\nAnchor figures come from its own script, run in the same session: `{}`.", a.command);

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::proc::{self, Server};
 use crate::swap::{Build, Client, Swapper, SWAP_WAIT};
-use crate::{anchor, wrk, Params};
+use crate::{anchor, wrk, ws, Params};
 
 /// What the suite runs.
 pub(crate) struct Setup {
@@ -29,6 +29,8 @@ pub(crate) struct Results {
     pub(crate) rss_kib: Vec<(&'static str, u64, usize)>,
     pub(crate) download: Vec<(&'static str, Vec<wrk::Run>)>,
     pub(crate) download_command: String,
+    pub(crate) ws: Vec<(&'static str, Vec<wrk::Run>)>,
+    pub(crate) ws_command: String,
     pub(crate) latency: Latency,
     pub(crate) load: Load,
     pub(crate) slow: Slow,
@@ -93,6 +95,7 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
             results.rss_kib.push((s.name, s.rss_kib(), s.pids().len()));
         }
         download(&[&hot, &stat], params, &mut results)?;
+        websocket(&[&hot, &stat], params, &mut results)?;
         drop(node);
         drop(stat);
 
@@ -192,6 +195,21 @@ fn download(servers: &[&Server], params: &Params, results: &mut Results) -> Resu
             eprintln!("== download round {round}: {}", s.name);
             let run = measured(s, || wrk::run(params.download_connections, params.download_time, &s.url(&path)))?;
             results.download[i].1.push(run);
+        }
+    }
+    Ok(())
+}
+
+/// g. WebSocket echo: messages per second over many sessions, hotswap against static.
+fn websocket(servers: &[&Server], params: &Params, results: &mut Results) -> Result<()> {
+    results.ws_command = ws::description(params.ws_sessions, params.ws_time);
+    results.ws = servers.iter().map(|s| (s.name, Vec::new())).collect();
+    for round in 1..=params.ws_rounds {
+        for i in round_order(servers.len(), round) {
+            let s = servers[i];
+            eprintln!("== WebSocket echo round {round}: {}", s.name);
+            let run = measured(s, || ws::run(&s.addr(), params.ws_sessions, params.ws_time))?;
+            results.ws[i].1.push(run);
         }
     }
     Ok(())
