@@ -48,6 +48,7 @@ fn the_benchmark_smoke_run_writes_every_table() {
         "### e. A throttled download across swaps",
         "### f. Memory",
         "### g. WebSocket echo",
+        "### h. Instructions per request",
     ] {
         assert!(text.contains(heading), "{heading:?} missing from the report:\n{text}");
     }

@@ -10,6 +10,7 @@
 //! `hotswap-bench generations` measures repeated loading for `bench/generations.sh`.
 
 mod anchor;
+mod callgrind;
 mod conn;
 mod generations;
 mod proc;
@@ -105,6 +106,8 @@ pub struct Params {
     pub ws_rounds: usize,
     pub ws_time: Duration,
     pub ws_sessions: usize,
+    /// The short and the long run of each server under callgrind.
+    pub callgrind_times: (Duration, Duration),
 }
 
 impl Params {
@@ -130,6 +133,7 @@ impl Params {
             ws_rounds: 5,
             ws_time: Duration::from_secs(5),
             ws_sessions: 32,
+            callgrind_times: (Duration::from_secs(3), Duration::from_secs(9)),
         }
     }
 
@@ -151,6 +155,7 @@ impl Params {
             memory_points: [2, 5, 10],
             ws_rounds: 1,
             ws_time: Duration::from_secs(1),
+            callgrind_times: (Duration::from_secs(1), Duration::from_secs(2)),
             ..Params::full()
         }
     }

@@ -20,11 +20,17 @@ pub(crate) struct Server {
 impl Server {
     /// Starts `command` with stderr and stdout in `log`; waits until `ready(log text)` gives
     /// the port (or the process exits, or 20 s pass).
-    pub(crate) fn start(
+    pub(crate) fn start(name: &'static str, command: Command, log: PathBuf, ready: impl Fn(&str) -> Option<u16>) -> Result<Server> {
+        Server::start_within(name, command, log, ready, Duration::from_secs(20))
+    }
+
+    /// [`Server::start`], waiting up to `limit` (a server under valgrind starts slowly).
+    pub(crate) fn start_within(
         name: &'static str,
         mut command: Command,
         log: PathBuf,
         ready: impl Fn(&str) -> Option<u16>,
+        limit: Duration,
     ) -> Result<Server> {
         let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         command.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
@@ -41,8 +47,8 @@ impl Server {
             if let Some(status) = server.child.try_wait()? {
                 bail!("{name} exited at startup ({status}):\n{text}");
             }
-            if started.elapsed() > Duration::from_secs(20) {
-                bail!("{name} did not start listening within 20 s:\n{text}");
+            if started.elapsed() > limit {
+                bail!("{name} did not start listening within {limit:?}:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -313,6 +313,23 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
             rounds.join(", ")
         );
     }
+    let _ = writeln!(w, "\n### h. Instructions per request\n");
+    if r.instructions.is_empty() {
+        let _ = writeln!(w, "valgrind is not installed on this machine: left out.");
+    } else {
+        let _ = writeln!(
+            w,
+            "Each server under callgrind with one worker thread, started twice: wrk runs GET / with 4 connections \
+             for {:?}, then, in the second process, for {:?}. Instructions per request = the difference in \
+             instructions over the difference in requests: start-up and shut-down cancel out.\n",
+            p.callgrind_times.0, p.callgrind_times.1
+        );
+        let _ = writeln!(w, "| server | requests (difference) | instructions/request | vs static |\n|---|---|---|---|");
+        let base = r.instructions.iter().find(|c| c.name == "static").map_or(f64::NAN, |c| c.per_request);
+        for c in &r.instructions {
+            let _ = writeln!(w, "| {} | {} | {:.0} | {:.2} |", c.name, c.requests, c.per_request, c.per_request / base);
+        }
+    }
     if let Some(a) = &r.anchor_reloads {
         let _ = writeln!(w, "\nAnchor figures come from its own script, run in the same session: `{}`.", a.command);
     }

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::proc::{self, Server};
 use crate::swap::{Build, Client, Swapper, SWAP_WAIT};
-use crate::{anchor, wrk, ws, Params};
+use crate::{anchor, callgrind, wrk, ws, Params};
 
 /// What the suite runs.
 pub(crate) struct Setup {
@@ -37,6 +37,8 @@ pub(crate) struct Results {
     pub(crate) memory: Vec<MemoryPoint>,
     pub(crate) anchor_reloads: Option<anchor::Summary>,
     pub(crate) anchor_note: Option<String>,
+    /// Instructions per hello-world request, hotswap and static (empty without valgrind).
+    pub(crate) instructions: Vec<callgrind::Count>,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +114,11 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
         let log = hot.log_text();
         drop(hot);
         check_log(&log)?;
+    }
+    if callgrind::available() {
+        results.instructions = instructions(setup, params)?;
+    } else {
+        eprintln!("== valgrind is not installed: instructions per request are left out");
     }
     if anchor_reloads {
         if let Some(dir) = &setup.anchor {
@@ -198,6 +205,26 @@ fn download(servers: &[&Server], params: &Params, results: &mut Results) -> Resu
         }
     }
     Ok(())
+}
+
+/// h. Instructions per hello-world request, under callgrind, one worker thread each.
+fn instructions(setup: &Setup, params: &Params) -> Result<Vec<callgrind::Count>> {
+    let root = setup.work.join("callgrind");
+    let _ = std::fs::remove_dir_all(&root);
+    let plugins = root.join("plugins");
+    std::fs::create_dir_all(&plugins)?;
+    std::fs::copy(&setup.builds[0].file, plugins.join("app.so"))?;
+    let shadow = root.join("shadow");
+    let (plugins, shadow) = (plugins.to_string_lossy().into_owned(), shadow.to_string_lossy().into_owned());
+    let hotswap_args =
+        ["serve", "--listen", "127.0.0.1:0", "--admin", "off", "--workers", "1", "--plugin-dir", &plugins, "--shadow-dir", &shadow];
+    eprintln!("== instructions per request: hotswap under callgrind");
+    let (short, long) = params.callgrind_times;
+    let hot = callgrind::count("hotswap", &setup.hotswap, &hotswap_args, &root, short, long)?;
+    eprintln!("== instructions per request: static under callgrind");
+    let static_args = ["--listen", "127.0.0.1:0", "--workers", "1"];
+    let stat = callgrind::count("static", &setup.static_server, &static_args, &root, short, long)?;
+    Ok(vec![hot, stat])
 }
 
 /// g. WebSocket echo: messages per second over many sessions, hotswap against static.
