@@ -68,13 +68,13 @@ pub unsafe fn init(
         );
         return FfiPoll::ERROR;
     }
-    if table.size < core::mem::size_of::<HostApi>() {
+    if table.size < abi::HOST_API_BASE_SIZE {
         write_error(
             sink,
             &format!(
-                "the host's service table has {} bytes, this plugin needs {}: run it on a newer hotswap",
+                "the host's service table has {} bytes, ABI version {ABI_VERSION} has at least {}: the host is broken",
                 table.size,
-                core::mem::size_of::<HostApi>()
+                abi::HOST_API_BASE_SIZE
             ),
         );
         return FfiPoll::ERROR;
@@ -336,8 +336,14 @@ unsafe extern "C" fn poll_response<F: Future<Output = Response>>(
 /// Keeps `response`'s head and body in `call` (as [`Call::Sent`]) and describes them for the
 /// host, which reads them in place until it drops the future.
 fn send<F>(call: &mut Call<F>, response: Response) -> FfiResponse {
-    let (mut parts, body) = response.into_parts();
-    let upgrade = match parts.extensions.remove::<Accepted>().and_then(|accepted| accepted.take()) {
+    // What runs the author's code when dropped (the finished future, the extensions) goes
+    // first: a panic there leaves nothing handed over half-way.
+    *call = Call::Done;
+    let (parts, body) = response.into_parts();
+    let http::response::Parts { status, headers, extensions, .. } = parts;
+    let session = extensions.get::<Accepted>().and_then(Accepted::take);
+    drop(extensions);
+    let upgrade = match session {
         Some(session) => upgrade::into_ffi(session),
         None => FfiUpgrade { state: std::ptr::null_mut(), vtable: std::ptr::null() },
     };
@@ -354,13 +360,12 @@ fn send<F>(call: &mut Call<F>, response: Response) -> FfiResponse {
     // `call`; likewise the vector's and the body's.
     let mut views = SPARE_VIEWS.take();
     views.extend(
-        parts
-            .headers
+        headers
             .iter()
             .map(|(n, v)| FfiHeader { name: FfiStr::new(n.as_str().as_bytes()), value: FfiStr::new(v.as_bytes()) }),
     );
     let response = FfiResponse {
-        status: parts.status.as_u16(),
+        status: status.as_u16(),
         body_kind,
         headers: views.as_ptr(),
         headers_len: views.len(),
@@ -368,7 +373,7 @@ fn send<F>(call: &mut Call<F>, response: Response) -> FfiResponse {
         stream,
         upgrade,
     };
-    *call = Call::Sent(Sent { headers: parts.headers, views, _full: full });
+    *call = Call::Sent(Sent { headers, views, _full: full });
     response
 }
 
@@ -425,6 +430,11 @@ unsafe extern "C" fn poll_body(state: *mut c_void, waker: *const abi::FfiWaker, 
     let polled = catch_unwind(AssertUnwindSafe(|| {
         let chunk = match Pin::new(&mut *body).poll_chunk(&mut cx) {
             Poll::Pending => return FfiPoll::PENDING,
+            // An empty chunk would read as the end: skip it, and ask for the next at once.
+            Poll::Ready(Some(Ok(chunk))) if chunk.is_empty() => {
+                cx.waker().wake_by_ref();
+                return FfiPoll::PENDING;
+            }
             Poll::Ready(None) => FfiChunk { data: FfiStr::EMPTY, release: None, state: std::ptr::null_mut() },
             Poll::Ready(Some(Ok(chunk))) if chunk.len() < LEND_FROM => {
                 streaming.current = chunk;

@@ -161,6 +161,13 @@ async fn a_handler_panic_is_a_500_and_the_next_request_is_served() {
 }
 
 #[tokio::test]
+async fn an_empty_chunk_in_a_streamed_body_does_not_end_it() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    let body = reqwest::get(host.url("/empty-chunks")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "onetwo", "the body ended at its empty chunk");
+}
+
+#[tokio::test]
 async fn a_body_panic_aborts_only_that_response() {
     let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
     // A second client with its own connection, mid-conversation while the body panics.
