@@ -361,7 +361,9 @@ pub struct FfiFuture {
 pub struct FfiUpgradeVTable {
     /// Starts the plugin's side of the connection once the host has switched protocols:
     /// `io` is the connection's byte stream (see [`HostApi::io_poll_read`]), which passes to
-    /// the plugin (it releases it with [`HostApi::io_drop`]). Consumes `state`.
+    /// the plugin (it releases it with [`HostApi::io_drop`]). Consumes `state`. A null vtable
+    /// in the result means the plugin failed to start (it panicked) and has released `io`
+    /// already.
     pub start: UpgradeStartFn,
     /// Releases `state` when the switch did not happen (the client left first, or the host
     /// refused the response).
@@ -427,9 +429,12 @@ pub struct FfiJob {
 /// Services the host lends to a plugin. One table per loaded generation; valid from `init`
 /// until after `shutdown` returns.
 ///
-/// Later versions of this ABI may add functions at the end without a new [`ABI_VERSION`]
-/// (and without changing [`LAYOUT_FINGERPRINT`], which covers the fields below only): a
-/// plugin checks [`HostApi::size`] before it calls one of those.
+/// Later versions of this ABI may add functions at the end without a new [`ABI_VERSION`]:
+/// [`LAYOUT_FINGERPRINT`] covers the fields of [`HOST_API_BASE_SIZE`] only (new fields go after
+/// them, outside the fingerprint's `open` list, with signatures declared outside
+/// `signatures!`). A plugin requires a table of at least the base size, and checks
+/// [`HostApi::size`] before it calls a function added after it; a host built later lends its
+/// larger table to plugins built earlier unchanged.
 #[repr(C)]
 pub struct HostApi {
     /// `size_of::<HostApi>()` as the host was built: which functions it has.
@@ -492,6 +497,10 @@ pub struct HostApi {
     /// Forgets a job handle (the job itself still runs to completion).
     pub blocking_drop: HostDropFn,
 }
+
+/// The size of [`HostApi`] in the first release of ABI version 4: every plugin of this version
+/// may call every function within it.
+pub const HOST_API_BASE_SIZE: usize = size_of::<HostApi>();
 
 // SAFETY: the table is immutable after the host creates it; `context` points at immutable host
 // data that the host keeps alive for the table's whole life. Its functions are thread-safe.

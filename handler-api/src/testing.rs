@@ -203,10 +203,16 @@ impl std::fmt::Debug for AcceptedSession {
 
 impl AcceptedSession {
     /// Runs the session on `io`, the connection after the switch, until it ends.
+    ///
+    /// # Panics
+    /// In a plugin loaded by hotswap (where the host's table, not the in-process one, serves).
     pub fn run<IO>(self, io: IO) -> impl std::future::Future<Output = ()> + Send + 'static
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        install(); // the session's I/O goes through this table...
+        // ...and only through it: a host's own table would take the handle for one of its own.
+        assert!(ptr::eq(crate::host(), &TABLE), "AcceptedSession::run in a plugin loaded by hotswap");
         let io: Box<InProcessIo> = Box::new(Box::new(io));
         (self.0)(crate::upgrade::Upgraded::from_handle(Box::into_raw(io) as *mut c_void))
     }
