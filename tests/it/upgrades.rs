@@ -167,10 +167,13 @@ async fn a_websocket_over_http2_extended_connect_stays_on_its_build() {
     let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
     let dir = temp_dir("ws-h2");
     place_by_rename(&v1, &dir.join("app.so"));
-    let host = Host::serve_dir(&dir, &[]);
+    // A session holds its connection as a request does: the idle timeout does not cut it.
+    let host = Host::serve_dir(&dir, &["--idle-timeout", "1s"]);
     let mut old = connect_h2(&host).await;
     assert_eq!(greeting(&mut old).await, "1.0.0");
     echo(&mut old, Message::binary(payload(1, 100_000))).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    echo(&mut old, Message::text("after a silence longer than the idle timeout")).await;
 
     place_by_rename(&v2, &dir.join("app.so"));
     host.wait_version("2.0.0").await;

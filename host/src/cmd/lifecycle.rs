@@ -63,10 +63,11 @@ where
     let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
     server.accept_loop(listener).await;
     notify_service_manager(&[NotifyState::Stopping]);
-    // No build gets new requests any more: long-lived sessions that watch for it (WebSockets
-    // through `handler_api::superseded`) may end politely while the rest drains.
-    registry.current_cell().load().superseded().raise();
     let _ = triggers.await;
+    // No build gets new requests any more (and no swap is under way): long-lived sessions
+    // that watch for it (WebSockets, through `handler_api::superseded`) may end politely
+    // while the rest drains.
+    registry.current_cell().load().superseded().raise();
 
     tracing::info!(connections = server.connections(), "draining (up to {:?})", args.drain_timeout);
     if !server.drained(args.drain_timeout).await {

@@ -39,6 +39,8 @@ struct RequestBody {
     parking: Parking,
     /// The trailers, once the body has ended, and the views of them lent to the plugin.
     trailers: Option<(http::HeaderMap, Vec<FfiHeader>)>,
+    /// Whether the body reached its end (not failed, cut or timed out).
+    ended: bool,
 }
 
 /// How a request body the plugin reads is coming along, shared with the host's
@@ -148,6 +150,7 @@ pub(crate) unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWa
                 }
                 Poll::Ready(None) => {
                     progress.finish();
+                    body.ended = true;
                     // SAFETY: `chunk` is the plugin's out-parameter.
                     unsafe { *chunk = FfiStr::EMPTY };
                     return FfiPoll::READY;
@@ -213,7 +216,7 @@ pub(crate) unsafe extern "C" fn body_trailers(body: *mut c_void, headers: *mut *
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `body` is a live RequestBody handed to the plugin, used by one thread at a time.
         let body = unsafe { &mut *(body as *mut RequestBody) };
-        if !body.progress.is_finished() {
+        if !body.ended {
             return FfiPoll::ERROR;
         }
         let views: &[FfiHeader] = match &mut body.trailers {
@@ -344,6 +347,7 @@ impl PluginCall {
                 progress: shared,
                 parking: Parking::default(),
                 trailers: None,
+                ended: false,
             };
             Box::into_raw(Box::new(body)) as *mut c_void
         };

@@ -55,7 +55,11 @@ impl PendingUpgrade {
     pub(crate) fn start(self, io: hyper::upgrade::Upgraded) -> Result<Session, SessionError> {
         let PendingUpgrade { ffi, hold } = self;
         let ffi = std::mem::ManuallyDrop::new(ffi); // `start` consumes the state
-        let io = Box::into_raw(Box::new(HostIo { io: TokioIo::new(io), parking: Parking::default() }));
+        let io = Box::into_raw(Box::new(HostIo {
+            io: TokioIo::new(io),
+            reading: Parking::default(),
+            writing: Parking::default(),
+        }));
         // SAFETY: the upgrade is live and never started (it was owned until here); `io`
         // passes to the plugin, which releases it through `io_drop`; `hold` keeps the library
         // loaded during the call, and the session after it.
@@ -116,8 +120,18 @@ impl Drop for Session {
 /// An upgraded connection lent to the plugin.
 struct HostIo {
     io: TokioIo<hyper::upgrade::Upgraded>,
-    /// A waker the plugin made itself, parked here instead of inside hyper or the reactor.
-    parking: Parking,
+    /// Wakers the plugin made itself, parked here instead of inside hyper or the reactor: one
+    /// for reading, one for writing (flush and shutdown included), as tokio and hyper keep
+    /// one of each; a reader and a writer on two tasks each get theirs back.
+    reading: Parking,
+    writing: Parking,
+}
+
+/// Which of its two wakers a poll of an upgraded connection uses.
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
 }
 
 /// Runs `f` with the connection behind `io` and a context whose waker is safe to hand to
@@ -126,16 +140,25 @@ struct HostIo {
 /// # Safety
 /// `io` must be a live `HostIo` from `PendingUpgrade::start`, used by one thread at a time;
 /// `waker` must be valid for the call.
-unsafe fn with_io(io: *mut c_void, waker: *const FfiWaker, f: impl FnOnce(Pin<&mut TokioIo<hyper::upgrade::Upgraded>>, &mut Context<'_>) -> FfiPoll) -> FfiPoll {
+unsafe fn with_io(
+    io: *mut c_void,
+    waker: *const FfiWaker,
+    direction: Direction,
+    f: impl FnOnce(Pin<&mut TokioIo<hyper::upgrade::Upgraded>>, &mut Context<'_>) -> FfiPoll,
+) -> FfiPoll {
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: forwarded from the caller.
-        let io = unsafe { &mut *(io as *mut HostIo) };
+        let HostIo { io, reading, writing } = unsafe { &mut *(io as *mut HostIo) };
+        let parking = match direction {
+            Direction::Read => reading,
+            Direction::Write => writing,
+        };
         // SAFETY: forwarded from the caller.
         let borrowed = unsafe { abi::waker::borrow(waker) };
         // SAFETY: as above; `borrowed` is its view.
-        let waker = unsafe { io.parking.waker(waker, &borrowed) };
+        let waker = unsafe { parking.waker(waker, &borrowed) };
         let mut cx = Context::from_waker(waker);
-        f(Pin::new(&mut io.io), &mut cx)
+        f(Pin::new(io), &mut cx)
     }))
     .unwrap_or(FfiPoll::ERROR)
 }
@@ -161,7 +184,7 @@ fn outcome<T>(polled: Poll<std::io::Result<T>>, done: impl FnOnce(T)) -> FfiPoll
 pub(crate) unsafe extern "C" fn io_poll_read(io: *mut c_void, waker: *const FfiWaker, buf: *mut u8, cap: usize, read: *mut usize) -> FfiPoll {
     // SAFETY: forwarded from the caller.
     unsafe {
-        with_io(io, waker, |io, cx| {
+        with_io(io, waker, Direction::Read, |io, cx| {
             // SAFETY: the plugin lends `cap` writable bytes at `buf` for this call.
             let buf = std::slice::from_raw_parts_mut(buf as *mut MaybeUninit<u8>, cap);
             let mut buf = ReadBuf::uninit(buf);
@@ -179,7 +202,7 @@ pub(crate) unsafe extern "C" fn io_poll_read(io: *mut c_void, waker: *const FfiW
 pub(crate) unsafe extern "C" fn io_poll_write(io: *mut c_void, waker: *const FfiWaker, data: FfiStr, written: *mut usize) -> FfiPoll {
     // SAFETY: forwarded from the caller.
     unsafe {
-        with_io(io, waker, |io, cx| {
+        with_io(io, waker, Direction::Write, |io, cx| {
             // SAFETY: the plugin keeps `data` valid for this call; `written` is its out-parameter.
             outcome(io.poll_write(cx, data.as_bytes()), |n| *written = n)
         })
@@ -192,7 +215,7 @@ pub(crate) unsafe extern "C" fn io_poll_write(io: *mut c_void, waker: *const Ffi
 /// As for `io_poll_read`.
 pub(crate) unsafe extern "C" fn io_poll_flush(io: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
     // SAFETY: forwarded from the caller.
-    unsafe { with_io(io, waker, |io, cx| outcome(io.poll_flush(cx), |()| {})) }
+    unsafe { with_io(io, waker, Direction::Write, |io, cx| outcome(io.poll_flush(cx), |()| {})) }
 }
 
 /// `HostApi::io_poll_shutdown`.
@@ -201,7 +224,7 @@ pub(crate) unsafe extern "C" fn io_poll_flush(io: *mut c_void, waker: *const Ffi
 /// As for `io_poll_read`.
 pub(crate) unsafe extern "C" fn io_poll_shutdown(io: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
     // SAFETY: forwarded from the caller.
-    unsafe { with_io(io, waker, |io, cx| outcome(io.poll_shutdown(cx), |()| {})) }
+    unsafe { with_io(io, waker, Direction::Write, |io, cx| outcome(io.poll_shutdown(cx), |()| {})) }
 }
 
 /// `HostApi::io_drop`: the plugin is done with the connection; it closes.

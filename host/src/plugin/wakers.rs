@@ -45,6 +45,7 @@ impl Parking {
         }
         drop(parked);
         let weak = Arc::downgrade(slot);
+        debug_assert_ne!(thread_generation(), 0, "a plugin polled a host object outside its generation's threads");
         self.proxy.get_or_insert_with(|| {
             Waker::from(Arc::new(Proxy {
                 generation: thread_generation(),

@@ -287,7 +287,8 @@ impl Calling {
 
 /// The response of `answer`; if the plugin accepted a switch of protocols that the request
 /// asked for, its session starts once hyper has switched, on a task of the plugin's
-/// generation. A response that would switch without a session is refused.
+/// generation. A response that would switch without a session, or whose switch cannot happen,
+/// is refused (a 500): hyper would otherwise switch into nothing, or send a 101 it must not.
 fn switch_protocols(
     answer: Answer,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -295,39 +296,48 @@ fn switch_protocols(
     conn: &ConnRequest,
 ) -> Result<Response<ResponseBody>, CallFailed> {
     let Answer { response, upgrade } = answer;
+    let status = response.status();
     // HTTP/1.1 switches with 101; HTTP/2 switches an extended CONNECT's stream with a 2xx.
-    let switches = |status: StatusCode| if conn.h1 { status == StatusCode::SWITCHING_PROTOCOLS } else { status.is_success() };
-    match (upgrade, on_upgrade) {
-        (Some(upgrade), Some(on_upgrade)) if switches(response.status()) => {
+    let switches = if conn.h1 { status == StatusCode::SWITCHING_PROTOCOLS } else { status.is_success() };
+    let refused = match (upgrade, on_upgrade) {
+        (Some(upgrade), Some(on_upgrade)) if switches => {
             if conn.h1 {
                 conn.state.switching.store(true, std::sync::atomic::Ordering::Release);
             }
-            // On the generation's runtime: this runs on one of its threads.
-            tokio::spawn(run_session(upgrade, on_upgrade, id));
-            Ok(response)
+            // On the generation's runtime: this runs on one of its threads. The session counts
+            // as a request of its connection (HTTP/2: its idle timeout must not cut the
+            // connection under it).
+            let held = ConnRequest::new(conn.state.clone(), conn.h1);
+            tokio::spawn(run_session(upgrade, on_upgrade, id, held));
+            return Ok(response);
+        }
+        (Some(_), _) if status == StatusCode::SWITCHING_PROTOCOLS => {
+            "status 101 for a request that cannot switch (it did not ask to, or came over HTTP/2)"
         }
         (Some(upgrade), _) => {
+            // Accepted, but answered with a status that does not switch: the session is dropped
+            // and the response goes out as it is.
             tracing::warn!(
-                request_id = %id, generation = upgrade.generation().id(), status = response.status().as_u16(),
-                "the handler accepted a switch of protocols the request did not ask for, or answered it with a status \
-                 that does not switch: ignored"
+                request_id = %id, generation = upgrade.generation().id(), status = status.as_u16(),
+                "the handler accepted a switch of protocols but answered with a status that does not switch: \
+                 the session does not run"
             );
-            Ok(response)
+            return Ok(response);
         }
-        (None, _) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            let (_, body) = response.into_parts();
-            Err(CallFailed {
-                error: CallError::Invalid("status 101 without accepting an upgrade (use handler_api::upgrade)".into()),
-                in_flight: body.into_in_flight(),
-            })
+        (None, _) if status == StatusCode::SWITCHING_PROTOCOLS => {
+            "status 101 without accepting the switch (use handler_api::upgrade)"
         }
-        (None, _) => Ok(response),
-    }
+        (None, Some(_)) if switches => "a 2xx to an extended CONNECT without accepting the switch (use handler_api::upgrade)",
+        (None, _) => return Ok(response),
+    };
+    let (_, body) = response.into_parts();
+    Err(CallFailed { error: CallError::Invalid(refused.into()), in_flight: body.into_in_flight() })
 }
 
 /// Waits for hyper to switch protocols, then runs the plugin's session on the connection
-/// until it ends, or until its generation is cut off (drain timeout).
-async fn run_session(upgrade: PendingUpgrade, on_upgrade: hyper::upgrade::OnUpgrade, id: RequestId) {
+/// until it ends, or until its generation is cut off (drain timeout). `held` is the session's
+/// place on its connection.
+async fn run_session(upgrade: PendingUpgrade, on_upgrade: hyper::upgrade::OnUpgrade, id: RequestId, held: ConnRequest) {
     let generation = upgrade.generation().clone();
     let aborted = generation.aborted().raised();
     tokio::pin!(aborted);
@@ -339,6 +349,12 @@ async fn run_session(upgrade: PendingUpgrade, on_upgrade: hyper::upgrade::OnUpgr
         Ok(io) => io,
         Err(e) => return tracing::debug!(request_id = %id, "the switch of protocols did not happen: {e}"),
     };
+    if held.h1 {
+        // The socket is the session's now, on this generation's runtime; hyper has let go of
+        // it. A request relayed to this generation (see `relay`) came on a connection of the
+        // one before: the socket re-registers here at its next poll.
+        held.state.generation.store(generation.clone());
+    }
     let session = match upgrade.start(io) {
         Ok(session) => session,
         Err(e) => return tracing::error!(request_id = %id, generation = generation.id(), plugin = %generation.label(), "{e}"),
