@@ -27,7 +27,9 @@ pub fn target_dir() -> PathBuf {
 pub fn cargo_build(packages: &[&str], env: &[(&str, &str)]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace()).args(["build", "--release", "--quiet"]);
+    // (RUSTC_BOOTSTRAP, when set to read libtest's unstable timings, would make cargo rebuild
+    // everything.)
+    cmd.current_dir(workspace()).args(["build", "--release", "--quiet"]).env_remove("RUSTC_BOOTSTRAP");
     for p in packages {
         cmd.args(["-p", p]);
     }

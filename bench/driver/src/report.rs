@@ -314,15 +314,18 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
         );
     }
     let _ = writeln!(w, "\n### h. Instructions per request\n");
-    if r.instructions.is_empty() {
-        let _ = writeln!(w, "valgrind is not installed on this machine: left out.");
+    if let (true, Some((short, long))) = (r.instructions.is_empty(), p.callgrind_times) {
+        let _ = writeln!(w, "valgrind is not installed on this machine: left out ({short:?} and {long:?} runs under callgrind).");
+    } else if r.instructions.is_empty() {
+        let _ = writeln!(w, "Left out of a smoke run.");
     } else {
         let _ = writeln!(
             w,
             "Each server under callgrind with one worker thread, started twice: wrk runs GET / with 4 connections \
              for {:?}, then, in the second process, for {:?}. Instructions per request = the difference in \
              instructions over the difference in requests: start-up and shut-down cancel out.\n",
-            p.callgrind_times.0, p.callgrind_times.1
+            p.callgrind_times.map_or(Default::default(), |t| t.0),
+            p.callgrind_times.map_or(Default::default(), |t| t.1)
         );
         let _ = writeln!(w, "| server | requests (difference) | instructions/request | vs static |\n|---|---|---|---|");
         let base = r.instructions.iter().find(|c| c.name == "static").map_or(f64::NAN, |c| c.per_request);
