@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, version_in, Host, WAIT};
+use hotswap_tests::{artifacts, example_version, init_fixture, place_by_rename, temp_dir, version_in, Host, WAIT};
 
 fn system_libz() -> PathBuf {
     ["/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib64/libz.so.1", "/usr/lib/libz.so.1"]
@@ -26,16 +26,16 @@ fn write_file(path: &Path, bytes: &[u8]) -> PathBuf {
 async fn bad_candidates_are_refused_and_the_current_version_keeps_serving() {
     let v1 = example_version("1.0.0");
     let v2 = example_version("2.0.0");
-    let init_error = variant("fixture-init", "FIXTURE_INIT", "error");
-    let init_panic = variant("fixture-init", "FIXTURE_INIT", "panic");
-    let init_hang = variant("fixture-init", "FIXTURE_INIT", "hang");
-    let not_ready = variant("fixture-init", "FIXTURE_INIT", "notready");
+    let init_error = init_fixture("error");
+    let init_panic = init_fixture("panic");
+    let init_hang = init_fixture("hang");
+    let not_ready = init_fixture("notready");
     // Library constructors and destructors run by the dynamic loader: first in a probe
     // process, never in the host when they crash or hang.
-    let ctor_abort = variant("fixture-init", "FIXTURE_INIT", "ctor-abort");
-    let ctor_exit = variant("fixture-init", "FIXTURE_INIT", "ctor-exit");
-    let ctor_hang = variant("fixture-init", "FIXTURE_INIT", "ctor-hang");
-    let dtor_hang = variant("fixture-init", "FIXTURE_INIT", "dtor-hang");
+    let ctor_abort = init_fixture("ctor-abort");
+    let ctor_exit = init_fixture("ctor-exit");
+    let ctor_hang = init_fixture("ctor-hang");
+    let dtor_hang = init_fixture("dtor-hang");
 
     let dir = temp_dir("candidates");
     let scratch = temp_dir("candidates-src");

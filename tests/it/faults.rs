@@ -6,13 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, build_lock, example_version, place_by_rename, target_dir, temp_dir, variant, workspace, Host, WAIT};
+use hotswap_tests::{artifacts, build_lock, example_version, init_fixture, place_by_rename, target_dir, temp_dir, workspace, Host, WAIT};
 
 const MIB: u64 = 1024 * 1024;
-
-fn init_fixture(mode: &str) -> std::path::PathBuf {
-    variant("fixture-init", "FIXTURE_INIT", mode)
-}
 
 #[tokio::test]
 async fn a_response_that_never_ends_is_aborted_by_the_drain_timeout_and_its_generation_unloads() {

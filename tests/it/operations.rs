@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, variant, Host, WAIT};
+use hotswap_tests::{artifacts, example_version, init_fixture, place_by_rename, temp_dir, Host, WAIT};
 use serde_json::Value;
 
 use crate::trust::sha256_hex;
@@ -168,7 +168,7 @@ async fn rollback_returns_to_the_previous_version_even_after_its_file_was_replac
 #[tokio::test]
 async fn a_bad_deploy_is_refused_and_the_previous_version_keeps_serving() {
     let v1 = example_version("1.0.0");
-    let init_error = variant("fixture-init", "FIXTURE_INIT", "error");
+    let init_error = init_fixture("error");
     let dir = temp_dir("bad-deploy");
     place_by_rename(&v1, &dir.join("app.so"));
     let host = Host::serve_dir(&dir, &[]);

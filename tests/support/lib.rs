@@ -117,6 +117,27 @@ pub fn variant(package: &str, var: &str, value: &str) -> PathBuf {
     dest
 }
 
+/// A copy of the init fixture (tests/fixtures/init) that misbehaves as `mode` says: built
+/// once, the mode written into each copy (cached per mode).
+pub fn init_fixture(mode: &str) -> PathBuf {
+    const TAG: &[u8] = b"hotswap-fixture-init-mode:";
+    static CACHE: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    if let Some((_, p)) = CACHE.lock().unwrap().iter().find(|(m, _)| m == mode) {
+        return p.clone();
+    }
+    let built = variant("fixture-init", "FIXTURE_INIT_BUILD", "once");
+    let mut bytes = std::fs::read(&built).unwrap();
+    let at = bytes.windows(TAG.len()).position(|w| w == TAG).expect("the init fixture has no mode tag") + TAG.len();
+    assert!(mode.len() < 64 - TAG.len(), "mode {mode:?} too long");
+    bytes[at..at + mode.len()].copy_from_slice(mode.as_bytes());
+    let dest = built.with_file_name(format!("fixture-init-mode-{mode}.so"));
+    let staged = built.with_file_name(format!(".fixture-init-mode-{mode}.so.tmp"));
+    std::fs::write(&staged, &bytes).unwrap();
+    std::fs::rename(&staged, &dest).unwrap();
+    CACHE.lock().unwrap().push((mode.to_owned(), dest.clone()));
+    dest
+}
+
 /// A fresh directory under the target dir (left for inspection; cleaned by `cargo clean`).
 pub fn temp_dir(name: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
