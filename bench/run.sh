@@ -2,7 +2,7 @@
 # The hotswap benchmark suite: hotswap against a static hyper server with the same handler
 # compiled in, and against the Node cluster anchor (../shared/anchors/node-cluster), in one run.
 # Writes the results into BENCHMARKS.md (between its result markers). Loopback only; every
-# section is bounded; a full run takes about 12 minutes, of which the anchor's own reload
+# section is bounded; a full run takes about 14 minutes, of which the anchor's own reload
 # benchmark is about 3.
 #
 #   bench/run.sh                 full run: builds in release mode, installs wrk if missing
