@@ -160,17 +160,16 @@ struct Sent {
 /// `request` must point at a valid `FfiRequest` whose strings stay valid during this call.
 pub unsafe fn handle<H: Handler>(handler: &H, request: *const FfiRequest) -> FfiResponseFuture {
     // The future lives in this box, which never moves, until the host drops it. The box is made
-    // first, and the future written into it, sparing a move or two of a large value.
-    let state: *mut Call<H::Future> = Box::into_raw(Box::new(Call::Done));
-    // SAFETY: just allocated, and ours alone until handed to the host below.
-    let call = unsafe { &mut *state };
-    let _ = catch_unwind(AssertUnwindSafe(|| {
+    // first, uninitialised, and the future written straight into it: a handler's future is
+    // often a kilobyte or more, and every move of it is a copy.
+    let state: *mut Call<H::Future> = Box::into_raw(Box::<Call<H::Future>>::new_uninit()).cast();
+    let written = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: forwarded from the caller.
         let request = unsafe { &*request };
         // Take the body first, so it goes back to the host even if the rest is invalid.
         let body = Body::from_host(abi::FfiHostBody { handle: request.body.handle, exact_len: request.body.exact_len });
         // SAFETY: forwarded from the caller.
-        *call = match unsafe { build_request(request, body) } {
+        match unsafe { build_request(request, body) } {
             Ok(mut req) => {
                 // SAFETY: as above: the host keeps the request's strings valid during `handle`.
                 let protocol = unsafe { request.upgrade.as_bytes() };
@@ -179,11 +178,19 @@ pub unsafe fn handle<H: Handler>(handler: &H, request: *const FfiRequest) -> Ffi
                     req.extensions_mut().insert(Upgrade::new(protocol, request.version == abi::HTTP_2));
                 }
                 req.extensions_mut().insert(RequestContext::from_ffi(request));
-                Call::Running(handler.call(req))
+                // SAFETY: the box is allocated for a `Call`, ours alone, and written once.
+                unsafe { state.write(Call::Running(handler.call(req))) };
             }
-            Err(e) => Call::Answered(bad_request(e)),
-        };
-    })); // a panic leaves `Done`, which answers PANICKED
+            // SAFETY: as above.
+            Err(e) => unsafe { state.write(Call::Answered(bad_request(e))) },
+        }
+    }));
+    if written.is_err() {
+        // Nothing was written (the write is the closure's last step, and cannot panic): `Done`
+        // answers PANICKED.
+        // SAFETY: as above.
+        unsafe { state.write(Call::Done) };
+    }
     FfiResponseFuture { state: state as *mut c_void, poll: poll_response::<H::Future>, drop: drop_response::<H::Future> }
 }
 
