@@ -122,19 +122,24 @@ pub fn variant(package: &str, var: &str, value: &str) -> PathBuf {
 pub fn init_fixture(mode: &str) -> PathBuf {
     const TAG: &[u8] = b"hotswap-fixture-init-mode:";
     static CACHE: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
-    if let Some((_, p)) = CACHE.lock().unwrap().iter().find(|(m, _)| m == mode) {
+    let built = variant("fixture-init", "FIXTURE_INIT_BUILD", "once");
+    // Held from the look-up to the insert: two tests asking for one mode write it once.
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = cache.iter().find(|(m, _)| m == mode) {
         return p.clone();
     }
-    let built = variant("fixture-init", "FIXTURE_INIT_BUILD", "once");
     let mut bytes = std::fs::read(&built).unwrap();
-    let at = bytes.windows(TAG.len()).position(|w| w == TAG).expect("the init fixture has no mode tag") + TAG.len();
+    let found = bytes.windows(TAG.len()).position(|w| w == TAG).expect("the init fixture has no mode tag");
+    let last = bytes.windows(TAG.len()).rposition(|w| w == TAG);
+    assert_eq!(Some(found), last, "the mode tag appears more than once in the init fixture");
+    let at = found + TAG.len();
     assert!(mode.len() < 64 - TAG.len(), "mode {mode:?} too long");
     bytes[at..at + mode.len()].copy_from_slice(mode.as_bytes());
     let dest = built.with_file_name(format!("fixture-init-mode-{mode}.so"));
     let staged = built.with_file_name(format!(".fixture-init-mode-{mode}.so.tmp"));
     std::fs::write(&staged, &bytes).unwrap();
     std::fs::rename(&staged, &dest).unwrap();
-    CACHE.lock().unwrap().push((mode.to_owned(), dest.clone()));
+    cache.push((mode.to_owned(), dest.clone()));
     dest
 }
 
