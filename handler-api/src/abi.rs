@@ -498,9 +498,12 @@ pub struct HostApi {
     pub blocking_drop: HostDropFn,
 }
 
-/// The size of [`HostApi`] in the first release of ABI version 4: every plugin of this version
-/// may call every function within it.
-pub const HOST_API_BASE_SIZE: usize = size_of::<HostApi>();
+/// The size of [`HostApi`] in the first release of ABI version 4, up to and with its last
+/// field then (`blocking_drop`): every plugin of this version may call every function within
+/// it. Frozen: fields added later do not move it.
+pub const HOST_API_BASE_SIZE: usize = offset_of!(HostApi, blocking_drop) + size_of::<HostDropFn>();
+
+const _: () = assert!(size_of::<HostApi>() >= HOST_API_BASE_SIZE);
 
 // SAFETY: the table is immutable after the host creates it; `context` points at immutable host
 // data that the host keeps alive for the table's whole life. Its functions are thread-safe.

@@ -53,7 +53,8 @@ pub(crate) struct ConnState {
     /// The generation whose runtime serves this connection now. Only the connection's own
     /// task changes it (`ConnTask::try_move`), between polls of the hyper connection: so the
     /// service and the executor, which hyper calls for a stream in one poll, see the same
-    /// generation.
+    /// generation. (After an HTTP/1 switch of protocols, when that task has ended, the
+    /// session sets it to its own generation: see `respond::run_session`.)
     pub(crate) generation: ArcSwap<Generation>,
     /// Its addresses, for the plugin.
     pub(crate) origin: Origin,
