@@ -61,12 +61,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::ptr;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::abi::{FfiHeader, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
-use crate::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, sleep_drop, sleep_new, sleep_poll};
+use crate::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, io_outcome, sleep_drop, sleep_new, sleep_poll};
 use crate::HOST;
 
 /// Installs the in-process host, so that handler-api's services work when a handler is called
@@ -241,16 +241,6 @@ unsafe fn poll_io(io: *mut c_void, waker: *const FfiWaker, f: impl FnOnce(Pin<&m
     .unwrap_or(FfiPoll::ERROR)
 }
 
-fn outcome<T>(polled: Poll<std::io::Result<T>>, done: impl FnOnce(T)) -> FfiPoll {
-    match polled {
-        Poll::Pending => FfiPoll::PENDING,
-        Poll::Ready(Ok(value)) => {
-            done(value);
-            FfiPoll::READY
-        }
-        Poll::Ready(Err(_)) => FfiPoll::ERROR,
-    }
-}
 
 /// Reads from an in-process connection.
 ///
@@ -264,7 +254,7 @@ unsafe extern "C" fn io_poll_read(io: *mut c_void, waker: *const FfiWaker, buf: 
             let mut buf = ReadBuf::uninit(std::slice::from_raw_parts_mut(buf as *mut MaybeUninit<u8>, cap));
             let polled = io.poll_read(cx, &mut buf);
             // SAFETY: the caller's out-parameter.
-            outcome(polled, |()| *read = buf.filled().len())
+            io_outcome(polled, |()| *read = buf.filled().len())
         })
     }
 }
@@ -275,7 +265,7 @@ unsafe extern "C" fn io_poll_read(io: *mut c_void, waker: *const FfiWaker, buf: 
 /// As for [`poll_io`]; `data` must be valid for the call, `written` writable.
 unsafe extern "C" fn io_poll_write(io: *mut c_void, waker: *const FfiWaker, data: FfiStr, written: *mut usize) -> FfiPoll {
     // SAFETY: forwarded from the caller; `data` and `written` as the caller guarantees.
-    unsafe { poll_io(io, waker, |io, cx| outcome(io.poll_write(cx, data.as_bytes()), |n| *written = n)) }
+    unsafe { poll_io(io, waker, |io, cx| io_outcome(io.poll_write(cx, data.as_bytes()), |n| *written = n)) }
 }
 
 /// Flushes an in-process connection.
@@ -284,7 +274,7 @@ unsafe extern "C" fn io_poll_write(io: *mut c_void, waker: *const FfiWaker, data
 /// As for [`poll_io`].
 unsafe extern "C" fn io_poll_flush(io: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
     // SAFETY: forwarded from the caller.
-    unsafe { poll_io(io, waker, |io, cx| outcome(io.poll_flush(cx), |()| {})) }
+    unsafe { poll_io(io, waker, |io, cx| io_outcome(io.poll_flush(cx), |()| {})) }
 }
 
 /// Shuts an in-process connection's writing side down.
@@ -293,7 +283,7 @@ unsafe extern "C" fn io_poll_flush(io: *mut c_void, waker: *const FfiWaker) -> F
 /// As for [`poll_io`].
 unsafe extern "C" fn io_poll_shutdown(io: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
     // SAFETY: forwarded from the caller.
-    unsafe { poll_io(io, waker, |io, cx| outcome(io.poll_shutdown(cx), |()| {})) }
+    unsafe { poll_io(io, waker, |io, cx| io_outcome(io.poll_shutdown(cx), |()| {})) }
 }
 
 /// Closes an in-process connection.

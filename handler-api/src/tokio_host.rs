@@ -132,6 +132,20 @@ pub unsafe extern "C" fn blocking_drop(task: *mut c_void) {
     let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
 }
 
+/// What a poll of an upgraded connection's byte stream means across the ABI: `READY` with
+/// `done` given the value, `PENDING`, or `ERROR` for an I/O error (which the caller may log
+/// first).
+pub fn io_outcome<T>(polled: std::task::Poll<std::io::Result<T>>, done: impl FnOnce(T)) -> FfiPoll {
+    match polled {
+        std::task::Poll::Pending => FfiPoll::PENDING,
+        std::task::Poll::Ready(Ok(value)) => {
+            done(value);
+            FfiPoll::READY
+        }
+        std::task::Poll::Ready(Err(_)) => FfiPoll::ERROR,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::task::Waker;

@@ -17,6 +17,7 @@ use prometheus_client::metrics::MetricType;
 use crate::control::registry::Registry;
 use crate::plugin::reaper::unloads;
 use crate::plugin::stats::{Unloaded, BUCKETS};
+use crate::plugin::Generation;
 
 /// The `/metrics` collector: reads the registry at every scrape.
 pub(crate) struct Metrics(pub Arc<Registry>);
@@ -57,27 +58,25 @@ impl Collector for Metrics {
         }
 
         let resident = registry.resident();
-        let mut in_flight = encoder.encode_descriptor(
-            "hotswap_in_flight_requests",
-            "Requests in progress (until their response body ends), per resident generation",
-            None,
-            MetricType::Gauge,
-        )?;
-        for generation in &resident {
-            let (id, version) = (generation.id().to_string(), generation.version().to_string());
-            let labels = [("generation", id.as_str()), ("version", version.as_str())];
-            ConstGauge::new(generation.in_flight() as i64).encode(in_flight.encode_family(&labels)?)?;
-        }
-        let mut upgraded = encoder.encode_descriptor(
-            "hotswap_upgraded_connections",
-            "Connections switched to another protocol (WebSockets) that a resident generation serves",
-            None,
-            MetricType::Gauge,
-        )?;
-        for generation in &resident {
-            let (id, version) = (generation.id().to_string(), generation.version().to_string());
-            let labels = [("generation", id.as_str()), ("version", version.as_str())];
-            ConstGauge::new(generation.stats().upgraded() as i64).encode(upgraded.encode_family(&labels)?)?;
+        let per_generation = [
+            (
+                "hotswap_in_flight_requests",
+                "Requests in progress (until their response body ends), per resident generation",
+                (|g| g.in_flight()) as fn(&Generation) -> usize,
+            ),
+            (
+                "hotswap_upgraded_connections",
+                "Connections switched to another protocol (WebSockets) that a resident generation serves",
+                |g| g.stats().upgraded(),
+            ),
+        ];
+        for (name, help, value) in per_generation {
+            let mut gauge = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for generation in &resident {
+                let (id, version) = (generation.id().to_string(), generation.version().to_string());
+                let labels = [("generation", id.as_str()), ("version", version.as_str())];
+                ConstGauge::new(value(generation) as i64).encode(gauge.encode_family(&labels)?)?;
+            }
         }
 
         let resident_generations = crate::plugin::reaper::resident_generations() as i64;

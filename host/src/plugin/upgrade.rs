@@ -163,18 +163,12 @@ unsafe fn with_io(
     .unwrap_or(FfiPoll::ERROR)
 }
 
+/// The ABI's answer for `polled` (handler-api's `io_outcome`), with a failure logged.
 fn outcome<T>(polled: Poll<std::io::Result<T>>, done: impl FnOnce(T)) -> FfiPoll {
-    match polled {
-        Poll::Pending => FfiPoll::PENDING,
-        Poll::Ready(Ok(value)) => {
-            done(value);
-            FfiPoll::READY
-        }
-        Poll::Ready(Err(e)) => {
-            tracing::debug!("upgraded connection failed: {e}");
-            FfiPoll::ERROR
-        }
+    if let Poll::Ready(Err(e)) = &polled {
+        tracing::debug!("upgraded connection failed: {e}");
     }
+    handler_api::tokio_host::io_outcome(polled, done)
 }
 
 /// `HostApi::io_poll_read`.
