@@ -1,12 +1,14 @@
 //! Everything that touches a loaded library, and the only `unsafe` code of the host besides
 //! `sys`: loading a plugin file ([`loader`], [`trust`], [`budget`], [`candidate`]), the
 //! loaded [`Generation`] and the requests it holds, unloading it ([`reaper`]), and the host's
-//! side of the C ABI ([`table`] of [`services`], [`request`], [`response`]).
+//! side of the C ABI ([`table`] of [`services`], [`request`], [`response`], [`upgrade`], with
+//! the plugin's own wakers parked by [`wakers`]).
 //!
 //! Dependencies point one way (`host/tests/layout.rs` checks): `trust`, `budget`, `stats` and
 //! `services` need nothing else here, `loader` only `trust`; `reaper` needs those;
-//! `generation` needs `reaper`; `response` and `request` need `generation`; `table` gathers
-//! the ABI's functions; `candidate` builds generations.
+//! `generation` needs `reaper`; `wakers` needs `generation`; `response`, `request` and
+//! `upgrade` need `generation` (and `wakers`); `table` gathers the ABI's functions;
+//! `candidate` builds generations.
 
 pub(crate) mod budget;
 pub(crate) mod candidate;
