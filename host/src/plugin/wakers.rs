@@ -44,13 +44,12 @@ impl Parking {
             *parked = Some((**borrowed).clone());
         }
         drop(parked);
-        let weak = Arc::downgrade(slot);
         debug_assert_ne!(thread_generation(), 0, "a plugin polled a host object outside its generation's threads");
         self.proxy.get_or_insert_with(|| {
             Waker::from(Arc::new(Proxy {
                 generation: thread_generation(),
                 runtime: tokio::runtime::Handle::current(),
-                slot: weak,
+                slot: Arc::downgrade(slot),
             }))
         })
     }
@@ -82,17 +81,17 @@ impl std::task::Wake for Proxy {
         let Some(slot) = self.slot.upgrade() else { return };
         if thread_generation() == self.generation {
             // Already on one of its threads (its reactor, usually): wake it here.
-            let waker = slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            if let Some(waker) = waker {
-                waker.wake();
-            }
-            return;
+            wake_parked(&slot);
+        } else {
+            self.runtime.spawn(async move { wake_parked(&slot) });
         }
-        self.runtime.spawn(async move {
-            let waker = slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            if let Some(waker) = waker {
-                waker.wake();
-            }
-        });
+    }
+}
+
+/// Wakes the plugin's parked waker, if any (on a thread of its generation), leaving it parked.
+fn wake_parked(slot: &Mutex<Option<Waker>>) {
+    let waker = slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }

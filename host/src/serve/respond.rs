@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use handler_api::RequestId;
 use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -129,36 +130,24 @@ pub(crate) struct Calling {
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
-/// A request's id, as the log shows it (and the plugin's `RequestId`).
-#[derive(Clone, Copy)]
-pub(crate) struct RequestId(u64);
-
-impl RequestId {
-    /// A new id, unique in the process. Each thread takes them from a block of its own: no
-    /// shared counter on the request path.
-    fn next() -> RequestId {
-        const BLOCK: u64 = 1024;
-        static BLOCKS: AtomicU64 = AtomicU64::new(1);
-        thread_local! {
-            static NEXT: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+/// A new request id, unique in the process; shown (`Display`) as the plugin shows it. Each
+/// thread takes them from a block of its own: no shared counter on the request path.
+fn next_request_id() -> RequestId {
+    const BLOCK: u64 = 1024;
+    static BLOCKS: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static NEXT: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    NEXT.with(|next| {
+        let (id, end) = next.get();
+        if id < end {
+            next.set((id + 1, end));
+            return RequestId(id);
         }
-        NEXT.with(|next| {
-            let (id, end) = next.get();
-            if id < end {
-                next.set((id + 1, end));
-                return RequestId(id);
-            }
-            let start = BLOCKS.fetch_add(BLOCK, Ordering::Relaxed);
-            next.set((start + 1, start + BLOCK));
-            RequestId(start)
-        })
-    }
-}
-
-impl std::fmt::Display for RequestId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
+        let start = BLOCKS.fetch_add(BLOCK, Ordering::Relaxed);
+        next.set((start + 1, start + BLOCK));
+        RequestId(start)
+    })
 }
 
 impl Future for Respond {
@@ -198,7 +187,7 @@ impl Future for Respond {
 /// the plugin; or answers right away. Runs on a thread of the request's generation: the
 /// connection's task (HTTP/1), which runs on the runtime of the generation it loaded, or the
 /// stream's task (HTTP/2), spawned on the runtime of the generation it was routed to.
-fn hand_to_plugin(request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest) -> Respond {
+fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest) -> Respond {
     let started = Instant::now();
     let generation = in_flight.generation();
     if thread_generation() != generation.id() {
@@ -211,11 +200,10 @@ fn hand_to_plugin(request: Request<Incoming>, in_flight: InFlight, conn: ConnReq
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
         return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started).map(SentBody::Here)));
     }
-    let mut request = request;
     let protocol = upgrade_protocol(&request);
     let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
     let (http::request::Parts { method, uri, version, headers, .. }, body) = request.into_parts();
-    let id = RequestId::next();
+    let id = next_request_id();
     let head = Head {
         method: &method,
         uri: &uri,
