@@ -4,7 +4,7 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures_core::Stream;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
@@ -52,6 +52,66 @@ impl Body {
     /// A body with no bytes.
     pub fn empty() -> Body {
         Body { kind: Kind::Empty }
+    }
+
+    /// A body that yields the frames of any [`http_body::Body`]: axum's, hyper's,
+    /// http-body-util's, or a [`Body`] (returned as it is). Its exact length, when the body
+    /// knows it, becomes the response's `Content-Length`. Trailers frames are dropped (the
+    /// host sends no response trailers); an error aborts the response, as with
+    /// [`Body::from_stream`].
+    ///
+    /// A body whose bytes are all there already (axum's answer to `String`, `Json` or
+    /// `Full`) is taken whole, as [`Body::from`] bytes would be: the host copies it once
+    /// instead of polling it chunk by chunk.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use handler_api::Body;
+    /// use http_body_util::Full;
+    ///
+    /// let body = Body::new(Full::new(bytes::Bytes::from_static(b"hello")));
+    /// assert_eq!(body.exact_len(), Some(5));
+    /// ```
+    pub fn new<B>(body: B) -> Body
+    where
+        B: http_body::Body + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        // Not wrapped again when it is one of ours.
+        let mut slot = Some(body);
+        if let Some(ours) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Body>>() {
+            return ours.take().unwrap_or_default();
+        }
+        let Some(body) = slot else { return Body::empty() };
+        if body.is_end_stream() {
+            return Body::empty();
+        }
+        let exact_len = body.size_hint().exact();
+        let mut body = Box::pin(body);
+        let mut first = None;
+        if exact_len.is_some() {
+            // A body that knows its length usually has its bytes in hand: one poll, with a waker
+            // that does nothing, finds out. `Pending` here loses nothing: the host polls again,
+            // with its own waker, before it waits.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match body.as_mut().poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        let bytes = data.copy_to_bytes(data.remaining());
+                        if body.is_end_stream() {
+                            return Body::from(bytes);
+                        }
+                        first = Some(Ok(bytes));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => first = Some(Err(e.into())),
+                Poll::Ready(None) => return Body::empty(),
+                Poll::Pending => {}
+            }
+        }
+        let stream = Frames { first, body };
+        Body { kind: Kind::Stream { stream: Box::pin(stream), exact_len } }
     }
 
     /// A body that yields the items of `stream` as chunks. An `Err` item aborts the response
@@ -245,6 +305,41 @@ where
         // SAFETY: structural pinning of the only field; MapErr never moves it.
         let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
         inner.poll_next(cx).map(|o| o.map(|r| r.map_err(Into::into)))
+    }
+}
+
+/// The data of an [`http_body::Body`], as a stream of chunks (see [`Body::new`]).
+struct Frames<B: ?Sized> {
+    /// What `Body::new`'s first poll found.
+    first: Option<Result<Bytes, BoxError>>,
+    body: Pin<Box<B>>,
+}
+
+impl<B> Stream for Frames<B>
+where
+    B: http_body::Body + ?Sized,
+    B::Error: Into<BoxError>,
+{
+    type Item = Result<Bytes, BoxError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // `Frames` is `Unpin`: its body is boxed.
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(first));
+        }
+        loop {
+            return match this.body.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => Poll::Ready(Some(Ok(data.copy_to_bytes(data.remaining())))),
+                    // Trailers: the host sends none; go on to the end.
+                    Err(_) => continue,
+                },
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
     }
 }
 

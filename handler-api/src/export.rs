@@ -25,6 +25,11 @@ use crate::context::RequestContext;
 use crate::upgrade::{self, Accepted, Upgrade};
 use crate::{log, Body, Handler, Request, Response, HOST};
 
+/// What the declaration of a plugin with a service calls.
+pub mod service {
+    pub use crate::service::{handle, install, uninstall};
+}
+
 /// The compiler that built this crate.
 pub const RUSTC: &str = env!("HANDLER_API_RUSTC");
 
@@ -517,10 +522,20 @@ macro_rules! __optional_hook {
     }};
 }
 
-/// Exports an async handler as a hotswap plugin, with its name and semantic version.
+/// Exports a handler, or a tower service such as an axum `Router`, as a hotswap plugin, with
+/// its name and semantic version.
 ///
-/// Put it once in the crate root of a `cdylib`. The handler is any
-/// `async fn(Request) -> impl IntoResponse`.
+/// Put it once in the crate root of a `cdylib`. It takes one of:
+///
+/// - `handler: f`: any `async fn(Request) -> impl IntoResponse`.
+/// - `service: make`: a function `fn() -> Result<S, E>` (`E: Display`) that builds a
+///   [`tower::Service`] taking a [`Request`](crate::Request) and answering an
+///   `http::Response` with any [`http_body::Body`]: an axum `Router` (with its state), or
+///   any tower stack. It runs in `init`, once per loaded build, so state (configuration, a
+///   pool, caches) belongs to the build that made it and is dropped when that build is
+///   unloaded, instead of living in statics. An `Err` refuses the build, and the previous
+///   version keeps serving. The service is cloned for each request (an axum `Router` is
+///   cheap to clone); a service error answers `500` and is logged.
 ///
 /// `version` must be a [semantic version](https://semver.org) (`1.4.2`, `2.0.0-rc.1`,
 /// `1.4.2+build.7`): the host orders builds by it, serves the highest, and refuses a build
@@ -529,13 +544,15 @@ macro_rules! __optional_hook {
 /// Optional hooks, all plain functions:
 ///
 /// - `init: fn() -> Result<(), E>` runs once when the host loads the plugin, before any
-///   request; an `Err` (or a panic, or taking longer than the host's init timeout) refuses
-///   the plugin and the previous version keeps serving.
+///   request (and before `make`); an `Err` (or a panic, or taking longer than the host's
+///   init timeout) refuses the plugin and the previous version keeps serving.
 /// - `ready: fn() -> Result<(), E>` is checked after `init`, before the plugin gets traffic.
-/// - `shutdown: fn()` runs once after the last request has ended, before the library is
-///   unloaded.
+/// - `shutdown: fn()` runs once after the last request has ended (and after the service is
+///   dropped), before the library is unloaded.
 ///
-/// # Example
+/// # Examples
+///
+/// A handler function:
 ///
 /// ```
 /// use handler_api::{export_handler, Request};
@@ -550,6 +567,24 @@ macro_rules! __optional_hook {
 ///
 /// export_handler!(name: "hello", version: "1.0.0", handler: hello, init: warm_up);
 /// ```
+///
+/// A service built at load, here a bare `tower::service_fn` with a greeting it owns (an axum
+/// `Router` goes in the same place):
+///
+/// ```
+/// use std::convert::Infallible;
+/// use handler_api::{export_handler, Body, Request, Response};
+///
+/// fn app() -> Result<impl tower::Service<Request, Response = Response, Error = Infallible, Future = impl Send> + Clone + Send + Sync, String> {
+///     let greeting: std::sync::Arc<str> = std::env::var("GREETING").unwrap_or_else(|_| "hello".into()).into();
+///     Ok(tower::service_fn(move |_req: Request| {
+///         let greeting = greeting.clone();
+///         async move { Ok::<_, Infallible>(Response::new(Body::from(format!("{greeting}\n")))) }
+///     }))
+/// }
+///
+/// export_handler!(name: "greeter", version: "1.0.0", service: app);
+/// ```
 #[macro_export]
 macro_rules! export_handler {
     (
@@ -560,6 +595,55 @@ macro_rules! export_handler {
         $(, ready: $ready:path)?
         $(, shutdown: $shutdown:path)?
         $(,)?
+    ) => {
+        $crate::__declaration! {
+            name: $name,
+            version: $version,
+            // SAFETY: forwarded from `__hotswap_handle`'s caller.
+            handle: |request| unsafe { $crate::__private::handle(&$handler, request) },
+            make: (|| ::core::result::Result::<(), ::core::convert::Infallible>::Ok(())),
+            uninstall: (|| {}),
+            init: [$($init)?],
+            ready: [$($ready)?],
+            shutdown: [$($shutdown)?],
+        }
+    };
+    (
+        name: $name:expr,
+        version: $version:expr,
+        service: $make:path
+        $(, init: $init:path)?
+        $(, ready: $ready:path)?
+        $(, shutdown: $shutdown:path)?
+        $(,)?
+    ) => {
+        $crate::__declaration! {
+            name: $name,
+            version: $version,
+            // SAFETY: forwarded from `__hotswap_handle`'s caller; `shutdown` has not run.
+            handle: |request| unsafe { $crate::__private::service::handle(request) },
+            make: (|| $crate::__private::service::install($make)),
+            uninstall: $crate::__private::service::uninstall,
+            init: [$($init)?],
+            ready: [$($ready)?],
+            shutdown: [$($shutdown)?],
+        }
+    };
+}
+
+/// The declaration [`export_handler!`] generates: the one symbol the host looks up.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __declaration {
+    (
+        name: $name:expr,
+        version: $version:expr,
+        handle: $handle:expr,
+        make: $make:expr,
+        uninstall: $uninstall:expr,
+        init: [$($init:path)?],
+        ready: [$($ready:path)?],
+        shutdown: [$($shutdown:path)?],
     ) => {
         #[unsafe(no_mangle)]
         #[allow(non_upper_case_globals)]
@@ -581,10 +665,14 @@ macro_rules! export_handler {
                 ) -> $crate::abi::FfiPoll {
                     // SAFETY: the host passes a table valid until shutdown.
                     unsafe {
-                        $crate::__private::init(host, sink, |_sink| {
-                            $( return $crate::__private::run_fallible(_sink, $init); )?
-                            #[allow(unreachable_code)]
-                            $crate::abi::FfiPoll::READY
+                        $crate::__private::init(host, sink, |sink| {
+                            $(
+                                let initialized = $crate::__private::run_fallible(sink, $init);
+                                if initialized != $crate::abi::FfiPoll::READY {
+                                    return initialized;
+                                }
+                            )?
+                            $crate::__private::run_fallible(sink, $make)
                         })
                     }
                 }
@@ -595,24 +683,27 @@ macro_rules! export_handler {
                 /// `handle` of the declaration: see `handler_api::__private::handle`.
                 ///
                 /// # Safety
-                /// `init` must have returned `READY`; `request` must point at a valid
-                /// `FfiRequest` whose strings and headers stay valid during this call.
+                /// `init` must have returned `READY`, and `shutdown` not have run; `request`
+                /// must point at a valid `FfiRequest` whose strings and headers stay valid
+                /// during this call.
                 unsafe extern "C" fn __hotswap_handle(
                     request: *const $crate::abi::FfiRequest,
                 ) -> $crate::abi::FfiResponseFuture {
-                    // SAFETY: the host passes a request valid for this call.
-                    unsafe { $crate::__private::handle(&$handler, request) }
+                    let handle: fn(*const $crate::abi::FfiRequest) -> $crate::abi::FfiResponseFuture = $handle;
+                    handle(request)
                 }
                 __hotswap_handle
             },
             shutdown: {
-                /// `shutdown` of the declaration: runs the author's shutdown hook.
+                /// `shutdown` of the declaration: drops the service, if any, then runs the
+                /// author's shutdown hook.
                 ///
                 /// # Safety
                 /// Called once, after the last request has ended (every future, body and lent
                 /// chunk released), before the library is unloaded, while the `HostApi` given
                 /// to `init` is still valid.
                 unsafe extern "C" fn __hotswap_shutdown() {
+                    $crate::__private::run_shutdown($uninstall);
                     $crate::__private::run_shutdown(|| { $( $shutdown(); )? });
                 }
                 __hotswap_shutdown

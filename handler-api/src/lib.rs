@@ -28,6 +28,25 @@
 //! crate-type = ["cdylib"]
 //! ```
 //!
+//! # axum, and any tower service
+//!
+//! An axum `Router`, or any [`tower::Service`], is a handler too: give `export_handler!` the
+//! function that builds it, and it runs when the host loads your build, so its state belongs
+//! to that build:
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//!
+//! fn app() -> Result<Router, std::convert::Infallible> {
+//!     Ok(Router::new().route("/", get(|| async { "hello from axum\n" })))
+//! }
+//!
+//! handler_api::export_handler!(name: "hello-axum", version: "1.0.0", service: app);
+//! ```
+//!
+//! Any `http_body::Body` answers ([`Body::new`]), and keeps its `Content-Length`. The `axum`
+//! feature adds extractors for [`RequestContext`] and [`upgrade::Upgrade`] (module `axum`).
+//!
 //! # What runs where
 //!
 //! The host owns the sockets, the runtime and the threads. Your code runs on threads that
@@ -35,6 +54,10 @@
 //! them before it unloads the library, so `thread_local!`, `tracing` and
 //! `std::thread::current()` are safe to use. Do not start threads or a runtime yourself:
 //! use [`sleep`] for timers and [`spawn_blocking`] for blocking work such as file reads.
+//! tokio's own runtime services do not exist in a plugin: `tokio::spawn`,
+//! `tokio::time::sleep` or `timeout`, `tokio::task::spawn_blocking` panic there (the request
+//! is answered `500`, and the host's log names the replacement). tokio's I/O traits, channels
+//! and locks work, as does everything that needs no runtime.
 //! A thread your code starts anyway (directly, or through a crate such as a blocking HTTP
 //! client or a pool) keeps your build loaded until it exits: the host never unloads a library
 //! while a thread it did not start may run its code, and after a few seconds leaves it loaded
@@ -84,10 +107,17 @@
 //!
 //! # Testing
 //!
-//! A handler is a plain async function: call it in a unit test with a `Request` you build.
-//! The host's services ([`sleep`], [`spawn_blocking`]) need a host, though; with the
-//! `testing` feature, `handler_api::testing::install()` provides one in-process, on the
-//! test's tokio runtime.
+//! With the `testing` feature, `handler_api::testing::TestHost` calls your handler or service
+//! in `cargo test` the way hotswap does, with [`sleep`] and [`spawn_blocking`] working on the
+//! test's tokio runtime:
+//!
+//! ```ignore
+//! #[tokio::test]
+//! async fn greets() {
+//!     let host = handler_api::testing::TestHost::service(app().unwrap());
+//!     assert_eq!(host.get("/").await.text(), "hello from axum\n");
+//! }
+//! ```
 //!
 //! # Under the hood
 //!
@@ -99,12 +129,15 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod abi;
+#[cfg(feature = "axum")]
+pub mod axum;
 mod body;
 mod context;
 #[doc(hidden)]
 pub mod export;
 mod log;
 mod response;
+mod service;
 mod services;
 pub mod upgrade;
 #[cfg(feature = "testing")]
