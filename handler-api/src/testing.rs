@@ -500,3 +500,173 @@ mod tests {
         assert_eq!(polled, FfiPoll::ERROR);
     }
 }
+
+/// An in-process host for `cargo test`: calls a handler, or a service such as an axum
+/// `Router`, the way hotswap does, and reads the whole response.
+///
+/// What hotswap does around a call, it does too: it [`install`]s the in-process services (so
+/// [`sleep`](crate::sleep) and [`spawn_blocking`](crate::spawn_blocking) work on the test's
+/// tokio runtime), gives each request a [`RequestContext`](crate::RequestContext) (peer
+/// `127.0.0.1:40000`, a request id counting from 1), turns a service's response body into a
+/// [`Body`](crate::Body) as the host does, and answers a handler's panic with
+/// `500 Internal Server Error`. A response body that fails, or panics, while it streams is
+/// reported by [`TestResponse::aborted`], where a client would see a broken transfer.
+///
+/// # Example
+///
+/// ```
+/// use handler_api::testing::TestHost;
+/// use handler_api::{IntoResponse, Request, Response};
+///
+/// async fn app(req: Request) -> Response {
+///     match req.uri().path() {
+///         "/" => "hello\n".into_response(),
+///         _ => (http::StatusCode::NOT_FOUND, "not found\n").into_response(),
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// // In a `#[tokio::test] async fn`:
+/// let host = TestHost::new(app);
+/// let res = host.get("/").await;
+/// assert_eq!(res.status(), 200);
+/// assert_eq!(res.text(), "hello\n");
+/// assert_eq!(host.get("/nowhere").await.status(), 404);
+/// # });
+/// ```
+///
+/// Services are built by the same function `export_handler!` is given:
+/// `TestHost::service(app().unwrap())`.
+pub struct TestHost<H> {
+    handler: H,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+impl<H: crate::Handler> TestHost<H> {
+    /// A host for `handler`, any `async fn(Request) -> impl IntoResponse`.
+    pub fn new(handler: H) -> TestHost<H> {
+        install();
+        TestHost { handler, requests: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// `GET path` (a path with its query, such as `/items?page=2`).
+    pub async fn get(&self, path: &str) -> TestResponse {
+        self.request(request(http::Method::GET, path, crate::Body::empty())).await
+    }
+
+    /// `POST path` with `body`.
+    pub async fn post(&self, path: &str, body: impl Into<crate::Body>) -> TestResponse {
+        self.request(request(http::Method::POST, path, body.into())).await
+    }
+
+    /// Sends `req` as it is, with a [`RequestContext`](crate::RequestContext) unless it has
+    /// one, and reads the whole response.
+    pub async fn request(&self, mut req: crate::Request) -> TestResponse {
+        if req.extensions().get::<crate::RequestContext>().is_none() {
+            let id = self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 40000));
+            let local = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
+            let context = crate::RequestContext::new(Some(peer), Some(local), http::uri::Scheme::HTTP, crate::RequestId(id));
+            req.extensions_mut().insert(context);
+        }
+        let response = match CatchUnwind(std::pin::pin!(self.handler.call(req))).await {
+            Some(response) => response,
+            None => crate::IntoResponse::into_response(http::StatusCode::INTERNAL_SERVER_ERROR),
+        };
+        let (parts, mut body) = response.into_parts();
+        let mut bytes = Vec::new();
+        let mut aborted = None;
+        loop {
+            match CatchUnwind(std::pin::pin!(body.chunk())).await {
+                Some(Some(Ok(chunk))) => bytes.extend_from_slice(&chunk),
+                Some(None) => break,
+                Some(Some(Err(e))) => {
+                    aborted = Some(e.to_string());
+                    break;
+                }
+                None => {
+                    aborted = Some("the response body panicked".to_owned());
+                    break;
+                }
+            }
+        }
+        TestResponse { parts, body: bytes.into(), aborted }
+    }
+}
+
+/// A service's host: see [`TestHost`].
+impl TestHost<()> {
+    /// A host for `service`: an axum `Router`, or any tower service `export_handler!` takes.
+    pub fn service<S, B>(service: S) -> TestHost<impl crate::Handler>
+    where
+        S: tower::Service<crate::Request, Response = http::Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<crate::BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Error: Into<crate::BoxError>,
+    {
+        TestHost::new(crate::service::ServiceHandler::new(service))
+    }
+}
+
+fn request(method: http::Method, path: &str, body: crate::Body) -> crate::Request {
+    let mut req = crate::Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = path.parse().unwrap_or_else(|e| panic!("TestHost: {path:?} is not a request target: {e}"));
+    req
+}
+
+/// A response read whole by [`TestHost`].
+#[derive(Debug)]
+pub struct TestResponse {
+    parts: http::response::Parts,
+    body: bytes::Bytes,
+    aborted: Option<String>,
+}
+
+impl TestResponse {
+    /// The status.
+    pub fn status(&self) -> http::StatusCode {
+        self.parts.status
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &http::HeaderMap {
+        &self.parts.headers
+    }
+
+    /// The value of header `name`, if it is present and text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.parts.headers.get(name)?.to_str().ok()
+    }
+
+    /// The body.
+    pub fn bytes(&self) -> &bytes::Bytes {
+        &self.body
+    }
+
+    /// The body as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Why the body ended early, if it did: it failed or panicked while streaming. `body` then
+    /// holds what was read before.
+    pub fn aborted(&self) -> Option<&str> {
+        self.aborted.as_deref()
+    }
+}
+
+/// Polls a future, answering `None` if it panics (as the host turns a panic into a `500`).
+struct CatchUnwind<'a, F>(Pin<&'a mut F>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Option<F::Output>> {
+        match catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
+            Ok(polled) => polled.map(Some),
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
+}
