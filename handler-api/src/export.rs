@@ -90,10 +90,11 @@ pub unsafe fn init(
         std::panic::set_hook(Box::new(|info| {
             let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
             let message = panic_message(info.payload());
+            let hint = mistake_hint(message).map(|hint| format!(" ({hint})")).unwrap_or_default();
             // `try_host`, not `host`: a panic inside the hook aborts. The table is set above,
             // before the hook, so this always logs.
             if let Some(host) = crate::try_host() {
-                log::emit(host, 1, "panic", &format!("plugin panicked{location}: {message}"));
+                log::emit(host, 1, "panic", &format!("plugin panicked{location}: {message}{hint}"));
             }
         }));
         // Fails only if the author installed a subscriber of their own; theirs then wins.
@@ -109,6 +110,17 @@ pub unsafe fn init(
     // It cannot panic; if it did, the plugin would only lose those records.
     let _ = catch_unwind(|| log::LogBridge::install(table));
     outcome
+}
+
+/// What to do instead, for a panic that comes from a known mistake in a plugin.
+fn mistake_hint(message: &str) -> Option<&'static str> {
+    // tokio's words when there is no runtime to be found: a plugin's own copy of tokio never
+    // sees the host's runtime, so `tokio::spawn`, `tokio::time::*` and
+    // `tokio::task::spawn_blocking` all panic with them.
+    message.contains("Tokio 1.x").then_some(
+        "a plugin has no tokio runtime of its own: tokio::spawn, tokio::time and tokio::task::spawn_blocking \
+         cannot work in one; use handler_api::sleep for timers and handler_api::spawn_blocking for blocking work",
+    )
 }
 
 /// Runs an author's fallible hook (init or readiness), reporting its error or panic.

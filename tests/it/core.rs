@@ -161,6 +161,21 @@ async fn a_handler_panic_is_a_500_and_the_next_request_is_served() {
 }
 
 #[tokio::test]
+async fn tokio_timers_or_spawn_in_a_plugin_are_a_500_that_names_the_replacement() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    let client = reqwest::Client::new();
+    for path in ["/tokio-sleep", "/tokio-spawn"] {
+        let response = client.get(host.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 500, "{path}");
+        assert_eq!(client.get(host.url("/")).send().await.unwrap().status(), 200, "the host goes on after {path}");
+    }
+    assert!(host.wait_for_log("answered 500", WAIT), "{}", host.log());
+    let log = host.log();
+    let hints: Vec<&str> = log.lines().filter(|l| l.contains("plugin panicked") && l.contains("use handler_api::sleep")).collect();
+    assert_eq!(hints.len(), 2, "both mistakes are named with their replacement:\n{log}");
+}
+
+#[tokio::test]
 async fn an_empty_chunk_in_a_streamed_body_does_not_end_it() {
     let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
     let body = reqwest::get(host.url("/empty-chunks")).await.unwrap().text().await.unwrap();
