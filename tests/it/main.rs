@@ -2,6 +2,7 @@
 //! binary on an ephemeral loopback port and talks HTTP to it with a real client.
 
 mod admin;
+mod apps;
 mod bench;
 mod candidates;
 mod config;

@@ -47,13 +47,15 @@ pub struct Artifacts {
     pub faulty: PathBuf,
     pub wrong_abi: PathBuf,
     pub tls: PathBuf,
+    /// examples/axum-app.
+    pub axum: PathBuf,
 }
 
 pub fn artifacts() -> &'static Artifacts {
     static BUILT: OnceLock<Artifacts> = OnceLock::new();
     BUILT.get_or_init(|| {
         let _lock = build_lock();
-        cargo_build(&["hotswap", "example-handler", "fixture-faulty", "fixture-wrong-abi", "fixture-tls"], &[]);
+        cargo_build(&["hotswap", "example-handler", "example-axum", "fixture-faulty", "fixture-wrong-abi", "fixture-tls"], &[]);
         let release = target_dir().join("release");
         // Private copies: hosts watch the file they serve, and other tests rebuild variants
         // of these crates in target/release.
@@ -69,6 +71,7 @@ pub fn artifacts() -> &'static Artifacts {
             faulty: copy("libfixture_faulty.so"),
             wrong_abi: copy("libfixture_wrong_abi.so"),
             tls: copy("libfixture_tls.so"),
+            axum: copy("libexample_axum.so"),
         }
     })
 }

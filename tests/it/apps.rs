@@ -1,0 +1,72 @@
+//! Apps as plugin authors write them: an axum Router (examples/axum-app) served by the real
+//! host.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{artifacts, copy_private, place_by_rename, temp_dir, variant, Host, WAIT};
+
+/// GET `path` until its body contains `needle`.
+async fn wait_body(host: &Host, path: &str, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let body = reqwest::get(host.url(path)).await.unwrap().text().await.unwrap();
+        if body.contains(needle) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path} never answered {needle:?} (last: {body:?}):\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_axum_router_serves_json_with_state_of_its_build_released_at_unload() {
+    let dir = temp_dir("apps-axum");
+    copy_private(&artifacts().axum, &dir.join("app.so"));
+    let host = Host::serve_dir(&dir, &[]);
+    let client = reqwest::Client::new();
+
+    let hello = client.get(host.url("/")).send().await.unwrap();
+    // A complete body keeps its length: no chunked encoding.
+    assert_eq!(hello.headers()["content-length"], "30", "{:?}", hello.headers());
+    assert_eq!(hello.text().await.unwrap(), "hello from example-axum 0.1.0\n");
+
+    let added = client.post(host.url("/todos")).json(&serde_json::json!({"title": "ship it"})).send().await.unwrap();
+    assert_eq!(added.status(), 201);
+    assert_eq!(added.headers()["content-type"], "application/json");
+    assert_eq!(added.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"id": 1, "title": "ship it"}));
+    let list: serde_json::Value = client.get(host.url("/todos")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list, serde_json::json!([{"id": 1, "title": "ship it"}]));
+    let missing = client.get(host.url("/todos/7")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"error": "no to-do 7"}));
+    let rejected = client.post(host.url("/todos")).header("content-type", "application/json").body("{").send().await.unwrap();
+    assert_eq!(rejected.status(), 400, "axum's own rejection of bad JSON");
+
+    // The context reaches axum's extractor: the peer is this client's socket.
+    let who: serde_json::Value = client.get(host.url("/whoami")).send().await.unwrap().json().await.unwrap();
+    assert!(who["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{who}");
+    assert_eq!(who["request_id"].as_str().map(str::len), Some(16), "{who}");
+    let started = Instant::now();
+    assert_eq!(client.get(host.url("/slow?ms=50")).send().await.unwrap().text().await.unwrap(), "waited 50 ms\n");
+    assert!(started.elapsed() >= Duration::from_millis(50));
+
+    // A new build starts with state of its own; the old build's is dropped when it unloads.
+    place_by_rename(&variant("example-axum", "EXAMPLE_AXUM_VERSION", "2.0.0"), &dir.join("app.so"));
+    wait_body(&host, "/", "example-axum 2.0.0").await;
+    assert_eq!(client.get(host.url("/todos")).send().await.unwrap().text().await.unwrap(), "[]");
+    assert!(host.wait_for_log("state released version=0.1.0 todos=1", WAIT), "{}", host.log());
+    assert_eq!(host.wait_mapped(1, WAIT).await.len(), 1, "{}", host.log());
+}
+
+#[test]
+fn a_service_that_fails_to_build_refuses_its_build_with_the_reason() {
+    let dir = temp_dir("apps-axum-refused");
+    copy_private(&artifacts().axum, &dir.join("app.so"));
+    // Its `app()` reads the greeting when the build loads, and refuses an empty one.
+    let env = [("EXAMPLE_AXUM_GREETING", Path::new(""))];
+    let args = ["serve", "--listen", "127.0.0.1:0", "--plugin-dir", dir.to_str().unwrap()];
+    let log = Host::start(&args, None, &env, Duration::from_secs(30)).err().expect("started with no loadable build");
+    let refused = "example-axum@0.1.0: init failed: EXAMPLE_AXUM_GREETING is set but empty: unset it or give a greeting";
+    assert!(log.contains(refused), "{log}");
+}
