@@ -496,6 +496,36 @@ pub struct HostApi {
     pub blocking_poll: HostPollFn,
     /// Forgets a job handle (the job itself still runs to completion).
     pub blocking_drop: HostDropFn,
+
+    // Added after the first release of ABI version 4, beyond `HOST_API_BASE_SIZE`: a plugin
+    // checks `size` before it calls one of these (see [`HostApi::has`]).
+    /// Runs `future` on the generation's runtime until it completes, or until the generation
+    /// is unloaded: the host then drops it, on one of the generation's threads, before
+    /// `shutdown`. `READY` if the host took it; otherwise (the generation is unloading, or the
+    /// host has no runtime) it has been released already.
+    pub spawn: SpawnFn,
+}
+
+/// [`HostApi::spawn`]. (Declared outside `signatures!`: the fingerprint covers the base table
+/// only.)
+pub type SpawnFn = unsafe extern "C" fn(context: *const c_void, future: FfiFuture) -> FfiPoll;
+
+impl HostApi {
+    /// Whether this table, whose `size` the host set, reaches to the end of the field at
+    /// `offset` of `len` bytes: a host built before the field was added lends a shorter one.
+    pub fn has(&self, offset: usize, len: usize) -> bool {
+        self.size >= offset + len
+    }
+
+    /// [`HostApi::spawn`], if this host has it.
+    pub fn spawn_fn(&self) -> Option<SpawnFn> {
+        // Read only when present: a shorter table ends before it.
+        if self.has(offset_of!(HostApi, spawn), size_of::<SpawnFn>()) {
+            Some(self.spawn)
+        } else {
+            None
+        }
+    }
 }
 
 /// The size of [`HostApi`] in the first release of ABI version 4, up to and with its last

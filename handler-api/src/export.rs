@@ -119,7 +119,8 @@ fn mistake_hint(message: &str) -> Option<&'static str> {
     // `tokio::task::spawn_blocking` all panic with them.
     message.contains("Tokio 1.x").then_some(
         "a plugin has no tokio runtime of its own: tokio::spawn, tokio::time and tokio::task::spawn_blocking \
-         cannot work in one; use handler_api::sleep for timers and handler_api::spawn_blocking for blocking work",
+         cannot work in one; use handler_api::spawn for tasks, handler_api::sleep and handler_api::timeout \
+         for timers, and handler_api::spawn_blocking for blocking work",
     )
 }
 

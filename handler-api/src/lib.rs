@@ -53,11 +53,12 @@
 //! belong to your plugin's *generation* (one loaded copy of the library), and the host joins
 //! them before it unloads the library, so `thread_local!`, `tracing` and
 //! `std::thread::current()` are safe to use. Do not start threads or a runtime yourself:
-//! use [`sleep`] for timers and [`spawn_blocking`] for blocking work such as file reads.
-//! tokio's own runtime services do not exist in a plugin: `tokio::spawn`,
-//! `tokio::time::sleep` or `timeout`, `tokio::task::spawn_blocking` panic there (the request
-//! is answered `500`, and the host's log names the replacement). tokio's I/O traits, channels
-//! and locks work, as does everything that needs no runtime.
+//! use [`spawn`] for background tasks, [`sleep`] and [`timeout`] for timers, and
+//! [`spawn_blocking`] for blocking work such as file reads. tokio's own runtime services do
+//! not exist in a plugin: `tokio::spawn`, `tokio::time::sleep` or `timeout`,
+//! `tokio::task::spawn_blocking` panic there (the request is answered `500`, and the host's
+//! log names the replacement). tokio's I/O traits, channels and locks work, as does
+//! everything that needs no runtime.
 //! A thread your code starts anyway (directly, or through a crate such as a blocking HTTP
 //! client or a pool) keeps your build loaded until it exits: the host never unloads a library
 //! while a thread it did not start may run its code, and after a few seconds leaves it loaded
@@ -153,7 +154,9 @@ use std::task::{Context, Poll};
 pub use body::Body;
 pub use context::{RequestContext, RequestId};
 pub use response::IntoResponse;
-pub use services::{sleep, spawn_blocking, superseded, BlockingError, JoinHandle, Sleep, Superseded};
+pub use services::{
+    sleep, spawn, spawn_blocking, superseded, timeout, BlockingError, Elapsed, JoinHandle, Sleep, Superseded, Task, TaskError,
+};
 
 #[doc(hidden)]
 pub use export as __private;

@@ -265,3 +265,113 @@ impl Drop for Superseded {
         }
     }
 }
+
+/// Runs `future` in the background, on the host's runtime, on threads of this build: the
+/// replacement for `tokio::spawn`, which has no runtime in a plugin. Await the [`Task`] for
+/// its output, or drop it to let the future run on alone.
+///
+/// The future belongs to this build: it runs until it completes, or until the build is
+/// unloaded (after a newer one serves and this one's last request has ended). Then the host
+/// drops it, before your `shutdown` hook, so a background loop needs no stop signal of its
+/// own. It does not keep the build loaded: to end a loop earlier, when a newer build takes
+/// over, watch [`superseded`].
+///
+/// # Example
+///
+/// ```
+/// # async fn f() {
+/// use std::time::Duration;
+/// let refresh = handler_api::spawn(async {
+///     handler_api::sleep(Duration::from_millis(10)).await;
+///     42
+/// });
+/// assert_eq!(refresh.await, Ok(42));
+/// # }
+/// ```
+pub fn spawn<F>(future: F) -> Task<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let task: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+        let _ = sender.send(future.await);
+    });
+    let ffi = crate::upgrade::ffi_future(task);
+    let host = host();
+    match host.spawn_fn() {
+        Some(spawn) => {
+            // SAFETY: a plain call into the host's table, with the context it gave us; the
+            // future's functions uphold FfiFuture's contract. The host takes the future or
+            // releases it (the task then fails).
+            let _ = unsafe { spawn(host.context, ffi) };
+        }
+        None => {
+            // A host from before `spawn`: the future is released here, and the task fails.
+            // SAFETY: `ffi` is ours, released exactly once.
+            unsafe { ((*ffi.vtable).drop)(ffi.state) };
+        }
+    }
+    Task { receiver }
+}
+
+/// A future run by [`spawn`]; resolves to its output.
+#[derive(Debug)]
+pub struct Task<T> {
+    receiver: tokio::sync::oneshot::Receiver<T>,
+}
+
+/// Why a [`Task`] has no output: it panicked (the panic is logged), or it was dropped
+/// unfinished because its build is being unloaded, or the host could not run it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskError;
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the spawned task ended without an output (it panicked, or its build is unloading)")
+    }
+}
+impl std::error::Error for TaskError {}
+
+impl<T> Future for Task<T> {
+    type Output = Result<T, TaskError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.receiver).poll(cx).map(|r| r.map_err(|_| TaskError))
+    }
+}
+
+/// Runs `future` for at most `duration`, on the host's timer: the replacement for
+/// `tokio::time::timeout`. `Err(Elapsed)` if time ran out first (the future is dropped).
+///
+/// # Example
+///
+/// ```
+/// # async fn f() {
+/// use std::time::Duration;
+/// let never = std::future::pending::<()>();
+/// assert!(handler_api::timeout(Duration::from_millis(5), never).await.is_err());
+/// # }
+/// ```
+pub async fn timeout<F: Future>(duration: Duration, future: F) -> Result<F::Output, Elapsed> {
+    let mut future = std::pin::pin!(future);
+    let mut timer = std::pin::pin!(sleep(duration));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        timer.as_mut().poll(cx).map(|()| Err(Elapsed))
+    })
+    .await
+}
+
+/// The error of [`timeout`]: the time ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+impl std::fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the deadline elapsed")
+    }
+}
+impl std::error::Error for Elapsed {}

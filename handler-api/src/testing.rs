@@ -66,7 +66,7 @@ use std::task::Context;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::abi::{FfiHeader, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
-use crate::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, io_outcome, sleep_drop, sleep_new, sleep_poll};
+use crate::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, io_outcome, sleep_drop, sleep_new, sleep_poll, spawn};
 use crate::HOST;
 
 /// Installs the in-process host, so that handler-api's services work when a handler is called
@@ -114,6 +114,7 @@ static TABLE: HostApi = HostApi {
     blocking_spawn,
     blocking_poll,
     blocking_drop,
+    spawn,
 };
 
 // Every function below is called through the table, as `extern "C"`: none may unwind (a panic
@@ -505,8 +506,8 @@ mod tests {
 /// `Router`, the way hotswap does, and reads the whole response.
 ///
 /// What hotswap does around a call, it does too: it [`install`]s the in-process services (so
-/// [`sleep`](crate::sleep) and [`spawn_blocking`](crate::spawn_blocking) work on the test's
-/// tokio runtime), gives each request a [`RequestContext`](crate::RequestContext) (peer
+/// [`sleep`](crate::sleep), [`spawn`](crate::spawn) and
+/// [`spawn_blocking`](crate::spawn_blocking) work on the test's tokio runtime), gives each request a [`RequestContext`](crate::RequestContext) (peer
 /// `127.0.0.1:40000`, a request id counting from 1), turns a service's response body into a
 /// [`Body`](crate::Body) as the host does, and answers a handler's panic with
 /// `500 Internal Server Error`. A response body that fails, or panics, while it streams is

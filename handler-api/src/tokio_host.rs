@@ -132,6 +132,50 @@ pub unsafe extern "C" fn blocking_drop(task: *mut c_void) {
     let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
 }
 
+/// `HostApi::spawn` on the tokio runtime of the calling thread: the future runs as a task
+/// of it (and is dropped with it). Without a runtime, the future is released and the call
+/// fails.
+///
+/// # Safety
+/// `future` must uphold [`abi::FfiFuture`]'s contract; it passes to this function.
+pub unsafe extern "C" fn spawn(_context: *const c_void, future: abi::FfiFuture) -> FfiPoll {
+    let task = Spawned(future);
+    catch_unwind(AssertUnwindSafe(|| match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            drop(runtime.spawn(task));
+            FfiPoll::READY
+        }
+        Err(_) => FfiPoll::ERROR,
+    }))
+    .unwrap_or(FfiPoll::PANICKED)
+}
+
+/// A plugin future run by [`spawn`]: polled through its vtable, released when dropped.
+struct Spawned(abi::FfiFuture);
+
+// SAFETY: handler-api's spawn requires a `Send` future; its state is owned by this value.
+unsafe impl Send for Spawned {}
+
+impl Future for Spawned {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let waker = abi::waker::lend(cx.waker());
+        // SAFETY: the state is live until drop; `waker` outlives the call.
+        match unsafe { ((*self.0.vtable).poll)(self.0.state, &waker) } {
+            FfiPoll::PENDING => Poll::Pending,
+            _ => Poll::Ready(()),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: released exactly once.
+        unsafe { ((*self.0.vtable).drop)(self.0.state) };
+    }
+}
+
 /// What a poll of an upgraded connection's byte stream means across the ABI: `READY` with
 /// `done` given the value, `PENDING`, or `ERROR` for an I/O error (which the caller may log
 /// first).

@@ -131,6 +131,11 @@ pub(crate) fn into_ffi(session: Session) -> FfiUpgrade {
 static UPGRADE_VTABLE: FfiUpgradeVTable = FfiUpgradeVTable { start, drop: drop_upgrade };
 static SESSION_VTABLE: FfiFutureVTable = FfiFutureVTable { poll: poll_session, drop: drop_session };
 
+/// Hands `future` to the host as an [`FfiFuture`] (for [`crate::spawn`]).
+pub(crate) fn ffi_future(future: SessionFuture) -> FfiFuture {
+    FfiFuture { state: Box::into_raw(Box::new(Some(future))) as *mut c_void, vtable: &SESSION_VTABLE }
+}
+
 /// `start` of [`UPGRADE_VTABLE`]: runs the author's function on the connection. A null
 /// vtable in the result means it panicked (and the connection was released).
 ///

@@ -51,11 +51,28 @@ async fn an_axum_router_serves_json_with_state_of_its_build_released_at_unload()
     assert_eq!(client.get(host.url("/slow?ms=50")).send().await.unwrap().text().await.unwrap(), "waited 50 ms\n");
     assert!(started.elapsed() >= Duration::from_millis(50));
 
-    // A new build starts with state of its own; the old build's is dropped when it unloads.
+    // A background task (handler_api::spawn) runs on the build's runtime, holding its state.
+    assert_eq!(client.post(host.url("/ticker")).send().await.unwrap().text().await.unwrap(), "ticking\n");
+    let deadline = Instant::now() + WAIT;
+    while client.get(host.url("/ticks")).send().await.unwrap().text().await.unwrap().trim().parse::<u64>().unwrap() < 3 {
+        assert!(Instant::now() < deadline, "the ticker does not tick:\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A new build starts with state of its own. The old build's task is dropped when the build
+    // unloads, and then its state (which the task held).
     place_by_rename(&variant("example-axum", "EXAMPLE_AXUM_VERSION", "2.0.0"), &dir.join("app.so"));
     wait_body(&host, "/", "example-axum 2.0.0").await;
     assert_eq!(client.get(host.url("/todos")).send().await.unwrap().text().await.unwrap(), "[]");
     assert!(host.wait_for_log("state released version=0.1.0 todos=1", WAIT), "{}", host.log());
+    // In this order: the host drops the build's tasks, then its service (and so the state),
+    // then runs its shutdown hook.
+    assert!(host.wait_for_log("build unloading version=0.1.0", WAIT), "{}", host.log());
+    let log = host.log();
+    let at = |line: &str| log.find(line).unwrap_or_else(|| panic!("no {line:?} in the log:\n{log}"));
+    let (stopped, released, unloading) =
+        (at("ticker stopped version=0.1.0"), at("state released version=0.1.0"), at("build unloading version=0.1.0"));
+    assert!(stopped < released && released < unloading, "tasks, state, then the hook:\n{log}");
     assert_eq!(host.wait_mapped(1, WAIT).await.len(), 1, "{}", host.log());
 }
 

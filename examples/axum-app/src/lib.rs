@@ -8,6 +8,8 @@
 //! | `GET /todos/{id}` | one item, or `404` with a JSON error |
 //! | `GET /whoami` | the request's context (peer address, scheme, request id), as JSON |
 //! | `GET /slow?ms=N` | answers after `N` ms (`handler_api::sleep`: tokio's timers do not run in a plugin) |
+//! | `POST /ticker` | starts a background task (`handler_api::spawn`) that counts ticks every 10 ms until this build is unloaded |
+//! | `GET /ticks` | the ticks counted so far |
 //!
 //! The app's state (the list, and the greeting read from `EXAMPLE_AXUM_GREETING`) is built
 //! by [`app`] when the host loads the build, and dropped when the build is unloaded: each
@@ -17,6 +19,7 @@
 //! two builds can be told apart.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -50,6 +53,8 @@ pub struct NewTodo {
 pub struct AppState {
     greeting: String,
     todos: Mutex<BTreeMap<u64, Todo>>,
+    ticking: AtomicBool,
+    ticks: AtomicU64,
 }
 
 impl Drop for AppState {
@@ -65,17 +70,30 @@ pub fn app() -> Result<Router, String> {
     if greeting.is_empty() {
         return Err("EXAMPLE_AXUM_GREETING is set but empty: unset it or give a greeting".to_owned());
     }
-    let state = Arc::new(AppState { greeting, todos: Mutex::new(BTreeMap::new()) });
+    let state = Arc::new(AppState {
+        greeting,
+        todos: Mutex::new(BTreeMap::new()),
+        ticking: AtomicBool::new(false),
+        ticks: AtomicU64::new(0),
+    });
     Ok(Router::new()
         .route("/", get(hello))
         .route("/todos", get(list).post(add))
         .route("/todos/{id}", get(one))
         .route("/whoami", get(whoami))
         .route("/slow", get(slow))
+        .route("/ticker", axum::routing::post(start_ticker))
+        .route("/ticks", get(ticks))
         .with_state(state))
 }
 
-export_handler!(name: "example-axum", version: VERSION, service: app);
+/// Runs when the host unloads this build, after its last request, its background tasks and
+/// its state are gone.
+fn unloading() {
+    tracing::info!(version = VERSION, "build unloading");
+}
+
+export_handler!(name: "example-axum", version: VERSION, service: app, shutdown: unloading);
 
 async fn hello(State(state): State<Arc<AppState>>) -> String {
     format!("{} from example-axum {VERSION}\n", state.greeting)
@@ -133,6 +151,35 @@ async fn slow(Query(wait): Query<Wait>) -> String {
     format!("waited {} ms\n", wait.ms)
 }
 
+async fn start_ticker(State(state): State<Arc<AppState>>) -> &'static str {
+    if state.ticking.swap(true, Ordering::AcqRel) {
+        return "already ticking\n";
+    }
+    // The task holds the state: the host drops the task when this build is unloaded, and the
+    // state goes with it.
+    drop(handler_api::spawn(async move {
+        let _stopped = TickerStopped;
+        loop {
+            handler_api::sleep(Duration::from_millis(10)).await;
+            state.ticks.fetch_add(1, Ordering::Relaxed);
+        }
+    }));
+    "ticking\n"
+}
+
+/// Logs when the ticker's task is dropped.
+struct TickerStopped;
+
+impl Drop for TickerStopped {
+    fn drop(&mut self) {
+        tracing::info!(version = VERSION, "ticker stopped");
+    }
+}
+
+async fn ticks(State(state): State<Arc<AppState>>) -> String {
+    format!("{}\n", state.ticks.load(Ordering::Relaxed))
+}
+
 #[cfg(test)]
 mod tests {
     use handler_api::testing::TestHost;
@@ -173,6 +220,16 @@ mod tests {
         first.request(post_json("/todos", r#"{"title":"a"}"#)).await;
         let second = TestHost::service(app().unwrap());
         assert_eq!(second.get("/todos").await.text(), "[]");
+    }
+
+    #[tokio::test]
+    async fn the_ticker_counts_in_the_background() {
+        let host = TestHost::service(app().unwrap());
+        assert_eq!(host.post("/ticker", "").await.text(), "ticking\n");
+        assert_eq!(host.post("/ticker", "").await.text(), "already ticking\n");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ticks: u64 = host.get("/ticks").await.text().trim().parse().unwrap();
+        assert!(ticks >= 2, "{ticks} ticks in 100 ms");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use crate::plugin::generation::{self, Generation};
 use crate::plugin::loader::{self, Identity, Library, LoadError, ShadowDir};
 use crate::plugin::probe::{self, ProbeError};
 use crate::plugin::reaper::{self, thread_name};
-use crate::plugin::services::{self, PluginContext};
+use crate::plugin::services::{self, PluginContext, Tasks};
 use crate::plugin::table;
 use crate::plugin::threads::{self, Owner};
 use crate::plugin::trust::{Trust, TrustError};
@@ -230,8 +230,11 @@ impl Candidate {
         };
         let shadow = std::mem::take(&mut self.shadow);
         let superseded = Latch::new();
-        let context =
-            Box::new(PluginContext { label: format!("{}@{}", self.name, self.version), superseded: superseded.token().clone() });
+        let context = Box::new(PluginContext {
+            label: format!("{}@{}", self.name, self.version),
+            superseded: superseded.token().clone(),
+            tasks: Tasks::new(runtime.handle().clone()),
+        });
         let api = Box::new(table::host_api(&*context, services::max_log_level()));
         reaper::live_generations().fetch_add(1, Ordering::SeqCst);
         let mut generation = Generation {

@@ -56,6 +56,11 @@ impl Retired {
         let started = Instant::now();
         let Retired { id, label, stats, shadow, initialized, timeout, close_timeout, library, runtime, api, context, foreign_before } =
             self;
+        // The plugin's background tasks end first, dropped on the generation's threads, so that
+        // its shutdown hook runs with nothing of its own still running.
+        if !context.tasks.stop(timeout) {
+            tracing::warn!(generation = id, plugin = %label, "the plugin's spawned tasks were not dropped within {timeout:?}");
+        }
         if initialized {
             let shutdown = library.declaration().shutdown;
             let (done_tx, done_rx) = mpsc::channel();

@@ -9,13 +9,103 @@
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use handler_api::abi::FfiStr;
+use handler_api::abi::{FfiFuture, FfiPoll, FfiStr};
 
 /// Host data behind [`HostApi::context`](handler_api::abi::HostApi::context): who is logging,
-/// and the generation's `superseded` latch, for `superseded_new`.
+/// the generation's `superseded` latch, for `superseded_new`, and its background tasks.
 pub(crate) struct PluginContext {
     pub(crate) label: String,
     pub(crate) superseded: tokio_util::sync::CancellationToken,
+    pub(crate) tasks: Tasks,
+}
+
+/// The futures a generation's plugin spawned (`handler_api::spawn`): they run on its runtime
+/// until they end, or until the generation is unloaded, when [`Tasks::stop`] drops them on
+/// its threads before the shutdown hook.
+pub(crate) struct Tasks {
+    runtime: tokio::runtime::Handle,
+    tracker: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Tasks {
+    pub(crate) fn new(runtime: tokio::runtime::Handle) -> Tasks {
+        Tasks { runtime, tracker: Default::default(), stop: Default::default() }
+    }
+
+    /// Drops every task still running (on the generation's threads), and waits up to
+    /// `timeout` for the drops to be done. No task can be spawned afterwards. Called on the
+    /// reaper's thread, which is not one of the runtime's.
+    pub(crate) fn stop(&self, timeout: std::time::Duration) -> bool {
+        self.tracker.close();
+        self.stop.cancel();
+        let tracker = self.tracker.clone();
+        self.runtime.block_on(async move { tokio::time::timeout(timeout, tracker.wait()).await.is_ok() })
+    }
+}
+
+/// A future the plugin spawned: polled through its vtable, released when dropped (on the
+/// thread that drops it: one of its generation's, as the task runs on its runtime).
+struct Spawned(FfiFuture);
+
+// SAFETY: handler-api's `spawn` requires a `Send` future; its state is owned by this value.
+unsafe impl Send for Spawned {}
+
+impl std::future::Future for Spawned {
+    type Output = FfiPoll;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<FfiPoll> {
+        let waker = handler_api::abi::waker::lend(cx.waker());
+        // SAFETY: the state is live until drop, and the generation (so its library) outlives its
+        // tasks (`Tasks::stop` runs before it is unloaded); `waker` outlives the call.
+        match unsafe { ((*self.0.vtable).poll)(self.0.state, &waker) } {
+            FfiPoll::PENDING => std::task::Poll::Pending,
+            done => std::task::Poll::Ready(done),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: released exactly once, before the library is unloaded (see `poll`).
+        unsafe { ((*self.0.vtable).drop)(self.0.state) };
+    }
+}
+
+/// `HostApi::spawn`: runs a plugin future on its generation's runtime, as a task that the
+/// generation drops before it is unloaded.
+///
+/// # Safety
+/// `context` is the `PluginContext` of the table the plugin was given; `future` upholds
+/// `FfiFuture`'s contract and passes to the host.
+pub(crate) unsafe extern "C" fn spawn(context: *const c_void, future: FfiFuture) -> FfiPoll {
+    let task = Spawned(future);
+    // SAFETY: `context` is the generation's PluginContext, alive as long as its table.
+    let plugin = unsafe { &*(context as *const PluginContext) };
+    let tasks = &plugin.tasks;
+    if tasks.tracker.is_closed() {
+        // The generation is being unloaded: nothing may start now. (`task` is released here, on
+        // the plugin's calling thread.)
+        return FfiPoll::ERROR;
+    }
+    let stop = tasks.stop.clone();
+    let label = plugin.label.clone();
+    catch_unwind(AssertUnwindSafe(|| {
+        tasks.tracker.spawn_on(
+            async move {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => {}
+                    done = task => if done == FfiPoll::PANICKED {
+                        tracing::error!(target: "plugin", plugin = %label, "a task the plugin spawned panicked");
+                    },
+                }
+            },
+            &tasks.runtime,
+        );
+        FfiPoll::READY
+    }))
+    .unwrap_or(FfiPoll::PANICKED)
 }
 
 /// The host's most verbose enabled level, in the ABI's numbering.
