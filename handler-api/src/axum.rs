@@ -32,7 +32,7 @@
 //! handler_api::export_handler!(name: "whoami", version: "1.0.0", service: app);
 //! ```
 
-use axum_core::extract::FromRequestParts;
+use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::StatusCode;
@@ -60,6 +60,26 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         parts.extensions.remove::<Upgrade>().ok_or((StatusCode::UPGRADE_REQUIRED, "this endpoint switches protocols: ask for an upgrade\n"))
+    }
+}
+
+/// `Option<RequestContext>`: `None` for a request made without one.
+impl<S: Sync> OptionalFromRequestParts<S> for RequestContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<RequestContext>().cloned())
+    }
+}
+
+/// `Option<Upgrade>`: one route that serves plain requests and switches those that ask. (Over
+/// HTTP/2, a switch arrives as a CONNECT request: route it with `any`, or `on` with
+/// `MethodFilter::CONNECT`, beside `get`.)
+impl<S: Sync> OptionalFromRequestParts<S> for Upgrade {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.remove::<Upgrade>())
     }
 }
 

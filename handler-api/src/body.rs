@@ -413,3 +413,100 @@ impl Drop for HostBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http_body::{Frame, SizeHint};
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    use super::{Body, Kind};
+    use crate::BoxError;
+
+    /// Reads `body` to its end. The bodies here never wait without waking: a loop of polls
+    /// with a waker that does nothing is enough.
+    fn drain(mut body: Body) -> Result<Vec<u8>, String> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut all = Vec::new();
+        loop {
+            match Pin::new(&mut body).poll_chunk(&mut cx) {
+                Poll::Ready(Some(chunk)) => all.extend_from_slice(&chunk.map_err(|e| e.to_string())?),
+                Poll::Ready(None) => return Ok(all),
+                Poll::Pending => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_complete_body_is_taken_whole_with_its_length() {
+        let body = Body::new(Full::new(Bytes::from_static(b"hello")));
+        assert!(matches!(&body.kind, Kind::Full(b) if b == "hello"), "{body:?}");
+        assert_eq!(body.exact_len(), Some(5));
+        // Boxed bodies (axum's) report the same.
+        let body = Body::new(Full::new(Bytes::from_static(b"hi")).map_err(|never| -> BoxError { match never {} }).boxed());
+        assert!(matches!(&body.kind, Kind::Full(b) if b == "hi"), "{body:?}");
+    }
+
+    #[test]
+    fn our_own_body_is_not_wrapped_again() {
+        assert!(matches!(Body::new(Body::from("x")).kind, Kind::Full(_)));
+        assert!(matches!(Body::new(http_body_util::Empty::<Bytes>::new()).kind, Kind::Empty));
+    }
+
+    #[test]
+    fn a_stream_keeps_every_chunk_skips_trailers_and_has_no_length() {
+        let frames = futures_util::stream::iter([
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"one"))),
+            Ok(Frame::trailers(http::HeaderMap::new())),
+            Ok(Frame::data(Bytes::from_static(b"two"))),
+        ]);
+        let body = Body::new(StreamBody::new(frames));
+        assert_eq!(body.exact_len(), None);
+        assert_eq!(drain(body).unwrap(), b"onetwo");
+    }
+
+    /// A body that knows its length but is not ready at once; then fails, if asked to.
+    struct Later {
+        polls: u32,
+        fail: bool,
+    }
+
+    impl http_body::Body for Later {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.polls += 1;
+            match self.polls {
+                1 => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                2 if self.fail => Poll::Ready(Some(Err("broken".into()))),
+                2 => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"late"))))),
+                _ => Poll::Ready(None),
+            }
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(4)
+        }
+    }
+
+    #[test]
+    fn a_body_not_ready_at_first_is_polled_again_and_keeps_its_length() {
+        let body = Body::new(Later { polls: 0, fail: false });
+        assert!(matches!(body.kind, Kind::Stream { exact_len: Some(4), .. }), "{body:?}");
+        assert_eq!(drain(body).unwrap(), b"late");
+    }
+
+    #[test]
+    fn an_error_is_kept_for_the_reader() {
+        assert_eq!(drain(Body::new(Later { polls: 0, fail: true })).unwrap_err(), "broken");
+        // Found by `Body::new`'s own first poll: still the reader's to see.
+        assert_eq!(drain(Body::new(Later { polls: 1, fail: true })).unwrap_err(), "broken");
+    }
+}

@@ -558,7 +558,8 @@ macro_rules! __optional_hook {
 ///
 /// - `init: fn() -> Result<(), E>` runs once when the host loads the plugin, before any
 ///   request (and before `make`); an `Err` (or a panic, or taking longer than the host's
-///   init timeout) refuses the plugin and the previous version keeps serving.
+///   init timeout) refuses the plugin and the previous version keeps serving. If `make`
+///   then fails, `shutdown` runs before the build is refused.
 /// - `ready: fn() -> Result<(), E>` is checked after `init`, before the plugin gets traffic.
 /// - `shutdown: fn()` runs once after the last request has ended (and after the service is
 ///   dropped), before the library is unloaded.
@@ -685,7 +686,13 @@ macro_rules! __declaration {
                                     return initialized;
                                 }
                             )?
-                            $crate::__private::run_fallible(sink, $make)
+                            let made = $crate::__private::run_fallible(sink, $make);
+                            if made != $crate::abi::FfiPoll::READY {
+                                // The build is refused, and the host will not call `shutdown`:
+                                // undo the author's `init` here.
+                                $crate::__private::run_shutdown(|| { $( $shutdown(); )? });
+                            }
+                            made
                         })
                     }
                 }

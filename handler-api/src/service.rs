@@ -81,6 +81,12 @@ struct Installed {
     drop: unsafe fn(*mut c_void),
 }
 
+// SAFETY: `handler` points at a `ServiceHandler<S>` with `S: Send + Sync` (the bounds of
+// `install`), used through `&` by any thread and dropped by one.
+unsafe impl Send for Installed {}
+// SAFETY: as for Send.
+unsafe impl Sync for Installed {}
+
 /// Set by `init`, taken by `shutdown`: this copy of the library's service. Each generation is
 /// a copy of the library, with statics of its own.
 static INSTALLED: AtomicPtr<Installed> = AtomicPtr::new(std::ptr::null_mut());
@@ -116,9 +122,13 @@ where
         handle: handle_as::<ServiceHandler<S>>,
         drop: drop_as::<ServiceHandler<S>>,
     });
-    let previous = INSTALLED.swap(Box::into_raw(installed), Ordering::AcqRel);
-    // SAFETY: not reached in a plugin, whose `init` runs once; `previous` came from here.
-    unsafe { drop_installed(previous) };
+    let installed = Box::into_raw(installed);
+    if INSTALLED.compare_exchange(std::ptr::null_mut(), installed, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        // Not reached in a plugin, whose `init` runs once. The first service stays: requests
+        // may be using it.
+        // SAFETY: made just above, never shared.
+        unsafe { drop_installed(installed) };
+    }
     Ok(())
 }
 
