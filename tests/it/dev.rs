@@ -90,3 +90,36 @@ handler-api = {{ path = "{}" }}
     assert!(log.contains("keeps serving"), "{log}");
     wait_for_answer(&host, "howdy from example-handler", Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn hotswap_new_makes_a_crate_that_hotswap_dev_serves_outside_the_workspace() {
+    let parent = temp_dir("new");
+    let dir = parent.join("greeter");
+    let hotswap = &hotswap_tests::artifacts().hotswap;
+    let out = std::process::Command::new(hotswap).args(["new", "greeter", "--path"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hotswap dev"), "it says what to run next");
+    let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    let handler_api = workspace().join("handler-api").canonicalize().unwrap();
+    assert!(manifest.contains(&format!("handler-api = {{ path = \"{}\" }}", handler_api.display())), "{manifest}");
+    assert!(manifest.contains("crate-type = [\"cdylib\"]") && manifest.contains("\n[workspace]\n"), "{manifest}");
+    assert!(std::fs::read_to_string(dir.join("src/lib.rs")).unwrap().contains("TestHost"), "it comes with a test");
+
+    // Nothing is overwritten.
+    let again = std::process::Command::new(hotswap).args(["new", "greeter", "--path"]).arg(&dir).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists and is not empty"), "{again:?}");
+
+    // `hotswap dev` in it, with no --package, serves it. (The repository's lock file, so that
+    // the versions, and so the build directory, are those of the other dev test.)
+    std::fs::copy(workspace().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
+    let target = hotswap_tests::target_dir().join("it-dev");
+    let args = ["dev", "--listen", "127.0.0.1:0"];
+    let host = tokio::task::spawn_blocking(move || {
+        Host::start(&args, Some(&dir), &[("CARGO_TARGET_DIR", target.as_path())], Duration::from_secs(300))
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|log| panic!("hotswap dev did not start in the new crate:\n{log}"));
+    wait_for_answer(&host, "hello from greeter\n", Duration::from_secs(10)).await;
+}

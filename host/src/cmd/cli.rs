@@ -47,8 +47,35 @@ pub(crate) enum Command {
     /// build keeps serving. Run it in the plugin's cargo workspace.
     #[command(args_override_self = true)]
     Dev(DevArgs),
+    /// Create a new plugin crate: a handler (or an axum app, with --axum) and a test, ready
+    /// for `hotswap dev` and `cargo test`.
+    New(NewArgs),
     #[command(flatten)]
     Admin(AdminCommand),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct NewArgs {
+    /// The crate's name (letters, digits, '-' and '_'); also its directory, unless --path.
+    pub(crate) name: String,
+
+    /// An axum app (a Router with state, built when the host loads the build) instead of a
+    /// plain handler function.
+    #[arg(long)]
+    pub(crate) axum: bool,
+
+    /// The directory to create (default: NAME). It must not exist, or be empty.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) path: Option<PathBuf>,
+
+    /// handler-api as a path dependency on this directory (default: the handler-api of the
+    /// source tree this binary was built from).
+    #[arg(long, value_name = "PATH", conflicts_with = "handler_api_git")]
+    pub(crate) handler_api: Option<PathBuf>,
+
+    /// handler-api as a git dependency on this repository (hotswap's).
+    #[arg(long, value_name = "URL")]
+    pub(crate) handler_api_git: Option<String>,
 }
 
 /// The commands that talk to a running host's admin API.
@@ -257,9 +284,10 @@ pub(crate) fn parse_header_size(text: &str) -> Result<u64, String> {
 
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
-    /// The cargo package of the plugin (a cdylib).
-    #[arg(long, short, default_value = "example-handler")]
-    pub(crate) package: String,
+    /// The cargo package of the plugin (a cdylib). Default: the package in the current
+    /// directory; at the root of hotswap's own repository, example-handler.
+    #[arg(long, short)]
+    pub(crate) package: Option<String>,
 
     /// Build in release mode.
     #[arg(long)]

@@ -30,10 +30,9 @@ use crate::plugin::trust::Trust;
 const DEBOUNCE: Duration = Duration::from_millis(150);
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let dirs = source_dirs(&args.package).await?;
-    tracing::info!(package = %args.package, "building");
-    let artifact = build(&args.package, args.release).await?.context("the first build failed (errors above); fix them and run again")?;
-    let package = args.package.clone();
+    let (package, dirs) = source_dirs(args.package.as_deref()).await?;
+    tracing::info!(%package, "building");
+    let artifact = build(&package, args.release).await?.context("the first build failed (errors above); fix them and run again")?;
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
@@ -42,8 +41,10 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     }).await
 }
 
-/// Directories of the package and of every local package it depends on by path.
-async fn source_dirs(package: &str) -> anyhow::Result<Vec<PathBuf>> {
+/// The package to build (`package`, or the one in the current directory, or at the root of
+/// hotswap's repository its example), and the directories of it and of every local package it
+/// depends on by path.
+async fn source_dirs(package: Option<&str>) -> anyhow::Result<(String, Vec<PathBuf>)> {
     let out = tokio::process::Command::new(cargo())
         .args(["metadata", "--format-version", "1"])
         .stderr(Stdio::inherit())
@@ -70,6 +71,17 @@ async fn source_dirs(package: &str) -> anyhow::Result<Vec<PathBuf>> {
             .collect();
         local.insert(name, (dir, deps));
     }
+    // `resolve.root`: the package whose manifest is in the current directory, if any.
+    let root = meta["resolve"]["root"].as_str().and_then(|id| {
+        let packages = meta["packages"].as_array()?;
+        packages.iter().find(|p| p["id"].as_str() == Some(id))?["name"].as_str()
+    });
+    let package = match (package, root) {
+        (Some(package), _) => package,
+        (None, Some(root)) => root,
+        (None, None) if local.contains_key("example-handler") => "example-handler",
+        (None, None) => bail!("this directory is a workspace of several packages: give the plugin's with --package NAME"),
+    };
     let Some((dir, _)) = local.get(package) else {
         bail!("no package `{package}` in this cargo workspace (give --package NAME)");
     };
@@ -86,7 +98,7 @@ async fn source_dirs(package: &str) -> anyhow::Result<Vec<PathBuf>> {
     }
     let mut dirs: Vec<PathBuf> = seen.into_iter().collect();
     dirs.sort();
-    Ok(dirs)
+    Ok((package.to_owned(), dirs))
 }
 
 fn cargo() -> String {

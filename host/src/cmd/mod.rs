@@ -1,6 +1,6 @@
 //! The command line: clap arguments ([`cli`]), the configuration file ([`config`]), the
-//! admin commands ([`client`]), the development loop ([`dev`]) and the serving lifecycle
-//! ([`lifecycle`]). The only place `anyhow` is used: everything below returns typed errors, and
+//! admin commands ([`client`]), the development loop ([`dev`]), new plugin crates ([`new`])
+//! and the serving lifecycle ([`lifecycle`]). The only place `anyhow` is used: everything below returns typed errors, and
 //! here they become messages for the terminal and the log.
 
 #![forbid(unsafe_code)]
@@ -10,6 +10,7 @@ pub(crate) mod client;
 pub(crate) mod config;
 pub(crate) mod dev;
 pub(crate) mod lifecycle;
+pub(crate) mod new;
 
 use std::process::ExitCode;
 
@@ -47,10 +48,11 @@ pub fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     init_logging(&cli.log_level, &cli.log_format);
-    let server = !matches!(cli.command, Command::Admin(_));
+    let server = !matches!(cli.command, Command::Admin(_) | Command::New(_));
     let result = match cli.command {
         Command::Serve(args) => run(serve_command(args)),
         Command::Dev(args) => run(dev::run(args)),
+        Command::New(args) => new::run(args),
         Command::Admin(command) => run(client::run(command)),
     };
     match result {
