@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use hotswap_tests::{build_lock, cargo_build, example_version, heavy_lock, target_dir, temp_dir, workspace};
+use hotswap_tests::{artifacts, example_version, heavy_lock, target_dir, temp_dir, workspace};
 
 #[test]
 fn the_benchmark_smoke_run_writes_every_table() {
@@ -16,10 +16,7 @@ fn the_benchmark_smoke_run_writes_every_table() {
         );
         return;
     }
-    {
-        let _lock = build_lock();
-        cargo_build(&["hotswap", "static-server", "hotswap-bench"], &[]);
-    }
+    artifacts(); // the benchmark's binaries among them
     let (a, b) = (example_version("1.0.0+bench-a"), example_version("1.0.0+bench-b"));
     let dir = temp_dir("bench");
     let report = dir.join("BENCHMARKS.md");

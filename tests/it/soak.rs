@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use hotswap_tests::{build_lock, cargo_build, example_version, heavy_lock, target_dir, temp_dir, workspace};
+use hotswap_tests::{artifacts, example_version, heavy_lock, target_dir, temp_dir, workspace};
 
 /// The checks the soak prints, one `check NAME ok|FAILED (...)` line each.
 const CHECKS: [&str; 7] = ["requests", "swaps", "downloads", "rss", "libraries", "fds", "log"];
@@ -29,10 +29,7 @@ fn soak(plugins: [&Path; 2], args: &[&str]) -> Output {
 /// The hotswap binary, the driver, and two example builds (the ones the benchmark test uses,
 /// so that a full test run builds them once).
 fn built() -> [PathBuf; 2] {
-    {
-        let _lock = build_lock();
-        cargo_build(&["hotswap", "hotswap-bench"], &[]);
-    }
+    artifacts(); // the benchmark's binaries among them
     [example_version("1.0.0+bench-a"), example_version("1.0.0+bench-b")]
 }
 

@@ -55,7 +55,10 @@ pub fn artifacts() -> &'static Artifacts {
     static BUILT: OnceLock<Artifacts> = OnceLock::new();
     BUILT.get_or_init(|| {
         let _lock = build_lock();
-        cargo_build(&["hotswap", "example-handler", "example-axum", "fixture-faulty", "fixture-wrong-abi", "fixture-tls"], &[]);
+        // The benchmark's binaries too (its smoke run and the soak use them): one build of the
+        // whole set keeps both cores busy, where builds one after another would not.
+        let packages = ["hotswap", "example-handler", "example-axum", "fixture-faulty", "fixture-wrong-abi", "fixture-tls"];
+        cargo_build(&[&packages[..], &["static-server", "hotswap-bench"]].concat(), &[]);
         let release = target_dir().join("release");
         // Private copies: hosts watch the file they serve, and other tests rebuild variants
         // of these crates in target/release.
