@@ -504,7 +504,14 @@ pub struct HostApi {
     /// `shutdown`. `READY` if the host took it; otherwise (the generation is unloading, or the
     /// host has no runtime) it has been released already.
     pub spawn: SpawnFn,
+    /// Like `log`, for an event inside the plugin's `tracing` spans: `spans` is their context,
+    /// outermost first, as `outer{a=1}:inner{b=2}` (empty outside any).
+    pub log_in_spans: LogInSpansFn,
 }
+
+/// [`HostApi::log_in_spans`]. (Declared outside `signatures!`, as [`SpawnFn`].)
+pub type LogInSpansFn =
+    unsafe extern "C" fn(context: *const c_void, level: u32, target: FfiStr, spans: FfiStr, message: FfiStr);
 
 /// [`HostApi::spawn`]. (Declared outside `signatures!`: the fingerprint covers the base table
 /// only.)
@@ -515,6 +522,16 @@ impl HostApi {
     /// `offset` of `len` bytes: a host built before the field was added lends a shorter one.
     pub fn has(&self, offset: usize, len: usize) -> bool {
         self.size >= offset + len
+    }
+
+    /// [`HostApi::log_in_spans`], if this host has it.
+    pub fn log_in_spans_fn(&self) -> Option<LogInSpansFn> {
+        // Read only when present, as `spawn_fn`.
+        if self.has(offset_of!(HostApi, log_in_spans), size_of::<LogInSpansFn>()) {
+            Some(self.log_in_spans)
+        } else {
+            None
+        }
     }
 
     /// [`HostApi::spawn`], if this host has it.

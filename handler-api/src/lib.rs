@@ -103,7 +103,8 @@
 //! # Logging
 //!
 //! Use `tracing` as usual: events reach the host's log tagged with the plugin's name and
-//! version. Records of the `log` crate (which many libraries use) reach it the same way, from
+//! version, and, inside spans, with their context as a `spans` field
+//! (`spans=request{id=7}:db{table="users"}`). Records of the `log` crate (which many libraries use) reach it the same way, from
 //! the end of your `init` on (install no logger of your own, or those records go to yours).
 //!
 //! # Testing

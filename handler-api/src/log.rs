@@ -5,7 +5,11 @@
 //! default, and after it [`LogBridge`] as its logger, unless the author installed one; the
 //! host records each event tagged with the plugin's name and version.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use tracing_core::field::{Field, Visit};
 use tracing_core::span::{Attributes, Id, Record};
@@ -40,14 +44,70 @@ pub(crate) fn emit(host: &HostApi, level: u32, target: &str, message: &str) {
     unsafe { (host.log)(host.context, level, FfiStr::new(target.as_bytes()), FfiStr::new(message.as_bytes())) };
 }
 
+/// Sends one message, from within `spans` (`outer{a=1}:inner`, or empty), to the host's log.
+fn emit_in(host: &HostApi, level: u32, target: &str, spans: &str, message: &str) {
+    match host.log_in_spans_fn() {
+        // SAFETY: the strings outlive the call; the host copies what it keeps.
+        Some(log) => unsafe {
+            log(host.context, level, FfiStr::new(target.as_bytes()), FfiStr::new(spans.as_bytes()), FfiStr::new(message.as_bytes()))
+        },
+        // A host from before `log_in_spans`: the context leads the message, as `fmt` puts it.
+        None if !spans.is_empty() => emit(host, level, target, &format!("{spans}: {message}")),
+        None => emit(host, level, target, message),
+    }
+}
+
 pub(crate) struct HostSubscriber {
     host: &'static HostApi,
     max: LevelFilter,
+    /// The open spans, by id: what an event inside them shows as its context.
+    spans: Mutex<HashMap<u64, Span>>,
+    next_id: AtomicU64,
+}
+
+/// A span of the plugin's, open.
+struct Span {
+    name: &'static str,
+    /// Its fields, as `a=1 b=2`.
+    fields: String,
+    /// Handles to it (`clone_span` adds one, `try_close` takes one away).
+    refs: usize,
+}
+
+thread_local! {
+    /// The spans entered on this thread, innermost last. (Generation threads are joined before
+    /// the library unloads, so this destructor always runs in time.)
+    static ENTERED: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
 impl HostSubscriber {
     pub(crate) fn new(host: &'static HostApi) -> HostSubscriber {
-        HostSubscriber { host, max: level_filter(host.max_log_level) }
+        HostSubscriber { host, max: level_filter(host.max_log_level), spans: Mutex::default(), next_id: AtomicU64::new(1) }
+    }
+
+    fn spans(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Span>> {
+        self.spans.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The spans entered on this thread, as `outer{a=1}:inner{b=2}` (as tracing-subscriber's
+    /// `fmt` shows them); empty outside any.
+    fn context(&self) -> String {
+        let entered = ENTERED.try_with(|entered| entered.borrow().clone()).unwrap_or_default();
+        if entered.is_empty() {
+            return String::new();
+        }
+        let spans = self.spans();
+        let mut context = String::new();
+        for span in entered.iter().filter_map(|id| spans.get(id)) {
+            if !context.is_empty() {
+                context.push(':');
+            }
+            context.push_str(span.name);
+            if !span.fields.is_empty() {
+                let _ = write!(context, "{{{}}}", span.fields);
+            }
+        }
+        context
     }
 }
 
@@ -60,20 +120,65 @@ impl Subscriber for HostSubscriber {
         Some(self.max)
     }
 
-    // Spans are not forwarded (yet): events carry their own fields.
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
+    fn new_span(&self, attributes: &Attributes<'_>) -> Id {
+        let mut fields = Fields::default();
+        attributes.record(&mut fields);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = Span { name: attributes.metadata().name(), fields: fields.finish(), refs: 1 };
+        self.spans().insert(id, span);
+        Id::from_u64(id)
     }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record(&self, id: &Id, values: &Record<'_>) {
+        let mut fields = Fields::default();
+        values.record(&mut fields);
+        let added = fields.finish();
+        if let Some(span) = self.spans().get_mut(&id.into_u64()) {
+            if !span.fields.is_empty() && !added.is_empty() {
+                span.fields.push(' ');
+            }
+            span.fields.push_str(&added);
+        }
+    }
+
     fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
+
+    fn enter(&self, id: &Id) {
+        let _ = ENTERED.try_with(|entered| entered.borrow_mut().push(id.into_u64()));
+    }
+
+    fn exit(&self, id: &Id) {
+        let _ = ENTERED.try_with(|entered| {
+            let mut entered = entered.borrow_mut();
+            if let Some(at) = entered.iter().rposition(|entered| *entered == id.into_u64()) {
+                entered.remove(at);
+            }
+        });
+    }
+
+    fn clone_span(&self, id: &Id) -> Id {
+        if let Some(span) = self.spans().get_mut(&id.into_u64()) {
+            span.refs += 1;
+        }
+        id.clone()
+    }
+
+    fn try_close(&self, id: Id) -> bool {
+        let mut spans = self.spans();
+        let Some(span) = spans.get_mut(&id.into_u64()) else { return false };
+        span.refs -= 1;
+        let closed = span.refs == 0;
+        if closed {
+            spans.remove(&id.into_u64());
+        }
+        closed
+    }
 
     fn event(&self, event: &Event<'_>) {
         let mut text = Fields::default();
         event.record(&mut text);
         let meta = event.metadata();
-        emit(self.host, level_number(meta.level()), meta.target(), &text.finish());
+        emit_in(self.host, level_number(meta.level()), meta.target(), &self.context(), &text.finish());
     }
 }
 

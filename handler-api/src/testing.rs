@@ -115,6 +115,7 @@ static TABLE: HostApi = HostApi {
     blocking_poll,
     blocking_drop,
     spawn,
+    log_in_spans,
 };
 
 // Every function below is called through the table, as `extern "C"`: none may unwind (a panic
@@ -137,6 +138,23 @@ unsafe extern "C" fn log(_context: *const c_void, level: u32, target: FfiStr, me
             _ => tracing::trace!(target: "handler_api", %target, "{message}"),
         }
     });
+}
+
+/// Records a log event of handler-api from within spans (see [`log`]); the context leads the
+/// message.
+///
+/// # Safety
+/// `target`, `spans` and `message` must be valid for this call.
+unsafe extern "C" fn log_in_spans(context: *const c_void, level: u32, target: FfiStr, spans: FfiStr, message: FfiStr) {
+    // SAFETY: the caller keeps the strings valid for this call.
+    let (spans_text, message_text) = unsafe { (spans.as_bytes(), message.as_bytes()) };
+    if spans_text.is_empty() {
+        // SAFETY: forwarded from the caller.
+        return unsafe { log(context, level, target, message) };
+    }
+    let text = [spans_text, b": ", message_text].concat();
+    // SAFETY: forwarded from the caller; `text` outlives the call.
+    unsafe { log(context, level, target, FfiStr::new(&text)) };
 }
 
 /// Appends `text` to an error sink.

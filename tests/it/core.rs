@@ -118,6 +118,26 @@ async fn records_of_the_log_crate_reach_the_host_log_like_tracing_events() {
 }
 
 #[tokio::test]
+async fn the_plugin_s_tracing_spans_are_the_context_of_its_events_in_the_host_log() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    assert_eq!(reqwest::get(host.url("/spans")).await.unwrap().text().await.unwrap(), "spans\n");
+    assert!(host.wait_for_log("after an await in a span", WAIT), "{}", host.log());
+    let log = host.log();
+    let line = |needle: &str| log.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?}:\n{log}"));
+    let nested = line("inside two spans");
+    assert!(nested.contains("spans=fixture_outer{id=7}:fixture_inner{depth=2}") && nested.contains("answer=42"), "{nested}");
+    // Across an await: the instrumented future's span, and not the one left before it.
+    let awaited = line("after an await in a span");
+    assert!(awaited.contains("spans=fixture_task{n=1}") && !awaited.contains("fixture_outer"), "{awaited}");
+    // Outside any span, no field.
+    assert_eq!(reqwest::get(host.url("/log")).await.unwrap().text().await.unwrap(), "logged\n");
+    assert!(host.wait_for_log("a record of the log crate", WAIT), "{}", host.log());
+    let log = host.log();
+    let outside = log.lines().find(|l| l.contains("a record of the log crate")).unwrap();
+    assert!(!outside.contains("spans="), "{outside}");
+}
+
+#[tokio::test]
 async fn serves_http2_with_prior_knowledge() {
     let host = example();
     let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();

@@ -141,6 +141,33 @@ pub(crate) unsafe extern "C" fn log(context: *const c_void, level: u32, target: 
     });
 }
 
+/// `HostApi::log_in_spans`: a log record of the plugin from within its `tracing` spans, with
+/// their context as the `spans` field.
+///
+/// # Safety
+/// As for [`log`]; `spans` is valid for the call too.
+pub(crate) unsafe extern "C" fn log_in_spans(context: *const c_void, level: u32, target: FfiStr, spans: FfiStr, message: FfiStr) {
+    let _ = catch_unwind(|| {
+        // SAFETY: the plugin keeps the string valid for this call.
+        let spans = unsafe { spans.to_string_lossy() };
+        if spans.is_empty() {
+            // SAFETY: forwarded from the caller.
+            return unsafe { log(context, level, target, message) };
+        }
+        // SAFETY: `context` is the generation's PluginContext, alive as long as its table.
+        let plugin = unsafe { &(*(context as *const PluginContext)).label };
+        // SAFETY: the plugin keeps both strings valid for this call.
+        let (target, message) = unsafe { (target.to_string_lossy(), message.to_string_lossy()) };
+        match level {
+            1 => tracing::error!(target: "plugin", %plugin, %target, %spans, "{message}"),
+            2 => tracing::warn!(target: "plugin", %plugin, %target, %spans, "{message}"),
+            3 => tracing::info!(target: "plugin", %plugin, %target, %spans, "{message}"),
+            4 => tracing::debug!(target: "plugin", %plugin, %target, %spans, "{message}"),
+            _ => tracing::trace!(target: "plugin", %plugin, %target, %spans, "{message}"),
+        }
+    });
+}
+
 /// `HostApi::error_write`: text for the error of `init` or `ready`.
 ///
 /// # Safety

@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use handler_api::abi::{self, HostApi};
 
 use crate::plugin::request::{body_drop, body_poll, body_trailers};
-use crate::plugin::services::{error_write, log, spawn, PluginContext};
+use crate::plugin::services::{error_write, log, log_in_spans, spawn, PluginContext};
 use crate::plugin::upgrade::{
     io_drop, io_poll_flush, io_poll_read, io_poll_shutdown, io_poll_write, superseded_drop, superseded_new, superseded_poll,
 };
@@ -41,5 +41,6 @@ pub(crate) fn host_api(context: *const PluginContext, max_log_level: u32) -> Hos
         blocking_poll,
         blocking_drop,
         spawn,
+        log_in_spans,
     }
 }
