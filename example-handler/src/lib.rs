@@ -6,6 +6,7 @@
 //! | `GET /download?size=N&rate=R` | `N` bytes (default 1 MiB) where byte `i` is `i mod 256`, throttled to about `R` bytes per second (unthrottled without `rate`) |
 //! | `POST /upload` | the request body's byte count and SHA-256, streamed (never buffered) |
 //! | `GET /health` | `ok` |
+//! | `GET /clock?every_ms=N` | server-sent events: a `tick` event every `N` ms (default 1000) with the time and the version; when a newer build serves, a `superseded` event, and the stream ends (a browser's `EventSource` reconnects, to the new build) |
 //! | `GET /ws` | a WebSocket echo that greets with the version; `broadcast:` messages go to every session of the same build; `?on_swap=close` closes with 1012 when a newer build serves |
 //!
 //! The version comes from `EXAMPLE_HANDLER_VERSION` at build time (default: the crate's
@@ -54,11 +55,12 @@ pub async fn app(req: Request) -> Response {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => format!("hello from {NAME}\nversion={VERSION}\n").into_response(),
         (&Method::GET, "/health") => "ok\n".into_response(),
+        (&Method::GET, "/clock") => clock(req.uri().query().unwrap_or("")),
         (&Method::GET, "/download") => download(req.uri().query().unwrap_or("")),
         (&Method::POST, "/upload") => upload(req.into_body()).await,
         // HTTP/1.1 asks with GET, HTTP/2 with CONNECT.
         (&Method::GET | &Method::CONNECT, "/ws") => ws::accept(req),
-        (_, "/" | "/health" | "/download" | "/upload" | "/ws") => {
+        (_, "/" | "/health" | "/clock" | "/download" | "/upload" | "/ws") => {
             (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response()
         }
         _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
@@ -111,6 +113,41 @@ fn download(query: &str) -> Response {
     });
     let mut res = Response::new(Body::sized_stream(size, chunks));
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    res
+}
+
+/// Server-sent events: a tick every `every_ms`, until a newer build serves.
+fn clock(query: &str) -> Response {
+    let every = match query_u64(query, "every_ms") {
+        Ok(ms) => Duration::from_millis(ms.unwrap_or(1000).clamp(10, 60_000)),
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    /// The stream's state: events sent, and the signal that ends it.
+    struct Clock {
+        ticks: u64,
+        superseded: Option<std::pin::Pin<Box<handler_api::Superseded>>>,
+    }
+    let start = Clock { ticks: 0, superseded: Some(Box::pin(handler_api::superseded())) };
+    let events = stream::unfold(start, move |mut clock| async move {
+        let superseded = clock.superseded.take()?; // taken after the last event: the end
+        let tick = Box::pin(handler_api::sleep(if clock.ticks == 0 { Duration::ZERO } else { every }));
+        let event = match futures_util::future::select(tick, superseded).await {
+            futures_util::future::Either::Left((_, superseded)) => {
+                clock.superseded = Some(superseded);
+                clock.ticks += 1;
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                // `retry` with the first event: how soon a client reconnects after the end.
+                let retry = if clock.ticks == 1 { "retry: 500\n" } else { "" };
+                format!("{retry}id: {}\nevent: tick\ndata: {} {VERSION}\n\n", clock.ticks, now.as_millis())
+            }
+            // A newer build serves new requests: say so, and end; the client reconnects to it.
+            futures_util::future::Either::Right(_) => "event: superseded\ndata: a newer build serves: reconnect\n\n".to_owned(),
+        };
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(event)), clock))
+    });
+    let mut res = Response::new(Body::from_stream(events));
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     res
 }
 

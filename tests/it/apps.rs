@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, copy_private, place_by_rename, temp_dir, variant, Host, WAIT};
+use hotswap_tests::{artifacts, copy_private, example_version, place_by_rename, temp_dir, variant, Host, WAIT};
 
 /// GET `path` until its body contains `needle`.
 async fn wait_body(host: &Host, path: &str, needle: &str) -> String {
@@ -86,4 +86,48 @@ fn a_service_that_fails_to_build_refuses_its_build_with_the_reason() {
     let log = Host::start(&args, None, &env, Duration::from_secs(30)).err().expect("started with no loadable build");
     let refused = "example-axum@0.1.0: init failed: EXAMPLE_AXUM_GREETING is set but empty: unset it or give a greeting";
     assert!(log.contains(refused), "{log}");
+}
+
+/// Reads `stream` until `done` holds for what was read, or `WAIT` passes.
+async fn read_until(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    text: &mut String,
+    done: impl Fn(&str, bool) -> bool,
+) {
+    use futures_util::StreamExt;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let next = tokio::time::timeout_at(deadline.into(), stream.next()).await.unwrap_or_else(|_| panic!("timed out:\n{text}"));
+        let ended = next.is_none();
+        if let Some(chunk) = next {
+            text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        }
+        if done(text, ended) {
+            return;
+        }
+        assert!(!ended, "the stream ended early:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_server_sent_events_clock_ticks_then_ends_politely_when_a_newer_build_serves() {
+    let dir = temp_dir("apps-clock");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve_dir(&dir, &[]);
+    let response = reqwest::get(host.url("/clock?every_ms=50")).await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut events = response.bytes_stream();
+    let mut text = String::new();
+    read_until(&mut events, &mut text, |t, _| t.matches("event: tick\n").count() >= 3).await;
+    assert!(text.starts_with("retry: 500\nid: 1\nevent: tick\ndata: "), "{text}");
+    assert!(text.contains("id: 3\nevent: tick\n") && text.contains(" 1.0.0\n\n"), "{text}");
+
+    // A newer build: the stream says so and ends; a new one is the new build's.
+    place_by_rename(&example_version("2.0.0"), &dir.join("app.so"));
+    read_until(&mut events, &mut text, |_, ended| ended).await;
+    assert!(text.ends_with("\n\nevent: superseded\ndata: a newer build serves: reconnect\n\n"), "{text}");
+    let mut again = reqwest::get(host.url("/clock?every_ms=50")).await.unwrap().bytes_stream();
+    let mut text = String::new();
+    read_until(&mut again, &mut text, |t, _| t.contains("\n\n")).await;
+    assert!(text.contains(" 2.0.0\n\n"), "{text}");
 }
