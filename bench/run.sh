@@ -62,7 +62,7 @@ mkdir -p "$work"
 
 if [[ $build -eq 1 ]]; then
     echo "== building (release)" >&2
-    cargo build --release -p hotswap -p static-server -p hotswap-bench >&2
+    cargo build --release -p hotswap -p static-server -p hotswap-bench -p example-axum >&2
 fi
 if [[ ${#plugins[@]} -eq 0 ]]; then
     # Two builds of the example handler that answer with different versions, to swap between.
@@ -90,7 +90,15 @@ else
     echo "== no Node.js or no anchor at $anchor_src: the anchor is left out" >&2
 fi
 
+# Section i: the axum example, as a plugin and compiled into static-axum.
+axum=()
+if [[ -f $target/release/libexample_axum.so && -x $target/release/static-axum ]]; then
+    axum=(--axum-plugin "$target/release/libexample_axum.so" --static-axum "$target/release/static-axum")
+else
+    echo "== the axum example or static-axum is not built: section i is left out" >&2
+fi
+
 exec "$target/release/hotswap-bench" "${smoke[@]}" "${anchor_reloads[@]}" "${anchor[@]}" \
     --hotswap "$target/release/hotswap" --static-server "$target/release/static-server" \
-    --plugins "${plugins[@]}" --versions "${versions[@]}" \
+    --plugins "${plugins[@]}" --versions "${versions[@]}" "${axum[@]}" \
     --work "$work/run" --out "$out" --entry "$entry"

@@ -59,6 +59,12 @@ struct Args {
     /// The static baseline binary.
     #[arg(long)]
     static_server: PathBuf,
+    /// The axum example's plugin build (section i, with --static-axum).
+    #[arg(long, requires = "static_axum")]
+    axum_plugin: Option<PathBuf>,
+    /// The static server with the axum example's Router compiled in.
+    #[arg(long, requires = "axum_plugin")]
+    static_axum: Option<PathBuf>,
     /// Two builds of the example handler that answer with different versions.
     #[arg(long, num_args = 2, required = true)]
     plugins: Vec<PathBuf>,
@@ -180,6 +186,7 @@ fn suite(args: Args) -> Result<()> {
     let setup = sections::Setup {
         hotswap: args.hotswap,
         static_server: args.static_server,
+        axum: args.axum_plugin.zip(args.static_axum),
         builds,
         anchor: args.anchor.filter(|_| anchor::node_available()),
         work: args.work,

@@ -141,6 +141,16 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
         "| WebSocket echo ≥ 0.9 × static | {echo:.3} × static (paired rounds: {echo_paired:.3}) | {} |",
         verdict(echo >= 0.9)
     );
+    let axum = |name: &str| r.axum_hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let axum_ratio = med(axum("hotswap"), |x| x.rps) / med(axum("static"), |x| x.rps);
+    if !r.axum_hello.is_empty() {
+        let _ = writeln!(
+            w,
+            "| axum app's hello world ≥ 0.95 × the same Router in static-axum | {axum_ratio:.3} × static (paired rounds: {:.3}) | {} |",
+            paired(axum("hotswap"), axum("static"), |x| x.rps),
+            verdict(axum_ratio >= 0.95)
+        );
+    }
     let _ = writeln!(w, "| swap latency p50 < 5 ms | {swap_p50:.2} ms | {} |", verdict(swap_p50 < 5.0));
     let _ = writeln!(w, "| no failed request with a swap every {:?} | {load_failures} failed | {} |", p.swap_every, verdict(load_failures == 0));
     let _ = writeln!(w, "| throttled download across {} swaps intact | {} | {} |", p.slow_swaps, if slow_ok { "byte-exact" } else { "broken" }, verdict(slow_ok));
@@ -331,6 +341,49 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
         let base = r.instructions.iter().find(|c| c.name == "static").map_or(f64::NAN, |c| c.per_request);
         for c in &r.instructions {
             let _ = writeln!(w, "| {} | {} | {:.0} | {:.2} |", c.name, c.requests, c.per_request, c.per_request / base);
+        }
+    }
+    let _ = writeln!(w, "\n### i. An axum app\n");
+    if r.axum_hello.is_empty() {
+        let _ = writeln!(w, "Left out: the axum example or static-axum was not built.");
+    } else {
+        let _ = writeln!(
+            w,
+            "`GET /` of examples/axum-app (a Router with state and JSON routes): hotswap serving it as a plugin, and \
+             static-axum with the same Router compiled in, as axum's own server runs it. As in section a: median of {} \
+             rounds of {:?}, alternating.\n",
+            p.hello_rounds, p.hello_time
+        );
+        let _ = writeln!(
+            w,
+            "| server | req/s | p50 ms | p99 ms | failed | req/s vs static | server CPU µs/request | CPU vs static |\n|---|---|---|---|---|---|---|---|"
+        );
+        let (base_rps, base_cpu) = (med(axum("static"), |x| x.rps), med(axum("static"), |x| x.server_cpu_us));
+        for (name, runs) in &r.axum_hello {
+            let _ = writeln!(
+                w,
+                "| {name} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {:.2} | {:.2} |",
+                med(runs, |x| x.rps),
+                med(runs, |x| x.p50_ms),
+                med(runs, |x| x.p99_ms),
+                failures(runs),
+                med(runs, |x| x.rps) / base_rps,
+                med(runs, |x| x.server_cpu_us),
+                med(runs, |x| x.server_cpu_us) / base_cpu
+            );
+        }
+        let (router_cpu, bare_cpu) = (med(axum("hotswap"), |x| x.server_cpu_us), med(hello("hotswap"), |x| x.server_cpu_us));
+        let _ = writeln!(
+            w,
+            "\nWhat a Router costs in hotswap over the bare handler of section a: {:.0} against {hot_rps:.0} req/s \
+             ({:.3} ×), {router_cpu:.2} against {bare_cpu:.2} µs of server CPU per request (+{:.2} µs).",
+            med(axum("hotswap"), |x| x.rps),
+            med(axum("hotswap"), |x| x.rps) / hot_rps,
+            router_cpu - bare_cpu
+        );
+        let _ = writeln!(w, "\nCommands:");
+        for c in &r.axum_commands {
+            let _ = writeln!(w, "- `{c}`");
         }
     }
     if let Some(a) = &r.anchor_reloads {

@@ -16,6 +16,9 @@ use crate::{anchor, callgrind, wrk, ws, Params};
 pub(crate) struct Setup {
     pub(crate) hotswap: PathBuf,
     pub(crate) static_server: PathBuf,
+    /// The axum example: its plugin build, and the static server with its Router compiled in
+    /// (section i; left out without them).
+    pub(crate) axum: Option<(PathBuf, PathBuf)>,
     pub(crate) builds: [Build; 2],
     pub(crate) anchor: Option<PathBuf>,
     pub(crate) work: PathBuf,
@@ -26,6 +29,9 @@ pub(crate) struct Setup {
 pub(crate) struct Results {
     pub(crate) hello: Vec<(&'static str, Vec<wrk::Run>)>,
     pub(crate) hello_commands: Vec<String>,
+    /// Section i: the axum example's hello world, hotswap (the plugin) against static-axum.
+    pub(crate) axum_hello: Vec<(&'static str, Vec<wrk::Run>)>,
+    pub(crate) axum_commands: Vec<String>,
     pub(crate) rss_kib: Vec<(&'static str, u64, usize)>,
     pub(crate) download: Vec<(&'static str, Vec<wrk::Run>)>,
     pub(crate) download_command: String,
@@ -91,7 +97,7 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
         let mut servers: Vec<&Server> = vec![&hot, &stat];
         servers.extend(node.as_ref());
 
-        hello(&servers, params, &mut results)?;
+        (results.hello, results.hello_commands) = hello(&servers, params)?;
         std::thread::sleep(Duration::from_secs(1));
         for s in &servers {
             results.rss_kib.push((s.name, s.rss_kib(), s.pids().len()));
@@ -107,6 +113,20 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
         let log = hot.log_text();
         drop(hot);
         check_log(&log)?;
+    }
+    if let Some((plugin, static_axum)) = &setup.axum {
+        let build = Build { file: plugin.clone(), version: "axum".into() };
+        let (hot, _swapper) = hotswap_in(&setup.hotswap, &[build.clone(), build], &setup.work.join("hotswap-axum"))?;
+        let mut cmd = Command::new(static_axum);
+        cmd.args(["--listen", "127.0.0.1:0"]).env_remove("RUST_LOG");
+        let stat = Server::start("static", cmd, setup.work.join("static-axum.log"), proc::listening_port)?;
+        eprintln!("== i. the axum example");
+        (results.axum_hello, results.axum_commands) = hello(&[&hot, &stat], params)?;
+        let log = hot.log_text();
+        drop(hot);
+        check_log(&log)?;
+    } else {
+        eprintln!("== no axum example given: section i is left out");
     }
     {
         let (hot, mut swapper) = start_hotswap(setup, "hotswap-memory")?;
@@ -174,23 +194,27 @@ pub(crate) fn check_log(log: &str) -> Result<()> {
     Ok(())
 }
 
-/// a. Hello world: every server, the same wrk settings, rounds alternating.
-fn hello(servers: &[&Server], params: &Params, results: &mut Results) -> Result<()> {
+/// a. (and i.) Hello world: every server, the same wrk settings, rounds alternating. The runs
+/// of each server, and the commands.
+type Rounds = (Vec<(&'static str, Vec<wrk::Run>)>, Vec<String>);
+
+fn hello(servers: &[&Server], params: &Params) -> Result<Rounds> {
+    let (mut runs, mut commands) = (Vec::new(), Vec::new());
     for s in servers {
-        ensure!(Client::new().version(&s.url("/")).is_some(), "{} does not answer GET /", s.name);
+        ensure!(Client::new().answers(&s.url("/")), "{} does not answer GET /", s.name);
         wrk::run(params.connections, Duration::from_secs(1), &s.url("/"))?; // warm-up
-        results.hello.push((s.name, Vec::new()));
-        results.hello_commands.push(wrk::command_line(params.connections, params.hello_time, &s.url("/")));
+        runs.push((s.name, Vec::new()));
+        commands.push(wrk::command_line(params.connections, params.hello_time, &s.url("/")));
     }
     for round in 1..=params.hello_rounds {
         for i in round_order(servers.len(), round) {
             let s = servers[i];
             eprintln!("== hello round {round}: {}", s.name);
             let run = measured(s, || wrk::run(params.connections, params.hello_time, &s.url("/")))?;
-            results.hello[i].1.push(run);
+            runs[i].1.push(run);
         }
     }
-    Ok(())
+    Ok((runs, commands))
 }
 
 /// b. Streaming downloads, no throttle.

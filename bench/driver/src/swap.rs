@@ -81,6 +81,11 @@ impl Client {
         Client(ureq::AgentBuilder::new().max_idle_connections(0).timeout(Duration::from_secs(2)).build())
     }
 
+    /// Whether `GET url` answers 200.
+    pub(crate) fn answers(&self, url: &str) -> bool {
+        self.0.get(url).call().is_ok_and(|r| r.status() == 200)
+    }
+
     /// The `version=` line of `GET url`, or None if the request failed.
     pub(crate) fn version(&self, url: &str) -> Option<String> {
         let body = self.0.get(url).call().ok()?.into_string().ok()?;
