@@ -39,8 +39,15 @@ impl Tasks {
     pub(crate) fn stop(&self, timeout: std::time::Duration) -> bool {
         self.tracker.close();
         self.stop.cancel();
+        // Waited for on this thread's own clock: the runtime's timer would not fire if every
+        // worker were stuck in a task that never returns.
+        let (done, waited) = std::sync::mpsc::channel();
         let tracker = self.tracker.clone();
-        self.runtime.block_on(async move { tokio::time::timeout(timeout, tracker.wait()).await.is_ok() })
+        drop(self.runtime.spawn(async move {
+            tracker.wait().await;
+            let _ = done.send(());
+        }));
+        waited.recv_timeout(timeout).is_ok()
     }
 }
 
