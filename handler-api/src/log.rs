@@ -97,8 +97,19 @@ impl HostSubscriber {
             return String::new();
         }
         let spans = self.spans();
+        if entered.iter().any(|id| !spans.contains_key(id)) {
+            // Closed spans left on this thread's stack (entered here, exited on another thread:
+            // a guard held across an await): forget them, or the stack grows for good.
+            let _ = ENTERED.try_with(|stack| stack.borrow_mut().retain(|id| spans.contains_key(id)));
+        }
         let mut context = String::new();
-        for span in entered.iter().filter_map(|id| spans.get(id)) {
+        let mut shown: Vec<u64> = Vec::with_capacity(entered.len());
+        for (id, span) in entered.iter().filter_map(|id| Some((*id, spans.get(id)?))) {
+            // A span entered again inside itself shows once, as `fmt` shows it.
+            if shown.contains(&id) {
+                continue;
+            }
+            shown.push(id);
             if !context.is_empty() {
                 context.push(':');
             }
