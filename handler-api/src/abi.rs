@@ -551,6 +551,9 @@ impl HostApi {
 pub const HOST_API_BASE_SIZE: usize = offset_of!(HostApi, blocking_drop) + size_of::<HostDropFn>();
 
 const _: () = assert!(size_of::<HostApi>() >= HOST_API_BASE_SIZE);
+// Fields added later go at the end, in the order they were added: never between.
+const _: () = assert!(offset_of!(HostApi, spawn) == HOST_API_BASE_SIZE);
+const _: () = assert!(offset_of!(HostApi, log_in_spans) == offset_of!(HostApi, spawn) + size_of::<SpawnFn>());
 
 // SAFETY: the table is immutable after the host creates it; `context` points at immutable host
 // data that the host keeps alive for the table's whole life. Its functions are thread-safe.

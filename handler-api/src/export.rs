@@ -559,7 +559,8 @@ macro_rules! __optional_hook {
 /// - `init: fn() -> Result<(), E>` runs once when the host loads the plugin, before any
 ///   request (and before `make`); an `Err` (or a panic, or taking longer than the host's
 ///   init timeout) refuses the plugin and the previous version keeps serving. If `make`
-///   then fails, `shutdown` runs before the build is refused.
+///   then fails, `shutdown` runs before the build is refused (tasks `init` spawned are
+///   dropped just after it, in that one case).
 /// - `ready: fn() -> Result<(), E>` is checked after `init`, before the plugin gets traffic.
 /// - `shutdown: fn()` runs once after the last request has ended (and after the service is
 ///   dropped), before the library is unloaded.
