@@ -115,11 +115,30 @@ async fn hotswap_new_makes_a_crate_that_hotswap_dev_serves_outside_the_workspace
     std::fs::copy(workspace().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
     let target = hotswap_tests::target_dir().join("it-dev");
     let args = ["dev", "--listen", "127.0.0.1:0"];
+    let cwd = dir.clone();
     let host = tokio::task::spawn_blocking(move || {
-        Host::start(&args, Some(&dir), &[("CARGO_TARGET_DIR", target.as_path())], Duration::from_secs(300))
+        Host::start(&args, Some(&cwd), &[("CARGO_TARGET_DIR", target.as_path())], Duration::from_secs(300))
     })
     .await
     .unwrap()
     .unwrap_or_else(|log| panic!("hotswap dev did not start in the new crate:\n{log}"));
     wait_for_answer(&host, "hello from greeter\n", Duration::from_secs(10)).await;
+    drop(host);
+
+    // Both templates compile, with their tests (which ran when the templates were written).
+    let axum_dir = parent.join("greeter-axum");
+    let out = std::process::Command::new(hotswap).args(["new", "greeter-axum", "--axum", "--path"]).arg(&axum_dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::copy(workspace().join("Cargo.lock"), axum_dir.join("Cargo.lock")).unwrap();
+    for crate_dir in [parent.join("greeter"), axum_dir] {
+        let checked = tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["check", "--tests", "--offline", "--quiet"])
+            .current_dir(&crate_dir)
+            .env("CARGO_TARGET_DIR", hotswap_tests::target_dir().join("it-dev"))
+            .env_remove("RUSTC_BOOTSTRAP")
+            .output()
+            .await
+            .unwrap();
+        assert!(checked.status.success(), "{}: {}", crate_dir.display(), String::from_utf8_lossy(&checked.stderr));
+    }
 }

@@ -284,8 +284,9 @@ pub(crate) fn parse_header_size(text: &str) -> Result<u64, String> {
 
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
-    /// The cargo package of the plugin (a cdylib). Default: the package in the current
-    /// directory; at the root of hotswap's own repository, example-handler.
+    /// The cargo package of the plugin (a cdylib). Default: the package of the current
+    /// directory if it is a plugin, else the workspace's only plugin (in hotswap's own
+    /// repository, example-handler).
     #[arg(long, short)]
     pub(crate) package: Option<String>,
 

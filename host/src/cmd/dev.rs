@@ -71,16 +71,32 @@ async fn source_dirs(package: Option<&str>) -> anyhow::Result<(String, Vec<PathB
             .collect();
         local.insert(name, (dir, deps));
     }
-    // `resolve.root`: the package whose manifest is in the current directory, if any.
+    // The plugins here: local packages with a cdylib target.
+    let plugins: Vec<&str> = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["source"].is_null())
+        .filter(|p| {
+            let targets = p["targets"].as_array().into_iter().flatten();
+            targets.flat_map(|t| t["crate_types"].as_array().into_iter().flatten()).any(|c| c == "cdylib")
+        })
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    // `resolve.root`: the package of the current directory (or the nearest one above it).
     let root = meta["resolve"]["root"].as_str().and_then(|id| {
         let packages = meta["packages"].as_array()?;
         packages.iter().find(|p| p["id"].as_str() == Some(id))?["name"].as_str()
     });
     let package = match (package, root) {
         (Some(package), _) => package,
-        (None, Some(root)) => root,
-        (None, None) if local.contains_key("example-handler") => "example-handler",
-        (None, None) => bail!("this directory is a workspace of several packages: give the plugin's with --package NAME"),
+        (None, Some(root)) if plugins.contains(&root) => root,
+        (None, _) if plugins.contains(&"example-handler") => "example-handler",
+        (None, _) if plugins.len() == 1 => plugins[0],
+        (None, _) if plugins.is_empty() => {
+            bail!("no plugin here: no package of this cargo workspace builds a cdylib (crate-type = [\"cdylib\"] in its [lib])")
+        }
+        (None, _) => bail!("several plugins here ({}): give one with --package NAME", plugins.join(", ")),
     };
     let Some((dir, _)) = local.get(package) else {
         bail!("no package `{package}` in this cargo workspace (give --package NAME)");

@@ -25,15 +25,19 @@ pub(crate) fn run(args: NewArgs) -> anyhow::Result<()> {
     if !valid {
         bail!("{name:?} is not a crate name: use letters, digits, '-' and '_', starting with a letter");
     }
+    if RESERVED.contains(&name.replace('-', "_").as_str()) {
+        bail!("{name:?} cannot name a plugin crate (a Rust keyword, a standard crate, or handler-api itself): choose another");
+    }
     let dir = args.path.clone().unwrap_or_else(|| PathBuf::from(name));
     if dir.exists() && dir.read_dir().with_context(|| format!("cannot read {}", dir.display()))?.next().is_some() {
         bail!("{} exists and is not empty: choose another name or --path", dir.display());
     }
-    let dependency = match (&args.handler_api_git, &args.handler_api) {
-        (Some(url), _) => format!("{{ git = {} }}", toml_string(url)),
-        (None, Some(path)) => path_dependency(path)?,
+    // Where handler-api comes from, as the inside of an inline table (`path = "…"`).
+    let source = match (&args.handler_api_git, &args.handler_api) {
+        (Some(url), _) => format!("git = {}", toml_string(url)),
+        (None, Some(path)) => path_source(path)?,
         (None, None) => match bundled_handler_api() {
-            Some(path) => path_dependency(&path)?,
+            Some(path) => path_source(&path)?,
             None => bail!(
                 "cannot find handler-api: give --handler-api PATH (the handler-api directory of a hotswap \
                  checkout) or --handler-api-git URL (the hotswap repository)"
@@ -41,7 +45,7 @@ pub(crate) fn run(args: NewArgs) -> anyhow::Result<()> {
         },
     };
     let files = [
-        ("Cargo.toml", cargo_toml(name, &dependency, args.axum)),
+        ("Cargo.toml", cargo_toml(name, &source, args.axum)),
         ("src/lib.rs", if args.axum { AXUM_LIB.to_owned() } else { HANDLER_LIB.to_owned() }.replace("{name}", name)),
         ("README.md", readme(name)),
         (".gitignore", "/target\n".to_owned()),
@@ -55,19 +59,47 @@ pub(crate) fn run(args: NewArgs) -> anyhow::Result<()> {
     }
     let dev = format!("cd {} && hotswap dev", dir.display());
     let width = dev.len().max("cargo test".len());
+    if let Some(workspace) = enclosing_workspace(&dir) {
+        // Cargo refuses a crate with a [workspace] of its own that an enclosing workspace's
+        // `members` claims; one outside them builds on its own, as meant.
+        eprintln!(
+            "note: {} is inside the cargo workspace of {}: if its `members` take this directory in, \
+             remove the [workspace] line of {name}'s Cargo.toml and list it there instead",
+            dir.display(),
+            workspace.display()
+        );
+    }
     println!("Created the plugin {name} in {}. Next:", dir.display());
     println!("  {dev:width$}   # serves it on http://127.0.0.1:8080, rebuilt and swapped in on every save");
     println!("  {:width$}   # runs its tests, on handler-api's test host", "cargo test");
     Ok(())
 }
 
-fn path_dependency(path: &Path) -> anyhow::Result<String> {
+/// Names a plugin crate cannot take: Rust keywords, the standard crates, and its dependency.
+const RESERVED: &[&str] = &[
+    "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern", "false", "fn", "for",
+    "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub", "ref", "return", "self", "static", "struct",
+    "super", "trait", "true", "type", "unsafe", "use", "where", "while", "abstract", "become", "box", "do", "final", "gen",
+    "macro", "override", "priv", "try", "typeof", "unsized", "virtual", "yield", "alloc", "core", "proc_macro", "std",
+    "test", "handler_api",
+];
+
+/// The directory of the nearest `Cargo.toml` with a `[workspace]` above `dir`, if any.
+fn enclosing_workspace(dir: &Path) -> Option<PathBuf> {
+    let dir = std::path::absolute(dir).ok()?;
+    dir.ancestors().skip(1).find(|d| {
+        std::fs::read_to_string(d.join("Cargo.toml")).is_ok_and(|toml| toml.lines().any(|l| l.trim() == "[workspace]"))
+    }).map(Path::to_path_buf)
+}
+
+/// `path = "…"` for the handler-api crate at `path`.
+fn path_source(path: &Path) -> anyhow::Result<String> {
     let path = path.canonicalize().with_context(|| format!("no handler-api at {}", path.display()))?;
     if !path.join("Cargo.toml").is_file() {
         bail!("{} is not the handler-api crate (it has no Cargo.toml)", path.display());
     }
     let path = path.to_str().with_context(|| format!("{} is not UTF-8, which Cargo.toml needs", path.display()))?;
-    Ok(format!("{{ path = {} }}", toml_string(path)))
+    Ok(format!("path = {}", toml_string(path)))
 }
 
 /// `text` as a TOML basic string.
@@ -86,7 +118,8 @@ fn toml_string(text: &str) -> String {
     quoted
 }
 
-fn cargo_toml(name: &str, handler_api: &str, axum: bool) -> String {
+/// The crate's manifest; `source` says where handler-api comes from (see [`path_source`]).
+fn cargo_toml(name: &str, source: &str, axum: bool) -> String {
     let (features, other_deps) = if axum {
         (
             ", features = [\"axum\"]",
@@ -95,7 +128,6 @@ fn cargo_toml(name: &str, handler_api: &str, axum: bool) -> String {
     } else {
         ("", "http = \"1\"\n")
     };
-    let handler_api_dep = handler_api.trim_end_matches(" }");
     format!(
         r#"[package]
 name = "{name}"
@@ -107,10 +139,10 @@ edition = "2021"
 crate-type = ["cdylib"]
 
 [dependencies]
-handler-api = {handler_api_dep}{features} }}
+handler-api = {{ {source}{features} }}
 {other_deps}
 [dev-dependencies]
-handler-api = {handler_api_dep}, features = ["testing"{dev_features}] }}
+handler-api = {{ {source}, features = ["testing"{dev_features}] }}
 tokio = {{ version = "1", features = ["rt", "macros"] }}
 
 # A crate of its own, outside any enclosing workspace.
