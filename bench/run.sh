@@ -18,6 +18,8 @@
 #   --no-build                   use the release binaries already in the target directory
 #   --plugins A.so B.so          two example-handler builds instead of building them; with
 #   --versions VA VB             the versions they answer with
+#   --axum-plugin A.so           the axum example's build for section i (default: the one in
+#                                the target directory)
 #   --no-anchor-reloads          skip the anchor's own reload benchmark (3 minutes)
 # Environment: HOTSWAP_ANCHOR (default ../shared/anchors/node-cluster), CARGO_TARGET_DIR.
 set -euo pipefail
@@ -28,7 +30,7 @@ source "$root/bench/lib.sh"
 target=${CARGO_TARGET_DIR:-$root/target}
 out=$root/BENCHMARKS.md
 work=$target/bench
-smoke=() build=1 install=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() entry="bench/run.sh${*:+ $*}"
+smoke=() build=1 install=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() axum_plugin= entry="bench/run.sh${*:+ $*}"
 while [[ $# -gt 0 ]]; do
     case $1 in
         --smoke) smoke=(--smoke) anchor_reloads=() install=0 ;;
@@ -38,8 +40,9 @@ while [[ $# -gt 0 ]]; do
         --no-build) build=0 ;;
         --plugins) plugins=("$2" "$3"); shift 2 ;;
         --versions) versions=("$2" "$3"); shift 2 ;;
+        --axum-plugin) axum_plugin=$2; shift ;;
         --no-anchor-reloads) anchor_reloads=() ;;
-        -h | --help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1 (see bench/run.sh --help)" >&2; exit 2 ;;
     esac
     shift
@@ -91,9 +94,9 @@ else
 fi
 
 # Section i: the axum example, as a plugin and compiled into static-axum.
-axum=()
-if [[ -f $target/release/libexample_axum.so && -x $target/release/static-axum ]]; then
-    axum=(--axum-plugin "$target/release/libexample_axum.so" --static-axum "$target/release/static-axum")
+axum=() axum_plugin=${axum_plugin:-$target/release/libexample_axum.so}
+if [[ -f $axum_plugin && -x $target/release/static-axum ]]; then
+    axum=(--axum-plugin "$axum_plugin" --static-axum "$target/release/static-axum")
 else
     echo "== the axum example or static-axum is not built: section i is left out" >&2
 fi

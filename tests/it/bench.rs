@@ -25,7 +25,10 @@ fn the_benchmark_smoke_run_writes_every_table() {
         .arg(workspace().join("bench/run.sh"))
         .args(["--smoke", "--no-build", "--plugins"])
         .args([&a, &b])
-        .args(["--versions", "1.0.0+bench-a", "1.0.0+bench-b", "--out"])
+        .args(["--versions", "1.0.0+bench-a", "1.0.0+bench-b", "--axum-plugin"])
+        // The private copy: another test builds a variant of it in the target directory.
+        .arg(&artifacts().axum)
+        .arg("--out")
         .arg(&report)
         .arg("--work")
         .arg(dir.join("work"))
