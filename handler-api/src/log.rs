@@ -67,6 +67,7 @@ pub(crate) struct HostSubscriber {
 
 /// A span of the plugin's, open.
 struct Span {
+    metadata: &'static Metadata<'static>,
     name: &'static str,
     /// Its fields, as `a=1 b=2`.
     fields: String,
@@ -135,7 +136,8 @@ impl Subscriber for HostSubscriber {
         let mut fields = Fields::default();
         attributes.record(&mut fields);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let span = Span { name: attributes.metadata().name(), fields: fields.finish(), refs: 1 };
+        let metadata = attributes.metadata();
+        let span = Span { metadata, name: metadata.name(), fields: fields.finish(), refs: 1 };
         self.spans().insert(id, span);
         Id::from_u64(id)
     }
@@ -165,6 +167,17 @@ impl Subscriber for HostSubscriber {
                 entered.remove(at);
             }
         });
+    }
+
+    /// The innermost span entered on this thread: what `Span::current()` and
+    /// `in_current_span()` find.
+    fn current_span(&self) -> tracing_core::span::Current {
+        let entered = ENTERED.try_with(|entered| entered.borrow().clone()).unwrap_or_default();
+        let spans = self.spans();
+        match entered.iter().rev().find_map(|id| Some((*id, spans.get(id)?.metadata))) {
+            Some((id, metadata)) => tracing_core::span::Current::new(Id::from_u64(id), metadata),
+            None => tracing_core::span::Current::none(),
+        }
     }
 
     fn clone_span(&self, id: &Id) -> Id {

@@ -129,6 +129,11 @@ async fn the_plugin_s_tracing_spans_are_the_context_of_its_events_in_the_host_lo
     // Across an await: the instrumented future's span, and not the one left before it.
     let awaited = line("after an await in a span");
     assert!(awaited.contains("spans=fixture_task{n=1}") && !awaited.contains("fixture_outer"), "{awaited}");
+    // `Span::current()` works: a task spawned in a span, with `in_current_span`, keeps it.
+    assert!(host.wait_for_log("in a spawned task", WAIT), "{}", host.log());
+    let log = host.log();
+    let spawned = log.lines().find(|l| l.contains("in a spawned task")).unwrap();
+    assert!(spawned.contains("spans=fixture_spawner{k=3}"), "{spawned}");
     // Outside any span, no field.
     assert_eq!(reqwest::get(host.url("/log")).await.unwrap().text().await.unwrap(), "logged\n");
     assert!(host.wait_for_log("a record of the log crate", WAIT), "{}", host.log());
