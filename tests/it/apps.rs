@@ -51,6 +51,16 @@ async fn an_axum_router_serves_json_with_state_of_its_build_released_at_unload()
     assert_eq!(client.get(host.url("/slow?ms=50")).send().await.unwrap().text().await.unwrap(), "waited 50 ms\n");
     assert!(started.elapsed() >= Duration::from_millis(50));
 
+    // A WebSocket through axum's routing and handler-api's Upgrade extractor.
+    let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{}/ws", host.addr)).await.unwrap();
+    assert_eq!(response.status(), 101);
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text("echo through axum")).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "echo through axum");
+    ws.close(None).await.unwrap();
+    assert_eq!(client.get(host.url("/ws")).send().await.unwrap().status(), 426, "a plain GET is asked to upgrade");
+
     // A background task (handler_api::spawn) runs on the build's runtime, holding its state.
     assert_eq!(client.post(host.url("/ticker")).send().await.unwrap().text().await.unwrap(), "ticking\n");
     let deadline = Instant::now() + WAIT;

@@ -10,6 +10,7 @@
 //! | `GET /slow?ms=N` | answers after `N` ms (`handler_api::sleep`: tokio's timers do not run in a plugin) |
 //! | `POST /ticker` | starts a background task (`handler_api::spawn`) that counts ticks every 10 ms until this build is unloaded |
 //! | `GET /ticks` | the ticks counted so far |
+//! | `GET /ws` | a WebSocket echo (HTTP/1.1 `Upgrade`, or HTTP/2 extended CONNECT), through handler-api's `Upgrade` extractor; a plain GET is answered `426` |
 //!
 //! The app's state (the list, and the greeting read from `EXAMPLE_AXUM_GREETING`) is built
 //! by [`app`] when the host loads the build, and dropped when the build is unloaded: each
@@ -24,10 +25,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use handler_api::upgrade::Upgrade;
 use handler_api::{export_handler, RequestContext};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 use serde::{Deserialize, Serialize};
 
 /// This build's version.
@@ -84,6 +90,8 @@ pub fn app() -> Result<Router, String> {
         .route("/slow", get(slow))
         .route("/ticker", axum::routing::post(start_ticker))
         .route("/ticks", get(ticks))
+        // `any`: HTTP/2 asks to switch with CONNECT.
+        .route("/ws", axum::routing::any(websocket))
         .with_state(state))
 }
 
@@ -180,6 +188,34 @@ async fn ticks(State(state): State<Arc<AppState>>) -> String {
     format!("{}\n", state.ticks.load(Ordering::Relaxed))
 }
 
+/// A WebSocket echo. axum's own `WebSocketUpgrade` needs hyper's connection, which a plugin
+/// does not have; handler-api's `Upgrade` switches protocols through the host instead, and
+/// tungstenite runs over the connection it lends.
+async fn websocket(upgrade: Option<Upgrade>, headers: HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let Some(upgrade) = upgrade.filter(|u| u.protocol().eq_ignore_ascii_case("websocket")) else {
+        return (StatusCode::UPGRADE_REQUIRED, [("upgrade", "websocket")], "connect with a WebSocket client\n").into_response();
+    };
+    // HTTP/1.1 proves the handshake with the key; HTTP/2's extended CONNECT has none.
+    let accept_key = match headers.get("sec-websocket-key") {
+        Some(key) => Some(derive_accept_key(key.as_bytes())),
+        None if upgrade.is_http2() => None,
+        None => return (StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n").into_response(),
+    };
+    let mut res = upgrade.accept(|io| async move {
+        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        while let Some(Ok(message)) = ws.next().await {
+            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    if let Some(Ok(key)) = accept_key.map(|k| axum::http::HeaderValue::from_str(&k)) {
+        res.headers_mut().insert("sec-websocket-accept", key);
+    }
+    res.into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use handler_api::testing::TestHost;
@@ -220,6 +256,13 @@ mod tests {
         first.request(post_json("/todos", r#"{"title":"a"}"#)).await;
         let second = TestHost::service(app().unwrap());
         assert_eq!(second.get("/todos").await.text(), "[]");
+    }
+
+    #[tokio::test]
+    async fn the_websocket_route_asks_for_an_upgrade() {
+        let host = TestHost::service(app().unwrap());
+        let res = host.get("/ws").await;
+        assert_eq!((res.status(), res.header("upgrade")), (StatusCode::UPGRADE_REQUIRED, Some("websocket")));
     }
 
     #[tokio::test]
