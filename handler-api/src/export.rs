@@ -40,7 +40,7 @@ fn write_error(sink: *mut c_void, text: &str) {
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -113,7 +113,7 @@ pub unsafe fn init(
 }
 
 /// What to do instead, for a panic that comes from a known mistake in a plugin.
-fn mistake_hint(message: &str) -> Option<&'static str> {
+pub(crate) fn mistake_hint(message: &str) -> Option<&'static str> {
     // tokio's words when there is no runtime to be found: a plugin's own copy of tokio never
     // sees the host's runtime, so `tokio::spawn`, `tokio::time::*` and
     // `tokio::task::spawn_blocking` all panic with them.

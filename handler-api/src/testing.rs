@@ -356,6 +356,27 @@ mod tests {
     }
 
     #[test]
+    fn the_test_host_fails_tokio_s_runtime_in_a_handler_as_hotswap_does() {
+        async fn mistaken(_req: crate::Request) -> &'static str {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            "slept\n"
+        }
+        async fn right(_req: crate::Request) -> String {
+            crate::sleep(Duration::from_millis(1)).await;
+            let task = crate::spawn(async { crate::sleep(Duration::from_millis(1)).await });
+            let blocking = crate::spawn_blocking(|| 6 * 7).await;
+            format!("slept, {:?}, {:?}\n", task.await, blocking)
+        }
+        run(async {
+            let res = TestHost::new(mistaken).get("/").await;
+            assert_eq!(res.status(), 500);
+            let why = res.panicked().expect("a panic");
+            assert!(why.contains("Tokio 1.x") && why.contains("use handler_api::spawn for tasks, handler_api::sleep"), "{why}");
+            assert_eq!(TestHost::new(right).get("/").await.text(), "slept, Ok(()), Ok(42)\n");
+        });
+    }
+
+    #[test]
     fn install_is_idempotent() {
         install();
         let first = HOST.load(Ordering::Acquire);
@@ -523,13 +544,20 @@ mod tests {
 /// An in-process host for `cargo test`: calls a handler, or a service such as an axum
 /// `Router`, the way hotswap does, and reads the whole response.
 ///
-/// What hotswap does around a call, it does too: it [`install`]s the in-process services (so
-/// [`sleep`](crate::sleep), [`spawn`](crate::spawn) and
-/// [`spawn_blocking`](crate::spawn_blocking) work on the test's tokio runtime), gives each request a [`RequestContext`](crate::RequestContext) (peer
-/// `127.0.0.1:40000`, a request id counting from 1), turns a service's response body into a
-/// [`Body`](crate::Body) as the host does, and answers a handler's panic with
-/// `500 Internal Server Error`. A response body that fails, or panics, while it streams is
-/// reported by [`TestResponse::aborted`], where a client would see a broken transfer.
+/// What hotswap does around a call, it does too:
+/// - Your code runs on a thread of its own, outside the test's tokio runtime, as a plugin's
+///   code runs outside any runtime of its own. So `tokio::spawn` or `tokio::time::sleep` in
+///   it fail here as they fail under hotswap: the response is a `500`, and
+///   [`TestResponse::panicked`] says why and what to use instead.
+/// - handler-api's services work, on the test's tokio runtime: [`sleep`](crate::sleep),
+///   [`timeout`](crate::timeout), [`spawn`](crate::spawn) and
+///   [`spawn_blocking`](crate::spawn_blocking). ([`install`] is done for you.)
+/// - Each request gets a [`RequestContext`](crate::RequestContext) (peer `127.0.0.1:40000`, a
+///   request id counting from 1).
+/// - A service's response body becomes a [`Body`](crate::Body), as the host converts it.
+/// - A panic answers `500 Internal Server Error`.
+/// - A response body that fails, or panics, while it streams is reported by
+///   [`TestResponse::aborted`], where a client would see a broken transfer.
 ///
 /// # Example
 ///
@@ -557,7 +585,7 @@ mod tests {
 /// Services are built by the same function `export_handler!` is given:
 /// `TestHost::service(app().unwrap())`.
 pub struct TestHost<H> {
-    handler: H,
+    handler: std::sync::Arc<H>,
     requests: std::sync::atomic::AtomicU64,
 }
 
@@ -565,7 +593,7 @@ impl<H: crate::Handler> TestHost<H> {
     /// A host for `handler`, any `async fn(Request) -> impl IntoResponse`.
     pub fn new(handler: H) -> TestHost<H> {
         install();
-        TestHost { handler, requests: std::sync::atomic::AtomicU64::new(0) }
+        TestHost { handler: std::sync::Arc::new(handler), requests: std::sync::atomic::AtomicU64::new(0) }
     }
 
     /// `GET path` (a path with its query, such as `/items?page=2`).
@@ -580,6 +608,9 @@ impl<H: crate::Handler> TestHost<H> {
 
     /// Sends `req` as it is, with a [`RequestContext`](crate::RequestContext) unless it has
     /// one, and reads the whole response.
+    ///
+    /// # Panics
+    /// If the thread that runs the request cannot be started.
     pub async fn request(&self, mut req: crate::Request) -> TestResponse {
         if req.extensions().get::<crate::RequestContext>().is_none() {
             let id = self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -588,28 +619,77 @@ impl<H: crate::Handler> TestHost<H> {
             let context = crate::RequestContext::new(Some(peer), Some(local), http::uri::Scheme::HTTP, crate::RequestId(id));
             req.extensions_mut().insert(context);
         }
-        let response = match CatchUnwind(std::pin::pin!(self.handler.call(req))).await {
-            Some(response) => response,
-            None => crate::IntoResponse::into_response(http::StatusCode::INTERNAL_SERVER_ERROR),
-        };
-        let (parts, mut body) = response.into_parts();
-        let mut bytes = Vec::new();
-        let mut aborted = None;
-        loop {
-            match CatchUnwind(std::pin::pin!(body.chunk())).await {
-                Some(Some(Ok(chunk))) => bytes.extend_from_slice(&chunk),
-                Some(None) => break,
-                Some(Some(Err(e))) => {
-                    aborted = Some(e.to_string());
-                    break;
-                }
-                None => {
-                    aborted = Some("the response body panicked".to_owned());
-                    break;
-                }
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let handler = self.handler.clone();
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("test-host-request".into()).spawn(move || {
+            let _lent = crate::tokio_host::lend(runtime);
+            let _ = sender.send(block_on(answer(&*handler, req)));
+        });
+        spawned.expect("TestHost: cannot start the request's thread");
+        receiver.await.expect("TestHost: the request's thread ended without an answer")
+    }
+}
+
+/// Calls `handler` with `req` and reads the whole response, as the host would.
+async fn answer<H: crate::Handler>(handler: &H, req: crate::Request) -> TestResponse {
+    let mut panicked = None;
+    let called = catch_unwind(AssertUnwindSafe(|| handler.call(req))).map_err(|payload| panic_text(&*payload));
+    let answered = match called {
+        Ok(future) => CatchUnwind(std::pin::pin!(future)).await,
+        Err(message) => Err(message),
+    };
+    let response = answered.unwrap_or_else(|message| {
+        panicked = Some(message);
+        crate::IntoResponse::into_response(http::StatusCode::INTERNAL_SERVER_ERROR)
+    });
+    let (parts, mut body) = response.into_parts();
+    let mut bytes = Vec::new();
+    let mut aborted = None;
+    loop {
+        match CatchUnwind(std::pin::pin!(body.chunk())).await {
+            Ok(Some(Ok(chunk))) => bytes.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                aborted = Some(e.to_string());
+                break;
+            }
+            Err(message) => {
+                aborted = Some(format!("the response body panicked: {message}"));
+                break;
             }
         }
-        TestResponse { parts, body: bytes.into(), aborted }
+    }
+    // Dropping what panicked may panic again: contained too.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(body)));
+    TestResponse { parts, body: bytes.into(), aborted, panicked }
+}
+
+/// A panic's message, with what to do instead when it comes from a known mistake.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let message = crate::export::panic_message(payload);
+    match crate::export::mistake_hint(message) {
+        Some(hint) => format!("{message} ({hint})"),
+        None => message.to_owned(),
+    }
+}
+
+/// Runs `future` to its end on this thread, which is not a runtime's.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
     }
 }
 
@@ -641,6 +721,7 @@ pub struct TestResponse {
     parts: http::response::Parts,
     body: bytes::Bytes,
     aborted: Option<String>,
+    panicked: Option<String>,
 }
 
 impl TestResponse {
@@ -674,18 +755,25 @@ impl TestResponse {
     pub fn aborted(&self) -> Option<&str> {
         self.aborted.as_deref()
     }
+
+    /// The panic that made this response a `500`, if one did: its message, and what to use
+    /// instead when it is a known mistake (tokio's runtime in a plugin, for one).
+    pub fn panicked(&self) -> Option<&str> {
+        self.panicked.as_deref()
+    }
 }
 
-/// Polls a future, answering `None` if it panics (as the host turns a panic into a `500`).
+/// Polls a future, answering the panic's message if it panics (as the host turns a panic into
+/// a `500`).
 struct CatchUnwind<'a, F>(Pin<&'a mut F>);
 
 impl<F: std::future::Future> std::future::Future for CatchUnwind<'_, F> {
-    type Output = Option<F::Output>;
+    type Output = Result<F::Output, String>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Option<F::Output>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
         match catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
-            Ok(polled) => polled.map(Some),
-            Err(_) => std::task::Poll::Ready(None),
+            Ok(polled) => polled.map(Ok),
+            Err(payload) => std::task::Poll::Ready(Err(panic_text(&*payload))),
         }
     }
 }

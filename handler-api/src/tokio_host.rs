@@ -7,6 +7,7 @@
 //! an `extern "C"` function aborts the process): each that calls into tokio or allocates runs
 //! inside `catch_unwind`.
 
+use std::cell::RefCell;
 use std::ffi::c_void;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,13 +18,37 @@ use std::time::Duration;
 
 use crate::abi::{self, FfiJob, FfiPoll, FfiWaker};
 
+thread_local! {
+    /// A runtime lent to a thread that is not one of its own: the in-process test host runs
+    /// each request on a thread outside tokio, as hotswap runs plugin code outside the
+    /// plugin's copy of tokio, and lends it the test's runtime for these services.
+    static LENT: RefCell<Option<tokio::runtime::Handle>> = const { RefCell::new(None) };
+}
+
+/// The runtime these services use on this thread: the one it runs in, or the one lent to it.
+fn runtime() -> Option<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current().ok().or_else(|| LENT.try_with(|lent| lent.borrow().clone()).ok().flatten())
+}
+
+/// Lends `runtime` to this thread until the guard drops (see [`LENT`]).
+#[cfg(feature = "testing")]
+pub(crate) fn lend(runtime: Option<tokio::runtime::Handle>) -> impl Drop {
+    struct Lent;
+    impl Drop for Lent {
+        fn drop(&mut self) {
+            let _ = LENT.try_with(|lent| lent.borrow_mut().take());
+        }
+    }
+    LENT.with(|lent| *lent.borrow_mut() = runtime);
+    Lent
+}
+
 /// Starts a tokio timer on the current runtime; null outside a runtime (or one without a time
 /// driver).
 pub extern "C" fn sleep_new(nanos: u64) -> *mut c_void {
     catch_unwind(|| {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return ptr::null_mut();
-        }
+        let Some(runtime) = runtime() else { return ptr::null_mut() };
+        let _entered = runtime.enter(); // the timer's driver: that runtime's
         // Boxed so that it never moves: `sleep_poll` pins it in place.
         Box::into_raw(Box::new(tokio::time::sleep(Duration::from_nanos(nanos)))) as *mut c_void
     })
@@ -89,7 +114,7 @@ impl Drop for Job {
 pub unsafe extern "C" fn blocking_spawn(job: FfiJob) -> *mut c_void {
     let job = Job(job);
     catch_unwind(AssertUnwindSafe(move || {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = runtime() else {
             return ptr::null_mut(); // `job` drops here: released without running
         };
         let task = runtime.spawn_blocking(move || {
@@ -140,12 +165,12 @@ pub unsafe extern "C" fn blocking_drop(task: *mut c_void) {
 /// `future` must uphold [`abi::FfiFuture`]'s contract; it passes to this function.
 pub unsafe extern "C" fn spawn(_context: *const c_void, future: abi::FfiFuture) -> FfiPoll {
     let task = Spawned(future);
-    catch_unwind(AssertUnwindSafe(|| match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
+    catch_unwind(AssertUnwindSafe(|| match runtime() {
+        Some(runtime) => {
             drop(runtime.spawn(task));
             FfiPoll::READY
         }
-        Err(_) => FfiPoll::ERROR,
+        None => FfiPoll::ERROR,
     }))
     .unwrap_or(FfiPoll::PANICKED)
 }
