@@ -79,6 +79,31 @@ pub(crate) fn machine() -> String {
     format!("{cores} CPUs ({cpu}), {} {}", sh("uname", &["-s"]), sh("uname", &["-r"]))
 }
 
+/// The table of hello-world rounds (sections a and i): medians, and ratios to static's.
+fn hello_table(w: &mut String, servers: &[(&'static str, Vec<wrk::Run>)]) {
+    let base = servers.iter().find(|(n, _)| *n == "static").map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let (base_rps, base_cpu) = (med(base, |x| x.rps), med(base, |x| x.server_cpu_us));
+    let _ = writeln!(
+        w,
+        "| server | req/s | p50 ms | p99 ms | failed | req/s vs static | server CPU µs/request | CPU vs static | rounds (req/s) |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for (name, runs) in servers {
+        let rounds: Vec<String> = runs.iter().map(|x| format!("{:.0}", x.rps)).collect();
+        let _ = writeln!(
+            w,
+            "| {name} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {:.2} | {:.2} | {} |",
+            med(runs, |x| x.rps),
+            med(runs, |x| x.p50_ms),
+            med(runs, |x| x.p99_ms),
+            failures(runs),
+            med(runs, |x| x.rps) / base_rps,
+            med(runs, |x| x.server_cpu_us),
+            med(runs, |x| x.server_cpu_us) / base_cpu,
+            rounds.join(", ")
+        );
+    }
+}
+
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
@@ -171,26 +196,7 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
          Server CPU is user + system time of the server's processes during the round, per request.\n",
         p.hello_rounds, p.hello_time
     );
-    let _ = writeln!(
-        w,
-        "| server | req/s | p50 ms | p99 ms | failed | req/s vs static | server CPU µs/request | CPU vs static | rounds (req/s) |\n|---|---|---|---|---|---|---|---|---|"
-    );
-    let static_cpu = med(hello("static"), |x| x.server_cpu_us);
-    for (name, runs) in &r.hello {
-        let rounds: Vec<String> = runs.iter().map(|x| format!("{:.0}", x.rps)).collect();
-        let _ = writeln!(
-            w,
-            "| {name} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {:.2} | {:.2} | {} |",
-            med(runs, |x| x.rps),
-            med(runs, |x| x.p50_ms),
-            med(runs, |x| x.p99_ms),
-            failures(runs),
-            med(runs, |x| x.rps) / static_rps,
-            med(runs, |x| x.server_cpu_us),
-            med(runs, |x| x.server_cpu_us) / static_cpu,
-            rounds.join(", ")
-        );
-    }
+    hello_table(w, &r.hello);
     let _ = writeln!(w, "\nCommands:");
     for c in &r.hello_commands {
         let _ = writeln!(w, "- `{c}`");
@@ -354,24 +360,7 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
              rounds of {:?}, alternating.\n",
             p.hello_rounds, p.hello_time
         );
-        let _ = writeln!(
-            w,
-            "| server | req/s | p50 ms | p99 ms | failed | req/s vs static | server CPU µs/request | CPU vs static |\n|---|---|---|---|---|---|---|---|"
-        );
-        let (base_rps, base_cpu) = (med(axum("static"), |x| x.rps), med(axum("static"), |x| x.server_cpu_us));
-        for (name, runs) in &r.axum_hello {
-            let _ = writeln!(
-                w,
-                "| {name} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {:.2} | {:.2} |",
-                med(runs, |x| x.rps),
-                med(runs, |x| x.p50_ms),
-                med(runs, |x| x.p99_ms),
-                failures(runs),
-                med(runs, |x| x.rps) / base_rps,
-                med(runs, |x| x.server_cpu_us),
-                med(runs, |x| x.server_cpu_us) / base_cpu
-            );
-        }
+        hello_table(w, &r.axum_hello);
         let (router_cpu, bare_cpu) = (med(axum("hotswap"), |x| x.server_cpu_us), med(hello("hotswap"), |x| x.server_cpu_us));
         let _ = writeln!(
             w,
