@@ -20,6 +20,22 @@ async fn wait_for_answer(host: &Host, want: &str, timeout: Duration) -> String {
     panic!("no answer containing {want:?} within {timeout:?} (last: {last:?})\n{}", host.log());
 }
 
+/// Starts `hotswap dev` with `extra` arguments in the crate at `dir`, building in the target
+/// directory the dev tests share; waits (up to the first build) until it listens.
+async fn start_dev(dir: &std::path::Path, extra: &[&str]) -> Host {
+    let target = hotswap_tests::target_dir().join("it-dev");
+    let mut args = vec!["dev".to_owned(), "--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let cwd = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Host::start(&args, Some(&cwd), &[("CARGO_TARGET_DIR", target.as_path())], Duration::from_secs(300))
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|log| panic!("hotswap dev did not start in {}:\n{log}", dir.display()))
+}
+
 #[tokio::test]
 async fn dev_mode_rebuilds_on_change_and_keeps_serving_through_a_syntax_error() {
     // A small app of its own, as its own cargo workspace: the loop is what is tested, and a
@@ -60,15 +76,7 @@ handler-api = {{ path = "{}" }}
         ),
     )
     .unwrap();
-    let target = hotswap_tests::target_dir().join("it-dev");
-    let args = ["dev", "--package", "devapp", "--listen", "127.0.0.1:0"];
-    let cwd = dir.clone();
-    let host = tokio::task::spawn_blocking(move || {
-        Host::start(&args, Some(&cwd), &[("CARGO_TARGET_DIR", target.as_path())], Duration::from_secs(300))
-    })
-        .await
-        .unwrap()
-        .unwrap_or_else(|log| panic!("hotswap dev did not start:\n{log}"));
+    let host = start_dev(&dir, &["--package", "devapp"]).await;
     wait_for_answer(&host, "hello from example-handler", Duration::from_secs(10)).await;
     let pid = host.pid();
 
@@ -113,15 +121,7 @@ async fn hotswap_new_makes_a_crate_that_hotswap_dev_serves_outside_the_workspace
     // `hotswap dev` in it, with no --package, serves it. (The repository's lock file, so that
     // the versions, and so the build directory, are those of the other dev test.)
     std::fs::copy(workspace().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
-    let target = hotswap_tests::target_dir().join("it-dev");
-    let args = ["dev", "--listen", "127.0.0.1:0"];
-    let cwd = dir.clone();
-    let host = tokio::task::spawn_blocking(move || {
-        Host::start(&args, Some(&cwd), &[("CARGO_TARGET_DIR", target.as_path())], Duration::from_secs(300))
-    })
-    .await
-    .unwrap()
-    .unwrap_or_else(|log| panic!("hotswap dev did not start in the new crate:\n{log}"));
+    let host = start_dev(&dir, &[]).await;
     wait_for_answer(&host, "hello from greeter\n", Duration::from_secs(10)).await;
     drop(host);
 
