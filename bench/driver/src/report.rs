@@ -356,19 +356,21 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
         let _ = writeln!(
             w,
             "`GET /` of examples/axum-app (a Router with state and JSON routes): hotswap serving it as a plugin, and \
-             static-axum with the same Router compiled in, as axum's own server runs it. As in section a: median of {} \
-             rounds of {:?}, alternating.\n",
+             static-axum with the same Router compiled in, as axum's own server runs it, and hotswap serving the bare \
+             example handler of section a. As in section a: median of {} rounds of {:?}, alternating.\n",
             p.hello_rounds, p.hello_time
         );
         hello_table(w, &r.axum_hello);
-        let (router_cpu, bare_cpu) = (med(axum("hotswap"), |x| x.server_cpu_us), med(hello("hotswap"), |x| x.server_cpu_us));
+        let bare = axum(crate::sections::BARE);
         let _ = writeln!(
             w,
-            "\nWhat a Router costs in hotswap over the bare handler of section a: {:.0} against {hot_rps:.0} req/s \
-             ({:.3} ×), {router_cpu:.2} against {bare_cpu:.2} µs of server CPU per request (+{:.2} µs).",
-            med(axum("hotswap"), |x| x.rps),
-            med(axum("hotswap"), |x| x.rps) / hot_rps,
-            router_cpu - bare_cpu
+            "\nWhat a Router costs in hotswap over the bare example handler, in the same rounds: {:.3} × its req/s \
+             (paired rounds: {:.3}), {:+.2} µs of server CPU per request ({:.2} against {:.2}).",
+            med(axum("hotswap"), |x| x.rps) / med(bare, |x| x.rps),
+            paired(axum("hotswap"), bare, |x| x.rps),
+            med(axum("hotswap"), |x| x.server_cpu_us) - med(bare, |x| x.server_cpu_us),
+            med(axum("hotswap"), |x| x.server_cpu_us),
+            med(bare, |x| x.server_cpu_us)
         );
         let _ = writeln!(w, "\nCommands:");
         for c in &r.axum_commands {

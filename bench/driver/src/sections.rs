@@ -120,11 +120,14 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
         let mut cmd = Command::new(static_axum);
         cmd.args(["--listen", "127.0.0.1:0"]).env_remove("RUST_LOG");
         let stat = Server::start("static", cmd, setup.work.join("static-axum.log"), proc::listening_port)?;
+        // The bare example handler in the same rounds: what the Router costs, paired.
+        let (mut bare, _swapper) = start_hotswap(setup, "hotswap-bare")?;
+        bare.name = BARE;
         eprintln!("== i. the axum example");
-        (results.axum_hello, results.axum_commands) = hello(&[&hot, &stat], params)?;
-        let log = hot.log_text();
-        drop(hot);
-        check_log(&log)?;
+        (results.axum_hello, results.axum_commands) = hello(&[&hot, &stat, &bare], params)?;
+        for server in [&hot, &bare] {
+            check_log(&server.log_text())?;
+        }
     } else {
         eprintln!("== no axum example given: section i is left out");
     }
@@ -149,6 +152,9 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
     }
     Ok(results)
 }
+
+/// Section i's name for hotswap serving the bare example handler beside the axum app.
+pub(crate) const BARE: &str = "hotswap, bare handler";
 
 /// Where [`hotswap_in`] has the host put its shadow copies of plugins.
 fn shadow_dir(setup: &Setup, name: &str) -> PathBuf {
