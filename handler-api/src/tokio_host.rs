@@ -164,10 +164,13 @@ pub unsafe extern "C" fn blocking_drop(task: *mut c_void) {
 /// # Safety
 /// `future` must uphold [`abi::FfiFuture`]'s contract; it passes to this function.
 pub unsafe extern "C" fn spawn(_context: *const c_void, future: abi::FfiFuture) -> FfiPoll {
-    let task = Spawned(future);
+    // SAFETY: forwarded from the caller; in-process, the plugin's code is this process's own.
+    let task = unsafe { PluginTask::new(future) };
     catch_unwind(AssertUnwindSafe(|| match runtime() {
         Some(runtime) => {
-            drop(runtime.spawn(task));
+            drop(runtime.spawn(async move {
+                let _ = task.await; // a panic in it is the plugin's to report
+            }));
             FfiPoll::READY
         }
         None => FfiPoll::ERROR,
@@ -175,28 +178,44 @@ pub unsafe extern "C" fn spawn(_context: *const c_void, future: abi::FfiFuture) 
     .unwrap_or(FfiPoll::PANICKED)
 }
 
-/// A plugin future run by [`spawn`]: polled through its vtable, released when dropped.
-struct Spawned(abi::FfiFuture);
+/// A plugin's [`abi::FfiFuture`] as a Rust future: polled through its vtable, released when
+/// dropped (on the dropping thread). Its output is the plugin's last poll code: `READY`, or
+/// `PANICKED` or `ERROR` when it ended otherwise. Runs [`spawn`]'s tasks, here and in the
+/// hotswap host.
+pub struct PluginTask(abi::FfiFuture);
 
-// SAFETY: handler-api's spawn requires a `Send` future; its state is owned by this value.
-unsafe impl Send for Spawned {}
+impl PluginTask {
+    /// Takes ownership of `future`.
+    ///
+    /// # Safety
+    /// `future` must uphold [`abi::FfiFuture`]'s contract (a live state, a vtable valid until
+    /// it is released), its state must be `Send` (handler-api's `spawn` requires it), and its
+    /// code must stay loaded until this value is dropped.
+    pub unsafe fn new(future: abi::FfiFuture) -> PluginTask {
+        PluginTask(future)
+    }
+}
 
-impl Future for Spawned {
-    type Output = ();
+// SAFETY: `new`'s caller promises a `Send` state, which this value owns alone.
+unsafe impl Send for PluginTask {}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+impl Future for PluginTask {
+    type Output = FfiPoll;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FfiPoll> {
         let waker = abi::waker::lend(cx.waker());
-        // SAFETY: the state is live until drop; `waker` outlives the call.
+        // SAFETY: the state is live until drop and its code loaded (`new`'s contract); `waker`
+        // outlives the call.
         match unsafe { ((*self.0.vtable).poll)(self.0.state, &waker) } {
             FfiPoll::PENDING => Poll::Pending,
-            _ => Poll::Ready(()),
+            done => Poll::Ready(done),
         }
     }
 }
 
-impl Drop for Spawned {
+impl Drop for PluginTask {
     fn drop(&mut self) {
-        // SAFETY: released exactly once.
+        // SAFETY: released exactly once, here, while its code is loaded (`new`'s contract).
         unsafe { ((*self.0.vtable).drop)(self.0.state) };
     }
 }

@@ -10,6 +10,7 @@ use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use handler_api::abi::{FfiFuture, FfiPoll, FfiStr};
+use handler_api::tokio_host::PluginTask;
 
 /// Host data behind [`HostApi::context`](handler_api::abi::HostApi::context): who is logging,
 /// the generation's `superseded` latch, for `superseded_new`, and its background tasks.
@@ -51,34 +52,6 @@ impl Tasks {
     }
 }
 
-/// A future the plugin spawned: polled through its vtable, released when dropped (on the
-/// thread that drops it: one of its generation's, as the task runs on its runtime).
-struct Spawned(FfiFuture);
-
-// SAFETY: handler-api's `spawn` requires a `Send` future; its state is owned by this value.
-unsafe impl Send for Spawned {}
-
-impl std::future::Future for Spawned {
-    type Output = FfiPoll;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<FfiPoll> {
-        let waker = handler_api::abi::waker::lend(cx.waker());
-        // SAFETY: the state is live until drop, and the generation (so its library) outlives its
-        // tasks (`Tasks::stop` runs before it is unloaded); `waker` outlives the call.
-        match unsafe { ((*self.0.vtable).poll)(self.0.state, &waker) } {
-            FfiPoll::PENDING => std::task::Poll::Pending,
-            done => std::task::Poll::Ready(done),
-        }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        // SAFETY: released exactly once, before the library is unloaded (see `poll`).
-        unsafe { ((*self.0.vtable).drop)(self.0.state) };
-    }
-}
-
 /// `HostApi::spawn`: runs a plugin future on its generation's runtime, as a task that the
 /// generation drops before it is unloaded.
 ///
@@ -86,7 +59,9 @@ impl Drop for Spawned {
 /// `context` is the `PluginContext` of the table the plugin was given; `future` upholds
 /// `FfiFuture`'s contract and passes to the host.
 pub(crate) unsafe extern "C" fn spawn(context: *const c_void, future: FfiFuture) -> FfiPoll {
-    let task = Spawned(future);
+    // SAFETY: handler-api spawns only `Send` futures, and the generation (so the library)
+    // outlives its tasks: `Tasks::stop` drops them before it is unloaded.
+    let task = unsafe { PluginTask::new(future) };
     // SAFETY: `context` is the generation's PluginContext, alive as long as its table.
     let plugin = unsafe { &*(context as *const PluginContext) };
     let tasks = &plugin.tasks;
