@@ -12,21 +12,26 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::latch::{Latch, Waiter};
 use crate::plugin::{thread_generation, Generation, LentTally};
+use crate::serve::handoff::Handed;
 use crate::serve::limits::{Expiry, Http2Frames};
 use crate::serve::respond::{PluginService, StreamExecutor};
 use crate::serve::state::{ConnState, OpenConnection, Shared};
 
 pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The hyper connection, with graceful shutdown wired in; movable between runtimes.
+/// The hyper connection, with graceful shutdown (or a hand-over to a new host) wired in;
+/// movable between runtimes.
 pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Shared>) -> ConnFuture {
     Box::pin(async move {
         let mut io = io;
-        let http2 = match sniff_http2(&mut io).await {
-            Ok(http2) => http2,
+        let http2 = match sniff_http2(&mut io, &shared).await {
+            Ok(Sniffed::Http1) => false,
+            Ok(Sniffed::Http2) => true,
+            Ok(Sniffed::HandOver(to)) => return io.hand_over(Bytes::new(), &to),
             Err(e) => return tracing::debug!("connection ended before its first request: {e}"),
         };
         if http2 {
@@ -50,7 +55,7 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
             let mut builder = http1::Builder::new();
             builder.max_header_size(max_header_size);
             let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
-            drive(connection, &shared.shutdown, |c| c.graceful_shutdown()).await
+            drive_http1(connection, &conn, &shared).await
         };
         if let Err(e) = result {
             tracing::debug!("connection ended with an error: {e}");
@@ -72,26 +77,88 @@ async fn drive<C: Future>(connection: C, shutdown: &Latch, graceful: impl FnOnce
     }
 }
 
+type Http1Connection = http1::UpgradeableConnection<TokioIo<MigratingStream>, PluginService>;
+
+/// Runs an HTTP/1 connection to its end. On shutdown, it finishes the request in progress;
+/// then, if this host hands over to a new one, the connection goes there at its next request
+/// boundary, with the bytes hyper has read of the next request: the client does not notice.
+/// Otherwise it is closed.
+async fn drive_http1(mut connection: Http1Connection, conn: &ConnState, shared: &Shared) -> hyper::Result<()> {
+    tokio::select! {
+        biased; // the connection first: it is what is usually ready
+        r = &mut connection => return r,
+        () = shared.shutdown.raised() => {}
+    }
+    let Some(to) = shared.handoff.get() else {
+        Pin::new(&mut connection).graceful_shutdown();
+        return connection.await;
+    };
+    // The connection is polled first: one that ends on its own (the client closed, hyper gave
+    // up reading a body nobody wanted) ends here, and is not handed over.
+    let ended = std::future::poll_fn(|cx| match Pin::new(&mut connection).poll(cx) {
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+        Poll::Pending if conn.at_request_boundary() => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    })
+    .await;
+    if let Some(r) = ended {
+        return r;
+    }
+    // hyper is between requests: told to shut down, it stops without reading or writing
+    // more, and without shutting the socket down (`handing_over`).
+    conn.handing_over.store(true, std::sync::atomic::Ordering::Release);
+    Pin::new(&mut connection).graceful_shutdown();
+    (&mut connection).await?;
+    if let Some(parts) = connection.into_parts() {
+        parts.io.into_inner().hand_over(parts.read_buf, to);
+    }
+    Ok(())
+}
+
 /// What an HTTP/2 client with prior knowledge (h2c) sends first; anything else is HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a new connection turned out to be.
+enum Sniffed {
+    Http1,
+    Http2,
+    /// Nothing told yet, and this host is handing over: the connection goes to the new host.
+    HandOver(mpsc::UnboundedSender<Handed>),
+}
 
 /// Reads just enough of a new connection to tell HTTP/2 from HTTP/1, and leaves what it read
 /// to be read again. (hyper-util's `auto` builder does this too, but cannot limit the size of
 /// an HTTP/1 request head apart from the size of hyper's read and write buffers, and large
 /// buffers slow streaming down.)
-async fn sniff_http2(io: &mut MigratingStream) -> io::Result<bool> {
+async fn sniff_http2(io: &mut MigratingStream, shared: &Shared) -> io::Result<Sniffed> {
     use tokio::io::AsyncReadExt as _;
     let mut seen = [0u8; H2_PREFACE.len()];
     let mut len = 0;
+    let mut shutdown = std::pin::pin!(shared.shutdown.raised());
+    let mut watching = true;
     while len < seen.len() && H2_PREFACE.starts_with(&seen[..len]) {
-        let n = io.read(&mut seen[len..]).await?;
-        if n == 0 {
-            break;
+        let read = tokio::select! {
+            biased;
+            // Cancel-safe: a read that loses the race has read nothing.
+            n = io.read(&mut seen[len..]) => Some(n?),
+            () = &mut shutdown, if watching => None,
+        };
+        match read {
+            Some(0) => break,
+            Some(n) => len += n,
+            None => match shared.handoff.get() {
+                Some(to) => {
+                    io.replay = [Bytes::copy_from_slice(&seen[..len]), std::mem::take(&mut io.replay)].concat().into();
+                    return Ok(Sniffed::HandOver(to.clone()));
+                }
+                None => watching = false,
+            },
         }
-        len += n;
     }
-    io.replay = Bytes::copy_from_slice(&seen[..len]);
-    Ok(seen[..len] == *H2_PREFACE)
+    // What was read comes again first, before any replayed bytes not yet read (a connection
+    // handed over with bytes its previous host had read).
+    io.replay = [Bytes::copy_from_slice(&seen[..len]), std::mem::take(&mut io.replay)].concat().into();
+    Ok(if seen[..len] == *H2_PREFACE { Sniffed::Http2 } else { Sniffed::Http1 })
 }
 
 /// Drives a connection on one generation's runtime until it ends, must be cut off (drain
@@ -280,8 +347,9 @@ impl ConnTask {
 /// it, so its connection can move between runtimes.
 pub(crate) struct MigratingStream {
     io: Option<TcpStream>,
-    /// Bytes already read from the socket (by [`sniff_http2`]) to be read again first.
-    replay: Bytes,
+    /// Bytes already read from the socket (by [`sniff_http2`], or by the host that handed the
+    /// connection over) to be read again first.
+    pub(crate) replay: Bytes,
     /// HTTP/2: the client's frames, followed for the header timeout.
     frames: Option<Http2Frames>,
     /// Keeps the reactor `io` is registered with alive until it re-registers.
@@ -297,6 +365,22 @@ impl MigratingStream {
         let registered = conn.generation.load_full();
         let io = Some(TcpStream::from_std(stream)?);
         Ok(MigratingStream { io, replay: Bytes::new(), frames: None, registered, conn, _open: open })
+    }
+
+    /// Hands the socket to the new host (`hotswap upgrade`), with `buffered`, the bytes hyper
+    /// had read of it, and any not yet replayed. The connection's slot is given back only
+    /// once the socket is on its way: when the server has drained, every socket handed over
+    /// is in `to`.
+    pub(crate) fn hand_over(mut self, buffered: Bytes, to: &mpsc::UnboundedSender<Handed>) {
+        let Some(io) = self.io.take() else { return };
+        let stream = match io.into_std() {
+            Ok(stream) => stream,
+            Err(e) => return tracing::debug!("cannot hand a connection over: {e}"),
+        };
+        let buffered = if self.replay.is_empty() { buffered } else { [buffered, std::mem::take(&mut self.replay)].concat().into() };
+        if to.send(Handed { stream, buffered }).is_err() {
+            tracing::debug!("cannot hand a connection over: the hand-over has ended");
+        }
     }
 
     /// Notes bytes written, for the idle timeout.
@@ -336,6 +420,11 @@ impl AsyncRead for MigratingStream {
             Ok(io) => io.poll_read(cx, buf),
             Err(e) => return Poll::Ready(Err(e)),
         };
+        if polled.is_pending() && !this.conn.activity.http1_busy() {
+            this.conn.awaiting_request.store(true, std::sync::atomic::Ordering::Release);
+        } else if buf.filled().len() > before {
+            this.conn.awaiting_request.store(false, std::sync::atomic::Ordering::Release);
+        }
         if buf.filled().len() > before {
             match &mut this.frames {
                 Some(frames) => frames.read(&buf.filled()[before..], &this.conn.activity),
@@ -381,6 +470,9 @@ impl AsyncWrite for MigratingStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.conn.handing_over.load(std::sync::atomic::Ordering::Acquire) {
+            return Poll::Ready(Ok(())); // the new host serves on
+        }
         match self.get_mut().io() {
             Ok(io) => io.poll_shutdown(cx),
             Err(e) => Poll::Ready(Err(e)),

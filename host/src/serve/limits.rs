@@ -116,11 +116,12 @@ pub(crate) struct Activity {
 }
 
 impl Activity {
-    fn new() -> Activity {
+    /// `reading_head`: the connection owes a request head. A new connection owes its first
+    /// request's: one that never sends anything is cut off by the header read timeout. One
+    /// handed over by a previous host between requests is idle.
+    fn new(reading_head: bool) -> Activity {
         Activity {
-            // A new connection owes its first request's head: one that never sends anything
-            // is cut off by the header read timeout.
-            phase: AtomicU64::new(READING_HEAD),
+            phase: AtomicU64::new(if reading_head { READING_HEAD } else { 0 }),
             requests: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
             header_blocks: AtomicU64::new(0),
@@ -421,9 +422,10 @@ impl Sweeper {
         })
     }
 
-    /// The activity record of a new connection, watched until it is dropped.
-    pub(crate) fn track(&self) -> Arc<Activity> {
-        let activity = Arc::new(Activity::new());
+    /// The activity record of a new connection, watched until it is dropped; see
+    /// `Activity::new` for `reading_head`.
+    pub(crate) fn track(&self, reading_head: bool) -> Arc<Activity> {
+        let activity = Arc::new(Activity::new(reading_head));
         let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now_ms(), blocks: 0, block_since: 0 };
         self.tracked.lock().unwrap_or_else(PoisonError::into_inner).push((Arc::downgrade(&activity), seen));
         activity
@@ -490,7 +492,7 @@ mod tests {
 
     #[test]
     fn the_head_is_timed_from_the_connection_start_whatever_trickles_in() {
-        let a = Activity::new();
+        let a = Activity::new(true);
         let mut seen = watched(&a, 0);
         a.received(); // a slowloris byte
         assert_eq!(check(&a, &mut seen, 999), None);
@@ -500,7 +502,7 @@ mod tests {
 
     #[test]
     fn idle_is_timed_from_the_tick_that_saw_the_last_activity() {
-        let a = Activity::new();
+        let a = Activity::new(true);
         let mut seen = watched(&a, 0);
         a.request_started();
         assert_eq!(check(&a, &mut seen, 60_000), None, "a request in progress never expires");
@@ -514,7 +516,7 @@ mod tests {
 
     #[test]
     fn a_next_request_head_starts_the_header_timer() {
-        let a = Activity::new();
+        let a = Activity::new(true);
         let mut seen = watched(&a, 0);
         a.request_started();
         a.request_ended();
@@ -527,7 +529,7 @@ mod tests {
 
     #[test]
     fn http2_pings_and_their_answers_are_no_activity() {
-        let a = Activity::new();
+        let a = Activity::new(true);
         a.is_http2();
         let mut seen = watched(&a, 0);
         for at in (0..IDLE).step_by(100) {
@@ -554,7 +556,7 @@ mod tests {
 
     #[test]
     fn an_incomplete_http2_header_block_is_timed_even_with_streams_in_progress() {
-        let a = Activity::new();
+        let a = Activity::new(true);
         a.is_http2();
         let mut frames = Http2Frames::default();
         let mut seen = watched(&a, 0);
@@ -583,7 +585,7 @@ mod tests {
 
     #[test]
     fn a_body_the_plugin_waits_for_must_make_progress_within_each_window() {
-        let a = Activity::new();
+        let a = Activity::new(true);
         let mut seen = watched(&a, 0);
         a.request_started();
         let body = Arc::new(BodyProgress::default());
@@ -613,7 +615,7 @@ mod tests {
     #[test]
     fn with_no_minimum_rate_any_byte_is_progress() {
         let t = Timeouts { body_progress: 1, ..T };
-        let a = Activity::new();
+        let a = Activity::new(true);
         let mut seen = watched(&a, 0);
         a.request_started();
         let body = Arc::new(BodyProgress::default());

@@ -25,6 +25,7 @@
 //! |---|---|
 //! | this one | the accept loop and the connection limit |
 //! | [`connection`] | a connection's task, its socket, and its moves between generations |
+//! | [`handoff`] | connections handed to a new host process at a request boundary |
 //! | [`respond`] | a request in flight: handed to the plugin, answered, its body sent |
 //! | [`state`] | what connections share with the server, and among their parts |
 //! | [`limits`] | the header read, idle and body read timeouts, kept apart from any generation's runtime |
@@ -32,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod connection;
+pub(crate) mod handoff;
 pub(crate) mod limits;
 pub(crate) mod respond;
 pub(crate) mod state;
@@ -40,14 +42,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::latch::Latch;
 use crate::plugin::request::Origin;
 use crate::plugin::Current;
 use connection::{ConnTask, MigratingStream};
+use handoff::Handed;
 pub(crate) use limits::Limits;
 use limits::Sweeper;
 use state::{ConnState, OpenConnection, Shared};
@@ -90,7 +93,13 @@ impl Server {
                 () = self.shared.shutdown.token().cancelled() => break,
             };
             match accepted {
-                Ok((stream, peer)) => self.hand_over(stream, peer, slot),
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    match stream.into_std() {
+                        Ok(stream) => self.serve_socket(stream, peer, slot, Bytes::new(), true),
+                        Err(e) => tracing::debug!(%peer, "dropping connection: {e}"),
+                    }
+                }
                 Err(e) => {
                     // Typically EMFILE: wait instead of spinning; the backlog keeps the rest.
                     tracing::warn!("accept failed: {e}");
@@ -101,31 +110,61 @@ impl Server {
         tracing::info!("stopped accepting connections");
     }
 
-    fn hand_over(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
-        let _ = stream.set_nodelay(true);
-        let std_stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
-        };
+    /// Serves a connection the host this one replaces handed over, as if accepted here,
+    /// reading first what that host had read of it. It counts against `--max-connections`
+    /// like any other (and waits for a slot if none is free).
+    pub(crate) async fn adopt(self: &Arc<Self>, handed: Handed) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else { return };
+        let Handed { stream, buffered } = handed;
+        match stream.set_nonblocking(true).and_then(|()| stream.peer_addr()) {
+            // Between requests: the idle timeout applies, unless the next one has begun.
+            Ok(peer) => {
+                let reading_head = !buffered.is_empty();
+                self.serve_socket(stream, peer, slot, buffered, reading_head);
+            }
+            Err(e) => tracing::debug!("dropping a connection handed over: {e}"),
+        }
+    }
+
+    /// Stops accepting, and hands every HTTP/1 connection to `to` at its next request
+    /// boundary (in the meantime it finishes its request in progress here). HTTP/2 and
+    /// upgraded connections finish here. The accept loop returns, as at shutdown.
+    pub(crate) fn hand_over(&self, to: mpsc::UnboundedSender<Handed>) {
+        if self.shared.handoff.set(to).is_err() {
+            tracing::warn!("already handing over");
+        }
+        self.shared.shutdown.raise();
+    }
+
+    /// Whether the server has stopped to hand over to a new host process.
+    pub(crate) fn is_handing_over(&self) -> bool {
+        self.shared.handoff.get().is_some()
+    }
+
+    /// Serves `stream` on the current generation's runtime, reading `replay` first.
+    /// `reading_head`: the connection owes a request head (header read timeout) rather
+    /// than being between requests (idle timeout).
+    fn serve_socket(
+        self: &Arc<Self>,
+        std_stream: std::net::TcpStream,
+        peer: SocketAddr,
+        slot: OwnedSemaphorePermit,
+        replay: Bytes,
+        reading_head: bool,
+    ) {
         let generation = self.shared.current.load();
         let origin = Origin { peer: Some(peer), local: std_stream.local_addr().ok(), https: false };
-        let conn = Arc::new(ConnState {
-            generation: ArcSwap::new(generation.clone()),
-            origin,
-            activity: self.sweeper.track(),
-            max_body_size: self.limits.max_body_size,
-            lent: ArcSwap::default(),
-            relayed_lent: std::sync::Mutex::default(),
-            switching: std::sync::atomic::AtomicBool::new(false),
-        });
+        let activity = self.sweeper.track(reading_head);
+        let conn = Arc::new(ConnState::new(generation.clone(), origin, activity, self.limits.max_body_size));
         let open = OpenConnection::new(&self.shared, slot);
         let shared = self.shared.clone();
         generation.handle().spawn(async move {
             // Now on the generation's runtime: register the socket with its reactor.
-            let io = match MigratingStream::new(std_stream, conn.clone(), open) {
+            let mut io = match MigratingStream::new(std_stream, conn.clone(), open) {
                 Ok(io) => io,
                 Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
             };
+            io.replay = replay;
             let future = connection::serve(io, conn.clone(), shared.clone());
             ConnTask::new(future, conn, shared).await;
         });

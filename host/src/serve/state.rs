@@ -1,16 +1,17 @@
 //! What connections share: with the server ([`Shared`]), and among the parts of one
 //! connection ([`ConnState`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
 use crate::latch::Latch;
 use crate::plugin::request::Origin;
 use crate::plugin::{Current, Generation, LentTally};
+use crate::serve::handoff::Handed;
 use crate::serve::limits::Activity;
 
 /// What the server shares with every connection.
@@ -19,13 +20,23 @@ pub(crate) struct Shared {
     pub(crate) current: Arc<Current>,
     pub(crate) shutdown: Arc<Latch>,
     pub(crate) max_header_size: u64,
+    /// Set when this host hands over to a new process (`hotswap upgrade`): at shutdown, an
+    /// HTTP/1 connection goes there at its next request boundary instead of being closed.
+    pub(crate) handoff: OnceLock<mpsc::UnboundedSender<Handed>>,
     connections: AtomicUsize,
     all_closed: Notify,
 }
 
 impl Shared {
     pub(crate) fn new(current: Arc<Current>, shutdown: Arc<Latch>, max_header_size: u64) -> Shared {
-        Shared { current, shutdown, max_header_size, connections: AtomicUsize::new(0), all_closed: Notify::new() }
+        Shared {
+            current,
+            shutdown,
+            max_header_size,
+            handoff: OnceLock::new(),
+            connections: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+        }
     }
 
     /// Waits until every connection has closed, or `timeout` passes; returns whether all did.
@@ -70,7 +81,38 @@ pub(crate) struct ConnState {
     /// HTTP/1: the plugin accepted a switch of protocols. The socket goes to its session, on
     /// this generation's runtime, once hyper has sent the response: the connection must not
     /// move (and re-register the socket elsewhere) before.
-    pub(crate) switching: std::sync::atomic::AtomicBool,
+    pub(crate) switching: AtomicBool,
+    /// HTTP/1: hyper last asked for bytes with no request in progress, and none came: it
+    /// holds no part of a request but what it may have buffered. Where a connection may be
+    /// handed over.
+    pub(crate) awaiting_request: AtomicBool,
+    /// The connection is being handed over: hyper's shutdown of the socket must not reach
+    /// it (the new host serves it on).
+    pub(crate) handing_over: AtomicBool,
+}
+
+impl ConnState {
+    pub(crate) fn new(generation: Arc<Generation>, origin: Origin, activity: Arc<Activity>, max_body_size: u64) -> ConnState {
+        ConnState {
+            generation: ArcSwap::new(generation),
+            origin,
+            activity,
+            max_body_size,
+            lent: ArcSwap::default(),
+            relayed_lent: std::sync::Mutex::default(),
+            switching: AtomicBool::new(false),
+            awaiting_request: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
+        }
+    }
+
+    /// HTTP/1: whether the connection is between requests, with nothing of a request read
+    /// but what hyper holds in its buffer: where it may be handed over.
+    pub(crate) fn at_request_boundary(&self) -> bool {
+        self.awaiting_request.load(Ordering::Acquire)
+            && !self.activity.http1_busy()
+            && !self.switching.load(Ordering::Acquire)
+    }
 }
 
 /// An open connection: counted for the drain at shutdown, and holding one of the
