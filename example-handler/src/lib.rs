@@ -6,6 +6,7 @@
 //! | `GET /download?size=N&rate=R` | `N` bytes (default 1 MiB) where byte `i` is `i mod 256`, throttled to about `R` bytes per second (unthrottled without `rate`) |
 //! | `POST /upload` | the request body's byte count and SHA-256, streamed (never buffered) |
 //! | `GET /health` | `ok` |
+//! | `GET /host` | the host process serving the request (`pid=N`): it changes when `hotswap upgrade` replaces the host, on the same connection |
 //! | `GET /clock?every_ms=N` | server-sent events: a `tick` event every `N` ms (default 1000) with the time and the version; when a newer build serves, a `superseded` event, and the stream ends (a browser's `EventSource` reconnects, to the new build) |
 //! | `GET /ws` | a WebSocket echo that greets with the version; `broadcast:` messages go to every session of the same build; `?on_swap=close` closes with 1012 when a newer build serves |
 //!
@@ -55,12 +56,13 @@ pub async fn app(req: Request) -> Response {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => format!("hello from {NAME}\nversion={VERSION}\n").into_response(),
         (&Method::GET, "/health") => "ok\n".into_response(),
+        (&Method::GET, "/host") => format!("pid={}\n", std::process::id()).into_response(),
         (&Method::GET, "/clock") => clock(req.uri().query().unwrap_or("")),
         (&Method::GET, "/download") => download(req.uri().query().unwrap_or("")),
         (&Method::POST, "/upload") => upload(req.into_body()).await,
         // HTTP/1.1 asks with GET, HTTP/2 with CONNECT.
         (&Method::GET | &Method::CONNECT, "/ws") => ws::accept(req),
-        (_, "/" | "/health" | "/clock" | "/download" | "/upload" | "/ws") => {
+        (_, "/" | "/health" | "/host" | "/clock" | "/download" | "/upload" | "/ws") => {
             (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response()
         }
         _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),

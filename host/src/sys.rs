@@ -1,5 +1,6 @@
 //! The few things the host needs from the operating system below std, as safe functions:
-//! every `unsafe` call to libc in the host, and the adoption of a socket systemd passed in.
+//! every `unsafe` call to libc in the host, and the adoption of sockets passed in (by systemd,
+//! or by the host this one replaces).
 
 use std::io;
 
@@ -116,6 +117,65 @@ fn is_listening_stream(fd: std::os::fd::RawFd) -> bool {
         ok.then_some(value)
     };
     option(libc::SO_TYPE) == Some(libc::SOCK_STREAM) && option(libc::SO_ACCEPTCONN) == Some(1)
+}
+
+/// The environment variable that tells a new host which descriptor leads to the host it
+/// replaces (`hotswap upgrade`).
+pub(crate) const UPGRADE_FD_ENV: &str = "HOTSWAP_UPGRADE_FD";
+
+/// The socket to the host this process replaces, if it was started by `hotswap upgrade`
+/// (descriptor named by [`UPGRADE_FD_ENV`]). Taken once: the variable is removed, and the
+/// descriptor is made close-on-exec so that the processes this host starts (plugin probes, a
+/// later upgrade) do not hold it open.
+pub(crate) fn inherited_upgrade_socket() -> io::Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd as _;
+    let Some(value) = std::env::var_os(UPGRADE_FD_ENV) else { return Ok(None) };
+    std::env::remove_var(UPGRADE_FD_ENV);
+    let fd: std::os::fd::RawFd = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| io::Error::other(format!("{UPGRADE_FD_ENV}={value:?} is not a descriptor number above 2")))?;
+    // SAFETY: F_GETFD only reads the descriptor's flags; it fails on a closed descriptor.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::other(format!("{UPGRADE_FD_ENV}={fd}: {}", io::Error::last_os_error())));
+    }
+    // SAFETY: as above, on a descriptor just checked to be open; only the close-on-exec flag
+    // changes.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the host that started this process passed this descriptor for it to own, and
+    // named it in the variable just removed: nothing else in this process knows of it.
+    Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Makes `command` start its process with `fd` as descriptor `target` (open across `exec`,
+/// whatever its close-on-exec flag here). `fd` must stay open until the process is spawned.
+pub(crate) fn pass_descriptor(command: &mut std::process::Command, fd: std::os::fd::BorrowedFd<'_>, target: std::os::fd::RawFd) {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let source = fd.as_raw_fd();
+    let set_up = move || {
+        if source == target {
+            // dup2 onto itself would leave close-on-exec set.
+            // SAFETY: fcntl is async-signal-safe; it only changes the flags of an open descriptor.
+            let flags = unsafe { libc::fcntl(source, libc::F_GETFD) };
+            // SAFETY: as above.
+            if flags < 0 || unsafe { libc::fcntl(source, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        // SAFETY: dup2 is async-signal-safe; `source` is open (the caller keeps it until the
+        // spawn returns) and `target` is replaced in the child only.
+        } else if unsafe { libc::dup2(source, target) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the child between fork and exec, and calls only
+    // async-signal-safe functions (fcntl, dup2); it allocates nothing and takes no lock.
+    unsafe { command.pre_exec(set_up) };
 }
 
 /// How many thread-specific-data keys a process may have (glibc's `PTHREAD_KEYS_MAX`).

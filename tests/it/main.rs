@@ -9,6 +9,7 @@ mod config;
 mod core;
 mod dev;
 mod faults;
+mod host_upgrade;
 mod limits;
 mod operations;
 mod soak;

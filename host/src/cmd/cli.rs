@@ -107,6 +107,25 @@ pub(crate) enum AdminCommand {
     /// Lift the pin: the highest version serves again (swapped in now if it is not serving).
     #[command(args_override_self = true)]
     Unpin(AdminClientArgs),
+    /// Replace the host process itself with a new hotswap binary, refusing no connection and
+    /// cutting no response. The new process gets the listening socket, the admin socket, the
+    /// build that serves (with the pin and history), and every idle keep-alive connection;
+    /// responses in progress, HTTP/2 and WebSocket connections finish on the old process,
+    /// which then exits 0. If the new binary does not serve within --timeout, the old host
+    /// goes on as before and this exits non-zero with the new one's error. SIGUSR2 does the
+    /// same with the running binary's path. Roll back by upgrading to the old binary.
+    #[command(args_override_self = true)]
+    Upgrade {
+        /// The new binary. Default: the path the running host was started from (where a
+        /// newer build may have been installed since).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// How long the new host may take to load the plugin and serve.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        client: AdminClientArgs,
+    },
 }
 
 impl AdminCommand {
@@ -117,7 +136,8 @@ impl AdminCommand {
             | AdminCommand::Reload(args)
             | AdminCommand::Rollback(args)
             | AdminCommand::Unpin(args)
-            | AdminCommand::Pin { client: args, .. } => args,
+            | AdminCommand::Pin { client: args, .. }
+            | AdminCommand::Upgrade { client: args, .. } => args,
         }
     }
 }
@@ -143,7 +163,7 @@ pub(crate) struct AdminClientArgs {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Admin API")]
 pub(crate) struct AdminArgs {
-    /// Where the admin API (status, reload, rollback, pin, metrics) listens: a Unix socket
+    /// Where the admin API (status, reload, rollback, pin, upgrade, metrics) listens: a Unix socket
     /// path (mode 0600, answering only this user and root), an address:port, or `off`.
     /// Default: /run/hotswap/admin.sock as root, else $XDG_RUNTIME_DIR/hotswap/admin.sock
     /// (or /tmp/hotswap-UID/admin.sock); if that default is taken by another host, the API

@@ -1,4 +1,5 @@
-//! `hotswap status | reload | rollback | pin VERSION | unpin`: the admin API from the shell.
+//! `hotswap status | reload | rollback | pin VERSION | unpin | upgrade`: the admin API from the
+//! shell.
 //! Tables for people by default, the API's JSON with `--json`; a refused change exits
 //! non-zero with the reason.
 
@@ -31,6 +32,12 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             (Method::POST, "/pin", Some(Bytes::from(serde_json::to_vec(&pin)?)))
         }
         AdminCommand::Unpin(_) => (Method::DELETE, "/pin", None),
+        AdminCommand::Upgrade { binary, timeout, .. } => {
+            // The host may run in another directory: a relative path is this shell's.
+            let binary = binary.as_deref().map(std::path::absolute).transpose().context("cannot resolve --binary")?;
+            let order = api::UpgradeRequest { binary, timeout: Some(humantime::format_duration(*timeout).to_string()) };
+            (Method::POST, "/upgrade", Some(Bytes::from(serde_json::to_vec(&order)?)))
+        }
     };
     let (status, answer) = call(&addr, token.as_deref(), method, path, body).await?;
     match command {
@@ -38,6 +45,12 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             let document: api::Status = read(&addr, status, &answer, args.json)?;
             if !args.json {
                 print!("{}", status_text(&document));
+            }
+        }
+        AdminCommand::Upgrade { .. } => {
+            let upgrade: api::UpgradeRecord = read(&addr, status, &answer, args.json)?;
+            if !args.json {
+                println!("{}", upgrade_text(&upgrade));
             }
         }
         _ => {
@@ -164,6 +177,20 @@ fn outcome_text(outcome: &Outcome) -> (String, bool) {
     }
 }
 
+/// One line saying what an upgrade did.
+fn upgrade_text(u: &api::UpgradeRecord) -> String {
+    format!(
+        "upgraded: pid {} (hotswap {}) -> pid {} (hotswap {}, {}), serving after {} ms; \
+         the old process finishes its responses in progress and exits",
+        u.from_pid,
+        u.from_version,
+        u.to_pid,
+        u.to_version,
+        u.binary.display(),
+        u.took_ms
+    )
+}
+
 fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table.load_style(presets::NOTHING).set_header(header.to_vec());
@@ -228,6 +255,21 @@ fn status_text(status: &api::Status) -> String {
         ]);
     }
     out.push_str(&format!("history (newest first)\n{history}\n"));
+
+    if !status.upgrades.is_empty() {
+        let mut upgrades = table(&["AT", "FROM", "TO", "BINARY", "TOOK", "CONNECTIONS HANDED OVER"]);
+        for u in status.upgrades.iter().rev() {
+            upgrades.add_row(vec![
+                u.at.clone(),
+                format!("pid {} ({})", u.from_pid, u.from_version),
+                format!("pid {} ({})", u.to_pid, u.to_version),
+                u.binary.display().to_string(),
+                format!("{} ms", u.took_ms),
+                u.connections_handed_over.to_string(),
+            ]);
+        }
+        out.push_str(&format!("\nhost upgrades (newest first)\n{upgrades}\n"));
+    }
 
     if !status.refusals.is_empty() {
         out.push_str("\nrecent refusals (newest first)\n");

@@ -36,7 +36,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
-    crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), move |registry, hangup, shutdown| {
+    crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), false, move |registry, hangup, shutdown| {
         rebuild_loop(package, release, dirs, registry, hangup, shutdown)
     }).await
 }

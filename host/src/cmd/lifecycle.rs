@@ -11,7 +11,11 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use std::os::fd::AsFd as _;
+
+use crate::cmd::upgrade;
 use crate::control::admin::AdminListener;
+use crate::control::host::{HostProcess, UpgradeOrder};
 use crate::control::builds::PluginSource;
 use crate::cmd::cli::HostArgs;
 use crate::plugin::reaper;
@@ -25,7 +29,11 @@ use crate::serve::Server;
 /// Serves until SIGTERM or SIGINT, starting with the build of `source` that should serve
 /// (see `builds`); `triggers` runs beside the server and swaps in new generations (file watcher, dev
 /// rebuilds; SIGHUP arrives on the given stream) until the token is cancelled.
-pub(crate) async fn run<T, F>(args: &HostArgs, trust: Trust, source: PluginSource, triggers: T) -> anyhow::Result<()>
+///
+/// `upgradable`: the host can replace itself with a new binary (`hotswap upgrade`,
+/// SIGUSR2; see `cmd::upgrade`). A host started by such an upgrade takes its sockets, build
+/// and history from the host it replaces instead of from its arguments.
+pub(crate) async fn run<T, F>(args: &HostArgs, trust: Trust, source: PluginSource, upgradable: bool, triggers: T) -> anyhow::Result<()>
 where
     T: FnOnce(Arc<Registry>, Signal, CancellationToken) -> F,
     F: Future<Output = ()> + Send + 'static,
@@ -37,32 +45,66 @@ where
     let shutdown = latch.token().child_token();
     spawn_signal_handler(latch.clone())?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    // The socket first: one passed by systemd is taken before anything else opens a file, and
-    // a port in use fails the start before any plugin is loaded.
-    let listener = match crate::sys::inherited_listener().context("cannot use the socket passed by the service manager")? {
-        Some(inherited) => TcpListener::from_std(inherited)?,
-        None => TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?,
+    let user2 = signal(SignalKind::user_defined2()).context("cannot install the SIGUSR2 handler")?;
+    let binary = std::env::current_exe().context("cannot tell which binary this host runs")?;
+    // The socket first: one passed by systemd (or by the host this one replaces) is taken
+    // before anything else opens a file, and a port in use fails the start before any plugin
+    // is loaded.
+    let inherited = upgrade::inherit().await?;
+    let listener = match &inherited {
+        Some(inherited) => TcpListener::from_std(inherited.listener.try_clone()?)?,
+        None => match crate::sys::inherited_listener().context("cannot use the socket passed by the service manager")? {
+            Some(inherited) => TcpListener::from_std(inherited)?,
+            None => TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?,
+        },
     };
-    let admin = AdminListener::bind(args.admin.admin.as_ref(), args.admin.admin_token_file.as_deref()).await?;
-    let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
-    let options = LoadOptions {
-        worker_threads: args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        init_timeout: args.init_timeout,
-        unload_timeout: Duration::from_secs(5),
-        shadow: shadow.clone(),
-        trust,
+    let started = start(args, trust, source, inherited.as_ref(), listener).await;
+    let (registry, listener, admin) = match (started, &inherited) {
+        (Ok(started), _) => started,
+        (Err(e), Some(inherited)) => {
+            inherited.failed(&e).await;
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
     };
-    reserve_file_descriptors(args.limits.max_connections);
-    let registry = Arc::new(Registry::start(source, options, args.drain_timeout, args.max_generations).await?);
+    let (orders, orders_in) = tokio::sync::mpsc::channel(4);
+    let host = Arc::new(HostProcess::new(upgradable.then_some(orders), inherited.as_ref().map(|i| i.upgrades.clone()).unwrap_or_default()));
+    spawn_upgrade_signal(user2, host.clone());
     let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
-    if let Some(admin) = admin {
-        admin.spawn(registry.clone(), shutdown.clone());
-    }
+    let admin = match admin {
+        Some(admin) => Some(admin.spawn(registry.clone(), host.clone(), shutdown.clone()).context("cannot serve the admin API")?),
+        None => None,
+    };
+    let listening = listener.as_fd().try_clone_to_owned().context("cannot keep the listening socket for an upgrade")?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    notify_service_manager(&[NotifyState::Ready]);
     let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
+    match inherited {
+        Some(inherited) => {
+            // MAINPID: systemd follows this process from now on (`NotifyAccess=all`).
+            notify_service_manager(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+            tokio::spawn(inherited.serve(server.clone(), host.clone()));
+        }
+        None => notify_service_manager(&[NotifyState::Ready]),
+    }
+    let upgrader = upgrade::Upgrader {
+        registry: registry.clone(),
+        host: host.clone(),
+        server: server.clone(),
+        listener: listening,
+        admin,
+        binary,
+        args: std::env::args_os().collect(),
+    };
+    let upgrades = tokio::spawn(upgrade::carry_out(orders_in, upgrader));
     server.accept_loop(listener).await;
-    notify_service_manager(&[NotifyState::Stopping]);
+    // Handing over to a new host, or shutting down?
+    let forwarding = if server.is_handing_over() { upgrades.await.ok().flatten() } else {
+        upgrades.abort();
+        None
+    };
+    if forwarding.is_none() {
+        notify_service_manager(&[NotifyState::Stopping]);
+    }
     let _ = triggers.await;
     // No build gets new requests any more (and no swap is under way): long-lived sessions
     // that watch for it (WebSockets, through `handler_api::superseded`) may end politely
@@ -75,15 +117,68 @@ where
         registry.abort_all();
         server.drained(Duration::from_secs(2)).await;
     }
+    if let Some(forwarding) = forwarding {
+        let handed = forwarding.finish().await;
+        tracing::info!(connections = handed, "handed over to the new host");
+    }
     drop(server);
     drop(registry);
     let unloaded = tokio::task::spawn_blocking(|| reaper::wait_all_unloaded(Duration::from_secs(15))).await?;
     if !unloaded {
         tracing::warn!(resident = reaper::resident_generations(), "some generations were not unloaded before exit");
     }
-    drop(shadow);
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Loads the first generation and opens the admin listener: from the arguments, or as the
+/// host this one replaces hands them over.
+async fn start(
+    args: &HostArgs,
+    trust: Trust,
+    source: PluginSource,
+    inherited: Option<&upgrade::Inherited>,
+    listener: TcpListener,
+) -> anyhow::Result<(Arc<Registry>, TcpListener, Option<AdminListener>)> {
+    let token_file = args.admin.admin_token_file.as_deref();
+    let admin = match inherited {
+        Some(inherited) => match &inherited.admin {
+            Some((fd, handed)) => Some(AdminListener::inherit(fd.try_clone()?, handed.clone(), token_file)?),
+            None => None,
+        },
+        None => AdminListener::bind(args.admin.admin.as_ref(), token_file).await?,
+    };
+    let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
+    let options = LoadOptions {
+        worker_threads: args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        init_timeout: args.init_timeout,
+        unload_timeout: Duration::from_secs(5),
+        shadow,
+        trust,
+    };
+    reserve_file_descriptors(args.limits.max_connections);
+    let inheritance = inherited.map(|i| i.inheritance.clone());
+    let registry = Registry::start(source, options, args.drain_timeout, args.max_generations, inheritance).await?;
+    Ok((Arc::new(registry), listener, admin))
+}
+
+/// SIGUSR2: upgrade the host to the binary at its own path (see `cmd::upgrade`).
+fn spawn_upgrade_signal(mut user2: Signal, host: Arc<HostProcess>) {
+    tokio::spawn(async move {
+        while user2.recv().await.is_some() {
+            let Some(orders) = host.orders() else {
+                tracing::warn!("received SIGUSR2: only `hotswap serve` can upgrade itself; ignored");
+                continue;
+            };
+            tracing::info!("received SIGUSR2: upgrading the host binary");
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if orders.send(UpgradeOrder { binary: None, timeout: None, reply }).await.is_err() {
+                return;
+            }
+            // The outcome is logged where the upgrade is carried out.
+            let _ = answer.await;
+        }
+    });
 }
 
 /// Tells systemd (`Type=notify`, when `NOTIFY_SOCKET` is set) where the service stands.

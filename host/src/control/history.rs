@@ -43,6 +43,9 @@ pub(crate) struct Record {
     pub(crate) stats: Option<Arc<GenerationStats>>,
     /// A private copy of its bytes, kept for a rollback.
     pub(crate) kept: Option<PathBuf>,
+    /// Requests it answered on a previous host process: a record handed over by `hotswap
+    /// upgrade` (its generation ran there, not here).
+    pub(crate) served_before: Option<u64>,
 }
 
 /// Where a history entry stands.
@@ -59,6 +62,8 @@ pub(crate) enum State {
     DataMapped,
     /// Refused: the reason is the record's `refused`.
     Refused,
+    /// Ran on the host process this one replaced (`hotswap upgrade`).
+    PreviousHost,
 }
 
 impl State {
@@ -71,6 +76,7 @@ impl State {
             State::Leaked => "leaked",
             State::DataMapped => "unloaded-file-mapped",
             State::Refused => "refused",
+            State::PreviousHost => "previous-host",
         }
     }
 }
@@ -80,6 +86,9 @@ impl Record {
     pub(crate) fn state(&self, current: u64) -> State {
         if self.refused.is_some() {
             return State::Refused;
+        }
+        if self.served_before.is_some() {
+            return State::PreviousHost;
         }
         match self.stats.as_ref().and_then(|s| s.unloaded()) {
             Some(Unloaded::Unmapped) => State::Unloaded,
@@ -93,8 +102,47 @@ impl Record {
 
     /// Requests it has answered.
     pub(crate) fn requests(&self) -> u64 {
-        self.stats.as_ref().map_or(0, |s| s.requests())
+        self.stats.as_ref().map_or(self.served_before.unwrap_or(0), |s| s.requests())
     }
+
+    /// The record as handed to the next host process.
+    fn carry(&self) -> Carried {
+        Carried {
+            generation: self.generation,
+            name: self.name.clone(),
+            version: self.version.as_ref().map(ToString::to_string),
+            file: self.file.clone(),
+            sha256: self.sha256.get().cloned(),
+            at_ms: self.at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            refused: self.refused.clone(),
+            requests: self.requests(),
+            kept: self.kept.clone(),
+        }
+    }
+}
+
+/// A history record as one host process hands it to the next (`hotswap upgrade`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Carried {
+    generation: Option<u64>,
+    name: Option<String>,
+    version: Option<String>,
+    file: PathBuf,
+    sha256: Option<String>,
+    /// When, in milliseconds since the Unix epoch.
+    at_ms: u64,
+    refused: Option<String>,
+    requests: u64,
+    /// The previous host's copy of its bytes: linked into this host's own before that host
+    /// exits (see `History::import`).
+    kept: Option<PathBuf>,
+}
+
+/// The history as one host process hands it to the next.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CarriedHistory {
+    generations: Vec<Carried>,
+    refusals: Vec<Carried>,
 }
 
 /// The bounded history, and the totals of records that have left it.
@@ -153,6 +201,42 @@ impl History {
         inner.records.iter().cloned().collect()
     }
 
+    /// The records, for the next host process.
+    pub(crate) fn carry(&self) -> CarriedHistory {
+        let inner = self.lock();
+        CarriedHistory {
+            generations: inner.records.iter().map(Record::carry).collect(),
+            refusals: inner.refused.iter().map(Record::carry).collect(),
+        }
+    }
+
+    /// Takes in the records of the host process this one replaces, before any of its own.
+    /// Their kept copies are linked (or copied) by `keep`, since the previous host removes
+    /// its own when it exits.
+    pub(crate) fn import(&self, carried: CarriedHistory, keep: impl Fn(&Path) -> std::io::Result<PathBuf>) {
+        let record = |c: Carried| Record {
+            generation: c.generation,
+            name: c.name,
+            version: c.version.and_then(|v| Version::parse(&v).ok()),
+            file: c.file,
+            sha256: Arc::new(c.sha256.map(OnceLock::from).unwrap_or_default()),
+            at: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(c.at_ms),
+            refused: c.refused,
+            stats: None,
+            kept: c.kept.and_then(|path| match keep(&path) {
+                Ok(kept) => Some(kept),
+                Err(e) => {
+                    tracing::debug!(file = %path.display(), "cannot keep the previous host's copy for a rollback: {e}");
+                    None
+                }
+            }),
+            served_before: Some(c.requests),
+        };
+        let mut inner = self.lock();
+        inner.records = carried.generations.into_iter().map(record).collect();
+        inner.refused = carried.refusals.into_iter().map(record).collect();
+    }
+
     /// Refused builds, oldest first.
     pub(crate) fn refusals(&self) -> Vec<Record> {
         self.lock().refused.iter().cloned().collect()
@@ -204,7 +288,8 @@ impl Inner {
     /// (final) counters into the totals.
     fn evict(&mut self) {
         while self.records.len() > RECORDS_KEPT {
-            let Some(at) = self.records.iter().position(|r| r.stats.as_ref().is_some_and(|s| s.unloaded().is_some())) else {
+            let gone = |r: &Record| r.served_before.is_some() || r.stats.as_ref().is_some_and(|s| s.unloaded().is_some());
+            let Some(at) = self.records.iter().position(gone) else {
                 return; // all still loaded: they stay until they unload
             };
             if let Some(mut gone) = self.records.remove(at) {
@@ -240,6 +325,7 @@ pub(crate) fn refusal(file: &Path, name: Option<String>, version: Option<Version
         refused: Some(reason),
         stats: None,
         kept: None,
+        served_before: None,
     }
 }
 
@@ -258,6 +344,7 @@ mod tests {
             refused: None,
             stats: Some(Arc::default()),
             kept: None,
+            served_before: None,
         }
     }
 

@@ -14,13 +14,14 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
+use crate::control::host::HostProcess;
 use crate::control::registry::Registry;
 use crate::plugin::reaper::unloads;
 use crate::plugin::stats::{Unloaded, BUCKETS};
 use crate::plugin::Generation;
 
-/// The `/metrics` collector: reads the registry at every scrape.
-pub(crate) struct Metrics(pub Arc<Registry>);
+/// The `/metrics` collector: reads the registry and the host process at every scrape.
+pub(crate) struct Metrics(pub Arc<Registry>, pub Arc<HostProcess>);
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,6 +126,30 @@ impl Collector for Metrics {
                 ("generation_cap", events.aborted_by_generation_cap.load(Ordering::Relaxed)),
             ],
         )?;
+
+        // The host process: which binary serves, and what it took over from the one before.
+        let host = &self.1;
+        let mut info = encoder.encode_descriptor(
+            "hotswap_host_info",
+            "The host process serving: its hotswap version and pid (always 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        let pid = std::process::id().to_string();
+        let labels = [("version", env!("CARGO_PKG_VERSION")), ("pid", pid.as_str())];
+        ConstGauge::new(1).encode(info.encode_family(&labels)?)?;
+        ConstCounter::new(host.upgrades().len() as u64).encode(encoder.encode_descriptor(
+            "hotswap_host_upgrades",
+            "Upgrades of the host binary remembered (hotswap upgrade) that led to this process",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(host.adopted()).encode(encoder.encode_descriptor(
+            "hotswap_host_connections_handed_over",
+            "Keep-alive connections this process took over from the one it replaced, without their clients reconnecting",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }
@@ -145,9 +170,9 @@ fn labelled_counters<'a>(
 }
 
 /// The text a scrape gets (Prometheus text format 0.0.4).
-pub(crate) fn render(registry: &Arc<Registry>) -> String {
+pub(crate) fn render(registry: &Arc<Registry>, host: &Arc<HostProcess>) -> String {
     let mut exposition = prometheus_client::registry::Registry::default();
-    exposition.register_collector(Box::new(Metrics(registry.clone())));
+    exposition.register_collector(Box::new(Metrics(registry.clone(), host.clone())));
     let mut text = String::new();
     // Writing into a String cannot fail; an encoder error would be a bug in a label.
     if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, &exposition) {

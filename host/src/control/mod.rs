@@ -1,13 +1,15 @@
 //! What decides which generation serves: the builds the host knows of and the rule that
 //! picks one ([`builds`]), the [`registry`] that swaps it in and drains the old one, the
 //! [`history`] of generations and refusals, the file [`watch`]er, the [`admin`] API and the
-//! Prometheus [`metrics`] it exposes.
+//! Prometheus [`metrics`] it exposes; and the [`host`] process itself, with the upgrades of
+//! the host binary that led to it.
 
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
 pub(crate) mod builds;
 pub(crate) mod history;
+pub(crate) mod host;
 pub(crate) mod metrics;
 pub(crate) mod registry;
 pub(crate) mod watch;

@@ -11,7 +11,7 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::control::builds::{self, Build, Builds, Pin, PinnedBy, PluginSource, Serving};
-use crate::control::history::{self, History, Record};
+use crate::control::history::{self, CarriedHistory, History, Record};
 use crate::plugin::budget::Budget;
 use crate::plugin::loader::{Identity, LoadError};
 use crate::plugin::{Candidate, Current, Generation, GenerationError, LoadOptions};
@@ -76,6 +76,27 @@ pub(crate) struct Events {
 }
 
 
+/// What a host process hands the one that replaces it (`hotswap upgrade`): the new one
+/// serves the same build, under the same pin, with the same history, numbering generations on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Inheritance {
+    /// The file the current generation was loaded from (a build, or a kept copy).
+    pub(crate) serving: PathBuf,
+    pub(crate) pin: Option<InheritedPin>,
+    pub(crate) history: CarriedHistory,
+    /// The id of the generation the new host starts.
+    pub(crate) next_id: u64,
+}
+
+/// A pin, as handed over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct InheritedPin {
+    name: String,
+    version: String,
+    /// `pin` or `rollback`.
+    by: String,
+}
+
 /// How long after a swap the build's SHA-256 is computed.
 const HASH_DELAY: Duration = Duration::from_secs(1);
 
@@ -109,16 +130,21 @@ impl Registry {
     /// Reads every build in `source` and starts the one that should serve (the highest
     /// version; see `builds`), falling back to the next on failure. The server does not start
     /// without one; the error lists every refusal.
+    ///
+    /// With an `inheritance` (this host replaces another), it starts the build that host
+    /// serves, and nothing else: if that fails, the error says why, and the other host goes on.
     pub(crate) async fn start(
         source: PluginSource,
         options: LoadOptions,
         drain_timeout: Duration,
         max_generations: u64,
+        inheritance: Option<Inheritance>,
     ) -> Result<Registry, StartError> {
+        let first_id = inheritance.as_ref().map_or(1, |i| i.next_id);
         let registry = |first: Arc<Generation>, builds: Builds, unreadable, history: History| Registry {
             resident: Mutex::new(vec![Arc::downgrade(&first)]),
             current: Arc::new(Current::new(first)),
-            next_id: AtomicU64::new(2),
+            next_id: AtomicU64::new(first_id + 1),
             options: options.clone(),
             drain_timeout,
             max_generations,
@@ -155,13 +181,31 @@ impl Registry {
                 }
             }
         }
+        if let Some(inheritance) = inheritance {
+            drop(best);
+            let pin = inheritance.pin.as_ref().and_then(|p| {
+                let by = if p.by == "rollback" { PinnedBy::Rollback } else { PinnedBy::Pin };
+                Some(Pin { name: p.name.clone(), version: Version::parse(&p.version).ok()?, by })
+            });
+            let first = match Candidate::open(&inheritance.serving, &options).await {
+                Ok(candidate) => candidate.start(first_id, &options).await,
+                Err(e) => Err(e),
+            };
+            let first = first.map_err(|e| StartError(vec![e.to_string()]))?;
+            tracing::info!(generation = first.id(), plugin = %first.label(), file = %inheritance.serving.display(), "plugin loaded (the build the previous host serves)");
+            history.import(inheritance.history, |kept| options.shadow.keep_from(kept));
+            let registry = registry(first.clone(), builds, unreadable, history);
+            *lock(&registry.pin) = pin;
+            registry.record_swap(&first);
+            return Ok(registry);
+        }
         for build in builds.better_than(None, None) {
             let candidate = match best.take() {
                 Some(c) if c.source() == build.file => Ok(c),
                 _ => Candidate::open(&build.file, &options).await,
             };
             let started = match candidate {
-                Ok(candidate) => candidate.start(1, &options).await,
+                Ok(candidate) => candidate.start(first_id, &options).await,
                 Err(e) => Err(e),
             };
             match started {
@@ -188,6 +232,16 @@ impl Registry {
             refusals.push(format!("no plugin file at {}: put a build there first", source.location().display()));
         }
         Err(StartError(refusals))
+    }
+
+    /// What the host process that replaces this one needs to serve on where it stands.
+    pub(crate) fn inheritance(&self) -> Inheritance {
+        Inheritance {
+            serving: self.current().source().to_path_buf(),
+            pin: self.pin().map(|p| InheritedPin { name: p.name, version: p.version.to_string(), by: p.by.to_string() }),
+            history: self.history.carry(),
+            next_id: self.next_id.load(Ordering::Relaxed),
+        }
     }
 
     /// The generation new requests go to.
@@ -587,6 +641,7 @@ impl Registry {
             refused: None,
             stats: Some(next.stats().clone()),
             kept: kept.clone(),
+            served_before: None,
         };
         match next.digest() {
             Some(digest) => drop(record.sha256.set(digest.to_owned())),

@@ -356,6 +356,25 @@ impl ShadowDir {
         Ok(link)
     }
 
+    /// Keeps, as [`ShadowDir::keep`] does, a copy another host process kept (the one this
+    /// host replaces, whose directory goes when it exits): a hard link if both directories
+    /// are on one file system, else a copy.
+    pub(crate) fn keep_from(&self, kept: &Path) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.dir.join(KEPT_DIR);
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let n = self.copies.fetch_add(1, Ordering::Relaxed);
+        let name = kept.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin.so".into());
+        let link = dir.join(format!("i{n}-{name}"));
+        if fs::hard_link(kept, &link).is_err() {
+            fs::copy(kept, &link)?;
+        }
+        Ok(link)
+    }
+
     /// Checks that the directory is still the one this host made: its own, private.
     fn check_private(&self) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt as _;

@@ -34,8 +34,25 @@ pub(crate) struct Status {
     pub(crate) refusals: Vec<RefusalEntry>,
     /// Every generation still loaded: the current one and those draining.
     pub(crate) resident: Vec<ResidentEntry>,
+    /// Upgrades of the host binary that led to this process, oldest first.
+    #[serde(default)]
+    pub(crate) upgrades: Vec<UpgradeRecord>,
     /// Seconds since the admin API started, to the millisecond.
     pub(crate) uptime_seconds: f64,
+}
+
+pub(crate) use crate::control::host::UpgradeRecord;
+
+/// `POST /upgrade`: which binary to start (default: the running one's path) and how long it
+/// may take to serve (default: 60s).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpgradeRequest {
+    #[serde(default)]
+    pub(crate) binary: Option<PathBuf>,
+    /// A duration like `30s`.
+    #[serde(default)]
+    pub(crate) timeout: Option<String>,
 }
 
 /// The current generation, in `/status`.
@@ -102,7 +119,8 @@ pub(crate) struct HistoryEntry {
     pub(crate) reason: Option<String>,
     pub(crate) requests: u64,
     pub(crate) sha256: Option<String>,
-    /// `current`, `draining`, `unloaded`, `still-mapped`, `leaked` or `refused`.
+    /// `current`, `draining`, `unloaded`, `still-mapped`, `leaked`, `refused` or
+    /// `previous-host` (it ran on the process this one replaced).
     pub(crate) state: String,
     pub(crate) version: Option<String>,
 }
@@ -195,6 +213,7 @@ mod tests {
                 upgraded: 0,
                 version: "1.0.0".into(),
             }],
+            upgrades: vec![],
             uptime_seconds: 2.0,
         }
     }
@@ -219,6 +238,7 @@ mod tests {
             }],
             "refusals": [{ "file": "/p/bad.so", "version": null, "at": "2025-01-01T00:00:00.000Z", "reason": "no" }],
             "builds": [{ "file": "/p/app.so", "name": "app", "version": "1.0.0", "refused": false }],
+            "upgrades": [],
         });
         let status = status();
         assert_eq!(serde_json::to_value(&status).unwrap(), expected);

@@ -8,6 +8,7 @@
 //! | `POST /rollback` | goes back to the version served before the current one, and pins it |
 //! | `POST /pin` `{"version": "1.2.0"}` | serves that version and holds it against newer builds |
 //! | `DELETE /pin` | lifts the pin: the highest version serves again |
+//! | `POST /upgrade` `{"binary": "/usr/bin/hotswap"}` (optional) | replaces the host process itself (see `cmd::upgrade`) |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! A change answers once the swap has happened or was refused: 200 with `"outcome":
@@ -54,8 +55,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
+use crate::control::host::{HostProcess, UpgradeOrder};
 use crate::control::registry::{ChangeError, Outcome, Registry};
-use api::{BuildEntry, CurrentEntry, ErrorBody, HistoryEntry, PinEntry, PinRequest, RefusalEntry, ResidentEntry, Status};
+use api::{BuildEntry, CurrentEntry, ErrorBody, HistoryEntry, PinEntry, PinRequest, RefusalEntry, ResidentEntry, Status, UpgradeRequest};
 pub(crate) use guard::INTENT_HEADER;
 use slots::{Slots, Waiting};
 
@@ -107,6 +109,14 @@ impl std::fmt::Display for AdminAddr {
     }
 }
 
+/// Where an admin listener handed to a new host process listens (the descriptor travels
+/// beside it).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub(crate) enum HandedAdmin {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
 /// The default admin socket: `/run/hotswap/admin.sock` for root (systemd's
 /// `RuntimeDirectory=hotswap`), else `$XDG_RUNTIME_DIR/hotswap/admin.sock`, else
 /// `/tmp/hotswap-<uid>/admin.sock`. The `status`, `reload`, … commands look there too.
@@ -138,7 +148,7 @@ pub(crate) struct AdminListener {
 
 enum Listener {
     /// The socket file is removed when the listener goes.
-    Unix { listener: UnixListener, _file: SocketFile },
+    Unix { listener: UnixListener, file: SocketFile },
     Tcp(TcpListener),
 }
 
@@ -163,12 +173,46 @@ impl Listener {
     }
 }
 
-/// Removes the socket file when the host exits.
-struct SocketFile(PathBuf);
+/// Removes the socket file when the host exits, unless a new host process serves it on.
+struct SocketFile {
+    path: PathBuf,
+    handed_over: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SocketFile {
+    fn new(path: PathBuf) -> SocketFile {
+        SocketFile { path, handed_over: Arc::default() }
+    }
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if !self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The admin listener while it serves: what a new host process needs to serve it on.
+pub(crate) struct ServedAdmin {
+    descriptor: std::os::fd::OwnedFd,
+    handed: HandedAdmin,
+    /// Set once a new process serves the socket: its file must stay.
+    handed_over: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl ServedAdmin {
+    /// A descriptor of the listening socket, to send to a new host process, and where it
+    /// listens.
+    pub(crate) fn handoff(&self) -> std::io::Result<(std::os::fd::OwnedFd, HandedAdmin)> {
+        Ok((self.descriptor.try_clone()?, self.handed.clone()))
+    }
+
+    /// A new process serves the socket now: leave its file when this one exits.
+    pub(crate) fn handed_over(&self) {
+        if let Some(flag) = &self.handed_over {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -205,8 +249,40 @@ impl AdminListener {
         Ok(Some(AdminListener { listener, token, addr }))
     }
 
-    /// Serves the API until `shutdown`.
-    pub(crate) fn spawn(self, registry: Arc<Registry>, shutdown: CancellationToken) {
+    /// The listener the host this one replaces served (`hotswap upgrade`), from its
+    /// descriptor. The token is this host's own (`--admin-token-file`).
+    pub(crate) fn inherit(
+        descriptor: std::os::fd::OwnedFd,
+        handed: HandedAdmin,
+        token_file: Option<&Path>,
+    ) -> Result<AdminListener, AdminError> {
+        let token = token_file.map(guard::read_private_token).transpose()?;
+        let (listener, addr) = match handed {
+            HandedAdmin::Unix(path) => {
+                let std = std::os::unix::net::UnixListener::from(descriptor);
+                let listener = std.set_nonblocking(true).and_then(|()| UnixListener::from_std(std));
+                let listener = listener.map_err(|source| AdminError::ListenUnix { path: path.clone(), source })?;
+                (Listener::Unix { listener, file: SocketFile::new(path.clone()) }, AdminAddr::Unix(path))
+            }
+            HandedAdmin::Tcp(tcp) => {
+                let std = std::net::TcpListener::from(descriptor);
+                let listener = std.set_nonblocking(true).and_then(|()| TcpListener::from_std(std));
+                let listener = listener.map_err(|source| AdminError::ListenTcp { addr: tcp, source })?;
+                (Listener::Tcp(listener), AdminAddr::Tcp(tcp))
+            }
+        };
+        Ok(AdminListener { listener, token, addr })
+    }
+
+    /// Serves the API until `shutdown`. `host` is the process it speaks for (its upgrades).
+    pub(crate) fn spawn(self, registry: Arc<Registry>, host: Arc<HostProcess>, shutdown: CancellationToken) -> std::io::Result<ServedAdmin> {
+        use std::os::fd::AsFd as _;
+        let (descriptor, handed, handed_over) = match &self.listener {
+            Listener::Unix { listener, file } => {
+                (listener.as_fd().try_clone_to_owned()?, HandedAdmin::Unix(file.path.clone()), Some(file.handed_over.clone()))
+            }
+            Listener::Tcp(listener) => (listener.as_fd().try_clone_to_owned()?, HandedAdmin::Tcp(listener.local_addr()?), None),
+        };
         tracing::info!(
             token = self.token.is_some(),
             "admin API on {} (status, reload, rollback, pin, metrics)", self.addr
@@ -215,7 +291,7 @@ impl AdminListener {
         // loopback host; with one, the token is the protection.
         let check_host = matches!(self.listener, Listener::Tcp(_)) && self.token.is_none();
         let slots = Slots::new(slots::MAX_WAITING, slots::MAX_SERVED);
-        let api = Arc::new(Api { registry, token: self.token, check_host, slots: slots.clone(), started: SystemTime::now() });
+        let api = Arc::new(Api { registry, host, token: self.token, check_host, slots: slots.clone(), started: SystemTime::now() });
         let listener = self.listener;
         tokio::spawn(async move {
             loop {
@@ -234,6 +310,7 @@ impl AdminListener {
                 }
             }
         });
+        Ok(ServedAdmin { descriptor, handed, handed_over })
     }
 }
 
@@ -261,11 +338,11 @@ async fn bind_unix(path: &Path) -> Result<Listener, AdminError> {
         std::fs::remove_file(path).map_err(|source| AdminError::RemoveStale { path: path.to_path_buf(), source })?;
     }
     let listener = UnixListener::bind(path).map_err(|source| AdminError::ListenUnix { path: path.to_path_buf(), source })?;
-    let file = SocketFile(path.to_path_buf());
+    let file = SocketFile::new(path.to_path_buf());
     // Connections made before this are still checked by their peer's uid.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|source| AdminError::MakePrivate { path: path.to_path_buf(), source })?;
-    Ok(Listener::Unix { listener, _file: file })
+    Ok(Listener::Unix { listener, file })
 }
 
 /// The directory a socket path is in (`.` for a bare file name).
@@ -292,6 +369,7 @@ pub(crate) fn check_socket_dir(dir: &Path) -> Result<(), AdminError> {
 
 struct Api {
     registry: Arc<Registry>,
+    host: Arc<HostProcess>,
     token: Option<String>,
     /// Whether requests must name a loopback host (TCP without a token).
     check_host: bool,
@@ -334,21 +412,36 @@ where
         .header_read_timeout(HEAD_TIMEOUT)
         .keep_alive(false)
         .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
     tokio::select! {
-        served = tokio::time::timeout(CONNECTION_LIFETIME, connection) => match served {
+        served = tokio::time::timeout(CONNECTION_LIFETIME, connection.as_mut()) => match served {
             Ok(Err(e)) => tracing::debug!("admin API connection: {e}"),
             Err(_) => tracing::debug!("admin API connection open for {CONNECTION_LIFETIME:?}: closed"),
             Ok(Ok(())) => {}
         },
         () = waiting.evicted() => tracing::debug!("admin API connection closed for a newcomer: it sent no request"),
-        () = shutdown.cancelled() => {}
+        () = shutdown.cancelled() => {
+            // A request being answered (the upgrade that led to this shutdown) gets its
+            // answer; a connection waiting for one is closed.
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection).await;
+        }
     }
 }
 
+/// How long, at shutdown, an admin request in progress may take to be answered.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Every endpoint, with the methods it takes (as in an `Allow` header): what the answers to a
 /// wrong method or an unknown path list. `Api::handle` routes them.
-const ENDPOINTS: [(&str, &str); 5] =
-    [("/status", "GET"), ("/metrics", "GET"), ("/reload", "POST"), ("/rollback", "POST"), ("/pin", "POST, DELETE")];
+const ENDPOINTS: [(&str, &str); 6] = [
+    ("/status", "GET"),
+    ("/metrics", "GET"),
+    ("/reload", "POST"),
+    ("/rollback", "POST"),
+    ("/pin", "POST, DELETE"),
+    ("/upgrade", "POST"),
+];
 
 /// The largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -385,16 +478,16 @@ impl Api {
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
         let change = matches!(
             (&method, path.as_str()),
-            (&Method::POST, "/reload" | "/rollback" | "/pin") | (&Method::DELETE, "/pin")
+            (&Method::POST, "/reload" | "/rollback" | "/pin" | "/upgrade") | (&Method::DELETE, "/pin")
         );
         if change && !guard::is_intended(request.headers()) {
             return error(StatusCode::FORBIDDEN, guard::INTENT_REFUSED);
         }
         let registry = &self.registry;
         match (method, path.as_str()) {
-            (Method::GET, "/status") => json_response(StatusCode::OK, &status(registry, self.started)),
+            (Method::GET, "/status") => json_response(StatusCode::OK, &status(registry, &self.host, self.started)),
             (Method::GET, "/metrics") => {
-                let mut response = Response::new(Full::new(Bytes::from(crate::control::metrics::render(registry))));
+                let mut response = Response::new(Full::new(Bytes::from(crate::control::metrics::render(registry, &self.host))));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -411,6 +504,13 @@ impl Api {
                 changed(registry.pin_version(version).await)
             }
             (Method::DELETE, "/pin") => outcome(registry.unpin().await),
+            (Method::POST, "/upgrade") => {
+                let order = match read_json::<UpgradeRequest>(request, "{\"binary\": \"/usr/local/bin/hotswap\"} or {}").await {
+                    Ok(order) => order,
+                    Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+                };
+                self.upgrade(order).await
+            }
             (method, path) => match ENDPOINTS.iter().find(|(endpoint, _)| *endpoint == path) {
                 Some((_, allow)) => {
                     let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{path} takes {allow}, not {method}"));
@@ -426,15 +526,45 @@ impl Api {
     }
 }
 
-/// The `version` of a `POST /pin` body.
-async fn read_version(request: Request<Incoming>) -> Result<semver::Version, String> {
+impl Api {
+    /// `POST /upgrade`: has the host process replaced, and answers once the new one serves
+    /// (200) or did not start (500, with its error; this host goes on serving).
+    async fn upgrade(&self, order: UpgradeRequest) -> Response<Full<Bytes>> {
+        let Some(orders) = self.host.orders() else {
+            return error(StatusCode::CONFLICT, "this host cannot upgrade itself: only `hotswap serve` can (not `hotswap dev`)");
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let timeout = match order.timeout.as_deref().map(humantime::parse_duration).transpose() {
+            Ok(timeout) => timeout,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("`timeout` must be a duration like 30s: {e}")),
+        };
+        let order = UpgradeOrder { binary: order.binary, timeout, reply };
+        if orders.send(order).await.is_err() {
+            return error(StatusCode::CONFLICT, "this host is shutting down or has handed over already");
+        }
+        match answer.await {
+            Ok(Ok(upgrade)) => json_response(StatusCode::OK, &upgrade),
+            Ok(Err(message)) => error(StatusCode::INTERNAL_SERVER_ERROR, &message),
+            Err(_) => error(StatusCode::CONFLICT, "this host is shutting down or has handed over already"),
+        }
+    }
+}
+
+/// The body of a change, as JSON: `T`, or an error message naming `example`. An empty body
+/// reads as `{}`.
+async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>, example: &str) -> Result<T, String> {
     let body = tokio::time::timeout(HEAD_TIMEOUT, Limited::new(request.into_body(), MAX_BODY).collect())
         .await
         .map_err(|_| format!("the request body did not arrive within {HEAD_TIMEOUT:?}"))?
         .map_err(|e| format!("cannot read the request body: {e}"))?
         .to_bytes();
-    let pin: PinRequest = serde_json::from_slice(&body)
-        .map_err(|e| format!("the body must be JSON like {{\"version\": \"1.2.0\"}}: {e}"))?;
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &body };
+    serde_json::from_slice(body).map_err(|e| format!("the body must be JSON like {example}: {e}"))
+}
+
+/// The `version` of a `POST /pin` body.
+async fn read_version(request: Request<Incoming>) -> Result<semver::Version, String> {
+    let pin: PinRequest = read_json(request, "{\"version\": \"1.2.0\"}").await?;
     semver::Version::parse(&pin.version).map_err(|e| format!("`{}` is not a semantic version like 1.2.0: {e}", pin.version))
 }
 
@@ -483,7 +613,7 @@ fn age(at: SystemTime) -> f64 {
 }
 
 /// `GET /status`.
-fn status(registry: &Registry, started: SystemTime) -> Status {
+fn status(registry: &Registry, host: &HostProcess, started: SystemTime) -> Status {
     let current = registry.current();
     let history = registry.history().records();
     let refused = registry.history().refusals();
@@ -558,6 +688,7 @@ fn status(registry: &Registry, started: SystemTime) -> Status {
         plugin_source: registry.source().dir.clone(),
         refusals,
         resident,
+        upgrades: host.upgrades(),
         uptime_seconds: age(started),
     }
 }

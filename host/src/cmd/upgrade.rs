@@ -1,0 +1,426 @@
+//! `hotswap upgrade`: replacing the host process itself (a new hotswap binary) without
+//! refusing a connection or cutting a response.
+//!
+//! ## How
+//!
+//! 1. The running host (the *old* one) starts the new binary with its own arguments and a
+//!    `SOCK_SEQPACKET` socket pair between them, the new one's end at descriptor 3
+//!    (`HOTSWAP_UPGRADE_FD`). Over it, it sends `Hello`: the listening socket and the admin
+//!    listener (as descriptors, `SCM_RIGHTS`), the build it serves with the pin and the
+//!    history ([`Inheritance`]), and the upgrades before this one.
+//! 2. The new host binds nothing: it serves on those sockets. It loads the same build, and
+//!    only once that has worked and it accepts connections does it answer `Ready`. If it
+//!    cannot (`Failed`, an exit, or no answer within the timeout), the old host has changed
+//!    nothing and goes on serving; the order fails with the new host's error.
+//! 3. On `Ready` the old host stops accepting (the listening socket stays open in the new
+//!    one: no connection is refused meanwhile) and shuts down as on SIGTERM, except that each
+//!    HTTP/1 connection goes to the new host at its next request boundary, with the bytes of
+//!    the next request already read (`Connection`): its client keeps its socket. HTTP/2 and
+//!    upgraded connections (WebSockets), and responses in progress, finish on the old host,
+//!    within the drain timeout. Then it sends `Done` and exits 0.
+//!
+//! A rollback is the same command with the old binary.
+
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_seqpacket::ancillary::{AncillaryMessageWriter, OwnedAncillaryMessage};
+use tokio_seqpacket::UnixSeqpacket;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::admin::{HandedAdmin, ServedAdmin};
+use crate::control::host::{HostProcess, UpgradeOrder, UpgradeRecord};
+use crate::control::registry::{Inheritance, Registry};
+use crate::serve::handoff::Handed;
+use crate::serve::Server;
+
+/// Where the new process finds its end of the hand-over socket.
+const CHILD_FD: i32 = 3;
+/// How long a new host may take to serve, by default.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest datagram sent: longer messages continue in the next ones.
+const DATAGRAM: usize = 32 * 1024;
+/// Room for the descriptors sent with one message (at most two).
+const ANCILLARY: usize = 128;
+
+/// What the two processes say to each other.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "message", rename_all = "snake_case")]
+enum Message {
+    /// Old to new, with the listening socket and, if any, the admin listener attached.
+    Hello {
+        inheritance: Box<Inheritance>,
+        upgrades: Vec<UpgradeRecord>,
+        admin: Option<HandedAdmin>,
+        from_pid: u32,
+        from_version: String,
+        binary: PathBuf,
+        /// When the upgrade was ordered, in milliseconds since the Unix epoch.
+        ordered_ms: u64,
+    },
+    /// New to old: it serves; the old one stops accepting.
+    Ready { pid: u32, version: String, took_ms: u64 },
+    /// New to old: it cannot serve, and why; the old one goes on.
+    Failed { error: String },
+    /// Old to new, with a connection attached: the bytes read of its next request follow.
+    Connection,
+    /// Old to new: nothing more comes.
+    Done { handed: u64 },
+}
+
+/// One end of the hand-over socket. A message is a datagram holding the lengths of its JSON
+/// and of the bytes that follow it (`u32` each, little-endian), the JSON, then the bytes; what
+/// does not fit continues in the next datagrams. Descriptors travel with the first.
+struct Channel(UnixSeqpacket);
+
+impl Channel {
+    async fn send(&self, message: &Message, tail: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let json = serde_json::to_vec(message).map_err(io::Error::other)?;
+        let length = |n: usize| u32::try_from(n).map_err(|_| io::Error::other("message too long")).map(u32::to_le_bytes);
+        let mut whole = Vec::with_capacity(8 + json.len() + tail.len());
+        whole.extend_from_slice(&length(json.len())?);
+        whole.extend_from_slice(&length(tail.len())?);
+        whole.extend_from_slice(&json);
+        whole.extend_from_slice(tail);
+        let mut chunks = whole.chunks(DATAGRAM);
+        let first = chunks.next().unwrap_or_default();
+        let mut space = [0u8; ANCILLARY];
+        let mut ancillary = AncillaryMessageWriter::new(&mut space);
+        if !fds.is_empty() {
+            ancillary.add_fds(fds.iter().copied()).map_err(io::Error::from)?;
+        }
+        self.0.send_with_ancillary(first, &mut ancillary).await?;
+        for chunk in chunks {
+            self.0.send(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// The next message, its bytes and its descriptors; `None` when the other end has closed.
+    async fn recv(&self) -> io::Result<Option<(Message, Bytes, Vec<OwnedFd>)>> {
+        let mut buffer = vec![0u8; DATAGRAM];
+        let mut space = [0u8; ANCILLARY];
+        let (info, ancillary) = self.0.recv_with_ancillary(&mut buffer, &mut space).await?;
+        let mut fds = Vec::new();
+        for message in ancillary.into_messages() {
+            if let OwnedAncillaryMessage::FileDescriptors(received) = message {
+                fds.extend(received);
+            }
+        }
+        let read = info.bytes_read();
+        if read == 0 {
+            return Ok(None);
+        }
+        if read < 8 {
+            return Err(io::Error::other("a truncated hand-over message"));
+        }
+        let length = |at: usize| buffer.get(at..at + 4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, u32::from_le_bytes) as usize;
+        let (json_len, tail_len) = (length(0), length(4));
+        let total = 8 + json_len + tail_len;
+        let mut whole = buffer[..read].to_vec();
+        while whole.len() < total {
+            let n = self.0.recv(&mut buffer).await?.bytes_read();
+            if n == 0 {
+                return Err(io::Error::other("the hand-over socket closed in the middle of a message"));
+            }
+            whole.extend_from_slice(&buffer[..n]);
+        }
+        let message = serde_json::from_slice(&whole[8..8 + json_len]).map_err(io::Error::other)?;
+        Ok(Some((message, Bytes::copy_from_slice(&whole[8 + json_len..total]), fds)))
+    }
+}
+
+/// What the old host lends an upgrade: how to start the new binary, and what to hand it.
+pub(crate) struct Upgrader {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) host: Arc<HostProcess>,
+    pub(crate) server: Arc<Server>,
+    /// A descriptor of the listening socket.
+    pub(crate) listener: OwnedFd,
+    pub(crate) admin: Option<ServedAdmin>,
+    /// The binary this host runs (as found at its start: the same path serves a newer build
+    /// installed over it).
+    pub(crate) binary: PathBuf,
+    /// This process's arguments, which the new one gets too.
+    pub(crate) args: Vec<OsString>,
+}
+
+/// Carries out upgrade orders (admin API, SIGUSR2), one at a time, until one succeeds: then
+/// this host hands over (see the module's documentation), and the forwarding of its
+/// connections comes back, for the shutdown to finish once the server has drained.
+pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader: Upgrader) -> Option<Forwarding> {
+    while let Some(order) = orders.recv().await {
+        let started = Instant::now();
+        let binary = order.binary.clone().unwrap_or_else(|| upgrader.binary.clone());
+        tracing::info!(binary = %binary.display(), "upgrading the host: starting the new binary");
+        match start_successor(&upgrader, &binary, order.timeout.unwrap_or(DEFAULT_TIMEOUT)).await {
+            Ok((channel, record)) => {
+                tracing::info!(
+                    pid = record.to_pid, version = %record.to_version, took_ms = started.elapsed().as_millis() as u64,
+                    "upgrade: the new host serves; this one stops accepting and hands over its connections"
+                );
+                upgrader.host.record(record.clone());
+                if let Some(admin) = &upgrader.admin {
+                    admin.handed_over();
+                }
+                let (to, handed) = mpsc::unbounded_channel();
+                upgrader.server.hand_over(to);
+                let _ = order.reply.send(Ok(record));
+                let finish = CancellationToken::new();
+                let task = tokio::spawn(forward(channel, handed, finish.clone()));
+                return Some(Forwarding { finish, task });
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                tracing::error!("upgrade failed, this host goes on serving: {message}");
+                let _ = order.reply.send(Err(message));
+            }
+        }
+    }
+    None
+}
+
+/// Starts `binary` and waits until it serves (or fails, exits, or lets `timeout` pass).
+async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) -> anyhow::Result<(Channel, UpgradeRecord)> {
+    let ordered = SystemTime::now();
+    check_binary(binary)?;
+    let (ours, theirs) = UnixSeqpacket::pair().context("cannot create the socket pair for the hand-over")?;
+    let theirs = OwnedFd::from(theirs);
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .args(upgrader.args.iter().skip(1))
+        .env(crate::sys::UPGRADE_FD_ENV, CHILD_FD.to_string())
+        // Sockets systemd passed were meant for this process (they come in `Hello`).
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(std::process::Stdio::null());
+    crate::sys::pass_descriptor(command.as_std_mut(), theirs.as_fd(), CHILD_FD);
+    let mut child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
+    drop(theirs);
+    let channel = Channel(ours);
+    let pid = child.id().unwrap_or(0);
+    let answer = async {
+        let (admin, admin_fd) = match &upgrader.admin {
+            Some(admin) => {
+                let (fd, handed) = admin.handoff().context("cannot share the admin listener")?;
+                (Some(handed), Some(fd))
+            }
+            None => (None, None),
+        };
+        let hello = Message::Hello {
+            inheritance: Box::new(upgrader.registry.inheritance()),
+            upgrades: upgrader.host.upgrades(),
+            admin,
+            from_pid: std::process::id(),
+            from_version: env!("CARGO_PKG_VERSION").to_owned(),
+            binary: binary.to_path_buf(),
+            ordered_ms: unix_ms(ordered),
+        };
+        let mut fds = vec![upgrader.listener.as_fd()];
+        fds.extend(admin_fd.as_ref().map(|fd| fd.as_fd()));
+        channel.send(&hello, &[], &fds).await.context("cannot send the sockets to the new host")?;
+        match channel.recv().await.context("cannot hear from the new host")? {
+            Some((Message::Ready { pid, version, took_ms }, ..)) => Ok(UpgradeRecord {
+                at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                binary: binary.to_path_buf(),
+                connections_handed_over: 0,
+                from_pid: std::process::id(),
+                from_version: env!("CARGO_PKG_VERSION").to_owned(),
+                took_ms,
+                to_pid: pid,
+                to_version: version,
+            }),
+            Some((Message::Failed { error }, ..)) => Err(anyhow::anyhow!("the new host ({}, pid {pid}) cannot serve: {error}", binary.display())),
+            Some((other, ..)) => Err(anyhow::anyhow!("the new host sent {other:?} instead of saying whether it serves")),
+            None => Err(anyhow::anyhow!("the new host ({}, pid {pid}) closed the hand-over before it served", binary.display())),
+        }
+    };
+    let outcome = tokio::select! {
+        answer = answer => answer,
+        () = tokio::time::sleep(timeout) => Err(anyhow::anyhow!(
+            "the new host ({}, pid {pid}) did not serve within {timeout:?}: it was stopped", binary.display()
+        )),
+    };
+    match outcome {
+        Ok(record) => Ok((channel, record)),
+        Err(e) => {
+            // Whatever state it is in, it must not serve beside this host; and if it has
+            // ended on its own, its exit says more than the socket did.
+            let exited = tokio::time::timeout(Duration::from_millis(500), child.wait()).await;
+            if let Ok(Ok(status)) = exited {
+                if !e.to_string().contains("cannot serve") {
+                    anyhow::bail!(
+                        "the new host ({}, pid {pid}) exited ({status}) before it served: its log says why",
+                        binary.display()
+                    );
+                }
+                return Err(e);
+            }
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            Err(e)
+        }
+    }
+}
+
+/// Fails early, with a clear message, for a binary that cannot be started.
+fn check_binary(binary: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(binary).with_context(|| format!("cannot use {} as the new binary", binary.display()))?;
+    anyhow::ensure!(
+        meta.is_file() && meta.permissions().mode() & 0o111 != 0,
+        "{} is not an executable file: give the path of a hotswap binary (--binary)",
+        binary.display()
+    );
+    Ok(())
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The old host's side once the new one serves: its connections on their way there.
+pub(crate) struct Forwarding {
+    finish: CancellationToken,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Forwarding {
+    /// Sends what is left (the server has drained: every connection handed over is queued)
+    /// and says so to the new host. Returns how many connections were handed over.
+    pub(crate) async fn finish(self) -> u64 {
+        self.finish.cancel();
+        self.task.await.unwrap_or(0)
+    }
+}
+
+/// Sends each connection handed over to the new host, until `finish`, then `Done`.
+async fn forward(channel: Channel, mut handed: mpsc::UnboundedReceiver<Handed>, finish: CancellationToken) -> u64 {
+    let mut count = 0;
+    let mut send = async |connection: Handed| {
+        match channel.send(&Message::Connection, &connection.buffered, &[connection.stream.as_fd()]).await {
+            Ok(()) => count += 1,
+            // The socket closes here: its client sees the connection end, as at a shutdown.
+            Err(e) => tracing::warn!("cannot hand a connection to the new host: {e}"),
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = handed.recv() => next,
+            () = finish.cancelled() => None,
+        };
+        match next {
+            Some(connection) => send(connection).await,
+            None => break,
+        }
+    }
+    while let Ok(connection) = handed.try_recv() {
+        send(connection).await;
+    }
+    if let Err(e) = channel.send(&Message::Done { handed: count }, &[], &[]).await {
+        tracing::debug!("cannot tell the new host the hand-over is done: {e}");
+    }
+    count
+}
+
+/// The new host's side: what the host it replaces handed over.
+pub(crate) struct Inherited {
+    channel: Channel,
+    pub(crate) listener: std::net::TcpListener,
+    pub(crate) admin: Option<(OwnedFd, HandedAdmin)>,
+    pub(crate) inheritance: Inheritance,
+    pub(crate) upgrades: Vec<UpgradeRecord>,
+    from_pid: u32,
+    from_version: String,
+    binary: PathBuf,
+    ordered_ms: u64,
+}
+
+/// If this process was started by `hotswap upgrade`: what the host it replaces handed over.
+pub(crate) async fn inherit() -> anyhow::Result<Option<Inherited>> {
+    let Some(fd) = crate::sys::inherited_upgrade_socket().context("cannot use the hand-over socket")? else {
+        return Ok(None);
+    };
+    let channel = Channel(UnixSeqpacket::try_from(fd).context("cannot use the hand-over socket")?);
+    let received = tokio::time::timeout(Duration::from_secs(10), channel.recv())
+        .await
+        .context("the host this one replaces sent nothing")?
+        .context("cannot hear from the host this one replaces")?;
+    let Some((Message::Hello { inheritance, upgrades, admin, from_pid, from_version, binary, ordered_ms }, _, fds)) = received else {
+        anyhow::bail!("the host this one replaces did not start the hand-over as expected");
+    };
+    let mut fds = fds.into_iter();
+    let listener = fds.next().context("the host this one replaces sent no listening socket")?;
+    let listener = std::net::TcpListener::from(listener);
+    listener.set_nonblocking(true)?;
+    let admin = match admin {
+        Some(handed) => Some((fds.next().context("the host this one replaces sent no admin listener")?, handed)),
+        None => None,
+    };
+    tracing::info!(from_pid, from_version = %from_version, addr = %listener.local_addr()?, "taking over from the host this one replaces");
+    Ok(Some(Inherited { channel, listener, admin, inheritance: *inheritance, upgrades, from_pid, from_version, binary, ordered_ms }))
+}
+
+impl Inherited {
+    /// The record of the upgrade into this process.
+    pub(crate) fn record(&self) -> UpgradeRecord {
+        UpgradeRecord {
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            binary: self.binary.clone(),
+            connections_handed_over: 0,
+            from_pid: self.from_pid,
+            from_version: self.from_version.clone(),
+            took_ms: unix_ms(SystemTime::now()).saturating_sub(self.ordered_ms),
+            to_pid: std::process::id(),
+            to_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// Tells the host this one replaces that it cannot serve, and why: that one goes on.
+    pub(crate) async fn failed(&self, error: &anyhow::Error) {
+        let message = Message::Failed { error: format!("{error:#}") };
+        if let Err(e) = self.channel.send(&message, &[], &[]).await {
+            tracing::debug!("cannot tell the previous host why this one failed: {e}");
+        }
+    }
+
+    /// Tells the host this one replaces that it serves (it accepts connections), then takes
+    /// in its connections as they come, until it is done.
+    pub(crate) async fn serve(self, server: Arc<Server>, host: Arc<HostProcess>) {
+        let record = self.record();
+        let ready = Message::Ready { pid: record.to_pid, version: record.to_version.clone(), took_ms: record.took_ms };
+        host.record(record);
+        if let Err(e) = self.channel.send(&ready, &[], &[]).await {
+            // It is gone (or stopped waiting): this host serves on its own.
+            return tracing::warn!("cannot tell the previous host that this one serves: {e}");
+        }
+        loop {
+            match self.channel.recv().await {
+                Ok(Some((Message::Connection, buffered, fds))) => {
+                    let Some(fd) = fds.into_iter().next() else { continue };
+                    let stream = std::net::TcpStream::from(fd);
+                    host.adopted_one();
+                    server.adopt(Handed { stream, buffered }).await;
+                }
+                Ok(Some((Message::Done { handed }, ..))) => {
+                    return tracing::info!(connections = handed, "the previous host has handed over every connection it could");
+                }
+                Ok(Some((other, ..))) => tracing::debug!("unexpected hand-over message: {other:?}"),
+                Ok(None) => return tracing::info!("the previous host has gone"),
+                Err(e) => return tracing::warn!("the hand-over from the previous host ended: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Upgrading the host binary itself (`hotswap upgrade`): sockets, build and connections go to
+//! a new process; nothing is refused or cut.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hotswap_tests::{artifacts, heavy_lock, is_pattern, place_by_rename, temp_dir, Host};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// One keep-alive connection that, like the bench driver's clients, never reconnects and
+/// never retries: any failure is an error.
+struct KeepAlive {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl KeepAlive {
+    async fn connect(addr: &str) -> KeepAlive {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        KeepAlive { stream, buffer: Vec::new() }
+    }
+
+    /// `GET path` on this connection: the body of a 200, or what went wrong.
+    async fn get(&mut self, path: &str) -> Result<String, String> {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        self.stream.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        let head_end = loop {
+            if let Some(at) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            self.fill().await?;
+        };
+        let head = String::from_utf8_lossy(&self.buffer[..head_end]).into_owned();
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("answered {head:?}"));
+        }
+        if head.to_ascii_lowercase().contains("connection: close") {
+            return Err(format!("the server closes the connection: {head:?}"));
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .ok_or_else(|| format!("no content-length: {head:?}"))?;
+        while self.buffer.len() < head_end + length {
+            self.fill().await?;
+        }
+        let body = String::from_utf8_lossy(&self.buffer[head_end..head_end + length]).into_owned();
+        self.buffer.drain(..head_end + length);
+        Ok(body)
+    }
+
+    async fn fill(&mut self) -> Result<(), String> {
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk).await {
+            Ok(0) => Err("the connection was closed".into()),
+            Ok(n) => {
+                self.buffer.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+
+    /// The pid of the host process that answers on this connection.
+    async fn host_pid(&mut self) -> Result<u32, String> {
+        let body = self.get("/host").await?;
+        body.trim().strip_prefix("pid=").and_then(|p| p.parse().ok()).ok_or_else(|| format!("not a pid: {body:?}"))
+    }
+}
+
+/// Whether process `pid` is still running (and not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')))
+}
+
+/// Stops the host processes an upgrade started (the test's own `Host` stops only the first).
+struct Reap(Arc<std::sync::Mutex<Vec<u32>>>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in self.0.lock().unwrap().iter() {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// `hotswap upgrade` against `host`'s admin socket, off the async runtime; the new pid.
+async fn upgrade(admin: &Path, extra: &[&str]) -> Result<u32, String> {
+    let mut args = vec!["upgrade".to_owned(), "--json".to_owned()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let admin = admin.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&artifacts().hotswap).args(&args).env("HOTSWAP_ADMIN", admin).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let record: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| format!("{e}: {stdout}"))?;
+    Ok(record["to_pid"].as_u64().unwrap() as u32)
+}
+
+#[test]
+fn ten_host_upgrades_under_load_refuse_nothing_and_cut_nothing() {
+    // It loads the machine on purpose: not beside the other heavy tests.
+    let _heavy = heavy_lock();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    runtime.block_on(ten_upgrades());
+}
+
+async fn ten_upgrades() {
+    let dir = temp_dir("host-upgrade");
+    place_by_rename(&artifacts().example, &dir.join("app.so"));
+    let mut host = Host::serve_dir(&dir, &["--drain-timeout", "60s"]);
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _reap = Reap(pids.clone());
+    // Carried to every new host: the pin, and the history.
+    let pinned = host.command(&["pin", "0.1.0"]);
+    assert_eq!(pinned.code, 0, "{pinned:?}");
+
+    // A throttled download, begun on the first host: it must finish there, byte-exact.
+    let size: u64 = 32 << 20;
+    let download = {
+        let url = host.url(&format!("/download?size={size}&rate={}", 12 << 20));
+        tokio::spawn(async move {
+            use futures_util::StreamExt as _;
+            let response = reqwest::get(url).await.expect("download request");
+            assert_eq!(response.status(), 200);
+            let mut body = response.bytes_stream();
+            let mut at = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.unwrap_or_else(|e| panic!("the download was cut at byte {at}: {e}"));
+                assert!(is_pattern(&chunk, at), "wrong bytes at {at}");
+                at += chunk.len() as u64;
+            }
+            at
+        })
+    };
+
+    // Keep-alive load: each client one socket, never reconnecting, never retrying.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let mut busy = Vec::new();
+    for _ in 0..8 {
+        let (addr, stop, served) = (host.addr.clone(), stop.clone(), served.clone());
+        busy.push(tokio::spawn(async move {
+            let mut client = KeepAlive::connect(&addr).await;
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let pid = client.host_pid().await.unwrap_or_else(|e| panic!("a keep-alive request failed (hosts seen: {seen:?}): {e}"));
+                if seen.last() != Some(&pid) {
+                    seen.push(pid);
+                }
+                served.fetch_add(1, Ordering::Relaxed);
+            }
+            seen
+        }));
+    }
+    // New connections all along: none may be refused.
+    let refused = Arc::new(AtomicU64::new(0));
+    let connector = {
+        let (addr, stop, refused) = (host.addr.clone(), stop.clone(), refused.clone());
+        tokio::spawn(async move {
+            let mut opened = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut client = match TcpStream::connect(&addr).await {
+                    Ok(stream) => KeepAlive { stream, buffer: Vec::new() },
+                    Err(e) => {
+                        eprintln!("connection refused: {e}");
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                if let Err(e) = client.get("/health").await {
+                    eprintln!("a new connection failed: {e}");
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+                opened += 1;
+            }
+            opened
+        })
+    };
+    // Idle keep-alive connections: one request before the upgrades, one after.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut client = KeepAlive::connect(&host.addr).await;
+        assert_eq!(client.host_pid().await.unwrap(), host.pid());
+        idle.push(client);
+    }
+
+    let mut last = host.pid();
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let next = upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("upgrade {i} failed: {e}\n{}", host.log()));
+        assert_ne!(next, last);
+        pids.lock().unwrap().push(next);
+        last = next;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut hosts_seen = BTreeSet::new();
+    for client in busy {
+        let seen = client.await.expect("a keep-alive client failed");
+        assert_eq!(seen.last(), Some(&last), "a keep-alive connection did not reach the last host: {seen:?}");
+        hosts_seen.extend(seen);
+    }
+    assert!(hosts_seen.len() >= 6, "keep-alive connections went through too few hosts: {hosts_seen:?}");
+    let opened = connector.await.unwrap();
+    assert_eq!(refused.load(Ordering::Relaxed), 0, "new connections refused or failed (of {opened})");
+    assert!(served.load(Ordering::Relaxed) > 500, "too few requests to mean anything");
+    for client in &mut idle {
+        assert_eq!(client.host_pid().await.expect("an idle keep-alive connection was lost"), last);
+    }
+    assert_eq!(download.await.expect("the download failed"), size);
+
+    // The first host has exited 0 once its download was done; every later one but the last too.
+    assert_eq!(host.wait_exit(Duration::from_secs(30)), Some(0), "{}", host.log());
+    let all = pids.lock().unwrap().clone();
+    for pid in &all[..all.len() - 1] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while alive(*pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!alive(*pid), "host {pid} is still running after handing over");
+    }
+    assert!(alive(last));
+
+    // The last host carries the pin, the history and the upgrades.
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["pid"], last);
+    assert_eq!(status["pin"]["version"], "0.1.0", "{status}");
+    assert_eq!(status["upgrades"].as_array().unwrap().len(), 10, "{status}");
+    assert!(status["history"].as_array().unwrap().iter().any(|r| r["state"] == "previous-host"), "{status}");
+    let handed: u64 = status["upgrades"].as_array().unwrap().iter().map(|u| u["connections_handed_over"].as_u64().unwrap()).sum();
+    assert!(handed >= 10, "too few connections handed over: {status}");
+}
+
+#[tokio::test]
+async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
+    let dir = temp_dir("host-upgrade-fails");
+    place_by_rename(&artifacts().example, &dir.join("app.so"));
+    let host = Host::serve_dir(&dir, &[]);
+    let mut client = KeepAlive::connect(&host.addr).await;
+    assert_eq!(client.host_pid().await.unwrap(), host.pid());
+
+    // One that exits at once, one that never answers, one that is no program at all.
+    let scripts = temp_dir("host-upgrade-scripts");
+    let write = |name: &str, text: &str| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = scripts.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    };
+    let exits = write("exits.sh", "#!/bin/sh\necho 'broken build' >&2\nexit 3\n");
+    let hangs = write("hangs.sh", "#!/bin/sh\nexec sleep 600\n");
+    let text = scripts.join("notes.txt");
+    std::fs::write(&text, "not a program").unwrap();
+
+    let error = upgrade(&host.admin, &["--binary", exits.to_str().unwrap()]).await.unwrap_err();
+    assert!(error.contains("exited (exit status: 3) before it served"), "{error}");
+    let error = upgrade(&host.admin, &["--binary", hangs.to_str().unwrap(), "--timeout", "1s"]).await.unwrap_err();
+    assert!(error.contains("did not serve within"), "{error}");
+    let error = upgrade(&host.admin, &["--binary", text.to_str().unwrap()]).await.unwrap_err();
+    assert!(error.contains("not an executable file"), "{error}");
+
+    // Still this host, on the same connection, and new connections too.
+    assert_eq!(client.host_pid().await.unwrap(), host.pid());
+    assert_eq!(KeepAlive::connect(&host.addr).await.host_pid().await.unwrap(), host.pid());
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["upgrades"].as_array().unwrap().len(), 0, "{status}");
+    assert!(host.log().contains("upgrade failed, this host goes on serving"), "{}", host.log());
+}
+
+#[tokio::test]
+async fn sigusr2_upgrades_to_the_running_binary() {
+    let dir = temp_dir("host-upgrade-usr2");
+    place_by_rename(&artifacts().example, &dir.join("app.so"));
+    let mut host = Host::serve_dir(&dir, &[]);
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _reap = Reap(pids.clone());
+    let mut client = KeepAlive::connect(&host.addr).await;
+    assert_eq!(client.host_pid().await.unwrap(), host.pid());
+    host.signal("USR2");
+    assert_eq!(host.wait_exit(Duration::from_secs(30)), Some(0), "{}", host.log());
+    let next = client.host_pid().await.expect("the idle connection was lost");
+    pids.lock().unwrap().push(next);
+    assert_ne!(next, host.pid());
+    assert!(alive(next));
+}
