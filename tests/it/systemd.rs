@@ -46,6 +46,35 @@ fn tells_systemd_when_it_is_ready_and_when_it_stops() {
 }
 
 #[test]
+fn after_an_upgrade_the_new_process_tells_systemd_it_is_the_main_one() {
+    let socket_path = temp_dir("notify-upgrade").join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut cmd = Command::new(&artifacts().hotswap);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin"]).arg(&artifacts().example).env("NOTIFY_SOCKET", &socket_path);
+    let mut host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    assert!(next_notification(&socket).lines().any(|l| l == "READY=1"));
+
+    let (code, upgrade) = host.command_json(&["upgrade"]);
+    assert_eq!(code, 0, "{upgrade}\n{}", host.log());
+    let new_pid = upgrade["to_pid"].as_u64().unwrap();
+    // The unit's NotifyAccess=all lets systemd take this from the new process.
+    let notification = next_notification(&socket);
+    assert!(notification.lines().any(|l| l == format!("MAINPID={new_pid}")), "{notification}");
+    assert!(notification.lines().any(|l| l == "READY=1"), "{notification}");
+    assert_eq!(host.wait_exit(Duration::from_secs(20)), Some(0), "{}", host.log());
+    // The old process drained quietly: STOPPING=1 is the new one's to send, at its own stop.
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 512];
+    assert!(socket.recv(&mut buf).is_err(), "the old process sent {:?}", String::from_utf8_lossy(&buf));
+    let _ = Command::new("kill").args(["-TERM", &new_pid.to_string()]).status();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert!(next_notification(&socket).lines().any(|l| l == "STOPPING=1"));
+    let unit = std::fs::read_to_string(hotswap_tests::workspace().join("deploy/systemd/hotswap.service")).unwrap();
+    assert_eq!(setting(&unit, "NotifyAccess"), "all");
+}
+
+#[test]
 fn serves_on_a_socket_passed_by_socket_activation() {
     // What systemd does for hotswap.socket: bind, then pass the socket as fd 3 with
     // LISTEN_FDS=1 and LISTEN_PID set to the service's pid.

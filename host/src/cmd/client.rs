@@ -208,13 +208,14 @@ fn seconds(s: f64) -> String {
 /// `hotswap status` for people.
 fn status_text(status: &api::Status) -> String {
     let current = &status.current;
-    let mut out = format!(
+    let mut out = format!("host pid {} (hotswap {}), up {}\n", status.pid, status.host_version, seconds(status.uptime_seconds));
+    out.push_str(&format!(
         "serving {} {} (generation {}) from {}\n",
         current.name,
         current.version,
         current.generation,
         current.file.display()
-    );
+    ));
     out.push_str(&format!("  sha256 {}\n", text(current.sha256.as_ref())));
     match &status.pin {
         Some(pin) => out.push_str(&format!(
