@@ -112,6 +112,10 @@ pub struct Params {
     pub ws_rounds: usize,
     pub ws_time: Duration,
     pub ws_sessions: usize,
+    /// Host upgrades timed on an idle host (section j).
+    pub upgrades: usize,
+    /// How often the host is upgraded under load (as the anchor reloads, every 2 s).
+    pub upgrade_every: Duration,
     /// The short and the long run of each server under callgrind; none in a smoke run (a
     /// minute of valgrind for figures that would mean nothing).
     pub callgrind_times: Option<(Duration, Duration)>,
@@ -140,6 +144,8 @@ impl Params {
             ws_rounds: 5,
             ws_time: Duration::from_secs(5),
             ws_sessions: 32,
+            upgrades: 10,
+            upgrade_every: Duration::from_secs(2),
             callgrind_times: Some((Duration::from_secs(3), Duration::from_secs(9))),
         }
     }
@@ -162,6 +168,8 @@ impl Params {
             memory_points: [2, 5, 10],
             ws_rounds: 1,
             ws_time: Duration::from_secs(1),
+            upgrades: 2,
+            upgrade_every: Duration::from_millis(300),
             callgrind_times: None,
             ..Params::full()
         }

@@ -377,10 +377,70 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
             let _ = writeln!(w, "- `{c}`");
         }
     }
+    host_upgrades(w, r, p);
     if let Some(a) = &r.anchor_reloads {
         let _ = writeln!(w, "\nAnchor figures come from its own script, run in the same session: `{}`.", a.command);
     }
     o
+}
+
+/// Section j: upgrading the host binary, beside the anchor's reloads.
+fn host_upgrades(w: &mut String, r: &Results, p: &Params) {
+    let u = &r.upgrades;
+    let _ = writeln!(w, "\n### j. Upgrading the host binary\n");
+    let _ = writeln!(
+        w,
+        "{} upgrades of an idle host to the same binary (`hotswap upgrade`): the clock starts when the command is \
+         issued and stops at the first answer from the new process, polled with `GET /host` on new connections.\n",
+        u.first_answer.len()
+    );
+    let _ = writeln!(w, "| | p50 ms | p99 ms | max ms |\n|---|---|---|---|");
+    let v = &u.first_answer;
+    let _ = writeln!(
+        w,
+        "| hotswap: `hotswap upgrade` → first answer from the new process | {:.1} | {:.1} | {:.1} |",
+        percentile_ms(v, 50.0),
+        percentile_ms(v, 99.0),
+        percentile_ms(v, 100.0)
+    );
+    if let Some(a) = &r.anchor_reloads {
+        for anchor in &a.anchors {
+            let value = a.get("4 reload->first new", anchor).unwrap_or("n/a");
+            let _ = writeln!(w, "| {anchor} (anchor): reload → first new answer, ms med(min-max) | {value} | | |");
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\nUnder load: `{}`, {} rounds each, alternating: without upgrades, and with an upgrade every {:?} \
+         ({} upgrades in all). wrk does not retry: a request cut or refused by an upgrade counts as failed.\n",
+        u.command,
+        u.steady.len(),
+        p.upgrade_every,
+        u.upgrades_under_load
+    );
+    let _ = writeln!(w, "| | req/s | p99 ms | failed requests |\n|---|---|---|---|");
+    let _ = writeln!(w, "| hotswap, no upgrades | {:.0} | {:.3} | {} |", med(&u.steady, |x| x.rps), med(&u.steady, |x| x.p99_ms), failures(&u.steady));
+    let _ = writeln!(
+        w,
+        "| hotswap, an upgrade every {:?} | {:.0} | {:.3} | {} |",
+        p.upgrade_every,
+        med(&u.upgrading, |x| x.rps),
+        med(&u.upgrading, |x| x.p99_ms),
+        failures(&u.upgrading)
+    );
+    if let Some(a) = &r.anchor_reloads {
+        for anchor in &a.anchors {
+            let get = |k: &str| a.get(k, anchor).unwrap_or("n/a").to_owned();
+            let _ = writeln!(
+                w,
+                "| {anchor} (anchor), a reload every 2 s | {} | {} | {} non-2xx, socket errors c/r/w/t {} |",
+                get("2 load req/s"),
+                get("2 load latency p99"),
+                get("2 load non-2xx"),
+                get("2 load socket errors")
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ pub(crate) struct Results {
     pub(crate) load: Load,
     pub(crate) slow: Slow,
     pub(crate) memory: Vec<MemoryPoint>,
+    pub(crate) upgrades: HostUpgrades,
     pub(crate) anchor_reloads: Option<anchor::Summary>,
     pub(crate) anchor_note: Option<String>,
     /// Instructions per hello-world request, hotswap and static (empty without valgrind).
@@ -75,6 +76,20 @@ pub(crate) struct Slow {
     /// Version answered to a new request before each swap, and one second after the last.
     pub(crate) versions: Vec<String>,
     pub(crate) swap_latency: Vec<Duration>,
+}
+
+/// j. Upgrades of the host binary (`hotswap upgrade`).
+#[derive(Debug, Default)]
+pub(crate) struct HostUpgrades {
+    /// `hotswap upgrade` issued → first answer from the new process on a new connection, per
+    /// upgrade of an idle host.
+    pub(crate) first_answer: Vec<Duration>,
+    /// The wrk load.
+    pub(crate) command: String,
+    pub(crate) steady: Vec<wrk::Run>,
+    /// The same load with an upgrade every `Params::upgrade_every`.
+    pub(crate) upgrading: Vec<wrk::Run>,
+    pub(crate) upgrades_under_load: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -131,6 +146,7 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
     } else {
         eprintln!("== no axum example given: section i is left out");
     }
+    results.upgrades = host_upgrades(setup, params)?;
     {
         let (hot, mut swapper) = start_hotswap(setup, "hotswap-memory")?;
         results.memory = memory(&hot, &mut swapper, setup, params)?;
@@ -167,8 +183,13 @@ fn start_hotswap(setup: &Setup, name: &'static str) -> Result<(Server, Swapper)>
 
 /// Starts `hotswap serve` at its default log level on a fresh `root`: the first build in
 /// `root/plugins` (watched), shadow copies in `root/shadow` (see [`shadow_dir`]), the log in
-/// `root/host.log`; the swapper stages its builds in `root/staging`.
+/// `root/host.log`; the swapper stages its builds in `root/staging`. No admin API.
 pub(crate) fn hotswap_in(hotswap: &Path, builds: &[Build; 2], root: &Path) -> Result<(Server, Swapper)> {
+    hotswap_with_admin(hotswap, builds, root, None)
+}
+
+/// [`hotswap_in`], with the admin API on the Unix socket `admin` if given.
+fn hotswap_with_admin(hotswap: &Path, builds: &[Build; 2], root: &Path, admin: Option<&Path>) -> Result<(Server, Swapper)> {
     let _ = std::fs::remove_dir_all(root);
     let (plugins, staging) = (root.join("plugins"), root.join("staging"));
     std::fs::create_dir_all(&plugins).with_context(|| format!("cannot create {}", plugins.display()))?;
@@ -176,8 +197,10 @@ pub(crate) fn hotswap_in(hotswap: &Path, builds: &[Build; 2], root: &Path) -> Re
     let swapper = Swapper::new(builds.clone(), &plugins, &staging);
     swapper.install_first()?;
     let mut cmd = Command::new(hotswap);
-    // No admin API: none is used, and the default socket may belong to another host.
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin", "off", "--plugin-dir"])
+    // No admin API unless asked for: the default socket may belong to another host.
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin"])
+        .arg(admin.map_or("off".as_ref(), Path::as_os_str))
+        .arg("--plugin-dir")
         .arg(&plugins)
         .arg("--shadow-dir")
         .arg(root.join("shadow"))
@@ -358,6 +381,86 @@ fn load(hot: &Server, swapper: &mut Swapper, params: &Params) -> Result<Load> {
     std::thread::sleep(Duration::from_millis(500));
     load.swaps_logged = swaps_logged(hot) - before;
     Ok(load)
+}
+
+/// j. Upgrades of the host binary: on an idle host, `hotswap upgrade` to the first answer from
+/// the new process; then throughput and failures under keep-alive load (wrk, which does not
+/// retry) with an upgrade every `upgrade_every`, against the same load without.
+fn host_upgrades(setup: &Setup, params: &Params) -> Result<HostUpgrades> {
+    eprintln!("== j. host upgrades: {} on an idle host, then under load", params.upgrades);
+    // Socket paths are limited to 107 bytes: not under the work directory.
+    let admin = std::env::temp_dir().join(format!("hotswap-bench-{}.sock", std::process::id()));
+    let (hot, _swapper) = hotswap_with_admin(&setup.hotswap, &setup.builds, &setup.work.join("hotswap-upgrade"), Some(&admin))?;
+    // The process serving now; every upgrade replaces it, and the last one is stopped here.
+    let mut serving = Stop(hot.pid());
+    let mut result = HostUpgrades::default();
+    let upgrade = |serving: &mut Stop| -> Result<u32> {
+        let out = Command::new(&setup.hotswap).args(["upgrade", "--json", "--admin"]).arg(&admin).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success(), "hotswap upgrade failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        let pid = text
+            .split("\"to_pid\":")
+            .nth(1)
+            .and_then(|rest| rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .with_context(|| format!("no to_pid in {text}"))?;
+        serving.0 = pid;
+        Ok(pid)
+    };
+    for _ in 0..params.upgrades {
+        let started = Instant::now();
+        let next = upgrade(&mut serving)?;
+        loop {
+            let (status, body) = crate::conn::Conn::open(hot.port, Duration::from_secs(5))?.get_text("/host")?;
+            if status == 200 && body.trim() == format!("pid={next}") {
+                break;
+            }
+            ensure!(started.elapsed() < SWAP_WAIT, "the new host {next} did not answer within {SWAP_WAIT:?}");
+        }
+        result.first_answer.push(started.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let url = hot.url("/");
+    result.command = wrk::command_line(params.connections, params.load_time, &url);
+    for round in 1..=params.load_rounds {
+        eprintln!("== j. load round {round}: no upgrades");
+        result.steady.push(wrk::run(params.connections, params.load_time, &url)?);
+        eprintln!("== j. load round {round}: an upgrade every {:?}", params.upgrade_every);
+        let (run, upgrades) = std::thread::scope(|scope| -> Result<(wrk::Run, u64)> {
+            let wrk = scope.spawn(|| wrk::run(params.connections, params.load_time, &url));
+            let started = Instant::now();
+            let mut upgrades = 0;
+            // The last interval free of upgrades: the run ends on a settled host.
+            while started.elapsed() + params.upgrade_every * 2 < params.load_time {
+                let due = started + params.upgrade_every * (upgrades as u32 + 1);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                upgrade(&mut serving)?;
+                upgrades += 1;
+            }
+            let run = wrk.join().map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+            Ok((run, upgrades))
+        })?;
+        result.upgrading.push(run);
+        result.upgrades_under_load += upgrades;
+    }
+    let log = hot.log_text();
+    drop(hot);
+    drop(serving);
+    check_log(&log)?;
+    Ok(result)
+}
+
+/// Stops a host process that is not the driver's child (one a `hotswap upgrade` started)
+/// when dropped, and waits (bounded) for it to go.
+struct Stop(u32);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        proc::signal(self.0, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::path::Path::new(&format!("/proc/{}", self.0)).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// e. A throttled download across swaps: it must finish byte-exact on its version while new
