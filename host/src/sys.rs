@@ -123,19 +123,28 @@ fn is_listening_stream(fd: std::os::fd::RawFd) -> bool {
 /// replaces (`hotswap upgrade`).
 pub(crate) const UPGRADE_FD_ENV: &str = "HOTSWAP_UPGRADE_FD";
 
-/// The socket to the host this process replaces, if it was started by `hotswap upgrade`
-/// (descriptor named by [`UPGRADE_FD_ENV`]). Taken once: the variable is removed, and the
-/// descriptor is made close-on-exec so that the processes this host starts (plugin probes, a
-/// later upgrade) do not hold it open.
-pub(crate) fn inherited_upgrade_socket() -> io::Result<Option<std::os::fd::OwnedFd>> {
-    use std::os::fd::FromRawFd as _;
-    let Some(value) = std::env::var_os(UPGRADE_FD_ENV) else { return Ok(None) };
+/// The socket to the host this process replaces, as [`claim_upgrade_socket`] found it.
+static UPGRADE_SOCKET: std::sync::Mutex<Option<io::Result<std::os::fd::OwnedFd>>> = std::sync::Mutex::new(None);
+
+/// Takes the socket to the host this process replaces, if it was started by `hotswap
+/// upgrade` (descriptor named by [`UPGRADE_FD_ENV`]), for [`upgrade_socket`]. Call it at the
+/// start of `main`, before any thread: it removes the variable from the environment (so
+/// that no process this one starts sees it). The descriptor is made close-on-exec, so that
+/// those processes (plugin probes, a later upgrade) do not hold it open either.
+pub(crate) fn claim_upgrade_socket() {
+    let Some(value) = std::env::var_os(UPGRADE_FD_ENV) else { return };
     std::env::remove_var(UPGRADE_FD_ENV);
-    let fd: std::os::fd::RawFd = value
+    let claimed = value
         .to_str()
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| v.parse::<std::os::fd::RawFd>().ok())
         .filter(|fd| *fd > 2)
-        .ok_or_else(|| io::Error::other(format!("{UPGRADE_FD_ENV}={value:?} is not a descriptor number above 2")))?;
+        .ok_or_else(|| io::Error::other(format!("{UPGRADE_FD_ENV}={value:?} is not a descriptor number above 2")))
+        .and_then(adopt_upgrade_socket);
+    *UPGRADE_SOCKET.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(claimed);
+}
+
+fn adopt_upgrade_socket(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
     // SAFETY: F_GETFD only reads the descriptor's flags; it fails on a closed descriptor.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags < 0 {
@@ -148,11 +157,19 @@ pub(crate) fn inherited_upgrade_socket() -> io::Result<Option<std::os::fd::Owned
     }
     // SAFETY: the host that started this process passed this descriptor for it to own, and
     // named it in the variable just removed: nothing else in this process knows of it.
-    Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The socket to the host this process replaces, if it was started by `hotswap upgrade`.
+/// Handed out once.
+pub(crate) fn upgrade_socket() -> io::Result<Option<std::os::fd::OwnedFd>> {
+    UPGRADE_SOCKET.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take().transpose()
 }
 
 /// Makes `command` start its process with `fd` as descriptor `target` (open across `exec`,
-/// whatever its close-on-exec flag here). `fd` must stay open until the process is spawned.
+/// whatever its close-on-exec flag here), and with no other descriptor above `target`: a
+/// plugin may have opened files without close-on-exec, and they are not the new process's.
+/// `fd` must stay open until the process is spawned.
 pub(crate) fn pass_descriptor(command: &mut std::process::Command, fd: std::os::fd::BorrowedFd<'_>, target: std::os::fd::RawFd) {
     use std::os::fd::AsRawFd as _;
     use std::os::unix::process::CommandExt as _;
@@ -171,10 +188,16 @@ pub(crate) fn pass_descriptor(command: &mut std::process::Command, fd: std::os::
         } else if unsafe { libc::dup2(source, target) } < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Marked close-on-exec rather than closed: std reports a failed exec through a pipe
+        // of its own, already close-on-exec, that must stay open until then.
+        // SAFETY: close_range is a raw system call, async-signal-safe; it changes descriptors
+        // of the child only. Without it (Linux before 5.11) they stay open: a leak, no harm.
+        unsafe { libc::syscall(libc::SYS_close_range, target + 1, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) };
         Ok(())
     };
     // SAFETY: the closure runs in the child between fork and exec, and calls only
-    // async-signal-safe functions (fcntl, dup2); it allocates nothing and takes no lock.
+    // async-signal-safe functions (fcntl, dup2, close_range); it allocates nothing and takes
+    // no lock.
     unsafe { command.pre_exec(set_up) };
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hotswap_tests::{artifacts, heavy_lock, is_pattern, place_by_rename, temp_dir, Host};
+use hotswap_tests::{artifacts, example_version, heavy_lock, is_pattern, place_by_rename, temp_dir, Host};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -237,9 +237,42 @@ async fn ten_upgrades() {
     assert_eq!(status["pid"], last);
     assert_eq!(status["pin"]["version"], "0.1.0", "{status}");
     assert_eq!(status["upgrades"].as_array().unwrap().len(), 10, "{status}");
-    assert!(status["history"].as_array().unwrap().iter().any(|r| r["state"] == "previous-host"), "{status}");
+    // Generations are numbered on across processes: the first host's was 1.
+    assert_eq!(status["current"]["generation"], 11, "{status}");
     let handed: u64 = status["upgrades"].as_array().unwrap().iter().map(|u| u["connections_handed_over"].as_u64().unwrap()).sum();
     assert!(handed >= 10, "too few connections handed over: {status}");
+}
+
+#[tokio::test]
+async fn the_history_and_a_rollback_survive_upgrades() {
+    let (a, b) = (example_version("1.0.0+a"), example_version("1.0.0+b"));
+    let dir = temp_dir("host-upgrade-history");
+    place_by_rename(&a, &dir.join("app.so"));
+    let host = Host::serve_dir(&dir, &[]);
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _reap = Reap(pids.clone());
+    place_by_rename(&b, &dir.join("app.so"));
+    host.wait_version("1.0.0+b").await;
+    for _ in 0..2 {
+        let pid = upgrade(&host.admin, &[]).await.unwrap();
+        pids.lock().unwrap().push(pid);
+    }
+    // The build is gone from the directory: the rollback comes from the copy the first host
+    // kept, carried over twice.
+    std::fs::remove_file(dir.join("app.so")).unwrap();
+    let rollback = host.command(&["rollback"]);
+    assert_eq!(rollback.code, 0, "{rollback:?}\n{}", host.log());
+    host.wait_version("1.0.0+a").await;
+    // Upgrades after the rollback serve the build rolled back to, still pinned.
+    for _ in 0..2 {
+        let pid = upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("{e}\n{}", host.log()));
+        pids.lock().unwrap().push(pid);
+    }
+    assert_eq!(host.version().await, "1.0.0+a");
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["pin"]["by"], "rollback", "{status}");
+    let earlier: Vec<_> = status["history"].as_array().unwrap().iter().filter(|r| r["state"] == "previous-host").collect();
+    assert!(earlier.iter().any(|r| r["version"] == "1.0.0+b"), "{status}");
 }
 
 #[tokio::test]
@@ -261,6 +294,13 @@ async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
     };
     let exits = write("exits.sh", "#!/bin/sh\necho 'broken build' >&2\nexit 3\n");
     let hangs = write("hangs.sh", "#!/bin/sh\nexec sleep 600\n");
+    // A real hotswap that cannot load the plugin: it trusts no build.
+    let digests = scripts.join("trusted.sha256");
+    std::fs::write(&digests, format!("{}\n", "0".repeat(64))).unwrap();
+    let cannot_load = write(
+        "cannot-load.sh",
+        &format!("#!/bin/sh\nexec {} \"$@\" --trusted-digests {}\n", artifacts().hotswap.display(), digests.display()),
+    );
     let text = scripts.join("notes.txt");
     std::fs::write(&text, "not a program").unwrap();
 
@@ -270,6 +310,8 @@ async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
     assert!(error.contains("did not serve within"), "{error}");
     let error = upgrade(&host.admin, &["--binary", text.to_str().unwrap()]).await.unwrap_err();
     assert!(error.contains("not an executable file"), "{error}");
+    let error = upgrade(&host.admin, &["--binary", cannot_load.to_str().unwrap()]).await.unwrap_err();
+    assert!(error.contains("cannot serve: no loadable plugin"), "{error}");
 
     // Still this host, on the same connection, and new connections too.
     assert_eq!(client.host_pid().await.unwrap(), host.pid());

@@ -120,8 +120,8 @@ pub(crate) enum AdminCommand {
         /// newer build may have been installed since).
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
-        /// How long the new host may take to load the plugin and serve.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        /// How long the new host may take to load the plugin and serve (1s to 5m).
+        #[arg(long, default_value = "60s", value_parser = crate::control::host::parse_upgrade_timeout)]
         timeout: Duration,
         #[command(flatten)]
         client: AdminClientArgs,

@@ -16,6 +16,7 @@ use std::os::fd::AsFd as _;
 use crate::cmd::upgrade;
 use crate::control::admin::AdminListener;
 use crate::control::host::{HostProcess, UpgradeOrder};
+use crate::control::registry::Outcome;
 use crate::control::builds::PluginSource;
 use crate::cmd::cli::HostArgs;
 use crate::plugin::reaper;
@@ -78,14 +79,30 @@ where
     let listening = listener.as_fd().try_clone_to_owned().context("cannot keep the listening socket for an upgrade")?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
     let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
-    match inherited {
+    let adopting = match inherited {
         Some(inherited) => {
-            // MAINPID: systemd follows this process from now on (`NotifyAccess=all`).
-            notify_service_manager(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
-            tokio::spawn(inherited.serve(server.clone(), host.clone()));
+            // From here on the previous host stops accepting, and the sockets are this one's.
+            inherited.ready(&host).await?;
+            if let Some(admin) = &admin {
+                admin.own_socket_file();
+            }
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                // A build newer than the one the previous host served may have arrived meanwhile.
+                if let Outcome::Swapped { to, .. } = registry.settle().await {
+                    tracing::info!(generation = to.generation, "swapped in a build newer than the previous host served");
+                }
+            });
+            // MAINPID once the previous host has stopped accepting: systemd follows this
+            // process from then on (`NotifyAccess=all`).
+            let accepted = || notify_service_manager(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+            Some(tokio::spawn(inherited.adopt(server.clone(), host.clone(), accepted)))
         }
-        None => notify_service_manager(&[NotifyState::Ready]),
-    }
+        None => {
+            notify_service_manager(&[NotifyState::Ready]);
+            None
+        }
+    };
     let upgrader = upgrade::Upgrader {
         registry: registry.clone(),
         host: host.clone(),
@@ -98,14 +115,27 @@ where
     let upgrades = tokio::spawn(upgrade::carry_out(orders_in, upgrader));
     server.accept_loop(listener).await;
     // Handing over to a new host, or shutting down?
-    let forwarding = if server.is_handing_over() { upgrades.await.ok().flatten() } else {
-        upgrades.abort();
+    let forwarding = if server.is_handing_over() {
+        upgrades.await.ok().flatten()
+    } else {
+        upgrades.abort(); // a new host being started is stopped
         None
     };
     if forwarding.is_none() {
         notify_service_manager(&[NotifyState::Stopping]);
+        let _ = triggers.await;
+    } else {
+        // Changes stay held while this host hands over: a swap the watcher was about to
+        // make would wait for them for ever. The new host watches the directory now.
+        triggers.abort();
     }
-    let _ = triggers.await;
+    if let Some(adopting) = adopting {
+        // Connections the previous host is still handing over are served (and, at this
+        // shutdown, closed between requests) rather than lost when this process exits.
+        if tokio::time::timeout(args.drain_timeout, adopting).await.is_err() {
+            tracing::warn!("the previous host was still handing over connections at the drain timeout");
+        }
+    }
     // No build gets new requests any more (and no swap is under way): long-lived sessions
     // that watch for it (WebSockets, through `handler_api::superseded`) may end politely
     // while the rest drains.
@@ -117,9 +147,15 @@ where
         registry.abort_all();
         server.drained(Duration::from_secs(2)).await;
     }
+    let mut handed_over = Ok(());
     if let Some(forwarding) = forwarding {
-        let handed = forwarding.finish().await;
-        tracing::info!(connections = handed, "handed over to the new host");
+        match forwarding.finish().await {
+            Ok(handed) => tracing::info!(connections = handed, "handed over to the new host"),
+            Err(e) => {
+                tracing::error!("{e:#}");
+                handed_over = Err(e);
+            }
+        }
     }
     drop(server);
     drop(registry);
@@ -128,7 +164,7 @@ where
         tracing::warn!(resident = reaper::resident_generations(), "some generations were not unloaded before exit");
     }
     tracing::info!("shut down");
-    Ok(())
+    handed_over
 }
 
 /// Loads the first generation and opens the admin listener: from the arguments, or as the

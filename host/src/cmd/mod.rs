@@ -34,6 +34,8 @@ pub fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|arg| arg == probe::PROBE_ARG) {
         return probe::child();
     }
+    // Before any thread starts: it changes the environment.
+    crate::sys::claim_upgrade_socket();
     if std::env::var_os(LIB_BACKTRACE).is_none() {
         // Backtraces captured by library code (anyhow's, with RUST_BACKTRACE=1) would, once a
         // plugin formats one, keep its file mapped after it unloads (see plugin::loader).

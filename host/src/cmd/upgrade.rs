@@ -61,6 +61,8 @@ enum Message {
     Hello {
         inheritance: Box<Inheritance>,
         upgrades: Vec<UpgradeRecord>,
+        /// Upgrades in all (`upgrades` keeps the latest).
+        upgrade_count: u64,
         admin: Option<HandedAdmin>,
         from_pid: u32,
         from_version: String,
@@ -72,8 +74,12 @@ enum Message {
     Ready { pid: u32, version: String, took_ms: u64 },
     /// New to old: it cannot serve, and why; the old one goes on.
     Failed { error: String },
+    /// Old to new: it has stopped accepting: the new one is the host now (and tells the
+    /// service manager so).
+    Accepted,
     /// Old to new, with a connection attached: the bytes read of its next request follow.
-    Connection,
+    /// `reading_head`: it has not sent its first request yet.
+    Connection { reading_head: bool },
     /// Old to new: nothing more comes.
     Done { handed: u64 },
 }
@@ -111,6 +117,10 @@ impl Channel {
         let mut buffer = vec![0u8; DATAGRAM];
         let mut space = [0u8; ANCILLARY];
         let (info, ancillary) = self.0.recv_with_ancillary(&mut buffer, &mut space).await?;
+        if info.truncated() || ancillary.is_truncated() {
+            // A peer that frames differently, or descriptors this process had no room for.
+            return Err(io::Error::other("a hand-over message did not fit (is the other host another version of hotswap?)"));
+        }
         let mut fds = Vec::new();
         for message in ancillary.into_messages() {
             if let OwnedAncillaryMessage::FileDescriptors(received) = message {
@@ -129,7 +139,11 @@ impl Channel {
         let total = 8 + json_len + tail_len;
         let mut whole = buffer[..read].to_vec();
         while whole.len() < total {
-            let n = self.0.recv(&mut buffer).await?.bytes_read();
+            let info = self.0.recv(&mut buffer).await?;
+            let n = info.bytes_read();
+            if info.truncated() {
+                return Err(io::Error::other("a hand-over message did not fit"));
+            }
             if n == 0 {
                 return Err(io::Error::other("the hand-over socket closed in the middle of a message"));
             }
@@ -163,12 +177,17 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
         let started = Instant::now();
         let binary = order.binary.clone().unwrap_or_else(|| upgrader.binary.clone());
         tracing::info!(binary = %binary.display(), "upgrading the host: starting the new binary");
+        // No swap, pin or reload from here on: the new host gets the state as it is now. If
+        // the upgrade succeeds, they wait until this host exits (and then fail): the new
+        // host is the one to ask.
+        let changes = upgrader.registry.hold_changes().await;
         match start_successor(&upgrader, &binary, order.timeout.unwrap_or(DEFAULT_TIMEOUT)).await {
-            Ok((channel, record)) => {
+            Ok((channel, successor, record)) => {
                 tracing::info!(
                     pid = record.to_pid, version = %record.to_version, took_ms = started.elapsed().as_millis() as u64,
                     "upgrade: the new host serves; this one stops accepting and hands over its connections"
                 );
+                successor.release();
                 upgrader.host.record(record.clone());
                 if let Some(admin) = &upgrader.admin {
                     admin.handed_over();
@@ -178,7 +197,7 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
                 let _ = order.reply.send(Ok(record));
                 let finish = CancellationToken::new();
                 let task = tokio::spawn(forward(channel, handed, finish.clone()));
-                return Some(Forwarding { finish, task });
+                return Some(Forwarding { finish, task, _changes: changes });
             }
             Err(e) => {
                 let message = format!("{e:#}");
@@ -190,8 +209,36 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
     None
 }
 
+/// The new host's process until it has taken over: stopped if the upgrade does not complete
+/// (it failed, timed out, or this host is told to stop meanwhile), so it never serves beside
+/// this one.
+struct Successor(Option<tokio::process::Child>);
+
+impl Successor {
+    /// It serves now: it must outlive this host.
+    fn release(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.start_kill(); // tokio reaps it
+        }
+    }
+}
+
+/// Why a new host did not serve.
+enum NotServing {
+    /// It said why.
+    Refused(String),
+    /// The hand-over went wrong, or it ended without saying why.
+    Broken(anyhow::Error),
+}
+
 /// Starts `binary` and waits until it serves (or fails, exits, or lets `timeout` pass).
-async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) -> anyhow::Result<(Channel, UpgradeRecord)> {
+async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) -> anyhow::Result<(Channel, Successor, UpgradeRecord)> {
     let ordered = SystemTime::now();
     check_binary(binary)?;
     let (ours, theirs) = UnixSeqpacket::pair().context("cannot create the socket pair for the hand-over")?;
@@ -206,14 +253,15 @@ async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) 
         .env_remove("LISTEN_FDNAMES")
         .stdin(std::process::Stdio::null());
     crate::sys::pass_descriptor(command.as_std_mut(), theirs.as_fd(), CHILD_FD);
-    let mut child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
+    let child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
     drop(theirs);
-    let channel = Channel(ours);
     let pid = child.id().unwrap_or(0);
+    let mut successor = Successor(Some(child));
+    let channel = Channel(ours);
     let answer = async {
         let (admin, admin_fd) = match &upgrader.admin {
             Some(admin) => {
-                let (fd, handed) = admin.handoff().context("cannot share the admin listener")?;
+                let (fd, handed) = admin.handoff().context("cannot share the admin listener").map_err(NotServing::Broken)?;
                 (Some(handed), Some(fd))
             }
             None => (None, None),
@@ -221,6 +269,7 @@ async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) 
         let hello = Message::Hello {
             inheritance: Box::new(upgrader.registry.inheritance()),
             upgrades: upgrader.host.upgrades(),
+            upgrade_count: upgrader.host.upgrade_count(),
             admin,
             from_pid: std::process::id(),
             from_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -229,47 +278,45 @@ async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) 
         };
         let mut fds = vec![upgrader.listener.as_fd()];
         fds.extend(admin_fd.as_ref().map(|fd| fd.as_fd()));
-        channel.send(&hello, &[], &fds).await.context("cannot send the sockets to the new host")?;
-        match channel.recv().await.context("cannot hear from the new host")? {
+        let broken = |e: io::Error, what: &str| NotServing::Broken(anyhow::Error::new(e).context(what.to_owned()));
+        channel.send(&hello, &[], &fds).await.map_err(|e| broken(e, "cannot send the sockets to the new host"))?;
+        match channel.recv().await.map_err(|e| broken(e, "cannot hear from the new host"))? {
             Some((Message::Ready { pid, version, took_ms }, ..)) => Ok(UpgradeRecord {
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 binary: binary.to_path_buf(),
                 connections_handed_over: 0,
                 from_pid: std::process::id(),
                 from_version: env!("CARGO_PKG_VERSION").to_owned(),
-                took_ms,
                 to_pid: pid,
                 to_version: version,
+                took_ms,
             }),
-            Some((Message::Failed { error }, ..)) => Err(anyhow::anyhow!("the new host ({}, pid {pid}) cannot serve: {error}", binary.display())),
-            Some((other, ..)) => Err(anyhow::anyhow!("the new host sent {other:?} instead of saying whether it serves")),
-            None => Err(anyhow::anyhow!("the new host ({}, pid {pid}) closed the hand-over before it served", binary.display())),
+            Some((Message::Failed { error }, ..)) => Err(NotServing::Refused(error)),
+            Some((other, ..)) => Err(NotServing::Broken(anyhow::anyhow!("it sent {other:?} instead of saying whether it serves"))),
+            None => Err(NotServing::Broken(anyhow::anyhow!("it closed the hand-over before it served"))),
         }
     };
     let outcome = tokio::select! {
         answer = answer => answer,
-        () = tokio::time::sleep(timeout) => Err(anyhow::anyhow!(
-            "the new host ({}, pid {pid}) did not serve within {timeout:?}: it was stopped", binary.display()
-        )),
+        () = tokio::time::sleep(timeout) => {
+            anyhow::bail!("the new host ({}, pid {pid}) did not serve within {timeout:?}: it was stopped", binary.display())
+        }
     };
     match outcome {
-        Ok(record) => Ok((channel, record)),
-        Err(e) => {
-            // Whatever state it is in, it must not serve beside this host; and if it has
-            // ended on its own, its exit says more than the socket did.
-            let exited = tokio::time::timeout(Duration::from_millis(500), child.wait()).await;
-            if let Ok(Ok(status)) = exited {
-                if !e.to_string().contains("cannot serve") {
-                    anyhow::bail!(
-                        "the new host ({}, pid {pid}) exited ({status}) before it served: its log says why",
-                        binary.display()
-                    );
+        Ok(record) => Ok((channel, successor, record)),
+        Err(NotServing::Refused(error)) => anyhow::bail!("the new host ({}, pid {pid}) cannot serve: {error}", binary.display()),
+        Err(NotServing::Broken(e)) => {
+            // If it has ended on its own, its exit says more than the socket did.
+            let exited = match successor.0.as_mut() {
+                Some(child) => tokio::time::timeout(Duration::from_millis(500), child.wait()).await.ok().and_then(Result::ok),
+                None => None,
+            };
+            match exited {
+                Some(status) => {
+                    anyhow::bail!("the new host ({}, pid {pid}) exited ({status}) before it served: its log says why", binary.display())
                 }
-                return Err(e);
+                None => Err(e.context(format!("the new host ({}, pid {pid}) did not serve: it was stopped", binary.display()))),
             }
-            let _ = child.start_kill();
-            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-            Err(e)
         }
     }
 }
@@ -290,49 +337,60 @@ fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The old host's side once the new one serves: its connections on their way there.
+/// The old host's side once the new one serves: its connections on their way there. Changes
+/// to the registry stay held until this host exits.
 pub(crate) struct Forwarding {
     finish: CancellationToken,
-    task: tokio::task::JoinHandle<u64>,
+    task: tokio::task::JoinHandle<anyhow::Result<u64>>,
+    _changes: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Forwarding {
     /// Sends what is left (the server has drained: every connection handed over is queued)
-    /// and says so to the new host. Returns how many connections were handed over.
-    pub(crate) async fn finish(self) -> u64 {
+    /// and says so to the new host. Returns how many connections were handed over, or an
+    /// error if the new host went away before it took them.
+    pub(crate) async fn finish(self) -> anyhow::Result<u64> {
         self.finish.cancel();
-        self.task.await.unwrap_or(0)
+        self.task.await.context("the hand-over task failed")?
     }
 }
 
-/// Sends each connection handed over to the new host, until `finish`, then `Done`.
-async fn forward(channel: Channel, mut handed: mpsc::UnboundedReceiver<Handed>, finish: CancellationToken) -> u64 {
+/// Tells the new host it is the host now, sends it each connection handed over until
+/// `finish`, then `Done`. If the new host goes away first, says so: nothing serves the port
+/// any more.
+async fn forward(channel: Channel, mut handed: mpsc::UnboundedReceiver<Handed>, finish: CancellationToken) -> anyhow::Result<u64> {
+    let gone = || anyhow::anyhow!("the new host went away during the hand-over: nothing accepts connections now; start hotswap again");
+    channel.send(&Message::Accepted, &[], &[]).await.map_err(|_| gone())?;
     let mut count = 0;
-    let mut send = async |connection: Handed| {
-        match channel.send(&Message::Connection, &connection.buffered, &[connection.stream.as_fd()]).await {
-            Ok(()) => count += 1,
-            // The socket closes here: its client sees the connection end, as at a shutdown.
-            Err(e) => tracing::warn!("cannot hand a connection to the new host: {e}"),
-        }
-    };
     loop {
         let next = tokio::select! {
             biased;
             next = handed.recv() => next,
             () = finish.cancelled() => None,
+            // It says nothing more; a message or the end here means it is gone.
+            _ = channel.recv() => return Err(gone()),
         };
-        match next {
-            Some(connection) => send(connection).await,
-            None => break,
-        }
+        let Some(connection) = next else { break };
+        send_connection(&channel, connection, &mut count).await?;
     }
     while let Ok(connection) = handed.try_recv() {
-        send(connection).await;
+        send_connection(&channel, connection, &mut count).await?;
     }
-    if let Err(e) = channel.send(&Message::Done { handed: count }, &[], &[]).await {
-        tracing::debug!("cannot tell the new host the hand-over is done: {e}");
+    channel.send(&Message::Done { handed: count }, &[], &[]).await.map_err(|_| gone())?;
+    Ok(count)
+}
+
+async fn send_connection(channel: &Channel, connection: Handed, count: &mut u64) -> anyhow::Result<()> {
+    let message = Message::Connection { reading_head: connection.reading_head };
+    match channel.send(&message, &connection.buffered, &[connection.stream.as_fd()]).await {
+        Ok(()) => *count += 1,
+        // The socket closes here: its client sees the connection end, as at a shutdown.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset => {
+            anyhow::bail!("the new host went away during the hand-over: nothing accepts connections now; start hotswap again")
+        }
+        Err(e) => tracing::warn!("cannot hand a connection to the new host: {e}"),
     }
-    count
+    Ok(())
 }
 
 /// The new host's side: what the host it replaces handed over.
@@ -342,6 +400,7 @@ pub(crate) struct Inherited {
     pub(crate) admin: Option<(OwnedFd, HandedAdmin)>,
     pub(crate) inheritance: Inheritance,
     pub(crate) upgrades: Vec<UpgradeRecord>,
+    upgrade_count: u64,
     from_pid: u32,
     from_version: String,
     binary: PathBuf,
@@ -350,7 +409,7 @@ pub(crate) struct Inherited {
 
 /// If this process was started by `hotswap upgrade`: what the host it replaces handed over.
 pub(crate) async fn inherit() -> anyhow::Result<Option<Inherited>> {
-    let Some(fd) = crate::sys::inherited_upgrade_socket().context("cannot use the hand-over socket")? else {
+    let Some(fd) = crate::sys::upgrade_socket().context("cannot use the hand-over socket")? else {
         return Ok(None);
     };
     let channel = Channel(UnixSeqpacket::try_from(fd).context("cannot use the hand-over socket")?);
@@ -358,7 +417,9 @@ pub(crate) async fn inherit() -> anyhow::Result<Option<Inherited>> {
         .await
         .context("the host this one replaces sent nothing")?
         .context("cannot hear from the host this one replaces")?;
-    let Some((Message::Hello { inheritance, upgrades, admin, from_pid, from_version, binary, ordered_ms }, _, fds)) = received else {
+    let Some((Message::Hello { inheritance, upgrades, upgrade_count, admin, from_pid, from_version, binary, ordered_ms }, _, fds)) =
+        received
+    else {
         anyhow::bail!("the host this one replaces did not start the hand-over as expected");
     };
     let mut fds = fds.into_iter();
@@ -370,24 +431,11 @@ pub(crate) async fn inherit() -> anyhow::Result<Option<Inherited>> {
         None => None,
     };
     tracing::info!(from_pid, from_version = %from_version, addr = %listener.local_addr()?, "taking over from the host this one replaces");
-    Ok(Some(Inherited { channel, listener, admin, inheritance: *inheritance, upgrades, from_pid, from_version, binary, ordered_ms }))
+    let inheritance = *inheritance;
+    Ok(Some(Inherited { channel, listener, admin, inheritance, upgrades, upgrade_count, from_pid, from_version, binary, ordered_ms }))
 }
 
 impl Inherited {
-    /// The record of the upgrade into this process.
-    pub(crate) fn record(&self) -> UpgradeRecord {
-        UpgradeRecord {
-            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            binary: self.binary.clone(),
-            connections_handed_over: 0,
-            from_pid: self.from_pid,
-            from_version: self.from_version.clone(),
-            took_ms: unix_ms(SystemTime::now()).saturating_sub(self.ordered_ms),
-            to_pid: std::process::id(),
-            to_version: env!("CARGO_PKG_VERSION").to_owned(),
-        }
-    }
-
     /// Tells the host this one replaces that it cannot serve, and why: that one goes on.
     pub(crate) async fn failed(&self, error: &anyhow::Error) {
         let message = Message::Failed { error: format!("{error:#}") };
@@ -396,30 +444,60 @@ impl Inherited {
         }
     }
 
-    /// Tells the host this one replaces that it serves (it accepts connections), then takes
-    /// in its connections as they come, until it is done.
-    pub(crate) async fn serve(self, server: Arc<Server>, host: Arc<HostProcess>) {
-        let record = self.record();
+    /// Tells the host this one replaces that this one serves (it accepts connections): that
+    /// one stops accepting. An error: it is gone, or gave up waiting (and stops this one).
+    pub(crate) async fn ready(&self, host: &HostProcess) -> anyhow::Result<()> {
+        let now = SystemTime::now();
+        let record = UpgradeRecord {
+            at: humantime::format_rfc3339_millis(now).to_string(),
+            binary: self.binary.clone(),
+            connections_handed_over: 0,
+            from_pid: self.from_pid,
+            from_version: self.from_version.clone(),
+            to_pid: std::process::id(),
+            to_version: env!("CARGO_PKG_VERSION").to_owned(),
+            took_ms: unix_ms(now).saturating_sub(self.ordered_ms),
+        };
         let ready = Message::Ready { pid: record.to_pid, version: record.to_version.clone(), took_ms: record.took_ms };
-        host.record(record);
-        if let Err(e) = self.channel.send(&ready, &[], &[]).await {
-            // It is gone (or stopped waiting): this host serves on its own.
-            return tracing::warn!("cannot tell the previous host that this one serves: {e}");
-        }
+        self.channel.send(&ready, &[], &[]).await.context("cannot tell the previous host that this one serves")?;
+        host.upgraded_into(self.upgrade_count + 1, record);
+        Ok(())
+    }
+
+    /// Takes in the previous host's connections as they come, until it is done. Once it has
+    /// stopped accepting, this is the host: `on_accepted` runs (it tells the service manager).
+    /// If this host hands over in turn meanwhile, they go on to the next one (see
+    /// `Server::adopt`): so this host must not exit before this ends.
+    pub(crate) async fn adopt(self, server: Arc<Server>, host: Arc<HostProcess>, on_accepted: impl FnOnce()) {
+        let mut on_accepted = Some(on_accepted);
         loop {
             match self.channel.recv().await {
-                Ok(Some((Message::Connection, buffered, fds))) => {
-                    let Some(fd) = fds.into_iter().next() else { continue };
-                    let stream = std::net::TcpStream::from(fd);
+                Ok(Some((Message::Accepted, ..))) => {
+                    if let Some(f) = on_accepted.take() {
+                        f();
+                    }
+                }
+                Ok(Some((Message::Connection { reading_head }, buffered, fds))) => {
+                    let Some(fd) = fds.into_iter().next() else {
+                        tracing::warn!("the previous host handed over a connection without its socket");
+                        continue;
+                    };
                     host.adopted_one();
-                    server.adopt(Handed { stream, buffered }).await;
+                    server.adopt(Handed { stream: std::net::TcpStream::from(fd), buffered, reading_head });
                 }
                 Ok(Some((Message::Done { handed }, ..))) => {
-                    return tracing::info!(connections = handed, "the previous host has handed over every connection it could");
+                    tracing::info!(connections = handed, "the previous host has handed over every connection it could");
+                    break;
                 }
                 Ok(Some((other, ..))) => tracing::debug!("unexpected hand-over message: {other:?}"),
-                Ok(None) => return tracing::info!("the previous host has gone"),
-                Err(e) => return tracing::warn!("the hand-over from the previous host ended: {e}"),
+                Ok(None) => {
+                    tracing::info!("the previous host has gone");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("the hand-over from the previous host ended: {e}");
+                    break;
+                }
             }
         }
     }

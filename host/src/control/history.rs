@@ -210,10 +210,11 @@ impl History {
         }
     }
 
-    /// Takes in the records of the host process this one replaces, before any of its own.
-    /// Their kept copies are linked (or copied) by `keep`, since the previous host removes
-    /// its own when it exits.
-    pub(crate) fn import(&self, carried: CarriedHistory, keep: impl Fn(&Path) -> std::io::Result<PathBuf>) {
+    /// Takes in the records of the host process this one replaces, before any of its own,
+    /// but for the record of its generation `serving`, whose build this host's first
+    /// generation serves on (and records). Their kept copies are linked (or copied) by
+    /// `keep`, since the previous host removes its own when it exits.
+    pub(crate) fn import(&self, carried: CarriedHistory, serving: u64, keep: impl Fn(&Path) -> std::io::Result<PathBuf>) {
         let record = |c: Carried| Record {
             generation: c.generation,
             name: c.name,
@@ -232,9 +233,16 @@ impl History {
             }),
             served_before: Some(c.requests),
         };
+        let generations = carried.generations.into_iter().filter(|c| c.generation != Some(serving)).map(record);
+        let refusals: Vec<Record> = carried.refusals.into_iter().map(record).collect();
         let mut inner = self.lock();
-        inner.records = carried.generations.into_iter().map(record).collect();
-        inner.refused = carried.refusals.into_iter().map(record).collect();
+        let own = std::mem::take(&mut inner.records);
+        inner.records = generations.chain(own).collect();
+        let own = std::mem::take(&mut inner.refused);
+        inner.refused = refusals.into_iter().chain(own).collect();
+        while inner.refused.len() > RECORDS_KEPT {
+            inner.refused.pop_front();
+        }
     }
 
     /// Refused builds, oldest first.

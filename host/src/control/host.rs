@@ -16,6 +16,19 @@ use tokio::sync::{mpsc, oneshot};
 /// How many upgrades are remembered.
 const UPGRADES_KEPT: usize = 32;
 
+/// The longest an upgrade may wait for the new host: under the admin API's connection
+/// lifetime, so the answer always gets through.
+pub(crate) const MAX_UPGRADE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long an upgrade may wait for the new host, from text like `30s`: 1s to 5 minutes.
+pub(crate) fn parse_upgrade_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|e| format!("`{text}` is not a duration like 30s: {e}"))?;
+    if timeout < Duration::from_secs(1) || timeout > MAX_UPGRADE_TIMEOUT {
+        return Err(format!("{text} is outside 1s to {}", humantime::format_duration(MAX_UPGRADE_TIMEOUT)));
+    }
+    Ok(timeout)
+}
+
 /// One upgrade of the host binary: a process handed its sockets and connections to another.
 /// (Fields in alphabetical order, as every admin API document: see `admin::api`.)
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +64,8 @@ pub(crate) struct HostProcess {
     /// Oldest first: those of the processes before this one, then its own (once it hands
     /// over).
     upgrades: Mutex<Vec<UpgradeRecord>>,
+    /// Upgrades in all, since the first process (`upgrades` keeps the latest).
+    upgrade_count: AtomicU64,
     /// Connections this process took over from the one before it.
     adopted: AtomicU64,
     /// Where upgrade orders go; `None` where upgrades are not supported (`hotswap dev`).
@@ -61,7 +76,23 @@ impl HostProcess {
     /// A host process that carries out upgrade orders sent to `orders` (if any), after the
     /// `upgrades` that led to it.
     pub(crate) fn new(orders: Option<mpsc::Sender<UpgradeOrder>>, upgrades: Vec<UpgradeRecord>) -> HostProcess {
-        HostProcess { upgrades: Mutex::new(upgrades), adopted: AtomicU64::new(0), orders }
+        HostProcess {
+            upgrade_count: AtomicU64::new(upgrades.len() as u64),
+            upgrades: Mutex::new(upgrades),
+            adopted: AtomicU64::new(0),
+            orders,
+        }
+    }
+
+    /// This process is the `count`th upgrade of the host, recorded as `upgrade`.
+    pub(crate) fn upgraded_into(&self, count: u64, upgrade: UpgradeRecord) {
+        self.record(upgrade);
+        self.upgrade_count.store(count, Ordering::Relaxed);
+    }
+
+    /// Upgrades in all, since the first host process.
+    pub(crate) fn upgrade_count(&self) -> u64 {
+        self.upgrade_count.load(Ordering::Relaxed)
     }
 
     /// Where to send an upgrade order, if this host can upgrade.
@@ -82,6 +113,9 @@ impl HostProcess {
 
     /// Records an upgrade (this process's own hand-over, or the one that started it).
     pub(crate) fn record(&self, upgrade: UpgradeRecord) {
+        if upgrade.from_pid == std::process::id() {
+            self.upgrade_count.fetch_add(1, Ordering::Relaxed);
+        }
         let mut upgrades = self.upgrades.lock().unwrap_or_else(PoisonError::into_inner);
         upgrades.push(upgrade);
         let excess = upgrades.len().saturating_sub(UPGRADES_KEPT);

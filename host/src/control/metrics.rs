@@ -138,9 +138,9 @@ impl Collector for Metrics {
         let pid = std::process::id().to_string();
         let labels = [("version", env!("CARGO_PKG_VERSION")), ("pid", pid.as_str())];
         ConstGauge::new(1).encode(info.encode_family(&labels)?)?;
-        ConstCounter::new(host.upgrades().len() as u64).encode(encoder.encode_descriptor(
+        ConstCounter::new(host.upgrade_count()).encode(encoder.encode_descriptor(
             "hotswap_host_upgrades",
-            "Upgrades of the host binary remembered (hotswap upgrade) that led to this process",
+            "Upgrades of the host binary (hotswap upgrade), by this process and those before it",
             None,
             MetricType::Counter,
         )?)?;

@@ -82,6 +82,12 @@ pub(crate) struct Events {
 pub(crate) struct Inheritance {
     /// The file the current generation was loaded from (a build, or a kept copy).
     pub(crate) serving: PathBuf,
+    /// The previous host's copy of the bytes it serves, if it kept one: what the new host
+    /// loads, since `serving` may have been written over since (it names the build).
+    pub(crate) kept: Option<PathBuf>,
+    /// The previous host's current generation: the new host's first generation takes over its
+    /// history record.
+    pub(crate) generation: u64,
     pub(crate) pin: Option<InheritedPin>,
     pub(crate) history: CarriedHistory,
     /// The id of the generation the new host starts.
@@ -119,7 +125,8 @@ pub(crate) struct Registry {
     history: History,
     events: Arc<Events>,
     /// Changes are made one at a time (the watcher, SIGHUP and the admin API all change).
-    changing: tokio::sync::Mutex<()>,
+    /// A host upgrade holds it too, from the state it hands over until it is done.
+    changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,7 +162,7 @@ impl Registry {
             pin: Mutex::new(None),
             history,
             events: Arc::default(),
-            changing: tokio::sync::Mutex::new(()),
+            changing: Arc::new(tokio::sync::Mutex::new(())),
         };
         let (history, mut builds, mut refusals) = (History::default(), Builds::default(), Vec::new());
         // What could not be read, as `read_build` keeps it: the watcher's first scan then
@@ -187,13 +194,12 @@ impl Registry {
                 let by = if p.by == "rollback" { PinnedBy::Rollback } else { PinnedBy::Pin };
                 Some(Pin { name: p.name.clone(), version: Version::parse(&p.version).ok()?, by })
             });
-            let first = match Candidate::open(&inheritance.serving, &options).await {
-                Ok(candidate) => candidate.start(first_id, &options).await,
-                Err(e) => Err(e),
-            };
-            let first = first.map_err(|e| StartError(vec![e.to_string()]))?;
-            tracing::info!(generation = first.id(), plugin = %first.label(), file = %inheritance.serving.display(), "plugin loaded (the build the previous host serves)");
-            history.import(inheritance.history, |kept| options.shadow.keep_from(kept));
+            let first = start_inherited(&inheritance, &options, first_id).await.map_err(|e| StartError(vec![e.to_string()]))?;
+            tracing::info!(
+                generation = first.id(), plugin = %first.label(), file = %inheritance.serving.display(),
+                "plugin loaded (the build the previous host serves)"
+            );
+            history.import(inheritance.history, inheritance.generation, |kept| options.shadow.keep_from(kept));
             let registry = registry(first.clone(), builds, unreadable, history);
             *lock(&registry.pin) = pin;
             registry.record_swap(&first);
@@ -235,13 +241,32 @@ impl Registry {
     }
 
     /// What the host process that replaces this one needs to serve on where it stands.
+    /// Take it under [`Registry::hold_changes`], held until that process serves or failed:
+    /// a change made in between would not reach it.
     pub(crate) fn inheritance(&self) -> Inheritance {
+        let current = self.current();
+        let kept = self.history.records().into_iter().find(|r| r.generation == Some(current.id())).and_then(|r| r.kept);
         Inheritance {
-            serving: self.current().source().to_path_buf(),
+            serving: current.source().to_path_buf(),
+            kept,
+            generation: current.id(),
             pin: self.pin().map(|p| InheritedPin { name: p.name, version: p.version.to_string(), by: p.by.to_string() }),
             history: self.history.carry(),
             next_id: self.next_id.load(Ordering::Relaxed),
         }
+    }
+
+    /// Holds every change (swaps, reloads, pins) back while the guard lives: a host upgrade
+    /// hands over the state as it is, and what this host does after that is lost.
+    pub(crate) async fn hold_changes(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.changing.clone().lock_owned().await
+    }
+
+    /// Swaps in the build that should serve, if it is not serving: for a host that took over
+    /// from another and may have found newer builds than that one served.
+    pub(crate) async fn settle(&self) -> Outcome {
+        let _changing = self.changing.lock().await;
+        self.converge(None).await
     }
 
     /// The generation new requests go to.
@@ -695,6 +720,24 @@ impl Registry {
             generation.aborted().raise();
         }
     }
+}
+
+/// Starts the build a previous host serves: the bytes it kept (linked into this host's own
+/// directory while it runs), named by the file they came from; or that file.
+async fn start_inherited(inheritance: &Inheritance, options: &LoadOptions, id: u64) -> Result<Arc<Generation>, GenerationError> {
+    let link = inheritance.kept.as_deref().map(|kept| options.shadow.keep_from(kept));
+    let candidate = match &link {
+        Some(Ok(link)) => Candidate::open(link, options).await.map(|c| c.named(&inheritance.serving)),
+        Some(Err(e)) => {
+            tracing::debug!("cannot use the previous host's copy of its build ({e}): loading {}", inheritance.serving.display());
+            Candidate::open(&inheritance.serving, options).await
+        }
+        None => Candidate::open(&inheritance.serving, options).await,
+    };
+    if let Some(Ok(link)) = link {
+        let _ = std::fs::remove_file(link); // the generation keeps its own copy
+    }
+    candidate?.start(id, options).await
 }
 
 fn build_of(candidate: &Candidate) -> Build {

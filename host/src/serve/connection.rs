@@ -31,7 +31,7 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
         let http2 = match sniff_http2(&mut io, &shared).await {
             Ok(Sniffed::Http1) => false,
             Ok(Sniffed::Http2) => true,
-            Ok(Sniffed::HandOver(to)) => return io.hand_over(Bytes::new(), &to),
+            Ok(Sniffed::HandOver(to)) => return io.hand_over(Bytes::new(), true, &to),
             Err(e) => return tracing::debug!("connection ended before its first request: {e}"),
         };
         if http2 {
@@ -95,10 +95,22 @@ async fn drive_http1(mut connection: Http1Connection, conn: &ConnState, shared: 
     };
     // The connection is polled first: one that ends on its own (the client closed, hyper gave
     // up reading a body nobody wanted) ends here, and is not handed over.
+    let mut nudged = false;
     let ended = std::future::poll_fn(|cx| match Pin::new(&mut connection).poll(cx) {
         Poll::Ready(r) => Poll::Ready(Some(r)),
         Poll::Pending if conn.at_request_boundary() => Poll::Ready(None),
-        Poll::Pending => Poll::Pending,
+        Poll::Pending => {
+            // hyper may have last asked the socket for bytes while the request was still in
+            // progress, and would not ask again before the client sends its next request.
+            // Polled once more now that the request has ended, it asks, and finds the boundary.
+            if conn.activity.http1_busy() {
+                nudged = false;
+            } else if !nudged {
+                nudged = true;
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        }
     })
     .await;
     if let Some(r) = ended {
@@ -110,7 +122,7 @@ async fn drive_http1(mut connection: Http1Connection, conn: &ConnState, shared: 
     Pin::new(&mut connection).graceful_shutdown();
     (&mut connection).await?;
     if let Some(parts) = connection.into_parts() {
-        parts.io.into_inner().hand_over(parts.read_buf, to);
+        parts.io.into_inner().hand_over(parts.read_buf, false, to);
     }
     Ok(())
 }
@@ -148,7 +160,7 @@ async fn sniff_http2(io: &mut MigratingStream, shared: &Shared) -> io::Result<Sn
             Some(n) => len += n,
             None => match shared.handoff.get() {
                 Some(to) => {
-                    io.replay = [Bytes::copy_from_slice(&seen[..len]), std::mem::take(&mut io.replay)].concat().into();
+                    io.replay_first(&seen[..len]);
                     return Ok(Sniffed::HandOver(to.clone()));
                 }
                 None => watching = false,
@@ -157,7 +169,7 @@ async fn sniff_http2(io: &mut MigratingStream, shared: &Shared) -> io::Result<Sn
     }
     // What was read comes again first, before any replayed bytes not yet read (a connection
     // handed over with bytes its previous host had read).
-    io.replay = [Bytes::copy_from_slice(&seen[..len]), std::mem::take(&mut io.replay)].concat().into();
+    io.replay_first(&seen[..len]);
     Ok(if seen[..len] == *H2_PREFACE { Sniffed::Http2 } else { Sniffed::Http1 })
 }
 
@@ -367,18 +379,28 @@ impl MigratingStream {
         Ok(MigratingStream { io, replay: Bytes::new(), frames: None, registered, conn, _open: open })
     }
 
+    /// Puts `read` back before any bytes still to be replayed.
+    fn replay_first(&mut self, read: &[u8]) {
+        self.replay = if self.replay.is_empty() {
+            Bytes::copy_from_slice(read)
+        } else {
+            [read, &self.replay[..]].concat().into()
+        };
+    }
+
     /// Hands the socket to the new host (`hotswap upgrade`), with `buffered`, the bytes hyper
-    /// had read of it, and any not yet replayed. The connection's slot is given back only
-    /// once the socket is on its way: when the server has drained, every socket handed over
-    /// is in `to`.
-    pub(crate) fn hand_over(mut self, buffered: Bytes, to: &mpsc::UnboundedSender<Handed>) {
+    /// had read of it, and any not yet replayed. `reading_head`: it owes its first request's
+    /// head (header read timeout) rather than being between requests. The connection's slot
+    /// is given back only once the socket is on its way: when the server has drained, every
+    /// socket handed over is in `to`.
+    pub(crate) fn hand_over(mut self, buffered: Bytes, reading_head: bool, to: &mpsc::UnboundedSender<Handed>) {
         let Some(io) = self.io.take() else { return };
         let stream = match io.into_std() {
             Ok(stream) => stream,
             Err(e) => return tracing::debug!("cannot hand a connection over: {e}"),
         };
         let buffered = if self.replay.is_empty() { buffered } else { [buffered, std::mem::take(&mut self.replay)].concat().into() };
-        if to.send(Handed { stream, buffered }).is_err() {
+        if to.send(Handed { stream, buffered, reading_head }).is_err() {
             tracing::debug!("cannot hand a connection over: the hand-over has ended");
         }
     }
@@ -413,6 +435,7 @@ impl AsyncRead for MigratingStream {
         if !this.replay.is_empty() {
             let n = buf.remaining().min(this.replay.len());
             buf.put_slice(&this.replay.split_to(n));
+            this.conn.read_any.store(true, std::sync::atomic::Ordering::Release);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -420,16 +443,16 @@ impl AsyncRead for MigratingStream {
             Ok(io) => io.poll_read(cx, buf),
             Err(e) => return Poll::Ready(Err(e)),
         };
-        if polled.is_pending() && !this.conn.activity.http1_busy() {
-            this.conn.awaiting_request.store(true, std::sync::atomic::Ordering::Release);
-        } else if buf.filled().len() > before {
-            this.conn.awaiting_request.store(false, std::sync::atomic::Ordering::Release);
-        }
         if buf.filled().len() > before {
             match &mut this.frames {
                 Some(frames) => frames.read(&buf.filled()[before..], &this.conn.activity),
-                None => this.conn.activity.received(),
+                None => {
+                    this.conn.activity.received();
+                    this.conn.saw_bytes();
+                }
             }
+        } else if polled.is_pending() && this.frames.is_none() {
+            this.conn.found_no_bytes();
         }
         polled
     }

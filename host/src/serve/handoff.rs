@@ -18,4 +18,7 @@ pub(crate) struct Handed {
     /// What the previous host had read from it and not yet served: the start of the next
     /// request, if any.
     pub(crate) buffered: Bytes,
+    /// It owes the head of its first request (a new connection that has sent nothing yet):
+    /// the header read timeout applies, not the idle timeout.
+    pub(crate) reading_head: bool,
 }

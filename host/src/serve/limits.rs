@@ -218,6 +218,13 @@ impl Activity {
         bodies.push(WatchedBody { body: Arc::downgrade(body), received: 0, since: None });
     }
 
+    /// Whether a request body of this connection is still being read (not ended, failed or
+    /// let go of by the plugin).
+    pub(crate) fn reading_body(&self) -> bool {
+        let bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        bodies.iter().any(|w| w.body.upgrade().is_some_and(|b| !b.is_finished()))
+    }
+
     /// Takes what the sweeper found, if it still holds: `None` when nothing expired, or when
     /// a request has started since (the sweeper looks again later).
     pub(crate) fn take_expiry(&self) -> Option<Expiry> {

@@ -96,7 +96,7 @@ impl Server {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     match stream.into_std() {
-                        Ok(stream) => self.serve_socket(stream, peer, slot, Bytes::new(), true),
+                        Ok(stream) => self.serve_socket(stream, peer, Some(slot), Bytes::new(), true),
                         Err(e) => tracing::debug!(%peer, "dropping connection: {e}"),
                     }
                 }
@@ -111,17 +111,19 @@ impl Server {
     }
 
     /// Serves a connection the host this one replaces handed over, as if accepted here,
-    /// reading first what that host had read of it. It counts against `--max-connections`
-    /// like any other (and waits for a slot if none is free).
-    pub(crate) async fn adopt(self: &Arc<Self>, handed: Handed) {
-        let Ok(slot) = self.slots.clone().acquire_owned().await else { return };
-        let Handed { stream, buffered } = handed;
+    /// reading first what that host had read of it. It takes one of the `--max-connections`
+    /// slots if one is free; if none is, it is served anyway: its client is already
+    /// connected, and may have sent a request. If this server is itself handing over, the
+    /// connection goes straight on to the next host.
+    pub(crate) fn adopt(self: &Arc<Self>, handed: Handed) {
+        let slot = self.slots.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            tracing::debug!(max = self.limits.max_connections, "a connection handed over is served beyond the connection limit");
+        }
+        let Handed { stream, buffered, reading_head } = handed;
+        let reading_head = reading_head || !buffered.is_empty();
         match stream.set_nonblocking(true).and_then(|()| stream.peer_addr()) {
-            // Between requests: the idle timeout applies, unless the next one has begun.
-            Ok(peer) => {
-                let reading_head = !buffered.is_empty();
-                self.serve_socket(stream, peer, slot, buffered, reading_head);
-            }
+            Ok(peer) => self.serve_socket(stream, peer, slot, buffered, reading_head),
             Err(e) => tracing::debug!("dropping a connection handed over: {e}"),
         }
     }
@@ -148,7 +150,7 @@ impl Server {
         self: &Arc<Self>,
         std_stream: std::net::TcpStream,
         peer: SocketAddr,
-        slot: OwnedSemaphorePermit,
+        slot: Option<OwnedSemaphorePermit>,
         replay: Bytes,
         reading_head: bool,
     ) {

@@ -89,6 +89,12 @@ pub(crate) struct ConnState {
     /// The connection is being handed over: hyper's shutdown of the socket must not reach
     /// it (the new host serves it on).
     pub(crate) handing_over: AtomicBool,
+    /// HTTP/1: hyper has read something of this connection. Until it has served a request,
+    /// or while it has read nothing, it is not between requests (hyper would finish such a
+    /// first request before it stops, and say `Connection: close`).
+    pub(crate) read_any: AtomicBool,
+    /// HTTP/1: a request has been served on this connection.
+    pub(crate) served_one: AtomicBool,
 }
 
 impl ConnState {
@@ -103,27 +109,53 @@ impl ConnState {
             switching: AtomicBool::new(false),
             awaiting_request: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
+            read_any: AtomicBool::new(false),
+            served_one: AtomicBool::new(false),
+        }
+    }
+
+    /// HTTP/1: bytes arrived. (Each flag is written only when it changes: this is on every
+    /// read.)
+    pub(crate) fn saw_bytes(&self) {
+        if !self.read_any.load(Ordering::Relaxed) {
+            self.read_any.store(true, Ordering::Release);
+        }
+        if self.awaiting_request.load(Ordering::Relaxed) {
+            self.awaiting_request.store(false, Ordering::Release);
+        }
+    }
+
+    /// HTTP/1: hyper asked the socket for bytes and found none.
+    pub(crate) fn found_no_bytes(&self) {
+        if !self.awaiting_request.load(Ordering::Relaxed) && !self.activity.http1_busy() {
+            self.awaiting_request.store(true, Ordering::Release);
         }
     }
 
     /// HTTP/1: whether the connection is between requests, with nothing of a request read
-    /// but what hyper holds in its buffer: where it may be handed over.
+    /// but what hyper holds in its buffer: where it may be handed over. hyper stops there at
+    /// once when told to shut down, without reading or writing more.
     pub(crate) fn at_request_boundary(&self) -> bool {
         self.awaiting_request.load(Ordering::Acquire)
             && !self.activity.http1_busy()
             && !self.switching.load(Ordering::Acquire)
+            && (self.served_one.load(Ordering::Acquire) || !self.read_any.load(Ordering::Acquire))
+            // A request body the plugin still reads after its response has ended: hyper is
+            // in the middle of it.
+            && !self.activity.reading_body()
     }
 }
 
 /// An open connection: counted for the drain at shutdown, and holding one of the
-/// `--max-connections` slots until it closes.
+/// `--max-connections` slots until it closes (but for one handed over by a previous host
+/// when none was free).
 pub(crate) struct OpenConnection {
     shared: Arc<Shared>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl OpenConnection {
-    pub(crate) fn new(shared: &Arc<Shared>, slot: OwnedSemaphorePermit) -> OpenConnection {
+    pub(crate) fn new(shared: &Arc<Shared>, slot: Option<OwnedSemaphorePermit>) -> OpenConnection {
         shared.connections.fetch_add(1, Ordering::SeqCst);
         OpenConnection { shared: shared.clone(), _slot: slot }
     }

@@ -183,6 +183,13 @@ impl SocketFile {
     fn new(path: PathBuf) -> SocketFile {
         SocketFile { path, handed_over: Arc::default() }
     }
+
+    /// The file of a socket another host process serves (the one this host replaces), until
+    /// this one owns it ([`ServedAdmin::own_socket_file`]): if this host fails to start, the
+    /// file stays for that one.
+    fn borrowed(path: PathBuf) -> SocketFile {
+        SocketFile { path, handed_over: Arc::new(std::sync::atomic::AtomicBool::new(true)) }
+    }
 }
 
 impl Drop for SocketFile {
@@ -212,6 +219,14 @@ impl ServedAdmin {
     pub(crate) fn handed_over(&self) {
         if let Some(flag) = &self.handed_over {
             flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// This process serves the socket inherited from the one it replaced, which has let go
+    /// of it: remove its file when this one exits.
+    pub(crate) fn own_socket_file(&self) {
+        if let Some(flag) = &self.handed_over {
+            flag.store(false, std::sync::atomic::Ordering::Release);
         }
     }
 }
@@ -262,7 +277,7 @@ impl AdminListener {
                 let std = std::os::unix::net::UnixListener::from(descriptor);
                 let listener = std.set_nonblocking(true).and_then(|()| UnixListener::from_std(std));
                 let listener = listener.map_err(|source| AdminError::ListenUnix { path: path.clone(), source })?;
-                (Listener::Unix { listener, file: SocketFile::new(path.clone()) }, AdminAddr::Unix(path))
+                (Listener::Unix { listener, file: SocketFile::borrowed(path.clone()) }, AdminAddr::Unix(path))
             }
             HandedAdmin::Tcp(tcp) => {
                 let std = std::net::TcpListener::from(descriptor);
@@ -534,9 +549,9 @@ impl Api {
             return error(StatusCode::CONFLICT, "this host cannot upgrade itself: only `hotswap serve` can (not `hotswap dev`)");
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let timeout = match order.timeout.as_deref().map(humantime::parse_duration).transpose() {
+        let timeout = match order.timeout.as_deref().map(crate::control::host::parse_upgrade_timeout).transpose() {
             Ok(timeout) => timeout,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("`timeout` must be a duration like 30s: {e}")),
+            Err(message) => return error(StatusCode::BAD_REQUEST, &format!("`timeout`: {message}")),
         };
         let order = UpgradeOrder { binary: order.binary, timeout, reply };
         if orders.send(order).await.is_err() {
