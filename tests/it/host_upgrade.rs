@@ -322,6 +322,43 @@ async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
 }
 
 #[tokio::test]
+async fn websockets_and_http2_finish_on_the_old_host() {
+    use crate::upgrades::{connect, echo, greeting};
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = temp_dir("host-upgrade-long");
+    place_by_rename(&artifacts().example, &dir.join("app.so"));
+    let mut host = Host::serve_dir(&dir, &[]);
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _reap = Reap(pids.clone());
+    let mut session = connect(&host, "").await;
+    greeting(&mut session).await;
+    // A throttled download over HTTP/2 (prior knowledge), under way at the upgrade.
+    let size: u64 = 2 << 20;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let response = h2.get(host.url(&format!("/download?size={size}&rate={}", 2 << 20))).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+
+    let next = upgrade(&host.admin, &[]).await.unwrap();
+    pids.lock().unwrap().push(next);
+    assert_eq!(KeepAlive::connect(&host.addr).await.host_pid().await.unwrap(), next);
+    // Both go on, on the old host.
+    echo(&mut session, Message::text("after the upgrade")).await;
+    let mut body = response.bytes_stream();
+    let mut at = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.unwrap_or_else(|e| panic!("the HTTP/2 download was cut at byte {at}: {e}"));
+        assert!(is_pattern(&chunk, at), "wrong bytes at {at}");
+        at += chunk.len() as u64;
+    }
+    assert_eq!(at, size);
+    echo(&mut session, Message::text("still the old host")).await;
+    assert!(alive(host.pid()), "the old host left before its WebSocket ended");
+    session.close(None).await.unwrap();
+    assert_eq!(host.wait_exit(Duration::from_secs(20)), Some(0), "{}", host.log());
+}
+
+#[tokio::test]
 async fn sigusr2_upgrades_to_the_running_binary() {
     let dir = temp_dir("host-upgrade-usr2");
     place_by_rename(&artifacts().example, &dir.join("app.so"));

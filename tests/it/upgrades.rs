@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 /// A WebSocket session to the example handler's `/ws`, over HTTP/1.1.
-async fn connect(host: &Host, query: &str) -> WebSocketStream<impl AsyncRead + AsyncWrite + Unpin> {
+pub(crate) async fn connect(host: &Host, query: &str) -> WebSocketStream<impl AsyncRead + AsyncWrite + Unpin> {
     let (ws, response) = tokio_tungstenite::connect_async(format!("ws://{}/ws{query}", host.addr))
         .await
         .unwrap_or_else(|e| panic!("WebSocket handshake failed: {e}\n{}", host.log()));
@@ -25,13 +25,13 @@ async fn connect(host: &Host, query: &str) -> WebSocketStream<impl AsyncRead + A
 }
 
 /// The next data or close message, within a bound.
-async fn next<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Option<Message> {
+pub(crate) async fn next<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Option<Message> {
     let message = tokio::time::timeout(WAIT, ws.next()).await.expect("no message within the wait");
     message.map(|m| m.expect("the session failed"))
 }
 
 /// The version a session's greeting names.
-async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> String {
+pub(crate) async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> String {
     match next(ws).await {
         Some(Message::Text(text)) => text.split("version=").nth(1).expect("a greeting with a version").to_owned(),
         other => panic!("expected a greeting, got {other:?}"),
@@ -39,7 +39,7 @@ async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>
 }
 
 /// Sends `message` and checks it comes back byte for byte.
-async fn echo<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, message: Message) {
+pub(crate) async fn echo<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, message: Message) {
     ws.send(message.clone()).await.expect("the session broke");
     assert_eq!(next(ws).await, Some(message));
 }
