@@ -201,6 +201,13 @@ pub(crate) fn pass_descriptor(command: &mut std::process::Command, fd: std::os::
     unsafe { command.pre_exec(set_up) };
 }
 
+/// Sends SIGTERM to process `pid` (a child this host started); nothing if it is gone.
+pub(crate) fn terminate(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    // SAFETY: kill has no memory preconditions; a pid that is gone fails with ESRCH.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
 /// How many thread-specific-data keys a process may have (glibc's `PTHREAD_KEYS_MAX`).
 pub(crate) const THREAD_KEYS_MAX: u64 = 1024;
 

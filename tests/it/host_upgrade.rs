@@ -84,7 +84,7 @@ struct Reap(Arc<std::sync::Mutex<Vec<u32>>>);
 impl Drop for Reap {
     fn drop(&mut self) {
         for pid in self.0.lock().unwrap().iter() {
-            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(std::process::Stdio::null()).status();
         }
     }
 }

@@ -58,10 +58,11 @@ fn after_an_upgrade_the_new_process_tells_systemd_it_is_the_main_one() {
     let (code, upgrade) = host.command_json(&["upgrade"]);
     assert_eq!(code, 0, "{upgrade}\n{}", host.log());
     let new_pid = upgrade["to_pid"].as_u64().unwrap();
-    // The unit's NotifyAccess=all lets systemd take this from the new process.
-    let notification = next_notification(&socket);
-    assert!(notification.lines().any(|l| l == format!("MAINPID={new_pid}")), "{notification}");
-    assert!(notification.lines().any(|l| l == "READY=1"), "{notification}");
+    // The old process names the new one as the main process; the new one says so too, and
+    // that it is ready (the unit's NotifyAccess=all lets systemd take this from it).
+    let notifications = [next_notification(&socket), next_notification(&socket)].join("\n");
+    assert!(notifications.lines().any(|l| l == format!("MAINPID={new_pid}")), "{notifications}");
+    assert!(notifications.lines().any(|l| l == "READY=1"), "{notifications}");
     assert_eq!(host.wait_exit(Duration::from_secs(20)), Some(0), "{}", host.log());
     // The old process drained quietly: STOPPING=1 is the new one's to send, at its own stop.
     socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();

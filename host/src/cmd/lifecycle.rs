@@ -51,15 +51,15 @@ where
     // The socket first: one passed by systemd (or by the host this one replaces) is taken
     // before anything else opens a file, and a port in use fails the start before any plugin
     // is loaded.
-    let inherited = upgrade::inherit().await?;
-    let listener = match &inherited {
-        Some(inherited) => TcpListener::from_std(inherited.listener.try_clone()?)?,
+    let (inherited, sockets) = upgrade::inherit().await?.unzip();
+    let (listener, inherited_admin) = match sockets {
+        Some(sockets) => (TcpListener::from_std(sockets.listener)?, Some(sockets.admin)),
         None => match crate::sys::inherited_listener().context("cannot use the socket passed by the service manager")? {
-            Some(inherited) => TcpListener::from_std(inherited)?,
-            None => TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?,
+            Some(inherited) => (TcpListener::from_std(inherited)?, None),
+            None => (TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?, None),
         },
     };
-    let started = start(args, trust, source, inherited.as_ref(), listener).await;
+    let started = start(args, trust, source, inherited.as_ref(), inherited_admin, listener).await;
     let (registry, listener, admin) = match (started, &inherited) {
         (Ok(started), _) => started,
         (Err(e), Some(inherited)) => {
@@ -71,21 +71,13 @@ where
     let (orders, orders_in) = tokio::sync::mpsc::channel(4);
     let host = Arc::new(HostProcess::new(upgradable.then_some(orders), inherited.as_ref().map(|i| i.upgrades.clone()).unwrap_or_default()));
     spawn_upgrade_signal(user2, host.clone());
-    let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
-    let admin = match admin {
-        Some(admin) => Some(admin.spawn(registry.clone(), host.clone(), shutdown.clone()).context("cannot serve the admin API")?),
-        None => None,
-    };
     let listening = listener.as_fd().try_clone_to_owned().context("cannot keep the listening socket for an upgrade")?;
-    tracing::info!("listening on http://{}", listener.local_addr()?);
     let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
     let adopting = match inherited {
         Some(inherited) => {
-            // From here on the previous host stops accepting, and the sockets are this one's.
+            // From here on the previous host stops accepting, and the sockets are this
+            // one's; nothing changes here before (the previous host may yet stop this one).
             inherited.ready(&host).await?;
-            if let Some(admin) = &admin {
-                admin.own_socket_file();
-            }
             let registry = registry.clone();
             tokio::spawn(async move {
                 // A build newer than the one the previous host served may have arrived meanwhile.
@@ -98,11 +90,21 @@ where
             let accepted = || notify_service_manager(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
             Some(tokio::spawn(inherited.adopt(server.clone(), host.clone(), accepted)))
         }
-        None => {
-            notify_service_manager(&[NotifyState::Ready]);
-            None
-        }
+        None => None,
     };
+    let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
+    let admin = match admin {
+        Some(admin) => Some(admin.spawn(registry.clone(), host.clone(), shutdown.clone()).context("cannot serve the admin API")?),
+        None => None,
+    };
+    if adopting.is_some() {
+        if let Some(admin) = &admin {
+            admin.own_socket_file();
+        }
+    } else {
+        notify_service_manager(&[NotifyState::Ready]);
+    }
+    tracing::info!("listening on http://{}", listener.local_addr()?);
     let upgrader = upgrade::Upgrader {
         registry: registry.clone(),
         host: host.clone(),
@@ -129,17 +131,16 @@ where
         // make would wait for them for ever. The new host watches the directory now.
         triggers.abort();
     }
-    if let Some(adopting) = adopting {
-        // Connections the previous host is still handing over are served (and, at this
-        // shutdown, closed between requests) rather than lost when this process exits.
-        if tokio::time::timeout(args.drain_timeout, adopting).await.is_err() {
-            tracing::warn!("the previous host was still handing over connections at the drain timeout");
-        }
-    }
     // No build gets new requests any more (and no swap is under way): long-lived sessions
     // that watch for it (WebSockets, through `handler_api::superseded`) may end politely
     // while the rest drains.
     registry.current_cell().load().superseded().raise();
+    if let Some(adopting) = adopting {
+        // Connections the previous host is still handing over are served here (or go on to
+        // the next host) rather than lost when this process exits. It ends when that host
+        // is done, or gone: it drains within its own drain timeout.
+        let _ = adopting.await;
+    }
 
     tracing::info!(connections = server.connections(), "draining (up to {:?})", args.drain_timeout);
     if !server.drained(args.drain_timeout).await {
@@ -148,8 +149,12 @@ where
         server.drained(Duration::from_secs(2)).await;
     }
     let mut handed_over = Ok(());
+    // Held until exit: a change that was waiting for it would be lost with this process.
+    let mut _changes = None;
     if let Some(forwarding) = forwarding {
-        match forwarding.finish().await {
+        let (handed, changes) = forwarding.finish().await;
+        _changes = Some(changes);
+        match handed {
             Ok(handed) => tracing::info!(connections = handed, "handed over to the new host"),
             Err(e) => {
                 tracing::error!("{e:#}");
@@ -174,14 +179,13 @@ async fn start(
     trust: Trust,
     source: PluginSource,
     inherited: Option<&upgrade::Inherited>,
+    inherited_admin: Option<Option<(std::os::fd::OwnedFd, crate::control::admin::HandedAdmin)>>,
     listener: TcpListener,
 ) -> anyhow::Result<(Arc<Registry>, TcpListener, Option<AdminListener>)> {
     let token_file = args.admin.admin_token_file.as_deref();
-    let admin = match inherited {
-        Some(inherited) => match &inherited.admin {
-            Some((fd, handed)) => Some(AdminListener::inherit(fd.try_clone()?, handed.clone(), token_file)?),
-            None => None,
-        },
+    let admin = match inherited_admin {
+        // As the previous host had it (or had none).
+        Some(admin) => admin.map(|(fd, handed)| AdminListener::inherit(fd, handed, token_file)).transpose()?,
         None => AdminListener::bind(args.admin.admin.as_ref(), token_file).await?,
     };
     let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
@@ -218,7 +222,7 @@ fn spawn_upgrade_signal(mut user2: Signal, host: Arc<HostProcess>) {
 }
 
 /// Tells systemd (`Type=notify`, when `NOTIFY_SOCKET` is set) where the service stands.
-fn notify_service_manager(state: &[NotifyState]) {
+pub(crate) fn notify_service_manager(state: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");
     }
@@ -229,10 +233,12 @@ fn notify_service_manager(state: &[NotifyState]) {
 const FD_RESERVE: u64 = 256;
 
 /// Raises the soft limit on open files so that `max_connections` fit (many systems start
-/// processes at 1024), or warns that they cannot.
+/// processes at 1024), or warns that they cannot. It asks for room for as many again where
+/// the hard limit allows: a host taking over from another (`hotswap upgrade`) serves the
+/// connections handed over even beyond the limit.
 fn reserve_file_descriptors(max_connections: u64) {
     let wanted = max_connections.saturating_add(FD_RESERVE);
-    match crate::sys::raise_open_files_limit(wanted) {
+    match crate::sys::raise_open_files_limit(wanted.saturating_add(max_connections)) {
         Ok(limit) if limit < wanted => tracing::warn!(
             "--max-connections {max_connections} needs about {wanted} file descriptors, but the limit is {limit}: \
              lower --max-connections, or raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)"

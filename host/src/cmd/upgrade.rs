@@ -117,9 +117,12 @@ impl Channel {
         let mut buffer = vec![0u8; DATAGRAM];
         let mut space = [0u8; ANCILLARY];
         let (info, ancillary) = self.0.recv_with_ancillary(&mut buffer, &mut space).await?;
-        if info.truncated() || ancillary.is_truncated() {
-            // A peer that frames differently, or descriptors this process had no room for.
+        if info.truncated() {
             return Err(io::Error::other("a hand-over message did not fit (is the other host another version of hotswap?)"));
+        }
+        if ancillary.is_truncated() {
+            // This process is out of descriptors: the message's own were closed by the kernel.
+            tracing::warn!("a descriptor handed over was lost: this host is out of file descriptors (raise LimitNOFILE / ulimit -n)");
         }
         let mut fds = Vec::new();
         for message in ancillary.into_messages() {
@@ -178,7 +181,8 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
         let binary = order.binary.clone().unwrap_or_else(|| upgrader.binary.clone());
         tracing::info!(binary = %binary.display(), "upgrading the host: starting the new binary");
         // No swap, pin or reload from here on: the new host gets the state as it is now. If
-        // the upgrade succeeds, they wait until this host exits (and then fail): the new
+        // the upgrade succeeds, changes already waiting here wait until this host exits (and
+        // then fail), and new ones are refused (see `HostProcess::handed_over_to`): the new
         // host is the one to ask.
         let changes = upgrader.registry.hold_changes().await;
         match start_successor(&upgrader, &binary, order.timeout.unwrap_or(DEFAULT_TIMEOUT)).await {
@@ -188,7 +192,10 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
                     "upgrade: the new host serves; this one stops accepting and hands over its connections"
                 );
                 successor.release();
-                upgrader.host.record(record.clone());
+                upgrader.host.handed_over(record.clone());
+                // The new process is the service now; it says so too, once this one has
+                // stopped accepting (`Accepted`), but this one is the main process now.
+                super::lifecycle::notify_service_manager(&[sd_notify::NotifyState::MainPid(record.to_pid)]);
                 if let Some(admin) = &upgrader.admin {
                     admin.handed_over();
                 }
@@ -197,7 +204,7 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
                 let _ = order.reply.send(Ok(record));
                 let finish = CancellationToken::new();
                 let task = tokio::spawn(forward(channel, handed, finish.clone()));
-                return Some(Forwarding { finish, task, _changes: changes });
+                return Some(Forwarding { finish, task, changes });
             }
             Err(e) => {
                 let message = format!("{e:#}");
@@ -223,11 +230,26 @@ impl Successor {
 
 impl Drop for Successor {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.start_kill(); // tokio reaps it
+        let Some(mut child) = self.0.take() else { return };
+        // SIGTERM first: the plugin it may have loaded gets its shutdown hooks. SIGKILL if it
+        // is still there after a grace.
+        if let Some(pid) = child.id() {
+            crate::sys::terminate(pid);
+        }
+        let stop = async move {
+            if tokio::time::timeout(SUCCESSOR_GRACE, child.wait()).await.is_err() {
+                let _ = child.start_kill(); // tokio reaps it
+            }
+        };
+        // Without a runtime the process is ending: the child is reparented, and goes on its own.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn(stop));
         }
     }
 }
+
+/// How long a new host that is not wanted may take to stop after SIGTERM.
+const SUCCESSOR_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a new host did not serve.
 enum NotServing {
@@ -297,6 +319,7 @@ async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) 
         }
     };
     let outcome = tokio::select! {
+        biased; // an answer that came in time is taken even if the timeout is due too
         answer = answer => answer,
         () = tokio::time::sleep(timeout) => {
             anyhow::bail!("the new host ({}, pid {pid}) did not serve within {timeout:?}: it was stopped", binary.display())
@@ -337,67 +360,99 @@ fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The old host's side once the new one serves: its connections on their way there. Changes
-/// to the registry stay held until this host exits.
+/// The old host's side once the new one serves: its connections on their way there.
 pub(crate) struct Forwarding {
     finish: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<u64>>,
-    _changes: tokio::sync::OwnedMutexGuard<()>,
+    changes: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Forwarding {
     /// Sends what is left (the server has drained: every connection handed over is queued)
     /// and says so to the new host. Returns how many connections were handed over, or an
-    /// error if the new host went away before it took them.
-    pub(crate) async fn finish(self) -> anyhow::Result<u64> {
+    /// error if some could not be; and the hold on registry changes, to keep until exit.
+    pub(crate) async fn finish(self) -> (anyhow::Result<u64>, tokio::sync::OwnedMutexGuard<()>) {
         self.finish.cancel();
-        self.task.await.context("the hand-over task failed")?
+        let handed = match self.task.await {
+            Ok(handed) => handed,
+            Err(e) => Err(anyhow::anyhow!("the hand-over task failed: {e}")),
+        };
+        (handed, self.changes)
     }
+}
+
+/// What the forwarding waits for.
+enum Next {
+    Connection(Handed),
+    /// The new host said something, or closed: it is gone (it says nothing after `Ready`).
+    Gone,
+    Finished,
 }
 
 /// Tells the new host it is the host now, sends it each connection handed over until
-/// `finish`, then `Done`. If the new host goes away first, says so: nothing serves the port
-/// any more.
+/// `finish`, then `Done`. A connection that cannot go (the new host has gone) is closed,
+/// and counted in the error.
 async fn forward(channel: Channel, mut handed: mpsc::UnboundedReceiver<Handed>, finish: CancellationToken) -> anyhow::Result<u64> {
-    let gone = || anyhow::anyhow!("the new host went away during the hand-over: nothing accepts connections now; start hotswap again");
-    channel.send(&Message::Accepted, &[], &[]).await.map_err(|_| gone())?;
-    let mut count = 0;
+    let mut gone = channel.send(&Message::Accepted, &[], &[]).await.is_err();
+    let (mut count, mut lost) = (0u64, 0u64);
     loop {
         let next = tokio::select! {
             biased;
-            next = handed.recv() => next,
-            () = finish.cancelled() => None,
-            // It says nothing more; a message or the end here means it is gone.
-            _ = channel.recv() => return Err(gone()),
+            next = handed.recv() => next.map_or(Next::Finished, Next::Connection),
+            () = finish.cancelled() => Next::Finished,
+            _ = channel.recv(), if !gone => Next::Gone,
         };
-        let Some(connection) = next else { break };
-        send_connection(&channel, connection, &mut count).await?;
+        match next {
+            Next::Connection(connection) => send_connection(&channel, connection, &mut gone, &mut count, &mut lost).await,
+            Next::Gone => gone = true,
+            Next::Finished => break,
+        }
     }
     while let Ok(connection) = handed.try_recv() {
-        send_connection(&channel, connection, &mut count).await?;
+        send_connection(&channel, connection, &mut gone, &mut count, &mut lost).await;
     }
-    channel.send(&Message::Done { handed: count }, &[], &[]).await.map_err(|_| gone())?;
+    if !gone {
+        if let Err(e) = channel.send(&Message::Done { handed: count }, &[], &[]).await {
+            tracing::debug!("cannot tell the new host the hand-over is done: {e}");
+        }
+    }
+    if lost > 0 {
+        anyhow::bail!(
+            "the new host went away during the hand-over: {lost} connections could not be handed over and were closed; \
+             if nothing serves the port now, start hotswap again"
+        );
+    }
     Ok(count)
 }
 
-async fn send_connection(channel: &Channel, connection: Handed, count: &mut u64) -> anyhow::Result<()> {
+async fn send_connection(channel: &Channel, connection: Handed, gone: &mut bool, count: &mut u64, lost: &mut u64) {
+    if *gone {
+        *lost += 1; // the socket closes here: its client sees the connection end
+        return;
+    }
     let message = Message::Connection { reading_head: connection.reading_head };
     match channel.send(&message, &connection.buffered, &[connection.stream.as_fd()]).await {
         Ok(()) => *count += 1,
-        // The socket closes here: its client sees the connection end, as at a shutdown.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset => {
-            anyhow::bail!("the new host went away during the hand-over: nothing accepts connections now; start hotswap again")
+        Err(e) => {
+            *lost += 1;
+            if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) {
+                *gone = true;
+            } else {
+                tracing::warn!("cannot hand a connection to the new host: {e}");
+            }
         }
-        Err(e) => tracing::warn!("cannot hand a connection to the new host: {e}"),
     }
-    Ok(())
 }
 
-/// The new host's side: what the host it replaces handed over.
-pub(crate) struct Inherited {
-    channel: Channel,
+/// The sockets the host this one replaces handed over.
+pub(crate) struct InheritedSockets {
     pub(crate) listener: std::net::TcpListener,
     pub(crate) admin: Option<(OwnedFd, HandedAdmin)>,
+}
+
+/// The new host's side: what the host it replaces handed over, but the sockets.
+pub(crate) struct Inherited {
+    channel: Channel,
     pub(crate) inheritance: Inheritance,
     pub(crate) upgrades: Vec<UpgradeRecord>,
     upgrade_count: u64,
@@ -408,7 +463,7 @@ pub(crate) struct Inherited {
 }
 
 /// If this process was started by `hotswap upgrade`: what the host it replaces handed over.
-pub(crate) async fn inherit() -> anyhow::Result<Option<Inherited>> {
+pub(crate) async fn inherit() -> anyhow::Result<Option<(Inherited, InheritedSockets)>> {
     let Some(fd) = crate::sys::upgrade_socket().context("cannot use the hand-over socket")? else {
         return Ok(None);
     };
@@ -432,7 +487,8 @@ pub(crate) async fn inherit() -> anyhow::Result<Option<Inherited>> {
     };
     tracing::info!(from_pid, from_version = %from_version, addr = %listener.local_addr()?, "taking over from the host this one replaces");
     let inheritance = *inheritance;
-    Ok(Some(Inherited { channel, listener, admin, inheritance, upgrades, upgrade_count, from_pid, from_version, binary, ordered_ms }))
+    let inherited = Inherited { channel, inheritance, upgrades, upgrade_count, from_pid, from_version, binary, ordered_ms };
+    Ok(Some((inherited, InheritedSockets { listener, admin })))
 }
 
 impl Inherited {

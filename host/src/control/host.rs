@@ -68,6 +68,8 @@ pub(crate) struct HostProcess {
     upgrade_count: AtomicU64,
     /// Connections this process took over from the one before it.
     adopted: AtomicU64,
+    /// The pid of the process this one handed over to; 0 while it serves.
+    handed_over_to: std::sync::atomic::AtomicU32,
     /// Where upgrade orders go; `None` where upgrades are not supported (`hotswap dev`).
     orders: Option<mpsc::Sender<UpgradeOrder>>,
 }
@@ -80,6 +82,7 @@ impl HostProcess {
             upgrade_count: AtomicU64::new(upgrades.len() as u64),
             upgrades: Mutex::new(upgrades),
             adopted: AtomicU64::new(0),
+            handed_over_to: std::sync::atomic::AtomicU32::new(0),
             orders,
         }
     }
@@ -88,6 +91,18 @@ impl HostProcess {
     pub(crate) fn upgraded_into(&self, count: u64, upgrade: UpgradeRecord) {
         self.record(upgrade);
         self.upgrade_count.store(count, Ordering::Relaxed);
+    }
+
+    /// This process has handed over to another (`upgrade`): it serves nothing new, and the
+    /// admin API refuses changes, which belong to the new one.
+    pub(crate) fn handed_over(&self, upgrade: UpgradeRecord) {
+        self.handed_over_to.store(upgrade.to_pid, Ordering::Release);
+        self.record(upgrade);
+    }
+
+    /// The pid of the process this one handed over to, if it has.
+    pub(crate) fn handed_over_to(&self) -> Option<u32> {
+        Some(self.handed_over_to.load(Ordering::Acquire)).filter(|pid| *pid != 0)
     }
 
     /// Upgrades in all, since the first host process.

@@ -31,7 +31,9 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
         let http2 = match sniff_http2(&mut io, &shared).await {
             Ok(Sniffed::Http1) => false,
             Ok(Sniffed::Http2) => true,
-            Ok(Sniffed::HandOver(to)) => return io.hand_over(Bytes::new(), true, &to),
+            // A new connection owes its first request head; one handed over to this host
+            // between requests, and on at once, does not.
+            Ok(Sniffed::HandOver(to)) => return io.hand_over(Bytes::new(), conn.activity.reading_head(), &to),
             Err(e) => return tracing::debug!("connection ended before its first request: {e}"),
         };
         if http2 {
@@ -95,18 +97,18 @@ async fn drive_http1(mut connection: Http1Connection, conn: &ConnState, shared: 
     };
     // The connection is polled first: one that ends on its own (the client closed, hyper gave
     // up reading a body nobody wanted) ends here, and is not handed over.
-    let mut nudged = false;
+    let mut nudged_after = None;
     let ended = std::future::poll_fn(|cx| match Pin::new(&mut connection).poll(cx) {
         Poll::Ready(r) => Poll::Ready(Some(r)),
         Poll::Pending if conn.at_request_boundary() => Poll::Ready(None),
         Poll::Pending => {
             // hyper may have last asked the socket for bytes while the request was still in
-            // progress, and would not ask again before the client sends its next request.
-            // Polled once more now that the request has ended, it asks, and finds the boundary.
-            if conn.activity.http1_busy() {
-                nudged = false;
-            } else if !nudged {
-                nudged = true;
+            // progress, and would not ask again before the client sends its next request
+            // (which it may then serve within one poll, and so on). Polled once more after
+            // each request that ends, it asks, and finds the boundary.
+            let served = conn.served.load(std::sync::atomic::Ordering::Acquire);
+            if !conn.activity.http1_busy() && nudged_after != Some(served) {
+                nudged_after = Some(served);
                 cx.waker().wake_by_ref();
             }
             Poll::Pending

@@ -205,6 +205,11 @@ impl Activity {
         self.requests.fetch_sub(1, Ordering::Release);
     }
 
+    /// Whether the connection owes a request head (rather than being between requests).
+    pub(crate) fn reading_head(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) & READING_HEAD != 0
+    }
+
     /// Whether the connection speaks HTTP/2.
     pub(crate) fn http2(&self) -> bool {
         self.http2.load(Ordering::Relaxed)

@@ -412,7 +412,7 @@ impl ConnRequest {
 impl Drop for ConnRequest {
     fn drop(&mut self) {
         if self.h1 {
-            self.state.served_one.store(true, std::sync::atomic::Ordering::Release);
+            self.state.served.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         self.state.activity.request_ended();
     }

@@ -93,8 +93,8 @@ pub(crate) struct ConnState {
     /// or while it has read nothing, it is not between requests (hyper would finish such a
     /// first request before it stops, and say `Connection: close`).
     pub(crate) read_any: AtomicBool,
-    /// HTTP/1: a request has been served on this connection.
-    pub(crate) served_one: AtomicBool,
+    /// HTTP/1: requests served on this connection.
+    pub(crate) served: std::sync::atomic::AtomicU64,
 }
 
 impl ConnState {
@@ -110,7 +110,7 @@ impl ConnState {
             awaiting_request: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
             read_any: AtomicBool::new(false),
-            served_one: AtomicBool::new(false),
+            served: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -139,7 +139,7 @@ impl ConnState {
         self.awaiting_request.load(Ordering::Acquire)
             && !self.activity.http1_busy()
             && !self.switching.load(Ordering::Acquire)
-            && (self.served_one.load(Ordering::Acquire) || !self.read_any.load(Ordering::Acquire))
+            && (self.served.load(Ordering::Acquire) > 0 || !self.read_any.load(Ordering::Acquire))
             // A request body the plugin still reads after its response has ended: hyper is
             // in the middle of it.
             && !self.activity.reading_body()

@@ -498,6 +498,13 @@ impl Api {
         if change && !guard::is_intended(request.headers()) {
             return error(StatusCode::FORBIDDEN, guard::INTENT_REFUSED);
         }
+        if let Some(pid) = self.host.handed_over_to().filter(|_| change) {
+            let message = format!(
+                "this host process has handed over to a new one (pid {pid}) and is finishing its last responses: \
+                 send the command again, it reaches the new one"
+            );
+            return error(StatusCode::CONFLICT, &message);
+        }
         let registry = &self.registry;
         match (method, path.as_str()) {
             (Method::GET, "/status") => json_response(StatusCode::OK, &status(registry, &self.host, self.started)),
