@@ -276,6 +276,27 @@ async fn the_history_and_a_rollback_survive_upgrades() {
 }
 
 #[tokio::test]
+async fn a_build_refused_before_an_upgrade_is_not_tried_again_after_it() {
+    let dir = temp_dir("host-upgrade-refused");
+    place_by_rename(&artifacts().example, &dir.join("app.so"));
+    let host = Host::serve_dir(&dir, &[]);
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _reap = Reap(pids.clone());
+    // Another plugin, newer on disk: it should serve, but its init fails.
+    place_by_rename(&hotswap_tests::init_fixture("error"), &dir.join("other.so"));
+    assert!(host.wait_for_log("refused plugin candidate", Duration::from_secs(30)), "{}", host.log());
+    let pid = upgrade(&host.admin, &[]).await.unwrap();
+    pids.lock().unwrap().push(pid);
+    assert_eq!(KeepAlive::connect(&host.addr).await.host_pid().await.unwrap(), pid);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the new host settles
+    assert_eq!(host.log_count("refused plugin candidate"), 1, "{}", host.log());
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["current"]["name"], "example-handler", "{status}");
+    assert_eq!(status["refusals"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["builds"].as_array().unwrap().iter().filter(|b| b["refused"] == true).count(), 1, "{status}");
+}
+
+#[tokio::test]
 async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
     let dir = temp_dir("host-upgrade-fails");
     place_by_rename(&artifacts().example, &dir.join("app.so"));

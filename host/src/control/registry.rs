@@ -90,6 +90,9 @@ pub(crate) struct Inheritance {
     pub(crate) generation: u64,
     pub(crate) pin: Option<InheritedPin>,
     pub(crate) history: CarriedHistory,
+    /// Builds the previous host refused to start, as they were then: the new host does not
+    /// try them again until a reload (or a new file), as that one would not have.
+    pub(crate) refused: Vec<(PathBuf, Identity)>,
     /// The id of the generation the new host starts.
     pub(crate) next_id: u64,
 }
@@ -200,6 +203,11 @@ impl Registry {
                 "plugin loaded (the build the previous host serves)"
             );
             history.import(inheritance.history, inheritance.generation, |kept| options.shadow.keep_from(kept));
+            for (file, identity) in &inheritance.refused {
+                if builds.get(file, *identity).is_some() {
+                    builds.mark_refused(file);
+                }
+            }
             let registry = registry(first.clone(), builds, unreadable, history);
             *lock(&registry.pin) = pin;
             registry.record_swap(&first);
@@ -252,6 +260,7 @@ impl Registry {
             generation: current.id(),
             pin: self.pin().map(|p| InheritedPin { name: p.name, version: p.version.to_string(), by: p.by.to_string() }),
             history: self.history.carry(),
+            refused: lock(&self.builds).all().filter(|b| b.refused).map(|b| (b.file.clone(), b.identity)).collect(),
             next_id: self.next_id.load(Ordering::Relaxed),
         }
     }

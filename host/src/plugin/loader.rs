@@ -226,7 +226,7 @@ pub(crate) unsafe fn open_fd(fd: std::os::fd::RawFd) -> Result<libloading::Libra
 
 /// What distinguishes one version of a file from the next: a rename or `cargo build` changes
 /// the inode, a write in place the size or modification time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Identity {
     dev: u64,
     ino: u64,

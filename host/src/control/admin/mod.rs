@@ -300,7 +300,7 @@ impl AdminListener {
         };
         tracing::info!(
             token = self.token.is_some(),
-            "admin API on {} (status, reload, rollback, pin, metrics)", self.addr
+            "admin API on {} (status, reload, rollback, pin, upgrade, metrics)", self.addr
         );
         // Without a token, a TCP listener (on loopback) answers only requests that name a
         // loopback host; with one, the token is the protection.
