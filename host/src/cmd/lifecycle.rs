@@ -73,11 +73,20 @@ where
     spawn_upgrade_signal(user2, host.clone());
     let listening = listener.as_fd().try_clone_to_owned().context("cannot keep the listening socket for an upgrade")?;
     let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
+    // A host that takes over first waits until the previous one has stopped accepting; it
+    // changes and serves nothing before (that one may yet stop it).
+    if let Some(inherited) = &inherited {
+        inherited.ready(&host).await?;
+    }
+    let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
+    let admin = admin.map(|admin| admin.spawn(registry.clone(), host.clone(), shutdown.clone()));
     let adopting = match inherited {
         Some(inherited) => {
-            // From here on the previous host stops accepting, and the sockets are this
-            // one's; nothing changes here before (the previous host may yet stop this one).
-            inherited.ready(&host).await?;
+            if let Some(admin) = &admin {
+                admin.own_socket_file();
+            }
+            // systemd follows this process from now on (`NotifyAccess=all`).
+            notify_service_manager(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
             let registry = registry.clone();
             tokio::spawn(async move {
                 // A build newer than the one the previous host served may have arrived meanwhile.
@@ -85,25 +94,13 @@ where
                     tracing::info!(generation = to.generation, "swapped in a build newer than the previous host served");
                 }
             });
-            // MAINPID once the previous host has stopped accepting: systemd follows this
-            // process from then on (`NotifyAccess=all`).
-            let accepted = || notify_service_manager(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
-            Some(tokio::spawn(inherited.adopt(server.clone(), host.clone(), accepted)))
+            Some(tokio::spawn(inherited.adopt(server.clone(), host.clone())))
         }
-        None => None,
-    };
-    let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
-    let admin = match admin {
-        Some(admin) => Some(admin.spawn(registry.clone(), host.clone(), shutdown.clone()).context("cannot serve the admin API")?),
-        None => None,
-    };
-    if adopting.is_some() {
-        if let Some(admin) = &admin {
-            admin.own_socket_file();
+        None => {
+            notify_service_manager(&[NotifyState::Ready]);
+            None
         }
-    } else {
-        notify_service_manager(&[NotifyState::Ready]);
-    }
+    };
     tracing::info!("listening on http://{}", listener.local_addr()?);
     let upgrader = upgrade::Upgrader {
         registry: registry.clone(),

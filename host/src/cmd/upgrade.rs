@@ -500,8 +500,11 @@ impl Inherited {
         }
     }
 
-    /// Tells the host this one replaces that this one serves (it accepts connections): that
-    /// one stops accepting. An error: it is gone, or gave up waiting (and stops this one).
+    /// Tells the host this one replaces that this one is ready to serve, and waits until that
+    /// one has stopped accepting (`Accepted`): from then on this is the host. An error: that
+    /// one is gone, or gave up waiting (and stops this one). Until then this one accepts no
+    /// connection and changes nothing (the clients wait in the listen backlog, for whichever
+    /// host serves).
     pub(crate) async fn ready(&self, host: &HostProcess) -> anyhow::Result<()> {
         let now = SystemTime::now();
         let record = UpgradeRecord {
@@ -515,24 +518,24 @@ impl Inherited {
             took_ms: unix_ms(now).saturating_sub(self.ordered_ms),
         };
         let ready = Message::Ready { pid: record.to_pid, version: record.to_version.clone(), took_ms: record.took_ms };
-        self.channel.send(&ready, &[], &[]).await.context("cannot tell the previous host that this one serves")?;
-        host.upgraded_into(self.upgrade_count + 1, record);
-        Ok(())
+        self.channel.send(&ready, &[], &[]).await.context("cannot tell the previous host that this one is ready")?;
+        match self.channel.recv().await {
+            Ok(Some((Message::Accepted, ..))) => {
+                host.upgraded_into(self.upgrade_count + 1, record);
+                Ok(())
+            }
+            Ok(Some((other, ..))) => anyhow::bail!("the previous host sent {other:?} instead of letting this one serve"),
+            Ok(None) => anyhow::bail!("the previous host did not let this one take over (it gave up waiting, or was stopped)"),
+            Err(e) => Err(anyhow::Error::new(e).context("cannot hear from the previous host")),
+        }
     }
 
-    /// Takes in the previous host's connections as they come, until it is done. Once it has
-    /// stopped accepting, this is the host: `on_accepted` runs (it tells the service manager).
+    /// Takes in the previous host's connections as they come, until it is done (or gone).
     /// If this host hands over in turn meanwhile, they go on to the next one (see
     /// `Server::adopt`): so this host must not exit before this ends.
-    pub(crate) async fn adopt(self, server: Arc<Server>, host: Arc<HostProcess>, on_accepted: impl FnOnce()) {
-        let mut on_accepted = Some(on_accepted);
+    pub(crate) async fn adopt(self, server: Arc<Server>, host: Arc<HostProcess>) {
         loop {
             match self.channel.recv().await {
-                Ok(Some((Message::Accepted, ..))) => {
-                    if let Some(f) = on_accepted.take() {
-                        f();
-                    }
-                }
                 Ok(Some((Message::Connection { reading_head }, buffered, fds))) => {
                     let Some(fd) = fds.into_iter().next() else {
                         tracing::warn!("the previous host handed over a connection without its socket");
@@ -542,18 +545,11 @@ impl Inherited {
                     server.adopt(Handed { stream: std::net::TcpStream::from(fd), buffered, reading_head });
                 }
                 Ok(Some((Message::Done { handed }, ..))) => {
-                    tracing::info!(connections = handed, "the previous host has handed over every connection it could");
-                    break;
+                    return tracing::info!(connections = handed, "the previous host has handed over every connection it could");
                 }
                 Ok(Some((other, ..))) => tracing::debug!("unexpected hand-over message: {other:?}"),
-                Ok(None) => {
-                    tracing::info!("the previous host has gone");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!("the hand-over from the previous host ended: {e}");
-                    break;
-                }
+                Ok(None) => return tracing::info!("the previous host has gone"),
+                Err(e) => return tracing::warn!("the hand-over from the previous host ended: {e}"),
             }
         }
     }

@@ -88,6 +88,9 @@ pub(crate) struct Inheritance {
     /// The previous host's current generation: the new host's first generation takes over its
     /// history record.
     pub(crate) generation: u64,
+    /// The identity of the build's file, as the previous host read it (`None` for a time
+    /// before 1970, which cannot be sent).
+    pub(crate) identity: Option<Identity>,
     pub(crate) pin: Option<InheritedPin>,
     pub(crate) history: CarriedHistory,
     /// Builds the previous host refused to start, as they were then: the new host does not
@@ -258,9 +261,14 @@ impl Registry {
             serving: current.source().to_path_buf(),
             kept,
             generation: current.id(),
+            identity: Some(current.identity()).filter(Identity::sendable),
             pin: self.pin().map(|p| InheritedPin { name: p.name, version: p.version.to_string(), by: p.by.to_string() }),
             history: self.history.carry(),
-            refused: lock(&self.builds).all().filter(|b| b.refused).map(|b| (b.file.clone(), b.identity)).collect(),
+            refused: lock(&self.builds)
+                .all()
+                .filter(|b| b.refused && b.identity.sendable())
+                .map(|b| (b.file.clone(), b.identity))
+                .collect(),
             next_id: self.next_id.load(Ordering::Relaxed),
         }
     }
@@ -736,7 +744,7 @@ impl Registry {
 async fn start_inherited(inheritance: &Inheritance, options: &LoadOptions, id: u64) -> Result<Arc<Generation>, GenerationError> {
     let link = inheritance.kept.as_deref().map(|kept| options.shadow.keep_from(kept));
     let candidate = match &link {
-        Some(Ok(link)) => Candidate::open(link, options).await.map(|c| c.named(&inheritance.serving)),
+        Some(Ok(link)) => Candidate::open(link, options).await.map(|c| c.named(&inheritance.serving, inheritance.identity)),
         Some(Err(e)) => {
             tracing::debug!("cannot use the previous host's copy of its build ({e}): loading {}", inheritance.serving.display());
             Candidate::open(&inheritance.serving, options).await

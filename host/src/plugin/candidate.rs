@@ -183,11 +183,15 @@ impl Candidate {
         }
     }
 
-    /// Names the candidate by `source`, the file its bytes came from, rather than by the copy
-    /// it was opened from: a host that takes over from another (`hotswap upgrade`) loads the
-    /// bytes that host kept of the build it serves, which is known by its own file.
-    pub(crate) fn named(mut self, source: &Path) -> Candidate {
+    /// Names the candidate by `source`, the file its bytes came from (as `identity`, if
+    /// known), rather than by the copy it was opened from: a host that takes over from another
+    /// (`hotswap upgrade`) loads the bytes that host kept of the build it serves, which is
+    /// known by its own file.
+    pub(crate) fn named(mut self, source: &Path, identity: Option<Identity>) -> Candidate {
         self.source = source.to_path_buf();
+        if let Some(identity) = identity {
+            self.identity = identity;
+        }
         self
     }
 

@@ -235,6 +235,12 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
+    /// Whether it can be sent to another process (`hotswap upgrade`): serde writes no time
+    /// before 1970.
+    pub(crate) fn sendable(&self) -> bool {
+        self.modified >= std::time::UNIX_EPOCH
+    }
+
     pub(crate) fn of(path: &Path) -> Option<Identity> {
         Identity::from_metadata(&fs::metadata(path).ok()?)
     }

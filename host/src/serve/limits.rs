@@ -252,6 +252,13 @@ impl Activity {
         *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
     }
 
+    /// Wakes the connection's task (the waker given to `wake_on_expiry`).
+    pub(crate) fn wake(&self) {
+        if let Some(waker) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+
     fn expire(&self, why: Expiry) {
         self.expired.store(why as u8, Ordering::Release);
         if let Some(waker) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {

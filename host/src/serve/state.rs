@@ -95,6 +95,9 @@ pub(crate) struct ConnState {
     pub(crate) read_any: AtomicBool,
     /// HTTP/1: requests served on this connection.
     pub(crate) served: std::sync::atomic::AtomicU64,
+    /// The connection's task waits for a request boundary (to hand the connection over): a
+    /// request that ends elsewhere (relayed to another runtime) wakes it.
+    pub(crate) wants_boundary: AtomicBool,
 }
 
 impl ConnState {
@@ -111,6 +114,7 @@ impl ConnState {
             handing_over: AtomicBool::new(false),
             read_any: AtomicBool::new(false),
             served: std::sync::atomic::AtomicU64::new(0),
+            wants_boundary: AtomicBool::new(false),
         }
     }
 

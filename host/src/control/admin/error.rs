@@ -39,6 +39,8 @@ pub(crate) enum AdminError {
     /// The address a TCP listener was bound to could not be read.
     #[error(transparent)]
     LocalAddr(io::Error),
+    #[error("cannot keep a descriptor of the admin listener, for a later `hotswap upgrade`: {0}")]
+    Share(io::Error),
     #[error("cannot create {} for the admin socket", dir.display())]
     CreateDir { dir: PathBuf, source: io::Error },
     #[error("{} exists and is not a socket: give --admin a path where nothing is yet", path.display())]

@@ -144,6 +144,8 @@ pub(crate) struct AdminListener {
     listener: Listener,
     token: Option<String>,
     addr: AdminAddr,
+    /// What a new host process would need to serve it on.
+    served: ServedAdmin,
 }
 
 enum Listener {
@@ -209,6 +211,23 @@ pub(crate) struct ServedAdmin {
 }
 
 impl ServedAdmin {
+    fn of(listener: &Listener) -> Result<ServedAdmin, AdminError> {
+        use std::os::fd::AsFd as _;
+        let served = match listener {
+            Listener::Unix { listener, file } => ServedAdmin {
+                descriptor: listener.as_fd().try_clone_to_owned().map_err(AdminError::Share)?,
+                handed: HandedAdmin::Unix(file.path.clone()),
+                handed_over: Some(file.handed_over.clone()),
+            },
+            Listener::Tcp(listener) => ServedAdmin {
+                descriptor: listener.as_fd().try_clone_to_owned().map_err(AdminError::Share)?,
+                handed: HandedAdmin::Tcp(listener.local_addr().map_err(AdminError::LocalAddr)?),
+                handed_over: None,
+            },
+        };
+        Ok(served)
+    }
+
     /// A descriptor of the listening socket, to send to a new host process, and where it
     /// listens.
     pub(crate) fn handoff(&self) -> std::io::Result<(std::os::fd::OwnedFd, HandedAdmin)> {
@@ -261,7 +280,8 @@ impl AdminListener {
             Listener::Tcp(l) => AdminAddr::Tcp(l.local_addr().map_err(AdminError::LocalAddr)?),
             Listener::Unix { .. } => addr.clone(),
         };
-        Ok(Some(AdminListener { listener, token, addr }))
+        let served = ServedAdmin::of(&listener)?;
+        Ok(Some(AdminListener { listener, token, addr, served }))
     }
 
     /// The listener the host this one replaces served (`hotswap upgrade`), from its
@@ -286,18 +306,12 @@ impl AdminListener {
                 (Listener::Tcp(listener), AdminAddr::Tcp(tcp))
             }
         };
-        Ok(AdminListener { listener, token, addr })
+        let served = ServedAdmin::of(&listener)?;
+        Ok(AdminListener { listener, token, addr, served })
     }
 
     /// Serves the API until `shutdown`. `host` is the process it speaks for (its upgrades).
-    pub(crate) fn spawn(self, registry: Arc<Registry>, host: Arc<HostProcess>, shutdown: CancellationToken) -> std::io::Result<ServedAdmin> {
-        use std::os::fd::AsFd as _;
-        let (descriptor, handed, handed_over) = match &self.listener {
-            Listener::Unix { listener, file } => {
-                (listener.as_fd().try_clone_to_owned()?, HandedAdmin::Unix(file.path.clone()), Some(file.handed_over.clone()))
-            }
-            Listener::Tcp(listener) => (listener.as_fd().try_clone_to_owned()?, HandedAdmin::Tcp(listener.local_addr()?), None),
-        };
+    pub(crate) fn spawn(self, registry: Arc<Registry>, host: Arc<HostProcess>, shutdown: CancellationToken) -> ServedAdmin {
         tracing::info!(
             token = self.token.is_some(),
             "admin API on {} (status, reload, rollback, pin, upgrade, metrics)", self.addr
@@ -325,7 +339,7 @@ impl AdminListener {
                 }
             }
         });
-        Ok(ServedAdmin { descriptor, handed, handed_over })
+        self.served
     }
 }
 
