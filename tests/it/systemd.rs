@@ -26,14 +26,21 @@ fn health(addr: impl std::net::ToSocketAddrs) -> String {
     response
 }
 
-#[test]
-fn tells_systemd_when_it_is_ready_and_when_it_stops() {
-    let socket_path = temp_dir("notify").join("notify.sock");
+/// A host serving the example handler, with a notification socket of its own (as systemd
+/// gives a `Type=notify` service).
+fn notifying_host(name: &str) -> (UnixDatagram, Host) {
+    let socket_path = temp_dir(name).join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut cmd = Command::new(&artifacts().hotswap);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin"]).arg(&artifacts().example).env("NOTIFY_SOCKET", &socket_path);
-    let mut host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    (socket, host)
+}
+
+#[test]
+fn tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let (socket, mut host) = notifying_host("notify");
 
     // READY=1 once it serves: by then a request is answered.
     assert!(next_notification(&socket).lines().any(|l| l == "READY=1"));
@@ -47,12 +54,7 @@ fn tells_systemd_when_it_is_ready_and_when_it_stops() {
 
 #[test]
 fn after_an_upgrade_the_new_process_tells_systemd_it_is_the_main_one() {
-    let socket_path = temp_dir("notify-upgrade").join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut cmd = Command::new(&artifacts().hotswap);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin"]).arg(&artifacts().example).env("NOTIFY_SOCKET", &socket_path);
-    let mut host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    let (socket, mut host) = notifying_host("notify-upgrade");
     assert!(next_notification(&socket).lines().any(|l| l == "READY=1"));
 
     let (code, upgrade) = host.command_json(&["upgrade"]);

@@ -248,19 +248,7 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
     let _ = writeln!(w, "| | req/s | p99 ms | failed |\n|---|---|---|---|");
     let _ = writeln!(w, "| hotswap, no swaps | {:.0} | {:.3} | {} |", med(&r.load.steady, |x| x.rps), med(&r.load.steady, |x| x.p99_ms), failures(&r.load.steady));
     let _ = writeln!(w, "| hotswap, a swap every {:?} | {:.0} | {:.3} | {} |", p.swap_every, med(&r.load.swapping, |x| x.rps), med(&r.load.swapping, |x| x.p99_ms), load_failures);
-    if let Some(a) = &r.anchor_reloads {
-        for anchor in &a.anchors {
-            let get = |k: &str| a.get(k, anchor).unwrap_or("n/a").to_owned();
-            let _ = writeln!(
-                w,
-                "| {anchor} (anchor), a reload every 2 s | {} | {} | {} non-2xx, socket errors c/r/w/t {} |",
-                get("2 load req/s"),
-                get("2 load latency p99"),
-                get("2 load non-2xx"),
-                get("2 load socket errors")
-            );
-        }
-    }
+    anchor_load_rows(w, r);
 
     let _ = writeln!(w, "\n### e. A throttled download across swaps\n");
     let s = &r.slow;
@@ -384,6 +372,23 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
     o
 }
 
+/// The anchor's rows for a table of throughput under load: its own run with a reload every
+/// 2 s.
+fn anchor_load_rows(w: &mut String, r: &Results) {
+    let Some(a) = &r.anchor_reloads else { return };
+    for anchor in &a.anchors {
+        let get = |k: &str| a.get(k, anchor).unwrap_or("n/a").to_owned();
+        let _ = writeln!(
+            w,
+            "| {anchor} (anchor), a reload every 2 s | {} | {} | {} non-2xx, socket errors c/r/w/t {} |",
+            get("2 load req/s"),
+            get("2 load latency p99"),
+            get("2 load non-2xx"),
+            get("2 load socket errors")
+        );
+    }
+}
+
 /// Section j: upgrading the host binary, beside the anchor's reloads.
 fn host_upgrades(w: &mut String, r: &Results, p: &Params) {
     let u = &r.upgrades;
@@ -428,19 +433,7 @@ fn host_upgrades(w: &mut String, r: &Results, p: &Params) {
         med(&u.upgrading, |x| x.p99_ms),
         failures(&u.upgrading)
     );
-    if let Some(a) = &r.anchor_reloads {
-        for anchor in &a.anchors {
-            let get = |k: &str| a.get(k, anchor).unwrap_or("n/a").to_owned();
-            let _ = writeln!(
-                w,
-                "| {anchor} (anchor), a reload every 2 s | {} | {} | {} non-2xx, socket errors c/r/w/t {} |",
-                get("2 load req/s"),
-                get("2 load latency p99"),
-                get("2 load non-2xx"),
-                get("2 load socket errors")
-            );
-        }
-    }
+    anchor_load_rows(w, r);
 }
 
 #[cfg(test)]

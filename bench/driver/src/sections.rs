@@ -360,20 +360,9 @@ fn load(hot: &Server, swapper: &mut Swapper, params: &Params) -> Result<Load> {
         eprintln!("== load round {round}: no swaps");
         load.steady.push(wrk::run(params.connections, params.load_time, &url)?);
         eprintln!("== load round {round}: a swap every {:?}", params.swap_every);
-        let (run, renames) = std::thread::scope(|scope| -> Result<(wrk::Run, u64)> {
-            let wrk = scope.spawn(|| wrk::run(params.connections, params.load_time, &url));
-            let started = Instant::now();
-            let mut renames = 0;
-            // Leave the last interval free of swaps, so the run ends on a settled version.
-            while started.elapsed() + params.swap_every * 2 < params.load_time {
-                swapper.prepare()?;
-                let due = started + params.swap_every * (renames as u32 + 1);
-                std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                swapper.publish()?;
-                renames += 1;
-            }
-            let run = wrk.join().map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
-            Ok((run, renames))
+        let (run, renames) = wrk_while(params, &url, params.swap_every, |moment| match moment {
+            Moment::Ahead => swapper.prepare().map(drop),
+            Moment::Due => swapper.publish().map(drop),
         })?;
         load.swapping.push(run);
         load.renames += renames;
@@ -381,6 +370,34 @@ fn load(hot: &Server, swapper: &mut Swapper, params: &Params) -> Result<Load> {
     std::thread::sleep(Duration::from_millis(500));
     load.swaps_logged = swaps_logged(hot) - before;
     Ok(load)
+}
+
+/// When [`wrk_while`] calls its action.
+enum Moment {
+    /// Ahead of the next due time, off the clock (staging a build).
+    Ahead,
+    /// At the due time.
+    Due,
+}
+
+/// Runs wrk's load on `url` and, meanwhile, `act` every `every` (with [`Moment::Ahead`] first,
+/// then [`Moment::Due`] on time), leaving the last interval free so the run ends settled.
+/// Returns the run and how many times it acted.
+fn wrk_while(params: &Params, url: &str, every: Duration, mut act: impl FnMut(Moment) -> Result<()>) -> Result<(wrk::Run, u64)> {
+    std::thread::scope(|scope| {
+        let wrk = scope.spawn(|| wrk::run(params.connections, params.load_time, url));
+        let started = Instant::now();
+        let mut acted = 0;
+        while started.elapsed() + every * 2 < params.load_time {
+            act(Moment::Ahead)?;
+            let due = started + every * (acted as u32 + 1);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            act(Moment::Due)?;
+            acted += 1;
+        }
+        let run = wrk.join().map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+        Ok((run, acted))
+    })
 }
 
 /// j. Upgrades of the host binary: on an idle host, `hotswap upgrade` to the first answer from
@@ -425,19 +442,9 @@ fn host_upgrades(setup: &Setup, params: &Params) -> Result<HostUpgrades> {
         eprintln!("== j. load round {round}: no upgrades");
         result.steady.push(wrk::run(params.connections, params.load_time, &url)?);
         eprintln!("== j. load round {round}: an upgrade every {:?}", params.upgrade_every);
-        let (run, upgrades) = std::thread::scope(|scope| -> Result<(wrk::Run, u64)> {
-            let wrk = scope.spawn(|| wrk::run(params.connections, params.load_time, &url));
-            let started = Instant::now();
-            let mut upgrades = 0;
-            // The last interval free of upgrades: the run ends on a settled host.
-            while started.elapsed() + params.upgrade_every * 2 < params.load_time {
-                let due = started + params.upgrade_every * (upgrades as u32 + 1);
-                std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                upgrade(&mut serving)?;
-                upgrades += 1;
-            }
-            let run = wrk.join().map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
-            Ok((run, upgrades))
+        let (run, upgrades) = wrk_while(params, &url, params.upgrade_every, |moment| match moment {
+            Moment::Ahead => Ok(()),
+            Moment::Due => upgrade(&mut serving).map(drop),
         })?;
         result.upgrading.push(run);
         result.upgrades_under_load += upgrades;
