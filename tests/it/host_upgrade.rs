@@ -282,17 +282,26 @@ async fn a_build_refused_before_an_upgrade_is_not_tried_again_after_it() {
     let host = Host::serve_dir(&dir, &[]);
     let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
     let _reap = Reap(pids.clone());
-    // Another plugin, newer on disk: it should serve, but its init fails.
+    // Another plugin, newer on disk: it should serve, but its init fails. And a file that is
+    // no library at all.
     place_by_rename(&hotswap_tests::init_fixture("error"), &dir.join("other.so"));
     assert!(host.wait_for_log("refused plugin candidate", Duration::from_secs(30)), "{}", host.log());
+    let junk = temp_dir("host-upgrade-junk").join("junk.so");
+    std::fs::write(&junk, b"not a library").unwrap();
+    place_by_rename(&junk, &dir.join("junk.so"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while host.log_count("refused plugin candidate") < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", host.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let pid = upgrade(&host.admin, &[]).await.unwrap();
     pids.lock().unwrap().push(pid);
     assert_eq!(KeepAlive::connect(&host.addr).await.host_pid().await.unwrap(), pid);
     tokio::time::sleep(Duration::from_millis(500)).await; // the new host settles
-    assert_eq!(host.log_count("refused plugin candidate"), 1, "{}", host.log());
+    assert_eq!(host.log_count("refused plugin candidate"), 2, "{}", host.log());
     let (_, status) = host.command_json(&["status"]);
     assert_eq!(status["current"]["name"], "example-handler", "{status}");
-    assert_eq!(status["refusals"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["refusals"].as_array().unwrap().len(), 2, "{status}");
     assert_eq!(status["builds"].as_array().unwrap().iter().filter(|b| b["refused"] == true).count(), 1, "{status}");
 }
 

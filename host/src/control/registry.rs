@@ -96,6 +96,9 @@ pub(crate) struct Inheritance {
     /// Builds the previous host refused to start, as they were then: the new host does not
     /// try them again until a reload (or a new file), as that one would not have.
     pub(crate) refused: Vec<(PathBuf, Identity)>,
+    /// Files the previous host could not read as builds, as they were then: the new host
+    /// neither reads them again nor records their refusals a second time.
+    pub(crate) unreadable: Vec<(PathBuf, Identity)>,
     /// The id of the generation the new host starts.
     pub(crate) next_id: u64,
 }
@@ -177,7 +180,12 @@ impl Registry {
         // Every build is read; the best so far stays open, so the one that serves is not
         // loaded twice.
         let mut best: Option<Candidate> = None;
+        let known_unreadable = inheritance.as_ref().map_or(&[][..], |i| &i.unreadable[..]);
         for (file, identity) in source.scan() {
+            if known_unreadable.iter().any(|(f, i)| *f == file && *i == identity) {
+                unreadable.insert(file, identity);
+                continue;
+            }
             match Candidate::open(&file, &options).await {
                 Ok(candidate) => {
                     builds.insert(build_of(&candidate));
@@ -268,6 +276,11 @@ impl Registry {
                 .all()
                 .filter(|b| b.refused && b.identity.sendable())
                 .map(|b| (b.file.clone(), b.identity))
+                .collect(),
+            unreadable: lock(&self.unreadable)
+                .iter()
+                .filter(|(_, identity)| identity.sendable())
+                .map(|(file, identity)| (file.clone(), *identity))
                 .collect(),
             next_id: self.next_id.load(Ordering::Relaxed),
         }
