@@ -6,18 +6,29 @@
 //! 1. The running host (the *old* one) starts the new binary with its own arguments and a
 //!    `SOCK_SEQPACKET` socket pair between them, the new one's end at descriptor 3
 //!    (`HOTSWAP_UPGRADE_FD`). Over it, it sends `Hello`: the listening socket and the admin
-//!    listener (as descriptors, `SCM_RIGHTS`), the build it serves with the pin and the
-//!    history ([`Inheritance`]), and the upgrades before this one.
-//! 2. The new host binds nothing: it serves on those sockets. It loads the same build, and
-//!    only once that has worked and it accepts connections does it answer `Ready`. If it
-//!    cannot (`Failed`, an exit, or no answer within the timeout), the old host has changed
-//!    nothing and goes on serving; the order fails with the new host's error.
-//! 3. On `Ready` the old host stops accepting (the listening socket stays open in the new
-//!    one: no connection is refused meanwhile) and shuts down as on SIGTERM, except that each
-//!    HTTP/1 connection goes to the new host at its next request boundary, with the bytes of
-//!    the next request already read (`Connection`): its client keeps its socket. HTTP/2 and
-//!    upgraded connections (WebSockets), and responses in progress, finish on the old host,
-//!    within the drain timeout. Then it sends `Done` and exits 0.
+//!    listener (as descriptors, `SCM_RIGHTS`), the build it serves with the pin, the history
+//!    and the builds it refused ([`Inheritance`]), and the upgrades before this one. From
+//!    then on it holds changes (swaps, pins, reloads) back: the new host gets the state as it
+//!    is.
+//! 2. The new host binds nothing: it will serve on those sockets. It loads the same build
+//!    (the bytes the old host kept of it), and only once that has worked does it answer
+//!    `Ready`. If it cannot (`Failed`, an exit, or no answer within the timeout), it is
+//!    stopped, the old host has changed nothing and goes on serving, and the order fails
+//!    with the new host's error.
+//! 3. On `Ready` the old host stops accepting and says so (`Accepted`); only then does the
+//!    new host accept, serve the admin API and tell systemd it is the main process. The
+//!    listening socket stays open all along: clients wait in its backlog, none is refused.
+//! 4. The old host shuts down as on SIGTERM, except that each HTTP/1 connection goes to the
+//!    new host at its next request boundary, with the bytes of the next request already read
+//!    (`Connection`): its client keeps its socket. HTTP/2 and upgraded connections
+//!    (WebSockets), and responses in progress, finish on the old host, within the drain
+//!    timeout. Then it sends `Done` and exits 0 (non-zero if the new host went away and
+//!    connections were lost). Changes sent to it meanwhile are refused: they belong to the
+//!    new host.
+//!
+//! Upgrades may follow each other before the previous one is done: a host still taking
+//! connections over from the one before passes them on to the next, and waits for that one's
+//! `Done` before it exits.
 //!
 //! A rollback is the same command with the old binary.
 
