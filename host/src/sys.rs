@@ -208,6 +208,14 @@ pub(crate) fn terminate(pid: u32) {
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }
 
+/// Whether process `pid` still exists (a zombie counts).
+pub(crate) fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 checks only that the process exists and may be signalled.
+    let sent = unsafe { libc::kill(pid, 0) } == 0;
+    sent || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
 /// How many thread-specific-data keys a process may have (glibc's `PTHREAD_KEYS_MAX`).
 pub(crate) const THREAD_KEYS_MAX: u64 = 1024;
 

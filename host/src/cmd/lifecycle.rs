@@ -101,7 +101,10 @@ where
             None
         }
     };
-    tracing::info!("listening on http://{}", listener.local_addr()?);
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!("listening on http://{addr}"),
+        Err(e) => tracing::warn!("listening (its address cannot be read: {e})"),
+    }
     let upgrader = upgrade::Upgrader {
         registry: registry.clone(),
         host: host.clone(),

@@ -11,12 +11,13 @@
 //!    then on it holds changes (swaps, pins, reloads) back: the new host gets the state as it
 //!    is.
 //! 2. The new host binds nothing: it will serve on those sockets. It loads the same build
-//!    (the bytes the old host kept of it), and only once that has worked does it answer
-//!    `Ready`. If it cannot (`Failed`, an exit, or no answer within the timeout), it is
+//!    (the bytes the old host kept of it; the build's file if it kept none), and only once
+//!    that has worked does it answer `Ready`. If it cannot (`Failed`, an exit, or no answer within the timeout), it is
 //!    stopped, the old host has changed nothing and goes on serving, and the order fails
 //!    with the new host's error.
-//! 3. On `Ready` the old host stops accepting and says so (`Accepted`); only then does the
-//!    new host accept, serve the admin API and tell systemd it is the main process. The
+//! 3. On `Ready` the old host stops accepting and says so (`Accepted`; a connection it still
+//!    accepts in that moment is handed over like the others); only then does the new host
+//!    accept, serve the admin API and tell systemd it is the main process. The
 //!    listening socket stays open all along: clients wait in its backlog, none is refused.
 //! 4. The old host shuts down as on SIGTERM, except that each HTTP/1 connection goes to the
 //!    new host at its next request boundary, with the bytes of the next request already read
@@ -81,7 +82,7 @@ enum Message {
         /// When the upgrade was ordered, in milliseconds since the Unix epoch.
         ordered_ms: u64,
     },
-    /// New to old: it serves; the old one stops accepting.
+    /// New to old: it is ready to serve; the old one stops accepting and answers `Accepted`.
     Ready { pid: u32, version: String, took_ms: u64 },
     /// New to old: it cannot serve, and why; the old one goes on.
     Failed { error: String },
@@ -200,7 +201,7 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
             Ok((channel, successor, record)) => {
                 tracing::info!(
                     pid = record.to_pid, version = %record.to_version, took_ms = started.elapsed().as_millis() as u64,
-                    "upgrade: the new host serves; this one stops accepting and hands over its connections"
+                    "upgrade: the new host is ready; this one stops accepting and hands over its connections"
                 );
                 successor.release();
                 upgrader.host.handed_over(record.clone());
@@ -530,11 +531,18 @@ impl Inherited {
         };
         let ready = Message::Ready { pid: record.to_pid, version: record.to_version.clone(), took_ms: record.took_ms };
         self.channel.send(&ready, &[], &[]).await.context("cannot tell the previous host that this one is ready")?;
-        match self.channel.recv().await {
-            Ok(Some((Message::Accepted, ..))) => {
-                host.upgraded_into(self.upgrade_count + 1, record);
-                Ok(())
-            }
+        let answer = self.channel.recv().await;
+        if let Ok(Some((Message::Accepted, ..))) = answer {
+            host.upgraded_into(self.upgrade_count + 1, record);
+            return Ok(());
+        }
+        if !crate::sys::process_exists(self.from_pid) {
+            // It died before it could answer: nothing else serves the port now.
+            tracing::warn!(pid = self.from_pid, "the previous host is gone before it let this one take over: serving anyway");
+            host.upgraded_into(self.upgrade_count + 1, record);
+            return Ok(());
+        }
+        match answer {
             Ok(Some((other, ..))) => anyhow::bail!("the previous host sent {other:?} instead of letting this one serve"),
             Ok(None) => anyhow::bail!("the previous host did not let this one take over (it gave up waiting, or was stopped)"),
             Err(e) => Err(anyhow::Error::new(e).context("cannot hear from the previous host")),

@@ -95,9 +95,11 @@ pub(crate) struct Inheritance {
     pub(crate) history: CarriedHistory,
     /// Builds the previous host refused to start, as they were then: the new host does not
     /// try them again until a reload (or a new file), as that one would not have.
+    #[serde(default)]
     pub(crate) refused: Vec<(PathBuf, Identity)>,
     /// Files the previous host could not read as builds, as they were then: the new host
     /// neither reads them again nor records their refusals a second time.
+    #[serde(default)]
     pub(crate) unreadable: Vec<(PathBuf, Identity)>,
     /// The id of the generation the new host starts.
     pub(crate) next_id: u64,

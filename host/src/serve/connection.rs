@@ -97,7 +97,8 @@ async fn drive_http1(mut connection: Http1Connection, conn: &ConnState, shared: 
     };
     // The connection is polled first: one that ends on its own (the client closed, hyper gave
     // up reading a body nobody wanted) ends here, and is not handed over.
-    conn.wants_boundary.store(true, std::sync::atomic::Ordering::Release);
+    // SeqCst: see `Activity::http1_busy`.
+    conn.wants_boundary.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut nudged_after = None;
     let ended = std::future::poll_fn(|cx| match Pin::new(&mut connection).poll(cx) {
         Poll::Ready(r) => Poll::Ready(Some(r)),

@@ -149,7 +149,9 @@ impl Activity {
     /// pins the connection to its generation until its response ends. (A connection speaks
     /// one protocol for its whole life.)
     pub(crate) fn http1_busy(&self) -> bool {
-        !self.http2.load(Ordering::Relaxed) && self.requests.load(Ordering::Acquire) > 0
+        // SeqCst, as `request_ended`'s: a connection waiting for its boundary sets
+        // `ConnState::wants_boundary`, then reads this; a request that ends does the reverse.
+        !self.http2.load(Ordering::Relaxed) && self.requests.load(Ordering::SeqCst) > 0
     }
 
     /// Bytes arrived from the client (HTTP/1; for HTTP/2 bytes are no activity).
@@ -202,7 +204,7 @@ impl Activity {
     pub(crate) fn request_ended(&self) {
         // The change first: a sweeper that sees no request in progress sees it too.
         self.changed(false);
-        self.requests.fetch_sub(1, Ordering::Release);
+        self.requests.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Whether the connection owes a request head (rather than being between requests).

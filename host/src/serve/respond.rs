@@ -415,7 +415,7 @@ impl Drop for ConnRequest {
             self.state.served.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         self.state.activity.request_ended();
-        if self.h1 && self.state.wants_boundary.load(std::sync::atomic::Ordering::Acquire) {
+        if self.h1 && self.state.wants_boundary.load(std::sync::atomic::Ordering::SeqCst) {
             self.state.activity.wake();
         }
     }
