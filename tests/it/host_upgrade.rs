@@ -302,6 +302,11 @@ async fn a_build_refused_before_an_upgrade_is_not_tried_again_after_it() {
     let (_, status) = host.command_json(&["status"]);
     assert_eq!(status["current"]["name"], "example-handler", "{status}");
     assert_eq!(status["refusals"].as_array().unwrap().len(), 2, "{status}");
+    // The refusal names the file as the operator knows it, not the host's private copy.
+    let junk_refusal = status["refusals"].as_array().unwrap().iter().find(|r| r["file"].as_str().unwrap().ends_with("junk.so")).unwrap();
+    let reason = junk_refusal["reason"].as_str().unwrap();
+    assert!(reason.starts_with(&format!("{}: not a loadable shared library", dir.join("junk.so").display())), "{reason}");
+    assert!(!reason.contains("/proc/self/fd"), "{reason}");
     assert_eq!(status["builds"].as_array().unwrap().iter().filter(|b| b["refused"] == true).count(), 1, "{status}");
 }
 

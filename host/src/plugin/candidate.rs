@@ -165,7 +165,7 @@ impl Candidate {
             return Err(GenerationError::Probe { path: source.to_path_buf(), source: e });
         }
         let foreign_before = threads::foreign();
-        match open_library(file, &shadow).await {
+        match open_library(file, &shadow, source).await {
             Ok(library) => Ok(Candidate {
                 source: source.to_path_buf(),
                 shadow,
@@ -350,14 +350,14 @@ impl Drop for Candidate {
 /// thread-locals its initialisers create are destroyed while the library is loaded, and pin
 /// no host thread to it. If the load is abandoned meanwhile, the library is closed (on the
 /// blocking pool) only after that thread has exited.
-async fn open_library(file: std::fs::File, shadow: &Path) -> Result<Library, GenerationError> {
+async fn open_library(file: std::fs::File, shadow: &Path, source: &Path) -> Result<Library, GenerationError> {
     let failed = |reason: String| GenerationError::Runtime(std::io::Error::other(reason));
-    let path = shadow.to_path_buf();
+    let (path, source) = (shadow.to_path_buf(), source.to_path_buf());
     // SAFETY: the operator chose this file as a plugin; opening it runs its initialisers,
     // which is what loading a plugin means.
     let opening = std::thread::Builder::new()
         .name("hs-dlopen".into())
-        .spawn(move || threads::host_thread(|| unsafe { Library::open(file, &path) }));
+        .spawn(move || threads::host_thread(|| unsafe { Library::open(file, &path, &source) }));
     let thread = opening.map_err(GenerationError::Runtime)?;
     let joined = tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| failed(e.to_string()))?;
     Ok(joined.map_err(|_| failed("opening the library panicked".into()))??)

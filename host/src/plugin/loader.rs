@@ -126,21 +126,31 @@ impl Library {
     /// the bytes mapped are the bytes that were checked, even if someone replaced the file or
     /// its directory in the meantime.
     ///
+    /// Errors name `source`, the file the copy was made of: the one the operator knows.
+    ///
     /// # Safety
     /// Loading a library runs its initialisers, as any native code would: `copy` must be a
     /// file the operator has chosen to trust.
-    pub(crate) unsafe fn open(copy: fs::File, shadow: &Path) -> Result<Library, LoadError> {
+    pub(crate) unsafe fn open(copy: fs::File, shadow: &Path, source: &Path) -> Result<Library, LoadError> {
         use std::os::fd::AsRawFd as _;
-        let path = shadow.to_path_buf();
+        let path = source.to_path_buf();
         // SAFETY: forwarded to the caller (the library's initialisers run here).
-        let library = unsafe { open_fd(copy.as_raw_fd()) }
-            .map_err(|e| LoadError::Open { path: path.clone(), reason: e.to_string() })?;
+        let library = unsafe { open_fd(copy.as_raw_fd()) }.map_err(|e| {
+            // The loader names the descriptor it was given (`/proc/self/fd/N: …`): no use to
+            // anyone reading the refusal.
+            let reason = e.to_string();
+            let reason = match reason.split_once("/proc/self/fd/").and_then(|(_, rest)| rest.split_once(": ")) {
+                Some((_, why)) => why.to_owned(),
+                None => reason,
+            };
+            LoadError::Open { path: path.clone(), reason }
+        })?;
         let symbol = abi::DECLARATION_SYMBOL;
         // SAFETY: we only take the symbol's address here; it is read below as a header.
         let address = unsafe { library.get::<*const DeclarationHeader>(symbol.as_bytes()) }.map(|s| *s);
         // From here on, every return closes it through `Mapping` (checked, as any close).
         // The maps print the file's real path, as the descriptor's link does.
-        let real = fs::read_link(format!("/proc/self/fd/{}", copy.as_raw_fd())).unwrap_or_else(|_| path.clone());
+        let real = fs::read_link(format!("/proc/self/fd/{}", copy.as_raw_fd())).unwrap_or_else(|_| shadow.to_path_buf());
         let mut mapping = Mapping { library: Some(library), copy: Some(copy), maps_id: maps_id_of(&real) };
         let address = address.map_err(|_| LoadError::NotAPlugin { path: path.clone(), symbol })?;
         if mapping.maps_id.is_none() {
@@ -811,7 +821,7 @@ mod tests {
         fs::write(&other, b"not the bytes that were checked").unwrap();
         fs::rename(&other, &copy.shadow).unwrap();
         // SAFETY: libdl.so.2 is a system library without initialisers of its own.
-        let opened = unsafe { Library::open(copy.file, &copy.shadow) };
+        let opened = unsafe { Library::open(copy.file, &copy.shadow, &copy.shadow) };
         // The checked bytes were mapped (a real library, not a plugin), not the file now at
         // the path (not a library at all).
         assert!(matches!(opened, Err(LoadError::NotAPlugin { .. })), "{:?}", opened.err());
