@@ -78,15 +78,36 @@ fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')))
 }
 
-/// Stops the host processes an upgrade started (the test's own `Host` stops only the first).
-struct Reap(Arc<std::sync::Mutex<Vec<u32>>>);
+/// The host processes upgrades started, stopped when dropped (the test's own `Host` stops only
+/// the first).
+#[derive(Default)]
+struct Reap(std::sync::Mutex<Vec<u32>>);
+
+impl Reap {
+    fn add(&self, pid: u32) {
+        self.0.lock().unwrap().push(pid);
+    }
+
+    fn all(&self) -> Vec<u32> {
+        self.0.lock().unwrap().clone()
+    }
+}
 
 impl Drop for Reap {
     fn drop(&mut self) {
-        for pid in self.0.lock().unwrap().iter() {
+        for pid in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(std::process::Stdio::null()).status();
         }
     }
+}
+
+/// A host serving the example handler from a directory of its own (`name`), with `extra`
+/// arguments, and the reaper of the hosts its upgrades start.
+fn example_host(name: &str, extra: &[&str]) -> (std::path::PathBuf, Host, Reap) {
+    let dir = temp_dir(name);
+    place_by_rename(&artifacts().example, &dir.join("app.so"));
+    let host = Host::serve_dir(&dir, extra);
+    (dir, host, Reap::default())
 }
 
 /// `hotswap upgrade` against `host`'s admin socket, off the async runtime; the new pid.
@@ -116,11 +137,7 @@ fn ten_host_upgrades_under_load_refuse_nothing_and_cut_nothing() {
 }
 
 async fn ten_upgrades() {
-    let dir = temp_dir("host-upgrade");
-    place_by_rename(&artifacts().example, &dir.join("app.so"));
-    let mut host = Host::serve_dir(&dir, &["--drain-timeout", "60s"]);
-    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let _reap = Reap(pids.clone());
+    let (_dir, mut host, reap) = example_host("host-upgrade", &["--drain-timeout", "60s"]);
     // Carried to every new host: the pin, and the history.
     let pinned = host.command(&["pin", "0.1.0"]);
     assert_eq!(pinned.code, 0, "{pinned:?}");
@@ -200,7 +217,7 @@ async fn ten_upgrades() {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let next = upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("upgrade {i} failed: {e}\n{}", host.log()));
         assert_ne!(next, last);
-        pids.lock().unwrap().push(next);
+        reap.add(next);
         last = next;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -222,7 +239,7 @@ async fn ten_upgrades() {
 
     // The first host has exited 0 once its download was done; every later one but the last too.
     assert_eq!(host.wait_exit(Duration::from_secs(30)), Some(0), "{}", host.log());
-    let all = pids.lock().unwrap().clone();
+    let all = reap.all();
     for pid in &all[..all.len() - 1] {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while alive(*pid) && std::time::Instant::now() < deadline {
@@ -249,13 +266,11 @@ async fn the_history_and_a_rollback_survive_upgrades() {
     let dir = temp_dir("host-upgrade-history");
     place_by_rename(&a, &dir.join("app.so"));
     let host = Host::serve_dir(&dir, &[]);
-    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let _reap = Reap(pids.clone());
+    let reap = Reap::default();
     place_by_rename(&b, &dir.join("app.so"));
     host.wait_version("1.0.0+b").await;
     for _ in 0..2 {
-        let pid = upgrade(&host.admin, &[]).await.unwrap();
-        pids.lock().unwrap().push(pid);
+        reap.add(upgrade(&host.admin, &[]).await.unwrap());
     }
     // The build is gone from the directory: the rollback comes from the copy the first host
     // kept, carried over twice.
@@ -265,8 +280,7 @@ async fn the_history_and_a_rollback_survive_upgrades() {
     host.wait_version("1.0.0+a").await;
     // Upgrades after the rollback serve the build rolled back to, still pinned.
     for _ in 0..2 {
-        let pid = upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("{e}\n{}", host.log()));
-        pids.lock().unwrap().push(pid);
+        reap.add(upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("{e}\n{}", host.log())));
     }
     assert_eq!(host.version().await, "1.0.0+a");
     let (_, status) = host.command_json(&["status"]);
@@ -277,11 +291,7 @@ async fn the_history_and_a_rollback_survive_upgrades() {
 
 #[tokio::test]
 async fn a_build_refused_before_an_upgrade_is_not_tried_again_after_it() {
-    let dir = temp_dir("host-upgrade-refused");
-    place_by_rename(&artifacts().example, &dir.join("app.so"));
-    let host = Host::serve_dir(&dir, &[]);
-    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let _reap = Reap(pids.clone());
+    let (dir, host, reap) = example_host("host-upgrade-refused", &[]);
     // Another plugin, newer on disk: it should serve, but its init fails. And a file that is
     // no library at all.
     place_by_rename(&hotswap_tests::init_fixture("error"), &dir.join("other.so"));
@@ -295,7 +305,7 @@ async fn a_build_refused_before_an_upgrade_is_not_tried_again_after_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pid = upgrade(&host.admin, &[]).await.unwrap();
-    pids.lock().unwrap().push(pid);
+    reap.add(pid);
     assert_eq!(KeepAlive::connect(&host.addr).await.host_pid().await.unwrap(), pid);
     tokio::time::sleep(Duration::from_millis(500)).await; // the new host settles
     assert_eq!(host.log_count("refused plugin candidate"), 2, "{}", host.log());
@@ -312,9 +322,7 @@ async fn a_build_refused_before_an_upgrade_is_not_tried_again_after_it() {
 
 #[tokio::test]
 async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
-    let dir = temp_dir("host-upgrade-fails");
-    place_by_rename(&artifacts().example, &dir.join("app.so"));
-    let host = Host::serve_dir(&dir, &[]);
+    let (_dir, host, _reap) = example_host("host-upgrade-fails", &[]);
     let mut client = KeepAlive::connect(&host.addr).await;
     assert_eq!(client.host_pid().await.unwrap(), host.pid());
 
@@ -361,11 +369,7 @@ async fn websockets_and_http2_finish_on_the_old_host() {
     use crate::upgrades::{connect, echo, greeting};
     use futures_util::StreamExt as _;
     use tokio_tungstenite::tungstenite::Message;
-    let dir = temp_dir("host-upgrade-long");
-    place_by_rename(&artifacts().example, &dir.join("app.so"));
-    let mut host = Host::serve_dir(&dir, &[]);
-    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let _reap = Reap(pids.clone());
+    let (_dir, mut host, reap) = example_host("host-upgrade-long", &[]);
     let mut session = connect(&host, "").await;
     greeting(&mut session).await;
     // A throttled download over HTTP/2 (prior knowledge), under way at the upgrade.
@@ -375,7 +379,7 @@ async fn websockets_and_http2_finish_on_the_old_host() {
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
 
     let next = upgrade(&host.admin, &[]).await.unwrap();
-    pids.lock().unwrap().push(next);
+    reap.add(next);
     assert_eq!(KeepAlive::connect(&host.addr).await.host_pid().await.unwrap(), next);
     // Both go on, on the old host.
     echo(&mut session, Message::text("after the upgrade")).await;
@@ -395,17 +399,13 @@ async fn websockets_and_http2_finish_on_the_old_host() {
 
 #[tokio::test]
 async fn sigusr2_upgrades_to_the_running_binary() {
-    let dir = temp_dir("host-upgrade-usr2");
-    place_by_rename(&artifacts().example, &dir.join("app.so"));
-    let mut host = Host::serve_dir(&dir, &[]);
-    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let _reap = Reap(pids.clone());
+    let (_dir, mut host, reap) = example_host("host-upgrade-usr2", &[]);
     let mut client = KeepAlive::connect(&host.addr).await;
     assert_eq!(client.host_pid().await.unwrap(), host.pid());
     host.signal("USR2");
     assert_eq!(host.wait_exit(Duration::from_secs(30)), Some(0), "{}", host.log());
     let next = client.host_pid().await.expect("the idle connection was lost");
-    pids.lock().unwrap().push(next);
+    reap.add(next);
     assert_ne!(next, host.pid());
     assert!(alive(next));
 }

@@ -51,6 +51,7 @@ use tokio_seqpacket::UnixSeqpacket;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::admin::{HandedAdmin, ServedAdmin};
+use crate::control::history::unix_ms;
 use crate::control::host::{HostProcess, UpgradeOrder, UpgradeRecord};
 use crate::control::registry::{Inheritance, Registry};
 use crate::serve::handoff::Handed;
@@ -83,7 +84,7 @@ enum Message {
         ordered_ms: u64,
     },
     /// New to old: it is ready to serve; the old one stops accepting and answers `Accepted`.
-    Ready { pid: u32, version: String, took_ms: u64 },
+    Ready { upgrade: UpgradeRecord },
     /// New to old: it cannot serve, and why; the old one goes on.
     Failed { error: String },
     /// Old to new: it has stopped accepting: the new one is the host now (and tells the
@@ -315,16 +316,7 @@ async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) 
         let broken = |e: io::Error, what: &str| NotServing::Broken(anyhow::Error::new(e).context(what.to_owned()));
         channel.send(&hello, &[], &fds).await.map_err(|e| broken(e, "cannot send the sockets to the new host"))?;
         match channel.recv().await.map_err(|e| broken(e, "cannot hear from the new host"))? {
-            Some((Message::Ready { pid, version, took_ms }, ..)) => Ok(UpgradeRecord {
-                at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                binary: binary.to_path_buf(),
-                connections_handed_over: 0,
-                from_pid: std::process::id(),
-                from_version: env!("CARGO_PKG_VERSION").to_owned(),
-                to_pid: pid,
-                to_version: version,
-                took_ms,
-            }),
+            Some((Message::Ready { upgrade }, ..)) => Ok(upgrade),
             Some((Message::Failed { error }, ..)) => Err(NotServing::Refused(error)),
             Some((other, ..)) => Err(NotServing::Broken(anyhow::anyhow!("it sent {other:?} instead of saying whether it serves"))),
             None => Err(NotServing::Broken(anyhow::anyhow!("it closed the hand-over before it served"))),
@@ -366,10 +358,6 @@ fn check_binary(binary: &Path) -> anyhow::Result<()> {
         binary.display()
     );
     Ok(())
-}
-
-fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The old host's side once the new one serves: its connections on their way there.
@@ -529,7 +517,7 @@ impl Inherited {
             to_version: env!("CARGO_PKG_VERSION").to_owned(),
             took_ms: unix_ms(now).saturating_sub(self.ordered_ms),
         };
-        let ready = Message::Ready { pid: record.to_pid, version: record.to_version.clone(), took_ms: record.took_ms };
+        let ready = Message::Ready { upgrade: record.clone() };
         self.channel.send(&ready, &[], &[]).await.context("cannot tell the previous host that this one is ready")?;
         let answer = self.channel.recv().await;
         if let Ok(Some((Message::Accepted, ..))) = answer {

@@ -113,7 +113,7 @@ impl Record {
             version: self.version.as_ref().map(ToString::to_string),
             file: self.file.clone(),
             sha256: self.sha256.get().cloned(),
-            at_ms: self.at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            at_ms: unix_ms(self.at),
             refused: self.refused.clone(),
             requests: self.requests(),
             kept: self.kept.clone(),
@@ -319,6 +319,11 @@ fn remove_copy(path: Option<PathBuf>) {
     if let Some(path) = path {
         let _ = std::fs::remove_file(&path);
     }
+}
+
+/// Milliseconds since the Unix epoch (0 before it), as times cross to another host process.
+pub(crate) fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A refusal record for `file`.

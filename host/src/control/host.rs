@@ -97,6 +97,7 @@ impl HostProcess {
     /// admin API refuses changes, which belong to the new one.
     pub(crate) fn handed_over(&self, upgrade: UpgradeRecord) {
         self.handed_over_to.store(upgrade.to_pid, Ordering::Release);
+        self.upgrade_count.fetch_add(1, Ordering::Relaxed);
         self.record(upgrade);
     }
 
@@ -127,10 +128,7 @@ impl HostProcess {
     }
 
     /// Records an upgrade (this process's own hand-over, or the one that started it).
-    pub(crate) fn record(&self, upgrade: UpgradeRecord) {
-        if upgrade.from_pid == std::process::id() {
-            self.upgrade_count.fetch_add(1, Ordering::Relaxed);
-        }
+    fn record(&self, upgrade: UpgradeRecord) {
         let mut upgrades = self.upgrades.lock().unwrap_or_else(PoisonError::into_inner);
         upgrades.push(upgrade);
         let excess = upgrades.len().saturating_sub(UPGRADES_KEPT);

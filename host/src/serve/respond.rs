@@ -412,7 +412,10 @@ impl ConnRequest {
 impl Drop for ConnRequest {
     fn drop(&mut self) {
         if self.h1 {
-            self.state.served.fetch_add(1, std::sync::atomic::Ordering::Release);
+            // One writer: an HTTP/1 connection's requests end one after another (no locked
+            // read-modify-write on the request path).
+            let served = self.state.served.load(std::sync::atomic::Ordering::Relaxed);
+            self.state.served.store(served + 1, std::sync::atomic::Ordering::Release);
         }
         self.state.activity.request_ended();
         if self.h1 && self.state.wants_boundary.load(std::sync::atomic::Ordering::SeqCst) {
