@@ -4,6 +4,7 @@
 mod admin;
 mod apps;
 mod bench;
+mod canary;
 mod candidates;
 mod config;
 mod core;

@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::control::admin::AdminAddr;
+use crate::control::canary::CanaryPolicy;
+use crate::plugin::route::{Share, Sticky};
 use crate::serve::Limits;
 
 /// An HTTP server that swaps its request handler while it runs.
@@ -107,6 +109,28 @@ pub(crate) enum AdminCommand {
     /// Lift the pin: the highest version serves again (swapped in now if it is not serving).
     #[command(args_override_self = true)]
     Unpin(AdminClientArgs),
+    /// Start a canary: VERSION (default: the build that should replace the current one) gets
+    /// --percent of new requests while the current version serves the rest. It is promoted,
+    /// or rolled back and its build refused, by the host's --canary-* rules; `hotswap status`
+    /// shows how it is doing. Given for the canary that runs, --percent changes its share.
+    #[command(args_override_self = true)]
+    Canary {
+        /// A semantic version, like 1.4.2 (a build in the plugin directory, or a kept copy).
+        #[arg(id = "canary_version", value_name = "VERSION", conflicts_with_all = ["promote", "abort"])]
+        version: Option<String>,
+        /// The share of new requests it gets, 0 to 100 (default: the host's --canary, else 10).
+        #[arg(long, value_parser = parse_percent, conflicts_with_all = ["promote", "abort"])]
+        percent: Option<f64>,
+        /// Promote the canary now: it gets every new request.
+        #[arg(long, conflicts_with = "abort")]
+        promote: bool,
+        /// Roll the canary back now: the current version serves every request, and the
+        /// canary's build is refused.
+        #[arg(long)]
+        abort: bool,
+        #[command(flatten)]
+        client: AdminClientArgs,
+    },
     /// Replace the host process itself with a new hotswap binary, refusing no connection and
     /// cutting no response. The new process gets the listening socket, the admin socket, the
     /// build that serves (with the pin and history), and every idle keep-alive connection;
@@ -137,6 +161,7 @@ impl AdminCommand {
             | AdminCommand::Rollback(args)
             | AdminCommand::Unpin(args)
             | AdminCommand::Pin { client: args, .. }
+            | AdminCommand::Canary { client: args, .. }
             | AdminCommand::Upgrade { client: args, .. } => args,
         }
     }
@@ -347,7 +372,79 @@ pub(crate) struct ServeArgs {
     pub(crate) trusted_digests: Option<PathBuf>,
 
     #[command(flatten)]
+    pub(crate) canary: CanaryArgs,
+
+    #[command(flatten)]
     pub(crate) host: HostArgs,
+}
+
+/// Canary rollouts: how a new build is tried on a share of requests, and judged.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Canary rollouts")]
+pub(crate) struct CanaryArgs {
+    /// Start every new build as a canary that gets PERCENT of new requests (0 to 100) while
+    /// the current version serves the rest; it is promoted or rolled back by the rules below.
+    /// Without it, a new build serves every new request at once (`hotswap canary` still
+    /// starts a canary by hand).
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub(crate) canary: Option<f64>,
+
+    /// Route by a key, so that one user sees one version: `cookie:NAME` or `header:NAME`.
+    /// Requests without the key are split by share alone.
+    #[arg(long, value_name = "cookie:NAME|header:NAME")]
+    pub(crate) canary_sticky: Option<Sticky>,
+
+    /// Promote a healthy canary once it has answered this many requests.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) canary_requests: u64,
+
+    /// Or once it has run this long (and answered --canary-min-requests).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub(crate) canary_duration: Duration,
+
+    /// Judge a canary only once it has answered this many requests; from then on, its error
+    /// rate is checked continuously.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) canary_min_requests: u64,
+
+    /// Roll back a canary whose share of 5xx answers (panics included) exceeds the current
+    /// version's, over the same window, by more than this many percentage points.
+    #[arg(long, value_name = "POINTS", default_value_t = 1.0, value_parser = parse_percent)]
+    pub(crate) canary_max_error_rate: f64,
+
+    /// Roll back a canary whose p99 time to the response head exceeds the current version's,
+    /// over the same window, times this (plus 1 ms).
+    #[arg(long, value_name = "RATIO", default_value_t = 1.5, value_parser = parse_ratio)]
+    pub(crate) canary_max_latency_ratio: f64,
+}
+
+impl CanaryArgs {
+    /// The rules the registry applies.
+    pub(crate) fn policy(&self) -> CanaryPolicy {
+        CanaryPolicy {
+            auto: self.canary.and_then(Share::from_percent),
+            sticky: self.canary_sticky.clone(),
+            requests: self.canary_requests,
+            duration: self.canary_duration,
+            min_requests: self.canary_min_requests,
+            max_error_rate: self.canary_max_error_rate,
+            max_latency_ratio: self.canary_max_latency_ratio,
+        }
+    }
+}
+
+/// A percentage, 0 to 100.
+pub(crate) fn parse_percent(text: &str) -> Result<f64, String> {
+    let percent: f64 = text.trim().trim_end_matches('%').parse().map_err(|_| format!("`{text}` is not a number like 10 or 2.5"))?;
+    Share::from_percent(percent).map(Share::percent).ok_or_else(|| format!("{text} is not between 0 and 100"))
+}
+
+/// A ratio of at least 1.
+pub(crate) fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().trim_end_matches(['x', '×']).parse::<f64>() {
+        Ok(ratio) if ratio >= 1.0 && ratio.is_finite() => Ok(ratio),
+        _ => Err(format!("`{text}` is not a ratio of at least 1, like 1.5")),
+    }
 }
 
 #[cfg(test)]

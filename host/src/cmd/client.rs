@@ -1,5 +1,5 @@
-//! `hotswap status | reload | rollback | pin VERSION | unpin | upgrade`: the admin API from the
-//! shell.
+//! `hotswap status | reload | rollback | pin VERSION | unpin | canary | upgrade`: the admin API
+//! from the shell.
 //! Tables for people by default, the API's JSON with `--json`; a refused change exits
 //! non-zero with the reason.
 
@@ -32,6 +32,12 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             (Method::POST, "/pin", Some(Bytes::from(serde_json::to_vec(&pin)?)))
         }
         AdminCommand::Unpin(_) => (Method::DELETE, "/pin", None),
+        AdminCommand::Canary { promote: true, .. } => (Method::POST, "/canary/promote", None),
+        AdminCommand::Canary { abort: true, .. } => (Method::DELETE, "/canary", None),
+        AdminCommand::Canary { version, percent, .. } => {
+            let order = api::CanaryRequest { version: version.clone(), percent: *percent };
+            (Method::POST, "/canary", Some(Bytes::from(serde_json::to_vec(&order)?)))
+        }
         AdminCommand::Upgrade { binary, timeout, .. } => {
             // The host may run in another directory: a relative path is this shell's.
             let binary = binary.as_deref().map(std::path::absolute).transpose().context("cannot resolve --binary")?;
@@ -174,6 +180,16 @@ fn outcome_text(outcome: &Outcome) -> (String, bool) {
         Outcome::Refused { serving, refused } => {
             (format!("refused: {}; {} keeps serving", refused.join("; "), brief(serving)), true)
         }
+        Outcome::Canary { serving, canary, percent, refused } => {
+            let mut line = format!("canary: {} gets {percent} % of new requests, {} the rest", brief(canary), brief(serving));
+            if !refused.is_empty() {
+                line.push_str(&format!(" (refused first: {})", refused.join("; ")));
+            }
+            (line, false)
+        }
+        Outcome::RolledBack { serving, canary, reason } => {
+            (format!("rolled back: {} ({reason}); {} serves every request", brief(canary), brief(serving)), false)
+        }
     }
 }
 
@@ -224,7 +240,31 @@ fn status_text(status: &api::Status) -> String {
         )),
         None => out.push_str("  not pinned: the highest version serves\n"),
     }
-    out.push_str(&format!("  plugins from {}\n\n", status.plugin_source.display()));
+    out.push_str(&format!("  plugins from {}\n", status.plugin_source.display()));
+    if let Some(c) = &status.canary {
+        let p99 = |ms: Option<f64>| ms.map_or_else(|| "-".into(), |ms| format!("{ms:.2} ms"));
+        let rate = |errors: u64, requests: u64| if requests == 0 { 0.0 } else { errors as f64 * 100.0 / requests as f64 };
+        out.push_str(&format!(
+            "canary {} {} (generation {}): {} % of new requests{}, for {}\n",
+            c.name,
+            c.version,
+            c.generation,
+            c.percent,
+            c.sticky.as_ref().map_or_else(String::new, |s| format!(", sticky by {s}")),
+            seconds(c.elapsed_seconds)
+        ));
+        out.push_str(&format!(
+            "  canary:  {} requests, 5xx {:.1} %, p99 {}\n  current: {} requests, 5xx {:.1} %, p99 {}\n  {}\n",
+            c.requests,
+            rate(c.errors, c.requests),
+            p99(c.p99_ms),
+            c.current_requests,
+            rate(c.current_errors, c.current_requests),
+            p99(c.current_p99_ms),
+            c.verdict
+        ));
+    }
+    out.push('\n');
 
     let mut resident = table(&["GEN", "VERSION", "STATE", "IN FLIGHT", "STREAMS", "UPGRADED", "SENT", "REQUESTS", "AGE"]);
     for g in &status.resident {

@@ -46,6 +46,21 @@ struct File {
     limits: Limits,
     #[serde(default)]
     admin: Admin,
+    #[serde(default)]
+    canary: Canary,
+}
+
+/// `[canary]`: the `--canary-*` flags (`percent` is `--canary`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Canary {
+    percent: Option<f64>,
+    sticky: Option<String>,
+    requests: Option<u64>,
+    duration: Option<String>,
+    min_requests: Option<u64>,
+    max_error_rate: Option<f64>,
+    max_latency_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,11 +203,50 @@ impl File {
                 flags.path("--plugin-dir", dir);
             }
         }
+        flags.0.extend(self.canary.into_flags(path)?);
         if self.insecure_plugin_dir == Some(true) {
             flags.0.push("--insecure-plugin-dir".into());
         }
         if let Some(list) = self.trusted_digests {
             flags.path("--trusted-digests", list);
+        }
+        Ok(flags.0)
+    }
+}
+
+impl Canary {
+    /// The `--canary*` flags, checked by their own parsers.
+    fn into_flags(self, path: &Path) -> Result<Vec<OsString>, ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Value { path: path.to_path_buf(), key, reason };
+        let mut flags = Flags::default();
+        if let Some(percent) = self.percent {
+            crate::cmd::cli::parse_percent(&percent.to_string()).map_err(|e| invalid("canary.percent", e))?;
+            flags.value("--canary", percent.to_string());
+        }
+        if let Some(sticky) = self.sticky {
+            sticky.parse::<crate::plugin::route::Sticky>().map_err(|e| invalid("canary.sticky", e))?;
+            flags.value("--canary-sticky", sticky);
+        }
+        for (key, flag, value) in [("canary.requests", "--canary-requests", self.requests), ("canary.min_requests", "--canary-min-requests", self.min_requests)] {
+            if let Some(value) = value {
+                if value == 0 {
+                    return Err(invalid(key, "must be at least 1".into()));
+                }
+                flags.value(flag, value.to_string());
+            }
+        }
+        if let Some(duration) = self.duration {
+            humantime::parse_duration(&duration)
+                .map_err(|e| invalid("canary.duration", format!("`{duration}` is not a duration like 10m or 30s ({e})")))?;
+            flags.value("--canary-duration", duration);
+        }
+        if let Some(points) = self.max_error_rate {
+            crate::cmd::cli::parse_percent(&points.to_string()).map_err(|e| invalid("canary.max_error_rate", e))?;
+            flags.value("--canary-max-error-rate", points.to_string());
+        }
+        if let Some(ratio) = self.max_latency_ratio {
+            crate::cmd::cli::parse_ratio(&ratio.to_string()).map_err(|e| invalid("canary.max_latency_ratio", e))?;
+            flags.value("--canary-max-latency-ratio", ratio.to_string());
         }
         Ok(flags.0)
     }
@@ -279,6 +333,19 @@ mod tests {
         assert!(size.contains("max_body_size"), "{size}");
         let rate = with_file("[limits]\nmin_body_rate = \"fast\"\n", &[]).unwrap_err().to_string();
         assert!(rate.contains("`min_body_rate`") && rate.contains("fast"), "{rate}");
+    }
+
+    #[test]
+    fn the_canary_table_becomes_the_canary_flags() {
+        let text = "[canary]\npercent = 10\nsticky = \"cookie:session\"\nrequests = 500\nduration = \"5m\"\nmax_latency_ratio = 2\n";
+        let merged = with_file(text, &[]).unwrap();
+        for flag in ["--canary=10", "--canary-sticky=cookie:session", "--canary-requests=500", "--canary-duration=5m", "--canary-max-latency-ratio=2"] {
+            assert!(merged.contains(&flag.to_owned()), "{flag} in {merged:?}");
+        }
+        let percent = with_file("[canary]\npercent = 150\n", &[]).unwrap_err().to_string();
+        assert!(percent.contains("`canary.percent`"), "{percent}");
+        let sticky = with_file("[canary]\nsticky = \"query:user\"\n", &[]).unwrap_err().to_string();
+        assert!(sticky.contains("`canary.sticky`") && sticky.contains("cookie:NAME"), "{sticky}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cmd::cli::DevArgs;
 use crate::control::builds::PluginSource;
+use crate::control::canary::CanaryPolicy;
 use crate::control::registry::Registry;
 use crate::plugin::trust::Trust;
 
@@ -36,7 +37,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
-    crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), false, move |registry, hangup, shutdown| {
+    crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), CanaryPolicy::default(), false, move |registry, hangup, shutdown| {
         rebuild_loop(package, release, dirs, registry, hangup, shutdown)
     }).await
 }

@@ -18,6 +18,7 @@ use crate::control::admin::AdminListener;
 use crate::control::host::{HostProcess, UpgradeOrder};
 use crate::control::registry::Outcome;
 use crate::control::builds::PluginSource;
+use crate::control::canary::CanaryPolicy;
 use crate::cmd::cli::HostArgs;
 use crate::plugin::reaper;
 use crate::plugin::LoadOptions;
@@ -34,7 +35,14 @@ use crate::serve::Server;
 /// `upgradable`: the host can replace itself with a new binary (`hotswap upgrade`,
 /// SIGUSR2; see `cmd::upgrade`). A host started by such an upgrade takes its sockets, build
 /// and history from the host it replaces instead of from its arguments.
-pub(crate) async fn run<T, F>(args: &HostArgs, trust: Trust, source: PluginSource, upgradable: bool, triggers: T) -> anyhow::Result<()>
+pub(crate) async fn run<T, F>(
+    args: &HostArgs,
+    trust: Trust,
+    source: PluginSource,
+    policy: CanaryPolicy,
+    upgradable: bool,
+    triggers: T,
+) -> anyhow::Result<()>
 where
     T: FnOnce(Arc<Registry>, Signal, CancellationToken) -> F,
     F: Future<Output = ()> + Send + 'static,
@@ -59,7 +67,7 @@ where
             None => (TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?, None),
         },
     };
-    let started = start(args, trust, source, inherited.as_ref(), inherited_admin, listener).await;
+    let started = start(args, trust, source, policy, inherited.as_ref(), inherited_admin, listener).await;
     let (registry, listener, admin) = match (started, &inherited) {
         (Ok(started), _) => started,
         (Err(e), Some(inherited)) => {
@@ -79,6 +87,7 @@ where
         inherited.ready(&host).await?;
     }
     let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
+    tokio::spawn(registry.clone().judge_canaries(shutdown.clone()));
     let admin = admin.map(|admin| admin.spawn(registry.clone(), host.clone(), shutdown.clone()));
     let adopting = match inherited {
         Some(inherited) => {
@@ -178,6 +187,7 @@ async fn start(
     args: &HostArgs,
     trust: Trust,
     source: PluginSource,
+    policy: CanaryPolicy,
     inherited: Option<&upgrade::Inherited>,
     inherited_admin: Option<Option<(std::os::fd::OwnedFd, crate::control::admin::HandedAdmin)>>,
     listener: TcpListener,
@@ -198,7 +208,7 @@ async fn start(
     };
     reserve_file_descriptors(args.limits.max_connections);
     let inheritance = inherited.map(|i| i.inheritance.clone());
-    let registry = Registry::start(source, options, args.drain_timeout, args.max_generations, inheritance).await?;
+    let registry = Registry::start(source, options, args.drain_timeout, args.max_generations, policy, inheritance).await?;
     Ok((Arc::new(registry), listener, admin))
 }
 

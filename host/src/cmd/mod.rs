@@ -108,7 +108,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --plugin PATH or --plugin-dir DIR"),
     };
     let trust = Trust { insecure: args.insecure_plugin_dir, digests: args.trusted_digests.clone(), own_build: false };
-    lifecycle::run(&args.host, trust, source.clone(), true, move |registry, hangup, shutdown| {
+    lifecycle::run(&args.host, trust, source.clone(), args.canary.policy(), true, move |registry, hangup, shutdown| {
         watch::run(source, registry, hangup, shutdown)
     }).await
 }

@@ -32,6 +32,8 @@ pub(crate) struct Build {
     pub(crate) version: Version,
     /// Refused when it was started; not tried again until SIGHUP or a reload.
     pub(crate) refused: bool,
+    /// Rolled back as a canary: not tried again, even at a reload, unless started by hand.
+    pub(crate) rolled_back: bool,
 }
 
 /// A version of a plugin the operator chose, by `pin` or `rollback`.
@@ -63,10 +65,14 @@ impl Pin {
     /// same precedence, and the same build metadata if the pin names any (`1.2.0` matches
     /// `1.2.0+abc`; `1.2.0+abc` only itself).
     pub(crate) fn matches(&self, name: &str, version: &Version) -> bool {
-        name == self.name
-            && version.cmp_precedence(&self.version) == Ordering::Equal
-            && (self.version.build.is_empty() || version.build == self.version.build)
+        name == self.name && is_version(version, &self.version)
     }
+}
+
+/// Whether `version` is `wanted`: the same precedence, and the same build metadata if
+/// `wanted` names any.
+pub(crate) fn is_version(version: &Version, wanted: &Version) -> bool {
+    version.cmp_precedence(wanted) == Ordering::Equal && (wanted.build.is_empty() || version.build == wanted.build)
 }
 
 /// What serves now, as far as choosing goes.
@@ -147,6 +153,13 @@ impl Builds {
         }
     }
 
+    /// A canary of `file` was rolled back.
+    pub(crate) fn mark_rolled_back(&mut self, file: &Path) {
+        if let Some(build) = self.by_file.get_mut(file) {
+            build.rolled_back = true;
+        }
+    }
+
     /// Refused builds get another chance (SIGHUP, reload): what was wrong may have been
     /// fixed without a new file (a digest listed, disk space freed).
     pub(crate) fn forget_refusals(&mut self) {
@@ -171,7 +184,7 @@ impl Builds {
         let mut better: Vec<Build> = self
             .by_file
             .values()
-            .filter(|b| !b.refused)
+            .filter(|b| !b.refused && !b.rolled_back)
             .filter(|b| match serving {
                 Some(serving) => replaces(b, serving, pin),
                 None => pin.is_none_or(|pin| pin.matches(&b.name, &b.version)),
@@ -262,7 +275,7 @@ mod tests {
     fn build(name: &str, version: &str, age_secs: u64) -> Build {
         let file = PathBuf::from(format!("{name}-{version}.so"));
         let modified = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_secs);
-        Build { file, identity: Identity::for_tests(modified), name: name.into(), version: Version::parse(version).unwrap(), refused: false }
+        Build { file, identity: Identity::for_tests(modified), name: name.into(), version: Version::parse(version).unwrap(), refused: false, rolled_back: false }
     }
 
     fn serving(b: &Build) -> Serving<'_> {

@@ -52,6 +52,8 @@ pub(crate) struct Record {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum State {
     Current,
+    /// Gets a share of new requests as a canary.
+    Canary,
     Draining,
     Unloaded,
     /// Closed but still mapped: reported as a bug.
@@ -70,6 +72,7 @@ impl State {
     pub(crate) fn as_str(&self) -> &'static str {
         match self {
             State::Current => "current",
+            State::Canary => "canary",
             State::Draining => "draining",
             State::Unloaded => "unloaded",
             State::StillMapped => "still-mapped",
@@ -82,8 +85,8 @@ impl State {
 }
 
 impl Record {
-    /// Where it stands, given the id of the current generation.
-    pub(crate) fn state(&self, current: u64) -> State {
+    /// Where it stands, given the ids of the current generation and of the canary.
+    pub(crate) fn state(&self, current: u64, canary: Option<u64>) -> State {
         if self.refused.is_some() {
             return State::Refused;
         }
@@ -96,6 +99,7 @@ impl Record {
             Some(Unloaded::Leaked) => State::Leaked,
             Some(Unloaded::DataMapped) => State::DataMapped,
             None if self.generation == Some(current) => State::Current,
+            None if self.generation.is_some() && self.generation == canary => State::Canary,
             None => State::Draining,
         }
     }

@@ -127,6 +127,34 @@ impl Collector for Metrics {
             ],
         )?;
 
+        let mut canary = encoder.encode_descriptor(
+            "hotswap_canary_percent",
+            "The share of new requests the canary gets, while one runs",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(progress) = registry.canary_progress() {
+            let (id, version) = (progress.generation.id().to_string(), progress.generation.version().to_string());
+            let labels = [("generation", id.as_str()), ("version", version.as_str())];
+            prometheus_client::metrics::gauge::ConstGauge::new(progress.share.percent()).encode(canary.encode_family(&labels)?)?;
+        }
+        labelled_counters(
+            &mut encoder,
+            "hotswap_canaries",
+            "Canaries ended, by outcome: promoted, or rolled_back (by their figures or by the operator)",
+            "outcome",
+            [
+                ("promoted", events.canary_promotions.load(Ordering::Relaxed)),
+                ("rolled_back", events.canary_rollbacks.load(Ordering::Relaxed)),
+            ],
+        )?;
+        ConstCounter::new(crate::plugin::stats::replayed_total()).encode(encoder.encode_descriptor(
+            "hotswap_canary_replayed_requests",
+            "Idempotent requests a canary failed before its response started, answered by the current version instead",
+            None,
+            MetricType::Counter,
+        )?)?;
+
         // The host process: which binary serves, and what it took over from the one before.
         let host = &self.1;
         let mut info = encoder.encode_descriptor(

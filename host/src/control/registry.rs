@@ -5,15 +5,17 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::control::builds::{self, Build, Builds, Pin, PinnedBy, PluginSource, Serving};
+use crate::control::canary::{self, CanaryPolicy, Verdict, Window};
 use crate::control::history::{self, CarriedHistory, History, Record};
 use crate::plugin::budget::Budget;
 use crate::plugin::loader::{Identity, LoadError};
+use crate::plugin::route::{Canary, Share};
 use crate::plugin::{Candidate, Current, Generation, GenerationError, LoadOptions};
 
 /// No candidate could be loaded at startup.
@@ -28,6 +30,10 @@ pub(crate) enum ChangeError {
     UnknownVersion { version: Version, dir: PathBuf, known: String },
     #[error("nothing to roll back to: no earlier generation served a version other than {current}")]
     NothingToRollBackTo { current: Version },
+    #[error("no build should replace {current} (none is newer, or the newer ones were refused): give the version to start as a canary")]
+    NothingToCanary { current: String },
+    #[error("no canary runs: start one with `hotswap canary VERSION --percent 10`")]
+    NoCanary,
 }
 
 /// A generation, as the admin API shows it in an outcome.
@@ -62,6 +68,11 @@ pub(crate) enum Outcome {
     Unchanged { serving: Brief, reason: String },
     /// Every build that should have served was refused; `serving` keeps serving.
     Refused { serving: Brief, refused: Vec<String> },
+    /// A canary runs: `canary` gets `percent` of new requests, `serving` the rest.
+    /// `refused` lists builds tried before it.
+    Canary { serving: Brief, canary: Brief, percent: f64, refused: Vec<String> },
+    /// The canary was rolled back: its build is refused, and `serving` serves every request.
+    RolledBack { serving: Brief, canary: Brief, reason: String },
 }
 
 /// Host-wide events, by kind.
@@ -73,6 +84,9 @@ pub(crate) struct Events {
     pub(crate) aborted_by_drain_timeout: AtomicU64,
     /// Responses cut off because too many generations were loaded (`--max-generations`).
     pub(crate) aborted_by_generation_cap: AtomicU64,
+    /// Canaries promoted, and rolled back (by their figures or by the operator).
+    pub(crate) canary_promotions: AtomicU64,
+    pub(crate) canary_rollbacks: AtomicU64,
 }
 
 
@@ -138,6 +152,34 @@ pub(crate) struct Registry {
     /// Changes are made one at a time (the watcher, SIGHUP and the admin API all change).
     /// A host upgrade holds it too, from the state it hands over until it is done.
     changing: Arc<tokio::sync::Mutex<()>>,
+    /// How canaries run and are judged.
+    policy: CanaryPolicy,
+    /// The canary in progress, if any (also in `current`, which routes to it).
+    canary: Mutex<Option<CanaryRun>>,
+}
+
+/// A canary in progress.
+struct CanaryRun {
+    canary: Arc<Canary>,
+    /// The build it was loaded from: refused if it is rolled back.
+    file: PathBuf,
+    started: Instant,
+    /// The current generation's figures when the canary started: both are judged over the
+    /// same window.
+    current_start: Window,
+}
+
+/// A canary in progress, as `hotswap status` shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct CanaryProgress {
+    pub(crate) generation: Arc<Generation>,
+    pub(crate) share: Share,
+    pub(crate) sticky: Option<String>,
+    pub(crate) elapsed: Duration,
+    /// Its figures, and the current version's, since it started.
+    pub(crate) canary: Window,
+    pub(crate) current: Window,
+    pub(crate) verdict: Verdict,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +198,7 @@ impl Registry {
         options: LoadOptions,
         drain_timeout: Duration,
         max_generations: u64,
+        policy: CanaryPolicy,
         inheritance: Option<Inheritance>,
     ) -> Result<Registry, StartError> {
         let first_id = inheritance.as_ref().map_or(1, |i| i.next_id);
@@ -174,6 +217,8 @@ impl Registry {
             history,
             events: Arc::default(),
             changing: Arc::new(tokio::sync::Mutex::new(())),
+            policy: policy.clone(),
+            canary: Mutex::new(None),
         };
         let (history, mut builds, mut refusals) = (History::default(), Builds::default(), Vec::new());
         // What could not be read, as `read_build` keeps it: the watcher's first scan then
@@ -432,14 +477,29 @@ impl Registry {
     /// earlier generation) and holds it: newer builds are not swapped in until `unpin`.
     pub(crate) async fn pin_version(&self, version: Version) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
-        let name = self.current().name().to_owned();
+        let current = self.current().name().to_owned();
+        // The plugin serving, if it has a build of that version; else the plugin that has.
+        let name = self.name_of_version(&version).filter(|_| self.sources_of(&version, None, |n, v| n == current && builds::is_version(v, &version)).is_err());
+        let name = name.unwrap_or(current);
         self.switch_to(Pin { name, version, by: PinnedBy::Pin }, None).await
+    }
+
+    /// The plugin that has a build (or a kept copy) of `version`, if one has.
+    fn name_of_version(&self, version: &Version) -> Option<String> {
+        let in_dir = lock(&self.builds).all().find(|b| builds::is_version(&b.version, version)).map(|b| b.name.clone());
+        in_dir.or_else(|| {
+            let records = self.history.records();
+            records.into_iter().filter(|r| r.kept.is_some()).find(|r| r.version.as_ref().is_some_and(|v| builds::is_version(v, version)))?.name
+        })
     }
 
     /// Goes back to the version served before the current one (its kept copy, or a build of
     /// it in the plugin directory), and pins it.
     pub(crate) async fn rollback(&self) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
+        if let Some(rolled_back) = self.roll_back_canary("the operator rolled it back".into()) {
+            return Ok(rolled_back); // what is newest is the canary: it goes, the current one stays
+        }
         let current = self.current();
         // The previous generation's record: a generation's always has a name and a version.
         let Some(Record { name: Some(name), version: Some(version), kept, .. }) = self.history.previous(current.id(), current.version())
@@ -456,6 +516,261 @@ impl Registry {
             tracing::info!(version = %pin.version, "unpinned: the highest version serves again");
         }
         self.converge(None).await
+    }
+
+    /// Starts a canary of `version` (default: the build that should replace the current
+    /// one) with `share` of new requests; or, if that canary runs already, gives it `share`.
+    pub(crate) async fn canary(&self, version: Option<Version>, share: Share) -> Result<Outcome, ChangeError> {
+        let _changing = self.changing.lock().await;
+        let current = self.current();
+        if let Some(run) = lock(&self.canary).as_ref() {
+            let generation = run.canary.generation();
+            if version.as_ref().is_none_or(|v| builds::is_version(generation.version(), v)) {
+                run.canary.set_share(share);
+                tracing::info!(generation = generation.id(), plugin = %generation.label(), "the canary now gets {} % of new requests", share.percent());
+                return Ok(self.canary_outcome(generation, share, Vec::new()));
+            }
+        }
+        let mut sources = match &version {
+            // A build of that version, of the plugin serving if there is one, else of any.
+            Some(version) => {
+                let own = |name: &str, v: &Version| name == current.name() && builds::is_version(v, version);
+                let any = |_: &str, v: &Version| builds::is_version(v, version);
+                self.sources_of(version, None, own).or_else(|_| self.sources_of(version, None, any))?
+            }
+            None => {
+                let mut builds = lock(&self.builds);
+                builds.prune();
+                builds.better_than(Some(&serving(&current)), self.pin().as_ref()).into_iter().map(|b| b.file).collect()
+            }
+        };
+        // Not the current generation's own file, as it was loaded.
+        sources.retain(|file| !(file == current.source() && Identity::of(file) == Some(current.identity())));
+        if sources.is_empty() {
+            return Err(match version {
+                Some(version) => ChangeError::UnknownVersion { version, dir: self.source.dir.clone(), known: self.known_versions() },
+                None => ChangeError::NothingToCanary { current: current.label() },
+            });
+        }
+        let mut refused = Vec::new();
+        for file in sources {
+            let candidate = self.open(&file).await;
+            let build = match &candidate {
+                Ok(c) if version.as_ref().is_some_and(|v| !builds::is_version(c.version(), v)) => continue, // changed since
+                Ok(c) => Some(build_of(c)),
+                Err(_) => None,
+            };
+            match self.try_start_canary(candidate, &file, build.as_ref(), share).await {
+                Ok(canary) => return Ok(self.canary_outcome(&canary, share, refused)),
+                Err(e) => refused.push(e.to_string()),
+            }
+        }
+        Ok(Outcome::Refused { serving: Brief::of(&current), refused })
+    }
+
+    /// Promotes the canary now: it gets every new request.
+    pub(crate) async fn promote(&self) -> Result<Outcome, ChangeError> {
+        let _changing = self.changing.lock().await;
+        self.promote_canary("by the operator").ok_or(ChangeError::NoCanary)
+    }
+
+    /// Rolls the canary back now: its build is refused.
+    pub(crate) async fn abort_canary(&self) -> Result<Outcome, ChangeError> {
+        let _changing = self.changing.lock().await;
+        self.roll_back_canary("the operator rolled it back".into()).ok_or(ChangeError::NoCanary)
+    }
+
+    /// How canaries run and are judged.
+    pub(crate) fn canary_policy(&self) -> &CanaryPolicy {
+        &self.policy
+    }
+
+    /// The canary in progress, with its figures and the current version's since it started,
+    /// and what they say.
+    pub(crate) fn canary_progress(&self) -> Option<CanaryProgress> {
+        let (canary, started, current_start) = {
+            let run = lock(&self.canary);
+            let run = run.as_ref()?;
+            (run.canary.clone(), run.started, run.current_start.clone())
+        };
+        let generation = canary.generation().clone();
+        let theirs = Window::of(generation.stats());
+        let ours = Window::of(self.current().stats()).since(&current_start);
+        let elapsed = started.elapsed();
+        let verdict = canary::judge(&self.policy, &theirs, &ours, elapsed);
+        let sticky = canary.sticky().map(ToString::to_string);
+        Some(CanaryProgress { generation, share: canary.share(), sticky, elapsed, canary: theirs, current: ours, verdict })
+    }
+
+    /// Judges the canary in progress every tenth of a second, until `shutdown`.
+    pub(crate) async fn judge_canaries(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.judge_canary().await,
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Promotes the canary, or rolls it back, if its figures say so (see `canary`).
+    pub(crate) async fn judge_canary(&self) {
+        let Some(progress) = self.canary_progress() else { return };
+        if let Verdict::Wait(_) = progress.verdict {
+            return;
+        }
+        let _changing = self.changing.lock().await;
+        let still = lock(&self.canary).as_ref().is_some_and(|run| Arc::ptr_eq(run.canary.generation(), &progress.generation));
+        if !still {
+            return; // ended meanwhile
+        }
+        match progress.verdict {
+            Verdict::Promote(why) => drop(self.promote_canary(&why)),
+            Verdict::RollBack(why) => drop(self.roll_back_canary(why)),
+            Verdict::Wait(_) => {}
+        }
+    }
+
+    fn promote_canary(&self, why: &str) -> Option<Outcome> {
+        let run = lock(&self.canary).take()?;
+        let next = run.canary.generation().clone();
+        let from = self.current();
+        tracing::info!(generation = next.id(), plugin = %next.label(), "canary promoted ({why}): it gets every new request");
+        let mut pin = lock(&self.pin);
+        if pin.as_ref().is_some_and(|p| !p.matches(next.name(), next.version())) {
+            // The operator started it; the pin would turn it away at the next change.
+            tracing::info!("unpinned: the canary promoted is another version than the pin");
+            *pin = None;
+        }
+        drop(pin);
+        self.make_current(next.clone(), false);
+        self.current.set_canary(None);
+        self.events.canary_promotions.fetch_add(1, Ordering::Relaxed);
+        Some(Outcome::Swapped { from: Brief::of(&from), to: Brief::of(&next), refused: Vec::new() })
+    }
+
+    /// Ends the canary and refuses its build, for `reason`.
+    fn roll_back_canary(&self, reason: String) -> Option<Outcome> {
+        let run = lock(&self.canary).take()?;
+        self.current.set_canary(None);
+        let canary = run.canary.generation();
+        self.retire(canary);
+        lock(&self.builds).mark_rolled_back(&run.file);
+        let current = self.current();
+        tracing::warn!(
+            generation = canary.id(), plugin = %canary.label(), file = %run.file.display(),
+            "canary rolled back: {reason}; generation {} ({}) serves every request, and the build is not tried again \
+             until a new file replaces it (or `hotswap canary {}` starts it by hand)",
+            current.id(), current.label(), canary.version()
+        );
+        let reason = format!("canary rolled back: {reason}");
+        let record = history::refusal(&run.file, Some(canary.name().to_owned()), Some(canary.version().clone()), reason.clone());
+        self.history.refused(record, "canary");
+        self.events.canary_rollbacks.fetch_add(1, Ordering::Relaxed);
+        Some(Outcome::RolledBack { serving: Brief::of(&current), canary: Brief::of(canary), reason })
+    }
+
+    /// The canary in progress if it runs `build`.
+    fn canary_of(&self, build: &Build) -> Option<Arc<Canary>> {
+        let run = lock(&self.canary);
+        let run = run.as_ref()?;
+        (run.file == build.file && run.canary.generation().identity() == build.identity).then(|| run.canary.clone())
+    }
+
+    fn canary_outcome(&self, canary: &Generation, share: Share, refused: Vec<String>) -> Outcome {
+        Outcome::Canary { serving: Brief::of(&self.current()), canary: Brief::of(canary), percent: share.percent(), refused }
+    }
+
+    /// Starts an opened candidate (of `file`) as a canary with `share`; on failure records
+    /// the refusal (and marks the build refused).
+    async fn try_start_canary(
+        &self,
+        candidate: Result<Candidate, GenerationError>,
+        file: &Path,
+        build: Option<&Build>,
+        share: Share,
+    ) -> Result<Arc<Generation>, GenerationError> {
+        let started = match candidate {
+            Ok(candidate) => candidate.start(self.next_id.fetch_add(1, Ordering::Relaxed), &self.options).await,
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(generation) => {
+                self.install_canary(generation.clone(), file, share);
+                Ok(generation)
+            }
+            Err(e) => {
+                if !matches!(e, GenerationError::GenerationCap { .. }) {
+                    lock(&self.builds).mark_refused(file);
+                }
+                self.refuse(file, e.kind(), &e.to_string(), build);
+                Err(e)
+            }
+        }
+    }
+
+    /// Routes `share` of new requests to `generation`, in place of any canary before it.
+    fn install_canary(&self, generation: Arc<Generation>, file: &Path, share: Share) {
+        let current = self.current();
+        let canary = Arc::new(Canary::new(generation.clone(), share, self.policy.sticky.clone()));
+        let run = CanaryRun { canary: canary.clone(), file: file.to_path_buf(), started: Instant::now(), current_start: Window::of(current.stats()) };
+        let replaced = lock(&self.canary).replace(run);
+        self.current.set_canary(Some(canary));
+        let resident = {
+            let mut resident = lock(&self.resident);
+            resident.retain(|g| g.strong_count() > 0);
+            resident.push(Arc::downgrade(&generation));
+            resident.iter().filter_map(Weak::upgrade).collect::<Vec<_>>()
+        };
+        if let Some(replaced) = replaced {
+            let old = replaced.canary.generation();
+            tracing::info!(generation = old.id(), plugin = %old.label(), "canary replaced by a newer build");
+            self.retire(old);
+        }
+        tracing::info!(
+            generation = generation.id(), plugin = %generation.label(), file = %file.display(),
+            "canary started: generation {} gets {} % of new requests, generation {} ({}) the rest",
+            generation.id(), share.percent(), current.id(), current.label()
+        );
+        self.record_swap(&generation);
+        self.enforce_max_generations(resident);
+    }
+
+    /// Every version known, highest first, for an error message.
+    fn known_versions(&self) -> String {
+        let mut known: std::collections::BTreeSet<Version> = lock(&self.builds).all().map(|b| b.version.clone()).collect();
+        known.extend(self.history.copies_of(|_, _| true).into_iter().map(|(v, _)| v));
+        if known.is_empty() {
+            return "none".into();
+        }
+        known.iter().rev().map(Version::to_string).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Files that hold a build of `version` that `matches` (name, version): `kept` first,
+    /// then builds in the plugin directory (newest file first), then kept copies of earlier
+    /// generations.
+    fn sources_of(
+        &self,
+        version: &Version,
+        kept: Option<PathBuf>,
+        matches: impl Fn(&str, &Version) -> bool,
+    ) -> Result<Vec<PathBuf>, ChangeError> {
+        let mut sources: Vec<PathBuf> = kept.into_iter().collect();
+        let mut in_dir: Vec<Build> = {
+            let mut builds = lock(&self.builds);
+            builds.prune();
+            builds.all().filter(|b| matches(&b.name, &b.version)).cloned().collect()
+        };
+        in_dir.sort_by_key(|b| std::cmp::Reverse(b.identity.modified));
+        sources.extend(in_dir.into_iter().map(|b| b.file));
+        sources.extend(self.history.copies_of(&matches).into_iter().map(|(_, kept)| kept));
+        let mut seen = HashSet::new();
+        sources.retain(|source| seen.insert(source.clone()));
+        if sources.is_empty() {
+            return Err(ChangeError::UnknownVersion { version: version.clone(), dir: self.source.dir.clone(), known: self.known_versions() });
+        }
+        Ok(sources)
     }
 
     /// Opens `file` (found as `identity`) and adds it to the builds. A failure, other than a
@@ -550,10 +865,26 @@ impl Registry {
                     Outcome::Refused { serving: Brief::of(&current), refused }
                 };
             };
+            if let Some(canary) = self.canary_of(&best) {
+                let reason = format!("{} is the canary ({} % of new requests)", canary.generation().label(), canary.share().percent());
+                return if refused.is_empty() { self.unchanged(reason) } else { Outcome::Refused { serving: Brief::of(&current), refused } };
+            }
             let candidate = match held.take() {
                 Some(c) if c.source() == best.file && c.identity() == best.identity => Ok(c),
                 _ => self.open(&best.file).await,
             };
+            if let Some(share) = self.policy.auto {
+                // A new build starts as a canary (`--canary`).
+                match self.try_start_canary(candidate, &best.file, Some(&best), share).await {
+                    Ok(canary) => return self.canary_outcome(&canary, share, refused),
+                    Err(e @ GenerationError::GenerationCap { .. }) => {
+                        refused.push(e.to_string());
+                        return Outcome::Refused { serving: Brief::of(&current), refused };
+                    }
+                    Err(e) => refused.push(e.to_string()),
+                }
+                continue;
+            }
             match self.try_start(candidate, &best.file, Some(&best)).await {
                 Ok(next) => return Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused },
                 Err(e @ GenerationError::GenerationCap { .. }) => {
@@ -570,32 +901,13 @@ impl Registry {
     async fn switch_to(&self, pin: Pin, kept: Option<PathBuf>) -> Result<Outcome, ChangeError> {
         let current = self.current();
         if pin.matches(current.name(), current.version()) {
+            self.end_canary(&format!("version {} is pinned", pin.version));
             tracing::info!(version = %pin.version, by = %pin.by, "pinned: {} serves already", current.label());
             let reason = format!("{} serves already; version {} is now pinned", current.label(), pin.version);
             *lock(&self.pin) = Some(pin);
             return Ok(self.unchanged(reason));
         }
-        let mut sources: Vec<PathBuf> = kept.into_iter().collect();
-        let mut in_dir: Vec<Build> = {
-            let mut builds = lock(&self.builds);
-            builds.prune();
-            builds.all().filter(|b| pin.matches(&b.name, &b.version)).cloned().collect()
-        };
-        in_dir.sort_by_key(|b| std::cmp::Reverse(b.identity.modified));
-        sources.extend(in_dir.into_iter().map(|b| b.file));
-        sources.extend(self.history.copies_of(|name, v| pin.matches(name, v)).into_iter().map(|(_, kept)| kept));
-        let mut seen = HashSet::new();
-        sources.retain(|source| seen.insert(source.clone()));
-        if sources.is_empty() {
-            let mut known: std::collections::BTreeSet<Version> = lock(&self.builds).all().map(|b| b.version.clone()).collect();
-            known.extend(self.history.copies_of(|_, _| true).into_iter().map(|(v, _)| v));
-            let known = if known.is_empty() {
-                "none".into()
-            } else {
-                known.iter().rev().map(Version::to_string).collect::<Vec<_>>().join(", ") // highest first
-            };
-            return Err(ChangeError::UnknownVersion { version: pin.version, dir: self.source.dir.clone(), known });
-        }
+        let sources = self.sources_of(&pin.version, kept, |name, v| pin.matches(name, v))?;
         let mut refused = Vec::new();
         for file in sources {
             let candidate = self.open(&file).await;
@@ -644,8 +956,25 @@ impl Registry {
         Ok(next)
     }
 
-    /// Makes `next` current; the old generation drains (bounded by the drain timeout).
+    /// Makes `next` current; the old generation drains (bounded by the drain timeout). A
+    /// canary in progress ends (its build is not refused).
     fn swap(&self, next: Arc<Generation>) {
+        self.end_canary(&format!("{} becomes current", next.label()));
+        self.make_current(next, true);
+    }
+
+    /// Ends the canary in progress, if any, without refusing its build.
+    fn end_canary(&self, why: &str) {
+        if let Some(run) = lock(&self.canary).take() {
+            self.current.set_canary(None);
+            let canary = run.canary.generation();
+            tracing::info!(generation = canary.id(), plugin = %canary.label(), "canary ended: {why}");
+            self.retire(canary);
+        }
+    }
+
+    /// Makes `next` current (`record`: adds it to the history); the old one drains.
+    fn make_current(&self, next: Arc<Generation>, record: bool) {
         let old = self.current.swap(next.clone());
         let resident = {
             let mut resident = lock(&self.resident);
@@ -660,9 +989,23 @@ impl Registry {
             "swapped: new requests go to generation {}", next.id()
         );
         self.events.swaps.fetch_add(1, Ordering::Relaxed);
-        self.record_swap(&next);
+        if record {
+            self.record_swap(&next);
+        }
         self.enforce_max_generations(resident);
-        let old = Arc::downgrade(&old);
+        self.drain(&old);
+    }
+
+    /// Tells `old`'s sessions that it no longer gets new requests, and cuts off what it still
+    /// serves at the drain timeout.
+    fn retire(&self, old: &Arc<Generation>) {
+        old.superseded().raise();
+        self.drain(old);
+    }
+
+    /// Cuts off what `old` still serves once the drain timeout has passed.
+    fn drain(&self, old: &Arc<Generation>) {
+        let old = Arc::downgrade(old);
         let timeout = self.drain_timeout;
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -727,7 +1070,8 @@ impl Registry {
         resident.sort_by_key(|g| g.id());
         let excess = (resident.len() as u64).saturating_sub(self.max_generations);
         let current = self.current().id();
-        let draining = resident.iter().filter(|g| !g.aborted().is_raised() && g.id() != current);
+        let canary = self.current.canary().map(|c| c.generation().id());
+        let draining = resident.iter().filter(|g| !g.aborted().is_raised() && g.id() != current && Some(g.id()) != canary);
         for oldest in draining.take(excess as usize) {
             tracing::warn!(
                 generation = oldest.id(), plugin = %oldest.label(), in_flight = oldest.in_flight(),
@@ -779,6 +1123,7 @@ fn build_of(candidate: &Candidate) -> Build {
         name: candidate.name().to_owned(),
         version: candidate.version().clone(),
         refused: false,
+        rolled_back: false,
     }
 }
 

@@ -174,6 +174,10 @@ fn log_reload(outcome: &Outcome) {
             "SIGHUP: refused ({}); generation {} ({}@{}) keeps serving",
             refused.join("; "), serving.generation, serving.name, serving.version
         ),
+        Outcome::Canary { canary, percent, .. } => {
+            tracing::info!("SIGHUP: generation {} ({}@{}) runs as a canary ({percent} %)", canary.generation, canary.name, canary.version)
+        }
+        Outcome::RolledBack { .. } => {}
     }
 }
 

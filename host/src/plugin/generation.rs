@@ -17,7 +17,7 @@
 //! ## Lifecycle
 //!
 //! `candidate` makes generations. A request holds its generation through an [`InFlight`];
-//! [`Current`] is the one new requests go to. When the last `Arc<Generation>` goes, `Drop`
+//! `route::Current` says which generation new requests go to. When the last `Arc<Generation>` goes, `Drop`
 //! hands what is left to the reaper (`reaper`), which unloads it.
 
 use std::cell::Cell;
@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use handler_api::abi::{HostApi, PluginDeclaration};
 
 use crate::latch::Latch;
@@ -252,25 +251,5 @@ pub(super) struct LentCount(Arc<LentTally>);
 impl Drop for LentCount {
     fn drop(&mut self) {
         self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// The generation new requests go to: written by the registry at a swap, read by the
-/// server for every new connection and request.
-pub(crate) struct Current(ArcSwap<Generation>);
-
-impl Current {
-    pub(crate) fn new(first: Arc<Generation>) -> Current {
-        Current(ArcSwap::new(first))
-    }
-
-    /// The generation new requests go to now.
-    pub(crate) fn load(&self) -> Arc<Generation> {
-        self.0.load_full()
-    }
-
-    /// Makes `next` current; returns the one it replaces.
-    pub(crate) fn swap(&self, next: Arc<Generation>) -> Arc<Generation> {
-        self.0.swap(next)
     }
 }

@@ -8,7 +8,7 @@
 //! `services` need nothing else here, `loader` only `trust`; `reaper` needs those;
 //! `generation` needs `reaper`; `wakers` needs `generation`; `response`, `request` and
 //! `upgrade` need `generation` (and `wakers`); `table` gathers the ABI's functions;
-//! `candidate` builds generations.
+//! `candidate` builds generations; `route` says which of them new requests go to.
 
 pub(crate) mod budget;
 pub(crate) mod candidate;
@@ -18,6 +18,7 @@ pub(crate) mod probe;
 pub(crate) mod reaper;
 pub(crate) mod request;
 pub(crate) mod response;
+pub(crate) mod route;
 pub(crate) mod services;
 pub(crate) mod stats;
 pub(crate) mod table;
@@ -27,4 +28,5 @@ pub(crate) mod upgrade;
 pub(crate) mod wakers;
 
 pub(crate) use candidate::{Candidate, GenerationError, LoadOptions};
-pub(crate) use generation::{thread_generation, Current, Generation, InFlight, LentTally};
+pub(crate) use generation::{thread_generation, Generation, InFlight, LentTally};
+pub(crate) use route::Current;

@@ -324,21 +324,20 @@ pub(crate) enum CallError {
 }
 
 impl PluginCall {
-    /// Starts a request in the plugin of `in_flight`'s generation. Must run on a thread of
-    /// that generation. The headers are taken (to be reused); the method and target are
-    /// borrowed, and stay the caller's, for its log line. A body longer than `max_body_size`
+    /// Starts a request in the plugin of `in_flight`'s generation, with its body (`None`:
+    /// without one). Must run on a thread of that generation. The headers are taken (to be
+    /// reused); the method and target are borrowed, and stay the caller's, for its log line.
+    /// A body longer than `max_body_size`
     /// fails, for the plugin, where it crosses the limit, and the call then ends in
     /// [`CallError::BodyTooLarge`]; one that times out (see [`PluginCall::body_progress`])
     /// ends it in [`CallError::BodyTimedOut`], whether or not the plugin has answered.
     #[inline]
-    pub(crate) fn start(in_flight: InFlight, head: Head<'_>, incoming: Incoming, max_body_size: u64) -> PluginCall {
+    pub(crate) fn start(in_flight: InFlight, head: Head<'_>, incoming: Option<Incoming>, max_body_size: u64) -> PluginCall {
         debug_assert_eq!(thread_generation(), in_flight.generation().id(), "a plugin call started outside its generation");
-        let exact_len = incoming.size_hint().exact().unwrap_or(abi::UNKNOWN_LENGTH);
+        let exact_len = incoming.as_ref().map_or(0, |incoming| incoming.size_hint().exact().unwrap_or(abi::UNKNOWN_LENGTH));
         // A request without a body (most GETs) costs no allocation for one.
         let mut progress = None;
-        let body = if incoming.is_end_stream() {
-            std::ptr::null_mut()
-        } else {
+        let body = if let Some(incoming) = incoming.filter(|incoming| !incoming.is_end_stream()) {
             let shared = progress.insert(Arc::new(BodyProgress::default())).clone();
             let body = RequestBody {
                 incoming,
@@ -350,6 +349,8 @@ impl PluginCall {
                 ended: false,
             };
             Box::into_raw(Box::new(body)) as *mut c_void
+        } else {
+            std::ptr::null_mut()
         };
         // Borrowed views of the headers; on the stack for any usual request. Only the bytes of
         // `HeaderValue`s may go here: the ABI promises plugins valid values (`FfiHeader::value`).

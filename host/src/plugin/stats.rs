@@ -125,6 +125,14 @@ impl Unloaded {
     pub(crate) const ALL: [Unloaded; 4] = [Unloaded::Unmapped, Unloaded::StillMapped, Unloaded::Leaked, Unloaded::DataMapped];
 }
 
+/// Requests canaries failed that the current version answered, by every generation so far.
+static REPLAYED: AtomicU64 = AtomicU64::new(0);
+
+/// Requests canaries failed that the current version answered, in this process.
+pub(crate) fn replayed_total() -> u64 {
+    REPLAYED.load(Ordering::Relaxed)
+}
+
 /// Counters of one generation, shared by the generation, its requests and its history
 /// record (which outlives it).
 #[derive(Default)]
@@ -137,6 +145,8 @@ pub(crate) struct GenerationStats {
     /// Connections whose protocol was switched (WebSockets), open now. Rare enough for one
     /// counter.
     upgraded: std::sync::atomic::AtomicUsize,
+    /// Requests it failed as a canary that the current version answered instead. Rare.
+    replayed: AtomicU64,
 }
 
 impl GenerationStats {
@@ -202,6 +212,17 @@ impl GenerationStats {
 
     pub(crate) fn upgraded_ended(&self) {
         self.upgraded.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A request it failed as a canary was answered by the current version instead.
+    pub(crate) fn replayed_elsewhere(&self) {
+        self.replayed.fetch_add(1, Ordering::Relaxed);
+        REPLAYED.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests it failed as a canary that the current version answered instead.
+    pub(crate) fn replayed(&self) -> u64 {
+        self.replayed.load(Ordering::Relaxed)
     }
 
     /// Upgraded connections (WebSockets) its plugin serves now.

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::latch::{Latch, Waiter};
+use crate::plugin::route::TICKET_REQUESTS;
 use crate::plugin::{thread_generation, Generation, LentTally};
 use crate::serve::handoff::Handed;
 use crate::serve::limits::{Expiry, Http2Frames};
@@ -199,6 +200,9 @@ pub(crate) struct ConnTask {
     /// frees theirs; the grace lets that happen before the connection, and the streams of
     /// newer generations on it, are given up.
     grace: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// HTTP/1: the count of requests served at which the connection draws its next ticket,
+    /// while a canary runs (see `plugin::route`).
+    route_due: u64,
 }
 
 /// A generation a connection left.
@@ -229,6 +233,7 @@ impl ConnTask {
     fn moved(connection: ConnFuture, conn: Arc<ConnState>, shared: Arc<Shared>, lingering: Vec<Lingering>) -> ConnTask {
         let generation = conn.generation.load_full();
         ConnTask {
+            route_due: conn.served.load(std::sync::atomic::Ordering::Relaxed) + TICKET_REQUESTS,
             connection: Some(connection),
             superseded: generation.superseded().waiter(),
             aborted: generation.aborted().waiter(),
@@ -308,33 +313,68 @@ impl Future for ConnTask {
 }
 
 impl ConnTask {
-    /// Moves the connection to the current generation if this one was superseded and no
-    /// HTTP/1 request is in progress. Returns whether it moved.
+    /// Moves the connection to another generation's runtime if no HTTP/1 request is in
+    /// progress: to the current generation if this one was superseded; while a canary runs,
+    /// where its next ticket, or the sticky key of its last request, sends it. Returns
+    /// whether it moved.
     fn try_move(&mut self) -> bool {
-        if !self.generation.superseded().is_raised()
-            || self.conn.activity.http1_busy()
-            || self.conn.switching.load(std::sync::atomic::Ordering::Acquire)
-        {
+        let superseded = self.generation.superseded().is_raised();
+        if !superseded && !self.route_due() {
             return false;
         }
-        let next = self.shared.current.load();
+        if self.conn.activity.http1_busy() || self.conn.switching.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let next = if superseded {
+            self.shared.current.load()
+        } else {
+            match self.next_route() {
+                Some(next) => next,
+                None => return false,
+            }
+        };
         if next.id() == self.generation.id() {
             return false;
         }
         let Some(connection) = self.connection.take() else { return false };
         let mut lingering = std::mem::take(&mut self.lingering);
-        lingering.push(Lingering {
-            generation: Arc::downgrade(&self.generation),
-            waiter: self.generation.aborted().waiter(),
-            // From now on, requests count the chunks of the generation they go to (from the
-            // requests already relayed to it, if any).
-            lent: self.conn.lent.swap(
-                self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take().unwrap_or_default(),
-            ),
-        });
+        if !self.conn.activity.http2() {
+            // Left behind with nothing held: an HTTP/1 connection lends no more chunks there
+            // (an HTTP/2 stream still in progress might).
+            lingering.retain(|l| l.generation.strong_count() > 0 && l.lent.held() > 0);
+        }
+        // From now on, requests count the chunks of the generation they go to (from the
+        // requests already relayed to it, if any).
+        let mut relayed = std::mem::take(&mut *self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let to_next = relayed.iter().position(|(g, _)| std::ptr::eq(g.as_ptr(), Arc::as_ptr(&next)));
+        let lent = to_next.map(|i| relayed.swap_remove(i).1).unwrap_or_default();
+        let left = (Arc::downgrade(&self.generation), self.conn.lent.swap(lent));
+        for (generation, lent) in relayed.into_iter().chain([left]) {
+            let Some(waiter) = generation.upgrade().map(|g| g.aborted().waiter()) else { continue };
+            lingering.push(Lingering { generation, waiter, lent });
+        }
         self.conn.generation.store(next.clone());
-        next.handle().spawn(ConnTask::moved(connection, self.conn.clone(), self.shared.clone(), lingering));
+        let task = ConnTask::moved(connection, self.conn.clone(), self.shared.clone(), lingering);
+        next.handle().spawn(task);
         true
+    }
+
+    /// Whether the connection's ticket has run out (see `plugin::route`), or the sticky key of
+    /// a request wants it elsewhere.
+    fn route_due(&self) -> bool {
+        self.conn.served.load(std::sync::atomic::Ordering::Relaxed) >= self.route_due
+            || self.conn.prefer.load(std::sync::atomic::Ordering::Relaxed) != 0
+    }
+
+    /// Where the connection goes for its next requests, while a canary runs; draws a ticket.
+    fn next_route(&mut self) -> Option<Arc<Generation>> {
+        self.route_due = self.conn.served.load(std::sync::atomic::Ordering::Relaxed) + TICKET_REQUESTS;
+        let prefer = self.conn.prefer.swap(0, std::sync::atomic::Ordering::Relaxed);
+        let current = &self.shared.current;
+        if !current.is_split() {
+            return None;
+        }
+        Some(current.by_id(prefer).filter(|_| prefer != 0).unwrap_or_else(|| current.route()))
     }
 
     /// The id of a generation cut off (drain timeout, `--max-generations`) whose lent chunks

@@ -154,7 +154,8 @@ impl Server {
         replay: Bytes,
         reading_head: bool,
     ) {
-        let generation = self.shared.current.load();
+        // While a canary runs, the connection's first ticket says which generation serves it.
+        let generation = self.shared.current.route();
         let origin = Origin { peer: Some(peer), local: std_stream.local_addr().ok(), https: false };
         let activity = self.sweeper.track(reading_head);
         let conn = Arc::new(ConnState::new(generation.clone(), origin, activity, self.limits.max_body_size));

@@ -26,14 +26,15 @@ use crate::plugin::upgrade::PendingUpgrade;
 use crate::plugin::{thread_generation, Current, Generation, InFlight, LentTally};
 use crate::serve::state::ConnState;
 
-/// Spawns hyper's HTTP/2 stream tasks on the runtime of the generation serving the
-/// connection, cut off if that generation's drain times out.
+/// Spawns hyper's HTTP/2 stream tasks on the runtime of the generation their request was
+/// routed to, cut off if that generation's drain times out.
 ///
 /// hyper calls the service for a stream's request and spawns the stream in the same poll of
-/// the connection, and the connection's generation changes only between polls (see
-/// `ConnState::generation`): so the stream runs on the generation its request was routed to,
-/// which the request carries (its `InFlight`). `hand_to_plugin` checks it. (hyper also runs
-/// the task of an upgraded stream through here, later; it runs no plugin code.)
+/// the connection, on the same thread, and the connection's generation changes only between
+/// polls (see `ConnState::generation`): so the stream runs on the connection's generation,
+/// or the one the service routed it to (`STREAM_ROUTE`), which the request carries (its
+/// `InFlight`). `hand_to_plugin` checks it. (hyper also runs the task of an upgraded stream
+/// through here, later; it runs no plugin code.)
 #[derive(Clone)]
 pub(crate) struct StreamExecutor {
     pub(crate) conn: Arc<ConnState>,
@@ -45,7 +46,8 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, stream: F) {
-        let generation = self.conn.generation.load_full();
+        let routed = STREAM_ROUTE.take().filter(|(conn, _)| std::ptr::eq(*conn, Arc::as_ptr(&self.conn)));
+        let generation = routed.map_or_else(|| self.conn.generation.load_full(), |(_, generation)| generation);
         let runtime = generation.handle().clone();
         runtime.spawn(async move {
             tokio::select! {
@@ -73,31 +75,70 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
     fn call(&self, request: Request<Incoming>) -> Respond {
         let conn = ConnRequest::new(self.conn.clone(), request.version() < http::Version::HTTP_2);
         let generation = self.conn.generation.load_full();
-        if conn.h1 && generation.superseded().is_raised() {
+        if !conn.h1 {
+            // The stream's own task calls the plugin (the connection's task serves every
+            // stream, and must not wait for one), on the runtime `StreamExecutor` spawns it
+            // on: the generation routed to here, which may be another than the connection's
+            // while a canary runs. The tally of the connection's generation, now: the
+            // connection may move before the stream's plugin answers.
+            let (routed, replay) = if self.current.is_split() {
+                let routed = self.route_stream(&request, &generation);
+                let replay = self.replay_from(&routed);
+                (routed, replay)
+            } else {
+                (generation, None)
+            };
+            let lent = self.conn.lent.load_full();
+            return Respond::Starting(Some(Box::new((request, InFlight::new(routed), conn.counting_lent_in(lent), replay))));
+        }
+        let elsewhere = if generation.superseded().is_raised() {
             // hyper read this request ahead, with the previous one, and starts it now, after a
             // swap, before the connection could move: it goes to the new generation.
-            let next = self.current.load();
-            if next.id() != generation.id() {
-                // Its lent chunks hold `next`: counted as the chunks of the generation the
-                // connection moves to next.
-                let lent = {
-                    let mut relayed = self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    relayed.get_or_insert_with(Arc::default).clone()
-                };
-                return relay(next, request, conn.counting_lent_in(lent));
+            Some(self.current.load()).filter(|next| next.id() != generation.id())
+        } else if self.current.is_split() {
+            // Its sticky key says where it goes; the connection follows at its next boundary.
+            let sticky = self.current.route_sticky(request.headers()).filter(|to| to.id() != generation.id());
+            if let Some(to) = &sticky {
+                self.conn.prefer.store(to.id(), std::sync::atomic::Ordering::Relaxed);
             }
+            sticky
+        } else {
+            None
+        };
+        if let Some(next) = elsewhere {
+            let lent = self.conn.relayed_lent(&next);
+            let replay = self.replay_from(&next);
+            return relay(next, conn.counting_lent_in(lent), move |in_flight, conn| hand_to_plugin(request, in_flight, conn, replay));
         }
-        let in_flight = InFlight::new(generation);
-        if conn.h1 {
-            // The connection's task runs on its generation's runtime.
-            return hand_to_plugin(request, in_flight, conn);
-        }
-        // The stream's own task calls the plugin (the connection's task serves every stream,
-        // and must not wait for one), on the runtime `StreamExecutor` spawns it on.
-        // The tally of the generation routed to, now: the connection may move before the
-        // stream's plugin answers (HTTP/1 cannot move while a request is in progress).
-        Respond::Starting(Some((request, in_flight, conn.counting_lent_in(self.conn.lent.load_full()))))
+        // The connection's task runs on its generation's runtime.
+        let replay = if self.current.is_split() { self.replay_from(&generation) } else { None };
+        hand_to_plugin(request, InFlight::new(generation), conn, replay)
     }
+}
+
+impl PluginService {
+    /// Where a request routed to `generation` is answered if it fails there before its
+    /// response starts: the current version, if `generation` is the canary.
+    fn replay_from(&self, generation: &Arc<Generation>) -> Option<Arc<Current>> {
+        (self.current.load().id() != generation.id() && !generation.superseded().is_raised()).then(|| self.current.clone())
+    }
+
+    /// The generation an HTTP/2 stream goes to while a canary runs: by its sticky key, or a
+    /// ticket. The stream is spawned on its runtime (see [`StreamExecutor`]).
+    fn route_stream(&self, request: &Request<Incoming>, generation: &Arc<Generation>) -> Arc<Generation> {
+        let routed = self.current.route_sticky(request.headers()).unwrap_or_else(|| self.current.route());
+        if routed.id() != generation.id() {
+            STREAM_ROUTE.set(Some((Arc::as_ptr(&self.conn), routed.clone())));
+        }
+        routed
+    }
+}
+
+thread_local! {
+    /// The generation the stream whose request was just routed goes to, if not the
+    /// connection's: hyper spawns the stream (`StreamExecutor::execute`) right after it calls
+    /// the service, in the same poll, on this thread.
+    static STREAM_ROUTE: std::cell::RefCell<Option<(*const ConnState, Arc<Generation>)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Answers one request: the plugin's response future, turned into the response for hyper;
@@ -107,13 +148,24 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
 /// would cost an allocation per request.
 pub(crate) enum Respond {
     /// An HTTP/2 request, handed to the plugin at the first poll, on the stream's task.
-    Starting(Option<(Request<Incoming>, InFlight, ConnRequest)>),
+    Starting(Option<Box<Starting>>),
     Calling(Calling),
     /// An HTTP/1 request served by another generation than the connection's (see
     /// [`relay`]).
     Relayed(tokio::sync::oneshot::Receiver<Response<SentBody>>),
     /// Answered by the host, or taken by hyper.
     Answered(Option<Response<SentBody>>),
+}
+
+/// An HTTP/2 request before its first poll: where it goes, and where it is replayed.
+type Starting = (Request<Incoming>, InFlight, ConnRequest, Option<Arc<Current>>);
+
+/// What a canary's failed request needs to be answered by the current version instead: the
+/// version's cell, and the request's head (a `GET` or `HEAD` without a body: nothing else).
+pub(crate) struct Replay {
+    current: Arc<Current>,
+    headers: http::HeaderMap,
+    version: http::Version,
 }
 
 /// A request in the plugin's hands: everything it holds, and what its log line needs.
@@ -128,6 +180,14 @@ pub(crate) struct Calling {
     id: RequestId,
     /// The switch of protocols the client asked for, if the plugin may accept it.
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Where the request is answered if the plugin fails it: a canary's idempotent request.
+    replay: Option<Replay>,
+}
+
+/// What a plugin's call came to: the response, or the same request again, elsewhere.
+enum Finished {
+    Response(Response<HostBody>),
+    Replayed(Respond),
 }
 
 /// A new request id, unique in the process; shown (`Display`) as the plugin shows it. Each
@@ -156,14 +216,18 @@ impl Future for Respond {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         if let Respond::Starting(starting) = this {
-            if let Some((request, in_flight, conn)) = starting.take() {
-                *this = hand_to_plugin(request, in_flight, conn);
+            if let Some(starting) = starting.take() {
+                let (request, in_flight, conn, replay) = *starting;
+                *this = hand_to_plugin(request, in_flight, conn, replay);
             }
         }
         if let Respond::Calling(calling) = this {
             let Poll::Ready(called) = calling.call.poll(cx) else { return Poll::Pending };
             if let Respond::Calling(calling) = std::mem::replace(this, Respond::Answered(None)) {
-                return Poll::Ready(Ok(calling.finish(called).map(SentBody::Here)));
+                match calling.finish(called) {
+                    Finished::Response(response) => return Poll::Ready(Ok(response.map(SentBody::Here))),
+                    Finished::Replayed(replayed) => *this = replayed,
+                }
             }
         }
         if let Respond::Relayed(response) = this {
@@ -187,7 +251,10 @@ impl Future for Respond {
 /// the plugin; or answers right away. Runs on a thread of the request's generation: the
 /// connection's task (HTTP/1), which runs on the runtime of the generation it loaded, or the
 /// stream's task (HTTP/2), spawned on the runtime of the generation it was routed to.
-fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest) -> Respond {
+///
+/// `replay`: where the request is answered if it fails here, if it was routed to a canary;
+/// kept only for a `GET` or `HEAD` without a body.
+fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest, replay: Option<Arc<Current>>) -> Respond {
     let started = Instant::now();
     let generation = in_flight.generation();
     if thread_generation() != generation.id() {
@@ -203,6 +270,27 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     let protocol = upgrade_protocol(&request);
     let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
     let (http::request::Parts { method, uri, version, headers, .. }, body) = request.into_parts();
+    let replay = replay
+        .filter(|_| matches!(method, http::Method::GET | http::Method::HEAD) && body.is_end_stream() && protocol.is_none())
+        .map(|current| Replay { current, headers: headers.clone(), version });
+    let asked = Asked { method, uri, version, headers, protocol, on_upgrade };
+    call_plugin(asked, Some(body), in_flight, conn, replay, started)
+}
+
+/// A request's head, as the plugin is asked it.
+struct Asked {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    /// The protocol it asks to switch to, if the host can switch it, and hyper's side of it.
+    protocol: Option<String>,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Hands a request to the plugin of `in_flight`'s generation, on one of its threads.
+fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: ConnRequest, replay: Option<Replay>, started: Instant) -> Respond {
+    let Asked { method, uri, version, headers, protocol, on_upgrade } = asked;
     let id = next_request_id();
     let head = Head {
         method: &method,
@@ -213,11 +301,24 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
         request_id: id.0,
         upgrade: protocol.as_ref().map(|p| p.as_bytes()),
     };
-    let call = PluginCall::start(in_flight, head, body, max_body_size);
+    let call = PluginCall::start(in_flight, head, body, conn.state.max_body_size);
     if let Some(body) = call.body_progress() {
         conn.state.activity.watch_body(body);
     }
-    Respond::Calling(Calling { call, conn, started, method, uri, id, on_upgrade })
+    Respond::Calling(Calling { call, conn, started, method, uri, id, on_upgrade, replay })
+}
+
+/// Answers a request the canary failed before its response started from the current
+/// version, on its runtime. The request ran there as it came; the canary's figures count it
+/// as the 500 it would have been.
+fn replay_elsewhere(replay: Replay, method: http::Method, uri: http::Uri, conn: ConnRequest) -> Respond {
+    let Replay { current, headers, version } = replay;
+    let next = current.load();
+    let lent = conn.state.relayed_lent(&next);
+    relay(next, conn.counting_lent_in(lent), move |in_flight, conn| {
+        let asked = Asked { method, uri, version, headers, protocol: None, on_upgrade: None };
+        call_plugin(asked, None, in_flight, conn, None, Instant::now())
+    })
 }
 
 /// The protocol `request` asks to switch to, if hyper can switch it: an HTTP/1.1 `Upgrade`
@@ -236,14 +337,14 @@ fn upgrade_protocol(request: &Request<Incoming>) -> Option<String> {
 
 impl Calling {
     /// The response to hand to hyper, once the plugin's future has completed.
-    fn finish(self, called: Result<Answer, CallFailed>) -> Response<HostBody> {
-        let Calling { call, conn, started, method, uri, id, on_upgrade } = self;
+    fn finish(self, called: Result<Answer, CallFailed>) -> Finished {
+        let Calling { call, conn, started, method, uri, id, on_upgrade, replay } = self;
         // Its state is released already; the hold is in `called`. The request body may still
         // be read by the response body (and time out then).
         let request_body = call.body_progress().cloned();
         drop(call);
         let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn));
-        match called {
+        Finished::Response(match called {
             Ok(response) => {
                 let generation = response.body().generation().id();
                 tracing::debug!(
@@ -263,13 +364,23 @@ impl Calling {
             }
             Err(CallFailed { error, in_flight }) => {
                 let generation = in_flight.generation();
+                if let Some(replay) = replay {
+                    tracing::error!(
+                        %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
+                        "{error}; the canary's failure counts against it, and the current version answers the request"
+                    );
+                    generation.stats().record(StatusCode::INTERNAL_SERVER_ERROR.as_u16(), started.elapsed());
+                    generation.stats().replayed_elsewhere();
+                    drop(in_flight);
+                    return Finished::Replayed(replay_elsewhere(replay, method, uri, conn));
+                }
                 tracing::error!(
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                     "{error}; answered 500"
                 );
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, in_flight, conn, started)
             }
-        }
+        })
     }
 }
 
@@ -512,14 +623,17 @@ pub(crate) enum SentBody {
 /// generation's threads, so a task there calls the plugin and polls the response body, and
 /// hands the frames over; the connection moves to `next` once this response has ended. Rare,
 /// so the hop between threads does not matter.
-fn relay(next: Arc<Generation>, request: Request<Incoming>, conn: ConnRequest) -> Respond {
+fn relay<S>(next: Arc<Generation>, conn: ConnRequest, start: S) -> Respond
+where
+    S: FnOnce(InFlight, ConnRequest) -> Respond + Send + 'static,
+{
     let (mut head_tx, head_rx) = tokio::sync::oneshot::channel();
     let runtime = next.handle().clone();
     runtime.spawn(async move {
         // Whatever ends it early (the client gone, the generation cut off) drops the request
         // here, on its generation's thread; the connection sees the body fail, never end.
         let aborted = next.aborted().token().clone();
-        let respond = hand_to_plugin(request, InFlight::new(next), conn);
+        let respond = start(InFlight::new(next), conn);
         let response = tokio::select! {
             Ok(response) = respond => response,
             () = head_tx.closed() => return,

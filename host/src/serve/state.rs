@@ -1,8 +1,8 @@
 //! What connections share: with the server ([`Shared`]), and among the parts of one
 //! connection ([`ConnState`]).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -75,9 +75,13 @@ pub(crate) struct ConnState {
     /// Response chunks lent by the plugin of `generation` that this connection still holds;
     /// replaced by a fresh tally when the connection moves (see `ConnTask::lingering`).
     pub(crate) lent: ArcSwap<LentTally>,
-    /// The tally of requests relayed to the generation the connection will move to (see
-    /// `respond::relay`), which becomes `lent` when it does.
-    pub(crate) relayed_lent: std::sync::Mutex<Option<Arc<LentTally>>>,
+    /// The tallies of requests relayed to generations other than this one (see
+    /// `respond::relay`): the one of the generation the connection moves to becomes `lent`
+    /// when it does; the others are followed as generations it left.
+    pub(crate) relayed_lent: std::sync::Mutex<Vec<(Weak<Generation>, Arc<LentTally>)>>,
+    /// HTTP/1: the id of the generation the connection should move to at its next request
+    /// boundary (0: none): a request's sticky key sent it there (see `plugin::route`).
+    pub(crate) prefer: AtomicU64,
     /// HTTP/1: the plugin accepted a switch of protocols. The socket goes to its session, on
     /// this generation's runtime, once hyper has sent the response: the connection must not
     /// move (and re-register the socket elsewhere) before.
@@ -101,6 +105,18 @@ pub(crate) struct ConnState {
 }
 
 impl ConnState {
+    /// The tally of the chunks lent by requests relayed to `generation`.
+    pub(crate) fn relayed_lent(&self, generation: &Arc<Generation>) -> Arc<LentTally> {
+        let mut relayed = self.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        relayed.retain(|(g, _)| g.strong_count() > 0);
+        if let Some((_, lent)) = relayed.iter().find(|(g, _)| std::ptr::eq(g.as_ptr(), Arc::as_ptr(generation))) {
+            return lent.clone();
+        }
+        let lent = Arc::<LentTally>::default();
+        relayed.push((Arc::downgrade(generation), lent.clone()));
+        lent
+    }
+
     pub(crate) fn new(generation: Arc<Generation>, origin: Origin, activity: Arc<Activity>, max_body_size: u64) -> ConnState {
         ConnState {
             generation: ArcSwap::new(generation),
@@ -109,6 +125,7 @@ impl ConnState {
             max_body_size,
             lent: ArcSwap::default(),
             relayed_lent: std::sync::Mutex::default(),
+            prefer: AtomicU64::new(0),
             switching: AtomicBool::new(false),
             awaiting_request: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),

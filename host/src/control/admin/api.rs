@@ -18,7 +18,10 @@ pub(crate) use crate::control::registry::{Brief, Outcome};
 pub(crate) struct Status {
     /// Every build known, in the order they would be chosen.
     pub(crate) builds: Vec<BuildEntry>,
-    /// The generation that gets new requests.
+    /// The canary in progress, if any.
+    #[serde(default)]
+    pub(crate) canary: Option<CanaryEntry>,
+    /// The generation that gets new requests (but the canary's share).
     pub(crate) current: CurrentEntry,
     /// Generations and refusals, newest first.
     pub(crate) history: Vec<HistoryEntry>,
@@ -69,6 +72,47 @@ pub(crate) struct CurrentEntry {
     pub(crate) version: String,
 }
 
+/// The canary in progress, in `/status`: its figures and the current version's since it
+/// started, and what the host's rules say of them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CanaryEntry {
+    /// The current version's 5xx answers, answers and p99 time to the response head over
+    /// the same window.
+    pub(crate) current_errors: u64,
+    pub(crate) current_p99_ms: Option<f64>,
+    pub(crate) current_requests: u64,
+    /// Seconds since it started, to the millisecond.
+    pub(crate) elapsed_seconds: f64,
+    /// Its 5xx answers (panics included; failures answered by the current version too).
+    pub(crate) errors: u64,
+    pub(crate) generation: u64,
+    pub(crate) name: String,
+    pub(crate) p99_ms: Option<f64>,
+    /// Its share of new requests.
+    pub(crate) percent: f64,
+    /// Requests it failed before their response started that the current version answered.
+    pub(crate) replayed: u64,
+    pub(crate) requests: u64,
+    /// Where requests' sticky key is (`cookie:NAME`, `header:NAME`), if they have one.
+    pub(crate) sticky: Option<String>,
+    /// `waiting: …`, `promoting: …` or `rolling back: …`, with the figures.
+    pub(crate) verdict: String,
+    pub(crate) version: String,
+}
+
+/// The body of `POST /canary`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CanaryRequest {
+    /// A semantic version, like `1.2.0` (default: the build that should replace the current
+    /// one, or the canary that runs).
+    #[serde(default)]
+    pub(crate) version: Option<String>,
+    /// Its share of new requests, 0 to 100 (default: the host's `--canary`, else 10).
+    #[serde(default)]
+    pub(crate) percent: Option<f64>,
+}
+
 /// The pin, in `/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct PinEntry {
@@ -94,7 +138,7 @@ pub(crate) struct ResidentEntry {
     pub(crate) name: String,
     /// Requests it has answered.
     pub(crate) requests: u64,
-    /// `current` or `draining`.
+    /// `current`, `canary` or `draining`.
     pub(crate) state: String,
     /// Response bodies it is streaming now.
     pub(crate) streams: usize,
@@ -119,7 +163,7 @@ pub(crate) struct HistoryEntry {
     pub(crate) reason: Option<String>,
     pub(crate) requests: u64,
     pub(crate) sha256: Option<String>,
-    /// `current`, `draining`, `unloaded`, `still-mapped`, `leaked`, `refused` or
+    /// `current`, `canary`, `draining`, `unloaded`, `still-mapped`, `leaked`, `refused` or
     /// `previous-host` (it ran on the process this one replaced).
     pub(crate) state: String,
     pub(crate) version: Option<String>,
@@ -175,6 +219,7 @@ mod tests {
     fn status() -> Status {
         Status {
             builds: vec![BuildEntry { file: "/p/app.so".into(), name: "app".into(), refused: false, version: "1.0.0".into() }],
+            canary: None,
             current: CurrentEntry {
                 file: "/p/app.so".into(),
                 generation: 1,
@@ -238,6 +283,7 @@ mod tests {
             }],
             "refusals": [{ "file": "/p/bad.so", "version": null, "at": "2025-01-01T00:00:00.000Z", "reason": "no" }],
             "builds": [{ "file": "/p/app.so", "name": "app", "version": "1.0.0", "refused": false }],
+            "canary": null,
             "upgrades": [],
         });
         let status = status();

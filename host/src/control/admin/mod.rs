@@ -8,6 +8,9 @@
 //! | `POST /rollback` | goes back to the version served before the current one, and pins it |
 //! | `POST /pin` `{"version": "1.2.0"}` | serves that version and holds it against newer builds |
 //! | `DELETE /pin` | lifts the pin: the highest version serves again |
+//! | `POST /canary` `{"version": "1.3.0", "percent": 10}` (both optional) | starts a canary, or sets its share |
+//! | `POST /canary/promote` | promotes the canary now |
+//! | `DELETE /canary` | rolls the canary back now (its build is refused) |
 //! | `POST /upgrade` `{"binary": "/usr/bin/hotswap"}` (optional) | replaces the host process itself (see `cmd::upgrade`) |
 //! | `GET /metrics` | Prometheus text format |
 //!
@@ -57,7 +60,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::host::{HostProcess, UpgradeOrder};
 use crate::control::registry::{ChangeError, Outcome, Registry};
-use api::{BuildEntry, CurrentEntry, ErrorBody, HistoryEntry, PinEntry, PinRequest, RefusalEntry, ResidentEntry, Status, UpgradeRequest};
+use api::{
+    BuildEntry, CanaryEntry, CanaryRequest, CurrentEntry, ErrorBody, HistoryEntry, PinEntry, PinRequest, RefusalEntry, ResidentEntry,
+    Status, UpgradeRequest,
+};
+use crate::control::canary::{CanaryPolicy, Verdict};
+use crate::plugin::route::Share;
 pub(crate) use guard::INTENT_HEADER;
 use slots::{Slots, Waiting};
 
@@ -463,12 +471,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Every endpoint, with the methods it takes (as in an `Allow` header): what the answers to a
 /// wrong method or an unknown path list. `Api::handle` routes them.
-const ENDPOINTS: [(&str, &str); 6] = [
+const ENDPOINTS: [(&str, &str); 8] = [
     ("/status", "GET"),
     ("/metrics", "GET"),
     ("/reload", "POST"),
     ("/rollback", "POST"),
     ("/pin", "POST, DELETE"),
+    ("/canary", "POST, DELETE"),
+    ("/canary/promote", "POST"),
     ("/upgrade", "POST"),
 ];
 
@@ -507,7 +517,8 @@ impl Api {
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
         let change = matches!(
             (&method, path.as_str()),
-            (&Method::POST, "/reload" | "/rollback" | "/pin" | "/upgrade") | (&Method::DELETE, "/pin")
+            (&Method::POST, "/reload" | "/rollback" | "/pin" | "/canary" | "/canary/promote" | "/upgrade")
+                | (&Method::DELETE, "/pin" | "/canary")
         );
         if change && !guard::is_intended(request.headers()) {
             return error(StatusCode::FORBIDDEN, guard::INTENT_REFUSED);
@@ -540,6 +551,15 @@ impl Api {
                 changed(registry.pin_version(version).await)
             }
             (Method::DELETE, "/pin") => outcome(registry.unpin().await),
+            (Method::POST, "/canary") => {
+                let (version, share) = match read_canary(request, registry.canary_policy()).await {
+                    Ok(order) => order,
+                    Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+                };
+                changed(registry.canary(version, share).await)
+            }
+            (Method::POST, "/canary/promote") => changed(registry.promote().await),
+            (Method::DELETE, "/canary") => changed(registry.abort_canary().await),
             (Method::POST, "/upgrade") => {
                 let order = match read_json::<UpgradeRequest>(request, "{\"binary\": \"/usr/local/bin/hotswap\"} or {}").await {
                     Ok(order) => order,
@@ -604,11 +624,30 @@ async fn read_version(request: Request<Incoming>) -> Result<semver::Version, Str
     semver::Version::parse(&pin.version).map_err(|e| format!("`{}` is not a semantic version like 1.2.0: {e}", pin.version))
 }
 
+/// The version and share of a `POST /canary` body.
+async fn read_canary(request: Request<Incoming>, policy: &CanaryPolicy) -> Result<(Option<semver::Version>, Share), String> {
+    let order: CanaryRequest = read_json(request, "{\"version\": \"1.2.0\", \"percent\": 10}").await?;
+    let version = order
+        .version
+        .map(|v| semver::Version::parse(&v).map_err(|e| format!("`{v}` is not a semantic version like 1.2.0: {e}")))
+        .transpose()?;
+    let share = match order.percent {
+        Some(percent) => Share::from_percent(percent).ok_or_else(|| format!("`percent`: {percent} is not between 0 and 100"))?,
+        None => policy.auto.unwrap_or(DEFAULT_CANARY),
+    };
+    Ok((version, share))
+}
+
+/// A canary's share when neither the request nor `--canary` gives one.
+const DEFAULT_CANARY: Share = Share::TEN_PERCENT;
+
 fn changed(result: Result<Outcome, ChangeError>) -> Response<Full<Bytes>> {
     match result {
         Ok(o) => outcome(o),
         Err(e @ ChangeError::UnknownVersion { .. }) => error(StatusCode::NOT_FOUND, &e.to_string()),
-        Err(e @ ChangeError::NothingToRollBackTo { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ (ChangeError::NothingToRollBackTo { .. } | ChangeError::NothingToCanary { .. } | ChangeError::NoCanary)) => {
+            error(StatusCode::CONFLICT, &e.to_string())
+        }
     }
 }
 
@@ -651,6 +690,8 @@ fn age(at: SystemTime) -> f64 {
 /// `GET /status`.
 fn status(registry: &Registry, host: &HostProcess, started: SystemTime) -> Status {
     let current = registry.current();
+    let canary = registry.canary_progress();
+    let canary_id = canary.as_ref().map(|c| c.generation.id());
     let history = registry.history().records();
     let refused = registry.history().refusals();
     let record_of = |id: u64| history.iter().find(|r| r.generation == Some(id));
@@ -668,7 +709,12 @@ fn status(registry: &Registry, host: &HostProcess, started: SystemTime) -> Statu
                 loaded_at: rfc3339(at),
                 name: g.name().to_owned(),
                 requests: g.stats().requests(),
-                state: if g.id() == current.id() { "current" } else { "draining" }.to_owned(),
+                state: match g.id() {
+                    id if id == current.id() => "current",
+                    id if Some(id) == canary_id => "canary",
+                    _ => "draining",
+                }
+                .to_owned(),
                 streams: g.stats().streams(),
                 upgraded: g.stats().upgraded(),
                 version: g.version().to_string(),
@@ -687,7 +733,7 @@ fn status(registry: &Registry, host: &HostProcess, started: SystemTime) -> Statu
             reason: r.refused.clone(),
             requests: r.requests(),
             sha256: r.sha256.get().cloned(),
-            state: r.state(current.id()).as_str().to_owned(),
+            state: r.state(current.id(), canary_id).as_str().to_owned(),
             version: r.version.as_ref().map(ToString::to_string),
         })
         .collect();
@@ -707,8 +753,30 @@ fn status(registry: &Registry, host: &HostProcess, started: SystemTime) -> Statu
         .into_iter()
         .map(|b| BuildEntry { file: b.file, name: b.name, refused: b.refused, version: b.version.to_string() })
         .collect();
+    let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3);
+    let canary = canary.map(|c| CanaryEntry {
+        current_errors: c.current.errors,
+        current_p99_ms: ms(c.current.p99()),
+        current_requests: c.current.requests,
+        elapsed_seconds: (c.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        errors: c.canary.errors,
+        generation: c.generation.id(),
+        name: c.generation.name().to_owned(),
+        p99_ms: ms(c.canary.p99()),
+        percent: c.share.percent(),
+        replayed: c.generation.stats().replayed(),
+        requests: c.canary.requests,
+        sticky: c.sticky,
+        verdict: match c.verdict {
+            Verdict::Wait(progress) => format!("waiting: {progress}"),
+            Verdict::Promote(why) => format!("promoting: {why}"),
+            Verdict::RollBack(why) => format!("rolling back: {why}"),
+        },
+        version: c.generation.version().to_string(),
+    });
     Status {
         builds,
+        canary,
         current: CurrentEntry {
             file: current.source().to_path_buf(),
             generation: current.id(),

@@ -1,0 +1,239 @@
+//! Canary rollouts: a share of requests to a new build, sticky by a cookie, promoted when
+//! healthy, rolled back when not, and a canary's failed idempotent requests answered by the
+//! current version.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, version_in, Host, WAIT};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+fn status(host: &Host) -> Value {
+    let (code, status) = host.command_json(&["status"]);
+    assert_eq!(code, 0, "{status}");
+    status
+}
+
+/// Waits (bounded) until `GET /status` satisfies `ready`.
+async fn wait_status(host: &Host, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = status(host);
+        if ready(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}:\n{status:#}\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The scrape of `GET /metrics`, over the host's admin socket.
+async fn metrics(host: &Host) -> String {
+    let mut socket = tokio::net::UnixStream::connect(&host.admin).await.unwrap();
+    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+/// A series' value in a scrape, 0 if it is not there.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// The version `GET path` answers with (the example handler's), or its whole answer; fails
+/// on any status but 200.
+async fn answer(client: &reqwest::Client, url: String) -> String {
+    let response = client.get(&url).send().await.unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, 200, "{url}: {text}");
+    version_in(&text).unwrap_or(text)
+}
+
+#[tokio::test]
+async fn a_canary_gets_its_share_of_requests_and_is_promoted() {
+    let (v1, v2) = (example_version("1.0.0"), example_version("2.0.0"));
+    let dir = temp_dir("canary-share");
+    place_by_rename(&v1, &dir.join("app-1.so"));
+    let host = Host::serve_dir(&dir, &["--canary", "10", "--canary-requests", "400", "--canary-min-requests", "50"]);
+    place_by_rename(&v2, &dir.join("app-2.so"));
+    let started = wait_status(&host, "the canary starts", |s| s["canary"]["version"] == "2.0.0").await;
+    assert_eq!(started["canary"]["percent"], 10.0, "{started}");
+    assert_eq!(started["current"]["version"], "1.0.0", "{started}");
+
+    // 2000 requests: keep-alive clients, a new connection per request, and HTTP/2 streams.
+    let mut tasks = Vec::new();
+    for client in 0..8 {
+        let url = host.url("/");
+        tasks.push(tokio::spawn(async move {
+            let keep_alive = reqwest::Client::new();
+            let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+            let mut versions = Vec::new();
+            for i in 0..250 {
+                let client = match (client, i % 5) {
+                    (0 | 1, _) => h2.clone(),
+                    (_, 0) => reqwest::Client::new(),
+                    _ => keep_alive.clone(),
+                };
+                versions.push(answer(&client, url.clone()).await);
+            }
+            versions
+        }));
+    }
+    let mut counts = BTreeMap::new();
+    for task in tasks {
+        for version in task.await.unwrap() {
+            *counts.entry(version).or_insert(0) += 1;
+        }
+    }
+    let canary = counts.get("2.0.0").copied().unwrap_or(0);
+    assert_eq!(counts.values().sum::<u32>(), 2000, "{counts:?}");
+    // 10 % of 2000 is 200; the tolerance allows for connections whose last ticket was cut
+    // short (an HTTP/1 connection draws a ticket per 16 requests).
+    assert!((150..=250).contains(&canary), "the canary got {canary} of 2000 requests: {counts:?}");
+    let progress = status(&host);
+    assert!(progress["canary"]["verdict"].as_str().unwrap().starts_with("waiting"), "{progress}");
+    assert_eq!(progress["canary"]["requests"], canary, "{progress}");
+    let table = host.command(&["status"]);
+    assert!(table.stdout.contains("canary example-handler 2.0.0") && table.stdout.contains("10 % of new requests"), "{table:?}");
+
+    // Healthy, it is promoted once it has answered 400 requests: then every request is its.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    while status(&host)["canary"] != Value::Null {
+        assert!(Instant::now() < deadline, "the canary was not promoted:\n{}", host.log());
+        for _ in 0..100 {
+            answer(&client, host.url("/")).await;
+        }
+    }
+    let promoted = status(&host);
+    assert_eq!(promoted["current"]["version"], "2.0.0", "{promoted}");
+    for _ in 0..20 {
+        assert_eq!(answer(&client, host.url("/")).await, "2.0.0");
+    }
+    assert!(host.log().contains("canary promoted (healthy after"), "{}", host.log());
+    assert_eq!(metric(&metrics(&host).await, "hotswap_canaries_total{outcome=\"promoted\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn a_failing_canary_is_rolled_back_its_clients_never_see_a_failure_and_it_stays_out() {
+    let dir = temp_dir("canary-rollback");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve_dir(&dir, &["--canary", "50", "--canary-min-requests", "40", "--canary-requests", "100000"]);
+    // Another plugin, newer on disk: it would replace the example handler; it starts as a
+    // canary. A fifth of the requests below make it panic.
+    place_by_rename(&artifacts().faulty, &dir.join("faulty.so"));
+    wait_status(&host, "the canary starts", |s| s["canary"]["name"] == "fixture-faulty").await;
+
+    let clients: Vec<reqwest::Client> = (0..4).map(|_| reqwest::Client::new()).collect();
+    let mut sent = 0;
+    while status(&host)["canary"] != Value::Null {
+        assert!(sent < 4000, "the canary was not rolled back after {sent} requests:\n{}", host.log());
+        let batch = (0..50).map(|i| {
+            let client = clients[i % clients.len()].clone();
+            let path = if (sent + i) % 5 == 0 { "/health?panic" } else { "/health" };
+            let url = host.url(path);
+            async move { answer(&client, url).await }
+        });
+        // Every answer is a 200: the canary's panics are answered by the current version.
+        futures_util::future::join_all(batch).await;
+        sent += 50;
+    }
+    let after = status(&host);
+    assert_eq!(after["current"]["name"], "example-handler", "{after}");
+    let reason = after["refusals"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("canary rolled back") && reason.contains("5xx answers and panics"), "{after}");
+    assert!(after["refusals"][0]["file"].as_str().unwrap().ends_with("faulty.so"), "{after}");
+    let scrape = metrics(&host).await;
+    assert_eq!(metric(&scrape, "hotswap_canaries_total{outcome=\"rolled_back\"}"), 1.0, "{scrape}");
+    assert!(metric(&scrape, "hotswap_canary_replayed_requests_total") >= 8.0, "{scrape}");
+
+    // It stays out: not tried again, even at a reload; the example handler answers.
+    let (code, reload) = host.command_json(&["reload"]);
+    assert_eq!(code, 0, "{reload}");
+    assert_eq!(reload["outcome"], "unchanged", "{reload}");
+    for _ in 0..50 {
+        assert_eq!(answer(&clients[0], host.url("/health?panic")).await, "ok\n");
+    }
+    assert_eq!(status(&host)["canary"], Value::Null);
+}
+
+#[tokio::test]
+async fn a_sticky_key_keeps_one_user_on_one_version() {
+    let dir = temp_dir("canary-sticky");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app-1.so"));
+    let host = Host::serve_dir(&dir, &["--canary", "50", "--canary-sticky", "cookie:session", "--canary-requests", "100000"]);
+    place_by_rename(&example_version("2.0.0"), &dir.join("app-2.so"));
+    wait_status(&host, "the canary starts", |s| s["canary"]["sticky"] == "cookie:session").await;
+
+    // Users share kept-alive connections (as behind a proxy), or come on new ones, or over
+    // HTTP/2; each must see one version.
+    let shared = reqwest::Client::new();
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let mut seen: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for round in 0..8 {
+        for user in 0..40u32 {
+            let client = match (user + round) % 3 {
+                0 => shared.clone(),
+                1 => h2.clone(),
+                _ => reqwest::Client::new(),
+            };
+            let response = client
+                .get(host.url("/"))
+                .header("cookie", format!("theme=dark; session=user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            let version = version_in(&response.text().await.unwrap()).unwrap();
+            seen.entry(user).or_default().insert(version);
+        }
+    }
+    let mixed: Vec<_> = seen.iter().filter(|(_, versions)| versions.len() > 1).collect();
+    assert!(mixed.is_empty(), "users saw more than one version: {mixed:?}");
+    let on_canary = seen.values().filter(|v| v.contains("2.0.0")).count();
+    assert!((8..=32).contains(&on_canary), "{on_canary} of 40 users on the canary at 50 %: {seen:?}");
+}
+
+#[tokio::test]
+async fn a_canarys_failed_idempotent_request_is_answered_by_the_current_version() {
+    let dir = temp_dir("canary-replay");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve_dir(&dir, &["--canary-min-requests", "100000"]);
+    place_by_rename(&artifacts().faulty, &dir.join("faulty.so"));
+    // Without --canary, a new build serves at once; by hand, it starts as a canary.
+    wait_status(&host, "the faulty build serves", |s| s["current"]["name"] == "fixture-faulty").await;
+    let (code, pinned) = host.command_json(&["pin", "1.0.0"]);
+    assert_eq!(code, 0, "{pinned}");
+    let (code, canary) = host.command_json(&["canary", "0.1.0", "--percent", "100"]);
+    assert_eq!(code, 0, "{canary}");
+    assert_eq!(canary["outcome"], "canary", "{canary}");
+    assert_eq!(canary["canary"]["name"], "fixture-faulty", "{canary}");
+
+    for client in [reqwest::Client::new(), reqwest::Client::builder().http2_prior_knowledge().build().unwrap()] {
+        // The canary panics; the client gets the current version's answer.
+        let text = answer(&client, host.url("/?panic")).await;
+        assert_eq!(text, "1.0.0", "GET /?panic");
+        let head = client.head(host.url("/health?panic")).send().await.unwrap();
+        assert_eq!(head.status(), 405, "the current version's own answer to HEAD /health");
+        // What the canary answers itself goes out as it is.
+        assert_eq!(answer(&client, host.url("/health")).await, "fine\n");
+        // Not idempotent, or with a body: not replayed.
+        let post = client.post(host.url("/?panic")).body("x").send().await.unwrap();
+        assert_eq!(post.status(), 500);
+    }
+    let progress = status(&host);
+    assert_eq!(progress["canary"]["replayed"], 4, "{progress}");
+    assert_eq!(progress["canary"]["errors"], 6, "{progress}");
+    assert!(host.log().contains("the canary's failure counts against it, and the current version answers the request"));
+
+    // The operator ends it: the pinned version serves every request again.
+    let (code, aborted) = host.command_json(&["canary", "--abort"]);
+    assert_eq!(code, 0, "{aborted}");
+    assert_eq!(aborted["outcome"], "rolled_back", "{aborted}");
+    assert_eq!(answer(&reqwest::Client::new(), host.url("/health")).await, "ok\n");
+    let none = host.command(&["canary", "--promote"]);
+    assert_ne!(none.code, 0);
+    assert!(none.stderr.contains("no canary runs"), "{none:?}");
+}
