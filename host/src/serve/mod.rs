@@ -21,6 +21,16 @@
 //! plugin sees the request there, so a stream in progress never holds its connection (or its
 //! other streams) back.
 //!
+//! ## While a canary runs
+//!
+//! Two generations take new requests, each on its own threads (`plugin::route` decides which).
+//! A new connection starts on the generation its ticket names; an HTTP/2 stream is spawned on
+//! the runtime of the generation its own ticket names. An HTTP/1 connection draws a ticket
+//! every `TICKET_REQUESTS` requests and moves, at a request boundary, as after a swap. A
+//! request whose sticky key names the other generation is relayed to that runtime (a hop
+//! between threads, once: the connection follows it at its next boundary). A canary's `GET`
+//! or `HEAD` that fails before its response starts is relayed to the current generation.
+//!
 //! | module | holds |
 //! |---|---|
 //! | this one | the accept loop and the connection limit |

@@ -618,11 +618,12 @@ pub(crate) enum SentBody {
     Relayed(Relayed),
 }
 
-/// Serves an HTTP/1 request on `next`, another generation than the one whose runtime runs
-/// the connection (hyper read the request ahead, before a swap). Plugin code runs only on its
-/// generation's threads, so a task there calls the plugin and polls the response body, and
-/// hands the frames over; the connection moves to `next` once this response has ended. Rare,
-/// so the hop between threads does not matter.
+/// Serves a request on `next`, another generation than the one whose runtime runs the
+/// connection: an HTTP/1 request hyper read ahead, before a swap; one whose sticky key names
+/// the other generation of a canary split; a canary's failure answered by the current
+/// version. Plugin code runs only on its generation's threads, so a task there starts the
+/// call (`start`) and polls the response body, and hands the frames over. Rare, so the hop
+/// between threads does not matter (an HTTP/1 connection moves to `next` after the first two).
 fn relay<S>(next: Arc<Generation>, conn: ConnRequest, start: S) -> Respond
 where
     S: FnOnce(InFlight, ConnRequest) -> Respond + Send + 'static,
