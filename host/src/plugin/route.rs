@@ -3,11 +3,14 @@
 //!
 //! The split is decided on the request path, so it takes no lock and allocates nothing: a
 //! request with the sticky key (a header or cookie) goes where a hash of the key's value
-//! falls, and every other request draws a ticket from the canary's counter. Tickets spread the
-//! share evenly (with 10 %, every tenth ticket is the canary's), so the share is met over any
-//! stretch of traffic, not only on average. The server draws one ticket per new connection,
-//! per HTTP/2 stream, and per [`TICKET_REQUESTS`] requests of an HTTP/1 connection (which
-//! then moves between the generations' runtimes: see `serve`).
+//! falls, and every other request takes a slot from the canary's counter of requests. Slots
+//! spread the share evenly (with 10 %, every tenth slot is the canary's), so the share is met
+//! over any stretch of traffic, not only on average. A new connection and an HTTP/2 stream
+//! take one slot. An HTTP/1 connection that goes on takes them in blocks ([`Block`]), twice
+//! as large each time up to [`MAX_BLOCK`], and serves each block's canary slots in one run:
+//! moving a connection between the generations' runtimes costs about as much as a few
+//! requests, so it moves about once per block, not once per request, and still every request
+//! is counted where its slot says.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,9 +19,8 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::plugin::Generation;
 
-/// How many requests of an HTTP/1 connection one ticket routes: moving a connection between
-/// runtimes costs about as much as a few requests, so it does not move for every one.
-pub(crate) const TICKET_REQUESTS: u64 = 16;
+/// The largest block of slots an HTTP/1 connection takes at once.
+pub(crate) const MAX_BLOCK: u64 = 64;
 
 /// A share of requests, in hundredths of a percent (0 to 10 000).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,11 +38,11 @@ impl Share {
         f64::from(self.0) / 100.0
     }
 
-    /// Whether ticket `n` falls in the share: exactly `share` of any run of consecutive
-    /// tickets (to within one), spread evenly.
-    fn takes_ticket(self, n: u64) -> bool {
-        let share = u64::from(self.0);
-        (n % 10_000 + 1) * share / 10_000 > (n % 10_000) * share / 10_000
+    /// How many of the slots `n .. n + len` fall in the share: exactly `share` of any run of
+    /// consecutive slots (to within one), spread evenly.
+    fn slots_in(self, n: u64, len: u64) -> u64 {
+        let below = |x: u64| (u128::from(x) * u128::from(self.0) / 10_000) as u64;
+        below(n.saturating_add(len)) - below(n)
     }
 
     /// Whether a sticky key whose hash is `hash` falls in the share. Raising the share keeps
@@ -118,12 +120,13 @@ pub(crate) struct Canary {
     generation: Arc<Generation>,
     share: AtomicU32,
     sticky: Option<Sticky>,
-    tickets: AtomicU64,
+    /// Slots taken so far.
+    slots: AtomicU64,
 }
 
 impl Canary {
     pub(crate) fn new(generation: Arc<Generation>, share: Share, sticky: Option<Sticky>) -> Canary {
-        Canary { generation, share: AtomicU32::new(share.0), sticky, tickets: AtomicU64::new(0) }
+        Canary { generation, share: AtomicU32::new(share.0), sticky, slots: AtomicU64::new(0) }
     }
 
     pub(crate) fn generation(&self) -> &Arc<Generation> {
@@ -143,6 +146,14 @@ impl Canary {
     }
 }
 
+/// Slots an HTTP/1 connection took at once: `canary_slots` of its next `len` requests are the
+/// canary's.
+pub(crate) struct Block {
+    pub(crate) canary: Arc<Generation>,
+    pub(crate) canary_slots: u64,
+    pub(crate) len: u64,
+}
+
 /// The generation new requests go to, and the canary, if one runs: written by the registry,
 /// read by the server for every new connection and request.
 pub(crate) struct Current {
@@ -160,6 +171,11 @@ impl Current {
     /// The current generation: what serves every request the canary does not get.
     pub(crate) fn load(&self) -> Arc<Generation> {
         self.serving.load_full()
+    }
+
+    /// Whether generation `id` is the current one (no reference count taken).
+    pub(crate) fn is_current(&self, id: u64) -> bool {
+        self.serving.load().id() == id
     }
 
     /// Makes `next` current; returns the one it replaces.
@@ -185,18 +201,24 @@ impl Current {
         old
     }
 
-    /// Where the next ticket goes: the canary's generation for its share of tickets, else the
-    /// current one.
+    /// Where the next request goes (it takes one slot): the canary's generation for its
+    /// share of slots, else the current one.
     pub(crate) fn route(&self) -> Arc<Generation> {
-        if !self.is_split() {
-            return self.load();
-        }
-        match self.canary.load().as_ref() {
-            Some(canary) if canary.share().takes_ticket(canary.tickets.fetch_add(1, Ordering::Relaxed)) => {
-                canary.generation.clone()
-            }
+        match self.take_block(1) {
+            Some(block) if block.canary_slots == 1 => block.canary,
             _ => self.load(),
         }
+    }
+
+    /// Takes `len` slots, while a canary runs: how many of them are the canary's.
+    pub(crate) fn take_block(&self, len: u64) -> Option<Block> {
+        if !self.is_split() {
+            return None;
+        }
+        let canary = self.canary.load();
+        let canary = canary.as_ref()?;
+        let n = canary.slots.fetch_add(len, Ordering::Relaxed);
+        Some(Block { canary: canary.generation.clone(), canary_slots: canary.share().slots_in(n, len), len })
     }
 
     /// Where a request with these headers must go because of its sticky key, if a canary
@@ -226,13 +248,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tickets_meet_the_share_over_any_stretch() {
+    fn slots_meet_the_share_over_any_stretch() {
         for percent in [0.0, 0.5, 10.0, 33.3, 50.0, 99.0, 100.0] {
             let share = Share::from_percent(percent).unwrap();
             for start in [0u64, 7, 9_995, 123_456] {
-                let taken = (start..start + 2000).filter(|&n| share.takes_ticket(n)).count() as f64;
+                let one_by_one = (start..start + 2000).map(|n| share.slots_in(n, 1)).sum::<u64>() as f64;
                 let expected = 2000.0 * percent / 100.0;
-                assert!((taken - expected).abs() <= 2.0, "{percent}% from {start}: {taken} of 2000");
+                assert!((one_by_one - expected).abs() <= 1.0, "{percent}% from {start}: {one_by_one} of 2000");
+                // Taken in blocks, the same slots.
+                let mut blocks = 0;
+                let mut n = start;
+                for len in [1, 2, 4, 8, 16, 32, 64, 64, 64, 64] {
+                    blocks += share.slots_in(n, len);
+                    n += len;
+                }
+                assert_eq!(blocks, (start..n).map(|n| share.slots_in(n, 1)).sum::<u64>());
+                assert!(share.slots_in(u64::MAX - 10, 64) <= 64);
             }
         }
     }

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::latch::{Latch, Waiter};
-use crate::plugin::route::TICKET_REQUESTS;
+use crate::plugin::route::MAX_BLOCK;
 use crate::plugin::{thread_generation, Generation, LentTally};
 use crate::serve::handoff::Handed;
 use crate::serve::limits::{Expiry, Http2Frames};
@@ -200,9 +200,50 @@ pub(crate) struct ConnTask {
     /// frees theirs; the grace lets that happen before the connection, and the streams of
     /// newer generations on it, are given up.
     grace: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// HTTP/1: the count of requests served at which the connection draws its next ticket,
-    /// while a canary runs (see `plugin::route`).
-    route_due: u64,
+    /// HTTP/1, while a canary runs: which generation its next requests go to.
+    runs: Runs,
+}
+
+/// An HTTP/1 connection's requests while a canary runs, in runs on one generation: it takes
+/// blocks of slots (`plugin::route`), 1, 2, 4, … up to `MAX_BLOCK`, and serves each block as
+/// two runs, its canary slots and the others, in alternating order from one block to the
+/// next (canary-current, current-canary, …), so that it moves about once per block.
+#[derive(Debug, Clone, Copy)]
+struct Runs {
+    /// The count of requests served at which the current run ends.
+    due: u64,
+    /// Blocks taken.
+    blocks: u32,
+    /// The rest of the current block: whether it is the canary's, and how many requests.
+    then: Option<(bool, u64)>,
+}
+
+impl Runs {
+    /// A new connection has taken one slot (see `Server::serve_socket`).
+    fn new() -> Runs {
+        Runs { due: 1, blocks: 1, then: None }
+    }
+
+    /// Whether the next run, which starts at `served`, is the canary's (`None`: no canary
+    /// runs).
+    fn next(&mut self, current: &crate::plugin::Current, served: u64) -> Option<bool> {
+        if let Some((canary, len)) = self.then.take() {
+            self.due = served + len;
+            return Some(canary);
+        }
+        let block = current.take_block(MAX_BLOCK.min(1 << self.blocks.min(6)));
+        self.blocks += 1;
+        let Some(block) = block else {
+            self.due = served + MAX_BLOCK;
+            return None;
+        };
+        let runs = [(true, block.canary_slots), (false, block.len - block.canary_slots)];
+        let [first, second] = if self.blocks.is_multiple_of(2) { runs } else { [runs[1], runs[0]] };
+        let (first, second) = if first.1 == 0 { (second, None) } else { (first, Some(second).filter(|s| s.1 > 0)) };
+        self.due = served + first.1;
+        self.then = second;
+        Some(first.0)
+    }
 }
 
 /// A generation a connection left.
@@ -217,6 +258,9 @@ struct Lingering {
 impl Lingering {
     /// The generation's id, if it has been cut off while the connection holds its chunks.
     fn cut_off_holding(&self) -> Option<u64> {
+        if self.lent.held() == 0 {
+            return None; // no reference count taken on every poll
+        }
         let generation = self.generation.upgrade()?;
         (generation.aborted().is_raised() && self.lent.held() > 0).then(|| generation.id())
     }
@@ -227,13 +271,13 @@ const HTTP2_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ConnTask {
     pub(crate) fn new(connection: ConnFuture, conn: Arc<ConnState>, shared: Arc<Shared>) -> ConnTask {
-        ConnTask::moved(connection, conn, shared, Vec::new())
+        ConnTask::moved(connection, conn, shared, Vec::new(), Runs::new())
     }
 
-    fn moved(connection: ConnFuture, conn: Arc<ConnState>, shared: Arc<Shared>, lingering: Vec<Lingering>) -> ConnTask {
+    fn moved(connection: ConnFuture, conn: Arc<ConnState>, shared: Arc<Shared>, lingering: Vec<Lingering>, runs: Runs) -> ConnTask {
         let generation = conn.generation.load_full();
         ConnTask {
-            route_due: conn.served.load(std::sync::atomic::Ordering::Relaxed) + TICKET_REQUESTS,
+            runs,
             connection: Some(connection),
             superseded: generation.superseded().waiter(),
             aborted: generation.aborted().waiter(),
@@ -315,11 +359,12 @@ impl Future for ConnTask {
 impl ConnTask {
     /// Moves the connection to another generation's runtime if no HTTP/1 request is in
     /// progress: to the current generation if this one was superseded; while a canary runs,
-    /// where its next ticket, or the sticky key of its last request, sends it. Returns
-    /// whether it moved.
+    /// where its next run of requests, or the sticky key of its last request, sends it.
+    /// Returns whether it moved.
     fn try_move(&mut self) -> bool {
         let superseded = self.generation.superseded().is_raised();
-        if !superseded && !self.route_due() {
+        let route_due = self.shared.current.is_split() && self.route_due();
+        if !superseded && !route_due {
             return false;
         }
         if self.conn.activity.http1_busy() || self.conn.switching.load(std::sync::atomic::Ordering::Acquire) {
@@ -345,48 +390,73 @@ impl ConnTask {
         }
         // From now on, requests count the chunks of the generation they go to (from the
         // requests already relayed to it, if any).
-        let mut relayed = std::mem::take(&mut *self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut relayed = {
+            let mut relayed = self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.conn.relayed_any.store(false, std::sync::atomic::Ordering::Release);
+            std::mem::take(&mut *relayed)
+        };
         let to_next = relayed.iter().position(|(g, _)| std::ptr::eq(g.as_ptr(), Arc::as_ptr(&next)));
         let lent = to_next.map(|i| relayed.swap_remove(i).1).unwrap_or_default();
         let left = (Arc::downgrade(&self.generation), self.conn.lent.swap(lent));
         for (generation, lent) in relayed.into_iter().chain([left]) {
+            if lent.held() == 0 && !self.conn.activity.http2() {
+                continue; // nothing held, and an HTTP/1 connection lends no more there
+            }
             let Some(waiter) = generation.upgrade().map(|g| g.aborted().waiter()) else { continue };
             lingering.push(Lingering { generation, waiter, lent });
         }
         self.conn.generation.store(next.clone());
-        let task = ConnTask::moved(connection, self.conn.clone(), self.shared.clone(), lingering);
+        let task = ConnTask::moved(connection, self.conn.clone(), self.shared.clone(), lingering, self.runs);
         next.handle().spawn(task);
         true
     }
 
-    /// Whether the connection's ticket has run out (see `plugin::route`), or the sticky key of
-    /// a request wants it elsewhere.
+    /// Whether the connection's run of requests on this generation has ended (see
+    /// [`Runs`]), or the sticky key of a request wants it elsewhere.
     fn route_due(&self) -> bool {
-        self.conn.served.load(std::sync::atomic::Ordering::Relaxed) >= self.route_due
+        self.conn.served.load(std::sync::atomic::Ordering::Relaxed) >= self.runs.due
             || self.conn.prefer.load(std::sync::atomic::Ordering::Relaxed) != 0
     }
 
-    /// Where the connection goes for its next requests, while a canary runs; draws a ticket.
+    /// Where the connection goes for its next requests, while a canary runs: where the
+    /// sticky key of its last request wants it; or, if its requests carry no key, where its
+    /// next run of requests goes.
     fn next_route(&mut self) -> Option<Arc<Generation>> {
-        self.route_due = self.conn.served.load(std::sync::atomic::Ordering::Relaxed) + TICKET_REQUESTS;
-        let prefer = self.conn.prefer.swap(0, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        let served = self.conn.served.load(Relaxed);
+        let prefer = self.conn.prefer.swap(0, Relaxed);
         let current = &self.shared.current;
-        if !current.is_split() {
+        if prefer != 0 {
+            self.runs.due = served + MAX_BLOCK;
+            return current.by_id(prefer);
+        }
+        if self.conn.keyed.swap(false, Relaxed) {
+            self.runs.due = served + MAX_BLOCK;
             return None;
         }
-        Some(current.by_id(prefer).filter(|_| prefer != 0).unwrap_or_else(|| current.route()))
+        let canary = self.runs.next(current, served)?;
+        Some(if canary { current.canary().map_or_else(|| current.load(), |c| c.generation().clone()) } else { current.load() })
     }
 
     /// The id of a generation cut off (drain timeout, `--max-generations`) whose lent chunks
     /// this connection still holds, once it must be closed for them (at once for HTTP/1,
     /// after [`HTTP2_GRACE`] for HTTP/2).
     fn holds_aborted_chunks(&mut self, cx: &mut Context<'_>) -> Option<u64> {
-        if self.lingering.is_empty() && !self.generation.aborted().is_raised() {
+        let relayed = self.conn.relayed_any.load(std::sync::atomic::Ordering::Acquire);
+        if self.lingering.is_empty() && !relayed && !self.generation.aborted().is_raised() {
             return None; // every poll of a connection that never moved comes here
         }
         self.lingering.retain(|l| l.generation.strong_count() > 0);
         let own = (self.generation.aborted().is_raised() && self.conn.lent.load().held() > 0).then(|| self.generation.id());
-        let holding = own.or_else(|| self.lingering.iter().find_map(Lingering::cut_off_holding));
+        let holding = own.or_else(|| self.lingering.iter().find_map(Lingering::cut_off_holding)).or_else(|| {
+            // Chunks of responses relayed from another generation (a sticky key's, a replay's,
+            // an HTTP/2 stream's routed elsewhere) that the connection has not moved to.
+            let relayed = self.conn.relayed_lent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            relayed.iter().find_map(|(generation, lent)| {
+                let generation = generation.upgrade().filter(|_| lent.held() > 0)?;
+                generation.aborted().is_raised().then(|| generation.id())
+            })
+        });
         let Some(id) = holding else {
             self.grace = None;
             return None;

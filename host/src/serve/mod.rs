@@ -24,9 +24,10 @@
 //! ## While a canary runs
 //!
 //! Two generations take new requests, each on its own threads (`plugin::route` decides which).
-//! A new connection starts on the generation its ticket names; an HTTP/2 stream is spawned on
-//! the runtime of the generation its own ticket names. An HTTP/1 connection draws a ticket
-//! every `TICKET_REQUESTS` requests and moves, at a request boundary, as after a swap. A
+//! A new connection starts on the generation its slot names; an HTTP/2 stream is spawned on
+//! the runtime of the generation its own slot names. An HTTP/1 connection takes further slots
+//! in blocks and serves each block in two runs, moving between them at a request boundary,
+//! as after a swap (`connection::Runs`). A
 //! request whose sticky key names the other generation is relayed to that runtime (a hop
 //! between threads, once: the connection follows it at its next boundary). A canary's `GET`
 //! or `HEAD` that fails before its response starts is relayed to the current generation.
@@ -164,7 +165,7 @@ impl Server {
         replay: Bytes,
         reading_head: bool,
     ) {
-        // While a canary runs, the connection's first ticket says which generation serves it.
+        // While a canary runs, the connection's first slot says which generation serves it.
         let generation = self.shared.current.route();
         let origin = Origin { peer: Some(peer), local: std_stream.local_addr().ok(), https: false };
         let activity = self.sweeper.track(reading_head);

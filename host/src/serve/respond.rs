@@ -75,56 +75,74 @@ impl hyper::service::Service<Request<Incoming>> for PluginService {
     fn call(&self, request: Request<Incoming>) -> Respond {
         let conn = ConnRequest::new(self.conn.clone(), request.version() < http::Version::HTTP_2);
         let generation = self.conn.generation.load_full();
+        let split = self.current.is_split();
         if !conn.h1 {
             // The stream's own task calls the plugin (the connection's task serves every
             // stream, and must not wait for one), on the runtime `StreamExecutor` spawns it
             // on: the generation routed to here, which may be another than the connection's
-            // while a canary runs. The tally of the connection's generation, now: the
-            // connection may move before the stream's plugin answers.
-            let (routed, replay) = if self.current.is_split() {
-                let routed = self.route_stream(&request, &generation);
-                let replay = self.replay_from(&routed);
-                (routed, replay)
-            } else {
-                (generation, None)
-            };
-            let lent = self.conn.lent.load_full();
-            return Respond::Starting(Some(Box::new((request, InFlight::new(routed), conn.counting_lent_in(lent), replay))));
+            // while a canary runs. The tally of the generation routed to, now: the connection
+            // may move before the stream's plugin answers.
+            if !split {
+                let lent = self.conn.lent.load_full();
+                return Respond::Starting(Some((request, InFlight::new(generation), conn.counting_lent_in(lent), None)));
+            }
+            let routed = self.route_stream(&request, &generation);
+            let replay = self.replay_from(&request, &routed);
+            let lent = if routed.id() == generation.id() { self.conn.lent.load_full() } else { self.conn.relayed_lent(&routed) };
+            return Respond::Starting(Some((request, InFlight::new(routed), conn.counting_lent_in(lent), replay)));
         }
         let elsewhere = if generation.superseded().is_raised() {
             // hyper read this request ahead, with the previous one, and starts it now, after a
             // swap, before the connection could move: it goes to the new generation.
             Some(self.current.load()).filter(|next| next.id() != generation.id())
-        } else if self.current.is_split() {
-            // Its sticky key says where it goes; the connection follows at its next boundary.
-            let sticky = self.current.route_sticky(request.headers()).filter(|to| to.id() != generation.id());
-            if let Some(to) = &sticky {
-                self.conn.prefer.store(to.id(), std::sync::atomic::Ordering::Relaxed);
-            }
-            sticky
+        } else if split {
+            self.route_sticky_h1(&request, &generation)
         } else {
             None
         };
         if let Some(next) = elsewhere {
             let lent = self.conn.relayed_lent(&next);
-            let replay = self.replay_from(&next);
+            let replay = self.replay_from(&request, &next);
             return relay(next, conn.counting_lent_in(lent), move |in_flight, conn| hand_to_plugin(request, in_flight, conn, replay));
         }
         // The connection's task runs on its generation's runtime.
-        let replay = if self.current.is_split() { self.replay_from(&generation) } else { None };
+        let replay = if split { self.replay_from(&request, &generation) } else { None };
         hand_to_plugin(request, InFlight::new(generation), conn, replay)
     }
 }
 
 impl PluginService {
     /// Where a request routed to `generation` is answered if it fails there before its
-    /// response starts: the current version, if `generation` is the canary.
-    fn replay_from(&self, generation: &Arc<Generation>) -> Option<Arc<Current>> {
-        (self.current.load().id() != generation.id() && !generation.superseded().is_raised()).then(|| self.current.clone())
+    /// response starts: the current version, if `generation` is the canary and the request
+    /// can be sent again (a `GET` or `HEAD` without a body).
+    fn replay_from(&self, request: &Request<Incoming>, generation: &Generation) -> Option<Arc<Current>> {
+        let again = matches!(*request.method(), http::Method::GET | http::Method::HEAD) && request.body().is_end_stream();
+        (again && !self.current.is_current(generation.id()) && !generation.superseded().is_raised()).then(|| self.current.clone())
+    }
+
+    /// Where an HTTP/1 request's sticky key sends it, if not to the connection's generation:
+    /// the connection follows it there at its next boundary. A connection whose requests
+    /// carry keys takes no slots (see `ConnTask::next_route`).
+    fn route_sticky_h1(&self, request: &Request<Incoming>, generation: &Arc<Generation>) -> Option<Arc<Generation>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let to = self.current.route_sticky(request.headers())?;
+        if !self.conn.keyed.load(Relaxed) {
+            self.conn.keyed.store(true, Relaxed);
+        }
+        if to.id() == generation.id() {
+            // Where the key wants it already: a move asked for by an earlier request (of
+            // another user, behind a proxy) is off.
+            if self.conn.prefer.load(Relaxed) != 0 {
+                self.conn.prefer.store(0, Relaxed);
+            }
+            return None;
+        }
+        self.conn.prefer.store(to.id(), Relaxed);
+        Some(to)
     }
 
     /// The generation an HTTP/2 stream goes to while a canary runs: by its sticky key, or a
-    /// ticket. The stream is spawned on its runtime (see [`StreamExecutor`]).
+    /// slot. The stream is spawned on its runtime (see [`StreamExecutor`]).
     fn route_stream(&self, request: &Request<Incoming>, generation: &Arc<Generation>) -> Arc<Generation> {
         let routed = self.current.route_sticky(request.headers()).unwrap_or_else(|| self.current.route());
         if routed.id() != generation.id() {
@@ -146,9 +164,10 @@ thread_local! {
 ///
 /// A named future rather than an `async fn`'s: hyper keeps it in place, where a boxed one
 /// would cost an allocation per request.
+#[allow(clippy::large_enum_variant, reason = "boxed, it would cost an allocation per HTTP/2 request")]
 pub(crate) enum Respond {
     /// An HTTP/2 request, handed to the plugin at the first poll, on the stream's task.
-    Starting(Option<Box<Starting>>),
+    Starting(Option<Starting>),
     Calling(Calling),
     /// An HTTP/1 request served by another generation than the connection's (see
     /// [`relay`]).
@@ -216,8 +235,7 @@ impl Future for Respond {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         if let Respond::Starting(starting) = this {
-            if let Some(starting) = starting.take() {
-                let (request, in_flight, conn, replay) = *starting;
+            if let Some((request, in_flight, conn, replay)) = starting.take() {
                 *this = hand_to_plugin(request, in_flight, conn, replay);
             }
         }
@@ -270,9 +288,8 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     let protocol = upgrade_protocol(&request);
     let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
     let (http::request::Parts { method, uri, version, headers, .. }, body) = request.into_parts();
-    let replay = replay
-        .filter(|_| matches!(method, http::Method::GET | http::Method::HEAD) && body.is_end_stream() && protocol.is_none())
-        .map(|current| Replay { current, headers: headers.clone(), version });
+    // (`replay` is given only for a `GET` or `HEAD` without a body.)
+    let replay = replay.filter(|_| protocol.is_none()).map(|current| Replay { current, headers: headers.clone(), version });
     let asked = Asked { method, uri, version, headers, protocol, on_upgrade };
     call_plugin(asked, Some(body), in_flight, conn, replay, started)
 }
@@ -309,11 +326,10 @@ fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: 
 }
 
 /// Answers a request the canary failed before its response started from the current
-/// version, on its runtime. The request ran there as it came; the canary's figures count it
+/// version, `next`, on its runtime. The request ran there as it came; the canary's figures count it
 /// as the 500 it would have been.
-fn replay_elsewhere(replay: Replay, method: http::Method, uri: http::Uri, conn: ConnRequest) -> Respond {
-    let Replay { current, headers, version } = replay;
-    let next = current.load();
+fn replay_on(next: Arc<Generation>, replay: Replay, method: http::Method, uri: http::Uri, conn: ConnRequest) -> Respond {
+    let Replay { headers, version, .. } = replay;
     let lent = conn.state.relayed_lent(&next);
     relay(next, conn.counting_lent_in(lent), move |in_flight, conn| {
         let asked = Asked { method, uri, version, headers, protocol: None, on_upgrade: None };
@@ -363,8 +379,10 @@ impl Calling {
                 error_response(StatusCode::REQUEST_TIMEOUT, in_flight, conn, started)
             }
             Err(CallFailed { error, in_flight }) => {
-                let generation = in_flight.generation();
-                if let Some(replay) = replay {
+                let generation = in_flight.generation().clone();
+                // Not on the build that failed, if it was promoted meanwhile.
+                let elsewhere = replay.map(|replay| (replay.current.load(), replay)).filter(|(next, _)| next.id() != generation.id());
+                if let Some((next, replay)) = elsewhere {
                     tracing::error!(
                         %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                         "{error}; the canary's failure counts against it, and the current version answers the request"
@@ -372,7 +390,7 @@ impl Calling {
                     generation.stats().record(StatusCode::INTERNAL_SERVER_ERROR.as_u16(), started.elapsed());
                     generation.stats().replayed_elsewhere();
                     drop(in_flight);
-                    return Finished::Replayed(replay_elsewhere(replay, method, uri, conn));
+                    return Finished::Replayed(replay_on(next, replay, method, uri, conn));
                 }
                 tracing::error!(
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
@@ -522,7 +540,11 @@ impl ConnRequest {
 
 impl Drop for ConnRequest {
     fn drop(&mut self) {
-        if self.h1 {
+        if self.h1 && self.lent.is_some() {
+            // Relayed: it may end on another thread just as the next request ends on the
+            // connection's.
+            self.state.served.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        } else if self.h1 {
             // One writer: an HTTP/1 connection's requests end one after another (no locked
             // read-modify-write on the request path).
             let served = self.state.served.load(std::sync::atomic::Ordering::Relaxed);
@@ -641,7 +663,12 @@ where
             () = aborted.cancelled() => return,
         };
         let (parts, body) = response.into_parts();
-        let SentBody::Here(body) = body else { return };
+        let body = match body {
+            SentBody::Here(body) => body,
+            // Relayed on from here (a canary's failure answered by the current version): it
+            // holds no plugin state, and goes to the connection as it is.
+            relayed @ SentBody::Relayed(_) => return drop(head_tx.send(Response::from_parts(parts, relayed))),
+        };
         if !matches!(body.body, ResponseBody::Plugin(_)) {
             // No plugin code left to run: hyper may drop it wherever it likes.
             let _ = head_tx.send(Response::from_parts(parts, SentBody::Here(body)));

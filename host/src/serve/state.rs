@@ -82,6 +82,11 @@ pub(crate) struct ConnState {
     /// HTTP/1: the id of the generation the connection should move to at its next request
     /// boundary (0: none): a request's sticky key sent it there (see `plugin::route`).
     pub(crate) prefer: AtomicU64,
+    /// HTTP/1: a request with a sticky key came since the connection last took slots:
+    /// its keys route it, not slots.
+    pub(crate) keyed: AtomicBool,
+    /// Some request was relayed to another generation (`relayed_lent` has entries).
+    pub(crate) relayed_any: AtomicBool,
     /// HTTP/1: the plugin accepted a switch of protocols. The socket goes to its session, on
     /// this generation's runtime, once hyper has sent the response: the connection must not
     /// move (and re-register the socket elsewhere) before.
@@ -114,6 +119,7 @@ impl ConnState {
         }
         let lent = Arc::<LentTally>::default();
         relayed.push((Arc::downgrade(generation), lent.clone()));
+        self.relayed_any.store(true, Ordering::Release);
         lent
     }
 
@@ -126,6 +132,8 @@ impl ConnState {
             lent: ArcSwap::default(),
             relayed_lent: std::sync::Mutex::default(),
             prefer: AtomicU64::new(0),
+            keyed: AtomicBool::new(false),
+            relayed_any: AtomicBool::new(false),
             switching: AtomicBool::new(false),
             awaiting_request: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
