@@ -290,6 +290,31 @@ async fn the_history_and_a_rollback_survive_upgrades() {
 }
 
 #[tokio::test]
+async fn a_canary_rolled_back_before_an_upgrade_stays_out_after_it() {
+    let (dir, host, reap) = example_host("host-upgrade-canary", &["--canary", "50", "--canary-min-requests", "20"]);
+    place_by_rename(&artifacts().faulty, &dir.join("faulty.so"));
+    assert!(host.wait_for_log("canary started", Duration::from_secs(30)), "{}", host.log());
+    let client = reqwest::Client::new();
+    for i in 0..2000 {
+        if host.log().contains("canary rolled back") {
+            break;
+        }
+        // Every request is answered 200: the canary's panics are answered by the current version.
+        let response = client.get(host.url(if i % 2 == 0 { "/health?panic" } else { "/health" })).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert!(host.wait_for_log("canary rolled back", Duration::from_secs(30)), "{}", host.log());
+    reap.add(upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("{e}\n{}", host.log())));
+    tokio::time::sleep(Duration::from_millis(500)).await; // the new host settles
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["canary"], serde_json::Value::Null, "{status}");
+    assert_eq!(status["current"]["name"], "example-handler", "{status}");
+    let faulty = status["builds"].as_array().unwrap().iter().find(|b| b["name"] == "fixture-faulty").cloned();
+    assert_eq!(faulty.map(|b| b["rolled_back"].clone()), Some(true.into()), "{status}");
+    assert_eq!(host.log_count("canary started"), 1, "{}", host.log());
+}
+
+#[tokio::test]
 async fn a_build_refused_before_an_upgrade_is_not_tried_again_after_it() {
     let (dir, host, reap) = example_host("host-upgrade-refused", &[]);
     // Another plugin, newer on disk: it should serve, but its init fails. And a file that is

@@ -118,8 +118,9 @@ pub(crate) enum AdminCommand {
         /// A semantic version, like 1.4.2 (a build in the plugin directory, or a kept copy).
         #[arg(id = "canary_version", value_name = "VERSION", conflicts_with_all = ["promote", "abort"])]
         version: Option<String>,
-        /// The share of new requests it gets, 0 to 100 (default: the host's --canary, else 10).
-        #[arg(long, value_parser = parse_percent, conflicts_with_all = ["promote", "abort"])]
+        /// The share of new requests it gets, above 0 and up to 100 (default: the share of the
+        /// canary that runs, else the host's --canary, else 10).
+        #[arg(long, value_parser = parse_share, conflicts_with_all = ["promote", "abort"])]
         percent: Option<f64>,
         /// Promote the canary now: it gets every new request.
         #[arg(long, conflicts_with = "abort")]
@@ -386,7 +387,7 @@ pub(crate) struct CanaryArgs {
     /// the current version serves the rest; it is promoted or rolled back by the rules below.
     /// Without it, a new build serves every new request at once (`hotswap canary` still
     /// starts a canary by hand).
-    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    #[arg(long, value_name = "PERCENT", value_parser = parse_share)]
     pub(crate) canary: Option<f64>,
 
     /// Route by a key, so that one user sees one version: `cookie:NAME` or `header:NAME`.
@@ -413,9 +414,15 @@ pub(crate) struct CanaryArgs {
     pub(crate) canary_max_error_rate: f64,
 
     /// Roll back a canary whose p99 time to the response head exceeds the current version's,
-    /// over the same window, times this (plus 1 ms).
+    /// over the same window, times this, plus --canary-latency-slack.
     #[arg(long, value_name = "RATIO", default_value_t = 1.5, value_parser = parse_ratio)]
     pub(crate) canary_max_latency_ratio: f64,
+
+    /// Added to the current version's p99 before that comparison: differences below it are
+    /// noise (a busy machine, a few slow requests among a canary's first ones), not a
+    /// regression. Examples: 10ms, 0ms, 50ms.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub(crate) canary_latency_slack: Duration,
 }
 
 impl CanaryArgs {
@@ -429,6 +436,7 @@ impl CanaryArgs {
             min_requests: self.canary_min_requests,
             max_error_rate: self.canary_max_error_rate,
             max_latency_ratio: self.canary_max_latency_ratio,
+            latency_slack: self.canary_latency_slack,
         }
     }
 }
@@ -439,11 +447,20 @@ pub(crate) fn parse_percent(text: &str) -> Result<f64, String> {
     Share::from_percent(percent).map(Share::percent).ok_or_else(|| format!("{text} is not between 0 and 100"))
 }
 
-/// A ratio of at least 1.
+/// A canary's share: a percentage above 0.
+pub(crate) fn parse_share(text: &str) -> Result<f64, String> {
+    let percent = parse_percent(text)?;
+    if percent <= 0.0 {
+        return Err("0 % would send the canary nothing: give a share above 0 (or end it with --abort)".into());
+    }
+    Ok(percent)
+}
+
+/// A ratio from 1 to 1000.
 pub(crate) fn parse_ratio(text: &str) -> Result<f64, String> {
     match text.trim().trim_end_matches(['x', '×']).parse::<f64>() {
-        Ok(ratio) if ratio >= 1.0 && ratio.is_finite() => Ok(ratio),
-        _ => Err(format!("`{text}` is not a ratio of at least 1, like 1.5")),
+        Ok(ratio) if (1.0..=1000.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("`{text}` is not a ratio from 1 to 1000, like 1.5")),
     }
 }
 

@@ -61,6 +61,7 @@ struct Canary {
     min_requests: Option<u64>,
     max_error_rate: Option<f64>,
     max_latency_ratio: Option<f64>,
+    latency_slack: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,7 +221,7 @@ impl Canary {
         let invalid = |key: &'static str, reason: String| ConfigError::Value { path: path.to_path_buf(), key, reason };
         let mut flags = Flags::default();
         if let Some(percent) = self.percent {
-            crate::cmd::cli::parse_percent(&percent.to_string()).map_err(|e| invalid("canary.percent", e))?;
+            crate::cmd::cli::parse_share(&percent.to_string()).map_err(|e| invalid("canary.percent", e))?;
             flags.value("--canary", percent.to_string());
         }
         if let Some(sticky) = self.sticky {
@@ -243,6 +244,11 @@ impl Canary {
         if let Some(points) = self.max_error_rate {
             crate::cmd::cli::parse_percent(&points.to_string()).map_err(|e| invalid("canary.max_error_rate", e))?;
             flags.value("--canary-max-error-rate", points.to_string());
+        }
+        if let Some(slack) = self.latency_slack {
+            humantime::parse_duration(&slack)
+                .map_err(|e| invalid("canary.latency_slack", format!("`{slack}` is not a duration like 10ms ({e})")))?;
+            flags.value("--canary-latency-slack", slack);
         }
         if let Some(ratio) = self.max_latency_ratio {
             crate::cmd::cli::parse_ratio(&ratio.to_string()).map_err(|e| invalid("canary.max_latency_ratio", e))?;

@@ -144,6 +144,9 @@ where
     // that watch for it (WebSockets, through `handler_api::superseded`) may end politely
     // while the rest drains.
     registry.current_cell().load().superseded().raise();
+    if let Some(canary) = registry.current_cell().canary() {
+        canary.generation().superseded().raise();
+    }
     if let Some(adopting) = adopting {
         // Connections the previous host is still handing over are served here (or go on to
         // the next host) rather than lost when this process exits. It ends when that host

@@ -153,10 +153,17 @@ impl Builds {
         }
     }
 
-    /// A canary of `file` was rolled back.
-    pub(crate) fn mark_rolled_back(&mut self, file: &Path) {
-        if let Some(build) = self.by_file.get_mut(file) {
+    /// A canary of `file`, as `identity`, was rolled back.
+    pub(crate) fn mark_rolled_back(&mut self, file: &Path, identity: Identity) {
+        if let Some(build) = self.by_file.get_mut(file).filter(|b| b.identity == identity) {
             build.rolled_back = true;
+        }
+    }
+
+    /// The build of `file` served after all (a canary started by hand, promoted).
+    pub(crate) fn clear_rolled_back(&mut self, file: &Path) {
+        if let Some(build) = self.by_file.get_mut(file) {
+            build.rolled_back = false;
         }
     }
 

@@ -31,8 +31,11 @@ pub(crate) struct CanaryPolicy {
     /// points.
     pub(crate) max_error_rate: f64,
     /// The most its p99 time to the response head may be, as a multiple of the current
-    /// version's (plus [`LATENCY_SLACK`]).
+    /// version's, plus `latency_slack`.
     pub(crate) max_latency_ratio: f64,
+    /// Differences of p99 below this are noise (scheduling on a busy machine, a canary's
+    /// first requests), not a regression.
+    pub(crate) latency_slack: Duration,
 }
 
 impl Default for CanaryPolicy {
@@ -45,13 +48,10 @@ impl Default for CanaryPolicy {
             min_requests: 100,
             max_error_rate: 1.0,
             max_latency_ratio: 1.5,
+            latency_slack: Duration::from_millis(10),
         }
     }
 }
-
-/// Added to the current version's p99 before comparing: below a millisecond, scheduling
-/// noise decides, not the code.
-pub(crate) const LATENCY_SLACK: Duration = Duration::from_millis(1);
 
 /// A version's answers over a window: how many, how many were 5xx, and when their response
 /// heads were ready (per latency bucket, the last one +Inf).
@@ -132,7 +132,9 @@ pub(crate) enum Verdict {
 /// answered `current`, `elapsed` after it started.
 pub(crate) fn judge(policy: &CanaryPolicy, canary: &Window, current: &Window, elapsed: Duration) -> Verdict {
     let errors = |w: &Window| format!("{:.1} % of {} requests", w.error_rate(), w.requests);
-    if canary.requests >= policy.min_requests.max(1) && canary.error_rate() > current.error_rate() + policy.max_error_rate {
+    // Judged from `min_requests` on, and at the latest when it is due by count.
+    let judged = policy.min_requests.min(policy.requests).max(1);
+    if canary.requests >= judged && canary.error_rate() > current.error_rate() + policy.max_error_rate {
         return Verdict::RollBack(format!(
             "its 5xx answers and panics were {}, against {} for the current version over the same window \
              (allowed: {:.1} points more)",
@@ -154,15 +156,16 @@ pub(crate) fn judge(policy: &CanaryPolicy, canary: &Window, current: &Window, el
     }
     let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1000.0);
     if let (Some(theirs), Some(ours)) = (canary.p99(), current.p99()) {
-        let allowed = ours.mul_f64(policy.max_latency_ratio) + LATENCY_SLACK;
+        let allowed = Duration::from_secs_f64(ours.as_secs_f64() * policy.max_latency_ratio) + policy.latency_slack;
         if theirs > allowed {
             return Verdict::RollBack(format!(
                 "its p99 time to the response head was {}, against {} for the current version over the same window \
-                 (allowed: {} × {} + 1 ms = {})",
+                 (allowed: {} × {} + {} = {})",
                 ms(theirs),
                 ms(ours),
                 policy.max_latency_ratio,
                 ms(ours),
+                ms(policy.latency_slack),
                 ms(allowed)
             ));
         }
@@ -216,11 +219,20 @@ mod tests {
     #[test]
     fn a_slower_canary_is_rolled_back_when_due() {
         let policy = CanaryPolicy { requests: 100, ..CanaryPolicy::default() };
-        // 5-10 ms against 0.5-1 ms.
-        let Verdict::RollBack(reason) = judge(&policy, &window(100, 0, 6), &window(900, 0, 3), Duration::ZERO) else { panic!() };
-        assert!(reason.contains("p99"), "{reason}");
-        // The same bucket is within any ratio of at least one.
-        assert!(matches!(judge(&policy, &window(100, 0, 6), &window(900, 0, 6), Duration::ZERO), Verdict::Promote(_)));
+        // 50-100 ms against 0.5-1 ms.
+        let Verdict::RollBack(reason) = judge(&policy, &window(100, 0, 9), &window(900, 0, 3), Duration::ZERO) else { panic!() };
+        assert!(reason.contains("p99") && reason.contains("+ 10.00 ms"), "{reason}");
+        // The same bucket is within any ratio of at least one; 5-10 ms is within the slack.
+        assert!(matches!(judge(&policy, &window(100, 0, 9), &window(900, 0, 9), Duration::ZERO), Verdict::Promote(_)));
+        assert!(matches!(judge(&policy, &window(100, 0, 6), &window(900, 0, 3), Duration::ZERO), Verdict::Promote(_)));
+        let strict = CanaryPolicy { latency_slack: Duration::ZERO, ..policy };
+        assert!(matches!(judge(&strict, &window(100, 0, 6), &window(900, 0, 3), Duration::ZERO), Verdict::RollBack(_)));
+    }
+
+    #[test]
+    fn errors_are_judged_by_the_time_it_is_due_whatever_min_requests_says() {
+        let policy = CanaryPolicy { requests: 50, min_requests: 100, ..CanaryPolicy::default() };
+        assert!(matches!(judge(&policy, &window(50, 50, 2), &window(500, 0, 2), Duration::ZERO), Verdict::RollBack(_)));
     }
 
     #[test]

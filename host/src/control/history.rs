@@ -46,6 +46,8 @@ pub(crate) struct Record {
     /// Requests it answered on a previous host process: a record handed over by `hotswap
     /// upgrade` (its generation ran there, not here).
     pub(crate) served_before: Option<u64>,
+    /// A canary that was never promoted: not what a rollback goes back to.
+    pub(crate) canary: bool,
 }
 
 /// Where a history entry stands.
@@ -121,6 +123,7 @@ impl Record {
             refused: self.refused.clone(),
             requests: self.requests(),
             kept: self.kept.clone(),
+            canary: self.canary,
         }
     }
 }
@@ -140,6 +143,8 @@ pub(crate) struct Carried {
     /// The previous host's copy of its bytes: linked into this host's own before that host
     /// exits (see `History::import`).
     kept: Option<PathBuf>,
+    #[serde(default)]
+    canary: bool,
 }
 
 /// The history as one host process hands it to the next.
@@ -185,6 +190,14 @@ impl History {
                     remove_copy(old.kept.take());
                 }
             }
+        }
+    }
+
+    /// The canary `generation` was promoted: it served as the current version.
+    pub(crate) fn promoted(&self, generation: u64) {
+        let mut inner = self.lock();
+        if let Some(record) = inner.records.iter_mut().find(|r| r.generation == Some(generation)) {
+            record.canary = false;
         }
     }
 
@@ -236,6 +249,7 @@ impl History {
                 }
             }),
             served_before: Some(c.requests),
+            canary: c.canary,
         };
         let generations = carried.generations.into_iter().filter(|c| c.generation != Some(serving)).map(record);
         let refusals: Vec<Record> = carried.refusals.into_iter().map(record).collect();
@@ -277,7 +291,7 @@ impl History {
             .records
             .iter()
             .rev()
-            .filter(|r| r.generation.is_some_and(|id| id < current))
+            .filter(|r| r.generation.is_some_and(|id| id < current) && !r.canary)
             .find(|r| r.version.as_ref().is_some_and(|v| v != current_version))
             .cloned()
     }
@@ -343,6 +357,7 @@ pub(crate) fn refusal(file: &Path, name: Option<String>, version: Option<Version
         stats: None,
         kept: None,
         served_before: None,
+        canary: false,
     }
 }
 
@@ -362,6 +377,7 @@ mod tests {
             stats: Some(Arc::default()),
             kept: None,
             served_before: None,
+            canary: false,
         }
     }
 

@@ -30,10 +30,12 @@ pub(crate) enum ChangeError {
     UnknownVersion { version: Version, dir: PathBuf, known: String },
     #[error("nothing to roll back to: no earlier generation served a version other than {current}")]
     NothingToRollBackTo { current: Version },
-    #[error("no build should replace {current} (none is newer, or the newer ones were refused): give the version to start as a canary")]
+    #[error("no build should replace {current} (none is newer, a pin holds it, or the newer ones were refused or rolled back): give the version to start as a canary, `hotswap canary VERSION`")]
     NothingToCanary { current: String },
     #[error("no canary runs: start one with `hotswap canary VERSION --percent 10`")]
     NoCanary,
+    #[error("{current} serves already: a canary must be another version (`hotswap status` lists the builds known)")]
+    ServesAlready { current: String },
 }
 
 /// A generation, as the admin API shows it in an outcome.
@@ -117,6 +119,9 @@ pub(crate) struct Inheritance {
     pub(crate) unreadable: Vec<(PathBuf, Identity)>,
     /// The id of the generation the new host starts.
     pub(crate) next_id: u64,
+    /// Builds rolled back as canaries, as they were then: the new host keeps them out too.
+    #[serde(default)]
+    pub(crate) rolled_back: Vec<(PathBuf, Identity)>,
 }
 
 /// A pin, as handed over.
@@ -156,6 +161,9 @@ pub(crate) struct Registry {
     policy: CanaryPolicy,
     /// The canary in progress, if any (also in `current`, which routes to it).
     canary: Mutex<Option<CanaryRun>>,
+    /// Canaries that were never promoted: the first cut off when too many generations are
+    /// loaded (they served a share, the old current one most requests).
+    never_current: Mutex<Vec<u64>>,
 }
 
 /// A canary in progress.
@@ -219,6 +227,7 @@ impl Registry {
             changing: Arc::new(tokio::sync::Mutex::new(())),
             policy: policy.clone(),
             canary: Mutex::new(None),
+            never_current: Mutex::new(Vec::new()),
         };
         let (history, mut builds, mut refusals) = (History::default(), Builds::default(), Vec::new());
         // What could not be read, as `read_build` keeps it: the watcher's first scan then
@@ -266,9 +275,12 @@ impl Registry {
                     builds.mark_refused(file);
                 }
             }
+            for (file, identity) in &inheritance.rolled_back {
+                builds.mark_rolled_back(file, *identity);
+            }
             let registry = registry(first.clone(), builds, unreadable, history);
             *lock(&registry.pin) = pin;
-            registry.record_swap(&first);
+            registry.record_swap(&first, false);
             return Ok(registry);
         }
         for build in builds.better_than(None, None) {
@@ -287,7 +299,7 @@ impl Registry {
                         tracing::warn!("refused: {r}");
                     }
                     let registry = registry(first.clone(), builds, unreadable, history);
-                    registry.record_swap(&first);
+                    registry.record_swap(&first, false);
                     return Ok(registry);
                 }
                 Err(e) => {
@@ -312,6 +324,12 @@ impl Registry {
     pub(crate) fn inheritance(&self) -> Inheritance {
         let current = self.current();
         let kept = self.history.records().into_iter().find(|r| r.generation == Some(current.id())).and_then(|r| r.kept);
+        let (refused, rolled_back) = {
+            let builds = lock(&self.builds);
+            let sent = |b: &Build| (b.file.clone(), b.identity);
+            let sendable = || builds.all().filter(|b| b.identity.sendable());
+            (sendable().filter(|b| b.refused).map(sent).collect(), sendable().filter(|b| b.rolled_back).map(sent).collect())
+        };
         Inheritance {
             serving: current.source().to_path_buf(),
             kept,
@@ -319,17 +337,14 @@ impl Registry {
             identity: Some(current.identity()).filter(Identity::sendable),
             pin: self.pin().map(|p| InheritedPin { name: p.name, version: p.version.to_string(), by: p.by.to_string() }),
             history: self.history.carry(),
-            refused: lock(&self.builds)
-                .all()
-                .filter(|b| b.refused && b.identity.sendable())
-                .map(|b| (b.file.clone(), b.identity))
-                .collect(),
+            refused,
             unreadable: lock(&self.unreadable)
                 .iter()
                 .filter(|(_, identity)| identity.sendable())
                 .map(|(file, identity)| (file.clone(), *identity))
                 .collect(),
             next_id: self.next_id.load(Ordering::Relaxed),
+            rolled_back,
         }
     }
 
@@ -416,6 +431,9 @@ impl Registry {
             }
         };
         let outcome = self.converge(held).await;
+        if self.canary_of(&build).is_some() {
+            return Ok(outcome); // it says why: the build is the canary
+        }
         if let Outcome::Unchanged { .. } = outcome {
             let current = self.current();
             let reason = builds::why_not(&build, &serving(&current), self.pin().as_ref());
@@ -520,17 +538,22 @@ impl Registry {
 
     /// Starts a canary of `version` (default: the build that should replace the current
     /// one) with `share` of new requests; or, if that canary runs already, gives it `share`.
-    pub(crate) async fn canary(&self, version: Option<Version>, share: Share) -> Result<Outcome, ChangeError> {
+    pub(crate) async fn canary(&self, version: Option<Version>, share: Option<Share>) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
         let current = self.current();
         if let Some(run) = lock(&self.canary).as_ref() {
             let generation = run.canary.generation();
             if version.as_ref().is_none_or(|v| builds::is_version(generation.version(), v)) {
+                let share = share.unwrap_or_else(|| run.canary.share());
                 run.canary.set_share(share);
                 tracing::info!(generation = generation.id(), plugin = %generation.label(), "the canary now gets {} % of new requests", share.percent());
                 return Ok(self.canary_outcome(generation, share, Vec::new()));
             }
         }
+        if version.as_ref().is_some_and(|v| builds::is_version(current.version(), v)) {
+            return Err(ChangeError::ServesAlready { current: current.label() });
+        }
+        let share = share.or(self.policy.auto).unwrap_or(Share::TEN_PERCENT);
         let mut sources = match &version {
             // A build of that version, of the plugin serving if there is one, else of any.
             Some(version) => {
@@ -580,11 +603,6 @@ impl Registry {
         self.roll_back_canary("the operator rolled it back".into()).ok_or(ChangeError::NoCanary)
     }
 
-    /// How canaries run and are judged.
-    pub(crate) fn canary_policy(&self) -> &CanaryPolicy {
-        &self.policy
-    }
-
     /// The canary in progress, with its figures and the current version's since it started,
     /// and what they say.
     pub(crate) fn canary_progress(&self) -> Option<CanaryProgress> {
@@ -621,10 +639,11 @@ impl Registry {
             return;
         }
         let _changing = self.changing.lock().await;
-        let still = lock(&self.canary).as_ref().is_some_and(|run| Arc::ptr_eq(run.canary.generation(), &progress.generation));
-        if !still {
-            return; // ended meanwhile
-        }
+        // Judged again: the wait may have been long (a host upgrade holds changes), and the
+        // canary may have ended, or its figures changed, meanwhile.
+        let Some(progress) = self.canary_progress().filter(|now| Arc::ptr_eq(&now.generation, &progress.generation)) else {
+            return;
+        };
         match progress.verdict {
             Verdict::Promote(why) => drop(self.promote_canary(&why)),
             Verdict::RollBack(why) => drop(self.roll_back_canary(why)),
@@ -637,13 +656,22 @@ impl Registry {
         let next = run.canary.generation().clone();
         let from = self.current();
         tracing::info!(generation = next.id(), plugin = %next.label(), "canary promoted ({why}): it gets every new request");
-        let mut pin = lock(&self.pin);
-        if pin.as_ref().is_some_and(|p| !p.matches(next.name(), next.version())) {
-            // The operator started it; the pin would turn it away at the next change.
-            tracing::info!("unpinned: the canary promoted is another version than the pin");
-            *pin = None;
+        let hold = {
+            let mut builds = lock(&self.builds);
+            builds.clear_rolled_back(&run.file);
+            let pin = lock(&self.pin);
+            match pin.as_ref() {
+                Some(pin) => !pin.matches(next.name(), next.version()),
+                // A canary of a lower version (started by hand) would be replaced at the next change.
+                None => !builds.better_than(Some(&serving(&next)), None).is_empty(),
+            }
+        };
+        if hold {
+            tracing::info!(version = %next.version(), "pinned: the canary promoted holds against the builds that would replace it; `hotswap unpin` lifts it");
+            *lock(&self.pin) = Some(Pin { name: next.name().to_owned(), version: next.version().clone(), by: PinnedBy::Pin });
         }
-        drop(pin);
+        self.history.promoted(next.id());
+        lock(&self.never_current).retain(|id| *id != next.id());
         self.make_current(next.clone(), false);
         self.current.set_canary(None);
         self.events.canary_promotions.fetch_add(1, Ordering::Relaxed);
@@ -656,7 +684,7 @@ impl Registry {
         self.current.set_canary(None);
         let canary = run.canary.generation();
         self.retire(canary);
-        lock(&self.builds).mark_rolled_back(&run.file);
+        lock(&self.builds).mark_rolled_back(&run.file, canary.identity());
         let current = self.current();
         tracing::warn!(
             generation = canary.id(), plugin = %canary.label(), file = %run.file.display(),
@@ -717,6 +745,12 @@ impl Registry {
         let run = CanaryRun { canary: canary.clone(), file: file.to_path_buf(), started: Instant::now(), current_start: Window::of(current.stats()) };
         let replaced = lock(&self.canary).replace(run);
         self.current.set_canary(Some(canary));
+        {
+            let loaded: Vec<u64> = self.resident().iter().map(|g| g.id()).collect();
+            let mut never = lock(&self.never_current);
+            never.retain(|id| loaded.contains(id));
+            never.push(generation.id());
+        }
         let resident = {
             let mut resident = lock(&self.resident);
             resident.retain(|g| g.strong_count() > 0);
@@ -733,7 +767,7 @@ impl Registry {
             "canary started: generation {} gets {} % of new requests, generation {} ({}) the rest",
             generation.id(), share.percent(), current.id(), current.label()
         );
-        self.record_swap(&generation);
+        self.record_swap(&generation, true);
         self.enforce_max_generations(resident);
     }
 
@@ -979,7 +1013,9 @@ impl Registry {
         let resident = {
             let mut resident = lock(&self.resident);
             resident.retain(|g| g.strong_count() > 0);
-            resident.push(Arc::downgrade(&next));
+            if !resident.iter().any(|g| std::ptr::eq(g.as_ptr(), Arc::as_ptr(&next))) {
+                resident.push(Arc::downgrade(&next)); // (a canary promoted is there already)
+            }
             resident.iter().filter_map(Weak::upgrade).collect::<Vec<_>>()
         };
         // Kept-alive connections move on before anything that may block (the log's write).
@@ -990,7 +1026,7 @@ impl Registry {
         );
         self.events.swaps.fetch_add(1, Ordering::Relaxed);
         if record {
-            self.record_swap(&next);
+            self.record_swap(&next, false);
         }
         self.enforce_max_generations(resident);
         self.drain(&old);
@@ -1023,7 +1059,7 @@ impl Registry {
 
     /// Adds `next` to the history, keeps a copy of its bytes for a rollback, and computes its
     /// SHA-256 off the swap path (unless the trusted-digest check already did).
-    fn record_swap(&self, next: &Arc<Generation>) {
+    fn record_swap(&self, next: &Arc<Generation>, canary: bool) {
         let kept = match self.options.shadow.keep(next.shadow()) {
             Ok(kept) => Some(kept),
             Err(e) => {
@@ -1042,6 +1078,7 @@ impl Registry {
             stats: Some(next.stats().clone()),
             kept: kept.clone(),
             served_before: None,
+            canary,
         };
         match next.digest() {
             Some(digest) => drop(record.sha256.set(digest.to_owned())),
@@ -1071,6 +1108,9 @@ impl Registry {
         let excess = (resident.len() as u64).saturating_sub(self.max_generations);
         let current = self.current().id();
         let canary = self.current.canary().map(|c| c.generation().id());
+        let never = lock(&self.never_current).clone();
+        // Canaries that never served as current first, then the oldest.
+        resident.sort_by_key(|g| (!never.contains(&g.id()), g.id()));
         let draining = resident.iter().filter(|g| !g.aborted().is_raised() && g.id() != current && Some(g.id()) != canary);
         for oldest in draining.take(excess as usize) {
             tracing::warn!(

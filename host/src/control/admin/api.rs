@@ -188,6 +188,9 @@ pub(crate) struct BuildEntry {
     pub(crate) name: String,
     /// Refused when it was started; not tried again until a reload.
     pub(crate) refused: bool,
+    /// Rolled back as a canary: not tried again until a new file replaces it.
+    #[serde(default)]
+    pub(crate) rolled_back: bool,
     pub(crate) version: String,
 }
 
@@ -218,7 +221,7 @@ mod tests {
 
     fn status() -> Status {
         Status {
-            builds: vec![BuildEntry { file: "/p/app.so".into(), name: "app".into(), refused: false, version: "1.0.0".into() }],
+            builds: vec![BuildEntry { file: "/p/app.so".into(), name: "app".into(), refused: false, rolled_back: false, version: "1.0.0".into() }],
             canary: None,
             current: CurrentEntry {
                 file: "/p/app.so".into(),
@@ -282,7 +285,7 @@ mod tests {
                 "at": "2025-01-01T00:00:00.000Z", "state": "refused", "reason": "no", "requests": 0,
             }],
             "refusals": [{ "file": "/p/bad.so", "version": null, "at": "2025-01-01T00:00:00.000Z", "reason": "no" }],
-            "builds": [{ "file": "/p/app.so", "name": "app", "version": "1.0.0", "refused": false }],
+            "builds": [{ "file": "/p/app.so", "name": "app", "version": "1.0.0", "refused": false, "rolled_back": false }],
             "canary": null,
             "upgrades": [],
         });
@@ -310,7 +313,7 @@ mod tests {
     fn a_path_that_is_not_utf8_is_written_lossily() {
         use std::os::unix::ffi::OsStrExt as _;
         let file = PathBuf::from(std::ffi::OsStr::from_bytes(b"/p/\xffapp.so"));
-        let build = BuildEntry { file, name: "app".into(), refused: false, version: "1.0.0".into() };
+        let build = BuildEntry { file, name: "app".into(), refused: false, rolled_back: false, version: "1.0.0".into() };
         assert_eq!(serde_json::to_value(&build).unwrap()["file"], "/p/\u{fffd}app.so");
     }
 }

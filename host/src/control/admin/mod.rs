@@ -64,7 +64,7 @@ use api::{
     BuildEntry, CanaryEntry, CanaryRequest, CurrentEntry, ErrorBody, HistoryEntry, PinEntry, PinRequest, RefusalEntry, ResidentEntry,
     Status, UpgradeRequest,
 };
-use crate::control::canary::{CanaryPolicy, Verdict};
+use crate::control::canary::Verdict;
 use crate::plugin::route::Share;
 pub(crate) use guard::INTENT_HEADER;
 use slots::{Slots, Waiting};
@@ -552,7 +552,7 @@ impl Api {
             }
             (Method::DELETE, "/pin") => outcome(registry.unpin().await),
             (Method::POST, "/canary") => {
-                let (version, share) = match read_canary(request, registry.canary_policy()).await {
+                let (version, share) = match read_canary(request).await {
                     Ok(order) => order,
                     Err(message) => return error(StatusCode::BAD_REQUEST, &message),
                 };
@@ -625,27 +625,32 @@ async fn read_version(request: Request<Incoming>) -> Result<semver::Version, Str
 }
 
 /// The version and share of a `POST /canary` body.
-async fn read_canary(request: Request<Incoming>, policy: &CanaryPolicy) -> Result<(Option<semver::Version>, Share), String> {
+async fn read_canary(request: Request<Incoming>) -> Result<(Option<semver::Version>, Option<Share>), String> {
     let order: CanaryRequest = read_json(request, "{\"version\": \"1.2.0\", \"percent\": 10}").await?;
     let version = order
         .version
         .map(|v| semver::Version::parse(&v).map_err(|e| format!("`{v}` is not a semantic version like 1.2.0: {e}")))
         .transpose()?;
-    let share = match order.percent {
-        Some(percent) => Share::from_percent(percent).ok_or_else(|| format!("`percent`: {percent} is not between 0 and 100"))?,
-        None => policy.auto.unwrap_or(DEFAULT_CANARY),
-    };
+    let share = order
+        .percent
+        .map(|percent| match Share::from_percent(percent) {
+            Some(share) if percent > 0.0 => Ok(share),
+            _ => Err(format!("`percent`: {percent} is not above 0 and at most 100 (DELETE /canary ends a canary)")),
+        })
+        .transpose()?;
     Ok((version, share))
 }
-
-/// A canary's share when neither the request nor `--canary` gives one.
-const DEFAULT_CANARY: Share = Share::TEN_PERCENT;
 
 fn changed(result: Result<Outcome, ChangeError>) -> Response<Full<Bytes>> {
     match result {
         Ok(o) => outcome(o),
         Err(e @ ChangeError::UnknownVersion { .. }) => error(StatusCode::NOT_FOUND, &e.to_string()),
-        Err(e @ (ChangeError::NothingToRollBackTo { .. } | ChangeError::NothingToCanary { .. } | ChangeError::NoCanary)) => {
+        Err(
+            e @ (ChangeError::NothingToRollBackTo { .. }
+            | ChangeError::NothingToCanary { .. }
+            | ChangeError::NoCanary
+            | ChangeError::ServesAlready { .. }),
+        ) => {
             error(StatusCode::CONFLICT, &e.to_string())
         }
     }
@@ -751,7 +756,7 @@ fn status(registry: &Registry, host: &HostProcess, started: SystemTime) -> Statu
     let builds = registry
         .builds()
         .into_iter()
-        .map(|b| BuildEntry { file: b.file, name: b.name, refused: b.refused, version: b.version.to_string() })
+        .map(|b| BuildEntry { file: b.file, name: b.name, refused: b.refused, rolled_back: b.rolled_back, version: b.version.to_string() })
         .collect();
     let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3);
     let canary = canary.map(|c| CanaryEntry {
