@@ -9,6 +9,7 @@
 //! | `GET /host` | the host process serving the request (`pid=N`): it changes when `hotswap upgrade` replaces the host, on the same connection |
 //! | `GET /clock?every_ms=N` | server-sent events: a `tick` event every `N` ms (default 1000) with the time and the version; when a newer build serves, a `superseded` event, and the stream ends (a browser's `EventSource` reconnects, to the new build) |
 //! | `GET /ws` | a WebSocket echo that greets with the version; `broadcast:` messages go to every session of the same build; `?on_swap=close` closes with 1012 when a newer build serves |
+//! | `GET /visits` | counts visits (`visits=N`); the count goes on across swaps: each build hands it to the next (`handler_api::state`) |
 //!
 //! The version comes from `EXAMPLE_HANDLER_VERSION` at build time (default: the crate's
 //! version), so two builds can be told apart:
@@ -17,10 +18,12 @@
 //! EXAMPLE_HANDLER_VERSION=2.0.0 cargo build -p example-handler
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream;
+use handler_api::state::{Exported, Previous};
 use handler_api::{export_handler, Body, IntoResponse, Request, Response};
 use http::{header, HeaderValue, Method, StatusCode};
 use sha2::{Digest, Sha256};
@@ -56,13 +59,14 @@ pub async fn app(req: Request) -> Response {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => format!("hello from {NAME}\nversion={VERSION}\n").into_response(),
         (&Method::GET, "/health") => "ok\n".into_response(),
+        (&Method::GET, "/visits") => format!("visits={}\n", VISITS.fetch_add(1, Ordering::Relaxed) + 1).into_response(),
         (&Method::GET, "/host") => format!("pid={}\n", std::process::id()).into_response(),
         (&Method::GET, "/clock") => clock(req.uri().query().unwrap_or("")),
         (&Method::GET, "/download") => download(req.uri().query().unwrap_or("")),
         (&Method::POST, "/upload") => upload(req.into_body()).await,
         // HTTP/1.1 asks with GET, HTTP/2 with CONNECT.
         (&Method::GET | &Method::CONNECT, "/ws") => ws::accept(req),
-        (_, "/" | "/health" | "/host" | "/clock" | "/download" | "/upload" | "/ws") => {
+        (_, "/" | "/health" | "/visits" | "/host" | "/clock" | "/download" | "/upload" | "/ws") => {
             (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response()
         }
         _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
@@ -174,4 +178,27 @@ async fn upload(mut body: Body) -> Response {
     format!("bytes={total}\nsha256={digest}\n").into_response()
 }
 
-export_handler!(name: NAME, version: VERSION, handler: app);
+/// Visits counted by this build and those before it.
+static VISITS: AtomicU64 = AtomicU64::new(0);
+
+/// The state this build hands to the next. Schema 1: the visit count, 8 bytes little-endian.
+fn export_state() -> Exported {
+    Exported::new(1, VISITS.load(Ordering::Relaxed).to_le_bytes().to_vec())
+}
+
+/// Takes the visit count over from the build before, if it was this app.
+fn import_state(previous: Previous<'_>) -> Result<(), String> {
+    if previous.name() != NAME {
+        return Ok(()); // another application: count from zero
+    }
+    match previous.schema() {
+        1 => {
+            let count = previous.bytes().try_into().map_err(|_| format!("schema 1 is 8 bytes, not {}", previous.bytes().len()))?;
+            VISITS.store(u64::from_le_bytes(count), Ordering::Relaxed);
+            Ok(())
+        }
+        schema => Err(format!("version {} hands state of schema {schema}, which this build cannot read", previous.version())),
+    }
+}
+
+export_handler!(name: NAME, version: VERSION, handler: app, state: (export_state, import_state));

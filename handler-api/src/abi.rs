@@ -159,6 +159,14 @@ macro_rules! signatures {
     };
 }
 
+/// [`signatures!`] for the state handoff, whose fingerprint is its own.
+macro_rules! signatures_of_state {
+    ($($(#[$meta:meta])* $name:ident = $ty:ty;)*) => {
+        $( $(#[$meta])* pub type $name = $ty; )*
+        const STATE_SIGNATURES: &str = concat!($(stringify!($name), "=", stringify!($ty), ";"),*);
+    };
+}
+
 signatures! {
     /// [`FfiWakerVTable::clone`].
     WakerCloneFn = unsafe extern "C" fn(data: *const c_void) -> FfiWaker;
@@ -719,6 +727,86 @@ pub const LAYOUT_FINGERPRINT: u64 = fingerprint! {
         ADDR_IPV6, BODY_EMPTY, BODY_FULL, BODY_STREAM, LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG,
         LOG_TRACE, PANIC_UNWIND, PANIC_ABORT,
     }
+};
+
+/// Name of the optional symbol of a plugin that hands its state to the next build at a swap:
+/// a static [`StateDeclaration`]. A plugin without it starts afresh, and hands nothing on.
+pub const STATE_SYMBOL: &str = "hotswap_plugin_state";
+
+/// The state a plugin hands over ([`StateDeclaration::export`]): bytes in the plugin's memory
+/// until [`StateDeclaration::release`] gives them back.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FfiState {
+    /// What the bytes mean, as the plugin numbers its own formats.
+    pub schema: u32,
+    /// The bytes; valid until `release`.
+    pub bytes: FfiStr,
+    /// The plugin's own handle on them, for `release`.
+    pub handle: *mut c_void,
+}
+
+/// The state the previous build handed over, lent to [`StateDeclaration::import`] for the call.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FfiPreviousState {
+    /// The previous build's declared name.
+    pub name: FfiStr,
+    /// The previous build's declared version.
+    pub version: FfiStr,
+    /// [`FfiState::schema`] as the previous build exported it.
+    pub schema: u32,
+    /// Its bytes, valid for the call.
+    pub bytes: FfiStr,
+}
+
+signatures_of_state! {
+    /// [`StateDeclaration::export`]: on `READY`, the state is in `out`, until `release`.
+    StateExportFn = unsafe extern "C" fn(out: *mut FfiState) -> FfiPoll;
+    /// [`StateDeclaration::release`]: gives back what `export` wrote to `state`.
+    StateReleaseFn = unsafe extern "C" fn(state: *mut FfiState);
+    /// [`StateDeclaration::import`]: called before `init`, on a thread of the new generation;
+    /// `host` is the table `init` will get; on `ERROR` the reason was written to `error_sink`,
+    /// and the build is refused.
+    StateImportFn = unsafe extern "C" fn(host: *const HostApi, previous: *const FfiPreviousState, error_sink: *mut c_void) -> FfiPoll;
+}
+
+/// A plugin's state handoff (`export_handler!(…, state: (export, import))`): checked against
+/// [`STATE_FINGERPRINT`] before the host calls anything in it. Apart from the declaration, so
+/// that a plugin without it, or one built before it existed, loads as before.
+#[repr(C)]
+pub struct StateDeclaration {
+    /// [`STATE_FINGERPRINT`] as the plugin was built.
+    pub fingerprint: u64,
+    /// Called on a thread of the old generation, when a new build is about to start.
+    pub export: StateExportFn,
+    /// Gives back what `export` wrote.
+    pub release: StateReleaseFn,
+    /// Called on a thread of the new generation, before its `init`.
+    pub import: StateImportFn,
+}
+
+// SAFETY: static data: a number and function pointers, never written.
+unsafe impl Sync for StateDeclaration {}
+
+/// A hash of the layout and signatures of [`StateDeclaration`] and what it passes.
+pub const STATE_FINGERPRINT: u64 = {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    h = mix_text(h, STATE_SIGNATURES);
+    h = mix(h, size_of::<FfiState>() as u64);
+    h = mix(h, offset_of!(FfiState, schema) as u64);
+    h = mix(h, offset_of!(FfiState, bytes) as u64);
+    h = mix(h, offset_of!(FfiState, handle) as u64);
+    h = mix(h, size_of::<FfiPreviousState>() as u64);
+    h = mix(h, offset_of!(FfiPreviousState, name) as u64);
+    h = mix(h, offset_of!(FfiPreviousState, version) as u64);
+    h = mix(h, offset_of!(FfiPreviousState, schema) as u64);
+    h = mix(h, offset_of!(FfiPreviousState, bytes) as u64);
+    h = mix(h, size_of::<StateDeclaration>() as u64);
+    h = mix(h, offset_of!(StateDeclaration, export) as u64);
+    h = mix(h, offset_of!(StateDeclaration, release) as u64);
+    h = mix(h, offset_of!(StateDeclaration, import) as u64);
+    mix(h, LAYOUT_FINGERPRINT)
 };
 
 pub mod waker {

@@ -30,6 +30,11 @@ pub mod service {
     pub use crate::service::{handle, install, uninstall};
 }
 
+/// What the state declaration calls.
+pub mod state {
+    pub use crate::state::{export, import, release};
+}
+
 /// The compiler that built this crate.
 pub const RUSTC: &str = env!("HANDLER_API_RUSTC");
 
@@ -564,6 +569,9 @@ macro_rules! __optional_hook {
 /// - `ready: fn() -> Result<(), E>` is checked after `init`, before the plugin gets traffic.
 /// - `shutdown: fn()` runs once after the last request has ended (and after the service is
 ///   dropped), before the library is unloaded.
+/// - `state: (export_state, import_state)`, with `fn() -> state::Exported` and
+///   `fn(state::Previous<'_>) -> Result<(), E>`: the state this build hands to the next at a
+///   swap, and takes over from the one before, before `init` (see [`state`](crate::state)).
 ///
 /// # Examples
 ///
@@ -609,8 +617,10 @@ macro_rules! export_handler {
         $(, init: $init:path)?
         $(, ready: $ready:path)?
         $(, shutdown: $shutdown:path)?
+        $(, state: ($export:path, $import:path))?
         $(,)?
     ) => {
+        $($crate::__state_declaration!($export, $import);)?
         $crate::__declaration! {
             name: $name,
             version: $version,
@@ -630,8 +640,10 @@ macro_rules! export_handler {
         $(, init: $init:path)?
         $(, ready: $ready:path)?
         $(, shutdown: $shutdown:path)?
+        $(, state: ($export:path, $import:path))?
         $(,)?
     ) => {
+        $($crate::__state_declaration!($export, $import);)?
         $crate::__declaration! {
             name: $name,
             version: $version,
@@ -643,6 +655,58 @@ macro_rules! export_handler {
             ready: [$($ready)?],
             shutdown: [$($shutdown)?],
         }
+    };
+}
+
+/// The state handoff [`export_handler!`] generates with `state: (export, import)`: a second
+/// symbol, which the host looks up if it is there.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __state_declaration {
+    ($export:path, $import:path) => {
+        #[unsafe(no_mangle)]
+        #[allow(non_upper_case_globals)]
+        #[doc(hidden)]
+        pub static hotswap_plugin_state: $crate::abi::StateDeclaration = $crate::abi::StateDeclaration {
+            fingerprint: $crate::abi::STATE_FINGERPRINT,
+            export: {
+                /// `export` of the state declaration.
+                ///
+                /// # Safety
+                /// `out` must be valid for writing.
+                unsafe extern "C" fn __hotswap_state_export(out: *mut $crate::abi::FfiState) -> $crate::abi::FfiPoll {
+                    // SAFETY: forwarded from the caller.
+                    unsafe { $crate::__private::state::export(out, $export) }
+                }
+                __hotswap_state_export
+            },
+            release: {
+                /// `release` of the state declaration.
+                ///
+                /// # Safety
+                /// `state` must be what `export` wrote, released once.
+                unsafe extern "C" fn __hotswap_state_release(state: *mut $crate::abi::FfiState) {
+                    // SAFETY: forwarded from the caller.
+                    unsafe { $crate::__private::state::release(state) }
+                }
+                __hotswap_state_release
+            },
+            import: {
+                /// `import` of the state declaration.
+                ///
+                /// # Safety
+                /// `host`, `previous` and `sink` must be valid for the call.
+                unsafe extern "C" fn __hotswap_state_import(
+                    host: *const $crate::abi::HostApi,
+                    previous: *const $crate::abi::FfiPreviousState,
+                    sink: *mut ::core::ffi::c_void,
+                ) -> $crate::abi::FfiPoll {
+                    // SAFETY: forwarded from the caller.
+                    unsafe { $crate::__private::state::import(host, previous, sink, $import) }
+                }
+                __hotswap_state_import
+            },
+        };
     };
 }
 

@@ -47,6 +47,11 @@
 //! Any `http_body::Body` answers ([`Body::new`]), and keeps its `Content-Length`. The `axum`
 //! feature adds extractors for [`RequestContext`] and [`upgrade::Upgrade`] (module `axum`).
 //!
+//! # State across swaps
+//!
+//! A build can hand state (a counter, a warm cache) to the build that replaces it:
+//! `export_handler!(…, state: (export_state, import_state))`; see [`state`].
+//!
 //! # What runs where
 //!
 //! The host owns the sockets, the runtime and the threads. Your code runs on threads that
@@ -141,6 +146,7 @@ mod log;
 mod response;
 mod service;
 mod services;
+pub mod state;
 pub mod upgrade;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -10,6 +10,7 @@ mod config;
 mod core;
 mod dev;
 mod faults;
+mod handoff;
 mod host_upgrade;
 mod limits;
 mod operations;

@@ -289,7 +289,7 @@ impl Registry {
                 _ => Candidate::open(&build.file, &options).await,
             };
             let started = match candidate {
-                Ok(candidate) => candidate.start(first_id, &options).await,
+                Ok(candidate) => candidate.start(first_id, &options, None).await,
                 Err(e) => Err(e),
             };
             match started {
@@ -720,7 +720,10 @@ impl Registry {
         share: Share,
     ) -> Result<Arc<Generation>, GenerationError> {
         let started = match candidate {
-            Ok(candidate) => candidate.start(self.next_id.fetch_add(1, Ordering::Relaxed), &self.options).await,
+            Ok(candidate) => {
+                let previous = self.current().export_state(self.options.init_timeout).await;
+                candidate.start(self.next_id.fetch_add(1, Ordering::Relaxed), &self.options, previous.as_ref()).await
+            }
             Err(e) => Err(e),
         };
         match started {
@@ -985,7 +988,9 @@ impl Registry {
 
     async fn start_and_swap(&self, candidate: Candidate) -> Result<Arc<Generation>, GenerationError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let next = candidate.start(id, &self.options).await?;
+        // The state of the generation it replaces, if its plugin hands any (`handler_api::state`).
+        let previous = self.current().export_state(self.options.init_timeout).await;
+        let next = candidate.start(id, &self.options, previous.as_ref()).await?;
         self.swap(next.clone());
         Ok(next)
     }
@@ -1153,7 +1158,7 @@ async fn start_inherited(inheritance: &Inheritance, options: &LoadOptions, id: u
     if let Some(Ok(link)) = link {
         let _ = std::fs::remove_file(link); // the generation keeps its own copy
     }
-    candidate?.start(id, options).await
+    candidate?.start(id, options, None).await
 }
 
 fn build_of(candidate: &Candidate) -> Build {

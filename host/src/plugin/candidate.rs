@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use handler_api::abi::{FfiPoll, HostApi};
+use handler_api::abi::{FfiPoll, FfiPreviousState, FfiState, FfiStr, HostApi};
 
 use crate::latch::Latch;
 use crate::plugin::budget::BudgetError;
@@ -50,6 +50,8 @@ pub(crate) enum GenerationError {
     InitTimeout { plugin: String, timeout: Duration },
     #[error("{plugin}: readiness check failed: {reason}")]
     NotReady { plugin: String, reason: String },
+    #[error("{plugin}: refused the state of {previous} (its import_state failed: {reason}); {previous} keeps serving")]
+    StateImport { plugin: String, previous: String, reason: String },
 }
 
 impl GenerationError {
@@ -65,6 +67,7 @@ impl GenerationError {
                 LoadError::AbiVersion { .. } | LoadError::Layout { .. } => "abi_mismatch",
                 LoadError::Version { .. } => "bad_version",
                 LoadError::PanicAbort { .. } => "panic_abort",
+                LoadError::StateLayout { .. } => "abi_mismatch",
             },
             GenerationError::Untrusted(_) => "untrusted",
             GenerationError::Probe { source, .. } => source.kind(),
@@ -75,6 +78,7 @@ impl GenerationError {
             GenerationError::InitPanicked { .. } => "init_panicked",
             GenerationError::InitTimeout { .. } => "init_timeout",
             GenerationError::NotReady { .. } => "not_ready",
+            GenerationError::StateImport { .. } => "state_import",
         }
     }
 }
@@ -218,7 +222,7 @@ impl Candidate {
     /// Starts it as generation `id`: its runtime, `init` (bounded by a timeout) and
     /// readiness check. On error nothing of it stays behind (except a library whose init
     /// never returned, which cannot be unloaded while its code runs).
-    pub(crate) async fn start(mut self, id: u64, options: &LoadOptions) -> Result<Arc<Generation>, GenerationError> {
+    pub(crate) async fn start(mut self, id: u64, options: &LoadOptions, previous: Option<&HandedState>) -> Result<Arc<Generation>, GenerationError> {
         let Some(library) = self.library.take() else {
             // Only `Drop` takes it otherwise: unreachable while `self` is alive.
             return Err(GenerationError::Runtime(std::io::Error::other("the candidate was already started")));
@@ -272,6 +276,32 @@ impl Candidate {
         };
         // On any error below, `generation` drops and the reaper unloads it.
         let plugin = generation.label();
+        if let (Some(previous), Some(state)) = (previous, generation.library.state_declaration()) {
+            let import = state.import;
+            let api = SendPtr(&**generation.api as *const HostApi);
+            let handed = previous.clone();
+            let outcome = run_hook(&generation, options.init_timeout, move |sink| {
+                let api = api;
+                let ffi = FfiPreviousState {
+                    name: FfiStr::new(handed.name.as_bytes()),
+                    version: FfiStr::new(handed.version.as_bytes()),
+                    schema: handed.schema,
+                    bytes: FfiStr::new(&handed.bytes),
+                };
+                // SAFETY: the state declaration was checked at load; the table and `ffi` (and
+                // the bytes it borrows) outlive the call; `sink` is a live String.
+                unsafe { import(api.0, &ffi, sink) }
+            })
+            .await;
+            let failed = |reason: String| GenerationError::StateImport { plugin: plugin.clone(), previous: previous.label(), reason };
+            match outcome {
+                None => return Err(failed(format!("no answer within {:?}", options.init_timeout))),
+                Some((FfiPoll::READY, _)) => {
+                    tracing::info!(plugin = %plugin, from = %previous.label(), schema = previous.schema, bytes = previous.bytes.len(), "state imported");
+                }
+                Some((_, reason)) => return Err(failed(reason)),
+            }
+        }
         let init = generation.declaration().init;
         let api = SendPtr(&**generation.api as *const HostApi);
         let (outcome, reason) = run_hook(&generation, options.init_timeout, move |sink| {
@@ -370,6 +400,71 @@ struct SendPtr<T>(*const T);
 unsafe impl<T> Send for SendPtr<T> {}
 
 
+/// The state a generation handed over (`handler_api::state`), copied out of its memory, for
+/// the build that replaces it.
+#[derive(Debug, Clone)]
+pub(crate) struct HandedState {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) schema: u32,
+    pub(crate) bytes: Vec<u8>,
+}
+
+impl HandedState {
+    /// `name@version` of the build that handed it over.
+    pub(crate) fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+impl Generation {
+    /// The state this generation hands to the build that replaces it, if its plugin hands
+    /// any: exported on one of its threads, within `timeout`, and copied. A failure is logged
+    /// and hands nothing (the new build starts afresh).
+    pub(crate) async fn export_state(self: &Arc<Self>, timeout: Duration) -> Option<HandedState> {
+        let state = self.library.state_declaration()?;
+        let (export, release) = (state.export, state.release);
+        let exported = run_on(self, timeout, move || {
+            let mut out = std::mem::MaybeUninit::<FfiState>::uninit();
+            // SAFETY: the state declaration was checked at load, and `self` (held by the
+            // caller) keeps the library loaded while this thread runs; `out` is writable.
+            if unsafe { export(out.as_mut_ptr()) } != FfiPoll::READY {
+                return None;
+            }
+            // SAFETY: on READY the plugin wrote `out`; its bytes are valid until `release`.
+            let mut out = unsafe { out.assume_init() };
+            // SAFETY: as above.
+            let bytes = unsafe { out.bytes.as_bytes() }.to_vec();
+            // SAFETY: what `export` wrote, given back once.
+            unsafe { release(&mut out) };
+            Some((out.schema, bytes))
+        })
+        .await;
+        let (schema, bytes) = match exported {
+            Some(Ok(Some(exported))) => exported,
+            Some(_) => {
+                tracing::warn!(generation = self.id(), plugin = %self.label(), "export_state panicked: the new build starts without its state");
+                return None;
+            }
+            None => {
+                tracing::warn!(generation = self.id(), plugin = %self.label(), "export_state did not return within {timeout:?}: the new build starts without its state");
+                return None;
+            }
+        };
+        Some(HandedState { name: self.name().to_owned(), version: self.version().to_string(), schema, bytes })
+    }
+}
+
+/// Runs `job` on a thread of this generation (its blocking pool), with a timeout: `None` on
+/// timeout.
+async fn run_on<T: Send + 'static>(
+    generation: &Generation,
+    timeout: Duration,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    tokio::time::timeout(timeout, generation.handle().spawn_blocking(job)).await.ok()
+}
+
 /// Runs an init-like hook on a thread of this generation, with a timeout. `None` on
 /// timeout; otherwise the outcome and whatever the plugin wrote to the error sink.
 async fn run_hook(
@@ -377,14 +472,13 @@ async fn run_hook(
     timeout: Duration,
     hook: impl FnOnce(*mut std::ffi::c_void) -> FfiPoll + Send + 'static,
 ) -> Option<(FfiPoll, String)> {
-    let task = generation.handle().spawn_blocking(move || {
+    let ran = run_on(generation, timeout, move || {
         let mut sink = String::new();
         let outcome = hook(&mut sink as *mut String as *mut std::ffi::c_void);
         (outcome, sink)
     });
-    match tokio::time::timeout(timeout, task).await {
-        Ok(Ok(result)) => Some(result),
-        Ok(Err(join)) => Some((FfiPoll::PANICKED, join.to_string())),
-        Err(_) => None,
+    match ran.await? {
+        Ok(result) => Some(result),
+        Err(join) => Some((FfiPoll::PANICKED, join.to_string())),
     }
 }

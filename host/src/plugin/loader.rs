@@ -55,6 +55,12 @@ pub(crate) enum LoadError {
          or `-C panic=abort` from RUSTFLAGS, and rebuild"
     )]
     PanicAbort { path: PathBuf, name: String },
+    /// Its state handoff was built against another handler-api.
+    #[error(
+        "{path}: plugin `{name}` hands state over (export_handler!'s `state:`) with a layout fingerprint {plugin:#018x} \
+         that differs from the host's {host:#018x}: rebuild the plugin against the handler-api of this host"
+    )]
+    StateLayout { path: PathBuf, name: String, plugin: u64, host: u64 },
 }
 
 /// A plugin library mapped into the process, whose declaration has been checked.
@@ -64,6 +70,8 @@ pub(crate) enum LoadError {
 pub(crate) struct Library {
     // Declared before `mapping`: nothing may use the declaration once the library is closed.
     declaration: NonNull<PluginDeclaration>,
+    /// Its state handoff, if it has one (checked).
+    state: Option<NonNull<abi::StateDeclaration>>,
     mapping: Mapping,
     pub(crate) name: String,
     pub(crate) version: semver::Version,
@@ -112,8 +120,8 @@ impl Drop for Mapping {
     }
 }
 
-// SAFETY: `declaration` points at immutable static data inside the library, which `Library`
-// keeps mapped; `libloading::Library` is Send + Sync.
+// SAFETY: `declaration` and `state` point at immutable static data inside the library, which
+// `Library` keeps mapped; `libloading::Library` is Send + Sync.
 unsafe impl Send for Library {}
 // SAFETY: as above.
 unsafe impl Sync for Library {}
@@ -189,8 +197,28 @@ impl Library {
         if decl.panic != abi::PANIC_UNWIND {
             return Err(LoadError::PanicAbort { path, name });
         }
-        let version = semver::Version::parse(&version).map_err(|reason| LoadError::Version { path, name: name.clone(), version, reason })?;
-        Ok(Library { declaration, mapping, name, version })
+        let version = semver::Version::parse(&version).map_err(|reason| LoadError::Version { path: path.clone(), name: name.clone(), version, reason })?;
+        let state = match mapping.library.as_ref() {
+            // SAFETY: only the symbol's address is taken; it is read below, its fingerprint first.
+            Some(library) => unsafe { library.get::<*const abi::StateDeclaration>(abi::STATE_SYMBOL.as_bytes()) }.ok().map(|s| *s),
+            None => None,
+        };
+        let state = state.and_then(|address| NonNull::new(address as *mut abi::StateDeclaration));
+        if let Some(address) = state {
+            // SAFETY: the symbol lies in the library's static data; the fingerprint, a plain
+            // integer at its start, is read before anything else of it.
+            let fingerprint = unsafe { address.cast::<u64>().as_ptr().read_unaligned() };
+            if fingerprint != abi::STATE_FINGERPRINT {
+                return Err(LoadError::StateLayout { path, name, plugin: fingerprint, host: abi::STATE_FINGERPRINT });
+            }
+        }
+        Ok(Library { declaration, state, mapping, name, version })
+    }
+
+    /// The checked state handoff, if the plugin has one; valid while `self` is.
+    pub(crate) fn state_declaration(&self) -> Option<&abi::StateDeclaration> {
+        // SAFETY: checked in `open`; the library stays mapped while `self` lives.
+        self.state.map(|state| unsafe { state.as_ref() })
     }
 
     /// The checked declaration, valid while `self` is.
