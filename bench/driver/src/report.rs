@@ -81,11 +81,16 @@ pub(crate) fn machine() -> String {
 
 /// The table of hello-world rounds (sections a and i): medians, and ratios to static's.
 fn hello_table(w: &mut String, servers: &[(&'static str, Vec<wrk::Run>)]) {
-    let base = servers.iter().find(|(n, _)| *n == "static").map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    hello_table_against(w, servers, "static");
+}
+
+/// [`hello_table`], with ratios to the server named `against`.
+fn hello_table_against(w: &mut String, servers: &[(&'static str, Vec<wrk::Run>)], against: &str) {
+    let base = servers.iter().find(|(n, _)| *n == against).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
     let (base_rps, base_cpu) = (med(base, |x| x.rps), med(base, |x| x.server_cpu_us));
     let _ = writeln!(
         w,
-        "| server | req/s | p50 ms | p99 ms | failed | req/s vs static | server CPU µs/request | CPU vs static | rounds (req/s) |\n|---|---|---|---|---|---|---|---|---|"
+        "| server | req/s | p50 ms | p99 ms | failed | req/s vs {against} | server CPU µs/request | CPU vs {against} | rounds (req/s) |\n|---|---|---|---|---|---|---|---|---|"
     );
     for (name, runs) in servers {
         let rounds: Vec<String> = runs.iter().map(|x| format!("{:.0}", x.rps)).collect();
@@ -174,6 +179,16 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
             "| axum app's hello world ≥ 0.95 × the same Router in static-axum | {axum_ratio:.3} × static (paired rounds: {:.3}) | {} |",
             paired(axum("hotswap"), axum("static"), |x| x.rps),
             verdict(axum_ratio >= 0.95)
+        );
+    }
+    let canary = |name: &str| r.canary_hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let canary_ratio = med(canary(crate::sections::CANARY), |x| x.rps) / med(canary("hotswap"), |x| x.rps);
+    if !r.canary_hello.is_empty() {
+        let _ = writeln!(
+            w,
+            "| hello world during a 50 % canary ≥ 0.95 × without one | {canary_ratio:.3} × (paired rounds: {:.3}) | {} |",
+            paired(canary(crate::sections::CANARY), canary("hotswap"), |x| x.rps),
+            verdict(canary_ratio >= 0.95)
         );
     }
     let _ = writeln!(w, "| swap latency p50 < 5 ms | {swap_p50:.2} ms | {} |", verdict(swap_p50 < 5.0));
@@ -366,6 +381,22 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
         }
     }
     host_upgrades(w, r, p);
+    if !r.canary_hello.is_empty() {
+        let _ = writeln!(w, "\n### k. Hello world during a canary\n");
+        let _ = writeln!(
+            w,
+            "hotswap with the second build as a canary that gets 50 % of new requests (never judged, so it runs \
+             throughout), against hotswap without one. Each wrk connection takes blocks of up to 64 requests and moves \
+             between the two generations' threads about once per block. As in section a: median of {} rounds of \
+             {:?}, alternating.\n",
+            p.hello_rounds, p.hello_time
+        );
+        hello_table_against(w, &r.canary_hello, "hotswap");
+        let _ = writeln!(w, "\nCommands:");
+        for c in &r.canary_commands {
+            let _ = writeln!(w, "- `{c}`");
+        }
+    }
     if let Some(a) = &r.anchor_reloads {
         let _ = writeln!(w, "\nAnchor figures come from its own script, run in the same session: `{}`.", a.command);
     }

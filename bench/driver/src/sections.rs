@@ -32,6 +32,9 @@ pub(crate) struct Results {
     /// Section i: the axum example's hello world, hotswap (the plugin) against static-axum.
     pub(crate) axum_hello: Vec<(&'static str, Vec<wrk::Run>)>,
     pub(crate) axum_commands: Vec<String>,
+    /// Section k: hello world with half of the requests going to a canary, and without one.
+    pub(crate) canary_hello: Vec<(&'static str, Vec<wrk::Run>)>,
+    pub(crate) canary_commands: Vec<String>,
     pub(crate) rss_kib: Vec<(&'static str, u64, usize)>,
     pub(crate) download: Vec<(&'static str, Vec<wrk::Run>)>,
     pub(crate) download_command: String,
@@ -146,6 +149,7 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
     } else {
         eprintln!("== no axum example given: section i is left out");
     }
+    (results.canary_hello, results.canary_commands) = canary(setup, params)?;
     results.upgrades = host_upgrades(setup, params)?;
     {
         let (hot, mut swapper) = start_hotswap(setup, "hotswap-memory")?;
@@ -172,6 +176,9 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
 /// Section i's name for hotswap serving the bare example handler beside the axum app.
 pub(crate) const BARE: &str = "hotswap, bare handler";
 
+/// Section k's name for hotswap with half of the requests going to a canary.
+pub(crate) const CANARY: &str = "hotswap, 50 % canary";
+
 /// Where [`hotswap_in`] has the host put its shadow copies of plugins.
 fn shadow_dir(setup: &Setup, name: &str) -> PathBuf {
     setup.work.join(name).join("shadow")
@@ -185,11 +192,12 @@ fn start_hotswap(setup: &Setup, name: &'static str) -> Result<(Server, Swapper)>
 /// `root/plugins` (watched), shadow copies in `root/shadow` (see [`shadow_dir`]), the log in
 /// `root/host.log`; the swapper stages its builds in `root/staging`. No admin API.
 pub(crate) fn hotswap_in(hotswap: &Path, builds: &[Build; 2], root: &Path) -> Result<(Server, Swapper)> {
-    hotswap_with_admin(hotswap, builds, root, None)
+    hotswap_with_admin(hotswap, builds, root, None, &[])
 }
 
-/// [`hotswap_in`], with the admin API on the Unix socket `admin` if given.
-fn hotswap_with_admin(hotswap: &Path, builds: &[Build; 2], root: &Path, admin: Option<&Path>) -> Result<(Server, Swapper)> {
+/// [`hotswap_in`], with the admin API on the Unix socket `admin` if given, and `extra`
+/// arguments.
+fn hotswap_with_admin(hotswap: &Path, builds: &[Build; 2], root: &Path, admin: Option<&Path>, extra: &[&str]) -> Result<(Server, Swapper)> {
     let _ = std::fs::remove_dir_all(root);
     let (plugins, staging) = (root.join("plugins"), root.join("staging"));
     std::fs::create_dir_all(&plugins).with_context(|| format!("cannot create {}", plugins.display()))?;
@@ -204,6 +212,7 @@ fn hotswap_with_admin(hotswap: &Path, builds: &[Build; 2], root: &Path, admin: O
         .arg(&plugins)
         .arg("--shadow-dir")
         .arg(root.join("shadow"))
+        .args(extra)
         .env_remove("RUST_LOG")
         .env_remove("HOTSWAP_LOG");
     let server = Server::start("hotswap", cmd, root.join("host.log"), proc::listening_port)?;
@@ -244,6 +253,31 @@ fn hello(servers: &[&Server], params: &Params) -> Result<Rounds> {
         }
     }
     Ok((runs, commands))
+}
+
+/// k. Hello world while a canary gets half of the new requests (the second build, never
+/// judged), against the same host without one, rounds alternating.
+fn canary(setup: &Setup, params: &Params) -> Result<Rounds> {
+    eprintln!("== k. hello world during a 50 % canary");
+    let never = ["--canary-requests", "1000000000", "--canary-min-requests", "1000000000", "--canary-duration", "1000days"];
+    let args = [&["--canary", "50"][..], &never[..]].concat();
+    let (mut split, mut swapper) = hotswap_with_admin(&setup.hotswap, &setup.builds, &setup.work.join("hotswap-canary"), None, &args)?;
+    split.name = CANARY;
+    swapper.prepare()?;
+    swapper.publish()?;
+    // Both versions answer new connections once the canary runs.
+    let (client, deadline) = (Client::new(), Instant::now() + SWAP_WAIT);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        ensure!(Instant::now() < deadline, "the canary did not start within {SWAP_WAIT:?}");
+        seen.extend(client.version(&split.url("/")));
+    }
+    let (plain, _swapper) = start_hotswap(setup, "hotswap-no-canary")?;
+    let rounds = hello(&[&plain, &split], params)?;
+    for server in [&plain, &split] {
+        check_log(&server.log_text())?;
+    }
+    Ok(rounds)
 }
 
 /// b. Streaming downloads, no throttle.
@@ -407,7 +441,7 @@ fn host_upgrades(setup: &Setup, params: &Params) -> Result<HostUpgrades> {
     eprintln!("== j. host upgrades: {} on an idle host, then under load", params.upgrades);
     // Socket paths are limited to 107 bytes: not under the work directory.
     let admin = std::env::temp_dir().join(format!("hotswap-bench-{}.sock", std::process::id()));
-    let (hot, _swapper) = hotswap_with_admin(&setup.hotswap, &setup.builds, &setup.work.join("hotswap-upgrade"), Some(&admin))?;
+    let (hot, _swapper) = hotswap_with_admin(&setup.hotswap, &setup.builds, &setup.work.join("hotswap-upgrade"), Some(&admin), &[])?;
     // The process serving now; every upgrade replaces it, and the last one is stopped here.
     let mut serving = Stop(hot.pid());
     let mut result = HostUpgrades::default();
