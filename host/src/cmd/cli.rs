@@ -390,6 +390,12 @@ pub(crate) struct CanaryArgs {
     #[arg(long, value_name = "PERCENT", value_parser = parse_share)]
     pub(crate) canary: Option<f64>,
 
+    /// New builds found in the plugin directory do not serve by themselves: they are listed
+    /// (`hotswap status`), and `hotswap canary VERSION` or `hotswap pin VERSION` serves one.
+    /// For a fleet whose rollouts decide when a build serves (deploy/rollout.sh).
+    #[arg(long, conflicts_with = "canary")]
+    pub(crate) hold: bool,
+
     /// Route by a key, so that one user sees one version: `cookie:NAME` or `header:NAME`.
     /// Requests without the key are split by share alone.
     #[arg(long, value_name = "cookie:NAME|header:NAME")]
@@ -430,6 +436,7 @@ impl CanaryArgs {
     pub(crate) fn policy(&self) -> CanaryPolicy {
         CanaryPolicy {
             auto: self.canary.and_then(Share::from_percent),
+            hold: self.hold,
             sticky: self.canary_sticky.clone(),
             requests: self.canary_requests,
             duration: self.canary_duration,

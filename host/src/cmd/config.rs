@@ -55,6 +55,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct Canary {
     percent: Option<f64>,
+    hold: Option<bool>,
     sticky: Option<String>,
     requests: Option<u64>,
     duration: Option<String>,
@@ -223,6 +224,9 @@ impl Canary {
         if let Some(percent) = self.percent {
             crate::cmd::cli::parse_share(&percent.to_string()).map_err(|e| invalid("canary.percent", e))?;
             flags.value("--canary", percent.to_string());
+        }
+        if self.hold == Some(true) {
+            flags.0.push("--hold".into());
         }
         if let Some(sticky) = self.sticky {
             sticky.parse::<crate::plugin::route::Sticky>().map_err(|e| invalid("canary.sticky", e))?;

@@ -19,6 +19,9 @@ pub(crate) struct CanaryPolicy {
     /// Every new build starts as a canary with this share (`--canary`); `None`: a new build
     /// serves every new request at once, unless a canary is started by hand.
     pub(crate) auto: Option<Share>,
+    /// New builds found in the plugin directory do not serve by themselves (`--hold`): a
+    /// canary or a pin started by hand (or deploy/rollout.sh) serves them.
+    pub(crate) hold: bool,
     /// Where a request's sticky key is: requests with one key go to one version.
     pub(crate) sticky: Option<Sticky>,
     /// Promoted once it has answered this many requests (if healthy).
@@ -42,6 +45,7 @@ impl Default for CanaryPolicy {
     fn default() -> CanaryPolicy {
         CanaryPolicy {
             auto: None,
+            hold: false,
             sticky: None,
             requests: 1000,
             duration: Duration::from_secs(600),

@@ -431,8 +431,12 @@ impl Registry {
             }
         };
         let outcome = self.converge(held).await;
-        if self.canary_of(&build).is_some() {
-            return Ok(outcome); // it says why: the build is the canary
+        if self.canary_of(&build).is_some() || self.policy.hold {
+            // It says why: the build is the canary, or held.
+            if let Outcome::Unchanged { reason, .. } = &outcome {
+                tracing::info!(file = %file.display(), "{reason}");
+            }
+            return Ok(outcome);
         }
         if let Outcome::Unchanged { .. } = outcome {
             let current = self.current();
@@ -902,6 +906,15 @@ impl Registry {
                     Outcome::Refused { serving: Brief::of(&current), refused }
                 };
             };
+            if self.policy.hold && refused.is_empty() {
+                return self.unchanged(format!(
+                    "{} serves, and new builds are held (--hold): `hotswap canary {}` or `hotswap pin {}` serves {}",
+                    current.label(),
+                    best.version,
+                    best.version,
+                    best.file.display()
+                ));
+            }
             if let Some(canary) = self.canary_of(&best) {
                 let reason = format!("{} is the canary ({} % of new requests)", canary.generation().label(), canary.share().percent());
                 return if refused.is_empty() { self.unchanged(reason) } else { Outcome::Refused { serving: Brief::of(&current), refused } };
