@@ -8,6 +8,7 @@ mod canary;
 mod candidates;
 mod config;
 mod core;
+mod deploy;
 mod dev;
 mod faults;
 mod handoff;
