@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::plugin::Generation;
+use crate::plugin::generation::Generation;
 
 /// The largest block of slots an HTTP/1 connection takes at once.
 pub(crate) const MAX_BLOCK: u64 = 64;
