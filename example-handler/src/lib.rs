@@ -186,19 +186,20 @@ fn export_state() -> Exported {
     Exported::new(1, VISITS.load(Ordering::Relaxed).to_le_bytes().to_vec())
 }
 
-/// Takes the visit count over from the build before, if it was this app.
+/// Takes the visit count over from the build before, if it was this app and its schema is
+/// known; else counts from zero.
 fn import_state(previous: Previous<'_>) -> Result<(), String> {
-    if previous.name() != NAME {
-        return Ok(()); // another application: count from zero
-    }
-    match previous.schema() {
-        1 => {
+    match (previous.name(), previous.schema()) {
+        (NAME, 1) => {
             let count = previous.bytes().try_into().map_err(|_| format!("schema 1 is 8 bytes, not {}", previous.bytes().len()))?;
             VISITS.store(u64::from_le_bytes(count), Ordering::Relaxed);
-            Ok(())
         }
-        schema => Err(format!("version {} hands state of schema {schema}, which this build cannot read", previous.version())),
+        (NAME, schema) => {
+            tracing::warn!(schema, from = previous.version(), "the visit count of an unknown schema is not taken over: counting from zero");
+        }
+        _ => {} // another application
     }
+    Ok(())
 }
 
 export_handler!(name: NAME, version: VERSION, handler: app, state: (export_state, import_state));

@@ -65,6 +65,28 @@ pub unsafe fn init(
     sink: *mut c_void,
     hook: impl FnOnce(*mut c_void) -> FfiPoll,
 ) -> FfiPoll {
+    // SAFETY: forwarded from the caller.
+    let attached = unsafe { attach(host, sink) };
+    if attached != FfiPoll::READY {
+        return attached;
+    }
+    // SAFETY: checked non-null by `attach`; valid for the plugin's lifetime (the caller).
+    let table: &'static HostApi = unsafe { &*host };
+    let outcome = hook(sink);
+    // After the author's init, so that a logger it installs (`log` takes one, and many
+    // crates' `init()` panic when one is set) wins; records logged during init are lost.
+    // It cannot panic; if it did, the plugin would only lose those records.
+    let _ = catch_unwind(|| log::LogBridge::install(table));
+    outcome
+}
+
+/// Records the host's table and routes panics and `tracing` events to the host's log: the
+/// first thing `init` does, and `import_state` too, which runs before it (calling it twice
+/// changes nothing).
+///
+/// # Safety
+/// `host` must point at a `HostApi` that stays valid until `shutdown` has returned.
+pub(crate) unsafe fn attach(host: *const HostApi, sink: *mut c_void) -> FfiPoll {
     if host.is_null() {
         return FfiPoll::ERROR;
     }
@@ -109,12 +131,7 @@ pub unsafe fn init(
         write_error(sink, "installing the panic hook or log bridge panicked");
         return FfiPoll::PANICKED;
     }
-    let outcome = hook(sink);
-    // After the author's init, so that a logger it installs (`log` takes one, and many
-    // crates' `init()` panic when one is set) wins; records logged during init are lost.
-    // It cannot panic; if it did, the plugin would only lose those records.
-    let _ = catch_unwind(|| log::LogBridge::install(table));
-    outcome
+    FfiPoll::READY
 }
 
 /// What to do instead, for a panic that comes from a known mistake in a plugin.

@@ -26,8 +26,9 @@
 //!             VISITS.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
 //!             Ok(())
 //!         }
-//!         ("visits", schema) => Err(format!("unknown state schema {schema}")),
-//!         _ => Ok(()), // another application's state: start afresh
+//!         // Another application's state, or a schema this build does not know (a
+//!         // rollback to an older build): start afresh.
+//!         _ => Ok(()),
 //!     }
 //! }
 //!
@@ -41,19 +42,28 @@
 //!   of the new build's threads, **before its `init`**: what `init` (or the function that builds
 //!   an axum `Router`) does can rely on the imported state.
 //! - An `Err` (or a panic) from `import_state` refuses the new build, with the message, and the
-//!   serving build goes on as if nothing happened. `import_state` is given the previous build's
-//!   name and version: state of another application can be ignored (return `Ok`).
+//!   serving build goes on as if nothing happened. Return `Err` only when starting afresh
+//!   would be wrong; for state you cannot read (another application's, given its name, or a
+//!   schema you do not know, as after a rollback to an older build), start afresh (`Ok`). A
+//!   rollback or a pin whose build refuses the state is started once more without it (the
+//!   log says so): the way back never depends on old code reading new state.
 //! - The serving build goes on serving between its export and the swap, and its requests in
 //!   progress finish on it afterwards: **writes it makes after the export are not carried**.
-//!   Keep in the handoff what may lose its last moments (counters, caches), and what may not
-//!   in a store of its own (a database).
+//!   For a canary that is the whole canary window: the canary takes the state when it
+//!   starts, and what the serving build records while the canary runs (most requests) is not
+//!   handed over again at the promotion. Keep in the handoff what may lose a while of writes
+//!   (counters, caches), and what may not in a store of its own (a database).
 //! - `export_state` runs beside requests: it must take what it exports consistently (an atomic,
-//!   a lock), and be quick (it counts against the new build's `--init-timeout`).
+//!   a lock), and be quick: it has `--init-timeout`, as `import_state`, `init` and `ready`
+//!   each have. An export that fails, panics or times out hands nothing (the host logs it), and
+//!   `import_state` is not called.
+//! - `import_state` may use handler-api and log: the host's table is set up for it, as for
+//!   `init`.
 //! - The bytes are the plugin's own format, numbered by `schema`: nothing is serialised for
-//!   you, so that no format (serde, bincode, …) is imposed. A build that cannot read a
-//!   schema returns an error, or starts afresh.
-//! - A build without the pair starts afresh, and hands nothing on. The first build, and one
-//!   started by a new host process after `hotswap upgrade`, import nothing.
+//!   you, so that no format (serde, bincode, …) is imposed.
+//! - A build without the pair starts afresh, and the build before it exports nothing. The
+//!   first build, and one started by a new host process after `hotswap upgrade`, import
+//!   nothing.
 
 use core::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -156,7 +166,14 @@ pub unsafe fn import<E: std::fmt::Display>(
     sink: *mut c_void,
     import_state: fn(Previous<'_>) -> Result<(), E>,
 ) -> FfiPoll {
-    // SAFETY: the caller's pointers, valid for the call.
+    // The table, panic hook and log bridge, as `init` sets them up: `import_state` runs first,
+    // and may log or use handler-api.
+    // SAFETY: the host's table, valid until `shutdown` (the caller).
+    let attached = unsafe { crate::export::attach(host, sink) };
+    if attached != FfiPoll::READY {
+        return attached;
+    }
+    // SAFETY: the caller's pointers, valid for the call (`host` checked by `attach`).
     let (host, previous) = unsafe { (&*host, &*previous) };
     let write = |text: &str| {
         // SAFETY: `sink` is the host's sink for this call; `text` outlives it.

@@ -58,5 +58,21 @@ async fn a_build_that_refuses_the_state_is_refused_and_the_old_one_keeps_serving
     let (_, status) = host.command_json(&["status"]);
     assert_eq!(status["current"]["name"], "example-handler", "{status}");
     let reason = status["refusals"][0]["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("example-handler@1.0.0 keeps serving"), "{status}");
+    assert!(reason.contains("refused the state of example-handler@1.0.0"), "{status}");
+}
+
+#[tokio::test]
+async fn a_rollback_to_a_build_that_refuses_the_state_starts_it_without() {
+    let dir = temp_dir("handoff-rollback");
+    // The older build refuses any state handed to it; the newer one hands its own on.
+    place_by_rename(&init_fixture("import-error"), &dir.join("old.so"));
+    let host = Host::serve_dir(&dir, &[]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    host.wait_version("1.0.0").await;
+    assert_eq!(visit(&host).await, 1);
+    let rollback = host.command(&["rollback"]);
+    assert_eq!(rollback.code, 0, "{rollback:?}\n{}", host.log());
+    assert!(rollback.stdout.contains("-> fixture-init 0.1.0"), "{rollback:?}");
+    assert!(host.log().contains("started again without it, as the way back must not depend on it"), "{}", host.log());
 }

@@ -133,6 +133,15 @@ pub(crate) struct InheritedPin {
     by: String,
 }
 
+/// Whether a build that refuses the state handed to it is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handoff {
+    /// It is: a new build must take over what the old one had.
+    Required,
+    /// It is started again without it: a rollback or a pin, the way back.
+    Optional,
+}
+
 /// How long after a swap the build's SHA-256 is computed.
 const HASH_DELAY: Duration = Duration::from_secs(1);
 
@@ -724,10 +733,7 @@ impl Registry {
         share: Share,
     ) -> Result<Arc<Generation>, GenerationError> {
         let started = match candidate {
-            Ok(candidate) => {
-                let previous = self.current().export_state(self.options.init_timeout).await;
-                candidate.start(self.next_id.fetch_add(1, Ordering::Relaxed), &self.options, previous.as_ref()).await
-            }
+            Ok(candidate) => self.start_handed(candidate, Handoff::Required).await,
             Err(e) => Err(e),
         };
         match started {
@@ -848,7 +854,7 @@ impl Registry {
         if let Ok(candidate) = &candidate {
             lock(&self.builds).insert(build_of(candidate));
         }
-        self.try_start(candidate, file, None).await
+        self.try_start(candidate, file, None, Handoff::Required).await
     }
 
     fn unchanged(&self, reason: String) -> Outcome {
@@ -935,7 +941,7 @@ impl Registry {
                 }
                 continue;
             }
-            match self.try_start(candidate, &best.file, Some(&best)).await {
+            match self.try_start(candidate, &best.file, Some(&best), Handoff::Required).await {
                 Ok(next) => return Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused },
                 Err(e @ GenerationError::GenerationCap { .. }) => {
                     // Not the build's fault, and no other build would fare better.
@@ -966,7 +972,8 @@ impl Registry {
                 Ok(c) => Some(build_of(c)),
                 Err(_) => None,
             };
-            match self.try_start(candidate, &file, build.as_ref()).await {
+            // A rollback or a pin never depends on an older build reading newer state.
+            match self.try_start(candidate, &file, build.as_ref(), Handoff::Optional).await {
                 Ok(next) => {
                     tracing::info!(version = %pin.version, by = %pin.by, "pinned: {} serves", next.label());
                     *lock(&self.pin) = Some(pin);
@@ -985,9 +992,10 @@ impl Registry {
         candidate: Result<Candidate, GenerationError>,
         file: &Path,
         build: Option<&Build>,
+        handoff: Handoff,
     ) -> Result<Arc<Generation>, GenerationError> {
         let started = match candidate {
-            Ok(candidate) => self.start_and_swap(candidate).await,
+            Ok(candidate) => self.start_and_swap(candidate, handoff).await,
             Err(e) => Err(e),
         };
         started.inspect_err(|e| {
@@ -999,13 +1007,34 @@ impl Registry {
         })
     }
 
-    async fn start_and_swap(&self, candidate: Candidate) -> Result<Arc<Generation>, GenerationError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // The state of the generation it replaces, if its plugin hands any (`handler_api::state`).
-        let previous = self.current().export_state(self.options.init_timeout).await;
-        let next = candidate.start(id, &self.options, previous.as_ref()).await?;
+    async fn start_and_swap(&self, candidate: Candidate, handoff: Handoff) -> Result<Arc<Generation>, GenerationError> {
+        let next = self.start_handed(candidate, handoff).await?;
         self.swap(next.clone());
         Ok(next)
+    }
+
+    /// Starts `candidate` with the state of the current generation, if both hand state over
+    /// (`handler_api::state`). With `Handoff::Optional`, a build that refuses the state is
+    /// started once more without it.
+    async fn start_handed(&self, candidate: Candidate, handoff: Handoff) -> Result<Arc<Generation>, GenerationError> {
+        let previous = match candidate.takes_state() {
+            true => self.current().export_state(self.options.init_timeout).await,
+            false => None,
+        };
+        let file = candidate.source().to_path_buf();
+        let started = candidate.start(self.next_id.fetch_add(1, Ordering::Relaxed), &self.options, previous.as_ref()).await;
+        match started {
+            Err(GenerationError::StateImport { plugin, previous, reason }) if handoff == Handoff::Optional => {
+                tracing::warn!(
+                    plugin = %plugin,
+                    "it refused the state of {previous} ({reason}): started again without it, as the way back must not \
+                     depend on it"
+                );
+                let again = self.open(&file).await?;
+                again.start(self.next_id.fetch_add(1, Ordering::Relaxed), &self.options, None).await
+            }
+            started => started,
+        }
     }
 
     /// Makes `next` current; the old generation drains (bounded by the drain timeout). A

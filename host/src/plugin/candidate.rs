@@ -50,7 +50,7 @@ pub(crate) enum GenerationError {
     InitTimeout { plugin: String, timeout: Duration },
     #[error("{plugin}: readiness check failed: {reason}")]
     NotReady { plugin: String, reason: String },
-    #[error("{plugin}: refused the state of {previous} (its import_state failed: {reason}); {previous} keeps serving")]
+    #[error("{plugin}: refused the state of {previous} (its import_state failed: {reason})")]
     StateImport { plugin: String, previous: String, reason: String },
 }
 
@@ -210,6 +210,11 @@ impl Candidate {
     }
 
     /// The file it was copied from.
+    /// Whether its plugin takes over state from the build before (`handler_api::state`).
+    pub(crate) fn takes_state(&self) -> bool {
+        self.library.as_ref().is_some_and(|library| library.state_declaration().is_some())
+    }
+
     pub(crate) fn source(&self) -> &Path {
         &self.source
     }
@@ -273,6 +278,7 @@ impl Candidate {
             api: ManuallyDrop::new(api),
             context: ManuallyDrop::new(context),
             foreign_before: std::mem::take(&mut self.foreign_before),
+            export_stuck: std::sync::atomic::AtomicBool::new(false),
         };
         // On any error below, `generation` drops and the reaper unloads it.
         let plugin = generation.label();
@@ -295,7 +301,7 @@ impl Candidate {
             .await;
             let failed = |reason: String| GenerationError::StateImport { plugin: plugin.clone(), previous: previous.label(), reason };
             match outcome {
-                None => return Err(failed(format!("no answer within {:?}", options.init_timeout))),
+                None => return Err(failed(format!("no answer within {:?} (the library stays loaded while it runs)", options.init_timeout))),
                 Some((FfiPoll::READY, _)) => {
                     tracing::info!(plugin = %plugin, from = %previous.label(), schema = previous.schema, bytes = previous.bytes.len(), "state imported");
                 }
@@ -407,7 +413,8 @@ pub(crate) struct HandedState {
     pub(crate) name: String,
     pub(crate) version: String,
     pub(crate) schema: u32,
-    pub(crate) bytes: Vec<u8>,
+    /// Shared: a build that is tried more than once is handed the same copy.
+    pub(crate) bytes: Arc<[u8]>,
 }
 
 impl HandedState {
@@ -420,38 +427,50 @@ impl HandedState {
 impl Generation {
     /// The state this generation hands to the build that replaces it, if its plugin hands
     /// any: exported on one of its threads, within `timeout`, and copied. A failure is logged
-    /// and hands nothing (the new build starts afresh).
+    /// and hands nothing (the new build starts afresh); an export that did not return is not
+    /// asked again.
     pub(crate) async fn export_state(self: &Arc<Self>, timeout: Duration) -> Option<HandedState> {
         let state = self.library.state_declaration()?;
+        if self.export_stuck.load(Ordering::Acquire) {
+            tracing::warn!(generation = self.id(), plugin = %self.label(), "an earlier export_state never returned: the new build starts without the state");
+            return None;
+        }
         let (export, release) = (state.export, state.release);
+        // Held by the job: the library stays loaded while its export runs, even past the
+        // timeout (and the shutdown hook waits for it, as for any request).
+        let generation = self.clone();
         let exported = run_on(self, timeout, move || {
-            let mut out = std::mem::MaybeUninit::<FfiState>::uninit();
-            // SAFETY: the state declaration was checked at load, and `self` (held by the
-            // caller) keeps the library loaded while this thread runs; `out` is writable.
-            if unsafe { export(out.as_mut_ptr()) } != FfiPoll::READY {
-                return None;
+            let _held = generation;
+            let mut out = FfiState { schema: 0, bytes: FfiStr::EMPTY, handle: std::ptr::null_mut() };
+            // SAFETY: the state declaration was checked at load, and `_held` keeps the library
+            // loaded while this thread runs; `out` is writable.
+            if unsafe { export(&mut out) } != FfiPoll::READY {
+                return Err("it failed or panicked");
+            }
+            if out.handle.is_null() {
+                return Err("it answered without state");
             }
             // SAFETY: on READY the plugin wrote `out`; its bytes are valid until `release`.
-            let mut out = unsafe { out.assume_init() };
-            // SAFETY: as above.
-            let bytes = unsafe { out.bytes.as_bytes() }.to_vec();
+            let bytes: Arc<[u8]> = unsafe { out.bytes.as_bytes() }.into();
+            let schema = out.schema;
             // SAFETY: what `export` wrote, given back once.
             unsafe { release(&mut out) };
-            Some((out.schema, bytes))
+            Ok((schema, bytes))
         })
         .await;
-        let (schema, bytes) = match exported {
-            Some(Ok(Some(exported))) => exported,
-            Some(_) => {
-                tracing::warn!(generation = self.id(), plugin = %self.label(), "export_state panicked: the new build starts without its state");
-                return None;
+        let why = match exported {
+            Some(Ok(Ok((schema, bytes)))) => {
+                return Some(HandedState { name: self.name().to_owned(), version: self.version().to_string(), schema, bytes });
             }
+            Some(Ok(Err(why))) => why.to_owned(),
+            Some(Err(join)) => format!("its thread ended: {join}"),
             None => {
-                tracing::warn!(generation = self.id(), plugin = %self.label(), "export_state did not return within {timeout:?}: the new build starts without its state");
-                return None;
+                self.export_stuck.store(true, Ordering::Release);
+                format!("it did not return within {timeout:?} (the library stays loaded while it runs)")
             }
         };
-        Some(HandedState { name: self.name().to_owned(), version: self.version().to_string(), schema, bytes })
+        tracing::warn!(generation = self.id(), plugin = %self.label(), "export_state: {why}; the new build starts without the state");
+        None
     }
 }
 

@@ -77,6 +77,8 @@ pub(crate) struct Generation {
     pub(super) context: ManuallyDrop<Box<PluginContext>>,
     /// The threads not the host's that were alive before its library was opened.
     pub(super) foreign_before: BTreeSet<i32>,
+    /// Its `export_state` did not return in time once: it is not asked again.
+    pub(super) export_stuck: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Generation {
