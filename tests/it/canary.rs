@@ -252,3 +252,27 @@ async fn a_canarys_failed_idempotent_request_is_answered_by_the_current_version(
     assert_ne!(none.code, 0);
     assert!(none.stderr.contains("no canary runs"), "{none:?}");
 }
+
+#[tokio::test]
+async fn a_host_started_with_a_pin_serves_that_version_and_holds_new_builds() {
+    let dir = temp_dir("start-pin");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app-1.so"));
+    place_by_rename(&example_version("2.0.0"), &dir.join("app-2.so"));
+    let host = Host::serve_dir(&dir, &["--hold", "--pin", "1.0.0"]);
+    assert_eq!(host.version().await, "1.0.0");
+    assert_eq!(status(&host)["pin"]["version"], "1.0.0");
+    // Pinned: a new build is listed, and does not serve.
+    place_by_rename(&example_version("3.0.0"), &dir.join("app-3.so"));
+    assert!(host.wait_for_log("example-handler@3.0.0 is not served: version 1.0.0 is pinned", WAIT), "{}", host.log());
+    assert_eq!(host.version().await, "1.0.0");
+    // Unpinned, still held: the highest version waits to be asked for.
+    let (code, unpinned) = host.command_json(&["unpin"]);
+    assert_eq!(code, 0, "{unpinned}");
+    assert!(unpinned["reason"].as_str().unwrap_or_default().contains("new builds are held (--hold): `hotswap canary 3.0.0`"), "{unpinned}");
+    assert_eq!(host.version().await, "1.0.0");
+    drop(host);
+    // A version no build has: the highest serves, and the log says why.
+    let host = Host::serve_dir(&dir, &["--pin", "9.9.9"]);
+    assert_eq!(host.version().await, "3.0.0");
+    assert!(host.log().contains("--pin 9.9.9: no build of that version is here"), "{}", host.log());
+}

@@ -43,7 +43,7 @@ pub(crate) enum Command {
     /// Serve HTTP with a plugin as the request handler, swapping in new builds as they appear.
     // A flag given twice takes its last value: the configuration file's settings come first.
     #[command(args_override_self = true)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Develop a plugin with live reload: rebuild it with cargo when its sources change and
     /// swap the new build in. A failed build prints the compiler's errors and the previous
     /// build keeps serving. Run it in the plugin's cargo workspace.
@@ -396,6 +396,12 @@ pub(crate) struct CanaryArgs {
     #[arg(long, conflicts_with = "canary")]
     pub(crate) hold: bool,
 
+    /// Start pinned to VERSION (as `hotswap pin VERSION` would), if a build of it is there;
+    /// else the highest version serves, with a warning. With --hold, what a restarted host
+    /// serves: the version the fleet released (deploy/kubernetes sets it from its ConfigMap).
+    #[arg(long, value_name = "VERSION", env = "HOTSWAP_PIN", value_parser = parse_version)]
+    pub(crate) pin: Option<semver::Version>,
+
     /// Route by a key, so that one user sees one version: `cookie:NAME` or `header:NAME`.
     /// Requests without the key are split by share alone.
     #[arg(long, value_name = "cookie:NAME|header:NAME")]
@@ -437,6 +443,7 @@ impl CanaryArgs {
         CanaryPolicy {
             auto: self.canary.and_then(Share::from_percent),
             hold: self.hold,
+            start_pin: self.pin.clone(),
             sticky: self.canary_sticky.clone(),
             requests: self.canary_requests,
             duration: self.canary_duration,
@@ -452,6 +459,11 @@ impl CanaryArgs {
 pub(crate) fn parse_percent(text: &str) -> Result<f64, String> {
     let percent: f64 = text.trim().trim_end_matches('%').parse().map_err(|_| format!("`{text}` is not a number like 10 or 2.5"))?;
     Share::from_percent(percent).map(Share::percent).ok_or_else(|| format!("{text} is not between 0 and 100"))
+}
+
+/// A semantic version, like 1.4.2.
+pub(crate) fn parse_version(text: &str) -> Result<semver::Version, String> {
+    semver::Version::parse(text.trim()).map_err(|e| format!("`{text}` is not a semantic version like 1.4.2: {e}"))
 }
 
 /// A canary's share: a percentage above 0.

@@ -56,6 +56,7 @@ struct File {
 struct Canary {
     percent: Option<f64>,
     hold: Option<bool>,
+    pin: Option<String>,
     sticky: Option<String>,
     requests: Option<u64>,
     duration: Option<String>,
@@ -227,6 +228,10 @@ impl Canary {
         }
         if self.hold == Some(true) {
             flags.0.push("--hold".into());
+        }
+        if let Some(version) = self.pin {
+            crate::cmd::cli::parse_version(&version).map_err(|e| invalid("canary.pin", e))?;
+            flags.value("--pin", version);
         }
         if let Some(sticky) = self.sticky {
             sticky.parse::<crate::plugin::route::Sticky>().map_err(|e| invalid("canary.sticky", e))?;

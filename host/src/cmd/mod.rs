@@ -53,7 +53,7 @@ pub fn main() -> ExitCode {
     init_logging(&cli.log_level, &cli.log_format);
     let server = !matches!(cli.command, Command::Admin(_) | Command::New(_));
     let result = match cli.command {
-        Command::Serve(args) => run(serve_command(args)),
+        Command::Serve(args) => run(serve_command(*args)),
         Command::Dev(args) => run(dev::run(args)),
         Command::New(args) => new::run(args),
         Command::Admin(command) => run(client::run(command)),

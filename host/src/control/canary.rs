@@ -22,6 +22,9 @@ pub(crate) struct CanaryPolicy {
     /// New builds found in the plugin directory do not serve by themselves (`--hold`): a
     /// canary or a pin started by hand (or deploy/rollout.sh) serves them.
     pub(crate) hold: bool,
+    /// The version the host starts with, pinned (`--pin`): what a fleet released, so that a
+    /// host that restarts does not serve a newer build no rollout has released.
+    pub(crate) start_pin: Option<semver::Version>,
     /// Where a request's sticky key is: requests with one key go to one version.
     pub(crate) sticky: Option<Sticky>,
     /// Promoted once it has answered this many requests (if healthy).
@@ -46,6 +49,7 @@ impl Default for CanaryPolicy {
         CanaryPolicy {
             auto: None,
             hold: false,
+            start_pin: None,
             sticky: None,
             requests: 1000,
             duration: Duration::from_secs(600),

@@ -292,7 +292,15 @@ impl Registry {
             registry.record_swap(&first, false);
             return Ok(registry);
         }
-        for build in builds.better_than(None, None) {
+        // Started pinned (`--pin`): the build of that version, if there is one.
+        let pin = policy.start_pin.as_ref().and_then(|version| {
+            let Some(build) = builds.all().find(|b| builds::is_version(&b.version, version)) else {
+                tracing::warn!(version = %version, "--pin {version}: no build of that version is here; the highest version serves, unpinned");
+                return None;
+            };
+            Some(Pin { name: build.name.clone(), version: version.clone(), by: PinnedBy::Pin })
+        });
+        for build in builds.better_than(None, pin.as_ref()) {
             let candidate = match best.take() {
                 Some(c) if c.source() == build.file => Ok(c),
                 _ => Candidate::open(&build.file, &options).await,
@@ -308,6 +316,10 @@ impl Registry {
                         tracing::warn!("refused: {r}");
                     }
                     let registry = registry(first.clone(), builds, unreadable, history);
+                    if let Some(pin) = pin {
+                        tracing::info!(version = %pin.version, "pinned (--pin): newer builds do not replace it until `hotswap unpin`");
+                        *lock(&registry.pin) = Some(pin);
+                    }
                     registry.record_swap(&first, false);
                     return Ok(registry);
                 }
@@ -440,7 +452,8 @@ impl Registry {
             }
         };
         let outcome = self.converge(held).await;
-        if self.canary_of(&build).is_some() || self.policy.hold {
+        let held = self.policy.hold && builds::replaces(&build, &serving(&self.current()), self.pin().as_ref());
+        if self.canary_of(&build).is_some() || held {
             // It says why: the build is the canary, or held.
             if let Outcome::Unchanged { reason, .. } = &outcome {
                 tracing::info!(file = %file.display(), "{reason}");
