@@ -15,6 +15,7 @@
 #   --timeout SECONDS      how long one pod's canary may run (default: 1200)
 #   --wait-build SECONDS   how long to wait for every pod's sidecar to have the build
 #                          (default: 300)
+#   --poll SECONDS         how often to ask the hosts how their canary does (default: 5)
 #
 # The hosts run with `hold = true` (deploy/kubernetes/configmap.yaml): the build the sidecar
 # pulled does not serve before its turn. Once every pod serves VERSION, it is written to the
@@ -34,7 +35,7 @@ say() { echo "rollout: $*" >&2; }
 
 ((BASH_VERSINFO[0] > 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] >= 2))) || { say "bash 4.2 or later is needed"; exit 2; }
 version="" namespace="" selector="app.kubernetes.io/name=hotswap" configmap=hotswap
-percent=10 rest_percent=50 timeout=1200 wait_build=300
+percent=10 rest_percent=50 timeout=1200 wait_build=300 poll=5
 need() { [[ $# -ge 2 && -n $2 ]] || { say "$1 needs a value"; exit 2; }; }
 while (($#)); do
     case $1 in
@@ -45,13 +46,14 @@ while (($#)); do
         --rest-percent) need "$@"; rest_percent=$2; shift 2 ;;
         --timeout) need "$@"; timeout=$2; shift 2 ;;
         --wait-build) need "$@"; wait_build=$2; shift 2 ;;
+        --poll) need "$@"; poll=$2; shift 2 ;;
         -h|--help) usage ;;
         -*) say "unknown option $1"; usage ;;
         *) [[ -z $version ]] || usage; version=$1; shift ;;
     esac
 done
 [[ -n $version ]] || usage
-for n in "$timeout" "$wait_build"; do
+for n in "$timeout" "$wait_build" "$poll"; do
     [[ $n =~ ^[0-9]+$ ]] || { say "\`$n\` is not a number of seconds"; exit 2; }
 done
 for tool in kubectl jq; do
@@ -84,7 +86,7 @@ for pod in "${pods[@]}"; do
     deadline=$((SECONDS + wait_build))
     until status "$pod" | jqv -e ".builds | any($ours)" >/dev/null; do
         ((SECONDS < deadline)) || { say "$pod has no build of $version after ${wait_build}s (is it pushed, and the sidecar pulling?)"; exit 3; }
-        sleep 5
+        sleep "$poll"
     done
     doc=$(status "$pod")
     jq -e '.canary == null' <<<"$doc" >/dev/null || { say "$pod runs a canary already: end it first (hotswap canary --abort)"; exit 2; }
@@ -138,7 +140,7 @@ canary() {
             say "$pod: the canary is still running after ${timeout}s ($(jq -r '.canary.verdict' <<<"$doc")): aborting it"
             return 2
         fi
-        sleep 5
+        sleep "$poll"
     done
 }
 

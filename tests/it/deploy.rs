@@ -133,7 +133,7 @@ async fn a_rollout_promotes_on_every_host_in_turn_and_stops_at_a_failed_canary()
         })
         .collect();
 
-    let (code, said) = rollout(&bin, &["2.0.0", "--percent", "50", "--rest-percent", "50", "--wait-build", "30", "--timeout", "60"]).await;
+    let (code, said) = rollout(&bin, &["2.0.0", "--percent", "50", "--rest-percent", "50", "--wait-build", "30", "--timeout", "60", "--poll", "1"]).await;
     assert_eq!(code, 0, "{said}");
     assert!(said.contains("pod-0: 2.0.0 promoted") && said.contains("pod-1: 2.0.0 promoted"), "{said}");
     for (_, host) in &hosts {
@@ -148,7 +148,7 @@ async fn a_rollout_promotes_on_every_host_in_turn_and_stops_at_a_failed_canary()
         place_by_rename(&artifacts().faulty, &dir.join("app-faulty.so"));
         assert!(host.wait_for_log("faulty.so", Duration::from_secs(30)), "{}", host.log());
     }
-    let (code, said) = rollout(&bin, &["0.1.0", "--percent", "50", "--wait-build", "30", "--timeout", "60"]).await;
+    let (code, said) = rollout(&bin, &["0.1.0", "--percent", "50", "--wait-build", "30", "--timeout", "60", "--poll", "1"]).await;
     assert_eq!(code, 1, "{said}");
     assert!(said.contains("pod-0: 0.1.0 promoted"), "{said}");
     assert!(said.contains("pod-1: 0.1.0 rolled back: canary rolled back: its 5xx answers"), "{said}");
