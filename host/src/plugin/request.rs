@@ -253,6 +253,9 @@ pub(crate) struct Head<'a> {
     pub(crate) request_id: u64,
     /// The protocol the client asks to switch to, when the host can switch this request.
     pub(crate) upgrade: Option<&'a [u8]>,
+    /// Keep the headers after the call (see [`PluginCall::take_headers`]) rather than reuse
+    /// them: a request that may be sent again elsewhere.
+    pub(crate) keep_headers: bool,
 }
 
 /// Where a connection's requests come from.
@@ -287,6 +290,8 @@ pub(crate) struct Answer {
 /// request's hold on the generation whose code the future is.
 pub(crate) struct PluginCall {
     ffi: FfiResponseFuture,
+    /// The request's headers, when kept (`Head::keep_headers`).
+    headers: Option<http::HeaderMap>,
     /// The request body's progress, if it has a body.
     body: Option<Arc<BodyProgress>>,
     /// `Some` while the plugin's state is live. When the future completes, the state is
@@ -392,8 +397,18 @@ impl PluginCall {
         // the plugin, which releases it through `body_drop`.
         let future = unsafe { handle(&ffi) };
         drop(headers);
-        response::recycle(head.headers);
-        PluginCall { ffi: future, body: progress, in_flight: Some(in_flight) }
+        let kept = if head.keep_headers {
+            Some(head.headers)
+        } else {
+            response::recycle(head.headers);
+            None
+        };
+        PluginCall { ffi: future, body: progress, in_flight: Some(in_flight), headers: kept }
+    }
+
+    /// The request's headers, if the call was asked to keep them.
+    pub(crate) fn take_headers(&mut self) -> Option<http::HeaderMap> {
+        self.headers.take()
     }
 
     /// The request body's progress, for the host's `--body-read-timeout` (`None` without a

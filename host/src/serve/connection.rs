@@ -231,7 +231,7 @@ impl Runs {
             self.due = served + len;
             return Some(canary);
         }
-        let block = current.take_block(MAX_BLOCK.min(1 << self.blocks.min(6)));
+        let block = current.take_block(MAX_BLOCK.min(1 << self.blocks.min(MAX_BLOCK.ilog2())));
         self.blocks += 1;
         let Some(block) = block else {
             self.due = served + MAX_BLOCK;

@@ -180,10 +180,10 @@ pub(crate) enum Respond {
 type Starting = (Request<Incoming>, InFlight, ConnRequest, Option<Arc<Current>>);
 
 /// What a canary's failed request needs to be answered by the current version instead: the
-/// version's cell, and the request's head (a `GET` or `HEAD` without a body: nothing else).
+/// version's cell, and the request's version (its headers stay with the call: a `GET` or
+/// `HEAD` without a body has nothing else).
 pub(crate) struct Replay {
     current: Arc<Current>,
-    headers: http::HeaderMap,
     version: http::Version,
 }
 
@@ -289,7 +289,7 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
     let (http::request::Parts { method, uri, version, headers, .. }, body) = request.into_parts();
     // (`replay` is given only for a `GET` or `HEAD` without a body.)
-    let replay = replay.filter(|_| protocol.is_none()).map(|current| Replay { current, headers: headers.clone(), version });
+    let replay = replay.filter(|_| protocol.is_none()).map(|current| Replay { current, version });
     let asked = Asked { method, uri, version, headers, protocol, on_upgrade };
     call_plugin(asked, Some(body), in_flight, conn, replay, started)
 }
@@ -317,6 +317,7 @@ fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: 
         origin: &conn.state.origin,
         request_id: id.0,
         upgrade: protocol.as_ref().map(|p| p.as_bytes()),
+        keep_headers: replay.is_some(),
     };
     let call = PluginCall::start(in_flight, head, body, conn.state.max_body_size);
     if let Some(body) = call.body_progress() {
@@ -328,8 +329,8 @@ fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: 
 /// Answers a request the canary failed before its response started from the current
 /// version, `next`, on its runtime. The request ran there as it came; the canary's figures count it
 /// as the 500 it would have been.
-fn replay_on(next: Arc<Generation>, replay: Replay, method: http::Method, uri: http::Uri, conn: ConnRequest) -> Respond {
-    let Replay { headers, version, .. } = replay;
+fn replay_on(next: Arc<Generation>, replay: Replay, headers: http::HeaderMap, method: http::Method, uri: http::Uri, conn: ConnRequest) -> Respond {
+    let version = replay.version;
     let lent = conn.state.relayed_lent(&next);
     relay(next, conn.counting_lent_in(lent), move |in_flight, conn| {
         let asked = Asked { method, uri, version, headers, protocol: None, on_upgrade: None };
@@ -354,11 +355,22 @@ fn upgrade_protocol(request: &Request<Incoming>) -> Option<String> {
 impl Calling {
     /// The response to hand to hyper, once the plugin's future has completed.
     fn finish(self, called: Result<Answer, CallFailed>) -> Finished {
-        let Calling { call, conn, started, method, uri, id, on_upgrade, replay } = self;
+        let Calling { mut call, conn, started, method, uri, id, on_upgrade, replay } = self;
+        // Kept for a replay: given back for reuse unless the request is replayed.
+        let headers = call.take_headers();
         // Its state is released already; the hold is in `called`. The request body may still
         // be read by the response body (and time out then).
         let request_body = call.body_progress().cloned();
         drop(call);
+        let (headers, called) = match called {
+            Ok(answer) => {
+                if let Some(headers) = headers {
+                    crate::plugin::response::recycle(headers);
+                }
+                (None, Ok(answer))
+            }
+            Err(failed) => (headers, Err(failed)),
+        };
         let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn));
         Finished::Response(match called {
             Ok(response) => {
@@ -381,8 +393,8 @@ impl Calling {
             Err(CallFailed { error, in_flight }) => {
                 let generation = in_flight.generation().clone();
                 // Not on the build that failed, if it was promoted meanwhile.
-                let elsewhere = replay.map(|replay| (replay.current.load(), replay)).filter(|(next, _)| next.id() != generation.id());
-                if let Some((next, replay)) = elsewhere {
+                let elsewhere = replay.zip(headers).map(|(replay, headers)| (replay.current.load(), replay, headers));
+                if let Some((next, replay, headers)) = elsewhere.filter(|(next, ..)| next.id() != generation.id()) {
                     tracing::error!(
                         %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                         "{error}; the canary's failure counts against it, and the current version answers the request"
@@ -390,7 +402,7 @@ impl Calling {
                     generation.stats().record(StatusCode::INTERNAL_SERVER_ERROR.as_u16(), started.elapsed());
                     generation.stats().replayed_elsewhere();
                     drop(in_flight);
-                    return Finished::Replayed(replay_on(next, replay, method, uri, conn));
+                    return Finished::Replayed(replay_on(next, replay, headers, method, uri, conn));
                 }
                 tracing::error!(
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
