@@ -133,6 +133,15 @@ pub(crate) struct InheritedPin {
     by: String,
 }
 
+/// What a build that starts becomes.
+#[derive(Debug, Clone, Copy)]
+enum Then {
+    /// The current generation.
+    Swap(Handoff),
+    /// The canary, with this share.
+    Canary(Share),
+}
+
 /// Whether a build that refuses the state handed to it is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handoff {
@@ -609,7 +618,7 @@ impl Registry {
                 Ok(c) => Some(build_of(c)),
                 Err(_) => None,
             };
-            match self.try_start_canary(candidate, &file, build.as_ref(), share).await {
+            match self.try_start(candidate, &file, build.as_ref(), Then::Canary(share)).await {
                 Ok(canary) => return Ok(self.canary_outcome(&canary, share, refused)),
                 Err(e) => refused.push(e.to_string()),
             }
@@ -736,34 +745,6 @@ impl Registry {
         Outcome::Canary { serving: Brief::of(&self.current()), canary: Brief::of(canary), percent: share.percent(), refused }
     }
 
-    /// Starts an opened candidate (of `file`) as a canary with `share`; on failure records
-    /// the refusal (and marks the build refused).
-    async fn try_start_canary(
-        &self,
-        candidate: Result<Candidate, GenerationError>,
-        file: &Path,
-        build: Option<&Build>,
-        share: Share,
-    ) -> Result<Arc<Generation>, GenerationError> {
-        let started = match candidate {
-            Ok(candidate) => self.start_handed(candidate, Handoff::Required).await,
-            Err(e) => Err(e),
-        };
-        match started {
-            Ok(generation) => {
-                self.install_canary(generation.clone(), file, share);
-                Ok(generation)
-            }
-            Err(e) => {
-                if !matches!(e, GenerationError::GenerationCap { .. }) {
-                    lock(&self.builds).mark_refused(file);
-                }
-                self.refuse(file, e.kind(), &e.to_string(), build);
-                Err(e)
-            }
-        }
-    }
-
     /// Routes `share` of new requests to `generation`, in place of any canary before it.
     fn install_canary(&self, generation: Arc<Generation>, file: &Path, share: Share) {
         let current = self.current();
@@ -867,7 +848,7 @@ impl Registry {
         if let Ok(candidate) = &candidate {
             lock(&self.builds).insert(build_of(candidate));
         }
-        self.try_start(candidate, file, None, Handoff::Required).await
+        self.try_start(candidate, file, None, Then::Swap(Handoff::Required)).await
     }
 
     fn unchanged(&self, reason: String) -> Outcome {
@@ -944,7 +925,7 @@ impl Registry {
             };
             if let Some(share) = self.policy.auto {
                 // A new build starts as a canary (`--canary`).
-                match self.try_start_canary(candidate, &best.file, Some(&best), share).await {
+                match self.try_start(candidate, &best.file, Some(&best), Then::Canary(share)).await {
                     Ok(canary) => return self.canary_outcome(&canary, share, refused),
                     Err(e @ GenerationError::GenerationCap { .. }) => {
                         refused.push(e.to_string());
@@ -954,7 +935,7 @@ impl Registry {
                 }
                 continue;
             }
-            match self.try_start(candidate, &best.file, Some(&best), Handoff::Required).await {
+            match self.try_start(candidate, &best.file, Some(&best), Then::Swap(Handoff::Required)).await {
                 Ok(next) => return Outcome::Swapped { from: Brief::of(&current), to: Brief::of(&next), refused },
                 Err(e @ GenerationError::GenerationCap { .. }) => {
                     // Not the build's fault, and no other build would fare better.
@@ -986,7 +967,7 @@ impl Registry {
                 Err(_) => None,
             };
             // A rollback or a pin never depends on an older build reading newer state.
-            match self.try_start(candidate, &file, build.as_ref(), Handoff::Optional).await {
+            match self.try_start(candidate, &file, build.as_ref(), Then::Swap(Handoff::Optional)).await {
                 Ok(next) => {
                     tracing::info!(version = %pin.version, by = %pin.by, "pinned: {} serves", next.label());
                     *lock(&self.pin) = Some(pin);
@@ -998,18 +979,22 @@ impl Registry {
         Ok(Outcome::Refused { serving: Brief::of(&current), refused })
     }
 
-    /// Starts an opened candidate (of `file`) and swaps it in; on failure records the
-    /// refusal (and marks the build refused).
+    /// Starts an opened candidate (of `file`) and swaps it in, or makes it the canary; on
+    /// failure records the refusal (and marks the build refused).
     async fn try_start(
         &self,
         candidate: Result<Candidate, GenerationError>,
         file: &Path,
         build: Option<&Build>,
-        handoff: Handoff,
+        then: Then,
     ) -> Result<Arc<Generation>, GenerationError> {
-        let started = match candidate {
-            Ok(candidate) => self.start_and_swap(candidate, handoff).await,
-            Err(e) => Err(e),
+        let started = match (candidate, then) {
+            (Ok(candidate), Then::Swap(handoff)) => self.start_and_swap(candidate, handoff).await,
+            (Ok(candidate), Then::Canary(share)) => {
+                let started = self.start_handed(candidate, Handoff::Required).await;
+                started.inspect(|generation| self.install_canary(generation.clone(), file, share))
+            }
+            (Err(e), _) => Err(e),
         };
         started.inspect_err(|e| {
             // Too many generations loaded is not the build's fault: it is tried again later.
