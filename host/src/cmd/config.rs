@@ -245,19 +245,15 @@ impl Canary {
                 flags.value(flag, value.to_string());
             }
         }
-        if let Some(duration) = self.duration {
-            humantime::parse_duration(&duration)
-                .map_err(|e| invalid("canary.duration", format!("`{duration}` is not a duration like 10m or 30s ({e})")))?;
-            flags.value("--canary-duration", duration);
+        for (key, flag, value) in [("canary.duration", "--canary-duration", self.duration), ("canary.latency_slack", "--canary-latency-slack", self.latency_slack)] {
+            if let Some(value) = value {
+                humantime::parse_duration(&value).map_err(|e| invalid(key, format!("`{value}` is not a duration like 10m or 10ms ({e})")))?;
+                flags.value(flag, value);
+            }
         }
         if let Some(points) = self.max_error_rate {
             crate::cmd::cli::parse_percent(&points.to_string()).map_err(|e| invalid("canary.max_error_rate", e))?;
             flags.value("--canary-max-error-rate", points.to_string());
-        }
-        if let Some(slack) = self.latency_slack {
-            humantime::parse_duration(&slack)
-                .map_err(|e| invalid("canary.latency_slack", format!("`{slack}` is not a duration like 10ms ({e})")))?;
-            flags.value("--canary-latency-slack", slack);
         }
         if let Some(ratio) = self.max_latency_ratio {
             crate::cmd::cli::parse_ratio(&ratio.to_string()).map_err(|e| invalid("canary.max_latency_ratio", e))?;

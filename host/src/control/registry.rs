@@ -179,9 +179,6 @@ pub(crate) struct Registry {
     policy: CanaryPolicy,
     /// The canary in progress, if any (also in `current`, which routes to it).
     canary: Mutex<Option<CanaryRun>>,
-    /// Canaries that were never promoted: the first cut off when too many generations are
-    /// loaded (they served a share, the old current one most requests).
-    never_current: Mutex<Vec<u64>>,
 }
 
 /// A canary in progress.
@@ -245,7 +242,6 @@ impl Registry {
             changing: Arc::new(tokio::sync::Mutex::new(())),
             policy: policy.clone(),
             canary: Mutex::new(None),
-            never_current: Mutex::new(Vec::new()),
         };
         let (history, mut builds, mut refusals) = (History::default(), Builds::default(), Vec::new());
         // What could not be read, as `read_build` keeps it: the watcher's first scan then
@@ -532,8 +528,11 @@ impl Registry {
         let _changing = self.changing.lock().await;
         let current = self.current().name().to_owned();
         // The plugin serving, if it has a build of that version; else the plugin that has.
-        let name = self.name_of_version(&version).filter(|_| self.sources_of(&version, None, |n, v| n == current && builds::is_version(v, &version)).is_err());
-        let name = name.unwrap_or(current);
+        let own = |name: &str, v: &Version| name == current && builds::is_version(v, &version);
+        let name = match self.sources_of(&version, None, own) {
+            Ok(_) => current,
+            Err(_) => self.name_of_version(&version).unwrap_or(current),
+        };
         self.switch_to(Pin { name, version, by: PinnedBy::Pin }, None).await
     }
 
@@ -706,7 +705,6 @@ impl Registry {
             *lock(&self.pin) = Some(Pin { name: next.name().to_owned(), version: next.version().clone(), by: PinnedBy::Pin });
         }
         self.history.promoted(next.id());
-        lock(&self.never_current).retain(|id| *id != next.id());
         self.make_current(next.clone(), false);
         self.current.set_canary(None);
         self.events.canary_promotions.fetch_add(1, Ordering::Relaxed);
@@ -752,18 +750,7 @@ impl Registry {
         let run = CanaryRun { canary: canary.clone(), file: file.to_path_buf(), started: Instant::now(), current_start: Window::of(current.stats()) };
         let replaced = lock(&self.canary).replace(run);
         self.current.set_canary(Some(canary));
-        {
-            let loaded: Vec<u64> = self.resident().iter().map(|g| g.id()).collect();
-            let mut never = lock(&self.never_current);
-            never.retain(|id| loaded.contains(id));
-            never.push(generation.id());
-        }
-        let resident = {
-            let mut resident = lock(&self.resident);
-            resident.retain(|g| g.strong_count() > 0);
-            resident.push(Arc::downgrade(&generation));
-            resident.iter().filter_map(Weak::upgrade).collect::<Vec<_>>()
-        };
+        let resident = self.add_resident(&generation);
         if let Some(replaced) = replaced {
             let old = replaced.canary.generation();
             tracing::info!(generation = old.id(), plugin = %old.label(), "canary replaced by a newer build");
@@ -1055,14 +1042,7 @@ impl Registry {
     /// Makes `next` current (`record`: adds it to the history); the old one drains.
     fn make_current(&self, next: Arc<Generation>, record: bool) {
         let old = self.current.swap(next.clone());
-        let resident = {
-            let mut resident = lock(&self.resident);
-            resident.retain(|g| g.strong_count() > 0);
-            if !resident.iter().any(|g| std::ptr::eq(g.as_ptr(), Arc::as_ptr(&next))) {
-                resident.push(Arc::downgrade(&next)); // (a canary promoted is there already)
-            }
-            resident.iter().filter_map(Weak::upgrade).collect::<Vec<_>>()
-        };
+        let resident = self.add_resident(&next);
         // Kept-alive connections move on before anything that may block (the log's write).
         old.superseded().raise();
         tracing::info!(
@@ -1075,6 +1055,17 @@ impl Registry {
         }
         self.enforce_max_generations(resident);
         self.drain(&old);
+    }
+
+    /// Counts `generation` among the resident ones (a canary promoted is there already);
+    /// returns every resident one.
+    fn add_resident(&self, generation: &Arc<Generation>) -> Vec<Arc<Generation>> {
+        let mut resident = lock(&self.resident);
+        resident.retain(|g| g.strong_count() > 0);
+        if !resident.iter().any(|g| std::ptr::eq(g.as_ptr(), Arc::as_ptr(generation))) {
+            resident.push(Arc::downgrade(generation));
+        }
+        resident.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Tells `old`'s sessions that it no longer gets new requests, and cuts off what it still
@@ -1149,12 +1140,12 @@ impl Registry {
     /// loaded. Those already cut off count too: they are loaded until they have unloaded, and
     /// something may keep them (see [`Registry::check_generation_cap`]).
     fn enforce_max_generations(&self, mut resident: Vec<Arc<Generation>>) {
-        resident.sort_by_key(|g| g.id());
         let excess = (resident.len() as u64).saturating_sub(self.max_generations);
         let current = self.current().id();
         let canary = self.current.canary().map(|c| c.generation().id());
-        let never = lock(&self.never_current).clone();
-        // Canaries that never served as current first, then the oldest.
+        // Canaries never promoted first (they served a share, the old current one most
+        // requests), then the oldest.
+        let never: Vec<u64> = self.history.records().iter().filter(|r| r.canary).filter_map(|r| r.generation).collect();
         resident.sort_by_key(|g| (!never.contains(&g.id()), g.id()));
         let draining = resident.iter().filter(|g| !g.aborted().is_raised() && g.id() != current && Some(g.id()) != canary);
         for oldest in draining.take(excess as usize) {

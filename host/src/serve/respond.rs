@@ -357,20 +357,17 @@ impl Calling {
     fn finish(self, called: Result<Answer, CallFailed>) -> Finished {
         let Calling { mut call, conn, started, method, uri, id, on_upgrade, replay } = self;
         // Kept for a replay: given back for reuse unless the request is replayed.
-        let headers = call.take_headers();
+        let headers = match call.take_headers() {
+            Some(headers) if called.is_ok() => {
+                crate::plugin::response::recycle(headers);
+                None
+            }
+            kept => kept,
+        };
         // Its state is released already; the hold is in `called`. The request body may still
         // be read by the response body (and time out then).
         let request_body = call.body_progress().cloned();
         drop(call);
-        let (headers, called) = match called {
-            Ok(answer) => {
-                if let Some(headers) = headers {
-                    crate::plugin::response::recycle(headers);
-                }
-                (None, Ok(answer))
-            }
-            Err(failed) => (headers, Err(failed)),
-        };
         let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn));
         Finished::Response(match called {
             Ok(response) => {
