@@ -5,9 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, version_in, Host, WAIT};
+use hotswap_tests::{artifacts, example_version, metric, place_by_rename, temp_dir, version_in, Host, WAIT};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn status(host: &Host) -> Value {
     let (code, status) = host.command_json(&["status"]);
@@ -26,20 +25,6 @@ async fn wait_status(host: &Host, what: &str, ready: impl Fn(&Value) -> bool) ->
         assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}:\n{status:#}\n{}", host.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The scrape of `GET /metrics`, over the host's admin socket.
-async fn metrics(host: &Host) -> String {
-    let mut socket = tokio::net::UnixStream::connect(&host.admin).await.unwrap();
-    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut answer = String::new();
-    socket.read_to_string(&mut answer).await.unwrap();
-    answer
-}
-
-/// A series' value in a scrape, 0 if it is not there.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 /// The version `GET path` answers with (the example handler's), or its whole answer; fails
@@ -115,7 +100,7 @@ async fn a_canary_gets_its_share_of_requests_and_is_promoted() {
         assert_eq!(answer(&client, host.url("/")).await, "2.0.0");
     }
     assert!(host.log().contains("canary promoted (healthy after"), "{}", host.log());
-    assert_eq!(metric(&metrics(&host).await, "hotswap_canaries_total{outcome=\"promoted\"}"), 1.0);
+    assert_eq!(metric(&host.metrics().await, "hotswap_canaries_total{outcome=\"promoted\"}"), 1.0);
 }
 
 #[tokio::test]
@@ -147,7 +132,7 @@ async fn a_failing_canary_is_rolled_back_its_clients_never_see_a_failure_and_it_
     let reason = after["refusals"][0]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("canary rolled back") && reason.contains("5xx answers and panics"), "{after}");
     assert!(after["refusals"][0]["file"].as_str().unwrap().ends_with("faulty.so"), "{after}");
-    let scrape = metrics(&host).await;
+    let scrape = host.metrics().await;
     assert_eq!(metric(&scrape, "hotswap_canaries_total{outcome=\"rolled_back\"}"), 1.0, "{scrape}");
     assert!(metric(&scrape, "hotswap_canary_replayed_requests_total") >= 8.0, "{scrape}");
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hotswap_tests::{artifacts, is_pattern, Host, WAIT};
+use hotswap_tests::{artifacts, is_pattern, read_download, Host, WAIT};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1024 * 1024;
@@ -32,14 +32,7 @@ async fn downloads_256_mib_byte_exact() {
     let response = reqwest::get(host.url(&format!("/download?size={size}"))).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.content_length(), Some(size));
-    let mut stream = response.bytes_stream();
-    let mut at = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.unwrap();
-        assert!(is_pattern(&chunk, at), "byte mismatch in the chunk at offset {at}");
-        at += chunk.len() as u64;
-    }
-    assert_eq!(at, size);
+    assert_eq!(read_download(response).await, size);
 }
 
 #[tokio::test]

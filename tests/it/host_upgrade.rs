@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hotswap_tests::{artifacts, example_version, heavy_lock, is_pattern, place_by_rename, temp_dir, Host};
+use hotswap_tests::{artifacts, example_version, heavy_lock, place_by_rename, read_download, temp_dir, Host};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -74,17 +74,17 @@ impl KeepAlive {
 }
 
 /// Whether process `pid` is still running (and not a zombie).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')))
 }
 
 /// The host processes upgrades started, stopped when dropped (the test's own `Host` stops only
 /// the first).
 #[derive(Default)]
-struct Reap(std::sync::Mutex<Vec<u32>>);
+pub(crate) struct Reap(std::sync::Mutex<Vec<u32>>);
 
 impl Reap {
-    fn add(&self, pid: u32) {
+    pub(crate) fn add(&self, pid: u32) {
         self.0.lock().unwrap().push(pid);
     }
 
@@ -111,7 +111,7 @@ fn example_host(name: &str, extra: &[&str]) -> (std::path::PathBuf, Host, Reap) 
 }
 
 /// `hotswap upgrade` against `host`'s admin socket, off the async runtime; the new pid.
-async fn upgrade(admin: &Path, extra: &[&str]) -> Result<u32, String> {
+pub(crate) async fn upgrade(admin: &Path, extra: &[&str]) -> Result<u32, String> {
     let mut args = vec!["upgrade".to_owned(), "--json".to_owned()];
     args.extend(extra.iter().map(|a| a.to_string()));
     let admin = admin.to_path_buf();
@@ -147,17 +147,9 @@ async fn ten_upgrades() {
     let download = {
         let url = host.url(&format!("/download?size={size}&rate={}", 12 << 20));
         tokio::spawn(async move {
-            use futures_util::StreamExt as _;
             let response = reqwest::get(url).await.expect("download request");
             assert_eq!(response.status(), 200);
-            let mut body = response.bytes_stream();
-            let mut at = 0u64;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.unwrap_or_else(|e| panic!("the download was cut at byte {at}: {e}"));
-                assert!(is_pattern(&chunk, at), "wrong bytes at {at}");
-                at += chunk.len() as u64;
-            }
-            at
+            read_download(response).await
         })
     };
 
@@ -392,7 +384,6 @@ async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
 #[tokio::test]
 async fn websockets_and_http2_finish_on_the_old_host() {
     use crate::upgrades::{connect, echo, greeting};
-    use futures_util::StreamExt as _;
     use tokio_tungstenite::tungstenite::Message;
     let (_dir, mut host, reap) = example_host("host-upgrade-long", &[]);
     let mut session = connect(&host, "").await;
@@ -408,14 +399,7 @@ async fn websockets_and_http2_finish_on_the_old_host() {
     assert_eq!(KeepAlive::connect(&host.addr).await.host_pid().await.unwrap(), next);
     // Both go on, on the old host.
     echo(&mut session, Message::text("after the upgrade")).await;
-    let mut body = response.bytes_stream();
-    let mut at = 0u64;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.unwrap_or_else(|e| panic!("the HTTP/2 download was cut at byte {at}: {e}"));
-        assert!(is_pattern(&chunk, at), "wrong bytes at {at}");
-        at += chunk.len() as u64;
-    }
-    assert_eq!(at, size);
+    assert_eq!(read_download(response).await, size);
     echo(&mut session, Message::text("still the old host")).await;
     assert!(alive(host.pid()), "the old host left before its WebSocket ended");
     session.close(None).await.unwrap();

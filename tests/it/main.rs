@@ -18,5 +18,6 @@ mod operations;
 mod soak;
 mod swap;
 mod systemd;
+mod tls;
 mod trust;
 mod upgrades;

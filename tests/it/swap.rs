@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::StreamExt;
-use hotswap_tests::{artifacts, example_version, is_pattern, log_time, place_by_cp, place_by_rename, private_dir, temp_dir, version_in, Host, WAIT};
+use hotswap_tests::{artifacts, example_version, is_pattern, log_time, place_by_cp, place_by_rename, private_dir, read_download, temp_dir, version_in, Host, WAIT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -22,16 +21,7 @@ async fn swap_during_download(place: fn(&Path, &Path)) {
     // within four).
     let size = 48 * MIB;
     let download = reqwest::get(host.url(&format!("/download?size={size}&rate={}", 8 * MIB))).await.unwrap();
-    let reader = tokio::spawn(async move {
-        let mut stream = download.bytes_stream();
-        let mut at = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.expect("the download broke during the swap");
-            assert!(is_pattern(&chunk, at), "byte mismatch at offset {at}");
-            at += chunk.len() as u64;
-        }
-        at
-    });
+    let reader = tokio::spawn(read_download(download));
     tokio::time::sleep(Duration::from_millis(300)).await;
     place(&v2, &dir.join("app.so"));
     let swapped = Instant::now();

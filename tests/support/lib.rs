@@ -192,7 +192,10 @@ pub fn version_in(greeting: &str) -> Option<String> {
 /// A running `hotswap` process; killed on drop if still running.
 pub struct Host {
     child: Child,
+    /// Where it listens: for cleartext HTTP, else for HTTPS.
     pub addr: String,
+    /// Where it listens for HTTPS, if it does.
+    pub https: Option<String>,
     log: Arc<Mutex<String>>,
     /// The admin API's socket: the path the test gave with `--admin /abs/path` (or
     /// HOTSWAP_ADMIN), else one of its own. A test that gives a TCP address or a relative path
@@ -277,15 +280,27 @@ impl Host {
                     log.push_str(&line);
                     log.push('\n');
                 }
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    // Text logs end the line there; JSON logs close a string.
-                    let addr = rest.split(|c: char| c.is_whitespace() || c == '"').next().unwrap_or_default();
-                    let _ = tx.send(addr.to_owned());
+                if let Some(rest) = line.split("listening on ").nth(1).filter(|r| r.starts_with("http")) {
+                    // `http://ADDR[, https://ADDR]`: text logs end the line there; JSON logs
+                    // close a string.
+                    let urls = rest.split(|c: char| c.is_whitespace() || c == '"').map(|u| u.trim_end_matches(','));
+                    let (mut http, mut https) = (None, None);
+                    for url in urls {
+                        if let Some(addr) = url.strip_prefix("http://") {
+                            http = Some(addr.to_owned());
+                        } else if let Some(addr) = url.strip_prefix("https://") {
+                            https = Some(addr.to_owned());
+                        }
+                    }
+                    let _ = tx.send((http, https));
                 }
             }
         });
         match rx.recv_timeout(startup) {
-            Ok(addr) => Ok(Host { child, addr, log, admin }),
+            Ok((http, https)) => {
+                let addr = http.or_else(|| https.clone()).unwrap_or_default();
+                Ok(Host { child, addr, https, log, admin })
+            }
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -404,6 +419,16 @@ impl Host {
         }
     }
 
+    /// The scrape of `GET /metrics`, over the host's admin socket.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut socket = tokio::net::UnixStream::connect(&self.admin).await.unwrap();
+        socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
     /// The address `http://…` of the admin API when the host was given a TCP one.
     pub fn admin_url(&self) -> String {
         let log = self.log();
@@ -458,6 +483,27 @@ impl Drop for Host {
 /// starts at offset `at`.
 pub fn is_pattern(chunk: &[u8], at: u64) -> bool {
     chunk.iter().enumerate().all(|(i, b)| *b == ((at + i as u64) % 256) as u8)
+}
+
+/// Reads a `/download` response to its end, checking each byte against the pattern; returns
+/// how many came. Panics if the response breaks off, or a byte is wrong.
+pub async fn read_download(mut response: reqwest::Response) -> u64 {
+    let mut at = 0u64;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                assert!(is_pattern(&chunk, at), "wrong bytes at {at}");
+                at += chunk.len() as u64;
+            }
+            Ok(None) => return at,
+            Err(e) => panic!("the download was cut at byte {at}: {e}"),
+        }
+    }
+}
+
+/// A series' value in a scrape of `GET /metrics`, 0 if it is not there.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 /// Parses the UTC timestamp that starts a log line (`2026-11-24T15:56:34.659029Z`).

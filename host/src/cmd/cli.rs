@@ -8,6 +8,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::control::admin::AdminAddr;
 use crate::control::canary::CanaryPolicy;
+use crate::control::tls::CertSource;
 use crate::plugin::route::{Share, Sticky};
 use crate::serve::Limits;
 
@@ -48,7 +49,7 @@ pub(crate) enum Command {
     /// swap the new build in. A failed build prints the compiler's errors and the previous
     /// build keeps serving. Run it in the plugin's cargo workspace.
     #[command(args_override_self = true)]
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
     /// Create a new plugin crate: a handler (or an axum app, with --axum) and a test, ready
     /// for `hotswap dev` and `cargo test`.
     New(NewArgs),
@@ -241,10 +242,57 @@ pub(crate) struct HostArgs {
     pub(crate) max_generations: u64,
 
     #[command(flatten)]
+    pub(crate) tls: TlsArgs,
+
+    #[command(flatten)]
     pub(crate) limits: HttpLimits,
 
     #[command(flatten)]
     pub(crate) admin: AdminArgs,
+}
+
+/// HTTPS: where its certificates come from, and where it listens.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "HTTPS")]
+#[command(group(ArgGroup::new("tls_source").args(["tls_cert", "tls_dir"])))]
+pub(crate) struct TlsArgs {
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1, by ALPN; TLS 1.2 and 1.3) with this certificate chain
+    /// (PEM, the server's certificate first): on --listen, or on --listen-tls if given. A new
+    /// certificate written or renamed over it (or `hotswap reload`, or SIGHUP) is checked
+    /// (it parses, the key matches, it has not expired) and used for new connections, while
+    /// open ones keep theirs; one that fails is refused, with the reason in the log and
+    /// `hotswap status`, and the previous one keeps serving. The header read timeout covers
+    /// the handshake.
+    #[arg(long, value_name = "FILE", requires = "tls_key", conflicts_with = "tls_dir")]
+    pub(crate) tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC). Keep it readable by the
+    /// host's user only.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+
+    /// Serve HTTPS with a directory of certificates: each NAME.crt with its key NAME.key,
+    /// chosen for each connection by the name the client asks for (SNI); the first by file
+    /// name serves clients that ask for no name or another one. Each pair is replaced (or
+    /// refused) on its own, as with --tls-cert.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) tls_dir: Option<PathBuf>,
+
+    /// Serve HTTPS on this address, and cleartext HTTP (and h2c) on --listen beside it.
+    /// Without it, --listen serves HTTPS only, once a certificate is given.
+    #[arg(long, value_name = "ADDR", requires = "tls_source")]
+    pub(crate) listen_tls: Option<SocketAddr>,
+}
+
+impl TlsArgs {
+    /// Where the certificates come from, if HTTPS is served.
+    pub(crate) fn source(&self) -> Option<CertSource> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_dir) {
+            (Some(cert), Some(key), _) => Some(CertSource::Pair { cert: cert.clone(), key: key.clone() }),
+            (_, _, Some(dir)) => Some(CertSource::Dir(dir.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// What one client may cost the server.

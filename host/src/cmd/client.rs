@@ -53,6 +53,22 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
                 print!("{}", status_text(&document));
             }
         }
+        AdminCommand::Reload(_) => {
+            let answer: api::ReloadAnswer = read(&addr, status, &answer, args.json)?;
+            let (mut line, mut refused) = outcome_text(&answer.outcome);
+            if let Some(certificates) = &answer.certificates {
+                let (certificates_line, certificates_refused) = certificates_text(certificates);
+                line.push('\n');
+                line.push_str(&certificates_line);
+                refused |= certificates_refused;
+            }
+            if !args.json {
+                println!("{line}");
+            }
+            if refused {
+                bail!("{line}");
+            }
+        }
         AdminCommand::Upgrade { .. } => {
             let upgrade: api::UpgradeRecord = read(&addr, status, &answer, args.json)?;
             if !args.json {
@@ -193,6 +209,20 @@ fn outcome_text(outcome: &Outcome) -> (String, bool) {
     }
 }
 
+/// What a reload did with the certificates, and whether one was refused.
+fn certificates_text(reloaded: &api::CertificatesReloaded) -> (String, bool) {
+    let mut lines: Vec<String> = reloaded
+        .replaced
+        .iter()
+        .map(|c| format!("certificate: {} ({}) serves new connections, until {}", c.subject, c.names.join(", "), c.not_after))
+        .collect();
+    lines.extend(reloaded.refused.iter().map(|r| format!("certificate refused: {r}; the previous one keeps serving")));
+    if lines.is_empty() {
+        lines.push("certificates: unchanged".into());
+    }
+    (lines.join("\n"), !reloaded.refused.is_empty())
+}
+
 /// One line saying what an upgrade did.
 fn upgrade_text(u: &api::UpgradeRecord) -> String {
     format!(
@@ -310,6 +340,27 @@ fn status_text(status: &api::Status) -> String {
             ]);
         }
         out.push_str(&format!("\nhost upgrades (newest first)\n{upgrades}\n"));
+    }
+
+    if let Some(tls) = &status.tls {
+        let mut certificates = table(&["SUBJECT", "NAMES", "EXPIRES", "IN", "FILE", "SHA-256"]);
+        for c in &tls.certificates {
+            certificates.add_row(vec![
+                c.subject.clone(),
+                c.names.join(", "),
+                c.not_after.clone(),
+                format!("{:.1} days", c.expires_in_days),
+                c.cert_file.display().to_string(),
+                c.sha256.get(..12).map_or(c.sha256.clone(), |s| format!("{s}…")),
+            ]);
+        }
+        out.push_str(&format!("\nHTTPS certificates (the first serves clients that name no other)\n{certificates}\n"));
+        if !tls.refusals.is_empty() {
+            out.push_str("certificates refused (newest first; the previous ones kept serving)\n");
+            for r in &tls.refusals {
+                out.push_str(&format!("  {}  {}\n", r.at, r.reason));
+            }
+        }
     }
 
     if !status.refusals.is_empty() {

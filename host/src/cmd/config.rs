@@ -48,6 +48,18 @@ struct File {
     admin: Admin,
     #[serde(default)]
     canary: Canary,
+    #[serde(default)]
+    tls: Tls,
+}
+
+/// `[tls]`: `--tls-cert`, `--tls-key`, `--tls-dir` and `--listen-tls` (`listen`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    listen: Option<String>,
 }
 
 /// `[canary]`: the `--canary-*` flags (`percent` is `--canary`).
@@ -179,6 +191,7 @@ impl File {
         if let Some(dir) = self.shadow_dir {
             flags.path("--shadow-dir", dir);
         }
+        flags.0.extend(self.tls.into_flags(path)?);
         if let Some(level) = self.log_level {
             flags.value("--log-level", level);
         }
@@ -258,6 +271,30 @@ impl Canary {
         if let Some(ratio) = self.max_latency_ratio {
             crate::cmd::cli::parse_ratio(&ratio.to_string()).map_err(|e| invalid("canary.max_latency_ratio", e))?;
             flags.value("--canary-max-latency-ratio", ratio.to_string());
+        }
+        Ok(flags.0)
+    }
+}
+
+impl Tls {
+    /// The HTTPS flags; a certificate comes with its key.
+    fn into_flags(self, path: &Path) -> Result<Vec<OsString>, ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Value { path: path.to_path_buf(), key, reason };
+        let mut flags = Flags::default();
+        match (self.cert, self.key, self.dir) {
+            (Some(_), _, Some(_)) => return Err(invalid("tls.dir", "give `cert` and `key`, or `dir`, not both".into())),
+            (Some(cert), Some(key), None) => {
+                flags.path("--tls-cert", cert);
+                flags.path("--tls-key", key);
+            }
+            (Some(_), None, None) => return Err(invalid("tls.key", "`cert` needs the key it was issued for".into())),
+            (None, Some(_), _) => return Err(invalid("tls.cert", "`key` needs its certificate".into())),
+            (None, None, Some(dir)) => flags.path("--tls-dir", dir),
+            (None, None, None) => {}
+        }
+        if let Some(listen) = self.listen {
+            listen.parse::<SocketAddr>().map_err(|e| invalid("tls.listen", format!("`{listen}` is not an address:port ({e})")))?;
+            flags.value("--listen-tls", listen);
         }
         Ok(flags.0)
     }
@@ -357,6 +394,18 @@ mod tests {
         assert!(percent.contains("`canary.percent`"), "{percent}");
         let sticky = with_file("[canary]\nsticky = \"query:user\"\n", &[]).unwrap_err().to_string();
         assert!(sticky.contains("`canary.sticky`") && sticky.contains("cookie:NAME"), "{sticky}");
+    }
+
+    #[test]
+    fn the_tls_table_becomes_the_https_flags() {
+        let merged = with_file("[tls]\ncert = \"/etc/hotswap/cert.pem\"\nkey = \"/etc/hotswap/key.pem\"\nlisten = \"0.0.0.0:443\"\n", &[]).unwrap();
+        for flag in ["--tls-cert=/etc/hotswap/cert.pem", "--tls-key=/etc/hotswap/key.pem", "--listen-tls=0.0.0.0:443"] {
+            assert!(merged.contains(&flag.to_owned()), "{flag} in {merged:?}");
+        }
+        let alone = with_file("[tls]\ncert = \"cert.pem\"\n", &[]).unwrap_err().to_string();
+        assert!(alone.contains("`tls.key`"), "{alone}");
+        let listen = with_file("[tls]\ndir = \"/etc/certs\"\nlisten = \"443\"\n", &[]).unwrap_err().to_string();
+        assert!(listen.contains("`tls.listen`"), "{listen}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use std::os::fd::AsFd as _;
@@ -19,6 +20,7 @@ use crate::control::host::{HostProcess, UpgradeOrder};
 use crate::control::registry::Outcome;
 use crate::control::builds::PluginSource;
 use crate::control::canary::CanaryPolicy;
+use crate::control::tls::Certificates;
 use crate::cmd::cli::HostArgs;
 use crate::plugin::reaper;
 use crate::plugin::LoadOptions;
@@ -54,21 +56,32 @@ where
     let shutdown = latch.token().child_token();
     spawn_signal_handler(latch.clone())?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    // SIGHUP also reads the certificates again: each stream gets every signal.
+    let hangup_tls = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let user2 = signal(SignalKind::user_defined2()).context("cannot install the SIGUSR2 handler")?;
     let binary = std::env::current_exe().context("cannot tell which binary this host runs")?;
     // The socket first: one passed by systemd (or by the host this one replaces) is taken
     // before anything else opens a file, and a port in use fails the start before any plugin
     // is loaded.
     let (inherited, sockets) = upgrade::inherit().await?.unzip();
-    let (listener, inherited_admin) = match sockets {
-        Some(sockets) => (TcpListener::from_std(sockets.listener)?, Some(sockets.admin)),
+    let (listener, inherited_admin, inherited_tls) = match sockets {
+        Some(sockets) => (TcpListener::from_std(sockets.listener)?, Some(sockets.admin), sockets.tls_listener),
         None => match crate::sys::inherited_listener().context("cannot use the socket passed by the service manager")? {
-            Some(inherited) => (TcpListener::from_std(inherited)?, None),
-            None => (TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?, None),
+            Some(inherited) => (TcpListener::from_std(inherited)?, None, None),
+            None => (TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?, None, None),
         },
     };
+    let tls_listener = match (args.tls.listen_tls, inherited_tls) {
+        (Some(_), Some(inherited)) => Some(TcpListener::from_std(inherited)?),
+        (Some(addr), None) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--listen-tls)"))?),
+        (None, Some(_)) => {
+            tracing::warn!("the previous host served HTTPS on a second address (--listen-tls), and this one is not told to: it is closed");
+            None
+        }
+        (None, None) => None,
+    };
     let started = start(args, trust, source, policy, inherited.as_ref(), inherited_admin, listener).await;
-    let (registry, listener, admin) = match (started, &inherited) {
+    let (registry, listener, admin, certificates) = match (started, &inherited) {
         (Ok(started), _) => started,
         (Err(e), Some(inherited)) => {
             inherited.failed(&e).await;
@@ -80,6 +93,16 @@ where
     let host = Arc::new(HostProcess::new(upgradable.then_some(orders), inherited.as_ref().map(|i| i.upgrades.clone()).unwrap_or_default()));
     spawn_upgrade_signal(user2, host.clone());
     let listening = listener.as_fd().try_clone_to_owned().context("cannot keep the listening socket for an upgrade")?;
+    let tls_listening = match &tls_listener {
+        Some(l) => Some(l.as_fd().try_clone_to_owned().context("cannot keep the HTTPS listening socket for an upgrade")?),
+        None => None,
+    };
+    // Which listener serves HTTPS: --listen-tls's, else --listen's once a certificate is given.
+    let acceptor = match &certificates {
+        Some(certificates) => Some(TlsAcceptor::from(certificates.server_config(crate::serve::ALPN).context("cannot set up TLS")?)),
+        None => None,
+    };
+    let (plain_tls, second_tls) = if tls_listener.is_some() { (None, acceptor) } else { (acceptor, None) };
     let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
     // A host that takes over first waits until the previous one has stopped accepting; it
     // changes and serves nothing before (that one may yet stop it).
@@ -88,7 +111,10 @@ where
     }
     let triggers = tokio::spawn(triggers(registry.clone(), hangup, shutdown.clone()));
     tokio::spawn(registry.clone().judge_canaries(shutdown.clone()));
-    let admin = admin.map(|admin| admin.spawn(registry.clone(), host.clone(), shutdown.clone()));
+    if let Some(certificates) = &certificates {
+        tokio::spawn(certificates.clone().watch(hangup_tls, shutdown.clone()));
+    }
+    let admin = admin.map(|admin| admin.spawn(registry.clone(), host.clone(), certificates.clone(), shutdown.clone()));
     let adopting = match inherited {
         Some(inherited) => {
             if let Some(admin) = &admin {
@@ -110,21 +136,30 @@ where
             None
         }
     };
-    match listener.local_addr() {
-        Ok(addr) => tracing::info!("listening on http://{addr}"),
-        Err(e) => tracing::warn!("listening (its address cannot be read: {e})"),
-    }
+    // One line, which scripts wait for: `listening on http://ADDR[, https://ADDR]`.
+    let listening_on: Vec<String> = [(Some(&listener), plain_tls.is_some()), (tls_listener.as_ref(), true)]
+        .into_iter()
+        .filter_map(|(listener, tls)| {
+            let scheme = if tls { "https" } else { "http" };
+            listener.map(|l| l.local_addr().map_or_else(|e| format!("{scheme} (its address cannot be read: {e})"), |a| format!("{scheme}://{a}")))
+        })
+        .collect();
+    tracing::info!("listening on {}", listening_on.join(", "));
     let upgrader = upgrade::Upgrader {
         registry: registry.clone(),
         host: host.clone(),
         server: server.clone(),
         listener: listening,
+        tls_listener: tls_listening,
         admin,
         binary,
         args: std::env::args_os().collect(),
     };
     let upgrades = tokio::spawn(upgrade::carry_out(orders_in, upgrader));
-    server.accept_loop(listener).await;
+    match tls_listener {
+        Some(tls_listener) => drop(tokio::join!(server.accept_loop(listener, plain_tls), server.accept_loop(tls_listener, second_tls))),
+        None => server.accept_loop(listener, plain_tls).await,
+    }
     // Handing over to a new host, or shutting down?
     let forwarding = if server.is_handing_over() {
         upgrades.await.ok().flatten()
@@ -194,7 +229,9 @@ async fn start(
     inherited: Option<&upgrade::Inherited>,
     inherited_admin: Option<Option<(std::os::fd::OwnedFd, crate::control::admin::HandedAdmin)>>,
     listener: TcpListener,
-) -> anyhow::Result<(Arc<Registry>, TcpListener, Option<AdminListener>)> {
+) -> anyhow::Result<(Arc<Registry>, TcpListener, Option<AdminListener>, Option<Arc<Certificates>>)> {
+    // Before any plugin is loaded: a certificate that cannot serve fails the start at once.
+    let certificates = args.tls.source().map(Certificates::load).transpose().context("cannot serve HTTPS")?;
     let token_file = args.admin.admin_token_file.as_deref();
     let admin = match inherited_admin {
         // As the previous host had it (or had none).
@@ -212,7 +249,7 @@ async fn start(
     reserve_file_descriptors(args.limits.max_connections);
     let inheritance = inherited.map(|i| i.inheritance.clone());
     let registry = Registry::start(source, options, args.drain_timeout, args.max_generations, policy, inheritance).await?;
-    Ok((Arc::new(registry), listener, admin))
+    Ok((Arc::new(registry), listener, admin, certificates))
 }
 
 /// SIGUSR2: upgrade the host to the binary at its own path (see `cmd::upgrade`).

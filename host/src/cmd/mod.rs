@@ -54,7 +54,7 @@ pub fn main() -> ExitCode {
     let server = !matches!(cli.command, Command::Admin(_) | Command::New(_));
     let result = match cli.command {
         Command::Serve(args) => run(serve_command(*args)),
-        Command::Dev(args) => run(dev::run(args)),
+        Command::Dev(args) => run(dev::run(*args)),
         Command::New(args) => new::run(args),
         Command::Admin(command) => run(client::run(command)),
     };

@@ -5,8 +5,8 @@
 //!
 //! 1. The running host (the *old* one) starts the new binary with its own arguments and a
 //!    `SOCK_SEQPACKET` socket pair between them, the new one's end at descriptor 3
-//!    (`HOTSWAP_UPGRADE_FD`). Over it, it sends `Hello`: the listening socket and the admin
-//!    listener (as descriptors, `SCM_RIGHTS`), the build it serves with the pin, the history
+//!    (`HOTSWAP_UPGRADE_FD`). Over it, it sends `Hello`: the listening sockets (the admin
+//!    listener and `--listen-tls`'s too; as descriptors, `SCM_RIGHTS`), the build it serves with the pin, the history
 //!    and the builds it refused ([`Inheritance`]), and the upgrades before this one. From
 //!    then on it holds changes (swaps, pins, reloads) back: the new host gets the state as it
 //!    is.
@@ -21,7 +21,8 @@
 //!    listening socket stays open all along: clients wait in its backlog, none is refused.
 //! 4. The old host shuts down as on SIGTERM, except that each HTTP/1 connection goes to the
 //!    new host at its next request boundary, with the bytes of the next request already read
-//!    (`Connection`): its client keeps its socket. HTTP/2 and upgraded connections
+//!    (`Connection`): its client keeps its socket. TLS connections (a TLS session cannot
+//!    leave its process), HTTP/2 and upgraded connections
 //!    (WebSockets), and responses in progress, finish on the old host, within the drain
 //!    timeout. Then it sends `Done` and exits 0 (non-zero if the new host went away and
 //!    connections were lost). Changes sent to it meanwhile are refused: they belong to the
@@ -63,20 +64,24 @@ const CHILD_FD: i32 = 3;
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest datagram sent: longer messages continue in the next ones.
 const DATAGRAM: usize = 32 * 1024;
-/// Room for the descriptors sent with one message (at most two).
+/// Room for the descriptors sent with one message (at most three).
 const ANCILLARY: usize = 128;
 
 /// What the two processes say to each other.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "message", rename_all = "snake_case")]
 enum Message {
-    /// Old to new, with the listening socket and, if any, the admin listener attached.
+    /// Old to new, with the listening socket and, if any, the admin listener and the HTTPS
+    /// listener attached.
     Hello {
         inheritance: Box<Inheritance>,
         upgrades: Vec<UpgradeRecord>,
         /// Upgrades in all (`upgrades` keeps the latest).
         upgrade_count: u64,
         admin: Option<HandedAdmin>,
+        /// Whether the HTTPS listener of `--listen-tls` follows the admin listener.
+        #[serde(default)]
+        tls_listener: bool,
         from_pid: u32,
         from_version: String,
         binary: PathBuf,
@@ -177,6 +182,8 @@ pub(crate) struct Upgrader {
     pub(crate) server: Arc<Server>,
     /// A descriptor of the listening socket.
     pub(crate) listener: OwnedFd,
+    /// `--listen-tls`'s.
+    pub(crate) tls_listener: Option<OwnedFd>,
     pub(crate) admin: Option<ServedAdmin>,
     /// The binary this host runs (as found at its start: the same path serves a newer build
     /// installed over it).
@@ -306,6 +313,7 @@ async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) 
             upgrades: upgrader.host.upgrades(),
             upgrade_count: upgrader.host.upgrade_count(),
             admin,
+            tls_listener: upgrader.tls_listener.is_some(),
             from_pid: std::process::id(),
             from_version: env!("CARGO_PKG_VERSION").to_owned(),
             binary: binary.to_path_buf(),
@@ -313,6 +321,8 @@ async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) 
         };
         let mut fds = vec![upgrader.listener.as_fd()];
         fds.extend(admin_fd.as_ref().map(|fd| fd.as_fd()));
+        // Last: a binary from before HTTPS ignores it.
+        fds.extend(upgrader.tls_listener.as_ref().map(|fd| fd.as_fd()));
         let broken = |e: io::Error, what: &str| NotServing::Broken(anyhow::Error::new(e).context(what.to_owned()));
         channel.send(&hello, &[], &fds).await.map_err(|e| broken(e, "cannot send the sockets to the new host"))?;
         match channel.recv().await.map_err(|e| broken(e, "cannot hear from the new host"))? {
@@ -448,6 +458,8 @@ async fn send_connection(channel: &Channel, connection: Handed, gone: &mut bool,
 pub(crate) struct InheritedSockets {
     pub(crate) listener: std::net::TcpListener,
     pub(crate) admin: Option<(OwnedFd, HandedAdmin)>,
+    /// `--listen-tls`'s.
+    pub(crate) tls_listener: Option<std::net::TcpListener>,
 }
 
 /// The new host's side: what the host it replaces handed over, but the sockets.
@@ -472,7 +484,7 @@ pub(crate) async fn inherit() -> anyhow::Result<Option<(Inherited, InheritedSock
         .await
         .context("the host this one replaces sent nothing")?
         .context("cannot hear from the host this one replaces")?;
-    let Some((Message::Hello { inheritance, upgrades, upgrade_count, admin, from_pid, from_version, binary, ordered_ms }, _, fds)) =
+    let Some((Message::Hello { inheritance, upgrades, upgrade_count, admin, tls_listener, from_pid, from_version, binary, ordered_ms }, _, fds)) =
         received
     else {
         anyhow::bail!("the host this one replaces did not start the hand-over as expected");
@@ -485,10 +497,18 @@ pub(crate) async fn inherit() -> anyhow::Result<Option<(Inherited, InheritedSock
         Some(handed) => Some((fds.next().context("the host this one replaces sent no admin listener")?, handed)),
         None => None,
     };
+    let tls_listener = match tls_listener {
+        true => {
+            let listener = std::net::TcpListener::from(fds.next().context("the host this one replaces sent no HTTPS listener")?);
+            listener.set_nonblocking(true)?;
+            Some(listener)
+        }
+        false => None,
+    };
     tracing::info!(from_pid, from_version = %from_version, addr = %listener.local_addr()?, "taking over from the host this one replaces");
     let inheritance = *inheritance;
     let inherited = Inherited { channel, inheritance, upgrades, upgrade_count, from_pid, from_version, binary, ordered_ms };
-    Ok(Some((inherited, InheritedSockets { listener, admin })))
+    Ok(Some((inherited, InheritedSockets { listener, admin, tls_listener })))
 }
 
 impl Inherited {

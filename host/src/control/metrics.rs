@@ -16,12 +16,14 @@ use prometheus_client::metrics::MetricType;
 
 use crate::control::host::HostProcess;
 use crate::control::registry::Registry;
+use crate::control::tls::Certificates;
 use crate::plugin::reaper::unloads;
 use crate::plugin::stats::{Unloaded, BUCKETS};
 use crate::plugin::Generation;
 
-/// The `/metrics` collector: reads the registry and the host process at every scrape.
-pub(crate) struct Metrics(pub Arc<Registry>, pub Arc<HostProcess>);
+/// The `/metrics` collector: reads the registry, the host process and the certificates (if
+/// it serves HTTPS) at every scrape.
+pub(crate) struct Metrics(pub Arc<Registry>, pub Arc<HostProcess>, pub Option<Arc<Certificates>>);
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -178,8 +180,41 @@ impl Collector for Metrics {
             None,
             MetricType::Counter,
         )?)?;
+        if let Some(certificates) = &self.2 {
+            certificate_metrics(&mut encoder, certificates)?;
+        }
         Ok(())
     }
+}
+
+/// HTTPS: when each certificate expires, and what reloads did.
+fn certificate_metrics(encoder: &mut DescriptorEncoder, certificates: &Certificates) -> Result<(), std::fmt::Error> {
+    let mut expiry = encoder.encode_descriptor(
+        "hotswap_tls_certificate_expiry_seconds",
+        "When each certificate that serves HTTPS expires, in seconds since the Unix epoch (alert on it minus time())",
+        None,
+        MetricType::Gauge,
+    )?;
+    for cert in certificates.serving() {
+        let expires = cert.not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let (names, file) = (cert.names.join(","), cert.cert_file.to_string_lossy());
+        let labels = [("subject", cert.subject.as_str()), ("names", names.as_str()), ("file", file.as_ref())];
+        ConstGauge::new(i64::try_from(expires).unwrap_or(i64::MAX)).encode(expiry.encode_family(&labels)?)?;
+    }
+    ConstCounter::new(certificates.replaced_count()).encode(encoder.encode_descriptor(
+        "hotswap_tls_certificate_replacements",
+        "Certificates that began serving in place of another without a restart",
+        None,
+        MetricType::Counter,
+    )?)?;
+    let refused = certificates.refused_by_kind();
+    labelled_counters(
+        encoder,
+        "hotswap_tls_certificate_refusals",
+        "Certificates refused (the previous one kept serving), by reason: unreadable, invalid, key, mismatch (the key is not the certificate's), expired",
+        "reason",
+        ["unreadable", "invalid", "key", "mismatch", "expired"].map(|kind| (kind, refused.get(kind).copied().unwrap_or(0))),
+    )
 }
 
 /// A counter family with one label, one series per value of it.
@@ -198,9 +233,9 @@ fn labelled_counters<'a>(
 }
 
 /// The text a scrape gets (Prometheus text format 0.0.4).
-pub(crate) fn render(registry: &Arc<Registry>, host: &Arc<HostProcess>) -> String {
+pub(crate) fn render(registry: &Arc<Registry>, host: &Arc<HostProcess>, certificates: Option<&Arc<Certificates>>) -> String {
     let mut exposition = prometheus_client::registry::Registry::default();
-    exposition.register_collector(Box::new(Metrics(registry.clone(), host.clone())));
+    exposition.register_collector(Box::new(Metrics(registry.clone(), host.clone(), certificates.cloned())));
     let mut text = String::new();
     // Writing into a String cannot fail; an encoder error would be a bug in a label.
     if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, &exposition) {

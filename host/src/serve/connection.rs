@@ -13,6 +13,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::latch::{Latch, Waiter};
 use crate::plugin::route::MAX_BLOCK;
@@ -24,18 +26,41 @@ use crate::serve::state::{ConnState, OpenConnection, Shared};
 
 pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// The ALPN name of HTTP/2.
+const H2: &[u8] = b"h2";
+/// The protocols an HTTPS listener offers, the preferred first.
+pub(crate) const ALPN: &[&[u8]] = &[H2, b"http/1.1"];
+
 /// The hyper connection, with graceful shutdown (or a hand-over to a new host) wired in;
 /// movable between runtimes.
-pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Shared>) -> ConnFuture {
+///
+/// With `tls`, the connection is HTTPS: the handshake comes first (timed by the header read
+/// timeout, like a request head), and ALPN tells HTTP/2 from HTTP/1.1.
+pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Shared>, tls: Option<TlsAcceptor>) -> ConnFuture {
     Box::pin(async move {
-        let mut io = io;
-        let http2 = match sniff_http2(&mut io, &shared).await {
-            Ok(Sniffed::Http1) => false,
-            Ok(Sniffed::Http2) => true,
-            // A new connection owes its first request head; one handed over to this host
-            // between requests, and on at once, does not.
-            Ok(Sniffed::HandOver(to)) => return io.hand_over(Bytes::new(), conn.activity.reading_head(), &to),
-            Err(e) => return tracing::debug!("connection ended before its first request: {e}"),
+        let (mut io, http2) = match tls {
+            Some(acceptor) => {
+                let Some(io) = expect_tls(io).await else { return };
+                match acceptor.accept(io).await {
+                    Ok(stream) => {
+                        let http2 = stream.get_ref().1.alpn_protocol() == Some(H2);
+                        (ConnIo { transport: Transport::Tls(Box::new(stream)), frames: None }, http2)
+                    }
+                    Err(e) => return tracing::debug!("TLS handshake failed: {e}"),
+                }
+            }
+            None => {
+                let mut io = io;
+                let http2 = match sniff_http2(&mut io, &shared).await {
+                    Ok(Sniffed::Http1) => false,
+                    Ok(Sniffed::Http2) => true,
+                    // A new connection owes its first request head; one handed over to this
+                    // host between requests, and on at once, does not.
+                    Ok(Sniffed::HandOver(to)) => return io.hand_over(Bytes::new(), conn.activity.reading_head(), &to),
+                    Err(e) => return tracing::debug!("connection ended before its first request: {e}"),
+                };
+                (ConnIo { transport: Transport::Plain(io), frames: None }, http2)
+            }
         };
         if http2 {
             conn.activity.is_http2();
@@ -80,7 +105,7 @@ async fn drive<C: Future>(connection: C, shutdown: &Latch, graceful: impl FnOnce
     }
 }
 
-type Http1Connection = http1::UpgradeableConnection<TokioIo<MigratingStream>, PluginService>;
+type Http1Connection = http1::UpgradeableConnection<TokioIo<ConnIo>, PluginService>;
 
 /// Runs an HTTP/1 connection to its end. On shutdown, it finishes the request in progress;
 /// then, if this host hands over to a new one, the connection goes there at its next request
@@ -92,7 +117,9 @@ async fn drive_http1(mut connection: Http1Connection, conn: &ConnState, shared: 
         r = &mut connection => return r,
         () = shared.shutdown.raised() => {}
     }
-    let Some(to) = shared.handoff.get() else {
+    // A TLS session cannot go to another process: the connection closes after its request in
+    // progress, and its client connects again (to the new host).
+    let Some(to) = shared.handoff.get().filter(|_| !conn.origin.https) else {
         Pin::new(&mut connection).graceful_shutdown();
         return connection.await;
     };
@@ -127,9 +154,39 @@ async fn drive_http1(mut connection: Http1Connection, conn: &ConnState, shared: 
     Pin::new(&mut connection).graceful_shutdown();
     (&mut connection).await?;
     if let Some(parts) = connection.into_parts() {
-        parts.io.into_inner().hand_over(parts.read_buf, false, to);
+        if let Transport::Plain(io) = parts.io.into_inner().transport {
+            io.hand_over(parts.read_buf, false, to);
+        }
     }
     Ok(())
+}
+
+/// Reads the first byte of a connection to an HTTPS listener, and leaves it to be read
+/// again. If it does not begin a TLS handshake record, the client speaks cleartext HTTP (an
+/// `http://` URL for an `https://` port): it is told so and closed, as nginx does.
+async fn expect_tls(mut io: MigratingStream) -> Option<MigratingStream> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    /// The content type of a TLS record that carries a handshake message.
+    const HANDSHAKE: u8 = 0x16;
+    let mut first = [0u8; 1];
+    match io.read(&mut first).await {
+        Ok(1) if first[0] == HANDSHAKE => {
+            io.replay_first(&first);
+            Some(io)
+        }
+        Ok(1) => {
+            const ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 45\r\nConnection: close\r\n\r\nThis port speaks HTTPS: use an https:// URL.\n";
+            tracing::debug!("a cleartext request on an HTTPS listener: answered 400");
+            let _ = io.write_all(ANSWER).await;
+            let _ = io.shutdown().await;
+            None
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!("connection ended before its TLS handshake: {e}");
+            None
+        }
+    }
 }
 
 /// What an HTTP/2 client with prior knowledge (h2c) sends first; anything else is HTTP/1.
@@ -476,8 +533,6 @@ pub(crate) struct MigratingStream {
     /// Bytes already read from the socket (by [`sniff_http2`], or by the host that handed the
     /// connection over) to be read again first.
     pub(crate) replay: Bytes,
-    /// HTTP/2: the client's frames, followed for the header timeout.
-    frames: Option<Http2Frames>,
     /// Keeps the reactor `io` is registered with alive until it re-registers.
     registered: Arc<Generation>,
     conn: Arc<ConnState>,
@@ -490,7 +545,7 @@ impl MigratingStream {
     pub(crate) fn new(stream: std::net::TcpStream, conn: Arc<ConnState>, open: OpenConnection) -> io::Result<MigratingStream> {
         let registered = conn.generation.load_full();
         let io = Some(TcpStream::from_std(stream)?);
-        Ok(MigratingStream { io, replay: Bytes::new(), frames: None, registered, conn, _open: open })
+        Ok(MigratingStream { io, replay: Bytes::new(), registered, conn, _open: open })
     }
 
     /// Puts `read` back before any bytes still to be replayed.
@@ -557,15 +612,14 @@ impl AsyncRead for MigratingStream {
             Ok(io) => io.poll_read(cx, buf),
             Err(e) => return Poll::Ready(Err(e)),
         };
+        // HTTP/2's bytes are no activity: its frames are followed above TLS (`ConnIo`).
+        if this.conn.activity.http2() {
+            return polled;
+        }
         if buf.filled().len() > before {
-            match &mut this.frames {
-                Some(frames) => frames.read(&buf.filled()[before..], &this.conn.activity),
-                None => {
-                    this.conn.activity.received();
-                    this.conn.saw_bytes();
-                }
-            }
-        } else if polled.is_pending() && this.frames.is_none() {
+            this.conn.activity.received();
+            this.conn.saw_bytes();
+        } else if polled.is_pending() {
             this.conn.found_no_bytes();
         }
         polled
@@ -613,6 +667,76 @@ impl AsyncWrite for MigratingStream {
         match self.get_mut().io() {
             Ok(io) => io.poll_shutdown(cx),
             Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// What hyper reads and writes: the socket, or TLS over it; an HTTP/2 client's frames are
+/// followed here, where they are in clear, for the header read timeout.
+pub(crate) struct ConnIo {
+    transport: Transport,
+    frames: Option<Http2Frames>,
+}
+
+enum Transport {
+    Plain(MigratingStream),
+    Tls(Box<TlsStream<MigratingStream>>),
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = match &mut this.transport {
+            Transport::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        };
+        if let Some(frames) = &mut this.frames {
+            if buf.filled().len() > before {
+                let conn = match &this.transport {
+                    Transport::Plain(io) => &io.conn,
+                    Transport::Tls(tls) => &tls.get_ref().0.conn,
+                };
+                frames.read(&buf.filled()[before..], &conn.activity);
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.transport {
+            Transport::Plain(io) => io.is_write_vectored(),
+            Transport::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_flush(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
     }
 }

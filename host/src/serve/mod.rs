@@ -6,7 +6,7 @@
 //! The listener lives on the host's own runtime. Each accepted socket is handed to the
 //! current generation's runtime, which registers it with its own reactor and serves it with
 //! hyper (HTTP/1.1 with keep-alive, or HTTP/2 with prior knowledge, detected per
-//! connection). An HTTP/1 request is handed to the plugin, and its response polled, inline on
+//! connection; over TLS, HTTP/2 or HTTP/1.1 as ALPN decides, the handshake made there too). An HTTP/1 request is handed to the plugin, and its response polled, inline on
 //! that connection's task: a request costs no hop between threads.
 //!
 //! When a newer generation becomes current, every connection of the old one is told
@@ -56,10 +56,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 use crate::latch::Latch;
 use crate::plugin::request::Origin;
 use crate::plugin::Current;
+pub(crate) use connection::ALPN;
 use connection::{ConnTask, MigratingStream};
 use handoff::Handed;
 pub(crate) use limits::Limits;
@@ -89,7 +91,9 @@ impl Server {
 
     /// Accepts connections until shutdown is requested. At `--max-connections`, it stops
     /// accepting until one closes: further clients wait in the listen backlog.
-    pub(crate) async fn accept_loop(self: &Arc<Self>, listener: TcpListener) {
+    ///
+    /// With `tls`, the listener serves HTTPS.
+    pub(crate) async fn accept_loop(self: &Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
         loop {
             let slot = tokio::select! {
                 s = self.slots.clone().acquire_owned() => s,
@@ -107,7 +111,7 @@ impl Server {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     match stream.into_std() {
-                        Ok(stream) => self.serve_socket(stream, peer, Some(slot), Bytes::new(), true),
+                        Ok(stream) => self.serve_socket(stream, peer, Some(slot), Bytes::new(), true, tls.clone()),
                         Err(e) => tracing::debug!(%peer, "dropping connection: {e}"),
                     }
                 }
@@ -134,7 +138,8 @@ impl Server {
         let Handed { stream, buffered, reading_head } = handed;
         let reading_head = reading_head || !buffered.is_empty();
         match stream.set_nonblocking(true).and_then(|()| stream.peer_addr()) {
-            Ok(peer) => self.serve_socket(stream, peer, slot, buffered, reading_head),
+            // Only cleartext connections are handed over: a TLS session stays in its process.
+            Ok(peer) => self.serve_socket(stream, peer, slot, buffered, reading_head, None),
             Err(e) => tracing::debug!("dropping a connection handed over: {e}"),
         }
     }
@@ -164,10 +169,11 @@ impl Server {
         slot: Option<OwnedSemaphorePermit>,
         replay: Bytes,
         reading_head: bool,
+        tls: Option<TlsAcceptor>,
     ) {
         // While a canary runs, the connection's first slot says which generation serves it.
         let generation = self.shared.current.route();
-        let origin = Origin { peer: Some(peer), local: std_stream.local_addr().ok(), https: false };
+        let origin = Origin { peer: Some(peer), local: std_stream.local_addr().ok(), https: tls.is_some() };
         let activity = self.sweeper.track(reading_head);
         let conn = Arc::new(ConnState::new(generation.clone(), origin, activity, self.limits.max_body_size));
         let open = OpenConnection::new(&self.shared, slot);
@@ -179,7 +185,7 @@ impl Server {
                 Err(e) => return tracing::debug!(%peer, "dropping connection: {e}"),
             };
             io.replay = replay;
-            let future = connection::serve(io, conn.clone(), shared.clone());
+            let future = connection::serve(io, conn.clone(), shared.clone(), tls);
             ConnTask::new(future, conn, shared).await;
         });
     }

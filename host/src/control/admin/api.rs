@@ -37,6 +37,9 @@ pub(crate) struct Status {
     pub(crate) refusals: Vec<RefusalEntry>,
     /// Every generation still loaded: the current one and those draining.
     pub(crate) resident: Vec<ResidentEntry>,
+    /// The certificates that serve HTTPS, if the host serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls: Option<TlsEntry>,
     /// Upgrades of the host binary that led to this process, oldest first.
     #[serde(default)]
     pub(crate) upgrades: Vec<UpgradeRecord>,
@@ -169,6 +172,63 @@ pub(crate) struct HistoryEntry {
     pub(crate) version: Option<String>,
 }
 
+/// HTTPS, in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TlsEntry {
+    /// The certificates that serve, the one for clients that name no known host first.
+    pub(crate) certificates: Vec<CertificateEntry>,
+    /// Recent refusals, newest first.
+    pub(crate) refusals: Vec<CertRefusalEntry>,
+}
+
+/// A certificate that serves HTTPS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CertificateEntry {
+    #[serde(serialize_with = "lossy")]
+    pub(crate) cert_file: PathBuf,
+    /// Days until it expires, to the hundredth.
+    pub(crate) expires_in_days: f64,
+    #[serde(serialize_with = "lossy")]
+    pub(crate) key_file: PathBuf,
+    /// When this host began serving it (RFC 3339).
+    pub(crate) loaded_at: String,
+    /// The DNS names it is valid for.
+    pub(crate) names: Vec<String>,
+    /// When it expires (RFC 3339).
+    pub(crate) not_after: String,
+    pub(crate) not_before: String,
+    /// SHA-256 of the server certificate (DER), in hex.
+    pub(crate) sha256: String,
+    pub(crate) subject: String,
+}
+
+/// A certificate refused: the previous one kept serving.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CertRefusalEntry {
+    /// When (RFC 3339).
+    pub(crate) at: String,
+    pub(crate) reason: String,
+}
+
+/// `POST /reload`: what it did with the builds (the fields of [`Outcome`]) and, on a host
+/// serving HTTPS, with the certificates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ReloadAnswer {
+    #[serde(flatten)]
+    pub(crate) outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) certificates: Option<CertificatesReloaded>,
+}
+
+/// What a reload did with the certificates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CertificatesReloaded {
+    /// Certificates that serve from now on.
+    pub(crate) replaced: Vec<CertificateEntry>,
+    /// Why others were refused (the previous ones serve on).
+    pub(crate) refused: Vec<String>,
+}
+
 /// A refused build, in `/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct RefusalEntry {
@@ -261,9 +321,27 @@ mod tests {
                 upgraded: 0,
                 version: "1.0.0".into(),
             }],
+            tls: None,
             upgrades: vec![],
             uptime_seconds: 2.0,
         }
+    }
+
+    #[test]
+    fn a_reload_answer_is_an_outcome_with_the_certificates_beside_it() {
+        let serving = Brief { generation: 1, name: "app".into(), version: "1.0.0".into(), file: "/p/app.so".into() };
+        let answer = ReloadAnswer {
+            outcome: Outcome::Unchanged { serving, reason: "it serves already".into() },
+            certificates: Some(CertificatesReloaded { replaced: vec![], refused: vec!["expired".into()] }),
+        };
+        let value = serde_json::to_value(&answer).unwrap();
+        assert_eq!(value["outcome"], "unchanged", "{value}");
+        assert_eq!(value["certificates"]["refused"][0], "expired", "{value}");
+        let back: ReloadAnswer = serde_json::from_value(value).unwrap();
+        assert!(matches!(back.outcome, Outcome::Unchanged { .. }));
+        // A host without HTTPS answers as before.
+        let plain: ReloadAnswer = serde_json::from_value(json!({"outcome": "unchanged", "serving": {"generation": 1, "name": "app", "version": "1.0.0", "file": "/p/app.so"}, "reason": "r"})).unwrap();
+        assert!(plain.certificates.is_none());
     }
 
     /// The document the API wrote before it had types, key for key, with its nulls.

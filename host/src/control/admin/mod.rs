@@ -4,7 +4,7 @@
 //! | endpoint | does |
 //! |---|---|
 //! | `GET /status` | the current generation, every resident one, the history, recent refusals, builds known |
-//! | `POST /reload` | reads the plugin directory again and swaps in the build that should serve |
+//! | `POST /reload` | reads the plugin directory (and the certificates) again and swaps in the build that should serve |
 //! | `POST /rollback` | goes back to the version served before the current one, and pins it |
 //! | `POST /pin` `{"version": "1.2.0"}` | serves that version and holds it against newer builds |
 //! | `DELETE /pin` | lifts the pin: the highest version serves again |
@@ -60,9 +60,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::host::{HostProcess, UpgradeOrder};
 use crate::control::registry::{ChangeError, Outcome, Registry};
+use crate::control::tls::{Certificate, Certificates};
 use api::{
-    BuildEntry, CanaryEntry, CanaryRequest, CurrentEntry, ErrorBody, HistoryEntry, PinEntry, PinRequest, RefusalEntry, ResidentEntry,
-    Status, UpgradeRequest,
+    BuildEntry, CanaryEntry, CanaryRequest, CertRefusalEntry, CertificateEntry, CertificatesReloaded, CurrentEntry, ErrorBody,
+    HistoryEntry, PinEntry, PinRequest, RefusalEntry, ReloadAnswer, ResidentEntry, Status, TlsEntry, UpgradeRequest,
 };
 use crate::control::canary::Verdict;
 use crate::plugin::route::Share;
@@ -319,7 +320,14 @@ impl AdminListener {
     }
 
     /// Serves the API until `shutdown`. `host` is the process it speaks for (its upgrades).
-    pub(crate) fn spawn(self, registry: Arc<Registry>, host: Arc<HostProcess>, shutdown: CancellationToken) -> ServedAdmin {
+    /// `certificates`: those that serve HTTPS, if any.
+    pub(crate) fn spawn(
+        self,
+        registry: Arc<Registry>,
+        host: Arc<HostProcess>,
+        certificates: Option<Arc<Certificates>>,
+        shutdown: CancellationToken,
+    ) -> ServedAdmin {
         tracing::info!(
             token = self.token.is_some(),
             "admin API on {} (status, reload, rollback, pin, upgrade, metrics)", self.addr
@@ -328,7 +336,7 @@ impl AdminListener {
         // loopback host; with one, the token is the protection.
         let check_host = matches!(self.listener, Listener::Tcp(_)) && self.token.is_none();
         let slots = Slots::new(slots::MAX_WAITING, slots::MAX_SERVED);
-        let api = Arc::new(Api { registry, host, token: self.token, check_host, slots: slots.clone(), started: SystemTime::now() });
+        let api = Arc::new(Api { registry, host, certificates, token: self.token, check_host, slots: slots.clone(), started: SystemTime::now() });
         let listener = self.listener;
         tokio::spawn(async move {
             loop {
@@ -407,6 +415,8 @@ pub(crate) fn check_socket_dir(dir: &Path) -> Result<(), AdminError> {
 struct Api {
     registry: Arc<Registry>,
     host: Arc<HostProcess>,
+    /// Those that serve HTTPS, if any.
+    certificates: Option<Arc<Certificates>>,
     token: Option<String>,
     /// Whether requests must name a loopback host (TCP without a token).
     check_host: bool,
@@ -532,16 +542,28 @@ impl Api {
         }
         let registry = &self.registry;
         match (method, path.as_str()) {
-            (Method::GET, "/status") => json_response(StatusCode::OK, &status(registry, &self.host, self.started)),
+            (Method::GET, "/status") => {
+                json_response(StatusCode::OK, &status(registry, &self.host, self.certificates.as_deref(), self.started))
+            }
             (Method::GET, "/metrics") => {
-                let mut response = Response::new(Full::new(Bytes::from(crate::control::metrics::render(registry, &self.host))));
+                let mut response = Response::new(Full::new(Bytes::from(crate::control::metrics::render(registry, &self.host, self.certificates.as_ref()))));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
                 );
                 response
             }
-            (Method::POST, "/reload") => outcome(registry.reload().await),
+            (Method::POST, "/reload") => {
+                // The certificates first: they are read in an instant, and a swap may take a while.
+                let certificates = self.certificates.as_ref().map(|c| {
+                    let reloaded = c.reload(true);
+                    CertificatesReloaded { replaced: reloaded.replaced.iter().map(|c| certificate_entry(c)).collect(), refused: reloaded.refused }
+                });
+                let outcome = registry.reload().await;
+                let refused = matches!(outcome, Outcome::Refused { .. }) || certificates.as_ref().is_some_and(|c| !c.refused.is_empty());
+                let status = if refused { StatusCode::CONFLICT } else { StatusCode::OK };
+                json_response(status, &ReloadAnswer { outcome, certificates })
+            }
             (Method::POST, "/rollback") => changed(registry.rollback().await),
             (Method::POST, "/pin") => {
                 let version = match read_version(request).await {
@@ -692,8 +714,24 @@ fn age(at: SystemTime) -> f64 {
     SystemTime::now().duration_since(at).map_or(0.0, |d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
 
+/// A certificate, as status and reloads show it.
+fn certificate_entry(c: &Certificate) -> CertificateEntry {
+    let left = c.not_after.duration_since(SystemTime::now()).map_or(0.0, |d| d.as_secs_f64());
+    CertificateEntry {
+        cert_file: c.cert_file.clone(),
+        expires_in_days: (left / 864.0).round() / 100.0,
+        key_file: c.key_file.clone(),
+        loaded_at: rfc3339(c.loaded_at),
+        names: c.names.clone(),
+        not_after: crate::control::tls::rfc3339(c.not_after),
+        not_before: crate::control::tls::rfc3339(c.not_before),
+        sha256: c.sha256.clone(),
+        subject: c.subject.clone(),
+    }
+}
+
 /// `GET /status`.
-fn status(registry: &Registry, host: &HostProcess, started: SystemTime) -> Status {
+fn status(registry: &Registry, host: &HostProcess, certificates: Option<&Certificates>, started: SystemTime) -> Status {
     let current = registry.current();
     let canary = registry.canary_progress();
     let canary_id = canary.as_ref().map(|c| c.generation.id());
@@ -797,6 +835,10 @@ fn status(registry: &Registry, host: &HostProcess, started: SystemTime) -> Statu
         plugin_source: registry.source().dir.clone(),
         refusals,
         resident,
+        tls: certificates.map(|c| TlsEntry {
+            certificates: c.serving().iter().map(|c| certificate_entry(c)).collect(),
+            refusals: c.refusals().iter().rev().map(|r| CertRefusalEntry { at: rfc3339(r.at), reason: r.reason.clone() }).collect(),
+        }),
         upgrades: host.upgrades(),
         uptime_seconds: age(started),
     }
