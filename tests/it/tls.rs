@@ -301,3 +301,47 @@ async fn https_goes_on_across_a_host_upgrade() {
     assert_eq!(read_download(download).await, size);
     assert_eq!(host.wait_exit(Duration::from_secs(20)), Some(0), "{}", host.log());
 }
+
+#[tokio::test]
+async fn the_admin_api_over_https_keeps_its_token_off_the_wire() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let ca = Ca::new();
+    let dir = temp_dir("tls-admin");
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    let (cert, key) = place(&dir, "server", &ca.issue(&["localhost"], false));
+    let token = dir.join("token");
+    std::fs::write(&token, "a-long-random-admin-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let plugin = ["--plugin", artifacts().example.to_str().unwrap()];
+    let admin = ["--admin", "https://127.0.0.1:0", "--admin-token-file", token.to_str().unwrap()];
+
+    // Without a certificate, an https:// admin API cannot start: the host says so.
+    let log = Host::try_serve(&[&plugin[..], &admin].concat()).err().expect("an https:// admin API without a certificate");
+    assert!(log.contains("the admin API over https:// needs a certificate"), "{log}");
+
+    let tls = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let host = Host::serve(&[&plugin[..], &admin, &tls].concat());
+    let url = host.admin_url();
+    let port = url.strip_prefix("https://127.0.0.1:").unwrap_or_else(|| panic!("not an https admin API: {url}"));
+    let status = |extra: &[&str]| {
+        let mut args = vec!["status", "--json", "--admin-token-file", token.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        std::process::Command::new(&artifacts().hotswap).args(&args).env_remove("HOTSWAP_ADMIN").output().unwrap()
+    };
+    let admin_at = format!("https://localhost:{port}");
+    let ca_file = dir.join("ca.pem");
+    let ok = status(&["--admin", &admin_at, "--admin-ca", ca_file.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let document: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(document["pid"], host.pid());
+    // A client that does not trust the certificate's issuer stops before it sends the token.
+    let untrusted = status(&["--admin", &admin_at]);
+    assert!(!untrusted.status.success());
+    assert!(String::from_utf8_lossy(&untrusted.stderr).contains("cannot set up TLS"), "{}", String::from_utf8_lossy(&untrusted.stderr));
+    // A cleartext request gets nothing from it.
+    let mut plain = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await.unwrap();
+    plain.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer a-long-random-admin-token-0123456789\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "{}", String::from_utf8_lossy(&answer));
+}

@@ -172,10 +172,16 @@ impl AdminCommand {
 /// How the admin commands reach the host.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct AdminClientArgs {
-    /// The host's admin API: a Unix socket path, or address:port. Default: the host's own
-    /// default (/run/hotswap/admin.sock as root, else $XDG_RUNTIME_DIR/hotswap/admin.sock).
-    #[arg(long, value_name = "SOCKET|ADDR", env = "HOTSWAP_ADMIN")]
+    /// The host's admin API: a Unix socket path, address:port, or https://HOST:PORT. Default:
+    /// the host's own default (/run/hotswap/admin.sock as root, else
+    /// $XDG_RUNTIME_DIR/hotswap/admin.sock).
+    #[arg(long, value_name = "SOCKET|ADDR|https://HOST:PORT", env = "HOTSWAP_ADMIN")]
     pub(crate) admin: Option<AdminAddr>,
+
+    /// For an https:// --admin: the certificate authority (PEM) that issued the host's
+    /// certificate, trusted instead of the system's.
+    #[arg(long, value_name = "FILE", env = "HOTSWAP_ADMIN_CA")]
+    pub(crate) admin_ca: Option<PathBuf>,
 
     /// A file holding the bearer token the host was given (--admin-token-file).
     #[arg(long, value_name = "FILE", env = "HOTSWAP_ADMIN_TOKEN_FILE")]
@@ -191,11 +197,13 @@ pub(crate) struct AdminClientArgs {
 #[command(next_help_heading = "Admin API")]
 pub(crate) struct AdminArgs {
     /// Where the admin API (status, reload, rollback, pin, upgrade, metrics) listens: a Unix socket
-    /// path (mode 0600, answering only this user and root), an address:port, or `off`.
+    /// path (mode 0600, answering only this user and root), an address:port, https://ADDR:PORT
+    /// (HTTPS with the certificates of --tls-cert or --tls-dir, so that the token never
+    /// crosses the network in clear text), or `off`.
     /// Default: /run/hotswap/admin.sock as root, else $XDG_RUNTIME_DIR/hotswap/admin.sock
     /// (or /tmp/hotswap-UID/admin.sock); if that default is taken by another host, the API
     /// is disabled with a warning.
-    #[arg(long, value_name = "SOCKET|ADDR|off", env = "HOTSWAP_ADMIN")]
+    #[arg(long, value_name = "SOCKET|ADDR|https://ADDR|off", env = "HOTSWAP_ADMIN")]
     pub(crate) admin: Option<AdminAddr>,
 
     /// A file holding a bearer token that every admin request must carry

@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use comfy_table::{presets, Table};
@@ -13,6 +15,10 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::cmd::cli::AdminCommand;
 use crate::control::admin::api::{self, Brief, Outcome};
@@ -45,7 +51,7 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             (Method::POST, "/upgrade", Some(Bytes::from(serde_json::to_vec(&order)?)))
         }
     };
-    let (status, answer) = call(&addr, token.as_deref(), method, path, body).await?;
+    let (status, answer) = call(&addr, args.admin_ca.as_deref(), token.as_deref(), method, path, body).await?;
     match command {
         AdminCommand::Status(_) => {
             let document: api::Status = read(&addr, status, &answer, args.json)?;
@@ -111,8 +117,16 @@ fn read<T: DeserializeOwned>(addr: &AdminAddr, status: StatusCode, answer: &[u8]
     read.map_err(|api::ErrorBody { error }| anyhow::anyhow!("{error} ({status})"))
 }
 
-/// Sends one request to the admin API; returns the status and body.
-async fn call(addr: &AdminAddr, token: Option<&str>, method: Method, path: &str, body: Option<Bytes>) -> anyhow::Result<(StatusCode, Bytes)> {
+/// Sends one request to the admin API; returns the status and body. `ca`: for HTTPS, the
+/// certificate authority to trust instead of the system's.
+async fn call(
+    addr: &AdminAddr,
+    ca: Option<&std::path::Path>,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+) -> anyhow::Result<(StatusCode, Bytes)> {
     let unreachable = || format!("cannot reach the admin API at {addr}: is hotswap serving, with this --admin?");
     match addr {
         AdminAddr::Unix(socket) => {
@@ -135,8 +149,45 @@ async fn call(addr: &AdminAddr, token: Option<&str>, method: Method, path: &str,
             // that name a loopback host.
             exchange(stream, &tcp.to_string(), token, method, path, body).await
         }
+        AdminAddr::Https { host, port } => {
+            let connector = tokio_rustls::TlsConnector::from(client_config(ca)?);
+            let name = ServerName::try_from(host.clone()).with_context(|| format!("`{host}` is neither a host name nor an IP address"))?;
+            let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await.with_context(unreachable)?;
+            let stream = connector.connect(name, stream).await.with_context(|| {
+                format!("cannot set up TLS with the admin API at {addr} (does its certificate name {host}, and is its issuer trusted? see --admin-ca)")
+            })?;
+            exchange(stream, &format!("{host}:{port}"), token, method, path, body).await
+        }
         AdminAddr::Off => bail!("--admin off: there is no admin API to talk to"),
     }
+}
+
+/// TLS for an https:// admin API, trusting `ca` (PEM) or else the system's authorities.
+fn client_config(ca: Option<&std::path::Path>) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(ca) => {
+            let certs = CertificateDer::pem_file_iter(ca)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("cannot read the certificate authority {}", ca.display()))?;
+            anyhow::ensure!(!certs.is_empty(), "{} holds no certificate (PEM)", ca.display());
+            for cert in certs {
+                roots.add(cert).with_context(|| format!("cannot use the certificate authority in {}", ca.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            anyhow::ensure!(!roots.is_empty(), "no certificate authority found on this system: give --admin-ca FILE");
+        }
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Sends one request on `stream`, naming `host` in its Host header. Every request says it is
@@ -167,7 +218,7 @@ where
     if !body.is_empty() {
         request = request.header(http::header::CONTENT_TYPE, "application/json");
     }
-    let response = sender.send_request(request.body(Full::new(body))?).await.context("admin API request")?;
+    let response = sender.send_request(request.body(Full::new(body))?).await.context("admin API request (if the host serves it over HTTPS, give --admin https://HOST:PORT)")?;
     let status = response.status();
     let bytes = response.into_body().collect().await.context("admin API answer")?.to_bytes();
     Ok((status, bytes))

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use std::os::fd::AsFd as _;
 
 use crate::cmd::upgrade;
-use crate::control::admin::AdminListener;
+use crate::control::admin::{AdminAddr, AdminListener};
 use crate::control::host::{HostProcess, UpgradeOrder};
 use crate::control::registry::Outcome;
 use crate::control::builds::PluginSource;
@@ -233,11 +233,18 @@ async fn start(
     // Before any plugin is loaded: a certificate that cannot serve fails the start at once.
     let certificates = args.tls.source().map(Certificates::load).transpose().context("cannot serve HTTPS")?;
     let token_file = args.admin.admin_token_file.as_deref();
-    let admin = match inherited_admin {
+    let https = matches!(args.admin.admin, Some(AdminAddr::Https { .. }));
+    let mut admin = match inherited_admin {
         // As the previous host had it (or had none).
-        Some(admin) => admin.map(|(fd, handed)| AdminListener::inherit(fd, handed, token_file)).transpose()?,
+        Some(admin) => admin.map(|(fd, handed)| AdminListener::inherit(fd, handed, token_file, https)).transpose()?,
         None => AdminListener::bind(args.admin.admin.as_ref(), token_file).await?,
     };
+    if let Some(admin) = admin.as_mut().filter(|a| a.wants_tls()) {
+        let Some(certificates) = &certificates else {
+            anyhow::bail!("the admin API over https:// needs a certificate: give --tls-cert and --tls-key (or --tls-dir)");
+        };
+        admin.serve_tls(certificates.server_config(&[b"http/1.1"]).context("cannot set up TLS for the admin API")?);
+    }
     let shadow = Arc::new(ShadowDir::create(args.shadow_dir.as_deref()).context("cannot create the shadow directory")?);
     let options = LoadOptions {
         worker_threads: args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),

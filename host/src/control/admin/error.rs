@@ -34,6 +34,8 @@ pub(crate) enum AdminError {
          give --admin-token-file FILE (a file holding a long random string), or listen on 127.0.0.1"
     )]
     OpenWithoutToken { addr: SocketAddr },
+    #[error("--admin https://{host}:PORT: give the IP address to listen on (0.0.0.0 for every one), not a name")]
+    ListenOnName { host: String },
     #[error("cannot listen for the admin API on {addr}")]
     ListenTcp { addr: SocketAddr, source: io::Error },
     /// The address a TCP listener was bound to could not be read.

@@ -56,6 +56,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::host::{HostProcess, UpgradeOrder};
@@ -77,6 +78,10 @@ pub(crate) enum AdminAddr {
     Unix(PathBuf),
     /// A TCP address (a token is required unless it is a loopback address).
     Tcp(SocketAddr),
+    /// HTTPS on TCP, with the certificates that serve HTTPS (`https://ADDR:PORT`): for the
+    /// host, an IP address to listen on; for the admin commands, also a host name, the one
+    /// its certificate is for.
+    Https { host: String, port: u16 },
     /// No admin API.
     Off,
 }
@@ -95,7 +100,18 @@ impl FromStr for AdminAddr {
         if text == "off" {
             return Ok(AdminAddr::Off);
         }
-        if let Ok(addr) = text.parse::<SocketAddr>() {
+        if let Some(rest) = text.strip_prefix("https://") {
+            let rest = rest.trim_end_matches('/');
+            let port = rest.rsplit_once(':').and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+            return match port {
+                // An IPv6 address is written in brackets, as in a URL.
+                Some((host, port)) if !host.is_empty() => {
+                    Ok(AdminAddr::Https { host: host.trim_start_matches('[').trim_end_matches(']').to_owned(), port })
+                }
+                _ => Err(format!("`{text}` is not https://HOST:PORT, like https://10.0.0.5:9090")),
+            };
+        }
+        if let Ok(addr) = text.strip_prefix("http://").unwrap_or(text).trim_end_matches('/').parse::<SocketAddr>() {
             return Ok(AdminAddr::Tcp(addr));
         }
         let path = text.strip_prefix("unix:").unwrap_or(text);
@@ -113,6 +129,8 @@ impl std::fmt::Display for AdminAddr {
         match self {
             AdminAddr::Unix(path) => write!(f, "unix:{}", path.display()),
             AdminAddr::Tcp(addr) => write!(f, "http://{addr}"),
+            AdminAddr::Https { host, port } if host.contains(':') => write!(f, "https://[{host}]:{port}"),
+            AdminAddr::Https { host, port } => write!(f, "https://{host}:{port}"),
             AdminAddr::Off => f.write_str("off"),
         }
     }
@@ -153,6 +171,8 @@ pub(crate) struct AdminListener {
     listener: Listener,
     token: Option<String>,
     addr: AdminAddr,
+    /// Set for an `https://` address (see [`AdminListener::serve_tls`]).
+    tls: Option<TlsAcceptor>,
     /// What a new host process would need to serve it on.
     served: ServedAdmin,
 }
@@ -269,11 +289,19 @@ impl AdminListener {
         let addr = &chosen.cloned().unwrap_or_default();
         let listener = match addr {
             AdminAddr::Off => return Ok(None),
-            AdminAddr::Tcp(tcp) => {
+            AdminAddr::Tcp(_) | AdminAddr::Https { .. } => {
+                let tcp = match addr {
+                    AdminAddr::Https { host, port } => {
+                        let ip = host.parse::<std::net::IpAddr>().map_err(|_| AdminError::ListenOnName { host: host.clone() })?;
+                        SocketAddr::new(ip, *port)
+                    }
+                    AdminAddr::Tcp(tcp) => *tcp,
+                    AdminAddr::Unix(_) | AdminAddr::Off => unreachable!("matched above"),
+                };
                 if !tcp.ip().is_loopback() && token.is_none() {
-                    return Err(AdminError::OpenWithoutToken { addr: *tcp });
+                    return Err(AdminError::OpenWithoutToken { addr: tcp });
                 }
-                let listener = TcpListener::bind(tcp).await.map_err(|source| AdminError::ListenTcp { addr: *tcp, source })?;
+                let listener = TcpListener::bind(tcp).await.map_err(|source| AdminError::ListenTcp { addr: tcp, source })?;
                 Listener::Tcp(listener)
             }
             AdminAddr::Unix(path) => match bind_unix(path).await {
@@ -285,20 +313,26 @@ impl AdminListener {
                 Err(e) => return Err(e),
             },
         };
-        let addr = match &listener {
-            Listener::Tcp(l) => AdminAddr::Tcp(l.local_addr().map_err(AdminError::LocalAddr)?),
-            Listener::Unix { .. } => addr.clone(),
+        let addr = match (&listener, addr) {
+            (Listener::Tcp(l), AdminAddr::Https { .. }) => {
+                let local = l.local_addr().map_err(AdminError::LocalAddr)?;
+                AdminAddr::Https { host: local.ip().to_string(), port: local.port() }
+            }
+            (Listener::Tcp(l), _) => AdminAddr::Tcp(l.local_addr().map_err(AdminError::LocalAddr)?),
+            (Listener::Unix { .. }, _) => addr.clone(),
         };
         let served = ServedAdmin::of(&listener)?;
-        Ok(Some(AdminListener { listener, token, addr, served }))
+        Ok(Some(AdminListener { listener, token, addr, tls: None, served }))
     }
 
     /// The listener the host this one replaces served (`hotswap upgrade`), from its
     /// descriptor. The token is this host's own (`--admin-token-file`).
+    /// `https`: this host's own `--admin` is an `https://` address.
     pub(crate) fn inherit(
         descriptor: std::os::fd::OwnedFd,
         handed: HandedAdmin,
         token_file: Option<&Path>,
+        https: bool,
     ) -> Result<AdminListener, AdminError> {
         let token = token_file.map(guard::read_private_token).transpose()?;
         let (listener, addr) = match handed {
@@ -312,11 +346,22 @@ impl AdminListener {
                 let std = std::net::TcpListener::from(descriptor);
                 let listener = std.set_nonblocking(true).and_then(|()| TcpListener::from_std(std));
                 let listener = listener.map_err(|source| AdminError::ListenTcp { addr: tcp, source })?;
-                (Listener::Tcp(listener), AdminAddr::Tcp(tcp))
+                let addr = if https { AdminAddr::Https { host: tcp.ip().to_string(), port: tcp.port() } } else { AdminAddr::Tcp(tcp) };
+                (Listener::Tcp(listener), addr)
             }
         };
         let served = ServedAdmin::of(&listener)?;
-        Ok(AdminListener { listener, token, addr, served })
+        Ok(AdminListener { listener, token, addr, tls: None, served })
+    }
+
+    /// Whether it is to be served over HTTPS.
+    pub(crate) fn wants_tls(&self) -> bool {
+        matches!(self.addr, AdminAddr::Https { .. })
+    }
+
+    /// Serves it over HTTPS, with `config` (the certificates that serve HTTPS).
+    pub(crate) fn serve_tls(&mut self, config: Arc<tokio_rustls::rustls::ServerConfig>) {
+        self.tls = Some(TlsAcceptor::from(config));
     }
 
     /// Serves the API until `shutdown`. `host` is the process it speaks for (its upgrades).
@@ -335,6 +380,15 @@ impl AdminListener {
         // Without a token, a TCP listener (on loopback) answers only requests that name a
         // loopback host; with one, the token is the protection.
         let check_host = matches!(self.listener, Listener::Tcp(_)) && self.token.is_none();
+        if let AdminAddr::Tcp(addr) = &self.addr {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    "the admin API listens on {addr} in clear text: its token crosses the network readable by anyone \
+                     on the way; serve it over HTTPS with --admin https://{addr} (with --tls-cert and --tls-key)"
+                );
+            }
+        }
+        let tls = self.tls.clone();
         let slots = Slots::new(slots::MAX_WAITING, slots::MAX_SERVED);
         let api = Arc::new(Api { registry, host, certificates, token: self.token, check_host, slots: slots.clone(), started: SystemTime::now() });
         let listener = self.listener;
@@ -347,7 +401,7 @@ impl AdminListener {
                     () = shutdown.cancelled() => return,
                 };
                 match accepted {
-                    Ok((stream, allowed)) => serve_connection(stream, api.clone(), allowed, slots.admit(), shutdown.clone()),
+                    Ok((stream, allowed)) => serve_connection(stream, tls.clone(), api.clone(), allowed, slots.admit(), shutdown.clone()),
                     Err(e) => {
                         tracing::warn!("admin API: accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await; // EMFILE and friends
@@ -431,11 +485,23 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// timeout; this only stops a client that never goes away).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
 
-fn serve_connection(stream: Stream, api: Arc<Api>, allowed: bool, waiting: Waiting, shutdown: CancellationToken) {
+fn serve_connection(stream: Stream, tls: Option<TlsAcceptor>, api: Arc<Api>, allowed: bool, waiting: Waiting, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        match stream {
-            Stream::Unix(s) => serve_one(s, api, allowed, waiting, shutdown).await,
-            Stream::Tcp(s) => serve_one(s, api, allowed, waiting, shutdown).await,
+        match (stream, tls) {
+            (Stream::Unix(s), _) => serve_one(s, api, allowed, waiting, shutdown).await,
+            (Stream::Tcp(s), None) => serve_one(s, api, allowed, waiting, shutdown).await,
+            // The handshake is bounded like a request head, and gives way to a newcomer too.
+            (Stream::Tcp(s), Some(tls)) => {
+                let handshake = tokio::select! {
+                    handshake = tokio::time::timeout(HEAD_TIMEOUT, tls.accept(s)) => handshake,
+                    () = waiting.evicted() => return tracing::debug!("admin API connection closed for a newcomer: no TLS handshake"),
+                };
+                match handshake {
+                    Ok(Ok(s)) => serve_one(s, api, allowed, waiting, shutdown).await,
+                    Ok(Err(e)) => tracing::debug!("admin API: TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!("admin API: no TLS handshake within {HEAD_TIMEOUT:?}"),
+                }
+            }
         }
     });
 }
@@ -841,5 +907,24 @@ fn status(registry: &Registry, host: &HostProcess, certificates: Option<&Certifi
         }),
         upgrades: host.upgrades(),
         uptime_seconds: age(started),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdminAddr;
+
+    #[test]
+    fn an_admin_address_is_a_socket_an_address_or_an_https_url() {
+        let parse = |text: &str| text.parse::<AdminAddr>();
+        assert_eq!(parse("127.0.0.1:9090"), Ok(AdminAddr::Tcp("127.0.0.1:9090".parse().unwrap())));
+        assert_eq!(parse("http://127.0.0.1:9090/"), Ok(AdminAddr::Tcp("127.0.0.1:9090".parse().unwrap())));
+        assert_eq!(parse("https://admin.example:9090"), Ok(AdminAddr::Https { host: "admin.example".into(), port: 9090 }));
+        assert_eq!(parse("https://[::1]:9090"), Ok(AdminAddr::Https { host: "::1".into(), port: 9090 }));
+        assert_eq!(parse("https://[::1]:9090").unwrap().to_string(), "https://[::1]:9090");
+        assert!(parse("https://admin.example").is_err());
+        assert!(parse("https://:9090").is_err());
+        assert_eq!(parse("/run/hotswap/admin.sock"), Ok(AdminAddr::Unix("/run/hotswap/admin.sock".into())));
+        assert_eq!(parse("off"), Ok(AdminAddr::Off));
     }
 }
