@@ -52,10 +52,11 @@ fn the_benchmark_smoke_run_writes_every_table() {
         "### i. An axum app",
         "### j. Upgrading the host binary",
         "### k. Hello world during a canary",
+        "### l. Hello world over HTTPS",
     ] {
         assert!(text.contains(heading), "{heading:?} missing from the report:\n{text}");
     }
-    for row in ["| hotswap | ", "| static | ", "× static (paired rounds: ", "| hotswap: rename → first answer", "| hotswap, a swap every", "checksum OK", "WebSocket echo ≥ 0.9 × static", "the same Router in static-axum", "What a Router costs in hotswap", "`hotswap upgrade` → first answer from the new process", "| hotswap, an upgrade every", "| hotswap, 50 % canary | ", "hello world during a 50 % canary ≥ 0.95 × without one"] {
+    for row in ["| hotswap | ", "| static | ", "× static (paired rounds: ", "| hotswap: rename → first answer", "| hotswap, a swap every", "checksum OK", "WebSocket echo ≥ 0.9 × static", "the same Router in static-axum", "What a Router costs in hotswap", "`hotswap upgrade` → first answer from the new process", "| hotswap, an upgrade every", "| hotswap, 50 % canary | ", "hello world during a 50 % canary ≥ 0.95 × without one", "hello world over HTTPS ≥ 0.95 × static over HTTPS"] {
         assert!(text.contains(row), "{row:?} missing from the report:\n{text}");
     }
     // The memory table reaches the last checkpoint.

@@ -13,6 +13,8 @@ use anyhow::{bail, Context, Result};
 pub(crate) struct Server {
     pub(crate) name: &'static str,
     pub(crate) port: u16,
+    /// It serves HTTPS (its log said `listening on https://`).
+    pub(crate) https: bool,
     child: Child,
     pub(crate) log: PathBuf,
 }
@@ -35,12 +37,13 @@ impl Server {
         let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         command.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         let child = command.spawn().with_context(|| format!("cannot start {name}: {command:?}"))?;
-        let mut server = Server { name, port: 0, child, log };
+        let mut server = Server { name, port: 0, https: false, child, log };
         let started = Instant::now();
         loop {
             let text = std::fs::read_to_string(&server.log).unwrap_or_default();
             if let Some(port) = ready(&text) {
                 server.port = port;
+                server.https = text.contains(&format!("listening on https://127.0.0.1:{port}"));
                 eprintln!("== {name} listening on 127.0.0.1:{port} (pid {})", server.pid());
                 return Ok(server);
             }
@@ -81,7 +84,8 @@ impl Server {
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
     }
 
     pub(crate) fn log_text(&self) -> String {
@@ -104,9 +108,11 @@ impl Drop for Server {
     }
 }
 
-/// The port in a `listening on http://127.0.0.1:PORT` log line (hotswap, static-server).
+/// The port in a `listening on http://127.0.0.1:PORT` (or `https://`) log line (hotswap,
+/// static-server).
 pub(crate) fn listening_port(log: &str) -> Option<u16> {
-    let rest = &log[log.find("listening on http://127.0.0.1:")? + "listening on http://127.0.0.1:".len()..];
+    let rest = &log[log.find("listening on http")? + "listening on http".len()..];
+    let rest = rest.strip_prefix("s").unwrap_or(rest).strip_prefix("://127.0.0.1:")?;
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 

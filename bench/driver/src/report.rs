@@ -191,6 +191,16 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
             verdict(canary_ratio >= 0.95)
         );
     }
+    let tls = |name: &str| r.tls_hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let tls_ratio = med(tls("hotswap"), |x| x.rps) / med(tls("static"), |x| x.rps);
+    if !r.tls_hello.is_empty() {
+        let _ = writeln!(
+            w,
+            "| hello world over HTTPS ≥ 0.95 × static over HTTPS | {tls_ratio:.3} × static (paired rounds: {:.3}) | {} |",
+            paired(tls("hotswap"), tls("static"), |x| x.rps),
+            verdict(tls_ratio >= 0.95)
+        );
+    }
     let _ = writeln!(w, "| swap latency p50 < 5 ms | {swap_p50:.2} ms | {} |", verdict(swap_p50 < 5.0));
     let _ = writeln!(w, "| no failed request with a swap every {:?} | {load_failures} failed | {} |", p.swap_every, verdict(load_failures == 0));
     let _ = writeln!(w, "| throttled download across {} swaps intact | {} | {} |", p.slow_swaps, if slow_ok { "byte-exact" } else { "broken" }, verdict(slow_ok));
@@ -244,6 +254,22 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
     let _ = writeln!(w, "| | p50 ms | p99 ms | max ms |\n|---|---|---|---|");
     for (what, v) in [("rename → first answer from the new version", &r.latency.first_answer), ("rename → old generation unmapped", &r.latency.old_unmapped)] {
         let _ = writeln!(w, "| hotswap: {what} | {:.2} | {:.2} | {:.2} |", percentile_ms(v, 50.0), percentile_ms(v, 99.0), percentile_ms(v, 100.0));
+    }
+    if !r.tls_hello.is_empty() {
+        let _ = writeln!(w, "\n### l. Hello world over HTTPS\n");
+        let _ = writeln!(
+            w,
+            "hotswap with `--tls-cert` against the static server with `--tls-cert`: the same self-signed certificate \
+             (ECDSA P-256), rustls with the ring provider, TLS 1.3. wrk keeps its connections open, so this is the cost \
+             of encrypting requests and responses, not of handshakes. As in section a: median of {} rounds of {:?}, \
+             alternating.\n",
+            p.hello_rounds, p.hello_time
+        );
+        hello_table_against(w, &r.tls_hello, "static");
+        let _ = writeln!(w, "\nCommands:");
+        for c in &r.tls_commands {
+            let _ = writeln!(w, "- `{c}`");
+        }
     }
     if let Some(a) = &r.anchor_reloads {
         for anchor in &a.anchors {

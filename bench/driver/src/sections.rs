@@ -35,6 +35,9 @@ pub(crate) struct Results {
     /// Section k: hello world with half of the requests going to a canary, and without one.
     pub(crate) canary_hello: Vec<(&'static str, Vec<wrk::Run>)>,
     pub(crate) canary_commands: Vec<String>,
+    /// l. Hello world over HTTPS.
+    pub(crate) tls_hello: Vec<(&'static str, Vec<wrk::Run>)>,
+    pub(crate) tls_commands: Vec<String>,
     pub(crate) rss_kib: Vec<(&'static str, u64, usize)>,
     pub(crate) download: Vec<(&'static str, Vec<wrk::Run>)>,
     pub(crate) download_command: String,
@@ -150,6 +153,7 @@ pub(crate) fn run_all(setup: &Setup, params: &Params, anchor_reloads: bool) -> R
         eprintln!("== no axum example given: section i is left out");
     }
     (results.canary_hello, results.canary_commands) = canary(setup, params)?;
+    (results.tls_hello, results.tls_commands) = https(setup, params)?;
     results.upgrades = host_upgrades(setup, params)?;
     {
         let (hot, mut swapper) = start_hotswap(setup, "hotswap-memory")?;
@@ -239,7 +243,8 @@ type Rounds = (Vec<(&'static str, Vec<wrk::Run>)>, Vec<String>);
 fn hello(servers: &[&Server], params: &Params) -> Result<Rounds> {
     let (mut runs, mut commands) = (Vec::new(), Vec::new());
     for s in servers {
-        ensure!(Client::new().answers(&s.url("/")), "{} does not answer GET /", s.name);
+        // (The driver's client speaks no TLS: over HTTPS, wrk's failure count tells.)
+        ensure!(s.https || Client::new().answers(&s.url("/")), "{} does not answer GET /", s.name);
         wrk::run(params.connections, Duration::from_secs(1), &s.url("/"))?; // warm-up
         runs.push((s.name, Vec::new()));
         commands.push(wrk::command_line(params.connections, params.hello_time, &s.url("/")));
@@ -277,6 +282,31 @@ fn canary(setup: &Setup, params: &Params) -> Result<Rounds> {
     for server in [&plain, &split] {
         check_log(&server.log_text())?;
     }
+    Ok(rounds)
+}
+
+/// l. Hello world over HTTPS (keep-alive: wrk makes one handshake per connection), hotswap
+/// against the static server with the same certificate and TLS settings.
+fn https(setup: &Setup, params: &Params) -> Result<Rounds> {
+    eprintln!("== l. hello world over HTTPS");
+    let dir = setup.work.join("tls");
+    std::fs::create_dir_all(&dir)?;
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem())?;
+    std::fs::write(&key, issued.signing_key.serialize_pem())?;
+    let (cert, key) = (cert.to_string_lossy().into_owned(), key.to_string_lossy().into_owned());
+    let tls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    let (hot, _swapper) = hotswap_with_admin(&setup.hotswap, &setup.builds, &setup.work.join("hotswap-tls"), None, &tls)?;
+    let mut cmd = Command::new(&setup.static_server);
+    cmd.args(["--listen", "127.0.0.1:0"]).args(tls).env_remove("RUST_LOG");
+    let stat = Server::start("static", cmd, setup.work.join("static-tls.log"), proc::listening_port)?;
+    ensure!(hot.https && stat.https, "a server did not serve HTTPS");
+    let rounds = hello(&[&hot, &stat], params)?;
+    for (name, runs) in &rounds.0 {
+        ensure!(runs.iter().all(|r| r.failures == 0), "{name} failed requests over HTTPS");
+    }
+    check_log(&hot.log_text())?;
     Ok(rounds)
 }
 

@@ -6,7 +6,7 @@
 //! Both serve as `hotswap serve` does, without dlopen, the C ABI, generations or connection
 //! migration. They accept on a current_thread runtime and serve each connection on a
 //! multi-thread runtime with `--workers` threads, using hyper-util's auto builder (HTTP/1.1
-//! keep-alive, HTTP/2 prior knowledge) and TCP_NODELAY. Each request gets what hotswap gives
+//! keep-alive, HTTP/2 prior knowledge; over TLS with `--tls-cert`, ALPN) and TCP_NODELAY. Each request gets what hotswap gives
 //! it: a `RequestContext` in its extensions. Any difference between hotswap and these is
 //! therefore what the plugin design costs.
 //!
@@ -46,6 +46,35 @@ pub struct Args {
     /// Worker threads serving connections (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
+
+    /// Serve HTTPS with this certificate chain (PEM), as `hotswap serve --tls-cert` does:
+    /// rustls with the ring provider, ALPN h2 then http/1.1, session tickets.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+/// The TLS configuration, when serving HTTPS. A static: the apps' connection functions take
+/// a plain `TcpStream` (for its addresses), and [`serve_connection`] makes the handshake.
+static TLS: std::sync::OnceLock<tokio_rustls::TlsAcceptor> = std::sync::OnceLock::new();
+
+/// The same TLS settings as hotswap's (`control::tls`), with one certificate.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, BoxError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let mut config = ServerConfig::builder_with_provider(std::sync::Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ticketer = ring::Ticketer::new()?;
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 /// Serves `connection` for each accepted connection until SIGTERM or SIGINT.
@@ -58,6 +87,10 @@ where
     let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let _ = TLS.set(tls_acceptor(cert, key)?);
+    }
+    let scheme = if TLS.get().is_some() { "https" } else { "http" };
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let serving = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
@@ -68,7 +101,7 @@ where
     handler_api::testing::install();
     accepting.block_on(async {
         let listener = TcpListener::bind(args.listen).await?;
-        tracing::info!(workers, "listening on http://{}", listener.local_addr()?);
+        tracing::info!(workers, "listening on {scheme}://{}", listener.local_addr()?);
         accept_loop(listener, serving.handle(), connection).await
     })?;
     serving.shutdown_timeout(Duration::from_secs(1));
@@ -128,7 +161,15 @@ where
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().enable_connect_protocol();
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+    // Over TLS, an HTTP/2 client (ALPN h2) sends the preface too, which the builder detects.
+    let served = match TLS.get() {
+        Some(tls) => match tls.accept(stream).await {
+            Ok(stream) => builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await,
+            Err(e) => return tracing::debug!("TLS handshake failed: {e}"),
+        },
+        None => builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await,
+    };
+    if let Err(e) = served {
         tracing::debug!("connection ended with an error: {e}");
     }
 }
@@ -137,5 +178,6 @@ where
 /// request id.
 pub fn context(peer: Option<SocketAddr>, local: Option<SocketAddr>) -> RequestContext {
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-    RequestContext::new(peer, local, http::uri::Scheme::HTTP, RequestId(NEXT_ID.fetch_add(1, Ordering::Relaxed)))
+    let scheme = if TLS.get().is_some() { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
+    RequestContext::new(peer, local, scheme, RequestId(NEXT_ID.fetch_add(1, Ordering::Relaxed)))
 }
