@@ -64,8 +64,10 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
         };
         if http2 {
             conn.activity.is_http2();
-            // The frames that follow the preface are followed, for the header timeout.
-            io.frames = Some(Http2Frames::default());
+            // The frames that follow the preface are followed, for the header timeout. The
+            // preface itself is still to be read, through `io` (from the sniffer's replay,
+            // or from TLS).
+            io.frames = Some(Http2Frames::after_preface(H2_PREFACE.len()));
         }
         let max_header_size = usize::try_from(shared.max_header_size).unwrap_or(usize::MAX);
         let service = PluginService { conn: conn.clone(), current: shared.current.clone() };

@@ -332,6 +332,8 @@ impl Activity {
 /// header timeout for HTTP/2, nor tells when a header block begins.
 #[derive(Debug, Default)]
 pub(crate) struct Http2Frames {
+    /// Bytes of the connection preface still to come: they are no frame.
+    preface_left: usize,
     /// The frame header being read.
     head: [u8; 9],
     head_len: u8,
@@ -348,8 +350,18 @@ impl Http2Frames {
     const CONTINUATION: u8 = 0x9;
     const END_HEADERS: u8 = 0x4;
 
-    /// Follows `bytes`, the next ones read from the client (after the connection preface).
+    /// Follows a client's bytes from the first, the connection preface of `preface` bytes.
+    pub(crate) fn after_preface(preface: usize) -> Http2Frames {
+        Http2Frames { preface_left: preface, ..Http2Frames::default() }
+    }
+
+    /// Follows `bytes`, the next ones read from the client.
     pub(crate) fn read(&mut self, mut bytes: &[u8], activity: &Activity) {
+        if self.preface_left > 0 {
+            let n = bytes.len().min(self.preface_left);
+            self.preface_left -= n;
+            bytes = &bytes[n..];
+        }
         while !bytes.is_empty() {
             if self.payload_left > 0 {
                 let n = bytes.len().min(self.payload_left as usize);
@@ -579,11 +591,13 @@ mod tests {
     fn an_incomplete_http2_header_block_is_timed_even_with_streams_in_progress() {
         let a = Activity::new(true);
         a.is_http2();
-        let mut frames = Http2Frames::default();
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let mut frames = Http2Frames::after_preface(PREFACE.len());
         let mut seen = watched(&a, 0);
         a.request_started(); // another stream, in progress throughout
-        // A complete block, split across reads anywhere, leaves nothing open.
-        let mut bytes = frame(0x6, 0, &[0; 8]); // PING
+        // The preface, then a complete block, split across reads anywhere, leave nothing open.
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend(frame(0x6, 0, &[0; 8])); // PING
         bytes.extend(frame(0x1, 0x4 | 0x1, b"abc")); // HEADERS, END_HEADERS | END_STREAM
         for byte in &bytes {
             frames.read(std::slice::from_ref(byte), &a);
