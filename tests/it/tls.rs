@@ -345,3 +345,49 @@ async fn the_admin_api_over_https_keeps_its_token_off_the_wire() {
     let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
     assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "{}", String::from_utf8_lossy(&answer));
 }
+
+#[tokio::test]
+async fn a_client_that_finished_its_handshake_as_shutdown_began_is_answered() {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let ca = Ca::new();
+    let dir = temp_dir("tls-shutdown");
+    let (cert, key) = place(&dir, "server", &ca.issue(&["localhost"], false));
+    let mut host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap(), "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.params.self_signed(&ca.key).unwrap().der().to_vec())).unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots).with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(&host.addr).await.unwrap();
+    let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.expect("a TLS handshake");
+
+    // The handshake is done, no request sent yet: the host begins to shut down.
+    host.signal("TERM");
+    assert!(host.wait_for_log("shutting down gracefully", Duration::from_secs(5)), "{}", host.log());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "the request was not answered: {answer:?}\n{}", host.log());
+    assert_eq!(host.wait_exit(Duration::from_secs(10)), Some(0), "{}", host.log());
+}
+
+#[tokio::test]
+async fn one_connection_slot_serves_either_listener() {
+    let ca = Ca::new();
+    let dir = temp_dir("tls-slots");
+    let (cert, key) = place(&dir, "server", &ca.issue(&["localhost"], false));
+    let tls = ["--listen-tls", "127.0.0.1:0", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let host = Host::serve(&[&["--plugin", artifacts().example.to_str().unwrap(), "--max-connections", "1"][..], &tls].concat());
+    // Each request on a connection of its own, closed after it: the one slot goes round.
+    for _ in 0..2 {
+        let https = client(&ca, &host, &["localhost"], true).get(https_url(&host, "localhost", "/")).header("connection", "close");
+        let https = tokio::time::timeout(Duration::from_secs(10), https.send()).await.expect("the HTTPS listener never got the slot");
+        assert_eq!(https.unwrap().status(), 200);
+        let plain = reqwest::Client::new().get(host.url("/")).header("connection", "close");
+        let plain = tokio::time::timeout(Duration::from_secs(10), plain.send()).await.expect("the cleartext listener never got the slot");
+        assert_eq!(plain.unwrap().status(), 200);
+    }
+}

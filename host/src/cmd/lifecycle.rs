@@ -156,10 +156,9 @@ where
         args: std::env::args_os().collect(),
     };
     let upgrades = tokio::spawn(upgrade::carry_out(orders_in, upgrader));
-    match tls_listener {
-        Some(tls_listener) => drop(tokio::join!(server.accept_loop(listener, plain_tls), server.accept_loop(tls_listener, second_tls))),
-        None => server.accept_loop(listener, plain_tls).await,
-    }
+    let mut listeners = vec![(listener, plain_tls)];
+    listeners.extend(tls_listener.map(|l| (l, second_tls)));
+    server.accept_loop(listeners).await;
     // Handing over to a new host, or shutting down?
     let forwarding = if server.is_handing_over() {
         upgrades.await.ok().flatten()

@@ -122,6 +122,23 @@ async fn drive_http1(mut connection: Http1Connection, conn: &ConnState, shared: 
     // A TLS session cannot go to another process: the connection closes after its request in
     // progress, and its client connects again (to the new host).
     let Some(to) = shared.handoff.get().filter(|_| !conn.origin.https) else {
+        if conn.origin.https && conn.served.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            // Its client has just finished its handshake and sends its first request now
+            // (TLS 1.2: a round trip later): hyper, told to shut down before it has read
+            // anything, would close the connection unanswered. That request is served first
+            // (the header read timeout bounds the wait).
+            let ended = std::future::poll_fn(|cx| match Pin::new(&mut connection).poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+                Poll::Pending if conn.activity.http1_busy() || conn.served.load(std::sync::atomic::Ordering::Acquire) > 0 => {
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            })
+            .await;
+            if let Some(r) = ended {
+                return r;
+            }
+        }
         Pin::new(&mut connection).graceful_shutdown();
         return connection.await;
     };

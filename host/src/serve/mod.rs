@@ -57,6 +57,7 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::latch::Latch;
 use crate::plugin::request::Origin;
@@ -75,6 +76,8 @@ pub(crate) struct Server {
     sweeper: Arc<Sweeper>,
     /// One permit per connection that may be open at once.
     slots: Arc<Semaphore>,
+    /// Stops the sweeper when the server goes.
+    _sweeping: DropGuard,
 }
 
 impl Server {
@@ -82,18 +85,22 @@ impl Server {
     /// timeout sweeper runs on the calling runtime (the host's own) until `shutdown`.
     pub(crate) fn new(current: Arc<Current>, limits: Limits, shutdown: Arc<Latch>) -> Arc<Server> {
         let sweeper = Sweeper::new(&limits);
-        tokio::spawn(sweeper.clone().run(shutdown.token().clone()));
+        // Until the server goes, not just until shutdown: connections that never send a
+        // request (a TLS handshake never finished) must not hold up the drain.
+        let sweeping = CancellationToken::new();
+        tokio::spawn(sweeper.clone().run(sweeping.clone()));
         let max = usize::try_from(limits.max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max));
         let shared = Arc::new(Shared::new(current, shutdown, limits.max_header_size));
-        Arc::new(Server { shared, limits, sweeper, slots })
+        Arc::new(Server { shared, limits, sweeper, slots, _sweeping: sweeping.drop_guard() })
     }
 
-    /// Accepts connections until shutdown is requested. At `--max-connections`, it stops
-    /// accepting until one closes: further clients wait in the listen backlog.
-    ///
-    /// With `tls`, the listener serves HTTPS.
-    pub(crate) async fn accept_loop(self: &Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    /// Accepts connections on `listeners` until shutdown is requested; those with a
+    /// [`TlsAcceptor`] serve HTTPS. At `--max-connections`, it stops accepting until one
+    /// closes: further clients wait in the listen backlogs. (One loop for all: a slot taken
+    /// to wait on one listener would be missing on the others.)
+    pub(crate) async fn accept_loop(self: &Arc<Self>, listeners: Vec<(TcpListener, Option<TlsAcceptor>)>) {
+        let mut first = 0;
         loop {
             let slot = tokio::select! {
                 s = self.slots.clone().acquire_owned() => s,
@@ -103,8 +110,18 @@ impl Server {
             if self.slots.available_permits() == 0 {
                 tracing::debug!(max = self.limits.max_connections, "connection limit reached: new clients wait in the backlog");
             }
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
+            // Whichever listener has a client; they take turns at being asked first.
+            first = (first + 1) % listeners.len().max(1);
+            let accept = std::future::poll_fn(|cx| {
+                for i in (first..listeners.len()).chain(0..first) {
+                    if let std::task::Poll::Ready(accepted) = listeners[i].0.poll_accept(cx) {
+                        return std::task::Poll::Ready((accepted, &listeners[i].1));
+                    }
+                }
+                std::task::Poll::Pending
+            });
+            let (accepted, tls) = tokio::select! {
+                r = accept => r,
                 () = self.shared.shutdown.token().cancelled() => break,
             };
             match accepted {
