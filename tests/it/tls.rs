@@ -227,7 +227,10 @@ async fn sni_chooses_the_certificate_of_a_directory_by_name() {
     let b = ca.issue(&["b.test", "*.b.test"], false);
     place(&dir, "a", &a);
     place(&dir, "b", &b);
+    // A certificate without its key (a Kubernetes TLS Secret's ca.crt) is refused alone.
+    std::fs::write(dir.join("ca.crt"), &ca.pem).unwrap();
     let host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap(), "--tls-dir", dir.to_str().unwrap()]);
+    assert!(host.log().contains("ca.crt has no key beside it"), "{}", host.log());
     assert_eq!(certificate_now(&ca, &host, "a.test").await, a.der);
     assert_eq!(certificate_now(&ca, &host, "b.test").await, b.der);
     assert_eq!(certificate_now(&ca, &host, "www.b.test").await, b.der);

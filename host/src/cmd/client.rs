@@ -156,7 +156,9 @@ async fn call(
             let stream = connector.connect(name, stream).await.with_context(|| {
                 format!("cannot set up TLS with the admin API at {addr} (does its certificate name {host}, and is its issuer trusted? see --admin-ca)")
             })?;
-            exchange(stream, &format!("{host}:{port}"), token, method, path, body).await
+            // An IPv6 address in brackets, as in a URL.
+            let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+            exchange(stream, &authority, token, method, path, body).await
         }
         AdminAddr::Off => bail!("--admin off: there is no admin API to talk to"),
     }

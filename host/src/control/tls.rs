@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher as _};
 use sha2::{Digest as _, Sha256};
 use tokio::signal::unix::Signal;
@@ -39,6 +40,8 @@ const REFUSALS_KEPT: usize = 16;
 /// Files that changed are read this long after the last change: a certificate and its key
 /// are written one after the other.
 const SETTLE: Duration = Duration::from_millis(300);
+/// The longest a reload waits for changes to settle.
+const MAX_SETTLE: Duration = Duration::from_secs(2);
 
 /// Where the certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +82,16 @@ pub(crate) enum CertError {
     MissingKey { cert: PathBuf, key: PathBuf },
     #[error("{} holds no certificate: add NAME.crt with its key NAME.key", dir.display())]
     EmptyDir { dir: PathBuf },
+}
+
+impl CertSource {
+    /// The certificate file, or the directory.
+    fn path(&self) -> &Path {
+        match self {
+            CertSource::Pair { cert, .. } => cert,
+            CertSource::Dir(dir) => dir,
+        }
+    }
 }
 
 impl CertError {
@@ -122,8 +135,18 @@ impl Certificate {
             CertificateDer::pem_slice_iter(&cert_pem).collect::<Result<_, _>>().map_err(|e| pem_error(cert_file, e))?;
         let Some(server) = chain.first() else { return Err(CertError::NoCertificate { path: cert_file.to_owned() }) };
         for (index, der) in chain.iter().enumerate().skip(1) {
-            x509_parser::parse_x509_certificate(der)
+            let (_, parsed) = x509_parser::parse_x509_certificate(der)
                 .map_err(|e| CertError::Parse { path: cert_file.to_owned(), index: index + 1, reason: e.to_string() })?;
+            let not_after = system_time(parsed.validity().not_after.timestamp());
+            if not_after < SystemTime::now() {
+                tracing::warn!(
+                    cert = %cert_file.display(),
+                    "certificate {} of the chain ({}) expired at {}: clients that need it refuse the chain; replace it",
+                    index + 1,
+                    parsed.subject(),
+                    rfc3339(not_after)
+                );
+            }
         }
         let (_, parsed) = x509_parser::parse_x509_certificate(server)
             .map_err(|e| CertError::Parse { path: cert_file.to_owned(), index: 1, reason: e.to_string() })?;
@@ -199,16 +222,17 @@ impl Certificate {
 
 fn system_time(unix_seconds: i64) -> SystemTime {
     let seconds = Duration::from_secs(unix_seconds.unsigned_abs());
-    if unix_seconds >= 0 {
-        SystemTime::UNIX_EPOCH + seconds
-    } else {
-        SystemTime::UNIX_EPOCH - seconds
-    }
+    let at = if unix_seconds >= 0 { SystemTime::UNIX_EPOCH.checked_add(seconds) } else { SystemTime::UNIX_EPOCH.checked_sub(seconds) };
+    at.unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-/// A time as RFC 3339, to the second.
+/// A time as RFC 3339, to the second. (A certificate may date from before 1970, which
+/// humantime's formatter refuses with a panic.)
 pub(crate) fn rfc3339(at: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(at).to_string()
+    match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(_) => humantime::format_rfc3339_seconds(at).to_string(),
+        Err(_) => "before 1970-01-01T00:00:00Z".to_owned(),
+    }
 }
 
 /// The certificates that serve: the first for clients that ask for no name, or another.
@@ -218,7 +242,7 @@ struct CertSet(Vec<Arc<Certificate>>);
 impl CertSet {
     fn pick(&self, name: Option<&str>) -> Option<&Arc<Certificate>> {
         let chosen = name.and_then(|name| {
-            let name = name.to_ascii_lowercase();
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
             self.0.iter().find(|c| c.names.contains(&name)).or_else(|| self.0.iter().find(|c| c.serves(&name)))
         });
         chosen.or_else(|| self.0.first())
@@ -242,7 +266,8 @@ pub(crate) struct Reloaded {
     pub(crate) refused: Vec<String>,
 }
 
-/// The files' sizes, times and inodes at a reload: the watcher reloads only when they change.
+/// The files' sizes, change times (which no one can set back) and inodes at a reload: the
+/// watcher reloads only when they change.
 type Stamp = Vec<(PathBuf, Option<(u64, i64, i64, u64)>)>;
 
 /// What reloads have seen.
@@ -252,6 +277,18 @@ struct Book {
     refusals: VecDeque<CertRefusal>,
     refused_by_kind: BTreeMap<&'static str, u64>,
     replaced: u64,
+}
+
+impl Book {
+    /// Records and counts a refusal, and logs it with `then`, what happens instead.
+    fn refuse(&mut self, error: &CertError, then: &str) {
+        tracing::warn!("refused a certificate: {error}; {then}");
+        *self.refused_by_kind.entry(error.kind()).or_default() += 1;
+        self.refusals.push_back(CertRefusal { at: SystemTime::now(), reason: error.to_string() });
+        while self.refusals.len() > REFUSALS_KEPT {
+            self.refusals.pop_front();
+        }
+    }
 }
 
 /// The certificates that serve, and where they come from. It chooses the certificate of each
@@ -265,16 +302,31 @@ pub(crate) struct Certificates {
 }
 
 impl Certificates {
-    /// Reads and checks every certificate of `source`: all must pass to start.
+    /// Reads and checks the certificates of `source`. One pair must pass to start; in a
+    /// directory, the others are refused as they would be at a reload, and the host starts
+    /// with those that pass.
     pub(crate) fn load(source: CertSource) -> Result<Arc<Certificates>, CertError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let stamp = stamp(&source);
-        let pairs = pairs(&source)?;
-        let certs = pairs.iter().map(|(cert, key)| Certificate::load(cert, key, &provider).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let mut book = Book { stamp: Some(stamp), ..Book::default() };
+        let mut certs = Vec::new();
+        let mut first_error = None;
+        for (cert, key) in pairs(&source)? {
+            match load_pair(&cert, key.as_deref(), &provider) {
+                Ok(loaded) => certs.push(Arc::new(loaded)),
+                Err(error) if matches!(source, CertSource::Dir(_)) => {
+                    book.refuse(&error, "it does not serve");
+                    first_error.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if certs.is_empty() {
+            return Err(first_error.unwrap_or_else(|| CertError::EmptyDir { dir: source.path().to_owned() }));
+        }
         for cert in &certs {
             log_serving(cert, "serving HTTPS with");
         }
-        let book = Book { stamp: Some(stamp), ..Book::default() };
         Ok(Arc::new(Certificates { source, provider, serving: ArcSwap::from_pointee(CertSet(certs)), book: Mutex::new(book) }))
     }
 
@@ -317,25 +369,25 @@ impl Certificates {
 
     /// Reads the files again and serves what changed and passes the checks; what fails is
     /// refused and what served keeps serving. `force`: even if the files look unchanged (a
-    /// reload asked for by the operator).
+    /// reload asked for by the operator); what they refused again is then answered, but not
+    /// recorded or counted twice.
     pub(crate) fn reload(&self, force: bool) -> Reloaded {
         let mut book = self.book();
         let stamp = stamp(&self.source);
-        if !force && book.stamp.as_ref() == Some(&stamp) {
+        let unchanged = book.stamp.as_ref() == Some(&stamp);
+        if unchanged && !force {
             return Reloaded::default();
         }
         book.stamp = Some(stamp);
         let serving = self.serving.load_full();
         let mut reloaded = Reloaded::default();
         let mut refuse = |book: &mut Book, error: CertError| {
-            let reason = error.to_string();
-            tracing::warn!("refused a certificate: {reason}; the previous one keeps serving");
-            *book.refused_by_kind.entry(error.kind()).or_default() += 1;
-            book.refusals.push_back(CertRefusal { at: SystemTime::now(), reason: reason.clone() });
-            while book.refusals.len() > REFUSALS_KEPT {
-                book.refusals.pop_front();
+            if unchanged {
+                tracing::warn!("a certificate is still refused: {error}");
+            } else {
+                book.refuse(&error, "the previous one keeps serving");
             }
-            reloaded.refused.push(reason);
+            reloaded.refused.push(error.to_string());
         };
         let pairs = match pairs(&self.source) {
             Ok(pairs) => pairs,
@@ -347,10 +399,9 @@ impl Certificates {
         let mut next = Vec::with_capacity(pairs.len());
         for (cert, key) in &pairs {
             let previous = serving.0.iter().find(|c| c.cert_file == *cert);
-            match Certificate::load(cert, key, &self.provider) {
-                Ok(loaded) if previous.is_some_and(|p| p.sha256 == loaded.sha256 && same_key(p, &loaded)) => {
-                    next.extend(previous.cloned());
-                }
+            match load_pair(cert, key.as_deref(), &self.provider) {
+                // The same chain (so the same key, which matched it): nothing to replace.
+                Ok(loaded) if previous.is_some_and(|p| p.key.cert == loaded.key.cert) => next.extend(previous.cloned()),
                 Ok(loaded) => {
                     let loaded = Arc::new(loaded);
                     log_serving(&loaded, "new certificate serves:");
@@ -367,9 +418,7 @@ impl Certificates {
         if !reloaded.replaced.is_empty() || removed {
             if next.is_empty() {
                 // Every pair of the directory is gone or refused: the previous ones serve on.
-                if let CertSource::Dir(dir) = &self.source {
-                    refuse(&mut book, CertError::EmptyDir { dir: dir.clone() });
-                }
+                refuse(&mut book, CertError::EmptyDir { dir: self.source.path().to_owned() });
                 return reloaded;
             }
             book.replaced += reloaded.replaced.len() as u64;
@@ -382,10 +431,14 @@ impl Certificates {
     /// until `shutdown`.
     pub(crate) async fn watch(self: Arc<Self>, mut hangup: Signal, shutdown: CancellationToken) {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        // Only changes: the host's own reads of the files (and anyone's) open them too.
+        let changes = move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !matches!(e.kind, EventKind::Access(_)) || e.kind == EventKind::Access(AccessKind::Close(AccessMode::Write))) {
+                let _ = tx.send(());
+            }
+        };
         // The watcher's thread is the host's (see plugin::threads).
-        let watcher = threads::adopt(|| notify::recommended_watcher(move |_| {
-            let _ = tx.send(());
-        }));
+        let watcher = threads::adopt(|| notify::recommended_watcher(changes));
         let _watcher = match watcher {
             Ok(mut watcher) => {
                 for dir in self.watched_dirs() {
@@ -405,11 +458,14 @@ impl Certificates {
         loop {
             tokio::select! {
                 Some(()) = rx.recv() => {
-                    // Let the writer finish the pair.
+                    // Let the writer finish the pair, but not for ever: a directory busy with
+                    // other files would put the reload off.
+                    let settled = tokio::time::Instant::now() + MAX_SETTLE;
                     loop {
                         tokio::select! {
-                            Some(()) = rx.recv() => continue,
+                            Some(()) = rx.recv(), if tokio::time::Instant::now() < settled => continue,
                             () = tokio::time::sleep(SETTLE) => break,
+                            () = tokio::time::sleep_until(settled) => break,
                             () = shutdown.cancelled() => return,
                         }
                     }
@@ -443,12 +499,6 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
-/// Whether two loads of a pair have the same key (a certificate re-issued for a new key is
-/// a new certificate anyway; this catches a key replaced alone, which would not serve).
-fn same_key(a: &Certificate, b: &Certificate) -> bool {
-    a.key.key.public_key().map(|k| k.to_vec()) == b.key.key.public_key().map(|k| k.to_vec())
-}
-
 fn log_serving(cert: &Certificate, what: &str) {
     tracing::info!(
         subject = %cert.subject,
@@ -460,30 +510,38 @@ fn log_serving(cert: &Certificate, what: &str) {
     );
 }
 
-/// The certificate and key files of `source`.
-fn pairs(source: &CertSource) -> Result<Vec<(PathBuf, PathBuf)>, CertError> {
+/// Reads and checks `cert` with `key`, which a directory may lack.
+fn load_pair(cert: &Path, key: Option<&Path>, provider: &CryptoProvider) -> Result<Certificate, CertError> {
+    match key {
+        Some(key) => Certificate::load(cert, key, provider),
+        None => Err(CertError::MissingKey { cert: cert.to_owned(), key: cert.with_extension("key") }),
+    }
+}
+
+/// The certificate files of `source`, each with its key file if there is one.
+fn pairs(source: &CertSource) -> Result<Vec<(PathBuf, Option<PathBuf>)>, CertError> {
     let dir = match source {
-        CertSource::Pair { cert, key } => return Ok(vec![(cert.clone(), key.clone())]),
+        CertSource::Pair { cert, key } => return Ok(vec![(cert.clone(), Some(key.clone()))]),
         CertSource::Dir(dir) => dir,
     };
     let entries = std::fs::read_dir(dir).map_err(|source| CertError::Read { path: dir.clone(), source })?;
-    let mut certs: Vec<PathBuf> =
-        entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "crt")).collect();
+    // Hidden files are editors' and tools' (`.#a.crt`, a half-written `.a.crt.tmp`).
+    let mut certs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "crt") && !p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b".")))
+        .collect();
     certs.sort();
     if certs.is_empty() {
         return Err(CertError::EmptyDir { dir: dir.clone() });
     }
-    certs
+    Ok(certs
         .into_iter()
         .map(|cert| {
-            let key = cert.with_extension("key");
-            if key.exists() {
-                Ok((cert, key))
-            } else {
-                Err(CertError::MissingKey { cert, key })
-            }
+            let key = Some(cert.with_extension("key")).filter(|key| key.exists());
+            (cert, key)
         })
-        .collect()
+        .collect())
 }
 
 /// The files of `source` as they are now (through symlinks).
@@ -499,7 +557,7 @@ fn stamp(source: &CertSource) -> Stamp {
     files
         .into_iter()
         .map(|file| {
-            let meta = std::fs::metadata(&file).ok().map(|m| (m.len(), m.mtime(), m.mtime_nsec(), m.ino()));
+            let meta = std::fs::metadata(&file).ok().map(|m| (m.len(), m.ctime(), m.ctime_nsec(), m.ino()));
             (file, meta)
         })
         .collect()

@@ -495,6 +495,8 @@ fn serve_connection(stream: Stream, tls: Option<TlsAcceptor>, api: Arc<Api>, all
                 let handshake = tokio::select! {
                     handshake = tokio::time::timeout(HEAD_TIMEOUT, tls.accept(s)) => handshake,
                     () = waiting.evicted() => return tracing::debug!("admin API connection closed for a newcomer: no TLS handshake"),
+                    // It must not keep the registry, and so a generation, alive past the drain.
+                    () = shutdown.cancelled() => return,
                 };
                 match handshake {
                     Ok(Ok(s)) => serve_one(s, api, allowed, waiting, shutdown).await,
