@@ -144,6 +144,9 @@ async fn call(
             exchange(stream, "hotswap-admin", token, method, path, body).await
         }
         AdminAddr::Tcp(tcp) => {
+            if token.is_some() && !tcp.ip().is_loopback() {
+                eprintln!("hotswap: warning: the admin token goes to {tcp} in clear text: serve the admin API over https:// (see --admin)");
+            }
             let stream = tokio::net::TcpStream::connect(tcp).await.with_context(unreachable)?;
             // The address itself: without a token, a loopback listener answers only requests
             // that name a loopback host.

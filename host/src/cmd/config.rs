@@ -191,7 +191,19 @@ impl File {
         if let Some(dir) = self.shadow_dir {
             flags.path("--shadow-dir", dir);
         }
-        flags.0.extend(self.tls.into_flags(path)?);
+        // A certificate source given on the command line replaces the file's (they would
+        // conflict), as a plugin source does.
+        let user_gave = |names: &[&str]| {
+            user.iter().any(|a| {
+                let a = a.to_string_lossy();
+                names.iter().any(|n| a == *n || a.starts_with(&format!("{n}=")))
+            })
+        };
+        let mut tls = self.tls;
+        if user_gave(&["--tls-cert", "--tls-key", "--tls-dir"]) {
+            (tls.cert, tls.key, tls.dir) = (None, None, None);
+        }
+        flags.0.extend(tls.into_flags(path)?);
         if let Some(level) = self.log_level {
             flags.value("--log-level", level);
         }
@@ -207,11 +219,7 @@ impl File {
         if self.plugin.is_some() && self.plugin_dir.is_some() {
             return Err(invalid("plugin_dir", "give `plugin` or `plugin_dir`, not both".into()));
         }
-        let user_gave_source = user.iter().any(|a| {
-            let a = a.to_string_lossy();
-            a == "--plugin" || a == "--plugin-dir" || a.starts_with("--plugin=") || a.starts_with("--plugin-dir=")
-        });
-        if !user_gave_source {
+        if !user_gave(&["--plugin", "--plugin-dir"]) {
             if let Some(plugin) = self.plugin {
                 flags.path("--plugin", plugin);
             }
@@ -406,6 +414,13 @@ mod tests {
         assert!(alone.contains("`tls.key`"), "{alone}");
         let listen = with_file("[tls]\ndir = \"/etc/certs\"\nlisten = \"443\"\n", &[]).unwrap_err().to_string();
         assert!(listen.contains("`tls.listen`"), "{listen}");
+    }
+
+    #[test]
+    fn the_users_certificate_replaces_the_files() {
+        let merged = with_file("[tls]\ncert = \"a.pem\"\nkey = \"a.key\"\nlisten = \"0.0.0.0:443\"\n", &["--tls-dir", "/certs"]).unwrap();
+        assert!(!merged.iter().any(|a| a.starts_with("--tls-cert") || a.starts_with("--tls-key")), "{merged:?}");
+        assert!(merged.contains(&"--listen-tls=0.0.0.0:443".to_owned()), "{merged:?}");
     }
 
     #[test]

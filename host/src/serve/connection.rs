@@ -198,6 +198,15 @@ async fn expect_tls(mut io: MigratingStream) -> Option<MigratingStream> {
             tracing::debug!("a cleartext request on an HTTPS listener: answered 400");
             let _ = io.write_all(ANSWER).await;
             let _ = io.shutdown().await;
+            // Closed with the request unread, the socket would be reset, and the answer lost
+            // with it: read on until the client closes (the header read timeout bounds this).
+            let (mut sink, mut left) = ([0u8; 4096], 64 * 1024usize);
+            while left > 0 {
+                match io.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
             None
         }
         Ok(_) => None,

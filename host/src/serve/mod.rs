@@ -6,7 +6,7 @@
 //! The listener lives on the host's own runtime. Each accepted socket is handed to the
 //! current generation's runtime, which registers it with its own reactor and serves it with
 //! hyper (HTTP/1.1 with keep-alive, or HTTP/2 with prior knowledge, detected per
-//! connection; over TLS, HTTP/2 or HTTP/1.1 as ALPN decides, the handshake made there too). An HTTP/1 request is handed to the plugin, and its response polled, inline on
+//! connection; over TLS, as ALPN decides, after a handshake made there too). An HTTP/1 request is handed to the plugin, and its response polled, inline on
 //! that connection's task: a request costs no hop between threads.
 //!
 //! When a newer generation becomes current, every connection of the old one is told
@@ -161,9 +161,9 @@ impl Server {
         }
     }
 
-    /// Stops accepting, and hands every HTTP/1 connection to `to` at its next request
-    /// boundary (in the meantime it finishes its request in progress here). HTTP/2 and
-    /// upgraded connections finish here. The accept loop returns, as at shutdown.
+    /// Stops accepting, and hands every cleartext HTTP/1 connection to `to` at its next
+    /// request boundary (in the meantime it finishes its request in progress here). TLS,
+    /// HTTP/2 and upgraded connections finish here. The accept loop returns, as at shutdown.
     pub(crate) fn hand_over(&self, to: mpsc::UnboundedSender<Handed>) {
         if self.shared.handoff.set(to).is_err() {
             tracing::warn!("already handing over");
