@@ -191,6 +191,17 @@ impl Certificate {
             }
             Err(e) => return Err(CertError::Key { path: key_file.to_owned(), reason: e.to_string() }),
         }
+        if let Ok(meta) = std::fs::metadata(key_file) {
+            use std::os::unix::fs::PermissionsExt as _;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    key = %key_file.display(),
+                    "the private key is readable or writable by others than its owner (mode {:04o}): run `chmod 600 {}`",
+                    meta.permissions().mode() & 0o7777,
+                    key_file.display()
+                );
+            }
+        }
         if not_before > SystemTime::now() {
             tracing::warn!(
                 cert = %cert_file.display(),
