@@ -56,6 +56,8 @@ fn the_benchmark_smoke_run_writes_every_table() {
     ] {
         assert!(text.contains(heading), "{heading:?} missing from the report:\n{text}");
     }
+    let (k, l) = (text.find("### k.").unwrap(), text.find("### l.").unwrap());
+    assert!(k < l && !text[l..].contains("### d."), "section l is out of place:\n{text}");
     for row in ["| hotswap | ", "| static | ", "× static (paired rounds: ", "| hotswap: rename → first answer", "| hotswap, a swap every", "checksum OK", "WebSocket echo ≥ 0.9 × static", "the same Router in static-axum", "What a Router costs in hotswap", "`hotswap upgrade` → first answer from the new process", "| hotswap, an upgrade every", "| hotswap, 50 % canary | ", "hello world during a 50 % canary ≥ 0.95 × without one", "hello world over HTTPS ≥ 0.95 × static over HTTPS"] {
         assert!(text.contains(row), "{row:?} missing from the report:\n{text}");
     }

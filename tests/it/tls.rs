@@ -3,10 +3,12 @@
 //! authority is made in each test (rcgen), and the clients trust only it.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hotswap_tests::*;
+use sha2::Digest as _;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -60,6 +62,8 @@ fn place(dir: &Path, name: &str, issued: &Issued) -> (PathBuf, PathBuf) {
     for (path, text) in [(&key, &issued.key), (&cert, &issued.cert)] {
         let tmp = dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, text).unwrap();
+        // Private, as a key must be (the host warns otherwise).
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::rename(&tmp, path).unwrap();
     }
     (cert, key)
@@ -111,9 +115,14 @@ async fn https_speaks_http2_and_http1_by_alpn_beside_cleartext() {
         let body = response.text().await.unwrap();
         assert!(body.contains("scheme=https"), "{body}");
     }
-    // curl, with OpenSSL: the same, by ALPN.
+    // curl, with OpenSSL: the same, by ALPN (.ci/run installs curl).
     let port = host.https.as_deref().unwrap().rsplit(':').next().unwrap().to_owned();
-    for (flag, expected) in [("--http2", "2"), ("--http1.1", "1.1")] {
+    let curl = std::process::Command::new("curl").arg("--version").output();
+    let with_http2 = curl.as_ref().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("HTTP2"));
+    if !with_http2 {
+        eprintln!("SKIPPED the curl part of https_speaks_http2_and_http1_by_alpn_beside_cleartext: no curl with HTTP/2 on PATH");
+    }
+    for (flag, expected) in [("--http2", "2"), ("--http1.1", "1.1")].into_iter().filter(|_| with_http2) {
         let out = std::process::Command::new("curl")
             .args(["-sS", "--fail", "-o", "/dev/null", "-w", "%{http_version}", flag, "--cacert"])
             .arg(dir.join("ca.pem"))
@@ -157,11 +166,13 @@ async fn a_certificate_replaced_during_a_tls_download_serves_new_connections_onl
     assert!(host.wait_for_log("new certificate serves", Duration::from_secs(10)), "{}", host.log());
     assert_eq!(certificate_now(&ca, &host, "localhost").await, second.der);
     assert!(!reading.is_finished(), "the download ended before the certificate was replaced: make it longer");
-    assert_eq!(reading.await.unwrap(), size);
+    assert_eq!(tokio::time::timeout(WAIT, reading).await.expect("the download stalled").unwrap(), size);
 
     // Status and metrics show the new one; the replacement is counted.
     let (_, status) = host.command_json(&["status"]);
     let certificates = &status["tls"]["certificates"];
+    let second_sha256: String = sha2::Sha256::digest(&second.der).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(certificates[0]["sha256"], second_sha256.as_str(), "{status}");
     assert_eq!(certificates[0]["names"][0], "localhost", "{status}");
     assert!(certificates[0]["expires_in_days"].as_f64().unwrap() > 300.0, "{status}");
     let scrape = host.metrics().await;
@@ -256,26 +267,27 @@ async fn a_client_that_never_finishes_its_handshake_is_cut_off() {
         "--tls-key",
         key.to_str().unwrap(),
         "--header-read-timeout",
-        "1s",
+        "2s",
     ]);
     // One that says nothing, and one that starts a handshake record and stops.
     let mut silent = tokio::net::TcpStream::connect(&host.addr).await.unwrap();
     let mut partial = tokio::net::TcpStream::connect(&host.addr).await.unwrap();
     partial.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
     let started = Instant::now();
+    // A real client gets through meanwhile.
+    assert!(!certificate_now(&ca, &host, "localhost").await.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(2), "a real client waited for the stalled ones: {:?}", started.elapsed());
     for stream in [&mut silent, &mut partial] {
         let mut buf = [0u8; 64];
         let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await.expect("the server never cut the client off");
         assert!(matches!(read, Ok(0) | Err(_)), "the server sent something: {read:?}");
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "cut off after {:?}", started.elapsed());
-    // A real client gets through meanwhile.
-    assert!(!certificate_now(&ca, &host, "localhost").await.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(7), "cut off after {:?}", started.elapsed());
 }
 
 #[tokio::test]
 async fn https_goes_on_across_a_host_upgrade() {
-    use crate::host_upgrade::{upgrade, Reap};
+    use crate::host_upgrade::{alive, upgrade, Reap};
     const MIB: u64 = 1024 * 1024;
     let ca = Ca::new();
     let dir = temp_dir("tls-upgrade");
@@ -292,16 +304,18 @@ async fn https_goes_on_across_a_host_upgrade() {
     assert_eq!(pid_over_https(client(&ca, &host, &["localhost"], false), https_url(&host, "localhost", "/host")).await, host.pid());
 
     // A download over TLS, under way at the upgrade: it finishes on the old host.
-    let size = 3 * MIB;
+    let size = 8 * MIB;
     let download = client(&ca, &host, &["localhost"], true).get(https_url(&host, "localhost", &format!("/download?size={size}&rate={}", 2 * MIB)));
-    let download = download.send().await.unwrap();
+    let reading = tokio::spawn(read_download(download.send().await.unwrap()));
     let next = upgrade(&host.admin, &[]).await.unwrap();
     reap.add(next);
+    assert!(!reading.is_finished(), "the download ended before the upgrade: make it longer");
     // The HTTPS listener went to the new host, which serves it with the same certificates.
     for http1 in [false, true] {
         assert_eq!(pid_over_https(client(&ca, &host, &["localhost"], http1), https_url(&host, "localhost", "/host")).await, next);
     }
-    assert_eq!(read_download(download).await, size);
+    assert!(alive(host.pid()), "the old host left before its TLS download ended");
+    assert_eq!(tokio::time::timeout(WAIT, reading).await.expect("the download stalled").unwrap(), size);
     assert_eq!(host.wait_exit(Duration::from_secs(20)), Some(0), "{}", host.log());
 }
 

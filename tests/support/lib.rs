@@ -329,8 +329,11 @@ impl Host {
         (out.code, value)
     }
 
+    /// `http://ADDR/path`; `https://` on a host that serves HTTPS only (whose clients must
+    /// then trust its certificate).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        let scheme = if self.https.as_deref() == Some(self.addr.as_str()) { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.addr, path)
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,6 +1,8 @@
 //! The measurements, one function per section of the report.
 
 use std::io::Read;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -294,7 +296,8 @@ fn https(setup: &Setup, params: &Params) -> Result<Rounds> {
     let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, issued.cert.pem())?;
-    std::fs::write(&key, issued.signing_key.serialize_pem())?;
+    // Private, as a key must be (the host warns otherwise).
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&key)?.write_all(issued.signing_key.serialize_pem().as_bytes())?;
     let (cert, key) = (cert.to_string_lossy().into_owned(), key.to_string_lossy().into_owned());
     let tls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
     let (hot, _swapper) = hotswap_with_admin(&setup.hotswap, &setup.builds, &setup.work.join("hotswap-tls"), None, &tls)?;

@@ -415,7 +415,6 @@ impl Certificates {
                 Ok(loaded) if previous.is_some_and(|p| p.key.cert == loaded.key.cert) => next.extend(previous.cloned()),
                 Ok(loaded) => {
                     let loaded = Arc::new(loaded);
-                    log_serving(&loaded, "new certificate serves:");
                     reloaded.replaced.push(loaded.clone());
                     next.push(loaded);
                 }
@@ -434,6 +433,9 @@ impl Certificates {
             }
             book.replaced += reloaded.replaced.len() as u64;
             self.serving.store(Arc::new(CertSet(next)));
+            for cert in &reloaded.replaced {
+                log_serving(cert, "new certificate serves:");
+            }
         }
         reloaded
     }
