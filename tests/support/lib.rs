@@ -57,7 +57,6 @@ pub fn artifacts() -> &'static Artifacts {
         let _lock = build_lock();
         // The benchmark's binaries too (its smoke run and the soak use them): one build of the
         // whole set keeps both cores busy, where builds one after another would not.
-        // (.ci/run starts the same build before the tests: keep the two lists alike.)
         let packages = ["hotswap", "example-handler", "example-axum", "fixture-faulty", "fixture-wrong-abi", "fixture-tls"];
         cargo_build(&[&packages[..], &["static-server", "hotswap-bench"]].concat(), &[]);
         let release = target_dir().join("release");
