@@ -85,8 +85,13 @@ fn hello_table(w: &mut String, servers: &[(&'static str, Vec<wrk::Run>)]) {
 }
 
 /// [`hello_table`], with ratios to the server named `against`.
+/// The runs of server `name` among `rounds` (none if it did not run).
+fn runs_of<'a>(rounds: &'a [(&'static str, Vec<wrk::Run>)], name: &str) -> &'a [wrk::Run] {
+    rounds.iter().find(|(n, _)| *n == name).map_or(&[], |(_, runs)| runs.as_slice())
+}
+
 fn hello_table_against(w: &mut String, servers: &[(&'static str, Vec<wrk::Run>)], against: &str) {
-    let base = servers.iter().find(|(n, _)| *n == against).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let base = runs_of(servers, against);
     let (base_rps, base_cpu) = (med(base, |x| x.rps), med(base, |x| x.server_cpu_us));
     let _ = writeln!(
         w,
@@ -116,13 +121,13 @@ fn verdict(met: bool) -> &'static str {
 pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> String {
     let mut o = String::new();
     let w = &mut o;
-    let hello = |name: &str| r.hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
-    let dl = |name: &str| r.download.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let hello = |name: &str| runs_of(&r.hello, name);
+    let dl = |name: &str| runs_of(&r.download, name);
     let rps = |name: &str| med(hello(name), |x| x.rps);
     let (hot_rps, static_rps, node_rps) = (rps("hotswap"), rps("static"), rps("node-cluster"));
     let stream = med(dl("hotswap"), |x| x.mib_per_s) / med(dl("static"), |x| x.mib_per_s);
     let stream_paired = paired(dl("hotswap"), dl("static"), |x| x.mib_per_s);
-    let ws = |name: &str| r.ws.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let ws = |name: &str| runs_of(&r.ws, name);
     let echo = med(ws("hotswap"), |x| x.rps) / med(ws("static"), |x| x.rps);
     let echo_paired = paired(ws("hotswap"), ws("static"), |x| x.rps);
     let swap_p50 = percentile_ms(&r.latency.first_answer, 50.0);
@@ -171,7 +176,7 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
         "| WebSocket echo ≥ 0.9 × static | {echo:.3} × static (paired rounds: {echo_paired:.3}) | {} |",
         verdict(echo >= 0.9)
     );
-    let axum = |name: &str| r.axum_hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let axum = |name: &str| runs_of(&r.axum_hello, name);
     let axum_ratio = med(axum("hotswap"), |x| x.rps) / med(axum("static"), |x| x.rps);
     if !r.axum_hello.is_empty() {
         let _ = writeln!(
@@ -181,7 +186,7 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
             verdict(axum_ratio >= 0.95)
         );
     }
-    let canary = |name: &str| r.canary_hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let canary = |name: &str| runs_of(&r.canary_hello, name);
     let canary_ratio = med(canary(crate::sections::CANARY), |x| x.rps) / med(canary("hotswap"), |x| x.rps);
     if !r.canary_hello.is_empty() {
         let _ = writeln!(
@@ -191,7 +196,7 @@ pub(crate) fn render(r: &Results, p: &Params, smoke: bool, entry: &str) -> Strin
             verdict(canary_ratio >= 0.95)
         );
     }
-    let tls = |name: &str| r.tls_hello.iter().find(|(n, _)| *n == name).map(|(_, runs)| runs.as_slice()).unwrap_or(&[]);
+    let tls = |name: &str| runs_of(&r.tls_hello, name);
     let tls_ratio = med(tls("hotswap"), |x| x.rps) / med(tls("static"), |x| x.rps);
     if !r.tls_hello.is_empty() {
         let _ = writeln!(
