@@ -100,12 +100,14 @@ fn download(query: &str) -> Response {
         }
         let mut len = (size - s.sent).min(CHUNK as u64);
         if let Some(rate) = rate {
-            // Send what the rate allows so far; otherwise wait until the next chunk is due.
+            // Send what the rate allows so far, in chunks of at least a step (about 50 per
+            // second): an HTTP/2 client that buffers many tiny DATA frames may take them for an
+            // attack and close the connection. Otherwise wait until the next step is due.
             let due = |bytes: u64| Duration::from_secs_f64(bytes as f64 / rate as f64);
+            let step = len.min(rate.div_ceil(50).max(1));
             let elapsed = s.started.elapsed();
             let allowed = (elapsed.as_secs_f64() * rate as f64) as u64;
-            if allowed <= s.sent {
-                let step = len.min(rate.div_ceil(50).max(1)); // about 50 chunks per second
+            if allowed < s.sent + step {
                 handler_api::sleep(due(s.sent + step).saturating_sub(elapsed)).await;
                 len = step;
             } else {
