@@ -88,7 +88,11 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
             drive_http1(connection, &conn, &shared).await
         };
         if let Err(e) = result {
-            tracing::debug!("connection ended with an error: {e}");
+            // hyper's own message is terse ("connection error"): its cause says what it was.
+            match std::error::Error::source(&e) {
+                Some(cause) => tracing::debug!("connection ended with an error: {e}: {cause}"),
+                None => tracing::debug!("connection ended with an error: {e}"),
+            }
         }
     })
 }
