@@ -16,6 +16,8 @@
 #   --out FILE                   write FILE instead of BENCHMARKS.md
 #   --work DIR                   scratch directory (default target/bench)
 #   --no-build                   use the release binaries already in the target directory
+#   --bin-dir DIR                use the binaries in DIR (such as target/debug) instead;
+#                                implies --no-build
 #   --plugins A.so B.so          two example-handler builds instead of building them; with
 #   --versions VA VB             the versions they answer with
 #   --axum-plugin A.so           the axum example's build for section i (default: the one in
@@ -30,7 +32,7 @@ source "$root/bench/lib.sh"
 target=${CARGO_TARGET_DIR:-$root/target}
 out=$root/BENCHMARKS.md
 work=$target/bench
-smoke=() build=1 install=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() axum_plugin= entry="bench/run.sh${*:+ $*}"
+smoke=() bins= build=1 install=1 anchor_reloads=(--anchor-reloads) plugins=() versions=() axum_plugin= entry="bench/run.sh${*:+ $*}"
 while [[ $# -gt 0 ]]; do
     case $1 in
         --smoke) smoke=(--smoke) anchor_reloads=() install=0 ;;
@@ -38,11 +40,12 @@ while [[ $# -gt 0 ]]; do
         --out) out=$2; shift ;;
         --work) work=$2; shift ;;
         --no-build) build=0 ;;
+        --bin-dir) bins=$2 build=0; shift ;;
         --plugins) plugins=("$2" "$3"); shift 2 ;;
         --versions) versions=("$2" "$3"); shift 2 ;;
         --axum-plugin) axum_plugin=$2; shift ;;
         --no-anchor-reloads) anchor_reloads=() ;;
-        -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1 (see bench/run.sh --help)" >&2; exit 2 ;;
     esac
     shift
@@ -62,6 +65,7 @@ if ! command -v wrk >/dev/null; then
     command -v wrk >/dev/null || { echo "bench/run.sh: installing wrk failed: install it with 'apt-get install wrk'" >&2; exit 3; }
 fi
 mkdir -p "$work"
+bins=${bins:-$target/release}
 
 if [[ $build -eq 1 ]]; then
     echo "== building (release)" >&2
@@ -94,14 +98,14 @@ else
 fi
 
 # Section i: the axum example, as a plugin and compiled into static-axum.
-axum=() axum_plugin=${axum_plugin:-$target/release/libexample_axum.so}
-if [[ -f $axum_plugin && -x $target/release/static-axum ]]; then
-    axum=(--axum-plugin "$axum_plugin" --static-axum "$target/release/static-axum")
+axum=() axum_plugin=${axum_plugin:-$bins/libexample_axum.so}
+if [[ -f $axum_plugin && -x $bins/static-axum ]]; then
+    axum=(--axum-plugin "$axum_plugin" --static-axum "$bins/static-axum")
 else
     echo "== the axum example or static-axum is not built: section i is left out" >&2
 fi
 
-exec "$target/release/hotswap-bench" "${smoke[@]}" "${anchor_reloads[@]}" "${anchor[@]}" \
-    --hotswap "$target/release/hotswap" --static-server "$target/release/static-server" \
+exec "$bins/hotswap-bench" "${smoke[@]}" "${anchor_reloads[@]}" "${anchor[@]}" \
+    --hotswap "$bins/hotswap" --static-server "$bins/static-server" \
     --plugins "${plugins[@]}" --versions "${versions[@]}" "${axum[@]}" \
     --work "$work/run" --out "$out" --entry "$entry"

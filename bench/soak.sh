@@ -11,6 +11,8 @@
 # Options (mostly for the test suite):
 #   --work DIR                   scratch directory (default target/soak)
 #   --no-build                   use the release binaries already in the target directory
+#   --bin-dir DIR                use the binaries in DIR (such as target/debug) instead;
+#                                implies --no-build
 #   --plugins A.so B.so          two example-handler builds instead of building them; with
 #   --versions VA VB             the versions they answer with
 # Other options of `hotswap-bench soak` (--clients, --swap-every-ms, --download-size, ...)
@@ -22,15 +24,16 @@ cd "$root"
 source "$root/bench/lib.sh"
 target=${CARGO_TARGET_DIR:-$root/target}
 work=$target/soak
-build=1 seconds=60 plugins=() versions=() extra=()
+bins= build=1 seconds=60 plugins=() versions=() extra=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --seconds) seconds=$2; shift ;;
         --work) work=$2; shift ;;
         --no-build) build=0 ;;
+        --bin-dir) bins=$2 build=0; shift ;;
         --plugins) plugins=("$2" "$3"); shift 2 ;;
         --versions) versions=("$2" "$3"); shift 2 ;;
-        -h | --help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --*=*) extra+=("$1") ;;
         --*) [[ $# -ge 2 ]] || { echo "$1 needs a value (see bench/soak.sh --help)" >&2; exit 2; }
              extra+=("$1" "$2"); shift ;;
@@ -39,6 +42,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 mkdir -p "$work"
+bins=${bins:-$target/release}
 
 if [[ $build -eq 1 ]]; then
     echo "== building (release)" >&2
@@ -50,6 +54,6 @@ if [[ ${#plugins[@]} -eq 0 ]]; then
     plugins=("$work/builds/1.0.0+soak-a.so" "$work/builds/1.0.0+soak-b.so") versions=(1.0.0+soak-a 1.0.0+soak-b)
 fi
 
-exec "$target/release/hotswap-bench" soak --hotswap "$target/release/hotswap" \
+exec "$bins/hotswap-bench" soak --hotswap "$bins/hotswap" \
     --plugins "${plugins[@]}" --versions "${versions[@]}" \
     --seconds "$seconds" --work "$work/run" "${extra[@]}"

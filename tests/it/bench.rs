@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use hotswap_tests::{artifacts, example_version, heavy_lock, target_dir, temp_dir, workspace};
+use hotswap_tests::{artifacts, build_dir, example_version, heavy_lock, target_dir, temp_dir, workspace};
 
 #[test]
 fn the_benchmark_smoke_run_writes_every_table() {
@@ -23,7 +23,9 @@ fn the_benchmark_smoke_run_writes_every_table() {
     let _heavy = heavy_lock();
     let out = Command::new("bash")
         .arg(workspace().join("bench/run.sh"))
-        .args(["--smoke", "--no-build", "--plugins"])
+        .args(["--smoke", "--bin-dir"])
+        .arg(build_dir())
+        .arg("--plugins")
         .args([&a, &b])
         .args(["--versions", "1.0.0+bench-a", "1.0.0+bench-b", "--axum-plugin"])
         // The private copy: another test builds a variant of it in the target directory.

@@ -6,17 +6,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use hotswap_tests::{artifacts, example_version, heavy_lock, target_dir, temp_dir, workspace};
+use hotswap_tests::{artifacts, build_dir, example_version, heavy_lock, target_dir, temp_dir, workspace};
 
 /// The checks the soak prints, one `check NAME ok|FAILED (...)` line each.
 const CHECKS: [&str; 7] = ["requests", "swaps", "downloads", "rss", "libraries", "fds", "log"];
 
-/// Runs `bench/soak.sh --no-build` on two example builds with `args` added.
+/// Runs `bench/soak.sh` with the tests' binaries on two example builds with `args` added.
 fn soak(plugins: [&Path; 2], args: &[&str]) -> Output {
     let _heavy = heavy_lock();
     Command::new("bash")
         .arg(workspace().join("bench/soak.sh"))
-        .args(["--no-build", "--plugins"])
+        .arg("--bin-dir")
+        .arg(build_dir())
+        .arg("--plugins")
         .args(plugins)
         .arg("--work")
         .arg(temp_dir("soak"))

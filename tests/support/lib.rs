@@ -22,14 +22,22 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
 }
 
-/// Runs `cargo build --release` for `packages` with extra environment; panics with cargo's
+/// Where `cargo_build` puts what it builds: the dev profile's directory. `cargo test` has
+/// already compiled every dependency in that profile, so the artifacts cost seconds; a release
+/// build of them took about 4 of CI's 10 minutes. Nothing here measures speed (bench/run.sh
+/// does, in release).
+pub fn build_dir() -> PathBuf {
+    target_dir().join("debug")
+}
+
+/// Runs `cargo build` (dev profile) for `packages` with extra environment; panics with cargo's
 /// output on failure.
 pub fn cargo_build(packages: &[&str], env: &[(&str, &str)]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     // (RUSTC_BOOTSTRAP, when set to read libtest's unstable timings, would make cargo rebuild
     // everything.)
-    cmd.current_dir(workspace()).args(["build", "--release", "--quiet"]).env_remove("RUSTC_BOOTSTRAP");
+    cmd.current_dir(workspace()).args(["build", "--quiet"]).env_remove("RUSTC_BOOTSTRAP");
     for p in packages {
         cmd.args(["-p", p]);
     }
@@ -40,7 +48,7 @@ pub fn cargo_build(packages: &[&str], env: &[(&str, &str)]) {
     assert!(out.status.success(), "cargo build {packages:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Paths of the release artifacts every test uses, built once per test process.
+/// Paths of the artifacts every test uses, built once per test process.
 pub struct Artifacts {
     pub hotswap: PathBuf,
     pub example: PathBuf,
@@ -59,17 +67,17 @@ pub fn artifacts() -> &'static Artifacts {
         // whole set keeps both cores busy, where builds one after another would not.
         let packages = ["hotswap", "example-handler", "example-axum", "fixture-faulty", "fixture-wrong-abi", "fixture-tls"];
         cargo_build(&[&packages[..], &["static-server", "hotswap-bench"]].concat(), &[]);
-        let release = target_dir().join("release");
+        let built = build_dir();
         // Private copies: hosts watch the file they serve, and other tests rebuild variants
-        // of these crates in target/release.
+        // of these crates in the build directory.
         let dir = private_dir(&target_dir().join("it-plugins"));
         let copy = |lib: &str| {
             let dest = dir.join(lib);
-            copy_private(&release.join(lib), &dest);
+            copy_private(&built.join(lib), &dest);
             dest
         };
         Artifacts {
-            hotswap: release.join("hotswap"),
+            hotswap: built.join("hotswap"),
             example: copy("libexample_handler.so"),
             faulty: copy("libfixture_faulty.so"),
             wrong_abi: copy("libfixture_wrong_abi.so"),
@@ -101,7 +109,7 @@ pub fn example_version(version: &str) -> PathBuf {
 /// Builds `package` with `var=value` in the environment (read by `option_env!`) and moves
 /// the library to a path of its own; cached per variant. (Tests serve private copies, made
 /// by `artifacts` before any variant is built, so the default build is not put back: that
-/// would cost a release build per variant.)
+/// would cost a build per variant.)
 pub fn variant(package: &str, var: &str, value: &str) -> PathBuf {
     static CACHE: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
     let key = format!("{package}-{value}");
@@ -118,7 +126,7 @@ pub fn variant(package: &str, var: &str, value: &str) -> PathBuf {
     let dir = private_dir(&target_dir().join("it-plugins"));
     let lib = format!("lib{}.so", package.replace('-', "_"));
     let dest = dir.join(format!("{key}.so"));
-    place_by_rename(&target_dir().join("release").join(&lib), &dest);
+    place_by_rename(&build_dir().join(&lib), &dest);
     CACHE.lock().unwrap().push((key, dest.clone()));
     dest
 }
@@ -499,9 +507,20 @@ pub async fn read_download(mut response: reqwest::Response) -> u64 {
                 at += chunk.len() as u64;
             }
             Ok(None) => return at,
-            Err(e) => panic!("the download was cut at byte {at}: {e}"),
+            Err(e) => panic!("the download was cut at byte {at}: {}", chain(&e)),
         }
     }
+}
+
+/// An error with its causes, `: `-separated (reqwest's own message rarely says what broke).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text += &format!(": {c}");
+        cause = c.source();
+    }
+    text
 }
 
 /// A series' value in a scrape of `GET /metrics`, 0 if it is not there.
