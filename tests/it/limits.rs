@@ -1,6 +1,7 @@
 //! HTTP limits: slow and idle clients are cut off (slow heads, HTTP/2 header blocks and
 //! PINGs, trickling request bodies), oversized heads and bodies are refused, excess
-//! connections wait, and a client that vanishes frees its generation.
+//! connections wait, a client that vanishes frees its generation, and a handler that does
+//! not answer in time gets a 504.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -501,4 +502,52 @@ fn many_slow_clients_do_not_lock_normal_ones_out() {
     for client in slow {
         assert!(client.join().unwrap().is_err(), "a slow client was never cut off");
     }
+}
+
+#[tokio::test]
+async fn a_handler_slower_than_the_response_timeout_gets_a_504_but_slow_bodies_do_not() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap(), "--response-timeout", "1s"]);
+
+    // HTTP/1.1: answered 504 after about a second; the connection serves on.
+    let mut stream = connect(&host);
+    let started = Instant::now();
+    let answer = get_keep_alive(&mut stream, "/hang");
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(took >= Duration::from_millis(950) && took < Duration::from_secs(5), "answered after {took:?}");
+    assert!(get_keep_alive(&mut stream, "/").ends_with("fine\n"), "the connection did not serve on");
+    assert!(host.wait_for_log("the handler did not answer within 1s (--response-timeout); answered 504", WAIT), "{}", host.log());
+
+    // HTTP/2: the stream.
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let response = h2.get(host.url("/hang")).send().await.unwrap();
+    assert_eq!((response.version(), response.status()), (reqwest::Version::HTTP_2, reqwest::StatusCode::GATEWAY_TIMEOUT));
+    assert_eq!(hotswap_tests::metric(&host.metrics().await, r#"hotswap_requests_total{version="0.1.0",status="504"}"#), 2.0);
+
+    // An upload that takes three times the timeout, answered once it is read: time the
+    // handler spends reading the body does not count.
+    let mut upload = connect(&host);
+    write!(upload, "POST /context HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+    for _ in 0..6 {
+        write!(upload, "400\r\n").unwrap();
+        upload.write_all(&[7u8; 1024]).unwrap();
+        upload.write_all(b"\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    upload.write_all(b"0\r\n\r\n").unwrap();
+    let (answer, _) = read_to_close(&mut upload);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("body=6144"), "{answer}");
+
+    // A response body is not timed: a download of twice the timeout finishes.
+    let example = example(&["--response-timeout", "1s"]);
+    let started = Instant::now();
+    let body = reqwest::get(example.url("/download?size=200000&rate=100000")).await.unwrap().bytes().await.unwrap();
+    assert_eq!(body.len(), 200_000);
+    assert!(started.elapsed() >= Duration::from_millis(1900), "the download was not throttled");
+
+    // 0 turns it off.
+    let patient = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap(), "--response-timeout", "0"]);
+    let waiting = tokio::time::timeout(Duration::from_millis(1500), reqwest::get(patient.url("/hang"))).await;
+    assert!(waiting.is_err(), "answered with the timeout off: {waiting:?}");
 }

@@ -330,6 +330,17 @@ pub(crate) struct HttpLimits {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) body_read_timeout: Duration,
 
+    /// How long the plugin may take to answer a request (its response's status and headers),
+    /// counted from when the request reached it, and again from each part of the request body
+    /// it reads; time it spends waiting for the client's body does not count. A request not
+    /// answered in time gets a 504 (a canary's idempotent request is answered by the current
+    /// version instead) and the plugin's work on it is dropped. A response's body, once
+    /// started, is not timed (downloads, server-sent events), nor a WebSocket. A handler that
+    /// blocks its thread is answered only once it lets go. 0 turns it off (long polling that
+    /// answers late). Examples: 60s, 5m, 0.
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    pub(crate) response_timeout: Duration,
+
     /// The slowest a request body may arrive, averaged over each --body-read-timeout, while
     /// the plugin waits for it: a client trickling a byte at a time is cut off as if it sent
     /// nothing. 0 turns the rate off (any byte is progress). Examples: 512B/s, 1KiB/s, 0.
@@ -361,12 +372,21 @@ impl HttpLimits {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
             body_read_timeout: self.body_read_timeout,
+            response_timeout: Some(self.response_timeout).filter(|t| !t.is_zero()),
             min_body_rate: self.min_body_rate,
             max_header_size: self.max_header_size,
             max_body_size: self.max_body_size,
             max_connections: self.max_connections,
         }
     }
+}
+
+/// A duration, or 0 (with or without a unit) for none.
+pub(crate) fn parse_timeout(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {

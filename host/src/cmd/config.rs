@@ -97,6 +97,7 @@ struct Limits {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     body_read_timeout: Option<String>,
+    response_timeout: Option<String>,
     min_body_rate: Option<String>,
     max_header_size: Option<String>,
     max_body_size: Option<String>,
@@ -153,9 +154,10 @@ impl File {
             ("header_read_timeout", self.limits.header_read_timeout),
             ("idle_timeout", self.limits.idle_timeout),
             ("body_read_timeout", self.limits.body_read_timeout),
+            ("response_timeout", self.limits.response_timeout),
         ] {
             if let Some(value) = value {
-                humantime::parse_duration(&value).map_err(|e| invalid(key, format!("`{value}` is not a duration like 30s or 500ms ({e})")))?;
+                crate::cmd::cli::parse_timeout(&value).map_err(|e| invalid(key, format!("`{value}` is not a duration like 30s or 500ms ({e})")))?;
                 flags.value(&format!("--{}", key.replace('_', "-")), value);
             }
         }

@@ -326,6 +326,10 @@ pub(crate) enum CallError {
     /// failed, and whatever it answered (if it did) is moot.
     #[error("the request body arrived too slowly (--body-read-timeout)")]
     BodyTimedOut,
+    /// The plugin did not answer within `--response-timeout`: its work on the request was
+    /// dropped.
+    #[error("the handler did not answer within {} (--response-timeout)", humantime::format_duration(*.0))]
+    TimedOut(std::time::Duration),
 }
 
 impl PluginCall {
@@ -462,6 +466,13 @@ impl PluginCall {
         // Whatever the plugin handed over for this answer not given (a body, an upgrade) was
         // released above, while `in_flight` held the library.
         Poll::Ready(Err(CallFailed { error, in_flight }))
+    }
+
+    /// Stops waiting for the plugin's answer: its future is dropped (on this thread, one of
+    /// its generation's), and the call ends in `error`. `None` if it had ended already.
+    pub(crate) fn give_up(&mut self, error: CallError) -> Option<CallFailed> {
+        debug_assert_eq!(thread_generation(), self.in_flight.as_ref()?.generation().id(), "a plugin call dropped outside its generation");
+        self.release().map(|in_flight| CallFailed { error, in_flight })
     }
 
     /// Releases the plugin's state, and gives back the hold on its generation (`None` if it

@@ -54,6 +54,9 @@ pub(crate) struct Limits {
     pub(crate) idle_timeout: Duration,
     /// How long a request body the plugin waits for may go without progress.
     pub(crate) body_read_timeout: Duration,
+    /// How long the plugin may take to answer a request, not counting time spent waiting for
+    /// its body (`None`: as long as it likes). Kept by the request itself (`respond`).
+    pub(crate) response_timeout: Option<Duration>,
     /// Bytes per second a body must bring, over each body read timeout, to count as progress.
     pub(crate) min_body_rate: u64,
     /// The largest request head accepted (431 beyond).

@@ -192,7 +192,7 @@ impl Server {
         let generation = self.shared.current.route();
         let origin = Origin { peer: Some(peer), local: std_stream.local_addr().ok(), https: tls.is_some() };
         let activity = self.sweeper.track(reading_head);
-        let conn = Arc::new(ConnState::new(generation.clone(), origin, activity, self.limits.max_body_size));
+        let conn = Arc::new(ConnState::new(generation.clone(), origin, activity, &self.limits));
         let open = OpenConnection::new(&self.shared, slot);
         let shared = self.shared.clone();
         generation.handle().spawn(async move {

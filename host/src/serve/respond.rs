@@ -201,6 +201,16 @@ pub(crate) struct Calling {
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// Where the request is answered if the plugin fails it: a canary's idempotent request.
     replay: Option<Replay>,
+    /// The response timeout's timer, set at the first poll that finds the plugin busy: a
+    /// request answered at once costs none.
+    deadline: Option<Deadline>,
+}
+
+/// When a request the plugin is still working on times out (`--response-timeout`).
+struct Deadline {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Request body bytes the plugin had read when the timer was last set.
+    received: u64,
 }
 
 /// What a plugin's call came to: the response, or the same request again, elsewhere.
@@ -240,7 +250,13 @@ impl Future for Respond {
             }
         }
         if let Respond::Calling(calling) = this {
-            let Poll::Ready(called) = calling.call.poll(cx) else { return Poll::Pending };
+            let called = match calling.call.poll(cx) {
+                Poll::Ready(called) => called,
+                Poll::Pending => match calling.out_of_time(cx) {
+                    Some(failed) => Err(failed),
+                    None => return Poll::Pending,
+                },
+            };
             if let Respond::Calling(calling) = std::mem::replace(this, Respond::Answered(None)) {
                 match calling.finish(called) {
                     Finished::Response(response) => return Poll::Ready(Ok(response.map(SentBody::Here))),
@@ -323,7 +339,7 @@ fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: 
     if let Some(body) = call.body_progress() {
         conn.state.activity.watch_body(body);
     }
-    Respond::Calling(Calling { call, conn, started, method, uri, id, on_upgrade, replay })
+    Respond::Calling(Calling { call, conn, started, method, uri, id, on_upgrade, replay, deadline: None })
 }
 
 /// Answers a request the canary failed before its response started from the current
@@ -353,9 +369,32 @@ fn upgrade_protocol(request: &Request<Incoming>) -> Option<String> {
 }
 
 impl Calling {
+    /// Whether the plugin, busy with the request, has run out of time: then its work on it is
+    /// dropped. Its time is counted from the request's start, and again from the last body
+    /// bytes it read, and stands still while it waits for the client's body (which
+    /// `--body-read-timeout` times instead).
+    fn out_of_time(&mut self, cx: &mut Context<'_>) -> Option<CallFailed> {
+        let timeout = self.conn.state.response_timeout?;
+        let (received, waiting) =
+            self.call.body_progress().map_or((0, false), |body| (body.received(), body.is_waiting() && !body.is_finished()));
+        let started = self.started;
+        let deadline = self.deadline.get_or_insert_with(|| Deadline {
+            sleep: Box::pin(tokio::time::sleep_until((started + timeout).into())),
+            received,
+        });
+        while deadline.sleep.as_mut().poll(cx).is_ready() {
+            if received == deadline.received && !waiting {
+                return self.call.give_up(CallError::TimedOut(timeout));
+            }
+            deadline.received = received;
+            deadline.sleep.as_mut().reset((Instant::now() + timeout).into());
+        }
+        None
+    }
+
     /// The response to hand to hyper, once the plugin's future has completed.
     fn finish(self, called: Result<Answer, CallFailed>) -> Finished {
-        let Calling { mut call, conn, started, method, uri, id, on_upgrade, replay } = self;
+        let Calling { mut call, conn, started, method, uri, id, on_upgrade, replay, deadline: _ } = self;
         // Kept for a replay: given back for reuse unless the request is replayed.
         let headers = match call.take_headers() {
             Some(headers) if called.is_ok() => {
@@ -388,6 +427,10 @@ impl Calling {
                 error_response(StatusCode::REQUEST_TIMEOUT, in_flight, conn, started)
             }
             Err(CallFailed { error, in_flight }) => {
+                let status = match error {
+                    CallError::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
                 let generation = in_flight.generation().clone();
                 // Not on the build that failed, if it was promoted meanwhile.
                 let elsewhere = replay.zip(headers).map(|(replay, headers)| (replay.current.load(), replay, headers));
@@ -396,16 +439,16 @@ impl Calling {
                         %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                         "{error}; the canary's failure counts against it, and the current version answers the request"
                     );
-                    generation.stats().record(StatusCode::INTERNAL_SERVER_ERROR.as_u16(), started.elapsed());
+                    generation.stats().record(status.as_u16(), started.elapsed());
                     generation.stats().replayed_elsewhere();
                     drop(in_flight);
                     return Finished::Replayed(replay_on(next, replay, headers, method, uri, conn));
                 }
                 tracing::error!(
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
-                    "{error}; answered 500"
+                    "{error}; answered {}", status.as_u16()
                 );
-                error_response(StatusCode::INTERNAL_SERVER_ERROR, in_flight, conn, started)
+                error_response(status, in_flight, conn, started)
             }
         })
     }

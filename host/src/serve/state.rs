@@ -12,7 +12,7 @@ use crate::latch::Latch;
 use crate::plugin::request::Origin;
 use crate::plugin::{Current, Generation, LentTally};
 use crate::serve::handoff::Handed;
-use crate::serve::limits::Activity;
+use crate::serve::limits::{Activity, Limits};
 
 /// What the server shares with every connection.
 pub(crate) struct Shared {
@@ -72,6 +72,8 @@ pub(crate) struct ConnState {
     /// For the header read, idle and body read timeouts.
     pub(crate) activity: Arc<Activity>,
     pub(crate) max_body_size: u64,
+    /// `--response-timeout`.
+    pub(crate) response_timeout: Option<Duration>,
     /// Response chunks lent by the plugin of `generation` that this connection still holds;
     /// replaced by a fresh tally when the connection moves (see `ConnTask::lingering`).
     pub(crate) lent: ArcSwap<LentTally>,
@@ -123,12 +125,13 @@ impl ConnState {
         lent
     }
 
-    pub(crate) fn new(generation: Arc<Generation>, origin: Origin, activity: Arc<Activity>, max_body_size: u64) -> ConnState {
+    pub(crate) fn new(generation: Arc<Generation>, origin: Origin, activity: Arc<Activity>, limits: &Limits) -> ConnState {
         ConnState {
             generation: ArcSwap::new(generation),
             origin,
             activity,
-            max_body_size,
+            max_body_size: limits.max_body_size,
+            response_timeout: limits.response_timeout,
             lent: ArcSwap::default(),
             relayed_lent: std::sync::Mutex::default(),
             prefer: AtomicU64::new(0),
