@@ -1,6 +1,6 @@
-//! Faults: handlers and hooks that never return or panic, a shadow directory that cannot be
-//! written or is full, signal storms, shutdown in the middle of a swap, and the budgets that
-//! keep a process that swaps forever from running out.
+//! Faults: handlers and hooks that never return or panic, handlers that block their threads,
+//! a shadow directory that cannot be written or is full, signal storms, shutdown in the
+//! middle of a swap, and the budgets that keep a process that swaps forever from running out.
 
 use std::path::Path;
 use std::process::Command;
@@ -75,6 +75,32 @@ async fn a_generation_cut_off_but_still_loaded_counts_against_max_generations() 
     assert_eq!(host.version().await, "1.0.0");
     assert!(host.mapped_plugins().len() <= 2, "{:?}", host.mapped_plugins());
     blocked.abort();
+}
+
+#[tokio::test]
+async fn a_generation_whose_threads_all_block_is_reported_until_they_let_go() {
+    let dir = temp_dir("fault-stall");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--workers", "1"]);
+    // A blocking call in async code holds the generation's one worker thread for 15 s.
+    let blocked = tokio::spawn(reqwest::get(host.url("/block?seconds=15")));
+    host.wait_in_flight(1).await;
+    assert!(host.wait_for_log("the generation has run no task for 5s", WAIT), "{}", host.log());
+    assert!(host.log().contains("Move blocking work to handler_api::spawn_blocking"), "{}", host.log());
+    let (_, status) = host.command_json(&["status"]);
+    assert!(status["resident"][0]["blocked_seconds"].as_f64().is_some_and(|s| s >= 4.0), "{status}");
+    let text = host.command(&["status"]).stdout;
+    assert!(text.contains("current, blocked"), "{text}");
+    assert_eq!(hotswap_tests::metric(&host.metrics().await, "hotswap_generation_stalls_total"), 1.0);
+
+    let answer = blocked.await.unwrap().unwrap().text().await.unwrap();
+    assert_eq!(answer, "unblocked\n");
+    assert!(host.wait_for_log("the generation's threads run tasks again", WAIT), "{}", host.log());
+    let (_, status) = host.command_json(&["status"]);
+    assert!(status["resident"][0].get("blocked_seconds").is_none(), "{status}");
+    // The watchdog holds nothing of the generation: replaced, it unloads.
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    assert!(host.wait_for_log("generation unloaded and unmapped generation=1", WAIT), "{}", host.log());
 }
 
 #[tokio::test]

@@ -357,7 +357,10 @@ fn status_text(status: &api::Status) -> String {
         resident.add_row(vec![
             g.generation.to_string(),
             g.version.clone(),
-            g.state.clone(),
+            match g.blocked_seconds {
+                Some(blocked) => format!("{}, blocked {}", g.state, seconds(blocked)),
+                None => g.state.clone(),
+            },
             g.in_flight.to_string(),
             g.streams.to_string(),
             g.upgraded.to_string(),

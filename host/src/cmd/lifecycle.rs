@@ -22,7 +22,7 @@ use crate::control::builds::PluginSource;
 use crate::control::canary::CanaryPolicy;
 use crate::control::tls::Certificates;
 use crate::cmd::cli::HostArgs;
-use crate::plugin::reaper;
+use crate::plugin::{reaper, watchdog};
 use crate::plugin::LoadOptions;
 use crate::latch::Latch;
 use crate::plugin::loader::ShadowDir;
@@ -49,6 +49,8 @@ where
     T: FnOnce(Arc<Registry>, Signal, CancellationToken) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    // Before any plugin library is opened (see `watchdog::start`).
+    watchdog::start();
     // Every signal handler is in place before anything can be signalled about: a SIGHUP
     // that arrived before its handler would terminate the process (the default action).
     let latch = Arc::new(Latch::new());

@@ -150,6 +150,12 @@ impl Collector for Metrics {
                 ("rolled_back", events.canary_rollbacks.load(Ordering::Relaxed)),
             ],
         )?;
+        ConstCounter::new(crate::plugin::watchdog::stalls()).encode(encoder.encode_descriptor(
+            "hotswap_generation_stalls",
+            "Times a generation's worker threads were all found stuck in plugin code for 5 s or more (a blocking call in async code)",
+            None,
+            MetricType::Counter,
+        )?)?;
         ConstCounter::new(crate::plugin::stats::replayed_total()).encode(encoder.encode_descriptor(
             "hotswap_canary_replayed_requests",
             "Idempotent requests a canary failed before its response started, answered by the current version instead",

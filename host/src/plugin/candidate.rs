@@ -21,6 +21,7 @@ use crate::plugin::services::{self, PluginContext, Tasks};
 use crate::plugin::table;
 use crate::plugin::threads::{self, Owner};
 use crate::plugin::trust::{Trust, TrustError};
+use crate::plugin::watchdog;
 
 /// Why a candidate plugin did not become a generation.
 #[derive(Debug, thiserror::Error)]
@@ -328,7 +329,7 @@ impl Candidate {
         // has returned: never beside `ready`, even if this load is abandoned while it runs.
         let Some(ready) = generation.declaration().ready else {
             generation.initialized = true;
-            return Ok(Arc::new(generation));
+            return Ok(watchdog::watched(Arc::new(generation)));
         };
         let outcome_and_reason = run_hook(&generation, options.init_timeout, move |sink| {
             // SAFETY: `init` succeeded; `sink` is a live String.
@@ -347,7 +348,7 @@ impl Candidate {
         if outcome != FfiPoll::READY {
             return Err(GenerationError::NotReady { plugin, reason });
         }
-        Ok(Arc::new(generation))
+        Ok(watchdog::watched(Arc::new(generation)))
     }
 }
 

@@ -2,7 +2,8 @@
 //! `sys`: loading a plugin file ([`loader`], [`trust`], [`budget`], [`candidate`]), the
 //! loaded [`Generation`] and the requests it holds, unloading it ([`reaper`]), and the host's
 //! side of the C ABI ([`table`] of [`services`], [`request`], [`response`], [`upgrade`], with
-//! the plugin's own wakers parked by [`wakers`]).
+//! the plugin's own wakers parked by [`wakers`]), and the [`watchdog`] that reports a
+//! generation whose threads are all blocked in plugin code.
 //!
 //! Dependencies point one way (`host/tests/layout.rs` checks): `trust`, `budget`, `stats` and
 //! `services` need nothing else here, `loader` only `trust`; `reaper` needs those;
@@ -26,6 +27,7 @@ pub(crate) mod threads;
 pub(crate) mod trust;
 pub(crate) mod upgrade;
 pub(crate) mod wakers;
+pub(crate) mod watchdog;
 
 pub(crate) use candidate::{Candidate, GenerationError, LoadOptions};
 pub(crate) use generation::{thread_generation, Generation, InFlight, LentTally};

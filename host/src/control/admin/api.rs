@@ -130,6 +130,9 @@ pub(crate) struct PinEntry {
 pub(crate) struct ResidentEntry {
     /// Seconds since it was loaded, to the millisecond.
     pub(crate) age_seconds: f64,
+    /// About how long its worker threads have all been stuck in plugin code, while they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) blocked_seconds: Option<f64>,
     pub(crate) bytes_sent: u64,
     #[serde(serialize_with = "lossy")]
     pub(crate) file: PathBuf,
@@ -309,6 +312,7 @@ mod tests {
             refusals: vec![RefusalEntry { at: "2025-01-01T00:00:00.000Z".into(), file: "/p/bad.so".into(), reason: Some("no".into()), version: None }],
             resident: vec![ResidentEntry {
                 age_seconds: 1.5,
+                blocked_seconds: None,
                 bytes_sent: 10,
                 file: "/p/app.so".into(),
                 generation: 1,

@@ -813,6 +813,7 @@ fn status(registry: &Registry, host: &HostProcess, certificates: Option<&Certifi
             let at = record_of(g.id()).map_or(started, |r| r.at);
             ResidentEntry {
                 age_seconds: age(at),
+                blocked_seconds: crate::plugin::watchdog::blocked_for(g.id()).map(|d| d.as_secs_f64()),
                 bytes_sent: g.stats().bytes_sent(),
                 file: g.source().to_path_buf(),
                 generation: g.id(),
