@@ -524,15 +524,16 @@ async fn a_handler_slower_than_the_response_timeout_gets_a_504_but_slow_bodies_d
     assert_eq!((response.version(), response.status()), (reqwest::Version::HTTP_2, reqwest::StatusCode::GATEWAY_TIMEOUT));
     assert_eq!(hotswap_tests::metric(&host.metrics().await, r#"hotswap_requests_total{version="0.1.0",status="504"}"#), 2.0);
 
-    // An upload that takes three times the timeout, answered once it is read: time the
-    // handler spends reading the body does not count.
+    // An upload that takes three times the timeout, with a pause of more than twice the
+    // timeout, answered once it is read: time the handler spends waiting for the body, or
+    // reading it, does not count.
     let mut upload = connect(&host);
     write!(upload, "POST /context HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
-    for _ in 0..6 {
+    for pause in [2500, 300, 300, 300, 300, 500] {
         write!(upload, "400\r\n").unwrap();
         upload.write_all(&[7u8; 1024]).unwrap();
         upload.write_all(b"\r\n").unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(pause));
     }
     upload.write_all(b"0\r\n\r\n").unwrap();
     let (answer, _) = read_to_close(&mut upload);
@@ -546,7 +547,7 @@ async fn a_handler_slower_than_the_response_timeout_gets_a_504_but_slow_bodies_d
     assert_eq!(body.len(), 200_000);
     assert!(started.elapsed() >= Duration::from_millis(1900), "the download was not throttled");
 
-    // 0 turns it off.
+    // 0 turns it off (rather than timing out at once).
     let patient = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap(), "--response-timeout", "0"]);
     let waiting = tokio::time::timeout(Duration::from_millis(1500), reqwest::get(patient.url("/hang"))).await;
     assert!(waiting.is_err(), "answered with the timeout off: {waiting:?}");

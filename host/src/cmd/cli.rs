@@ -338,7 +338,7 @@ pub(crate) struct HttpLimits {
     /// started, is not timed (downloads, server-sent events), nor a WebSocket. A handler that
     /// blocks its thread is answered only once it lets go. 0 turns it off (long polling that
     /// answers late). Examples: 60s, 5m, 0.
-    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) response_timeout: Duration,
 
     /// The slowest a request body may arrive, averaged over each --body-read-timeout, while
@@ -379,14 +379,6 @@ impl HttpLimits {
             max_connections: self.max_connections,
         }
     }
-}
-
-/// A duration, or 0 (with or without a unit) for none.
-pub(crate) fn parse_timeout(text: &str) -> Result<Duration, String> {
-    if text.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {

@@ -157,7 +157,7 @@ impl File {
             ("response_timeout", self.limits.response_timeout),
         ] {
             if let Some(value) = value {
-                crate::cmd::cli::parse_timeout(&value).map_err(|e| invalid(key, format!("`{value}` is not a duration like 30s or 500ms ({e})")))?;
+                humantime::parse_duration(&value).map_err(|e| invalid(key, format!("`{value}` is not a duration like 30s or 500ms ({e})")))?;
                 flags.value(&format!("--{}", key.replace('_', "-")), value);
             }
         }

@@ -469,9 +469,15 @@ impl PluginCall {
     }
 
     /// Stops waiting for the plugin's answer: its future is dropped (on this thread, one of
-    /// its generation's), and the call ends in `error`. `None` if it had ended already.
+    /// its generation's), and the call ends in `error`, unless its body failed first (then in
+    /// that failure, as `poll` would end it). `None` if it had ended already.
     pub(crate) fn give_up(&mut self, error: CallError) -> Option<CallFailed> {
         debug_assert_eq!(thread_generation(), self.in_flight.as_ref()?.generation().id(), "a plugin call dropped outside its generation");
+        let error = match &self.body {
+            Some(body) if body.too_large.load(Ordering::Acquire) => CallError::BodyTooLarge,
+            Some(body) if body.timed_out() => CallError::BodyTimedOut,
+            _ => error,
+        };
         self.release().map(|in_flight| CallFailed { error, in_flight })
     }
 

@@ -209,8 +209,11 @@ pub(crate) struct Calling {
 /// When a request the plugin is still working on times out (`--response-timeout`).
 struct Deadline {
     sleep: Pin<Box<tokio::time::Sleep>>,
-    /// Request body bytes the plugin had read when the timer was last set.
-    received: u64,
+    /// The request body as last seen: bytes the plugin has read, and whether it has ended.
+    body: (u64, bool),
+    /// Since when the plugin's time counts: the request's start, or its last progress with
+    /// the body.
+    since: Instant,
 }
 
 /// What a plugin's call came to: the response, or the same request again, elsewhere.
@@ -344,7 +347,7 @@ fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: 
 
 /// Answers a request the canary failed before its response started from the current
 /// version, `next`, on its runtime. The request ran there as it came; the canary's figures count it
-/// as the 500 it would have been.
+/// as the 500 (or 504) it would have been.
 fn replay_on(next: Arc<Generation>, replay: Replay, headers: http::HeaderMap, method: http::Method, uri: http::Uri, conn: ConnRequest) -> Respond {
     let version = replay.version;
     let lent = conn.state.relayed_lent(&next);
@@ -375,19 +378,33 @@ impl Calling {
     /// `--body-read-timeout` times instead).
     fn out_of_time(&mut self, cx: &mut Context<'_>) -> Option<CallFailed> {
         let timeout = self.conn.state.response_timeout?;
-        let (received, waiting) =
-            self.call.body_progress().map_or((0, false), |body| (body.received(), body.is_waiting() && !body.is_finished()));
-        let started = self.started;
-        let deadline = self.deadline.get_or_insert_with(|| Deadline {
-            sleep: Box::pin(tokio::time::sleep_until((started + timeout).into())),
-            received,
+        let (body, waiting) = self.call.body_progress().map_or(((0, false), false), |body| {
+            ((body.received(), body.is_finished()), body.is_waiting() && !body.is_finished())
         });
-        while deadline.sleep.as_mut().poll(cx).is_ready() {
-            if received == deadline.received && !waiting {
-                return self.call.give_up(CallError::TimedOut(timeout));
+        let deadline = match &mut self.deadline {
+            Some(deadline) => deadline,
+            None => {
+                // (A timeout too long to add is no timeout.)
+                let at = self.started.checked_add(timeout)?;
+                let sleep = Box::pin(tokio::time::sleep_until(at.into()));
+                self.deadline.insert(Deadline { sleep, body, since: self.started })
             }
-            deadline.received = received;
-            deadline.sleep.as_mut().reset((Instant::now() + timeout).into());
+        };
+        if body != deadline.body {
+            // The plugin read some of the body (polled for it, so polled here too): its time
+            // counts from now. Only the next check of the timer moves it.
+            deadline.body = body;
+            deadline.since = Instant::now();
+        }
+        while deadline.sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            // Waiting for the client, the plugin is not late: the body read timeout times that.
+            let due = if waiting { now.checked_add(timeout) } else { deadline.since.checked_add(timeout) };
+            match due {
+                Some(due) if due > now => deadline.sleep.as_mut().reset(due.into()),
+                Some(_) => return self.call.give_up(CallError::TimedOut(timeout)),
+                None => return None,
+            }
         }
         None
     }
