@@ -11,6 +11,9 @@
 //! | `GET /ws` | a WebSocket echo that greets with the version; `broadcast:` messages go to every session of the same build; `?on_swap=close` closes with 1012 when a newer build serves |
 //! | `GET /visits` | counts visits (`visits=N`); the count goes on across swaps: each build hands it to the next (`handler_api::state`) |
 //!
+//! `HEAD` is answered wherever `GET` is, except `/visits` (which counts) and `/ws`; another
+//! method gets 405 with `Allow`.
+//!
 //! The version comes from `EXAMPLE_HANDLER_VERSION` at build time (default: the crate's
 //! version), so two builds can be told apart:
 //!
@@ -54,23 +57,32 @@ static PATTERN: [u8; CHUNK + 256] = {
     p
 };
 
-/// The app: routes a request.
+/// The app: routes a request. `HEAD` is answered as `GET` (hyper sends the head only).
 pub async fn app(req: Request) -> Response {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/") => format!("hello from {NAME}\nversion={VERSION}\n").into_response(),
-        (&Method::GET, "/health") => "ok\n".into_response(),
-        (&Method::GET, "/visits") => format!("visits={}\n", VISITS.fetch_add(1, Ordering::Relaxed) + 1).into_response(),
-        (&Method::GET, "/host") => format!("pid={}\n", std::process::id()).into_response(),
-        (&Method::GET, "/clock") => clock(req.uri().query().unwrap_or("")),
-        (&Method::GET, "/download") => download(req.uri().query().unwrap_or("")),
-        (&Method::POST, "/upload") => upload(req.into_body()).await,
+    const READ: [Method; 2] = [Method::GET, Method::HEAD];
+    let read = READ.contains(req.method());
+    match (req.uri().path(), req.method()) {
+        ("/", _) if read => format!("hello from {NAME}\nversion={VERSION}\n").into_response(),
+        ("/health", _) if read => "ok\n".into_response(),
+        ("/visits", &Method::GET) => format!("visits={}\n", VISITS.fetch_add(1, Ordering::Relaxed) + 1).into_response(),
+        ("/host", _) if read => format!("pid={}\n", std::process::id()).into_response(),
+        ("/clock", _) if read => clock(req.uri().query().unwrap_or("")),
+        ("/download", _) if read => download(req.uri().query().unwrap_or("")),
+        ("/upload", &Method::POST) => upload(req.into_body()).await,
         // HTTP/1.1 asks with GET, HTTP/2 with CONNECT.
-        (&Method::GET | &Method::CONNECT, "/ws") => ws::accept(req),
-        (_, "/" | "/health" | "/visits" | "/host" | "/clock" | "/download" | "/upload" | "/ws") => {
-            (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response()
-        }
+        ("/ws", &Method::GET | &Method::CONNECT) => ws::accept(req),
+        ("/" | "/health" | "/host" | "/clock" | "/download", _) => not_allowed("GET, HEAD"),
+        ("/visits" | "/ws", _) => not_allowed("GET"),
+        ("/upload", _) => not_allowed("POST"),
         _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
     }
+}
+
+/// 405, with the methods the path takes.
+fn not_allowed(allow: &'static str) -> Response {
+    let mut res = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
+    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    res
 }
 
 fn query_u64(query: &str, key: &str) -> Result<Option<u64>, String> {

@@ -23,6 +23,14 @@ async fn greets_with_name_and_version() {
     assert_eq!(health.status(), 200);
     // One line per request at debug level.
     assert!(host.wait_for_log("request method=GET path=/health status=200", WAIT), "{}", host.log());
+    // HEAD as GET, without the body; other methods get 405 with what is allowed.
+    let client = reqwest::Client::new();
+    let head = client.head(host.url("/")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"].to_str().unwrap(), body.len().to_string());
+    assert_eq!(head.bytes().await.unwrap().len(), 0);
+    let put = client.put(host.url("/")).send().await.unwrap();
+    assert_eq!((put.status().as_u16(), put.headers()["allow"].to_str().unwrap()), (405, "GET, HEAD"));
 }
 
 #[tokio::test]
