@@ -517,6 +517,9 @@ async fn a_handler_slower_than_the_response_timeout_gets_a_504_but_slow_bodies_d
     assert!(took >= Duration::from_millis(950) && took < Duration::from_secs(5), "answered after {took:?}");
     assert!(get_keep_alive(&mut stream, "/").ends_with("fine\n"), "the connection did not serve on");
     assert!(host.wait_for_log("the handler did not answer within 1s (--response-timeout); answered 504", WAIT), "{}", host.log());
+    // The answer names the request as the log line does.
+    let id = answer.lines().find_map(|l| l.strip_prefix("x-request-id: ")).unwrap_or_else(|| panic!("no x-request-id: {answer}"));
+    assert!(host.log().lines().any(|l| l.contains("answered 504") && l.contains(&format!("request_id={id}"))), "{id}\n{}", host.log());
 
     // HTTP/2: the stream.
     let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();

@@ -297,12 +297,12 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), "request received outside its generation's runtime");
-        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, in_flight, conn, started).map(SentBody::Here)));
+        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, None, in_flight, conn, started).map(SentBody::Here)));
     }
     let max_body_size = conn.state.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
-        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started).map(SentBody::Here)));
+        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, None, in_flight, conn, started).map(SentBody::Here)));
     }
     let protocol = upgrade_protocol(&request);
     let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -437,11 +437,11 @@ impl Calling {
             Err(CallFailed { error: CallError::BodyTooLarge, in_flight }) => {
                 let max_body_size = conn.state.max_body_size;
                 tracing::debug!(%method, path = %uri.path(), max_body_size, request_id = %id, "request body grew too large: answered 413");
-                error_response(StatusCode::PAYLOAD_TOO_LARGE, in_flight, conn, started)
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, Some(id), in_flight, conn, started)
             }
             Err(CallFailed { error: CallError::BodyTimedOut, in_flight }) => {
                 tracing::debug!(%method, path = %uri.path(), request_id = %id, "request body too slow (--body-read-timeout): answered 408");
-                error_response(StatusCode::REQUEST_TIMEOUT, in_flight, conn, started)
+                error_response(StatusCode::REQUEST_TIMEOUT, Some(id), in_flight, conn, started)
             }
             Err(CallFailed { error, in_flight }) => {
                 let status = match error {
@@ -465,7 +465,7 @@ impl Calling {
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                     "{error}; answered {}", status.as_u16()
                 );
-                error_response(status, in_flight, conn, started)
+                error_response(status, Some(id), in_flight, conn, started)
             }
         })
     }
@@ -567,11 +567,16 @@ fn counted(response: Response<HostBody>, started: Instant) -> Response<HostBody>
 }
 
 /// An answer from the host itself, for a request the plugin did not (or could not) answer.
-fn error_response(status: StatusCode, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Response<HostBody> {
+/// With the request's `id` (once the plugin had it) in `x-request-id`: the log line that says
+/// what went wrong carries it too.
+fn error_response(status: StatusCode, id: Option<RequestId>, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Response<HostBody> {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
     let h1 = conn.h1;
     let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn, None));
     *response.status_mut() = status;
+    if let Some(id) = id.and_then(|id| http::HeaderValue::from_str(&id.to_string()).ok()) {
+        response.headers_mut().insert(http::header::HeaderName::from_static("x-request-id"), id);
+    }
     if matches!(status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) && h1 {
         // The rest of the body is not wanted (or not coming): close rather than read it to
         // keep the connection alive. (HTTP/2 resets just the stream.)
