@@ -349,3 +349,36 @@ async fn the_admin_api_refuses_what_it_cannot_act_on() {
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("nothing to roll back to"), "{body}");
 }
+
+#[tokio::test]
+async fn the_access_log_has_a_line_per_response_as_it_ends() {
+    let host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap(), "--access-log"]);
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(host.url("/?a=1")).send().await.unwrap().status(), 200);
+    assert_eq!(client.get(host.url("/nope")).send().await.unwrap().status(), 404);
+    let body = client.get(host.url("/download?size=100000")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(body.len(), 100_000);
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    assert_eq!(h2.post(host.url("/upload")).body("abc").send().await.unwrap().status(), 200);
+    // A download the client leaves half-way: its line says the body did not go out whole.
+    let mut cut = client.get(host.url("/download?size=100000000")).send().await.unwrap();
+    cut.chunk().await.unwrap();
+    drop(cut);
+
+    fn line<'a>(parts: &[&'a str]) -> Vec<&'a str> {
+        [&["hotswap::access", "response"][..], parts].concat()
+    }
+    wait_for_line(&host, &line(&["method=GET", "uri=/?a=1", "http=HTTP/1.1", "status=200", "bytes=41", "whole=true", "version=0.1.0", "peer=127.0.0.1:", "request_id=0"])).await;
+    wait_for_line(&host, &line(&["uri=/nope", "status=404", "whole=true"])).await;
+    wait_for_line(&host, &line(&["uri=/download?size=100000 ", "status=200", "bytes=100000", "whole=true"])).await;
+    wait_for_line(&host, &line(&["method=POST", "uri=/upload", "http=HTTP/2.0", "status=200", "whole=true"])).await;
+    wait_for_line(&host, &line(&["uri=/download?size=100000000", "status=200", "whole=false"])).await;
+    let ids = host.log().lines().filter(|l| l.contains("hotswap::access")).filter(|l| l.contains("request_id=")).count();
+    assert_eq!(ids, 5, "{}", host.log());
+
+    // Off by default.
+    let quiet = Host::serve(&["--plugin", artifacts().example.to_str().unwrap()]);
+    assert_eq!(client.get(quiet.url("/")).send().await.unwrap().status(), 200);
+    assert!(quiet.wait_for_log("request method=GET path=/ status=200", WAIT), "{}", quiet.log());
+    assert!(!quiet.log().contains("hotswap::access"), "{}", quiet.log());
+}

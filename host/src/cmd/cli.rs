@@ -249,6 +249,15 @@ pub(crate) struct HostArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..))]
     pub(crate) max_generations: u64,
 
+    /// Log every response as it ends, at info level with the target hotswap::access: its
+    /// method, path and query, HTTP version, status, the body bytes sent and whether the body
+    /// went out whole, the time from the request to the end of the response, the client's
+    /// address, the request id and the version that answered. In the log's format
+    /// (--log-format json for a collector), on stderr. Requests hyper refuses before they
+    /// reach the host (a malformed request line) are not in it.
+    #[arg(long)]
+    pub(crate) access_log: bool,
+
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
 

@@ -42,6 +42,7 @@ struct File {
     max_generations: Option<u64>,
     log_level: Option<String>,
     log_format: Option<String>,
+    access_log: Option<bool>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -214,6 +215,9 @@ impl File {
                 return Err(invalid("log_format", format!("`{format}`: use \"text\" or \"json\"")));
             }
             flags.value("--log-format", format);
+        }
+        if self.access_log == Some(true) {
+            flags.0.push("--access-log".into());
         }
         if !serve {
             return Ok(flags.0); // `dev` builds its own plugin: the plugin keys are for `serve`

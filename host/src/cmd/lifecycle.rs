@@ -105,7 +105,7 @@ where
         None => None,
     };
     let (plain_tls, second_tls) = if tls_listener.is_some() { (None, acceptor) } else { (acceptor, None) };
-    let server = Server::new(registry.current_cell(), args.limits.limits(), latch);
+    let server = Server::new(registry.current_cell(), args.limits.limits(), args.access_log, latch);
     // A host that takes over first waits until the previous one has stopped accepting; it
     // changes and serves nothing before (that one may yet stop it).
     if let Some(inherited) = &inherited {

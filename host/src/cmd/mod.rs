@@ -50,7 +50,12 @@ pub fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
-    init_logging(&cli.log_level, &cli.log_format);
+    let access_log = match &cli.command {
+        Command::Serve(args) => args.host.access_log,
+        Command::Dev(args) => args.host.access_log,
+        _ => false,
+    };
+    init_logging(&cli.log_level, &cli.log_format, access_log);
     let server = !matches!(cli.command, Command::Admin(_) | Command::New(_));
     let result = match cli.command {
         Command::Serve(args) => run(serve_command(*args)),
@@ -70,11 +75,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str, format: &str) {
+/// `access_log`: the access log's lines pass whatever the level (RUST_LOG, if set, decides
+/// alone).
+fn init_logging(level: &str, format: &str, access_log: bool) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     // A bare level applies to hotswap and its plugins; dependencies (hyper, h2) stay at info.
-    let directives = if level.contains('=') { level.to_owned() } else { format!("info,hotswap={level},plugin={level}") };
+    let mut directives = if level.contains('=') { level.to_owned() } else { format!("info,hotswap={level},plugin={level}") };
+    if access_log {
+        directives.push_str(",hotswap::access=info");
+    }
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&directives))
         .unwrap_or_else(|_| EnvFilter::new("info"));

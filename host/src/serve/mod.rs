@@ -73,6 +73,8 @@ use state::{ConnState, OpenConnection, Shared};
 pub(crate) struct Server {
     shared: Arc<Shared>,
     limits: Limits,
+    /// `--access-log`.
+    access_log: bool,
     sweeper: Arc<Sweeper>,
     /// One permit per connection that may be open at once.
     slots: Arc<Semaphore>,
@@ -83,7 +85,7 @@ pub(crate) struct Server {
 impl Server {
     /// A server for the generation that is `current` at each new connection and request. The
     /// timeout sweeper runs on the calling runtime (the host's own) until `shutdown`.
-    pub(crate) fn new(current: Arc<Current>, limits: Limits, shutdown: Arc<Latch>) -> Arc<Server> {
+    pub(crate) fn new(current: Arc<Current>, limits: Limits, access_log: bool, shutdown: Arc<Latch>) -> Arc<Server> {
         let sweeper = Sweeper::new(&limits);
         // Until the server goes, not just until shutdown: connections that never send a
         // request (a TLS handshake never finished) must not hold up the drain.
@@ -92,7 +94,7 @@ impl Server {
         let max = usize::try_from(limits.max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max));
         let shared = Arc::new(Shared::new(current, shutdown, limits.max_header_size));
-        Arc::new(Server { shared, limits, sweeper, slots, _sweeping: sweeping.drop_guard() })
+        Arc::new(Server { shared, limits, access_log, sweeper, slots, _sweeping: sweeping.drop_guard() })
     }
 
     /// Accepts connections on `listeners` until shutdown is requested; those with a
@@ -192,7 +194,7 @@ impl Server {
         let generation = self.shared.current.route();
         let origin = Origin { peer: Some(peer), local: std_stream.local_addr().ok(), https: tls.is_some() };
         let activity = self.sweeper.track(reading_head);
-        let conn = Arc::new(ConnState::new(generation.clone(), origin, activity, &self.limits));
+        let conn = Arc::new(ConnState::new(generation.clone(), origin, activity, &self.limits, self.access_log));
         let open = OpenConnection::new(&self.shared, slot);
         let shared = self.shared.clone();
         generation.handle().spawn(async move {

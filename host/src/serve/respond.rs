@@ -193,9 +193,10 @@ pub(crate) struct Calling {
     call: PluginCall,
     conn: ConnRequest,
     started: Instant,
-    /// The request's method, target and id, for the log.
+    /// The request's method, target, version and id, for the log.
     method: http::Method,
     uri: http::Uri,
+    version: http::Version,
     id: RequestId,
     /// The switch of protocols the client asked for, if the plugin may accept it.
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -297,12 +298,16 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), "request received outside its generation's runtime");
-        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, None, in_flight, conn, started).map(SentBody::Here)));
+        let id = next_request_id();
+        let access = Access::of(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started);
+        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, Some(id), in_flight, conn, started, access).map(SentBody::Here)));
     }
     let max_body_size = conn.state.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
-        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, None, in_flight, conn, started).map(SentBody::Here)));
+        let id = next_request_id();
+        let access = Access::of(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started);
+        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, Some(id), in_flight, conn, started, access).map(SentBody::Here)));
     }
     let protocol = upgrade_protocol(&request);
     let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -342,7 +347,7 @@ fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: 
     if let Some(body) = call.body_progress() {
         conn.state.activity.watch_body(body);
     }
-    Respond::Calling(Calling { call, conn, started, method, uri, id, on_upgrade, replay, deadline: None })
+    Respond::Calling(Calling { call, conn, started, method, uri, version, id, on_upgrade, replay, deadline: None })
 }
 
 /// Answers a request the canary failed before its response started from the current
@@ -411,7 +416,7 @@ impl Calling {
 
     /// The response to hand to hyper, once the plugin's future has completed.
     fn finish(self, called: Result<Answer, CallFailed>) -> Finished {
-        let Calling { mut call, conn, started, method, uri, id, on_upgrade, replay, deadline: _ } = self;
+        let Calling { mut call, conn, started, method, uri, version, id, on_upgrade, replay, deadline: _ } = self;
         // Kept for a replay: given back for reuse unless the request is replayed.
         let headers = match call.take_headers() {
             Some(headers) if called.is_ok() => {
@@ -432,16 +437,19 @@ impl Calling {
                     %method, path = %uri.path(), status = response.status().as_u16(), generation,
                     elapsed = ?started.elapsed(), request_id = %id, "request"
                 );
-                counted(response.map(|body| HostBody::new(body, conn, request_body)), started)
+                let access = Access::of(&conn, method, uri, version, id, started);
+                counted(response.map(|body| HostBody::new(body, conn, request_body, access)), started)
             }
             Err(CallFailed { error: CallError::BodyTooLarge, in_flight }) => {
                 let max_body_size = conn.state.max_body_size;
                 tracing::debug!(%method, path = %uri.path(), max_body_size, request_id = %id, "request body grew too large: answered 413");
-                error_response(StatusCode::PAYLOAD_TOO_LARGE, Some(id), in_flight, conn, started)
+                let access = Access::of(&conn, method, uri, version, id, started);
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, Some(id), in_flight, conn, started, access)
             }
             Err(CallFailed { error: CallError::BodyTimedOut, in_flight }) => {
                 tracing::debug!(%method, path = %uri.path(), request_id = %id, "request body too slow (--body-read-timeout): answered 408");
-                error_response(StatusCode::REQUEST_TIMEOUT, Some(id), in_flight, conn, started)
+                let access = Access::of(&conn, method, uri, version, id, started);
+                error_response(StatusCode::REQUEST_TIMEOUT, Some(id), in_flight, conn, started, access)
             }
             Err(CallFailed { error, in_flight }) => {
                 let status = match error {
@@ -465,7 +473,8 @@ impl Calling {
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                     "{error}; answered {}", status.as_u16()
                 );
-                error_response(status, Some(id), in_flight, conn, started)
+                let access = Access::of(&conn, method, uri, version, id, started);
+                error_response(status, Some(id), in_flight, conn, started, access)
             }
         })
     }
@@ -561,18 +570,29 @@ async fn run_session(upgrade: PendingUpgrade, on_upgrade: hyper::upgrade::OnUpgr
 }
 
 /// Counts a response whose head is ready, in its generation's figures.
-fn counted(response: Response<HostBody>, started: Instant) -> Response<HostBody> {
-    response.body().generation().stats().record(response.status().as_u16(), started.elapsed());
+fn counted(mut response: Response<HostBody>, started: Instant) -> Response<HostBody> {
+    let status = response.status().as_u16();
+    response.body().generation().stats().record(status, started.elapsed());
+    if let Some(access) = &mut response.body_mut().access {
+        access.status = status;
+    }
     response
 }
 
 /// An answer from the host itself, for a request the plugin did not (or could not) answer.
 /// With the request's `id` (once the plugin had it) in `x-request-id`: the log line that says
 /// what went wrong carries it too.
-fn error_response(status: StatusCode, id: Option<RequestId>, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Response<HostBody> {
+fn error_response(
+    status: StatusCode,
+    id: Option<RequestId>,
+    in_flight: InFlight,
+    conn: ConnRequest,
+    started: Instant,
+    access: Option<Box<Access>>,
+) -> Response<HostBody> {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
     let h1 = conn.h1;
-    let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn, None));
+    let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn, None, access));
     *response.status_mut() = status;
     if let Some(id) = id.and_then(|id| http::HeaderValue::from_str(&id.to_string()).ok()) {
         response.headers_mut().insert(http::header::HeaderName::from_static("x-request-id"), id);
@@ -638,7 +658,9 @@ pub(crate) struct HostBody {
     body: ResponseBody,
     /// The request's body, if it has one.
     request_body: Option<Arc<BodyProgress>>,
-    _conn: ConnRequest,
+    /// Its line in the access log, written when it is dropped (with `--access-log`).
+    access: Option<Box<Access>>,
+    conn: ConnRequest,
 }
 
 /// Why a response was cut off.
@@ -655,10 +677,10 @@ pub(crate) enum SendError {
 impl HostBody {
     /// `request_body`: the request's body, if it has one, which cuts the response off if it
     /// times out.
-    fn new(mut body: ResponseBody, conn: ConnRequest, request_body: Option<Arc<BodyProgress>>) -> HostBody {
+    fn new(mut body: ResponseBody, conn: ConnRequest, request_body: Option<Arc<BodyProgress>>, access: Option<Box<Access>>) -> HostBody {
         body.count_lent_in(|| conn.lent());
         body.generation().stats().stream_started();
-        HostBody { body, request_body, _conn: conn }
+        HostBody { body, request_body, access, conn }
     }
 
     fn generation(&self) -> &Arc<Generation> {
@@ -669,6 +691,51 @@ impl HostBody {
 impl Drop for HostBody {
     fn drop(&mut self) {
         self.generation().stats().stream_ended();
+        if let Some(access) = self.access.take() {
+            // hyper stops polling a body of known length once it has its bytes.
+            let whole = access.ended || self.body.is_end_stream() || self.body.size_hint().exact() == Some(access.bytes);
+            access.log(whole, &self.conn, self.body.generation());
+        }
+    }
+}
+
+/// A response's line in the access log (`--access-log`): what it answered, and how much of
+/// its body went out.
+pub(crate) struct Access {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    id: RequestId,
+    started: Instant,
+    status: u16,
+    bytes: u64,
+    /// The body said it had ended.
+    ended: bool,
+}
+
+impl Access {
+    /// The line of a request on `conn`, if the access log is on. Its status is the response's
+    /// (set by `HostBody::new`'s caller through `counted`).
+    fn of(conn: &ConnRequest, method: http::Method, uri: http::Uri, version: http::Version, id: RequestId, started: Instant) -> Option<Box<Access>> {
+        conn.state.access_log.then(|| Box::new(Access { method, uri, version, id, started, status: 0, bytes: 0, ended: false }))
+    }
+
+    fn log(&self, whole: bool, conn: &ConnRequest, generation: &Generation) {
+        let peer: &dyn std::fmt::Display = match &conn.state.origin.peer {
+            Some(peer) => peer,
+            None => &"-",
+        };
+        // The target as an HTTP/1 request line has it (HTTP/2's carries scheme and authority).
+        let uri: &dyn std::fmt::Display = match self.uri.path_and_query() {
+            Some(target) => target,
+            None => &self.uri,
+        };
+        tracing::info!(
+            target: "hotswap::access",
+            method = %self.method, %uri, http = ?self.version, status = self.status, bytes = self.bytes,
+            whole, ms = self.started.elapsed().as_secs_f64() * 1e3, %peer, request_id = %self.id,
+            version = %generation.version(), "response"
+        );
     }
 }
 
@@ -688,6 +755,14 @@ impl http_body::Body for HostBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.generation().stats().sent(data.len());
+                    if let Some(access) = &mut this.access {
+                        access.bytes += data.len() as u64;
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(access) = &mut this.access {
+                    access.ended = true;
                 }
             }
             Poll::Ready(Some(Err(e))) => {

@@ -74,6 +74,8 @@ pub(crate) struct ConnState {
     pub(crate) max_body_size: u64,
     /// `--response-timeout`.
     pub(crate) response_timeout: Option<Duration>,
+    /// `--access-log`.
+    pub(crate) access_log: bool,
     /// Response chunks lent by the plugin of `generation` that this connection still holds;
     /// replaced by a fresh tally when the connection moves (see `ConnTask::lingering`).
     pub(crate) lent: ArcSwap<LentTally>,
@@ -125,13 +127,14 @@ impl ConnState {
         lent
     }
 
-    pub(crate) fn new(generation: Arc<Generation>, origin: Origin, activity: Arc<Activity>, limits: &Limits) -> ConnState {
+    pub(crate) fn new(generation: Arc<Generation>, origin: Origin, activity: Arc<Activity>, limits: &Limits, access_log: bool) -> ConnState {
         ConnState {
             generation: ArcSwap::new(generation),
             origin,
             activity,
             max_body_size: limits.max_body_size,
             response_timeout: limits.response_timeout,
+            access_log,
             lent: ArcSwap::default(),
             relayed_lent: std::sync::Mutex::default(),
             prefer: AtomicU64::new(0),
