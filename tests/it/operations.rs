@@ -364,6 +364,8 @@ async fn the_access_log_has_a_line_per_response_as_it_ends() {
     let mut cut = client.get(host.url("/download?size=100000000")).send().await.unwrap();
     cut.chunk().await.unwrap();
     drop(cut);
+    // HEAD: hyper sends the head only, and the line says the response went out whole.
+    assert_eq!(client.head(host.url("/health")).send().await.unwrap().status(), 200);
 
     fn line<'a>(parts: &[&'a str]) -> Vec<&'a str> {
         [&["hotswap::access", "response"][..], parts].concat()
@@ -373,8 +375,19 @@ async fn the_access_log_has_a_line_per_response_as_it_ends() {
     wait_for_line(&host, &line(&["uri=/download?size=100000 ", "status=200", "bytes=100000", "whole=true"])).await;
     wait_for_line(&host, &line(&["method=POST", "uri=/upload", "http=HTTP/2.0", "status=200", "whole=true"])).await;
     wait_for_line(&host, &line(&["uri=/download?size=100000000", "status=200", "whole=false"])).await;
+    wait_for_line(&host, &line(&["method=HEAD", "uri=/health", "status=200", "bytes=0", "whole=true"])).await;
     let ids = host.log().lines().filter(|l| l.contains("hotswap::access")).filter(|l| l.contains("request_id=")).count();
-    assert_eq!(ids, 5, "{}", host.log());
+    assert_eq!(ids, 6, "{}", host.log());
+
+    // The host's own answers: a 504 has its line, with the id the client got; a body that
+    // panics half-way did not go out whole.
+    let faulty = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap(), "--access-log", "--response-timeout", "1s"]);
+    let late = client.get(faulty.url("/hang")).send().await.unwrap();
+    assert_eq!(late.status(), 504);
+    let id = late.headers()["x-request-id"].to_str().unwrap().to_owned();
+    wait_for_line(&faulty, &line(&["uri=/hang", "status=504", "whole=true", &format!("request_id={id}")])).await;
+    assert!(client.get(faulty.url("/panic-body")).send().await.unwrap().bytes().await.is_err());
+    wait_for_line(&faulty, &line(&["uri=/panic-body", "status=200", "whole=false"])).await;
 
     // Off by default.
     let quiet = Host::serve(&["--plugin", artifacts().example.to_str().unwrap()]);

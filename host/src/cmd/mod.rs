@@ -75,20 +75,23 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// `access_log`: the access log's lines pass whatever the level (RUST_LOG, if set, decides
-/// alone).
+/// `access_log`: the access log's lines pass whatever the level, or RUST_LOG, says.
 fn init_logging(level: &str, format: &str, access_log: bool) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     // A bare level applies to hotswap and its plugins; dependencies (hyper, h2) stay at info.
-    let mut directives = if level.contains('=') { level.to_owned() } else { format!("info,hotswap={level},plugin={level}") };
-    if access_log {
-        directives.push_str(",hotswap::access=info");
-    }
-    let filter = EnvFilter::try_from_default_env()
+    let directives = if level.contains('=') { level.to_owned() } else { format!("info,hotswap={level},plugin={level}") };
+    let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&directives))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if access_log {
+        if let Ok(access) = "hotswap::access=info".parse() {
+            filter = filter.add_directive(access);
+        }
+    }
+    // A log that cannot be written (stderr closed) is lost quietly: reporting that on stderr
+    // would panic, in the middle of serving.
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     if format == "json" {
         logs.json().init();
     } else {

@@ -295,19 +295,18 @@ impl Future for Respond {
 fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest, replay: Option<Arc<Current>>) -> Respond {
     let started = Instant::now();
     let generation = in_flight.generation();
+    let id = next_request_id();
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
-        tracing::error!(generation = generation.id(), "request received outside its generation's runtime");
-        let id = next_request_id();
-        let access = Access::of(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started);
-        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, Some(id), in_flight, conn, started, access).map(SentBody::Here)));
+        tracing::error!(generation = generation.id(), request_id = %id, "request received outside its generation's runtime");
+        let access = Access::of_request(&conn, &request, id, started);
+        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, id, in_flight, conn, started, access).map(SentBody::Here)));
     }
     let max_body_size = conn.state.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
-        tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, "request body too large: answered 413");
-        let id = next_request_id();
-        let access = Access::of(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started);
-        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, Some(id), in_flight, conn, started, access).map(SentBody::Here)));
+        tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, request_id = %id, "request body too large: answered 413");
+        let access = Access::of_request(&conn, &request, id, started);
+        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, id, in_flight, conn, started, access).map(SentBody::Here)));
     }
     let protocol = upgrade_protocol(&request);
     let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -315,7 +314,7 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     // (`replay` is given only for a `GET` or `HEAD` without a body.)
     let replay = replay.filter(|_| protocol.is_none()).map(|current| Replay { current, version });
     let asked = Asked { method, uri, version, headers, protocol, on_upgrade };
-    call_plugin(asked, Some(body), in_flight, conn, replay, started)
+    call_plugin(asked, Some(body), in_flight, conn, replay, id, started)
 }
 
 /// A request's head, as the plugin is asked it.
@@ -330,9 +329,17 @@ struct Asked {
 }
 
 /// Hands a request to the plugin of `in_flight`'s generation, on one of its threads.
-fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: ConnRequest, replay: Option<Replay>, started: Instant) -> Respond {
+/// `id` and `started`: the request's, from when it reached the host (a replay keeps them).
+fn call_plugin(
+    asked: Asked,
+    body: Option<Incoming>,
+    in_flight: InFlight,
+    conn: ConnRequest,
+    replay: Option<Replay>,
+    id: RequestId,
+    started: Instant,
+) -> Respond {
     let Asked { method, uri, version, headers, protocol, on_upgrade } = asked;
-    let id = next_request_id();
     let head = Head {
         method: &method,
         uri: &uri,
@@ -353,12 +360,13 @@ fn call_plugin(asked: Asked, body: Option<Incoming>, in_flight: InFlight, conn: 
 /// Answers a request the canary failed before its response started from the current
 /// version, `next`, on its runtime. The request ran there as it came; the canary's figures count it
 /// as the 500 (or 504) it would have been.
-fn replay_on(next: Arc<Generation>, replay: Replay, headers: http::HeaderMap, method: http::Method, uri: http::Uri, conn: ConnRequest) -> Respond {
+/// It keeps its id; its time (the response timeout's, the version's figures) starts anew.
+fn replay_on(next: Arc<Generation>, replay: Replay, headers: http::HeaderMap, method: http::Method, uri: http::Uri, id: RequestId, conn: ConnRequest) -> Respond {
     let version = replay.version;
     let lent = conn.state.relayed_lent(&next);
     relay(next, conn.counting_lent_in(lent), move |in_flight, conn| {
         let asked = Asked { method, uri, version, headers, protocol: None, on_upgrade: None };
-        call_plugin(asked, None, in_flight, conn, None, Instant::now())
+        call_plugin(asked, None, in_flight, conn, None, id, Instant::now())
     })
 }
 
@@ -444,12 +452,12 @@ impl Calling {
                 let max_body_size = conn.state.max_body_size;
                 tracing::debug!(%method, path = %uri.path(), max_body_size, request_id = %id, "request body grew too large: answered 413");
                 let access = Access::of(&conn, method, uri, version, id, started);
-                error_response(StatusCode::PAYLOAD_TOO_LARGE, Some(id), in_flight, conn, started, access)
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, id, in_flight, conn, started, access)
             }
             Err(CallFailed { error: CallError::BodyTimedOut, in_flight }) => {
                 tracing::debug!(%method, path = %uri.path(), request_id = %id, "request body too slow (--body-read-timeout): answered 408");
                 let access = Access::of(&conn, method, uri, version, id, started);
-                error_response(StatusCode::REQUEST_TIMEOUT, Some(id), in_flight, conn, started, access)
+                error_response(StatusCode::REQUEST_TIMEOUT, id, in_flight, conn, started, access)
             }
             Err(CallFailed { error, in_flight }) => {
                 let status = match error {
@@ -467,14 +475,14 @@ impl Calling {
                     generation.stats().record(status.as_u16(), started.elapsed());
                     generation.stats().replayed_elsewhere();
                     drop(in_flight);
-                    return Finished::Replayed(replay_on(next, replay, headers, method, uri, conn));
+                    return Finished::Replayed(replay_on(next, replay, headers, method, uri, id, conn));
                 }
                 tracing::error!(
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                     "{error}; answered {}", status.as_u16()
                 );
                 let access = Access::of(&conn, method, uri, version, id, started);
-                error_response(status, Some(id), in_flight, conn, started, access)
+                error_response(status, id, in_flight, conn, started, access)
             }
         })
     }
@@ -580,11 +588,11 @@ fn counted(mut response: Response<HostBody>, started: Instant) -> Response<HostB
 }
 
 /// An answer from the host itself, for a request the plugin did not (or could not) answer.
-/// With the request's `id` (once the plugin had it) in `x-request-id`: the log line that says
-/// what went wrong carries it too.
+/// With the request's `id` in `x-request-id`: the log line that says what went wrong carries
+/// it too.
 fn error_response(
     status: StatusCode,
-    id: Option<RequestId>,
+    id: RequestId,
     in_flight: InFlight,
     conn: ConnRequest,
     started: Instant,
@@ -594,7 +602,7 @@ fn error_response(
     let h1 = conn.h1;
     let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn, None, access));
     *response.status_mut() = status;
-    if let Some(id) = id.and_then(|id| http::HeaderValue::from_str(&id.to_string()).ok()) {
+    if let Ok(id) = http::HeaderValue::from_str(&id.to_string()) {
         response.headers_mut().insert(http::header::HeaderName::from_static("x-request-id"), id);
     }
     if matches!(status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) && h1 {
@@ -692,8 +700,12 @@ impl Drop for HostBody {
     fn drop(&mut self) {
         self.generation().stats().stream_ended();
         if let Some(access) = self.access.take() {
-            // hyper stops polling a body of known length once it has its bytes.
-            let whole = access.ended || self.body.is_end_stream() || self.body.size_hint().exact() == Some(access.bytes);
+            // hyper stops polling a body of known length once it has its bytes, and polls none
+            // for a response that has no body (HEAD, 204, 304).
+            let bodiless = access.method == http::Method::HEAD
+                || matches!(access.status, 100..=199 | 204 | 304);
+            let whole = !access.failed
+                && (access.ended || bodiless || self.body.is_end_stream() || self.body.size_hint().exact() == Some(access.bytes));
             access.log(whole, &self.conn, self.body.generation());
         }
     }
@@ -711,13 +723,23 @@ pub(crate) struct Access {
     bytes: u64,
     /// The body said it had ended.
     ended: bool,
+    /// The body failed, or was cut off.
+    failed: bool,
 }
 
 impl Access {
     /// The line of a request on `conn`, if the access log is on. Its status is the response's
     /// (set by `HostBody::new`'s caller through `counted`).
     fn of(conn: &ConnRequest, method: http::Method, uri: http::Uri, version: http::Version, id: RequestId, started: Instant) -> Option<Box<Access>> {
-        conn.state.access_log.then(|| Box::new(Access { method, uri, version, id, started, status: 0, bytes: 0, ended: false }))
+        conn.state.access_log.then(|| Box::new(Access { method, uri, version, id, started, status: 0, bytes: 0, ended: false, failed: false }))
+    }
+
+    /// As [`Access::of`], for a request the host answers before the plugin sees it.
+    fn of_request(conn: &ConnRequest, request: &Request<Incoming>, id: RequestId, started: Instant) -> Option<Box<Access>> {
+        if !conn.state.access_log {
+            return None;
+        }
+        Access::of(conn, request.method().clone(), request.uri().clone(), request.version(), id, started)
     }
 
     fn log(&self, whole: bool, conn: &ConnRequest, generation: &Generation) {
@@ -748,6 +770,9 @@ impl http_body::Body for HostBody {
         if this.request_body.as_ref().is_some_and(|body| body.timed_out()) {
             // The connection is closed (HTTP/1) or the stream reset (HTTP/2).
             tracing::debug!("request body too slow (--body-read-timeout): response cut off");
+            if let Some(access) = &mut this.access {
+                access.failed = true;
+            }
             return Poll::Ready(Some(Err(SendError::RequestBodyTimedOut)));
         }
         let polled = Pin::new(&mut this.body).poll_frame(cx).map_err(SendError::from);
@@ -766,6 +791,9 @@ impl http_body::Body for HostBody {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
+                if let Some(access) = &mut this.access {
+                    access.failed = true;
+                }
                 let generation = this.generation();
                 tracing::error!(generation = generation.id(), plugin = %generation.label(), "{e}; response aborted");
             }
