@@ -388,6 +388,12 @@ async fn the_access_log_has_a_line_per_response_as_it_ends() {
     wait_for_line(&faulty, &line(&["uri=/hang", "status=504", "whole=true", &format!("request_id={id}")])).await;
     assert!(client.get(faulty.url("/panic-body")).send().await.unwrap().bytes().await.is_err());
     wait_for_line(&faulty, &line(&["uri=/panic-body", "status=200", "whole=false"])).await;
+    // A client that leaves before its answer: 499, as nginx logs it.
+    let left = reqwest::Client::new().get(faulty.url("/hang?left")).timeout(Duration::from_millis(300)).send().await;
+    assert!(left.is_err(), "{left:?}");
+    wait_for_line(&faulty, &line(&["uri=/hang?left", "status=499", "whole=false"])).await;
+    let hangs = faulty.log().lines().filter(|l| l.contains("hotswap::access") && l.contains("uri=/hang")).count();
+    assert_eq!(hangs, 2, "one line each:\n{}", faulty.log());
 
     // Off by default.
     let quiet = Host::serve(&["--plugin", artifacts().example.to_str().unwrap()]);

@@ -193,10 +193,9 @@ pub(crate) struct Calling {
     call: PluginCall,
     conn: ConnRequest,
     started: Instant,
-    /// The request's method, target, version and id, for the log.
+    /// The request's method, target and id, for the log.
     method: http::Method,
     uri: http::Uri,
-    version: http::Version,
     id: RequestId,
     /// The switch of protocols the client asked for, if the plugin may accept it.
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -205,6 +204,8 @@ pub(crate) struct Calling {
     /// The response timeout's timer, set at the first poll that finds the plugin busy: a
     /// request answered at once costs none.
     deadline: Option<Deadline>,
+    /// Its access line, until it is answered (with `--access-log`).
+    access: Unanswered,
 }
 
 /// When a request the plugin is still working on times out (`--response-timeout`).
@@ -350,11 +351,16 @@ fn call_plugin(
         upgrade: protocol.as_ref().map(|p| p.as_bytes()),
         keep_headers: replay.is_some(),
     };
+    let access = match conn.state.access_log {
+        true => Access::of(&conn, method.clone(), uri.clone(), version, id, started).map(|a| (a, in_flight.generation().clone())),
+        false => None,
+    };
     let call = PluginCall::start(in_flight, head, body, conn.state.max_body_size);
     if let Some(body) = call.body_progress() {
         conn.state.activity.watch_body(body);
     }
-    Respond::Calling(Calling { call, conn, started, method, uri, version, id, on_upgrade, replay, deadline: None })
+    let access = Unanswered(access);
+    Respond::Calling(Calling { call, conn, started, method, uri, id, on_upgrade, replay, deadline: None, access })
 }
 
 /// Answers a request the canary failed before its response started from the current
@@ -424,7 +430,8 @@ impl Calling {
 
     /// The response to hand to hyper, once the plugin's future has completed.
     fn finish(self, called: Result<Answer, CallFailed>) -> Finished {
-        let Calling { mut call, conn, started, method, uri, version, id, on_upgrade, replay, deadline: _ } = self;
+        let Calling { mut call, conn, started, method, uri, id, on_upgrade, replay, deadline: _, mut access } = self;
+        let access = access.take();
         // Kept for a replay: given back for reuse unless the request is replayed.
         let headers = match call.take_headers() {
             Some(headers) if called.is_ok() => {
@@ -445,18 +452,15 @@ impl Calling {
                     %method, path = %uri.path(), status = response.status().as_u16(), generation,
                     elapsed = ?started.elapsed(), request_id = %id, "request"
                 );
-                let access = Access::of(&conn, method, uri, version, id, started);
                 counted(response.map(|body| HostBody::new(body, conn, request_body, access)), started)
             }
             Err(CallFailed { error: CallError::BodyTooLarge, in_flight }) => {
                 let max_body_size = conn.state.max_body_size;
                 tracing::debug!(%method, path = %uri.path(), max_body_size, request_id = %id, "request body grew too large: answered 413");
-                let access = Access::of(&conn, method, uri, version, id, started);
                 error_response(StatusCode::PAYLOAD_TOO_LARGE, id, in_flight, conn, started, access)
             }
             Err(CallFailed { error: CallError::BodyTimedOut, in_flight }) => {
                 tracing::debug!(%method, path = %uri.path(), request_id = %id, "request body too slow (--body-read-timeout): answered 408");
-                let access = Access::of(&conn, method, uri, version, id, started);
                 error_response(StatusCode::REQUEST_TIMEOUT, id, in_flight, conn, started, access)
             }
             Err(CallFailed { error, in_flight }) => {
@@ -481,7 +485,6 @@ impl Calling {
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                     "{error}; answered {}", status.as_u16()
                 );
-                let access = Access::of(&conn, method, uri, version, id, started);
                 error_response(status, id, in_flight, conn, started, access)
             }
         })
@@ -668,7 +671,7 @@ pub(crate) struct HostBody {
     request_body: Option<Arc<BodyProgress>>,
     /// Its line in the access log, written when it is dropped (with `--access-log`).
     access: Option<Box<Access>>,
-    conn: ConnRequest,
+    _conn: ConnRequest,
 }
 
 /// Why a response was cut off.
@@ -688,7 +691,7 @@ impl HostBody {
     fn new(mut body: ResponseBody, conn: ConnRequest, request_body: Option<Arc<BodyProgress>>, access: Option<Box<Access>>) -> HostBody {
         body.count_lent_in(|| conn.lent());
         body.generation().stats().stream_started();
-        HostBody { body, request_body, access, conn }
+        HostBody { body, request_body, access, _conn: conn }
     }
 
     fn generation(&self) -> &Arc<Generation> {
@@ -706,7 +709,27 @@ impl Drop for HostBody {
                 || matches!(access.status, 100..=199 | 204 | 304);
             let whole = !access.failed
                 && (access.ended || bodiless || self.body.is_end_stream() || self.body.size_hint().exact() == Some(access.bytes));
-            access.log(whole, &self.conn, self.body.generation());
+            access.log(whole, self.body.generation());
+        }
+    }
+}
+
+/// The access line of a request the plugin is working on: written, with status 499 (as nginx
+/// has it), if the request is dropped before its answer (the client left, or reset its
+/// stream); else taken for the response's.
+struct Unanswered(Option<(Box<Access>, Arc<Generation>)>);
+
+impl Unanswered {
+    fn take(&mut self) -> Option<Box<Access>> {
+        self.0.take().map(|(access, _)| access)
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some((mut access, generation)) = self.0.take() {
+            access.status = 499;
+            access.log(false, &generation);
         }
     }
 }
@@ -717,6 +740,7 @@ pub(crate) struct Access {
     method: http::Method,
     uri: http::Uri,
     version: http::Version,
+    peer: Option<std::net::SocketAddr>,
     id: RequestId,
     started: Instant,
     status: u16,
@@ -731,7 +755,8 @@ impl Access {
     /// The line of a request on `conn`, if the access log is on. Its status is the response's
     /// (set by `HostBody::new`'s caller through `counted`).
     fn of(conn: &ConnRequest, method: http::Method, uri: http::Uri, version: http::Version, id: RequestId, started: Instant) -> Option<Box<Access>> {
-        conn.state.access_log.then(|| Box::new(Access { method, uri, version, id, started, status: 0, bytes: 0, ended: false, failed: false }))
+        let peer = conn.state.origin.peer;
+        conn.state.access_log.then(|| Box::new(Access { method, uri, version, peer, id, started, status: 0, bytes: 0, ended: false, failed: false }))
     }
 
     /// As [`Access::of`], for a request the host answers before the plugin sees it.
@@ -742,8 +767,8 @@ impl Access {
         Access::of(conn, request.method().clone(), request.uri().clone(), request.version(), id, started)
     }
 
-    fn log(&self, whole: bool, conn: &ConnRequest, generation: &Generation) {
-        let peer: &dyn std::fmt::Display = match &conn.state.origin.peer {
+    fn log(&self, whole: bool, generation: &Generation) {
+        let peer: &dyn std::fmt::Display = match &self.peer {
             Some(peer) => peer,
             None => &"-",
         };
