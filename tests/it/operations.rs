@@ -381,19 +381,30 @@ async fn the_access_log_has_a_line_per_response_as_it_ends() {
 
     // The host's own answers: a 504 has its line, with the id the client got; a body that
     // panics half-way did not go out whole.
-    let faulty = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap(), "--access-log", "--response-timeout", "1s"]);
+    let faulty = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap(), "--access-log", "--response-timeout", "3s"]);
     let late = client.get(faulty.url("/hang")).send().await.unwrap();
     assert_eq!(late.status(), 504);
     let id = late.headers()["x-request-id"].to_str().unwrap().to_owned();
     wait_for_line(&faulty, &line(&["uri=/hang", "status=504", "whole=true", &format!("request_id={id}")])).await;
     assert!(client.get(faulty.url("/panic-body")).send().await.unwrap().bytes().await.is_err());
     wait_for_line(&faulty, &line(&["uri=/panic-body", "status=200", "whole=false"])).await;
-    // A client that leaves before its answer: 499, as nginx logs it.
+    // A client that leaves before its answer (well before the response timeout): 499, as nginx
+    // logs it.
     let left = reqwest::Client::new().get(faulty.url("/hang?left")).timeout(Duration::from_millis(300)).send().await;
     assert!(left.is_err(), "{left:?}");
     wait_for_line(&faulty, &line(&["uri=/hang?left", "status=499", "whole=false"])).await;
     let hangs = faulty.log().lines().filter(|l| l.contains("hotswap::access") && l.contains("uri=/hang")).count();
     assert_eq!(hangs, 2, "one line each:\n{}", faulty.log());
+
+    // One the host cuts off with its generation (drain timeout after a swap): 503.
+    let dir = temp_dir("access-cut");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let draining = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--access-log", "--drain-timeout", "1s"]);
+    let hung = tokio::spawn(reqwest::get(draining.url("/hang?cut")));
+    draining.wait_in_flight(1).await;
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    wait_for_line(&draining, &line(&["uri=/hang?cut", "status=503", "whole=false", "version=0.1.0"])).await;
+    assert!(hung.await.unwrap().is_err(), "the cut request got an answer");
 
     // Off by default.
     let quiet = Host::serve(&["--plugin", artifacts().example.to_str().unwrap()]);

@@ -714,9 +714,10 @@ impl Drop for HostBody {
     }
 }
 
-/// The access line of a request the plugin is working on: written, with status 499 (as nginx
-/// has it), if the request is dropped before its answer (the client left, or reset its
-/// stream); else taken for the response's.
+/// The access line of a request the plugin is working on: written if the request is dropped
+/// before the plugin answers, with status 499 (as nginx has it) if the client left or reset
+/// its stream, or 503 if the host cut it off with its generation (drain timeout,
+/// `--max-generations`); else taken for the response's.
 struct Unanswered(Option<(Box<Access>, Arc<Generation>)>);
 
 impl Unanswered {
@@ -728,7 +729,7 @@ impl Unanswered {
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some((mut access, generation)) = self.0.take() {
-            access.status = 499;
+            access.status = if generation.aborted().is_raised() { 503 } else { 499 };
             access.log(false, &generation);
         }
     }
