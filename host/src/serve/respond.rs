@@ -300,13 +300,13 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), request_id = %id, "request received outside its generation's runtime");
-        let access = Access::of_request(&conn, &request, id, started);
+        let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
         return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, id, in_flight, conn, started, access).map(SentBody::Here)));
     }
     let max_body_size = conn.state.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, request_id = %id, "request body too large: answered 413");
-        let access = Access::of_request(&conn, &request, id, started);
+        let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
         return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, id, in_flight, conn, started, access).map(SentBody::Here)));
     }
     let protocol = upgrade_protocol(&request);
@@ -351,10 +351,8 @@ fn call_plugin(
         upgrade: protocol.as_ref().map(|p| p.as_bytes()),
         keep_headers: replay.is_some(),
     };
-    let access = match conn.state.access_log {
-        true => Access::of(&conn, method.clone(), uri.clone(), version, id, started).map(|a| (a, in_flight.generation().clone())),
-        false => None,
-    };
+    let access = conn.state.access_log
+        .then(|| (Access::new(&conn, method.clone(), uri.clone(), version, id, started), in_flight.generation().clone()));
     let call = PluginCall::start(in_flight, head, body, conn.state.max_body_size);
     if let Some(body) = call.body_progress() {
         conn.state.activity.watch_body(body);
@@ -753,19 +751,21 @@ pub(crate) struct Access {
 }
 
 impl Access {
-    /// The line of a request on `conn`, if the access log is on. Its status is the response's
-    /// (set by `HostBody::new`'s caller through `counted`).
-    fn of(conn: &ConnRequest, method: http::Method, uri: http::Uri, version: http::Version, id: RequestId, started: Instant) -> Option<Box<Access>> {
+    /// The line of a request on `conn` (made only with `--access-log`). Its status is the
+    /// response's, set by `counted`.
+    fn new(conn: &ConnRequest, method: http::Method, uri: http::Uri, version: http::Version, id: RequestId, started: Instant) -> Box<Access> {
         let peer = conn.state.origin.peer;
-        conn.state.access_log.then(|| Box::new(Access { method, uri, version, peer, id, started, status: 0, bytes: 0, ended: false, failed: false }))
+        Box::new(Access { method, uri, version, peer, id, started, status: 0, bytes: 0, ended: false, failed: false })
     }
 
-    /// As [`Access::of`], for a request the host answers before the plugin sees it.
-    fn of_request(conn: &ConnRequest, request: &Request<Incoming>, id: RequestId, started: Instant) -> Option<Box<Access>> {
-        if !conn.state.access_log {
-            return None;
+    /// Notes what a poll of the response body brought.
+    fn saw(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, SendError>>>) {
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => self.bytes += frame.data_ref().map_or(0, |data| data.len() as u64),
+            Poll::Ready(Some(Err(_))) => self.failed = true,
+            Poll::Ready(None) => self.ended = true,
+            Poll::Pending => {}
         }
-        Access::of(conn, request.method().clone(), request.uri().clone(), request.version(), id, started)
     }
 
     fn log(&self, whole: bool, generation: &Generation) {
@@ -796,30 +796,23 @@ impl http_body::Body for HostBody {
         if this.request_body.as_ref().is_some_and(|body| body.timed_out()) {
             // The connection is closed (HTTP/1) or the stream reset (HTTP/2).
             tracing::debug!("request body too slow (--body-read-timeout): response cut off");
+            let polled = Poll::Ready(Some(Err(SendError::RequestBodyTimedOut)));
             if let Some(access) = &mut this.access {
-                access.failed = true;
+                access.saw(&polled);
             }
-            return Poll::Ready(Some(Err(SendError::RequestBodyTimedOut)));
+            return polled;
         }
         let polled = Pin::new(&mut this.body).poll_frame(cx).map_err(SendError::from);
+        if let Some(access) = &mut this.access {
+            access.saw(&polled);
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.generation().stats().sent(data.len());
-                    if let Some(access) = &mut this.access {
-                        access.bytes += data.len() as u64;
-                    }
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(access) = &mut this.access {
-                    access.ended = true;
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                if let Some(access) = &mut this.access {
-                    access.failed = true;
-                }
                 let generation = this.generation();
                 tracing::error!(generation = generation.id(), plugin = %generation.label(), "{e}; response aborted");
             }
