@@ -9,7 +9,9 @@
 //! - replaced with a new inode (what `cargo build` does): like a rename;
 //! - editor and temporary files, names that are not `*.so`: ignored;
 //! - a plugin file removed: logged; the current generation keeps serving;
-//! - the directory removed and created again: watched again once it is back.
+//! - the directory removed and created again: watched again once it is back;
+//! - a directory the OS cannot watch (the inotify watch limit reached, say): scanned every
+//!   [`POLL`] instead, with a warning that says why and how to fix it.
 //!
 //! Events coalesce: the loop drains everything pending before it loads, loads one candidate
 //! at a time, the most recently modified complete candidate first; whether it serves is the
@@ -41,6 +43,8 @@ use crate::control::registry::{Outcome, Registry};
 const SETTLE: Duration = Duration::from_millis(300);
 /// A file that stays incomplete, unchanged, this long is refused as truncated.
 pub(crate) const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
+/// How often a directory that cannot be watched is scanned instead.
+const POLL: Duration = Duration::from_secs(2);
 
 /// A file that has changed and not yet been loaded or refused.
 #[derive(Debug)]
@@ -78,6 +82,8 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
     spawn_sighup(tx.clone(), hangup, shutdown.clone());
 
     let mut watching = false;
+    // The directory exists but the OS refuses to watch it: scanned every POLL instead.
+    let mut polling: Option<Instant> = None;
     let mut handled: HashMap<PathBuf, Identity> = HashMap::new();
     // What is serving already counts as handled. (Scoped: holding the Arc would keep that
     // generation resident for as long as the watcher runs.)
@@ -91,16 +97,38 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
 
     loop {
         if !watching {
-            watching = watcher.watch(&source.dir, RecursiveMode::NonRecursive).is_ok();
-            if watching {
-                tracing::info!(dir = %source.dir.display(), "watching for new plugin builds");
-                rescan.get_or_insert("directory (re)appeared");
+            match watcher.watch(&source.dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watching = true;
+                    polling = None;
+                    tracing::info!(dir = %source.dir.display(), "watching for new plugin builds");
+                    rescan.get_or_insert("directory (re)appeared");
+                }
+                Err(e) if source.dir.is_dir() => match polling {
+                    None => {
+                        tracing::warn!(
+                            dir = %source.dir.display(),
+                            "cannot watch the plugin directory ({e}); scanning it every {POLL:?} instead. \
+                             If the inotify watch limit is reached, raise it (sysctl fs.inotify.max_user_watches)"
+                        );
+                        polling = Some(Instant::now());
+                        rescan.get_or_insert("directory cannot be watched");
+                    }
+                    Some(last) if last.elapsed() >= POLL => {
+                        polling = Some(Instant::now());
+                        rescan.get_or_insert("poll");
+                    }
+                    Some(_) => {}
+                },
+                Err(_) => polling = None, // gone: watched again once it is back
             }
         }
         let tick = if rescan.is_some() {
             Duration::ZERO // a rescan is due: do not wait for an event that may never come
-        } else if !pending.is_empty() || !watching {
+        } else if !pending.is_empty() || (!watching && polling.is_none()) {
             Duration::from_millis(50)
+        } else if polling.is_some() {
+            POLL
         } else {
             Duration::from_secs(3600)
         };
@@ -128,7 +156,7 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
                 }
             }
         }
-        if !watching && source.dir.is_dir() {
+        if !watching && polling.is_none() && source.dir.is_dir() {
             continue; // re-watch first, then rescan
         }
         if let Some(why) = rescan.take() {
