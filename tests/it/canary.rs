@@ -149,6 +149,31 @@ async fn a_failing_canary_is_rolled_back_its_clients_never_see_a_failure_and_it_
 }
 
 #[tokio::test]
+async fn a_reload_that_starts_a_canary_says_so_beside_the_builds_it_refused() {
+    let dir = temp_dir("canary-reload");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app-1.so"));
+    let host = Host::serve_dir(&dir, &["--canary", "10"]);
+    // A build of an old ABI and a good build, written in place and left open: the watcher
+    // waits for their writer to close them (or for 300 ms without a change), so the reload
+    // reads them first.
+    assert!(host.wait_for_log("watching for new plugin builds", WAIT), "{}", host.log());
+    tokio::time::sleep(Duration::from_millis(100)).await; // past the watcher's first scan
+    let write_open = |from: &std::path::Path, name: &str| {
+        let mut file = std::fs::File::create(dir.join(name)).unwrap();
+        std::io::Write::write_all(&mut file, &std::fs::read(from).unwrap()).unwrap();
+        file
+    };
+    let v2 = example_version("2.0.0");
+    let open = [write_open(&artifacts().wrong_abi, "old-abi.so"), write_open(&v2, "app-2.so")];
+    let (code, reload) = host.command_json(&["reload"]);
+    drop(open);
+    assert_eq!(code, 0, "a reload that started a canary is not a refusal: {reload}");
+    assert_eq!(reload["outcome"], "canary", "{reload}");
+    assert_eq!(reload["canary"]["version"], "2.0.0", "{reload}");
+    assert!(reload["refused"][0].as_str().is_some_and(|r| r.contains("ABI version")), "{reload}\n{}", host.log());
+}
+
+#[tokio::test]
 async fn a_sticky_key_keeps_one_user_on_one_version() {
     let dir = temp_dir("canary-sticky");
     place_by_rename(&example_version("1.0.0"), &dir.join("app-1.so"));

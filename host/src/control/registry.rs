@@ -517,6 +517,10 @@ impl Registry {
                 refused.extend(more);
                 Outcome::Refused { serving, refused }
             }
+            Outcome::Canary { serving, canary, percent, refused: more } => {
+                refused.extend(more);
+                Outcome::Canary { serving, canary, percent, refused }
+            }
             unchanged if refused.is_empty() => unchanged,
             _ => Outcome::Refused { serving: Brief::of(&self.current()), refused },
         }

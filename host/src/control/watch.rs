@@ -202,8 +202,11 @@ fn log_reload(outcome: &Outcome) {
             "SIGHUP: refused ({}); generation {} ({}@{}) keeps serving",
             refused.join("; "), serving.generation, serving.name, serving.version
         ),
-        Outcome::Canary { canary, percent, .. } => {
-            tracing::info!("SIGHUP: generation {} ({}@{}) runs as a canary ({percent} %)", canary.generation, canary.name, canary.version)
+        Outcome::Canary { canary, percent, refused, .. } => {
+            tracing::info!("SIGHUP: generation {} ({}@{}) runs as a canary ({percent} %)", canary.generation, canary.name, canary.version);
+            if !refused.is_empty() {
+                tracing::warn!("SIGHUP: refused first: {}", refused.join("; "));
+            }
         }
         Outcome::RolledBack { .. } => {}
     }
