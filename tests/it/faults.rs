@@ -396,3 +396,26 @@ async fn a_build_whose_panics_abort_is_refused_with_the_setting_to_change() {
     let (_, status) = host.command_json(&["status"]);
     assert!(status["refusals"][0]["reason"].as_str().is_some_and(|r| r.contains("panic = \"abort\"")), "{status}");
 }
+
+#[tokio::test]
+async fn a_content_length_that_disagrees_with_the_body_is_refused_and_the_connection_serves_on() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = temp_dir("fault-length");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    for path in ["/wrong-length", "/wrong-length-stream"] {
+        // On one HTTP/1.1 connection: the bad answer, then a good one that must read whole
+        // (a wrong length would make the client take one for the other).
+        let mut stream = tokio::net::TcpStream::connect(&host.addr).await.unwrap();
+        let requests = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\nGET /fine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(requests.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut answer)).await.unwrap().unwrap();
+        let responses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(responses.len(), 2, "{path}: {answer:?}\n{}", host.log());
+        assert!(responses[0].starts_with("500"), "{path}: {answer:?}");
+        assert!(responses[1].starts_with("200") && responses[1].ends_with("\r\n\r\nfine\n"), "{path}: {answer:?}");
+    }
+    assert_eq!(host.log_count("its content-length header says \"3\" but its body is 5 bytes"), 1, "{}", host.log());
+    assert_eq!(host.log_count("its content-length header says \"9\" but its body is 5 bytes"), 1, "{}", host.log());
+}

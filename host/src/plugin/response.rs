@@ -77,6 +77,14 @@ impl Written {
             // call, and the slice does not outlive it.
             unsafe { std::slice::from_raw_parts(ffi.headers, ffi.headers_len) }
         };
+        // hyper frames a body of known length by that length but writes the plugin's own
+        // `content-length` as it is: one that disagrees would desynchronise an HTTP/1
+        // connection (the client reads the rest as the next response).
+        let known_len = match &body {
+            WrittenBody::Full(bytes) if !bytes.is_empty() => Some(bytes.len() as u64),
+            WrittenBody::Stream(s) if s.0.exact_len != abi::UNKNOWN_LENGTH && s.0.exact_len != 0 => Some(s.0.exact_len),
+            _ => None,
+        };
         let mut headers = if views.is_empty() { HeaderMap::new() } else { SPARE_HEADERS.take().unwrap_or_default() };
         RECENT_HEADERS.with_borrow_mut(|recent| {
             for h in views {
@@ -85,6 +93,14 @@ impl Written {
                 let Some((n, v)) = recent.header(name, value) else {
                     return Err(format!("invalid header {:?}", String::from_utf8_lossy(name)));
                 };
+                if let Some(len) = known_len.filter(|_| n == http::header::CONTENT_LENGTH) {
+                    if v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(len) {
+                        return Err(format!(
+                            "its content-length header says {v:?} but its body is {len} bytes \
+                             (leave the header out: the host sets it from the body)"
+                        ));
+                    }
+                }
                 headers.append(n, v);
             }
             Ok(())
