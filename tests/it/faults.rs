@@ -332,6 +332,25 @@ async fn beyond_max_generations_the_oldest_draining_generation_is_cut_off() {
 }
 
 #[tokio::test]
+async fn a_newer_builds_threads_do_not_keep_an_older_one_loaded() {
+    let dir = temp_dir("fault-threads-newer");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    // Generation 1 stays loaded behind a download...
+    let mut download = std::net::TcpStream::connect(&host.addr).unwrap();
+    std::io::Write::write_all(&mut download, b"GET /download?size=100000000&rate=100000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    std::io::Read::read_exact(&mut download, &mut [0; 12]).unwrap();
+    // ...while generation 2 starts a long-lived thread of its own (a pool, say).
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    assert!(host.wait_for_log("generation=2", WAIT), "{}", host.log());
+    assert_eq!(reqwest::get(host.url("/spawn-thread?seconds=600")).await.unwrap().text().await.unwrap(), "started\n");
+    // Once the download ends, generation 1 unloads: that thread never ran its code.
+    drop(download);
+    assert!(host.wait_for_log("generation unloaded and unmapped generation=1", WAIT), "{}", host.log());
+    assert!(!host.log().contains("leaked"), "{}", host.log());
+}
+
+#[tokio::test]
 async fn threads_a_plugin_starts_keep_its_library_loaded_until_they_exit() {
     // A thread of the plugin's own (named, so no name gives it away) that ends soon: the
     // unload waits for it, then unmaps the library.

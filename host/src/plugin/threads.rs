@@ -11,9 +11,17 @@
 //! The reaper never closes a library while a thread of its generation, or a thread that
 //! appeared since the library was opened and is not the host's, is alive: closing it would pull
 //! the code out from under that thread.
+//!
+//! Threads started from a generation's threads are that generation's: the host defines
+//! `pthread_create` (exported from its binary, see build.rs), which every plugin's calls reach
+//! before libc's, and which notes who started the thread. A pool a newer build starts then
+//! does not keep an older build loaded. A thread started elsewhere (by a library's
+//! initialisers, on the host's loader thread) stays unattributed, and holds every library
+//! opened before it appeared.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::ffi::{c_int, c_void};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -115,4 +123,80 @@ pub(crate) fn describe(tids: &[i32]) -> String {
         std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).map(|n| n.trim_end().to_owned()).unwrap_or_default()
     };
     tids.iter().map(|&tid| format!("{tid} ({})", name(tid))).collect::<Vec<_>>().join(", ")
+}
+
+/// The signature of `pthread_create`'s start routine.
+type StartRoutine = extern "C" fn(*mut c_void) -> *mut c_void;
+type PthreadCreate = unsafe extern "C" fn(*mut libc::pthread_t, *const libc::pthread_attr_t, StartRoutine, *mut c_void) -> c_int;
+
+/// What a thread started from a generation's thread runs first.
+struct Start {
+    routine: StartRoutine,
+    arg: *mut c_void,
+    generation: u64,
+}
+
+/// libc's `pthread_create`, which the host's own wraps.
+fn libc_pthread_create() -> Option<PthreadCreate> {
+    static NEXT: OnceLock<Option<PthreadCreate>> = OnceLock::new();
+    *NEXT.get_or_init(|| {
+        // SAFETY: the name is a valid C string; RTLD_NEXT finds the definition after this
+        // binary's own, libc's, whose type is `PthreadCreate`.
+        let found = unsafe { libc::dlsym(libc::RTLD_NEXT, c"pthread_create".as_ptr()) };
+        // SAFETY: a non-null result is libc's pthread_create (see above).
+        (!found.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, PthreadCreate>(found) })
+    })
+}
+
+/// Every `pthread_create` of the process, the plugins' included (no crate does this: it must
+/// be this binary's symbol). It starts the thread with libc's and, when the caller is one of a
+/// generation's threads, registers the new one as that generation's before it runs anything.
+///
+/// # Safety
+/// As libc's `pthread_create`.
+#[no_mangle]
+#[allow(unreachable_pub, reason = "called by its symbol, from C")]
+pub unsafe extern "C" fn pthread_create(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    routine: StartRoutine,
+    arg: *mut c_void,
+) -> c_int {
+    let Some(create) = libc_pthread_create() else { return libc::EAGAIN };
+    let creator = known().get(&sys::thread_id()).copied();
+    let Some(Owner::Generation(generation)) = creator else {
+        // SAFETY: the caller's arguments, as libc's contract asks.
+        return unsafe { create(thread, attr, routine, arg) };
+    };
+    let start = Box::into_raw(Box::new(Start { routine, arg, generation }));
+    // SAFETY: as above; `attributed` takes ownership of `start` if the thread starts.
+    let result = unsafe { create(thread, attr, attributed, start.cast()) };
+    if result != 0 {
+        // SAFETY: no thread started, so `start` is still this call's.
+        drop(unsafe { Box::from_raw(start) });
+    }
+    result
+}
+
+/// The start routine of a thread started from a generation's thread.
+extern "C" fn attributed(start: *mut c_void) -> *mut c_void {
+    // SAFETY: `pthread_create` passed the `Start` it leaked, to this thread only.
+    let Start { routine, arg, generation } = *unsafe { Box::from_raw(start.cast::<Start>()) };
+    register(Owner::Generation(generation));
+    // Unregistered when the thread exits, however it exits (a return, or `pthread_exit`,
+    // which runs thread-local destructors but no frame's): nothing here needs dropping.
+    UNREGISTER_AT_EXIT.with(|_| {});
+    routine(arg)
+}
+
+thread_local! {
+    static UNREGISTER_AT_EXIT: UnregisterAtExit = const { UnregisterAtExit };
+}
+
+struct UnregisterAtExit;
+
+impl Drop for UnregisterAtExit {
+    fn drop(&mut self) {
+        unregister();
+    }
 }
