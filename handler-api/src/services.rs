@@ -271,10 +271,11 @@ impl Drop for Superseded {
 /// its output, or drop it to let the future run on alone.
 ///
 /// The future belongs to this build: it runs until it completes, or until the build is
-/// unloaded (after a newer one serves and this one's last request has ended). Then the host
-/// drops it, before your `shutdown` hook, so a background loop needs no stop signal of its
-/// own. It does not keep the build loaded: to end a loop earlier, when a newer build takes
-/// over, watch [`superseded`].
+/// unloaded (after a newer one serves and this one's last request has ended) or cut off
+/// (its requests still running at the host's drain timeout). Then the host drops it, before
+/// your `shutdown` hook, so a background loop needs no stop signal of its own. It does not
+/// keep the build loaded: to end a loop earlier, when a newer build takes over, watch
+/// [`superseded`].
 ///
 /// # Example
 ///

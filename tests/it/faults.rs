@@ -351,6 +351,27 @@ async fn a_newer_builds_threads_do_not_keep_an_older_one_loaded() {
 }
 
 #[tokio::test]
+async fn a_connection_a_plugin_hands_to_a_task_is_cut_off_with_its_generation() {
+    let dir = temp_dir("fault-upgrade-task");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--drain-timeout", "1s"]);
+    // An upgraded connection whose plugin gave it to a background task (which holds the
+    // connection, and through it the generation) and ended its session.
+    let mut upgraded = std::net::TcpStream::connect(&host.addr).unwrap();
+    std::io::Write::write_all(&mut upgraded, b"GET /upgrade-spawn HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: x-test\r\n\r\n").unwrap();
+    let mut head = [0; 12];
+    std::io::Read::read_exact(&mut upgraded, &mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    // Swapped out: at the drain timeout the task is dropped, the connection closes, and the
+    // generation unloads.
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    assert!(host.wait_for_log("generation unloaded and unmapped generation=1", WAIT), "{}", host.log());
+    upgraded.set_read_timeout(Some(WAIT)).unwrap();
+    let mut rest = Vec::new();
+    assert!(std::io::Read::read_to_end(&mut upgraded, &mut rest).is_ok(), "the connection was not closed");
+}
+
+#[tokio::test]
 async fn threads_a_plugin_starts_keep_its_library_loaded_until_they_exit() {
     // A thread of the plugin's own (named, so no name gives it away) that ends soon: the
     // unload waits for it, then unmaps the library.

@@ -1092,7 +1092,7 @@ impl Registry {
                     "drain timeout ({timeout:?}) reached: aborting the generation's remaining responses"
                 );
                 events.aborted_by_drain_timeout.fetch_add(old.in_flight() as u64, Ordering::Relaxed);
-                old.aborted().raise();
+                old.abort();
             }
         });
     }
@@ -1159,7 +1159,7 @@ impl Registry {
                 self.max_generations
             );
             self.events.aborted_by_generation_cap.fetch_add(oldest.in_flight() as u64, Ordering::Relaxed);
-            oldest.aborted().raise();
+            oldest.abort();
         }
     }
 
@@ -1173,7 +1173,7 @@ impl Registry {
     /// Cuts off every response still in progress, on every generation.
     pub(crate) fn abort_all(&self) {
         for generation in self.resident() {
-            generation.aborted().raise();
+            generation.abort();
         }
     }
 }

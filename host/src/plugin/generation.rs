@@ -162,6 +162,14 @@ impl Generation {
     pub(crate) fn aborted(&self) -> &Latch {
         &self.aborted
     }
+
+    /// Cuts off what still runs here (at the drain timeout, or past `--max-generations`):
+    /// responses and upgraded connections, through [`Generation::aborted`], and the tasks its
+    /// plugin spawned, which may hold such a connection (and so this generation).
+    pub(crate) fn abort(&self) {
+        self.aborted.raise();
+        self.context.tasks.cancel();
+    }
 }
 
 impl Drop for Generation {

@@ -21,24 +21,37 @@ pub(crate) struct PluginContext {
 }
 
 /// The futures a generation's plugin spawned (`handler_api::spawn`): they run on its runtime
-/// until they end, or until the generation is unloaded, when [`Tasks::stop`] drops them on
-/// its threads before the shutdown hook.
+/// until they end, until the generation is cut off ([`Tasks::cancel`]), or until it is
+/// unloaded, when [`Tasks::stop`] drops them on its threads before the shutdown hook.
 pub(crate) struct Tasks {
     runtime: tokio::runtime::Handle,
     tracker: tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
+    /// Held while a task is spawned and while the tracker closes, so that no task starts
+    /// after `stop` has seen the last one end.
+    gate: std::sync::Mutex<()>,
 }
 
 impl Tasks {
     pub(crate) fn new(runtime: tokio::runtime::Handle) -> Tasks {
-        Tasks { runtime, tracker: Default::default(), stop: Default::default() }
+        Tasks { runtime, tracker: Default::default(), stop: Default::default(), gate: Default::default() }
+    }
+
+    /// Drops every task (on the generation's threads), now and as soon as any is spawned
+    /// later: what a cut-off generation's plugin left running (a task holding a connection
+    /// lent to it, which holds the generation) must not keep it loaded.
+    pub(crate) fn cancel(&self) {
+        self.stop.cancel();
     }
 
     /// Drops every task still running (on the generation's threads), and waits up to
     /// `timeout` for the drops to be done. No task can be spawned afterwards. Called on the
     /// reaper's thread, which is not one of the runtime's.
     pub(crate) fn stop(&self, timeout: std::time::Duration) -> bool {
-        self.tracker.close();
+        {
+            let _gate = self.gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.tracker.close();
+        }
         self.stop.cancel();
         // Waited for on this thread's own clock: the runtime's timer would not fire if every
         // worker were stuck in a task that never returns.
@@ -65,6 +78,7 @@ pub(crate) unsafe extern "C" fn spawn(context: *const c_void, future: FfiFuture)
     // SAFETY: `context` is the generation's PluginContext, alive as long as its table.
     let plugin = unsafe { &*(context as *const PluginContext) };
     let tasks = &plugin.tasks;
+    let _gate = tasks.gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if tasks.tracker.is_closed() {
         // The generation is being unloaded: nothing may start now. (`task` is released here, on
         // the plugin's calling thread.)
