@@ -178,6 +178,18 @@ async fn oversized_heads_get_431_and_oversized_bodies_413() {
 }
 
 #[test]
+fn a_large_max_header_size_is_honoured_up_to_its_value() {
+    // Above hyper's default buffer bound (408 KiB), which must grow with the flag.
+    let host = example(&["--max-header-size", "1MiB"]);
+    for (size, status) in [(600 * 1024, "200"), (1100 * 1024, "431")] {
+        let mut stream = connect(&host);
+        write!(stream, "GET / HTTP/1.1\r\nHost: t\r\nx-big: {}\r\nConnection: close\r\n\r\n", "x".repeat(size)).unwrap();
+        let response = read_head(&mut stream);
+        assert!(response.starts_with(&format!("HTTP/1.1 {status}")), "{size} bytes: {response}");
+    }
+}
+
+#[test]
 fn excess_connections_wait_in_the_backlog_and_none_is_reset() {
     let host = example(&["--max-connections", "2"]);
     let mut first = connect(&host);

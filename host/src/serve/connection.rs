@@ -30,6 +30,8 @@ pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 const H2: &[u8] = b"h2";
 /// The protocols an HTTPS listener offers, the preferred first.
 pub(crate) const ALPN: &[&[u8]] = &[H2, b"http/1.1"];
+/// hyper's default bound on an HTTP/1 connection's buffers.
+const H1_DEFAULT_BUFFER: usize = 8192 + 4096 * 100;
 
 /// The hyper connection, with graceful shutdown (or a hand-over to a new host) wired in;
 /// movable between runtimes.
@@ -84,6 +86,9 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
         } else {
             let mut builder = http1::Builder::new();
             builder.max_header_size(max_header_size);
+            // A head must also fit hyper's read buffer, whose default bound is below the
+            // largest `--max-header-size`.
+            builder.max_buf_size(max_header_size.max(H1_DEFAULT_BUFFER));
             let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
             drive_http1(connection, &conn, &shared).await
         };
