@@ -401,6 +401,18 @@ fn h2_read_frame(stream: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
 }
 
 #[test]
+fn an_http2_connection_is_offered_bounded_streams() {
+    let host = example(&[]);
+    let mut h2 = h2_connect(&host);
+    let (kind, _, _, settings) = h2_read_frame(&mut h2);
+    assert_eq!(kind, SETTINGS);
+    let value = |id: u16| {
+        settings.chunks_exact(6).find(|s| u16::from_be_bytes([s[0], s[1]]) == id).map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]))
+    };
+    assert_eq!(value(0x3), Some(128), "SETTINGS_MAX_CONCURRENT_STREAMS: {settings:?}");
+}
+
+#[test]
 fn an_http2_connection_sending_only_pings_is_closed_after_the_idle_timeout() {
     let host = example(&["--idle-timeout", "1s"]);
     let mut h2 = h2_connect(&host);

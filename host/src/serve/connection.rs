@@ -30,6 +30,10 @@ pub(crate) type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 const H2: &[u8] = b"h2";
 /// The protocols an HTTPS listener offers, the preferred first.
 pub(crate) const ALPN: &[&[u8]] = &[H2, b"http/1.1"];
+/// HTTP/2 streams a connection may have open at once (nginx allows 128).
+const H2_MAX_STREAMS: u32 = 128;
+/// How much of its response an HTTP/2 stream may queue ahead of the client.
+const H2_SEND_BUFFER: usize = 128 * 1024;
 /// hyper's default bound on an HTTP/1 connection's buffers.
 const H1_DEFAULT_BUFFER: usize = 8192 + 4096 * 100;
 
@@ -81,6 +85,11 @@ pub(crate) fn serve(io: MigratingStream, conn: Arc<ConnState>, shared: Arc<Share
             let mut builder = http2::Builder::new(StreamExecutor { conn });
             builder.max_header_list_size(u32::try_from(max_header_size).unwrap_or(u32::MAX));
             builder.enable_connect_protocol();
+            // One connection slot carries this many requests at once, and each stream may
+            // queue this much of its response for a client that does not read: hyper's
+            // defaults (200 streams, 400 KiB each) let one client pin 80 MiB per connection.
+            builder.max_concurrent_streams(H2_MAX_STREAMS);
+            builder.max_send_buf_size(H2_SEND_BUFFER);
             let connection = builder.serve_connection(TokioIo::new(io), service);
             drive(connection, &shared.shutdown, |c| c.graceful_shutdown()).await
         } else {
