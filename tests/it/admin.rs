@@ -81,6 +81,11 @@ async fn a_web_page_can_neither_change_nor_read_the_admin_api_on_loopback() {
     let (status, answer) = raw(&addr, json, r#"{"version":"2.0.0"}"#).await;
     assert_eq!((status, answer["outcome"].as_str()), (200, Some("swapped")), "{answer}");
     assert_eq!(host.version().await, "2.0.0");
+    // A share that rounds to none would start a canary that never gets a request.
+    let canary = "POST /canary HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json";
+    let (status, answer) = raw(&addr, canary, r#"{"version":"1.0.0","percent":0.004}"#).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("at least 0.01"), "{answer}");
 
     // The CLI over TCP sends what it must, for every change.
     for (command, version) in [("unpin", "2.0.0"), ("rollback", "1.0.0"), ("unpin", "2.0.0"), ("reload", "2.0.0")] {

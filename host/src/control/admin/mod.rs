@@ -724,8 +724,8 @@ async fn read_canary(request: Request<Incoming>) -> Result<(Option<semver::Versi
     let share = order
         .percent
         .map(|percent| match Share::from_percent(percent) {
-            Some(share) if percent > 0.0 => Ok(share),
-            _ => Err(format!("`percent`: {percent} is not above 0 and at most 100 (DELETE /canary ends a canary)")),
+            Some(share) if share.percent() > 0.0 => Ok(share), // 0.004 would round to none
+            _ => Err(format!("`percent`: {percent} is not at least 0.01 and at most 100 (DELETE /canary ends a canary)")),
         })
         .transpose()?;
     Ok((version, share))
