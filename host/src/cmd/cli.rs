@@ -35,7 +35,7 @@ pub(crate) struct Cli {
 
     /// Log level: error, warn, info (startup, swaps, refusals), debug (one line per request)
     /// or trace. RUST_LOG, if set, takes precedence and accepts per-module filters.
-    #[arg(long, global = true, default_value = "info", env = "HOTSWAP_LOG")]
+    #[arg(long, global = true, default_value = "info", env = "HOTSWAP_LOG", value_parser = parse_log_level)]
     pub(crate) log_level: String,
 }
 
@@ -536,6 +536,21 @@ impl CanaryArgs {
 pub(crate) fn parse_percent(text: &str) -> Result<f64, String> {
     let percent: f64 = text.trim().trim_end_matches('%').parse().map_err(|_| format!("`{text}` is not a number like 10 or 2.5"))?;
     Share::from_percent(percent).map(Share::percent).ok_or_else(|| format!("{text} is not between 0 and 100"))
+}
+
+/// A log level, or filter directives as `RUST_LOG` takes them (`info,hotswap=debug`).
+pub(crate) fn parse_log_level(text: &str) -> Result<String, String> {
+    let level = text.trim();
+    let valid = if level.contains('=') {
+        tracing_subscriber::EnvFilter::try_new(level).is_ok()
+    } else {
+        ["off", "error", "warn", "info", "debug", "trace"].iter().any(|l| l.eq_ignore_ascii_case(level))
+    };
+    if valid {
+        Ok(level.to_owned())
+    } else {
+        Err(format!("`{text}` is not a log level (error, warn, info, debug or trace) nor filter directives like info,hotswap=debug"))
+    }
 }
 
 /// A semantic version, like 1.4.2.

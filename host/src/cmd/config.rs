@@ -109,6 +109,22 @@ struct Limits {
 /// file's settings inserted right after the subcommand, where the user's own flags, which
 /// come later, override them. Without `--config`, `args` come back unchanged.
 pub(crate) fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+    apply_with(args, |name| std::env::var_os(name).is_some())
+}
+
+/// Flags that may also come from the environment, with their variables.
+const FROM_ENV: [(&str, &str); 5] = [
+    ("--log-level", "HOTSWAP_LOG"),
+    ("--admin", "HOTSWAP_ADMIN"),
+    ("--admin-ca", "HOTSWAP_ADMIN_CA"),
+    ("--admin-token-file", "HOTSWAP_ADMIN_TOKEN_FILE"),
+    ("--pin", "HOTSWAP_PIN"),
+];
+
+/// [`apply`], with `is_set` saying which environment variables are set. The file's settings
+/// rank below the environment and below every flag: clap would let a setting inserted after
+/// the subcommand beat a variable, and a global flag given before the subcommand.
+fn apply_with(args: Vec<OsString>, is_set: impl Fn(&str) -> bool) -> Result<Vec<OsString>, ConfigError> {
     let Some(path) = config_path(&args) else { return Ok(args) };
     let Some(at) = args.iter().position(|a| a == "serve" || a == "dev" || is_admin_command(a)) else { return Ok(args) };
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
@@ -119,8 +135,19 @@ pub(crate) fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
     } else {
         file.into_flags(&path, args[at] == "serve", &args[at + 1..])?
     };
+    let given_before = |flag: &str| {
+        args[1..at].iter().any(|a| {
+            let a = a.to_string_lossy();
+            a == flag || a.strip_prefix(flag).is_some_and(|rest| rest.starts_with('='))
+        })
+    };
+    let overridden = |setting: &OsString| {
+        let setting = setting.to_string_lossy();
+        let flag = setting.split('=').next().unwrap_or_default();
+        given_before(flag) || FROM_ENV.iter().any(|(f, var)| *f == flag && is_set(var))
+    };
     let mut merged = args[..=at].to_vec();
-    merged.extend(flags);
+    merged.extend(flags.into_iter().filter(|setting| !overridden(setting)));
     merged.extend_from_slice(&args[at + 1..]);
     Ok(merged)
 }
@@ -208,6 +235,7 @@ impl File {
         }
         flags.0.extend(tls.into_flags(path)?);
         if let Some(level) = self.log_level {
+            crate::cmd::cli::parse_log_level(&level).map_err(|reason| invalid("log_level", reason))?;
             flags.value("--log-level", level);
         }
         if let Some(format) = self.log_format {
@@ -377,6 +405,22 @@ mod tests {
     }
 
     #[test]
+    fn the_environment_and_flags_before_the_subcommand_beat_the_file() {
+        let dir = std::env::temp_dir().join(format!("hotswap-config-test-{}-env", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hotswap.toml");
+        std::fs::write(&path, "log_level = \"info\"\nlog_format = \"json\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        let cli = args(&["hotswap", "--log-format", "text", "serve", "--config", path.to_str().unwrap()]);
+        let merged: Vec<String> = apply_with(cli, |var| var == "HOTSWAP_LOG" || var == "HOTSWAP_ADMIN")
+            .unwrap()
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!merged.iter().any(|a| a.starts_with("--log-level") || a.starts_with("--admin") || a.starts_with("--log-format=")), "{merged:?}");
+    }
+
+    #[test]
     fn settings_come_before_the_users_flags() {
         let merged = with_file("listen = \"0.0.0.0:80\"\n[limits]\nmax_body_size = \"1MiB\"\n", &["--listen", "127.0.0.1:0"]).unwrap();
         let listen_file = merged.iter().position(|a| a == "--listen=0.0.0.0:80").unwrap();
@@ -395,6 +439,8 @@ mod tests {
         assert!(size.contains("max_body_size"), "{size}");
         let rate = with_file("[limits]\nmin_body_rate = \"fast\"\n", &[]).unwrap_err().to_string();
         assert!(rate.contains("`min_body_rate`") && rate.contains("fast"), "{rate}");
+        let level = with_file("log_level = \"verbose\"\n", &[]).unwrap_err().to_string();
+        assert!(level.contains("`log_level`") && level.contains("verbose"), "{level}");
     }
 
     #[test]
