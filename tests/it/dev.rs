@@ -39,7 +39,8 @@ async fn start_dev(dir: &std::path::Path, extra: &[&str]) -> Host {
 #[tokio::test]
 async fn dev_mode_rebuilds_on_change_and_keeps_serving_through_a_syntax_error() {
     // A small app of its own, as its own cargo workspace: the loop is what is tested, and a
-    // crate with few dependencies keeps its first build short.
+    // crate with few dependencies keeps its first build short. Its library is named apart
+    // from its package, as cargo allows.
     let dir = temp_dir("dev");
     let root = workspace();
     std::fs::create_dir_all(dir.join("src")).unwrap();
@@ -65,6 +66,7 @@ version = "0.1.0"
 edition = "2021"
 
 [lib]
+name = "devapp_plugin"
 crate-type = ["cdylib"]
 
 [dependencies]

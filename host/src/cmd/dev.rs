@@ -32,7 +32,7 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let (package, dirs) = source_dirs(args.package.as_deref()).await?;
-    tracing::info!(%package, "building");
+    tracing::info!(package = %package.name, "building");
     let artifact = build(&package, args.release).await?.context("the first build failed (errors above); fix them and run again")?;
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
@@ -42,10 +42,17 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     }).await
 }
 
+/// A package of the user's workspace.
+struct Package {
+    name: String,
+    /// Cargo's id of it, which names the package of each artifact cargo reports.
+    id: String,
+}
+
 /// The package to build (`package`, or the one in the current directory, or at the root of
 /// hotswap's repository its example), and the directories of it and of every local package it
 /// depends on by path.
-async fn source_dirs(package: Option<&str>) -> anyhow::Result<(String, Vec<PathBuf>)> {
+async fn source_dirs(package: Option<&str>) -> anyhow::Result<(Package, Vec<PathBuf>)> {
     let out = tokio::process::Command::new(cargo())
         .args(["metadata", "--format-version", "1"])
         .stderr(Stdio::inherit())
@@ -115,7 +122,9 @@ async fn source_dirs(package: Option<&str>) -> anyhow::Result<(String, Vec<PathB
     }
     let mut dirs: Vec<PathBuf> = seen.into_iter().collect();
     dirs.sort();
-    Ok((package.to_owned(), dirs))
+    let id = meta["packages"].as_array().into_iter().flatten().filter(|p| p["source"].is_null()).find(|p| p["name"] == package);
+    let id = id.and_then(|p| p["id"].as_str()).unwrap_or_default().to_owned();
+    Ok((Package { name: package.to_owned(), id }, dirs))
 }
 
 fn cargo() -> String {
@@ -123,7 +132,8 @@ fn cargo() -> String {
 }
 
 /// Builds `package`; `Ok(None)` when the build failed (its diagnostics were printed).
-async fn build(package: &str, release: bool) -> anyhow::Result<Option<PathBuf>> {
+async fn build(package: &Package, release: bool) -> anyhow::Result<Option<PathBuf>> {
+    let Package { name: package, id } = package;
     let mut cmd = tokio::process::Command::new(cargo());
     cmd.args(["build", "-p", package, "--message-format=json-render-diagnostics"]);
     if release {
@@ -135,7 +145,9 @@ async fn build(package: &str, release: bool) -> anyhow::Result<Option<PathBuf>> 
     let mut artifact = None;
     while let Some(line) = lines.next_line().await? {
         let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
-        if message["reason"] == "compiler-artifact" && message["target"]["name"].as_str().map(|n| n.replace('-', "_")) == Some(package.replace('-', "_")) {
+        // The package's own library, whatever its [lib] name.
+        let cdylib = || message["target"]["kind"].as_array().into_iter().flatten().any(|k| k == "cdylib");
+        if message["reason"] == "compiler-artifact" && message["package_id"] == id.as_str() && cdylib() {
             let so = message["filenames"].as_array().into_iter().flatten().filter_map(Value::as_str).find(|f| f.ends_with(".so"));
             if let Some(so) = so {
                 artifact = Some(PathBuf::from(so));
@@ -161,7 +173,7 @@ fn is_source(dirs: &[PathBuf], path: &Path) -> bool {
 }
 
 async fn rebuild_loop(
-    package: String,
+    package: Package,
     release: bool,
     dirs: Vec<PathBuf>,
     registry: Arc<Registry>,
@@ -188,7 +200,7 @@ async fn rebuild_loop(
             tracing::warn!(dir = %dir.display(), "cannot watch: {e}");
         }
     }
-    tracing::info!(package = %package, dirs = ?dirs, "watching sources for changes");
+    tracing::info!(package = %package.name, dirs = ?dirs, "watching sources for changes");
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {}
@@ -203,7 +215,7 @@ async fn rebuild_loop(
                 () = shutdown.cancelled() => return,
             }
         }
-        tracing::info!(package = %package, "sources changed: rebuilding");
+        tracing::info!(package = %package.name, "sources changed: rebuilding");
         match build(&package, release).await {
             Ok(Some(artifact)) => {
                 // A refusal is logged and recorded by the registry.
