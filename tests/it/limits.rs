@@ -1,5 +1,5 @@
 //! HTTP limits: slow and idle clients are cut off (slow heads, HTTP/2 header blocks and
-//! PINGs, trickling request bodies), oversized heads and bodies are refused, excess
+//! PINGs, trickling request bodies, clients that stop reading), oversized heads and bodies are refused, excess
 //! connections wait, a client that vanishes frees its generation, and a handler that does
 //! not answer in time gets a 504.
 
@@ -212,6 +212,47 @@ fn excess_connections_wait_in_the_backlog_and_none_is_reset() {
     let n = third.read(&mut buf).expect("the waiting connection was reset");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     assert!(get_keep_alive(&mut second, "/").starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    let host = example(&["--send-timeout", "1s"]);
+    // A download whose client reads nothing: once the sockets' buffers are full, nothing
+    // more goes out, and the response, with its generation's hold, is cut off.
+    let mut download = connect(&host);
+    write!(download, "GET /download?size=10000000000 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert!(host.wait_for_log("the client read nothing of its responses for the send timeout", WAIT), "{}", host.log());
+    host.wait_in_flight(0).await;
+
+    // A WebSocket whose client sends and never reads: the echo's write fails, its session
+    // ends and the connection closes.
+    let mut ws = connect(&host);
+    write!(
+        ws,
+        "GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    assert!(read_head(&mut ws).starts_with("HTTP/1.1 101"));
+    let upgraded = |scrape: String| -> f64 {
+        let series = scrape.lines().filter(|l| l.starts_with("hotswap_upgraded_connections{"));
+        series.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    assert_eq!(upgraded(host.metrics().await), 1.0);
+    let sender = ws.try_clone().unwrap();
+    let flood = std::thread::spawn(move || {
+        let mut sender = sender;
+        // Binary frames of 60 KiB, masked (with a zero mask) as a client's must be.
+        let mut frame = vec![0x82, 0xfe, 0xf0, 0x00, 0, 0, 0, 0];
+        frame.extend(std::iter::repeat_n(7u8, 0xf000));
+        while sender.write_all(&frame).is_ok() {}
+    });
+    let deadline = Instant::now() + WAIT;
+    while upgraded(host.metrics().await) != 0.0 {
+        assert!(Instant::now() < deadline, "the WebSocket that reads nothing was not cut off:\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(ws);
+    flood.join().unwrap();
 }
 
 #[tokio::test]

@@ -339,6 +339,14 @@ pub(crate) struct HttpLimits {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) body_read_timeout: Duration,
 
+    /// How long a client may go without taking any of what the connection has to send it
+    /// (like nginx's send_timeout): a client that stops reading a response (or a WebSocket)
+    /// is then cut off, with every response in progress on the connection, and what they
+    /// held is freed. A slow client that takes something within each period is not. 0 turns
+    /// it off. Examples: 60s, 5m, 0.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) send_timeout: Duration,
+
     /// How long the plugin may take to answer a request (its response's status and headers),
     /// counted from when the request reached it, and again from each part of the request body
     /// it reads; time it spends waiting for the client's body does not count. A request not
@@ -381,6 +389,7 @@ impl HttpLimits {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
             body_read_timeout: self.body_read_timeout,
+            send_timeout: self.send_timeout,
             response_timeout: Some(self.response_timeout).filter(|t| !t.is_zero()),
             min_body_rate: self.min_body_rate,
             max_header_size: self.max_header_size,

@@ -98,6 +98,7 @@ struct Limits {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     body_read_timeout: Option<String>,
+    send_timeout: Option<String>,
     response_timeout: Option<String>,
     min_body_rate: Option<String>,
     max_header_size: Option<String>,
@@ -182,6 +183,7 @@ impl File {
             ("header_read_timeout", self.limits.header_read_timeout),
             ("idle_timeout", self.limits.idle_timeout),
             ("body_read_timeout", self.limits.body_read_timeout),
+            ("send_timeout", self.limits.send_timeout),
             ("response_timeout", self.limits.response_timeout),
         ] {
             if let Some(value) = value {

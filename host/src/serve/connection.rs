@@ -419,6 +419,7 @@ impl Future for ConnTask {
                 Expiry::HeaderRead => "the request head did not arrive within the header read timeout",
                 Expiry::Idle => "idle for the idle timeout",
                 Expiry::Http2Header => "an HTTP/2 header block did not complete within the header read timeout",
+                Expiry::Send => "the client read nothing of its responses for the send timeout (--send-timeout)",
             };
             tracing::debug!("closing a connection: {why}");
             this.connection = None;
@@ -620,10 +621,25 @@ impl MigratingStream {
         }
     }
 
-    /// Notes bytes written, for the idle timeout.
-    fn wrote(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.conn.activity.sent();
+    /// Notes bytes written, for the idle timeout, and writes that wait, for the send timeout;
+    /// once that has expired the connection, a write that would wait fails instead.
+    fn wrote(&self, polled: Poll<io::Result<usize>>, cx: &Context<'_>) -> Poll<io::Result<usize>> {
+        let activity = &self.conn.activity;
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                activity.sent();
+                activity.write_polled(true);
+            }
+            Poll::Pending => {
+                if activity.send_expired() {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing for the send timeout")));
+                }
+                activity.write_polled(false);
+                // An upgraded connection's writer is no longer the connection's task: it is
+                // the one to wake when the timeout expires.
+                activity.wake_on_expiry(cx.waker());
+            }
+            _ => {}
         }
         polled
     }
@@ -679,7 +695,7 @@ impl AsyncWrite for MigratingStream {
             Ok(io) => io.poll_write(cx, buf),
             Err(e) => return Poll::Ready(Err(e)),
         };
-        this.wrote(polled)
+        this.wrote(polled, cx)
     }
 
     fn poll_write_vectored(
@@ -692,7 +708,7 @@ impl AsyncWrite for MigratingStream {
             Ok(io) => io.poll_write_vectored(cx, bufs),
             Err(e) => return Poll::Ready(Err(e)),
         };
-        this.wrote(polled)
+        this.wrote(polled, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -27,7 +27,11 @@
 //!   [`BodyProgress`] counts what the plugin got and whether it waits; time the plugin spends
 //!   not reading does not count (the client cannot send faster than it reads). The plugin's
 //!   read then fails, the request is answered 408 (or its response, if started, cut off), and
-//!   the connection is closed (HTTP/1) or the stream reset (HTTP/2).
+//!   the connection is closed (HTTP/1) or the stream reset (HTTP/2);
+//! - *send timeout*: the connection has had bytes to write and the client's socket has taken
+//!   none of them for the timeout (a client that stops reading a response, or never reads
+//!   one). Honoured whatever is in progress: the connection is closed, its responses cut off
+//!   (an upgraded connection's next write fails), and what they held is freed.
 //!
 //! Otherwise a connection with a request in progress (a long download, a steady upload) is
 //! never timed out here; the drain timeout bounds those on old generations. The connection's
@@ -54,6 +58,9 @@ pub(crate) struct Limits {
     pub(crate) idle_timeout: Duration,
     /// How long a request body the plugin waits for may go without progress.
     pub(crate) body_read_timeout: Duration,
+    /// How long the client may take none of what the connection has to send (zero: as long
+    /// as it likes).
+    pub(crate) send_timeout: Duration,
     /// How long the plugin may take to answer a request, not counting time spent waiting for
     /// its body (`None`: as long as it likes). Kept by the request itself (`respond`).
     pub(crate) response_timeout: Option<Duration>,
@@ -84,6 +91,9 @@ pub(crate) enum Expiry {
     Idle = 2,
     /// An HTTP/2 header block did not complete: honoured even with streams in progress.
     Http2Header = 3,
+    /// The client took nothing of what was to be sent: honoured even with requests in
+    /// progress.
+    Send = 4,
 }
 
 /// A request body the sweeper watches, and what it last saw of it.
@@ -109,6 +119,9 @@ pub(crate) struct Activity {
     /// HTTP/2: header blocks begun plus header blocks completed, so odd while one is
     /// incomplete. Written only by the task that reads the socket.
     header_blocks: AtomicU64,
+    /// Writes that made progress, times two, plus one while a write waits for the client's
+    /// socket to take something: odd while blocked. Written by the task that writes.
+    writes: AtomicU64,
     /// Request bodies read on this connection (HTTP/2: one per stream), for the body read
     /// timeout. Touched by a request with a body when it starts, and by the sweeper.
     bodies: Mutex<Vec<WatchedBody>>,
@@ -128,6 +141,7 @@ impl Activity {
             requests: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
             header_blocks: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
             bodies: Mutex::new(Vec::new()),
             expired: AtomicU8::new(0),
             waker: Mutex::new(None),
@@ -179,6 +193,20 @@ impl Activity {
         {
             self.changed(false);
         }
+    }
+
+    /// A write to the client's socket took something (`progress`), or had to wait for room.
+    pub(crate) fn write_polled(&self, progress: bool) {
+        let writes = self.writes.load(Ordering::Relaxed);
+        let next = if progress { (writes | 1) + 1 } else { writes | 1 };
+        if next != writes {
+            self.writes.store(next, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the send timeout has expired the connection (its writes then fail).
+    pub(crate) fn send_expired(&self) -> bool {
+        self.expired.load(Ordering::Acquire) == Expiry::Send as u8
     }
 
     /// HTTP/2: the client began a header block. Called by the task reading the socket only.
@@ -246,6 +274,11 @@ impl Activity {
         if found == Expiry::Http2Header as u8 {
             return Some(Expiry::Http2Header);
         }
+        if found == Expiry::Send as u8 {
+            // Kept: the socket's writes fail from now on, even once it is no longer hyper's.
+            self.expired.store(found, Ordering::Release);
+            return Some(Expiry::Send);
+        }
         if found == 0 || self.requests.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -254,7 +287,10 @@ impl Activity {
 
     /// Wake `waker` when the connection expires.
     pub(crate) fn wake_on_expiry(&self, waker: &Waker) {
-        *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+        let mut slot = self.waker.lock().unwrap_or_else(PoisonError::into_inner);
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
     }
 
     /// Wakes the connection's task (the waker given to `wake_on_expiry`).
@@ -281,6 +317,13 @@ impl Activity {
             (seen.blocks, seen.block_since) = (blocks, now);
         } else if blocks % 2 == 1 && now.saturating_sub(seen.block_since) >= t.header_read {
             return Some(Expiry::Http2Header);
+        }
+        // A client that takes nothing holds its responses, whatever else is in progress.
+        let writes = self.writes.load(Ordering::Relaxed);
+        if writes != seen.writes {
+            (seen.writes, seen.write_since) = (writes, now);
+        } else if writes % 2 == 1 && now.saturating_sub(seen.write_since) >= t.send {
+            return (self.expired.load(Ordering::Relaxed) != Expiry::Send as u8).then_some(Expiry::Send);
         }
         if self.requests.load(Ordering::Acquire) > 0 {
             self.check_bodies(now, t, slow_bodies);
@@ -415,6 +458,8 @@ struct Seen {
     since: u64,
     blocks: u64,
     block_since: u64,
+    writes: u64,
+    write_since: u64,
 }
 
 /// The timeouts in milliseconds, and the progress a body must make per body read timeout.
@@ -424,6 +469,7 @@ struct Timeouts {
     idle: u64,
     body_read: u64,
     body_progress: u64,
+    send: u64,
 }
 
 impl Timeouts {
@@ -436,6 +482,7 @@ impl Timeouts {
             idle: ms(limits.idle_timeout),
             body_read,
             body_progress: u64::try_from(body_progress).unwrap_or(u64::MAX).max(1),
+            send: if limits.send_timeout.is_zero() { u64::MAX } else { ms(limits.send_timeout) },
         }
     }
 }
@@ -450,7 +497,8 @@ pub(crate) struct Sweeper {
 
 impl Sweeper {
     pub(crate) fn new(limits: &Limits) -> Arc<Sweeper> {
-        let shortest = limits.header_read_timeout.min(limits.idle_timeout).min(limits.body_read_timeout);
+        let send = Some(limits.send_timeout).filter(|t| !t.is_zero()).unwrap_or(Duration::MAX); // 0: off
+        let shortest = limits.header_read_timeout.min(limits.idle_timeout).min(limits.body_read_timeout).min(send);
         Arc::new(Sweeper {
             timeouts: Timeouts::new(limits),
             period: (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
@@ -462,7 +510,8 @@ impl Sweeper {
     /// `Activity::new` for `reading_head`.
     pub(crate) fn track(&self, reading_head: bool) -> Arc<Activity> {
         let activity = Arc::new(Activity::new(reading_head));
-        let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now_ms(), blocks: 0, block_since: 0 };
+        let now = now_ms();
+        let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now, blocks: 0, block_since: 0, writes: 0, write_since: now };
         self.tracked.lock().unwrap_or_else(PoisonError::into_inner).push((Arc::downgrade(&activity), seen));
         activity
     }
@@ -506,10 +555,11 @@ mod tests {
     const BODY: u64 = 2_000;
     /// Bytes a body must bring per `BODY`.
     const PROGRESS: u64 = 1_024;
-    const T: Timeouts = Timeouts { header_read: HEAD, idle: IDLE, body_read: BODY, body_progress: PROGRESS };
+    const SEND: u64 = 3_000;
+    const T: Timeouts = Timeouts { header_read: HEAD, idle: IDLE, body_read: BODY, body_progress: PROGRESS, send: SEND };
 
     fn watched(activity: &Activity, at: u64) -> Seen {
-        Seen { phase: activity.phase.load(Ordering::Relaxed), since: at, blocks: 0, block_since: at }
+        Seen { phase: activity.phase.load(Ordering::Relaxed), since: at, blocks: 0, block_since: at, writes: 0, write_since: at }
     }
 
     fn check(a: &Activity, seen: &mut Seen, now: u64) -> Option<Expiry> {
@@ -534,6 +584,27 @@ mod tests {
         assert_eq!(check(&a, &mut seen, 999), None);
         a.received();
         assert_eq!(check(&a, &mut seen, 1_000), Some(Expiry::HeaderRead));
+    }
+
+    #[test]
+    fn a_client_that_takes_nothing_is_cut_off_even_with_a_request_in_progress() {
+        let a = Activity::new(true);
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        a.write_polled(true);
+        a.write_polled(false); // the client's socket is full
+        assert_eq!(check(&a, &mut seen, 100), None, "the wait is seen here");
+        // A slow client that takes something now and then is not cut off.
+        a.write_polled(true);
+        a.write_polled(false);
+        assert_eq!(check(&a, &mut seen, 100 + SEND - 1), None, "the progress is seen here");
+        assert_eq!(check(&a, &mut seen, 100 + 2 * SEND - 2), None);
+        assert_eq!(check(&a, &mut seen, 100 + 2 * SEND - 1), Some(Expiry::Send));
+        a.expire(Expiry::Send);
+        assert!(a.send_expired());
+        assert_eq!(a.take_expiry(), Some(Expiry::Send), "honoured with a request in progress");
+        assert!(a.send_expired(), "the socket's writes fail from now on");
+        assert_eq!(check(&a, &mut seen, 100 + 3 * SEND), None, "expired once");
     }
 
     #[test]
