@@ -664,7 +664,13 @@ impl Registry {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.judge_canary().await,
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            // Raced with shutdown too: a host upgrade holds changes until this process exits,
+            // and a judge waiting for them would hold the registry, and its generations, loaded.
+            tokio::select! {
+                () = self.judge_canary() => {}
                 () = shutdown.cancelled() => return,
             }
         }
