@@ -174,6 +174,23 @@ async fn a_reload_that_starts_a_canary_says_so_beside_the_builds_it_refused() {
 }
 
 #[tokio::test]
+async fn a_newer_build_replaces_a_canary_started_by_hand_as_the_canary() {
+    let dir = temp_dir("canary-manual-newer");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app-1.so"));
+    place_by_rename(&example_version("2.0.0"), &dir.join("app-2.so"));
+    let host = Host::serve_dir(&dir, &[]);
+    assert_eq!(host.version().await, "2.0.0");
+    let (code, started) = host.command_json(&["canary", "1.0.0", "--percent", "20"]);
+    assert_eq!((code, started["outcome"].as_str()), (0, Some("canary")), "{started}");
+    // Without --canary, a new build would take every request at once; with a canary
+    // running it takes the canary's place and share instead.
+    place_by_rename(&example_version("3.0.0"), &dir.join("app-3.so"));
+    let replaced = wait_status(&host, "the new build becomes the canary", |s| s["canary"]["version"] == "3.0.0").await;
+    assert_eq!(replaced["canary"]["percent"], 20.0, "{replaced}");
+    assert_eq!(replaced["current"]["version"], "2.0.0", "{replaced}");
+}
+
+#[tokio::test]
 async fn a_sticky_key_keeps_one_user_on_one_version() {
     let dir = temp_dir("canary-sticky");
     place_by_rename(&example_version("1.0.0"), &dir.join("app-1.so"));

@@ -920,8 +920,10 @@ impl Registry {
                 Some(c) if c.source() == best.file && c.identity() == best.identity => Ok(c),
                 _ => self.open(&best.file).await,
             };
-            if let Some(share) = self.policy.auto {
-                // A new build starts as a canary (`--canary`).
+            // A new build starts as a canary (`--canary`), and replaces one started by hand,
+            // at its share: a build newer than the one being tried is not less risky.
+            let running = lock(&self.canary).as_ref().map(|run| run.canary.share());
+            if let Some(share) = self.policy.auto.or(running) {
                 match self.try_start(candidate, &best.file, Some(&best), Then::Canary(share)).await {
                     Ok(canary) => return self.canary_outcome(&canary, share, refused),
                     Err(e @ GenerationError::GenerationCap { .. }) => {
