@@ -288,3 +288,32 @@ async fn a_pipelined_request_that_starts_after_a_swap_gets_the_new_code() {
     let log = host.log();
     assert!(log.contains("request method=GET path=/download status=200 generation=2"), "{log}");
 }
+
+#[tokio::test]
+async fn a_pipelined_request_relayed_to_the_new_code_outlives_the_old_codes_drain_timeout() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = temp_dir("swap-pipelined-long");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--drain-timeout", "3s"]);
+    let address = host.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+    // A response of about 1.5 s on v1, and one read with it that starts after the swap, on
+    // v2, and streams for about 6 s: past v1's drain timeout, which must not cut it.
+    let requests = "GET /download?size=300000&rate=200000 HTTP/1.1\r\nHost: test\r\n\r\n\
+                    GET /download?size=1200000&rate=200000 HTTP/1.1\r\nHost: test\r\n\r\n";
+    client.write_all(requests.as_bytes()).await.unwrap();
+    host.wait_in_flight(1).await;
+    place_by_rename(&example_version("2.0.0"), &dir.join("app.so"));
+    host.wait_version("2.0.0").await;
+    let mut buffer = Vec::new();
+    let (_, first) = tokio::time::timeout(WAIT, read_response(&mut client, &mut buffer)).await.expect("the first response");
+    assert_eq!(first.len(), 300_000);
+    // The connection follows its request to v2, and v1 unloads without waiting for it.
+    let mapped = host.wait_mapped(1, Duration::from_secs(2)).await;
+    assert_eq!(mapped.len(), 1, "v1 stayed loaded behind a request of v2's: {mapped:?}\n{}", host.log());
+    let (head, second) = tokio::time::timeout(WAIT, read_response(&mut client, &mut buffer)).await.expect("the second response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(second.len(), 1_200_000);
+    assert!(is_pattern(&second, 0), "the relayed download is not byte-exact");
+    assert!(!host.log().contains("drain timeout: aborting"), "{}", host.log());
+}

@@ -438,7 +438,7 @@ impl Future for ConnTask {
         if this.try_move() {
             return Poll::Ready(());
         }
-        if this.generation.aborted().is_raised() && this.conn.activity.http1_busy() {
+        if this.generation.aborted().is_raised() && this.conn.activity.http1_busy_here() {
             tracing::warn!(
                 generation = this.generation.id(),
                 plugin = %this.generation.label(),
@@ -471,7 +471,7 @@ impl ConnTask {
         if !superseded && !route_due {
             return false;
         }
-        if self.conn.activity.http1_busy() || self.conn.switching.load(std::sync::atomic::Ordering::Acquire) {
+        if self.conn.activity.http1_busy_here() || self.conn.switching.load(std::sync::atomic::Ordering::Acquire) {
             return false;
         }
         let next = if superseded {

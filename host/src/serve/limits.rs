@@ -114,6 +114,9 @@ pub(crate) struct Activity {
     phase: AtomicU64,
     /// Requests (HTTP/1 or HTTP/2 streams) in progress, responses included.
     requests: AtomicUsize,
+    /// HTTP/1: those of them relayed to another generation's runtime (counted in `requests`
+    /// too), which do not tie the connection to its own.
+    relayed: AtomicUsize,
     /// HTTP/2: bytes received or sent are no requests, and its header blocks are followed.
     http2: AtomicBool,
     /// HTTP/2: header blocks begun plus header blocks completed, so odd while one is
@@ -139,6 +142,7 @@ impl Activity {
         Activity {
             phase: AtomicU64::new(if reading_head { READING_HEAD } else { 0 }),
             requests: AtomicUsize::new(0),
+            relayed: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
             header_blocks: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -169,6 +173,27 @@ impl Activity {
         // SeqCst, as `request_ended`'s: a connection waiting for its boundary sets
         // `ConnState::wants_boundary`, then reads this; a request that ends does the reverse.
         !self.http2.load(Ordering::Relaxed) && self.requests.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether an HTTP/1 request is in progress on the connection's own generation: one
+    /// relayed elsewhere (read ahead at a swap, or routed by its sticky key) lets the
+    /// connection move to where it is served, in the middle of its response, or be left
+    /// when its generation is cut off. Racing with a request's start or end, it errs towards
+    /// busy.
+    pub(crate) fn http1_busy_here(&self) -> bool {
+        !self.http2.load(Ordering::Relaxed)
+            && self.requests.load(Ordering::SeqCst).saturating_sub(self.relayed.load(Ordering::SeqCst)) > 0
+    }
+
+    /// An HTTP/1 request in progress (already counted by `request_started`) is relayed to
+    /// another generation.
+    pub(crate) fn relay_started(&self) {
+        self.relayed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A relayed HTTP/1 request ends (before `request_ended`).
+    pub(crate) fn relay_ended(&self) {
+        self.relayed.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Bytes arrived from the client (HTTP/1; for HTTP/2 bytes are no activity).

@@ -630,7 +630,12 @@ impl ConnRequest {
         ConnRequest { state, h1, lent: None }
     }
 
+    /// A request served elsewhere than on the connection's generation (an HTTP/2 stream's
+    /// is served on its own task in any case).
     fn counting_lent_in(mut self, lent: Arc<LentTally>) -> ConnRequest {
+        if self.h1 {
+            self.state.activity.relay_started();
+        }
         self.lent = Some(lent);
         self
     }
@@ -647,6 +652,7 @@ impl Drop for ConnRequest {
             // Relayed: it may end on another thread just as the next request ends on the
             // connection's.
             self.state.served.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            self.state.activity.relay_ended();
         } else if self.h1 {
             // One writer: an HTTP/1 connection's requests end one after another (no locked
             // read-modify-write on the request path).
