@@ -456,6 +456,7 @@ async fn a_content_length_that_disagrees_with_the_body_is_refused_and_the_connec
         assert!(responses[0].starts_with("500"), "{path}: {answer:?}");
         assert!(responses[1].starts_with("200") && responses[1].ends_with("\r\n\r\nfine\n"), "{path}: {answer:?}");
     }
+    assert!(host.wait_for_log("its content-length header says \"9\" but its body is 5 bytes", WAIT), "{}", host.log());
     assert_eq!(host.log_count("its content-length header says \"3\" but its body is 5 bytes"), 1, "{}", host.log());
     assert_eq!(host.log_count("its content-length header says \"9\" but its body is 5 bytes"), 1, "{}", host.log());
 }

@@ -285,8 +285,9 @@ async fn a_pipelined_request_that_starts_after_a_swap_gets_the_new_code() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body.len(), 300_000);
     assert!(is_pattern(body, 0), "the relayed download is not byte-exact");
-    let log = host.log();
-    assert!(log.contains("request method=GET path=/download status=200 generation=2"), "{log}");
+    // (Waited for: the log is read from the host's stderr by a thread of its own.)
+    let served_by_v2 = host.wait_for_log("request method=GET path=/download status=200 generation=2", WAIT);
+    assert!(served_by_v2, "{}", host.log());
 }
 
 #[tokio::test]
