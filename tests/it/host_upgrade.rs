@@ -407,12 +407,23 @@ async fn websockets_and_http2_finish_on_the_old_host() {
 }
 
 #[tokio::test]
-async fn sigusr2_upgrades_to_the_running_binary() {
-    let (_dir, mut host, reap) = example_host("host-upgrade-usr2", &[]);
+async fn sigusr2_upgrades_to_the_binary_at_the_path_the_host_was_started_from() {
+    // Started through a symlink, as an installer that switches versions leaves it: the
+    // upgrade runs what the symlink names then, not the file it named at the start.
+    let dir = temp_dir("host-upgrade-usr2");
+    place_by_rename(&artifacts().example, &dir.join("app.so"));
+    let link = dir.join("hotswap");
+    std::os::unix::fs::symlink(&artifacts().hotswap, &link).unwrap();
+    let mut command = std::process::Command::new(&link);
+    command.args(["serve", "--listen", "127.0.0.1:0", "--plugin-dir"]).arg(&dir);
+    let mut host = Host::start_command(command, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    let reap = Reap::default();
     let mut client = KeepAlive::connect(&host.addr).await;
     assert_eq!(client.host_pid().await.unwrap(), host.pid());
     host.signal("USR2");
     assert_eq!(host.wait_exit(Duration::from_secs(30)), Some(0), "{}", host.log());
+    let named = format!("starting the new binary binary={}", link.display());
+    assert!(host.wait_for_log(&named, Duration::from_secs(5)), "{}", host.log());
     let next = client.host_pid().await.expect("the idle connection was lost");
     reap.add(next);
     assert_ne!(next, host.pid());

@@ -2,6 +2,7 @@
 //! generation, listen, run the swap triggers, drain on SIGTERM/SIGINT, unload, exit.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,7 +62,7 @@ where
     // SIGHUP also reads the certificates again: each stream gets every signal.
     let hangup_tls = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let user2 = signal(SignalKind::user_defined2()).context("cannot install the SIGUSR2 handler")?;
-    let binary = std::env::current_exe().context("cannot tell which binary this host runs")?;
+    let binary = started_from().map_or_else(|| std::env::current_exe().context("cannot tell which binary this host runs"), Ok)?;
     // The socket first: one passed by systemd (or by the host this one replaces) is taken
     // before anything else opens a file, and a port in use fails the start before any plugin
     // is loaded.
@@ -318,4 +319,17 @@ fn spawn_signal_handler(shutdown: Arc<Latch>) -> anyhow::Result<()> {
         shutdown.raise();
     });
     Ok(())
+}
+
+/// The path this process was started from, as given (`argv[0]`, made absolute, or found on
+/// `PATH`): not resolved through symlinks as `current_exe` is, so that an upgrade by default
+/// runs what an installer has since pointed that path at (`/usr/local/bin/hotswap` ->
+/// `/opt/hotswap-0.2.0/hotswap`).
+fn started_from() -> Option<PathBuf> {
+    let arg0 = PathBuf::from(std::env::args_os().next()?);
+    if arg0.components().count() > 1 {
+        return std::path::absolute(&arg0).ok().filter(|p| p.is_file());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(&arg0)).find(|p| p.is_absolute() && p.is_file())
 }
