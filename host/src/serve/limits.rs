@@ -128,6 +128,9 @@ pub(crate) struct Activity {
     /// Request bodies read on this connection (HTTP/2: one per stream), for the body read
     /// timeout. Touched by a request with a body when it starts, and by the sweeper.
     bodies: Mutex<Vec<WatchedBody>>,
+    /// Whether `bodies` may hold one: a connection that never had a request body never
+    /// takes its lock on the request path.
+    had_body: AtomicBool,
     /// An [`Expiry`] the sweeper found, for the connection's task to act on; 0 for none.
     expired: AtomicU8,
     /// Woken when the connection expires.
@@ -147,6 +150,7 @@ impl Activity {
             header_blocks: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             bodies: Mutex::new(Vec::new()),
+            had_body: AtomicBool::new(false),
             expired: AtomicU8::new(0),
             waker: Mutex::new(None),
         }
@@ -198,7 +202,7 @@ impl Activity {
 
     /// Bytes arrived from the client (HTTP/1; for HTTP/2 bytes are no activity).
     pub(crate) fn received(&self) {
-        if self.requests.load(Ordering::Relaxed) > 0 || self.http2.load(Ordering::Relaxed) {
+        if self.requests.load(Ordering::Relaxed) > 0 || self.http2.load(Ordering::Relaxed) || self.body_in_progress() {
             return;
         }
         if self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
@@ -279,6 +283,14 @@ impl Activity {
         let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
         bodies.retain(|w| w.body.strong_count() > 0);
         bodies.push(WatchedBody { body: Arc::downgrade(body), received: 0, since: None });
+        self.had_body.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a request body is still being read after its response has ended (the plugin
+    /// answered first, and reads on, on a task of its own): its bytes are no next request
+    /// head, and the connection is not idle. The body read timeout still applies.
+    fn body_in_progress(&self) -> bool {
+        self.had_body.load(Ordering::Relaxed) && self.reading_body()
     }
 
     /// Whether a request body of this connection is still being read (not ended, failed or
@@ -350,7 +362,7 @@ impl Activity {
         } else if writes % 2 == 1 && now.saturating_sub(seen.write_since) >= t.send {
             return (self.expired.load(Ordering::Relaxed) != Expiry::Send as u8).then_some(Expiry::Send);
         }
-        if self.requests.load(Ordering::Acquire) > 0 {
+        if self.requests.load(Ordering::Acquire) > 0 || self.body_in_progress() {
             self.check_bodies(now, t, slow_bodies);
             return None;
         }
@@ -715,6 +727,23 @@ mod tests {
         frames.read(&continuation[continuation.len() - 1..], &a);
         assert_eq!(a.header_blocks.load(Ordering::Relaxed) % 2, 0);
         assert_eq!(check(&a, &mut seen, 20 + HEAD), None);
+    }
+
+    #[test]
+    fn a_body_read_on_after_its_response_is_no_next_head_and_is_still_timed() {
+        let a = Activity::new(true);
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        let body = Arc::new(BodyProgress::default());
+        a.watch_body(&body);
+        a.request_ended(); // answered first; the plugin reads on, on a task of its own
+        a.received();
+        assert!(!a.reading_head(), "its bytes are the body's, not a next request's");
+        assert!(!body_timed_out(&a, &mut seen, 100), "the window begins");
+        assert!(!body_timed_out(&a, &mut seen, 100 + 10 * IDLE), "neither head nor idle timeout");
+        body.simulate(0, true); // the plugin waits, and nothing comes
+        assert!(!body_timed_out(&a, &mut seen, 200 + 10 * IDLE));
+        assert!(body_timed_out(&a, &mut seen, 200 + 10 * IDLE + BODY), "the body read timeout applies");
     }
 
     #[test]
