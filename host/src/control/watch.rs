@@ -10,7 +10,7 @@
 //! - editor and temporary files, names that are not `*.so`: ignored;
 //! - a plugin file removed: logged; the current generation keeps serving;
 //! - the directory removed and created again: watched again once it is back;
-//! - a directory the OS cannot watch (the inotify watch limit reached, say): scanned every
+//! - a directory the OS cannot watch (an inotify limit reached, say): scanned every
 //!   [`POLL`] instead, with a warning that says why and how to fix it.
 //!
 //! Events coalesce: the loop drains everything pending before it loads, loads one candidate
@@ -67,18 +67,13 @@ enum Trigger {
 pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: Signal, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let fs_tx = tx.clone();
-    // The watcher's thread is the host's (see plugin::threads).
-    let mut watcher = match threads::adopt(|| {
+    // The watcher's thread is the host's (see plugin::threads). Without one (the inotify
+    // instance limit reached), the directory is scanned instead.
+    let mut watcher = threads::adopt(|| {
         notify::recommended_watcher(move |event| {
             let _ = fs_tx.send(Trigger::Fs(event));
         })
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!("cannot watch {} ({e}); new plugins are picked up on SIGHUP only", source.dir.display());
-            return sighup_only(registry, hangup, shutdown, tx, rx).await;
-        }
-    };
+    });
     spawn_sighup(tx.clone(), hangup, shutdown.clone());
 
     let mut watching = false;
@@ -97,7 +92,11 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
 
     loop {
         if !watching {
-            match watcher.watch(&source.dir, RecursiveMode::NonRecursive) {
+            let watched = match &mut watcher {
+                Ok(watcher) => watcher.watch(&source.dir, RecursiveMode::NonRecursive),
+                Err(e) => Err(notify::Error::generic(&format!("no file watcher: {e}"))),
+            };
+            match watched {
                 Ok(()) => {
                     watching = true;
                     polling = None;
@@ -109,7 +108,7 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
                         tracing::warn!(
                             dir = %source.dir.display(),
                             "cannot watch the plugin directory ({e}); scanning it every {POLL:?} instead. \
-                             If the inotify watch limit is reached, raise it (sysctl fs.inotify.max_user_watches)"
+                             If an inotify limit is reached, raise it (sysctl fs.inotify.max_user_watches or fs.inotify.max_user_instances)"
                         );
                         polling = Some(Instant::now());
                         rescan.get_or_insert("directory cannot be watched");
@@ -127,8 +126,8 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
             Duration::ZERO // a rescan is due: do not wait for an event that may never come
         } else if !pending.is_empty() || (!watching && polling.is_none()) {
             Duration::from_millis(50)
-        } else if polling.is_some() {
-            POLL
+        } else if let Some(last) = polling {
+            POLL.saturating_sub(last.elapsed())
         } else {
             Duration::from_secs(3600)
         };
@@ -149,7 +148,9 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
                 Trigger::Fs(Ok(event)) => {
                     if event.paths.iter().any(|p| p == &source.dir) && matches!(event.kind, EventKind::Remove(_)) {
                         tracing::warn!(dir = %source.dir.display(), "plugin directory removed; the current generation keeps serving");
-                        let _ = watcher.unwatch(&source.dir);
+                        if let Ok(watcher) = &mut watcher {
+                            let _ = watcher.unwatch(&source.dir);
+                        }
                         watching = false;
                     }
                     note_event(&source, &event, &mut pending);
@@ -308,24 +309,4 @@ fn spawn_sighup(tx: mpsc::UnboundedSender<Trigger>, mut hup: Signal, shutdown: C
             }
         }
     });
-}
-
-/// Fallback when the OS watcher cannot start: swap on SIGHUP only.
-async fn sighup_only(
-    registry: Arc<Registry>,
-    hangup: Signal,
-    shutdown: CancellationToken,
-    tx: mpsc::UnboundedSender<Trigger>,
-    mut rx: mpsc::UnboundedReceiver<Trigger>,
-) {
-    spawn_sighup(tx, hangup, shutdown.clone());
-    loop {
-        tokio::select! {
-            Some(_) = rx.recv() => tokio::select! {
-                outcome = registry.reload() => log_reload(&outcome),
-                () = shutdown.cancelled() => return,
-            },
-            () = shutdown.cancelled() => return,
-        }
-    }
 }
