@@ -487,9 +487,10 @@ impl ConnTask {
         }
         let Some(connection) = self.connection.take() else { return false };
         let mut lingering = std::mem::take(&mut self.lingering);
-        if !self.conn.activity.http2() {
-            // Left behind with nothing held: an HTTP/1 connection lends no more chunks there
-            // (an HTTP/2 stream still in progress might).
+        // Left behind with nothing held: an HTTP/1 connection lends no more chunks there (an
+        // HTTP/2 stream still in progress might, and so might a relayed request).
+        let lends_on = self.conn.activity.http2() || self.conn.activity.relaying();
+        if !lends_on {
             lingering.retain(|l| l.generation.strong_count() > 0 && l.lent.held() > 0);
         }
         // From now on, requests count the chunks of the generation they go to (from the
@@ -503,8 +504,8 @@ impl ConnTask {
         let lent = to_next.map(|i| relayed.swap_remove(i).1).unwrap_or_default();
         let left = (Arc::downgrade(&self.generation), self.conn.lent.swap(lent));
         for (generation, lent) in relayed.into_iter().chain([left]) {
-            if lent.held() == 0 && !self.conn.activity.http2() {
-                continue; // nothing held, and an HTTP/1 connection lends no more there
+            if lent.held() == 0 && !lends_on {
+                continue; // nothing held, and the connection lends no more there
             }
             let Some(waiter) = generation.upgrade().map(|g| g.aborted().waiter()) else { continue };
             lingering.push(Lingering { generation, waiter, lent });

@@ -200,6 +200,11 @@ impl Activity {
         self.relayed.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Whether an HTTP/1 request relayed to another generation is in progress.
+    pub(crate) fn relaying(&self) -> bool {
+        self.relayed.load(Ordering::SeqCst) > 0
+    }
+
     /// Bytes arrived from the client (HTTP/1; for HTTP/2 bytes are no activity).
     pub(crate) fn received(&self) {
         if self.requests.load(Ordering::Relaxed) > 0 || self.http2.load(Ordering::Relaxed) || self.body_in_progress() {

@@ -633,7 +633,8 @@ impl ConnRequest {
     /// A request served elsewhere than on the connection's generation (an HTTP/2 stream's
     /// is served on its own task in any case).
     fn counting_lent_in(mut self, lent: Arc<LentTally>) -> ConnRequest {
-        if self.h1 {
+        // Once: a relayed request that fails on a canary is relayed again, to be replayed.
+        if self.h1 && self.lent.is_none() {
             self.state.activity.relay_started();
         }
         self.lent = Some(lent);
