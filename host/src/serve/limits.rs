@@ -236,6 +236,11 @@ impl Activity {
         if next != writes {
             self.writes.store(next, Ordering::Relaxed);
         }
+        // The client reads again (an upgraded connection's writes go on once expired, until
+        // one waits): the expiry no longer holds.
+        if progress && writes % 2 == 1 && self.send_expired() {
+            let _ = self.expired.compare_exchange(Expiry::Send as u8, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
     }
 
     /// Whether the send timeout has expired the connection (its writes then fail).
