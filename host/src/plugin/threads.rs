@@ -183,8 +183,10 @@ extern "C" fn attributed(start: *mut c_void) -> *mut c_void {
     // SAFETY: `pthread_create` passed the `Start` it leaked, to this thread only.
     let Start { routine, arg, generation } = *unsafe { Box::from_raw(start.cast::<Start>()) };
     register(Owner::Generation(generation));
-    // Unregistered when the thread exits, however it exits (a return, or `pthread_exit`,
-    // which runs thread-local destructors but no frame's): nothing here needs dropping.
+    // Unregistered when the thread exits, by a thread-local destructor: those run however
+    // it exits, a return or `pthread_exit`. (The forced unwind of `pthread_exit` or of a
+    // cancellation passes this frame, which holds nothing to drop: what unwinding through
+    // Rust frames is known to do safely today, though the language does not promise it.)
     UNREGISTER_AT_EXIT.with(|_| {});
     routine(arg)
 }
