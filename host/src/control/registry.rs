@@ -921,8 +921,11 @@ impl Registry {
                 _ => self.open(&best.file).await,
             };
             // A new build starts as a canary (`--canary`), and replaces one started by hand,
-            // at its share: a build newer than the one being tried is not less risky.
-            let running = lock(&self.canary).as_ref().map(|run| run.canary.share());
+            // at its share, if it is newer than it: it is not less risky than the one tried.
+            let running = lock(&self.canary).as_ref().and_then(|run| {
+                let tried = run.canary.generation();
+                builds::replaces(&best, &serving(tried), None).then(|| run.canary.share())
+            });
             if let Some(share) = self.policy.auto.or(running) {
                 match self.try_start(candidate, &best.file, Some(&best), Then::Canary(share)).await {
                     Ok(canary) => return self.canary_outcome(&canary, share, refused),
