@@ -158,13 +158,14 @@ async fn a_reload_that_starts_a_canary_says_so_beside_the_builds_it_refused() {
     // reads them first.
     assert!(host.wait_for_log("watching for new plugin builds", WAIT), "{}", host.log());
     tokio::time::sleep(Duration::from_millis(100)).await; // past the watcher's first scan
-    let write_open = |from: &std::path::Path, name: &str| {
+    // (Read first, so that little time passes between the files and the reload.)
+    let (old_abi, v2) = (std::fs::read(&artifacts().wrong_abi).unwrap(), std::fs::read(example_version("2.0.0")).unwrap());
+    let write_open = |bytes: &[u8], name: &str| {
         let mut file = std::fs::File::create(dir.join(name)).unwrap();
-        std::io::Write::write_all(&mut file, &std::fs::read(from).unwrap()).unwrap();
+        std::io::Write::write_all(&mut file, bytes).unwrap();
         file
     };
-    let v2 = example_version("2.0.0");
-    let open = [write_open(&artifacts().wrong_abi, "old-abi.so"), write_open(&v2, "app-2.so")];
+    let open = [write_open(&old_abi, "old-abi.so"), write_open(&v2, "app-2.so")];
     let (code, reload) = host.command_json(&["reload"]);
     drop(open);
     assert_eq!(code, 0, "a reload that started a canary is not a refusal: {reload}");
