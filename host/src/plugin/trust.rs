@@ -26,19 +26,19 @@ use crate::sys;
 pub(crate) enum TrustError {
     #[error(
         "{path}: the {what} is writable by {who} (mode {mode:04o}), so someone else could replace the plugin: \
-         run `chmod go-w {path}` then `hotswap reload`, or pass --insecure-plugin-dir to accept the risk"
+         run `chmod go-w {path}` (then `hotswap reload`, if the host runs), or pass --insecure-plugin-dir to accept the risk"
     )]
     Writable { path: PathBuf, what: &'static str, who: &'static str, mode: u32 },
     #[error(
         "{path}: the {what} is owned by uid {owner}, neither this host's user (uid {host}) nor root, so that user could \
-         replace the plugin: run `chown {host} {path}` then `hotswap reload`, or pass --insecure-plugin-dir to accept the risk"
+         replace the plugin: run `chown {host} {path}` (then `hotswap reload`, if the host runs), or pass --insecure-plugin-dir to accept the risk"
     )]
     Owner { path: PathBuf, what: &'static str, owner: u32, host: u32 },
     #[error("{path}: cannot check who may write the {what}: {source}")]
     Stat { path: PathBuf, what: &'static str, source: std::io::Error },
     #[error(
         "{path}: SHA-256 {digest} is not in the trusted digests file {list}; if this build is meant to run, \
-         add its digest there (`sha256sum {path} >> {list}`) then run `hotswap reload`"
+         add its digest there (`sha256sum {path} >> {list}`), then `hotswap reload` if the host runs"
     )]
     UnknownDigest { path: PathBuf, digest: String, list: PathBuf },
     #[error("cannot read the trusted digests file {list}: {reason}")]
