@@ -61,6 +61,13 @@ fn an_invalid_file_is_refused_naming_the_key() {
         assert!(!out.status.success(), "accepted {text:?}");
         assert!(stderr.contains(key), "{text:?}: {stderr}");
     }
+    // A level that is none, from the flag or the environment, is refused too.
+    let flag = Command::new(&artifacts().hotswap).args(["--log-level", "verbose", "status"]).output().unwrap();
+    let env = Command::new(&artifacts().hotswap).arg("status").env("HOTSWAP_LOG", "verbose").output().unwrap();
+    for out in [flag, env] {
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("`verbose` is not a log level"), "{out:?}");
+    }
 }
 
 #[test]
