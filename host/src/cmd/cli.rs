@@ -365,7 +365,8 @@ pub(crate) struct HttpLimits {
     pub(crate) min_body_rate: u64,
 
     /// The largest request head (request line and headers) accepted; a larger one is
-    /// answered 431. At least 8KiB. Examples: 16KiB, 1MiB.
+    /// answered 431. At least 8KiB. Above about 400KiB it also raises what an HTTP/1
+    /// connection may buffer (hyper bounds both with one figure). Examples: 16KiB, 1MiB.
     #[arg(long, default_value = "64KiB", value_parser = parse_header_size)]
     pub(crate) max_header_size: u64,
 
