@@ -255,6 +255,27 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
     flood.join().unwrap();
 }
 
+#[test]
+fn a_body_read_after_its_response_ends_and_is_not_timed_as_the_next_head() {
+    let dir = temp_dir("read-later");
+    place_by_rename(&artifacts().faulty, &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--header-read-timeout", "1s", "--idle-timeout", "1s"]);
+    // The plugin answers at once and reads the upload on; its bytes keep coming for 3 s,
+    // longer than the head and idle timeouts.
+    let mut upload = connect(&host);
+    write!(upload, "POST /read-later HTTP/1.1\r\nHost: t\r\nContent-Length: 7000\r\n\r\n").unwrap();
+    assert!(read_head(&mut upload).starts_with("HTTP/1.1 202"));
+    upload.read_exact(&mut [0; 8]).unwrap(); // "reading\n"
+    for _ in 0..7 {
+        std::thread::sleep(Duration::from_millis(430));
+        upload.write_all(&[b'x'; 1000]).unwrap();
+    }
+    // Its end reaches the plugin with its last byte, and the connection serves on.
+    assert!(host.wait_for_log("read later: 7000 bytes", Duration::from_secs(5)), "{}", host.log());
+    let next = get_keep_alive(&mut upload, "/fine");
+    assert!(next.starts_with("HTTP/1.1 200"), "{next:?}\n{}", host.log());
+}
+
 #[tokio::test]
 async fn a_client_that_vanishes_mid_download_or_mid_upload_frees_its_generation() {
     let (v1, v2, v3) = (example_version("1.0.0"), example_version("2.0.0"), example_version("3.0.0"));

@@ -132,7 +132,14 @@ pub(crate) unsafe extern "C" fn body_poll(body: *mut c_void, waker: *const FfiWa
         }
         let mut cx = Context::from_waker(waker);
         loop {
-            match Pin::new(&mut body.incoming).poll_frame(&mut cx) {
+            let polled = match Pin::new(&mut body.incoming).poll_frame(&mut cx) {
+                // Every byte its Content-Length announced has come. hyper says so only once it
+                // has read the next request's head when the response ended first (a plugin
+                // that answers, then reads on): the end is not worth waiting for.
+                Poll::Pending if body.incoming.is_end_stream() => Poll::Ready(None),
+                polled => polled,
+            };
+            match polled {
                 Poll::Pending => {
                     // The waker first: a timeout found after it was parked wakes it, and one
                     // found before is seen just below.
