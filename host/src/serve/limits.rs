@@ -207,7 +207,11 @@ impl Activity {
 
     /// Bytes arrived from the client (HTTP/1; for HTTP/2 bytes are no activity).
     pub(crate) fn received(&self) {
-        if self.requests.load(Ordering::Relaxed) > 0 || self.http2.load(Ordering::Relaxed) || self.body_in_progress() {
+        if self.requests.load(Ordering::Relaxed) > 0 || self.http2.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.body_in_progress() {
+            self.changed(false); // activity: idle from its end, not from its response's
             return;
         }
         if self.phase.load(Ordering::Relaxed) & READING_HEAD == 0 {
