@@ -538,8 +538,12 @@ impl Inherited {
             took_ms: unix_ms(now).saturating_sub(self.ordered_ms),
         };
         let ready = Message::Ready { upgrade: record.clone() };
-        self.channel.send(&ready, &[], &[]).await.context("cannot tell the previous host that this one is ready")?;
-        let answer = self.channel.recv().await;
+        let sent = self.channel.send(&ready, &[], &[]).await;
+        // A previous host that died first closed the channel: the send fails, or the answer.
+        let answer = match sent {
+            Ok(()) => self.channel.recv().await,
+            Err(e) => Err(e),
+        };
         if let Ok(Some((Message::Accepted, ..))) = answer {
             host.upgraded_into(self.upgrade_count + 1, record);
             return Ok(());
