@@ -412,3 +412,22 @@ async fn the_access_log_has_a_line_per_response_as_it_ends() {
     assert!(quiet.wait_for_log("request method=GET path=/ status=200", WAIT), "{}", quiet.log());
     assert!(!quiet.log().contains("hotswap::access"), "{}", quiet.log());
 }
+
+#[tokio::test]
+async fn a_build_just_dropped_in_can_be_pinned_at_once() {
+    let dir = temp_dir("pin-just-dropped");
+    place_by_rename(&example_version("2.0.0"), &dir.join("app-2.so"));
+    let host = Host::serve_dir(&dir, &[]);
+    assert!(host.wait_for_log("watching for new plugin builds", WAIT), "{}", host.log());
+    tokio::time::sleep(Duration::from_millis(100)).await; // past the watcher's first scan
+    // Written in place and left open: the watcher waits for its writer (or 300 ms), and the
+    // pin comes first. It must find the build all the same.
+    let v1 = std::fs::read(example_version("1.0.0")).unwrap();
+    let mut open = std::fs::File::create(dir.join("app-1.so")).unwrap();
+    std::io::Write::write_all(&mut open, &v1).unwrap();
+    let (code, pinned) = host.command_json(&["pin", "1.0.0"]);
+    drop(open);
+    assert_eq!(code, 0, "{pinned}\n{}", host.log());
+    assert_eq!(pinned["outcome"], "swapped", "{pinned}");
+    assert_eq!(host.version().await, "1.0.0");
+}
