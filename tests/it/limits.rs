@@ -237,7 +237,12 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
         let series = scrape.lines().filter(|l| l.starts_with("hotswap_upgraded_connections{"));
         series.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     };
-    assert_eq!(upgraded(host.metrics().await), 1.0);
+    // (The session starts just after the 101 goes out.)
+    let deadline = Instant::now() + WAIT;
+    while upgraded(host.metrics().await) != 1.0 {
+        assert!(Instant::now() < deadline, "the session did not start:\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let sender = ws.try_clone().unwrap();
     let flood = std::thread::spawn(move || {
         let mut sender = sender;
