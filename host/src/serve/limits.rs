@@ -300,11 +300,21 @@ impl Activity {
         self.had_body.store(true, Ordering::Relaxed);
     }
 
-    /// Whether a request body is still being read after its response has ended (the plugin
-    /// answered first, and reads on, on a task of its own): its bytes are no next request
-    /// head, and the connection is not idle. The body read timeout still applies.
+    /// Whether the plugin waits for more of a request body after its response has ended (it
+    /// answered first, and reads on, on a task of its own): the client's bytes are that
+    /// body's, not a next request's head, and the connection is not idle; the body read
+    /// timeout applies instead. A body the plugin holds without reading does not count: the
+    /// connection's own timeouts still bound what the client does.
     fn body_in_progress(&self) -> bool {
-        self.had_body.load(Ordering::Relaxed) && self.reading_body()
+        if !self.had_body.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        bodies.retain(|w| w.body.strong_count() > 0);
+        if bodies.is_empty() {
+            self.had_body.store(false, Ordering::Relaxed); // under the lock, as `watch_body` sets it
+        }
+        bodies.iter().any(|w| w.body.upgrade().is_some_and(|b| !b.is_finished() && !b.timed_out() && b.is_waiting()))
     }
 
     /// Whether a request body of this connection is still being read (not ended, failed or
@@ -398,6 +408,10 @@ impl Activity {
     /// it sees that much progress, or when it sees the plugin not waiting.
     fn check_bodies(&self, now: u64, t: &Timeouts, slow_bodies: &mut Vec<Arc<BodyProgress>>) {
         let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        if bodies.is_empty() {
+            self.had_body.store(false, Ordering::Relaxed); // under the lock, as `watch_body` sets it
+            return;
+        }
         bodies.retain_mut(|watched| {
             let Some(body) = watched.body.upgrade() else { return false };
             if body.is_finished() || body.timed_out() {
@@ -751,13 +765,34 @@ mod tests {
         let body = Arc::new(BodyProgress::default());
         a.watch_body(&body);
         a.request_ended(); // answered first; the plugin reads on, on a task of its own
+        body.simulate(0, true); // and waits for more
         a.received();
         assert!(!a.reading_head(), "its bytes are the body's, not a next request's");
         assert!(!body_timed_out(&a, &mut seen, 100), "the window begins");
-        assert!(!body_timed_out(&a, &mut seen, 100 + 10 * IDLE), "neither head nor idle timeout");
-        body.simulate(0, true); // the plugin waits, and nothing comes
-        assert!(!body_timed_out(&a, &mut seen, 200 + 10 * IDLE));
-        assert!(body_timed_out(&a, &mut seen, 200 + 10 * IDLE + BODY), "the body read timeout applies");
+        // Steady progress for longer than the idle timeout: neither head nor idle timeout.
+        let mut at = 100;
+        for i in 1..=30 {
+            body.simulate(i * 1_024, true);
+            at += 500;
+            assert!(!body_timed_out(&a, &mut seen, at), "timed out at {at}");
+        }
+        // Then nothing: the body read timeout applies.
+        assert!(!body_timed_out(&a, &mut seen, at + BODY - 1));
+        assert!(body_timed_out(&a, &mut seen, at + BODY), "the body read timeout applies");
+    }
+
+    #[test]
+    fn a_body_held_but_not_read_after_its_response_leaves_the_connection_timed() {
+        let a = Activity::new(true);
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        let body = Arc::new(BodyProgress::default());
+        a.watch_body(&body);
+        a.request_ended(); // the plugin keeps the body, and does not read it
+        a.received(); // a next head, a byte at a time
+        assert!(a.reading_head());
+        assert_eq!(check(&a, &mut seen, 100), None, "the head is seen here");
+        assert_eq!(check(&a, &mut seen, 100 + HEAD), Some(Expiry::HeaderRead));
     }
 
     #[test]
