@@ -530,7 +530,7 @@ impl Registry {
     /// earlier generation) and holds it: newer builds are not swapped in until `unpin`.
     pub(crate) async fn pin_version(&self, version: Version) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
-        self.read_new_files().await;
+        let read = self.read_new_files().await;
         let current = self.current().name().to_owned();
         // The plugin serving, if it has a build of that version; else the plugin that has.
         let own = |name: &str, v: &Version| name == current && builds::is_version(v, &version);
@@ -538,18 +538,32 @@ impl Registry {
             Ok(_) => current,
             Err(_) => self.name_of_version(&version).unwrap_or(current),
         };
-        self.switch_to(Pin { name, version, by: PinnedBy::Pin }, None).await
+        let pinned = self.switch_to(Pin { name, version, by: PinnedBy::Pin }, None).await;
+        if pinned.is_err() && read {
+            // What it read, the watcher takes as handled: it serves, if it should, as if offered.
+            self.converge(None).await;
+        }
+        pinned
     }
 
     /// Reads the complete files of the plugin directory not read yet: a build just dropped in,
     /// which the watcher has not come to, is one an operator's order may name. (Refusals are
     /// logged and recorded as the watcher's would be.)
-    async fn read_new_files(&self) {
+    /// Returns whether it read a build.
+    async fn read_new_files(&self) -> bool {
+        let mut read = false;
         for (file, identity) in self.source.scan() {
-            if !self.has_read(&file, identity) {
-                let _ = self.read_build(&file, identity).await;
+            if self.has_read(&file, identity) {
+                continue;
+            }
+            match self.read_build(&file, identity).await {
+                Ok(_) => read = true,
+                // No room to load more now: the watcher tries again at its next change.
+                Err((GenerationError::GenerationCap { .. }, _)) => break,
+                Err(_) => {}
             }
         }
+        read
     }
 
     /// The plugin that has a build (or a kept copy) of `version`, if one has.
@@ -590,7 +604,17 @@ impl Registry {
     /// one) with `share` of new requests; or, if that canary runs already, gives it `share`.
     pub(crate) async fn canary(&self, version: Option<Version>, share: Option<Share>) -> Result<Outcome, ChangeError> {
         let _changing = self.changing.lock().await;
-        self.read_new_files().await;
+        let read = self.read_new_files().await;
+        let started = self.start_canary(version, share).await;
+        if started.is_err() && read {
+            // What it read, the watcher takes as handled: it serves, if it should, as if offered.
+            self.converge(None).await;
+        }
+        started
+    }
+
+    /// `canary`, under the change lock.
+    async fn start_canary(&self, version: Option<Version>, share: Option<Share>) -> Result<Outcome, ChangeError> {
         let current = self.current();
         if let Some(run) = lock(&self.canary).as_ref() {
             let generation = run.canary.generation();
