@@ -390,7 +390,7 @@ impl HttpLimits {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
             body_read_timeout: self.body_read_timeout,
-            send_timeout: self.send_timeout,
+            send_timeout: Some(self.send_timeout).filter(|t| !t.is_zero()),
             response_timeout: Some(self.response_timeout).filter(|t| !t.is_zero()),
             min_body_rate: self.min_body_rate,
             max_header_size: self.max_header_size,

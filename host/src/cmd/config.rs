@@ -136,21 +136,23 @@ fn apply_with(args: Vec<OsString>, is_set: impl Fn(&str) -> bool) -> Result<Vec<
     } else {
         file.into_flags(&path, args[at] == "serve", &args[at + 1..])?
     };
-    let given_before = |flag: &str| {
-        args[1..at].iter().any(|a| {
-            let a = a.to_string_lossy();
-            a == flag || a.strip_prefix(flag).is_some_and(|rest| rest.starts_with('='))
-        })
-    };
     let overridden = |setting: &OsString| {
         let setting = setting.to_string_lossy();
         let flag = setting.split('=').next().unwrap_or_default();
-        given_before(flag) || FROM_ENV.iter().any(|(f, var)| *f == flag && is_set(var))
+        gave(&args[1..at], flag) || FROM_ENV.iter().any(|(f, var)| *f == flag && is_set(var))
     };
     let mut merged = args[..=at].to_vec();
     merged.extend(flags.into_iter().filter(|setting| !overridden(setting)));
     merged.extend_from_slice(&args[at + 1..]);
     Ok(merged)
+}
+
+/// Whether `args` give `flag` (`--flag VALUE` or `--flag=VALUE`).
+fn gave(args: &[OsString], flag: &str) -> bool {
+    args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == flag || a.strip_prefix(flag).is_some_and(|rest| rest.starts_with('='))
+    })
 }
 
 /// `--config FILE` from the arguments, else `HOTSWAP_CONFIG` from the environment.
@@ -225,12 +227,7 @@ impl File {
         }
         // A certificate source given on the command line replaces the file's (they would
         // conflict), as a plugin source does.
-        let user_gave = |names: &[&str]| {
-            user.iter().any(|a| {
-                let a = a.to_string_lossy();
-                names.iter().any(|n| a == *n || a.starts_with(&format!("{n}=")))
-            })
-        };
+        let user_gave = |names: &[&str]| names.iter().any(|flag| gave(user, flag));
         let mut tls = self.tls;
         if user_gave(&["--tls-cert", "--tls-key", "--tls-dir"]) {
             (tls.cert, tls.key, tls.dir) = (None, None, None);

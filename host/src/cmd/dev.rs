@@ -63,13 +63,13 @@ async fn source_dirs(package: Option<&str>) -> anyhow::Result<(Package, Vec<Path
         bail!("cargo metadata failed: run `hotswap dev` inside the plugin's cargo workspace");
     }
     let meta: Value = serde_json::from_slice(&out.stdout).context("cannot parse cargo metadata")?;
-    // Local packages (no registry source) by name, with their directory and path deps.
-    let mut local: HashMap<&str, (PathBuf, Vec<PathBuf>)> = HashMap::new();
+    // Local packages (no registry source) by name, with their id, directory and path deps.
+    let mut local: HashMap<&str, (&str, PathBuf, Vec<PathBuf>)> = HashMap::new();
     for p in meta["packages"].as_array().into_iter().flatten() {
         if !p["source"].is_null() {
             continue;
         }
-        let (Some(name), Some(manifest)) = (p["name"].as_str(), p["manifest_path"].as_str()) else { continue };
+        let (Some(name), Some(id), Some(manifest)) = (p["name"].as_str(), p["id"].as_str(), p["manifest_path"].as_str()) else { continue };
         let dir = Path::new(manifest).parent().map(Path::to_path_buf).unwrap_or_default();
         let deps = p["dependencies"]
             .as_array()
@@ -77,7 +77,7 @@ async fn source_dirs(package: Option<&str>) -> anyhow::Result<(Package, Vec<Path
             .flatten()
             .filter_map(|d| d["path"].as_str().map(PathBuf::from))
             .collect();
-        local.insert(name, (dir, deps));
+        local.insert(name, (id, dir, deps));
     }
     // The plugins here: local packages with a cdylib target.
     let plugins: Vec<&str> = meta["packages"]
@@ -106,25 +106,23 @@ async fn source_dirs(package: Option<&str>) -> anyhow::Result<(Package, Vec<Path
         }
         (None, _) => bail!("several plugins here ({}): give one with --package NAME", plugins.join(", ")),
     };
-    let Some((dir, _)) = local.get(package) else {
+    let Some((id, dir, _)) = local.get(package) else {
         bail!("no package `{package}` in this cargo workspace (give --package NAME)");
     };
-    let by_dir: HashMap<PathBuf, &str> = local.iter().map(|(n, (d, _))| (d.clone(), *n)).collect();
+    let by_dir: HashMap<PathBuf, &str> = local.iter().map(|(n, (_, d, _))| (d.clone(), *n)).collect();
     let mut seen = HashSet::new();
     let mut queue = VecDeque::from([dir.clone()]);
     while let Some(dir) = queue.pop_front() {
         if !seen.insert(dir.clone()) {
             continue;
         }
-        if let Some((_, deps)) = by_dir.get(&dir).and_then(|n| local.get(n)) {
+        if let Some((_, _, deps)) = by_dir.get(&dir).and_then(|n| local.get(n)) {
             queue.extend(deps.iter().cloned());
         }
     }
     let mut dirs: Vec<PathBuf> = seen.into_iter().collect();
     dirs.sort();
-    let id = meta["packages"].as_array().into_iter().flatten().filter(|p| p["source"].is_null()).find(|p| p["name"] == package);
-    let id = id.and_then(|p| p["id"].as_str()).unwrap_or_default().to_owned();
-    Ok((Package { name: package.to_owned(), id }, dirs))
+    Ok((Package { name: package.to_owned(), id: (*id).to_owned() }, dirs))
 }
 
 fn cargo() -> String {

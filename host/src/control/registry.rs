@@ -539,11 +539,16 @@ impl Registry {
             Err(_) => self.name_of_version(&version).unwrap_or(current),
         };
         let pinned = self.switch_to(Pin { name, version, by: PinnedBy::Pin }, None).await;
-        if pinned.is_err() && read {
-            // What it read, the watcher takes as handled: it serves, if it should, as if offered.
+        self.after_order(read, pinned).await
+    }
+
+    /// What an order that read new files (`read_new_files`) ends in. Those files the watcher
+    /// takes as handled: if the order failed, what it read serves, if it should, as if offered.
+    async fn after_order(&self, read: bool, done: Result<Outcome, ChangeError>) -> Result<Outcome, ChangeError> {
+        if done.is_err() && read {
             self.converge(None).await;
         }
-        pinned
+        done
     }
 
     /// Reads the complete files of the plugin directory not read yet: a build just dropped in,
@@ -606,11 +611,7 @@ impl Registry {
         let _changing = self.changing.lock().await;
         let read = self.read_new_files().await;
         let started = self.start_canary(version, share).await;
-        if started.is_err() && read {
-            // What it read, the watcher takes as handled: it serves, if it should, as if offered.
-            self.converge(None).await;
-        }
-        started
+        self.after_order(read, started).await
     }
 
     /// `canary`, under the change lock.

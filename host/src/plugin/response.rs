@@ -95,8 +95,8 @@ impl Written {
                 };
                 if let Some(len) = known_len.filter(|_| n == http::header::CONTENT_LENGTH) {
                     // Digits only (`+5` parses, but is no length on the wire).
-                    let digits = !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit);
-                    if !digits || v.to_str().ok().and_then(|v| v.parse::<u64>().ok()) != Some(len) {
+                    let declared = v.to_str().ok().filter(|v| v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse().ok());
+                    if declared != Some(len) {
                         return Err(format!(
                             "its content-length header says {v:?} but its body is {len} bytes \
                              (leave the header out: the host sets it from the body)"

@@ -629,13 +629,12 @@ impl MigratingStream {
         match polled {
             Poll::Ready(Ok(n)) if n > 0 => {
                 activity.sent();
-                activity.write_polled(true);
             }
             Poll::Pending => {
                 if activity.send_expired() {
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing for the send timeout")));
                 }
-                activity.write_polled(false);
+                activity.write_waited();
                 // An upgraded connection's writer is no longer the connection's task: it is
                 // the one to wake when the timeout expires.
                 activity.wake_on_expiry(cx.waker());

@@ -58,9 +58,9 @@ pub(crate) struct Limits {
     pub(crate) idle_timeout: Duration,
     /// How long a request body the plugin waits for may go without progress.
     pub(crate) body_read_timeout: Duration,
-    /// How long the client may take none of what the connection has to send (zero: as long
+    /// How long the client may take none of what the connection has to send (`None`: as long
     /// as it likes).
-    pub(crate) send_timeout: Duration,
+    pub(crate) send_timeout: Option<Duration>,
     /// How long the plugin may take to answer a request, not counting time spent waiting for
     /// its body (`None`: as long as it likes). Kept by the request itself (`respond`).
     pub(crate) response_timeout: Option<Duration>,
@@ -221,10 +221,18 @@ impl Activity {
         }
     }
 
-    /// Bytes went out to the client: hyper may still be writing a response whose body has
-    /// already ended (and with it the request), to a client that reads slowly. (HTTP/1: an
-    /// HTTP/2 connection also sends answers to PINGs and SETTINGS.)
+    /// Bytes went out to the client: progress for the send timeout, and (HTTP/1) activity for
+    /// the idle timeout, as hyper may still be writing a response whose body has already ended
+    /// (and with it the request) to a client that reads slowly. (An HTTP/2 connection also
+    /// sends answers to PINGs and SETTINGS, which are no activity.)
     pub(crate) fn sent(&self) {
+        let writes = self.writes.load(Ordering::Relaxed);
+        self.writes.store((writes | 1) + 1, Ordering::Relaxed);
+        // The client reads again (an upgraded connection's writes go on once expired, until
+        // one waits): the expiry no longer holds.
+        if writes % 2 == 1 && self.send_expired() {
+            let _ = self.expired.compare_exchange(Expiry::Send as u8, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
         if self.requests.load(Ordering::Relaxed) == 0
             && self.phase.load(Ordering::Relaxed) & READING_HEAD == 0
             && !self.http2.load(Ordering::Relaxed)
@@ -233,17 +241,12 @@ impl Activity {
         }
     }
 
-    /// A write to the client's socket took something (`progress`), or had to wait for room.
-    pub(crate) fn write_polled(&self, progress: bool) {
+    /// A write to the client's socket had to wait for room: the send timeout runs from here
+    /// until something goes out ([`Activity::sent`]).
+    pub(crate) fn write_waited(&self) {
         let writes = self.writes.load(Ordering::Relaxed);
-        let next = if progress { (writes | 1) + 1 } else { writes | 1 };
-        if next != writes {
-            self.writes.store(next, Ordering::Relaxed);
-        }
-        // The client reads again (an upgraded connection's writes go on once expired, until
-        // one waits): the expiry no longer holds.
-        if progress && writes % 2 == 1 && self.send_expired() {
-            let _ = self.expired.compare_exchange(Expiry::Send as u8, 0, Ordering::AcqRel, Ordering::Relaxed);
+        if writes & 1 == 0 {
+            self.writes.store(writes | 1, Ordering::Relaxed);
         }
     }
 
@@ -408,10 +411,6 @@ impl Activity {
     /// it sees that much progress, or when it sees the plugin not waiting.
     fn check_bodies(&self, now: u64, t: &Timeouts, slow_bodies: &mut Vec<Arc<BodyProgress>>) {
         let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
-        if bodies.is_empty() {
-            self.had_body.store(false, Ordering::Relaxed); // under the lock, as `watch_body` sets it
-            return;
-        }
         bodies.retain_mut(|watched| {
             let Some(body) = watched.body.upgrade() else { return false };
             if body.is_finished() || body.timed_out() {
@@ -547,7 +546,7 @@ impl Timeouts {
             idle: ms(limits.idle_timeout),
             body_read,
             body_progress: u64::try_from(body_progress).unwrap_or(u64::MAX).max(1),
-            send: if limits.send_timeout.is_zero() { u64::MAX } else { ms(limits.send_timeout) },
+            send: limits.send_timeout.map_or(u64::MAX, ms),
         }
     }
 }
@@ -562,7 +561,7 @@ pub(crate) struct Sweeper {
 
 impl Sweeper {
     pub(crate) fn new(limits: &Limits) -> Arc<Sweeper> {
-        let send = Some(limits.send_timeout).filter(|t| !t.is_zero()).unwrap_or(Duration::MAX); // 0: off
+        let send = limits.send_timeout.unwrap_or(Duration::MAX);
         let shortest = limits.header_read_timeout.min(limits.idle_timeout).min(limits.body_read_timeout).min(send);
         Arc::new(Sweeper {
             timeouts: Timeouts::new(limits),
@@ -656,12 +655,12 @@ mod tests {
         let a = Activity::new(true);
         let mut seen = watched(&a, 0);
         a.request_started();
-        a.write_polled(true);
-        a.write_polled(false); // the client's socket is full
+        a.sent();
+        a.write_waited(); // the client's socket is full
         assert_eq!(check(&a, &mut seen, 100), None, "the wait is seen here");
         // A slow client that takes something now and then is not cut off.
-        a.write_polled(true);
-        a.write_polled(false);
+        a.sent();
+        a.write_waited();
         assert_eq!(check(&a, &mut seen, 100 + SEND - 1), None, "the progress is seen here");
         assert_eq!(check(&a, &mut seen, 100 + 2 * SEND - 2), None);
         assert_eq!(check(&a, &mut seen, 100 + 2 * SEND - 1), Some(Expiry::Send));

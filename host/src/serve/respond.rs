@@ -293,6 +293,12 @@ impl Future for Respond {
 ///
 /// `replay`: where the request is answered if it fails here, if it was routed to a canary;
 /// kept only for a `GET` or `HEAD` without a body.
+/// The host's own answer, `status`, to a request the plugin never sees.
+fn answer_early(status: StatusCode, request: &Request<Incoming>, id: RequestId, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Respond {
+    let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
+    Respond::Answered(Some(error_response(status, id, in_flight, conn, started, access).map(SentBody::Here)))
+}
+
 fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest, replay: Option<Arc<Current>>) -> Respond {
     let started = Instant::now();
     let generation = in_flight.generation();
@@ -300,14 +306,12 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     if thread_generation() != generation.id() {
         // Never expected: plugin code must only run on its generation's threads.
         tracing::error!(generation = generation.id(), request_id = %id, "request received outside its generation's runtime");
-        let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
-        return Respond::Answered(Some(error_response(StatusCode::SERVICE_UNAVAILABLE, id, in_flight, conn, started, access).map(SentBody::Here)));
+        return answer_early(StatusCode::SERVICE_UNAVAILABLE, &request, id, in_flight, conn, started);
     }
     let max_body_size = conn.state.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, request_id = %id, "request body too large: answered 413");
-        let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
-        return Respond::Answered(Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, id, in_flight, conn, started, access).map(SentBody::Here)));
+        return answer_early(StatusCode::PAYLOAD_TOO_LARGE, &request, id, in_flight, conn, started);
     }
     let protocol = upgrade_protocol(&request);
     let on_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -800,18 +804,19 @@ impl http_body::Body for HostBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, SendError>>> {
         let this = self.get_mut();
-        if this.request_body.as_ref().is_some_and(|body| body.timed_out()) {
+        let timed_out = this.request_body.as_ref().is_some_and(|body| body.timed_out());
+        let polled = if timed_out {
             // The connection is closed (HTTP/1) or the stream reset (HTTP/2).
             tracing::debug!("request body too slow (--body-read-timeout): response cut off");
-            let polled = Poll::Ready(Some(Err(SendError::RequestBodyTimedOut)));
-            if let Some(access) = &mut this.access {
-                access.saw(&polled);
-            }
-            return polled;
-        }
-        let polled = Pin::new(&mut this.body).poll_frame(cx).map_err(SendError::from);
+            Poll::Ready(Some(Err(SendError::RequestBodyTimedOut)))
+        } else {
+            Pin::new(&mut this.body).poll_frame(cx).map_err(SendError::from)
+        };
         if let Some(access) = &mut this.access {
             access.saw(&polled);
+        }
+        if timed_out {
+            return polled;
         }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
