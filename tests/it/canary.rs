@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, metric, place_by_rename, temp_dir, version_in, Host, WAIT};
+use hotswap_tests::{artifacts, example_version, metric, place_by_rename, temp_dir, version_in, write_left_open, Host, WAIT};
 use serde_json::Value;
 
 fn status(host: &Host) -> Value {
@@ -160,12 +160,7 @@ async fn a_reload_that_starts_a_canary_says_so_beside_the_builds_it_refused() {
     tokio::time::sleep(Duration::from_millis(100)).await; // past the watcher's first scan
     // (Read first, so that little time passes between the files and the reload.)
     let (old_abi, v2) = (std::fs::read(&artifacts().wrong_abi).unwrap(), std::fs::read(example_version("2.0.0")).unwrap());
-    let write_open = |bytes: &[u8], name: &str| {
-        let mut file = std::fs::File::create(dir.join(name)).unwrap();
-        std::io::Write::write_all(&mut file, bytes).unwrap();
-        file
-    };
-    let open = [write_open(&old_abi, "old-abi.so"), write_open(&v2, "app-2.so")];
+    let open = [write_left_open(&dir.join("old-abi.so"), &old_abi), write_left_open(&dir.join("app-2.so"), &v2)];
     let (code, reload) = host.command_json(&["reload"]);
     drop(open);
     assert_eq!(code, 0, "a reload that started a canary is not a refusal: {reload}");

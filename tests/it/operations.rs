@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, init_fixture, place_by_rename, temp_dir, Host, WAIT};
+use hotswap_tests::{artifacts, example_version, init_fixture, place_by_rename, temp_dir, write_left_open, Host, WAIT};
 use serde_json::Value;
 
 use crate::trust::sha256_hex;
@@ -423,8 +423,7 @@ async fn a_build_just_dropped_in_can_be_pinned_at_once() {
     // Written in place and left open: the watcher waits for its writer (or 300 ms), and the
     // pin comes first. It must find the build all the same.
     let v1 = std::fs::read(example_version("1.0.0")).unwrap();
-    let mut open = std::fs::File::create(dir.join("app-1.so")).unwrap();
-    std::io::Write::write_all(&mut open, &v1).unwrap();
+    let open = write_left_open(&dir.join("app-1.so"), &v1);
     let (code, pinned) = host.command_json(&["pin", "1.0.0"]);
     drop(open);
     assert_eq!(code, 0, "{pinned}\n{}", host.log());

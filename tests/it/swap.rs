@@ -256,8 +256,7 @@ async fn a_pipelined_request_that_starts_after_a_swap_gets_the_new_code() {
     let dir = temp_dir("swap-pipelined");
     place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
     let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
-    let address = host.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
-    let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(&host.addr).await.unwrap();
     // Three requests in one write: a response that streams for about 4 s on v1, then two
     // requests the host reads together with the first, before the swap...
     let requests = "GET /download?size=800000&rate=200000 HTTP/1.1\r\nHost: test\r\n\r\n\
@@ -296,8 +295,7 @@ async fn a_pipelined_request_relayed_to_the_new_code_outlives_the_old_codes_drai
     let dir = temp_dir("swap-pipelined-long");
     place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
     let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--drain-timeout", "3s"]);
-    let address = host.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
-    let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(&host.addr).await.unwrap();
     // A response of about 1.5 s on v1, and one read with it that starts after the swap, on
     // v2, and streams for about 6 s: past v1's drain timeout, which must not cut it.
     let requests = "GET /download?size=300000&rate=200000 HTTP/1.1\r\nHost: test\r\n\r\n\

@@ -188,6 +188,14 @@ pub fn place_by_rename(src: &Path, dest: &Path) {
 }
 
 /// Writes `src` over `dest` in place (same inode), as `cp` does.
+/// Writes `bytes` to `dest` in place and leaves it open: the watcher waits for its writer to
+/// close it (or for 300 ms without a change) before it loads it. Closed when dropped.
+pub fn write_left_open(dest: &Path, bytes: &[u8]) -> std::fs::File {
+    let mut file = std::fs::File::create(dest).unwrap();
+    std::io::Write::write_all(&mut file, bytes).unwrap();
+    file
+}
+
 pub fn place_by_cp(src: &Path, dest: &Path) {
     copy_private(src, dest);
 }
