@@ -434,6 +434,7 @@ const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
+const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -448,9 +449,14 @@ fn h2_get(path: &str) -> Vec<u8> {
 
 /// An HTTP/2 connection (prior knowledge), its preface and SETTINGS sent.
 fn h2_connect(host: &Host) -> TcpStream {
+    h2_connect_with(host, &[])
+}
+
+/// An HTTP/2 connection whose client's SETTINGS carry `settings`.
+fn h2_connect_with(host: &Host, settings: &[u8]) -> TcpStream {
     let mut stream = connect(host);
     stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-    stream.write_all(&h2_frame(SETTINGS, 0, 0, &[])).unwrap();
+    stream.write_all(&h2_frame(SETTINGS, 0, 0, settings)).unwrap();
     stream
 }
 
@@ -477,6 +483,38 @@ fn an_http2_connection_is_offered_bounded_streams() {
         settings.chunks_exact(6).find(|s| u16::from_be_bytes([s[0], s[1]]) == id).map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]))
     };
     assert_eq!(value(0x3), Some(128), "SETTINGS_MAX_CONCURRENT_STREAMS: {settings:?}");
+}
+
+#[test]
+fn an_http2_client_that_grants_no_window_is_cut_off_after_the_send_timeout() {
+    let host = example(&["--send-timeout", "1s"]);
+    // SETTINGS_INITIAL_WINDOW_SIZE 0: no stream may be sent DATA until the client grants it.
+    let mut h2 = h2_connect_with(&host, &[0, 4, 0, 0, 0, 0]);
+    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get("/download?size=100000000"))).unwrap();
+    // A slow reader for three send timeouts: 4 KiB granted every 250 ms, and read.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        h2.write_all(&h2_frame(WINDOW_UPDATE, 0, 1, &4096u32.to_be_bytes())).unwrap();
+        let mut got = 0;
+        while got < 4096 {
+            let (kind, _, id, payload) = h2_read_frame(&mut h2);
+            assert!(kind != 0x7 && kind != 0x3, "the slow reader was cut off ({kind}) after {:?}", started.elapsed());
+            if kind == DATA && id == 1 {
+                got += payload.len();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Then no more window, and PINGs five times a second, each answered: the download is
+    // cut off all the same, and the connection with it.
+    let stopped = Instant::now();
+    let pings = drip(h2.try_clone().unwrap(), vec![h2_frame(PING, 0, 0, b"12345678")], Duration::from_millis(200), Duration::from_secs(15));
+    let (answers, _) = read_to_close(&mut h2);
+    let cut = stopped.elapsed();
+    assert!(cut < Duration::from_secs(4), "a client granting no window held its download {cut:?}");
+    assert!(answers.len() >= 17, "the PINGs were not answered: {answers:?}");
+    assert!(pings.join().unwrap().is_err(), "the connection stayed open");
+    assert!(host.wait_for_log("the client read nothing of its responses for the send timeout", WAIT), "{}", host.log());
 }
 
 #[test]

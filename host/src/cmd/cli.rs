@@ -340,10 +340,11 @@ pub(crate) struct HttpLimits {
     pub(crate) body_read_timeout: Duration,
 
     /// How long a client may go without taking any of what the connection has to send it
-    /// (like nginx's send_timeout): a client that stops reading a response (or a WebSocket)
-    /// is then cut off, with every response in progress on the connection, and what they
-    /// held is freed. A slow client that takes something within each period is not. 0 turns
-    /// it off. Examples: 60s, 5m, 0.
+    /// (like nginx's send_timeout): a client that stops reading a response (or a WebSocket),
+    /// or an HTTP/2 client that stops granting flow-control window for one, is then cut off,
+    /// with every response in progress on the connection, and what they held is freed. A
+    /// slow client that takes something within each period is not. 0 turns it off.
+    /// Examples: 60s, 5m, 0.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) send_timeout: Duration,
 

@@ -20,7 +20,7 @@ use crate::latch::{Latch, Waiter};
 use crate::plugin::route::MAX_BLOCK;
 use crate::plugin::{thread_generation, Generation, LentTally};
 use crate::serve::handoff::Handed;
-use crate::serve::limits::{Expiry, Http2Frames};
+use crate::serve::limits::{Activity, Expiry, Http2Frames};
 use crate::serve::respond::{PluginService, StreamExecutor};
 use crate::serve::state::{ConnState, OpenConnection, Shared};
 
@@ -733,8 +733,8 @@ impl AsyncWrite for MigratingStream {
     }
 }
 
-/// What hyper reads and writes: the socket, or TLS over it; an HTTP/2 client's frames are
-/// followed here, where they are in clear, for the header read timeout.
+/// What hyper reads and writes: the socket, or TLS over it; an HTTP/2 connection's frames
+/// are followed here, where they are in clear, for the header read and send timeouts.
 pub(crate) struct ConnIo {
     transport: Transport,
     frames: Option<Http2Frames>,
@@ -743,6 +743,30 @@ pub(crate) struct ConnIo {
 enum Transport {
     Plain(MigratingStream),
     Tls(Box<TlsStream<MigratingStream>>),
+}
+
+impl Transport {
+    fn activity(&self) -> &Activity {
+        match self {
+            Transport::Plain(io) => &io.conn.activity,
+            Transport::Tls(tls) => &tls.get_ref().0.conn.activity,
+        }
+    }
+}
+
+impl ConnIo {
+    /// Follows the first `n` bytes of `bufs`, just written (HTTP/2).
+    fn wrote(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        let Some(frames) = &mut self.frames else { return };
+        for buf in bufs {
+            if n == 0 {
+                break;
+            }
+            let len = buf.len().min(n);
+            frames.wrote(&buf[..len], self.transport.activity());
+            n -= len;
+        }
+    }
 }
 
 impl AsyncRead for ConnIo {
@@ -755,11 +779,7 @@ impl AsyncRead for ConnIo {
         };
         if let Some(frames) = &mut this.frames {
             if buf.filled().len() > before {
-                let conn = match &this.transport {
-                    Transport::Plain(io) => &io.conn,
-                    Transport::Tls(tls) => &tls.get_ref().0.conn,
-                };
-                frames.read(&buf.filled()[before..], &conn.activity);
+                frames.read(&buf.filled()[before..], this.transport.activity());
             }
         }
         polled
@@ -768,17 +788,27 @@ impl AsyncRead for ConnIo {
 
 impl AsyncWrite for ConnIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().transport {
+        let this = self.get_mut();
+        let polled = match &mut this.transport {
             Transport::Plain(io) => Pin::new(io).poll_write(cx, buf),
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        };
+        if let Poll::Ready(Ok(n)) = polled {
+            this.wrote(&[io::IoSlice::new(buf)], n);
         }
+        polled
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().transport {
+        let this = self.get_mut();
+        let polled = match &mut this.transport {
             Transport::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        };
+        if let Poll::Ready(Ok(n)) = polled {
+            this.wrote(bufs, n);
         }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

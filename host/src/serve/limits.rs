@@ -30,8 +30,11 @@
 //!   the connection is closed (HTTP/1) or the stream reset (HTTP/2);
 //! - *send timeout*: the connection has had bytes to write and the client's socket has taken
 //!   none of them for the timeout (a client that stops reading a response, or never reads
-//!   one). Honoured whatever is in progress: the connection is closed, its responses cut off
-//!   (an upgraded connection's next write fails), and what they held is freed.
+//!   one); or (HTTP/2) a response waits for the client's flow-control window and no DATA has
+//!   gone out for the timeout (a client that stops granting window: its socket takes all the
+//!   rest, PINGs answered included). Honoured whatever is in progress: the connection is
+//!   closed, its responses cut off (an upgraded connection's next write fails), and what they
+//!   held is freed.
 //!
 //! Otherwise a connection with a request in progress (a long download, a steady upload) is
 //! never timed out here; the drain timeout bounds those on old generations. The connection's
@@ -125,6 +128,12 @@ pub(crate) struct Activity {
     /// Writes that made progress, times two, plus one while a write waits for the client's
     /// socket to take something: odd while blocked. Written by the task that writes.
     writes: AtomicU64,
+    /// HTTP/2: response bodies of which hyper holds a frame that waits for the client's
+    /// flow-control window (see `respond::SentBody`).
+    awaiting_window: AtomicUsize,
+    /// HTTP/2: writes that carried DATA, plus bodies that began to wait for a window: while
+    /// `awaiting_window` is not zero, the send timeout runs from its last change.
+    data_out: AtomicU64,
     /// Request bodies read on this connection (HTTP/2: one per stream), for the body read
     /// timeout. Touched by a request with a body when it starts, and by the sweeper.
     bodies: Mutex<Vec<WatchedBody>>,
@@ -149,6 +158,8 @@ impl Activity {
             http2: AtomicBool::new(false),
             header_blocks: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            awaiting_window: AtomicUsize::new(0),
+            data_out: AtomicU64::new(0),
             bodies: Mutex::new(Vec::new()),
             had_body: AtomicBool::new(false),
             expired: AtomicU8::new(0),
@@ -248,6 +259,25 @@ impl Activity {
         if writes & 1 == 0 {
             self.writes.store(writes | 1, Ordering::Relaxed);
         }
+    }
+
+    /// HTTP/2: hyper took a frame of a response body that does not end it, and asks for the
+    /// next only once the client's flow-control window has room for this one. Until
+    /// [`Activity::window_opened`], DATA must go out within the send timeout.
+    pub(crate) fn awaits_window(&self) {
+        self.awaiting_window.fetch_add(1, Ordering::Relaxed);
+        self.data_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// HTTP/2: hyper asked a body that [`Activity::awaits_window`] for its next frame (or
+    /// dropped it).
+    pub(crate) fn window_opened(&self) {
+        self.awaiting_window.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// HTTP/2: a write carried DATA. Called by the task that writes only.
+    fn data_sent(&self) {
+        self.data_out.store(self.data_out.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
     }
 
     /// Whether the send timeout has expired the connection (its writes then fail).
@@ -389,6 +419,14 @@ impl Activity {
         } else if writes % 2 == 1 && now.saturating_sub(seen.write_since) >= t.send {
             return (self.expired.load(Ordering::Relaxed) != Expiry::Send as u8).then_some(Expiry::Send);
         }
+        // HTTP/2: a client that grants no window holds its responses, whatever else its socket
+        // takes.
+        let data = self.data_out.load(Ordering::Relaxed);
+        if data != seen.data || self.awaiting_window.load(Ordering::Relaxed) == 0 {
+            (seen.data, seen.data_since) = (data, now);
+        } else if now.saturating_sub(seen.data_since) >= t.send {
+            return (self.expired.load(Ordering::Relaxed) != Expiry::Send as u8).then_some(Expiry::Send);
+        }
         if self.requests.load(Ordering::Acquire) > 0 || self.body_in_progress() {
             self.check_bodies(now, t, slow_bodies);
             return None;
@@ -435,32 +473,32 @@ impl Activity {
     }
 }
 
-/// Follows the frames an HTTP/2 client sends, as far as the header timeout needs: where
-/// each frame ends, and whether a header block (a HEADERS frame, then CONTINUATIONs until
-/// one carries END_HEADERS) is open. h2 reads the same bytes and checks them; this only
-/// counts, a few operations per frame. Written here because neither hyper nor h2 has a
-/// header timeout for HTTP/2, nor tells when a header block begins.
+/// Follows an HTTP/2 connection's frames, as far as its timeouts need: the client's, for
+/// where a header block (a HEADERS frame, then CONTINUATIONs until one carries END_HEADERS)
+/// is open; the server's, for when DATA goes out. h2 reads and writes the same bytes and
+/// checks them; this only counts, a few operations per frame. Written here because neither
+/// hyper nor h2 has a header timeout or a send timeout for HTTP/2, nor tells when a header
+/// block begins or DATA leaves.
 #[derive(Debug, Default)]
 pub(crate) struct Http2Frames {
-    /// Bytes of the connection preface still to come: they are no frame.
+    /// Bytes of the client's connection preface still to come: they are no frame.
     preface_left: usize,
-    /// The frame header being read.
-    head: [u8; 9],
-    head_len: u8,
-    /// Bytes of the current frame's payload still to come.
-    payload_left: u32,
-    /// The current frame completes a header block.
+    client: FrameSplitter,
+    server: FrameSplitter,
+    /// The client's current frame completes a header block.
     ends_block: bool,
     /// A header block is open.
     in_block: bool,
 }
 
 impl Http2Frames {
+    const DATA: u8 = 0x0;
     const HEADERS: u8 = 0x1;
     const CONTINUATION: u8 = 0x9;
     const END_HEADERS: u8 = 0x4;
 
-    /// Follows a client's bytes from the first, the connection preface of `preface` bytes.
+    /// Follows a client's bytes from the first, the connection preface of `preface` bytes,
+    /// and the server's from the first.
     pub(crate) fn after_preface(preface: usize) -> Http2Frames {
         Http2Frames { preface_left: preface, ..Http2Frames::default() }
     }
@@ -472,13 +510,71 @@ impl Http2Frames {
             self.preface_left -= n;
             bytes = &bytes[n..];
         }
+        let (ends_block, in_block) = (&mut self.ends_block, &mut self.in_block);
+        self.client.split(bytes, |piece| match piece {
+            Piece::Begins { kind, flags } => {
+                *ends_block = false;
+                if kind == Self::HEADERS || kind == Self::CONTINUATION {
+                    if !*in_block {
+                        *in_block = true;
+                        activity.header_block_started();
+                    }
+                    *ends_block = flags & Self::END_HEADERS != 0;
+                }
+            }
+            Piece::Payload { .. } => {}
+            Piece::Ends => {
+                if *in_block && *ends_block {
+                    *in_block = false;
+                    activity.header_block_ended();
+                }
+            }
+        });
+    }
+
+    /// Follows `bytes`, the next ones written to the client.
+    pub(crate) fn wrote(&mut self, bytes: &[u8], activity: &Activity) {
+        let mut data = false;
+        self.server.split(bytes, |piece| data |= matches!(piece, Piece::Payload { kind: Self::DATA }));
+        if data {
+            activity.data_sent();
+        }
+    }
+}
+
+/// Where frames begin and end in the bytes one side of an HTTP/2 connection sends.
+#[derive(Debug, Default)]
+struct FrameSplitter {
+    /// The frame header being read.
+    head: [u8; 9],
+    head_len: u8,
+    /// The current frame's type.
+    kind: u8,
+    /// Bytes of the current frame's payload still to come.
+    payload_left: u32,
+}
+
+/// What [`FrameSplitter::split`] found in some bytes.
+enum Piece {
+    /// A frame's header.
+    Begins { kind: u8, flags: u8 },
+    /// Some of the current frame's payload (not reported for an empty one).
+    Payload { kind: u8 },
+    /// The end of the current frame.
+    Ends,
+}
+
+impl FrameSplitter {
+    /// Follows `bytes`, the next ones of this side, telling `found` what they hold.
+    fn split(&mut self, mut bytes: &[u8], mut found: impl FnMut(Piece)) {
         while !bytes.is_empty() {
             if self.payload_left > 0 {
                 let n = bytes.len().min(self.payload_left as usize);
                 self.payload_left -= n as u32;
                 bytes = &bytes[n..];
+                found(Piece::Payload { kind: self.kind });
                 if self.payload_left == 0 {
-                    self.frame_read(activity);
+                    found(Piece::Ends);
                 }
                 continue;
             }
@@ -492,25 +588,12 @@ impl Http2Frames {
             }
             self.head_len = 0;
             let [l0, l1, l2, kind, flags, ..] = self.head;
-            self.ends_block = false;
-            if kind == Self::HEADERS || kind == Self::CONTINUATION {
-                if !self.in_block {
-                    self.in_block = true;
-                    activity.header_block_started();
-                }
-                self.ends_block = flags & Self::END_HEADERS != 0;
-            }
+            self.kind = kind;
+            found(Piece::Begins { kind, flags });
             self.payload_left = u32::from_be_bytes([0, l0, l1, l2]);
             if self.payload_left == 0 {
-                self.frame_read(activity);
+                found(Piece::Ends);
             }
-        }
-    }
-
-    fn frame_read(&mut self, activity: &Activity) {
-        if self.in_block && self.ends_block {
-            self.in_block = false;
-            activity.header_block_ended();
         }
     }
 }
@@ -524,6 +607,8 @@ struct Seen {
     block_since: u64,
     writes: u64,
     write_since: u64,
+    data: u64,
+    data_since: u64,
 }
 
 /// The timeouts in milliseconds, and the progress a body must make per body read timeout.
@@ -575,7 +660,7 @@ impl Sweeper {
     pub(crate) fn track(&self, reading_head: bool) -> Arc<Activity> {
         let activity = Arc::new(Activity::new(reading_head));
         let now = now_ms();
-        let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now, blocks: 0, block_since: 0, writes: 0, write_since: now };
+        let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now, blocks: 0, block_since: 0, writes: 0, write_since: now, data: 0, data_since: now };
         self.tracked.lock().unwrap_or_else(PoisonError::into_inner).push((Arc::downgrade(&activity), seen));
         activity
     }
@@ -623,7 +708,7 @@ mod tests {
     const T: Timeouts = Timeouts { header_read: HEAD, idle: IDLE, body_read: BODY, body_progress: PROGRESS, send: SEND };
 
     fn watched(activity: &Activity, at: u64) -> Seen {
-        Seen { phase: activity.phase.load(Ordering::Relaxed), since: at, blocks: 0, block_since: at, writes: 0, write_since: at }
+        Seen { phase: activity.phase.load(Ordering::Relaxed), since: at, blocks: 0, block_since: at, writes: 0, write_since: at, data: 0, data_since: at }
     }
 
     fn check(a: &Activity, seen: &mut Seen, now: u64) -> Option<Expiry> {
@@ -754,6 +839,36 @@ mod tests {
         frames.read(&continuation[continuation.len() - 1..], &a);
         assert_eq!(a.header_blocks.load(Ordering::Relaxed) % 2, 0);
         assert_eq!(check(&a, &mut seen, 20 + HEAD), None);
+    }
+
+    #[test]
+    fn an_http2_response_waiting_for_a_window_is_timed_until_data_goes_out() {
+        let a = Activity::new(true);
+        a.is_http2();
+        let mut frames = Http2Frames::after_preface(0);
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        assert_eq!(check(&a, &mut seen, 10 * SEND), None, "a response that waits for its plugin is not timed");
+        a.awaits_window();
+        let start = 10 * SEND + 10;
+        assert_eq!(check(&a, &mut seen, start), None, "the wait is seen here");
+        // What goes out besides DATA is no progress: a PING's answer, SETTINGS, and the
+        // header of a DATA frame whose payload has not followed yet.
+        frames.wrote(&frame(0x6, 0x1, &[0; 8]), &a);
+        frames.wrote(&frame(0x4, 0, &[]), &a);
+        let data = frame(0x0, 0, &[7; 100]);
+        frames.wrote(&data[..9], &a);
+        a.sent();
+        assert_eq!(check(&a, &mut seen, start + SEND - 1), None);
+        // Its payload is.
+        frames.wrote(&data[9..20], &a);
+        assert_eq!(check(&a, &mut seen, start + SEND), None, "the DATA is seen here");
+        assert_eq!(check(&a, &mut seen, start + 2 * SEND - 1), None);
+        assert_eq!(check(&a, &mut seen, start + 2 * SEND), Some(Expiry::Send));
+        // Once hyper asks for the next frame, the body waits for its plugin again.
+        a.window_opened();
+        let mut seen = watched(&a, start);
+        assert_eq!(check(&a, &mut seen, start + 10 * SEND), None);
     }
 
     #[test]

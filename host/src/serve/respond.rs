@@ -24,6 +24,7 @@ use crate::plugin::request::{Answer, BodyProgress, CallError, CallFailed, Head, 
 use crate::plugin::response::{BodyError, ResponseBody};
 use crate::plugin::upgrade::PendingUpgrade;
 use crate::plugin::{thread_generation, Current, Generation, InFlight, LentTally};
+use crate::serve::limits::Activity;
 use crate::serve::state::ConnState;
 
 /// Spawns hyper's HTTP/2 stream tasks on the runtime of the generation their request was
@@ -264,7 +265,7 @@ impl Future for Respond {
             };
             if let Respond::Calling(calling) = std::mem::replace(this, Respond::Answered(None)) {
                 match calling.finish(called) {
-                    Finished::Response(response) => return Poll::Ready(Ok(response.map(SentBody::Here))),
+                    Finished::Response(response) => return Poll::Ready(Ok(response.map(SentBody::here))),
                     Finished::Replayed(replayed) => *this = replayed,
                 }
             }
@@ -273,7 +274,7 @@ impl Future for Respond {
             let Poll::Ready(relayed) = Pin::new(response).poll(cx) else { return Poll::Pending };
             return Poll::Ready(Ok(relayed.unwrap_or_else(|_| {
                 // The new generation's runtime dropped the request: it is shutting down.
-                let mut response = Response::new(SentBody::Relayed(Relayed::ended()));
+                let mut response = Response::new(SentBody::relayed(Relayed::ended()));
                 *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                 response
             })));
@@ -296,7 +297,7 @@ impl Future for Respond {
 /// The host's own answer, `status`, to a request the plugin never sees.
 fn answer_early(status: StatusCode, request: &Request<Incoming>, id: RequestId, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Respond {
     let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
-    Respond::Answered(Some(error_response(status, id, in_flight, conn, started, access).map(SentBody::Here)))
+    Respond::Answered(Some(error_response(status, id, in_flight, conn, started, access).map(SentBody::here)))
 }
 
 fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest, replay: Option<Arc<Current>>) -> Respond {
@@ -680,7 +681,8 @@ pub(crate) struct HostBody {
     request_body: Option<Arc<BodyProgress>>,
     /// Its line in the access log, written when it is dropped (with `--access-log`).
     access: Option<Box<Access>>,
-    _conn: ConnRequest,
+    /// Its place on the connection.
+    conn: ConnRequest,
 }
 
 /// Why a response was cut off.
@@ -700,7 +702,7 @@ impl HostBody {
     fn new(mut body: ResponseBody, conn: ConnRequest, request_body: Option<Arc<BodyProgress>>, access: Option<Box<Access>>) -> HostBody {
         body.count_lent_in(|| conn.lent());
         body.generation().stats().stream_started();
-        HostBody { body, request_body, access, _conn: conn }
+        HostBody { body, request_body, access, conn }
     }
 
     fn generation(&self) -> &Arc<Generation> {
@@ -842,10 +844,70 @@ impl http_body::Body for HostBody {
     }
 }
 
-/// A response body as hyper sends it: from this thread, or relayed from another generation's.
-pub(crate) enum SentBody {
+/// A response body as hyper sends it: from this thread, or relayed from another
+/// generation's; and (HTTP/2) whether it waits for the client's flow-control window.
+pub(crate) struct SentBody {
+    source: Source,
+    window: AwaitingWindow,
+}
+
+enum Source {
     Here(HostBody),
     Relayed(Relayed),
+}
+
+impl SentBody {
+    fn here(body: HostBody) -> SentBody {
+        SentBody { source: Source::Here(body), window: AwaitingWindow(None) }
+    }
+
+    fn relayed(relayed: Relayed) -> SentBody {
+        SentBody { source: Source::Relayed(relayed), window: AwaitingWindow(None) }
+    }
+}
+
+impl Source {
+    /// The connection's activity, if it speaks HTTP/2.
+    fn http2_activity(&self) -> Option<&Arc<Activity>> {
+        match self {
+            Source::Here(body) => (!body.conn.h1).then_some(&body.conn.state.activity),
+            Source::Relayed(relayed) => relayed.http2.as_ref(),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Here(body) => body.is_end_stream(),
+            Source::Relayed(relayed) => relayed.end_stream,
+        }
+    }
+}
+
+/// HTTP/2: set (to the connection's activity) while hyper holds a frame of the body that it
+/// took and has not asked for the next of. hyper asks for the next only once the client's
+/// flow-control window has room for this one, so the body waits for the client, and the
+/// send timeout runs ([`Activity::awaits_window`]).
+struct AwaitingWindow(Option<Arc<Activity>>);
+
+impl AwaitingWindow {
+    fn set(&mut self, awaiting: bool, activity: &Arc<Activity>) {
+        if awaiting && self.0.is_none() {
+            activity.awaits_window();
+            self.0 = Some(activity.clone());
+        } else if !awaiting {
+            if let Some(activity) = self.0.take() {
+                activity.window_opened();
+            }
+        }
+    }
+}
+
+impl Drop for AwaitingWindow {
+    fn drop(&mut self) {
+        if let Some(activity) = self.0.take() {
+            activity.window_opened();
+        }
+    }
 }
 
 /// Serves a request on `next`, another generation than the one whose runtime runs the
@@ -859,6 +921,7 @@ where
     S: FnOnce(InFlight, ConnRequest) -> Respond + Send + 'static,
 {
     let (mut head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let http2 = (!conn.h1).then(|| conn.state.activity.clone());
     let runtime = next.handle().clone();
     runtime.spawn(async move {
         // Whatever ends it early (the client gone, the generation cut off) drops the request
@@ -871,20 +934,20 @@ where
             () = aborted.cancelled() => return,
         };
         let (parts, body) = response.into_parts();
-        let body = match body {
-            SentBody::Here(body) => body,
+        let body = match body.source {
+            Source::Here(body) => body,
             // Relayed on from here (a canary's failure answered by the current version): it
             // holds no plugin state, and goes to the connection as it is.
-            relayed @ SentBody::Relayed(_) => return drop(head_tx.send(Response::from_parts(parts, relayed))),
+            Source::Relayed(relayed) => return drop(head_tx.send(Response::from_parts(parts, SentBody::relayed(relayed)))),
         };
         if !matches!(body.body, ResponseBody::Plugin(_)) {
             // No plugin code left to run: hyper may drop it wherever it likes.
-            let _ = head_tx.send(Response::from_parts(parts, SentBody::Here(body)));
+            let _ = head_tx.send(Response::from_parts(parts, SentBody::here(body)));
             return;
         }
         let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(1);
-        let relayed = Relayed { frames: frames_rx, end_stream: false, size_hint: body.size_hint() };
-        if head_tx.send(Response::from_parts(parts, SentBody::Relayed(relayed))).is_err() {
+        let relayed = Relayed { frames: frames_rx, end_stream: false, size_hint: body.size_hint(), http2 };
+        if head_tx.send(Response::from_parts(parts, SentBody::relayed(relayed))).is_err() {
             return; // the client is gone; the body is dropped here, on its generation
         }
         let mut body = std::pin::pin!(body);
@@ -910,13 +973,15 @@ pub(crate) struct Relayed {
     frames: tokio::sync::mpsc::Receiver<Option<Result<Frame<Bytes>, SendError>>>,
     end_stream: bool,
     size_hint: SizeHint,
+    /// The connection's activity, if it speaks HTTP/2.
+    http2: Option<Arc<Activity>>,
 }
 
 impl Relayed {
     /// A body that has ended, empty.
     fn ended() -> Relayed {
         let (_, frames) = tokio::sync::mpsc::channel(1);
-        Relayed { frames, end_stream: true, size_hint: SizeHint::with_exact(0) }
+        Relayed { frames, end_stream: true, size_hint: SizeHint::with_exact(0), http2: None }
     }
 }
 
@@ -925,39 +990,46 @@ impl http_body::Body for SentBody {
     type Error = SendError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, SendError>>> {
-        match self.get_mut() {
-            SentBody::Here(body) => Pin::new(body).poll_frame(cx),
-            SentBody::Relayed(relayed) => {
-                if relayed.end_stream {
-                    return Poll::Ready(None);
-                }
-                match relayed.frames.poll_recv(cx) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Some(Some(frame))) => Poll::Ready(Some(frame)),
-                    Poll::Ready(Some(None)) => {
-                        relayed.end_stream = true;
-                        Poll::Ready(None)
-                    }
-                    Poll::Ready(None) => {
-                        relayed.end_stream = true;
-                        Poll::Ready(Some(Err(SendError::Aborted)))
-                    }
-                }
-            }
+        let this = self.get_mut();
+        let polled = match &mut this.source {
+            Source::Here(body) => Pin::new(body).poll_frame(cx),
+            Source::Relayed(relayed) => relayed.poll_frame(cx),
+        };
+        if let Some(activity) = this.source.http2_activity() {
+            let awaiting = matches!(&polled, Poll::Ready(Some(Ok(frame))) if frame.is_data()) && !this.source.is_end_stream();
+            this.window.set(awaiting, activity);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            SentBody::Here(body) => body.is_end_stream(),
-            SentBody::Relayed(relayed) => relayed.end_stream,
-        }
+        self.source.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            SentBody::Here(body) => body.size_hint(),
-            SentBody::Relayed(relayed) => relayed.size_hint,
+        match &self.source {
+            Source::Here(body) => body.size_hint(),
+            Source::Relayed(relayed) => relayed.size_hint,
+        }
+    }
+}
+
+impl Relayed {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, SendError>>> {
+        if self.end_stream {
+            return Poll::Ready(None);
+        }
+        match self.frames.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Some(frame))) => Poll::Ready(Some(frame)),
+            Poll::Ready(Some(None)) => {
+                self.end_stream = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(None) => {
+                self.end_stream = true;
+                Poll::Ready(Some(Err(SendError::Aborted)))
+            }
         }
     }
 }
