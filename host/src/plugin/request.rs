@@ -453,21 +453,20 @@ impl PluginCall {
             // below; this thread is the generation's, and `in_flight` holds it.
             unsafe { Written::read(out.assume_init_ref()) }
         });
-        let too_large = self.body.as_ref().is_some_and(|body| body.too_large.load(Ordering::Acquire));
+        let body_failed = self.body_failed();
         // Always `Some`: `in_flight` was checked above, and only this poll releases it.
         let Some(in_flight) = self.release() else { return Poll::Pending };
-        let error = match (r, written) {
-            _ if too_large => CallError::BodyTooLarge,
-            _ if timed_out => CallError::BodyTimedOut,
-            (_, Some(Ok(Written { status, headers, body, upgrade }))) => {
+        let error = match (body_failed, r, written) {
+            (Some(failed), ..) => failed,
+            (None, _, Some(Ok(Written { status, headers, body, upgrade }))) => {
                 let upgrade = upgrade.map(|ffi| PendingUpgrade::new(ffi, InFlight::new(in_flight.generation().clone())));
                 let mut response = http::Response::new(body.into_response_body(in_flight));
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
                 return Poll::Ready(Ok(Answer { response, upgrade }));
             }
-            (_, Some(Err(invalid))) => CallError::Invalid(invalid),
-            (FfiPoll::PANICKED, _) => CallError::Panicked,
+            (None, _, Some(Err(invalid))) => CallError::Invalid(invalid),
+            (None, FfiPoll::PANICKED, _) => CallError::Panicked,
             _ => CallError::Invalid("the handler failed".into()),
         };
         // Whatever the plugin handed over for this answer not given (a body, an upgrade) was
@@ -480,12 +479,21 @@ impl PluginCall {
     /// that failure, as `poll` would end it). `None` if it had ended already.
     pub(crate) fn give_up(&mut self, error: CallError) -> Option<CallFailed> {
         debug_assert_eq!(thread_generation(), self.in_flight.as_ref()?.generation().id(), "a plugin call dropped outside its generation");
-        let error = match &self.body {
-            Some(body) if body.too_large.load(Ordering::Acquire) => CallError::BodyTooLarge,
-            Some(body) if body.timed_out() => CallError::BodyTimedOut,
-            _ => error,
-        };
+        let error = self.body_failed().unwrap_or(error);
         self.release().map(|in_flight| CallFailed { error, in_flight })
+    }
+
+    /// How the request failed on the host's side, if its body did (too large, or too slow):
+    /// that is the answer, whatever the plugin made of the failed read.
+    fn body_failed(&self) -> Option<CallError> {
+        let body = self.body.as_ref()?;
+        if body.too_large.load(Ordering::Acquire) {
+            Some(CallError::BodyTooLarge)
+        } else if body.timed_out() {
+            Some(CallError::BodyTimedOut)
+        } else {
+            None
+        }
     }
 
     /// Releases the plugin's state, and gives back the hold on its generation (`None` if it
