@@ -518,6 +518,49 @@ fn an_http2_client_that_grants_no_window_is_cut_off_after_the_send_timeout() {
 }
 
 #[test]
+fn an_http2_response_whose_one_frame_waits_for_a_window_is_cut_off_too() {
+    let host = example(&["--send-timeout", "1s"]);
+    // Hello world: its body is one frame, the last, which hyper holds until the window opens.
+    let mut h2 = h2_connect_with(&host, &[0, 4, 0, 0, 0, 0]);
+    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get("/"))).unwrap();
+    let started = Instant::now();
+    let pings = drip(h2.try_clone().unwrap(), vec![h2_frame(PING, 0, 0, b"12345678")], Duration::from_millis(200), Duration::from_secs(15));
+    let (_, _) = read_to_close(&mut h2);
+    assert!(started.elapsed() < Duration::from_secs(4), "held {:?}", started.elapsed());
+    assert!(pings.join().unwrap().is_err(), "the connection stayed open");
+    assert!(host.wait_for_log("the client read nothing of its responses for the send timeout", WAIT), "{}", host.log());
+}
+
+#[test]
+fn an_http2_response_still_going_out_after_its_stream_ended_is_not_idle() {
+    let host = example(&["--idle-timeout", "1s"]);
+    // One 64 KiB chunk to a client that grants 8 KiB every 250 ms (2 s): the body has all
+    // been handed to h2 at the first grant, long before the client has read it.
+    const SIZE: usize = 64 * 1024;
+    let mut h2 = h2_connect_with(&host, &[0, 4, 0, 0, 0, 0]);
+    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get(&format!("/download?size={SIZE}")))).unwrap();
+    let mut got = 0;
+    'read: loop {
+        h2.write_all(&h2_frame(WINDOW_UPDATE, 0, 1, &8192u32.to_be_bytes())).unwrap();
+        h2.write_all(&h2_frame(WINDOW_UPDATE, 0, 0, &8192u32.to_be_bytes())).unwrap();
+        let mut granted = 8192;
+        while granted > 0 {
+            let (kind, flags, id, payload) = h2_read_frame(&mut h2);
+            assert!(kind != 0x7, "cut off (GOAWAY) after {got} bytes\n{}", host.log());
+            if kind == DATA && id == 1 {
+                got += payload.len();
+                granted -= payload.len().min(granted);
+                if flags & END_STREAM != 0 {
+                    break 'read;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(got, SIZE);
+}
+
+#[test]
 fn an_http2_connection_sending_only_pings_is_closed_after_the_idle_timeout() {
     let host = example(&["--idle-timeout", "1s"]);
     let mut h2 = h2_connect(&host);

@@ -189,6 +189,25 @@ async fn a_websocket_over_http2_extended_connect_stays_on_its_build() {
     assert_eq!(mapped.len(), 1, "v1 still mapped after its session closed: {mapped:?}\n{}", host.log());
 }
 
+#[tokio::test]
+async fn a_websocket_over_http2_whose_client_grants_no_window_is_cut_off() {
+    let host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap(), "--send-timeout", "1s"]);
+    let mut ws = connect_h2(&host).await;
+    assert!(!greeting(&mut ws).await.is_empty());
+    // The client sends and never reads: the echoes fill its stream's window, which it never
+    // opens again, and the echo's writes wait. The session ends when the connection is cut.
+    let flooded = tokio::time::timeout(WAIT, async {
+        for seed in 0.. {
+            if ws.send(Message::binary(payload(seed, 60 * 1024))).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(flooded.is_ok(), "a WebSocket client granting no window was not cut off\n{}", host.log());
+    assert!(host.wait_for_log("the client read nothing of its responses for the send timeout", WAIT), "{}", host.log());
+}
+
 /// `POST /context` of the faulty fixture over `version`, with a body and trailers; returns
 /// its answer.
 async fn context_via(host: &Host, http2: bool) -> String {

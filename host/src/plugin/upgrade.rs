@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use handler_api::abi::{self, FfiFuture, FfiPoll, FfiStr, FfiWaker};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -22,6 +21,12 @@ use crate::plugin::generation::{Generation, InFlight};
 use crate::plugin::response::Unaccepted;
 use crate::plugin::services::PluginContext;
 use crate::plugin::wakers::Parking;
+
+/// The connection a switch of protocols leaves, as the host lends it to the plugin: hyper's
+/// upgraded stream, with whatever the server watches of it.
+pub(crate) trait UpgradedIo: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> UpgradedIo for T {}
 
 /// An upgrade the plugin accepted, waiting for the host to switch protocols. It holds its
 /// generation as a request in flight does; dropping it releases the plugin's state (on a
@@ -52,11 +57,11 @@ impl PendingUpgrade {
 
     /// Starts the plugin's session on `io`, the connection after the switch. Must run on a
     /// thread of the generation.
-    pub(crate) fn start(self, io: hyper::upgrade::Upgraded) -> Result<Session, SessionError> {
+    pub(crate) fn start(self, io: impl UpgradedIo + 'static) -> Result<Session, SessionError> {
         let PendingUpgrade { ffi, hold } = self;
         let ffi = std::mem::ManuallyDrop::new(ffi); // `start` consumes the state
         let io = Box::into_raw(Box::new(HostIo {
-            io: TokioIo::new(io),
+            io: Box::new(io),
             reading: Parking::default(),
             writing: Parking::default(),
         }));
@@ -119,7 +124,7 @@ impl Drop for Session {
 
 /// An upgraded connection lent to the plugin.
 struct HostIo {
-    io: TokioIo<hyper::upgrade::Upgraded>,
+    io: Box<dyn UpgradedIo>,
     /// Wakers the plugin made itself, parked here instead of inside hyper or the reactor: one
     /// for reading, one for writing (flush and shutdown included), as tokio and hyper keep
     /// one of each; a reader and a writer on two tasks each get theirs back.
@@ -144,7 +149,7 @@ unsafe fn with_io(
     io: *mut c_void,
     waker: *const FfiWaker,
     direction: Direction,
-    f: impl FnOnce(Pin<&mut TokioIo<hyper::upgrade::Upgraded>>, &mut Context<'_>) -> FfiPoll,
+    f: impl FnOnce(Pin<&mut dyn UpgradedIo>, &mut Context<'_>) -> FfiPoll,
 ) -> FfiPoll {
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: forwarded from the caller.
@@ -158,7 +163,7 @@ unsafe fn with_io(
         // SAFETY: as above; `borrowed` is its view.
         let waker = unsafe { parking.waker(waker, &borrowed) };
         let mut cx = Context::from_waker(waker);
-        f(Pin::new(io), &mut cx)
+        f(Pin::new(&mut **io), &mut cx)
     }))
     .unwrap_or(FfiPoll::ERROR)
 }

@@ -20,8 +20,9 @@
 //!   block in progress stalls everything the client sends on that connection, so it is timed
 //!   out even while other streams are in progress;
 //! - *idle timeout*: no request in progress, and (HTTP/1) nothing received or sent since. An
-//!   HTTP/2 connection is idle whenever no stream is in progress, whatever bytes flow: PINGs,
-//!   SETTINGS and WINDOW_UPDATEs are answered by h2 itself and are no requests;
+//!   HTTP/2 connection is idle whenever no stream is in progress and no DATA goes out,
+//!   whatever other bytes flow: PINGs, SETTINGS and WINDOW_UPDATEs are answered by h2 itself
+//!   and are no requests;
 //! - *body read timeout*: a request body the plugin is waiting for brought less than
 //!   `--min-body-rate` × the timeout (at least one byte) within the timeout. The body's
 //!   [`BodyProgress`] counts what the plugin got and whether it waits; time the plugin spends
@@ -30,11 +31,12 @@
 //!   the connection is closed (HTTP/1) or the stream reset (HTTP/2);
 //! - *send timeout*: the connection has had bytes to write and the client's socket has taken
 //!   none of them for the timeout (a client that stops reading a response, or never reads
-//!   one); or (HTTP/2) a response waits for the client's flow-control window and no DATA has
-//!   gone out for the timeout (a client that stops granting window: its socket takes all the
-//!   rest, PINGs answered included). Honoured whatever is in progress: the connection is
-//!   closed, its responses cut off (an upgraded connection's next write fails), and what they
-//!   held is freed.
+//!   one); or (HTTP/2) a response or upgraded stream waits for the client's flow-control
+//!   window and no DATA has gone out for the timeout (a client that stops granting window:
+//!   its socket takes all the rest, PINGs answered included). As for HTTP/1, it is the
+//!   connection that is timed: DATA of any of its streams is progress. Honoured whatever is
+//!   in progress: the connection is closed, its responses cut off (an upgraded connection's
+//!   next write fails), and what they held is freed.
 //!
 //! Otherwise a connection with a request in progress (a long download, a steady upload) is
 //! never timed out here; the drain timeout bounds those on old generations. The connection's
@@ -265,8 +267,11 @@ impl Activity {
     /// next only once the client's flow-control window has room for this one. Until
     /// [`Activity::window_opened`], DATA must go out within the send timeout.
     pub(crate) fn awaits_window(&self) {
-        self.awaiting_window.fetch_add(1, Ordering::Relaxed);
-        self.data_out.fetch_add(1, Ordering::Relaxed);
+        // The first starts the timer; others join it (a client that opens streams it grants
+        // no window for must not restart it).
+        if self.awaiting_window.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.data_out.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// HTTP/2: hyper asked a body that [`Activity::awaits_window`] for its next frame (or
@@ -275,9 +280,11 @@ impl Activity {
         self.awaiting_window.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// HTTP/2: a write carried DATA. Called by the task that writes only.
+    /// HTTP/2: a write carried DATA: progress for the send timeout, and activity for the idle
+    /// timeout (h2 may still be sending a response whose body, and so its request, has ended).
     fn data_sent(&self) {
-        self.data_out.store(self.data_out.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        self.data_out.fetch_add(1, Ordering::Relaxed);
+        self.changed(false);
     }
 
     /// Whether the send timeout has expired the connection (its writes then fail).
@@ -869,6 +876,22 @@ mod tests {
         a.window_opened();
         let mut seen = watched(&a, start);
         assert_eq!(check(&a, &mut seen, start + 10 * SEND), None);
+    }
+
+    #[test]
+    fn http2_data_going_out_after_its_stream_ended_is_no_idleness() {
+        let a = Activity::new(true);
+        a.is_http2();
+        let mut frames = Http2Frames::after_preface(0);
+        let mut seen = watched(&a, 0);
+        a.request_started();
+        a.request_ended(); // the body was all handed to h2, which sends it as the client reads
+        let data = frame(0x0, 0, &[7; 100]);
+        for at in (0..3 * IDLE).step_by(1_000) {
+            frames.wrote(&data, &a);
+            assert_eq!(check(&a, &mut seen, at), None, "idle at {at}");
+        }
+        assert_eq!(check(&a, &mut seen, 4 * IDLE - 1_000), Some(Expiry::Idle));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use handler_api::RequestId;
 use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use crate::plugin::request::{Answer, BodyProgress, CallError, CallFailed, Head, PluginCall};
 use crate::plugin::response::{BodyError, ResponseBody};
@@ -564,7 +565,13 @@ async fn run_session(upgrade: PendingUpgrade, on_upgrade: hyper::upgrade::OnUpgr
         // one before: the socket re-registers here at its next poll.
         held.state.generation.store(generation.clone());
     }
-    let session = match upgrade.start(io) {
+    let io = TokioIo::new(io);
+    let started = if held.h1 {
+        upgrade.start(io)
+    } else {
+        upgrade.start(WindowWatched { io, activity: held.state.activity.clone(), window: AwaitingWindow(None) })
+    };
+    let session = match started {
         Ok(session) => session,
         Err(e) => return tracing::error!(request_id = %id, generation = generation.id(), plugin = %generation.label(), "{e}"),
     };
@@ -884,9 +891,9 @@ impl Source {
 }
 
 /// HTTP/2: set (to the connection's activity) while hyper holds a frame of the body that it
-/// took and has not asked for the next of. hyper asks for the next only once the client's
-/// flow-control window has room for this one, so the body waits for the client, and the
-/// send timeout runs ([`Activity::awaits_window`]).
+/// took and has not asked for the next of (or, for the last, not let go of the body). hyper
+/// does either only once the client's flow-control window has room for the frame, so the
+/// body waits for the client, and the send timeout runs ([`Activity::awaits_window`]).
 struct AwaitingWindow(Option<Arc<Activity>>);
 
 impl AwaitingWindow {
@@ -907,6 +914,58 @@ impl Drop for AwaitingWindow {
         if let Some(activity) = self.0.take() {
             activity.window_opened();
         }
+    }
+}
+
+/// An HTTP/2 stream after a switch of protocols (extended CONNECT): a write (or flush) that
+/// waits, waits for the client's flow-control window (the socket's own waits are seen below
+/// h2), and the send timeout runs until one goes through.
+struct WindowWatched {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    activity: Arc<Activity>,
+    window: AwaitingWindow,
+}
+
+impl WindowWatched {
+    fn wrote<T>(&mut self, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        self.window.set(polled.is_pending(), &self.activity);
+        polled
+    }
+}
+
+impl tokio::io::AsyncRead for WindowWatched {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WindowWatched {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote(polled)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.wrote(polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.wrote(polled)
     }
 }
 
@@ -996,7 +1055,9 @@ impl http_body::Body for SentBody {
             Source::Relayed(relayed) => relayed.poll_frame(cx),
         };
         if let Some(activity) = this.source.http2_activity() {
-            let awaiting = matches!(&polled, Poll::Ready(Some(Ok(frame))) if frame.is_data()) && !this.source.is_end_stream();
+            // The last frame too: hyper holds it until the window has room, and only then
+            // lets go of the body.
+            let awaiting = matches!(&polled, Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(|data| !data.is_empty()));
             this.window.set(awaiting, activity);
         }
         polled
