@@ -10,12 +10,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::abi::{self, FfiJob, FfiPoll};
 use crate::host;
 
-/// Waits until `duration` has elapsed, on the host's timer.
+/// Waits until `duration` has elapsed since the call, on the host's timer (like
+/// `tokio::time::sleep`, the countdown starts when the future is made, not when it is first
+/// polled).
 ///
 /// # Example
 ///
@@ -31,13 +33,16 @@ use crate::host;
 /// `handler_api::testing::install` (feature `testing`) has run and a tokio runtime with a
 /// timer is current.
 pub fn sleep(duration: Duration) -> Sleep {
-    Sleep { duration, handle: std::ptr::null_mut() }
+    Sleep { duration, deadline: Instant::now().checked_add(duration), handle: std::ptr::null_mut() }
 }
 
 /// Future returned by [`sleep`].
 #[derive(Debug)]
 pub struct Sleep {
     duration: Duration,
+    /// When it is due (`None`: beyond what `Instant` can say; then `duration` from the first
+    /// poll).
+    deadline: Option<Instant>,
     handle: *mut c_void,
 }
 
@@ -51,7 +56,8 @@ impl Future for Sleep {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if self.handle.is_null() {
-            let nanos = u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX);
+            let left = self.deadline.map_or(self.duration, |deadline| deadline.saturating_duration_since(Instant::now()));
+            let nanos = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
             // SAFETY: a plain call into the host's table.
             self.handle = unsafe { (host().sleep_new)(nanos) };
             assert!(!self.handle.is_null(), "handler_api::sleep polled outside the hotswap host's runtime");

@@ -394,6 +394,16 @@ mod tests {
     }
 
     #[test]
+    fn sleep_counts_from_when_it_is_made_not_first_polled() {
+        let started = Instant::now();
+        let due = crate::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(400)); // work before the first poll
+        run(due);
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_millis(700), "woke after {elapsed:?}, not 400 ms after it was made");
+    }
+
+    #[test]
     fn sleeps_run_concurrently() {
         let started = Instant::now();
         run(async {
