@@ -821,6 +821,7 @@ pub mod waker {
     use core::ffi::c_void;
     use core::mem::ManuallyDrop;
     use core::task::{RawWaker, RawWakerVTable, Waker};
+    use std::panic::{catch_unwind, AssertUnwindSafe};
 
     // An FfiWaker whose data is a `Waker` of this side: borrowed (`&Waker`) when passed into
     // a poll, or boxed (`Box<Waker>`) once cloned.
@@ -831,7 +832,12 @@ pub mod waker {
         drop: native_drop,
     };
 
-    /// `clone` of NATIVE: an owned (boxed) clone of the `Waker` behind `data`.
+    // A waker's functions run its maker's code (a custom executor's `Wake`, say), which may
+    // panic; unwinding out of an `extern "C"` function aborts the process, so each catches it.
+    // A wake that panicked is lost, as it would be had the waker's maker dropped it.
+
+    /// `clone` of NATIVE: an owned (boxed) clone of the `Waker` behind `data`; a waker that
+    /// does nothing if that clone panicked.
     ///
     /// # Safety
     /// `data` must be the data of a NATIVE waker, borrowed or owned: a live `Waker` of this
@@ -839,7 +845,9 @@ pub mod waker {
     unsafe extern "C" fn native_clone(data: *const c_void) -> FfiWaker {
         // SAFETY: NATIVE wakers always point at a live `Waker` of this side.
         let waker = unsafe { &*(data as *const Waker) };
-        FfiWaker { data: Box::into_raw(Box::new(waker.clone())) as *const c_void, vtable: &NATIVE }
+        catch_unwind(AssertUnwindSafe(|| waker.clone()))
+            .map(|clone| FfiWaker { data: Box::into_raw(Box::new(clone)) as *const c_void, vtable: &NATIVE })
+            .unwrap_or(FfiWaker { data: core::ptr::null(), vtable: &NOOP })
     }
     /// `wake` of NATIVE: wakes and releases an owned waker.
     ///
@@ -848,7 +856,8 @@ pub mod waker {
     /// not used again afterwards.
     unsafe extern "C" fn native_wake(data: *const c_void) {
         // SAFETY: only owned (boxed) NATIVE wakers are woken by value.
-        unsafe { Box::from_raw(data as *mut Waker) }.wake();
+        let waker = unsafe { Box::from_raw(data as *mut Waker) };
+        let _ = catch_unwind(AssertUnwindSafe(|| waker.wake()));
     }
     /// `wake_by_ref` of NATIVE: wakes, keeping the waker valid.
     ///
@@ -856,7 +865,8 @@ pub mod waker {
     /// As for `native_clone`: `data` must be the data of a NATIVE waker, borrowed or owned.
     unsafe extern "C" fn native_wake_by_ref(data: *const c_void) {
         // SAFETY: as in `native_clone`.
-        unsafe { &*(data as *const Waker) }.wake_by_ref();
+        let waker = unsafe { &*(data as *const Waker) };
+        let _ = catch_unwind(AssertUnwindSafe(|| waker.wake_by_ref()));
     }
     /// `drop` of NATIVE: releases an owned waker without waking.
     ///
@@ -864,8 +874,25 @@ pub mod waker {
     /// As for `native_wake`: `data` must be the data of an owned NATIVE waker, not used again.
     unsafe extern "C" fn native_drop(data: *const c_void) {
         // SAFETY: only owned (boxed) NATIVE wakers are dropped.
-        drop(unsafe { Box::from_raw(data as *mut Waker) });
+        let waker = unsafe { Box::from_raw(data as *mut Waker) };
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(waker)));
     }
+
+    /// A waker that does nothing: what a clone that panicked gives.
+    static NOOP: FfiWakerVTable = FfiWakerVTable { clone: noop_clone, wake: noop, wake_by_ref: noop, drop: noop };
+
+    /// `clone` of NOOP.
+    ///
+    /// # Safety
+    /// None: it touches nothing. An `unsafe fn` only to have an `FfiWakerVTable` entry's type.
+    unsafe extern "C" fn noop_clone(_: *const c_void) -> FfiWaker {
+        FfiWaker { data: core::ptr::null(), vtable: &NOOP }
+    }
+    /// `wake`, `wake_by_ref` and `drop` of NOOP.
+    ///
+    /// # Safety
+    /// None, as for `noop_clone`.
+    unsafe extern "C" fn noop(_: *const c_void) {}
 
     // A std Waker wrapping an FfiWaker of the other side: borrowed (`*const FfiWaker`) for the
     // duration of a poll, or boxed once cloned.
@@ -964,5 +991,35 @@ pub mod waker {
         }
         // SAFETY: BORROWED's functions only read `ffi`, which the caller keeps valid.
         ManuallyDrop::new(unsafe { Waker::from_raw(RawWaker::new(ffi as *const (), &BORROWED)) })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::sync::Arc;
+        use std::task::Wake;
+
+        use super::*;
+
+        /// A maker's waker whose every function panics.
+        struct Panicky;
+
+        impl Wake for Panicky {
+            fn wake(self: Arc<Self>) {
+                panic!("a waker that panics");
+            }
+        }
+
+        #[test]
+        fn a_waker_that_panics_does_not_unwind_into_the_other_side() {
+            let waker = Waker::from(Arc::new(Panicky));
+            let lent = lend(&waker);
+            // SAFETY: `lent` is a borrowed NATIVE waker of the live `waker`; the clone is owned,
+            // and woken once.
+            unsafe {
+                ((*lent.vtable).wake_by_ref)(lent.data);
+                let owned = ((*lent.vtable).clone)(lent.data);
+                ((*owned.vtable).wake)(owned.data);
+            }
+        }
     }
 }
