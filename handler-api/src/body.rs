@@ -151,7 +151,9 @@ impl Body {
         Ok(all.into())
     }
 
-    /// The exact length, when known in advance.
+    /// The exact length of what is left of the body, when known: all of it before the first
+    /// chunk is read. A body handed on after some of it was read (as a response, say) is sent
+    /// with this length.
     pub fn exact_len(&self) -> Option<u64> {
         match &self.kind {
             Kind::Empty => Some(0),
@@ -190,15 +192,21 @@ impl Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, BoxError>>> {
-        match &mut self.kind {
-            Kind::Empty => Poll::Ready(None),
-            Kind::Full(_) => match std::mem::replace(&mut self.kind, Kind::Empty) {
-                Kind::Full(b) if !b.is_empty() => Poll::Ready(Some(Ok(b))),
-                _ => Poll::Ready(None),
-            },
-            Kind::Stream { stream, .. } => stream.as_mut().poll_next(cx),
-            Kind::Host(h) => h.poll_chunk(cx),
+        let (polled, exact_len) = match &mut self.kind {
+            Kind::Empty => return Poll::Ready(None),
+            Kind::Full(_) => {
+                return match std::mem::replace(&mut self.kind, Kind::Empty) {
+                    Kind::Full(b) if !b.is_empty() => Poll::Ready(Some(Ok(b))),
+                    _ => Poll::Ready(None),
+                };
+            }
+            Kind::Stream { stream, exact_len } => (stream.as_mut().poll_next(cx), exact_len),
+            Kind::Host(h) => (h.poll_chunk(cx), &mut h.exact_len),
+        };
+        if let (Poll::Ready(Some(Ok(chunk))), Some(left)) = (&polled, exact_len) {
+            *left = left.saturating_sub(chunk.len() as u64);
         }
+        polled
     }
 }
 
@@ -501,6 +509,17 @@ mod tests {
         let body = Body::new(Later { polls: 0, fail: false });
         assert!(matches!(body.kind, Kind::Stream { exact_len: Some(4), .. }), "{body:?}");
         assert_eq!(drain(body).unwrap(), b"late");
+    }
+
+    #[test]
+    fn a_body_partly_read_tells_the_length_of_what_is_left() {
+        let chunks = futures_util::stream::iter([Ok::<_, BoxError>(Bytes::from_static(b"magic")), Ok(Bytes::from_static(b"rest"))]);
+        let mut body = Body::sized_stream(9, chunks);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(Pin::new(&mut body).poll_chunk(&mut cx), Poll::Ready(Some(Ok(b))) if b == "magic"));
+        assert_eq!(body.exact_len(), Some(4));
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(4));
+        assert_eq!(drain(body).unwrap(), b"rest");
     }
 
     #[test]
