@@ -382,6 +382,24 @@ async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
 }
 
 #[tokio::test]
+async fn a_host_that_is_pid_1_refuses_to_upgrade_and_goes_on_serving() {
+    // PID 1 of a PID namespace of its own, as in a container.
+    let probe = std::process::Command::new("unshare").args(["--pid", "--fork", "true"]).output();
+    if !probe.is_ok_and(|out| out.status.success()) {
+        eprintln!("SKIPPED the PID 1 test: `unshare --pid` is not allowed here");
+        return;
+    }
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child", "--"]).arg(&artifacts().hotswap);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin", artifacts().example.to_str().unwrap()]);
+    let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    let error = upgrade(&host.admin, &[]).await.unwrap_err();
+    assert!(error.contains("this host is PID 1") && error.contains("rolling out a new image"), "{error}");
+    let served = reqwest::get(host.url("/")).await.unwrap();
+    assert_eq!(served.status(), 200);
+}
+
+#[tokio::test]
 async fn websockets_and_http2_finish_on_the_old_host() {
     use crate::upgrades::{connect, echo, greeting};
     use tokio_tungstenite::tungstenite::Message;

@@ -282,6 +282,15 @@ enum NotServing {
 /// Starts `binary` and waits until it serves (or fails, exits, or lets `timeout` pass).
 async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) -> anyhow::Result<(Channel, Successor, UpgradeRecord)> {
     let ordered = SystemTime::now();
+    // As PID 1 (of a container), this process ends its container when it exits after handing
+    // over, and the new host with it; an init in front (tini, `docker run --init`) ends it too,
+    // when its one child exits.
+    anyhow::ensure!(
+        std::process::id() != 1,
+        "this host is PID 1 (of its container): once it hands over and exits, the container \
+         stops, and the new host with it. In a container, upgrade the host by rolling out a new \
+         image (Kubernetes: a rolling update of the Deployment)"
+    );
     check_binary(binary)?;
     let (ours, theirs) = UnixSeqpacket::pair().context("cannot create the socket pair for the hand-over")?;
     let theirs = OwnedFd::from(theirs);
