@@ -23,10 +23,11 @@
 # VERSION is the plugin's declared version (build metadata aside), which is also the tag of
 # its artifact.
 #
-# Needs bash 4.2 or later, kubectl and jq. Exits 0 when every pod serves VERSION; 1 when a
-# canary was rolled back or its host restarted (the reason is printed; the pods already
-# moved are put back); 2 on a usage error; 3 when a step did not happen in time, or a
-# kubectl call failed.
+# Needs bash 4.2 or later, kubectl and jq. Exits 0 when every ready pod serves VERSION; 1
+# when a canary was rolled back or its host restarted (the reason is printed; the pods already
+# moved, and the one that ran the canary, are put back); 2 on a usage error; 3 when a step did
+# not happen in time, or a kubectl call failed; 4 when the Deployment cannot be rolled now
+# (no ready pod, or a canary already running).
 set -euo pipefail
 
 # The comment above, as the help.
@@ -56,28 +57,33 @@ done
 for n in "$timeout" "$wait_build" "$poll"; do
     [[ $n =~ ^[0-9]+$ ]] || { say "\`$n\` is not a number of seconds"; exit 2; }
 done
+for p in "$percent" "$rest_percent"; do
+    [[ $p =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v p="$p" 'BEGIN { exit !(p > 0 && p <= 100) }' \
+        || { say "\`$p\` is not a share between 0 (excluded) and 100 percent"; exit 2; }
+done
 for tool in kubectl jq; do
     command -v "$tool" >/dev/null || { say "$tool is required"; exit 2; }
 done
 
-# kubectl, in the namespace if one was given; a failure exits 3.
+# kubectl, in the namespace if one was given; a failure returns 3 (and, under `set -e`, ends
+# the script with it, except where the caller tests the status: `undo` goes on).
 k() {
     if [[ -n $namespace ]]; then kubectl --namespace "$namespace" "$@"; else kubectl "$@"; fi \
-        || { say "kubectl $* failed"; exit 3; }
+        || { say "kubectl $* failed"; return 3; }
 }
 # `hotswap ARGS` in a pod, through its admin API.
 hs() { local pod=$1; shift; k exec "$pod" -c hotswap -- hotswap "$@"; }
 status() { hs "$1" status --json; }
 # jq with the version (build metadata aside, as the host compares) as $v.
 jqv() { jq --arg v "${version%%+*}" "$@"; }
-ours='(.version | split("+")[0]) == $v'
+ours='((.version // "") | split("+")[0]) == $v'
 
 # Running, ready pods that are not on their way out.
 read -r -a pods <<<"$(k get pods -l "$selector" -o json | jq -r '.items[]
     | select(.metadata.deletionTimestamp == null and .status.phase == "Running")
     | select(any(.status.conditions[]?; .type == "Ready" and .status == "True"))
     | .metadata.name' | tr '\n' ' ')"
-((${#pods[@]})) || { say "no ready pod matches $selector"; exit 2; }
+((${#pods[@]})) || { say "no ready pod matches $selector"; exit 4; }
 say "${#pods[@]} pods: ${pods[*]}"
 
 # What each pod serves now, and the build it must have.
@@ -89,17 +95,26 @@ for pod in "${pods[@]}"; do
         sleep "$poll"
     done
     doc=$(status "$pod")
-    jq -e '.canary == null' <<<"$doc" >/dev/null || { say "$pod runs a canary already: end it first (hotswap canary --abort)"; exit 2; }
+    jq -e '.canary == null' <<<"$doc" >/dev/null || { say "$pod runs a canary already: end it first (hotswap canary --abort)"; exit 4; }
     before[$pod]=$(jq -r '.current.version' <<<"$doc")
     say "$pod serves ${before[$pod]}"
 done
 
 moved=()
-running=""
-# Puts every pod moved so far back on the version it served (and ends a canary under way).
+running="" trying=""
+# Puts every pod moved so far back on the version it served, and ends a canary under way; the
+# pod that ran it too, if it does not serve what it did (its host restarted, and serves the
+# newest build it has).
 undo() {
     if [[ -n $running ]]; then
         hs "$running" canary --abort >/dev/null 2>&1 || true
+    fi
+    if [[ -n $trying ]]; then
+        local now
+        now=$(status "$trying" 2>/dev/null | jq -r '.current.version' 2>/dev/null) || now=""
+        if [[ ${now%%+*} != "${before[$trying]%%+*}" ]]; then
+            moved+=("$trying")
+        fi
     fi
     for pod in ${moved[@]+"${moved[@]}"}; do
         say "$pod: back to ${before[$pod]}"
@@ -112,9 +127,12 @@ trap 'say "interrupted"; undo; exit 3' INT TERM
 # back. Returns 0 when promoted, 1 when rolled back (or the host restarted), 2 on a timeout,
 # 3 when kubectl failed. (`set -e` is off in here: the caller tests the status.)
 canary() {
-    local pod=$1 share=$2 doc pid generation
+    local pod=$1 share=$2 doc pid uptime generation
     doc=$(status "$pod") || return 3
+    # A restart shows as another pid, or (in a container, where the host may be PID 1 each
+    # time) as an uptime that went back.
     pid=$(jq -r '.pid' <<<"$doc")
+    uptime=$(jq -r '.uptime_seconds' <<<"$doc")
     doc=$(hs "$pod" canary "$version" --percent "$share" --json) || { say "$pod: the canary did not start"; return 1; }
     generation=$(jq -r '.canary.generation' <<<"$doc")
     running=$pod
@@ -122,7 +140,7 @@ canary() {
     local deadline=$((SECONDS + timeout))
     while :; do
         doc=$(status "$pod") || return 3
-        if [[ $(jq -r '.pid' <<<"$doc") != "$pid" ]]; then
+        if [[ $(jq -r '.pid' <<<"$doc") != "$pid" ]] || jq -e --argjson u "$uptime" '.uptime_seconds < $u' <<<"$doc" >/dev/null; then
             say "$pod: its host restarted (or was replaced) during the canary: not judged"
             running=""
             return 1
@@ -152,12 +170,14 @@ done
 share=$percent
 for pod in ${todo[@]+"${todo[@]}"}; do
     rc=0
+    trying=$pod
     canary "$pod" "$share" || rc=$?
     if ((rc != 0)); then
         undo
         exit $((rc == 1 ? 1 : 3))
     fi
     moved+=("$pod")
+    trying=""
     share=$rest_percent
 done
 trap - INT TERM
@@ -166,4 +186,4 @@ if [[ -n $configmap ]]; then
     k patch configmap "$configmap" --type merge -p "$patch" >/dev/null
     say "released $version (ConfigMap $configmap): a host that restarts serves it"
 fi
-say "every pod serves $version"
+say "every ready pod serves $version"
