@@ -232,8 +232,8 @@ pub(crate) struct HostArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) init_timeout: Duration,
 
-    /// Worker threads per generation (default: one per CPU).
-    #[arg(long)]
+    /// Worker threads per generation, at least 1 (default: one per CPU).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub(crate) workers: Option<usize>,
 
     /// Directory for the private shadow copies of plugins (a 0700 subdirectory is created

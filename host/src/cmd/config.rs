@@ -84,6 +84,9 @@ struct Canary {
 struct Admin {
     listen: Option<String>,
     token_file: Option<PathBuf>,
+    /// `--admin-ca`: for the admin commands only (a host serves its admin API with `[tls]`'s
+    /// certificate).
+    ca: Option<PathBuf>,
 }
 
 /// Whether `arg` names a subcommand that talks to the admin API: only the `[admin]` keys
@@ -132,7 +135,12 @@ fn apply_with(args: Vec<OsString>, is_set: impl Fn(&str) -> bool) -> Result<Vec<
     let file: File =
         toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.clone(), message: e.to_string() })?;
     let flags = if is_admin_command(&args[at]) {
-        file.admin.into_flags(&path)?
+        let ca = file.admin.ca.clone();
+        let mut flags = Flags(file.admin.into_flags(&path)?);
+        if let Some(ca) = ca {
+            flags.path("--admin-ca", ca);
+        }
+        flags.0
     } else {
         file.into_flags(&path, args[at] == "serve", &args[at + 1..])?
     };
@@ -479,11 +487,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hotswap-config-admin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("hotswap.toml");
-        std::fs::write(&path, "listen = \"0.0.0.0:80\"\n[admin]\nlisten = \"/run/x/admin.sock\"\n").unwrap();
+        std::fs::write(&path, "listen = \"0.0.0.0:80\"\n[admin]\nlisten = \"/run/x/admin.sock\"\nca = \"/etc/x/ca.pem\"\n").unwrap();
         let merged = apply(args(&["hotswap", "status", "--config", path.to_str().unwrap()])).unwrap();
+        let served = apply(args(&["hotswap", "serve", "--config", path.to_str().unwrap()])).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(merged[2], "--admin=/run/x/admin.sock", "{merged:?}");
+        assert!(merged.contains(&"--admin-ca=/etc/x/ca.pem".into()), "{merged:?}");
         assert!(!merged.iter().any(|a| a.to_string_lossy().starts_with("--listen")), "{merged:?}");
+        assert!(!served.iter().any(|a| a.to_string_lossy().starts_with("--admin-ca")), "the host has no use for it: {served:?}");
         let bad = with_file("[admin]\nlisten = \"nowhere\"\n", &[]).unwrap_err().to_string();
         assert!(bad.contains("`admin.listen`"), "{bad}");
     }
