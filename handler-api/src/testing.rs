@@ -66,7 +66,7 @@ use std::task::Context;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::abi::{FfiHeader, FfiPoll, FfiStr, FfiWaker, HostApi, ABI_VERSION};
-use crate::tokio_host::{blocking_drop, blocking_poll, blocking_spawn, io_outcome, sleep_drop, sleep_new, sleep_poll, spawn};
+use crate::tokio_host::{io_outcome, sleep_drop, sleep_new, sleep_poll, Job, PluginTask};
 use crate::HOST;
 
 /// Installs the in-process host, so that handler-api's services work when a handler is called
@@ -121,6 +121,107 @@ static TABLE: HostApi = HostApi {
 // Every function below is called through the table, as `extern "C"`: none may unwind (a panic
 // escaping one aborts the process), so each that calls into tokio, `tracing` or allocates runs
 // inside `catch_unwind`.
+
+/// `HostApi::spawn` in-process: the future runs on a thread of its own, outside the test's
+/// runtime, as a plugin's tasks run in hotswap (where the plugin's copy of tokio never sees the
+/// host's runtime): `tokio::spawn` or tokio's timers fail in it here as they would there. The
+/// caller's runtime is lent to it, for handler-api's own services. Without one, the future is
+/// released and the call fails, as in hotswap.
+///
+/// # Safety
+/// `future` must uphold [`crate::abi::FfiFuture`]'s contract; it passes to this function.
+unsafe extern "C" fn spawn(_context: *const c_void, future: crate::abi::FfiFuture) -> FfiPoll {
+    // SAFETY: forwarded from the caller; in-process, the plugin's code is this process's own.
+    let task = unsafe { PluginTask::new(future) };
+    catch_unwind(AssertUnwindSafe(move || {
+        let Some(runtime) = crate::tokio_host::runtime() else { return FfiPoll::ERROR };
+        let started = std::thread::Builder::new().name("test-host-task".into()).spawn(move || {
+            let _lent = crate::tokio_host::lend(Some(runtime));
+            let _ = block_on(task); // a panic in it is the plugin's to report
+        });
+        if started.is_ok() {
+            FfiPoll::READY
+        } else {
+            FfiPoll::ERROR
+        }
+    }))
+    .unwrap_or(FfiPoll::PANICKED)
+}
+
+/// Whether a job of [`blocking_spawn`] has run, and whom to tell.
+#[derive(Default)]
+struct Blocking {
+    done: std::sync::atomic::AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+/// `HostApi::blocking_spawn` in-process: the job runs on a thread of its own, outside the
+/// test's runtime, for the reason given at [`spawn`]; null without a runtime (the job is then
+/// released without running), as in hotswap.
+///
+/// # Safety
+/// `job` must uphold [`FfiJob`](crate::abi::FfiJob)'s contract.
+unsafe extern "C" fn blocking_spawn(job: crate::abi::FfiJob) -> *mut c_void {
+    let job = Job(job);
+    catch_unwind(AssertUnwindSafe(move || {
+        if crate::tokio_host::runtime().is_none() {
+            return ptr::null_mut(); // `job` drops here: released without running
+        }
+        let state = std::sync::Arc::new(Blocking::default());
+        let finished = state.clone();
+        let started = std::thread::Builder::new().name("test-host-blocking".into()).spawn(move || {
+            let job = job; // the whole `Job` (Send), not its raw fields
+            // SAFETY: run once, before `release` (which runs when `job` drops).
+            unsafe { (job.0.run)(job.0.state) };
+            drop(job);
+            finished.done.store(true, Ordering::Release);
+            if let Some(waker) = finished.waker.lock().ok().and_then(|mut w| w.take()) {
+                waker.wake();
+            }
+        });
+        match started {
+            Ok(_) => std::sync::Arc::into_raw(state) as *mut c_void,
+            Err(_) => ptr::null_mut(),
+        }
+    }))
+    .unwrap_or(ptr::null_mut())
+}
+
+/// `HostApi::blocking_poll` of [`blocking_spawn`]'s jobs.
+///
+/// # Safety
+/// `task` must come from [`blocking_spawn`], not yet dropped; `waker` must be valid for this
+/// call.
+unsafe extern "C" fn blocking_poll(task: *mut c_void, waker: *const FfiWaker) -> FfiPoll {
+    catch_unwind(|| {
+        // SAFETY: a live `Arc<Blocking>` from `blocking_spawn`, whose reference the caller holds.
+        let state = unsafe { &*(task as *const Blocking) };
+        if state.done.load(Ordering::Acquire) {
+            return FfiPoll::READY;
+        }
+        // SAFETY: the caller keeps `waker` valid for this call.
+        let waker = unsafe { crate::abi::waker::borrow(waker) };
+        if let Ok(mut slot) = state.waker.lock() {
+            *slot = Some((*waker).clone());
+        }
+        // It may have finished before the waker was in place.
+        if state.done.load(Ordering::Acquire) {
+            FfiPoll::READY
+        } else {
+            FfiPoll::PENDING
+        }
+    })
+    .unwrap_or(FfiPoll::ERROR)
+}
+
+/// `HostApi::blocking_drop` of [`blocking_spawn`]'s jobs (the job itself runs to its end).
+///
+/// # Safety
+/// `task` must come from [`blocking_spawn`] and not be used again.
+unsafe extern "C" fn blocking_drop(task: *mut c_void) {
+    // SAFETY: the reference `blocking_spawn` handed out, released exactly once.
+    let _ = catch_unwind(|| drop(unsafe { std::sync::Arc::from_raw(task as *const Blocking) }));
+}
 
 /// Records a log event of handler-api in the process's `tracing` dispatcher.
 ///
@@ -377,6 +478,25 @@ mod tests {
     }
 
     #[test]
+    fn tasks_and_blocking_jobs_run_outside_the_runtime_as_in_hotswap() {
+        async fn app(_req: crate::Request) -> String {
+            let (sent, received) = std::sync::mpsc::channel();
+            drop(crate::spawn(async move {
+                // handler-api's own services work in a task; tokio's do not.
+                crate::sleep(Duration::from_millis(1)).await;
+                let _ = sent.send(tokio::runtime::Handle::try_current().is_ok());
+            }));
+            let in_task = crate::spawn_blocking(move || received.recv_timeout(Duration::from_secs(5))).await;
+            let in_job = crate::spawn_blocking(|| tokio::runtime::Handle::try_current().is_ok()).await;
+            format!("{in_task:?} {in_job:?}")
+        }
+        run(async {
+            let res = TestHost::new(app).get("/").await;
+            assert_eq!(res.text(), "Ok(Ok(false)) Ok(false)", "tokio's runtime is current where hotswap's plugin has none");
+        });
+    }
+
+    #[test]
     fn install_is_idempotent() {
         install();
         let first = HOST.load(Ordering::Acquire);
@@ -561,7 +681,8 @@ mod tests {
 ///   [`TestResponse::panicked`] says why and what to use instead.
 /// - handler-api's services work, on the test's tokio runtime: [`sleep`](crate::sleep),
 ///   [`timeout`](crate::timeout), [`spawn`](crate::spawn) and
-///   [`spawn_blocking`](crate::spawn_blocking). ([`install`] is done for you.)
+///   [`spawn_blocking`](crate::spawn_blocking). ([`install`] is done for you.) A spawned task
+///   and a blocking job run on threads of their own, outside the runtime, as in hotswap.
 /// - Each request gets a [`RequestContext`](crate::RequestContext) (peer `127.0.0.1:40000`, a
 ///   request id counting from 1).
 /// - A service's response body becomes a [`Body`](crate::Body), as the host converts it.

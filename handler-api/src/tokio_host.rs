@@ -26,7 +26,7 @@ thread_local! {
 }
 
 /// The runtime these services use on this thread: the one it runs in, or the one lent to it.
-fn runtime() -> Option<tokio::runtime::Handle> {
+pub(crate) fn runtime() -> Option<tokio::runtime::Handle> {
     tokio::runtime::Handle::try_current().ok().or_else(|| LENT.try_with(|lent| lent.borrow().clone()).ok().flatten())
 }
 
@@ -91,7 +91,7 @@ pub unsafe extern "C" fn sleep_drop(sleep: *mut c_void) {
 
 /// A job handed over through [`blocking_spawn`]; its `release` runs when this is dropped,
 /// whether or not the job ran.
-struct Job(FfiJob);
+pub(crate) struct Job(pub(crate) FfiJob);
 
 // SAFETY: handler-api only builds jobs from `Send` closures and results (`spawn_blocking`'s
 // bounds), and `FfiJob`'s contract allows `run` and `release` on any thread.
@@ -157,31 +157,10 @@ pub unsafe extern "C" fn blocking_drop(task: *mut c_void) {
     let _ = catch_unwind(|| drop(unsafe { Box::from_raw(task as *mut tokio::task::JoinHandle<()>) }));
 }
 
-/// `HostApi::spawn` on the tokio runtime of the calling thread: the future runs as a task
-/// of it (and is dropped with it). Without a runtime, the future is released and the call
-/// fails.
-///
-/// # Safety
-/// `future` must uphold [`abi::FfiFuture`]'s contract; it passes to this function.
-pub unsafe extern "C" fn spawn(_context: *const c_void, future: abi::FfiFuture) -> FfiPoll {
-    // SAFETY: forwarded from the caller; in-process, the plugin's code is this process's own.
-    let task = unsafe { PluginTask::new(future) };
-    catch_unwind(AssertUnwindSafe(|| match runtime() {
-        Some(runtime) => {
-            drop(runtime.spawn(async move {
-                let _ = task.await; // a panic in it is the plugin's to report
-            }));
-            FfiPoll::READY
-        }
-        None => FfiPoll::ERROR,
-    }))
-    .unwrap_or(FfiPoll::PANICKED)
-}
-
 /// A plugin's [`abi::FfiFuture`] as a Rust future: polled through its vtable, released when
 /// dropped (on the dropping thread). Its output is the plugin's last poll code: `READY`, or
-/// `PANICKED` or `ERROR` when it ended otherwise. Runs [`spawn`]'s tasks, here and in the
-/// hotswap host.
+/// `PANICKED` or `ERROR` when it ended otherwise. Runs the tasks of `HostApi::spawn`, in the
+/// hotswap host and in the in-process one.
 pub struct PluginTask(abi::FfiFuture);
 
 impl PluginTask {
