@@ -124,7 +124,9 @@ pub(crate) unsafe fn attach(host: *const HostApi, sink: *mut c_void) -> FfiPoll 
                 log::emit(host, 1, "panic", &format!("plugin panicked{location}: {message}{hint}"));
             }
         }));
-        // Fails only if the author installed a subscriber of their own; theirs then wins.
+        // Before the author's init, which may log: a subscriber that init installs then
+        // fails to (one per process), with a hint (`mistake_hint`). Fails here only if this
+        // runs twice (`import_state`, then `init`): the first stays.
         let _ = tracing::subscriber::set_global_default(log::HostSubscriber::new(table));
     });
     if installed.is_err() {
@@ -139,10 +141,21 @@ pub(crate) fn mistake_hint(message: &str) -> Option<&'static str> {
     // tokio's words when there is no runtime to be found: a plugin's own copy of tokio never
     // sees the host's runtime, so `tokio::spawn`, `tokio::time::*` and
     // `tokio::task::spawn_blocking` all panic with them.
-    message.contains("Tokio 1.x").then_some(
-        "a plugin has no tokio runtime of its own: tokio::spawn, tokio::time and tokio::task::spawn_blocking \
-         cannot work in one; use handler_api::spawn for tasks, handler_api::sleep and handler_api::timeout \
-         for timers, and handler_api::spawn_blocking for blocking work",
+    if message.contains("Tokio 1.x") {
+        return Some(
+            "a plugin has no tokio runtime of its own: tokio::spawn, tokio::time and tokio::task::spawn_blocking \
+             cannot work in one; use handler_api::spawn for tasks, handler_api::sleep and handler_api::timeout \
+             for timers, and handler_api::spawn_blocking for blocking work",
+        );
+    }
+    // tracing's words (and tracing-subscriber's `init()`'s) when a global subscriber is set
+    // already: handler-api set one before the plugin's init, to route events to the host.
+    (message.contains("global default trace dispatcher has already been set")
+        || message.contains("Unable to install global subscriber"))
+    .then_some(
+        "a plugin's tracing events already go to the host's log, filtered by its --log-level: \
+         install no subscriber of your own (use tracing::subscriber::with_default for one of your own \
+         in a scope)",
     )
 }
 
@@ -156,7 +169,9 @@ pub fn run_fallible<E: Display>(sink: *mut c_void, hook: impl FnOnce() -> Result
             FfiPoll::ERROR
         }
         Err(payload) => {
-            write_error(sink, &format!("panicked: {}", panic_message(&*payload)));
+            let message = panic_message(&*payload);
+            let hint = mistake_hint(message).map(|hint| format!(" ({hint})")).unwrap_or_default();
+            write_error(sink, &format!("panicked: {message}{hint}"));
             FfiPoll::PANICKED
         }
     }
@@ -814,4 +829,21 @@ macro_rules! __declaration {
             panic: if cfg!(panic = "unwind") { $crate::abi::PANIC_UNWIND } else { $crate::abi::PANIC_ABORT },
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mistake_hint;
+
+    #[test]
+    fn a_second_tracing_subscriber_gets_a_hint_in_tracing_s_own_words() {
+        let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+        let again = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+        let error = again.unwrap_err().to_string();
+        // As tracing-subscriber's `init()` panics, and as tracing's error says it.
+        let message = format!("Unable to install global subscriber: {error}");
+        assert!(mistake_hint(&message).is_some_and(|hint| hint.contains("install no subscriber")), "{message}");
+        assert!(mistake_hint(&error).is_some(), "{error}");
+        assert_eq!(mistake_hint("index out of bounds"), None);
+    }
 }

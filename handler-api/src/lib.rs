@@ -109,8 +109,11 @@
 //!
 //! Use `tracing` as usual: events reach the host's log tagged with the plugin's name and
 //! version, and, inside spans, with their context as a `spans` field
-//! (`spans=request{id=7}:db{table="users"}`). Records of the `log` crate (which many libraries use) reach it the same way, from
-//! the end of your `init` on (install no logger of your own, or those records go to yours).
+//! (`spans=request{id=7}:db{table="users"}`), filtered by the host's `--log-level`: install
+//! no subscriber of your own (there is one per process, and handler-api's is in place before
+//! your `init` runs). Records of the `log` crate (which many libraries use) reach it the same
+//! way, from the end of your `init` on (install no logger of your own, or those records go to
+//! yours).
 //!
 //! # Testing
 //!

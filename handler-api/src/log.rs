@@ -237,7 +237,8 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message.push_str(value);
         } else {
-            let _ = write!(self.rest, " {}={value}", field.name());
+            // Quoted, as tracing's own formatter has them: a value may hold spaces or `=`.
+            let _ = write!(self.rest, " {}={value:?}", field.name());
         }
     }
 }

@@ -57,8 +57,9 @@
 //!   a lock), and be quick: it has `--init-timeout`, as `import_state`, `init` and `ready`
 //!   each have. An export that fails, panics or times out hands nothing (the host logs it), and
 //!   `import_state` is not called.
-//! - `import_state` may use handler-api and log: the host's table is set up for it, as for
-//!   `init`.
+//! - `import_state` may use handler-api and log with `tracing`: the host's table is set up
+//!   for it, as for `init`. (Records of the `log` crate reach the host only from the end of
+//!   `init`, as the crate docs say.)
 //! - The bytes are the plugin's own format, numbered by `schema`: nothing is serialised for
 //!   you, so that no format (serde, bincode, …) is imposed.
 //! - A build without the pair starts afresh, and the build before it exports nothing. The
@@ -166,8 +167,8 @@ pub unsafe fn import<E: std::fmt::Display>(
     sink: *mut c_void,
     import_state: fn(Previous<'_>) -> Result<(), E>,
 ) -> FfiPoll {
-    // The table, panic hook and log bridge, as `init` sets them up: `import_state` runs first,
-    // and may log or use handler-api.
+    // The table, panic hook and `tracing` subscriber, as `init` sets them up: `import_state`
+    // runs first, and may log or use handler-api.
     // SAFETY: the host's table, valid until `shutdown` (the caller).
     let attached = unsafe { crate::export::attach(host, sink) };
     if attached != FfiPoll::READY {
