@@ -497,6 +497,30 @@ mod tests {
     }
 
     #[test]
+    fn lengths_are_checked_as_the_host_checks_them() {
+        async fn app(req: crate::Request) -> crate::Response {
+            use crate::IntoResponse;
+            let mut res = "five!".into_response();
+            match req.uri().path() {
+                "/wrong" => drop(res.headers_mut().insert(http::header::CONTENT_LENGTH, 9.into())),
+                "/short" => *res.body_mut() = crate::Body::sized_stream(9, futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"five!"))])),
+                _ => {}
+            }
+            res
+        }
+        run(async {
+            let host = TestHost::new(app);
+            let fine = host.get("/").await;
+            assert_eq!((fine.status(), fine.header("content-length"), fine.invalid()), (http::StatusCode::OK, Some("5"), None));
+            let wrong = host.get("/wrong").await;
+            assert_eq!(wrong.status(), 500);
+            assert!(wrong.invalid().is_some_and(|why| why.contains("content-length header says \"9\"")), "{:?}", wrong.invalid());
+            let short = host.get("/short").await;
+            assert_eq!(short.aborted(), Some("the body brought 5 bytes where its length said 9"));
+        });
+    }
+
+    #[test]
     fn install_is_idempotent() {
         install();
         let first = HOST.load(Ordering::Acquire);
@@ -688,7 +712,11 @@ mod tests {
 /// - A service's response body becomes a [`Body`](crate::Body), as the host converts it.
 /// - A panic answers `500 Internal Server Error`.
 /// - A response body that fails, or panics, while it streams is reported by
-///   [`TestResponse::aborted`], where a client would see a broken transfer.
+///   [`TestResponse::aborted`], where a client would see a broken transfer; so is one that
+///   brings more or fewer bytes than its length said.
+/// - A `content-length` header that disagrees with the body's length makes the response a
+///   `500`, and [`TestResponse::invalid`] says why; a body of known length gets its
+///   `content-length`, as hotswap sends it.
 ///
 /// # Example
 ///
@@ -770,11 +798,20 @@ async fn answer<H: crate::Handler>(handler: &H, req: crate::Request) -> TestResp
         Ok(future) => CatchUnwind(std::pin::pin!(future)).await,
         Err(message) => Err(message),
     };
+    let mut invalid = None;
     let response = answered.unwrap_or_else(|message| {
         panicked = Some(message);
         crate::IntoResponse::into_response(http::StatusCode::INTERNAL_SERVER_ERROR)
     });
-    let (parts, mut body) = response.into_parts();
+    let response = match refused(&response) {
+        Some(why) => {
+            invalid = Some(why);
+            crate::IntoResponse::into_response(http::StatusCode::INTERNAL_SERVER_ERROR)
+        }
+        None => response,
+    };
+    let (mut parts, mut body) = response.into_parts();
+    let announced = body.exact_len();
     let mut bytes = Vec::new();
     let mut aborted = None;
     loop {
@@ -793,7 +830,27 @@ async fn answer<H: crate::Handler>(handler: &H, req: crate::Request) -> TestResp
     }
     // Dropping what panicked may panic again: contained too.
     let _ = catch_unwind(AssertUnwindSafe(move || drop(body)));
-    TestResponse { parts, body: bytes.into(), aborted, panicked }
+    // The host sends a body of known length with that length, and cuts it off if it brings
+    // more or less.
+    if let Some(len) = announced.filter(|_| aborted.is_none()) {
+        if bytes.len() as u64 != len {
+            aborted = Some(format!("the body brought {} bytes where its length said {len}", bytes.len()));
+        } else if !parts.headers.contains_key(http::header::CONTENT_LENGTH) && len > 0 {
+            parts.headers.insert(http::header::CONTENT_LENGTH, len.into());
+        }
+    }
+    TestResponse { parts, body: bytes.into(), aborted, panicked, invalid }
+}
+
+/// Why the host would not send `response` (it answers `500` instead), as it checks it.
+fn refused(response: &crate::Response) -> Option<String> {
+    let known = response.body().exact_len().filter(|len| *len > 0)?;
+    let declared = response.headers().get(http::header::CONTENT_LENGTH)?;
+    // Digits only (`+5` parses, but is no length on the wire).
+    let parsed = declared.to_str().ok().filter(|v| v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse().ok());
+    (parsed != Some(known)).then(|| {
+        format!("its content-length header says {declared:?} but its body is {known} bytes (leave the header out: the host sets it from the body)")
+    })
 }
 
 /// A panic's message, with what to do instead when it comes from a known mistake.
@@ -853,6 +910,7 @@ pub struct TestResponse {
     body: bytes::Bytes,
     aborted: Option<String>,
     panicked: Option<String>,
+    invalid: Option<String>,
 }
 
 impl TestResponse {
@@ -891,6 +949,12 @@ impl TestResponse {
     /// instead when it is a known mistake (tokio's runtime in a plugin, for one).
     pub fn panicked(&self) -> Option<&str> {
         self.panicked.as_deref()
+    }
+
+    /// Why the host refused the handler's response, if it did (it answers `500` instead): a
+    /// `content-length` header that disagrees with the body's length, as hotswap checks it.
+    pub fn invalid(&self) -> Option<&str> {
+        self.invalid.as_deref()
     }
 }
 
