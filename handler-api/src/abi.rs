@@ -506,7 +506,8 @@ pub struct HostApi {
     pub blocking_drop: HostDropFn,
 
     // Added after the first release of ABI version 4, beyond `HOST_API_BASE_SIZE`: a plugin
-    // checks `size` before it calls one of these (see [`HostApi::has`]).
+    // checks `size` before it calls one of these (see [`HostApi::has`]), and its copy of a
+    // shorter table has a stand-in for each (`export::copy_table`: add one there).
     /// Runs `future` on the generation's runtime until it completes, or until the generation
     /// is unloaded: the host then drops it, on one of the generation's threads, before
     /// `shutdown`. `READY` if the host took it; otherwise (the generation is unloading, or the

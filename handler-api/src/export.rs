@@ -70,8 +70,7 @@ pub unsafe fn init(
     if attached != FfiPoll::READY {
         return attached;
     }
-    // SAFETY: checked non-null by `attach`; valid for the plugin's lifetime (the caller).
-    let table: &'static HostApi = unsafe { &*host };
+    let table = crate::host(); // recorded by `attach`
     let outcome = hook(sink);
     // After the author's init, so that a logger it installs (`log` takes one, and many
     // crates' `init()` panic when one is set) wins; records logged during init are lost.
@@ -90,27 +89,19 @@ pub(crate) unsafe fn attach(host: *const HostApi, sink: *mut c_void) -> FfiPoll 
     if host.is_null() {
         return FfiPoll::ERROR;
     }
-    // SAFETY: the caller guarantees `host` is valid for the plugin's lifetime.
-    let table: &'static HostApi = unsafe { &*host };
-    HOST.store(host as *mut HostApi, Ordering::Release);
-    if table.abi_version != ABI_VERSION {
-        write_error(
-            sink,
-            &format!("host speaks ABI version {}, this plugin ABI version {ABI_VERSION}", table.abi_version),
-        );
+    // SAFETY: the caller guarantees `host` is valid; these fields open every version's table.
+    let (version, size) = unsafe { ((*host).abi_version, (*host).size) };
+    if version != ABI_VERSION {
+        // Nothing else of a table of another version can be read (nor its `error_write`
+        // called): the host checked the plugin's version before, and knows.
         return FfiPoll::ERROR;
     }
-    if table.size < abi::HOST_API_BASE_SIZE {
-        write_error(
-            sink,
-            &format!(
-                "the host's service table has {} bytes, ABI version {ABI_VERSION} has at least {}: the host is broken",
-                table.size,
-                abi::HOST_API_BASE_SIZE
-            ),
-        );
-        return FfiPoll::ERROR;
+    if size < abi::HOST_API_BASE_SIZE {
+        return FfiPoll::ERROR; // a broken host: not even its `error_write` can be trusted
     }
+    // SAFETY: checked above: a table of this version, of `size` bytes (the caller).
+    let table: &'static HostApi = &TABLE.get_or_init(|| Table(unsafe { copy_table(host) })).0;
+    HOST.store(table as *const HostApi as *mut HostApi, Ordering::Release);
     let installed = catch_unwind(|| {
         // std's default hook captures backtraces (which pin the library when RUST_BACKTRACE is
         // set) and asks for the current thread; this one only formats and forwards.
@@ -135,6 +126,64 @@ pub(crate) unsafe fn attach(host: *const HostApi, sink: *mut c_void) -> FfiPoll 
     }
     FfiPoll::READY
 }
+
+/// The host's table as this plugin uses it: a copy (see [`copy_table`]), made once.
+struct Table(HostApi);
+
+// SAFETY: the table is never written after it is made; its pointers are the host's, which it
+// shares with every thread of the plugin (`HostApi`'s contract).
+unsafe impl Sync for Table {}
+// SAFETY: as above.
+unsafe impl Send for Table {}
+
+static TABLE: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+
+/// A copy of the host's table: its first `size` bytes, and for the functions a host older than
+/// this handler-api does not have (they lie beyond its `size`), stand-ins that are never called
+/// (`HostApi::has` says they are missing). A reference to the host's own table would claim all
+/// of `HostApi`'s bytes, more than such a host's table has.
+///
+/// # Safety
+/// `host` must point at a table of this ABI version, of at least `(*host).size` bytes, which is
+/// at least [`abi::HOST_API_BASE_SIZE`].
+unsafe fn copy_table(host: *const HostApi) -> HostApi {
+    let mut table = std::mem::MaybeUninit::<HostApi>::uninit();
+    let p = table.as_mut_ptr();
+    // SAFETY: the caller's promise.
+    let size = unsafe { (*host).size }.min(std::mem::size_of::<HostApi>());
+    let reaches = |offset: usize, len: usize| size >= offset + len;
+    // SAFETY: `size` bytes are readable at `host` (the caller), and fit in `table`.
+    unsafe { std::ptr::copy_nonoverlapping(host as *const u8, p as *mut u8, size) };
+    // Every field added after the base table (see `HostApi`) needs its stand-in here.
+    if !reaches(std::mem::offset_of!(HostApi, spawn), std::mem::size_of::<abi::SpawnFn>()) {
+        // SAFETY: a field of `table`, written whole.
+        unsafe { std::ptr::addr_of_mut!((*p).spawn).write(missing_spawn) };
+    }
+    if !reaches(std::mem::offset_of!(HostApi, log_in_spans), std::mem::size_of::<abi::LogInSpansFn>()) {
+        // SAFETY: as above.
+        unsafe { std::ptr::addr_of_mut!((*p).log_in_spans).write(missing_log_in_spans) };
+    }
+    // SAFETY: every field is set: those within `size` by the host's bytes (the base table
+    // whole, as `size` reaches it), the others just above.
+    unsafe { table.assume_init() }
+}
+
+/// Stand-in for `HostApi::spawn` of a host that has none: the future is released, as the
+/// call's contract says of a future not taken.
+///
+/// # Safety
+/// `future` must uphold [`abi::FfiFuture`]'s contract.
+unsafe extern "C" fn missing_spawn(_context: *const c_void, future: abi::FfiFuture) -> FfiPoll {
+    // SAFETY: released exactly once, here (the caller's promise).
+    unsafe { ((*future.vtable).drop)(future.state) };
+    FfiPoll::ERROR
+}
+
+/// Stand-in for `HostApi::log_in_spans` of a host that has none.
+///
+/// # Safety
+/// None: it touches nothing.
+unsafe extern "C" fn missing_log_in_spans(_: *const c_void, _: u32, _: FfiStr, _: FfiStr, _: FfiStr) {}
 
 /// What to do instead, for a panic that comes from a known mistake in a plugin.
 pub(crate) fn mistake_hint(message: &str) -> Option<&'static str> {
@@ -834,6 +883,32 @@ macro_rules! __declaration {
 #[cfg(test)]
 mod tests {
     use super::mistake_hint;
+
+    /// A host of the first release of ABI version 4, whose table ends with the base: the copy
+    /// reads no further, and says the later functions are missing.
+    #[cfg(feature = "testing")]
+    #[test]
+    fn a_shorter_table_is_copied_as_far_as_it_goes() {
+        use crate::abi::{HostApi, HOST_API_BASE_SIZE};
+        crate::testing::install();
+        let full: &HostApi = crate::host();
+        // Exactly the base's bytes, in words so that it is aligned as a table.
+        let mut short = vec![0usize; HOST_API_BASE_SIZE.div_ceil(size_of::<usize>())];
+        // SAFETY: `short` holds at least HOST_API_BASE_SIZE bytes; `full` is a whole table.
+        unsafe {
+            std::ptr::copy_nonoverlapping(full as *const HostApi as *const u8, short.as_mut_ptr() as *mut u8, HOST_API_BASE_SIZE);
+            (*(short.as_mut_ptr() as *mut HostApi)).size = HOST_API_BASE_SIZE;
+        }
+        // SAFETY: a table of this version, of `size` bytes.
+        let copy = unsafe { super::copy_table(short.as_ptr() as *const HostApi) };
+        assert_eq!(copy.size, HOST_API_BASE_SIZE);
+        assert!(copy.spawn_fn().is_none() && copy.log_in_spans_fn().is_none());
+        assert_eq!(copy.error_write as usize, full.error_write as usize);
+        // A whole table keeps everything.
+        // SAFETY: as above.
+        let whole = unsafe { super::copy_table(full) };
+        assert_eq!(whole.spawn_fn().map(|f| f as usize), full.spawn_fn().map(|f| f as usize));
+    }
 
     #[test]
     fn a_second_tracing_subscriber_gets_a_hint_in_tracing_s_own_words() {

@@ -232,8 +232,8 @@ static HOST: AtomicPtr<abi::HostApi> = AtomicPtr::new(std::ptr::null_mut());
 
 fn try_host() -> Option<&'static abi::HostApi> {
     let ptr = HOST.load(Ordering::Acquire);
-    // SAFETY: set by `init` to a table the host keeps valid until after `shutdown`, or by
-    // `testing::install` to a `static`.
+    // SAFETY: set by `init` (or `import_state`) to the plugin's copy of the host's table, or by
+    // `testing::install` to a `static`: both live as long as the process.
     (!ptr.is_null()).then(|| unsafe { &*ptr })
 }
 

@@ -174,8 +174,9 @@ pub unsafe fn import<E: std::fmt::Display>(
     if attached != FfiPoll::READY {
         return attached;
     }
-    // SAFETY: the caller's pointers, valid for the call (`host` checked by `attach`).
-    let (host, previous) = unsafe { (&*host, &*previous) };
+    let host = crate::host(); // recorded by `attach`
+    // SAFETY: the caller's pointer, valid for the call.
+    let previous = unsafe { &*previous };
     let write = |text: &str| {
         // SAFETY: `sink` is the host's sink for this call; `text` outlives it.
         unsafe { (host.error_write)(sink, FfiStr::new(text.as_bytes())) };
