@@ -144,7 +144,8 @@ async fn call(
             exchange(stream, "hotswap-admin", token, method, path, body).await
         }
         AdminAddr::Tcp(tcp) => {
-            if token.is_some() && !tcp.ip().is_loopback() {
+            // An unspecified address (0.0.0.0, [::]) is this machine's own: the token stays on it.
+            if token.is_some() && !tcp.ip().is_loopback() && !tcp.ip().is_unspecified() {
                 eprintln!("hotswap: warning: the admin token goes to {tcp} in clear text: serve the admin API over https:// (see --admin)");
             }
             let stream = tokio::net::TcpStream::connect(tcp).await.with_context(unreachable)?;
