@@ -74,14 +74,14 @@ async fn an_axum_router_serves_json_with_state_of_its_build_released_at_unload()
     place_by_rename(&variant("example-axum", "EXAMPLE_AXUM_VERSION", "2.0.0"), &dir.join("app.so"));
     wait_body(&host, "/", "example-axum 2.0.0").await;
     assert_eq!(client.get(host.url("/todos")).send().await.unwrap().text().await.unwrap(), "[]");
-    assert!(host.wait_for_log("state released version=0.1.0 todos=1", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("state released version=\"0.1.0\" todos=1", WAIT), "{}", host.log());
     // In this order: the host drops the build's tasks, then its service (and so the state),
     // then runs its shutdown hook.
-    assert!(host.wait_for_log("build unloading version=0.1.0", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("build unloading version=\"0.1.0\"", WAIT), "{}", host.log());
     let log = host.log();
     let at = |line: &str| log.find(line).unwrap_or_else(|| panic!("no {line:?} in the log:\n{log}"));
     let (stopped, released, unloading) =
-        (at("ticker stopped version=0.1.0"), at("state released version=0.1.0"), at("build unloading version=0.1.0"));
+        (at("ticker stopped version=\"0.1.0\""), at("state released version=\"0.1.0\""), at("build unloading version=\"0.1.0\""));
     assert!(stopped < released && released < unloading, "tasks, state, then the hook:\n{log}");
     assert_eq!(host.wait_mapped(1, WAIT).await.len(), 1, "{}", host.log());
 }
