@@ -383,14 +383,16 @@ async fn a_new_binary_that_does_not_serve_leaves_the_old_host_serving() {
 
 #[tokio::test]
 async fn a_host_that_is_pid_1_refuses_to_upgrade_and_goes_on_serving() {
-    // PID 1 of a PID namespace of its own, as in a container.
-    let probe = std::process::Command::new("unshare").args(["--pid", "--fork", "true"]).output();
+    // PID 1 of a PID namespace of its own, as in a container (in a user namespace, so that
+    // it needs no root).
+    const UNSHARE: [&str; 4] = ["--user", "--map-root-user", "--pid", "--fork"];
+    let probe = std::process::Command::new("unshare").args(UNSHARE).arg("true").output();
     if !probe.is_ok_and(|out| out.status.success()) {
         eprintln!("SKIPPED the PID 1 test: `unshare --pid` is not allowed here");
         return;
     }
     let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--kill-child", "--"]).arg(&artifacts().hotswap);
+    cmd.args(UNSHARE).args(["--kill-child", "--"]).arg(&artifacts().hotswap);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin", artifacts().example.to_str().unwrap()]);
     let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
     let error = upgrade(&host.admin, &[]).await.unwrap_err();
