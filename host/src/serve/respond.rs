@@ -9,7 +9,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -569,7 +569,7 @@ async fn run_session(upgrade: PendingUpgrade, on_upgrade: hyper::upgrade::OnUpgr
     let started = if held.h1 {
         upgrade.start(io)
     } else {
-        upgrade.start(WindowWatched { io, activity: held.state.activity.clone(), window: AwaitingWindow(None) })
+        upgrade.start(WindowWatched::new(io, held.state.activity.clone()))
     };
     let session = match started {
         Ok(session) => session,
@@ -919,17 +919,82 @@ impl Drop for AwaitingWindow {
 
 /// An HTTP/2 stream after a switch of protocols (extended CONNECT): a write (or flush) that
 /// waits, waits for the client's flow-control window (the socket's own waits are seen below
-/// h2), and the send timeout runs until one goes through.
+/// h2), and the send timeout runs until hyper says there is room again. That is its wake, not
+/// the plugin's next write: a plugin that gives up a write that waits (a `select!`) and only
+/// reads on must not leave the connection counted as waiting.
 struct WindowWatched {
     io: TokioIo<hyper::upgrade::Upgraded>,
-    activity: Arc<Activity>,
-    window: AwaitingWindow,
+    wake: Arc<WindowWake>,
 }
 
 impl WindowWatched {
-    fn wrote<T>(&mut self, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        self.window.set(polled.is_pending(), &self.activity);
+    fn new(io: TokioIo<hyper::upgrade::Upgraded>, activity: Arc<Activity>) -> WindowWatched {
+        let wake = Arc::new(WindowWake { activity, awaiting: AtomicBool::new(false), waker: std::sync::Mutex::new(None) });
+        WindowWatched { io, wake }
+    }
+
+    /// Runs a write-side poll of `io` with a waker that, when hyper wakes it, ends the wait.
+    fn write_side<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(Pin<&mut TokioIo<hyper::upgrade::Upgraded>>, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        {
+            let mut slot = self.wake.waker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *slot = Some(cx.waker().clone());
+            }
+        }
+        // Counted as waiting before the poll: a wake that comes right after it ends the wait.
+        self.wake.begin();
+        let waker = std::task::Waker::from(self.wake.clone());
+        let polled = poll(Pin::new(&mut self.io), &mut Context::from_waker(&waker));
+        if polled.is_ready() {
+            self.wake.end();
+        }
         polled
+    }
+}
+
+impl Drop for WindowWatched {
+    fn drop(&mut self) {
+        self.wake.end();
+    }
+}
+
+/// What an HTTP/2 upgraded stream's writes wait for: set while one waits, cleared by hyper's
+/// wake (then the plugin's task is woken).
+struct WindowWake {
+    activity: Arc<Activity>,
+    awaiting: AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl WindowWake {
+    fn begin(&self) {
+        if !self.awaiting.swap(true, Ordering::AcqRel) {
+            self.activity.awaits_window();
+        }
+    }
+
+    fn end(&self) {
+        if self.awaiting.swap(false, Ordering::AcqRel) {
+            self.activity.window_opened();
+        }
+    }
+}
+
+impl std::task::Wake for WindowWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.end();
+        let waker = self.waker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 }
 
@@ -941,15 +1006,11 @@ impl tokio::io::AsyncRead for WindowWatched {
 
 impl tokio::io::AsyncWrite for WindowWatched {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.wrote(polled)
+        self.get_mut().write_side(cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.wrote(polled)
+        self.get_mut().write_side(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -957,15 +1018,11 @@ impl tokio::io::AsyncWrite for WindowWatched {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_flush(cx);
-        this.wrote(polled)
+        self.get_mut().write_side(cx, |io, cx| io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
-        this.wrote(polled)
+        self.get_mut().write_side(cx, |io, cx| io.poll_shutdown(cx))
     }
 }
 
