@@ -1022,5 +1022,26 @@ pub mod waker {
                 ((*owned.vtable).wake)(owned.data);
             }
         }
+
+        /// A waker whose clone panics (an `Arc`'s cannot): the clone gives one that does
+        /// nothing, and the original is still dropped once.
+        #[test]
+        fn a_waker_whose_clone_panics_gives_one_that_does_nothing() {
+            unsafe fn clone(_: *const ()) -> RawWaker {
+                panic!("a clone that panics");
+            }
+            unsafe fn nothing(_: *const ()) {}
+            static PANICKY: RawWakerVTable = RawWakerVTable::new(clone, nothing, nothing, nothing);
+            // SAFETY: the vtable's functions touch nothing (or panic).
+            let waker = unsafe { Waker::from_raw(RawWaker::new(core::ptr::null(), &PANICKY)) };
+            let lent = lend(&waker);
+            // SAFETY: as above; the clone is owned, and released once.
+            unsafe {
+                let owned = ((*lent.vtable).clone)(lent.data);
+                assert!(core::ptr::eq(owned.vtable, &NOOP));
+                ((*owned.vtable).wake_by_ref)(owned.data);
+                ((*owned.vtable).drop)(owned.data);
+            }
+        }
     }
 }

@@ -164,12 +164,14 @@ struct Blocking {
 unsafe extern "C" fn blocking_spawn(job: crate::abi::FfiJob) -> *mut c_void {
     let job = Job(job);
     catch_unwind(AssertUnwindSafe(move || {
-        if crate::tokio_host::runtime().is_none() {
+        let Some(runtime) = crate::tokio_host::runtime() else {
             return ptr::null_mut(); // `job` drops here: released without running
-        }
+        };
         let state = std::sync::Arc::new(Blocking::default());
         let finished = state.clone();
         let started = std::thread::Builder::new().name("test-host-blocking".into()).spawn(move || {
+            // handler-api's services work in a job, as on hotswap's blocking pool.
+            let _lent = crate::tokio_host::lend(Some(runtime));
             let job = job; // the whole `Job` (Send), not its raw fields
             // SAFETY: run once, before `release` (which runs when `job` drops).
             unsafe { (job.0.run)(job.0.state) };
@@ -845,11 +847,13 @@ async fn answer<H: crate::Handler>(handler: &H, req: crate::Request) -> TestResp
 /// Why the host would not send `response` (it answers `500` instead), as it checks it.
 fn refused(response: &crate::Response) -> Option<String> {
     let known = response.body().exact_len().filter(|len| *len > 0)?;
-    let declared = response.headers().get(http::header::CONTENT_LENGTH)?;
-    // Digits only (`+5` parses, but is no length on the wire).
-    let parsed = declared.to_str().ok().filter(|v| v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse().ok());
-    (parsed != Some(known)).then(|| {
-        format!("its content-length header says {declared:?} but its body is {known} bytes (leave the header out: the host sets it from the body)")
+    // Each of them, as the host checks each header.
+    response.headers().get_all(http::header::CONTENT_LENGTH).iter().find_map(|declared| {
+        // Digits only (`+5` parses, but is no length on the wire).
+        let parsed = declared.to_str().ok().filter(|v| v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse().ok());
+        (parsed != Some(known)).then(|| {
+            format!("its content-length header says {declared:?} but its body is {known} bytes (leave the header out: the host sets it from the body)")
+        })
     })
 }
 
