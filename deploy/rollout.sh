@@ -79,10 +79,11 @@ jqv() { jq --arg v "${version%%+*}" "$@"; }
 ours='((.version // "") | split("+")[0]) == $v'
 
 # Running, ready pods that are not on their way out.
-read -r -a pods <<<"$(k get pods -l "$selector" -o json | jq -r '.items[]
+listed=$(k get pods -l "$selector" -o json)
+read -r -a pods <<<"$(jq -r '.items[]
     | select(.metadata.deletionTimestamp == null and .status.phase == "Running")
     | select(any(.status.conditions[]?; .type == "Ready" and .status == "True"))
-    | .metadata.name' | tr '\n' ' ')"
+    | .metadata.name' <<<"$listed" | tr '\n' ' ')"
 ((${#pods[@]})) || { say "no ready pod matches $selector"; exit 4; }
 say "${#pods[@]} pods: ${pods[*]}"
 
@@ -133,9 +134,10 @@ canary() {
     # time) as an uptime that went back.
     pid=$(jq -r '.pid' <<<"$doc")
     uptime=$(jq -r '.uptime_seconds' <<<"$doc")
+    # Set first: if the answer is lost (the exec's stream broke), a canary may yet run.
+    running=$pod
     doc=$(hs "$pod" canary "$version" --percent "$share" --json) || { say "$pod: the canary did not start"; return 1; }
     generation=$(jq -r '.canary.generation' <<<"$doc")
-    running=$pod
     say "$pod: canary of $version at $share % (generation $generation)"
     local deadline=$((SECONDS + timeout))
     while :; do
