@@ -263,6 +263,24 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_0() {
 }
 
 #[tokio::test]
+async fn a_second_sigterm_cuts_off_what_the_drain_waits_for() {
+    let mut host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap(), "--drain-timeout", "120s"]);
+    // A download of two minutes, which the drain would wait for.
+    let response = reqwest::get(host.url("/download?size=120000000&rate=1000000")).await.unwrap();
+    host.wait_in_flight(1).await;
+    host.signal("TERM");
+    assert!(host.wait_for_log("shutting down gracefully", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("draining", WAIT), "{}", host.log());
+    host.signal("TERM");
+    let cut = tokio::time::timeout(WAIT, response.bytes()).await;
+    assert!(cut.is_ok_and(|read| read.is_err()), "the download was not cut off");
+    let (code, log) = tokio::task::spawn_blocking(move || (host.wait_exit(WAIT), host.log())).await.unwrap();
+    assert!(code.is_some(), "still running after the second SIGTERM:\n{log}");
+    assert!(log.contains("stopping now: aborting responses still in progress"), "{log}");
+    assert!(log.contains("generation unloaded and unmapped"), "it shut down in order:\n{log}");
+}
+
+#[tokio::test]
 async fn blocking_work_runs_on_the_hosts_pool_and_its_panics_are_errors() {
     let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
     let text = reqwest::get(host.url("/blocking")).await.unwrap().text().await.unwrap();

@@ -17,11 +17,11 @@ use anyhow::{bail, Context as _};
 use notify::{RecursiveMode, Watcher};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cmd::cli::DevArgs;
+use crate::cmd::lifecycle::Role;
 use crate::control::builds::PluginSource;
 use crate::control::canary::CanaryPolicy;
 use crate::control::registry::Registry;
@@ -37,8 +37,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
-    crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), CanaryPolicy::default(), false, move |registry, hangup, shutdown| {
-        rebuild_loop(package, release, dirs, registry, hangup, shutdown)
+    crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), CanaryPolicy::default(), Role::Dev, move |registry, _hangup, shutdown| {
+        rebuild_loop(package, release, dirs, registry, shutdown)
     }).await
 }
 
@@ -137,6 +137,8 @@ async fn build(package: &Package, release: bool) -> anyhow::Result<Option<PathBu
     if release {
         cmd.arg("--release");
     }
+    // A build given up (the host stops meanwhile) stops with it.
+    cmd.kill_on_drop(true);
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot run cargo build")?;
     let stdout = child.stdout.take().context("cargo's output")?;
     let mut lines = BufReader::new(stdout).lines();
@@ -175,7 +177,6 @@ async fn rebuild_loop(
     release: bool,
     dirs: Vec<PathBuf>,
     registry: Arc<Registry>,
-    mut hangup: Signal,
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
@@ -202,7 +203,6 @@ async fn rebuild_loop(
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {}
-            Some(()) = hangup.recv() => tracing::info!("SIGHUP: rebuilding"),
             () = shutdown.cancelled() => return,
         }
         // Debounce: wait until the burst of writes is over.
@@ -214,7 +214,13 @@ async fn rebuild_loop(
             }
         }
         tracing::info!(package = %package.name, "sources changed: rebuilding");
-        match build(&package, release).await {
+        // The host may be told to stop while cargo works: it does not wait for the build,
+        // nor load it.
+        let built = tokio::select! {
+            built = build(&package, release) => built,
+            () = shutdown.cancelled() => return,
+        };
+        match built {
             Ok(Some(artifact)) => {
                 // A refusal is logged and recorded by the registry.
                 if let Ok(generation) = registry.load_and_swap(&artifact).await {

@@ -35,15 +35,16 @@ use crate::serve::Server;
 /// (see `builds`); `triggers` runs beside the server and swaps in new generations (file watcher, dev
 /// rebuilds; SIGHUP arrives on the given stream) until the token is cancelled.
 ///
-/// `upgradable`: the host can replace itself with a new binary (`hotswap upgrade`,
-/// SIGUSR2; see `cmd::upgrade`). A host started by such an upgrade takes its sockets, build
-/// and history from the host it replaces instead of from its arguments.
+/// `role`: what it runs as (see [`Role`]).
+///
+/// A second SIGTERM or SIGINT during the drain cuts off what is still in progress at once;
+/// a third ends the process on the spot.
 pub(crate) async fn run<T, F>(
     args: &HostArgs,
     trust: Trust,
     source: PluginSource,
     policy: CanaryPolicy,
-    upgradable: bool,
+    role: Role,
     triggers: T,
 ) -> anyhow::Result<()>
 where
@@ -57,7 +58,7 @@ where
     let latch = Arc::new(Latch::new());
     // Only the latch may cancel: its flag, which connections read, must be raised first.
     let shutdown = latch.token().child_token();
-    spawn_signal_handler(latch.clone())?;
+    let forced = spawn_signal_handler(latch.clone(), role == Role::Dev)?;
     let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     // SIGHUP also reads the certificates again: each stream gets every signal.
     let hangup_tls = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
@@ -93,7 +94,7 @@ where
         (Err(e), None) => return Err(e),
     };
     let (orders, orders_in) = tokio::sync::mpsc::channel(4);
-    let host = Arc::new(HostProcess::new(upgradable.then_some(orders), inherited.as_ref().map(|i| i.upgrades.clone()).unwrap_or_default()));
+    let host = Arc::new(HostProcess::new((role == Role::Service).then_some(orders), inherited.as_ref().map(|i| i.upgrades.clone()).unwrap_or_default()));
     spawn_upgrade_signal(user2, host.clone());
     let listening = listener.as_fd().try_clone_to_owned().context("cannot keep the listening socket for an upgrade")?;
     let tls_listening = match &tls_listener {
@@ -192,8 +193,13 @@ where
     }
 
     tracing::info!(connections = server.connections(), "draining (up to {:?})", args.drain_timeout);
-    if !server.drained(args.drain_timeout).await {
-        tracing::warn!(connections = server.connections(), "drain timeout reached: aborting responses still in progress");
+    let drained = tokio::select! {
+        drained = server.drained(args.drain_timeout) => drained,
+        () = forced.raised() => false,
+    };
+    if !drained {
+        let why = if forced.is_raised() { "stopping now" } else { "drain timeout reached" };
+        tracing::warn!(connections = server.connections(), "{why}: aborting responses still in progress");
         registry.abort_all();
         server.drained(Duration::from_secs(2)).await;
     }
@@ -307,18 +313,48 @@ fn reserve_file_descriptors(max_connections: u64) {
     }
 }
 
-fn spawn_signal_handler(shutdown: Arc<Latch>) -> anyhow::Result<()> {
+/// What a host is run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// `hotswap serve`: it can replace itself with a new binary (`hotswap upgrade`, SIGUSR2;
+    /// see `cmd::upgrade`), and SIGHUP reloads. A host started by such an upgrade takes its
+    /// sockets, build and history from the host it replaces instead of from its arguments.
+    Service,
+    /// `hotswap dev`, in a terminal: SIGHUP (the terminal closed) stops it, as SIGTERM does;
+    /// it rebuilds when its sources change.
+    Dev,
+}
+
+/// Raises `shutdown` at the first SIGTERM or SIGINT (or SIGHUP, with `hangup_stops`); the
+/// latch it returns at the second, to cut off what is still in progress; and ends the
+/// process at the third.
+fn spawn_signal_handler(shutdown: Arc<Latch>, hangup_stops: bool) -> anyhow::Result<Arc<Latch>> {
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut hup = if hangup_stops { Some(signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?) } else { None };
+    let forced = Arc::new(Latch::new());
+    let force = forced.clone();
     tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!("received {name}: shutting down gracefully");
-        shutdown.raise();
+        for received in 1.. {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                Some(()) = async { hup.as_mut()?.recv().await } => "SIGHUP",
+            };
+            match received {
+                1 => {
+                    tracing::info!("received {name}: shutting down gracefully (again to cut off what is in progress)");
+                    shutdown.raise();
+                }
+                2 => {
+                    tracing::warn!("received {name} again: cutting off what is in progress (once more to exit at once)");
+                    force.raise();
+                }
+                _ => crate::sys::fatal(130, &format!("hotswap: received {name} a third time: exiting at once")),
+            }
+        }
     });
-    Ok(())
+    Ok(forced)
 }
 
 /// The path this process was started from, as given (`argv[0]`, made absolute, or found on

@@ -110,7 +110,11 @@ fn run(main: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::R
         .on_thread_stop(threads::unregister)
         .build()
         .context("cannot start the host runtime")?;
-    runtime.block_on(main)
+    let result = runtime.block_on(main);
+    // Dropping the runtime would wait for its blocking work without end: a library whose
+    // constructor hangs in the host, a read from a mount that hangs, must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 /// `hotswap serve`: the plugin source from the flags, the file watcher as the swap trigger.
@@ -121,7 +125,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --plugin PATH or --plugin-dir DIR"),
     };
     let trust = Trust { insecure: args.insecure_plugin_dir, digests: args.trusted_digests.clone(), own_build: false };
-    lifecycle::run(&args.host, trust, source.clone(), args.canary.policy(), true, move |registry, hangup, shutdown| {
+    lifecycle::run(&args.host, trust, source.clone(), args.canary.policy(), lifecycle::Role::Service, move |registry, hangup, shutdown| {
         watch::run(source, registry, hangup, shutdown)
     }).await
 }
