@@ -216,3 +216,19 @@ async fn idle_connections_do_not_lock_the_operator_out() {
     }
     assert!((9..24).contains(&closed), "{closed} of 24 idle connections closed");
 }
+
+#[test]
+fn admin_off_serves_no_admin_api() {
+    let dir = temp_dir("admin-off");
+    let socket = dir.join("admin.sock");
+    // The default socket of this test's host would be `socket`: with `off`, nothing is there.
+    let mut cmd = std::process::Command::new(&artifacts().hotswap);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugin", artifacts().example.to_str().unwrap(), "--admin", "off"]);
+    cmd.env("HOTSWAP_ADMIN", &socket);
+    let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    assert!(!host.log().contains("admin API on"), "{}", host.log());
+    assert!(!socket.exists(), "an admin socket was made");
+    let out = host.command(&["status", "--admin", socket.to_str().unwrap()]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("cannot reach the admin API"), "{out:?}");
+}

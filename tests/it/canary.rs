@@ -279,6 +279,58 @@ async fn a_canarys_failed_idempotent_request_is_answered_by_the_current_version(
     assert!(none.stderr.contains("no canary runs"), "{none:?}");
 }
 
+/// `hotswap_canary_percent`, whatever its labels (0 without a series).
+async fn canary_percent(host: &Host) -> f64 {
+    let scrape = host.metrics().await;
+    scrape.lines().filter(|l| l.starts_with("hotswap_canary_percent{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+#[tokio::test]
+async fn an_operator_promotes_ends_or_pins_a_canary_by_hand() {
+    let dir = temp_dir("canary-by-hand");
+    for v in ["1.0.0", "2.0.0", "3.0.0"] {
+        place_by_rename(&example_version(v), &dir.join(format!("app-{v}.so")));
+    }
+    let host = Host::serve_dir(&dir, &["--hold", "--pin", "1.0.0"]);
+    assert_eq!(host.version().await, "1.0.0");
+
+    // Promoted by hand while 1.0.0 is pinned: it serves everything, pinned in its turn.
+    let (code, started) = host.command_json(&["canary", "2.0.0", "--percent", "30"]);
+    assert_eq!(code, 0, "{started}");
+    assert_eq!(canary_percent(&host).await, 30.0);
+    let (code, promoted) = host.command_json(&["canary", "--promote"]);
+    assert_eq!(code, 0, "{promoted}");
+    let now = status(&host);
+    assert!(now["canary"].is_null(), "{now}");
+    assert_eq!((&now["current"]["version"], &now["pin"]["version"]), (&"2.0.0".into(), &"2.0.0".into()), "{now}");
+    assert_eq!(host.version().await, "2.0.0");
+    assert_eq!(canary_percent(&host).await, 0.0, "a series is left after the promotion");
+
+    // A pin ends a canary under way: the pinned version serves every request.
+    let (code, _) = host.command_json(&["canary", "3.0.0", "--percent", "50"]);
+    assert_eq!(code, 0);
+    let (code, pinned) = host.command_json(&["pin", "1.0.0"]);
+    assert_eq!(code, 0, "{pinned}");
+    let now = status(&host);
+    assert!(now["canary"].is_null(), "the pin left the canary running: {now}");
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        assert_eq!(answer(&client, host.url("/")).await, "1.0.0");
+    }
+
+    // So does a rollback, which rolls the canary back.
+    let (code, _) = host.command_json(&["canary", "3.0.0", "--percent", "50"]);
+    assert_eq!(code, 0);
+    let (code, rolled) = host.command_json(&["rollback"]);
+    assert_eq!(code, 0, "{rolled}");
+    let now = status(&host);
+    assert!(now["canary"].is_null(), "the rollback left the canary running: {now}");
+    assert_eq!(now["current"]["version"], "1.0.0", "{now}");
+    for _ in 0..20 {
+        assert_eq!(answer(&client, host.url("/")).await, "1.0.0");
+    }
+}
+
 #[tokio::test]
 async fn a_host_started_with_a_pin_serves_that_version_and_holds_new_builds() {
     let dir = temp_dir("start-pin");

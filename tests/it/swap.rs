@@ -38,6 +38,22 @@ async fn swap_during_download(place: fn(&Path, &Path)) {
 }
 
 #[tokio::test]
+async fn a_host_given_one_file_swaps_that_file_and_ignores_its_neighbours() {
+    let dir = temp_dir("one-file");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let file = dir.join("app.so");
+    let host = Host::serve(&["--plugin", file.to_str().unwrap()]);
+    assert_eq!(host.version().await, "1.0.0");
+    // A newer build beside it is not this host's.
+    place_by_rename(&example_version("3.0.0"), &dir.join("other.so"));
+    // A new build of the file itself is.
+    place_by_rename(&example_version("2.0.0"), &file);
+    host.wait_version("2.0.0").await;
+    assert!(!host.log().contains("other.so"), "it looked at a neighbour:\n{}", host.log());
+    assert_eq!(host.wait_mapped(1, WAIT).await.len(), 1, "{}", host.log());
+}
+
+#[tokio::test]
 async fn a_download_finishes_on_v1_while_v2_arrives_by_rename() {
     swap_during_download(place_by_rename).await;
 }
