@@ -49,13 +49,14 @@ async fn dev_mode_rebuilds_on_change_and_keeps_serving_through_a_syntax_error() 
         r#"use handler_api::{export_handler, Request};
 
 async fn app(_req: Request) -> &'static str {
-    "hello from example-handler\n"
+    include_str!("../greeting.txt")
 }
 
 export_handler!(name: "devapp", version: "0.1.0", handler: app);
 "#,
     )
     .unwrap();
+    std::fs::write(dir.join("greeting.txt"), "hello from example-handler\n").unwrap();
     std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
     std::fs::write(
         dir.join("Cargo.toml"),
@@ -82,14 +83,18 @@ handler-api = {{ path = "{}" }}
     wait_for_answer(&host, "hello from example-handler", Duration::from_secs(10)).await;
     let pid = host.pid();
 
-    let source = dir.join("src/lib.rs");
-    let original = std::fs::read_to_string(&source).unwrap();
-    std::fs::write(&source, original.replace("hello from", "howdy from")).unwrap();
+    // What the code reads (`include_str!`) is a source too.
+    std::fs::write(dir.join("greeting.txt"), "howdy from example-handler\n").unwrap();
     wait_for_answer(&host, "howdy from example-handler", Duration::from_secs(120)).await;
     assert_eq!(host.pid(), pid);
     assert!(host.wait_for_log("rebuilt and swapped in", WAIT), "{}", host.log());
+    // A file the build does not use: cargo has nothing to do, and nothing is swapped.
+    std::fs::write(dir.join("NOTES.md"), "to do\n").unwrap();
+    assert!(host.wait_for_log("nothing the build uses changed: generation 2 keeps serving", Duration::from_secs(120)), "{}", host.log());
 
-    std::fs::write(&source, original.replace("hello from", "howdy from") + "\nfn broken( {\n").unwrap();
+    let source = dir.join("src/lib.rs");
+    let original = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, original + "\nfn broken( {\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !host.log().contains("build failed") {
         assert!(Instant::now() < deadline, "the broken build was not reported:\n{}", host.log());

@@ -31,14 +31,14 @@ use crate::plugin::trust::Trust;
 const DEBOUNCE: Duration = Duration::from_millis(150);
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let (package, dirs) = source_dirs(args.package.as_deref()).await?;
+    let (package, sources) = source_dirs(args.package.as_deref()).await?;
     tracing::info!(package = %package.name, "building");
-    let artifact = build(&package, args.release).await?.context("the first build failed (errors above); fix them and run again")?;
+    let artifact = build(&package, args.release).await?.context("the first build failed (errors above); fix them and run again")?.artifact;
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
     crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), CanaryPolicy::default(), Role::Dev, move |registry, _hangup, shutdown| {
-        rebuild_loop(package, release, dirs, registry, shutdown)
+        rebuild_loop(package, release, sources, registry, shutdown)
     }).await
 }
 
@@ -52,7 +52,7 @@ struct Package {
 /// The package to build (`package`, or the one in the current directory, or at the root of
 /// hotswap's repository its example), and the directories of it and of every local package it
 /// depends on by path.
-async fn source_dirs(package: Option<&str>) -> anyhow::Result<(Package, Vec<PathBuf>)> {
+async fn source_dirs(package: Option<&str>) -> anyhow::Result<(Package, Sources)> {
     let out = tokio::process::Command::new(cargo())
         .args(["metadata", "--format-version", "1"])
         .stderr(Stdio::inherit())
@@ -122,15 +122,69 @@ async fn source_dirs(package: Option<&str>) -> anyhow::Result<(Package, Vec<Path
     }
     let mut dirs: Vec<PathBuf> = seen.into_iter().collect();
     dirs.sort();
-    Ok((Package { name: package.to_owned(), id: (*id).to_owned() }, dirs))
+    let target = meta["target_directory"].as_str().map(PathBuf::from).unwrap_or_default();
+    Ok((Package { name: package.to_owned(), id: (*id).to_owned() }, Sources { dirs, target }))
+}
+
+/// Where a package's sources are: its directory and those of the local packages it depends
+/// on, less cargo's build output.
+struct Sources {
+    dirs: Vec<PathBuf>,
+    /// Cargo's target directory (wherever it is set: `CARGO_TARGET_DIR`, `.cargo/config.toml`).
+    target: PathBuf,
+}
+
+impl Sources {
+    /// Whether a change of `path` may change the build: any file of a package (its code, and
+    /// what it reads with `include_str!` or a build script) but build output, hidden files
+    /// and directories (`.git`), and editors' scratch files. Cargo then decides whether
+    /// anything is to be rebuilt.
+    fn has(&self, path: &Path) -> bool {
+        if path.starts_with(&self.target) && !self.target.as_os_str().is_empty() {
+            return false;
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        if name.ends_with('~') || name.ends_with(".swp") || name.ends_with(".swx") || name == "4913" {
+            return false;
+        }
+        self.dirs.iter().filter_map(|d| path.strip_prefix(d).ok()).any(|rel| {
+            !rel.components().any(|c| c.as_os_str() == "target" || c.as_os_str().to_string_lossy().starts_with('.'))
+        })
+    }
+
+    /// Watches every directory of the packages but build output and hidden ones: a recursive
+    /// watch on a package would take one inotify watch per directory of its `target/`.
+    fn watch(&self, watcher: &mut impl Watcher) {
+        for dir in &self.dirs {
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), "cannot watch: {e}");
+            }
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) && self.has(&path.join("x")) {
+                    if let Err(e) = watcher.watch(&path, RecursiveMode::Recursive) {
+                        tracing::warn!(dir = %path.display(), "cannot watch: {e}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// A build of the plugin.
+struct Built {
+    artifact: PathBuf,
+    /// Cargo found nothing to rebuild: the file is the one built before.
+    fresh: bool,
+}
+
 /// Builds `package`; `Ok(None)` when the build failed (its diagnostics were printed).
-async fn build(package: &Package, release: bool) -> anyhow::Result<Option<PathBuf>> {
+async fn build(package: &Package, release: bool) -> anyhow::Result<Option<Built>> {
     let Package { name: package, id } = package;
     let mut cmd = tokio::process::Command::new(cargo());
     cmd.args(["build", "-p", package, "--message-format=json-render-diagnostics"]);
@@ -150,7 +204,7 @@ async fn build(package: &Package, release: bool) -> anyhow::Result<Option<PathBu
         if message["reason"] == "compiler-artifact" && message["package_id"] == id.as_str() && cdylib() {
             let so = message["filenames"].as_array().into_iter().flatten().filter_map(Value::as_str).find(|f| f.ends_with(".so"));
             if let Some(so) = so {
-                artifact = Some(PathBuf::from(so));
+                artifact = Some(Built { artifact: PathBuf::from(so), fresh: message["fresh"] == true });
             }
         }
     }
@@ -164,29 +218,21 @@ async fn build(package: &Package, release: bool) -> anyhow::Result<Option<PathBu
     }
 }
 
-/// A `.rs` or `.toml` file inside a watched package, not in its build output.
-fn is_source(dirs: &[PathBuf], path: &Path) -> bool {
-    let in_package = dirs.iter().filter_map(|d| path.strip_prefix(d).ok()).any(|rel| {
-        !rel.components().any(|c| c.as_os_str() == "target" || c.as_os_str().to_string_lossy().starts_with('.'))
-    });
-    in_package && path.extension().is_some_and(|e| e == "rs" || e == "toml")
-}
-
 async fn rebuild_loop(
     package: Package,
     release: bool,
-    dirs: Vec<PathBuf>,
+    sources: Sources,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let watched = dirs.clone();
+    let sources = Arc::new(sources);
+    let watched = sources.clone();
     // The watcher's thread is the host's (see plugin::threads).
     let watcher = crate::plugin::threads::adopt(|| notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         let relevant = event.kind.is_create() || event.kind.is_modify() || event.kind.is_remove();
-        let source = event.paths.iter().any(|p| is_source(&watched, p));
-        if relevant && source {
+        if relevant && event.paths.iter().any(|p| watched.has(p)) {
             let _ = tx.send(());
         }
     }));
@@ -194,12 +240,8 @@ async fn rebuild_loop(
         Ok(w) => w,
         Err(e) => return tracing::error!("cannot watch the sources ({e}); live reload is off"),
     };
-    for dir in &dirs {
-        if let Err(e) = watcher.watch(dir, RecursiveMode::Recursive) {
-            tracing::warn!(dir = %dir.display(), "cannot watch: {e}");
-        }
-    }
-    tracing::info!(package = %package.name, dirs = ?dirs, "watching sources for changes");
+    sources.watch(&mut watcher);
+    tracing::info!(package = %package.name, dirs = ?sources.dirs, "watching sources for changes");
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {}
@@ -221,7 +263,10 @@ async fn rebuild_loop(
             () = shutdown.cancelled() => return,
         };
         match built {
-            Ok(Some(artifact)) => {
+            Ok(Some(Built { fresh: true, .. })) => {
+                tracing::info!("nothing the build uses changed: generation {} keeps serving", registry.current().id());
+            }
+            Ok(Some(Built { artifact, .. })) => {
                 // A refusal is logged and recorded by the registry.
                 if let Ok(generation) = registry.load_and_swap(&artifact).await {
                     tracing::info!(generation = generation.id(), plugin = %generation.label(), "rebuilt and swapped in");
