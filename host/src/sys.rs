@@ -75,35 +75,51 @@ pub(crate) fn thread_keys_in_use() -> Option<u64> {
     found
 }
 
-/// The listening socket a service manager passed in (systemd socket activation: `LISTEN_FDS`
-/// and `LISTEN_PID` naming this process), if any. Only the first is used; more are an error.
-/// The socket is handed out once: later calls find none.
-pub(crate) fn inherited_listener() -> io::Result<Option<std::net::TcpListener>> {
+/// The listening sockets a service manager passed in (systemd socket activation: `LISTEN_FDS`
+/// and `LISTEN_PID` naming this process).
+#[derive(Debug, Default)]
+pub(crate) struct InheritedListeners {
+    /// The one to serve on instead of `--listen`.
+    pub(crate) plain: Option<std::net::TcpListener>,
+    /// The one named `https` (`FileDescriptorName=https`), to serve on instead of
+    /// `--listen-tls`.
+    pub(crate) https: Option<std::net::TcpListener>,
+}
+
+/// The listening sockets a service manager passed in, if any: one, or two when one is named
+/// `https`; more are an error. They are handed out once: later calls find none.
+pub(crate) fn inherited_listeners() -> io::Result<InheritedListeners> {
     use std::os::fd::FromRawFd as _;
     use std::sync::atomic::{AtomicBool, Ordering};
-    // `sd_notify::listen_fds` leaves the environment as it is, so it would name the same
-    // descriptors again: two owners of one fd. This flag makes the first call the only one.
+    // `sd_notify::listen_fds_with_names` leaves the environment as it is, so it would name the
+    // same descriptors again: two owners of one fd. This flag makes the first call the only one.
     static TAKEN: AtomicBool = AtomicBool::new(false);
     if TAKEN.swap(true, Ordering::AcqRel) {
-        return Ok(None);
+        return Ok(InheritedListeners::default());
     }
-    let mut fds = sd_notify::listen_fds()?;
-    let Some(fd) = fds.next() else { return Ok(None) };
-    if fds.len() > 0 {
-        return Err(io::Error::other(format!("{} sockets passed (LISTEN_FDS); hotswap serves one", fds.len() + 1)));
+    let mut inherited = InheritedListeners::default();
+    for (fd, name) in sd_notify::listen_fds_with_names()? {
+        if !is_listening_stream(fd) {
+            return Err(io::Error::other(format!("the socket passed in fd {fd} ({name}) is not a listening stream (TCP) socket")));
+        }
+        // SAFETY: the service manager passed this descriptor to this process (LISTEN_PID is
+        // our pid) for it to own, and nothing else in the process has taken it: only this
+        // function reads LISTEN_FDS, and `TAKEN` lets it do so once.
+        let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        // A listening stream socket that is not TCP (a Unix socket) fails here.
+        let addr = listener.local_addr().map_err(|e| io::Error::other(format!("the socket passed in fd {fd} ({name}) is not a TCP listener: {e}")))?;
+        listener.set_nonblocking(true)?;
+        let slot = if name == "https" { &mut inherited.https } else { &mut inherited.plain };
+        if slot.is_some() {
+            return Err(io::Error::other(
+                "more sockets passed (LISTEN_FDS) than hotswap serves: one, and a second named `https` \
+                 (FileDescriptorName=https) for HTTPS",
+            ));
+        }
+        tracing::info!(%addr, name, "using a listening socket passed by the service manager (LISTEN_FDS)");
+        *slot = Some(listener);
     }
-    if !is_listening_stream(fd) {
-        return Err(io::Error::other(format!("the socket passed in fd {fd} is not a listening stream (TCP) socket")));
-    }
-    // SAFETY: the service manager passed this descriptor to this process (LISTEN_PID is our
-    // pid) for it to own, and nothing else in the process has taken it: only this function
-    // reads LISTEN_FDS, and `TAKEN` lets it do so once.
-    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-    // A listening stream socket that is not TCP (a Unix socket) fails here.
-    let addr = listener.local_addr().map_err(|e| io::Error::other(format!("the socket passed in fd {fd} is not a TCP listener: {e}")))?;
-    listener.set_nonblocking(true)?;
-    tracing::info!(%addr, "using the listening socket passed by the service manager (LISTEN_FDS)");
-    Ok(Some(listener))
+    Ok(inherited)
 }
 
 /// Whether `fd` is a stream socket that is listening.

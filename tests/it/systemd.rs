@@ -77,35 +77,75 @@ fn after_an_upgrade_the_new_process_tells_systemd_it_is_the_main_one() {
     assert_eq!(setting(&unit, "NotifyAccess"), "all");
 }
 
-#[test]
-fn serves_on_a_socket_passed_by_socket_activation() {
-    // What systemd does for hotswap.socket: bind, then pass the socket as fd 3 with
-    // LISTEN_FDS=1 and LISTEN_PID set to the service's pid.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let fd = listener.as_raw_fd();
+/// `hotswap ARGS` started as systemd starts a socket-activated service: `sockets` (at most
+/// two, with their names) passed as fds 3 and 4, with LISTEN_FDS, LISTEN_FDNAMES and
+/// LISTEN_PID naming the process.
+pub(crate) fn socket_activated(sockets: &[(&TcpListener, &str)], args: &[&str]) -> Command {
+    assert!(sockets.len() <= 2);
+    let mut fds = [-1; 2];
+    for (slot, (listener, _)) in fds.iter_mut().zip(sockets) {
+        *slot = listener.as_raw_fd();
+    }
+    let count = sockets.len();
+    let names: Vec<&str> = sockets.iter().map(|(_, name)| *name).collect();
     let mut cmd = Command::new("sh");
     // $$ is the shell's pid, which `exec` hands to hotswap.
-    cmd.args(["-c", r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@""#])
+    cmd.args(["-c", &format!(r#"LISTEN_PID=$$ LISTEN_FDS={count} exec "$0" "$@""#)])
+        .env("LISTEN_FDNAMES", names.join(":"))
         .arg(&artifacts().hotswap)
-        // --listen names a port that is never bound: the passed socket wins.
-        .args(["serve", "--listen", "127.0.0.1:1", "--plugin"])
-        .arg(&artifacts().example);
-    // SAFETY: only async-signal-safe calls between fork and exec. dup2 onto fd 3 clears
-    // close-on-exec on the copy; if the socket already is fd 3, dup2 does nothing, so the
-    // flag is cleared by hand.
+        .args(args);
+    // SAFETY: only async-signal-safe calls between fork and exec, on a fixed array. Each
+    // socket is first copied above the targets (so that one already at 3 or 4 is not
+    // overwritten), then onto 3, 4: dup2 clears close-on-exec on the copy.
     unsafe {
         cmd.pre_exec(move || {
-            let ok = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) == 0 } else { libc::dup2(fd, 3) == 3 };
-            if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            let mut high = [-1; 2];
+            for i in 0..count {
+                high[i] = libc::fcntl(fds[i], libc::F_DUPFD, 10);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, fd) in high.iter().enumerate().take(count) {
+                if libc::dup2(*fd, 3 + i as i32) != 3 + i as i32 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
         });
     }
+    cmd
+}
+
+#[test]
+fn serves_on_a_socket_passed_by_socket_activation() {
+    // What systemd does for hotswap.socket: bind, then pass the socket as fd 3.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // --listen names a port that is never bound: the passed socket wins.
+    let plugin = artifacts().example.to_str().unwrap();
+    let cmd = socket_activated(&[(&listener, "hotswap.socket")], &["serve", "--listen", "127.0.0.1:1", "--plugin", plugin]);
     let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
     assert_eq!(host.addr, addr.to_string(), "it did not serve on the passed socket:\n{}", host.log());
-    assert!(host.log().contains("using the listening socket passed by the service manager"), "{}", host.log());
+    assert!(host.log().contains("using a listening socket passed by the service manager"), "{}", host.log());
     drop(listener); // the host holds its own copy
     let response = health(addr);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[test]
+fn sockets_it_cannot_serve_stop_the_start_with_the_reason() {
+    let plugin = artifacts().example.to_str().unwrap();
+    let (a, b) = (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap());
+    let args = ["serve", "--listen", "127.0.0.1:1", "--plugin", plugin];
+    for (sockets, reason) in [
+        (vec![(&a, "hotswap.socket"), (&b, "hotswap.socket")], "one, and a second named `https`"),
+        (vec![(&a, "hotswap.socket"), (&b, "https")], "a socket named `https`, and no certificate is given"),
+    ] {
+        let out = socket_activated(&sockets, &args).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains(reason), "{said}");
+    }
 }
 
 /// A systemd time span as the files in deploy/ write them: `45`, `45s`, `1min 30s`, `500ms`.

@@ -100,6 +100,24 @@ async fn certificate_now(ca: &Ca, host: &Host, name: &str) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn a_socket_named_https_by_systemd_serves_https_beside_the_plain_one() {
+    let ca = Ca::new();
+    let dir = temp_dir("tls-activated");
+    let (cert, key) = place(&dir, "server", &ca.issue(&["localhost"], false));
+    let (plain, https) = (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let (plain_addr, https_addr) = (plain.local_addr().unwrap(), https.local_addr().unwrap());
+    let plugin = artifacts().example.to_str().unwrap();
+    let args = ["serve", "--listen", "127.0.0.1:1", "--plugin", plugin, "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let cmd = crate::systemd::socket_activated(&[(&plain, "hotswap.socket"), (&https, "https")], &args);
+    let host = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    assert_eq!(host.https.as_deref(), Some(https_addr.to_string().as_str()), "{}", host.log());
+    let body = reqwest::get(format!("http://{plain_addr}/")).await.unwrap().text().await.unwrap();
+    assert!(body.contains("example-handler"), "{body}");
+    let response = client(&ca, &host, &["localhost"], false).get(https_url(&host, "localhost", "/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
 async fn https_speaks_http2_and_http1_by_alpn_beside_cleartext() {
     let ca = Ca::new();
     let dir = temp_dir("tls-alpn");

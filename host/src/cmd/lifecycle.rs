@@ -68,14 +68,25 @@ where
     // before anything else opens a file, and a port in use fails the start before any plugin
     // is loaded.
     let (inherited, sockets) = upgrade::inherit().await?.unzip();
-    let (listener, inherited_admin, inherited_tls) = match sockets {
-        Some(sockets) => (TcpListener::from_std(sockets.listener)?, Some(sockets.admin), sockets.tls_listener),
-        None => match crate::sys::inherited_listener().context("cannot use the socket passed by the service manager")? {
-            Some(inherited) => (TcpListener::from_std(inherited)?, None, None),
-            None => (TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?, None, None),
-        },
+    let (listener, inherited_admin, inherited_tls, activated_tls) = match sockets {
+        Some(sockets) => (TcpListener::from_std(sockets.listener)?, Some(sockets.admin), sockets.tls_listener, None),
+        None => {
+            let passed = crate::sys::inherited_listeners().context("cannot use the sockets passed by the service manager")?;
+            let listener = match passed.plain {
+                Some(passed) => TcpListener::from_std(passed)?,
+                None => TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?,
+            };
+            (listener, None, None, passed.https)
+        }
     };
+    if activated_tls.is_some() && args.tls.tls_cert.is_none() && args.tls.tls_dir.is_none() {
+        anyhow::bail!(
+            "the service manager passed a socket named `https`, and no certificate is given: \
+             give --tls-cert and --tls-key (or --tls-dir), or remove FileDescriptorName=https"
+        );
+    }
     let tls_listener = match (args.tls.listen_tls, inherited_tls) {
+        _ if activated_tls.is_some() => activated_tls.map(TcpListener::from_std).transpose()?,
         (Some(_), Some(inherited)) => Some(TcpListener::from_std(inherited)?),
         (Some(addr), None) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--listen-tls)"))?),
         (None, Some(_)) => {
