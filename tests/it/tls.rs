@@ -115,6 +115,15 @@ async fn a_socket_named_https_by_systemd_serves_https_beside_the_plain_one() {
     assert!(body.contains("example-handler"), "{body}");
     let response = client(&ca, &host, &["localhost"], false).get(https_url(&host, "localhost", "/")).send().await.unwrap();
     assert_eq!(response.status(), 200);
+
+    // A host upgrade keeps each socket to its use, without --listen-tls.
+    let reap = crate::host_upgrade::Reap::default();
+    reap.add(crate::host_upgrade::upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("{e}\n{}", host.log())));
+    assert!(host.wait_for_log("handed over to the new host", WAIT), "{}", host.log());
+    let body = reqwest::get(format!("http://{plain_addr}/")).await.unwrap().text().await.unwrap();
+    assert!(body.contains("example-handler"), "{body}");
+    let response = client(&ca, &host, &["localhost"], false).get(https_url(&host, "localhost", "/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]

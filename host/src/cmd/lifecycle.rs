@@ -69,7 +69,10 @@ where
     // is loaded.
     let (inherited, sockets) = upgrade::inherit().await?.unzip();
     let (listener, inherited_admin, inherited_tls, activated_tls) = match sockets {
-        Some(sockets) => (TcpListener::from_std(sockets.listener)?, Some(sockets.admin), sockets.tls_listener, None),
+        Some(sockets) => {
+            let (tls, activated) = if sockets.tls_activated { (None, sockets.tls_listener) } else { (sockets.tls_listener, None) };
+            (TcpListener::from_std(sockets.listener)?, Some(sockets.admin), tls, activated)
+        }
         None => {
             let passed = crate::sys::inherited_listeners().context("cannot use the sockets passed by the service manager")?;
             let listener = match passed.plain {
@@ -85,6 +88,7 @@ where
              give --tls-cert and --tls-key (or --tls-dir), or remove FileDescriptorName=https"
         );
     }
+    let tls_activated = activated_tls.is_some();
     let tls_listener = match (args.tls.listen_tls, inherited_tls) {
         _ if activated_tls.is_some() => activated_tls.map(TcpListener::from_std).transpose()?,
         (Some(_), Some(inherited)) => Some(TcpListener::from_std(inherited)?),
@@ -166,6 +170,7 @@ where
         server: server.clone(),
         listener: listening,
         tls_listener: tls_listening,
+        tls_activated,
         admin,
         binary,
         args: std::env::args_os().collect(),

@@ -82,6 +82,10 @@ enum Message {
         /// Whether the HTTPS listener of `--listen-tls` follows the admin listener.
         #[serde(default)]
         tls_listener: bool,
+        /// Whether that listener was passed by the service manager (named `https`) rather
+        /// than bound for `--listen-tls`: the new host keeps it without the flag.
+        #[serde(default)]
+        tls_activated: bool,
         from_pid: u32,
         from_version: String,
         binary: PathBuf,
@@ -182,8 +186,10 @@ pub(crate) struct Upgrader {
     pub(crate) server: Arc<Server>,
     /// A descriptor of the listening socket.
     pub(crate) listener: OwnedFd,
-    /// `--listen-tls`'s.
+    /// `--listen-tls`'s, or the one the service manager passed (see `tls_activated`).
     pub(crate) tls_listener: Option<OwnedFd>,
+    /// The HTTPS listener was passed by the service manager, named `https`.
+    pub(crate) tls_activated: bool,
     pub(crate) admin: Option<ServedAdmin>,
     /// The binary this host runs (as found at its start: the same path serves a newer build
     /// installed over it).
@@ -323,6 +329,7 @@ async fn start_successor(upgrader: &Upgrader, binary: &Path, timeout: Duration) 
             upgrade_count: upgrader.host.upgrade_count(),
             admin,
             tls_listener: upgrader.tls_listener.is_some(),
+            tls_activated: upgrader.tls_activated,
             from_pid: std::process::id(),
             from_version: env!("CARGO_PKG_VERSION").to_owned(),
             binary: binary.to_path_buf(),
@@ -467,8 +474,9 @@ async fn send_connection(channel: &Channel, connection: Handed, gone: &mut bool,
 pub(crate) struct InheritedSockets {
     pub(crate) listener: std::net::TcpListener,
     pub(crate) admin: Option<(OwnedFd, HandedAdmin)>,
-    /// `--listen-tls`'s.
+    /// `--listen-tls`'s, or the service manager's (`tls_activated`).
     pub(crate) tls_listener: Option<std::net::TcpListener>,
+    pub(crate) tls_activated: bool,
 }
 
 /// The new host's side: what the host it replaces handed over, but the sockets.
@@ -493,7 +501,7 @@ pub(crate) async fn inherit() -> anyhow::Result<Option<(Inherited, InheritedSock
         .await
         .context("the host this one replaces sent nothing")?
         .context("cannot hear from the host this one replaces")?;
-    let Some((Message::Hello { inheritance, upgrades, upgrade_count, admin, tls_listener, from_pid, from_version, binary, ordered_ms }, _, fds)) =
+    let Some((Message::Hello { inheritance, upgrades, upgrade_count, admin, tls_listener, tls_activated, from_pid, from_version, binary, ordered_ms }, _, fds)) =
         received
     else {
         anyhow::bail!("the host this one replaces did not start the hand-over as expected");
@@ -517,7 +525,7 @@ pub(crate) async fn inherit() -> anyhow::Result<Option<(Inherited, InheritedSock
     tracing::info!(from_pid, from_version = %from_version, addr = %listener.local_addr()?, "taking over from the host this one replaces");
     let inheritance = *inheritance;
     let inherited = Inherited { channel, inheritance, upgrades, upgrade_count, from_pid, from_version, binary, ordered_ms };
-    Ok(Some((inherited, InheritedSockets { listener, admin, tls_listener })))
+    Ok(Some((inherited, InheritedSockets { listener, admin, tls_listener, tls_activated })))
 }
 
 impl Inherited {
