@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hotswap_tests::{artifacts, is_pattern, read_download, Host, WAIT};
+use hotswap_tests::{artifacts, chain, is_pattern, read_download, Host, WAIT};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1024 * 1024;
@@ -260,6 +260,32 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_0() {
     .unwrap();
     assert_eq!(code.0, Some(0), "{}", code.1);
     assert!(code.1.contains("generation unloaded and unmapped"), "{}", code.1);
+}
+
+#[tokio::test]
+async fn responses_without_content_have_none_over_http1_and_http2() {
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    for client in [reqwest::Client::new(), reqwest::Client::builder().http2_prior_knowledge().build().unwrap()] {
+        // HEAD: the headers of the GET, its length included, and no body.
+        let head = client.head(host.url("/")).send().await.unwrap_or_else(|e| panic!("HEAD: {}\n{}", chain(&e), host.log()));
+        assert_eq!(head.status(), 200);
+        assert_eq!(head.headers().get("content-length").map(|v| v.to_str().unwrap().to_owned()), Some("5".into()), "{head:?}");
+        assert!(head.bytes().await.unwrap().is_empty());
+        // A 204 and a 304 the plugin gave a body: sent without it.
+        for code in [204, 304] {
+            let response = client.get(host.url(&format!("/status?code={code}"))).send().await.unwrap_or_else(|e| panic!("{code}: {}", chain(&e)));
+            assert_eq!(response.status().as_u16(), code);
+            assert!(response.bytes().await.unwrap().is_empty());
+        }
+        // A 1xx is no final answer: refused, with the reason in the log.
+        let informational = client.get(host.url("/status?code=103")).send().await.unwrap_or_else(|e| panic!("103: {}", chain(&e)));
+        assert_eq!(informational.status(), 500);
+        // The host's own answer to HEAD has no body either.
+        let failed = client.head(host.url("/panic")).send().await.unwrap_or_else(|e| panic!("HEAD /panic: {}", chain(&e)));
+        assert_eq!(failed.status(), 500);
+        assert!(failed.bytes().await.unwrap().is_empty());
+    }
+    assert!(host.wait_for_log("status 103 is informational, not a final answer", WAIT), "{}", host.log());
 }
 
 #[tokio::test]

@@ -298,7 +298,7 @@ impl Future for Respond {
 /// The host's own answer, `status`, to a request the plugin never sees.
 fn answer_early(status: StatusCode, request: &Request<Incoming>, id: RequestId, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Respond {
     let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
-    Respond::Answered(Some(error_response(status, id, in_flight, conn, started, access).map(SentBody::here)))
+    Respond::Answered(Some(error_response(status, request.method(), id, in_flight, conn, started, access).map(SentBody::here)))
 }
 
 fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest, replay: Option<Arc<Current>>) -> Respond {
@@ -448,7 +448,7 @@ impl Calling {
         // be read by the response body (and time out then).
         let request_body = call.body_progress().cloned();
         drop(call);
-        let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn));
+        let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn)).map(|response| bodiless(response, &method));
         Finished::Response(match called {
             Ok(response) => {
                 let generation = response.body().generation().id();
@@ -461,11 +461,11 @@ impl Calling {
             Err(CallFailed { error: CallError::BodyTooLarge, in_flight }) => {
                 let max_body_size = conn.state.max_body_size;
                 tracing::debug!(%method, path = %uri.path(), max_body_size, request_id = %id, "request body grew too large: answered 413");
-                error_response(StatusCode::PAYLOAD_TOO_LARGE, id, in_flight, conn, started, access)
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, &method, id, in_flight, conn, started, access)
             }
             Err(CallFailed { error: CallError::BodyTimedOut, in_flight }) => {
                 tracing::debug!(%method, path = %uri.path(), request_id = %id, "request body too slow (--body-read-timeout): answered 408");
-                error_response(StatusCode::REQUEST_TIMEOUT, id, in_flight, conn, started, access)
+                error_response(StatusCode::REQUEST_TIMEOUT, &method, id, in_flight, conn, started, access)
             }
             Err(CallFailed { error, in_flight }) => {
                 let status = match error {
@@ -489,7 +489,7 @@ impl Calling {
                     %method, path = %uri.path(), generation = generation.id(), plugin = %generation.label(), request_id = %id,
                     "{error}; answered {}", status.as_u16()
                 );
-                error_response(status, id, in_flight, conn, started, access)
+                error_response(status, &method, id, in_flight, conn, started, access)
             }
         })
     }
@@ -507,6 +507,12 @@ fn switch_protocols(
 ) -> Result<Response<ResponseBody>, CallFailed> {
     let Answer { response, upgrade } = answer;
     let status = response.status();
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        // hyper sends a 1xx only before a final response, never as one.
+        let (_, body) = response.into_parts();
+        let refused = format!("status {} is informational, not a final answer (use 2xx to 5xx)", status.as_u16());
+        return Err(CallFailed { error: CallError::Invalid(refused), in_flight: body.into_in_flight() });
+    }
     // HTTP/1.1 switches with 101; HTTP/2 switches an extended CONNECT's stream with a 2xx.
     let switches = if conn.h1 { status == StatusCode::SWITCHING_PROTOCOLS } else { status.is_success() };
     let refused = match (upgrade, on_upgrade) {
@@ -542,6 +548,29 @@ fn switch_protocols(
     };
     let (_, body) = response.into_parts();
     Err(CallFailed { error: CallError::Invalid(refused.into()), in_flight: body.into_in_flight() })
+}
+
+/// A response that has no content (one to a HEAD request, a 204, a 304) goes without the
+/// plugin's body: hyper leaves it out over HTTP/1 only, and over HTTP/2 the client takes DATA
+/// there for a protocol error. A response to HEAD keeps the length its body had, as the same
+/// GET's; a 204 has none.
+fn bodiless(response: Response<ResponseBody>, method: &http::Method) -> Response<ResponseBody> {
+    let (status, head) = (response.status(), *method == http::Method::HEAD);
+    if !head && status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
+        return response;
+    }
+    if matches!(response.body(), ResponseBody::Full { bytes: None, .. }) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    if status == StatusCode::NO_CONTENT {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    } else if head && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        if let Some(len) = body.size_hint().exact() {
+            parts.headers.insert(http::header::CONTENT_LENGTH, len.into());
+        }
+    }
+    Response::from_parts(parts, ResponseBody::Full { bytes: None, in_flight: body.into_in_flight() })
 }
 
 /// Waits for hyper to switch protocols, then runs the plugin's session on the connection
@@ -600,20 +629,25 @@ fn counted(mut response: Response<HostBody>, started: Instant) -> Response<HostB
     response
 }
 
-/// An answer from the host itself, for a request the plugin did not (or could not) answer.
-/// With the request's `id` in `x-request-id`: the log line that says what went wrong carries
-/// it too.
+/// An answer from the host itself, for a request the plugin did not (or could not) answer
+/// (with no body to a HEAD request). With the request's `id` in `x-request-id`: the log line
+/// that says what went wrong carries it too.
 fn error_response(
     status: StatusCode,
+    method: &http::Method,
     id: RequestId,
     in_flight: InFlight,
     conn: ConnRequest,
     started: Instant,
     access: Option<Box<Access>>,
 ) -> Response<HostBody> {
-    let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
+    let body = if *method == http::Method::HEAD {
+        ResponseBody::Full { bytes: None, in_flight }
+    } else {
+        ResponseBody::full(Bytes::from(format!("{}\n", status.canonical_reason().unwrap_or("error"))), in_flight)
+    };
     let h1 = conn.h1;
-    let mut response = Response::new(HostBody::new(ResponseBody::full(Bytes::from(text), in_flight), conn, None, access));
+    let mut response = Response::new(HostBody::new(body, conn, None, access));
     *response.status_mut() = status;
     if let Ok(id) = http::HeaderValue::from_str(&id.to_string()) {
         response.headers_mut().insert(http::header::HeaderName::from_static("x-request-id"), id);
