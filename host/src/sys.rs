@@ -86,8 +86,8 @@ pub(crate) struct InheritedListeners {
     pub(crate) https: Option<std::net::TcpListener>,
 }
 
-/// The listening sockets a service manager passed in, if any: one, or two when one is named
-/// `https`; more are an error. They are handed out once: later calls find none.
+/// The listening sockets a service manager passed in, if any: one (whatever its name), or two
+/// when one of them is named `https`; more are an error. They are handed out once: later calls find none.
 pub(crate) fn inherited_listeners() -> io::Result<InheritedListeners> {
     use std::os::fd::FromRawFd as _;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,6 +98,10 @@ pub(crate) fn inherited_listeners() -> io::Result<InheritedListeners> {
         return Ok(InheritedListeners::default());
     }
     let mut inherited = InheritedListeners::default();
+    // None for this process (LISTEN_PID names another): its names, inherited, are not ours.
+    if sd_notify::listen_fds()?.len() == 0 {
+        return Ok(inherited);
+    }
     for (fd, name) in sd_notify::listen_fds_with_names()? {
         if !is_listening_stream(fd) {
             return Err(io::Error::other(format!("the socket passed in fd {fd} ({name}) is not a listening stream (TCP) socket")));
@@ -118,6 +122,11 @@ pub(crate) fn inherited_listeners() -> io::Result<InheritedListeners> {
         }
         tracing::info!(%addr, name, "using a listening socket passed by the service manager (LISTEN_FDS)");
         *slot = Some(listener);
+    }
+    // One socket alone, whatever its name, serves instead of --listen (HTTPS with a
+    // certificate), as before names were read.
+    if inherited.plain.is_none() {
+        inherited.plain = inherited.https.take();
     }
     Ok(inherited)
 }
