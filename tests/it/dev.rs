@@ -92,8 +92,17 @@ handler-api = {{ path = "{}" }}
     std::fs::write(dir.join("NOTES.md"), "to do\n").unwrap();
     assert!(host.wait_for_log("nothing the build uses changed: generation 2 keeps serving", Duration::from_secs(120)), "{}", host.log());
 
+    // A directory made since the start is watched too.
+    std::fs::create_dir(dir.join("assets")).unwrap();
+    std::fs::write(dir.join("assets/greeting.txt"), "hi from example-handler\n").unwrap();
     let source = dir.join("src/lib.rs");
-    let original = std::fs::read_to_string(&source).unwrap();
+    let original = std::fs::read_to_string(&source).unwrap().replace("../greeting.txt", "../assets/greeting.txt");
+    tokio::time::sleep(Duration::from_millis(500)).await; // the directory's event comes first
+    std::fs::write(&source, &original).unwrap();
+    wait_for_answer(&host, "hi from example-handler", Duration::from_secs(120)).await;
+    std::fs::write(dir.join("assets/greeting.txt"), "hey from example-handler\n").unwrap();
+    wait_for_answer(&host, "hey from example-handler", Duration::from_secs(120)).await;
+
     std::fs::write(&source, original + "\nfn broken( {\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !host.log().contains("build failed") {
@@ -104,7 +113,7 @@ handler-api = {{ path = "{}" }}
     // rustc's own words, with the place: the host's line alone says "build failed".
     assert!(log.contains("src/lib.rs") && (log.contains("error:") || log.contains("error[")), "the compiler's errors were not shown:\n{log}");
     assert!(log.contains("keeps serving"), "{log}");
-    wait_for_answer(&host, "howdy from example-handler", Duration::from_secs(5)).await;
+    wait_for_answer(&host, "hey from example-handler", Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

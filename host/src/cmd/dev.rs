@@ -34,11 +34,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let (package, sources) = source_dirs(args.package.as_deref()).await?;
     tracing::info!(package = %package.name, "building");
     let artifact = build(&package, args.release).await?.context("the first build failed (errors above); fix them and run again")?.artifact;
+    let artifact_served = artifact.clone();
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
     crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), CanaryPolicy::default(), Role::Dev, move |registry, _hangup, shutdown| {
-        rebuild_loop(package, release, sources, registry, shutdown)
+        rebuild_loop(package, release, sources, identity(&artifact_served), registry, shutdown)
     }).await
 }
 
@@ -153,7 +154,8 @@ impl Sources {
     }
 
     /// Watches every directory of the packages but build output and hidden ones: a recursive
-    /// watch on a package would take one inotify watch per directory of its `target/`.
+    /// watch on a package would take one inotify watch per directory of its `target/`. Run
+    /// again at each change, for directories made since.
     fn watch(&self, watcher: &mut impl Watcher) {
         for dir in &self.dirs {
             if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
@@ -162,7 +164,8 @@ impl Sources {
             let Ok(entries) = std::fs::read_dir(dir) else { continue };
             for entry in entries.flatten() {
                 let path = entry.path();
-                if entry.file_type().is_ok_and(|t| t.is_dir()) && self.has(&path.join("x")) {
+                // Through a symbolic link too (`fs::metadata` follows it).
+                if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) && self.has(&path.join("x")) {
                     if let Err(e) = watcher.watch(&path, RecursiveMode::Recursive) {
                         tracing::warn!(dir = %path.display(), "cannot watch: {e}");
                     }
@@ -179,8 +182,17 @@ fn cargo() -> String {
 /// A build of the plugin.
 struct Built {
     artifact: PathBuf,
-    /// Cargo found nothing to rebuild: the file is the one built before.
-    fresh: bool,
+}
+
+/// A file's device, inode, length and modification time.
+type FileIdentity = (u64, u64, u64, std::time::SystemTime);
+
+/// What tells one build's file from another: cargo leaves a file it found nothing to rebuild
+/// as it was, and a build made meanwhile by other means (`cargo test`, an editor) replaces it.
+fn identity(file: &Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(file).ok()?;
+    Some((meta.dev(), meta.ino(), meta.len(), meta.modified().ok()?))
 }
 
 /// Builds `package`; `Ok(None)` when the build failed (its diagnostics were printed).
@@ -204,7 +216,7 @@ async fn build(package: &Package, release: bool) -> anyhow::Result<Option<Built>
         if message["reason"] == "compiler-artifact" && message["package_id"] == id.as_str() && cdylib() {
             let so = message["filenames"].as_array().into_iter().flatten().filter_map(Value::as_str).find(|f| f.ends_with(".so"));
             if let Some(so) = so {
-                artifact = Some(Built { artifact: PathBuf::from(so), fresh: message["fresh"] == true });
+                artifact = Some(Built { artifact: PathBuf::from(so) });
             }
         }
     }
@@ -222,6 +234,8 @@ async fn rebuild_loop(
     package: Package,
     release: bool,
     sources: Sources,
+    // The file of the build that serves.
+    mut serving: Option<FileIdentity>,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
@@ -255,6 +269,7 @@ async fn rebuild_loop(
                 () = shutdown.cancelled() => return,
             }
         }
+        sources.watch(&mut watcher);
         tracing::info!(package = %package.name, "sources changed: rebuilding");
         // The host may be told to stop while cargo works: it does not wait for the build,
         // nor load it.
@@ -263,12 +278,14 @@ async fn rebuild_loop(
             () = shutdown.cancelled() => return,
         };
         match built {
-            Ok(Some(Built { fresh: true, .. })) => {
+            Ok(Some(Built { artifact })) if identity(&artifact).is_some_and(|built| Some(built) == serving) => {
                 tracing::info!("nothing the build uses changed: generation {} keeps serving", registry.current().id());
             }
-            Ok(Some(Built { artifact, .. })) => {
+            Ok(Some(Built { artifact })) => {
+                let built = identity(&artifact);
                 // A refusal is logged and recorded by the registry.
                 if let Ok(generation) = registry.load_and_swap(&artifact).await {
+                    serving = built;
                     tracing::info!(generation = generation.id(), plugin = %generation.label(), "rebuilt and swapped in");
                 }
             }
