@@ -89,6 +89,9 @@ where
         );
     }
     let tls_activated = activated_tls.is_some();
+    if let (true, Some(addr)) = (tls_activated, args.tls.listen_tls) {
+        tracing::warn!("--listen-tls {addr} is not used: the service manager passed a socket named `https`, which serves HTTPS");
+    }
     let tls_listener = match (args.tls.listen_tls, inherited_tls) {
         _ if activated_tls.is_some() => activated_tls.map(TcpListener::from_std).transpose()?,
         (Some(_), Some(inherited)) => Some(TcpListener::from_std(inherited)?),
