@@ -244,6 +244,9 @@ async fn a_canarys_failed_idempotent_request_is_answered_by_the_current_version(
         let head = client.head(host.url("/health?panic")).send().await.unwrap();
         // The current version's own answer to HEAD /health: the head of its "ok\n".
         assert_eq!((head.status().as_u16(), head.headers()["content-length"].to_str().unwrap()), (200, "3"));
+        // A response the host refuses (a 1xx as the final answer) is a failure too.
+        let refused = client.get(host.url("/status?code=103")).send().await.unwrap();
+        assert_eq!(refused.status(), 404, "not the current version's answer (it has no /status)");
         // What the canary answers itself goes out as it is.
         assert_eq!(answer(&client, host.url("/health")).await, "fine\n");
         // Not idempotent, or with a body: not replayed.
@@ -251,8 +254,8 @@ async fn a_canarys_failed_idempotent_request_is_answered_by_the_current_version(
         assert_eq!(post.status(), 500);
     }
     let progress = status(&host);
-    assert_eq!(progress["canary"]["replayed"], 4, "{progress}");
-    assert_eq!(progress["canary"]["errors"], 6, "{progress}");
+    assert_eq!(progress["canary"]["replayed"], 6, "{progress}");
+    assert_eq!(progress["canary"]["errors"], 8, "{progress}");
     assert!(host.log().contains("the canary's failure counts against it, and the current version answers the request"));
 
     // At half, by cookie, users behind one kept-alive connection: a request relayed to the

@@ -436,6 +436,9 @@ impl Calling {
     fn finish(self, called: Result<Answer, CallFailed>) -> Finished {
         let Calling { mut call, conn, started, method, uri, id, on_upgrade, replay, deadline: _, mut access } = self;
         let access = access.take();
+        // First: a response refused here (a switch that cannot happen, a 1xx) fails the call,
+        // and a canary's failed call is replayed, with its headers.
+        let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn)).map(|response| bodiless(response, &method));
         // Kept for a replay: given back for reuse unless the request is replayed.
         let headers = match call.take_headers() {
             Some(headers) if called.is_ok() => {
@@ -448,7 +451,6 @@ impl Calling {
         // be read by the response body (and time out then).
         let request_body = call.body_progress().cloned();
         drop(call);
-        let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn)).map(|response| bodiless(response, &method));
         Finished::Response(match called {
             Ok(response) => {
                 let generation = response.body().generation().id();
