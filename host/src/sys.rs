@@ -233,6 +233,16 @@ pub(crate) fn terminate(pid: u32) {
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }
 
+/// Sends SIGTERM to every process of group `pgid` (one this host started, with
+/// `process_group(0)`); nothing if it is gone.
+pub(crate) fn terminate_group(pgid: u32) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else { return };
+    if pgid > 1 {
+        // SAFETY: kill has no memory preconditions; a group that is gone fails with ESRCH.
+        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    }
+}
+
 /// Whether process `pid` still exists (a zombie counts).
 pub(crate) fn process_exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };

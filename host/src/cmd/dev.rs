@@ -179,6 +179,17 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// The process group of a cargo build, ended if the build is given up before cargo exits.
+struct BuildGroup(Option<u32>);
+
+impl Drop for BuildGroup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            crate::sys::terminate_group(pgid);
+        }
+    }
+}
+
 /// A build of the plugin.
 struct Built {
     artifact: PathBuf,
@@ -203,9 +214,11 @@ async fn build(package: &Package, release: bool) -> anyhow::Result<Option<Built>
     if release {
         cmd.arg("--release");
     }
-    // A build given up (the host stops meanwhile) stops with it.
-    cmd.kill_on_drop(true);
+    // A build given up (the host stops meanwhile) stops with it, rustc's processes too: cargo
+    // runs in a process group of its own, which the guard ends.
+    cmd.process_group(0).kill_on_drop(true);
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot run cargo build")?;
+    let mut group = BuildGroup(child.id());
     let stdout = child.stdout.take().context("cargo's output")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut artifact = None;
@@ -221,6 +234,7 @@ async fn build(package: &Package, release: bool) -> anyhow::Result<Option<Built>
         }
     }
     let status = child.wait().await?;
+    group.0 = None; // done: its pid may be another process's now
     if !status.success() {
         return Ok(None);
     }
