@@ -33,13 +33,16 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let (package, sources) = source_dirs(args.package.as_deref()).await?;
     tracing::info!(package = %package.name, "building");
-    let artifact = build(&package, args.release).await?.context("the first build failed (errors above); fix them and run again")?.artifact;
-    let artifact_served = artifact.clone();
+    // Before the host's signal handlers: Ctrl-C ends the host, and cargo with it (the first
+    // build stays in the terminal's process group).
+    let artifact = build(&package, args.release, Group::Terminal).await?.context("the first build failed (errors above); fix them and run again")?.artifact;
+    // Before the host loads it: a build made meanwhile by other means is then swapped in.
+    let served = identity(&artifact);
     let release = args.release;
     // What dev mode loads is what it has just built itself, in the user's own workspace.
     let trust = Trust { own_build: true, ..Trust::default() };
     crate::cmd::lifecycle::run(&args.host, trust, PluginSource::file(&artifact), CanaryPolicy::default(), Role::Dev, move |registry, _hangup, shutdown| {
-        rebuild_loop(package, release, sources, identity(&artifact_served), registry, shutdown)
+        rebuild_loop(package, release, sources, served, registry, shutdown)
     }).await
 }
 
@@ -179,6 +182,15 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// Which process group a cargo build runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    /// The terminal's, as the host's: Ctrl-C reaches it.
+    Terminal,
+    /// One of its own, ended with the build (the host handles the signals by then).
+    Own,
+}
+
 /// The process group of a cargo build, ended if the build is given up before cargo exits.
 struct BuildGroup(Option<u32>);
 
@@ -207,7 +219,7 @@ fn identity(file: &Path) -> Option<FileIdentity> {
 }
 
 /// Builds `package`; `Ok(None)` when the build failed (its diagnostics were printed).
-async fn build(package: &Package, release: bool) -> anyhow::Result<Option<Built>> {
+async fn build(package: &Package, release: bool, group: Group) -> anyhow::Result<Option<Built>> {
     let Package { name: package, id } = package;
     let mut cmd = tokio::process::Command::new(cargo());
     cmd.args(["build", "-p", package, "--message-format=json-render-diagnostics"]);
@@ -215,10 +227,14 @@ async fn build(package: &Package, release: bool) -> anyhow::Result<Option<Built>
         cmd.arg("--release");
     }
     // A build given up (the host stops meanwhile) stops with it, rustc's processes too: cargo
-    // runs in a process group of its own, which the guard ends.
-    cmd.process_group(0).kill_on_drop(true);
+    // runs in a process group of its own, which the guard ends. It reads nothing (a process
+    // outside the terminal's group that reads it is stopped).
+    if group == Group::Own {
+        cmd.process_group(0);
+    }
+    cmd.kill_on_drop(true).stdin(Stdio::null());
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot run cargo build")?;
-    let mut group = BuildGroup(child.id());
+    let mut group = BuildGroup(child.id().filter(|_| group == Group::Own));
     let stdout = child.stdout.take().context("cargo's output")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut artifact = None;
@@ -288,7 +304,7 @@ async fn rebuild_loop(
         // The host may be told to stop while cargo works: it does not wait for the build,
         // nor load it.
         let built = tokio::select! {
-            built = build(&package, release) => built,
+            built = build(&package, release, Group::Own) => built,
             () = shutdown.cancelled() => return,
         };
         match built {
