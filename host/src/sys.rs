@@ -84,6 +84,8 @@ pub(crate) struct InheritedListeners {
     /// The one named `https` (`FileDescriptorName=https`), to serve on instead of
     /// `--listen-tls`.
     pub(crate) https: Option<std::net::TcpListener>,
+    /// `plain` is a socket named `https` passed alone: it serves HTTPS only.
+    pub(crate) lone_https: bool,
 }
 
 /// The listening sockets a service manager passed in, if any: one (whatever its name), or two
@@ -124,9 +126,10 @@ pub(crate) fn inherited_listeners() -> io::Result<InheritedListeners> {
         *slot = Some(listener);
     }
     // One socket alone, whatever its name, serves instead of --listen (HTTPS with a
-    // certificate), as before names were read.
-    if inherited.plain.is_none() {
+    // certificate), as before names were read; one named `https` must serve HTTPS.
+    if inherited.plain.is_none() && inherited.https.is_some() {
         inherited.plain = inherited.https.take();
+        inherited.lone_https = true;
     }
     Ok(inherited)
 }

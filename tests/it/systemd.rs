@@ -141,6 +141,7 @@ fn sockets_it_cannot_serve_stop_the_start_with_the_reason() {
     for (sockets, reason) in [
         (vec![(&a, "hotswap.socket"), (&b, "hotswap.socket")], "one, and a second named `https`"),
         (vec![(&a, "hotswap.socket"), (&b, "https")], "a socket named `https`, and no certificate is given"),
+        (vec![(&b, "https")], "a socket named `https`, and no certificate is given"),
     ] {
         let out = socket_activated(&sockets, &args).output().unwrap();
         let said = String::from_utf8_lossy(&out.stderr);

@@ -116,6 +116,18 @@ async fn a_socket_named_https_by_systemd_serves_https_beside_the_plain_one() {
     let response = client(&ca, &host, &["localhost"], false).get(https_url(&host, "localhost", "/")).send().await.unwrap();
     assert_eq!(response.status(), 200);
 
+    // One socket alone, named https, serves HTTPS (not --listen-tls, which goes unused).
+    let lone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let lone_addr = lone.local_addr().unwrap();
+    let args_tls = [&args[..], &["--listen-tls", "127.0.0.1:0", "--admin", "off"]].concat();
+    let cmd = crate::systemd::socket_activated(&[(&lone, "https")], &args_tls);
+    let alone = Host::start_command(cmd, Duration::from_secs(30)).unwrap_or_else(|log| panic!("{log}"));
+    assert_eq!(alone.https.as_deref(), Some(lone_addr.to_string().as_str()), "{}", alone.log());
+    let response = client(&ca, &alone, &["localhost"], false).get(https_url(&alone, "localhost", "/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(alone.log().contains("is not used: the service manager passed one socket, named `https`"), "{}", alone.log());
+    drop(alone);
+
     // A host upgrade keeps each socket to its use, without --listen-tls.
     let reap = crate::host_upgrade::Reap::default();
     reap.add(crate::host_upgrade::upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("{e}\n{}", host.log())));

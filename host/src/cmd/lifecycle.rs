@@ -68,6 +68,8 @@ where
     // before anything else opens a file, and a port in use fails the start before any plugin
     // is loaded.
     let (inherited, sockets) = upgrade::inherit().await?.unzip();
+    // The one socket passed is named `https`: it serves HTTPS, whatever --listen-tls says.
+    let mut lone_https = false;
     let (listener, inherited_admin, inherited_tls, activated_tls) = match sockets {
         Some(sockets) => {
             let (tls, activated) = if sockets.tls_activated { (None, sockets.tls_listener) } else { (sockets.tls_listener, None) };
@@ -75,6 +77,7 @@ where
         }
         None => {
             let passed = crate::sys::inherited_listeners().context("cannot use the sockets passed by the service manager")?;
+            lone_https = passed.lone_https;
             let listener = match passed.plain {
                 Some(passed) => TcpListener::from_std(passed)?,
                 None => TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?,
@@ -82,7 +85,7 @@ where
             (listener, None, None, passed.https)
         }
     };
-    if activated_tls.is_some() && args.tls.tls_cert.is_none() && args.tls.tls_dir.is_none() {
+    if (activated_tls.is_some() || lone_https) && args.tls.tls_cert.is_none() && args.tls.tls_dir.is_none() {
         anyhow::bail!(
             "the service manager passed a socket named `https`, and no certificate is given: \
              give --tls-cert and --tls-key (or --tls-dir), or remove FileDescriptorName=https"
@@ -92,7 +95,11 @@ where
     if let (true, Some(addr)) = (tls_activated, args.tls.listen_tls) {
         tracing::warn!("--listen-tls {addr} is not used: the service manager passed a socket named `https`, which serves HTTPS");
     }
+    if let (true, Some(addr)) = (lone_https, args.tls.listen_tls) {
+        tracing::warn!("--listen-tls {addr} is not used: the service manager passed one socket, named `https`, which serves HTTPS");
+    }
     let tls_listener = match (args.tls.listen_tls, inherited_tls) {
+        _ if lone_https => None,
         _ if activated_tls.is_some() => activated_tls.map(TcpListener::from_std).transpose()?,
         (Some(_), Some(inherited)) => Some(TcpListener::from_std(inherited)?),
         (Some(addr), None) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--listen-tls)"))?),
