@@ -288,6 +288,12 @@ impl Future for Respond {
     }
 }
 
+/// The host's own answer, `status`, to a request the plugin never sees.
+fn answer_early(status: StatusCode, request: &Request<Incoming>, id: RequestId, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Respond {
+    let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
+    Respond::Answered(Some(error_response(status, request.method(), id, in_flight, conn, started, access).map(SentBody::here)))
+}
+
 /// Checks what the host checks before the plugin sees a request, and hands the request to
 /// the plugin; or answers right away. Runs on a thread of the request's generation: the
 /// connection's task (HTTP/1), which runs on the runtime of the generation it loaded, or the
@@ -295,12 +301,6 @@ impl Future for Respond {
 ///
 /// `replay`: where the request is answered if it fails here, if it was routed to a canary;
 /// kept only for a `GET` or `HEAD` without a body.
-/// The host's own answer, `status`, to a request the plugin never sees.
-fn answer_early(status: StatusCode, request: &Request<Incoming>, id: RequestId, in_flight: InFlight, conn: ConnRequest, started: Instant) -> Respond {
-    let access = conn.state.access_log.then(|| Access::new(&conn, request.method().clone(), request.uri().clone(), request.version(), id, started));
-    Respond::Answered(Some(error_response(status, request.method(), id, in_flight, conn, started, access).map(SentBody::here)))
-}
-
 fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: ConnRequest, replay: Option<Arc<Current>>) -> Respond {
     let started = Instant::now();
     let generation = in_flight.generation();
@@ -891,7 +891,10 @@ impl http_body::Body for HostBody {
 /// generation's; and (HTTP/2) whether it waits for the client's flow-control window.
 pub(crate) struct SentBody {
     source: Source,
-    window: AwaitingWindow,
+    /// HTTP/2, once hyper has taken a data frame: set while hyper holds a frame it took and
+    /// has not asked for the next of (or, for the last, not let go of the body). hyper does
+    /// either only once the client's flow-control window has room for the frame.
+    window: Option<WindowWait>,
 }
 
 enum Source {
@@ -901,11 +904,11 @@ enum Source {
 
 impl SentBody {
     fn here(body: HostBody) -> SentBody {
-        SentBody { source: Source::Here(body), window: AwaitingWindow(None) }
+        SentBody { source: Source::Here(body), window: None }
     }
 
     fn relayed(relayed: Relayed) -> SentBody {
-        SentBody { source: Source::Relayed(relayed), window: AwaitingWindow(None) }
+        SentBody { source: Source::Relayed(relayed), window: None }
     }
 }
 
@@ -926,30 +929,35 @@ impl Source {
     }
 }
 
-/// HTTP/2: set (to the connection's activity) while hyper holds a frame of the body that it
-/// took and has not asked for the next of (or, for the last, not let go of the body). hyper
-/// does either only once the client's flow-control window has room for the frame, so the
-/// body waits for the client, and the send timeout runs ([`Activity::awaits_window`]).
-struct AwaitingWindow(Option<Arc<Activity>>);
+/// HTTP/2: something that may wait for the client's flow-control window (a response body,
+/// an upgraded stream's writes), counted on its connection while it does: the send timeout
+/// runs ([`Activity::awaits_window`]). Dropped, it waits no more.
+struct WindowWait {
+    activity: Arc<Activity>,
+    awaiting: AtomicBool,
+}
 
-impl AwaitingWindow {
-    fn set(&mut self, awaiting: bool, activity: &Arc<Activity>) {
-        if awaiting && self.0.is_none() {
-            activity.awaits_window();
-            self.0 = Some(activity.clone());
-        } else if !awaiting {
-            if let Some(activity) = self.0.take() {
-                activity.window_opened();
-            }
+impl WindowWait {
+    fn new(activity: Arc<Activity>) -> WindowWait {
+        WindowWait { activity, awaiting: AtomicBool::new(false) }
+    }
+
+    fn begin(&self) {
+        if !self.awaiting.swap(true, Ordering::AcqRel) {
+            self.activity.awaits_window();
+        }
+    }
+
+    fn end(&self) {
+        if self.awaiting.swap(false, Ordering::AcqRel) {
+            self.activity.window_opened();
         }
     }
 }
 
-impl Drop for AwaitingWindow {
+impl Drop for WindowWait {
     fn drop(&mut self) {
-        if let Some(activity) = self.0.take() {
-            activity.window_opened();
-        }
+        self.end();
     }
 }
 
@@ -965,7 +973,7 @@ struct WindowWatched {
 
 impl WindowWatched {
     fn new(io: TokioIo<hyper::upgrade::Upgraded>, activity: Arc<Activity>) -> WindowWatched {
-        let wake = Arc::new(WindowWake { activity, awaiting: AtomicBool::new(false), waker: std::sync::Mutex::new(None) });
+        let wake = Arc::new(WindowWake { wait: WindowWait::new(activity), waker: std::sync::Mutex::new(None) });
         WindowWatched { io, wake }
     }
 
@@ -982,11 +990,11 @@ impl WindowWatched {
             }
         }
         // Counted as waiting before the poll: a wake that comes right after it ends the wait.
-        self.wake.begin();
+        self.wake.wait.begin();
         let waker = std::task::Waker::from(self.wake.clone());
         let polled = poll(Pin::new(&mut self.io), &mut Context::from_waker(&waker));
         if polled.is_ready() {
-            self.wake.end();
+            self.wake.wait.end();
         }
         polled
     }
@@ -994,30 +1002,16 @@ impl WindowWatched {
 
 impl Drop for WindowWatched {
     fn drop(&mut self) {
-        self.wake.end();
+        // Now: hyper may keep the waker (and so the wait) a while yet.
+        self.wake.wait.end();
     }
 }
 
-/// What an HTTP/2 upgraded stream's writes wait for: set while one waits, cleared by hyper's
-/// wake (then the plugin's task is woken).
+/// What an HTTP/2 upgraded stream's writes wait for, ended by hyper's wake (then the
+/// plugin's task is woken).
 struct WindowWake {
-    activity: Arc<Activity>,
-    awaiting: AtomicBool,
+    wait: WindowWait,
     waker: std::sync::Mutex<Option<std::task::Waker>>,
-}
-
-impl WindowWake {
-    fn begin(&self) {
-        if !self.awaiting.swap(true, Ordering::AcqRel) {
-            self.activity.awaits_window();
-        }
-    }
-
-    fn end(&self) {
-        if self.awaiting.swap(false, Ordering::AcqRel) {
-            self.activity.window_opened();
-        }
-    }
 }
 
 impl std::task::Wake for WindowWake {
@@ -1026,7 +1020,7 @@ impl std::task::Wake for WindowWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.end();
+        self.wait.end();
         let waker = self.waker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         if let Some(waker) = waker {
             waker.wake();
@@ -1151,7 +1145,11 @@ impl http_body::Body for SentBody {
             // The last frame too: hyper holds it until the window has room, and only then
             // lets go of the body.
             let awaiting = matches!(&polled, Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(|data| !data.is_empty()));
-            this.window.set(awaiting, activity);
+            if awaiting {
+                this.window.get_or_insert_with(|| WindowWait::new(activity.clone())).begin();
+            } else if let Some(window) = &this.window {
+                window.end();
+            }
         }
         polled
     }
