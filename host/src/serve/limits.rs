@@ -414,24 +414,16 @@ impl Activity {
         // An incomplete HTTP/2 header block holds up the whole connection, whatever else is in
         // progress on it.
         let blocks = self.header_blocks.load(Ordering::Relaxed);
-        if blocks != seen.blocks {
-            (seen.blocks, seen.block_since) = (blocks, now);
-        } else if blocks % 2 == 1 && now.saturating_sub(seen.block_since) >= t.header_read {
+        if seen.blocks.for_at_least(blocks, blocks % 2 == 1, now, t.header_read) {
             return Some(Expiry::Http2Header);
         }
-        // A client that takes nothing holds its responses, whatever else is in progress.
+        // A client that takes nothing holds its responses, whatever else is in progress; so
+        // does an HTTP/2 client that grants no window, whatever else its socket takes.
         let writes = self.writes.load(Ordering::Relaxed);
-        if writes != seen.writes {
-            (seen.writes, seen.write_since) = (writes, now);
-        } else if writes % 2 == 1 && now.saturating_sub(seen.write_since) >= t.send {
-            return (self.expired.load(Ordering::Relaxed) != Expiry::Send as u8).then_some(Expiry::Send);
-        }
-        // HTTP/2: a client that grants no window holds its responses, whatever else its socket
-        // takes.
+        let blocked = seen.writes.for_at_least(writes, writes % 2 == 1, now, t.send);
         let data = self.data_out.load(Ordering::Relaxed);
-        if data != seen.data || self.awaiting_window.load(Ordering::Relaxed) == 0 {
-            (seen.data, seen.data_since) = (data, now);
-        } else if now.saturating_sub(seen.data_since) >= t.send {
+        let starved = seen.data.for_at_least(data, self.awaiting_window.load(Ordering::Relaxed) > 0, now, t.send);
+        if blocked || starved {
             return (self.expired.load(Ordering::Relaxed) != Expiry::Send as u8).then_some(Expiry::Send);
         }
         if self.requests.load(Ordering::Acquire) > 0 || self.body_in_progress() {
@@ -605,17 +597,43 @@ impl FrameSplitter {
     }
 }
 
-/// What the sweeper last saw of a connection: its activity word and its HTTP/2 header block
-/// count, and since when.
+/// What the sweeper last saw of a connection: its activity word, and since when; and the
+/// counters that must move while the connection waits on its client.
 struct Seen {
     phase: u64,
     since: u64,
-    blocks: u64,
-    block_since: u64,
-    writes: u64,
-    write_since: u64,
-    data: u64,
-    data_since: u64,
+    /// HTTP/2 header blocks begun and completed.
+    blocks: Still,
+    /// Writes to the client's socket.
+    writes: Still,
+    /// HTTP/2: DATA written.
+    data: Still,
+}
+
+impl Seen {
+    fn new(phase: u64, at: u64) -> Seen {
+        let still = Still { count: 0, since: at };
+        Seen { phase, since: at, blocks: still, writes: still, data: still }
+    }
+}
+
+/// A counter as the sweeper last saw it, and since when it has not moved.
+#[derive(Clone, Copy)]
+struct Still {
+    count: u64,
+    since: u64,
+}
+
+impl Still {
+    /// Whether `count` has not moved for `timeout` at `now` while the connection `waits` on
+    /// it; a move, or no wait, starts the time again.
+    fn for_at_least(&mut self, count: u64, waits: bool, now: u64, timeout: u64) -> bool {
+        if count != self.count || !waits {
+            *self = Still { count, since: now };
+            return false;
+        }
+        now.saturating_sub(self.since) >= timeout
+    }
 }
 
 /// The timeouts in milliseconds, and the progress a body must make per body read timeout.
@@ -667,7 +685,7 @@ impl Sweeper {
     pub(crate) fn track(&self, reading_head: bool) -> Arc<Activity> {
         let activity = Arc::new(Activity::new(reading_head));
         let now = now_ms();
-        let seen = Seen { phase: activity.phase.load(Ordering::Relaxed), since: now, blocks: 0, block_since: 0, writes: 0, write_since: now, data: 0, data_since: now };
+        let seen = Seen::new(activity.phase.load(Ordering::Relaxed), now);
         self.tracked.lock().unwrap_or_else(PoisonError::into_inner).push((Arc::downgrade(&activity), seen));
         activity
     }
@@ -715,7 +733,7 @@ mod tests {
     const T: Timeouts = Timeouts { header_read: HEAD, idle: IDLE, body_read: BODY, body_progress: PROGRESS, send: SEND };
 
     fn watched(activity: &Activity, at: u64) -> Seen {
-        Seen { phase: activity.phase.load(Ordering::Relaxed), since: at, blocks: 0, block_since: at, writes: 0, write_since: at, data: 0, data_since: at }
+        Seen::new(activity.phase.load(Ordering::Relaxed), at)
     }
 
     fn check(a: &Activity, seen: &mut Seen, now: u64) -> Option<Expiry> {
