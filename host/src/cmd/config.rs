@@ -389,19 +389,37 @@ mod tests {
         list.iter().map(OsString::from).collect()
     }
 
+    /// `text` as a configuration file, in a directory of its own (tests run in parallel),
+    /// removed when this is dropped.
+    struct ConfigFile(std::path::PathBuf);
+
+    impl ConfigFile {
+        fn new(text: &str) -> ConfigFile {
+            static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("hotswap-config-test-{}-{call}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("hotswap.toml"), text).unwrap();
+            ConfigFile(dir)
+        }
+
+        fn path(&self) -> String {
+            self.0.join("hotswap.toml").to_string_lossy().into_owned()
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     fn with_file(text: &str, cli: &[&str]) -> Result<Vec<String>, ConfigError> {
-        // One directory per call: tests run in parallel.
-        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("hotswap-config-test-{}-{call}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("hotswap.toml");
-        std::fs::write(&path, text).unwrap();
-        let mut full = vec!["hotswap", "serve", "--config", path.to_str().unwrap()];
+        let file = ConfigFile::new(text);
+        let path = file.path();
+        let mut full = vec!["hotswap", "serve", "--config", &path];
         full.extend_from_slice(cli);
-        let merged = apply(args(&full));
-        let _ = std::fs::remove_dir_all(&dir);
-        merged.map(|a| a.into_iter().map(|a| a.to_string_lossy().into_owned()).collect())
+        apply(args(&full)).map(|a| a.into_iter().map(|a| a.to_string_lossy().into_owned()).collect())
     }
 
     #[test]
@@ -413,17 +431,13 @@ mod tests {
 
     #[test]
     fn the_environment_and_flags_before_the_subcommand_beat_the_file() {
-        let dir = std::env::temp_dir().join(format!("hotswap-config-test-{}-env", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("hotswap.toml");
-        std::fs::write(&path, "log_level = \"info\"\nlog_format = \"json\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n").unwrap();
-        let cli = args(&["hotswap", "--log-format", "text", "serve", "--config", path.to_str().unwrap()]);
+        let file = ConfigFile::new("log_level = \"info\"\nlog_format = \"json\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n");
+        let cli = args(&["hotswap", "--log-format", "text", "serve", "--config", &file.path()]);
         let merged: Vec<String> = apply_with(cli, |var| var == "HOTSWAP_LOG" || var == "HOTSWAP_ADMIN")
             .unwrap()
             .into_iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(!merged.iter().any(|a| a.starts_with("--log-level") || a.starts_with("--admin") || a.starts_with("--log-format=")), "{merged:?}");
     }
 
@@ -484,13 +498,9 @@ mod tests {
 
     #[test]
     fn admin_commands_take_only_the_admin_keys() {
-        let dir = std::env::temp_dir().join(format!("hotswap-config-admin-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("hotswap.toml");
-        std::fs::write(&path, "listen = \"0.0.0.0:80\"\n[admin]\nlisten = \"/run/x/admin.sock\"\nca = \"/etc/x/ca.pem\"\n").unwrap();
-        let merged = apply(args(&["hotswap", "status", "--config", path.to_str().unwrap()])).unwrap();
-        let served = apply(args(&["hotswap", "serve", "--config", path.to_str().unwrap()])).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let file = ConfigFile::new("listen = \"0.0.0.0:80\"\n[admin]\nlisten = \"/run/x/admin.sock\"\nca = \"/etc/x/ca.pem\"\n");
+        let merged = apply(args(&["hotswap", "status", "--config", &file.path()])).unwrap();
+        let served = apply(args(&["hotswap", "serve", "--config", &file.path()])).unwrap();
         assert_eq!(merged[2], "--admin=/run/x/admin.sock", "{merged:?}");
         assert!(merged.contains(&"--admin-ca=/etc/x/ca.pem".into()), "{merged:?}");
         assert!(!merged.iter().any(|a| a.to_string_lossy().starts_with("--listen")), "{merged:?}");

@@ -92,11 +92,9 @@ where
         );
     }
     let tls_activated = activated_tls.is_some();
-    if let (true, Some(addr)) = (tls_activated, args.tls.listen_tls) {
-        tracing::warn!("--listen-tls {addr} is not used: the service manager passed a socket named `https`, which serves HTTPS");
-    }
-    if let (true, Some(addr)) = (lone_https, args.tls.listen_tls) {
-        tracing::warn!("--listen-tls {addr} is not used: the service manager passed one socket, named `https`, which serves HTTPS");
+    if let (true, Some(addr)) = (tls_activated || lone_https, args.tls.listen_tls) {
+        let passed = if lone_https { "one socket, named `https`" } else { "a socket named `https`" };
+        tracing::warn!("--listen-tls {addr} is not used: the service manager passed {passed}, which serves HTTPS");
     }
     let tls_listener = match (args.tls.listen_tls, inherited_tls) {
         _ if lone_https => None,
