@@ -35,7 +35,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     tracing::info!(package = %package.name, "building");
     // Before the host's signal handlers: Ctrl-C ends the host, and cargo with it (the first
     // build stays in the terminal's process group).
-    let artifact = build(&package, args.release, Group::Terminal).await?.context("the first build failed (errors above); fix them and run again")?.artifact;
+    let artifact = build(&package, args.release, Group::Terminal).await?.context("the first build failed (errors above); fix them and run again")?;
     // Before the host loads it: a build made meanwhile by other means is then swapped in.
     let served = identity(&artifact);
     let release = args.release;
@@ -202,11 +202,6 @@ impl Drop for BuildGroup {
     }
 }
 
-/// A build of the plugin.
-struct Built {
-    artifact: PathBuf,
-}
-
 /// A file's device, inode, length and modification time.
 type FileIdentity = (u64, u64, u64, std::time::SystemTime);
 
@@ -219,7 +214,7 @@ fn identity(file: &Path) -> Option<FileIdentity> {
 }
 
 /// Builds `package`; `Ok(None)` when the build failed (its diagnostics were printed).
-async fn build(package: &Package, release: bool, group: Group) -> anyhow::Result<Option<Built>> {
+async fn build(package: &Package, release: bool, group: Group) -> anyhow::Result<Option<PathBuf>> {
     let Package { name: package, id } = package;
     let mut cmd = tokio::process::Command::new(cargo());
     cmd.args(["build", "-p", package, "--message-format=json-render-diagnostics"]);
@@ -245,7 +240,7 @@ async fn build(package: &Package, release: bool, group: Group) -> anyhow::Result
         if message["reason"] == "compiler-artifact" && message["package_id"] == id.as_str() && cdylib() {
             let so = message["filenames"].as_array().into_iter().flatten().filter_map(Value::as_str).find(|f| f.ends_with(".so"));
             if let Some(so) = so {
-                artifact = Some(Built { artifact: PathBuf::from(so) });
+                artifact = Some(PathBuf::from(so));
             }
         }
     }
@@ -308,10 +303,10 @@ async fn rebuild_loop(
             () = shutdown.cancelled() => return,
         };
         match built {
-            Ok(Some(Built { artifact })) if identity(&artifact).is_some_and(|built| Some(built) == serving) => {
+            Ok(Some(artifact)) if identity(&artifact).is_some_and(|built| Some(built) == serving) => {
                 tracing::info!("nothing the build uses changed: generation {} keeps serving", registry.current().id());
             }
-            Ok(Some(Built { artifact })) => {
+            Ok(Some(artifact)) => {
                 let built = identity(&artifact);
                 // A refusal is logged and recorded by the registry.
                 if let Ok(generation) = registry.load_and_swap(&artifact).await {
