@@ -134,18 +134,29 @@ unsafe extern "C" fn spawn(_context: *const c_void, future: crate::abi::FfiFutur
     // SAFETY: forwarded from the caller; in-process, the plugin's code is this process's own.
     let task = unsafe { PluginTask::new(future) };
     catch_unwind(AssertUnwindSafe(move || {
-        let Some(runtime) = crate::tokio_host::runtime() else { return FfiPoll::ERROR };
-        let started = std::thread::Builder::new().name("test-host-task".into()).spawn(move || {
-            let _lent = crate::tokio_host::lend(Some(runtime));
+        let run = move || {
             let _ = block_on(task); // a panic in it is the plugin's to report
-        });
-        if started.is_ok() {
+        };
+        if off_runtime("test-host-task", run) {
             FfiPoll::READY
         } else {
             FfiPoll::ERROR
         }
     }))
     .unwrap_or(FfiPoll::PANICKED)
+}
+
+/// Runs `work` on a thread of its own named `name`, outside the test's runtime, with the
+/// calling thread's runtime lent to it (for handler-api's services, as hotswap lends its
+/// own). Whether it started: not without a runtime, nor without a thread (then `work` is
+/// dropped unrun).
+fn off_runtime(name: &str, work: impl FnOnce() + Send + 'static) -> bool {
+    let Some(runtime) = crate::tokio_host::runtime() else { return false };
+    let started = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _lent = crate::tokio_host::lend(Some(runtime));
+        work();
+    });
+    started.is_ok()
 }
 
 /// Whether a job of [`blocking_spawn`] has run, and whom to tell.
@@ -164,14 +175,10 @@ struct Blocking {
 unsafe extern "C" fn blocking_spawn(job: crate::abi::FfiJob) -> *mut c_void {
     let job = Job(job);
     catch_unwind(AssertUnwindSafe(move || {
-        let Some(runtime) = crate::tokio_host::runtime() else {
-            return ptr::null_mut(); // `job` drops here: released without running
-        };
         let state = std::sync::Arc::new(Blocking::default());
         let finished = state.clone();
-        let started = std::thread::Builder::new().name("test-host-blocking".into()).spawn(move || {
-            // handler-api's services work in a job, as on hotswap's blocking pool.
-            let _lent = crate::tokio_host::lend(Some(runtime));
+        // Not started, `job` drops unrun: released without running.
+        let started = off_runtime("test-host-blocking", move || {
             let job = job; // the whole `Job` (Send), not its raw fields
             // SAFETY: run once, before `release` (which runs when `job` drops).
             unsafe { (job.0.run)(job.0.state) };
@@ -181,9 +188,10 @@ unsafe extern "C" fn blocking_spawn(job: crate::abi::FfiJob) -> *mut c_void {
                 waker.wake();
             }
         });
-        match started {
-            Ok(_) => std::sync::Arc::into_raw(state) as *mut c_void,
-            Err(_) => ptr::null_mut(),
+        if started {
+            std::sync::Arc::into_raw(state) as *mut c_void
+        } else {
+            ptr::null_mut()
         }
     }))
     .unwrap_or(ptr::null_mut())
