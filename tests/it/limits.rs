@@ -471,6 +471,19 @@ fn h2_connect_with(host: &Host, settings: &[u8]) -> TcpStream {
     stream
 }
 
+/// `GET path` on stream 1 of a new HTTP/2 connection whose client grants no window
+/// (SETTINGS_INITIAL_WINDOW_SIZE 0: no stream may be sent DATA until it grants some).
+fn h2_get_with_no_window(host: &Host, path: &str) -> TcpStream {
+    let mut h2 = h2_connect_with(host, &[0, 4, 0, 0, 0, 0]);
+    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get(path))).unwrap();
+    h2
+}
+
+/// PINGs on `h2` five times a second, for up to 15 s, on a thread of its own (see [`drip`]).
+fn ping(h2: &TcpStream) -> std::thread::JoinHandle<std::io::Result<()>> {
+    drip(h2.try_clone().unwrap(), vec![h2_frame(PING, 0, 0, b"12345678")], Duration::from_millis(200), Duration::from_secs(15))
+}
+
 /// Reads one frame: its type, flags, stream and payload. Acknowledges the server's SETTINGS.
 fn h2_read_frame(stream: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
     let mut head = [0u8; 9];
@@ -499,9 +512,7 @@ fn an_http2_connection_is_offered_bounded_streams() {
 #[test]
 fn an_http2_client_that_grants_no_window_is_cut_off_after_the_send_timeout() {
     let host = example(&["--send-timeout", "2s"]);
-    // SETTINGS_INITIAL_WINDOW_SIZE 0: no stream may be sent DATA until the client grants it.
-    let mut h2 = h2_connect_with(&host, &[0, 4, 0, 0, 0, 0]);
-    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get("/download?size=100000000"))).unwrap();
+    let mut h2 = h2_get_with_no_window(&host, "/download?size=100000000");
     // A slow reader for two send timeouts: 4 KiB granted every 250 ms (to the stream and to
     // the connection), and read.
     let started = Instant::now();
@@ -521,7 +532,7 @@ fn an_http2_client_that_grants_no_window_is_cut_off_after_the_send_timeout() {
     // Then no more window, and PINGs five times a second, each answered: the download is
     // cut off all the same, and the connection with it.
     let stopped = Instant::now();
-    let pings = drip(h2.try_clone().unwrap(), vec![h2_frame(PING, 0, 0, b"12345678")], Duration::from_millis(200), Duration::from_secs(15));
+    let pings = ping(&h2);
     let (answers, _) = read_to_close(&mut h2);
     let cut = stopped.elapsed();
     assert!(cut < Duration::from_secs(12), "a client granting no window held its download {cut:?}");
@@ -534,10 +545,9 @@ fn an_http2_client_that_grants_no_window_is_cut_off_after_the_send_timeout() {
 fn an_http2_response_whose_one_frame_waits_for_a_window_is_cut_off_too() {
     let host = example(&["--send-timeout", "2s"]);
     // Hello world: its body is one frame, the last, which hyper holds until the window opens.
-    let mut h2 = h2_connect_with(&host, &[0, 4, 0, 0, 0, 0]);
-    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get("/"))).unwrap();
+    let mut h2 = h2_get_with_no_window(&host, "/");
     let started = Instant::now();
-    let pings = drip(h2.try_clone().unwrap(), vec![h2_frame(PING, 0, 0, b"12345678")], Duration::from_millis(200), Duration::from_secs(15));
+    let pings = ping(&h2);
     let (_, _) = read_to_close(&mut h2);
     assert!(started.elapsed() < Duration::from_secs(12), "held {:?}", started.elapsed());
     assert!(pings.join().unwrap().is_err(), "the connection stayed open");
@@ -550,8 +560,7 @@ fn an_http2_response_still_going_out_after_its_stream_ended_is_not_idle() {
     // One 64 KiB chunk to a client that grants 8 KiB every 250 ms (2 s): the body has all
     // been handed to h2 at the first grant, long before the client has read it.
     const SIZE: usize = 64 * 1024;
-    let mut h2 = h2_connect_with(&host, &[0, 4, 0, 0, 0, 0]);
-    h2.write_all(&h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &h2_get(&format!("/download?size={SIZE}")))).unwrap();
+    let mut h2 = h2_get_with_no_window(&host, &format!("/download?size={SIZE}"));
     let mut got = 0;
     'read: loop {
         h2.write_all(&h2_frame(WINDOW_UPDATE, 0, 1, &8192u32.to_be_bytes())).unwrap();
@@ -593,7 +602,7 @@ fn an_http2_connection_sending_only_pings_is_closed_after_the_idle_timeout() {
 
     // Then only PINGs (each answered by the server), five a second: idle all the same.
     let started = Instant::now();
-    let pings = drip(h2.try_clone().unwrap(), vec![h2_frame(PING, 0, 0, b"12345678")], Duration::from_millis(200), Duration::from_secs(15));
+    let pings = ping(&h2);
     let (answers, waited) = read_to_close(&mut h2);
     assert!(waited < Duration::from_secs(4), "a connection sending PINGs stayed open {waited:?}");
     assert!(started.elapsed() >= Duration::from_millis(800), "closed after only {:?}", started.elapsed());
