@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, build_lock, example_version, init_fixture, place_by_rename, target_dir, temp_dir, workspace, Host, WAIT};
+use hotswap_tests::{artifacts, build_lock, example_version, heavy_lock, init_fixture, place_by_rename, target_dir, temp_dir, workspace, Host, WAIT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -21,7 +21,7 @@ async fn a_response_that_never_ends_is_aborted_by_the_drain_timeout_and_its_gene
     let started = Instant::now();
     let outcome = tokio::time::timeout(WAIT, hung).await.expect("the hung request was never aborted");
     assert!(outcome.unwrap().is_err(), "a request that never ends got an answer");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(10), "cut off late: {:?}", started.elapsed());
     let mapped = host.wait_mapped(1, WAIT).await;
     assert_eq!(mapped.len(), 1, "the hung generation stayed mapped: {mapped:?}\n{}", host.log());
     assert_eq!(host.version().await, "1.0.0");
@@ -252,7 +252,7 @@ async fn a_sighup_storm_loads_a_new_build_once_and_the_host_keeps_serving() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(host.version().await, "2.0.0");
     assert_eq!(host.log_count("swapped: new requests go to"), 1, "one new build, one swap:\n{}", host.log());
-    assert_eq!(host.mapped_plugins().len(), 1);
+    assert_eq!(host.wait_mapped(1, WAIT).await.len(), 1, "{}", host.log());
 }
 
 #[tokio::test]
@@ -322,7 +322,7 @@ async fn beyond_max_generations_the_oldest_draining_generation_is_cut_off() {
 
     // A third generation: v1, the oldest still draining, is cut off; v2 goes on streaming.
     place_by_rename(&v3, &dir.join("app.so"));
-    let cut = tokio::time::timeout(Duration::from_secs(5), on_v1.bytes()).await.expect("v1's download was not cut off");
+    let cut = tokio::time::timeout(Duration::from_secs(15), on_v1.bytes()).await.expect("v1's download was not cut off");
     assert!(cut.is_err(), "v1's download completed");
     assert!(host.wait_for_log("more than 2 generations loaded (--max-generations)", WAIT), "{}", host.log());
     let mapped = host.wait_mapped(2, WAIT).await;
@@ -403,6 +403,8 @@ async fn threads_a_plugin_starts_keep_its_library_loaded_until_they_exit() {
 /// fixture-faulty built with `panic = "abort"` in its profile, in a target directory of its own
 /// (the setting applies to every crate of a build); a debug build, the quicker to make.
 fn panic_abort_build() -> std::path::PathBuf {
+    // A build from scratch loads both cores: not beside the other heavy tests.
+    let _heavy = heavy_lock();
     let _lock = build_lock();
     let target = target_dir().join("it-panic-abort");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -401,7 +401,9 @@ async fn a_host_that_is_pid_1_refuses_to_upgrade_and_goes_on_serving() {
     assert_eq!(served.status(), 200);
 }
 
-#[tokio::test]
+// Multi-threaded: the wait for the old host's exit blocks the test's thread, while the HTTP/2
+// client's connection task must go on running to answer the old host's GOAWAY and close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_and_http2_finish_on_the_old_host() {
     use crate::upgrades::{connect, echo, greeting};
     use tokio_tungstenite::tungstenite::Message;

@@ -346,7 +346,7 @@ async fn https_goes_on_across_a_host_upgrade() {
 
     // A download over TLS, under way at the upgrade: it finishes on the old host.
     let size = 8 * MIB;
-    let download = client(&ca, &host, &["localhost"], true).get(https_url(&host, "localhost", &format!("/download?size={size}&rate={}", 2 * MIB)));
+    let download = client(&ca, &host, &["localhost"], true).get(https_url(&host, "localhost", &format!("/download?size={size}&rate={}", MIB)));
     let reading = tokio::spawn(read_download(download.send().await.unwrap()));
     let next = upgrade(&host.admin, &[]).await.unwrap();
     reap.add(next);

@@ -115,9 +115,10 @@ async fn a_session_that_asks_closes_politely_on_a_swap_and_the_drain_timeout_cut
     assert_eq!(greeting(&mut polite).await, "1.0.0");
     assert_eq!(greeting(&mut stubborn).await, "1.0.0");
 
+    // Taken before the swap: a lower bound of the time since it, however late it is seen.
+    let swapped = Instant::now();
     place_by_rename(&v2, &dir.join("app.so"));
     host.wait_version("2.0.0").await;
-    let swapped = Instant::now();
     // The polite one says why it closes: 1012, service restart.
     match next(&mut polite).await {
         Some(Message::Close(Some(frame))) => {

@@ -448,6 +448,20 @@ impl Host {
         answer
     }
 
+    /// `POST path` to the admin socket, without starting a CLI process (for races that a
+    /// process start would lose): the status line and the JSON answer.
+    pub async fn admin_post(&self, path: &str) -> (String, serde_json::Value) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut socket = tokio::net::UnixStream::connect(&self.admin).await.unwrap();
+        let request = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nX-Hotswap-Admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await.unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}")))
+    }
+
     /// The address `http://…` of the admin API when the host was given a TCP one.
     pub fn admin_url(&self) -> String {
         let log = self.log();
