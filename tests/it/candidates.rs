@@ -210,3 +210,18 @@ async fn a_fifo_named_like_a_plugin_does_not_stop_the_host() {
     place_by_rename(&example_version("2.0.0"), &dir.join("next.so"));
     host.wait_version("2.0.0").await;
 }
+
+#[tokio::test]
+async fn a_refused_library_whose_initialiser_started_a_thread_is_not_closed_under_it() {
+    // Its thread first sleeps for a second, then runs the library's code every 20 ms.
+    let threaded = hotswap_tests::variant("fixture-wrong-abi", "FIXTURE_THREAD_AT_LOAD", "1");
+    let dir = temp_dir("candidates-ctor-thread");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
+    place_by_rename(&threaded, &dir.join("threaded.so"));
+    assert!(host.wait_for_log("refused plugin candidate", WAIT), "{}", host.log());
+    assert!(host.wait_for_log("stays loaded (leaked)", WAIT), "{}", host.log());
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the thread's first wake-up
+    let answer = reqwest::get(host.url("/")).await.expect("the host died");
+    assert_eq!(version_in(&answer.text().await.unwrap()).as_deref(), Some("1.0.0"));
+}

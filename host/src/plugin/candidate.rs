@@ -352,28 +352,14 @@ impl Candidate {
     }
 }
 
-/// How long a candidate that is not started waits for threads its initialisers started.
-const CANDIDATE_THREADS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
-
 impl Drop for Candidate {
     fn drop(&mut self) {
         let Some(library) = self.library.take() else { return };
-        let (source, shadow) = (std::mem::take(&mut self.source), std::mem::take(&mut self.shadow));
-        let foreign_before = std::mem::take(&mut self.foreign_before);
-        // dlclose runs the library's finalisers: on the blocking pool, not the host's thread.
+        let shadow = std::mem::take(&mut self.shadow);
+        // Dropped, the library waits for threads its initialisers started, then runs its
+        // finalisers (see `loader::Mapping`): on the blocking pool, not the host's thread.
         let close = move || {
-            // Its initialisers may have started threads that run its code.
-            let holding = threads::wait_released(None, &foreign_before, CANDIDATE_THREADS_WAIT);
-            if !holding.is_empty() {
-                tracing::warn!(
-                    file = %source.display(),
-                    threads = %threads::describe(&holding),
-                    "threads the candidate's initialisers started are still running; its library stays loaded (leaked)"
-                );
-                std::mem::forget(library);
-            } else if let loader::Closed::Failed(e) = library.close() {
-                tracing::warn!(file = %source.display(), "dlclose of a candidate failed: {e}");
-            }
+            drop(library);
             let _ = std::fs::remove_file(&shadow);
         };
         match tokio::runtime::Handle::try_current() {
@@ -396,7 +382,9 @@ async fn open_library(file: std::fs::File, shadow: &Path, source: &Path) -> Resu
         .name("hs-dlopen".into())
         .spawn(move || threads::host_thread(|| unsafe { Library::open(file, &path, &source) }));
     let thread = opening.map_err(GenerationError::Runtime)?;
-    let joined = tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| failed(e.to_string()))?;
+    // A refused library is closed here, once the thread that opened it has exited.
+    let joined = tokio::task::spawn_blocking(move || thread.join().map(|opened| opened.map_err(|refused| refused.error)));
+    let joined = joined.await.map_err(|e| failed(e.to_string()))?;
     Ok(joined.map_err(|_| failed("opening the library panicked".into()))??)
 }
 

@@ -1,6 +1,7 @@
 //! Opening plugin libraries: private shadow copies, `dlopen`, and the declaration check that
 //! comes before any other call into the plugin.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -8,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use handler_api::abi::{self, DeclarationHeader, PluginDeclaration};
+
+use super::threads;
 
 /// Why a plugin file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +83,17 @@ pub(crate) struct Library {
 /// A library `dlopen`ed from its private copy: closing it (explicitly, or when dropped, on
 /// any path) checks what of it is still mapped, and keeps the copy's descriptor open if
 /// anything may be.
+///
+/// Dropped without [`Library::close`], it is a library the host never started (refused, or
+/// abandoned): only its initialisers ran, but they may have started threads that run its code
+/// (C and C++ globals do). It is closed once those are gone, and leaked if they stay.
 struct Mapping {
     library: Option<libloading::Library>,
+    /// The file the copy was made of, for the log.
+    source: PathBuf,
+    /// The threads not the host's that were alive before `dlopen`: any other that appears
+    /// may run the library's code (see `threads`).
+    foreign_before: BTreeSet<i32>,
     /// The private copy, open: the library was mapped from this very file (see
     /// [`Library::open`]). The dynamic loader knows the library by the name
     /// `/proc/self/fd/N`: a number reused for the next copy while this library is still
@@ -114,9 +126,43 @@ impl Mapping {
     }
 }
 
+/// How long a library the host never started waits, when dropped, for threads its
+/// initialisers started.
+const UNSTARTED_THREADS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Drop for Mapping {
     fn drop(&mut self) {
-        self.close();
+        if self.library.is_none() {
+            return;
+        }
+        let holding = threads::wait_released(None, &self.foreign_before, UNSTARTED_THREADS_WAIT);
+        if !holding.is_empty() {
+            tracing::warn!(
+                file = %self.source.display(),
+                threads = %threads::describe(&holding),
+                "threads its initialisers started are still running; its library stays loaded (leaked)"
+            );
+            std::mem::forget(self.library.take());
+            std::mem::forget(self.copy.take());
+        } else if let Closed::Failed(e) = self.close() {
+            tracing::warn!(file = %self.source.display(), "dlclose of a library that was not started failed: {e}");
+        }
+    }
+}
+
+/// A library opened and refused by its declaration. Dropping it closes the library (see
+/// [`Mapping`]): drop it off the thread that opened it, which must have exited first (the
+/// thread-locals its initialisers made there are destroyed at that thread's exit, while the
+/// library is still loaded).
+pub(crate) struct Refused {
+    pub(crate) error: LoadError,
+    /// `None` if `dlopen` itself failed.
+    _mapping: Option<Box<Mapping>>,
+}
+
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
     }
 }
 
@@ -139,9 +185,10 @@ impl Library {
     /// # Safety
     /// Loading a library runs its initialisers, as any native code would: `copy` must be a
     /// file the operator has chosen to trust.
-    pub(crate) unsafe fn open(copy: fs::File, shadow: &Path, source: &Path) -> Result<Library, LoadError> {
+    pub(crate) unsafe fn open(copy: fs::File, shadow: &Path, source: &Path) -> Result<Library, Refused> {
         use std::os::fd::AsRawFd as _;
         let path = source.to_path_buf();
+        let foreign_before = threads::foreign();
         // SAFETY: forwarded to the caller (the library's initialisers run here).
         let library = unsafe { open_fd(copy.as_raw_fd()) }.map_err(|e| {
             // The loader names the descriptor it was given (`/proc/self/fd/N: …`): no use to
@@ -151,15 +198,56 @@ impl Library {
                 Some((_, why)) => why.to_owned(),
                 None => reason,
             };
-            LoadError::Open { path: path.clone(), reason }
+            Refused { error: LoadError::Open { path: path.clone(), reason }, _mapping: None }
         })?;
         let symbol = abi::DECLARATION_SYMBOL;
         // SAFETY: we only take the symbol's address here; it is read below as a header.
         let address = unsafe { library.get::<*const DeclarationHeader>(symbol.as_bytes()) }.map(|s| *s);
-        // From here on, every return closes it through `Mapping` (checked, as any close).
+        // From here on, every refusal hands the library back in `Refused`, closed through
+        // `Mapping` when the caller drops it.
         // The maps print the file's real path, as the descriptor's link does.
         let real = fs::read_link(format!("/proc/self/fd/{}", copy.as_raw_fd())).unwrap_or_else(|_| shadow.to_path_buf());
-        let mut mapping = Mapping { library: Some(library), copy: Some(copy), maps_id: maps_id_of(&real) };
+        let maps_id = maps_id_of(&real);
+        let mut mapping = Mapping { library: Some(library), source: path.clone(), foreign_before, copy: Some(copy), maps_id };
+        match Checked::of(&mut mapping, address, path) {
+            Ok(Checked { declaration, state, name, version }) => Ok(Library { declaration, state, mapping, name, version }),
+            Err(error) => Err(Refused { error, _mapping: Some(Box::new(mapping)) }),
+        }
+    }
+
+    /// The checked state handoff, if the plugin has one; valid while `self` is.
+    pub(crate) fn state_declaration(&self) -> Option<&abi::StateDeclaration> {
+        // SAFETY: checked in `open`; the library stays mapped while `self` lives.
+        self.state.map(|state| unsafe { state.as_ref() })
+    }
+
+    /// The checked declaration, valid while `self` is.
+    pub(crate) fn declaration(&self) -> &PluginDeclaration {
+        // SAFETY: checked in `open`; the library stays mapped while `self` lives.
+        unsafe { self.declaration.as_ref() }
+    }
+
+    /// Closes the library (`dlclose`, which runs its finalisers) and says whether it is
+    /// gone from the address space. Its file is closed too, unless the library may still be
+    /// loaded (see `Mapping::copy`).
+    pub(crate) fn close(mut self) -> Closed {
+        self.mapping.close()
+    }
+}
+
+/// What [`Library::open`] read off a declaration it accepted.
+struct Checked {
+    declaration: NonNull<PluginDeclaration>,
+    state: Option<NonNull<abi::StateDeclaration>>,
+    name: String,
+    version: semver::Version,
+}
+
+impl Checked {
+    /// Checks the declaration at `address` (the symbol's lookup in `mapping`'s library), the
+    /// header first: nothing else of it is read unless its version and layout are ours.
+    fn of(mapping: &mut Mapping, address: Result<*const DeclarationHeader, libloading::Error>, path: PathBuf) -> Result<Checked, LoadError> {
+        let symbol = abi::DECLARATION_SYMBOL;
         let address = address.map_err(|_| LoadError::NotAPlugin { path: path.clone(), symbol })?;
         if mapping.maps_id.is_none() {
             // A path the maps print otherwise (escaped): the line that maps the declaration.
@@ -212,26 +300,7 @@ impl Library {
                 return Err(LoadError::StateLayout { path, name, plugin: fingerprint, host: abi::STATE_FINGERPRINT });
             }
         }
-        Ok(Library { declaration, state, mapping, name, version })
-    }
-
-    /// The checked state handoff, if the plugin has one; valid while `self` is.
-    pub(crate) fn state_declaration(&self) -> Option<&abi::StateDeclaration> {
-        // SAFETY: checked in `open`; the library stays mapped while `self` lives.
-        self.state.map(|state| unsafe { state.as_ref() })
-    }
-
-    /// The checked declaration, valid while `self` is.
-    pub(crate) fn declaration(&self) -> &PluginDeclaration {
-        // SAFETY: checked in `open`; the library stays mapped while `self` lives.
-        unsafe { self.declaration.as_ref() }
-    }
-
-    /// Closes the library (`dlclose`, which runs its finalisers) and says whether it is
-    /// gone from the address space. Its file is closed too, unless the library may still be
-    /// loaded (see `Mapping::copy`).
-    pub(crate) fn close(mut self) -> Closed {
-        self.mapping.close()
+        Ok(Checked { declaration, state, name, version })
     }
 }
 
@@ -852,7 +921,7 @@ mod tests {
         let opened = unsafe { Library::open(copy.file, &copy.shadow, &copy.shadow) };
         // The checked bytes were mapped (a real library, not a plugin), not the file now at
         // the path (not a library at all).
-        assert!(matches!(opened, Err(LoadError::NotAPlugin { .. })), "{:?}", opened.err());
+        assert!(matches!(opened.as_ref().map_err(|r| &r.error), Err(LoadError::NotAPlugin { .. })), "{:?}", opened.err());
         drop(shadow);
         let _ = fs::remove_dir_all(&dir);
     }
