@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, heavy_lock, place_by_rename, read_download, temp_dir, Host};
+use hotswap_tests::{artifacts, example_version, heavy_lock, place_by_rename, read_download, temp_dir, Host, WAIT};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -233,8 +233,8 @@ async fn ten_upgrades() {
     assert_eq!(host.wait_exit(Duration::from_secs(30)), Some(0), "{}", host.log());
     let all = reap.all();
     for pid in &all[..all.len() - 1] {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while alive(*pid) && std::time::Instant::now() < deadline {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while alive(*pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(!alive(*pid), "host {pid} is still running after handing over");
@@ -450,4 +450,31 @@ async fn sigusr2_upgrades_to_the_binary_at_the_path_the_host_was_started_from() 
     reap.add(next);
     assert_ne!(next, host.pid());
     assert!(alive(next));
+}
+
+#[tokio::test]
+async fn canaries_that_come_and_go_over_one_file_leave_the_upgrade_the_current_build() {
+    // One file, written over by each build (as `cp target/…/lib.so app.so` does): the host's
+    // copy of the build it serves is all that is left of it.
+    let dir = temp_dir("host-upgrade-canaries");
+    let app = dir.join("app.so");
+    place_by_rename(&example_version("1.0.0"), &app);
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--canary", "10", "--canary-min-requests", "1000000"]);
+    let reap = Reap::default();
+    let builds = [example_version("2.0.0"), example_version("3.0.0")];
+    for i in 0..6 {
+        place_by_rename(&builds[i % 2], &app);
+        let wanted = i + 1;
+        let started = Instant::now();
+        while host.log_count("canary started") < wanted {
+            assert!(started.elapsed() < WAIT, "canary {wanted} did not start\n{}", host.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    reap.add(upgrade(&host.admin, &[]).await.unwrap_or_else(|e| panic!("{e}\n{}", host.log())));
+    let mut greetings = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        greetings.insert(host.version().await);
+    }
+    assert!(greetings.contains("1.0.0"), "the new host does not serve the current build: {greetings:?}\n{}", host.log());
 }

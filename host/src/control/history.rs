@@ -176,19 +176,25 @@ impl History {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a generation that has just become current. Only the latest [`COPIES_KEPT`]
-    /// generations keep their copy; older copies are deleted.
+    /// Records a generation that has just become current, or started as a canary. Only the
+    /// latest [`COPIES_KEPT`] generations that served as current keep their copy, and only
+    /// the latest canary that never did; older copies are deleted. (Canaries that come and
+    /// go must not push out the copies that a rollback, or the host an upgrade starts, loads
+    /// the current version from.)
     pub(crate) fn swapped_in(&self, record: Record) {
         let mut inner = self.lock();
         inner.records.push_back(record);
         inner.evict();
-        let mut copies = 0;
-        for old in inner.records.iter_mut().rev() {
-            if old.kept.is_some() {
+        let (mut copies, mut canary_copy) = (0, false);
+        for old in inner.records.iter_mut().rev().filter(|r| r.kept.is_some()) {
+            let keep = if old.canary {
+                !std::mem::replace(&mut canary_copy, true)
+            } else {
                 copies += 1;
-                if copies > COPIES_KEPT {
-                    remove_copy(old.kept.take());
-                }
+                copies <= COPIES_KEPT
+            };
+            if !keep {
+                remove_copy(old.kept.take());
             }
         }
     }
@@ -413,6 +419,26 @@ mod tests {
         assert_eq!(history.records().len(), 1);
         assert_eq!(history.refusals().len(), RECORDS_KEPT);
         assert_eq!(history.refusals_by_reason(), vec![("not_a_library", 100)]);
+    }
+
+    #[test]
+    fn canaries_that_come_and_go_keep_no_copy_from_the_current_version() {
+        let dir = std::env::temp_dir().join(format!("hotswap-history-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kept = |id: u64, canary: bool| {
+            let copy = dir.join(format!("{id}.so"));
+            std::fs::write(&copy, b"bytes").unwrap();
+            Record { kept: Some(copy), canary, ..generation(id, "1.0.0") }
+        };
+        let history = History::default();
+        history.swapped_in(kept(1, false));
+        for id in 2..=(COPIES_KEPT as u64 + 3) {
+            history.swapped_in(kept(id, true));
+        }
+        let copies: Vec<_> = history.records().iter().filter(|r| r.kept.is_some()).map(|r| r.generation).collect();
+        assert_eq!(copies, [Some(1), Some(COPIES_KEPT as u64 + 3)], "the current version's copy and the latest canary's");
+        assert!(dir.join("1.so").exists() && !dir.join("2.so").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

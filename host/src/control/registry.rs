@@ -23,6 +23,20 @@ use crate::plugin::{Candidate, Current, Generation, GenerationError, LoadOptions
 #[error("no loadable plugin{}", .0.iter().map(|r| format!("\n  - {r}")).collect::<String>())]
 pub(crate) struct StartError(pub Vec<String>);
 
+/// Why a host that takes over from another (`hotswap upgrade`) cannot load the build that
+/// one serves.
+#[derive(Debug, thiserror::Error)]
+enum InheritError {
+    #[error(transparent)]
+    Load(#[from] GenerationError),
+    #[error(
+        "{path} no longer holds the build the previous host serves (it was replaced since), and that host has no \
+         copy of it left: the new host would serve other code. The previous host keeps serving; let it load a \
+         build of that path first (or pin one), then upgrade again"
+    )]
+    Replaced { path: PathBuf },
+}
+
 /// A change that could not even be tried.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ChangeError {
@@ -1229,7 +1243,7 @@ impl Registry {
 
 /// Starts the build a previous host serves: the bytes it kept (linked into this host's own
 /// directory while it runs), named by the file they came from; or that file.
-async fn start_inherited(inheritance: &Inheritance, options: &LoadOptions, id: u64) -> Result<Arc<Generation>, GenerationError> {
+async fn start_inherited(inheritance: &Inheritance, options: &LoadOptions, id: u64) -> Result<Arc<Generation>, InheritError> {
     let link = inheritance.kept.as_deref().map(|kept| options.shadow.keep_from(kept));
     let candidate = match &link {
         Some(Ok(link)) => Candidate::open(link, options).await.map(|c| c.named(&inheritance.serving, inheritance.identity)),
@@ -1239,10 +1253,16 @@ async fn start_inherited(inheritance: &Inheritance, options: &LoadOptions, id: u
         }
         None => Candidate::open(&inheritance.serving, options).await,
     };
+    // Without the copy, the file must still be the one that host read.
+    let from_file = !matches!(link, Some(Ok(_)));
     if let Some(Ok(link)) = link {
         let _ = std::fs::remove_file(link); // the generation keeps its own copy
     }
-    candidate?.start(id, options, None).await
+    let candidate = candidate?;
+    if from_file && inheritance.identity.is_some_and(|identity| identity != candidate.identity()) {
+        return Err(InheritError::Replaced { path: inheritance.serving.clone() });
+    }
+    Ok(candidate.start(id, options, None).await?)
 }
 
 fn build_of(candidate: &Candidate) -> Build {
