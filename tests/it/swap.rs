@@ -336,3 +336,40 @@ async fn a_pipelined_request_relayed_to_the_new_code_outlives_the_old_codes_drai
     assert!(is_pattern(&second, 0), "the relayed download is not byte-exact");
     assert!(!host.log().contains("drain timeout: aborting"), "{}", host.log());
 }
+
+#[tokio::test]
+async fn a_directory_replaced_under_its_path_is_watched_again() {
+    // Releases side by side, `current` a symlink to one, switched as deploy tools do:
+    // a new symlink renamed over the old one.
+    let base = temp_dir("swap-release-dirs");
+    let release = |n: u32, version: &str| {
+        let dir = base.join(format!("release-{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        place_by_rename(&example_version(version), &dir.join("app.so"));
+        dir
+    };
+    let current = base.join("current");
+    let point = |target: &Path| {
+        let staged = base.join("current.tmp");
+        std::os::unix::fs::symlink(target, &staged).unwrap();
+        std::fs::rename(&staged, &current).unwrap();
+    };
+    point(&release(1, "1.0.0"));
+    let host = Host::serve(&["--plugin-dir", current.to_str().unwrap()]);
+    assert!(host.wait_for_log("watching for new plugin builds", WAIT), "{}", host.log());
+    point(&release(2, "2.0.0"));
+    host.wait_version("2.0.0").await; // the new release is seen
+
+    // A real directory renamed away, and another renamed into its place.
+    let plain = base.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    place_by_rename(&example_version("1.0.0"), &plain.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", plain.to_str().unwrap()]);
+    assert!(host.wait_for_log("watching for new plugin builds", WAIT), "{}", host.log());
+    std::fs::rename(&plain, base.join("plain.old")).unwrap();
+    std::fs::rename(release(3, "2.0.0"), &plain).unwrap();
+    host.wait_version("2.0.0").await; // the new directory is seen
+    // And the new one is watched: a build placed in it is served.
+    place_by_rename(&example_version("3.0.0"), &plain.join("app.so"));
+    host.wait_version("3.0.0").await;
+}

@@ -43,8 +43,16 @@ use crate::control::registry::{Outcome, Registry};
 const SETTLE: Duration = Duration::from_millis(300);
 /// A file that stays incomplete, unchanged, this long is refused as truncated.
 pub(crate) const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
-/// How often a directory that cannot be watched is scanned instead.
+/// How often a directory that cannot be watched is scanned instead, and how often a watched
+/// one is checked for having been replaced under its path (a renamed directory, a symlink
+/// pointed elsewhere: inotify goes on watching the old one, and says nothing).
 const POLL: Duration = Duration::from_secs(2);
+
+/// Which directory a path names now (symlinks followed): device and inode.
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().filter(std::fs::Metadata::is_dir).map(|m| (m.dev(), m.ino()))
+}
 
 /// A file that has changed and not yet been loaded or refused.
 #[derive(Debug)]
@@ -76,7 +84,8 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
     });
     spawn_sighup(tx.clone(), hangup, shutdown.clone());
 
-    let mut watching = false;
+    // The directory being watched, as it was when the watch began.
+    let mut watched: Option<(u64, u64)> = None;
     // The directory exists but the OS refuses to watch it: scanned every POLL instead.
     let mut polling: Option<Instant> = None;
     let mut handled: HashMap<PathBuf, Identity> = HashMap::new();
@@ -91,14 +100,23 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
     let mut rescan: Option<&'static str> = None;
 
     loop {
-        if !watching {
-            let watched = match &mut watcher {
+        if watched.is_some() && dir_id(&source.dir) != watched {
+            tracing::info!(dir = %source.dir.display(), "the plugin directory was replaced (renamed, or its symlink re-pointed)");
+            if let Ok(watcher) = &mut watcher {
+                let _ = watcher.unwatch(&source.dir);
+            }
+            watched = None;
+        }
+        if watched.is_none() {
+            let id = dir_id(&source.dir);
+            let outcome = match &mut watcher {
                 Ok(watcher) => watcher.watch(&source.dir, RecursiveMode::NonRecursive),
                 Err(e) => Err(notify::Error::generic(&format!("no file watcher: {e}"))),
             };
-            match watched {
+            match outcome {
                 Ok(()) => {
-                    watching = true;
+                    // (A directory that vanished meanwhile is watched again next time round.)
+                    watched = id;
                     polling = None;
                     tracing::info!(dir = %source.dir.display(), "watching for new plugin builds");
                     rescan.get_or_insert("directory (re)appeared");
@@ -124,12 +142,12 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
         }
         let tick = if rescan.is_some() {
             Duration::ZERO // a rescan is due: do not wait for an event that may never come
-        } else if !pending.is_empty() || (!watching && polling.is_none()) {
+        } else if !pending.is_empty() || (watched.is_none() && polling.is_none()) {
             Duration::from_millis(50)
         } else if let Some(last) = polling {
             POLL.saturating_sub(last.elapsed())
         } else {
-            Duration::from_secs(3600)
+            POLL // to see the directory replaced under its path
         };
         let first = tokio::select! {
             t = rx.recv() => t,
@@ -151,13 +169,17 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
                         if let Ok(watcher) = &mut watcher {
                             let _ = watcher.unwatch(&source.dir);
                         }
-                        watching = false;
+                        watched = None;
+                    }
+                    if event.need_rescan() {
+                        // The kernel's queue overflowed: events were lost.
+                        rescan = Some("file events were lost");
                     }
                     note_event(&source, &event, &mut pending);
                 }
             }
         }
-        if !watching && polling.is_none() && source.dir.is_dir() {
+        if watched.is_none() && polling.is_none() && source.dir.is_dir() {
             continue; // re-watch first, then rescan
         }
         if let Some(why) = rescan.take() {
