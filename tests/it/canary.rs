@@ -358,3 +358,34 @@ async fn a_host_started_with_a_pin_serves_that_version_and_holds_new_builds() {
     assert_eq!(host.version().await, "3.0.0");
     assert!(host.log().contains("--pin 9.9.9: no build of that version is here"), "{}", host.log());
 }
+
+#[tokio::test]
+async fn a_failing_canary_gets_no_more_requests_while_a_slow_load_holds_changes() {
+    let dir = temp_dir("canary-rollback-held");
+    place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
+    let args = ["--canary", "50", "--canary-min-requests", "40", "--canary-requests", "100000", "--init-timeout", "60s"];
+    let host = Host::serve_dir(&dir, &args);
+    place_by_rename(&artifacts().faulty, &dir.join("faulty.so"));
+    wait_status(&host, "the canary starts", |s| s["canary"]["name"] == "fixture-faulty").await;
+    // A newer build whose init hangs: its load holds every change (a rollback's included)
+    // for up to a minute.
+    place_by_rename(&hotswap_tests::init_fixture("hang"), &dir.join("hang.so"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A fifth of the requests make the canary panic: it fails, and from then on gets none.
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(20), "the failing canary still gets requests\n{}", host.log());
+        let mut answers = BTreeSet::new();
+        for i in 0..50 {
+            answer(&client, host.url(if i % 5 == 0 { "/health?panic" } else { "/health" })).await;
+            answers.insert(answer(&client, host.url("/")).await);
+        }
+        if answers.len() == 1 && answers.contains("1.0.0") {
+            break;
+        }
+    }
+    assert!(!host.log().contains("init did not return"), "the slow load ended first: nothing was held\n{}", host.log());
+    assert!(host.log().contains("canary failing"), "{}", host.log());
+}

@@ -734,6 +734,12 @@ impl Registry {
         if let Verdict::Wait(_) = progress.verdict {
             return;
         }
+        if let Verdict::RollBack(why) = &progress.verdict {
+            // At once, even if a change holds the lock for long (a load, a host upgrade).
+            if self.current.stop_canary(&progress.generation) {
+                tracing::info!(generation = progress.generation.id(), "canary failing ({why}): it gets no more requests");
+            }
+        }
         let _changing = self.changing.lock().await;
         // Judged again: the wait may have been long (a host upgrade holds changes), and the
         // canary may have ended, or its figures changed, meanwhile.

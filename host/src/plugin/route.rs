@@ -201,6 +201,19 @@ impl Current {
         old
     }
 
+    /// Sends no more requests to the canary if it is still `generation`'s; whether it was.
+    /// For a rollback decided while the registry's changes are held: the rest of the
+    /// rollback waits for them, its traffic does not. (`split` stays as it is: a request that
+    /// finds no canary goes to the current generation, and the rollback clears it.)
+    pub(crate) fn stop_canary(&self, generation: &Arc<Generation>) -> bool {
+        let canary = self.canary.load();
+        if !canary.as_ref().is_some_and(|c| Arc::ptr_eq(&c.generation, generation)) {
+            return false;
+        }
+        let before = self.canary.compare_and_swap(&*canary, None);
+        before.as_ref().map(Arc::as_ptr) == canary.as_ref().map(Arc::as_ptr)
+    }
+
     /// Where the next request goes (it takes one slot): the canary's generation for its
     /// share of slots, else the current one.
     pub(crate) fn route(&self) -> Arc<Generation> {
