@@ -328,3 +328,36 @@ async fn a_body_read_under_the_plugins_own_waker_streams_over_http1_and_http2() 
     }
     assert!(!host.log().contains("ERROR"), "{}", host.log());
 }
+
+#[tokio::test]
+async fn an_http1_1_request_without_one_valid_host_is_a_400() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap()]);
+    let status_of = |head: &'static str| {
+        let addr = host.addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer.split(' ').nth(1).unwrap_or_default().to_owned()
+        }
+    };
+    // RFC 9112, section 3.2: none, more than one, or one that is not a host.
+    assert_eq!(status_of("GET / HTTP/1.1\r\n").await, "400");
+    assert_eq!(status_of("GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n").await, "400");
+    assert_eq!(status_of("GET / HTTP/1.1\r\nHost: a.example/path\r\n").await, "400");
+    assert_eq!(status_of("GET / HTTP/1.1\r\nHost: a b\r\n").await, "400");
+    // What is valid: a name, an address, a port, an IPv6 literal, an empty value; HTTP/1.0
+    // without one.
+    for head in [
+        "GET / HTTP/1.1\r\nHost: a.example\r\n",
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n",
+        "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n",
+        "GET / HTTP/1.1\r\nHost:\r\n",
+        "GET / HTTP/1.0\r\n",
+        "GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n",
+    ] {
+        assert_eq!(status_of(head).await, "200", "{head}");
+    }
+}

@@ -310,6 +310,10 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
         tracing::error!(generation = generation.id(), request_id = %id, "request received outside its generation's runtime");
         return answer_early(StatusCode::SERVICE_UNAVAILABLE, &request, id, in_flight, conn, started);
     }
+    if conn.h1 && !one_valid_host(&request) {
+        tracing::debug!(method = %request.method(), path = %request.uri().path(), request_id = %id, "no Host header, more than one, or one that names no host: answered 400");
+        return answer_early(StatusCode::BAD_REQUEST, &request, id, in_flight, conn, started);
+    }
     let max_body_size = conn.state.max_body_size;
     if request.body().size_hint().lower() > max_body_size {
         tracing::debug!(method = %request.method(), path = %request.uri().path(), max_body_size, request_id = %id, "request body too large: answered 413");
@@ -322,6 +326,25 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
     let replay = replay.filter(|_| protocol.is_none()).map(|current| Replay { current, version });
     let asked = Asked { method, uri, version, headers, protocol, on_upgrade };
     call_plugin(asked, Some(body), in_flight, conn, replay, id, started)
+}
+
+/// Whether an HTTP/1 request has what RFC 9112 (section 3.2) requires a server to check: one
+/// `Host` header at most, exactly one in HTTP/1.1, and a value that is a host (and port), or
+/// empty. Without this check, a proxy in front and the plugin could each take another host
+/// for the request's.
+fn one_valid_host(request: &Request<Incoming>) -> bool {
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => host.as_bytes().iter().all(|b| {
+            // RFC 3986's host and port: letters, digits, unreserved and sub-delims, `:`, IP
+            // literals' brackets and `%` escapes. Checked by hand: a parse into an `Authority`
+            // would also allow user info and cost more on every request.
+            matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\''
+                | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' | b':' | b'[' | b']' | b'%')
+        }),
+        (None, _) => request.version() < http::Version::HTTP_11,
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// A request's head, as the plugin is asked it.
