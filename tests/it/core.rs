@@ -277,6 +277,14 @@ async fn responses_without_content_have_none_over_http1_and_http2() {
             assert_eq!(response.status().as_u16(), code);
             assert!(response.bytes().await.unwrap().is_empty());
         }
+        // An empty body that claims a length: a 204 is sent without the claim, another
+        // status is refused (HTTP/2 clients would reset the stream, HTTP/1 ones wait).
+        let response = client.get(host.url("/status?code=204&length=5")).send().await.unwrap_or_else(|e| panic!("204: {}", chain(&e)));
+        assert_eq!((response.status().as_u16(), response.headers().get("content-length")), (204, None));
+        let response = client.get(host.url("/status?code=200&length=5")).send().await.unwrap_or_else(|e| panic!("200: {}", chain(&e)));
+        assert_eq!(response.status().as_u16(), 500);
+        let response = client.get(host.url("/status?code=200&length=0")).send().await.unwrap_or_else(|e| panic!("200: {}", chain(&e)));
+        assert_eq!(response.status().as_u16(), 200);
         // A 1xx is no final answer: refused, with the reason in the log.
         let informational = client.get(host.url("/status?code=103")).send().await.unwrap_or_else(|e| panic!("103: {}", chain(&e)));
         assert_eq!(informational.status(), 500);

@@ -461,7 +461,7 @@ impl Calling {
         let access = access.take();
         // First: a response refused here (a switch that cannot happen, a 1xx) fails the call,
         // and a canary's failed call is replayed, with its headers.
-        let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn)).map(|response| bodiless(response, &method));
+        let called = called.and_then(|answer| switch_protocols(answer, on_upgrade, id, &conn)).and_then(|response| bodiless(response, &method));
         // Kept for a replay: given back for reuse unless the request is replayed.
         let headers = match call.take_headers() {
             Some(headers) if called.is_ok() => {
@@ -579,13 +579,26 @@ fn switch_protocols(
 /// plugin's body: hyper leaves it out over HTTP/1 only, and over HTTP/2 the client takes DATA
 /// there for a protocol error. A response to HEAD keeps the length its body had, as the same
 /// GET's; a 204 has none.
-fn bodiless(response: Response<ResponseBody>, method: &http::Method) -> Response<ResponseBody> {
+fn bodiless(response: Response<ResponseBody>, method: &http::Method) -> Result<Response<ResponseBody>, CallFailed> {
     let (status, head) = (response.status(), *method == http::Method::HEAD);
+    let empty = matches!(response.body(), ResponseBody::Full { bytes: None, .. });
     if !head && status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
-        return response;
+        // An empty body is not checked against a `content-length` when the response is made
+        // (a HEAD answer carries the GET's): here it must say 0, or HTTP/2 clients reset the
+        // stream and HTTP/1 ones wait for bytes that never come.
+        let declared = response.headers().get(http::header::CONTENT_LENGTH).filter(|_| empty);
+        if let Some(declared) = declared.filter(|v| v.as_bytes().iter().any(|&b| b != b'0')) {
+            let refused = format!("its content-length header says {declared:?} but its body is empty (leave the header out: the host sets it from the body)");
+            return Err(CallFailed { error: CallError::Invalid(refused), in_flight: response.into_body().into_in_flight() });
+        }
+        return Ok(response);
     }
-    if matches!(response.body(), ResponseBody::Full { bytes: None, .. }) {
-        return response;
+    if empty {
+        let mut response = response;
+        if status == StatusCode::NO_CONTENT {
+            response.headers_mut().remove(http::header::CONTENT_LENGTH);
+        }
+        return Ok(response);
     }
     let (mut parts, body) = response.into_parts();
     if status == StatusCode::NO_CONTENT {
@@ -595,7 +608,7 @@ fn bodiless(response: Response<ResponseBody>, method: &http::Method) -> Response
             parts.headers.insert(http::header::CONTENT_LENGTH, len.into());
         }
     }
-    Response::from_parts(parts, ResponseBody::Full { bytes: None, in_flight: body.into_in_flight() })
+    Ok(Response::from_parts(parts, ResponseBody::Full { bytes: None, in_flight: body.into_in_flight() }))
 }
 
 /// Waits for hyper to switch protocols, then runs the plugin's session on the connection
