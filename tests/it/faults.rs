@@ -462,3 +462,27 @@ async fn a_content_length_that_disagrees_with_the_body_is_refused_and_the_connec
     assert_eq!(host.log_count("its content-length header says \"3\" but its body is 5 bytes"), 1, "{}", host.log());
     assert_eq!(host.log_count("its content-length header says \"9\" but its body is 5 bytes"), 1, "{}", host.log());
 }
+
+#[tokio::test]
+async fn a_body_longer_than_its_length_is_cut_off_not_sent_as_complete() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap()]);
+    // A sized stream that brings more than its size, and a stream whose content-length
+    // header says less than it brings: hyper would send the first bytes as if complete and
+    // keep the connection for the next response.
+    for path in ["/long-sized-stream", "/long-stream-declared"] {
+        let mut stream = tokio::net::TcpStream::connect(&host.addr).await.unwrap();
+        let requests = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\nGET /fine HTTP/1.1\r\nHost: x\r\n\r\n");
+        stream.write_all(requests.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await.expect("the connection stayed open").unwrap();
+        // Closed with no answer (the head waits for the first bytes), or a short one.
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), answer.starts_with("HTTP/1.1 200") as usize, "{path}: {answer:?}");
+        if let Some((head, body)) = answer.split_once("\r\n\r\n") {
+            let declared: usize = head.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap().parse().unwrap();
+            assert!(body.len() < declared, "{path}: the body looks complete: {answer:?}");
+        }
+    }
+    assert!(host.wait_for_log("the response body brought more bytes than its length says", WAIT), "{}", host.log());
+}

@@ -460,7 +460,7 @@ impl PluginCall {
             (Some(failed), ..) => failed,
             (None, _, Some(Ok(Written { status, headers, body, upgrade }))) => {
                 let upgrade = upgrade.map(|ffi| PendingUpgrade::new(ffi, InFlight::new(in_flight.generation().clone())));
-                let mut response = http::Response::new(body.into_response_body(in_flight));
+                let mut response = http::Response::new(body.into_response_body(in_flight, &headers));
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
                 return Poll::Ready(Ok(Answer { response, upgrade }));

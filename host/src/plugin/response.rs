@@ -149,11 +149,23 @@ impl Drop for Unclaimed {
 
 impl WrittenBody {
     /// The response body, holding the request's generation until it ends.
-    pub(super) fn into_response_body(self, in_flight: InFlight) -> ResponseBody {
+    ///
+    /// `headers`: the response's, whose `content-length` (if the stream's length is unknown)
+    /// is where hyper ends the body it sends.
+    pub(super) fn into_response_body(self, in_flight: InFlight, headers: &HeaderMap) -> ResponseBody {
         match self {
             WrittenBody::Empty => ResponseBody::Full { bytes: None, in_flight },
             WrittenBody::Full(bytes) => ResponseBody::Full { bytes: Some(bytes), in_flight },
-            WrittenBody::Stream(body) => ResponseBody::Plugin(PluginBody { ffi: body.claim(), finished: false, in_flight }),
+            WrittenBody::Stream(body) => {
+                let ffi = body.claim();
+                let left = if ffi.exact_len != abi::UNKNOWN_LENGTH {
+                    ffi.exact_len
+                } else {
+                    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+                    declared.unwrap_or(u64::MAX)
+                };
+                ResponseBody::Plugin(PluginBody { ffi, finished: false, left, in_flight })
+            }
         }
     }
 }
@@ -313,6 +325,8 @@ pub(crate) enum BodyError {
     Panicked,
     #[error("the response body failed mid-stream")]
     Failed,
+    #[error("the response body brought more bytes than its length says")]
+    TooLong,
 }
 
 /// A streaming body produced by the plugin. Its `Drop` releases the plugin's state before
@@ -320,6 +334,10 @@ pub(crate) enum BodyError {
 pub(crate) struct PluginBody {
     ffi: FfiBody,
     finished: bool,
+    /// The bytes it may still bring: hyper stops writing at the length it was given and
+    /// drops the rest, so that a longer body would look complete to the client, with the
+    /// connection kept alive. A body that brings more fails instead.
+    left: u64,
     /// Keeps the library loaded while the state lives; lent chunks clone its generation.
     in_flight: InFlight,
 }
@@ -377,7 +395,21 @@ impl http_body::Body for ResponseBody {
                         // SAFETY: on READY the plugin has written the chunk.
                         let chunk = unsafe { chunk.assume_init() };
                         match body.take(chunk) {
-                            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                            Some(chunk) => match body.left.checked_sub(chunk.len() as u64) {
+                                Some(left) => {
+                                    body.left = left;
+                                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                                }
+                                None => {
+                                    body.finished = true;
+                                    tracing::warn!(
+                                        plugin = %body.in_flight.generation().label(),
+                                        "the response body brought more bytes than its length says: cut off, so that the \
+                                         client sees an incomplete response (leave content-length out, or make it true)"
+                                    );
+                                    Poll::Ready(Some(Err(BodyError::TooLong)))
+                                }
+                            },
                             None => {
                                 body.finished = true;
                                 Poll::Ready(None)
