@@ -131,6 +131,12 @@ async fn a_build_refused_at_start_is_refused_once() {
     assert_eq!(lines, 1, "refused more than once:\n{}", host.log());
     let (_, status) = host.command_json(&["status"]);
     assert_eq!(status["refusals"].as_array().map(Vec::len), Some(1), "{status}");
+    // A reload tries it again, and says it is still refused (recorded once all the same).
+    let reload = host.command(&["reload"]);
+    assert_ne!(reload.code, 0, "{reload:?}");
+    assert!(reload.stdout.contains("garbage.so") || reload.stderr.contains("garbage.so"), "{reload:?}");
+    let (_, status) = host.command_json(&["status"]);
+    assert_eq!(status["refusals"].as_array().map(Vec::len), Some(1), "{status}");
 }
 
 /// The `n`-byte little-endian field at `at` of an ELF image, as a number.

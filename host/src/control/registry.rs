@@ -515,11 +515,8 @@ impl Registry {
                 Err((GenerationError::Load(LoadError::Incomplete { .. }), _)) => {
                     tracing::debug!(file = %file.display(), "reload: still being written; the watcher loads it once complete");
                 }
-                Err((e, recorded)) => {
-                    if recorded {
-                        refused.push(e.to_string());
-                    }
-                }
+                // Said again even if recorded before: the operator asked for this try.
+                Err((e, _)) => refused.push(e.to_string()),
             }
         }
         match self.converge(None).await {
