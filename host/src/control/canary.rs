@@ -164,7 +164,9 @@ pub(crate) fn judge(policy: &CanaryPolicy, canary: &Window, current: &Window, el
     }
     let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1000.0);
     if let (Some(theirs), Some(ours)) = (canary.p99(), current.p99()) {
-        let allowed = Duration::from_secs_f64(ours.as_secs_f64() * policy.max_latency_ratio) + policy.latency_slack;
+        // Saturating: the ratio and slack are the operator's, and may be absurdly large.
+        let scaled = Duration::try_from_secs_f64(ours.as_secs_f64() * policy.max_latency_ratio).unwrap_or(Duration::MAX);
+        let allowed = scaled.saturating_add(policy.latency_slack);
         if theirs > allowed {
             return Verdict::RollBack(format!(
                 "its p99 time to the response head was {}, against {} for the current version over the same window \
@@ -233,8 +235,11 @@ mod tests {
         // The same bucket is within any ratio of at least one; 5-10 ms is within the slack.
         assert!(matches!(judge(&policy, &window(100, 0, 9), &window(900, 0, 9), Duration::ZERO), Verdict::Promote(_)));
         assert!(matches!(judge(&policy, &window(100, 0, 6), &window(900, 0, 3), Duration::ZERO), Verdict::Promote(_)));
-        let strict = CanaryPolicy { latency_slack: Duration::ZERO, ..policy };
+        let strict = CanaryPolicy { latency_slack: Duration::ZERO, ..policy.clone() };
         assert!(matches!(judge(&strict, &window(100, 0, 6), &window(900, 0, 3), Duration::ZERO), Verdict::RollBack(_)));
+        // Absurd bounds allow anything, without overflowing.
+        let lax = CanaryPolicy { latency_slack: Duration::MAX, max_latency_ratio: 1e300, ..policy };
+        assert!(matches!(judge(&lax, &window(100, 0, 9), &window(900, 0, 3), Duration::ZERO), Verdict::Promote(_)));
     }
 
     #[test]
