@@ -401,12 +401,16 @@ impl HostBody {
         // SAFETY: the host keeps `len` headers at `headers` valid until the next call on this
         // body; they are copied right here.
         let headers = unsafe { std::slice::from_raw_parts(headers, len) };
-        let mut map = HeaderMap::with_capacity(len);
+        // More trailers than a HeaderMap holds: those it holds (a panic here would abort the
+        // request).
+        let mut map = HeaderMap::try_with_capacity(len).unwrap_or_default();
         for h in headers {
             // SAFETY: as above.
             let (name, value) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
             if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-                map.append(name, value);
+                if map.try_append(name, value).is_err() {
+                    break;
+                }
             }
         }
         Some(map)

@@ -372,7 +372,10 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
     *req.uri_mut() = uri;
     *req.version_mut() = version;
     let mut map = SPARE_HEADERS.take().unwrap_or_default();
-    map.reserve(headers.len());
+    // `try_`: a host whose --max-header-size lets more headers through than a HeaderMap
+    // holds (about 24,000) must get a 400, not a panic.
+    let too_many = |_| format!("{} header fields: more than a request may have", headers.len());
+    map.try_reserve(headers.len()).map_err(too_many)?;
     for h in headers {
         // SAFETY: the host keeps every string of `r` valid during `handle`, the header names
         // among them.
@@ -383,7 +386,7 @@ unsafe fn build_request(r: &FfiRequest, body: Body) -> Result<Request, String> {
         // bytes), and these are those bytes, copied. (Debug builds check all the same: a
         // broken promise panics there, and the request is answered 500.)
         let value = unsafe { HeaderValue::from_maybe_shared_unchecked(text.split_to(len)) };
-        map.append(name, value);
+        map.try_append(name, value).map_err(too_many)?;
     }
     *req.headers_mut() = map;
     Ok(req)

@@ -7,7 +7,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{artifacts, example_version, place_by_rename, temp_dir, Host, WAIT};
+use hotswap_tests::{artifacts, chain, example_version, place_by_rename, temp_dir, Host, WAIT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -748,4 +748,17 @@ async fn a_handler_slower_than_the_response_timeout_gets_a_504_but_slow_bodies_d
     let patient = Host::serve(&["--plugin", artifacts().faulty.to_str().unwrap(), "--response-timeout", "0"]);
     let waiting = tokio::time::timeout(Duration::from_millis(1500), reqwest::get(patient.url("/hang"))).await;
     assert!(waiting.is_err(), "answered with the timeout off: {waiting:?}");
+}
+
+#[tokio::test]
+async fn more_headers_than_a_header_map_is_made_for_are_a_400_not_a_panic() {
+    let host = Host::serve(&["--plugin", artifacts().example.to_str().unwrap(), "--max-header-size", "4MiB"]);
+    let mut headers = reqwest::header::HeaderMap::new();
+    for _ in 0..25_000 {
+        headers.append("x-many", reqwest::header::HeaderValue::from_static("1"));
+    }
+    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let response = client.get(host.url("/")).headers(headers).send().await.unwrap_or_else(|e| panic!("{}\n{}", chain(&e), host.log()));
+    assert_eq!(response.status(), 400, "{}", host.log());
+    assert!(!host.log().contains("panicked"), "{}", host.log());
 }
