@@ -209,7 +209,11 @@ pub(crate) fn mistake_hint(message: &str) -> Option<&'static str> {
 }
 
 /// Runs an author's fallible hook (init or readiness), reporting its error or panic.
-pub fn run_fallible<E: Display>(sink: *mut c_void, hook: impl FnOnce() -> Result<(), E>) -> FfiPoll {
+///
+/// # Safety
+/// `sink` must be the host's error sink passed to the hook being run, valid for this call:
+/// the host writes the error through it.
+pub unsafe fn run_fallible<E: Display>(sink: *mut c_void, hook: impl FnOnce() -> Result<(), E>) -> FfiPoll {
     // The error is formatted inside catch_unwind too: its Display is the author's code.
     match catch_unwind(AssertUnwindSafe(|| hook().err().map(|e| e.to_string()))) {
         Ok(None) => FfiPoll::READY,
@@ -618,7 +622,8 @@ macro_rules! __optional_hook {
         /// `sink` must be a host error sink, valid for this call; `init` must have returned
         /// `READY`.
         unsafe extern "C" fn __hotswap_ready(sink: *mut ::core::ffi::c_void) -> $crate::abi::FfiPoll {
-            $crate::__private::run_fallible(sink, $ready)
+            // SAFETY: `sink` is the host's, for this call.
+            unsafe { $crate::__private::run_fallible(sink, $ready) }
         }
         Some(__hotswap_ready as unsafe extern "C" fn(*mut ::core::ffi::c_void) -> $crate::abi::FfiPoll)
     }};
@@ -734,7 +739,8 @@ macro_rules! export_handler {
             // SAFETY: forwarded from `__hotswap_handle`'s caller; `shutdown` has not run.
             handle: |request| unsafe { $crate::__private::service::handle(request) },
             make: (|| $crate::__private::service::install($make)),
-            uninstall: $crate::__private::service::uninstall,
+            // SAFETY: called by the declaration's `shutdown`, once no request runs any more.
+            uninstall: (|| unsafe { $crate::__private::service::uninstall() }),
             init: [$($init)?],
             ready: [$($ready)?],
             shutdown: [$($shutdown)?],

@@ -153,7 +153,10 @@ pub unsafe fn handle(request: *const FfiRequest) -> FfiResponseFuture {
 
 /// Drops the installed service, if any: `shutdown` of the declaration calls it, on one of the
 /// generation's threads, after the last request has ended.
-pub fn uninstall() {
+///
+/// # Safety
+/// No request may be running, nor start afterwards: `handle` uses the service in place.
+pub unsafe fn uninstall() {
     let installed = INSTALLED.swap(std::ptr::null_mut(), Ordering::AcqRel);
     // SAFETY: taken out of `INSTALLED`, so dropped once; no request is running any more.
     unsafe { drop_installed(installed) };
