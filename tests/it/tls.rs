@@ -39,11 +39,16 @@ impl Ca {
 
     /// A certificate for `names` (with a key of its own), valid for years, or expired.
     fn issue(&self, names: &[&str], expired: bool) -> Issued {
+        self.issue_between(names, expired.then_some((2020, 2021)))
+    }
+
+    /// A certificate valid from the start of one year to the start of another, if given.
+    fn issue_between(&self, names: &[&str], years: Option<(i32, i32)>) -> Issued {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, names[0]);
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        if let Some((from, to)) = years {
+            params.not_before = rcgen::date_time_ymd(from, 1, 1);
+            params.not_after = rcgen::date_time_ymd(to, 1, 1);
         }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key)).unwrap();
@@ -243,6 +248,10 @@ async fn an_expired_or_mismatched_certificate_is_refused_and_the_old_one_serves_
     place(&dir, "server", &ca.issue(&["localhost"], true));
     assert!(host.wait_for_log("expired at 2021-01-01", Duration::from_secs(10)), "{}", host.log());
     assert!(host.log().contains("refused a certificate"), "{}", host.log());
+    assert_eq!(certificate_now(&ca, &host, "localhost").await, good.der);
+    // One valid only from a date to come: refused too.
+    place(&dir, "server", &ca.issue_between(&["localhost"], Some((2090, 2100))));
+    assert!(host.wait_for_log("is valid only from 2090-01-01", Duration::from_secs(10)), "{}", host.log());
     assert_eq!(certificate_now(&ca, &host, "localhost").await, good.der);
 
     // A good certificate whose key file is another's: refused too.

@@ -217,9 +217,9 @@ fn certificate_metrics(encoder: &mut DescriptorEncoder, certificates: &Certifica
     labelled_counters(
         encoder,
         "hotswap_tls_certificate_refusals",
-        "Certificates refused (the previous one kept serving), by reason: unreadable, invalid, key, mismatch (the key is not the certificate's), expired",
+        "Certificates refused (the previous one kept serving), by reason: unreadable, invalid, key, mismatch (the key is not the certificate's), expired, not_yet_valid",
         "reason",
-        ["unreadable", "invalid", "key", "mismatch", "expired"].map(|kind| (kind, refused.get(kind).copied().unwrap_or(0))),
+        ["unreadable", "invalid", "key", "mismatch", "expired", "not_yet_valid"].map(|kind| (kind, refused.get(kind).copied().unwrap_or(0))),
     )
 }
 

@@ -78,6 +78,12 @@ pub(crate) enum CertError {
     Mismatch { cert: PathBuf, key: PathBuf },
     #[error("the certificate in {} expired at {not_after}: renew it", path.display())]
     Expired { path: PathBuf, not_after: String },
+    #[error(
+        "the certificate in {} is valid only from {not_before}: clients would refuse it until then, so the one that \
+         serves goes on (is this machine's clock right?)",
+        path.display()
+    )]
+    NotYetValid { path: PathBuf, not_before: String },
     #[error("{} has no key beside it: add {}", cert.display(), key.display())]
     MissingKey { cert: PathBuf, key: PathBuf },
     #[error("{} holds no certificate: add NAME.crt with its key NAME.key", dir.display())]
@@ -103,9 +109,14 @@ impl CertError {
             CertError::Key { .. } => "key",
             CertError::Mismatch { .. } => "mismatch",
             CertError::Expired { .. } => "expired",
+            CertError::NotYetValid { .. } => "not_yet_valid",
         }
     }
 }
+
+/// How far in the future a replacement certificate's start of validity may be (clocks of the
+/// issuer and of this machine differ) before it is refused.
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A certificate that passed the checks, with what status and metrics show of it.
 #[derive(Debug)]
@@ -413,6 +424,11 @@ impl Certificates {
             match load_pair(cert, key.as_deref(), &self.provider) {
                 // The same chain (so the same key, which matched it): nothing to replace.
                 Ok(loaded) if previous.is_some_and(|p| p.key.cert == loaded.key.cert) => next.extend(previous.cloned()),
+                // Not valid yet, where one that is serves: it would turn every client away.
+                Ok(loaded) if loaded.not_before > SystemTime::now() + CLOCK_SKEW && previous.is_some_and(|p| p.not_after > SystemTime::now()) => {
+                    refuse(&mut book, CertError::NotYetValid { path: cert.clone(), not_before: rfc3339(loaded.not_before) });
+                    next.extend(previous.cloned());
+                }
                 Ok(loaded) => {
                     let loaded = Arc::new(loaded);
                     reloaded.replaced.push(loaded.clone());
