@@ -89,7 +89,8 @@ pub(crate) enum AdminCommand {
     #[command(args_override_self = true)]
     Status(AdminClientArgs),
     /// Read the plugin directory again and swap in the build that should serve (retrying
-    /// builds refused before). Exits non-zero, with the reason, if it was refused.
+    /// builds refused before), and read the TLS certificates again. Exits non-zero, with the
+    /// reason, if a build or a certificate was refused.
     #[command(args_override_self = true)]
     Reload(AdminClientArgs),
     /// Go back to the version served before the current one, and pin it (newer builds are
@@ -135,7 +136,9 @@ pub(crate) enum AdminCommand {
     },
     /// Replace the host process itself with a new hotswap binary, refusing no connection and
     /// cutting no response. The new process gets the listening socket, the admin socket, the
-    /// build that serves (with the pin and history), and every idle keep-alive connection;
+    /// build that serves (with the pin and history), and every idle cleartext keep-alive
+    /// connection (TLS ones close after their request in progress, and their clients
+    /// connect again, to the new host);
     /// responses in progress, HTTP/2 and WebSocket connections finish on the old process,
     /// which then exits 0. If the new binary does not serve within --timeout, the old host
     /// goes on as before and this exits non-zero with the new one's error. SIGUSR2 does the
@@ -471,7 +474,7 @@ pub(crate) struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Canary rollouts")]
 pub(crate) struct CanaryArgs {
-    /// Start every new build as a canary that gets PERCENT of new requests (0 to 100) while
+    /// Start every new build as a canary that gets PERCENT of new requests (above 0, up to 100) while
     /// the current version serves the rest; it is promoted or rolled back by the rules below.
     /// Without it, a new build serves every new request at once (`hotswap canary` still
     /// starts a canary by hand).
