@@ -478,3 +478,20 @@ async fn canaries_that_come_and_go_over_one_file_leave_the_upgrade_the_current_b
     }
     assert!(greetings.contains("1.0.0"), "the new host does not serve the current build: {greetings:?}\n{}", host.log());
 }
+
+#[tokio::test]
+async fn a_change_that_waits_out_an_upgrade_is_told_to_go_to_the_new_host() {
+    // A build whose init takes 4 s: the new host takes that long to serve, and the old one
+    // holds changes meanwhile.
+    let dir = temp_dir("host-upgrade-held");
+    place_by_rename(&hotswap_tests::init_fixture("slow"), &dir.join("app.so"));
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--init-timeout", "20s"]);
+    let reap = Reap::default();
+    let admin = host.admin.clone();
+    let upgrading = tokio::spawn(async move { upgrade(&admin, &[]).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, answer) = host.admin_post("/reload").await;
+    assert!(status.contains(" 409 "), "{status} {answer}\n{}", host.log());
+    assert!(answer["error"].as_str().is_some_and(|e| e.contains("has handed over to a new one")), "{answer}");
+    reap.add(upgrading.await.unwrap().unwrap_or_else(|e| panic!("{e}\n{}", host.log())));
+}

@@ -70,6 +70,8 @@ pub(crate) struct HostProcess {
     adopted: AtomicU64,
     /// The pid of the process this one handed over to; 0 while it serves.
     handed_over_to: std::sync::atomic::AtomicU32,
+    /// Cancelled once it has handed over.
+    handover: tokio_util::sync::CancellationToken,
     /// Where upgrade orders go; `None` where upgrades are not supported (`hotswap dev`).
     orders: Option<mpsc::Sender<UpgradeOrder>>,
 }
@@ -83,6 +85,7 @@ impl HostProcess {
             upgrades: Mutex::new(upgrades),
             adopted: AtomicU64::new(0),
             handed_over_to: std::sync::atomic::AtomicU32::new(0),
+            handover: tokio_util::sync::CancellationToken::new(),
             orders,
         }
     }
@@ -99,6 +102,13 @@ impl HostProcess {
         self.handed_over_to.store(upgrade.to_pid, Ordering::Release);
         self.upgrade_count.fetch_add(1, Ordering::Relaxed);
         self.record(upgrade);
+        self.handover.cancel();
+    }
+
+    /// Waits until this process has handed over; the pid of the one it handed over to.
+    pub(crate) async fn wait_handed_over(&self) -> u32 {
+        self.handover.cancelled().await;
+        self.handed_over_to.load(Ordering::Acquire)
     }
 
     /// The pid of the process this one handed over to, if it has.

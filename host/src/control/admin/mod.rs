@@ -602,14 +602,22 @@ impl Api {
             return error(StatusCode::FORBIDDEN, guard::INTENT_REFUSED);
         }
         if let Some(pid) = self.host.handed_over_to().filter(|_| change) {
-            let message = format!(
-                "this host process has handed over to a new one (pid {pid}) and is finishing its last responses: \
-                 send the command again, it reaches the new one"
-            );
-            return error(StatusCode::CONFLICT, &message);
+            return handed_over(pid);
         }
+        if change && path != "/upgrade" {
+            // A change waits for the others to end, and a host upgrade holds them all from
+            // before it hands over until this process exits: answered like one that came after.
+            return tokio::select! {
+                response = self.route(request, method, &path) => response,
+                pid = self.host.wait_handed_over() => handed_over(pid),
+            };
+        }
+        self.route(request, method, &path).await
+    }
+
+    async fn route(&self, request: Request<Incoming>, method: Method, path: &str) -> Response<Full<Bytes>> {
         let registry = &self.registry;
-        match (method, path.as_str()) {
+        match (method, path) {
             (Method::GET, "/status") => {
                 json_response(StatusCode::OK, &status(registry, &self.host, self.certificates.as_deref(), self.started))
             }
@@ -694,6 +702,15 @@ impl Api {
             Err(_) => error(StatusCode::CONFLICT, "this host is shutting down or has handed over already"),
         }
     }
+}
+
+/// The answer to a change once this host has handed over to `pid`.
+fn handed_over(pid: u32) -> Response<Full<Bytes>> {
+    let message = format!(
+        "this host process has handed over to a new one (pid {pid}) and is finishing its last responses: \
+         send the command again, it reaches the new one"
+    );
+    error(StatusCode::CONFLICT, &message)
 }
 
 /// The body of a change, as JSON: `T`, or an error message naming `example`. An empty body
