@@ -365,6 +365,7 @@ async fn an_http1_1_request_without_one_valid_host_is_a_400() {
         "GET / HTTP/1.1\r\nHost:\r\n",
         "GET / HTTP/1.0\r\n",
         "GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n",
+        "GET http://a.example/ HTTP/1.1\r\n",
     ] {
         assert_eq!(status_of(head).await, "200", "{head}");
     }

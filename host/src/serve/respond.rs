@@ -329,9 +329,10 @@ fn hand_to_plugin(mut request: Request<Incoming>, in_flight: InFlight, conn: Con
 }
 
 /// Whether an HTTP/1 request has what RFC 9112 (section 3.2) requires a server to check: one
-/// `Host` header at most, exactly one in HTTP/1.1, and a value that is a host (and port), or
-/// empty. Without this check, a proxy in front and the plugin could each take another host
-/// for the request's.
+/// `Host` header at most, and a value that is a host (and port), or empty. Without this check,
+/// a proxy in front and the plugin could each take another host for the request's. One is
+/// required in HTTP/1.1 unless the target names the host (`GET http://host/ HTTP/1.1`, as
+/// hyper's own client sends it): the server must use that one anyway (section 3.2.2).
 fn one_valid_host(request: &Request<Incoming>) -> bool {
     let mut hosts = request.headers().get_all(http::header::HOST).iter();
     match (hosts.next(), hosts.next()) {
@@ -342,7 +343,7 @@ fn one_valid_host(request: &Request<Incoming>) -> bool {
             matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\''
                 | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' | b':' | b'[' | b']' | b'%')
         }),
-        (None, _) => request.version() < http::Version::HTTP_11,
+        (None, _) => request.version() < http::Version::HTTP_11 || request.uri().authority().is_some(),
         (Some(_), Some(_)) => false,
     }
 }
