@@ -226,7 +226,7 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
                     admin.handed_over();
                 }
                 let (to, handed) = mpsc::unbounded_channel();
-                upgrader.server.hand_over(to);
+                upgrader.server.hand_over(to).await;
                 let _ = order.reply.send(Ok(record));
                 let finish = CancellationToken::new();
                 let task = tokio::spawn(forward(channel, handed, finish.clone()));

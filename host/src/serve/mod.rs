@@ -80,6 +80,8 @@ pub(crate) struct Server {
     slots: Arc<Semaphore>,
     /// Stops the sweeper when the server goes.
     _sweeping: DropGuard,
+    /// Cancelled once the accept loop has ended.
+    stopped_accepting: CancellationToken,
 }
 
 impl Server {
@@ -94,7 +96,8 @@ impl Server {
         let max = usize::try_from(limits.max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max));
         let shared = Arc::new(Shared::new(current, shutdown, limits.max_header_size));
-        Arc::new(Server { shared, limits, access_log, sweeper, slots, _sweeping: sweeping.drop_guard() })
+        let stopped_accepting = CancellationToken::new();
+        Arc::new(Server { shared, limits, access_log, sweeper, slots, _sweeping: sweeping.drop_guard(), stopped_accepting })
     }
 
     /// Accepts connections on `listeners` until shutdown is requested; those with a
@@ -123,8 +126,9 @@ impl Server {
                 std::task::Poll::Pending
             });
             let (accepted, tls) = tokio::select! {
-                r = accept => r,
+                biased; // once shutdown is asked (or a hand-over), no client more
                 () = self.shared.shutdown.token().cancelled() => break,
+                r = accept => r,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -142,6 +146,7 @@ impl Server {
             }
         }
         tracing::info!("stopped accepting connections");
+        self.stopped_accepting.cancel();
     }
 
     /// Serves a connection the host this one replaces handed over, as if accepted here,
@@ -166,11 +171,15 @@ impl Server {
     /// Stops accepting, and hands every cleartext HTTP/1 connection to `to` at its next
     /// request boundary (in the meantime it finishes its request in progress here). TLS,
     /// HTTP/2 and upgraded connections finish here. The accept loop returns, as at shutdown.
-    pub(crate) fn hand_over(&self, to: mpsc::UnboundedSender<Handed>) {
+    ///
+    /// Returns once the accept loop has ended (or after a second, if it does not run): a
+    /// client that connects after that gets the new host, which accepts on the same sockets.
+    pub(crate) async fn hand_over(&self, to: mpsc::UnboundedSender<Handed>) {
         if self.shared.handoff.set(to).is_err() {
             tracing::warn!("already handing over");
         }
         self.shared.shutdown.raise();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stopped_accepting.cancelled()).await;
     }
 
     /// Whether the server has stopped to hand over to a new host process.
