@@ -372,15 +372,17 @@ async fn a_failing_canary_gets_no_more_requests_while_a_slow_load_holds_changes(
     place_by_rename(&hotswap_tests::init_fixture("hang"), &dir.join("hang.so"));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // A fifth of the requests make the canary panic: it fails, and from then on gets none.
-    let client = reqwest::Client::new();
+    // A fifth of the requests make the canary panic: it fails, and from then on gets none,
+    // on new connections or kept-alive ones.
+    let clients: Vec<reqwest::Client> = (0..4).map(|_| reqwest::Client::new()).collect();
     let started = Instant::now();
     loop {
         assert!(started.elapsed() < Duration::from_secs(20), "the failing canary still gets requests\n{}", host.log());
         let mut answers = BTreeSet::new();
-        for i in 0..50 {
-            answer(&client, host.url(if i % 5 == 0 { "/health?panic" } else { "/health" })).await;
-            answers.insert(answer(&client, host.url("/")).await);
+        for i in 0..100 {
+            let client = &clients[i % clients.len()];
+            answer(client, host.url(if i % 5 == 0 { "/health?panic" } else { "/health" })).await;
+            answers.insert(answer(client, host.url("/")).await);
         }
         if answers.len() == 1 && answers.contains("1.0.0") {
             break;

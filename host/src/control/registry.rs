@@ -731,22 +731,28 @@ impl Registry {
         if let Verdict::Wait(_) = progress.verdict {
             return;
         }
-        if let Verdict::RollBack(why) = &progress.verdict {
-            // At once, even if a change holds the lock for long (a load, a host upgrade).
-            if self.current.stop_canary(&progress.generation) {
+        // A failing canary leaves the route at once, even if a change holds the lock for long
+        // (a load, a host upgrade); and, superseded, its kept-alive connections move to the
+        // current version at their next request, as at a swap.
+        let stopped = match &progress.verdict {
+            Verdict::RollBack(why) if self.current.stop_canary(&progress.generation) => {
+                progress.generation.superseded().raise();
                 tracing::info!(generation = progress.generation.id(), "canary failing ({why}): it gets no more requests");
+                Some(why.clone())
             }
-        }
+            _ => None,
+        };
         let _changing = self.changing.lock().await;
         // Judged again: the wait may have been long (a host upgrade holds changes), and the
-        // canary may have ended, or its figures changed, meanwhile.
+        // canary may have ended, or its figures changed, meanwhile. One taken out of the route
+        // is rolled back whatever its figures say now: it was superseded, for good.
         let Some(progress) = self.canary_progress().filter(|now| Arc::ptr_eq(&now.generation, &progress.generation)) else {
             return;
         };
-        match progress.verdict {
-            Verdict::Promote(why) => drop(self.promote_canary(&why)),
-            Verdict::RollBack(why) => drop(self.roll_back_canary(why)),
-            Verdict::Wait(_) => {}
+        match (stopped, progress.verdict) {
+            (Some(why), _) | (None, Verdict::RollBack(why)) => drop(self.roll_back_canary(why)),
+            (None, Verdict::Promote(why)) => drop(self.promote_canary(&why)),
+            (None, Verdict::Wait(_)) => {}
         }
     }
 
