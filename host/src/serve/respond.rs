@@ -582,7 +582,8 @@ fn switch_protocols(
 /// GET's; a 204 has none.
 fn bodiless(response: Response<ResponseBody>, method: &http::Method) -> Result<Response<ResponseBody>, CallFailed> {
     let (status, head) = (response.status(), *method == http::Method::HEAD);
-    let empty = matches!(response.body(), ResponseBody::Full { bytes: None, .. });
+    // (Any body that brings nothing: none, an empty one, or a stream of length 0.)
+    let empty = response.body().is_end_stream();
     if !head && status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
         // An empty body is not checked against a `content-length` when the response is made
         // (a HEAD answer carries the GET's): here it must say 0, or HTTP/2 clients reset the
