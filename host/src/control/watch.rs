@@ -109,13 +109,14 @@ pub(crate) async fn run(source: PluginSource, registry: Arc<Registry>, hangup: S
         }
         if watched.is_none() {
             let id = dir_id(&source.dir);
-            let outcome = match &mut watcher {
-                Ok(watcher) => watcher.watch(&source.dir, RecursiveMode::NonRecursive),
-                Err(e) => Err(notify::Error::generic(&format!("no file watcher: {e}"))),
+            let outcome = match (&mut watcher, id) {
+                // Gone, or no directory (a file in its place): waited for, as a directory gone.
+                (_, None) => Err(notify::Error::generic("not a directory")),
+                (Ok(watcher), Some(_)) => watcher.watch(&source.dir, RecursiveMode::NonRecursive),
+                (Err(e), Some(_)) => Err(notify::Error::generic(&format!("no file watcher: {e}"))),
             };
             match outcome {
                 Ok(()) => {
-                    // (A directory that vanished meanwhile is watched again next time round.)
                     watched = id;
                     polling = None;
                     tracing::info!(dir = %source.dir.display(), "watching for new plugin builds");
