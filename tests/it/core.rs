@@ -347,7 +347,7 @@ async fn an_http1_1_request_without_one_valid_host_is_a_400() {
             let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
             stream.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes()).await.unwrap();
             let mut answer = String::new();
-            stream.read_to_string(&mut answer).await.unwrap();
+            tokio::time::timeout(WAIT, stream.read_to_string(&mut answer)).await.expect("no answer").unwrap();
             answer.split(' ').nth(1).unwrap_or_default().to_owned()
         }
     };

@@ -421,12 +421,12 @@ fn panic_abort_build() -> std::path::PathBuf {
 
 #[tokio::test]
 async fn a_build_whose_panics_abort_is_refused_with_the_setting_to_change() {
+    let abort = panic_abort_build(); // first: it may wait for the heavy tests
     let dir = temp_dir("fault-panic-abort");
     place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
     let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap()]);
     // Another plugin, newer on disk: it would serve, and its first panic (GET /panic) would
     // take the host down. It is refused at load, naming the setting.
-    let abort = panic_abort_build();
     let copy = dir.join("faulty.so.tmp");
     std::fs::copy(&abort, &copy).unwrap();
     std::fs::rename(&copy, dir.join("faulty.so")).unwrap();

@@ -489,7 +489,14 @@ async fn a_change_that_waits_out_an_upgrade_is_told_to_go_to_the_new_host() {
     let reap = Reap::default();
     let admin = host.admin.clone();
     let upgrading = tokio::spawn(async move { upgrade(&admin, &[]).await });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Logged just before the old host holds changes (the new one then takes 4 s to serve).
+    // Waited for without blocking the runtime, which runs the upgrade's task.
+    let started = Instant::now();
+    while !host.log().contains("upgrading the host: starting the new binary") {
+        assert!(started.elapsed() < WAIT, "the upgrade did not start\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, answer) = host.admin_post("/reload").await;
     assert!(status.contains(" 409 "), "{status} {answer}\n{}", host.log());
     assert!(answer["error"].as_str().is_some_and(|e| e.contains("has handed over to a new one")), "{answer}");

@@ -311,7 +311,7 @@ async fn a_pipelined_request_relayed_to_the_new_code_outlives_the_old_codes_drai
     use tokio::io::AsyncWriteExt as _;
     let dir = temp_dir("swap-pipelined-long");
     place_by_rename(&example_version("1.0.0"), &dir.join("app.so"));
-    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--drain-timeout", "4s"]);
+    let host = Host::serve(&["--plugin-dir", dir.to_str().unwrap(), "--drain-timeout", "6s"]);
     let v2 = example_version("2.0.0"); // built (if need be) before the clock starts
     let mut client = tokio::net::TcpStream::connect(&host.addr).await.unwrap();
     // A response of about 4 s on v1 (the time the swap has), and one read with it that starts
@@ -343,8 +343,7 @@ async fn a_directory_replaced_under_its_path_is_watched_again() {
     // a new symlink renamed over the old one.
     let base = temp_dir("swap-release-dirs");
     let release = |n: u32, version: &str| {
-        let dir = base.join(format!("release-{n}"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = private_dir(&base.join(format!("release-{n}")));
         place_by_rename(&example_version(version), &dir.join("app.so"));
         dir
     };
@@ -361,8 +360,7 @@ async fn a_directory_replaced_under_its_path_is_watched_again() {
     host.wait_version("2.0.0").await; // the new release is seen
 
     // A real directory renamed away, and another renamed into its place.
-    let plain = base.join("plain");
-    std::fs::create_dir_all(&plain).unwrap();
+    let plain = private_dir(&base.join("plain"));
     place_by_rename(&example_version("1.0.0"), &plain.join("app.so"));
     let host = Host::serve(&["--plugin-dir", plain.to_str().unwrap()]);
     assert!(host.wait_for_log("watching for new plugin builds", WAIT), "{}", host.log());

@@ -271,7 +271,9 @@ async fn an_expired_or_mismatched_certificate_is_refused_and_the_old_one_serves_
     let text = host.command(&["status"]).stdout;
     assert!(text.contains("certificates refused"), "{text}");
     let scrape = host.metrics().await;
-    assert_eq!(metric(&scrape, "hotswap_tls_certificate_refusals_total{reason=\"expired\"}"), 1.0, "{scrape}");
+    // (At least: a reload between the key's rename and the certificate's reads a mismatch,
+    // or the expired one with the next step's key.)
+    assert!(metric(&scrape, "hotswap_tls_certificate_refusals_total{reason=\"expired\"}") >= 1.0, "{scrape}");
     assert!(metric(&scrape, "hotswap_tls_certificate_refusals_total{reason=\"mismatch\"}") >= 1.0, "{scrape}");
 
     // Put right, it serves.

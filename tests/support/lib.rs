@@ -456,7 +456,7 @@ impl Host {
         let request = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nX-Hotswap-Admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         socket.write_all(request.as_bytes()).await.unwrap();
         let mut answer = String::new();
-        socket.read_to_string(&mut answer).await.unwrap();
+        tokio::time::timeout(WAIT, socket.read_to_string(&mut answer)).await.expect("no answer").unwrap();
         let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
         let status = head.lines().next().unwrap_or_default().to_owned();
         (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}")))
