@@ -207,9 +207,8 @@ pub(crate) async fn carry_out(mut orders: mpsc::Receiver<UpgradeOrder>, upgrader
         let binary = order.binary.clone().unwrap_or_else(|| upgrader.binary.clone());
         tracing::info!(binary = %binary.display(), "upgrading the host: starting the new binary");
         // No swap, pin or reload from here on: the new host gets the state as it is now. If
-        // the upgrade succeeds, changes already waiting here wait until this host exits (and
-        // then fail), and new ones are refused (see `HostProcess::handed_over_to`): the new
-        // host is the one to ask.
+        // the upgrade succeeds, changes waiting here and new ones are answered 409 (see
+        // `HostProcess::handed_over_to`): the new host is the one to ask.
         let changes = upgrader.registry.hold_changes().await;
         match start_successor(&upgrader, &binary, order.timeout.unwrap_or(DEFAULT_TIMEOUT)).await {
             Ok((channel, successor, record)) => {

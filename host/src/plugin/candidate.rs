@@ -2,7 +2,6 @@
 //! opened, its declaration checked) and then a [`Generation`] (its runtime started, `init`
 //! and the readiness check run, each under a timeout).
 
-use std::collections::BTreeSet;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -141,9 +140,6 @@ pub(crate) struct Candidate {
     version: semver::Version,
     /// Taken by `start` (or `Drop`).
     library: Option<Library>,
-    /// The threads not the host's that were alive before its library was opened: any other
-    /// that appears may run its code (see `threads`).
-    foreign_before: BTreeSet<i32>,
 }
 
 impl std::fmt::Debug for Candidate {
@@ -169,7 +165,6 @@ impl Candidate {
             let _ = std::fs::remove_file(&shadow);
             return Err(GenerationError::Probe { path: source.to_path_buf(), source: e });
         }
-        let foreign_before = threads::foreign();
         match open_library(file, &shadow, source).await {
             Ok(library) => Ok(Candidate {
                 source: source.to_path_buf(),
@@ -179,7 +174,6 @@ impl Candidate {
                 name: library.name.clone(),
                 version: library.version.clone(),
                 library: Some(library),
-                foreign_before,
             }),
             Err(e) => {
                 let _ = std::fs::remove_file(&shadow);
@@ -259,6 +253,7 @@ impl Candidate {
         });
         let api = Box::new(table::host_api(&*context, services::max_log_level()));
         reaper::live_generations().fetch_add(1, Ordering::SeqCst);
+        let foreign_before = library.foreign_before().clone();
         let mut generation = Generation {
             id,
             name: std::mem::take(&mut self.name),
@@ -278,7 +273,7 @@ impl Candidate {
             runtime: ManuallyDrop::new(runtime),
             api: ManuallyDrop::new(api),
             context: ManuallyDrop::new(context),
-            foreign_before: std::mem::take(&mut self.foreign_before),
+            foreign_before,
             export_stuck: std::sync::atomic::AtomicBool::new(false),
         };
         // On any error below, `generation` drops and the reaper unloads it.

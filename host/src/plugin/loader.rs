@@ -221,6 +221,12 @@ impl Library {
         self.state.map(|state| unsafe { state.as_ref() })
     }
 
+    /// The threads not the host's that were alive before the library was opened: any other
+    /// that appears may run its code (see `threads`).
+    pub(crate) fn foreign_before(&self) -> &BTreeSet<i32> {
+        &self.mapping.foreign_before
+    }
+
     /// The checked declaration, valid while `self` is.
     pub(crate) fn declaration(&self) -> &PluginDeclaration {
         // SAFETY: checked in `open`; the library stays mapped while `self` lives.

@@ -94,9 +94,7 @@ impl Written {
                     return Err(format!("invalid header {:?}", String::from_utf8_lossy(name)));
                 };
                 if let Some(len) = known_len.filter(|_| n == http::header::CONTENT_LENGTH) {
-                    // Digits only (`+5` parses, but is no length on the wire).
-                    let declared = v.to_str().ok().filter(|v| v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse().ok());
-                    if declared != Some(len) {
+                    if declared_length(&v) != Some(len) {
                         return Err(format!(
                             "its content-length header says {v:?} but its body is {len} bytes \
                              (leave the header out: the host sets it from the body)"
@@ -161,13 +159,18 @@ impl WrittenBody {
                 let left = if ffi.exact_len != abi::UNKNOWN_LENGTH {
                     ffi.exact_len
                 } else {
-                    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
-                    declared.unwrap_or(u64::MAX)
+                    headers.get(http::header::CONTENT_LENGTH).and_then(declared_length).unwrap_or(u64::MAX)
                 };
                 ResponseBody::Plugin(PluginBody { ffi, finished: false, left, in_flight })
             }
         }
     }
+}
+
+/// The length a `content-length` value gives, as hyper reads it: digits only (`+5` parses as
+/// a number, but is no length on the wire).
+fn declared_length(value: &HeaderValue) -> Option<u64> {
+    value.to_str().ok().filter(|v| v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse().ok())
 }
 
 thread_local! {
